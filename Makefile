@@ -1,0 +1,40 @@
+# The two commands a newcomer needs on a fresh clone; each sets itself up first:
+#   make demo   the main job (for now: a short training run on the real MSL images)
+#   make test   the test suite, plus mypy on the TensorRT code against tensorrt-stubs
+# The venv lives in .venv with the versions pinned in constraints.txt.
+
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MARS_DATA ?= ../shared/msl
+export MARS_DATA
+
+.PHONY: setup demo test typecheck lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e ".[export,dev]"
+	@# tensorrt-stubs declares a dependency on tensorrt, which cannot be installed here
+	@# (PyPI holds only a stub that downloads from NVIDIA's index): take the stubs alone.
+	$(BIN)/pip install -q --no-deps -c constraints.txt tensorrt-stubs
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mars-train --data $(MARS_DATA) --task binary --epochs 1 --limit 64 --image-size 64 \
+		--device cpu --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+	$(MAKE) typecheck
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict runtime/backends/tensorrt.py export/tensorrt.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs

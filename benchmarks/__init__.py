@@ -1,0 +1,1 @@
+"""Benchmarks: throughput/latency (`mars-bench speed`) and accuracy parity (`mars-bench parity`)."""

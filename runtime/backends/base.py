@@ -1,0 +1,32 @@
+"""The runner interface every backend implements; the CLI and the benchmarks use only this."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Protocol
+
+import numpy as np
+
+from marsvision.runtime.metadata import ModelMeta
+
+
+class Runner(Protocol):
+    """A loaded model, used as a context manager.
+
+    `infer` takes a float32 NCHW batch preprocessed per `meta.preprocess` (any batch size the
+    artifact accepts) and returns float32 logits of shape (batch, num_classes).
+    """
+
+    meta: ModelMeta
+    name: str  # backend name for provenance, e.g. "onnxruntime-cpu", "tensorrt"
+
+    def __enter__(self) -> Runner: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def infer(self, batch: np.ndarray) -> np.ndarray: ...

@@ -1,0 +1,104 @@
+"""Model metadata: what travels with every exported artifact so the runtime needs nothing else.
+
+ONNX files carry it as JSON under the `marsvision` key of `metadata_props` (readable with
+onnxruntime's `custom_metadata_map`, no `onnx` import needed). TensorRT engines carry it in a
+JSON sidecar next to the engine: `model.plan` -> `model.plan.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.spec import PreprocessSpec
+
+METADATA_KEY = "marsvision"
+FORMAT_VERSION = 1
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Everything the runtime needs to serve one artifact."""
+
+    task: str  # "binary" or "msl25"
+    class_names: list[str]
+    preprocess: PreprocessSpec
+    precision: str  # one of PRECISIONS
+    input_name: str = "input"
+    output_name: str = "logits"
+    input_shape: list[int | str] = field(default_factory=list)  # e.g. ["batch", 3, 224, 224]
+    output_shape: list[int | str] = field(default_factory=list)  # e.g. ["batch", 2]
+    # Input tensor element type the artifact expects: "float32" or "float16".
+    input_dtype: str = "float32"
+    # INT8 only: {"activations": "uint8"|"int8", "weights": "int8", "per_channel": bool,
+    #  "symmetric": bool, "method": ..., "images": N, "source": "train split", "target": ...}
+    quantization: dict[str, Any] | None = None
+    source_checkpoint_sha256: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    # TensorRT engines only: {"version": "10.x", "gpu_name": ..., "compute_capability": "9.0",
+    #  "max_batch": N}
+    tensorrt: dict[str, Any] | None = None
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise MarsvisionError(
+                f"unknown precision {self.precision!r} in model metadata; expected one of "
+                + ", ".join(PRECISIONS)
+            )
+        if not self.class_names:
+            raise MarsvisionError("model metadata has no class names")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_json(self) -> str:
+        """Serialize to a JSON string."""
+        d = asdict(self)
+        d["preprocess"] = self.preprocess.to_dict()
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "model") -> ModelMeta:
+        """Parse JSON written by `to_json`; anything else is a one-line user error."""
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MarsvisionError(f"{source}: metadata is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise MarsvisionError(f"{source}: metadata is not a JSON object")
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise MarsvisionError(f"{source}: metadata has unknown keys {sorted(unknown)}")
+        if d.get("format_version") != FORMAT_VERSION:
+            raise MarsvisionError(
+                f"{source}: metadata format {d.get('format_version')!r} is not "
+                f"{FORMAT_VERSION}; re-export it with this version of mars-export"
+            )
+        try:
+            d["preprocess"] = PreprocessSpec.from_dict(d["preprocess"])
+            return cls(**d)
+        except (KeyError, TypeError) as e:
+            raise MarsvisionError(f"{source}: incomplete model metadata ({e})") from None
+
+
+def sidecar_path(engine_path: str | Path) -> Path:
+    """Where a TensorRT engine's metadata lives: `model.plan` -> `model.plan.json`."""
+    p = Path(engine_path)
+    return p.with_name(p.name + ".json")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

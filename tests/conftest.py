@@ -1,0 +1,74 @@
+"""Shared fixtures: the real MSL data and a small ResNet-50 trained briefly on real images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _msl_dir() -> Path:
+    d = Path(os.environ.get("MARS_DATA") or REPO.parent / "shared" / "msl")
+    return d
+
+
+@pytest.fixture(scope="session")
+def msl_dir() -> Path:
+    """The real MSL data set (../shared/msl or $MARS_DATA). Its absence is a failure, not a skip."""
+    d = _msl_dir()
+    if not (d / "train-calibrated-shuffled.txt").is_file():
+        pytest.fail(f"MSL data not found at {d}: put it at ../shared/msl or set MARS_DATA")
+    return d
+
+
+TINY_SIZE = 64  # input size of the test model: tiny, still a real ResNet-50
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, msl_dir: Path) -> Path:
+    """A binary-task ResNet-50 checkpoint at 64 px, trained a few steps on 48 real train images.
+
+    Made directly with the model and checkpoint modules (not the training loop), so that the
+    export, runtime and benchmark tests do not depend on the loop's speed.
+    """
+    import torch
+    from PIL import Image
+
+    from marsvision.runtime.spec import PreprocessSpec
+    from marsvision.train.checkpoint import atomic_torch_save, make_checkpoint
+    from marsvision.train.data import class_names, data_fingerprint, read_split
+    from marsvision.train.model import create_model
+    from marsvision.train.transforms import eval_transform
+
+    torch.manual_seed(0)
+    spec = PreprocessSpec.for_input_size(TINY_SIZE)
+    samples = read_split(msl_dir, "train", "binary", limit=48)
+    tf = eval_transform(spec)
+    x = torch.stack([tf(Image.open(s.path).convert("RGB")) for s in samples])
+    y = torch.tensor([s.label for s in samples])
+    model = create_model(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(6):
+        for i in range(0, len(x), 16):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x[i : i + 16]), y[i : i + 16])
+            loss.backward()
+            opt.step()
+    model.eval()
+    ckpt = make_checkpoint(
+        model,
+        task="binary",
+        class_names=class_names("binary", msl_dir),
+        preprocess=spec,
+        config={"note": "test fixture: 6 epochs over 48 train images"},
+        metrics={},
+        data_fingerprint=data_fingerprint(msl_dir),
+        epoch=6,
+    )
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    atomic_torch_save(ckpt, path)
+    return path

@@ -1,0 +1,1 @@
+"""Training stage: read the MSL splits, train and validate ResNet-50, write a checkpoint."""

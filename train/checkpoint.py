@@ -1,0 +1,136 @@
+"""The checkpoint: a plain dict with the weights and everything downstream stages need.
+
+Keys: format, format_version, arch, task, class_names, preprocess (PreprocessSpec.to_dict()),
+state_dict, weights_dtype, config, metrics, data_fingerprint, versions, epoch, created.
+Training-only state (optimizer, scheduler, EMA, RNG) lives in a separate resume file, so the
+checkpoint that ships stays small.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.spec import PreprocessSpec
+from marsvision.train.model import ARCH, create_model
+
+FORMAT = "marsvision-checkpoint"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("arch", "task", "class_names", "preprocess", "state_dict")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a checkpoint or artifact."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import numpy
+    import torchvision
+
+    try:
+        mv = version("marsvision")
+    except PackageNotFoundError:
+        mv = "unknown"
+    return {
+        "marsvision": mv,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary name in the same folder, then rename: never a half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_checkpoint(
+    model: nn.Module,
+    *,
+    task: str,
+    class_names: list[str],
+    preprocess: PreprocessSpec,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    data_fingerprint: str,
+    epoch: int,
+    half: bool = False,
+) -> dict[str, Any]:
+    """Build the checkpoint dict; `half` stores the weights as fp16 (half the size)."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": ARCH,
+        "task": task,
+        "class_names": list(class_names),
+        "preprocess": preprocess.to_dict(),
+        "state_dict": state,
+        "weights_dtype": "float16" if half else "float32",
+        "config": config,
+        "metrics": metrics,
+        "data_fingerprint": data_fingerprint,
+        "versions": library_versions(),
+        "epoch": epoch,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load and validate a checkpoint; a missing, truncated or foreign file is a user error."""
+    p = Path(path)
+    if not p.is_file():
+        raise MarsvisionError(f"checkpoint {p} does not exist")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated/foreign files raise many types
+        raise MarsvisionError(
+            f"{p} is not a marsvision checkpoint (cannot be read: {str(e).splitlines()[0][:120]})"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise MarsvisionError(
+            f"{p} is not a marsvision checkpoint (no '{FORMAT}' marker); "
+            "train one with mars-train"
+        )
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        raise MarsvisionError(
+            f"{p}: checkpoint format {ckpt.get('format_version')} is not {FORMAT_VERSION}"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise MarsvisionError(f"{p}: checkpoint lacks {', '.join(missing)}")
+    if ckpt["arch"] != ARCH:
+        raise MarsvisionError(f"{p}: architecture {ckpt['arch']!r} is not {ARCH!r}")
+    return ckpt
+
+
+def preprocess_from_checkpoint(ckpt: dict[str, Any]) -> PreprocessSpec:
+    """The checkpoint's preprocessing spec."""
+    return PreprocessSpec.from_dict(ckpt["preprocess"])
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
+    """An fp32 ResNet-50 in eval mode with the checkpoint's weights."""
+    model = create_model(len(ckpt["class_names"]))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise MarsvisionError(f"checkpoint weights do not fit ResNet-50: {str(e)[:200]}") from None
+    return model.eval()

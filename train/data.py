@@ -1,0 +1,138 @@
+"""The MSL data set layout: where it is, the official splits, the two tasks, a fingerprint.
+
+The split files are used as published (never re-split). Tasks:
+- `binary`: "Surface" (classes 5 drill holes, 8 ground, 9 horizon) vs "Rover" (all others);
+  Rover is label 1, the positive class.
+- `msl25`: the 25 MSL classes (0-24), names from the synset file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from marsvision.runtime.errors import MarsvisionError
+
+SPLITS = ("train", "val", "test")
+SPLIT_FILES = {s: f"{s}-calibrated-shuffled.txt" for s in SPLITS}
+SYNSET_FILE = "msl_synset_words-indexed.txt"
+NUM_MSL_CLASSES = 25
+SURFACE_CLASSES = frozenset({5, 8, 9})
+BINARY_CLASS_NAMES = ["Surface", "Rover"]
+TASKS = ("binary", "msl25")
+DATA_ENV = "MARS_DATA"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labeled image of a split."""
+
+    path: Path
+    label: int  # the task's label
+    msl_class: int  # the original MSL class id (0-24)
+
+
+def resolve_data_dir(data: str | os.PathLike[str] | None) -> Path:
+    """The data directory: the argument, else $MARS_DATA, else a user error saying how to get it."""
+    chosen = data if data is not None else os.environ.get(DATA_ENV)
+    if not chosen:
+        raise MarsvisionError(
+            f"no MSL data given: pass --data DIR or set {DATA_ENV}; to get it, run "
+            "`mars-train --download --data DIR`"
+        )
+    d = Path(chosen).expanduser()
+    if not d.is_dir():
+        raise MarsvisionError(
+            f"MSL data directory {d} does not exist; run `mars-train --download --data {d}`"
+        )
+    missing = [f for f in (*SPLIT_FILES.values(), SYNSET_FILE) if not (d / f).is_file()]
+    if missing:
+        raise MarsvisionError(
+            f"{d} is not an MSL data directory: missing {', '.join(missing)} "
+            "(expected the layout of msl-images.zip)"
+        )
+    return d
+
+
+def check_task(task: str) -> str:
+    """Return the task name, or fail with the valid choices."""
+    if task not in TASKS:
+        raise MarsvisionError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    return task
+
+
+def msl_class_names(data_dir: Path) -> list[str]:
+    """The 25 MSL class names, in class-id order, from the synset file."""
+    names: dict[int, str] = {}
+    path = data_dir / SYNSET_FILE
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            idx, name = line.split(None, 1)
+            names[int(idx)] = name.strip()
+        except ValueError:
+            raise MarsvisionError(f"{path}:{n}: expected '<id> <name>', got {line!r}") from None
+    if sorted(names) != list(range(NUM_MSL_CLASSES)):
+        raise MarsvisionError(f"{path}: expected class ids 0-{NUM_MSL_CLASSES - 1}")
+    return [names[i] for i in range(NUM_MSL_CLASSES)]
+
+
+def class_names(task: str, data_dir: Path) -> list[str]:
+    """The task's class names, indexed by label."""
+    check_task(task)
+    return list(BINARY_CLASS_NAMES) if task == "binary" else msl_class_names(data_dir)
+
+
+def task_label(task: str, msl_class: int) -> int:
+    """Map an MSL class id to the task's label."""
+    if task == "binary":
+        return 0 if msl_class in SURFACE_CLASSES else 1
+    return msl_class
+
+
+def read_split(data_dir: Path, split: str, task: str, limit: int | None = None) -> list[Sample]:
+    """The samples of one official split, in file order (the files are pre-shuffled).
+
+    `limit` keeps at most that many. A listed image that is missing is an error naming it.
+    """
+    check_task(task)
+    if split not in SPLITS:
+        raise MarsvisionError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    path = data_dir / SPLIT_FILES[split]
+    samples: list[Sample] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise MarsvisionError(f"{path}:{n}: expected '<image> <class id>', got {line!r}")
+        try:
+            msl_class = int(parts[1])
+        except ValueError:
+            raise MarsvisionError(f"{path}:{n}: class id {parts[1]!r} is not an integer") from None
+        if not 0 <= msl_class < NUM_MSL_CLASSES:
+            raise MarsvisionError(f"{path}:{n}: class id {msl_class} is outside 0-24")
+        image = data_dir / parts[0]
+        if not image.is_file():
+            raise MarsvisionError(
+                f"{path}:{n}: listed image {image} is missing; the split files do not match "
+                "the images (re-download the data set)"
+            )
+        samples.append(Sample(image, task_label(task, msl_class), msl_class))
+        if limit is not None and len(samples) >= limit:
+            break
+    if not samples:
+        raise MarsvisionError(f"{path} lists no images")
+    return samples
+
+
+def data_fingerprint(data_dir: Path) -> str:
+    """sha256 over the split files and the synset file: identifies the data set version."""
+    h = hashlib.sha256()
+    for name in (*SPLIT_FILES.values(), SYNSET_FILE):
+        h.update(name.encode())
+        h.update((data_dir / name).read_bytes())
+    return h.hexdigest()
