@@ -46,3 +46,41 @@ def create_model(num_classes: int, init: str = "random") -> nn.Module:
             f"{len(unexpected)} unexpected keys, e.g. {(body_missing + unexpected)[:3]})"
         )
     return model
+
+
+class ModelEma:
+    """Exponential moving average of a model's weights (buffers copied), kept on its device.
+
+    The decay ramps up as min(decay, (1 + step) / (10 + step)), so early averages are not
+    dominated by the random initialization.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        import copy
+
+        self.decay = decay
+        self.step = 0
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Move the average toward the model's current weights."""
+        self.step += 1
+        d = min(self.decay, (1 + self.step) / (10 + self.step))
+        ema_state = self.module.state_dict()
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                ema_state[k].lerp_(v.detach(), 1.0 - d)
+            else:
+                ema_state[k].copy_(v)
+
+    def state_dict(self) -> dict[str, object]:
+        """The averaged weights and the step count."""
+        return {"module": self.module.state_dict(), "step": self.step, "decay": self.decay}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore from `state_dict()`."""
+        self.module.load_state_dict(state["module"])  # type: ignore[arg-type]
+        self.step = int(state["step"])  # type: ignore[call-overload]

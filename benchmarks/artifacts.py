@@ -1,0 +1,96 @@
+"""Find the artifacts of an export out dir (its manifest.json, else the file names) and say
+which backend runs each one, or why it cannot run here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from marsvision.export.artifacts import MANIFEST, SUFFIXES
+from marsvision.runtime.errors import MarsvisionError
+
+# Report order: the reference precision first, then by falling precision.
+FLAVOUR_ORDER = tuple(SUFFIXES)
+ENGINE_FLAVOURS = ("fp16-engine", "int8-engine")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One exported model file."""
+
+    path: Path
+    flavour: str  # a key of export.artifacts.SUFFIXES, e.g. "int8-cpu", "fp16-engine"
+    manifest: dict[str, Any]  # its manifest entry ({} when there is no manifest)
+
+    @property
+    def precision(self) -> str:
+        """fp32, fp16 or int8: which parity thresholds apply."""
+        return self.flavour.split("-")[0]
+
+    @property
+    def is_engine(self) -> bool:
+        return self.flavour in ENGINE_FLAVOURS
+
+    @property
+    def size_mib(self) -> float:
+        return self.path.stat().st_size / (1024 * 1024)
+
+
+def _flavour_of(name: str) -> str | None:
+    # Longest suffix first: ".int8-cpu.onnx" must not be read as something shorter.
+    for flavour, suffix in sorted(SUFFIXES.items(), key=lambda kv: -len(kv[1])):
+        if name.endswith(suffix):
+            return flavour
+    return None
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    """The out dir's manifest.json as a dict, None when absent; malformed is a user error."""
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise MarsvisionError(f"{path} is not valid JSON ({e}); re-run mars-export") from None
+    if not isinstance(data, dict) or not isinstance(data.get("artifacts", []), list):
+        raise MarsvisionError(f"{path} is not a marsvision manifest (no 'artifacts' list)")
+    return data
+
+
+def find_artifacts(out_dir: str | Path) -> list[Artifact]:
+    """Every artifact of an export out dir, in FLAVOUR_ORDER; none is a user error."""
+    d = Path(out_dir)
+    if not d.is_dir():
+        raise MarsvisionError(f"--artifacts {d}: no such directory (an out dir of mars-export)")
+    manifest = read_manifest(d)
+    entries = {str(e.get("file")): e for e in (manifest or {}).get("artifacts", [])}
+    found = []
+    for path in sorted(d.iterdir()):
+        flavour = _flavour_of(path.name)
+        if flavour is None or not path.is_file():
+            continue
+        found.append(Artifact(path, flavour, dict(entries.get(path.name, {}))))
+    missing = [name for name in entries if not (d / name).is_file()]
+    if missing:
+        raise MarsvisionError(
+            f"{d / MANIFEST} lists {', '.join(missing)}, which are not there; re-run mars-export"
+        )
+    if not found:
+        raise MarsvisionError(
+            f"{d} holds no exported models (*{', *'.join(SUFFIXES.values())}); run mars-export"
+        )
+    return sorted(found, key=lambda a: (FLAVOUR_ORDER.index(a.flavour), a.path.name))
+
+
+def skip_reason(artifact: Artifact, device: str) -> str | None:
+    """Why this artifact cannot run here (None when it can)."""
+    if artifact.is_engine:
+        if device == "cpu":
+            return "TensorRT engines need a GPU (--device cpu given)"
+        if importlib.util.find_spec("tensorrt") is None:
+            return 'tensorrt is not installed (pip install "marsvision[trt]")'
+    return None

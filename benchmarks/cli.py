@@ -1,0 +1,187 @@
+"""`mars-bench`: `speed` (throughput/latency vs PyTorch) and `parity` (accuracy vs PyTorch).
+
+Results (JSON, markdown, PNG) go to --out; the table goes to stdout; progress to stderr.
+`parity` exits with code 3 (PARITY_FAIL_EXIT) when an artifact fails its thresholds.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from marsvision.runtime.errors import MarsvisionError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+DEFAULT_OUT = Path("runs/bench")
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _csv(flag: str, value: str | None, kind: type = str) -> tuple:  # type: ignore[type-arg]
+    """'1,8,32' -> (1, 8, 32); a bad item is a user error naming the flag."""
+    if value is None:
+        return ()
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        return tuple(kind(v) for v in items)
+    except ValueError:
+        raise MarsvisionError(f"{flag} {value!r}: expected a comma-separated list") from None
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    from marsvision.benchmarks.conditions import gpu_info
+
+    return "cuda" if gpu_info() else "cpu"
+
+
+def _e2e_images(images: str, data: str | None, count: int) -> tuple[str, ...]:
+    """--images: a folder of image files, or a split name (read from the MSL data)."""
+    from marsvision.train.data import SPLITS, read_split, resolve_data_dir
+
+    p = Path(images)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise MarsvisionError(f"--images {p}: no {'/'.join(IMAGE_SUFFIXES)} files in it")
+        return tuple(str(f) for f in files[:count])
+    if images in SPLITS:
+        samples = read_split(resolve_data_dir(data), images, "binary", limit=count)
+        return tuple(str(s.path) for s in samples)
+    raise MarsvisionError(
+        f"--images {images!r}: neither a folder nor one of the splits {', '.join(SPLITS)}"
+    )
+
+
+@click.group()
+def main() -> None:
+    """Benchmark marsvision models: speed and accuracy parity against PyTorch."""
+
+
+_device = click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+_threads = click.option("--threads", type=int, default=None, help="CPU threads (default: all usable cores).")
+_out = click.option(
+    "--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True,
+    help="Results folder.",
+)
+_data = click.option("--data", default=None, help="MSL data folder (default: $MARS_DATA).")
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
+              help="The PyTorch checkpoint (the eager baseline).")
+@click.option("--artifacts", type=click.Path(path_type=Path), default=None,
+              help="An export out dir (manifest.json and the artifacts).")
+@click.option("--batch-sizes", default="1,8,32", show_default=True)
+@click.option("--precisions", default=None,
+              help="fp32,fp16,bf16,int8-cpu,int8-trt,int8 [default: cpu fp32,int8-cpu; "
+                   "cuda fp32,fp16,bf16,int8].")
+@click.option("--backends", default=None,
+              help="pytorch,pytorch-cl,onnxruntime,tensorrt [default: cpu pytorch,onnxruntime; "
+                   "cuda all].")
+@click.option("--modes", default="model,e2e", show_default=True,
+              help="model (preallocated input) and/or e2e (image files in, predictions out).")
+@click.option("--images", default="test", show_default=True,
+              help="End-to-end inputs: a folder of images or an MSL split name.")
+@click.option("--num-images", type=int, default=64, show_default=True,
+              help="At most this many end-to-end images (cycled through).")
+@_data
+@click.option("--warmup", type=int, default=5, show_default=True)
+@click.option("--repeats", type=int, default=30, show_default=True)
+@_device
+@_threads
+@click.option("--isolate/--in-process", default=True, show_default=True,
+              help="Run each row in its own process (its own peak RSS).")
+@_out
+def speed(
+    checkpoint: Path, artifacts: Path | None, batch_sizes: str, precisions: str | None,
+    backends: str | None, modes: str, images: str, num_images: int, data: str | None,
+    warmup: int, repeats: int, device: str, threads: int | None, isolate: bool, out: Path,
+) -> None:
+    """Throughput and latency of each backend x precision x batch, vs PyTorch eager FP32."""
+    from marsvision.benchmarks.speed import SpeedConfig, run_speed
+    from marsvision.benchmarks.speed_report import render_text, write_speed
+
+    if not checkpoint.is_file():
+        raise MarsvisionError(f"--checkpoint {checkpoint}: no such file (a mars-train checkpoint)")
+    mode_list = _csv("--modes", modes)
+    cfg = SpeedConfig(
+        checkpoint=checkpoint,
+        artifacts=artifacts,
+        batch_sizes=_csv("--batch-sizes", batch_sizes, int),
+        precisions=_csv("--precisions", precisions) or None,
+        backends=_csv("--backends", backends) or None,
+        modes=mode_list,
+        images=_e2e_images(images, data, num_images) if "e2e" in mode_list else (),
+        warmup=warmup,
+        repeats=repeats,
+        device=_resolve_device(device),
+        threads=threads,
+        isolate=isolate,
+    )
+    report = run_speed(cfg, log=_log)
+    click.echo(render_text(report))
+    for p in write_speed(report, out):
+        _log(f"wrote {p}")
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
+              help="The PyTorch checkpoint the artifacts were exported from (the reference).")
+@click.option("--artifacts", type=click.Path(path_type=Path), required=True,
+              help="An export out dir (manifest.json and the artifacts).")
+@_data
+@click.option("--splits", default="val,test", show_default=True)
+@click.option("--limit", type=int, default=None, help="At most N images per split (quick runs).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@_device
+@_threads
+@click.option("--fp32-min-agreement", type=float, default=100.0, show_default=True,
+              help="FP32: least top-1 agreement with PyTorch, percent.")
+@click.option("--fp16-max-accuracy-change", type=float, default=0.1, show_default=True,
+              help="FP16: largest |accuracy change|, points.")
+@click.option("--int8-max-accuracy-change", type=float, default=0.5, show_default=True,
+              help="INT8: largest |accuracy change|, points.")
+@click.option("--int8-min-agreement", type=float, default=99.0, show_default=True,
+              help="INT8: least top-1 agreement with PyTorch, percent.")
+@_out
+def parity(
+    checkpoint: Path, artifacts: Path, data: str | None, splits: str, limit: int | None,
+    batch_size: int, device: str, threads: int | None, fp32_min_agreement: float,
+    fp16_max_accuracy_change: float, int8_max_accuracy_change: float,
+    int8_min_agreement: float, out: Path,
+) -> None:
+    """Accuracy of every artifact vs the PyTorch checkpoint; exit 3 when one fails."""
+    from marsvision.benchmarks.parity import PARITY_FAIL_EXIT, ParityConfig, Thresholds, run_parity
+    from marsvision.benchmarks.parity_report import render_text, write_parity
+    from marsvision.train.data import resolve_data_dir
+
+    cfg = ParityConfig(
+        checkpoint=checkpoint,
+        artifacts=artifacts,
+        data_dir=resolve_data_dir(data),
+        splits=_csv("--splits", splits),
+        limit=limit,
+        batch_size=batch_size,
+        device=_resolve_device(device),
+        threads=threads,
+        thresholds=Thresholds(
+            fp32_min_agreement=fp32_min_agreement,
+            fp16_max_accuracy_change=fp16_max_accuracy_change,
+            int8_max_accuracy_change=int8_max_accuracy_change,
+            int8_min_agreement=int8_min_agreement,
+        ),
+    )
+    report = run_parity(cfg, log=_log)
+    click.echo(render_text(report))
+    for p in write_parity(report, out):
+        _log(f"wrote {p}")
+    if not report["passed"]:
+        sys.exit(PARITY_FAIL_EXIT)

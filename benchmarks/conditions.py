@@ -1,0 +1,133 @@
+"""The conditions a benchmark ran under: CPU, GPU, library versions, threads, machine name.
+
+Every result file records them, so two numbers are only compared when their conditions match.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import socket
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+LIBRARIES = (
+    "marsvision",
+    "numpy",
+    "pillow",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnx",
+    "torch",
+    "torchvision",
+    "tensorrt",
+)
+
+
+def cpu_info(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> dict[str, Any]:
+    """CPU model, logical/physical cores, the cores this process may use, and ISA flags of note."""
+    model = platform.processor() or platform.machine()
+    physical: set[tuple[str, str]] = set()
+    flags: set[str] = set()
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    phys_id = core_id = "0"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "model name" and value:
+            model = value
+        elif key == "physical id":
+            phys_id = value
+        elif key == "core id":
+            core_id = value
+            physical.add((phys_id, core_id))
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count() or 1
+    notable = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "f16c")
+    return {
+        "model": model,
+        "logical_cores": os.cpu_count(),
+        "physical_cores": len(physical) or None,
+        "usable_cores": usable,
+        "isa": [f for f in notable if f in flags],
+        "arch": platform.machine(),
+    }
+
+
+def gpu_info() -> dict[str, Any] | None:
+    """GPU name, driver and memory from nvidia-smi; None when there is no NVIDIA GPU."""
+    try:
+        out = subprocess.run(
+            [
+                "nvidia-smi",
+                "--query-gpu=name,driver_version,memory.total,compute_cap",
+                "--format=csv,noheader,nounits",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    first = out.strip().splitlines()[0] if out.strip() else ""
+    parts = [p.strip() for p in first.split(",")]
+    if len(parts) < 3:
+        return None
+    return {
+        "name": parts[0],
+        "driver": parts[1],
+        "memory_mib": int(parts[2]) if parts[2].isdigit() else parts[2],
+        "compute_capability": parts[3] if len(parts) > 3 else None,
+    }
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that shape the numbers (absent ones left out)."""
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def machine_name(cpu: dict[str, Any], gpu: dict[str, Any] | None) -> str:
+    """A short file-name-safe label: the GPU when there is one, else the CPU and its cores."""
+    if gpu:
+        base = str(gpu["name"]).replace("NVIDIA", "")
+    else:
+        base = re.sub(r"\(R\)|\(TM\)|CPU|Processor|@.*", "", str(cpu["model"]))
+        base = f"{base}-{cpu['usable_cores']}c"
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", base).strip("-").lower()
+    return slug or "unknown"
+
+
+def capture_conditions(*, threads: int | None = None) -> dict[str, Any]:
+    """The full record of this machine and process, for the result file."""
+    cpu = cpu_info()
+    gpu = gpu_info()
+    return {
+        "machine": machine_name(cpu, gpu),
+        "hostname": socket.gethostname(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "gpu": gpu,
+        "threads": threads or cpu["usable_cores"],
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
+        "versions": library_versions(),
+    }

@@ -1,0 +1,311 @@
+"""Accuracy parity: every exported artifact against the PyTorch checkpoint on real MSL splits.
+
+The reference is the checkpoint through train's eval_transform and `model_from_checkpoint`;
+each artifact runs as users deploy it, through the runtime's preprocessing and runner. Per
+artifact and split: accuracy, balanced accuracy, F1, their change against PyTorch, top-1
+agreement, max |probability difference|, per-class recall, size and ms per image, and a
+pass/fail verdict against the thresholds of its precision.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from marsvision.benchmarks.artifacts import Artifact, find_artifacts, skip_reason
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.spec import PreprocessSpec
+
+# Exit code of `mars-bench parity` when an artifact fails its thresholds or cannot be run
+# (1 is a user error, 2 a usage error, as click defines them).
+PARITY_FAIL_EXIT = 3
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass/fail bars, in percent / accuracy points (a change is taken in absolute value)."""
+
+    fp32_min_agreement: float = 100.0
+    fp16_max_accuracy_change: float = 0.1
+    int8_max_accuracy_change: float = 0.5
+    int8_min_agreement: float = 99.0
+
+
+@dataclass(frozen=True)
+class ParityConfig:
+    """What `run_parity` does; the CLI builds it from its flags."""
+
+    checkpoint: Path
+    artifacts: Path
+    data_dir: Path
+    splits: tuple[str, ...] = ("val", "test")
+    limit: int | None = None
+    batch_size: int = 32
+    device: str = "cpu"
+    threads: int | None = None
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    def __post_init__(self) -> None:
+        if not self.splits:
+            raise MarsvisionError("--splits: give at least one of val, test, train")
+        if self.limit is not None and self.limit < 1:
+            raise MarsvisionError(f"--limit {self.limit}: need at least 1 image")
+        if self.batch_size < 1:
+            raise MarsvisionError(f"--batch-size {self.batch_size}: need at least 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready resolved config."""
+        d = asdict(self)
+        for k in ("checkpoint", "artifacts", "data_dir"):
+            d[k] = str(d[k])
+        d["splits"] = list(self.splits)
+        return d
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64, the same for the reference and every artifact."""
+    from marsvision.runtime.classifier import softmax as runtime_softmax
+
+    return runtime_softmax(logits)
+
+
+def compare(
+    ref_logits: np.ndarray,
+    logits: np.ndarray,
+    y_true: np.ndarray,
+    *,
+    num_classes: int,
+    task: str,
+) -> dict[str, Any]:
+    """Metrics of `logits` and their change against `ref_logits` on the same images."""
+    from marsvision.train.metrics import classification_metrics
+
+    pred = logits.argmax(axis=1)
+    ref_pred = ref_logits.argmax(axis=1)
+    m = classification_metrics(y_true, pred, num_classes, task)
+    r = classification_metrics(y_true, ref_pred, num_classes, task)
+    dp = np.abs(softmax(logits) - softmax(ref_logits))
+    return {
+        "n": int(len(y_true)),
+        "accuracy": 100.0 * m["accuracy"],
+        "balanced_accuracy": 100.0 * m["balanced_accuracy"],
+        "f1": 100.0 * m["f1"],
+        "accuracy_change": 100.0 * (m["accuracy"] - r["accuracy"]),
+        "balanced_accuracy_change": 100.0 * (m["balanced_accuracy"] - r["balanced_accuracy"]),
+        "f1_change": 100.0 * (m["f1"] - r["f1"]),
+        "top1_agreement": 100.0 * float(np.mean(pred == ref_pred)),
+        "disagreements": int(np.sum(pred != ref_pred)),
+        "max_prob_diff": float(dp.max()) if dp.size else 0.0,
+        "per_class_recall": m["per_class_recall"],
+        "confusion_matrix": m["confusion_matrix"],
+    }
+
+
+def verdict(precision: str, figures: dict[str, Any], t: Thresholds) -> tuple[bool, list[str]]:
+    """(passed, reasons it failed) for one artifact's figures on one split."""
+    fails = []
+    agree = figures["top1_agreement"]
+    change = abs(figures["accuracy_change"])
+    if precision == "fp32":
+        if agree < t.fp32_min_agreement:
+            fails.append(f"top-1 agreement {agree:.2f}% < {t.fp32_min_agreement:g}%")
+    elif precision == "fp16":
+        if change > t.fp16_max_accuracy_change:
+            fails.append(f"|accuracy change| {change:.2f} > {t.fp16_max_accuracy_change:g} points")
+    elif precision == "int8":
+        if change > t.int8_max_accuracy_change:
+            fails.append(f"|accuracy change| {change:.2f} > {t.int8_max_accuracy_change:g} points")
+        if agree < t.int8_min_agreement:
+            fails.append(f"top-1 agreement {agree:.2f}% < {t.int8_min_agreement:g}%")
+    else:
+        raise ValueError(f"no thresholds for precision {precision!r}")
+    return not fails, fails
+
+
+def _decode_split(paths: list[Path], spec: PreprocessSpec) -> np.ndarray:
+    """uint8 (n, H, W, 3) of the runtime's decode+resize+crop, shared by all artifacts."""
+    from marsvision.runtime.preprocess import decode_image
+
+    return np.stack([decode_image(p, spec) for p in paths])
+
+
+def _artifact_logits(
+    runner: Any, images: np.ndarray, spec: PreprocessSpec, batch_size: int
+) -> tuple[np.ndarray, float]:
+    """(logits, seconds in `infer`) of a runner over uint8 images, normalized by the runtime."""
+    from marsvision.runtime.preprocess import normalize_into
+
+    s = spec.input_size
+    buf = np.empty((batch_size, 3, s, s), dtype=np.float32)
+    out = []
+    seconds = 0.0
+    for i in range(0, len(images), batch_size):
+        chunk = images[i : i + batch_size]
+        for j, rgb in enumerate(chunk):
+            normalize_into(rgb, spec, buf[j])
+        t0 = time.perf_counter()
+        out.append(np.asarray(runner.infer(buf[: len(chunk)]), dtype=np.float32))
+        seconds += time.perf_counter() - t0
+    return np.concatenate(out), seconds
+
+
+def _open(artifact: Artifact, device: str, threads: int | None) -> Any:
+    from marsvision.runtime.backends import open_runner
+
+    backend = "tensorrt" if artifact.is_engine else "onnxruntime"
+    return open_runner(artifact.path, backend, device, threads=threads)
+
+
+def _per_class(
+    names: list[str], ref: list[float | None], art: list[float | None], y_true: np.ndarray
+) -> list[dict[str, Any]]:
+    rows = []
+    for c, name in enumerate(names):
+        r, a = ref[c], art[c]
+        rows.append(
+            {
+                "class": name,
+                "n_true": int(np.sum(y_true == c)),
+                "recall_pytorch": None if r is None else 100.0 * r,
+                "recall": None if a is None else 100.0 * a,
+                "change": None if r is None or a is None else 100.0 * (a - r),
+            }
+        )
+    return rows
+
+
+def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
+    """Run the reference and every artifact on the splits; return the full report dict."""
+    from marsvision.benchmarks.conditions import capture_conditions
+    from marsvision.benchmarks.torch_baseline import reference_logits, resolve_torch_device
+    from marsvision.runtime.metadata import sha256_file
+    from marsvision.train.checkpoint import load_checkpoint, preprocess_from_checkpoint
+    from marsvision.train.data import read_split
+
+    say = log or (lambda msg: None)
+    ckpt = load_checkpoint(cfg.checkpoint)
+    task, names = ckpt["task"], list(ckpt["class_names"])
+    spec = preprocess_from_checkpoint(ckpt)
+    ckpt_sha = sha256_file(cfg.checkpoint)
+    artifacts = find_artifacts(cfg.artifacts)
+    torch_device = resolve_torch_device(cfg.device)
+    ort_device = "cuda" if torch_device == "cuda" else "cpu"
+
+    splits: dict[str, dict[str, Any]] = {}
+    for split in cfg.splits:
+        samples = read_split(cfg.data_dir, split, task, limit=cfg.limit)
+        paths = [s.path for s in samples]
+        say(f"{split}: {len(paths)} images; PyTorch reference on {torch_device}")
+        logits, secs = reference_logits(
+            cfg.checkpoint, paths, batch_size=cfg.batch_size, device=torch_device
+        )
+        splits[split] = {
+            "paths": paths,
+            "y_true": np.array([s.label for s in samples]),
+            "ref_logits": logits,
+            "ref_seconds": secs,
+        }
+
+    ref_row: dict[str, Any] = {
+        "artifact": Path(cfg.checkpoint).name,
+        "flavour": "pytorch",
+        "precision": "fp32",
+        "backend": f"pytorch-{torch_device}",
+        "status": "ok",
+        "verdict": "reference",
+        "size_mib": Path(cfg.checkpoint).stat().st_size / (1024 * 1024),
+        "splits": {},
+    }
+    for split, d in splits.items():
+        figures = compare(d["ref_logits"], d["ref_logits"], d["y_true"], num_classes=len(names), task=task)
+        n = len(d["paths"])
+        figures["ms_per_image"] = 1e3 * d["ref_seconds"] / n
+        figures["images_per_s"] = n / d["ref_seconds"] if d["ref_seconds"] > 0 else None
+        ref_row["splits"][split] = figures
+
+    rows = [ref_row]
+    decoded: dict[tuple[str, PreprocessSpec], np.ndarray] = {}
+    for art in artifacts:
+        row: dict[str, Any] = {
+            "artifact": art.path.name,
+            "flavour": art.flavour,
+            "precision": art.precision,
+            "backend": None,
+            "status": "ok",
+            "verdict": None,
+            "size_mib": art.size_mib,
+            "splits": {},
+            "failures": [],
+        }
+        rows.append(row)
+        reason = skip_reason(art, ort_device)
+        if reason:
+            row.update(status=f"skipped: {reason}", verdict="skipped")
+            say(f"{art.path.name}: skipped ({reason})")
+            continue
+        try:
+            runner = _open(art, ort_device, cfg.threads)
+        except MarsvisionError as e:
+            if art.is_engine:  # a GPU/TensorRT mismatch here, not a fault of the artifact
+                row.update(status=f"skipped: {e.message}", verdict="skipped")
+            else:
+                row.update(status=f"error: {e.message}", verdict="FAIL", failures=[e.message])
+            say(f"{art.path.name}: {row['status']}")
+            continue
+        with runner:
+            meta = runner.meta
+            row["backend"] = runner.name
+            if meta.source_checkpoint_sha256 and meta.source_checkpoint_sha256 != ckpt_sha:
+                raise MarsvisionError(
+                    f"{art.path} was exported from another checkpoint "
+                    f"(sha256 {meta.source_checkpoint_sha256[:12]}..., {cfg.checkpoint} is "
+                    f"{ckpt_sha[:12]}...); pass the checkpoint it came from"
+                )
+            if meta.class_names != names:
+                raise MarsvisionError(f"{art.path}: class names differ from the checkpoint's")
+            passed = True
+            for split, d in splits.items():
+                key = (split, meta.preprocess)
+                if key not in decoded:
+                    decoded[key] = _decode_split(d["paths"], meta.preprocess)
+                logits, secs = _artifact_logits(runner, decoded[key], meta.preprocess, cfg.batch_size)
+                figures = compare(
+                    d["ref_logits"], logits, d["y_true"], num_classes=len(names), task=task
+                )
+                n = len(d["paths"])
+                figures["ms_per_image"] = 1e3 * secs / n
+                figures["images_per_s"] = n / secs if secs > 0 else None
+                ok, fails = verdict(art.precision, figures, cfg.thresholds)
+                figures["passed"] = ok
+                figures["per_class"] = _per_class(
+                    names,
+                    ref_row["splits"][split]["per_class_recall"],
+                    figures["per_class_recall"],
+                    d["y_true"],
+                )
+                row["splits"][split] = figures
+                row["failures"] += [f"{split}: {f}" for f in fails]
+                passed = passed and ok
+                say(
+                    f"{art.path.name} {split}: acc {figures['accuracy']:.2f} "
+                    f"agree {figures['top1_agreement']:.2f}% {'pass' if ok else 'FAIL'}"
+                )
+            row["verdict"] = "PASS" if passed else "FAIL"
+
+    failed = [r["artifact"] for r in rows if r["verdict"] == "FAIL"]
+    return {
+        "kind": "parity",
+        "task": task,
+        "class_names": names,
+        "config": cfg.to_dict(),
+        "conditions": capture_conditions(threads=cfg.threads),
+        "checkpoint_sha256": ckpt_sha,
+        "thresholds": asdict(cfg.thresholds),
+        "rows": rows,
+        "failed": failed,
+        "passed": not failed,
+    }

@@ -1,0 +1,166 @@
+"""Throughput and latency of every backend x precision x batch size, against PyTorch eager FP32.
+
+The plan: which (backend, precision) pairs make sense on this device, which artifact file each
+one runs, and the PyTorch baseline that every figure is divided by. Measuring is done by
+`speed_jobs` (one job per row, by default each in its own process).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from marsvision.benchmarks.artifacts import find_artifacts
+from marsvision.benchmarks.speed_jobs import TORCH_BACKENDS, Job, run_job, run_job_isolated
+from marsvision.runtime.errors import MarsvisionError
+
+BACKENDS = ("pytorch", "pytorch-cl", "onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8-cpu", "int8-trt", "int8")
+MODES = ("model", "e2e")
+# (backend, precision) -> artifact flavour (see export.artifacts.SUFFIXES); PyTorch needs none.
+ARTIFACT_FLAVOUR = {
+    ("onnxruntime", "fp32"): "fp32",
+    ("onnxruntime", "fp16"): "fp16",
+    ("onnxruntime", "int8-cpu"): "int8-cpu",
+    ("onnxruntime", "int8-trt"): "int8-trt",
+    ("tensorrt", "fp16"): "fp16-engine",
+    ("tensorrt", "int8"): "int8-engine",
+}
+TORCH_PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16")}
+DEFAULTS = {
+    "cpu": {"backends": ("pytorch", "onnxruntime"), "precisions": ("fp32", "int8-cpu")},
+    "cuda": {"backends": BACKENDS, "precisions": ("fp32", "fp16", "bf16", "int8")},
+}
+BASELINE = ("pytorch", "fp32")
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """What `run_speed` measures; the CLI builds it from its flags (None: device default)."""
+
+    checkpoint: Path
+    artifacts: Path | None = None
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    precisions: tuple[str, ...] | None = None
+    backends: tuple[str, ...] | None = None
+    modes: tuple[str, ...] = MODES
+    images: tuple[str, ...] = ()  # e2e files (resolved by the CLI from --images)
+    warmup: int = 5
+    repeats: int = 30
+    device: str = "cpu"  # resolved: cpu or cuda
+    threads: int | None = None
+    isolate: bool = True
+
+    def __post_init__(self) -> None:
+        for name, values, valid in (
+            ("--precisions", self.precisions or (), PRECISIONS),
+            ("--backends", self.backends or (), BACKENDS),
+            ("--modes", self.modes, MODES),
+        ):
+            bad = [v for v in values if v not in valid]
+            if bad:
+                raise MarsvisionError(f"{name}: unknown {', '.join(bad)}; choose from {', '.join(valid)}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise MarsvisionError("--batch-sizes: give positive integers, e.g. 1,8,32")
+        if self.warmup < 0 or self.repeats < 1:
+            raise MarsvisionError("--warmup must be >= 0 and --repeats >= 1")
+        if "e2e" in self.modes and not self.images:
+            raise MarsvisionError("end-to-end timing needs images: pass --images DIR or a split")
+        if self.device not in ("cpu", "cuda"):
+            raise MarsvisionError(f"device {self.device!r}: choose cpu or cuda")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["checkpoint"] = str(self.checkpoint)
+        d["artifacts"] = str(self.artifacts) if self.artifacts else None
+        d["images"] = len(self.images)
+        return d
+
+
+def plan(cfg: SpeedConfig) -> tuple[list[Job], list[dict[str, Any]]]:
+    """The jobs to run (baseline first) and rows for pairs that cannot run (with the reason)."""
+    backends = cfg.backends or DEFAULTS[cfg.device]["backends"]
+    precisions = cfg.precisions or DEFAULTS[cfg.device]["precisions"]
+    found = {a.flavour: a.path for a in find_artifacts(cfg.artifacts)} if cfg.artifacts else {}
+    pairs: list[tuple[str, str, str]] = [(*BASELINE, str(cfg.checkpoint))]
+    skipped: list[dict[str, Any]] = []
+    for backend in backends:
+        for precision in precisions:
+            if (backend, precision) == BASELINE:
+                continue
+            if backend in TORCH_BACKENDS:
+                if precision in TORCH_PRECISIONS[cfg.device]:
+                    pairs.append((backend, precision, str(cfg.checkpoint)))
+                continue
+            flavour = ARTIFACT_FLAVOUR.get((backend, precision))
+            if flavour is None:
+                continue  # not a combination that exists (e.g. onnxruntime bf16)
+            if flavour not in found:
+                where = cfg.artifacts or "(no --artifacts given)"
+                skipped.append(
+                    {"backend": backend, "precision": precision,
+                     "status": f"skipped: no {flavour} artifact in {where}"}
+                )
+                continue
+            if backend == "tensorrt" and cfg.device == "cpu":
+                skipped.append({"backend": backend, "precision": precision,
+                                "status": "skipped: TensorRT needs --device cuda"})
+                continue
+            pairs.append((backend, precision, str(found[flavour])))
+    jobs = [
+        Job(mode=mode, backend=b, precision=p, batch=bs, model=m, device=cfg.device,
+            warmup=cfg.warmup, repeats=cfg.repeats, threads=cfg.threads,
+            images=cfg.images if mode == "e2e" else ())
+        for mode in cfg.modes
+        for b, p, m in pairs
+        for bs in cfg.batch_sizes
+    ]
+    return jobs, skipped
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each ok row gets throughput and latency as ratios to PyTorch FP32 (same mode and batch)."""
+    base = {
+        (r["mode"], r["batch"]): r
+        for r in rows
+        if (r.get("backend"), r.get("precision")) == BASELINE and r.get("status") == "ok"
+    }
+    for r in rows:
+        b = base.get((r.get("mode"), r.get("batch")))
+        if r.get("status") != "ok" or b is None:
+            r["speedup_vs_pytorch_fp32"] = None
+            r["latency_ratio_vs_pytorch_fp32"] = None
+            r["peak_rss_ratio_vs_pytorch_fp32"] = None
+            continue
+        r["speedup_vs_pytorch_fp32"] = r["throughput_img_s"] / b["throughput_img_s"]
+        r["latency_ratio_vs_pytorch_fp32"] = {
+            k: r["timing"][k] / b["timing"][k] for k in ("mean_ms", "p50_ms", "p90_ms", "p99_ms")
+        }
+        r["peak_rss_ratio_vs_pytorch_fp32"] = r["peak_rss_mib"] / b["peak_rss_mib"]
+
+
+def run_speed(cfg: SpeedConfig, *, log: Any = None) -> dict[str, Any]:
+    """Measure every planned job; return the report (conditions, config, rows)."""
+    from marsvision.benchmarks.conditions import capture_conditions
+
+    say = log or (lambda msg: None)
+    jobs, skipped = plan(cfg)
+    rows: list[dict[str, Any]] = []
+    for i, job in enumerate(jobs, 1):
+        say(f"[{i}/{len(jobs)}] {job.mode} {job.backend} {job.precision} batch {job.batch}")
+        row = run_job_isolated(job) if cfg.isolate else run_job(job)
+        row["model"] = os.path.basename(row["model"])
+        rows.append(row)
+    add_ratios(rows)
+    conditions = capture_conditions(threads=cfg.threads)
+    return {
+        "kind": "speed",
+        "config": cfg.to_dict(),
+        "conditions": conditions,
+        "rows": rows,
+        "skipped": skipped,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

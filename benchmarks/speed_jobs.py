@@ -1,0 +1,180 @@
+"""One speed measurement (a "job"): a backend x precision x batch size, model-only or end to end.
+
+A job is plain JSON so that it can run in a fresh subprocess (`python -m
+marsvision.benchmarks.speed_jobs`), which makes each row's peak RSS its own. Model-only jobs
+time `Runner.infer` on one preallocated batch; end-to-end jobs time the runtime's
+`Classifier.predict` on real image files (decode, preprocess, infer, softmax), or for PyTorch
+the same done with Pillow + train's eval_transform.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from marsvision.benchmarks.timing import Timing, current_rss_mib, peak_rss_mib, time_calls
+from marsvision.runtime.errors import MarsvisionError
+
+TORCH_BACKENDS = ("pytorch", "pytorch-cl")
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one row measures."""
+
+    mode: str  # "model" or "e2e"
+    backend: str  # pytorch, pytorch-cl, onnxruntime, tensorrt
+    precision: str  # fp32, fp16, bf16, int8-cpu, int8-trt, int8
+    batch: int
+    model: str  # checkpoint path for PyTorch, artifact path otherwise
+    device: str  # cpu or cuda
+    warmup: int
+    repeats: int
+    threads: int | None = None
+    images: tuple[str, ...] = ()  # e2e only: the files to cycle through
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["images"] = list(self.images)
+        return d
+
+
+def _open_runner(job: Job) -> Any:
+    if job.backend in TORCH_BACKENDS:
+        from marsvision.benchmarks.torch_baseline import TorchRunner
+
+        return TorchRunner(
+            job.model,
+            precision=job.precision,
+            device=job.device,
+            channels_last=job.backend == "pytorch-cl",
+            threads=job.threads,
+        )
+    from marsvision.runtime.backends import open_runner
+
+    return open_runner(job.model, job.backend, job.device, threads=job.threads)
+
+
+def _gpu_used_mib(pid: int) -> float | None:
+    """GPU memory this process holds now, per nvidia-smi (None without a GPU)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(pid) and parts[1].isdigit():
+            return float(parts[1])
+    return None
+
+
+def _batches(images: tuple[str, ...], batch: int) -> Any:
+    """Endless batches of `batch` paths cycling through the image list."""
+    i = 0
+    n = len(images)
+    while True:
+        yield [images[(i + k) % n] for k in range(batch)]
+        i = (i + batch) % n
+
+
+def _model_call(runner: Any, job: Job) -> Any:
+    s = runner.meta.preprocess.input_size
+    x = np.random.default_rng(0).standard_normal((job.batch, 3, s, s)).astype(np.float32)
+    return lambda: runner.infer(x)
+
+
+def _torch_e2e_call(runner: Any, job: Job) -> Any:
+    import torch
+    from PIL import Image
+
+    from marsvision.train.transforms import eval_transform
+
+    tf = eval_transform(runner.meta.preprocess)
+    batches = _batches(job.images, job.batch)
+
+    def call() -> Any:
+        xs = []
+        for p in next(batches):
+            with Image.open(p) as img:
+                xs.append(tf(img.convert("RGB")))
+        return torch.softmax(runner.forward(torch.stack(xs)), dim=1).cpu().numpy()
+
+    return call
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """Measure one job in this process; returns its result row (status "ok" or why not)."""
+    row: dict[str, Any] = {**job.to_dict(), "images": len(job.images)}
+    rss_before = current_rss_mib()
+    try:
+        if job.mode == "e2e" and job.backend not in TORCH_BACKENDS:
+            from marsvision.runtime.classifier import Classifier
+
+            clf = Classifier(
+                job.model, backend=job.backend, device=job.device, batch_size=job.batch,
+                threads=job.threads,
+            )
+            runner = clf.runner
+            batches = _batches(job.images, job.batch)
+            call = lambda: clf.predict(next(batches))  # noqa: E731
+        else:
+            runner = _open_runner(job)
+            call = _torch_e2e_call(runner, job) if job.mode == "e2e" else _model_call(runner, job)
+    except MarsvisionError as e:
+        return {**row, "status": f"skipped: {e.message}"}
+    sync = getattr(runner, "synchronize", None)
+    reset = getattr(runner, "reset_peak_memory", None)
+    if reset:
+        reset()
+    timing: Timing = time_calls(call, warmup=job.warmup, repeats=job.repeats, sync=sync)
+    peak_gpu = runner.peak_gpu_mib() if hasattr(runner, "peak_gpu_mib") else None
+    if peak_gpu is None and job.device == "cuda":
+        peak_gpu = _gpu_used_mib(os.getpid())
+    return {
+        **row,
+        "status": "ok",
+        "runner": runner.name,
+        "input_size": runner.meta.preprocess.input_size,
+        "model_precision": runner.meta.precision,
+        "timing": timing.to_dict(),
+        "throughput_img_s": job.batch * 1e3 / timing.mean_ms,
+        "latency_ms_per_img": timing.mean_ms / job.batch,
+        "peak_rss_mib": peak_rss_mib(),
+        "rss_before_mib": rss_before,
+        "gpu_mem_mib": peak_gpu,
+    }
+
+
+def run_job_isolated(job: Job, *, timeout: float = 3600) -> dict[str, Any]:
+    """Run one job in a fresh Python process, so that its peak RSS is its own."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "marsvision.benchmarks.speed_jobs"],
+        input=json.dumps(job.to_dict()),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        return {**job.to_dict(), "images": len(job.images), "status": f"error: {tail[0]}"}
+    return dict(json.loads(proc.stdout))
+
+
+def _main() -> None:
+    d = json.load(sys.stdin)
+    d["images"] = tuple(d.get("images", ()))
+    json.dump(run_job(Job(**d)), sys.stdout)
+
+
+if __name__ == "__main__":
+    _main()

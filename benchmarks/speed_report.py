@@ -1,0 +1,153 @@
+"""The speed report: a terminal table, markdown, one JSON per backend x precision, a PNG chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from marsvision.benchmarks.report import (
+    bar_chart,
+    fmt,
+    markdown_table,
+    text_table,
+    write_json,
+    write_text,
+)
+
+HEADERS = [
+    "mode",
+    "backend",
+    "precision",
+    "batch",
+    "img/s",
+    "mean ms",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "x pt-fp32",
+    "peak RSS MiB",
+    "GPU MiB",
+    "status",
+]
+
+
+def table_rows(report: dict[str, Any]) -> list[list[str]]:
+    """One line per measured row, then one per pair that could not run."""
+    out = []
+    for r in report["rows"]:
+        ok = r["status"] == "ok"
+        t = r.get("timing", {}) if ok else {}
+        speedup = r.get("speedup_vs_pytorch_fp32")
+        out.append(
+            [
+                r["mode"],
+                r.get("runner", r["backend"]) if ok else r["backend"],
+                r["precision"],
+                str(r["batch"]),
+                fmt(r.get("throughput_img_s"), 1),
+                fmt(t.get("mean_ms")),
+                fmt(t.get("p50_ms")),
+                fmt(t.get("p90_ms")),
+                fmt(t.get("p99_ms")),
+                "-" if speedup is None else f"{speedup:.2f}x",
+                fmt(r.get("peak_rss_mib"), 0),
+                fmt(r.get("gpu_mem_mib"), 0),
+                r["status"] if len(r["status"]) <= 70 else r["status"][:67] + "...",
+            ]
+        )
+    for s in report["skipped"]:
+        out.append(["-", s["backend"], s["precision"], "-"] + ["-"] * 8 + [s["status"]])
+    return out
+
+
+def _conditions_line(report: dict[str, Any]) -> str:
+    c = report["conditions"]
+    cfg = report["config"]
+    gpu = f"{c['gpu']['name']} (driver {c['gpu']['driver']})" if c.get("gpu") else "no GPU"
+    sizes = sorted({r["input_size"] for r in report["rows"] if r.get("input_size")})
+    return (
+        f"machine {c['machine']}: {c['cpu']['model']}, {c['cpu']['usable_cores']} usable of "
+        f"{c['cpu']['logical_cores']} cores, {gpu}; device {cfg['device']}, threads "
+        f"{c['threads']}; input {'/'.join(map(str, sizes)) or '?'} px; warm-up {cfg['warmup']}, "
+        f"repeats {cfg['repeats']}; "
+        + ", ".join(f"{k} {v}" for k, v in sorted(c["versions"].items()))
+    )
+
+
+def render_text(report: dict[str, Any]) -> str:
+    """Conditions line plus the table."""
+    return _conditions_line(report) + "\n" + text_table(HEADERS, table_rows(report))
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as markdown."""
+    return "\n".join(
+        [
+            "# Speed",
+            "",
+            _conditions_line(report),
+            "",
+            "model = `Runner.infer` on one preallocated batch (host to host); e2e = real image "
+            "files to probabilities (runtime Classifier; PyTorch: Pillow + eval_transform). "
+            "x pt-fp32 = throughput over PyTorch eager FP32 at the same mode and batch.",
+            "",
+            markdown_table(HEADERS, table_rows(report)),
+        ]
+    )
+
+
+def _stem(report: dict[str, Any]) -> str:
+    c = report["conditions"]
+    return f"{c['machine']}-{report['created'][:19].replace(':', '')}"
+
+
+def write_speed(report: dict[str, Any], out: Path) -> list[Path]:
+    """Write one JSON per backend x precision (`speed-<backend>-<precision>-<machine>-<date>.json`,
+    with the conditions, config and its baseline rows), the markdown and the PNG chart."""
+    stem = _stem(report)
+    written = []
+    pairs = sorted({(r["backend"], r["precision"]) for r in report["rows"]})
+    for backend, precision in pairs:
+        rows = [r for r in report["rows"] if (r["backend"], r["precision"]) == (backend, precision)]
+        baseline = [r for r in report["rows"] if (r["backend"], r["precision"]) == ("pytorch", "fp32")]
+        doc = {
+            "kind": "speed",
+            "backend": backend,
+            "precision": precision,
+            "machine": report["conditions"]["machine"],
+            "created": report["created"],
+            "conditions": report["conditions"],
+            "config": report["config"],
+            "rows": rows,
+            "baseline_rows": [] if (backend, precision) == ("pytorch", "fp32") else baseline,
+        }
+        written.append(write_json(out / f"speed-{backend}-{precision}-{stem}.json", doc))
+    if report["skipped"]:
+        written.append(write_json(out / f"speed-skipped-{stem}.json", report["skipped"]))
+    written.append(write_text(out / f"speed-{stem}.md", render_markdown(report) + "\n"))
+    chart = speed_chart(report, out / f"speed-{stem}.png")
+    if chart:
+        written.append(chart)
+    return written
+
+
+def speed_chart(report: dict[str, Any], path: Path) -> Path | None:
+    """Throughput per backend-precision (bars) for each mode and batch (groups)."""
+    ok = [r for r in report["rows"] if r["status"] == "ok"]
+    if not ok:
+        return None
+    groups = sorted({(r["mode"], r["batch"]) for r in ok}, key=lambda g: (g[0] != "model", g[1]))
+    names = sorted({f"{r['backend']} {r['precision']}" for r in ok},
+                   key=lambda n: (n != "pytorch fp32", n))
+    by = {(f"{r['backend']} {r['precision']}", r["mode"], r["batch"]): r for r in ok}
+    series = {
+        n: [by[(n, m, b)]["throughput_img_s"] if (n, m, b) in by else None for m, b in groups]
+        for n in names
+    }
+    return bar_chart(
+        path,
+        title=_conditions_line(report)[:160],
+        labels=[f"{m} b{b}" for m, b in groups],
+        series=series,
+        ylabel="images / s",
+    )

@@ -1,0 +1,174 @@
+"""The PyTorch eager reference: the checkpoint's model behind the same `infer` as the runtime.
+
+FP32 eager is the baseline every other figure is divided by; bf16/fp16 autocast and
+channels_last are its usual cheap speed-ups. This is the only benchmark module that imports
+torch (lazily, when a runner is made), so the rest works where torch is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.metadata import ModelMeta, sha256_file
+
+TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise MarsvisionError(
+            'the PyTorch baseline needs torch: pip install "marsvision[train]"'
+        ) from None
+    return torch
+
+
+def resolve_torch_device(device: str) -> str:
+    """"auto" -> "cuda" when torch sees a GPU, else "cpu"; "cuda" without a GPU is a user error."""
+    torch = _torch()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MarsvisionError("--device cuda: torch sees no CUDA GPU here; use --device cpu")
+    if device not in ("cpu", "cuda"):
+        raise MarsvisionError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    return device
+
+
+class TorchRunner:
+    """A checkpoint's ResNet-50 in eager PyTorch, with optional autocast and channels_last."""
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike[str],
+        *,
+        precision: str = "fp32",
+        device: str = "cpu",
+        channels_last: bool = False,
+        threads: int | None = None,
+    ) -> None:
+        torch = _torch()
+        from marsvision.train.checkpoint import (
+            load_checkpoint,
+            model_from_checkpoint,
+            preprocess_from_checkpoint,
+        )
+
+        if precision not in TORCH_PRECISIONS:
+            raise MarsvisionError(
+                f"PyTorch baseline precision {precision!r}: choose one of "
+                + ", ".join(TORCH_PRECISIONS)
+            )
+        self.device = resolve_torch_device(device)
+        if precision == "fp16" and self.device == "cpu":
+            raise MarsvisionError("fp16 autocast is for GPUs; on CPU use bf16 or fp32")
+        if threads:
+            torch.set_num_threads(threads)
+        ckpt = load_checkpoint(checkpoint)
+        model = model_from_checkpoint(ckpt).to(self.device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(memory_format=self.memory_format)
+        self.precision = precision
+        self._autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        n = len(ckpt["class_names"])
+        spec = preprocess_from_checkpoint(ckpt)
+        s = spec.input_size
+        self.meta = ModelMeta(
+            task=ckpt["task"],
+            class_names=list(ckpt["class_names"]),
+            preprocess=spec,
+            precision="fp16" if precision == "fp16" else "fp32",
+            input_shape=["batch", 3, s, s],
+            output_shape=["batch", n],
+            source_checkpoint_sha256=sha256_file(checkpoint),
+            versions=dict(ckpt.get("versions", {})),
+        )
+        layout = "-channels_last" if channels_last else ""
+        self.name = f"pytorch-{self.device}{layout}"
+        self._torch = torch
+
+    def __enter__(self) -> TorchRunner:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.model = None
+
+    def forward(self, x: Any) -> Any:
+        """Tensor in -> float32 logits tensor out (on the runner's device)."""
+        torch = self._torch
+        with torch.inference_mode():
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            if self._autocast_dtype is None:
+                return self.model(x).float()
+            with torch.autocast(device_type=self.device, dtype=self._autocast_dtype):
+                return self.model(x).float()
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """float32 NCHW batch -> float32 logits (batch, num_classes), host to host."""
+        out = self.forward(self._torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
+        return np.asarray(out.cpu().numpy(), dtype=np.float32)
+
+    def synchronize(self) -> None:
+        """Wait for queued GPU work (a no-op on CPU)."""
+        if self.device == "cuda":
+            self._torch.cuda.synchronize()
+
+    def reset_peak_memory(self) -> None:
+        """Start a fresh GPU peak-memory window (a no-op on CPU)."""
+        if self.device == "cuda":
+            self._torch.cuda.reset_peak_memory_stats()
+
+    def peak_gpu_mib(self) -> float | None:
+        """torch.cuda.max_memory_allocated since the last reset, in MiB; None on CPU."""
+        if self.device != "cuda":
+            return None
+        return float(self._torch.cuda.max_memory_allocated()) / (1024 * 1024)
+
+
+def reference_logits(
+    checkpoint: str | os.PathLike[str],
+    paths: list[Path],
+    *,
+    batch_size: int = 32,
+    device: str = "cpu",
+) -> tuple[np.ndarray, float]:
+    """Logits of the checkpoint on image files, preprocessed by train's eval_transform.
+
+    Returns (float32 logits (n, num_classes), seconds spent in forward passes).
+    """
+    import time
+
+    torch = _torch()
+    from PIL import Image
+
+    from marsvision.train.checkpoint import load_checkpoint, preprocess_from_checkpoint
+    from marsvision.train.transforms import eval_transform
+
+    runner = TorchRunner(checkpoint, device=device)
+    tf = eval_transform(preprocess_from_checkpoint(load_checkpoint(checkpoint)))
+    chunks = []
+    seconds = 0.0
+    for i in range(0, len(paths), batch_size):
+        images = []
+        for p in paths[i : i + batch_size]:
+            with Image.open(p) as img:
+                images.append(tf(img.convert("RGB")))
+        x = torch.stack(images)
+        t0 = time.perf_counter()
+        logits = runner.forward(x)
+        runner.synchronize()
+        seconds += time.perf_counter() - t0
+        chunks.append(logits.cpu().numpy().astype(np.float32))
+    return np.concatenate(chunks), seconds

@@ -1,0 +1,117 @@
+"""Artifact names, metadata embedding, atomic writes and the out dir's manifest.json."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.metadata import METADATA_KEY, ModelMeta
+
+if TYPE_CHECKING:
+    import onnx
+
+MANIFEST = "manifest.json"
+# flavour -> file suffix after `resnet50-<task>`
+SUFFIXES = {
+    "fp32": ".fp32.onnx",
+    "fp16": ".fp16.onnx",
+    "int8-cpu": ".int8-cpu.onnx",
+    "int8-trt": ".int8-trt.onnx",
+    "fp16-engine": ".fp16.plan",
+    "int8-engine": ".int8.plan",
+}
+
+
+def artifact_name(task: str, flavour: str) -> str:
+    """File name of one artifact, e.g. `resnet50-binary.int8-cpu.onnx`."""
+    return f"resnet50-{task}{SUFFIXES[flavour]}"
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """Create the out dir and check it is writable; a user error otherwise."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test."):
+            pass
+    except OSError as e:
+        raise MarsvisionError(
+            f"cannot write to output directory {out} ({e.strerror or e}); pass another --out"
+        ) from None
+    return out
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path) -> Iterator[Path]:
+    """A temporary folder inside `out` (same file system, so `os.replace` is atomic); removed."""
+    tmp = Path(tempfile.mkdtemp(prefix=".staging.", dir=out))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(staged: Path, final: Path) -> None:
+    """Move a complete file from the staging dir to its final name (atomic rename)."""
+    os.replace(staged, final)
+
+
+def set_onnx_meta(model: onnx.ModelProto, meta: ModelMeta) -> None:
+    """Store `meta` as JSON under `metadata_props[METADATA_KEY]` (replacing any older entry)."""
+    keep = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    entry = model.metadata_props.add()
+    entry.key = METADATA_KEY
+    entry.value = meta.to_json()
+
+
+def onnx_meta(path: Path) -> ModelMeta:
+    """Read the metadata of an exported ONNX file."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    if METADATA_KEY not in props:
+        raise MarsvisionError(f"{path} carries no marsvision metadata; export it with mars-export")
+    return ModelMeta.from_json(props[METADATA_KEY], source=str(path))
+
+
+def check_manifest_owner(out: Path, source_sha256: str) -> None:
+    """Refuse an out dir that holds artifacts of another checkpoint."""
+    path = out / MANIFEST
+    if not path.exists():
+        return
+    try:
+        other = json.loads(path.read_text(encoding="utf-8")).get("source_checkpoint_sha256")
+    except (OSError, ValueError, AttributeError):
+        raise MarsvisionError(
+            f"{path} is not a marsvision manifest; pass another --out or delete it"
+        ) from None
+    if other != source_sha256:
+        raise MarsvisionError(
+            f"{out} holds artifacts of another model (checkpoint sha256 {str(other)[:12]}...); "
+            "pass another --out or delete that directory"
+        )
+
+
+def write_manifest(out: Path, manifest: dict[str, Any]) -> Path:
+    """Write manifest.json atomically, merging in entries of earlier exports of the same model."""
+    path = out / MANIFEST
+    if path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        fresh = {a["file"] for a in manifest["artifacts"]}
+        kept = [a for a in old.get("artifacts", []) if a["file"] not in fresh and (out / a["file"]).exists()]
+        manifest = {**manifest, "artifacts": kept + manifest["artifacts"]}
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=out)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,105 @@
+"""`mars-export`: checkpoint -> ONNX FP32/FP16/INT8 (and TensorRT engines where available)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from marsvision.export.config import CALIB_METHODS, TENSORRT_MODES, ExportConfig
+from marsvision.runtime.errors import MarsvisionError
+
+_REPO = Path(__file__).resolve().parents[1]
+_DEFAULTS = ExportConfig(checkpoint=Path("."), out=Path("."))
+
+
+def shipped_checkpoint(task: str = "binary") -> Path:
+    """The checkpoint shipped with the package: `<repo>/models/resnet50-<task>.pt`."""
+    path = _REPO / "models" / f"resnet50-{task}.pt"
+    if not path.is_file():
+        raise MarsvisionError(
+            f"no shipped {task} model at {path}; pass --checkpoint PATH (a mars-train checkpoint)"
+        )
+    return path
+
+
+def _table(manifest: dict[str, Any]) -> str:
+    rows = [("artifact", "precision", "size MB", "max|dlogit|", "top-1 agree", "build s")]
+    for a in manifest["artifacts"]:
+        p = a["parity_vs_fp32"]
+        diff = f"{p['max_abs_logit_diff']:.2e}" if "max_abs_logit_diff" in p else "-"
+        agree = f"{p['top1_agreement']:.0%} of {p['images']}" if "top1_agreement" in p else "-"
+        rows.append(
+            (a["file"], a["precision"], f"{a['size_mb']:.1f}", diff, agree, f"{a['build_seconds']:.1f}")
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+@click.command(
+    help="Export a marsvision checkpoint to ONNX (FP32 always; FP16, INT8 on request) and, "
+    "where TensorRT and a GPU exist, to TensorRT engines. Writes into --out with a "
+    "manifest.json; prints a summary table on stdout, progress on stderr."
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Checkpoint from mars-train [default: the shipped models/resnet50-binary.pt].",
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path, file_okay=False), default=Path("exports"),
+    show_default=True, help="Output directory.",
+)
+@click.option(
+    "--data", type=click.Path(path_type=Path), envvar="MARS_DATA", default=None,
+    help="MSL data directory: val images for parity, train images for calibration "
+    "[default: $MARS_DATA].",
+)
+@click.option("--fp16", is_flag=True, help="Also write the FP16 ONNX (float32 in/out) "
+              "and, with TensorRT, the FP16 engine.")
+@click.option(
+    "--int8", is_flag=True,
+    help="Also write INT8 Q/DQ ONNX calibrated on train images: .int8-cpu.onnx (uint8 "
+    "activations: fast in ONNX Runtime on x86 CPUs) and .int8-trt.onnx (symmetric int8, for "
+    "TensorRT); with TensorRT, the INT8 engine built from the latter.",
+)
+@click.option("--calib-images", type=click.IntRange(min=1), default=_DEFAULTS.calib_images,
+              show_default=True, help="Number of train images to calibrate INT8 on.")
+@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default=_DEFAULTS.calib_method,
+              show_default=True, help="How activation ranges are chosen from the calibration data.")
+@click.option(
+    "--tensorrt", type=click.Choice(TENSORRT_MODES), default=_DEFAULTS.tensorrt, show_default=True,
+    help="Build engines: auto = when TensorRT and a GPU exist (else say why not), on = "
+    "required (fails without), off = never.",
+)
+@click.option("--max-batch", type=click.IntRange(min=1), default=_DEFAULTS.max_batch,
+              show_default=True, help="Largest batch the TensorRT engines accept.")
+def main(
+    checkpoint: Path | None,
+    out: Path,
+    data: Path | None,
+    fp16: bool,
+    int8: bool,
+    calib_images: int,
+    calib_method: str,
+    tensorrt: str,
+    max_batch: int,
+) -> None:
+    from marsvision.export.pipeline import export_all
+
+    config = ExportConfig(
+        checkpoint=checkpoint if checkpoint is not None else shipped_checkpoint("binary"),
+        out=out,
+        fp16=fp16,
+        int8=int8,
+        calib_images=calib_images,
+        calib_method=calib_method,
+        tensorrt=tensorrt,
+        max_batch=max_batch,
+        data_dir=data,
+    )
+    manifest = export_all(config)
+    click.echo(_table(manifest))
+    click.echo(f"\nwrote {len(manifest['artifacts'])} artifacts and manifest.json to {out}")

@@ -1,0 +1,64 @@
+"""Real MSL images as network inputs (via the checkpoint's eval transform) and parity figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.spec import PreprocessSpec
+
+
+def split_paths(data_dir: Path, split: str, task: str, n: int) -> list[Path]:
+    """The first `n` images of a split; fewer than `n` available is a user error."""
+    from marsvision.train.data import read_split
+
+    samples = read_split(data_dir, split, task, limit=n)
+    if len(samples) < n:
+        raise MarsvisionError(
+            f"asked for {n} {split} images but the {split} split of {data_dir} has only "
+            f"{len(samples)}; pass a smaller number"
+        )
+    return [s.path for s in samples]
+
+
+def load_batch(paths: list[Path], spec: PreprocessSpec) -> np.ndarray:
+    """float32 NCHW batch, preprocessed by the torchvision reference transform."""
+    import torch
+    from PIL import Image
+
+    from marsvision.train.transforms import eval_transform
+
+    tf = eval_transform(spec)
+    rows = []
+    for p in paths:
+        with Image.open(p) as img:
+            rows.append(tf(img.convert("RGB")))
+    return torch.stack(rows).numpy().astype(np.float32, copy=False)
+
+
+def ort_logits(onnx_path: Path, batch: np.ndarray, threads: int = 0) -> np.ndarray:
+    """Run an ONNX file in ONNX Runtime (CPU) and return float32 logits."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    x = batch.astype(np.float16) if inp.type == "tensor(float16)" else batch
+    out = sess.run(None, {inp.name: x})[0]
+    return np.asarray(out, dtype=np.float32)
+
+
+def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
+    """Max |logit diff| and top-1 agreement of `candidate` against `reference`."""
+    agree = reference.argmax(1) == candidate.argmax(1)
+    return {
+        "images": int(len(reference)),
+        "max_abs_logit_diff": float(np.abs(reference - candidate).max()),
+        "top1_agreement": float(agree.mean()),
+    }

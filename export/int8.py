@@ -1,0 +1,186 @@
+"""FP32 ONNX -> INT8 ONNX by explicit quantization (Q/DQ), calibrated on real train images.
+
+Two flavours from one calibration (tensor ranges, cached in `<out>/calib-cache/<key>.json`):
+- `int8-cpu`: uint8 activations (asymmetric), int8 per-channel symmetric weights: the fast
+  path of ONNX Runtime on x86 CPUs (VNNI u8s8 kernels).
+- `int8-trt`: int8 activations and weights, symmetric (zero point 0), per-channel weights,
+  float biases: what TensorRT 10+ needs for explicit quantization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from marsvision.runtime.metadata import ModelMeta
+from marsvision.runtime.spec import PreprocessSpec
+
+CALIB_BATCH = 8  # images per calibration forward pass (memory: all activations are kept)
+FLAVOURS: dict[str, dict[str, Any]] = {
+    "int8-cpu": {
+        "activations": "uint8",
+        "symmetric": False,
+        "target": "onnxruntime x86 CPU",
+        "extra": {"ActivationSymmetric": False, "WeightSymmetric": True},
+    },
+    "int8-trt": {
+        "activations": "int8",
+        "symmetric": True,
+        "target": "TensorRT",
+        "extra": {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+    },
+}
+
+
+def calibration_key(
+    *, source_sha256: str, image_names: list[str], method: str, versions: dict[str, str]
+) -> str:
+    """Cache key: model, calibration image list, method, count and the tools' versions."""
+    payload = json.dumps(
+        {
+            "model": source_sha256,
+            "images": image_names,
+            "n": len(image_names),
+            "method": method,
+            "versions": {k: versions.get(k, "") for k in ("torch", "onnx", "onnxruntime")},
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def _method(name: str) -> Any:
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[name]
+
+
+def _op_types() -> list[str]:
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+
+
+def calibrate(
+    pre_path: Path,
+    cache_path: Path,
+    *,
+    paths: list[Path],
+    spec: PreprocessSpec,
+    method: str,
+    workdir: Path,
+) -> bool:
+    """Compute tensor ranges into `cache_path` unless it exists; return True if reused."""
+    if cache_path.is_file():
+        print(f"calibration: reusing cached ranges {cache_path}", file=sys.stderr)
+        return True
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    from marsvision.export.images import load_batch
+
+    calibrator = create_calibrator(
+        pre_path,
+        _op_types(),
+        augmented_model_path=str(workdir / "augmented.onnx"),
+        calibrate_method=_method(method),
+    )
+    for i in range(0, len(paths), CALIB_BATCH):
+        chunk = paths[i : i + CALIB_BATCH]
+        batch = load_batch(chunk, spec)
+        calibrator.collect_data(_OneBatch(batch))
+        print(
+            f"calibration ({method}): {min(i + CALIB_BATCH, len(paths))}/{len(paths)} images",
+            file=sys.stderr,
+        )
+    ranges = calibrator.compute_data()
+    save_tensors_data(ranges, cache_path)  # writes a temp file, then renames
+    return False
+
+
+class _OneBatch:
+    """A CalibrationDataReader over one batch."""
+
+    def __init__(self, batch: np.ndarray) -> None:
+        self._items = [{"input": batch}]
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return self._items.pop() if self._items else None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def int8_meta(fp32: ModelMeta, flavour: str, *, method: str, images: int) -> ModelMeta:
+    """Metadata of an INT8 ONNX of one flavour."""
+    f = FLAVOURS[flavour]
+    return replace(
+        fp32,
+        precision="int8",
+        input_dtype="float32",
+        quantization={
+            "format": "QDQ",
+            "flavour": flavour,
+            "activations": f["activations"],
+            "weights": "int8",
+            "per_channel": True,
+            "symmetric": f["symmetric"],
+            "method": method,
+            "images": images,
+            "source": "train split",
+            "target": f["target"],
+        },
+    )
+
+
+def int8_onnx_from_onnx(
+    pre_path: Path,
+    int8_path: Path,
+    *,
+    flavour: str,
+    cache_path: Path,
+    meta: ModelMeta,
+) -> None:
+    """Quantize the preprocessed FP32 ONNX with the cached ranges into one flavour."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from marsvision.export.artifacts import set_onnx_meta
+
+    f = FLAVOURS[flavour]
+    act = QuantType.QUInt8 if f["activations"] == "uint8" else QuantType.QInt8
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_static logs chatty warnings
+    quantize_static(
+        str(pre_path),
+        str(int8_path),
+        calibration_data_reader=None,
+        calibration_cache_path=str(cache_path),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        reduce_range=False,
+        activation_type=act,
+        weight_type=QuantType.QInt8,
+        calibrate_method=_method(str(meta.quantization["method"]) if meta.quantization else ""),
+        extra_options=dict(f["extra"]),
+    )
+    model = onnx.load(str(int8_path))
+    set_onnx_meta(model, meta)
+    onnx.save_model(model, str(int8_path))
+    onnx.checker.check_model(str(int8_path), full_check=True)
+
+
+def preprocess_for_quantization(fp32_path: Path, pre_path: Path) -> None:
+    """ONNX Runtime's recommended pre-pass: shape inference and graph optimization."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(fp32_path), str(pre_path))

@@ -1,0 +1,132 @@
+"""Checkpoint -> FP32 ONNX (dynamic batch), gated on parity with PyTorch on real images."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.metadata import ModelMeta
+
+OPSET = 18
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+MAX_ABS_LOGIT_DIFF = 1e-4
+EXPORTER = f"torch.onnx.export(dynamo=True, opset {OPSET})"
+
+
+def export_versions() -> dict[str, str]:
+    """Versions of everything that shapes an exported artifact."""
+    import onnx
+    import onnxruntime
+    import onnxscript
+
+    from marsvision.train.checkpoint import library_versions
+
+    return {
+        **library_versions(),
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnxscript": onnxscript.__version__,
+        "exporter": EXPORTER,
+    }
+
+
+def fp32_meta(ckpt: dict[str, Any], source_sha256: str) -> ModelMeta:
+    """Metadata of the FP32 ONNX; the other artifacts derive theirs from it."""
+    from marsvision.train.checkpoint import preprocess_from_checkpoint
+
+    spec = preprocess_from_checkpoint(ckpt)
+    return ModelMeta(
+        task=ckpt["task"],
+        class_names=list(ckpt["class_names"]),
+        preprocess=spec,
+        precision="fp32",
+        input_name=INPUT_NAME,
+        output_name=OUTPUT_NAME,
+        input_shape=["batch", 3, spec.input_size, spec.input_size],
+        output_shape=["batch", len(ckpt["class_names"])],
+        input_dtype="float32",
+        source_checkpoint_sha256=source_sha256,
+        versions=export_versions(),
+    )
+
+
+def _export_graph(model: Any, size: int) -> Any:
+    """torch.onnx dynamo export with a dynamic batch dim; returns an onnx.ModelProto."""
+    import torch
+
+    example = torch.zeros(2, 3, size, size)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    # The exporter chats on stdout/stderr and through `logging`; keep our stdout clean.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=OPSET,
+            dynamo=True,
+            dynamic_shapes=({0: batch},),
+            optimize=True,
+            verbose=False,
+        )
+    return program.model_proto
+
+
+def onnx_from_checkpoint(
+    ckpt: dict[str, Any],
+    onnx_path: Path,
+    *,
+    meta: ModelMeta,
+    parity_batch: np.ndarray,
+    max_abs_diff: float = MAX_ABS_LOGIT_DIFF,
+) -> dict[str, Any]:
+    """Export, check with onnx.checker, run in ONNX Runtime against PyTorch; return parity.
+
+    The file is written to `onnx_path` (callers pass a staging name). Parity worse than
+    `max_abs_diff` or any top-1 disagreement is a user error.
+    """
+    import onnx
+    import torch
+
+    from marsvision.export.artifacts import set_onnx_meta
+    from marsvision.export.images import ort_logits, parity
+    from marsvision.train.checkpoint import model_from_checkpoint
+
+    model = model_from_checkpoint(ckpt)
+    proto = _export_graph(model, meta.preprocess.input_size)
+    set_onnx_meta(proto, meta)
+    proto.producer_name = "marsvision"
+    onnx.save_model(proto, str(onnx_path))
+    onnx.checker.check_model(str(onnx_path), full_check=True)
+
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(parity_batch)).numpy()
+    got = ort_logits(onnx_path, parity_batch)
+    figures = parity(ref, got)
+    if figures["max_abs_logit_diff"] > max_abs_diff or figures["top1_agreement"] < 1.0:
+        raise MarsvisionError(
+            f"ONNX export does not match PyTorch on {figures['images']} val images "
+            f"(max |logit diff| {figures['max_abs_logit_diff']:.2e} > {max_abs_diff:.0e} or "
+            f"top-1 agreement {figures['top1_agreement']:.2%}); nothing written"
+        )
+    return figures
+
+
+def torch_logits(ckpt: dict[str, Any], batch: np.ndarray) -> np.ndarray:
+    """Reference logits from the checkpoint's PyTorch model."""
+    import torch
+
+    from marsvision.train.checkpoint import model_from_checkpoint
+
+    with torch.inference_mode():
+        return np.asarray(model_from_checkpoint(ckpt)(torch.from_numpy(batch)).numpy())

@@ -1,0 +1,195 @@
+"""`export_all`: checkpoint -> every requested artifact in one out dir, plus manifest.json."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from marsvision.export.artifacts import (
+    artifact_name,
+    check_manifest_owner,
+    prepare_out_dir,
+    publish,
+    staging_dir,
+    write_manifest,
+)
+from marsvision.export.config import ExportConfig
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.metadata import ModelMeta, sha256_file, sidecar_path
+
+CALIB_CACHE_DIR = "calib-cache"
+TIMING_CACHE = "tensorrt-timing.cache"
+
+
+def _log(msg: str) -> None:
+    print(f"mars-export: {msg}", file=sys.stderr, flush=True)
+
+
+def _entry(path: Path, flavour: str, meta: ModelMeta, parity: dict[str, Any], secs: float) -> dict[str, Any]:
+    size = path.stat().st_size
+    return {
+        "file": path.name,
+        "flavour": flavour,
+        "precision": meta.precision,
+        "size_bytes": size,
+        "size_mb": round(size / 1e6, 2),
+        "parity_vs_fp32": parity,
+        "build_seconds": round(secs, 2),
+        "sha256": sha256_file(path),
+    }
+
+
+def _tensorrt_plan(config: ExportConfig) -> bool:
+    """Whether to build engines; `on` without TensorRT is a user error, `auto` says why not."""
+    from marsvision.export.tensorrt import TRT_INSTALL_HINT, tensorrt_unavailable_reason
+
+    if config.tensorrt == "off":
+        return False
+    reason = tensorrt_unavailable_reason()
+    if reason is None:
+        return config.fp16 or config.int8
+    if config.tensorrt == "on":
+        raise MarsvisionError(
+            f"--tensorrt on, but TensorRT cannot build engines here ({reason}); "
+            f'install it with {TRT_INSTALL_HINT} on a machine with an NVIDIA GPU, '
+            "or pass --tensorrt off"
+        )
+    if config.fp16 or config.int8:
+        _log(f"skipped the TensorRT engines: {reason} (to build them: {TRT_INSTALL_HINT})")
+    return False
+
+
+def export_all(config: ExportConfig) -> dict[str, Any]:
+    """Write the artifacts `config` asks for (all or none) and return the manifest."""
+    from marsvision.export.images import load_batch, ort_logits, parity, split_paths
+    from marsvision.export.onnx_fp32 import fp32_meta, onnx_from_checkpoint, torch_logits
+    from marsvision.train.checkpoint import load_checkpoint
+    from marsvision.train.data import resolve_data_dir
+
+    ckpt = load_checkpoint(config.checkpoint)
+    source_sha = sha256_file(config.checkpoint)
+    data_dir = resolve_data_dir(config.data_dir)
+    out = prepare_out_dir(config.out)
+    check_manifest_owner(out, source_sha)
+    build_engines = _tensorrt_plan(config)
+
+    task = ckpt["task"]
+    meta = fp32_meta(ckpt, source_sha)
+    spec = meta.preprocess
+    calib_paths = split_paths(data_dir, "train", task, config.calib_images) if config.int8 else []
+    val_batch = load_batch(split_paths(data_dir, "val", task, config.parity_images), spec)
+    ref = torch_logits(ckpt, val_batch)
+
+    entries: list[dict[str, Any]] = []
+    staged: list[tuple[Path, Path]] = []  # (staged file, final path)
+    with staging_dir(out) as tmp:
+
+        def stage(flavour: str) -> tuple[Path, Path]:
+            name = artifact_name(task, flavour)
+            pair = (tmp / name, out / name)
+            staged.append(pair)
+            return pair
+
+        t0 = time.perf_counter()
+        fp32_path, fp32_final = stage("fp32")
+        _log(f"exporting {fp32_final.name} (torch.onnx dynamo exporter)")
+        fig = onnx_from_checkpoint(ckpt, fp32_path, meta=meta, parity_batch=val_batch)
+        fig["reference"] = "pytorch"
+        entries.append(_entry(fp32_path, "fp32", meta, fig, time.perf_counter() - t0))
+
+        onnx_for_engine: dict[str, tuple[Path, ModelMeta]] = {}
+        if config.fp16:
+            from marsvision.export.fp16 import fp16_meta, fp16_onnx_from_onnx
+
+            t0 = time.perf_counter()
+            path, final = stage("fp16")
+            _log(f"converting to {final.name}")
+            m16 = fp16_meta(meta)
+            fp16_onnx_from_onnx(fp32_path, path, meta=m16)
+            fig = parity(ref, ort_logits(path, val_batch))
+            entries.append(_entry(path, "fp16", m16, fig, time.perf_counter() - t0))
+            onnx_for_engine["fp16-engine"] = (path, m16)
+
+        if config.int8:
+            from marsvision.export.int8 import (
+                calibrate,
+                calibration_key,
+                int8_meta,
+                int8_onnx_from_onnx,
+                preprocess_for_quantization,
+            )
+
+            t0 = time.perf_counter()
+            pre = tmp / "pre-quant.onnx"
+            preprocess_for_quantization(fp32_path, pre)
+            names = [str(p.relative_to(data_dir)) for p in calib_paths]
+            key = calibration_key(
+                source_sha256=source_sha,
+                image_names=names,
+                method=config.calib_method,
+                versions=meta.versions,
+            )
+            cache = out / CALIB_CACHE_DIR / f"{key}.json"
+            cache.parent.mkdir(exist_ok=True)
+            reused = calibrate(
+                pre, cache, paths=calib_paths, spec=spec, method=config.calib_method, workdir=tmp
+            )
+            calib_secs = time.perf_counter() - t0
+            for flavour in ("int8-cpu", "int8-trt"):
+                t1 = time.perf_counter()
+                path, final = stage(flavour)
+                _log(f"quantizing {final.name}")
+                m8 = int8_meta(meta, flavour, method=config.calib_method, images=len(calib_paths))
+                assert m8.quantization is not None
+                m8.quantization["calibration_cache"] = f"{CALIB_CACHE_DIR}/{key}.json"
+                int8_onnx_from_onnx(pre, path, flavour=flavour, cache_path=cache, meta=m8)
+                fig = parity(ref, ort_logits(path, val_batch))
+                secs = time.perf_counter() - t1 + calib_secs / 2
+                entry = _entry(path, flavour, m8, fig, secs)
+                entry["calibration_reused"] = reused
+                entries.append(entry)
+                if flavour == "int8-trt":
+                    onnx_for_engine["int8-engine"] = (path, m8)
+
+        if build_engines:
+            from marsvision.export.tensorrt import engine_from_onnx
+
+            for flavour, (src, src_meta) in onnx_for_engine.items():
+                t0 = time.perf_counter()
+                path, final = stage(flavour)
+                _log(f"building {final.name} from {src.name} (TensorRT, max batch {config.max_batch})")
+                trt_info = engine_from_onnx(
+                    src,
+                    path,
+                    input_name=src_meta.input_name,
+                    input_size=spec.input_size,
+                    max_batch=config.max_batch,
+                    timing_cache=out / TIMING_CACHE,
+                )
+                emeta = replace(src_meta, tensorrt=trt_info)
+                side = sidecar_path(path)
+                side.write_text(emeta.to_json() + "\n", encoding="utf-8")
+                staged.append((side, sidecar_path(final)))
+                fig = {"note": "not measured at export (needs a TensorRT runner)"}
+                entries.append(_entry(path, flavour, emeta, fig, time.perf_counter() - t0))
+
+        # All artifacts complete: move them into place (sidecars after their engines).
+        for src, dst in staged:
+            publish(src, dst)
+
+    manifest = {
+        "source_checkpoint": str(config.checkpoint),
+        "source_checkpoint_sha256": source_sha,
+        "task": task,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": json.loads(json.dumps(asdict(config), default=str)),
+        "versions": meta.versions,
+        "artifacts": entries,
+    }
+    write_manifest(out, manifest)
+    return manifest

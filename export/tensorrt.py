@@ -1,0 +1,146 @@
+"""TensorRT engines from the FP16 and INT8 (Q/DQ) ONNX files, with the TensorRT 10+ API.
+
+Networks are strongly typed: precision comes from the ONNX (fp16 tensors, Q/DQ nodes), not
+from builder flags. `tensorrt` and `cuda-python` are imported inside the functions, so this
+module imports (and `mars-export --help` works) without them.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from marsvision.runtime.errors import MarsvisionError
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+TRT_INSTALL_HINT = 'pip install "marsvision[trt]"'
+
+
+def tensorrt_unavailable_reason() -> str | None:
+    """None when TensorRT can build engines here; otherwise why not, in a few words."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "the tensorrt package is not installed"
+    try:
+        gpu_info()
+    except MarsvisionError as e:
+        return str(e.message)
+    return None
+
+
+def gpu_info() -> dict[str, str]:
+    """Name and compute capability of CUDA device 0 (cuda-python runtime bindings)."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart  # cuda-python < 12.6
+        except ImportError:
+            raise MarsvisionError(
+                f"cuda-python is not installed; run {TRT_INSTALL_HINT}"
+            ) from None
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0 or int(count) < 1:
+        raise MarsvisionError("no CUDA GPU is visible")
+    err, prop = cudart.cudaGetDeviceProperties(0)
+    if int(err) != 0:
+        raise MarsvisionError(f"cannot query CUDA device 0 (error {int(err)})")
+    raw = prop.name
+    name = raw.split(b"\0", 1)[0].decode() if isinstance(raw, bytes) else str(raw)
+    return {"gpu_name": name, "compute_capability": f"{int(prop.major)}.{int(prop.minor)}"}
+
+
+def _progress_monitor() -> trt.IProgressMonitor:
+    """An IProgressMonitor that prints build phases to stderr."""
+    import tensorrt as trt
+
+    # The stubs are not picked up by mypy (tensorrt-stubs lacks py.typed), so the base is Any.
+    class _Progress(trt.IProgressMonitor):  # type: ignore[misc,unused-ignore]
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self._start: dict[str, float] = {}
+
+        def phase_start(self, phase_name: str, parent_phase: str, num_steps: int) -> None:
+            self._start[phase_name] = time.perf_counter()
+            indent = "  " if parent_phase else ""
+            print(f"tensorrt: {indent}{phase_name} ({num_steps} steps)", file=sys.stderr)
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            return True  # never cancel
+
+        def phase_finish(self, phase_name: str) -> None:
+            took = time.perf_counter() - self._start.pop(phase_name, time.perf_counter())
+            if took >= 1.0:
+                print(f"tensorrt: {phase_name} done in {took:.1f} s", file=sys.stderr)
+
+    return _Progress()
+
+
+def engine_from_onnx(
+    onnx_path: Path,
+    engine_path: Path,
+    *,
+    input_name: str,
+    input_size: int,
+    max_batch: int,
+    opt_batch: int | None = None,
+    timing_cache: Path | None = None,
+) -> dict[str, Any]:
+    """Build and write a strongly typed engine for batch 1..max_batch; return its TRT facts.
+
+    The returned dict goes into the sidecar metadata's `tensorrt` field.
+    """
+    import tensorrt as trt
+
+    gpu = gpu_info()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT cannot parse {onnx_path}: {errors}")
+
+    config = builder.create_builder_config()
+    config.progress_monitor = _progress_monitor()
+    opt = opt_batch or max(1, max_batch // 2)
+    profile = builder.create_optimization_profile()
+    shape = (3, input_size, input_size)
+    profile.set_shape(
+        input_name,
+        trt.Dims([1, *shape]),
+        trt.Dims([opt, *shape]),
+        trt.Dims([max_batch, *shape]),
+    )
+    config.add_optimization_profile(profile)
+
+    cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}")
+    build_s = time.perf_counter() - start
+    engine_path.write_bytes(bytes(serialized))
+
+    if timing_cache is not None:
+        tmp = timing_cache.with_name(timing_cache.name + ".tmp")
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+        tmp.replace(timing_cache)
+
+    return {
+        "version": str(trt.__version__),
+        **gpu,
+        "max_batch": max_batch,
+        "opt_batch": opt,
+        "strongly_typed": True,
+        "build_seconds": round(build_s, 2),
+    }

@@ -1,0 +1,146 @@
+"""ONNX Runtime backend: CPU, CUDA or TensorRT execution providers behind the Runner interface."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.metadata import METADATA_KEY, ModelMeta
+
+_EP = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MarsvisionError(
+            'onnxruntime is not installed: pip install onnxruntime (or "marsvision[gpu]")'
+        ) from None
+    return onnxruntime
+
+
+def session_options(threads: int | None = None, *, optimize: bool = True) -> Any:
+    """Tuned session options: full graph optimization, sequential execution, no spinning."""
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads or os.cpu_count() or 1
+    so.inter_op_num_threads = 1
+    # Spinning threads steal the CPU from the decode workers between batches.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
+
+
+def _session(path: Path, providers: list[Any], so: Any) -> Any:
+    ort = _ort()
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types for bad files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MarsvisionError(
+            f"{path}: onnxruntime cannot load this model ({first}); re-export it with mars-export"
+        ) from None
+
+
+def meta_from_onnx(path: str | os.PathLike[str]) -> ModelMeta:
+    """Read the marsvision metadata of an ONNX file (no `onnx` import: onnxruntime's map)."""
+    p = Path(path)
+    sess = _session(p, ["CPUExecutionProvider"], session_options(1, optimize=False))
+    return _meta_of(sess, p)
+
+
+def _meta_of(sess: Any, path: Path) -> ModelMeta:
+    text = sess.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    if text is None:
+        raise MarsvisionError(
+            f"{path}: this ONNX file has no '{METADATA_KEY}' metadata (not made by mars-export); "
+            "export it with mars-export"
+        )
+    return ModelMeta.from_json(text, source=str(path))
+
+
+def providers_for(device: str, backend: str = "onnxruntime") -> list[str]:
+    """The ordered provider list for a device ("auto", "cpu", "cuda") and backend."""
+    available = set(_ort().get_available_providers())
+    if device == "cpu":
+        return [_EP["cpu"]]
+    want = [_EP["tensorrt"]] if backend == "tensorrt" else []
+    want.append(_EP["cuda"])
+    missing = [p for p in want if p not in available]
+    if device == "auto" and missing and backend != "tensorrt":
+        return [_EP["cpu"]]
+    if missing:
+        raise MarsvisionError(
+            f"onnxruntime here has no {', '.join(missing)} (it has {', '.join(sorted(available))}): "
+            'pip install "marsvision[gpu]" on a machine with an NVIDIA GPU, or use --device cpu'
+        )
+    return want + [_EP["cpu"]]
+
+
+class OnnxRuntimeRunner:
+    """An ONNX model in an onnxruntime InferenceSession."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        device: str = "auto",
+        backend: str = "onnxruntime",
+        threads: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        providers = providers_for(device, backend)
+        self._sess = _session(self.path, providers, session_options(threads))
+        self.meta = _meta_of(self._sess, self.path)
+        used = self._sess.get_providers()
+        if device == "cuda" and _EP["cuda"] not in used:
+            raise MarsvisionError(
+                f"onnxruntime could not start CUDA for {self.path} (providers in use: {used}); "
+                "check the GPU and driver, or use --device cpu"
+            )
+        kind = {
+            _EP["tensorrt"]: "tensorrt",
+            _EP["cuda"]: "cuda",
+        }.get(used[0], "cpu")
+        self.name = f"onnxruntime-{kind}"
+        inputs = self._sess.get_inputs()
+        if len(inputs) != 1 or inputs[0].name != self.meta.input_name:
+            raise MarsvisionError(
+                f"{self.path}: model inputs {[i.name for i in inputs]} do not match its metadata "
+                f"({self.meta.input_name!r}); re-export it with mars-export"
+            )
+        self._dtype = np.float16 if "float16" in inputs[0].type else np.float32
+        self._output = self.meta.output_name
+
+    def __enter__(self) -> OnnxRuntimeRunner:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._sess = None
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """float32 NCHW batch -> float32 logits (batch, num_classes)."""
+        x = batch if batch.dtype == self._dtype else batch.astype(self._dtype)
+        (out,) = self._sess.run([self._output], {self.meta.input_name: x})
+        return np.asarray(out, dtype=np.float32)

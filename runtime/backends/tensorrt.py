@@ -1,0 +1,199 @@
+"""TensorRT backend: a serialized engine run with the tensorrt Python API and cuda-python.
+
+All TensorRT code of the runtime lives here. `tensorrt` and `cuda.bindings.runtime` are
+imported when a runner is opened, so the rest of the runtime works without them. An engine
+only runs on the TensorRT version and GPU architecture it was built for: both are checked
+against the engine's sidecar metadata (`model.plan.json`) before deserializing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.metadata import ModelMeta, sidecar_path
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+_INSTALL = 'pip install "marsvision[trt]" (tensorrt and cuda-python) on a machine with an NVIDIA GPU'
+
+
+def _import_trt() -> Any:
+    try:
+        import tensorrt
+    except ImportError:
+        raise MarsvisionError(f"TensorRT is not installed: {_INSTALL}") from None
+    return tensorrt
+
+
+def _import_cudart() -> Any:
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        raise MarsvisionError(f"cuda-python is not installed: {_INSTALL}") from None
+    return cudart
+
+
+def _check(cudart: Any, result: Any, what: str) -> Any:
+    """Unpack a cuda-python (err, *values) tuple; a CUDA error is a user-facing error."""
+    err = result[0]
+    if err != cudart.cudaError_t.cudaSuccess:
+        _, text = cudart.cudaGetErrorString(err)
+        name = text.decode() if isinstance(text, bytes) else str(text)
+        raise MarsvisionError(f"CUDA error in {what}: {name}; check the GPU and driver")
+    values = result[1:]
+    if len(values) == 1:
+        return values[0]
+    return values if values else None
+
+
+def meta_from_engine(path: str | os.PathLike[str]) -> ModelMeta:
+    """Read an engine's metadata from its JSON sidecar (`model.plan.json`)."""
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise MarsvisionError(
+            f"{path}: TensorRT engine has no metadata sidecar {side.name}; "
+            "re-export it with mars-export (it writes both files)"
+        )
+    meta = ModelMeta.from_json(side.read_text(encoding="utf-8"), source=str(side))
+    if not meta.tensorrt:
+        raise MarsvisionError(f"{side}: metadata has no 'tensorrt' section; re-export the engine")
+    return meta
+
+
+def running_gpu() -> tuple[str, str]:
+    """(GPU name, compute capability "major.minor") of the current CUDA device."""
+    cudart = _import_cudart()
+    dev = _check(cudart, cudart.cudaGetDevice(), "cudaGetDevice")
+    prop = _check(cudart, cudart.cudaGetDeviceProperties(dev), "cudaGetDeviceProperties")
+    raw = prop.name
+    name = raw.split(b"\0", 1)[0].decode() if isinstance(raw, bytes) else str(raw)
+    return name, f"{prop.major}.{prop.minor}"
+
+
+def check_compatible(meta: ModelMeta, path: Path, trt_version: str, capability: str) -> None:
+    """Refuse an engine built for another TensorRT version or GPU architecture."""
+    built = meta.tensorrt or {}
+    if str(built.get("version")) != trt_version:
+        raise MarsvisionError(
+            f"{path} was built with TensorRT {built.get('version')}, this is TensorRT "
+            f"{trt_version}: re-export the engine here (mars-export --tensorrt)"
+        )
+    if str(built.get("compute_capability")) != capability:
+        raise MarsvisionError(
+            f"{path} was built for a GPU of compute capability {built.get('compute_capability')} "
+            f"({built.get('gpu_name')}), this GPU has {capability}: re-export the engine on this GPU"
+        )
+
+
+def _np_dtype(trt_mod: Any, dtype: trt.DataType) -> type[np.floating[Any]]:
+    if dtype == trt_mod.DataType.FLOAT:
+        return np.float32
+    if dtype == trt_mod.DataType.HALF:
+        return np.float16
+    raise MarsvisionError(f"engine tensor type {dtype} is not supported; re-export the engine")
+
+
+class TensorRTRunner:
+    """A deserialized TensorRT engine with preallocated device buffers for `max_batch` images."""
+
+    def __init__(self, path: str | os.PathLike[str], *, device: str = "auto") -> None:
+        if device == "cpu":
+            raise MarsvisionError("a TensorRT engine needs a GPU: use --device cuda (or auto)")
+        self.path = Path(path)
+        self.meta = meta_from_engine(self.path)
+        self.name = "tensorrt"
+        trt_mod = _import_trt()
+        self._cudart = _import_cudart()
+        _, capability = running_gpu()
+        check_compatible(self.meta, self.path, str(trt_mod.__version__), capability)
+        self._logger: trt.ILogger = trt_mod.Logger(trt_mod.Logger.WARNING)
+        self._runtime: trt.Runtime = trt_mod.Runtime(self._logger)
+        engine: trt.ICudaEngine | None = self._runtime.deserialize_cuda_engine(
+            self.path.read_bytes()
+        )
+        if engine is None:
+            raise MarsvisionError(f"{self.path}: TensorRT cannot deserialize it; re-export it")
+        self._engine: trt.ICudaEngine = engine
+        self._context: trt.IExecutionContext = engine.create_execution_context()
+        self._in = self.meta.input_name
+        self._out = self.meta.output_name
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        if set(names) != {self._in, self._out}:
+            raise MarsvisionError(
+                f"{self.path}: engine tensors {names} do not match its metadata; re-export it"
+            )
+        self._in_dtype = _np_dtype(trt_mod, engine.get_tensor_dtype(self._in))
+        self._out_dtype = _np_dtype(trt_mod, engine.get_tensor_dtype(self._out))
+        profile = engine.get_tensor_profile_shape(self._in, 0)  # [min, opt, max]
+        self.max_batch = int(profile[2][0])
+        size = self.meta.preprocess.input_size
+        in_bytes = self.max_batch * 3 * size * size * np.dtype(self._in_dtype).itemsize
+        out_bytes = self.max_batch * self.meta.num_classes * np.dtype(self._out_dtype).itemsize
+        cu = self._cudart
+        self._stream: Any = _check(cu, cu.cudaStreamCreate(), "cudaStreamCreate")
+        self._d_in: Any = _check(cu, cu.cudaMalloc(in_bytes), "cudaMalloc")
+        self._d_out: Any = _check(cu, cu.cudaMalloc(out_bytes), "cudaMalloc")
+        self._context.set_tensor_address(self._in, int(self._d_in))
+        self._context.set_tensor_address(self._out, int(self._d_out))
+
+    def __enter__(self) -> TensorRTRunner:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Free the device buffers and the stream."""
+        cu = self._cudart
+        for ptr in (self._d_in, self._d_out):
+            if ptr is not None:
+                cu.cudaFree(ptr)
+        if self._stream is not None:
+            cu.cudaStreamDestroy(self._stream)
+        self._d_in = self._d_out = self._stream = None
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """float32 NCHW batch -> float32 logits; batches above the engine's maximum are split."""
+        parts = [
+            self._infer_chunk(batch[i : i + self.max_batch])
+            for i in range(0, len(batch), self.max_batch)
+        ]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _infer_chunk(self, batch: np.ndarray) -> np.ndarray:
+        cu = self._cudart
+        n = int(batch.shape[0])
+        x = np.ascontiguousarray(batch, dtype=self._in_dtype)
+        out = np.empty((n, self.meta.num_classes), dtype=self._out_dtype)
+        if not self._context.set_input_shape(self._in, tuple(x.shape)):
+            raise MarsvisionError(
+                f"{self.path}: the engine does not accept input shape {tuple(x.shape)}"
+            )
+        h2d = cu.cudaMemcpyKind.cudaMemcpyHostToDevice
+        d2h = cu.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        _check(
+            cu,
+            cu.cudaMemcpyAsync(self._d_in, x.ctypes.data, x.nbytes, h2d, self._stream),
+            "cudaMemcpyAsync",
+        )
+        if not self._context.execute_async_v3(int(self._stream)):
+            raise MarsvisionError(f"{self.path}: TensorRT execution failed")
+        _check(
+            cu,
+            cu.cudaMemcpyAsync(out.ctypes.data, self._d_out, out.nbytes, d2h, self._stream),
+            "cudaMemcpyAsync",
+        )
+        _check(cu, cu.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        return out.astype(np.float32, copy=False)

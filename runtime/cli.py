@@ -1,0 +1,200 @@
+"""mars-infer: classify image files with an exported model, one result row per input."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import click
+
+from marsvision.runtime.backends import BACKENDS, DEVICES
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.results import FORMATS
+
+EXIT_OK = 0
+EXIT_MODEL = 1  # model or option error (one line on stderr)
+EXIT_USAGE = 2  # bad command line (click)
+EXIT_SOME_FAILED = 3  # every input has a row, but some rows have status "error"
+
+_HELP = f"""Classify images with an exported model (ONNX file or TensorRT engine).
+
+PATH is an image file, a folder (its image files; --recursive for subfolders), a quoted glob
+pattern ('data/*.JPG'), or @LIST: a text file with one path per line. Every input gets exactly
+one row (status ok or error) in input order, flushed batch by batch; results go to --out or
+stdout, progress and a summary to stderr.
+
+\b
+Exit codes:
+  {EXIT_OK}  every input was classified
+  {EXIT_MODEL}  model or option error (missing/corrupt model, --out exists without --resume)
+  {EXIT_USAGE}  usage error (unknown option, bad value)
+  {EXIT_SOME_FAILED}  some inputs could not be read (their rows have status error)
+"""
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """The resolved options of one mars-infer run."""
+
+    paths: tuple[str, ...]
+    engine: str
+    out: str | None
+    fmt: str
+    batch_size: int
+    backend: str
+    device: str
+    workers: int | None
+    threads: int | None
+    recursive: bool
+    resume: bool
+    top_k: int | None
+    fast_decode: bool
+
+
+class _Progress:
+    """A one-line progress display on stderr (only when stderr is a terminal)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.start = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, done: int) -> None:
+        if self.tty:
+            rate = done / max(time.perf_counter() - self.start, 1e-9)
+            sys.stderr.write(f"\r{done}/{self.total} images  {rate:.1f} images/s ")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def run(cfg: InferConfig) -> int:
+    """Classify every input of `cfg` and write its row; returns the exit code."""
+    from marsvision.runtime.classifier import Classifier
+    from marsvision.runtime.inputs import expand_inputs
+    from marsvision.runtime.results import (
+        Provenance,
+        ResultWriter,
+        csv_header,
+        open_output,
+        read_done,
+    )
+
+    t0 = time.perf_counter()
+    inputs = expand_inputs(list(cfg.paths), recursive=cfg.recursive)
+    if cfg.out is not None and os.path.exists(cfg.out) and not cfg.resume:
+        raise MarsvisionError(
+            f"{cfg.out} exists: pass --resume to continue it, or choose another --out"
+        )
+    with Classifier(
+        cfg.engine,
+        backend=cfg.backend,
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        threads=cfg.threads,
+        fast_decode=cfg.fast_decode,
+    ) as clf:
+        meta = clf.meta
+        done: dict[str, str] = {}
+        if cfg.resume and cfg.out is not None and os.path.exists(cfg.out):
+            header = csv_header(meta.class_names, min(cfg.top_k, meta.num_classes)
+                                if cfg.top_k else None)
+            done = read_done(cfg.out, fmt=cfg.fmt, header=header)
+        todo = [p for p in inputs if p not in done]
+        prev_failed = sum(1 for p in inputs if done.get(p) == "error")
+        stream, is_new = open_output(cfg.out, append=cfg.resume)
+        ok = failed = 0
+        progress = _Progress(len(todo))
+        try:
+            writer = ResultWriter(
+                stream,
+                fmt=cfg.fmt,
+                class_names=meta.class_names,
+                top_k=cfg.top_k,
+                provenance=Provenance(clf.model_sha256, meta.precision, clf.runner.name),
+                write_header=is_new,
+            )
+            t_run = time.perf_counter()
+            for batch in clf.predict_batches(todo):
+                writer.write(batch)
+                ok += sum(p.ok for p in batch)
+                failed += sum(not p.ok for p in batch)
+                progress.update(ok + failed)
+        finally:
+            progress.close()
+            if cfg.out is not None:
+                stream.close()
+            else:
+                stream.flush()
+                stream.detach()  # leave sys.stdout usable
+        secs = time.perf_counter() - t_run
+    skipped = len(inputs) - len(todo)
+    click.echo(
+        f"mars-infer: {ok} ok, {failed} failed"
+        + (f", {skipped} already in {cfg.out} (skipped)" if skipped else "")
+        + f"; {ok + failed} images in {secs:.2f} s = {(ok + failed) / max(secs, 1e-9):.1f} images/s"
+        + f" ({clf.runner.name}, {meta.precision}, batch {cfg.batch_size};"
+        + f" {time.perf_counter() - t0:.2f} s in all)",
+        err=True,
+    )
+    return EXIT_SOME_FAILED if failed or prev_failed else EXIT_OK
+
+
+@click.command(help=_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.option("--engine", "-m", "engine", required=True, metavar="MODEL",
+              help="ONNX file (.onnx) or TensorRT engine (.plan, with its .plan.json sidecar).")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
+              help="Result file (default: stdout). Refused if it exists, unless --resume.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+              help="Result format [default: jsonl for a .jsonl --out, else csv].")
+@click.option("--batch-size", "-b", type=click.IntRange(1, 4096), default=8, show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="auto: TensorRT for .plan, onnxruntime for .onnx; tensorrt with an .onnx "
+                   "file uses onnxruntime's TensorRT execution provider.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="auto: CUDA when onnxruntime-gpu and a GPU are there, else CPU.")
+@click.option("--workers", "-j", type=click.IntRange(1, 64), default=None,
+              help="Image decoding threads [default: cores, at most 4].")
+@click.option("--threads", type=click.IntRange(1, 256), default=None,
+              help="onnxruntime intra-op threads [default: cores].")
+@click.option("--recursive", "-r", is_flag=True, help="Descend into subfolders (and ** in globs).")
+@click.option("--resume", is_flag=True,
+              help="Append to --out, skipping inputs it already has a row for (a line cut by "
+                   "a kill is dropped first); never writes a duplicate row.")
+@click.option("--top-k", type=click.IntRange(1, None), default=None,
+              help="Write the k most probable classes instead of every class's probability.")
+@click.option("--fast-decode", is_flag=True,
+              help="Let Pillow decode large JPEGs at reduced scale before resizing: faster, "
+                   "approximate (pixels differ from the training preprocessing).")
+def main(
+    paths: tuple[str, ...],
+    engine: str,
+    out: str | None,
+    fmt: str | None,
+    batch_size: int,
+    backend: str,
+    device: str,
+    workers: int | None,
+    threads: int | None,
+    recursive: bool,
+    resume: bool,
+    top_k: int | None,
+    fast_decode: bool,
+) -> None:
+    if resume and out is None:
+        raise click.UsageError("--resume needs --out (the file to continue)")
+    if fmt is None:
+        fmt = "jsonl" if out is not None and out.lower().endswith((".jsonl", ".json")) else "csv"
+    cfg = InferConfig(paths, engine, out, fmt, batch_size, backend, device, workers, threads,
+                      recursive, resume, top_k, fast_decode)
+    sys.exit(run(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Turn the PATH arguments of mars-infer into the list of input files, one entry per image.
+
+A PATH is a file (any name: non-images become error rows), a folder (its image files, sorted;
+with `recursive`, its subfolders too), a glob pattern (`'data/*.JPG'`, `**` with `recursive`),
+or `@list.txt`: a text file with one path per line (blank lines and lines starting with `#`
+are skipped; relative paths are relative to the current directory). A PATH that names nothing
+is kept, so that it gets its own error row. Each distinct path appears once, in the order given.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+from marsvision.runtime.errors import MarsvisionError
+
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
+_GLOB_CHARS = frozenset("*?[")
+
+
+def _folder(d: str, recursive: bool) -> list[str]:
+    found: list[str] = []
+    for root, dirs, files in os.walk(d, followlinks=False):
+        dirs.sort()
+        for name in sorted(files):
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                found.append(os.path.join(root, name))
+        if not recursive:
+            break
+    return found
+
+
+def _list_file(arg: str) -> list[str]:
+    path = arg[1:]
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            lines = [line.rstrip("\r\n") for line in f]
+    except OSError as e:
+        raise MarsvisionError(f"cannot read the list file {path} ({e.strerror})") from None
+    return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def expand_inputs(args: list[str], *, recursive: bool = False) -> list[str]:
+    """The input files named by PATH arguments, in order, each once."""
+    out: list[str] = []
+    for arg in args:
+        if arg.startswith("@") and len(arg) > 1:
+            out.extend(_list_file(arg))
+        elif os.path.isdir(arg):
+            out.extend(_folder(arg, recursive))
+        elif not os.path.lexists(arg) and _GLOB_CHARS & set(arg):
+            matches = sorted(glob.glob(arg, recursive=recursive))
+            files = [m for m in matches if not os.path.isdir(m)]
+            for m in matches:
+                if os.path.isdir(m):
+                    files.extend(_folder(m, recursive))
+            out.extend(files or [arg])  # no match: the pattern gets an error row
+        else:
+            out.append(arg)
+    return list(dict.fromkeys(out))

@@ -1,0 +1,124 @@
+"""Image file -> network input, with Pillow and numpy, exactly as `runtime/spec.py` defines it.
+
+Parity with the torchvision reference (`train/transforms.py: eval_transform`) is exact up to
+float rounding: the same Pillow resize, torchvision's crop rounding, and normalization done
+through a per-channel lookup table computed with the same float32 operations as
+`ToTensor` + `Normalize`. `fast_decode=True` lets Pillow decode large JPEGs at 1/2, 1/4 or
+1/8 scale (`Image.draft`) before the resize: faster, but approximate (pixels differ).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+from marsvision.runtime.spec import PreprocessSpec
+
+# Images above this many pixels are refused before decoding (decompression-bomb guard);
+# Pillow's own warning threshold, about 9459 x 9459.
+MAX_PIXELS = 89_478_485
+
+
+class ImageError(Exception):
+    """One input image cannot be used (unreadable, corrupt, too large): becomes an error row."""
+
+
+@lru_cache(maxsize=16)
+def _lut(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3, 256) float32: uint8 value -> normalized value, as ToTensor then Normalize compute it."""
+    v = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    m = np.asarray(mean, dtype=np.float32)[:, None]
+    s = np.asarray(std, dtype=np.float32)[:, None]
+    return np.ascontiguousarray((v[None, :] - m) / s, dtype=np.float32)
+
+
+def resized_size(width: int, height: int, resize_size: int) -> tuple[int, int]:
+    """(w, h) after resizing the shorter side to `resize_size`, rounding as torchvision does."""
+    if width <= height:
+        return resize_size, int(resize_size * height / width)
+    return int(resize_size * width / height), resize_size
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB (16-bit and float images are scaled, not clipped)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        peak = float(a.max(initial=0))
+        if img.mode == "F" and peak <= 1.0:
+            top = 1.0  # float image in [0, 1]
+        elif img.mode.startswith("I;16") or peak > 255:
+            top = 65535.0  # 16-bit
+        else:
+            top = 255.0
+        a8 = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(a8, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def decode_image(
+    path: str | os.PathLike[str],
+    spec: PreprocessSpec,
+    *,
+    fast_decode: bool = False,
+    max_pixels: int = MAX_PIXELS,
+) -> np.ndarray:
+    """Decode, resize and center-crop one file: uint8 (input_size, input_size, 3)."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(
+                    f"image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels} "
+                    "(decompression-bomb guard)"
+                )
+            if w < 1 or h < 1:
+                raise ImageError(f"image has no pixels ({w}x{h})")
+            tw, th = resized_size(w, h, spec.resize_size)
+            if fast_decode and img.format == "JPEG":
+                img.draft("RGB", (tw, th))
+            img.load()
+            rgb = _to_rgb(img)
+            if rgb.size != (tw, th):
+                rgb = rgb.resize((tw, th), Image.Resampling[spec.interpolation.upper()])
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"decompression-bomb guard: {e}") from None
+    except FileNotFoundError:
+        raise ImageError("file not found (or a broken symlink)") from None
+    except IsADirectoryError:
+        raise ImageError("is a directory, not an image file") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image Pillow can read (unknown format or empty file)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ImageError(f"corrupt or truncated image ({type(e).__name__}: {e})") from None
+    c = spec.input_size
+    left = int(round((tw - c) / 2.0))
+    top = int(round((th - c) / 2.0))
+    a = np.asarray(rgb)
+    return a[top : top + c, left : left + c]
+
+
+def normalize_into(rgb: np.ndarray, spec: PreprocessSpec, out: np.ndarray) -> None:
+    """uint8 HWC -> normalized float32 CHW, written into `out` (3, H, W)."""
+    lut = _lut(tuple(spec.mean), tuple(spec.std))
+    for ch in range(3):
+        np.take(lut[ch], rgb[:, :, ch], out=out[ch])
+
+
+def load_image(
+    path: str | os.PathLike[str], spec: PreprocessSpec, *, fast_decode: bool = False
+) -> np.ndarray:
+    """One image file -> float32 (3, input_size, input_size), normalized per `spec`."""
+    out = np.empty((3, spec.input_size, spec.input_size), dtype=np.float32)
+    normalize_into(decode_image(path, spec, fast_decode=fast_decode), spec, out)
+    return out

@@ -1,0 +1,170 @@
+"""Result rows of mars-infer: CSV or JSONL, written and flushed batch by batch, resumable.
+
+One row per input: path, status (ok|error), label (top-1), the probability of every class
+(`prob_<class>` columns / a `probs` object) or, with `top_k`, the k best (`label_i`, `prob_i` /
+a `top_k` list), error message, and provenance (model sha256, precision, backend).
+
+Paths are written losslessly: a file name that is not valid UTF-8 keeps its raw bytes in CSV
+(Python's surrogateescape: the CSV holds the same bytes as the file system) and appears as
+`\\udcXX` escapes in JSONL (valid JSON; `os.fsencode(json.loads(line)["path"])` gives the bytes).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import IO, Any
+
+from marsvision.runtime.classifier import Prediction
+from marsvision.runtime.errors import MarsvisionError
+
+FORMATS = ("csv", "jsonl")
+ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a prediction comes from; repeated on every row."""
+
+    model_sha256: str
+    precision: str
+    backend: str
+
+
+def csv_header(class_names: list[str], top_k: int | None) -> list[str]:
+    """CSV columns for a model's classes (all probabilities, or the top k)."""
+    if top_k:
+        probs = [c for i in range(1, top_k + 1) for c in (f"label_{i}", f"prob_{i}")]
+    else:
+        probs = [f"prob_{name}" for name in class_names]
+    return ["path", "status", "label", *probs, "error", "model_sha256", "precision", "backend"]
+
+
+def _ranked(p: Prediction, class_names: list[str], top_k: int) -> list[tuple[str, float]]:
+    assert p.probs is not None
+    order = sorted(range(len(p.probs)), key=lambda i: -p.probs[i])[:top_k]  # type: ignore[index]
+    return [(class_names[i], p.probs[i]) for i in order]
+
+
+class ResultWriter:
+    """Appends rows for finished batches and flushes them at once."""
+
+    def __init__(
+        self,
+        stream: IO[str],
+        *,
+        fmt: str,
+        class_names: list[str],
+        top_k: int | None,
+        provenance: Provenance,
+        write_header: bool,
+    ) -> None:
+        if fmt not in FORMATS:
+            raise MarsvisionError(f"unknown format {fmt!r}; choose csv or jsonl")
+        self.stream = stream
+        self.fmt = fmt
+        self.class_names = class_names
+        self.top_k = min(top_k, len(class_names)) if top_k else None
+        self.prov = provenance
+        self.header = csv_header(class_names, self.top_k)
+        if fmt == "csv" and write_header:
+            self._write_text(self._csv_lines([self.header]))
+
+    def _csv_lines(self, rows: list[list[Any]]) -> str:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows(rows)
+        return buf.getvalue()
+
+    def _write_text(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+    def _csv_row(self, p: Prediction) -> list[Any]:
+        if p.probs is None:
+            probs: list[Any] = [""] * (2 * self.top_k if self.top_k else len(self.class_names))
+        elif self.top_k:
+            probs = [v for lab, pr in _ranked(p, self.class_names, self.top_k)
+                     for v in (lab, f"{pr:.6f}")]
+        else:
+            probs = [f"{v:.6f}" for v in p.probs]
+        prov = self.prov
+        return [p.path, p.status, p.label or "", *probs, p.error,
+                prov.model_sha256, prov.precision, prov.backend]
+
+    def _json_row(self, p: Prediction) -> str:
+        d: dict[str, Any] = {"path": p.path, "status": p.status, "label": p.label}
+        if self.top_k:
+            d["top_k"] = (
+                None if p.probs is None
+                else [[lab, round(pr, 6)] for lab, pr in _ranked(p, self.class_names, self.top_k)]
+            )
+        else:
+            d["probs"] = (
+                None if p.probs is None
+                else {n: round(v, 6) for n, v in zip(self.class_names, p.probs)}
+            )
+        d.update(error=p.error, model_sha256=self.prov.model_sha256,
+                 precision=self.prov.precision, backend=self.prov.backend)
+        return json.dumps(d) + "\n"
+
+    def write(self, predictions: list[Prediction]) -> None:
+        """Write one finished batch and flush it."""
+        if self.fmt == "csv":
+            text = self._csv_lines([self._csv_row(p) for p in predictions])
+        else:
+            text = "".join(self._json_row(p) for p in predictions)
+        self._write_text(text)
+
+
+def _repair_tail(path: str) -> None:
+    """Cut a last line left unfinished by a kill, so that appending starts on a fresh line."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def read_done(path: str, *, fmt: str, header: list[str]) -> dict[str, str]:
+    """{path: status} of the rows already in a results file (after repairing a cut last line).
+
+    A file written for another model's classes or another --top-k is refused.
+    """
+    _repair_tail(path)
+    with open(path, newline="", **ENCODING) as f:  # type: ignore[call-overload]
+        text = f.read()
+    done: dict[str, str] = {}
+    if not text:
+        return done
+    if fmt == "csv":
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+        if rows[0] != header:
+            raise MarsvisionError(
+                f"{path} has columns {rows[0][:4]}... that do not match this model and --top-k; "
+                "resume with the same options, or write to a new --out file"
+            )
+        for n, row in enumerate(rows[1:], start=2):
+            if len(row) != len(header):
+                raise MarsvisionError(f"{path}: row {n} is malformed; cannot resume from it")
+            done[row[0]] = row[1]
+        return done
+    for n, line in enumerate(text.splitlines(), start=1):
+        try:
+            d = json.loads(line)
+            done[d["path"]] = d["status"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise MarsvisionError(f"{path}: line {n} is not a result row; cannot resume") from None
+    return done
+
+
+def open_output(path: str | None, *, append: bool) -> tuple[IO[str], bool]:
+    """(text stream, is_new) for --out, or stdout; lossless for non-UTF-8 paths."""
+    if path is None:
+        import sys
+
+        stream = io.TextIOWrapper(sys.stdout.buffer, newline="", write_through=True, **ENCODING)
+        return stream, True
+    is_new = not os.path.exists(path) or os.path.getsize(path) == 0
+    return open(path, "a" if append else "x", newline="", **ENCODING), is_new  # type: ignore[call-overload]

@@ -1,0 +1,136 @@
+"""The runtime's Pillow+numpy preprocessing against the torchvision reference, on real MSL images."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from marsvision.runtime.preprocess import ImageError, decode_image, load_image, resized_size
+from marsvision.runtime.spec import PreprocessSpec
+
+
+def _msl_images(msl_dir: Path, n: int) -> list[Path]:
+    from marsvision.train.data import read_split
+
+    return [s.path for s in read_split(msl_dir, "val", "binary", limit=n)]
+
+
+@pytest.mark.parametrize("size,interp", [(64, "bilinear"), (96, "bicubic"), (224, "bilinear")])
+def test_matches_eval_transform(msl_dir: Path, size: int, interp: str) -> None:
+    from marsvision.train.transforms import eval_transform
+
+    spec = PreprocessSpec(input_size=size, resize_size=round(size / 0.875), interpolation=interp)
+    ref = eval_transform(spec)
+    for path in _msl_images(msl_dir, 12):
+        got = load_image(path, spec)
+        want = ref(Image.open(path).convert("RGB")).numpy()
+        assert got.shape == want.shape == (3, size, size) and got.dtype == np.float32
+        assert float(np.abs(got - want).max()) < 1e-5, path
+
+
+def test_same_top1_as_torch_on_tiny_model(msl_dir: Path, tiny_checkpoint: Path) -> None:
+    import torch
+
+    from marsvision.train.checkpoint import model_from_checkpoint, preprocess_from_checkpoint
+    from marsvision.train.transforms import eval_transform
+    from test_runtime_models import load_ckpt
+
+    ckpt = load_ckpt(tiny_checkpoint)
+    spec = preprocess_from_checkpoint(ckpt)
+    model = model_from_checkpoint(ckpt)
+    paths = _msl_images(msl_dir, 16)
+    ours = torch.from_numpy(np.stack([load_image(p, spec) for p in paths]))
+    ref = torch.stack([eval_transform(spec)(Image.open(p).convert("RGB")) for p in paths])
+    with torch.no_grad():
+        a, b = model(ours), model(ref)
+    assert torch.equal(a.argmax(1), b.argmax(1))
+    assert float((a - b).abs().max()) < 1e-4
+
+
+def test_resized_size_rounds_like_torchvision() -> None:
+    assert resized_size(256, 192, 73) == (97, 73)
+    assert resized_size(192, 256, 73) == (73, 97)
+    assert resized_size(100, 100, 73) == (73, 73)
+
+
+def _save(tmp_path: Path, name: str, img: Image.Image, **kw: object) -> Path:
+    p = tmp_path / name
+    img.save(p, **kw)
+    return p
+
+
+def test_image_modes_become_rgb(tmp_path: Path, msl_dir: Path) -> None:
+    spec = PreprocessSpec.for_input_size(64)
+    src = Image.open(_msl_images(msl_dir, 1)[0]).convert("RGB")
+    gray = src.convert("L")
+    files = {
+        "gray.png": gray,
+        "rgba.png": src.convert("RGBA"),
+        "palette.png": src.convert("P"),
+        "cmyk.jpg": src.convert("CMYK"),
+        "bilevel.png": src.convert("1"),
+    }
+    for name, img in files.items():
+        x = load_image(_save(tmp_path, name, img), spec)
+        assert x.shape == (3, 64, 64) and np.isfinite(x).all(), name
+    # 16-bit grayscale is scaled to 8 bits, not clipped to white
+    g16 = Image.fromarray(np.asarray(gray, dtype=np.uint16) * 257)
+    x16 = load_image(_save(tmp_path, "gray16.png", g16), spec)
+    x8 = load_image(_save(tmp_path, "gray8.png", gray), spec)
+    assert float(np.abs(x16 - x8).max()) < 1e-5
+    # grayscale: the three channels hold the same pixel values
+    d = decode_image(tmp_path / "gray.png", spec)
+    assert (d[..., 0] == d[..., 1]).all() and (d[..., 1] == d[..., 2]).all()
+
+
+def test_bad_files_raise_image_error(tmp_path: Path, msl_dir: Path) -> None:
+    spec = PreprocessSpec.for_input_size(64)
+    good = _msl_images(msl_dir, 1)[0].read_bytes()
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (tmp_path / "text.jpg").write_text("not an image\n")
+    (tmp_path / "broken.jpg").symlink_to(tmp_path / "missing.jpg")
+    (tmp_path / "dir.jpg").mkdir()
+    for name in ("empty.jpg", "truncated.jpg", "text.jpg", "broken.jpg", "dir.jpg", "nope.jpg"):
+        with pytest.raises(ImageError):
+            decode_image(tmp_path / name, spec)
+
+
+def test_decompression_bomb_guard(tmp_path: Path) -> None:
+    spec = PreprocessSpec.for_input_size(64)
+    p = _save(tmp_path, "big.png", Image.new("L", (4000, 3000)))
+    with pytest.raises(ImageError, match="decompression-bomb"):
+        decode_image(p, spec, max_pixels=10_000_000)
+    assert decode_image(p, spec).shape == (64, 64, 3)
+
+
+def test_fast_decode_is_approximate(msl_dir: Path) -> None:
+    """Draft decoding changes pixels when the image is >= 2x the resize: it stays opt-in."""
+    spec = PreprocessSpec.for_input_size(64)
+    path = _msl_images(msl_dir, 1)[0]
+    exact, fast = load_image(path, spec), load_image(path, spec, fast_decode=True)
+    assert fast.shape == exact.shape
+    assert float(np.abs(fast - exact).max()) > 1e-3
+
+
+def test_runtime_imports_no_torch() -> None:
+    """Every runtime module imports in a fresh interpreter without torch, torchvision or onnx."""
+    code = """
+import importlib, pkgutil, sys
+import marsvision.runtime as rt
+names = [m.name for m in pkgutil.walk_packages(rt.__path__, "marsvision.runtime.")]
+for n in names:
+    importlib.import_module(n)
+assert "marsvision.runtime.cli" in names and "marsvision.runtime.backends.tensorrt" in names
+bad = sorted(m for m in ("torch", "torchvision", "onnx") if m in sys.modules)
+assert not bad, bad
+print(len(names))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) >= 10

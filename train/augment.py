@@ -1,0 +1,92 @@
+"""Training augmentation on whole uint8 batches, on whatever device the batch lives on.
+
+One affine resample per image does random-resized crop, horizontal flip and a small rotation;
+then mild brightness/contrast/saturation jitter and the spec's normalization. No vertical
+flips: ground has no canonical orientation but the horizon does, and the label "horizon"
+depends on it. Random parameters are drawn on the CPU from the given generator, so a seed
+gives the same augmentations on any device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from marsvision.runtime.spec import PreprocessSpec
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """What the training augmentation does."""
+
+    scale: tuple[float, float] = (0.35, 1.0)  # crop area fraction
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio
+    rotate_deg: float = 10.0  # uniform in +-rotate_deg
+    hflip: bool = True
+    jitter: float = 0.2  # brightness/contrast/saturation factor in 1 +- jitter
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float32)
+
+
+def _affine_params(n: int, aug: AugmentSpec, g: torch.Generator) -> torch.Tensor:
+    """(n, 2, 3) affine_grid matrices: output [-1, 1]^2 -> input coordinates."""
+    area = _uniform(n, *aug.scale, g)
+    log_r = _uniform(n, math.log(aug.ratio[0]), math.log(aug.ratio[1]), g)
+    r = torch.exp(log_r)
+    w = torch.sqrt(area * r).clamp(max=1.0)  # half-extent in normalized units
+    h = torch.sqrt(area / r).clamp(max=1.0)
+    cx = (2 * torch.rand(n, generator=g) - 1) * (1 - w)
+    cy = (2 * torch.rand(n, generator=g) - 1) * (1 - h)
+    angle = _uniform(n, -aug.rotate_deg, aug.rotate_deg, g) * (math.pi / 180)
+    flip = torch.ones(n)
+    if aug.hflip:
+        flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.empty(n, 2, 3)
+    theta[:, 0, 0] = cos * w * flip
+    theta[:, 0, 1] = -sin * h
+    theta[:, 0, 2] = cx
+    theta[:, 1, 0] = sin * w * flip
+    theta[:, 1, 1] = cos * h
+    theta[:, 1, 2] = cy
+    return theta
+
+
+def _jitter(x: torch.Tensor, amount: float, g: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast, saturation factors in 1 +- amount; x in [0, 1], NCHW."""
+    n = x.shape[0]
+    b, c, s = (_uniform(n, 1 - amount, 1 + amount, g).to(x.device).view(n, 1, 1, 1) for _ in "bcs")
+    x = x * b
+    gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).clamp(0, 1)
+    mean = gray.mean(dim=(2, 3), keepdim=True)
+    x = (x - mean) * c + mean
+    gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+    x = (x - gray) * s + gray
+    return x.clamp(0, 1)
+
+
+def augment_batch(
+    batch: torch.Tensor,
+    *,
+    out_size: int,
+    spec: PreprocessSpec,
+    aug: AugmentSpec,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """uint8 NCHW -> augmented, normalized float32 NCHW of `out_size` on the batch's device."""
+    n = batch.shape[0]
+    theta = _affine_params(n, aug, generator).to(batch.device)
+    grid = F.affine_grid(theta, [n, 3, out_size, out_size], align_corners=False)
+    x = F.grid_sample(
+        batch.float() / 255.0, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+    )
+    if aug.jitter > 0:
+        x = _jitter(x, aug.jitter, generator)
+    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std

@@ -1,0 +1,111 @@
+"""The training configuration: one typed dataclass, and the two recipes that fill its defaults.
+
+`default`: AdamW, linear warmup then cosine decay, label smoothing, class-balanced loss weights,
+rover-fit augmentation, EMA of the weights.
+`blog`: the blog post's recipe: SGD with momentum, lr 0.01, batch 32, 50 epochs, constant lr,
+plain random-resized crop and horizontal flip, no smoothing, balancing or EMA.
+Flags given on the command line override the recipe's value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.train.augment import AugmentSpec
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {
+        "epochs": 60,
+        "batch_size": 64,
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "weight_decay": 0.05,
+        "schedule": "cosine",
+        "warmup_epochs": 3.0,
+        "label_smoothing": 0.1,
+        "balance": "loss",
+        "ema_decay": 0.998,
+        "augment": AugmentSpec(),
+    },
+    "blog": {
+        "epochs": 50,
+        "batch_size": 32,
+        "optimizer": "sgd",
+        "lr": 0.01,
+        "weight_decay": 0.0,
+        "schedule": "constant",
+        "warmup_epochs": 0.0,
+        "label_smoothing": 0.0,
+        "balance": "none",
+        "ema_decay": 0.0,
+        "augment": AugmentSpec(scale=(0.08, 1.0), rotate_deg=0.0, jitter=0.0),
+    },
+}
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+BALANCES = ("loss", "sampler", "none")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on (written to RUN_DIR/config.json)."""
+
+    data: Path
+    out: Path
+    task: str = "binary"
+    recipe: str = "default"
+    epochs: int = 60
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    schedule: str = "cosine"
+    warmup_epochs: float = 3.0
+    label_smoothing: float = 0.1
+    balance: str = "loss"
+    ema_decay: float = 0.998
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    image_size: int = 224
+    device: str = "auto"
+    seed: int = 0
+    limit: int | None = None
+    init: str = "random"
+    resume: bool = False
+    workers: int = 4
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        d = dataclasses.asdict(self)
+        d["data"], d["out"] = str(self.data), str(self.out)
+        d["augment"] = dataclasses.asdict(self.augment)
+        return d
+
+
+def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
+    """The recipe's values, overridden by every flag that is not None; checks the values."""
+    if recipe not in RECIPES:
+        raise MarsvisionError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    values = dict(RECIPES[recipe])
+    values.update({k: v for k, v in flags.items() if v is not None})
+    cfg = TrainConfig(recipe=recipe, **values)
+    checks = [
+        (cfg.epochs >= 1, f"--epochs {cfg.epochs}: need at least 1"),
+        (cfg.batch_size >= 2, f"--batch-size {cfg.batch_size}: need at least 2 (BatchNorm)"),
+        (cfg.lr > 0, f"--lr {cfg.lr}: must be positive"),
+        (cfg.limit is None or cfg.limit >= 1, f"--limit {cfg.limit}: need at least 1"),
+        (cfg.workers >= 0, f"--workers {cfg.workers}: cannot be negative"),
+        (0 <= cfg.ema_decay < 1, f"EMA decay {cfg.ema_decay}: must be in [0, 1)"),
+        (cfg.optimizer in OPTIMIZERS, f"optimizer {cfg.optimizer!r}: choose {OPTIMIZERS}"),
+        (cfg.schedule in SCHEDULES, f"schedule {cfg.schedule!r}: choose {SCHEDULES}"),
+        (cfg.balance in BALANCES, f"--balance {cfg.balance!r}: choose {', '.join(BALANCES)}"),
+        (cfg.device in DEVICES, f"--device {cfg.device!r}: choose {', '.join(DEVICES)}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise MarsvisionError(message)
+    return cfg

@@ -1,0 +1,141 @@
+"""Fetch msl-images.zip from Zenodo, check it, and unpack it into a data directory.
+
+The archive goes to a temporary file beside the destination, is checked (size, and every image
+named by the split files is inside), is unpacked into a temporary folder, and only then renamed
+to the destination: an interrupted or failed download leaves nothing behind.
+`MARS_MSL_URL` overrides the URL (a mirror, or a `file://` path to a local copy).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.train.data import SPLIT_FILES, SPLITS, SYNSET_FILE, read_split
+
+ZENODO_URL = "https://zenodo.org/records/1049137/files/msl-images.zip?download=1"
+URL_ENV = "MARS_MSL_URL"
+ARCHIVE_BYTES = 60_635_475  # msl-images.zip on Zenodo (doi:10.5281/zenodo.1049137), ~60.6 MB
+SIZE_TOLERANCE = 0.02
+
+
+def _fetch(url: str, dest: Path, timeout: float) -> None:
+    """Stream `url` into the file `dest`, with a byte count on stderr."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, dest.open("wb") as out:
+            total = int(resp.headers.get("Content-Length") or 0)
+            done = 0
+            while chunk := resp.read(1 << 20):
+                out.write(chunk)
+                done += len(chunk)
+                of = f" of {total / 1e6:.1f}" if total else ""
+                print(f"\rdownloading {done / 1e6:.1f}{of} MB", end="", file=sys.stderr)
+            print(file=sys.stderr)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise MarsvisionError(
+            f"cannot download {url} ({reason}); check the internet connection, or fetch "
+            f"msl-images.zip by hand from {ZENODO_URL} and unzip it into the data directory"
+        ) from None
+
+
+def _archive_root(names: list[str]) -> str:
+    """The folder inside the zip that holds the split files ('' or 'something/')."""
+    marker = SPLIT_FILES["train"]
+    for name in names:
+        if PurePosixPath(name).name == marker:
+            return name[: -len(marker)]
+    raise MarsvisionError(f"the archive holds no {marker}: it is not msl-images.zip")
+
+
+def check_archive(path: Path, expected_bytes: int | None = ARCHIVE_BYTES) -> str:
+    """Check the zip (size near `expected_bytes` unless None; members safe; splits resolve).
+
+    Returns the folder inside the archive that holds the data set.
+    """
+    size = path.stat().st_size
+    if expected_bytes is not None and abs(size - expected_bytes) > SIZE_TOLERANCE * expected_bytes:
+        raise MarsvisionError(
+            f"downloaded archive is {size / 1e6:.1f} MB, expected about "
+            f"{expected_bytes / 1e6:.1f} MB: incomplete or not msl-images.zip"
+        )
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            root = _archive_root(names)
+            members = set(names)
+            for n in names:
+                p = PurePosixPath(n)
+                if p.is_absolute() or ".." in p.parts:
+                    raise MarsvisionError(f"archive member {n!r} points outside the archive")
+            for f in (*SPLIT_FILES.values(), SYNSET_FILE):
+                if root + f not in members:
+                    raise MarsvisionError(f"the archive lacks {root + f}")
+            for split in SPLITS:
+                text = zf.read(root + SPLIT_FILES[split]).decode("utf-8")
+                for n, line in enumerate(text.splitlines(), 1):
+                    if line.strip() and root + line.split()[0] not in members:
+                        raise MarsvisionError(
+                            f"the archive's {SPLIT_FILES[split]}:{n} names "
+                            f"{line.split()[0]}, which is not in the archive"
+                        )
+    except zipfile.BadZipFile as e:
+        raise MarsvisionError(f"{path} is not a zip archive ({e})") from None
+    return root
+
+
+def unpack_archive(path: Path, dest: Path, root: str) -> Path:
+    """Unpack the data set folder `root` of the zip to `dest` (temp folder, then rename)."""
+    if dest.exists() and any(dest.iterdir()):
+        raise MarsvisionError(f"{dest} exists and is not empty; choose an empty or new --data DIR")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.filename.startswith(root) or info.is_dir():
+                    continue
+                target = tmp / info.filename[len(root) :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, target.open("wb") as out:
+                    shutil.copyfileobj(src, out)
+        for split in SPLITS:  # the unpacked layout must resolve as the trainer reads it
+            read_split(tmp, split, "msl25")
+        if dest.exists():
+            dest.rmdir()
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def download_msl(dest: Path, *, url: str | None = None, timeout: float = 60.0) -> Path:
+    """Download, check and unpack the MSL data set into `dest`; returns `dest`."""
+    url = url or os.environ.get(URL_ENV) or ZENODO_URL
+    if (dest / SPLIT_FILES["train"]).is_file():
+        return dest
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise MarsvisionError(f"{dest} exists and is not empty; choose an empty or new --data DIR")
+    parent = dest.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise MarsvisionError(f"cannot write into {parent}; choose another --data DIR")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".msl-images.", suffix=".zip", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        _fetch(url, tmp, timeout)
+        root = check_archive(tmp, ARCHIVE_BYTES)
+        return unpack_archive(tmp, dest, root)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,87 @@
+"""Classification metrics with numpy alone (no torch), matching scikit-learn's definitions.
+
+Binary task: precision, recall and F1 of the positive class (label 1, "Rover").
+msl25: macro averages over the labels present in y_true or y_pred (scikit-learn's default).
+Undefined ratios (0/0) count as 0, as scikit-learn's `zero_division` default does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _labels(y: Any) -> np.ndarray:
+    a = np.asarray(y, dtype=np.int64).reshape(-1)
+    return a
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den with 0 where den is 0."""
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    out = np.zeros_like(num)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int) -> np.ndarray:
+    """(num_classes, num_classes) int64 counts; rows are true labels, columns predictions."""
+    t, p = _labels(y_true), _labels(y_pred)
+    if t.shape != p.shape:
+        raise ValueError(f"y_true has {t.size} labels, y_pred {p.size}")
+    if t.size and (min(t.min(), p.min()) < 0 or max(t.max(), p.max()) >= num_classes):
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}")
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (t, p), 1)
+    return cm
+
+
+def classification_metrics(
+    y_true: Any, y_pred: Any, num_classes: int, task: str
+) -> dict[str, Any]:
+    """n, accuracy, balanced_accuracy, precision, recall, f1, confusion_matrix, per_class_recall."""
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    n = int(cm.sum())
+    tp = np.diag(cm).astype(np.float64)
+    support = cm.sum(axis=1)  # true count per class
+    predicted = cm.sum(axis=0)
+    recall_c = _ratio(tp, support)
+    precision_c = _ratio(tp, predicted)
+    f1_c = _ratio(2 * precision_c * recall_c, precision_c + recall_c)
+    if task == "binary":
+        precision, recall, f1 = precision_c[1], recall_c[1], f1_c[1]
+    else:
+        present = (support > 0) | (predicted > 0)
+        precision = precision_c[present].mean() if present.any() else 0.0
+        recall = recall_c[present].mean() if present.any() else 0.0
+        f1 = f1_c[present].mean() if present.any() else 0.0
+    has_true = support > 0
+    return {
+        "n": n,
+        "accuracy": float(tp.sum() / n) if n else 0.0,
+        "balanced_accuracy": float(recall_c[has_true].mean()) if has_true.any() else 0.0,
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "confusion_matrix": cm.tolist(),
+        "per_class_recall": [
+            float(r) if s > 0 else None for r, s in zip(recall_c, support, strict=True)
+        ],
+    }
+
+
+def bootstrap_accuracy_ci(
+    y_true: Any, y_pred: Any, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the accuracy (resampling images)."""
+    correct = (_labels(y_true) == _labels(y_pred)).astype(np.float64)
+    if correct.size == 0:
+        raise ValueError("no predictions to bootstrap")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, correct.size, size=(n_boot, correct.size))
+    acc = correct[idx].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(acc, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
