@@ -3,7 +3,6 @@ which backend runs each one, or why it cannot run here."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +90,9 @@ def skip_reason(artifact: Artifact, device: str) -> str | None:
     if artifact.is_engine:
         if device == "cpu":
             return "TensorRT engines need a GPU (--device cpu given)"
-        if importlib.util.find_spec("tensorrt") is None:
-            return 'tensorrt is not installed (pip install "marsvision[trt]")'
+        from marsvision.export.tensorrt import TRT_INSTALL_HINT, tensorrt_unavailable_reason
+
+        reason = tensorrt_unavailable_reason()
+        if reason:
+            return f"{reason} ({TRT_INSTALL_HINT} on a machine with an NVIDIA GPU)"
     return None

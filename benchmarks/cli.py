@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import click
-
 from marsvision.runtime.errors import MarsvisionError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -30,6 +29,24 @@ def _csv(flag: str, value: str | None, kind: type = str) -> tuple:  # type: igno
         return tuple(kind(v) for v in items)
     except ValueError:
         raise MarsvisionError(f"{flag} {value!r}: expected a comma-separated list") from None
+
+
+def _checkpoint(checkpoint: Path | None, artifacts: Path | None) -> Path:
+    """--checkpoint, else the source checkpoint named in the artifacts' manifest.json."""
+    from marsvision.benchmarks.artifacts import read_manifest
+
+    if checkpoint is None and artifacts is not None and artifacts.is_dir():
+        source = (read_manifest(artifacts) or {}).get("source_checkpoint")
+        if source and Path(source).is_file():
+            checkpoint = Path(source)
+    if checkpoint is None:
+        raise MarsvisionError(
+            "the PyTorch reference needs --checkpoint PATH (the artifacts' manifest.json names "
+            "none that exists here)"
+        )
+    if not checkpoint.is_file():
+        raise MarsvisionError(f"--checkpoint {checkpoint}: no such file (a mars-train checkpoint)")
+    return checkpoint
 
 
 def _resolve_device(device: str) -> str:
@@ -75,8 +92,8 @@ _data = click.option("--data", default=None, help="MSL data folder (default: $MA
 
 
 @main.command()
-@click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
-              help="The PyTorch checkpoint (the eager baseline).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="The PyTorch checkpoint (the eager baseline) [default: the manifest's source].")
 @click.option("--artifacts", type=click.Path(path_type=Path), default=None,
               help="An export out dir (manifest.json and the artifacts).")
 @click.option("--batch-sizes", default="1,8,32", show_default=True)
@@ -101,7 +118,7 @@ _data = click.option("--data", default=None, help="MSL data folder (default: $MA
               help="Run each row in its own process (its own peak RSS).")
 @_out
 def speed(
-    checkpoint: Path, artifacts: Path | None, batch_sizes: str, precisions: str | None,
+    checkpoint: Path | None, artifacts: Path | None, batch_sizes: str, precisions: str | None,
     backends: str | None, modes: str, images: str, num_images: int, data: str | None,
     warmup: int, repeats: int, device: str, threads: int | None, isolate: bool, out: Path,
 ) -> None:
@@ -109,8 +126,7 @@ def speed(
     from marsvision.benchmarks.speed import SpeedConfig, run_speed
     from marsvision.benchmarks.speed_report import render_text, write_speed
 
-    if not checkpoint.is_file():
-        raise MarsvisionError(f"--checkpoint {checkpoint}: no such file (a mars-train checkpoint)")
+    checkpoint = _checkpoint(checkpoint, artifacts)
     mode_list = _csv("--modes", modes)
     cfg = SpeedConfig(
         checkpoint=checkpoint,
@@ -133,8 +149,9 @@ def speed(
 
 
 @main.command()
-@click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
-              help="The PyTorch checkpoint the artifacts were exported from (the reference).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="The PyTorch checkpoint the artifacts came from (the reference) "
+                   "[default: the manifest's source].")
 @click.option("--artifacts", type=click.Path(path_type=Path), required=True,
               help="An export out dir (manifest.json and the artifacts).")
 @_data
@@ -153,7 +170,7 @@ def speed(
               help="INT8: least top-1 agreement with PyTorch, percent.")
 @_out
 def parity(
-    checkpoint: Path, artifacts: Path, data: str | None, splits: str, limit: int | None,
+    checkpoint: Path | None, artifacts: Path, data: str | None, splits: str, limit: int | None,
     batch_size: int, device: str, threads: int | None, fp32_min_agreement: float,
     fp16_max_accuracy_change: float, int8_max_accuracy_change: float,
     int8_min_agreement: float, out: Path,
@@ -164,7 +181,7 @@ def parity(
     from marsvision.train.data import resolve_data_dir
 
     cfg = ParityConfig(
-        checkpoint=checkpoint,
+        checkpoint=_checkpoint(checkpoint, artifacts),
         artifacts=artifacts,
         data_dir=resolve_data_dir(data),
         splits=_csv("--splits", splits),

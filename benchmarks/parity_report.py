@@ -10,6 +10,7 @@ from marsvision.benchmarks.report import fmt, markdown_table, text_table, write_
 
 HEADERS = [
     "artifact",
+    "backend",
     "status",
     "size MiB",
     "split",
@@ -37,8 +38,8 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
         status = row["status"] if len(row["status"]) <= 60 else row["status"][:57] + "..."
         if not row["splits"]:
             out.append(
-                [row["artifact"], status, fmt(row["size_mib"], 1)]
-                + ["-"] * (len(HEADERS) - 4)
+                [row["artifact"], fmt(row["backend"]), status, fmt(row["size_mib"], 1)]
+                + ["-"] * (len(HEADERS) - 5)
                 + [row["verdict"]]
             )
             continue
@@ -48,6 +49,7 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
             out.append(
                 [
                     row["artifact"],
+                    fmt(row["backend"]),
                     status,
                     fmt(row["size_mib"], 1),
                     split,
@@ -121,11 +123,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"cores; GPU {gpu}), {c['date']}. Versions: "
             + ", ".join(f"{k} {v}" for k, v in sorted(c["versions"].items())),
             "",
-            f"Thresholds: FP32 top-1 agreement >= {t['fp32_min_agreement']:g}%; FP16 |accuracy "
+            (f"Thresholds: FP32 top-1 agreement >= {t['fp32_min_agreement']:g}%; FP16 |accuracy "
             f"change| <= {t['fp16_max_accuracy_change']:g} points; INT8 |accuracy change| <= "
             f"{t['int8_max_accuracy_change']:g} points and agreement >= "
             f"{t['int8_min_agreement']:g}%. ms/img is model time (batch "
-            f"{report['config']['batch_size']}), preprocessing excluded.",
+            f"{report['config']['batch_size']}), preprocessing excluded."),
             "",
             markdown_table(HEADERS, table_rows(report)),
             "",

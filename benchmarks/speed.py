@@ -30,7 +30,7 @@ ARTIFACT_FLAVOUR = {
     ("tensorrt", "int8"): "int8-engine",
 }
 TORCH_PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16")}
-DEFAULTS = {
+DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     "cpu": {"backends": ("pytorch", "onnxruntime"), "precisions": ("fp32", "int8-cpu")},
     "cuda": {"backends": BACKENDS, "precisions": ("fp32", "fp16", "bf16", "int8")},
 }

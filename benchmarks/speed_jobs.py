@@ -14,11 +14,9 @@ import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from marsvision.benchmarks.timing import Timing, current_rss_mib, peak_rss_mib, time_calls
 from marsvision.runtime.errors import MarsvisionError
 
@@ -95,9 +93,8 @@ def _model_call(runner: Any, job: Job) -> Any:
 
 def _torch_e2e_call(runner: Any, job: Job) -> Any:
     import torch
-    from PIL import Image
-
     from marsvision.train.transforms import eval_transform
+    from PIL import Image
 
     tf = eval_transform(runner.meta.preprocess)
     batches = _batches(job.images, job.batch)
@@ -126,7 +123,7 @@ def run_job(job: Job) -> dict[str, Any]:
             )
             runner = clf.runner
             batches = _batches(job.images, job.batch)
-            call = lambda: clf.predict(next(batches))  # noqa: E731
+            call = lambda: clf.predict(next(batches))
         else:
             runner = _open_runner(job)
             call = _torch_e2e_call(runner, job) if job.mode == "e2e" else _model_call(runner, job)
@@ -152,6 +149,7 @@ def run_job(job: Job) -> dict[str, Any]:
         "peak_rss_mib": peak_rss_mib(),
         "rss_before_mib": rss_before,
         "gpu_mem_mib": peak_gpu,
+        "torch_imported": "torch" in sys.modules,
     }
 
 
@@ -163,6 +161,7 @@ def run_job_isolated(job: Job, *, timeout: float = 3600) -> dict[str, Any]:
         capture_output=True,
         text=True,
         timeout=timeout,
+        check=False,
     )
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]

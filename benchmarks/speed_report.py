@@ -87,9 +87,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             _conditions_line(report),
             "",
-            "model = `Runner.infer` on one preallocated batch (host to host); e2e = real image "
+            ("model = `Runner.infer` on one preallocated batch (host to host); e2e = real image "
             "files to probabilities (runtime Classifier; PyTorch: Pillow + eval_transform). "
-            "x pt-fp32 = throughput over PyTorch eager FP32 at the same mode and batch.",
+            "x pt-fp32 = throughput over PyTorch eager FP32 at the same mode and batch."),
             "",
             markdown_table(HEADERS, table_rows(report)),
         ]
@@ -131,6 +131,16 @@ def write_speed(report: dict[str, Any], out: Path) -> list[Path]:
     return written
 
 
+def _chart_title(report: dict[str, Any]) -> str:
+    c = report["conditions"]
+    gpu = c["gpu"]["name"] if c.get("gpu") else "no GPU"
+    sizes = sorted({r["input_size"] for r in report["rows"] if r.get("input_size")})
+    return (
+        f"Throughput, {c['machine']} ({gpu}), device {report['config']['device']}, "
+        f"{c['threads']} threads, {'/'.join(map(str, sizes))} px"
+    )
+
+
 def speed_chart(report: dict[str, Any], path: Path) -> Path | None:
     """Throughput per backend-precision (bars) for each mode and batch (groups)."""
     ok = [r for r in report["rows"] if r["status"] == "ok"]
@@ -146,7 +156,7 @@ def speed_chart(report: dict[str, Any], path: Path) -> Path | None:
     }
     return bar_chart(
         path,
-        title=_conditions_line(report)[:160],
+        title=_chart_title(report),
         labels=[f"{m} b{b}" for m, b in groups],
         series=series,
         ylabel="images / s",

@@ -13,7 +13,6 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
-
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.metadata import ModelMeta, sha256_file
 
@@ -71,6 +70,10 @@ class TorchRunner:
             raise MarsvisionError("fp16 autocast is for GPUs; on CPU use bf16 or fp32")
         if threads:
             torch.set_num_threads(threads)
+        if precision == "fp32" and self.device == "cuda":
+            # True FP32: PyTorch lets cuDNN convolutions use TF32 by default.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         ckpt = load_checkpoint(checkpoint)
         model = model_from_checkpoint(ckpt).to(self.device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -94,7 +97,7 @@ class TorchRunner:
         self.name = f"pytorch-{self.device}{layout}"
         self._torch = torch
 
-    def __enter__(self) -> TorchRunner:
+    def __enter__(self) -> TorchRunner:  # noqa: PYI034 - as runtime's runners
         return self
 
     def __exit__(
@@ -143,6 +146,7 @@ def reference_logits(
     *,
     batch_size: int = 32,
     device: str = "cpu",
+    threads: int | None = None,
 ) -> tuple[np.ndarray, float]:
     """Logits of the checkpoint on image files, preprocessed by train's eval_transform.
 
@@ -151,12 +155,11 @@ def reference_logits(
     import time
 
     torch = _torch()
-    from PIL import Image
-
     from marsvision.train.checkpoint import load_checkpoint, preprocess_from_checkpoint
     from marsvision.train.transforms import eval_transform
+    from PIL import Image
 
-    runner = TorchRunner(checkpoint, device=device)
+    runner = TorchRunner(checkpoint, device=device, threads=threads)
     tf = eval_transform(preprocess_from_checkpoint(load_checkpoint(checkpoint)))
     chunks = []
     seconds = 0.0
@@ -166,6 +169,9 @@ def reference_logits(
             with Image.open(p) as img:
                 images.append(tf(img.convert("RGB")))
         x = torch.stack(images)
+        if i == 0:  # one untimed warm-up pass (allocations, kernel selection)
+            runner.forward(x)
+            runner.synchronize()
         t0 = time.perf_counter()
         logits = runner.forward(x)
         runner.synchronize()

@@ -101,17 +101,25 @@ def check_manifest_owner(out: Path, source_sha256: str) -> None:
         )
 
 
-def write_manifest(out: Path, manifest: dict[str, Any]) -> Path:
-    """Write manifest.json atomically, merging in entries of earlier exports of the same model."""
+def write_manifest(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write manifest.json atomically, keeping entries of earlier exports of the same model.
+
+    Returns the manifest as written.
+    """
     path = out / MANIFEST
     if path.exists():
         old = json.loads(path.read_text(encoding="utf-8"))
         fresh = {a["file"] for a in manifest["artifacts"]}
-        kept = [a for a in old.get("artifacts", []) if a["file"] not in fresh and (out / a["file"]).exists()]
+        kept = [
+            a
+            for a in old.get("artifacts", [])
+            if a["file"] not in fresh and (out / a["file"]).exists()
+        ]
         manifest = {**manifest, "artifacts": kept + manifest["artifacts"]}
     fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=out)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
         f.write("\n")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
-    return path
+    return manifest

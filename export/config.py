@@ -30,6 +30,7 @@ class ExportConfig:
     max_batch: int = 32
     data_dir: Path | None = None  # None: $MARS_DATA, else the default location
     parity_images: int = 8  # real val images for the FP32 parity gate and the reported figures
+    parity_tolerance: float = 1e-4  # max |logit diff| of the FP32 ONNX against PyTorch
 
     def __post_init__(self) -> None:
         if self.calib_method not in CALIB_METHODS:

@@ -58,7 +58,7 @@ def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
     """Max |logit diff| and top-1 agreement of `candidate` against `reference`."""
     agree = reference.argmax(1) == candidate.argmax(1)
     return {
-        "images": int(len(reference)),
+        "images": len(reference),
         "max_abs_logit_diff": float(np.abs(reference - candidate).max()),
         "top1_agreement": float(agree.mean()),
     }

@@ -9,6 +9,7 @@ Two flavours from one calibration (tensor ranges, cached in `<out>/calib-cache/<
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -95,15 +96,14 @@ def calibrate(
         augmented_model_path=str(workdir / "augmented.onnx"),
         calibrate_method=_method(method),
     )
-    for i in range(0, len(paths), CALIB_BATCH):
-        chunk = paths[i : i + CALIB_BATCH]
-        batch = load_batch(chunk, spec)
-        calibrator.collect_data(_OneBatch(batch))
-        print(
-            f"calibration ({method}): {min(i + CALIB_BATCH, len(paths))}/{len(paths)} images",
-            file=sys.stderr,
-        )
-    ranges = calibrator.compute_data()
+    # ONNX Runtime's calibrators print progress on stdout: send it to stderr with ours.
+    with contextlib.redirect_stdout(sys.stderr):
+        for i in range(0, len(paths), CALIB_BATCH):
+            chunk = paths[i : i + CALIB_BATCH]
+            calibrator.collect_data(_OneBatch(load_batch(chunk, spec)))
+            done = min(i + CALIB_BATCH, len(paths))
+            print(f"calibration ({method}): {done}/{len(paths)} images", file=sys.stderr)
+        ranges = calibrator.compute_data()
     save_tensors_data(ranges, cache_path)  # writes a temp file, then renames
     return False
 
@@ -160,19 +160,20 @@ def int8_onnx_from_onnx(
     f = FLAVOURS[flavour]
     act = QuantType.QUInt8 if f["activations"] == "uint8" else QuantType.QInt8
     logging.getLogger().setLevel(logging.ERROR)  # quantize_static logs chatty warnings
-    quantize_static(
-        str(pre_path),
-        str(int8_path),
-        calibration_data_reader=None,
-        calibration_cache_path=str(cache_path),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        reduce_range=False,
-        activation_type=act,
-        weight_type=QuantType.QInt8,
-        calibrate_method=_method(str(meta.quantization["method"]) if meta.quantization else ""),
-        extra_options=dict(f["extra"]),
-    )
+    with contextlib.redirect_stdout(sys.stderr):
+        quantize_static(
+            str(pre_path),
+            str(int8_path),
+            calibration_data_reader=None,
+            calibration_cache_path=str(cache_path),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=False,
+            activation_type=act,
+            weight_type=QuantType.QInt8,
+            calibrate_method=_method(str(meta.quantization["method"]) if meta.quantization else ""),
+            extra_options=dict(f["extra"]),
+        )
     model = onnx.load(str(int8_path))
     set_onnx_meta(model, meta)
     onnx.save_model(model, str(int8_path))

@@ -44,15 +44,18 @@ def _entry(path: Path, flavour: str, meta: ModelMeta, parity: dict[str, Any], se
     }
 
 
-def _tensorrt_plan(config: ExportConfig) -> bool:
-    """Whether to build engines; `on` without TensorRT is a user error, `auto` says why not."""
+def _tensorrt_plan(config: ExportConfig) -> tuple[bool, str | None]:
+    """Whether to build engines, and the line to log when skipping them.
+
+    `on` without TensorRT is a user error.
+    """
     from marsvision.export.tensorrt import TRT_INSTALL_HINT, tensorrt_unavailable_reason
 
     if config.tensorrt == "off":
-        return False
+        return False, None
     reason = tensorrt_unavailable_reason()
     if reason is None:
-        return config.fp16 or config.int8
+        return config.fp16 or config.int8, None
     if config.tensorrt == "on":
         raise MarsvisionError(
             f"--tensorrt on, but TensorRT cannot build engines here ({reason}); "
@@ -60,8 +63,8 @@ def _tensorrt_plan(config: ExportConfig) -> bool:
             "or pass --tensorrt off"
         )
     if config.fp16 or config.int8:
-        _log(f"skipped the TensorRT engines: {reason} (to build them: {TRT_INSTALL_HINT})")
-    return False
+        return False, f"skipped the TensorRT engines: {reason} (to build them: {TRT_INSTALL_HINT})"
+    return False, None
 
 
 def export_all(config: ExportConfig) -> dict[str, Any]:
@@ -76,7 +79,7 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
     data_dir = resolve_data_dir(config.data_dir)
     out = prepare_out_dir(config.out)
     check_manifest_owner(out, source_sha)
-    build_engines = _tensorrt_plan(config)
+    build_engines, skip_note = _tensorrt_plan(config)
 
     task = ckpt["task"]
     meta = fp32_meta(ckpt, source_sha)
@@ -84,6 +87,8 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
     calib_paths = split_paths(data_dir, "train", task, config.calib_images) if config.int8 else []
     val_batch = load_batch(split_paths(data_dir, "val", task, config.parity_images), spec)
     ref = torch_logits(ckpt, val_batch)
+    if skip_note:
+        _log(skip_note)
 
     entries: list[dict[str, Any]] = []
     staged: list[tuple[Path, Path]] = []  # (staged file, final path)
@@ -98,7 +103,9 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         fp32_path, fp32_final = stage("fp32")
         _log(f"exporting {fp32_final.name} (torch.onnx dynamo exporter)")
-        fig = onnx_from_checkpoint(ckpt, fp32_path, meta=meta, parity_batch=val_batch)
+        fig = onnx_from_checkpoint(
+            ckpt, fp32_path, meta=meta, parity_batch=val_batch, max_abs_diff=config.parity_tolerance
+        )
         fig["reference"] = "pytorch"
         entries.append(_entry(fp32_path, "fp32", meta, fig, time.perf_counter() - t0))
 
@@ -191,5 +198,4 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
         "versions": meta.versions,
         "artifacts": entries,
     }
-    write_manifest(out, manifest)
-    return manifest
+    return write_manifest(out, manifest)

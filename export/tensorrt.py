@@ -23,9 +23,11 @@ TRT_INSTALL_HINT = 'pip install "marsvision[trt]"'
 def tensorrt_unavailable_reason() -> str | None:
     """None when TensorRT can build engines here; otherwise why not, in a few words."""
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt
     except ImportError:
         return "the tensorrt package is not installed"
+    if not hasattr(tensorrt, "Builder"):  # tensorrt-stubs alone leaves an importable shell
+        return "the tensorrt package is not installed (only its type stubs)"
     try:
         gpu_info()
     except MarsvisionError as e:

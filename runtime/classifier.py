@@ -30,6 +30,7 @@ from marsvision.runtime.metadata import sha256_file
 from marsvision.runtime.preprocess import ImageError, decode_image, normalize_into
 
 DEFAULT_BATCH_SIZE = 8
+_Ready = tuple[list[str], np.ndarray, list[str | None]]  # a decoded batch
 _BUFFERS = 3  # batches in flight: one inferring, up to two being decoded
 
 
@@ -58,11 +59,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64)
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return out
 
 
 class Classifier:
-    """An exported model (ONNX file or TensorRT engine) plus its preprocessing, ready to classify."""
+    """An exported model (ONNX file or TensorRT engine) and its preprocessing, ready to classify."""
 
     def __init__(
         self,
@@ -115,7 +117,7 @@ class Classifier:
         self, paths: Iterable[str | os.PathLike[str]]
     ) -> Iterator[list[Prediction]]:
         """Predictions batch by batch, in input order, as soon as each batch is inferred."""
-        items = [os.fspath(p) for p in paths]
+        items: list[str | bytes] = [os.fspath(p) for p in paths]
         names = [os.fsdecode(p) for p in items]
         chunks = [
             (names[i : i + self.batch_size], items[i : i + self.batch_size])
@@ -143,7 +145,7 @@ class Classifier:
         free: queue.Queue[np.ndarray] = queue.Queue()
         for _ in range(min(_BUFFERS, len(chunks) + 1)):
             free.put(np.empty((self.batch_size, 3, size, size), dtype=np.float32))
-        ready: queue.Queue[object] = queue.Queue()
+        ready: queue.Queue[_Ready | BaseException | None] = queue.Queue()
         stop = threading.Event()
 
         def produce() -> None:
@@ -169,7 +171,7 @@ class Classifier:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                names, buf, errors = item  # type: ignore[misc]
+                names, buf, errors = item
                 yield self._infer(names, buf, errors)
                 free.put(buf)
         finally:
@@ -177,7 +179,9 @@ class Classifier:
             free.put(np.empty(0, dtype=np.float32))  # wake the producer if it waits
             producer.join()
 
-    def _infer(self, names: list[str], buf: np.ndarray, errors: list[str | None]) -> list[Prediction]:
+    def _infer(
+        self, names: list[str], buf: np.ndarray, errors: list[str | None]
+    ) -> list[Prediction]:
         ok = [i for i, e in enumerate(errors) if e is None]
         probs = np.empty((0, self.meta.num_classes))
         if ok:

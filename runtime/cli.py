@@ -102,8 +102,9 @@ def run(cfg: InferConfig) -> int:
         meta = clf.meta
         done: dict[str, str] = {}
         if cfg.resume and cfg.out is not None and os.path.exists(cfg.out):
-            header = csv_header(meta.class_names, min(cfg.top_k, meta.num_classes)
-                                if cfg.top_k else None)
+            header = csv_header(
+                meta.class_names, min(cfg.top_k, meta.num_classes) if cfg.top_k else None
+            )
             done = read_done(cfg.out, fmt=cfg.fmt, header=header)
         todo = [p for p in inputs if p not in done]
         prev_failed = sum(1 for p in inputs if done.get(p) == "error")
@@ -147,31 +148,76 @@ def run(cfg: InferConfig) -> int:
 
 @click.command(help=_HELP, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
-@click.option("--engine", "-m", "engine", required=True, metavar="MODEL",
-              help="ONNX file (.onnx) or TensorRT engine (.plan, with its .plan.json sidecar).")
-@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
-              help="Result file (default: stdout). Refused if it exists, unless --resume.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
-              help="Result format [default: jsonl for a .jsonl --out, else csv].")
+@click.option(
+    "--engine",
+    "-m",
+    "engine",
+    required=True,
+    metavar="MODEL",
+    help="ONNX file (.onnx) or TensorRT engine (.plan, with its .plan.json sidecar).",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Result file (default: stdout). Refused if it exists, unless --resume.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default=None,
+    help="Result format [default: jsonl for a .jsonl --out, else csv].",
+)
 @click.option("--batch-size", "-b", type=click.IntRange(1, 4096), default=8, show_default=True)
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-              help="auto: TensorRT for .plan, onnxruntime for .onnx; tensorrt with an .onnx "
-                   "file uses onnxruntime's TensorRT execution provider.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
-              help="auto: CUDA when onnxruntime-gpu and a GPU are there, else CPU.")
-@click.option("--workers", "-j", type=click.IntRange(1, 64), default=None,
-              help="Image decoding threads [default: cores, at most 4].")
-@click.option("--threads", type=click.IntRange(1, 256), default=None,
-              help="onnxruntime intra-op threads [default: cores].")
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="auto",
+    show_default=True,
+    help="auto: TensorRT for .plan, onnxruntime for .onnx; tensorrt with an .onnx "
+    "file uses onnxruntime's TensorRT execution provider.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    default="auto",
+    show_default=True,
+    help="auto: CUDA when onnxruntime-gpu and a GPU are there, else CPU.",
+)
+@click.option(
+    "--workers",
+    "-j",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Image decoding threads [default: cores, at most 4].",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="onnxruntime intra-op threads [default: cores].",
+)
 @click.option("--recursive", "-r", is_flag=True, help="Descend into subfolders (and ** in globs).")
-@click.option("--resume", is_flag=True,
-              help="Append to --out, skipping inputs it already has a row for (a line cut by "
-                   "a kill is dropped first); never writes a duplicate row.")
-@click.option("--top-k", type=click.IntRange(1, None), default=None,
-              help="Write the k most probable classes instead of every class's probability.")
-@click.option("--fast-decode", is_flag=True,
-              help="Let Pillow decode large JPEGs at reduced scale before resizing: faster, "
-                   "approximate (pixels differ from the training preprocessing).")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Append to --out, skipping inputs it already has a row for (a line cut by "
+    "a kill is dropped first); never writes a duplicate row.",
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(1, None),
+    default=None,
+    help="Write the k most probable classes instead of every class's probability.",
+)
+@click.option(
+    "--fast-decode",
+    is_flag=True,
+    help="Let Pillow decode large JPEGs at reduced scale before resizing: faster, "
+    "approximate (pixels differ from the training preprocessing).",
+)
 def main(
     paths: tuple[str, ...],
     engine: str,
@@ -191,9 +237,27 @@ def main(
         raise click.UsageError("--resume needs --out (the file to continue)")
     if fmt is None:
         fmt = "jsonl" if out is not None and out.lower().endswith((".jsonl", ".json")) else "csv"
-    cfg = InferConfig(paths, engine, out, fmt, batch_size, backend, device, workers, threads,
-                      recursive, resume, top_k, fast_decode)
-    sys.exit(run(cfg))
+    cfg = InferConfig(
+        paths,
+        engine,
+        out,
+        fmt,
+        batch_size,
+        backend,
+        device,
+        workers,
+        threads,
+        recursive,
+        resume,
+        top_k,
+        fast_decode,
+    )
+    try:
+        code = run(cfg)
+    except BrokenPipeError:  # e.g. `mars-infer ... | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_MODEL
+    sys.exit(code)
 
 
 if __name__ == "__main__":

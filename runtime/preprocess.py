@@ -13,7 +13,7 @@ import os
 from functools import lru_cache
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from marsvision.runtime.spec import PreprocessSpec
 
@@ -97,13 +97,13 @@ def decode_image(
         raise ImageError("is a directory, not an image file") from None
     except PermissionError:
         raise ImageError("permission denied") from None
-    except Image.UnidentifiedImageError:
+    except UnidentifiedImageError:
         raise ImageError("not an image Pillow can read (unknown format or empty file)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageError(f"corrupt or truncated image ({type(e).__name__}: {e})") from None
     c = spec.input_size
-    left = int(round((tw - c) / 2.0))
-    top = int(round((th - c) / 2.0))
+    left = round((tw - c) / 2.0)  # torchvision's CenterCrop rounding
+    top = round((th - c) / 2.0)
     a = np.asarray(rgb)
     return a[top : top + c, left : left + c]
 

@@ -45,8 +45,9 @@ def csv_header(class_names: list[str], top_k: int | None) -> list[str]:
 
 def _ranked(p: Prediction, class_names: list[str], top_k: int) -> list[tuple[str, float]]:
     assert p.probs is not None
-    order = sorted(range(len(p.probs)), key=lambda i: -p.probs[i])[:top_k]  # type: ignore[index]
-    return [(class_names[i], p.probs[i]) for i in order]
+    probs = p.probs
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])[:top_k]
+    return [(class_names[i], probs[i]) for i in order]
 
 
 class ResultWriter:
@@ -86,28 +87,45 @@ class ResultWriter:
         if p.probs is None:
             probs: list[Any] = [""] * (2 * self.top_k if self.top_k else len(self.class_names))
         elif self.top_k:
-            probs = [v for lab, pr in _ranked(p, self.class_names, self.top_k)
-                     for v in (lab, f"{pr:.6f}")]
+            probs = [
+                v
+                for lab, pr in _ranked(p, self.class_names, self.top_k)
+                for v in (lab, f"{pr:.6f}")
+            ]
         else:
             probs = [f"{v:.6f}" for v in p.probs]
         prov = self.prov
-        return [p.path, p.status, p.label or "", *probs, p.error,
-                prov.model_sha256, prov.precision, prov.backend]
+        return [
+            p.path,
+            p.status,
+            p.label or "",
+            *probs,
+            p.error,
+            prov.model_sha256,
+            prov.precision,
+            prov.backend,
+        ]
 
     def _json_row(self, p: Prediction) -> str:
         d: dict[str, Any] = {"path": p.path, "status": p.status, "label": p.label}
         if self.top_k:
             d["top_k"] = (
-                None if p.probs is None
+                None
+                if p.probs is None
                 else [[lab, round(pr, 6)] for lab, pr in _ranked(p, self.class_names, self.top_k)]
             )
         else:
             d["probs"] = (
-                None if p.probs is None
+                None
+                if p.probs is None
                 else {n: round(v, 6) for n, v in zip(self.class_names, p.probs)}
             )
-        d.update(error=p.error, model_sha256=self.prov.model_sha256,
-                 precision=self.prov.precision, backend=self.prov.backend)
+        d.update(
+            error=p.error,
+            model_sha256=self.prov.model_sha256,
+            precision=self.prov.precision,
+            backend=self.prov.backend,
+        )
         return json.dumps(d) + "\n"
 
     def write(self, predictions: list[Prediction]) -> None:
@@ -164,7 +182,13 @@ def open_output(path: str | None, *, append: bool) -> tuple[IO[str], bool]:
     if path is None:
         import sys
 
-        stream = io.TextIOWrapper(sys.stdout.buffer, newline="", write_through=True, **ENCODING)
+        stream = io.TextIOWrapper(
+            sys.stdout.buffer,
+            encoding="utf-8",
+            errors="surrogateescape",
+            newline="",
+            write_through=True,
+        )
         return stream, True
     is_new = not os.path.exists(path) or os.path.getsize(path) == 0
     return open(path, "a" if append else "x", newline="", **ENCODING), is_new  # type: ignore[call-overload]

@@ -1,10 +1,10 @@
-"""Test models for the runtime tests (ONNX FP32 and INT8 from the tiny checkpoint), and their checks.
+"""Test models for the runtime tests: ONNX FP32 and INT8 from the tiny checkpoint, and checks.
 
-Other runtime test modules import `runtime_models(...)` from here. It uses the exporter's
-`onnx_from_checkpoint` / `int8_onnx_from_onnx` when `marsvision.export` provides them, else a
-plain torch.onnx export and onnxruntime's static QDQ quantization (uint8 activations,
-per-channel int8 weights), with the metadata attached under `metadata_props["marsvision"]`.
-Models are built once per test session.
+Other runtime test modules import `runtime_models(...)` and `load_ckpt(...)` from here. FP32
+comes from the exporter's `onnx_from_checkpoint` (marsvision.export.onnx_fp32) when it works,
+else from a plain torch.onnx export; INT8 from onnxruntime's static QDQ quantization (uint8
+activations, per-channel int8 weights, as the `int8-cpu` flavour). The metadata is attached
+under `metadata_props["marsvision"]`. Models are built once per test session.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _attach(path: Path, meta_json: str) -> None:
 def _fp32_fallback(ckpt_path: Path, out: Path) -> None:
     import torch
 
-    from marsvision.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from marsvision.train.checkpoint import model_from_checkpoint
 
     ckpt = load_ckpt(ckpt_path)
     model = model_from_checkpoint(ckpt)
@@ -78,7 +78,6 @@ def _int8_fallback(ckpt_path: Path, fp32: Path, out: Path, images: list[Path]) -
 
     from marsvision.runtime.metadata import ModelMeta
     from marsvision.runtime.preprocess import load_image
-    from marsvision.train.checkpoint import load_checkpoint
 
     ckpt = load_ckpt(ckpt_path)
     meta = ModelMeta.from_json(_meta_for(ckpt, "fp32", None))
@@ -91,8 +90,14 @@ def _int8_fallback(ckpt_path: Path, fp32: Path, out: Path, images: list[Path]) -
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.it, None)
 
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    # Fold the exporter's Identity-fed conv biases into initializers, so that every Conv
+    # becomes a fused integer QLinearConv in onnxruntime (else it stays a float Conv).
+    pre = out.with_name(out.stem + ".pre.onnx")
+    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
     quantize_static(
-        str(fp32),
+        str(pre),
         str(out),
         Reader(),
         quant_format=QuantFormat.QDQ,
@@ -100,8 +105,17 @@ def _int8_fallback(ckpt_path: Path, fp32: Path, out: Path, images: list[Path]) -
         weight_type=QuantType.QInt8,
         per_channel=True,
     )
-    q = {"activations": "uint8", "weights": "int8", "per_channel": True, "symmetric": False,
-         "method": "minmax", "images": len(images), "source": "train split", "target": "cpu"}
+    q = {
+        "activations": "uint8",
+        "weights": "int8",
+        "per_channel": True,
+        "symmetric": False,
+        "method": "minmax",
+        "images": len(images),
+        "source": "train split",
+        "target": "cpu",
+    }
+    pre.unlink()
     _attach(out, _meta_for(ckpt, "int8", q))
 
 
@@ -147,14 +161,14 @@ def runtime_models(ckpt_path: Path, out_dir: Path, msl_dir: Path) -> dict[str, P
 
 
 @pytest.fixture(scope="module")
-def models(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory,
-           msl_dir: Path) -> dict[str, Path]:
+def models(
+    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, msl_dir: Path
+) -> dict[str, Path]:
     return runtime_models(tiny_checkpoint, tmp_path_factory.mktemp("models"), msl_dir)
 
 
 def test_metadata_travels_in_onnx(models: dict[str, Path], tiny_checkpoint: Path) -> None:
     from marsvision.runtime.backends import load_model_meta
-    from marsvision.train.checkpoint import load_checkpoint
 
     ckpt = load_ckpt(tiny_checkpoint)
     for precision, path in (("fp32", models["fp32"]), ("int8", models["int8"])):
@@ -164,13 +178,14 @@ def test_metadata_travels_in_onnx(models: dict[str, Path], tiny_checkpoint: Path
         assert meta.preprocess.to_dict() == ckpt["preprocess"]
 
 
-def test_onnxruntime_fp32_matches_torch(models: dict[str, Path], tiny_checkpoint: Path,
-                                        msl_dir: Path) -> None:
+def test_onnxruntime_fp32_matches_torch(
+    models: dict[str, Path], tiny_checkpoint: Path, msl_dir: Path
+) -> None:
     import torch
 
     from marsvision.runtime.backends import open_runner
     from marsvision.runtime.preprocess import load_image
-    from marsvision.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from marsvision.train.checkpoint import model_from_checkpoint
     from marsvision.train.data import read_split
 
     model = model_from_checkpoint(load_ckpt(tiny_checkpoint))

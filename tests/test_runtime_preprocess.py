@@ -1,4 +1,4 @@
-"""The runtime's Pillow+numpy preprocessing against the torchvision reference, on real MSL images."""
+"""Runtime preprocessing (Pillow + numpy) against the torchvision reference, on MSL images."""
 
 from __future__ import annotations
 

@@ -10,23 +10,14 @@ gives the same augmentations on any device.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from marsvision.runtime.spec import PreprocessSpec
+from marsvision.train.config import AugmentSpec
 
-
-@dataclass(frozen=True)
-class AugmentSpec:
-    """What the training augmentation does."""
-
-    scale: tuple[float, float] = (0.35, 1.0)  # crop area fraction
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio
-    rotate_deg: float = 10.0  # uniform in +-rotate_deg
-    hflip: bool = True
-    jitter: float = 0.2  # brightness/contrast/saturation factor in 1 +- jitter
+__all__ = ["AugmentSpec", "augment_batch"]
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
@@ -35,7 +26,7 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
 
 def _affine_params(n: int, aug: AugmentSpec, g: torch.Generator) -> torch.Tensor:
     """(n, 2, 3) affine_grid matrices: output [-1, 1]^2 -> input coordinates."""
-    area = _uniform(n, *aug.scale, g)
+    area = _uniform(n, aug.scale[0], aug.scale[1], g)
     log_r = _uniform(n, math.log(aug.ratio[0]), math.log(aug.ratio[1]), g)
     r = torch.exp(log_r)
     w = torch.sqrt(area * r).clamp(max=1.0)  # half-extent in normalized units

@@ -39,10 +39,17 @@ def library_versions() -> dict[str, str]:
         mv = "unknown"
     return {
         "marsvision": mv,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": numpy.__version__,
+        "torch": str(torch.__version__),  # TorchVersion is not loadable with weights_only
+        "torchvision": str(torchvision.__version__),
+        "numpy": str(numpy.__version__),
     }
+
+
+def default_file_mode() -> int:
+    """0o666 less the process umask: what open() would give a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -52,6 +59,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -105,8 +113,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise MarsvisionError(
-            f"{p} is not a marsvision checkpoint (no '{FORMAT}' marker); "
-            "train one with mars-train"
+            f"{p} is not a marsvision checkpoint (no '{FORMAT}' marker); train one with mars-train"
         )
     if ckpt.get("format_version") != FORMAT_VERSION:
         raise MarsvisionError(

@@ -15,7 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from marsvision.runtime.errors import MarsvisionError
-from marsvision.train.augment import AugmentSpec
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """What the training augmentation does."""
+
+    scale: tuple[float, float] = (0.35, 1.0)  # crop area fraction
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio
+    rotate_deg: float = 10.0  # uniform in +-rotate_deg
+    hflip: bool = True
+    jitter: float = 0.2  # brightness/contrast/saturation factor in 1 +- jitter
+
 
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {

@@ -71,10 +71,10 @@ def check_archive(path: Path, expected_bytes: int | None = ARCHIVE_BYTES) -> str
             names = zf.namelist()
             root = _archive_root(names)
             members = set(names)
-            for n in names:
-                p = PurePosixPath(n)
+            for name in names:
+                p = PurePosixPath(name)
                 if p.is_absolute() or ".." in p.parts:
-                    raise MarsvisionError(f"archive member {n!r} points outside the archive")
+                    raise MarsvisionError(f"archive member {name!r} points outside the archive")
             for f in (*SPLIT_FILES.values(), SYNSET_FILE):
                 if root + f not in members:
                     raise MarsvisionError(f"the archive lacks {root + f}")

@@ -38,9 +38,7 @@ def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int) -> np.ndarray:
     return cm
 
 
-def classification_metrics(
-    y_true: Any, y_pred: Any, num_classes: int, task: str
-) -> dict[str, Any]:
+def classification_metrics(y_true: Any, y_pred: Any, num_classes: int, task: str) -> dict[str, Any]:
     """n, accuracy, balanced_accuracy, precision, recall, f1, confusion_matrix, per_class_recall."""
     cm = confusion_matrix(y_true, y_pred, num_classes)
     n = int(cm.sum())

@@ -38,7 +38,12 @@ def create_model(num_classes: int, init: str = "random") -> nn.Module:
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if state.get("fc.weight") is not None and state["fc.weight"].shape[0] != num_classes:
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise MarsvisionError(
+            f"--init {init}: not ResNet-50 weights ({str(e).splitlines()[-1].strip()[:150]})"
+        ) from None
     body_missing = [k for k in missing if not k.startswith("fc.")]
     if body_missing or unexpected:
         raise MarsvisionError(
@@ -69,11 +74,11 @@ class ModelEma:
         """Move the average toward the model's current weights."""
         self.step += 1
         d = min(self.decay, (1 + self.step) / (10 + self.step))
-        ema_state = self.module.state_dict()
-        for k, v in model.state_dict().items():
-            if v.is_floating_point():
-                ema_state[k].lerp_(v.detach(), 1.0 - d)
-            else:
+        ema_state, state = self.module.state_dict(), model.state_dict()
+        floats = [k for k, v in state.items() if v.is_floating_point()]
+        torch._foreach_lerp_([ema_state[k] for k in floats], [state[k] for k in floats], 1.0 - d)
+        for k, v in state.items():
+            if not v.is_floating_point():
                 ema_state[k].copy_(v)
 
     def state_dict(self) -> dict[str, object]:

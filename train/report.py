@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from marsvision.train.checkpoint import default_file_mode
 from marsvision.train.data import Sample
 
 
@@ -22,6 +23,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -85,7 +87,9 @@ def plot_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_confusion(cm: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str) -> None:
+def plot_confusion(
+    cm: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str
+) -> None:
     """Confusion matrix heat map with counts (rows = true class)."""
     import matplotlib
 

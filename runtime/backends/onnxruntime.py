@@ -87,7 +87,8 @@ def providers_for(device: str, backend: str = "onnxruntime") -> list[str]:
         return [_EP["cpu"]]
     if missing:
         raise MarsvisionError(
-            f"onnxruntime here has no {', '.join(missing)} (it has {', '.join(sorted(available))}): "
+            f"onnxruntime here has no {', '.join(missing)} "
+            f"(it has {', '.join(sorted(available))}): "
             'pip install "marsvision[gpu]" on a machine with an NVIDIA GPU, or use --device cpu'
         )
     return want + [_EP["cpu"]]

@@ -21,7 +21,9 @@ from marsvision.runtime.metadata import ModelMeta, sidecar_path
 if TYPE_CHECKING:
     import tensorrt as trt
 
-_INSTALL = 'pip install "marsvision[trt]" (tensorrt and cuda-python) on a machine with an NVIDIA GPU'
+_INSTALL = (
+    'pip install "marsvision[trt]" (tensorrt and cuda-python) on a machine with an NVIDIA GPU'
+)
 
 
 def _import_trt() -> Any:
@@ -88,7 +90,8 @@ def check_compatible(meta: ModelMeta, path: Path, trt_version: str, capability: 
     if str(built.get("compute_capability")) != capability:
         raise MarsvisionError(
             f"{path} was built for a GPU of compute capability {built.get('compute_capability')} "
-            f"({built.get('gpu_name')}), this GPU has {capability}: re-export the engine on this GPU"
+            f"({built.get('gpu_name')}), this GPU has {capability}: "
+            "re-export the engine on this GPU"
         )
 
 

@@ -1,0 +1,227 @@
+"""`mars-bench parity` on real exported artifacts of the tiny checkpoint and real MSL test images.
+
+The verdicts are checked against the thresholds applied to the reported numbers (INT8 of a
+barely trained model may honestly fail the 99% bar), the reference numbers against an
+independent PyTorch run, and a deliberately broken artifact must FAIL with exit code 3.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+onnx = pytest.importorskip("onnx")
+
+from marsvision.benchmarks.cli import main
+from marsvision.benchmarks.parity import PARITY_FAIL_EXIT, Thresholds, verdict
+from marsvision.export.tensorrt import tensorrt_unavailable_reason
+
+LIMIT = 48  # real test images per run: a few seconds per artifact on 2 cores
+
+
+def _bn_refreshed(tiny_checkpoint: Path, msl_dir: Path, out: Path) -> Path:
+    """The tiny checkpoint with BatchNorm statistics re-estimated on 48 real train images.
+
+    The fixture's few SGD steps leave logits near 1e6 (one class for every image); fresh BN
+    statistics give logits of a sane scale and both classes, so agreement can fall below 100%.
+    """
+    import torch
+    from marsvision.train.checkpoint import (
+        atomic_torch_save,
+        load_checkpoint,
+        model_from_checkpoint,
+        preprocess_from_checkpoint,
+    )
+    from marsvision.train.data import read_split
+    from marsvision.train.transforms import eval_transform
+    from PIL import Image
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    model = model_from_checkpoint(ckpt)
+    tf = eval_transform(preprocess_from_checkpoint(ckpt))
+    samples = read_split(msl_dir, "train", "binary", limit=48)
+    x = torch.stack([tf(Image.open(s.path).convert("RGB")) for s in samples])
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(x), 16):
+            model(x[i : i + 16])
+    ckpt["state_dict"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    path = out / "tiny-bn.pt"
+    atomic_torch_save(ckpt, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(
+    tiny_checkpoint: Path, msl_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path]:
+    """(checkpoint, export out dir with fp32, fp16, int8-cpu and int8-trt ONNX)."""
+    from marsvision.export.config import ExportConfig
+    from marsvision.export.pipeline import export_all
+
+    ckpt = _bn_refreshed(tiny_checkpoint, msl_dir, tmp_path_factory.mktemp("bench-ckpt"))
+    out = tmp_path_factory.mktemp("bench-export")
+    export_all(
+        ExportConfig(
+            checkpoint=ckpt, out=out, fp16=True, int8=True, calib_images=8, tensorrt="off",
+            data_dir=msl_dir,
+        )
+    )
+    return ckpt, out
+
+
+def _run(args: list[str]) -> tuple[int, str, dict]:  # type: ignore[type-arg]
+    result = CliRunner().invoke(main, args)
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    out_dir = Path(args[args.index("--out") + 1])
+    (report_file,) = sorted(out_dir.glob("parity-*.json"))
+    return result.exit_code, result.output, json.loads(report_file.read_text())
+
+
+def _reference_accuracy(ckpt: Path, msl_dir: Path) -> float:
+    """Accuracy of the checkpoint on the first LIMIT test images, computed here independently."""
+    import torch
+    from marsvision.train.checkpoint import (
+        load_checkpoint,
+        model_from_checkpoint,
+        preprocess_from_checkpoint,
+    )
+    from marsvision.train.data import read_split
+    from marsvision.train.transforms import eval_transform
+    from PIL import Image
+
+    c = load_checkpoint(ckpt)
+    model = model_from_checkpoint(c)
+    tf = eval_transform(preprocess_from_checkpoint(c))
+    samples = read_split(msl_dir, "test", "binary", limit=LIMIT)
+    x = torch.stack([tf(Image.open(s.path).convert("RGB")) for s in samples])
+    with torch.inference_mode():
+        pred = model(x).argmax(1).numpy()
+    return 100.0 * float(np.mean(pred == np.array([s.label for s in samples])))
+
+
+def test_parity_table_and_verdicts(exported: tuple[Path, Path], msl_dir: Path, tmp_path: Path) -> None:
+    ckpt, art = exported
+    out = tmp_path / "res"
+    code, output, report = _run(
+        ["parity", "--checkpoint", str(ckpt), "--artifacts", str(art), "--data", str(msl_dir),
+         "--splits", "test", "--limit", str(LIMIT), "--device", "cpu", "--out", str(out)]
+    )
+    rows = {r["flavour"]: r for r in report["rows"]}
+    assert set(rows) == {"pytorch", "fp32", "fp16", "int8-cpu", "int8-trt"}
+    # The reference figures are the checkpoint's own, as an independent run computes them.
+    ref = rows["pytorch"]["splits"]["test"]
+    assert ref["n"] == LIMIT
+    assert ref["accuracy"] == pytest.approx(_reference_accuracy(ckpt, msl_dir))
+    # FP32 ONNX must give PyTorch's predictions.
+    fp32 = rows["fp32"]["splits"]["test"]
+    assert rows["fp32"]["verdict"] == "PASS"
+    assert fp32["top1_agreement"] == 100.0 and fp32["accuracy_change"] == 0.0
+    assert fp32["max_prob_diff"] < 1e-3
+    # Every verdict is the thresholds applied to the reported numbers.
+    t = Thresholds()
+    for flavour in ("fp32", "fp16", "int8-cpu", "int8-trt"):
+        f = rows[flavour]["splits"]["test"]
+        agree, change = f["top1_agreement"], abs(f["accuracy_change"])
+        expected = {
+            "fp32": agree >= t.fp32_min_agreement,
+            "fp16": change <= t.fp16_max_accuracy_change,
+            "int8": change <= t.int8_max_accuracy_change and agree >= t.int8_min_agreement,
+        }[rows[flavour]["precision"]]
+        assert f["passed"] is expected, flavour
+        assert rows[flavour]["verdict"] == ("PASS" if expected else "FAIL")
+        assert f["disagreements"] == round(LIMIT * (100 - agree) / 100)
+        assert rows[flavour]["size_mib"] == pytest.approx(
+            (art / rows[flavour]["artifact"]).stat().st_size / 2**20
+        )
+        assert f["ms_per_image"] > 0 and len(f["per_class"]) == 2
+        assert rows[flavour]["artifact"] in output
+    assert rows["int8-cpu"]["size_mib"] < rows["fp32"]["size_mib"] / 3
+    any_fail = any(r["verdict"] == "FAIL" for r in report["rows"])
+    assert code == (PARITY_FAIL_EXIT if any_fail else 0)
+    assert report["passed"] is not any_fail
+    md = (out / next(out.glob("parity-*.md")).name).read_text()
+    assert "Per-class recall, test split" in md and "Surface" in md
+
+
+def _negate_head(src: Path, dst: Path) -> None:
+    """Copy an FP32 ONNX with the classifier's weights and bias negated (metadata kept)."""
+    model = onnx.load(str(src))
+    from onnx import numpy_helper
+
+    changed = 0
+    for init in model.graph.initializer:
+        a = numpy_helper.to_array(init)
+        if a.dtype == np.float32 and a.shape in ((2, 2048), (2,)):
+            init.CopyFrom(numpy_helper.from_array(-a, init.name))
+            changed += 1
+    assert changed == 2, "expected the fc weight and bias of a binary ResNet-50"
+    onnx.save_model(model, str(dst))
+
+
+def test_broken_artifact_fails_with_exit_code(
+    exported: tuple[Path, Path], msl_dir: Path, tmp_path: Path
+) -> None:
+    ckpt, art = exported
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    _negate_head(art / "resnet50-binary.fp32.onnx", broken / "resnet50-binary.fp32.onnx")
+    out = tmp_path / "res"
+    code, output, report = _run(
+        ["parity", "--checkpoint", str(ckpt), "--artifacts", str(broken), "--data", str(msl_dir),
+         "--splits", "test", "--limit", "16", "--device", "cpu", "--out", str(out)]
+    )
+    row = report["rows"][1]
+    assert row["verdict"] == "FAIL" and row["splits"]["test"]["top1_agreement"] < 100.0
+    assert code == PARITY_FAIL_EXIT
+    assert "FAIL" in output and report["passed"] is False
+
+
+@pytest.mark.skipif(
+    tensorrt_unavailable_reason() is None,
+    reason="TensorRT and a GPU are here: a fake engine would be run, not skipped",
+)
+def test_engine_without_tensorrt_is_skipped_not_failed(
+    exported: tuple[Path, Path], msl_dir: Path, tmp_path: Path
+) -> None:
+    ckpt, art = exported
+    d = tmp_path / "art"
+    d.mkdir()
+    shutil.copy(art / "resnet50-binary.fp32.onnx", d)
+    (d / "resnet50-binary.fp16.plan").write_bytes(b"not an engine")
+    code, output, report = _run(
+        ["parity", "--checkpoint", str(ckpt), "--artifacts", str(d), "--data", str(msl_dir),
+         "--splits", "test", "--limit", "8", "--device", "cpu", "--out", str(tmp_path / "res")]
+    )
+    engine = next(r for r in report["rows"] if r["flavour"] == "fp16-engine")
+    assert engine["status"].startswith("skipped: ") and engine["verdict"] == "skipped"
+    assert code == 0, output
+
+
+@pytest.mark.parametrize(
+    ("precision", "agree", "change", "ok"),
+    [
+        ("fp32", 100.0, 0.0, True),
+        ("fp32", 99.9, 0.0, False),
+        ("fp16", 97.0, 0.1, True),
+        ("fp16", 100.0, -0.11, False),
+        ("int8", 99.0, -0.5, True),
+        ("int8", 98.9, 0.0, False),
+        ("int8", 100.0, 0.6, False),
+    ],
+)
+def test_verdict_thresholds(precision: str, agree: float, change: float, ok: bool) -> None:
+    passed, reasons = verdict(
+        precision, {"top1_agreement": agree, "accuracy_change": change}, Thresholds()
+    )
+    assert passed is ok and bool(reasons) is not ok

@@ -1,0 +1,136 @@
+"""`mars-bench speed` smoke test (tiny repeats, 64 px, real MSL images) and its parts.
+
+Speed is never asserted: the checks are the result files, their schema and conditions, the
+internal consistency of the figures, and the table.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from marsvision.benchmarks.cli import main
+from marsvision.benchmarks.conditions import cpu_info, machine_name
+from marsvision.benchmarks.speed_jobs import Job, run_job_isolated
+from marsvision.benchmarks.timing import summarize, time_calls
+
+
+@pytest.fixture(scope="module")
+def fp32_dir(tiny_checkpoint: Path, msl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An export out dir with the FP32 ONNX of the tiny checkpoint (helper E's export API)."""
+    from marsvision.export.images import load_batch, split_paths
+    from marsvision.export.onnx_fp32 import fp32_meta, onnx_from_checkpoint
+    from marsvision.runtime.metadata import sha256_file
+    from marsvision.train.checkpoint import load_checkpoint
+
+    out = tmp_path_factory.mktemp("speed-art")
+    ckpt = load_checkpoint(tiny_checkpoint)
+    meta = fp32_meta(ckpt, sha256_file(tiny_checkpoint))
+    batch = load_batch(split_paths(msl_dir, "val", "binary", 2), meta.preprocess)
+    onnx_from_checkpoint(ckpt, out / "resnet50-binary.fp32.onnx", meta=meta, parity_batch=batch)
+    return out
+
+
+def test_speed_cli_writes_results_with_conditions(
+    fp32_dir: Path, tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "res"
+    result = CliRunner().invoke(
+        main,
+        ["speed", "--checkpoint", str(tiny_checkpoint), "--artifacts", str(fp32_dir),
+         "--batch-sizes", "2", "--precisions", "fp32,int8-cpu", "--backends",
+         "pytorch,onnxruntime", "--images", "test", "--num-images", "4", "--data", str(msl_dir),
+         "--warmup", "1", "--repeats", "3", "--device", "cpu", "--threads", "1",
+         "--in-process", "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    files = sorted(p.name for p in out.iterdir())
+    machine = machine_name(cpu_info(), None)
+    for pair in ("pytorch-fp32", "onnxruntime-fp32"):
+        assert any(f.startswith(f"speed-{pair}-{machine}-") and f.endswith(".json") for f in files)
+    assert any(f.startswith("speed-skipped-") for f in files)  # no int8-cpu artifact given
+    png = next(out.glob("speed-*.png"))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    doc = json.loads(next(out.glob("speed-onnxruntime-fp32-*.json")).read_text())
+    assert (doc["backend"], doc["precision"], doc["machine"]) == ("onnxruntime", "fp32", machine)
+    c = doc["conditions"]
+    assert c["cpu"]["model"] and c["cpu"]["logical_cores"] >= 1 and c["cpu"]["usable_cores"] >= 1
+    assert c["threads"] == 1 and "onnxruntime" in c["versions"] and "numpy" in c["versions"]
+    assert doc["config"]["warmup"] == 1 and doc["config"]["repeats"] == 3
+    assert {r["mode"] for r in doc["rows"]} == {"model", "e2e"}
+    base = {r["mode"]: r for r in doc["baseline_rows"]}
+    for r in doc["rows"]:
+        t = r["timing"]
+        assert r["status"] == "ok" and r["batch"] == 2 and r["input_size"] == 64
+        assert t["repeats"] == 3
+        assert 0 < t["min_ms"] <= t["p50_ms"] <= t["p90_ms"] <= t["p99_ms"] <= t["max_ms"]
+        assert r["throughput_img_s"] == pytest.approx(2e3 / t["mean_ms"])
+        b = base[r["mode"]]
+        assert r["speedup_vs_pytorch_fp32"] == pytest.approx(
+            r["throughput_img_s"] / b["throughput_img_s"]
+        )
+        assert r["peak_rss_mib"] > 0
+    assert base["model"]["speedup_vs_pytorch_fp32"] == 1.0
+    assert base["e2e"]["images"] == 4
+    # The table on stdout: the header, both backends, the skipped pair with its reason.
+    assert "p99 ms" in result.output and "onnxruntime-cpu" in result.output
+    assert "pytorch-cpu" in result.output and "skipped: no int8-cpu artifact" in result.output
+
+
+def test_isolated_onnxruntime_row_never_imports_torch(fp32_dir: Path, msl_dir: Path) -> None:
+    images = tuple(str(p) for p in sorted((msl_dir / "calibrated").glob("*.JPG"))[:2])
+    job = Job(mode="e2e", backend="onnxruntime", precision="fp32", batch=2,
+              model=str(fp32_dir / "resnet50-binary.fp32.onnx"), device="cpu", warmup=1,
+              repeats=2, threads=1, images=images)
+    row = run_job_isolated(job)
+    assert row["status"] == "ok", row
+    assert row["torch_imported"] is False
+    assert row["peak_rss_mib"] >= row["rss_before_mib"] > 0
+
+
+def test_speed_without_images_for_e2e_is_a_user_error(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["speed", "--checkpoint", str(tiny_checkpoint), "--images", str(tmp_path),
+               "--device", "cpu", "--out", str(tmp_path / "o")],
+    )
+    assert result.exit_code == 1 and "no .jpg/.jpeg/.png files" in result.output
+
+
+def test_bench_cli_does_not_import_torch() -> None:
+    code = "import sys, marsvision.benchmarks.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_summarize_matches_numpy_percentiles() -> None:
+    s = np.array([0.004, 0.001, 0.002, 0.003, 0.010])
+    t = summarize(s)
+    assert t.repeats == 5 and t.mean_ms == pytest.approx(4.0)
+    assert t.p50_ms == pytest.approx(3.0) and t.max_ms == pytest.approx(10.0)
+    assert t.p90_ms == pytest.approx(np.percentile(s * 1e3, 90))
+
+
+def test_time_calls_warms_up_and_syncs_every_call() -> None:
+    calls, syncs = [], []
+    t = time_calls(lambda: calls.append(1), warmup=3, repeats=4, sync=lambda: syncs.append(1))
+    assert len(calls) == 7 and len(syncs) == 5 and t.repeats == 4
+
+
+def test_cpu_info_reads_model_and_physical_cores(tmp_path: Path) -> None:
+    text = "".join(
+        f"processor\t: {i}\nmodel name\t: Test CPU 9000\nphysical id\t: 0\ncore id\t: {i // 2}\n"
+        "flags\t\t: fpu avx2 avx512f avx512_vnni\n\n"
+        for i in range(4)
+    )
+    (tmp_path / "cpuinfo").write_text(text)
+    info = cpu_info(tmp_path / "cpuinfo")
+    assert info["model"] == "Test CPU 9000" and info["physical_cores"] == 2
+    assert info["isa"] == ["avx2", "avx512f", "avx512_vnni"]
+    assert machine_name(info, None).startswith("test-9000-")
+    assert machine_name(info, {"name": "NVIDIA H100 80GB HBM3"}) == "h100-80gb-hbm3"

@@ -1,0 +1,171 @@
+"""Reading the real MSL splits, decoding images once, augmentation, and the download path."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see train/cli.py
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.spec import PreprocessSpec
+from marsvision.train import data as msl
+from marsvision.train.augment import AugmentSpec, augment_batch
+from marsvision.train.download import check_archive, download_msl, unpack_archive
+from marsvision.train.images import eval_tensors, train_store
+from marsvision.train.transforms import eval_transform, normalize_uint8
+
+REPO = Path(__file__).resolve().parents[1]
+MARS_TRAIN = [sys.executable, "-c", "from marsvision.train.cli import main; main()"]
+
+
+def mini_data(src: Path, dest: Path, per_split: int = 4) -> Path:
+    """A data folder in the upstream layout with the first few real images of each split."""
+    (dest / "calibrated").mkdir(parents=True)
+    shutil.copy(src / msl.SYNSET_FILE, dest / msl.SYNSET_FILE)
+    for name in msl.SPLIT_FILES.values():
+        lines = (src / name).read_text().splitlines()[:per_split]
+        for line in lines:
+            shutil.copy(src / line.split()[0], dest / line.split()[0])
+        (dest / name).write_text("\n".join(lines) + "\n")
+    return dest
+
+
+def test_official_splits_as_published(msl_dir: Path) -> None:
+    counts = {}
+    for split in msl.SPLITS:
+        samples = msl.read_split(msl_dir, split, "binary")
+        counts[split] = (len(samples), sum(s.label == 0 for s in samples))
+        assert all(s.label == (0 if s.msl_class in (5, 8, 9) else 1) for s in samples)
+    assert counts == {"train": (3746, 2603), "val": (1640, 632), "test": (1305, 326)}
+    first = (msl_dir / msl.SPLIT_FILES["train"]).read_text().split()[0]
+    assert msl.read_split(msl_dir, "train", "msl25", limit=5)[0].path == msl_dir / first
+    assert len(msl.read_split(msl_dir, "val", "msl25", limit=5)) == 5
+    assert len(msl.class_names("msl25", msl_dir)) == 25
+    assert msl.class_names("binary", msl_dir) == ["Surface", "Rover"]
+
+
+def test_missing_and_unreadable_images_are_errors_naming_the_file(
+    msl_dir: Path, tmp_path: Path
+) -> None:
+    d = mini_data(msl_dir, tmp_path / "msl")
+    samples = msl.read_split(d, "train", "binary")
+    victim = samples[1].path
+    victim.write_bytes(b"not a jpeg")
+    spec = PreprocessSpec.for_input_size(64)
+    with pytest.raises(MarsvisionError, match=victim.name):
+        train_store(samples, store_size=73, interpolation="bilinear", workers=2)
+    with pytest.raises(MarsvisionError, match=victim.name):
+        eval_tensors(samples, spec=spec, workers=1)
+    victim.unlink()
+    with pytest.raises(MarsvisionError, match=f"{victim.name} is missing"):
+        msl.read_split(d, "train", "binary")
+
+
+def test_eval_tensors_are_exactly_the_eval_transform(msl_dir: Path) -> None:
+    samples = msl.read_split(msl_dir, "test", "binary", limit=6)
+    spec = PreprocessSpec.for_input_size(64)
+    got = eval_tensors(samples, spec=spec, workers=3)
+    tf = eval_transform(spec)
+    want = torch.stack([tf(Image.open(s.path).convert("RGB")) for s in samples])
+    assert got.dtype == torch.float32 and got.shape == (6, 3, 64, 64)
+    assert torch.equal(got, want)
+
+
+def test_train_store_and_augmentation(msl_dir: Path) -> None:
+    samples = msl.read_split(msl_dir, "train", "binary", limit=8)
+    spec = PreprocessSpec.for_input_size(64)
+    store = train_store(samples, store_size=64, interpolation="bilinear", workers=2)
+    assert store.dtype == torch.uint8 and store.shape == (8, 3, 64, 64)
+    # no crop, rotation or jitter: every output is the image or its left-right mirror, never
+    # upside down (the horizon has an orientation)
+    flips_only = AugmentSpec(scale=(1.0, 1.0), ratio=(1.0, 1.0), rotate_deg=0.0, jitter=0.0)
+    g = torch.Generator().manual_seed(0)
+    out = augment_batch(store, out_size=64, spec=spec, aug=flips_only, generator=g)
+    plain = normalize_uint8(store, spec)
+    mirrored = 0
+    for o, p in zip(out, plain, strict=True):
+        same, mirror = (o - p).abs().max(), (o - p.flip(-1)).abs().max()
+        assert min(same, mirror) < 1e-4
+        assert (o - p.flip(-2)).abs().max() > 0.1
+        mirrored += int(mirror < same)
+    assert 0 < mirrored < 8
+    # the full augmentation: right shape, normalized range, reproducible from the seed
+    a = augment_batch(store, out_size=48, spec=spec, aug=AugmentSpec(),
+                      generator=torch.Generator().manual_seed(3))  # fmt: skip
+    b = augment_batch(store, out_size=48, spec=spec, aug=AugmentSpec(),
+                      generator=torch.Generator().manual_seed(3))  # fmt: skip
+    assert a.shape == (8, 3, 48, 48) and torch.equal(a, b)
+    assert -2.2 < a.min() and a.max() < 2.7
+    assert not torch.allclose(a, torch.nn.functional.interpolate(plain, size=48))
+
+
+def _zip_dataset(src: Path, path: Path, root: str = "msl-images/") -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for f in sorted(src.rglob("*")):
+            if f.is_file():
+                zf.write(f, root + f.relative_to(src).as_posix())
+    return path
+
+
+def test_check_and_unpack_archive(msl_dir: Path, tmp_path: Path) -> None:
+    src = mini_data(msl_dir, tmp_path / "src", per_split=3)
+    archive = _zip_dataset(src, tmp_path / "msl-images.zip")
+    with pytest.raises(MarsvisionError, match="expected about 60.6 MB"):
+        check_archive(archive)  # the real size check
+    root = check_archive(archive, expected_bytes=None)
+    assert root == "msl-images/"
+    dest = unpack_archive(archive, tmp_path / "data", root)
+    assert msl.resolve_data_dir(dest) == dest
+    assert len(msl.read_split(dest, "test", "msl25")) == 3
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    with pytest.raises(MarsvisionError, match="not empty"):
+        unpack_archive(archive, dest, root)
+
+
+def test_archive_whose_splits_do_not_resolve(msl_dir: Path, tmp_path: Path) -> None:
+    src = mini_data(msl_dir, tmp_path / "src", per_split=3)
+    missing = (src / msl.SPLIT_FILES["val"]).read_text().split()[0]
+    (src / missing).unlink()
+    archive = _zip_dataset(src, tmp_path / "bad.zip", root="")
+    with pytest.raises(MarsvisionError, match=Path(missing).name):
+        check_archive(archive, expected_bytes=None)
+    (tmp_path / "junk.zip").write_bytes(b"PK not really")
+    with pytest.raises(MarsvisionError, match="not a zip"):
+        check_archive(tmp_path / "junk.zip", expected_bytes=None)
+
+
+def _run_cli(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        MARS_TRAIN + args, check=False, capture_output=True, text=True, timeout=120, cwd=REPO,
+        env={**os.environ, **env},
+    )  # fmt: skip
+
+
+def test_download_offline_is_one_line(tmp_path: Path) -> None:
+    dest = tmp_path / "msl"
+    # nothing listens on port 9 (discard): the same failure as having no internet
+    r = _run_cli(["--download", "--data", str(dest)], MARS_MSL_URL="http://127.0.0.1:9/x.zip")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("Error: cannot download") and r.stderr.count("\n") == 1
+    assert "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_of_a_wrong_archive_leaves_nothing(msl_dir: Path, tmp_path: Path) -> None:
+    src = mini_data(msl_dir, tmp_path / "src", per_split=2)
+    archive = _zip_dataset(src, tmp_path / "small.zip")
+    dest = tmp_path / "out" / "msl"
+    (tmp_path / "out").mkdir()
+    with pytest.raises(MarsvisionError, match="expected about 60.6 MB"):
+        download_msl(dest, url=archive.as_uri())
+    assert list((tmp_path / "out").iterdir()) == []

@@ -1,0 +1,234 @@
+"""Export stage on the tiny real checkpoint: ONNX FP32/FP16/INT8 artifacts, metadata, cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+
+from marsvision.export.artifacts import MANIFEST, artifact_name, onnx_meta  # noqa: E402
+from marsvision.export.config import ExportConfig  # noqa: E402
+from marsvision.export.images import load_batch, ort_logits, split_paths  # noqa: E402
+from marsvision.export.onnx_fp32 import torch_logits  # noqa: E402
+from marsvision.export.pipeline import CALIB_CACHE_DIR, export_all  # noqa: E402
+from marsvision.runtime.errors import MarsvisionError  # noqa: E402
+from marsvision.runtime.metadata import METADATA_KEY, ModelMeta, sha256_file  # noqa: E402
+
+CALIB_IMAGES = 16
+AGREEMENT_IMAGES = 32
+MIN_INT8_AGREEMENT = 0.8
+
+
+@pytest.fixture(scope="module")
+def ckpt_path(tiny_checkpoint: Path, msl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint with BatchNorm statistics re-estimated on 48 real train images.
+
+    The fixture's few SGD steps leave logits near 1e6 and one predicted class for every val
+    image; with fresh BN statistics the same weights give logits of a sane scale and both
+    classes, so the agreement checks below can fail.
+    """
+    import torch
+
+    from marsvision.train.checkpoint import (
+        atomic_torch_save,
+        load_checkpoint,
+        model_from_checkpoint,
+        preprocess_from_checkpoint,
+    )
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    model = model_from_checkpoint(ckpt)
+    x = torch.from_numpy(
+        load_batch(split_paths(msl_dir, "train", "binary", 48), preprocess_from_checkpoint(ckpt))
+    )
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(x), 16):
+            model(x[i : i + 16])
+    ckpt["state_dict"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    path = tmp_path_factory.mktemp("ckpt-bn") / "tiny-bn.pt"
+    atomic_torch_save(ckpt, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(ckpt_path: Path, msl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One export of everything (TensorRT off: engines are tested in test_export_tensorrt)."""
+    out = tmp_path_factory.mktemp("export")
+    config = ExportConfig(
+        checkpoint=ckpt_path, out=out, fp16=True, int8=True, calib_images=CALIB_IMAGES,
+        tensorrt="off", data_dir=msl_dir,
+    )
+    export_all(config)
+    return out
+
+
+@pytest.fixture(scope="module")
+def val32(ckpt_path: Path, msl_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """32 real val images and the PyTorch FP32 logits for them."""
+    from marsvision.train.checkpoint import load_checkpoint, preprocess_from_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path)
+    batch = load_batch(
+        split_paths(msl_dir, "val", "binary", AGREEMENT_IMAGES), preprocess_from_checkpoint(ckpt)
+    )
+    return batch, torch_logits(ckpt, batch)
+
+
+def _path(out: Path, flavour: str) -> Path:
+    return out / artifact_name("binary", flavour)
+
+
+def test_writes_every_onnx_artifact_and_manifest(exported: Path, ckpt_path: Path) -> None:
+    manifest = json.loads((exported / MANIFEST).read_text())
+    files = {a["file"] for a in manifest["artifacts"]}
+    expected = {artifact_name("binary", f) for f in ("fp32", "fp16", "int8-cpu", "int8-trt")}
+    assert files == expected
+    assert manifest["source_checkpoint_sha256"] == sha256_file(ckpt_path)
+    for a in manifest["artifacts"]:
+        assert (exported / a["file"]).stat().st_size == a["size_bytes"]
+    # nothing half-written or staged is left behind
+    assert not [p for p in exported.iterdir() if p.name.startswith(".")]
+
+
+def test_fp32_passes_checker_with_dynamic_batch(exported: Path, val32) -> None:
+    path = _path(exported, "fp32")
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 64, 64]
+    batch, ref = val32
+    for n in (1, 3, 32):
+        got = ort_logits(path, batch[:n])
+        assert got.shape == (n, 2)
+        assert np.abs(got - ref[:n]).max() <= 1e-4
+        assert (got.argmax(1) == ref[:n].argmax(1)).all()
+
+
+def test_fp16_is_half_size_with_float32_boundary(exported: Path, val32) -> None:
+    fp16 = onnx.load(str(_path(exported, "fp16")))
+    elem = onnx.TensorProto
+    assert fp16.graph.input[0].type.tensor_type.elem_type == elem.FLOAT
+    assert fp16.graph.output[0].type.tensor_type.elem_type == elem.FLOAT
+    conv_weights = {n.input[1] for n in fp16.graph.node if n.op_type == "Conv"}
+    types = {t.data_type for t in fp16.graph.initializer if t.name in conv_weights}
+    assert types == {elem.FLOAT16}
+    batch, ref = val32
+    got = ort_logits(_path(exported, "fp16"), batch)
+    assert np.abs(got - ref).max() < 0.05 * max(1.0, float(np.abs(ref).max()))
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.95
+
+
+def _qdq(model) -> tuple[dict[str, int], set[int], list]:
+    """Zero-point types of QuantizeLinear nodes, weight types feeding DequantizeLinear, weight DQs."""
+    inits = {t.name: t for t in model.graph.initializer}
+    q_zp = {}
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear":
+            q_zp[n.input[2]] = inits[n.input[2]]
+    weight_dqs = [
+        n for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits
+        and len(inits[n.input[0]].dims) == 4
+    ]
+    weight_types = {inits[n.input[0]].data_type for n in weight_dqs}
+    return q_zp, weight_types, weight_dqs
+
+
+@pytest.mark.parametrize(
+    ("flavour", "act_type"),
+    [("int8-cpu", onnx.TensorProto.UINT8), ("int8-trt", onnx.TensorProto.INT8)],
+)
+def test_int8_carries_qdq_of_the_right_types(exported: Path, flavour: str, act_type: int) -> None:
+    from onnx import numpy_helper
+
+    model = onnx.load(str(_path(exported, flavour)))
+    q_zp, weight_types, weight_dqs = _qdq(model)
+    assert len(q_zp) >= 50  # activations of ~53 convs are quantized
+    assert {zp.data_type for zp in q_zp.values()} == {act_type}
+    assert weight_types == {onnx.TensorProto.INT8}
+    inits = {t.name: t for t in model.graph.initializer}
+    # per-channel symmetric weights: one scale per output channel, zero points all 0
+    for n in weight_dqs:
+        assert numpy_helper.to_array(inits[n.input[1]]).size == inits[n.input[0]].dims[0]
+        assert not numpy_helper.to_array(inits[n.input[2]]).any()
+    if flavour == "int8-trt":
+        assert all(not numpy_helper.to_array(zp).any() for zp in q_zp.values())
+    else:
+        assert any(numpy_helper.to_array(zp).any() for zp in q_zp.values())
+
+
+@pytest.mark.parametrize("flavour", ["int8-cpu", "int8-trt"])
+def test_int8_agrees_with_fp32_on_val_images(exported: Path, val32, flavour: str) -> None:
+    batch, ref = val32
+    # The check can only fail if the reference predicts both classes on these images.
+    assert len(set(ref.argmax(1).tolist())) == 2, "val images all predicted one class"
+    got = ort_logits(_path(exported, flavour), batch)
+    agreement = (got.argmax(1) == ref.argmax(1)).mean()
+    assert agreement >= MIN_INT8_AGREEMENT, f"{flavour}: top-1 agreement {agreement:.0%}"
+    assert np.corrcoef(got[:, 1] - got[:, 0], ref[:, 1] - ref[:, 0])[0, 1] > 0.9
+
+
+def test_metadata_round_trips(exported: Path, ckpt_path: Path) -> None:
+    from marsvision.train.checkpoint import load_checkpoint, preprocess_from_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path)
+    for flavour, precision in [
+        ("fp32", "fp32"), ("fp16", "fp16"), ("int8-cpu", "int8"), ("int8-trt", "int8"),
+    ]:
+        path = _path(exported, flavour)
+        meta = onnx_meta(path)
+        props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        assert ModelMeta.from_json(props[METADATA_KEY]) == meta
+        assert meta.precision == precision
+        assert meta.class_names == ckpt["class_names"]
+        assert meta.preprocess == preprocess_from_checkpoint(ckpt)
+        assert meta.input_shape == ["batch", 3, 64, 64] and meta.output_shape == ["batch", 2]
+        assert meta.input_dtype == "float32"
+        assert meta.source_checkpoint_sha256 == sha256_file(ckpt_path)
+        assert {"torch", "onnx", "onnxruntime", "marsvision"} <= set(meta.versions)
+        if precision == "int8":
+            q = meta.quantization
+            assert q is not None
+            assert (q["method"], q["images"], q["source"]) == ("percentile", CALIB_IMAGES, "train split")
+            assert q["activations"] == ("uint8" if flavour == "int8-cpu" else "int8")
+        else:
+            assert meta.quantization is None
+
+
+def test_calibration_cache_is_reused(
+    exported: Path, ckpt_path: Path, msl_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    caches = list((exported / CALIB_CACHE_DIR).glob("*.json"))
+    assert len(caches) == 1
+    before = caches[0].stat().st_mtime_ns
+    config = ExportConfig(
+        checkpoint=ckpt_path, out=exported, int8=True, calib_images=CALIB_IMAGES,
+        tensorrt="off", data_dir=msl_dir,
+    )
+    manifest = export_all(config)
+    assert "reusing cached ranges" in capfd.readouterr().err
+    assert caches[0].stat().st_mtime_ns == before
+    int8 = [a for a in manifest["artifacts"] if a["flavour"].startswith("int8")]
+    assert [a["calibration_reused"] for a in int8] == [True, True]
+    # the earlier FP16 entry survives in the merged manifest
+    assert any(a["flavour"] == "fp16" for a in manifest["artifacts"])
+
+
+def test_failed_parity_writes_nothing(ckpt_path: Path, msl_dir: Path, tmp_path: Path) -> None:
+    config = ExportConfig(
+        checkpoint=ckpt_path, out=tmp_path, tensorrt="off", data_dir=msl_dir,
+        parity_tolerance=0.0,
+    )
+    with pytest.raises(MarsvisionError, match="does not match PyTorch"):
+        export_all(config)
+    assert list(tmp_path.iterdir()) == []

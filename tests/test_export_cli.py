@@ -1,0 +1,149 @@
+"""mars-export as a user runs it: the summary table, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from marsvision.export import cli
+from marsvision.export.artifacts import MANIFEST
+
+
+def _run(args: list[str], msl_dir: Path) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli.main, [*args, "--data", str(msl_dir)])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _one_line_error(code: int, stdout: str, stderr: str) -> str:
+    assert code != 0
+    assert "Traceback" not in stdout + stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
+    return lines[0]
+
+
+def test_help_lists_the_options() -> None:
+    result = CliRunner().invoke(cli.main, ["--help"])
+    assert result.exit_code == 0
+    for flag in ("--checkpoint", "--fp16", "--int8", "--calib-method", "--tensorrt", "--max-batch"):
+        assert flag in result.output
+
+
+def test_export_prints_table_and_says_why_no_engines(
+    tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("onnx")
+    if cli_tensorrt_available():
+        pytest.skip("TensorRT is installed here: the skip line is not printed")
+    code, out, err = _run(
+        ["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path), "--fp16"], msl_dir
+    )
+    assert code == 0, err
+    header = out.splitlines()[0].split()
+    assert header[:3] == ["artifact", "precision", "size"]
+    assert "resnet50-binary.fp32.onnx" in out and "resnet50-binary.fp16.onnx" in out
+    skip = [line for line in err.splitlines() if "skipped the TensorRT engines" in line]
+    assert len(skip) == 1 and 'pip install "marsvision[trt]"' in skip[0]
+    assert "mars-export:" not in out  # progress stays on stderr
+    assert json.loads((tmp_path / MANIFEST).read_text())["artifacts"]
+
+
+def cli_tensorrt_available() -> bool:
+    from marsvision.export.tensorrt import tensorrt_unavailable_reason
+
+    return tensorrt_unavailable_reason() is None
+
+
+def test_no_checkpoint_and_no_shipped_model(
+    msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "_REPO", tmp_path)
+    line = _one_line_error(*_run(["--out", str(tmp_path / "o")], msl_dir))
+    assert "--checkpoint" in line and "resnet50-binary.pt" in line
+
+
+def test_shipped_checkpoint_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "resnet50-binary.pt").write_bytes(b"x")
+    monkeypatch.setattr(cli, "_REPO", tmp_path)
+    assert cli.shipped_checkpoint() == tmp_path / "models" / "resnet50-binary.pt"
+
+
+def test_missing_checkpoint(msl_dir: Path, tmp_path: Path) -> None:
+    line = _one_line_error(
+        *_run(["--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")], msl_dir)
+    )
+    assert "does not exist" in line
+
+
+@pytest.mark.parametrize("kind", ["truncated", "foreign-torch", "foreign-text"])
+def test_bad_checkpoint(kind: str, tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    bad = tmp_path / "bad.pt"
+    if kind == "truncated":
+        data = tiny_checkpoint.read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    elif kind == "foreign-torch":
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, bad)
+    else:
+        bad.write_text("hello\n")
+    line = _one_line_error(*_run(["--checkpoint", str(bad), "--out", str(tmp_path / "o")], msl_dir))
+    assert "not a marsvision checkpoint" in line
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_unwritable_out_dir(tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    line = _one_line_error(
+        *_run(["--checkpoint", str(tiny_checkpoint), "--out", str(blocker / "out")], msl_dir)
+    )
+    assert "cannot write to output directory" in line and "--out" in line
+
+
+def test_fewer_calibration_images_than_asked(
+    tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    args = ["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path), "--int8",
+            "--calib-images", "100000"]
+    line = _one_line_error(*_run(args, msl_dir))
+    assert "100000 train images" in line and "has only 3746" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_dir_of_another_model(tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / MANIFEST).write_text(
+        json.dumps({"source_checkpoint_sha256": "0" * 64, "artifacts": []})
+    )
+    line = _one_line_error(
+        *_run(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path)], msl_dir)
+    )
+    assert "another model" in line and "--out" in line
+
+
+def test_tensorrt_on_without_tensorrt(tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path) -> None:
+    if cli_tensorrt_available():
+        pytest.skip("TensorRT is installed here")
+    args = ["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path), "--fp16",
+            "--tensorrt", "on"]
+    line = _one_line_error(*_run(args, msl_dir))
+    assert 'pip install "marsvision[trt]"' in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_console_script_error_is_one_line(tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("mars-export")
+    if not exe.exists():
+        pytest.skip(f"console script not installed next to {sys.executable}")
+    proc = subprocess.run(
+        [str(exe), "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ}, timeout=120,
+    )
+    _one_line_error(proc.returncode, proc.stdout, proc.stderr)

@@ -1,0 +1,71 @@
+"""TensorRT engine building (needs tensorrt + a GPU) and mypy --strict on export/tensorrt.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from marsvision.export.tensorrt import tensorrt_unavailable_reason
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.tensorrt
+def test_engines_from_fp16_and_int8_onnx(
+    tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    reason = tensorrt_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"TensorRT cannot build here: {reason}")
+    import tensorrt as trt
+
+    from marsvision.export.config import ExportConfig
+    from marsvision.export.pipeline import TIMING_CACHE, export_all
+    from marsvision.runtime.metadata import ModelMeta, sidecar_path
+
+    config = ExportConfig(
+        checkpoint=tiny_checkpoint, out=tmp_path, fp16=True, int8=True, calib_images=16,
+        tensorrt="on", max_batch=4, data_dir=msl_dir,
+    )
+    manifest = export_all(config)
+    assert (tmp_path / TIMING_CACHE).stat().st_size > 0
+    for name, precision in [("resnet50-binary.fp16.plan", "fp16"), ("resnet50-binary.int8.plan", "int8")]:
+        engine_path = tmp_path / name
+        assert any(a["file"] == name for a in manifest["artifacts"])
+        meta = ModelMeta.from_json(sidecar_path(engine_path).read_text())
+        assert meta.precision == precision
+        assert meta.tensorrt is not None and meta.tensorrt["max_batch"] == 4
+        assert meta.tensorrt["version"] == trt.__version__ and meta.tensorrt["gpu_name"]
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        assert engine is not None
+        assert tuple(engine.get_tensor_profile_shape("input", 0)[2]) == (4, 3, 64, 64)
+    json.loads((tmp_path / "manifest.json").read_text())
+
+
+def test_tensorrt_module_passes_mypy_strict() -> None:
+    if importlib.util.find_spec("mypy") is None:
+        pytest.skip("mypy is not installed")
+    if importlib.util.find_spec("tensorrt_stubs") is None:
+        pytest.skip("tensorrt-stubs is not installed")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "export/tensorrt.py"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_module_imports_without_tensorrt() -> None:
+    code = (
+        "import sys; sys.modules['tensorrt'] = None; "
+        "import marsvision.export.tensorrt as t, marsvision.export.cli; "
+        "print(t.tensorrt_unavailable_reason())"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "tensorrt package is not installed" in proc.stdout

@@ -1,0 +1,86 @@
+"""train/metrics.py against scikit-learn, on random and edge-case labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from marsvision.train.metrics import (
+    bootstrap_accuracy_ci,
+    classification_metrics,
+    confusion_matrix,
+)
+
+
+def _sk(y_true: np.ndarray, y_pred: np.ndarray, k: int, task: str) -> dict[str, float]:
+    kw = {"average": "binary", "pos_label": 1} if task == "binary" else {"average": "macro"}
+    return {
+        "accuracy": skm.accuracy_score(y_true, y_pred),
+        "balanced_accuracy": skm.balanced_accuracy_score(y_true, y_pred),
+        "precision": skm.precision_score(y_true, y_pred, zero_division=0, **kw),
+        "recall": skm.recall_score(y_true, y_pred, zero_division=0, **kw),
+        "f1": skm.f1_score(y_true, y_pred, zero_division=0, **kw),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+@pytest.mark.filterwarnings("ignore:A single label was found")
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize(("task", "k"), [("binary", 2), ("msl25", 25)])
+def test_matches_sklearn(seed: int, task: str, k: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 300))
+    # a skewed label distribution so that some classes are absent from y_true or y_pred
+    p = rng.dirichlet(np.full(k, 0.3))
+    y_true = rng.choice(k, size=n, p=p)
+    y_pred = np.where(rng.random(n) < 0.6, y_true, rng.choice(k, size=n, p=p))
+    got = classification_metrics(y_true, y_pred, k, task)
+    for key, want in _sk(y_true, y_pred, k, task).items():
+        assert got[key] == pytest.approx(want, abs=1e-12), key
+    cm = skm.confusion_matrix(y_true, y_pred, labels=list(range(k)))
+    assert got["confusion_matrix"] == cm.tolist()
+    assert got["n"] == n
+    rec = skm.recall_score(y_true, y_pred, labels=list(range(k)), average=None, zero_division=0)
+    for c in range(k):
+        if (y_true == c).any():
+            assert got["per_class_recall"][c] == pytest.approx(rec[c])
+        else:
+            assert got["per_class_recall"][c] is None
+
+
+def test_binary_positive_is_rover() -> None:
+    # every Rover (1) found, one Surface (0) called Rover: precision 3/4, recall 1
+    m = classification_metrics([1, 1, 1, 0, 0], [1, 1, 1, 1, 0], 2, "binary")
+    assert m["precision"] == pytest.approx(0.75)
+    assert m["recall"] == 1.0
+    assert m["balanced_accuracy"] == pytest.approx((1.0 + 0.5) / 2)
+    assert m["confusion_matrix"] == [[1, 1], [0, 3]]
+
+
+def test_degenerate_predictions_score_zero_not_nan() -> None:
+    m = classification_metrics([0, 0, 0], [0, 0, 0], 2, "binary")  # no positives anywhere
+    assert (m["precision"], m["recall"], m["f1"]) == (0.0, 0.0, 0.0)
+    assert m["per_class_recall"] == [1.0, None]
+
+
+def test_confusion_matrix_rejects_bad_labels() -> None:
+    with pytest.raises(ValueError):
+        confusion_matrix([0, 2], [0, 1], 2)
+    with pytest.raises(ValueError):
+        confusion_matrix([0, 1], [0], 2)
+
+
+def test_bootstrap_ci() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    pred = np.where(rng.random(400) < 0.8, y, 1 - y)
+    acc = float((y == pred).mean())
+    lo, hi = bootstrap_accuracy_ci(y, pred, n_boot=2000, seed=1)
+    assert lo < acc < hi
+    # the normal-approximation half width is 1.96 * sqrt(p(1-p)/n) ~ 0.039 here
+    half = 1.96 * np.sqrt(acc * (1 - acc) / 400)
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.15)
+    assert bootstrap_accuracy_ci(y, pred, n_boot=2000, seed=1) == (lo, hi)
+    lo4, hi4 = bootstrap_accuracy_ci(np.tile(y, 4), np.tile(pred, 4), n_boot=2000, seed=1)
+    assert hi4 - lo4 < (hi - lo) * 0.7  # four times the data: about half the width

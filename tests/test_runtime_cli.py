@@ -1,0 +1,238 @@
+"""mars-infer end to end: real MSL images, malformed files, kill and --resume, exit codes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from marsvision.runtime.classifier import Classifier
+from test_runtime_models import load_ckpt, runtime_models
+
+MARS_INFER = [sys.executable, "-m", "marsvision.runtime.cli"]
+
+
+@pytest.fixture(scope="module")
+def models(
+    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, msl_dir: Path
+) -> dict[str, Path]:
+    return runtime_models(tiny_checkpoint, tmp_path_factory.mktemp("models"), msl_dir)
+
+
+def _images(msl_dir: Path, n: int, split: str = "test") -> list[Path]:
+    from marsvision.train.data import read_split
+
+    return [s.path for s in read_split(msl_dir, split, "binary", limit=n)]
+
+
+def _infer(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*MARS_INFER, *map(os.fspath, args)], capture_output=True, cwd=cwd)
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    text = path.read_bytes().decode("utf-8", "surrogateescape")
+    return list(csv.DictReader(io.StringIO(text, newline="")))
+
+
+def test_classifier_matches_torch_top1(
+    models: dict[str, Path], tiny_checkpoint: Path, msl_dir: Path
+) -> None:
+    import torch
+    from PIL import Image
+
+    from marsvision.train.checkpoint import model_from_checkpoint, preprocess_from_checkpoint
+    from marsvision.train.transforms import eval_transform
+
+    ckpt = load_ckpt(tiny_checkpoint)
+    tf = eval_transform(preprocess_from_checkpoint(ckpt))
+    paths = _images(msl_dir, 20)
+    with torch.no_grad():
+        ref = torch.softmax(
+            model_from_checkpoint(ckpt)(
+                torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
+            ),
+            1,
+        ).numpy()
+    with Classifier(models["fp32"], device="cpu", batch_size=6, workers=2) as clf:
+        preds = clf.predict(paths)
+    assert [p.path for p in preds] == [str(p) for p in paths]
+    assert all(p.ok for p in preds)
+    got = np.array([p.probs for p in preds])
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    assert [p.label for p in preds] == [ckpt["class_names"][i] for i in ref.argmax(1)]
+    with Classifier(models["int8"], device="cpu", batch_size=4) as clf:
+        q = clf.predict(paths)
+    assert clf.meta.precision == "int8"
+    agree = np.mean([a.label == b.label for a, b in zip(q, preds)])
+    assert agree >= 0.8
+
+
+def test_cli_real_images_csv_and_jsonl(
+    models: dict[str, Path], msl_dir: Path, tmp_path: Path
+) -> None:
+    paths = _images(msl_dir, 11)
+    out = tmp_path / "r.csv"
+    r = _infer(*paths, "--engine", models["int8"], "--out", out, "-b", "4")
+    assert r.returncode == 0, r.stderr
+    assert b"11 ok, 0 failed" in r.stderr
+    rows = _csv_rows(out)
+    assert [row["path"] for row in rows] == [str(p) for p in paths]
+    for row in rows:
+        assert row["status"] == "ok" and row["label"] in ("Surface", "Rover")
+        p = float(row["prob_Surface"]) + float(row["prob_Rover"])
+        assert abs(p - 1) < 1e-5
+        assert row["precision"] == "int8" and row["backend"] == "onnxruntime-cpu"
+        assert len(row["model_sha256"]) == 64
+    # JSONL with --top-k on stdout, from a folder listing via @list
+    lst = tmp_path / "list.txt"
+    lst.write_text("# inputs\n" + "\n".join(map(str, paths[:3])) + "\n\n")
+    r = _infer(f"@{lst}", "--engine", models["int8"], "--format", "jsonl", "--top-k", "1")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.decode().splitlines()]
+    assert [d["path"] for d in lines] == [str(p) for p in paths[:3]]
+    assert all(len(d["top_k"]) == 1 and d["top_k"][0][0] == d["label"] for d in lines)
+
+
+def test_malformed_corpus_one_row_each(
+    models: dict[str, Path], msl_dir: Path, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    good = _images(msl_dir, 3)
+    d = tmp_path / "in"
+    d.mkdir()
+    src = Image.open(good[0]).convert("RGB")
+    raw = good[0].read_bytes()
+    (d / "a_good.JPG").write_bytes(raw)
+    (d / "b_empty.jpg").write_bytes(b"")
+    (d / "c_truncated.jpg").write_bytes(raw[: len(raw) // 4])
+    (d / "d_text.png").write_text("hello")
+    (d / "e_corrupt.jpg").write_bytes(raw[:200] + bytes(range(256)) * 20)
+    (d / "f_broken.jpg").symlink_to(d / "nowhere.jpg")
+    src.convert("L").save(d / "g_gray.png")
+    src.convert("CMYK").save(d / "h_cmyk.jpg")
+    src.convert("RGBA").save(d / "i_rgba.png")
+    src.convert("P").save(d / "j_palette.gif")
+    Image.fromarray(np.asarray(src.convert("L"), dtype=np.uint16) * 257).save(d / "k_16bit.png")
+    Image.new("L", (12000, 9000)).save(d / "l_huge.png")
+    weird = os.fsencode(d) + b"/m_caf\xe9.jpg"  # not valid UTF-8
+    with open(weird, "wb") as f:
+        f.write(raw)
+    (d / "notes.txt").write_text("not an image suffix: not listed from a folder")
+    before = sorted(os.listdir(d))
+    out = tmp_path / "r.csv"
+    r = _infer(d, "--engine", models["int8"], "--out", out, "-b", "4")
+    assert r.returncode == 3, r.stderr
+    assert b"Traceback" not in r.stderr
+    rows = {os.path.basename(row["path"]): row for row in _csv_rows(out)}
+    expected_ok = {
+        "a_good.JPG",
+        "g_gray.png",
+        "h_cmyk.jpg",
+        "i_rgba.png",
+        "j_palette.gif",
+        "k_16bit.png",
+        "m_caf\udce9.jpg",
+    }
+    expected_err = {
+        "b_empty.jpg",
+        "c_truncated.jpg",
+        "d_text.png",
+        "e_corrupt.jpg",
+        "f_broken.jpg",
+        "l_huge.png",
+    }
+    assert set(rows) == expected_ok | expected_err
+    for name in expected_ok:
+        assert rows[name]["status"] == "ok", (name, rows[name]["error"])
+    for name in expected_err:
+        assert rows[name]["status"] == "error" and rows[name]["error"], name
+    assert "decompression-bomb" in rows["l_huge.png"]["error"]
+    # the non-UTF-8 name is written losslessly: its bytes are in the file
+    assert weird in out.read_bytes()
+    assert sorted(os.listdir(d)) == before  # nothing written next to the inputs
+    assert b"7 ok, 6 failed" in r.stderr
+
+
+def test_kill_then_resume_loses_and_duplicates_nothing(
+    models: dict[str, Path], msl_dir: Path, tmp_path: Path
+) -> None:
+    paths = [str(p) for p in _images(msl_dir, 400, split="train")]
+    lst = tmp_path / "all.txt"
+    lst.write_text("\n".join(paths) + "\n")
+    out = tmp_path / "r.jsonl"
+    cmd = [
+        *MARS_INFER,
+        f"@{lst}",
+        "--engine",
+        str(models["int8"]),
+        "--out",
+        str(out),
+        "-b",
+        "1",
+        "-j",
+        "1",
+        "--threads",
+        "1",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if out.exists() and out.read_bytes().count(b"\n") >= 20:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    n_before = out.read_bytes().count(b"\n")
+    assert 20 <= n_before < len(paths)
+    with open(out, "ab") as f:  # as if the kill had cut a row in half
+        f.write(b'{"path": "/half/a/row", "sta')
+    r = subprocess.run([*cmd, "--resume", "-b", "16", "-j", "2"], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    got = [d["path"] for d in rows]
+    assert got == paths  # input order, each exactly once, the cut row dropped
+    assert all(d["status"] == "ok" for d in rows)
+    assert b"already in" in r.stderr
+    # resuming a finished file writes nothing
+    r = subprocess.run([*cmd, "--resume"], capture_output=True)
+    assert r.returncode == 0 and out.read_text().count("\n") == len(paths)
+
+
+def test_cli_errors_and_exit_codes(models: dict[str, Path], msl_dir: Path, tmp_path: Path) -> None:
+    img = _images(msl_dir, 1)[0]
+    cases = [
+        (["--engine", tmp_path / "missing.onnx"], 1, b"not found"),
+        (["--engine", models["int8"], "--batch-size", "0"], 2, b"batch-size"),
+        (["--engine", models["int8"], "--backend", "tflite"], 2, b"backend"),
+        (["--engine", models["int8"], "--resume"], 2, b"--resume needs --out"),
+        (["--engine", models["int8"], "--device", "cuda"], 1, b"CUDA"),
+    ]
+    bad = tmp_path / "corrupt.onnx"
+    bad.write_bytes(b"\x08\x01garbage")
+    cases.append((["--engine", bad], 1, b"re-export"))
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"engine bytes")
+    cases.append((["--engine", plan, "--backend", "onnxruntime"], 1, b"TensorRT engine"))
+    cases.append((["--engine", plan], 1, b"sidecar"))
+    exists = tmp_path / "exists.csv"
+    exists.write_text("x\n")
+    cases.append((["--engine", models["int8"], "--out", exists], 1, b"--resume"))
+    for args, code, msg in cases:
+        r = _infer(img, *args)
+        assert r.returncode == code, (args, r.stderr)
+        assert msg in r.stderr, (args, r.stderr)
+        assert b"Traceback" not in r.stderr, args
+    r = _infer("--help")
+    assert r.returncode == 0 and b"Exit codes" in r.stdout
+    r = _infer(tmp_path / "no-such.jpg", "--engine", models["int8"])
+    assert r.returncode == 3 and b",error," in r.stdout

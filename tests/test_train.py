@@ -1,0 +1,251 @@
+"""mars-train end to end on a few real MSL images at 64 px, its outputs, resume, and bad input."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see train/cli.py
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torchvision.models import resnet50
+
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.spec import PreprocessSpec
+from marsvision.train import data as msl
+from marsvision.train.checkpoint import load_checkpoint, model_from_checkpoint
+from marsvision.train.cli import main
+from marsvision.train.config import config_from_flags
+from marsvision.train.images import eval_tensors
+from marsvision.train.metrics import classification_metrics
+from marsvision.train.model import create_model
+
+REPO = Path(__file__).resolve().parents[1]
+LIMIT = 16
+QUICK = ["--image-size", "64", "--device", "cpu", "--batch-size", "8", "--workers", "2"]
+
+
+def _train(args: list[str]) -> Any:
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def run(msl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two epochs on a few images per split."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    _train(
+        ["--data", str(msl_dir), "--epochs", "2", "--limit", str(LIMIT), "--out", str(out), *QUICK]
+    )
+    return out
+
+
+def test_run_folder(run: Path, msl_dir: Path) -> None:
+    names = {p.name for p in run.iterdir()}
+    assert {"checkpoint.pt", "resume.pt", "config.json", "metrics.json", "predictions_test.csv",
+            "curves.png", "confusion_test.png"} <= names  # fmt: skip
+    assert not [n for n in names if n.startswith(".")]  # no temporary files left
+    for png in ("curves.png", "confusion_test.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((run / "config.json").read_text())
+    assert config["task"] == "binary" and config["image_size"] == 64 and config["limit"] == LIMIT
+    assert config["recipe"] == "default" and config["optimizer"] == "adamw"
+
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["config"] == config and m["data_fingerprint"] == msl.data_fingerprint(msl_dir)
+    assert len(m["history"]) == 2
+    val_scores = [(h["val_balanced_accuracy"], -h["val_loss"]) for h in m["history"]]
+    assert m["best_epoch"] == 1 + val_scores.index(max(val_scores))  # selected on val only
+    for split in ("val", "test"):
+        for key in ("accuracy", "balanced_accuracy", "precision", "recall", "f1",
+                    "confusion_matrix", "per_class_recall"):  # fmt: skip
+            assert key in m[split]
+        assert m[split]["n"] == LIMIT
+    lo, hi = m["test"]["accuracy_ci95"]
+    assert lo <= m["test"]["accuracy"] <= hi
+
+
+def test_predictions_agree_with_metrics_and_checkpoint(run: Path, msl_dir: Path) -> None:
+    m = json.loads((run / "metrics.json").read_text())
+    with (run / "predictions_test.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    samples = msl.read_split(msl_dir, "test", "binary", limit=LIMIT)
+    assert [r["path"] for r in rows] == [s.path.relative_to(msl_dir).as_posix() for s in samples]
+    names = ["Surface", "Rover"]
+    probs = np.array([[float(r[n]) for n in names] for r in rows])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    y_true = [names.index(r["true_label"]) for r in rows]
+    y_pred = [names.index(r["pred_label"]) for r in rows]
+    assert y_true == [s.label for s in samples]
+    assert y_pred == list(probs.argmax(1))
+    assert classification_metrics(y_true, y_pred, 2, "binary") == {
+        k: v for k, v in m["test"].items() if k != "accuracy_ci95"
+    }
+    # the checkpoint that ships is the one that made these predictions
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    assert ckpt["epoch"] == m["best_epoch"] and ckpt["task"] == "binary"
+    assert ckpt["metrics"]["test"] == m["test"]
+    spec = PreprocessSpec.from_dict(ckpt["preprocess"])
+    assert spec == PreprocessSpec.for_input_size(64)
+    with torch.inference_mode():
+        logits = model_from_checkpoint(ckpt)(eval_tensors(samples, spec=spec, workers=2))
+    np.testing.assert_allclose(torch.softmax(logits, 1).numpy(), probs, atol=1e-4)
+
+
+def test_resume_continues_the_same_run(run: Path, msl_dir: Path, tmp_path: Path) -> None:
+    """One epoch, then --resume to two: the same history as the fixture's straight run."""
+    args = ["--data", str(msl_dir), "--limit", str(LIMIT), "--out", str(tmp_path / "r"), *QUICK]
+    _train([*args, "--epochs", "1"])
+    _train([*args, "--epochs", "2", "--resume"])
+    a = json.loads((run / "metrics.json").read_text())["history"]
+    b = json.loads((tmp_path / "r" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in b] == [1, 2]
+    for ha, hb in zip(a, b, strict=True):
+        for key in ("train_loss", "val_loss", "lr"):
+            assert hb[key] == pytest.approx(ha[key], rel=1e-3, abs=1e-4), key
+    # resuming with different training flags is refused
+    r = CliRunner().invoke(main, [*args, "--epochs", "3", "--lr", "0.5", "--resume"])
+    assert r.exit_code == 1 and "--resume: lr was 0.001" in r.output
+
+
+def test_recipes() -> None:
+    blog = config_from_flags("blog", data=Path("d"), out=Path("o"), epochs=None, lr=None)
+    assert (blog.optimizer, blog.lr, blog.batch_size, blog.epochs) == ("sgd", 0.01, 32, 50)
+    assert (blog.schedule, blog.label_smoothing, blog.ema_decay) == ("constant", 0.0, 0.0)
+    default = config_from_flags("default", data=Path("d"), out=Path("o"), lr=0.003)
+    assert default.lr == 0.003 and default.schedule == "cosine" and default.balance == "loss"
+    assert default.augment.hflip and default.augment.rotate_deg > 0
+
+
+def test_init_from_a_torchvision_state_dict(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    source = resnet50(num_classes=1000)  # an ImageNet-shaped weights file
+    torch.save(source.state_dict(), tmp_path / "resnet50.pth")
+    model = create_model(2, init=str(tmp_path / "resnet50.pth"))
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+    assert torch.equal(model.layer4[2].bn3.running_var, source.layer4[2].bn3.running_var)
+    assert model.fc.out_features == 2  # head re-sized, not loaded
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(MarsvisionError, match="not ResNet-50 weights"):
+        create_model(2, init=str(tmp_path / "other.pth"))
+    with pytest.raises(MarsvisionError, match="no such weights file"):
+        create_model(2, init=str(tmp_path / "absent.pth"))
+
+
+def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    code = "from marsvision.train.cli import main; main()"
+    environ = {k: v for k, v in os.environ.items() if k != "MARS_DATA"} | (env or {})
+    return subprocess.run([sys.executable, "-c", code, *args], check=False, capture_output=True,
+                          text=True, timeout=120, cwd=REPO, env=environ)  # fmt: skip
+
+
+def _one_line_error(r: subprocess.CompletedProcess[str], *expected: str) -> None:
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    for text in expected:
+        assert text in lines[0]
+
+
+def test_no_data_says_how_to_get_it(tmp_path: Path) -> None:
+    _one_line_error(_cli(["--out", str(tmp_path / "r")]), "--data", "MARS_DATA", "--download")
+    _one_line_error(_cli(["--data", str(tmp_path / "nope")]), "does not exist", "--download")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _bad_input(tmp_path: Path, msl_dir: Path, args: list[str]) -> str:
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["--data", str(msl_dir), "--out", str(out), "--limit", "4",
+                                  *QUICK, *args])  # fmt: skip
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert r.output.startswith("Error: ") and r.output.count("\n") == 1, r.output
+    assert not out.exists()  # nothing half-written
+    return r.output
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--task", "rover"], "unknown task 'rover'; choose one of binary, msl25"),
+        (["--image-size", "16"], "at least 32 px"),
+        (["--device", "tpu"], "--device 'tpu'"),
+        (["--recipe", "fast"], "unknown recipe 'fast'"),
+        (["--balance", "oversample"], "--balance 'oversample'"),
+        (["--resume"], "resume.pt does not exist"),
+        (["--init", "/nonexistent/w.pth"], "no such weights file"),
+    ],
+)
+def test_bad_flags(tmp_path: Path, msl_dir: Path, args: list[str], expected: str) -> None:
+    assert expected in _bad_input(tmp_path, msl_dir, args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu(tmp_path: Path, msl_dir: Path) -> None:
+    assert "no CUDA GPU" in _bad_input(tmp_path, msl_dir, ["--device", "cuda"])
+
+
+def test_unwritable_out_dir(tmp_path: Path, msl_dir: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    r = _cli(["--data", str(msl_dir), "--out", str(tmp_path / "afile" / "run"), *QUICK])
+    _one_line_error(r, "not a folder")
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        _one_line_error(_cli(["--data", str(msl_dir), "--out", str(ro / "run"), *QUICK]),
+                        "cannot write")  # fmt: skip
+
+
+def test_split_files_that_do_not_match_the_images(tmp_path: Path, msl_dir: Path) -> None:
+    from test_data import mini_data  # tests/ is on sys.path (pytest's prepend import mode)
+
+    d = mini_data(msl_dir, tmp_path / "msl", per_split=3)
+    gone = (d / msl.SPLIT_FILES["test"]).read_text().split()[0]
+    (d / gone).unlink()
+    r = _cli(["--data", str(d), "--out", str(tmp_path / "run"), *QUICK])
+    _one_line_error(r, Path(gone).name, "missing")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA")
+def test_gpu_epoch(msl_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "gpu"
+    _train(["--data", str(msl_dir), "--epochs", "2", "--limit", "256", "--image-size", "128",
+            "--device", "cuda", "--out", str(out)])  # fmt: skip
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["device"] == "cuda" and m["test"]["n"] == 256
+    load_checkpoint(out / "checkpoint.pt")
+
+
+def test_download_needs_a_destination() -> None:
+    r = CliRunner().invoke(main, ["--download"], env={"MARS_DATA": ""})
+    assert r.exit_code == 1 and r.output == (
+        "Error: --download needs --data DIR (where to put the data set)\n"
+    )
+
+
+def test_progress_line() -> None:
+    import io
+
+    from marsvision.train.progress import Progress
+
+    stream = io.StringIO()  # not a terminal: one line at the end, no carriage returns
+    bar = Progress(10, "epoch 1/3", stream=stream)
+    bar.update(4, loss=0.5, acc=0.25)
+    bar.update(6, loss=0.4)
+    bar.close()
+    text = stream.getvalue()
+    assert text.count("\n") == 1 and "\r" not in text
+    assert text.startswith("epoch 1/3 [########################] 10/10  loss 0.4000  acc 0.2500")
+    assert text.rstrip().endswith("img/s")

@@ -1,0 +1,367 @@
+"""The training loop, in reading order: `train_one_epoch`, `evaluate`, `main`.
+
+Images are decoded once into memory (uint8 for training, eval tensors for val/test) and moved
+to the device once. On CUDA the loop runs under bf16 autocast with channels_last; on the CPU
+in fp32. The checkpoint is selected on val only; test is evaluated once, at the end, with it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.spec import PreprocessSpec
+from marsvision.train import data as msl
+from marsvision.train.augment import augment_batch
+from marsvision.train.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
+from marsvision.train.config import AugmentSpec, TrainConfig
+from marsvision.train.images import eval_tensors, train_store
+from marsvision.train.metrics import bootstrap_accuracy_ci, classification_metrics
+from marsvision.train.model import ModelEma, create_model
+from marsvision.train.progress import Progress
+from marsvision.train.report import (
+    plot_confusion,
+    plot_curves,
+    write_json,
+    write_predictions,
+)
+
+CHECKPOINT = "checkpoint.pt"
+RESUME = "resume.pt"
+RUN_FILES = (CHECKPOINT, RESUME, "config.json", "metrics.json", "predictions_test.csv",
+             "curves.png", "confusion_test.png")  # fmt: skip
+RESUME_MUST_MATCH = (
+    "task", "recipe", "batch_size", "optimizer", "lr", "weight_decay", "schedule",
+    "warmup_epochs", "label_smoothing", "balance", "ema_decay", "augment", "image_size",
+    "seed", "limit", "init",
+)  # fmt: skip
+
+
+def select_device(name: str) -> torch.device:
+    """auto -> cuda when available, else cpu; cuda without a GPU is a user error."""
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise MarsvisionError("--device cuda: no CUDA GPU is available; use --device cpu")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges; a last batch of one image is dropped (BatchNorm needs two)."""
+    ranges = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    if len(ranges) > 1 and ranges[-1][1] - ranges[-1][0] < 2:
+        ranges.pop()
+    return ranges
+
+
+def train_one_epoch(
+    model: nn.Module,
+    *,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    order: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn: nn.Module,
+    batch_size: int,
+    image_size: int,
+    spec: PreprocessSpec,
+    aug: AugmentSpec,
+    generator: torch.Generator,
+    ema: ModelEma | None,
+    desc: str,
+) -> dict[str, float]:
+    """One pass over `order` (indices into the uint8 `images`); returns loss, accuracy, images/s."""
+    device = images.device
+    cuda = device.type == "cuda"
+    model.train()
+    bar = Progress(len(order), desc)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for step, (start, stop) in enumerate(_batches(len(order), batch_size)):
+        idx = order[start:stop].to(device, non_blocking=True)
+        x = augment_batch(images[idx], out_size=image_size, spec=spec, aug=aug, generator=generator)
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = labels[idx]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update(model)
+        n = stop - start
+        loss_sum += loss.detach() * n
+        correct += (logits.argmax(1) == y).sum()
+        seen += n
+        if not cuda or step % 10 == 0:  # .item() waits for the GPU: only every 10 steps
+            bar.update(n, loss=loss_sum.item() / seen, acc=correct.item() / seen)
+        else:
+            bar.update(n)
+    if cuda:
+        torch.cuda.synchronize()
+    bar.update(0, loss=loss_sum.item() / max(seen, 1), acc=correct.item() / max(seen, 1))
+    rate = bar.rate
+    bar.close()
+    return {"loss": loss_sum.item() / max(seen, 1), "accuracy": correct.item() / max(seen, 1),
+            "images_per_s": rate}  # fmt: skip
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module, *, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int
+) -> tuple[float, np.ndarray]:
+    """Mean cross-entropy and softmax probabilities (N, classes) over precomputed eval tensors."""
+    device = inputs.device
+    model.eval()
+    logits = []
+    for i in range(0, len(inputs), batch_size):
+        x = inputs[i : i + batch_size]
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits.append(model(x).float())
+    out = torch.cat(logits)
+    loss = F.cross_entropy(out, labels).item()
+    return loss, torch.softmax(out, dim=1).cpu().numpy()
+
+
+def _check_out_dir(out: Path) -> None:
+    """The run folder must be creatable and writable (checked before anything is written)."""
+    if out.exists() and not out.is_dir():
+        raise MarsvisionError(f"--out {out} is a file, not a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MarsvisionError(f"--out {out}: {parent} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise MarsvisionError(f"--out {out}: cannot write into {parent} ({e.strerror})") from None
+
+
+def _class_weights(labels: np.ndarray, num_classes: int, power: float) -> np.ndarray:
+    """Per-class weight proportional to count**-power (0 for absent classes), mean 1 per image."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    w = np.zeros(num_classes)
+    w[counts > 0] = counts[counts > 0] ** -power
+    return w * len(labels) / float((w * counts).sum())
+
+
+def _lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Any:
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        t = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return f
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """No weight decay on BatchNorm and bias parameters."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=cfg.recipe != "blog")
+    fused = next(model.parameters()).is_cuda  # one kernel for the whole update on GPUs
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
+
+
+def _split_metrics(
+    task: str, samples: list[msl.Sample], probs: np.ndarray, k: int
+) -> dict[str, Any]:
+    y_true = np.array([s.label for s in samples])
+    return classification_metrics(y_true, probs.argmax(1), k, task)
+
+
+def _load_resume(out: Path, cfg: TrainConfig, fingerprint: str) -> dict[str, Any]:
+    path = out / RESUME
+    if not path.is_file():
+        raise MarsvisionError(f"--resume: {path} does not exist (start without --resume)")
+    try:
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise MarsvisionError(f"--resume: {path} cannot be read ({str(e)[:100]})") from None
+    saved, now = state["config"], cfg.to_dict()
+    for key in RESUME_MUST_MATCH:
+        if saved.get(key) != now.get(key):
+            raise MarsvisionError(
+                f"--resume: {key} was {saved.get(key)!r} in {out}, now {now.get(key)!r}; "
+                "pass the same flags as the run"
+            )
+    if state["data_fingerprint"] != fingerprint:
+        raise MarsvisionError(f"--resume: the data set differs from the one {out} was trained on")
+    return state
+
+
+def main(cfg: TrainConfig) -> dict[str, Any]:
+    """Train, select on val, test once; write the run folder. Returns the metrics dict."""
+    t0 = time.perf_counter()
+    # --- validate everything before the run folder is created
+    task = msl.check_task(cfg.task)
+    data_dir = msl.resolve_data_dir(cfg.data)
+    spec = PreprocessSpec.for_input_size(cfg.image_size)
+    device = select_device(cfg.device)
+    _check_out_dir(cfg.out)
+    fingerprint = msl.data_fingerprint(data_dir)
+    resume = _load_resume(cfg.out, cfg, fingerprint) if cfg.resume else None
+    names = msl.class_names(task, data_dir)
+    k = len(names)
+    splits = {s: msl.read_split(data_dir, s, task, cfg.limit) for s in msl.SPLITS}
+    torch.manual_seed(cfg.seed)  # before the model's random init
+    model = create_model(k, cfg.init)
+    log = sys.stderr
+    workers = max(cfg.workers, 1)
+    print(f"decoding {sum(map(len, splits.values()))} images ({workers} threads)", file=log)
+    store = train_store(splits["train"], store_size=spec.resize_size,
+                        interpolation=spec.interpolation, workers=workers)  # fmt: skip
+    evals = {s: eval_tensors(splits[s], spec=spec, workers=workers) for s in ("val", "test")}
+    print(f"decoded in {time.perf_counter() - t0:.1f} s; training on {device}", file=log)
+
+    # --- set up
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    gen = torch.Generator().manual_seed(cfg.seed)
+    # channels_last pays on GPUs (tensor cores); on the CPU its first steps are slower
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(device, memory_format=layout)
+    y = {s: torch.tensor([x.label for x in splits[s]], device=device) for s in msl.SPLITS}
+    images = store.to(device)
+    inputs = {s: t.to(device) for s, t in evals.items()}
+    train_labels = np.array([x.label for x in splits["train"]])
+    weights = None
+    if cfg.balance == "loss":
+        weights = torch.tensor(
+            _class_weights(train_labels, k, 0.5), dtype=torch.float32, device=device
+        )
+    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+    sample_p = None
+    if cfg.balance == "sampler":
+        sample_p = torch.tensor(_class_weights(train_labels, k, 1.0)[train_labels])
+    optimizer = _make_optimizer(model, cfg)
+    steps = len(_batches(len(splits["train"]), cfg.batch_size))
+    warmup = round(cfg.warmup_epochs * steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(cfg.schedule, warmup, cfg.epochs * steps)
+    )
+    ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    history: list[dict[str, Any]] = []
+    best: tuple[float, float] = (-1.0, 0.0)
+    best_epoch, start_epoch = 0, 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(resume["ema"])
+        gen.set_state(resume["rng"]["generator"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        history, best_epoch = resume["history"], resume["best_epoch"]
+        best = tuple(resume["best"])  # type: ignore[assignment]
+        start_epoch = resume["epoch"] + 1
+        print(f"resuming {cfg.out} after epoch {resume['epoch']}", file=log)
+    if resume is None:
+        stale = [p for p in RUN_FILES if (cfg.out / p).exists()]
+        if stale:
+            print(f"replacing the previous run in {cfg.out}", file=log)
+            for p in stale:
+                (cfg.out / p).unlink()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    write_json(cfg.out / "config.json", cfg.to_dict())
+    ckpt_args: dict[str, Any] = {
+        "task": task,
+        "class_names": names,
+        "preprocess": spec,
+        "config": cfg.to_dict(),
+        "data_fingerprint": fingerprint,
+    }
+
+    # --- train; select on val
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        if sample_p is None:
+            order = torch.randperm(len(train_labels), generator=gen)
+        else:
+            order = torch.multinomial(sample_p, len(train_labels), replacement=True, generator=gen)
+        tr = train_one_epoch(
+            model, images=images, labels=y["train"], order=order, optimizer=optimizer,
+            scheduler=scheduler, loss_fn=loss_fn, batch_size=cfg.batch_size,
+            image_size=cfg.image_size, spec=spec, aug=cfg.augment, generator=gen, ema=ema,
+            desc=f"epoch {epoch}/{cfg.epochs}",
+        )  # fmt: skip
+        scored = ema.module if ema is not None else model
+        val_loss, val_probs = evaluate(scored, inputs=inputs["val"], labels=y["val"],
+                                       batch_size=2 * cfg.batch_size)  # fmt: skip
+        vm = _split_metrics(task, splits["val"], val_probs, k)
+        history.append({
+            "epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
+            "train_images_per_s": tr["images_per_s"], "val_loss": val_loss,
+            "val_accuracy": vm["accuracy"], "val_balanced_accuracy": vm["balanced_accuracy"],
+            "lr": optimizer.param_groups[0]["lr"],
+        })  # fmt: skip
+        print(f"  val loss {val_loss:.4f}  accuracy {vm['accuracy']:.4f}  balanced "
+              f"{vm['balanced_accuracy']:.4f}", file=log)  # fmt: skip
+        score = (vm["balanced_accuracy"], -val_loss)
+        if score > best:
+            best, best_epoch = score, epoch
+            atomic_torch_save(make_checkpoint(scored, metrics={"val": vm}, epoch=epoch,
+                                              **ckpt_args), cfg.out / CHECKPOINT)  # fmt: skip
+        atomic_torch_save({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+            "epoch": epoch, "rng": {"generator": gen.get_state(), "torch": torch.get_rng_state()},
+            "history": history, "best": list(best), "best_epoch": best_epoch,
+            "config": cfg.to_dict(), "data_fingerprint": fingerprint,
+        }, cfg.out / RESUME)  # fmt: skip
+
+    # --- the selected checkpoint, evaluated once on test
+    ckpt = load_checkpoint(cfg.out / CHECKPOINT)
+    final = create_model(k).to(device, memory_format=layout)
+    final.load_state_dict(ckpt["state_dict"])
+    result: dict[str, Any] = {
+        "task": task,
+        "class_names": names,
+        "best_epoch": best_epoch,
+        "selected_on": "val balanced_accuracy (ties: lower val loss)",
+    }
+    probs = {}
+    for split in ("val", "test"):
+        _, probs[split] = evaluate(final, inputs=inputs[split], labels=y[split],
+                                   batch_size=2 * cfg.batch_size)  # fmt: skip
+        result[split] = _split_metrics(task, splits[split], probs[split], k)
+    y_test = np.array([s.label for s in splits["test"]])
+    lo, hi = bootstrap_accuracy_ci(y_test, probs["test"].argmax(1), n_boot=1000, seed=cfg.seed)
+    result["test"]["accuracy_ci95"] = [lo, hi]
+    result.update(config=cfg.to_dict(), data_fingerprint=fingerprint, device=str(device),
+                  history=history, seconds=time.perf_counter() - t0)  # fmt: skip
+    ckpt["metrics"] = {"val": result["val"], "test": result["test"], "best_epoch": best_epoch}
+    atomic_torch_save(ckpt, cfg.out / CHECKPOINT)
+    write_predictions(cfg.out / "predictions_test.csv", samples=splits["test"],
+                      data_dir=data_dir, probs=probs["test"], class_names=names)  # fmt: skip
+    plot_curves(history, cfg.out / "curves.png")
+    plot_confusion(result["test"]["confusion_matrix"], names, cfg.out / "confusion_test.png",
+                   f"test, checkpoint of epoch {best_epoch}")  # fmt: skip
+    write_json(cfg.out / "metrics.json", result)
+    return result
