@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from marsvision.runtime.errors import MarsvisionError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -35,7 +36,9 @@ def _checkpoint(checkpoint: Path | None, artifacts: Path | None) -> Path:
     """--checkpoint, else the source checkpoint named in the artifacts' manifest.json."""
     from marsvision.benchmarks.artifacts import read_manifest
 
-    if checkpoint is None and artifacts is not None and artifacts.is_dir():
+    if artifacts is not None and not artifacts.is_dir():
+        raise MarsvisionError(f"--artifacts {artifacts}: no such directory (a mars-export --out)")
+    if checkpoint is None and artifacts is not None:
         source = (read_manifest(artifacts) or {}).get("source_checkpoint")
         if source and Path(source).is_file():
             checkpoint = Path(source)
@@ -50,11 +53,15 @@ def _checkpoint(checkpoint: Path | None, artifacts: Path | None) -> Path:
 
 
 def _resolve_device(device: str) -> str:
-    if device != "auto":
+    """auto -> cuda when nvidia-smi sees a GPU, else cpu; cuda without one is a user error."""
+    if device == "cpu":
         return device
     from marsvision.benchmarks.conditions import gpu_info
 
-    return "cuda" if gpu_info() else "cpu"
+    has_gpu = gpu_info() is not None
+    if device == "cuda" and not has_gpu:
+        raise MarsvisionError("--device cuda: no NVIDIA GPU here (nvidia-smi finds none); use cpu")
+    return "cuda" if has_gpu else "cpu"
 
 
 def _e2e_images(images: str, data: str | None, count: int) -> tuple[str, ...]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from marsvision.benchmarks.artifacts import Artifact, find_artifacts, skip_reason
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.spec import PreprocessSpec
@@ -274,7 +275,16 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
                 key = (split, meta.preprocess)
                 if key not in decoded:
                     decoded[key] = _decode_split(d["paths"], meta.preprocess)
-                logits, secs = _artifact_logits(runner, decoded[key], meta.preprocess, cfg.batch_size)
+                try:
+                    logits, secs = _artifact_logits(
+                        runner, decoded[key], meta.preprocess, cfg.batch_size
+                    )
+                except Exception as e:  # noqa: BLE001 - a model that cannot run fails, reported
+                    msg = f"inference failed ({type(e).__name__}: {str(e).strip()[:200]})"
+                    row.update(status=f"error: {msg}", splits={}, failures=[msg])
+                    passed = False
+                    say(f"{art.path.name}: {msg}")
+                    break
                 figures = compare(
                     d["ref_logits"], logits, d["y_true"], num_classes=len(names), task=task
                 )

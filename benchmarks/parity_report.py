@@ -84,7 +84,7 @@ def per_class_markdown(report: dict[str, Any]) -> str:
             cells += [_signed(a["splits"][split]["per_class"][c]["change"]) for a in arts]
             rows.append(cells)
         parts.append(f"### Per-class recall, {split} split (change in points vs PyTorch)\n")
-        parts.append(markdown_table(headers, rows))
+        parts.append(markdown_table(headers, rows) + "\n")
         for a in arts:
             lost = [
                 f"{pc['class']} ({pc['change']:+.2f})"
@@ -92,7 +92,7 @@ def per_class_markdown(report: dict[str, Any]) -> str:
                 if pc["change"] is not None and pc["change"] < 0
             ]
             parts.append(
-                f"\n- {a['artifact']}: "
+                f"- {a['artifact']}: "
                 + (("loses recall on " + ", ".join(lost)) if lost else "no class loses recall")
             )
         parts.append("")

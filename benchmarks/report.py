@@ -82,7 +82,7 @@ def bar_chart(
 
     n = max(1, len(series))
     width = 0.8 / n
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels) * n / 2 + 3), 4.5))
+    fig, ax = plt.subplots(figsize=(min(12.0, max(6.0, 0.35 * len(labels) * n + 2)), 4.5))
     for i, (name, values) in enumerate(series.items()):
         xs = [j + (i - (n - 1) / 2) * width for j in range(len(labels))]
         ys = [v if v is not None else 0.0 for v in values]

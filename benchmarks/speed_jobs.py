@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
 from marsvision.benchmarks.timing import Timing, current_rss_mib, peak_rss_mib, time_calls
 from marsvision.runtime.errors import MarsvisionError
 
@@ -93,8 +94,9 @@ def _model_call(runner: Any, job: Job) -> Any:
 
 def _torch_e2e_call(runner: Any, job: Job) -> Any:
     import torch
-    from marsvision.train.transforms import eval_transform
     from PIL import Image
+
+    from marsvision.train.transforms import eval_transform
 
     tf = eval_transform(runner.meta.preprocess)
     batches = _batches(job.images, job.batch)

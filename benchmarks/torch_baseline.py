@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
+
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.metadata import ModelMeta, sha256_file
 
@@ -155,9 +156,10 @@ def reference_logits(
     import time
 
     torch = _torch()
+    from PIL import Image
+
     from marsvision.train.checkpoint import load_checkpoint, preprocess_from_checkpoint
     from marsvision.train.transforms import eval_transform
-    from PIL import Image
 
     runner = TorchRunner(checkpoint, device=device, threads=threads)
     tf = eval_transform(preprocess_from_checkpoint(load_checkpoint(checkpoint)))

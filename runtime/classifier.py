@@ -35,7 +35,8 @@ _BUFFERS = 3  # batches in flight: one inferring, up to two being decoded
 
 
 def default_workers() -> int:
-    """Decode threads: one per core, at most 4 (MSL JPEGs decode in about 1 ms)."""
+    """Decode threads: one per core, at most 4 (measured on 2 cores: 2 threads are as fast
+    as 1 or slightly faster end to end; MSL JPEGs decode and resize in about 1 ms)."""
     return max(1, min(4, os.cpu_count() or 1))
 
 

@@ -191,4 +191,8 @@ def open_output(path: str | None, *, append: bool) -> tuple[IO[str], bool]:
         )
         return stream, True
     is_new = not os.path.exists(path) or os.path.getsize(path) == 0
-    return open(path, "a" if append else "x", newline="", **ENCODING), is_new  # type: ignore[call-overload]
+    try:
+        stream = open(path, "a" if append else "x", newline="", **ENCODING)  # type: ignore[call-overload]
+    except OSError as e:
+        raise MarsvisionError(f"cannot write the results file {path} ({e.strerror})") from None
+    return stream, is_new

@@ -31,6 +31,8 @@ def _bn_refreshed(tiny_checkpoint: Path, msl_dir: Path, out: Path) -> Path:
     statistics give logits of a sane scale and both classes, so agreement can fall below 100%.
     """
     import torch
+    from PIL import Image
+
     from marsvision.train.checkpoint import (
         atomic_torch_save,
         load_checkpoint,
@@ -39,7 +41,6 @@ def _bn_refreshed(tiny_checkpoint: Path, msl_dir: Path, out: Path) -> Path:
     )
     from marsvision.train.data import read_split
     from marsvision.train.transforms import eval_transform
-    from PIL import Image
 
     ckpt = load_checkpoint(tiny_checkpoint)
     model = model_from_checkpoint(ckpt)
@@ -91,6 +92,8 @@ def _run(args: list[str]) -> tuple[int, str, dict]:  # type: ignore[type-arg]
 def _reference_accuracy(ckpt: Path, msl_dir: Path) -> float:
     """Accuracy of the checkpoint on the first LIMIT test images, computed here independently."""
     import torch
+    from PIL import Image
+
     from marsvision.train.checkpoint import (
         load_checkpoint,
         model_from_checkpoint,
@@ -98,7 +101,6 @@ def _reference_accuracy(ckpt: Path, msl_dir: Path) -> float:
     )
     from marsvision.train.data import read_split
     from marsvision.train.transforms import eval_transform
-    from PIL import Image
 
     c = load_checkpoint(ckpt)
     model = model_from_checkpoint(c)

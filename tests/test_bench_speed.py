@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from marsvision.benchmarks.cli import main
 from marsvision.benchmarks.conditions import cpu_info, machine_name
 from marsvision.benchmarks.speed_jobs import Job, run_job_isolated
@@ -134,3 +135,22 @@ def test_cpu_info_reads_model_and_physical_cores(tmp_path: Path) -> None:
     assert info["isa"] == ["avx2", "avx512f", "avx512_vnni"]
     assert machine_name(info, None).startswith("test-9000-")
     assert machine_name(info, {"name": "NVIDIA H100 80GB HBM3"}) == "h100-80gb-hbm3"
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU visible to torch")
+@pytest.mark.parametrize(("backend", "precision"), [("pytorch", "fp32"), ("pytorch-cl", "fp16")])
+def test_gpu_baseline_rows_record_gpu_memory(tiny_checkpoint: Path, backend: str, precision: str) -> None:
+    from marsvision.benchmarks.speed_jobs import run_job
+
+    job = Job(mode="model", backend=backend, precision=precision, batch=4,
+              model=str(tiny_checkpoint), device="cuda", warmup=2, repeats=3)
+    row = run_job(job)
+    assert row["status"] == "ok" and row["runner"].startswith("pytorch-cuda")
+    assert row["gpu_mem_mib"] > 0 and row["timing"]["repeats"] == 3

@@ -199,7 +199,8 @@ def test_metadata_round_trips(exported: Path, ckpt_path: Path) -> None:
         if precision == "int8":
             q = meta.quantization
             assert q is not None
-            assert (q["method"], q["images"], q["source"]) == ("percentile", CALIB_IMAGES, "train split")
+            expected = (ExportConfig.calib_method, CALIB_IMAGES, "train split")
+            assert (q["method"], q["images"], q["source"]) == expected
             assert q["activations"] == ("uint8" if flavour == "int8-cpu" else "int8")
         else:
             assert meta.quantization is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,15 @@ def test_bad_files_raise_image_error(tmp_path: Path, msl_dir: Path) -> None:
     for name in ("empty.jpg", "truncated.jpg", "text.jpg", "broken.jpg", "dir.jpg", "nope.jpg"):
         with pytest.raises(ImageError):
             decode_image(tmp_path / name, spec)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file_raises_image_error(tmp_path: Path, msl_dir: Path) -> None:
+    p = tmp_path / "secret.jpg"
+    p.write_bytes(_msl_images(msl_dir, 1)[0].read_bytes())
+    p.chmod(0)
+    with pytest.raises(ImageError, match="permission denied"):
+        decode_image(p, PreprocessSpec.for_input_size(64))
 
 
 def test_decompression_bomb_guard(tmp_path: Path) -> None:

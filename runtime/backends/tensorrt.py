@@ -31,6 +31,8 @@ def _import_trt() -> Any:
         import tensorrt
     except ImportError:
         raise MarsvisionError(f"TensorRT is not installed: {_INSTALL}") from None
+    if not hasattr(tensorrt, "Runtime"):  # e.g. only tensorrt-stubs: a bare namespace package
+        raise MarsvisionError(f"TensorRT is not installed (only its type stubs): {_INSTALL}")
     return tensorrt
 
 
