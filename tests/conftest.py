@@ -33,7 +33,8 @@ TINY_SIZE = 64  # input size of the test model: tiny, still a real ResNet-50
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, msl_dir: Path) -> Path:
-    """A binary-task ResNet-50 checkpoint at 64 px, trained a few steps on 48 real train images.
+    """A binary-task ResNet-50 checkpoint at 64 px, trained a few steps on 48 real train images,
+    BatchNorm statistics re-estimated on them.
 
     Made directly with the model and checkpoint modules (not the training loop), so that the
     export, runtime and benchmark tests do not depend on the loop's speed.
@@ -62,6 +63,17 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, msl_dir: Path) -> 
             loss = torch.nn.functional.cross_entropy(model(x[i : i + 16]), y[i : i + 16])
             loss.backward()
             opt.step()
+    # A few SGD steps at a high rate leave BatchNorm's running statistics far from the batch
+    # statistics (eval logits near 1e6, one class for every image). Re-estimate them as a
+    # cumulative average over the same images so the eval model has logits of a sane scale
+    # and predicts both classes: parity and agreement figures can then move.
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        for i in range(0, len(x), 16):
+            model(x[i : i + 16])
     model.eval()
     ckpt = make_checkpoint(
         model,

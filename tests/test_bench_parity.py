@@ -24,43 +24,6 @@ from marsvision.export.tensorrt import tensorrt_unavailable_reason
 LIMIT = 48  # real test images per run: a few seconds per artifact on 2 cores
 
 
-def _bn_refreshed(tiny_checkpoint: Path, msl_dir: Path, out: Path) -> Path:
-    """The tiny checkpoint with BatchNorm statistics re-estimated on 48 real train images.
-
-    The fixture's few SGD steps leave logits near 1e6 (one class for every image); fresh BN
-    statistics give logits of a sane scale and both classes, so agreement can fall below 100%.
-    """
-    import torch
-    from PIL import Image
-
-    from marsvision.train.checkpoint import (
-        atomic_torch_save,
-        load_checkpoint,
-        model_from_checkpoint,
-        preprocess_from_checkpoint,
-    )
-    from marsvision.train.data import read_split
-    from marsvision.train.transforms import eval_transform
-
-    ckpt = load_checkpoint(tiny_checkpoint)
-    model = model_from_checkpoint(ckpt)
-    tf = eval_transform(preprocess_from_checkpoint(ckpt))
-    samples = read_split(msl_dir, "train", "binary", limit=48)
-    x = torch.stack([tf(Image.open(s.path).convert("RGB")) for s in samples])
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for i in range(0, len(x), 16):
-            model(x[i : i + 16])
-    ckpt["state_dict"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    path = out / "tiny-bn.pt"
-    atomic_torch_save(ckpt, path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def exported(
     tiny_checkpoint: Path, msl_dir: Path, tmp_path_factory: pytest.TempPathFactory
@@ -69,15 +32,14 @@ def exported(
     from marsvision.export.config import ExportConfig
     from marsvision.export.pipeline import export_all
 
-    ckpt = _bn_refreshed(tiny_checkpoint, msl_dir, tmp_path_factory.mktemp("bench-ckpt"))
     out = tmp_path_factory.mktemp("bench-export")
     export_all(
         ExportConfig(
-            checkpoint=ckpt, out=out, fp16=True, int8=True, calib_images=8, tensorrt="off",
+            checkpoint=tiny_checkpoint, out=out, fp16=True, int8=True, calib_images=8, tensorrt="off",
             data_dir=msl_dir,
         )
     )
-    return ckpt, out
+    return tiny_checkpoint, out
 
 
 def _run(args: list[str]) -> tuple[int, str, dict]:  # type: ignore[type-arg]
