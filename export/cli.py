@@ -31,7 +31,14 @@ def _table(manifest: dict[str, Any]) -> str:
         diff = f"{p['max_abs_logit_diff']:.2e}" if "max_abs_logit_diff" in p else "-"
         agree = f"{p['top1_agreement']:.0%} of {p['images']}" if "top1_agreement" in p else "-"
         rows.append(
-            (a["file"], a["precision"], f"{a['size_mb']:.1f}", diff, agree, f"{a['build_seconds']:.1f}")
+            (
+                a["file"],
+                a["precision"],
+                f"{a['size_mb']:.1f}",
+                diff,
+                agree,
+                f"{a['build_seconds']:.1f}",
+            )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
@@ -49,33 +56,61 @@ def _table(manifest: dict[str, Any]) -> str:
     help="Checkpoint from mars-train [default: the shipped models/resnet50-binary.pt].",
 )
 @click.option(
-    "--out", type=click.Path(path_type=Path, file_okay=False), default=Path("exports"),
-    show_default=True, help="Output directory.",
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("exports"),
+    show_default=True,
+    help="Output directory.",
 )
 @click.option(
-    "--data", type=click.Path(path_type=Path), envvar="MARS_DATA", default=None,
+    "--data",
+    type=click.Path(path_type=Path),
+    envvar="MARS_DATA",
+    default=None,
     help="MSL data directory: val images for parity, train images for calibration "
     "[default: $MARS_DATA].",
 )
-@click.option("--fp16", is_flag=True, help="Also write the FP16 ONNX (float32 in/out) "
-              "and, with TensorRT, the FP16 engine.")
 @click.option(
-    "--int8", is_flag=True,
+    "--fp16",
+    is_flag=True,
+    help="Also write the FP16 ONNX (float32 in/out) and, with TensorRT, the FP16 engine.",
+)
+@click.option(
+    "--int8",
+    is_flag=True,
     help="Also write INT8 Q/DQ ONNX calibrated on train images: .int8-cpu.onnx (uint8 "
     "activations: fast in ONNX Runtime on x86 CPUs) and .int8-trt.onnx (symmetric int8, for "
     "TensorRT); with TensorRT, the INT8 engine built from the latter.",
 )
-@click.option("--calib-images", type=click.IntRange(min=1), default=_DEFAULTS.calib_images,
-              show_default=True, help="Number of train images to calibrate INT8 on.")
-@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default=_DEFAULTS.calib_method,
-              show_default=True, help="How activation ranges are chosen from the calibration data.")
 @click.option(
-    "--tensorrt", type=click.Choice(TENSORRT_MODES), default=_DEFAULTS.tensorrt, show_default=True,
+    "--calib-images",
+    type=click.IntRange(min=1),
+    default=_DEFAULTS.calib_images,
+    show_default=True,
+    help="Number of train images to calibrate INT8 on.",
+)
+@click.option(
+    "--calib-method",
+    type=click.Choice(CALIB_METHODS),
+    default=_DEFAULTS.calib_method,
+    show_default=True,
+    help="How activation ranges are chosen from the calibration data.",
+)
+@click.option(
+    "--tensorrt",
+    type=click.Choice(TENSORRT_MODES),
+    default=_DEFAULTS.tensorrt,
+    show_default=True,
     help="Build engines: auto = when TensorRT and a GPU exist (else say why not), on = "
     "required (fails without), off = never.",
 )
-@click.option("--max-batch", type=click.IntRange(min=1), default=_DEFAULTS.max_batch,
-              show_default=True, help="Largest batch the TensorRT engines accept.")
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=_DEFAULTS.max_batch,
+    show_default=True,
+    help="Largest batch the TensorRT engines accept.",
+)
 def main(
     checkpoint: Path | None,
     out: Path,

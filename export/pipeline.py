@@ -30,7 +30,9 @@ def _log(msg: str) -> None:
     print(f"mars-export: {msg}", file=sys.stderr, flush=True)
 
 
-def _entry(path: Path, flavour: str, meta: ModelMeta, parity: dict[str, Any], secs: float) -> dict[str, Any]:
+def _entry(
+    path: Path, flavour: str, meta: ModelMeta, parity: dict[str, Any], secs: float
+) -> dict[str, Any]:
     size = path.stat().st_size
     return {
         "file": path.name,
@@ -59,7 +61,7 @@ def _tensorrt_plan(config: ExportConfig) -> tuple[bool, str | None]:
     if config.tensorrt == "on":
         raise MarsvisionError(
             f"--tensorrt on, but TensorRT cannot build engines here ({reason}); "
-            f'install it with {TRT_INSTALL_HINT} on a machine with an NVIDIA GPU, '
+            f"install it with {TRT_INSTALL_HINT} on a machine with an NVIDIA GPU, "
             "or pass --tensorrt off"
         )
     if config.fp16 or config.int8:
@@ -169,7 +171,9 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
             for flavour, (src, src_meta) in onnx_for_engine.items():
                 t0 = time.perf_counter()
                 path, final = stage(flavour)
-                _log(f"building {final.name} from {src.name} (TensorRT, max batch {config.max_batch})")
+                _log(
+                    f"building {final.name} from {src.name} (TensorRT, max batch {config.max_batch})"
+                )
                 trt_info = engine_from_onnx(
                     src,
                     path,

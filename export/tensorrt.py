@@ -43,9 +43,7 @@ def gpu_info() -> dict[str, str]:
         try:
             from cuda import cudart  # cuda-python < 12.6
         except ImportError:
-            raise MarsvisionError(
-                f"cuda-python is not installed; run {TRT_INSTALL_HINT}"
-            ) from None
+            raise MarsvisionError(f"cuda-python is not installed; run {TRT_INSTALL_HINT}") from None
     err, count = cudart.cudaGetDeviceCount()
     if int(err) != 0 or int(count) < 1:
         raise MarsvisionError("no CUDA GPU is visible")

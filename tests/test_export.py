@@ -6,17 +6,16 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
-onnx = pytest.importorskip("onnx")
-
-from marsvision.export.artifacts import MANIFEST, artifact_name, onnx_meta  # noqa: E402
-from marsvision.export.config import ExportConfig  # noqa: E402
-from marsvision.export.images import load_batch, ort_logits, split_paths  # noqa: E402
-from marsvision.export.onnx_fp32 import torch_logits  # noqa: E402
-from marsvision.export.pipeline import CALIB_CACHE_DIR, export_all  # noqa: E402
-from marsvision.runtime.errors import MarsvisionError  # noqa: E402
-from marsvision.runtime.metadata import METADATA_KEY, ModelMeta, sha256_file  # noqa: E402
+from marsvision.export.artifacts import MANIFEST, artifact_name, onnx_meta
+from marsvision.export.config import ExportConfig
+from marsvision.export.images import load_batch, ort_logits, split_paths
+from marsvision.export.onnx_fp32 import torch_logits
+from marsvision.export.pipeline import CALIB_CACHE_DIR, export_all
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.metadata import METADATA_KEY, ModelMeta, sha256_file
 
 CALIB_IMAGES = 16
 AGREEMENT_IMAGES = 32
@@ -24,7 +23,9 @@ MIN_INT8_AGREEMENT = 0.8
 
 
 @pytest.fixture(scope="module")
-def ckpt_path(tiny_checkpoint: Path, msl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def ckpt_path(
+    tiny_checkpoint: Path, msl_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """The tiny checkpoint with BatchNorm statistics re-estimated on 48 real train images.
 
     The fixture's few SGD steps leave logits near 1e6 and one predicted class for every val
@@ -64,8 +65,13 @@ def exported(ckpt_path: Path, msl_dir: Path, tmp_path_factory: pytest.TempPathFa
     """One export of everything (TensorRT off: engines are tested in test_export_tensorrt)."""
     out = tmp_path_factory.mktemp("export")
     config = ExportConfig(
-        checkpoint=ckpt_path, out=out, fp16=True, int8=True, calib_images=CALIB_IMAGES,
-        tensorrt="off", data_dir=msl_dir,
+        checkpoint=ckpt_path,
+        out=out,
+        fp16=True,
+        int8=True,
+        calib_images=CALIB_IMAGES,
+        tensorrt="off",
+        data_dir=msl_dir,
     )
     export_all(config)
     return out
@@ -136,8 +142,10 @@ def _qdq(model) -> tuple[dict[str, int], set[int], list]:
         if n.op_type == "QuantizeLinear":
             q_zp[n.input[2]] = inits[n.input[2]]
     weight_dqs = [
-        n for n in model.graph.node
-        if n.op_type == "DequantizeLinear" and n.input[0] in inits
+        n
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear"
+        and n.input[0] in inits
         and len(inits[n.input[0]].dims) == 4
     ]
     weight_types = {inits[n.input[0]].data_type for n in weight_dqs}
@@ -183,7 +191,10 @@ def test_metadata_round_trips(exported: Path, ckpt_path: Path) -> None:
 
     ckpt = load_checkpoint(ckpt_path)
     for flavour, precision in [
-        ("fp32", "fp32"), ("fp16", "fp16"), ("int8-cpu", "int8"), ("int8-trt", "int8"),
+        ("fp32", "fp32"),
+        ("fp16", "fp16"),
+        ("int8-cpu", "int8"),
+        ("int8-trt", "int8"),
     ]:
         path = _path(exported, flavour)
         meta = onnx_meta(path)
@@ -213,8 +224,12 @@ def test_calibration_cache_is_reused(
     assert len(caches) == 1
     before = caches[0].stat().st_mtime_ns
     config = ExportConfig(
-        checkpoint=ckpt_path, out=exported, int8=True, calib_images=CALIB_IMAGES,
-        tensorrt="off", data_dir=msl_dir,
+        checkpoint=ckpt_path,
+        out=exported,
+        int8=True,
+        calib_images=CALIB_IMAGES,
+        tensorrt="off",
+        data_dir=msl_dir,
     )
     manifest = export_all(config)
     assert "reusing cached ranges" in capfd.readouterr().err
@@ -227,7 +242,10 @@ def test_calibration_cache_is_reused(
 
 def test_failed_parity_writes_nothing(ckpt_path: Path, msl_dir: Path, tmp_path: Path) -> None:
     config = ExportConfig(
-        checkpoint=ckpt_path, out=tmp_path, tensorrt="off", data_dir=msl_dir,
+        checkpoint=ckpt_path,
+        out=tmp_path,
+        tensorrt="off",
+        data_dir=msl_dir,
         parity_tolerance=0.0,
     )
     with pytest.raises(MarsvisionError, match="does not match PyTorch"):

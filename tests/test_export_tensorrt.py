@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -29,12 +28,21 @@ def test_engines_from_fp16_and_int8_onnx(
     from marsvision.runtime.metadata import ModelMeta, sidecar_path
 
     config = ExportConfig(
-        checkpoint=tiny_checkpoint, out=tmp_path, fp16=True, int8=True, calib_images=16,
-        tensorrt="on", max_batch=4, data_dir=msl_dir,
+        checkpoint=tiny_checkpoint,
+        out=tmp_path,
+        fp16=True,
+        int8=True,
+        calib_images=16,
+        tensorrt="on",
+        max_batch=4,
+        data_dir=msl_dir,
     )
     manifest = export_all(config)
     assert (tmp_path / TIMING_CACHE).stat().st_size > 0
-    for name, precision in [("resnet50-binary.fp16.plan", "fp16"), ("resnet50-binary.int8.plan", "int8")]:
+    for name, precision in [
+        ("resnet50-binary.fp16.plan", "fp16"),
+        ("resnet50-binary.int8.plan", "int8"),
+    ]:
         engine_path = tmp_path / name
         assert any(a["file"] == name for a in manifest["artifacts"])
         meta = ModelMeta.from_json(sidecar_path(engine_path).read_text())
@@ -48,24 +56,14 @@ def test_engines_from_fp16_and_int8_onnx(
     json.loads((tmp_path / "manifest.json").read_text())
 
 
-def test_tensorrt_module_passes_mypy_strict() -> None:
-    if importlib.util.find_spec("mypy") is None:
-        pytest.skip("mypy is not installed")
-    if importlib.util.find_spec("tensorrt_stubs") is None:
-        pytest.skip("tensorrt-stubs is not installed")
-    proc = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "export/tensorrt.py"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
 def test_module_imports_without_tensorrt() -> None:
     code = (
         "import sys; sys.modules['tensorrt'] = None; "
         "import marsvision.export.tensorrt as t, marsvision.export.cli; "
         "print(t.tensorrt_unavailable_reason())"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "tensorrt package is not installed" in proc.stdout
