@@ -29,6 +29,7 @@ def msl_dir() -> Path:
 
 
 TINY_SIZE = 64  # input size of the test model: tiny, still a real ResNet-50
+TINY_CALIB_IMAGES = 16  # train images the tiny exports calibrate INT8 on
 
 
 @pytest.fixture(scope="session")
@@ -88,3 +89,39 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, msl_dir: Path) -> 
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     atomic_torch_save(ckpt, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(
+    tiny_checkpoint: Path, msl_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """One `mars-export --fp16 --int8` of the tiny checkpoint (TensorRT off), shared by the
+    export, runtime and benchmark tests. Returns the out dir (manifest.json, the ONNX files)."""
+    from marsvision.export.config import ExportConfig
+    from marsvision.export.pipeline import export_all
+
+    out = tmp_path_factory.mktemp("export")
+    export_all(
+        ExportConfig(
+            checkpoint=tiny_checkpoint,
+            out=out,
+            fp16=True,
+            int8=True,
+            calib_images=TINY_CALIB_IMAGES,
+            tensorrt="off",
+            data_dir=msl_dir,
+        )
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_exports: Path) -> dict[str, Path]:
+    """{"fp32", "fp16", "int8-cpu", "int8-trt"} -> the tiny model's ONNX files."""
+    from marsvision.export.artifacts import artifact_name
+
+    flavours = ("fp32", "fp16", "int8-cpu", "int8-trt")
+    models = {f: tiny_exports / artifact_name("binary", f) for f in flavours}
+    missing = [str(p) for p in models.values() if not p.is_file()]
+    assert not missing, f"export did not write {missing}"
+    return models

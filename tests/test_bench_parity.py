@@ -25,21 +25,9 @@ LIMIT = 48  # real test images per run: a few seconds per artifact on 2 cores
 
 
 @pytest.fixture(scope="module")
-def exported(
-    tiny_checkpoint: Path, msl_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, Path]:
+def exported(tiny_checkpoint: Path, tiny_exports: Path) -> tuple[Path, Path]:
     """(checkpoint, export out dir with fp32, fp16, int8-cpu and int8-trt ONNX)."""
-    from marsvision.export.config import ExportConfig
-    from marsvision.export.pipeline import export_all
-
-    out = tmp_path_factory.mktemp("bench-export")
-    export_all(
-        ExportConfig(
-            checkpoint=tiny_checkpoint, out=out, fp16=True, int8=True, calib_images=8, tensorrt="off",
-            data_dir=msl_dir,
-        )
-    )
-    return tiny_checkpoint, out
+    return tiny_checkpoint, tiny_exports
 
 
 def _run(args: list[str]) -> tuple[int, str, dict]:  # type: ignore[type-arg]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from conftest import TINY_CALIB_IMAGES as CALIB_IMAGES
 
 from marsvision.export.artifacts import MANIFEST, artifact_name, onnx_meta
 from marsvision.export.config import ExportConfig
@@ -17,64 +19,19 @@ from marsvision.export.pipeline import CALIB_CACHE_DIR, export_all
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.metadata import METADATA_KEY, ModelMeta, sha256_file
 
-CALIB_IMAGES = 16
 AGREEMENT_IMAGES = 32
 MIN_INT8_AGREEMENT = 0.8
 
 
 @pytest.fixture(scope="module")
-def ckpt_path(
-    tiny_checkpoint: Path, msl_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    """The tiny checkpoint with BatchNorm statistics re-estimated on 48 real train images.
-
-    The fixture's few SGD steps leave logits near 1e6 and one predicted class for every val
-    image; with fresh BN statistics the same weights give logits of a sane scale and both
-    classes, so the agreement checks below can fail.
-    """
-    import torch
-
-    from marsvision.train.checkpoint import (
-        atomic_torch_save,
-        load_checkpoint,
-        model_from_checkpoint,
-        preprocess_from_checkpoint,
-    )
-
-    ckpt = load_checkpoint(tiny_checkpoint)
-    model = model_from_checkpoint(ckpt)
-    x = torch.from_numpy(
-        load_batch(split_paths(msl_dir, "train", "binary", 48), preprocess_from_checkpoint(ckpt))
-    )
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches
-    model.train()
-    with torch.no_grad():
-        for i in range(0, len(x), 16):
-            model(x[i : i + 16])
-    ckpt["state_dict"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    path = tmp_path_factory.mktemp("ckpt-bn") / "tiny-bn.pt"
-    atomic_torch_save(ckpt, path)
-    return path
+def ckpt_path(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def exported(ckpt_path: Path, msl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def exported(tiny_exports: Path) -> Path:
     """One export of everything (TensorRT off: engines are tested in test_export_tensorrt)."""
-    out = tmp_path_factory.mktemp("export")
-    config = ExportConfig(
-        checkpoint=ckpt_path,
-        out=out,
-        fp16=True,
-        int8=True,
-        calib_images=CALIB_IMAGES,
-        tensorrt="off",
-        data_dir=msl_dir,
-    )
-    export_all(config)
-    return out
+    return tiny_exports
 
 
 @pytest.fixture(scope="module")
@@ -218,14 +175,17 @@ def test_metadata_round_trips(exported: Path, ckpt_path: Path) -> None:
 
 
 def test_calibration_cache_is_reused(
-    exported: Path, ckpt_path: Path, msl_dir: Path, capfd: pytest.CaptureFixture[str]
+    exported: Path, ckpt_path: Path, msl_dir: Path, tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
-    caches = list((exported / CALIB_CACHE_DIR).glob("*.json"))
+    out = tmp_path / "export"
+    shutil.copytree(exported, out)  # the shared export stays as it was
+    caches = list((out / CALIB_CACHE_DIR).glob("*.json"))
     assert len(caches) == 1
     before = caches[0].stat().st_mtime_ns
     config = ExportConfig(
         checkpoint=ckpt_path,
-        out=exported,
+        out=out,
         int8=True,
         calib_images=CALIB_IMAGES,
         tensorrt="off",

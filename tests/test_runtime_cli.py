@@ -16,16 +16,14 @@ import numpy as np
 import pytest
 
 from marsvision.runtime.classifier import Classifier
-from test_runtime_models import load_ckpt, runtime_models
+from marsvision.train.checkpoint import load_checkpoint
 
 MARS_INFER = [sys.executable, "-m", "marsvision.runtime.cli"]
 
 
 @pytest.fixture(scope="module")
-def models(
-    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, msl_dir: Path
-) -> dict[str, Path]:
-    return runtime_models(tiny_checkpoint, tmp_path_factory.mktemp("models"), msl_dir)
+def models(tiny_models: dict[str, Path]) -> dict[str, Path]:
+    return {"fp32": tiny_models["fp32"], "int8": tiny_models["int8-cpu"]}
 
 
 def _images(msl_dir: Path, n: int, split: str = "test") -> list[Path]:
@@ -52,7 +50,7 @@ def test_classifier_matches_torch_top1(
     from marsvision.train.checkpoint import model_from_checkpoint, preprocess_from_checkpoint
     from marsvision.train.transforms import eval_transform
 
-    ckpt = load_ckpt(tiny_checkpoint)
+    ckpt = load_checkpoint(tiny_checkpoint)
     tf = eval_transform(preprocess_from_checkpoint(ckpt))
     paths = _images(msl_dir, 20)
     with torch.no_grad():

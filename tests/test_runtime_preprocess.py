@@ -37,11 +37,14 @@ def test_matches_eval_transform(msl_dir: Path, size: int, interp: str) -> None:
 def test_same_top1_as_torch_on_tiny_model(msl_dir: Path, tiny_checkpoint: Path) -> None:
     import torch
 
-    from marsvision.train.checkpoint import model_from_checkpoint, preprocess_from_checkpoint
+    from marsvision.train.checkpoint import (
+        load_checkpoint,
+        model_from_checkpoint,
+        preprocess_from_checkpoint,
+    )
     from marsvision.train.transforms import eval_transform
-    from test_runtime_models import load_ckpt
 
-    ckpt = load_ckpt(tiny_checkpoint)
+    ckpt = load_checkpoint(tiny_checkpoint)
     spec = preprocess_from_checkpoint(ckpt)
     model = model_from_checkpoint(ckpt)
     paths = _msl_images(msl_dir, 16)

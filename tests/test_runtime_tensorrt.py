@@ -80,43 +80,28 @@ def _gpu_trt_reason() -> str | None:
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 def test_tensorrt_runner_matches_onnxruntime(
-    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, msl_dir: Path
+    tiny_checkpoint: Path, tiny_models: dict[str, Path], tmp_path: Path, msl_dir: Path
 ) -> None:
+    """An FP16 engine from mars-export, served by the runtime, agrees with ORT FP32."""
     reason = _gpu_trt_reason()
     if reason:
         pytest.skip(reason)
-    import tensorrt as trt
-    from marsvision.runtime.backends.tensorrt import running_gpu
+    from marsvision.export.artifacts import artifact_name
+    from marsvision.export.config import ExportConfig
+    from marsvision.export.pipeline import export_all
     from marsvision.runtime.preprocess import load_image
     from marsvision.train.data import read_split
-    from test_runtime_models import runtime_models
 
-    onnx_path = runtime_models(tiny_checkpoint, tmp_path_factory.mktemp("models"), msl_dir)["fp32"]
+    export_all(
+        ExportConfig(
+            checkpoint=tiny_checkpoint, out=tmp_path, fp16=True, tensorrt="on", max_batch=8,
+            data_dir=msl_dir,
+        )
+    )  # fmt: skip
+    plan = tmp_path / artifact_name("binary", "fp16-engine")
+    engine_meta = load_model_meta(plan)
+    onnx_path = tiny_models["fp32"]
     meta = load_model_meta(onnx_path)
-    size = meta.preprocess.input_size
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    assert parser.parse(onnx_path.read_bytes())
-    config = builder.create_builder_config()
-    profile = builder.create_optimization_profile()
-    profile.set_shape("input", (1, 3, size, size), (4, 3, size, size), (8, 3, size, size))
-    config.add_optimization_profile(profile)
-    plan = tmp_path_factory.mktemp("trt") / "tiny.fp32.plan"
-    plan.write_bytes(bytes(builder.build_serialized_network(network, config)))
-    gpu, cc = running_gpu()
-    engine_meta = dataclasses.replace(
-        meta,
-        tensorrt={
-            "version": trt.__version__,
-            "compute_capability": cc,
-            "gpu_name": gpu,
-            "max_batch": 8,
-        },
-    )
-    sidecar_path(plan).write_text(engine_meta.to_json())
-
     paths = [s.path for s in read_split(msl_dir, "val", "binary", limit=11)]
     x = np.stack([load_image(p, meta.preprocess) for p in paths])
     with open_runner(onnx_path, "onnxruntime", "cpu") as ort_runner:
@@ -125,7 +110,7 @@ def test_tensorrt_runner_matches_onnxruntime(
         assert runner.name == "tensorrt"
         got = runner.infer(x)  # 11 > max batch 8: split in two
         assert got.shape == ref.shape
-        np.testing.assert_allclose(got, ref, atol=2e-2, rtol=2e-2)
+        np.testing.assert_allclose(got, ref, atol=5e-2, rtol=5e-2)
         np.testing.assert_array_equal(got.argmax(1), ref.argmax(1))
     stale = dataclasses.replace(engine_meta, tensorrt={**engine_meta.tensorrt, "version": "9.0"})
     sidecar_path(plan).write_text(stale.to_json())

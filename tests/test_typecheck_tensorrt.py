@@ -6,7 +6,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-
 from typecheck_tensorrt import REPO, TRT_MODULES, patched_stubs, run_mypy
 
 pytestmark = pytest.mark.skipif(
