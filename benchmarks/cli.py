@@ -90,44 +90,91 @@ def main() -> None:
 _device = click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
 )
-_threads = click.option("--threads", type=int, default=None, help="CPU threads (default: all usable cores).")
+_threads = click.option(
+    "--threads", type=int, default=None, help="CPU threads (default: all usable cores)."
+)
 _out = click.option(
-    "--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True,
+    "--out",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_OUT,
+    show_default=True,
     help="Results folder.",
 )
 _data = click.option("--data", default=None, help="MSL data folder (default: $MARS_DATA).")
 
 
 @main.command()
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-              help="The PyTorch checkpoint (the eager baseline) [default: the manifest's source].")
-@click.option("--artifacts", type=click.Path(path_type=Path), default=None,
-              help="An export out dir (manifest.json and the artifacts).")
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The PyTorch checkpoint (the eager baseline) [default: the manifest's source].",
+)
+@click.option(
+    "--artifacts",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="An export out dir (manifest.json and the artifacts).",
+)
 @click.option("--batch-sizes", default="1,8,32", show_default=True)
-@click.option("--precisions", default=None,
-              help="fp32,fp16,bf16,int8-cpu,int8-trt,int8 [default: cpu fp32,int8-cpu; "
-                   "cuda fp32,fp16,bf16,int8].")
-@click.option("--backends", default=None,
-              help="pytorch,pytorch-cl,onnxruntime,tensorrt [default: cpu pytorch,onnxruntime; "
-                   "cuda all].")
-@click.option("--modes", default="model,e2e", show_default=True,
-              help="model (preallocated input) and/or e2e (image files in, predictions out).")
-@click.option("--images", default="test", show_default=True,
-              help="End-to-end inputs: a folder of images or an MSL split name.")
-@click.option("--num-images", type=int, default=64, show_default=True,
-              help="At most this many end-to-end images (cycled through).")
+@click.option(
+    "--precisions",
+    default=None,
+    help="fp32,fp16,bf16,int8-cpu,int8-trt,int8 [default: cpu fp32,int8-cpu; "
+    "cuda fp32,fp16,bf16,int8].",
+)
+@click.option(
+    "--backends",
+    default=None,
+    help="pytorch,pytorch-cl,onnxruntime,tensorrt [default: cpu pytorch,onnxruntime; cuda all].",
+)
+@click.option(
+    "--modes",
+    default="model,e2e",
+    show_default=True,
+    help="model (preallocated input) and/or e2e (image files in, predictions out).",
+)
+@click.option(
+    "--images",
+    default="test",
+    show_default=True,
+    help="End-to-end inputs: a folder of images or an MSL split name.",
+)
+@click.option(
+    "--num-images",
+    type=int,
+    default=64,
+    show_default=True,
+    help="At most this many end-to-end images (cycled through).",
+)
 @_data
 @click.option("--warmup", type=int, default=5, show_default=True)
 @click.option("--repeats", type=int, default=30, show_default=True)
 @_device
 @_threads
-@click.option("--isolate/--in-process", default=True, show_default=True,
-              help="Run each row in its own process (its own peak RSS).")
+@click.option(
+    "--isolate/--in-process",
+    default=True,
+    show_default=True,
+    help="Run each row in its own process (its own peak RSS).",
+)
 @_out
 def speed(
-    checkpoint: Path | None, artifacts: Path | None, batch_sizes: str, precisions: str | None,
-    backends: str | None, modes: str, images: str, num_images: int, data: str | None,
-    warmup: int, repeats: int, device: str, threads: int | None, isolate: bool, out: Path,
+    checkpoint: Path | None,
+    artifacts: Path | None,
+    batch_sizes: str,
+    precisions: str | None,
+    backends: str | None,
+    modes: str,
+    images: str,
+    num_images: int,
+    data: str | None,
+    warmup: int,
+    repeats: int,
+    device: str,
+    threads: int | None,
+    isolate: bool,
+    out: Path,
 ) -> None:
     """Throughput and latency of each backend x precision x batch, vs PyTorch eager FP32."""
     from marsvision.benchmarks.speed import SpeedConfig, run_speed
@@ -156,31 +203,68 @@ def speed(
 
 
 @main.command()
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-              help="The PyTorch checkpoint the artifacts came from (the reference) "
-                   "[default: the manifest's source].")
-@click.option("--artifacts", type=click.Path(path_type=Path), required=True,
-              help="An export out dir (manifest.json and the artifacts).")
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The PyTorch checkpoint the artifacts came from (the reference) "
+    "[default: the manifest's source].",
+)
+@click.option(
+    "--artifacts",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="An export out dir (manifest.json and the artifacts).",
+)
 @_data
 @click.option("--splits", default="val,test", show_default=True)
 @click.option("--limit", type=int, default=None, help="At most N images per split (quick runs).")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @_device
 @_threads
-@click.option("--fp32-min-agreement", type=float, default=100.0, show_default=True,
-              help="FP32: least top-1 agreement with PyTorch, percent.")
-@click.option("--fp16-max-accuracy-change", type=float, default=0.1, show_default=True,
-              help="FP16: largest |accuracy change|, points.")
-@click.option("--int8-max-accuracy-change", type=float, default=0.5, show_default=True,
-              help="INT8: largest |accuracy change|, points.")
-@click.option("--int8-min-agreement", type=float, default=99.0, show_default=True,
-              help="INT8: least top-1 agreement with PyTorch, percent.")
+@click.option(
+    "--fp32-min-agreement",
+    type=float,
+    default=100.0,
+    show_default=True,
+    help="FP32: least top-1 agreement with PyTorch, percent.",
+)
+@click.option(
+    "--fp16-max-accuracy-change",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="FP16: largest |accuracy change|, points.",
+)
+@click.option(
+    "--int8-max-accuracy-change",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="INT8: largest |accuracy change|, points.",
+)
+@click.option(
+    "--int8-min-agreement",
+    type=float,
+    default=99.0,
+    show_default=True,
+    help="INT8: least top-1 agreement with PyTorch, percent.",
+)
 @_out
 def parity(
-    checkpoint: Path | None, artifacts: Path, data: str | None, splits: str, limit: int | None,
-    batch_size: int, device: str, threads: int | None, fp32_min_agreement: float,
-    fp16_max_accuracy_change: float, int8_max_accuracy_change: float,
-    int8_min_agreement: float, out: Path,
+    checkpoint: Path | None,
+    artifacts: Path,
+    data: str | None,
+    splits: str,
+    limit: int | None,
+    batch_size: int,
+    device: str,
+    threads: int | None,
+    fp32_min_agreement: float,
+    fp16_max_accuracy_change: float,
+    int8_max_accuracy_change: float,
+    int8_min_agreement: float,
+    out: Path,
 ) -> None:
     """Accuracy of every artifact vs the PyTorch checkpoint; exit 3 when one fails."""
     from marsvision.benchmarks.parity import PARITY_FAIL_EXIT, ParityConfig, Thresholds, run_parity

@@ -128,6 +128,8 @@ def capture_conditions(*, threads: int | None = None) -> dict[str, Any]:
         "cpu": cpu,
         "gpu": gpu,
         "threads": threads or cpu["usable_cores"],
-        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
+        "env": {
+            k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ
+        },
         "versions": library_versions(),
     }

@@ -203,7 +203,10 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
         paths = [s.path for s in samples]
         say(f"{split}: {len(paths)} images; PyTorch reference on {torch_device}")
         logits, secs = reference_logits(
-            cfg.checkpoint, paths, batch_size=cfg.batch_size, device=torch_device,
+            cfg.checkpoint,
+            paths,
+            batch_size=cfg.batch_size,
+            device=torch_device,
             threads=cfg.threads,
         )
         splits[split] = {
@@ -224,7 +227,9 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
         "splits": {},
     }
     for split, d in splits.items():
-        figures = compare(d["ref_logits"], d["ref_logits"], d["y_true"], num_classes=len(names), task=task)
+        figures = compare(
+            d["ref_logits"], d["ref_logits"], d["y_true"], num_classes=len(names), task=task
+        )
         n = len(d["paths"])
         figures["ms_per_image"] = 1e3 * d["ref_seconds"] / n
         figures["images_per_s"] = n / d["ref_seconds"] if d["ref_seconds"] > 0 else None

@@ -105,8 +105,14 @@ def render_text(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         for f in row.get("failures", []):
             lines.append(f"FAIL {row['artifact']}: {f}")
-    lines.append("parity: " + ("all artifacts pass" if report["passed"] else
-                                f"{len(report['failed'])} artifact(s) FAIL: {', '.join(report['failed'])}"))
+    lines.append(
+        "parity: "
+        + (
+            "all artifacts pass"
+            if report["passed"]
+            else f"{len(report['failed'])} artifact(s) FAIL: {', '.join(report['failed'])}"
+        )
+    )
     return "\n".join(lines)
 
 
@@ -123,11 +129,13 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"cores; GPU {gpu}), {c['date']}. Versions: "
             + ", ".join(f"{k} {v}" for k, v in sorted(c["versions"].items())),
             "",
-            (f"Thresholds: FP32 top-1 agreement >= {t['fp32_min_agreement']:g}%; FP16 |accuracy "
-            f"change| <= {t['fp16_max_accuracy_change']:g} points; INT8 |accuracy change| <= "
-            f"{t['int8_max_accuracy_change']:g} points and agreement >= "
-            f"{t['int8_min_agreement']:g}%. ms/img is model time (batch "
-            f"{report['config']['batch_size']}), preprocessing excluded."),
+            (
+                f"Thresholds: FP32 top-1 agreement >= {t['fp32_min_agreement']:g}%; FP16 |accuracy "
+                f"change| <= {t['fp16_max_accuracy_change']:g} points; INT8 |accuracy change| <= "
+                f"{t['int8_max_accuracy_change']:g} points and agreement >= "
+                f"{t['int8_min_agreement']:g}%. ms/img is model time (batch "
+                f"{report['config']['batch_size']}), preprocessing excluded."
+            ),
             "",
             markdown_table(HEADERS, table_rows(report)),
             "",

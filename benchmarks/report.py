@@ -23,10 +23,14 @@ def fmt(value: Cell, digits: int = 2) -> str:
 
 def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A plain aligned table for the terminal: text left, numbers right."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
 
     def numeric(s: str) -> bool:
-        return s.replace(".", "", 1).replace("-", "", 1).replace("+", "", 1).replace("x", "").isdigit()
+        return (
+            s.replace(".", "", 1).replace("-", "", 1).replace("+", "", 1).replace("x", "").isdigit()
+        )
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(
@@ -41,7 +45,10 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A GitHub-flavoured markdown table."""
     esc = [[c.replace("|", "\\|") for c in r] for r in rows]
-    out = ["| " + " | ".join(h.replace("|", "\\|") for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out = [
+        "| " + " | ".join(h.replace("|", "\\|") for h in headers) + " |",
+        "|" + "|".join("---" for _ in headers) + "|",
+    ]
     out += ["| " + " | ".join(r) + " |" for r in esc]
     return "\n".join(out)
 

@@ -62,7 +62,9 @@ class SpeedConfig:
         ):
             bad = [v for v in values if v not in valid]
             if bad:
-                raise MarsvisionError(f"{name}: unknown {', '.join(bad)}; choose from {', '.join(valid)}")
+                raise MarsvisionError(
+                    f"{name}: unknown {', '.join(bad)}; choose from {', '.join(valid)}"
+                )
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise MarsvisionError("--batch-sizes: give positive integers, e.g. 1,8,32")
         if self.warmup < 0 or self.repeats < 1:
@@ -101,19 +103,36 @@ def plan(cfg: SpeedConfig) -> tuple[list[Job], list[dict[str, Any]]]:
             if flavour not in found:
                 where = cfg.artifacts or "(no --artifacts given)"
                 skipped.append(
-                    {"backend": backend, "precision": precision,
-                     "status": f"skipped: no {flavour} artifact in {where}"}
+                    {
+                        "backend": backend,
+                        "precision": precision,
+                        "status": f"skipped: no {flavour} artifact in {where}",
+                    }
                 )
                 continue
             if backend == "tensorrt" and cfg.device == "cpu":
-                skipped.append({"backend": backend, "precision": precision,
-                                "status": "skipped: TensorRT needs --device cuda"})
+                skipped.append(
+                    {
+                        "backend": backend,
+                        "precision": precision,
+                        "status": "skipped: TensorRT needs --device cuda",
+                    }
+                )
                 continue
             pairs.append((backend, precision, str(found[flavour])))
     jobs = [
-        Job(mode=mode, backend=b, precision=p, batch=bs, model=m, device=cfg.device,
-            warmup=cfg.warmup, repeats=cfg.repeats, threads=cfg.threads,
-            images=cfg.images if mode == "e2e" else ())
+        Job(
+            mode=mode,
+            backend=b,
+            precision=p,
+            batch=bs,
+            model=m,
+            device=cfg.device,
+            warmup=cfg.warmup,
+            repeats=cfg.repeats,
+            threads=cfg.threads,
+            images=cfg.images if mode == "e2e" else (),
+        )
         for mode in cfg.modes
         for b, p, m in pairs
         for bs in cfg.batch_sizes

@@ -66,7 +66,10 @@ def _gpu_used_mib(pid: int) -> float | None:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=20, check=True,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
@@ -120,7 +123,10 @@ def run_job(job: Job) -> dict[str, Any]:
             from marsvision.runtime.classifier import Classifier
 
             clf = Classifier(
-                job.model, backend=job.backend, device=job.device, batch_size=job.batch,
+                job.model,
+                backend=job.backend,
+                device=job.device,
+                batch_size=job.batch,
                 threads=job.threads,
             )
             runner = clf.runner

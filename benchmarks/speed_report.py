@@ -87,9 +87,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             _conditions_line(report),
             "",
-            ("model = `Runner.infer` on one preallocated batch (host to host); e2e = real image "
-            "files to probabilities (runtime Classifier; PyTorch: Pillow + eval_transform). "
-            "x pt-fp32 = throughput over PyTorch eager FP32 at the same mode and batch."),
+            (
+                "model = `Runner.infer` on one preallocated batch (host to host); e2e = real image "
+                "files to probabilities (runtime Classifier; PyTorch: Pillow + eval_transform). "
+                "x pt-fp32 = throughput over PyTorch eager FP32 at the same mode and batch."
+            ),
             "",
             markdown_table(HEADERS, table_rows(report)),
         ]
@@ -109,7 +111,9 @@ def write_speed(report: dict[str, Any], out: Path) -> list[Path]:
     pairs = sorted({(r["backend"], r["precision"]) for r in report["rows"]})
     for backend, precision in pairs:
         rows = [r for r in report["rows"] if (r["backend"], r["precision"]) == (backend, precision)]
-        baseline = [r for r in report["rows"] if (r["backend"], r["precision"]) == ("pytorch", "fp32")]
+        baseline = [
+            r for r in report["rows"] if (r["backend"], r["precision"]) == ("pytorch", "fp32")
+        ]
         doc = {
             "kind": "speed",
             "backend": backend,
@@ -147,8 +151,9 @@ def speed_chart(report: dict[str, Any], path: Path) -> Path | None:
     if not ok:
         return None
     groups = sorted({(r["mode"], r["batch"]) for r in ok}, key=lambda g: (g[0] != "model", g[1]))
-    names = sorted({f"{r['backend']} {r['precision']}" for r in ok},
-                   key=lambda n: (n != "pytorch fp32", n))
+    names = sorted(
+        {f"{r['backend']} {r['precision']}" for r in ok}, key=lambda n: (n != "pytorch fp32", n)
+    )
     by = {(f"{r['backend']} {r['precision']}", r["mode"], r["batch"]): r for r in ok}
     series = {
         n: [by[(n, m, b)]["throughput_img_s"] if (n, m, b) in by else None for m, b in groups]

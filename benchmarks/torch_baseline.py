@@ -31,7 +31,7 @@ def _torch() -> Any:
 
 
 def resolve_torch_device(device: str) -> str:
-    """"auto" -> "cuda" when torch sees a GPU, else "cpu"; "cuda" without a GPU is a user error."""
+    """ "auto" -> "cuda" when torch sees a GPU, else "cpu"; "cuda" without a GPU is a user error."""
     torch = _torch()
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

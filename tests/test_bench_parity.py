@@ -62,12 +62,29 @@ def _reference_accuracy(ckpt: Path, msl_dir: Path) -> float:
     return 100.0 * float(np.mean(pred == np.array([s.label for s in samples])))
 
 
-def test_parity_table_and_verdicts(exported: tuple[Path, Path], msl_dir: Path, tmp_path: Path) -> None:
+def test_parity_table_and_verdicts(
+    exported: tuple[Path, Path], msl_dir: Path, tmp_path: Path
+) -> None:
     ckpt, art = exported
     out = tmp_path / "res"
     code, output, report = _run(
-        ["parity", "--checkpoint", str(ckpt), "--artifacts", str(art), "--data", str(msl_dir),
-         "--splits", "test", "--limit", str(LIMIT), "--device", "cpu", "--out", str(out)]
+        [
+            "parity",
+            "--checkpoint",
+            str(ckpt),
+            "--artifacts",
+            str(art),
+            "--data",
+            str(msl_dir),
+            "--splits",
+            "test",
+            "--limit",
+            str(LIMIT),
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
     )
     rows = {r["flavour"]: r for r in report["rows"]}
     assert set(rows) == {"pytorch", "fp32", "fp16", "int8-cpu", "int8-trt"}
@@ -130,8 +147,23 @@ def test_broken_artifact_fails_with_exit_code(
     _negate_head(art / "resnet50-binary.fp32.onnx", broken / "resnet50-binary.fp32.onnx")
     out = tmp_path / "res"
     code, output, report = _run(
-        ["parity", "--checkpoint", str(ckpt), "--artifacts", str(broken), "--data", str(msl_dir),
-         "--splits", "test", "--limit", "16", "--device", "cpu", "--out", str(out)]
+        [
+            "parity",
+            "--checkpoint",
+            str(ckpt),
+            "--artifacts",
+            str(broken),
+            "--data",
+            str(msl_dir),
+            "--splits",
+            "test",
+            "--limit",
+            "16",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
     )
     row = report["rows"][1]
     assert row["verdict"] == "FAIL" and row["splits"]["test"]["top1_agreement"] < 100.0
@@ -152,8 +184,23 @@ def test_engine_without_tensorrt_is_skipped_not_failed(
     shutil.copy(art / "resnet50-binary.fp32.onnx", d)
     (d / "resnet50-binary.fp16.plan").write_bytes(b"not an engine")
     code, output, report = _run(
-        ["parity", "--checkpoint", str(ckpt), "--artifacts", str(d), "--data", str(msl_dir),
-         "--splits", "test", "--limit", "8", "--device", "cpu", "--out", str(tmp_path / "res")]
+        [
+            "parity",
+            "--checkpoint",
+            str(ckpt),
+            "--artifacts",
+            str(d),
+            "--data",
+            str(msl_dir),
+            "--splits",
+            "test",
+            "--limit",
+            "8",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "res"),
+        ]
     )
     engine = next(r for r in report["rows"] if r["flavour"] == "fp16-engine")
     assert engine["status"].startswith("skipped: ") and engine["verdict"] == "skipped"

@@ -22,7 +22,9 @@ from marsvision.benchmarks.timing import summarize, time_calls
 
 
 @pytest.fixture(scope="module")
-def fp32_dir(tiny_checkpoint: Path, msl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fp32_dir(
+    tiny_checkpoint: Path, msl_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """An export out dir with the FP32 ONNX of the tiny checkpoint (helper E's export API)."""
     from marsvision.export.images import load_batch, split_paths
     from marsvision.export.onnx_fp32 import fp32_meta, onnx_from_checkpoint
@@ -43,11 +45,36 @@ def test_speed_cli_writes_results_with_conditions(
     out = tmp_path / "res"
     result = CliRunner().invoke(
         main,
-        ["speed", "--checkpoint", str(tiny_checkpoint), "--artifacts", str(fp32_dir),
-         "--batch-sizes", "2", "--precisions", "fp32,int8-cpu", "--backends",
-         "pytorch,onnxruntime", "--images", "test", "--num-images", "4", "--data", str(msl_dir),
-         "--warmup", "1", "--repeats", "3", "--device", "cpu", "--threads", "1",
-         "--in-process", "--out", str(out)],
+        [
+            "speed",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--artifacts",
+            str(fp32_dir),
+            "--batch-sizes",
+            "2",
+            "--precisions",
+            "fp32,int8-cpu",
+            "--backends",
+            "pytorch,onnxruntime",
+            "--images",
+            "test",
+            "--num-images",
+            "4",
+            "--data",
+            str(msl_dir),
+            "--warmup",
+            "1",
+            "--repeats",
+            "3",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--in-process",
+            "--out",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     files = sorted(p.name for p in out.iterdir())
@@ -86,19 +113,40 @@ def test_speed_cli_writes_results_with_conditions(
 
 def test_isolated_onnxruntime_row_never_imports_torch(fp32_dir: Path, msl_dir: Path) -> None:
     images = tuple(str(p) for p in sorted((msl_dir / "calibrated").glob("*.JPG"))[:2])
-    job = Job(mode="e2e", backend="onnxruntime", precision="fp32", batch=2,
-              model=str(fp32_dir / "resnet50-binary.fp32.onnx"), device="cpu", warmup=1,
-              repeats=2, threads=1, images=images)
+    job = Job(
+        mode="e2e",
+        backend="onnxruntime",
+        precision="fp32",
+        batch=2,
+        model=str(fp32_dir / "resnet50-binary.fp32.onnx"),
+        device="cpu",
+        warmup=1,
+        repeats=2,
+        threads=1,
+        images=images,
+    )
     row = run_job_isolated(job)
     assert row["status"] == "ok", row
     assert row["torch_imported"] is False
     assert row["peak_rss_mib"] >= row["rss_before_mib"] > 0
 
 
-def test_speed_without_images_for_e2e_is_a_user_error(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_speed_without_images_for_e2e_is_a_user_error(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     result = CliRunner().invoke(
-        main, ["speed", "--checkpoint", str(tiny_checkpoint), "--images", str(tmp_path),
-               "--device", "cpu", "--out", str(tmp_path / "o")],
+        main,
+        [
+            "speed",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--images",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "o"),
+        ],
     )
     assert result.exit_code == 1 and "no .jpg/.jpeg/.png files" in result.output
 
@@ -146,11 +194,21 @@ def _cuda() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU visible to torch")
 @pytest.mark.parametrize(("backend", "precision"), [("pytorch", "fp32"), ("pytorch-cl", "fp16")])
-def test_gpu_baseline_rows_record_gpu_memory(tiny_checkpoint: Path, backend: str, precision: str) -> None:
+def test_gpu_baseline_rows_record_gpu_memory(
+    tiny_checkpoint: Path, backend: str, precision: str
+) -> None:
     from marsvision.benchmarks.speed_jobs import run_job
 
-    job = Job(mode="model", backend=backend, precision=precision, batch=4,
-              model=str(tiny_checkpoint), device="cuda", warmup=2, repeats=3)
+    job = Job(
+        mode="model",
+        backend=backend,
+        precision=precision,
+        batch=4,
+        model=str(tiny_checkpoint),
+        device="cuda",
+        warmup=2,
+        repeats=3,
+    )
     row = run_job(job)
     assert row["status"] == "ok" and row["runner"].startswith("pytorch-cuda")
     assert row["gpu_mem_mib"] > 0 and row["timing"]["repeats"] == 3

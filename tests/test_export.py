@@ -175,7 +175,10 @@ def test_metadata_round_trips(exported: Path, ckpt_path: Path) -> None:
 
 
 def test_calibration_cache_is_reused(
-    exported: Path, ckpt_path: Path, msl_dir: Path, tmp_path: Path,
+    exported: Path,
+    ckpt_path: Path,
+    msl_dir: Path,
+    tmp_path: Path,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "export"
