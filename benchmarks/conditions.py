@@ -65,15 +65,11 @@ def cpu_info(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> dict[str, Any
     }
 
 
-def gpu_info() -> dict[str, Any] | None:
-    """GPU name, driver and memory from nvidia-smi; None when there is no NVIDIA GPU."""
+def nvidia_smi(query: str) -> list[list[str]] | None:
+    """Rows of `nvidia-smi --query-<query> --format=csv,noheader,nounits`; None without one."""
     try:
         out = subprocess.run(
-            [
-                "nvidia-smi",
-                "--query-gpu=name,driver_version,memory.total,compute_cap",
-                "--format=csv,noheader,nounits",
-            ],
+            ["nvidia-smi", f"--query-{query}", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=20,
@@ -81,8 +77,13 @@ def gpu_info() -> dict[str, Any] | None:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    first = out.strip().splitlines()[0] if out.strip() else ""
-    parts = [p.strip() for p in first.split(",")]
+    return [[p.strip() for p in line.split(",")] for line in out.strip().splitlines()]
+
+
+def gpu_info() -> dict[str, Any] | None:
+    """GPU name, driver and memory from nvidia-smi; None when there is no NVIDIA GPU."""
+    rows = nvidia_smi("gpu=name,driver_version,memory.total,compute_cap")
+    parts = rows[0] if rows else []
     if len(parts) < 3:
         return None
     return {

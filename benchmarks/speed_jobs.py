@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from marsvision.benchmarks.conditions import nvidia_smi
 from marsvision.benchmarks.timing import Timing, current_rss_mib, peak_rss_mib, time_calls
 from marsvision.runtime.errors import MarsvisionError
 
@@ -63,18 +64,7 @@ def _open_runner(job: Job) -> Any:
 
 def _gpu_used_mib(pid: int) -> float | None:
     """GPU memory this process holds now, per nvidia-smi (None without a GPU)."""
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for line in out.splitlines():
-        parts = [p.strip() for p in line.split(",")]
+    for parts in nvidia_smi("compute-apps=pid,used_memory") or []:
         if len(parts) == 2 and parts[0] == str(pid) and parts[1].isdigit():
             return float(parts[1])
     return None
