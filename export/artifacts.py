@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.files import atomic_write_text
 from marsvision.runtime.metadata import METADATA_KEY, ModelMeta
 
 if TYPE_CHECKING:
@@ -116,10 +117,5 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             if a["file"] not in fresh and (out / a["file"]).exists()
         ]
         manifest = {**manifest, "artifacts": kept + manifest["artifacts"]}
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=out)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest

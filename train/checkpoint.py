@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.files import atomic_path
 from marsvision.runtime.spec import PreprocessSpec
 from marsvision.train.model import ARCH, create_model
 
@@ -45,25 +45,10 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def default_file_mode() -> int:
-    """0o666 less the process umask: what open() would give a new file."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary name in the same folder, then rename: never a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def make_checkpoint(
