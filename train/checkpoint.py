@@ -94,7 +94,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated/foreign files raise many types
         raise MarsvisionError(
-            f"{p} is not a marsvision checkpoint (cannot be read: {str(e).splitlines()[0][:120]})"
+            f"{p} is not a marsvision checkpoint: torch cannot read it ({type(e).__name__}); "
+            "it may be truncated or another kind of file (re-copy it, or train one with mars-train)"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise MarsvisionError(
