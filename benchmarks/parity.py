@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from marsvision.benchmarks.artifacts import Artifact, find_artifacts, skip_reason
+from marsvision.runtime.classifier import softmax
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.spec import PreprocessSpec
 
@@ -64,13 +65,6 @@ class ParityConfig:
             d[k] = str(d[k])
         d["splits"] = list(self.splits)
         return d
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64, the same for the reference and every artifact."""
-    from marsvision.runtime.classifier import softmax as runtime_softmax
-
-    return runtime_softmax(logits)
 
 
 def compare(
