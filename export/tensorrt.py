@@ -36,31 +36,19 @@ def tensorrt_unavailable_reason() -> str | None:
 
 
 def gpu_info() -> dict[str, str]:
-    """Name and compute capability of CUDA device 0 (cuda-python runtime bindings)."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # cuda-python < 12.6
-        except ImportError:
-            raise MarsvisionError(f"cuda-python is not installed; run {TRT_INSTALL_HINT}") from None
-    err, count = cudart.cudaGetDeviceCount()
-    if int(err) != 0 or int(count) < 1:
-        raise MarsvisionError("no CUDA GPU is visible")
-    err, prop = cudart.cudaGetDeviceProperties(0)
-    if int(err) != 0:
-        raise MarsvisionError(f"cannot query CUDA device 0 (error {int(err)})")
-    raw = prop.name
-    name = raw.split(b"\0", 1)[0].decode() if isinstance(raw, bytes) else str(raw)
-    return {"gpu_name": name, "compute_capability": f"{int(prop.major)}.{int(prop.minor)}"}
+    """Name and compute capability of the current CUDA device, computed by the same code
+    (`runtime.backends.tensorrt.running_gpu`) that checks an engine's sidecar at load time."""
+    from marsvision.runtime.backends.tensorrt import running_gpu
+
+    name, capability = running_gpu()
+    return {"gpu_name": name, "compute_capability": capability}
 
 
 def _progress_monitor() -> trt.IProgressMonitor:
     """An IProgressMonitor that prints build phases to stderr."""
     import tensorrt as trt
 
-    # The stubs are not picked up by mypy (tensorrt-stubs lacks py.typed), so the base is Any.
-    class _Progress(trt.IProgressMonitor):  # type: ignore[misc,unused-ignore]
+    class _Progress(trt.IProgressMonitor):
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
             self._start: dict[str, float] = {}
