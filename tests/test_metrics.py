@@ -8,6 +8,7 @@ from sklearn import metrics as skm
 
 from marsvision.train.metrics import (
     bootstrap_accuracy_ci,
+    bootstrap_cis,
     classification_metrics,
     confusion_matrix,
 )
@@ -84,3 +85,30 @@ def test_bootstrap_ci() -> None:
     assert bootstrap_accuracy_ci(y, pred, n_boot=2000, seed=1) == (lo, hi)
     lo4, hi4 = bootstrap_accuracy_ci(np.tile(y, 4), np.tile(pred, 4), n_boot=2000, seed=1)
     assert hi4 - lo4 < (hi - lo) * 0.7  # four times the data: about half the width
+
+
+@pytest.mark.parametrize(("task", "k"), [("binary", 2), ("msl25", 25)])
+def test_bootstrap_cis_match_metrics_on_each_resample(task: str, k: int) -> None:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, k, 300)
+    pred = np.where(rng.random(300) < 0.7, y, rng.integers(0, k, 300))
+    n_boot = 50
+    cis = bootstrap_cis(y, pred, k, task, n_boot=n_boot, seed=4)
+    # the reference: classification_metrics on each of the same resamples, one at a time
+    idx = np.random.default_rng(4).integers(0, 300, size=(n_boot, 300))
+    for name in ("accuracy", "balanced_accuracy", "precision", "recall", "f1"):
+        ref = [classification_metrics(y[i], pred[i], k, task)[name] for i in idx]
+        assert cis[name] == pytest.approx(list(np.quantile(ref, [0.025, 0.975])), abs=1e-12)
+    point = classification_metrics(y, pred, k, task)
+    assert all(lo <= point[m] <= hi for m, (lo, hi) in cis.items())
+    acc_lo, acc_hi = bootstrap_accuracy_ci(y, pred, n_boot=n_boot, seed=4)
+    assert cis["accuracy"] == pytest.approx([acc_lo, acc_hi])
+
+
+def test_bootstrap_cis_degenerate_and_invalid() -> None:
+    y = np.array([0, 1, 1, 0, 1])
+    assert bootstrap_cis(y, y, 2, "binary", n_boot=20)["f1"] == [1.0, 1.0]
+    with pytest.raises(ValueError):
+        bootstrap_cis([], [], 2, "binary")
+    with pytest.raises(ValueError):
+        bootstrap_cis([0, 2], [0, 1], 2, "binary")

@@ -38,35 +38,71 @@ def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int) -> np.ndarray:
     return cm
 
 
-def classification_metrics(y_true: Any, y_pred: Any, num_classes: int, task: str) -> dict[str, Any]:
-    """n, accuracy, balanced_accuracy, precision, recall, f1, confusion_matrix, per_class_recall."""
-    cm = confusion_matrix(y_true, y_pred, num_classes)
-    n = int(cm.sum())
-    tp = np.diag(cm).astype(np.float64)
-    support = cm.sum(axis=1)  # true count per class
-    predicted = cm.sum(axis=0)
+def _scores(cm: np.ndarray, task: str) -> dict[str, np.ndarray]:
+    """accuracy, balanced_accuracy, precision, recall, f1 of confusion matrices (..., k, k)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    n = cm.sum(axis=(-2, -1))
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    support = cm.sum(axis=-1)  # true count per class
+    predicted = cm.sum(axis=-2)
     recall_c = _ratio(tp, support)
     precision_c = _ratio(tp, predicted)
     f1_c = _ratio(2 * precision_c * recall_c, precision_c + recall_c)
-    if task == "binary":
-        precision, recall, f1 = precision_c[1], recall_c[1], f1_c[1]
-    else:
-        present = (support > 0) | (predicted > 0)
-        precision = precision_c[present].mean() if present.any() else 0.0
-        recall = recall_c[present].mean() if present.any() else 0.0
-        f1 = f1_c[present].mean() if present.any() else 0.0
     has_true = support > 0
+    out = {
+        "accuracy": _ratio(tp.sum(axis=-1), n),
+        "balanced_accuracy": _ratio((recall_c * has_true).sum(axis=-1), has_true.sum(axis=-1)),
+    }
+    if task == "binary":
+        out.update(precision=precision_c[..., 1], recall=recall_c[..., 1], f1=f1_c[..., 1])
+    else:
+        present = has_true | (predicted > 0)
+        count = present.sum(axis=-1)
+        for name, per_class in (("precision", precision_c), ("recall", recall_c), ("f1", f1_c)):
+            out[name] = _ratio((per_class * present).sum(axis=-1), count)
+    return out
+
+
+def classification_metrics(y_true: Any, y_pred: Any, num_classes: int, task: str) -> dict[str, Any]:
+    """n, accuracy, balanced_accuracy, precision, recall, f1, confusion_matrix, per_class_recall."""
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    support = cm.sum(axis=1)
+    recall_c = _ratio(np.diag(cm), support)
+    scores = {k: float(v) for k, v in _scores(cm, task).items()}
     return {
-        "n": n,
-        "accuracy": float(tp.sum() / n) if n else 0.0,
-        "balanced_accuracy": float(recall_c[has_true].mean()) if has_true.any() else 0.0,
-        "precision": float(precision),
-        "recall": float(recall),
-        "f1": float(f1),
+        "n": int(cm.sum()),
+        **scores,
         "confusion_matrix": cm.tolist(),
         "per_class_recall": [
             float(r) if s > 0 else None for r, s in zip(recall_c, support, strict=True)
         ],
+    }
+
+
+def bootstrap_cis(
+    y_true: Any,
+    y_pred: Any,
+    num_classes: int,
+    task: str,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals [lo, hi] of accuracy, balanced accuracy, precision,
+    recall and F1 (resampling images, the same resamples for every metric)."""
+    t, p = _labels(y_true), _labels(y_pred)
+    confusion_matrix(t, p, num_classes)  # validates shapes and label range
+    if t.size == 0:
+        raise ValueError("no predictions to bootstrap")
+    k = num_classes
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, t.size, size=(n_boot, t.size))
+    flat = (np.arange(n_boot)[:, None] * k * k + t[idx] * k + p[idx]).ravel()
+    cms = np.bincount(flat, minlength=n_boot * k * k).reshape(n_boot, k, k)
+    alpha = (1.0 - level) / 2.0
+    return {
+        name: [float(q) for q in np.quantile(values, [alpha, 1.0 - alpha])]
+        for name, values in _scores(cms, task).items()
     }
 
 
