@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from marsvision.export.artifacts import MANIFEST, SUFFIXES
+from marsvision.export.artifacts import MANIFEST
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.models import SUFFIXES
 
 # Report order: the reference precision first, then by falling precision.
 FLAVOUR_ORDER = tuple(SUFFIXES)
@@ -21,7 +22,7 @@ class Artifact:
     """One exported model file."""
 
     path: Path
-    flavour: str  # a key of export.artifacts.SUFFIXES, e.g. "int8-cpu", "fp16-engine"
+    flavour: str  # a key of runtime.models.SUFFIXES, e.g. "int8-cpu", "fp16-engine"
     manifest: dict[str, Any]  # its manifest entry ({} when there is no manifest)
 
     @property

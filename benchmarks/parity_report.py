@@ -123,7 +123,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     gpu = c["gpu"]["name"] if c.get("gpu") else "none"
     return "\n".join(
         [
-            f"# Parity: {report['task']} task, checkpoint sha256 {report['checkpoint_sha256'][:12]}",
+            f"# Parity: {report['task']} task, checkpoint sha256 "
+            f"{report['checkpoint_sha256'][:12]}",
             "",
             f"Machine `{c['machine']}` ({c['cpu']['model']}, {c['cpu']['usable_cores']} usable "
             f"cores; GPU {gpu}), {c['date']}. Versions: "

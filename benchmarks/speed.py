@@ -20,7 +20,7 @@ from marsvision.runtime.errors import MarsvisionError
 BACKENDS = ("pytorch", "pytorch-cl", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8-cpu", "int8-trt", "int8")
 MODES = ("model", "e2e")
-# (backend, precision) -> artifact flavour (see export.artifacts.SUFFIXES); PyTorch needs none.
+# (backend, precision) -> artifact flavour (see runtime.models.SUFFIXES); PyTorch needs none.
 ARTIFACT_FLAVOUR = {
     ("onnxruntime", "fp32"): "fp32",
     ("onnxruntime", "fp16"): "fp16",

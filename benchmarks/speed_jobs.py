@@ -121,7 +121,10 @@ def run_job(job: Job) -> dict[str, Any]:
             )
             runner = clf.runner
             batches = _batches(job.images, job.batch)
-            call = lambda: clf.predict(next(batches))
+
+            def call() -> object:
+                return clf.predict(next(batches))
+
         else:
             runner = _open_runner(job)
             call = _torch_e2e_call(runner, job) if job.mode == "e2e" else _model_call(runner, job)

@@ -1,4 +1,5 @@
-"""Artifact names, metadata embedding, atomic writes and the out dir's manifest.json."""
+"""Metadata embedding, atomic writes and the out dir's manifest.json (artifact names come from
+`marsvision.runtime.models`, which the runtime shares)."""
 
 from __future__ import annotations
 
@@ -19,20 +20,6 @@ if TYPE_CHECKING:
     import onnx
 
 MANIFEST = "manifest.json"
-# flavour -> file suffix after `resnet50-<task>`
-SUFFIXES = {
-    "fp32": ".fp32.onnx",
-    "fp16": ".fp16.onnx",
-    "int8-cpu": ".int8-cpu.onnx",
-    "int8-trt": ".int8-trt.onnx",
-    "fp16-engine": ".fp16.plan",
-    "int8-engine": ".int8.plan",
-}
-
-
-def artifact_name(task: str, flavour: str) -> str:
-    """File name of one artifact, e.g. `resnet50-binary.int8-cpu.onnx`."""
-    return f"resnet50-{task}{SUFFIXES[flavour]}"
 
 
 def prepare_out_dir(out: Path) -> Path:

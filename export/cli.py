@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +12,15 @@ from marsvision.export.config import CALIB_METHODS, TENSORRT_MODES, ExportConfig
 from marsvision.runtime.errors import MarsvisionError
 
 _REPO = Path(__file__).resolve().parents[1]
+MODELS_ENV = "MARS_MODELS"  # folder of shipped checkpoints, instead of <repo>/models
 _DEFAULTS = ExportConfig(checkpoint=Path("."), out=Path("."))
 
 
 def shipped_checkpoint(task: str = "binary") -> Path:
-    """The checkpoint shipped with the package: `<repo>/models/resnet50-<task>.pt`."""
-    path = _REPO / "models" / f"resnet50-{task}.pt"
+    """The shipped checkpoint: `<repo>/models/resnet50-<task>.pt` ($MARS_MODELS instead of
+    `<repo>/models` where set)."""
+    models = Path(os.environ.get(MODELS_ENV) or _REPO / "models")
+    path = models / f"resnet50-{task}.pt"
     if not path.is_file():
         raise MarsvisionError(
             f"no shipped {task} model at {path}; pass --checkpoint PATH (a mars-train checkpoint)"

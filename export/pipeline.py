@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from marsvision.export.artifacts import (
-    artifact_name,
     check_manifest_owner,
     prepare_out_dir,
     publish,
@@ -21,6 +20,7 @@ from marsvision.export.artifacts import (
 from marsvision.export.config import ExportConfig
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.metadata import ModelMeta, sha256_file, sidecar_path
+from marsvision.runtime.models import artifact_name
 
 CALIB_CACHE_DIR = "calib-cache"
 TIMING_CACHE = "tensorrt-timing.cache"
@@ -171,9 +171,8 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
             for flavour, (src, src_meta) in onnx_for_engine.items():
                 t0 = time.perf_counter()
                 path, final = stage(flavour)
-                _log(
-                    f"building {final.name} from {src.name} (TensorRT, max batch {config.max_batch})"
-                )
+                _log(f"building {final.name} from {src.name} (TensorRT, max batch "
+                     f"{config.max_batch})")  # fmt: skip
                 trt_info = engine_from_onnx(
                     src,
                     path,

@@ -152,9 +152,11 @@ def run(cfg: InferConfig) -> int:
     "--engine",
     "-m",
     "engine",
-    required=True,
+    default=None,
     metavar="MODEL",
-    help="ONNX file (.onnx) or TensorRT engine (.plan, with its .plan.json sidecar).",
+    help="ONNX file (.onnx) or TensorRT engine (.plan, with its .plan.json sidecar) "
+    "[default: the export of the shipped binary model in ./exports (or $MARS_EXPORTS) that "
+    "suits this machine: TensorRT engine, else FP16 ONNX on a GPU, else INT8 ONNX].",
 )
 @click.option(
     "--out",
@@ -220,7 +222,7 @@ def run(cfg: InferConfig) -> int:
 )
 def main(
     paths: tuple[str, ...],
-    engine: str,
+    engine: str | None,
     out: str | None,
     fmt: str | None,
     batch_size: int,
@@ -235,6 +237,11 @@ def main(
 ) -> None:
     if resume and out is None:
         raise click.UsageError("--resume needs --out (the file to continue)")
+    if engine is None:
+        from marsvision.runtime.models import default_model
+
+        engine = str(default_model())  # a MarsvisionError: one line, exit 1 (EXIT_MODEL)
+        click.echo(f"mars-infer: model {engine} (the default; --engine to choose)", err=True)
     if fmt is None:
         fmt = "jsonl" if out is not None and out.lower().endswith((".jsonl", ".json")) else "csv"
     cfg = InferConfig(

@@ -118,7 +118,7 @@ def tiny_exports(
 @pytest.fixture(scope="session")
 def tiny_models(tiny_exports: Path) -> dict[str, Path]:
     """{"fp32", "fp16", "int8-cpu", "int8-trt"} -> the tiny model's ONNX files."""
-    from marsvision.export.artifacts import artifact_name
+    from marsvision.runtime.models import artifact_name
 
     flavours = ("fp32", "fp16", "int8-cpu", "int8-trt")
     models = {f: tiny_exports / artifact_name("binary", f) for f in flavours}

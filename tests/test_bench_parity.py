@@ -12,10 +12,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from click.testing import CliRunner
-
-onnx = pytest.importorskip("onnx")
 
 from marsvision.benchmarks.cli import main
 from marsvision.benchmarks.parity import PARITY_FAIL_EXIT, Thresholds, verdict

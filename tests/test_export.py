@@ -11,13 +11,14 @@ import onnx
 import pytest
 from conftest import TINY_CALIB_IMAGES as CALIB_IMAGES
 
-from marsvision.export.artifacts import MANIFEST, artifact_name, onnx_meta
+from marsvision.export.artifacts import MANIFEST, onnx_meta
 from marsvision.export.config import ExportConfig
 from marsvision.export.images import load_batch, ort_logits, split_paths
 from marsvision.export.onnx_fp32 import torch_logits
 from marsvision.export.pipeline import CALIB_CACHE_DIR, export_all
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.metadata import METADATA_KEY, ModelMeta, sha256_file
+from marsvision.runtime.models import artifact_name
 
 AGREEMENT_IMAGES = 32
 MIN_INT8_AGREEMENT = 0.8
@@ -92,7 +93,7 @@ def test_fp16_is_half_size_with_float32_boundary(exported: Path, val32) -> None:
 
 
 def _qdq(model) -> tuple[dict[str, int], set[int], list]:
-    """Zero-point types of QuantizeLinear nodes, weight types feeding DequantizeLinear, weight DQs."""
+    """Zero-point types of QuantizeLinear, weight types feeding DequantizeLinear, weight DQs."""
     inits = {t.name: t for t in model.graph.initializer}
     q_zp = {}
     for n in model.graph.node:

@@ -234,3 +234,27 @@ def test_cli_errors_and_exit_codes(models: dict[str, Path], msl_dir: Path, tmp_p
     assert r.returncode == 0 and b"Exit codes" in r.stdout
     r = _infer(tmp_path / "no-such.jpg", "--engine", models["int8"])
     assert r.returncode == 3 and b",error," in r.stdout
+
+
+def test_default_model_is_the_best_export_here(
+    models: dict[str, Path], msl_dir: Path, tmp_path: Path
+) -> None:
+    """No --engine: the shipped binary model's export in $MARS_EXPORTS (else ./exports); on this
+    CPU machine the INT8 file when it is there, else FP32; none is one line and exit 1."""
+    from marsvision.runtime.models import artifact_name
+
+    img = _images(msl_dir, 1)[0]
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    env = {**os.environ, "MARS_EXPORTS": str(exports)}
+    r = subprocess.run([*MARS_INFER, str(img)], capture_output=True, env=env)
+    assert r.returncode == 1 and b"no --engine given" in r.stderr and b"mars-export" in r.stderr
+    assert b"Traceback" not in r.stderr
+    for flavour, precision in (("fp32", b"fp32"), ("int8-cpu", b"int8")):
+        os.symlink(models["int8" if flavour == "int8-cpu" else flavour],
+                   exports / artifact_name("binary", flavour))  # fmt: skip
+        r = subprocess.run([*MARS_INFER, str(img)], capture_output=True, env=env)
+        assert r.returncode == 0, r.stderr
+        assert f"model {exports / artifact_name('binary', flavour)}".encode() in r.stderr
+        row = next(csv.DictReader(io.StringIO(r.stdout.decode())))
+        assert row["status"] == "ok" and row["precision"].encode() == precision

@@ -86,9 +86,9 @@ def test_tensorrt_runner_matches_onnxruntime(
     reason = _gpu_trt_reason()
     if reason:
         pytest.skip(reason)
-    from marsvision.export.artifacts import artifact_name
     from marsvision.export.config import ExportConfig
     from marsvision.export.pipeline import export_all
+    from marsvision.runtime.models import artifact_name
     from marsvision.runtime.preprocess import load_image
     from marsvision.train.data import read_split
 

@@ -51,6 +51,12 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def half_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convolution and linear weights as fp16 (about half the file); BatchNorm statistics and
+    affine parameters, biases and counters stay as they are (fp32: small, and precision-prone)."""
+    return {k: v.half() if v.is_floating_point() and v.ndim > 1 else v for k, v in state.items()}
+
+
 def make_checkpoint(
     model: nn.Module,
     *,
@@ -63,10 +69,10 @@ def make_checkpoint(
     epoch: int,
     half: bool = False,
 ) -> dict[str, Any]:
-    """Build the checkpoint dict; `half` stores the weights as fp16 (half the size)."""
+    """Build the checkpoint dict; `half` stores the weights as fp16 (see `half_state`)."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     if half:
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        state = half_state(state)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -120,3 +120,37 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
         if not ok:
             raise MarsvisionError(message)
     return cfg
+
+
+# TrainConfig fields that mars-train sets from a flag of the same name (`--batch-size` ...)
+FLAG_FIELDS = ("task", "recipe", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
+               "label_smoothing", "balance", "ema_decay", "image_size", "seed", "limit", "init",
+               "device")  # fmt: skip
+
+
+def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None = None) -> str:
+    """The mars-train command that reproduces `config` (a `TrainConfig.to_dict()`), every flag
+    spelled out. Fails if the config holds a value no flag can set (optimizer, schedule,
+    augmentation differing from its recipe's)."""
+    recipe = RECIPES.get(config["recipe"])
+    if recipe is None:
+        raise MarsvisionError(f"config names an unknown recipe {config['recipe']!r}")
+    for key in ("optimizer", "schedule", "augment"):
+        want = recipe[key]
+        want = dataclasses.asdict(want) if key == "augment" else want
+        got = config[key]
+        if key == "augment":  # JSON turns tuples into lists
+            got = {k: tuple(v) if isinstance(v, list) else v for k, v in got.items()}
+        if got != want:
+            raise MarsvisionError(
+                f"the config's {key} {got!r} differs from recipe {config['recipe']!r}; "
+                "no mars-train flag sets it"
+            )
+    parts = ["mars-train", "--data", data]
+    for name in FLAG_FIELDS:
+        value = config[name]
+        if value is None or (name == "init" and value == "random"):
+            continue
+        parts += [f"--{name.replace('_', '-')}", str(value)]
+    parts += ["--out", out if out is not None else str(config["out"])]
+    return " ".join(parts)

@@ -47,7 +47,7 @@ def _map(fn: Callable[[Sample], T], samples: Sequence[Sample], workers: int) -> 
 def train_store(
     samples: Sequence[Sample], *, store_size: int, interpolation: str, workers: int
 ) -> torch.Tensor:
-    """uint8 (N, 3, store_size, store_size): each image resized (shorter side) and center-cropped."""
+    """uint8 (N, 3, store_size, store_size): each image resized (shorter side), center-cropped."""
     from torchvision.transforms import functional as F
 
     mode = interpolation_mode(interpolation)

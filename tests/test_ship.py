@@ -1,0 +1,164 @@
+"""Shipping a run (train/ship.py): fp16 checkpoint, scores of the shipped weights, model card,
+SHA256SUMS, the reproducing command; and mars-export's default to the shipped model."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.train.checkpoint import (
+    atomic_torch_save,
+    load_checkpoint,
+    model_from_checkpoint,
+    preprocess_from_checkpoint,
+)
+from marsvision.train.config import TrainConfig, command_line, config_from_flags
+from marsvision.train.data import read_split
+from marsvision.train.metrics import classification_metrics
+from marsvision.train.ship import main as ship_main
+from marsvision.train.ship import ship_run
+from marsvision.train.transforms import eval_transform
+
+SCORE_LIMIT = 24  # images per split the shipped weights are scored on
+
+
+@pytest.fixture(scope="module")
+def run(msl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished mars-train run: one epoch on a few images at 64 px."""
+    from marsvision.train.cli import main as train_main
+
+    out = tmp_path_factory.mktemp("shiprun") / "run"
+    args = ["--data", str(msl_dir), "--epochs", "1", "--limit", "16", "--out", str(out),
+            "--image-size", "64", "--device", "cpu", "--batch-size", "8", "--workers", "2",
+            "--label-smoothing", "0.05"]  # fmt: skip
+    result = CliRunner().invoke(train_main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def shipped(run: Path, msl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The models folder the run was shipped into."""
+    models = tmp_path_factory.mktemp("models")
+    args = [str(run), "--models", str(models), "--data", str(msl_dir), "--device", "cpu",
+            "--workers", "2", "--limit", str(SCORE_LIMIT)]  # fmt: skip
+    result = CliRunner().invoke(ship_main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "test: accuracy" in result.output and "resnet50-binary.pt" in result.output
+    return models
+
+
+def test_shipped_checkpoint_is_fp16_and_loads(shipped: Path, run: Path) -> None:
+    pt = shipped / "resnet50-binary.pt"
+    ckpt = load_checkpoint(pt)
+    state = ckpt["state_dict"]
+    assert ckpt["weights_dtype"] == "float16"
+    assert state["conv1.weight"].dtype == torch.float16 and state["fc.weight"].dtype == torch.float16
+    assert state["bn1.running_var"].dtype == torch.float32 and state["fc.bias"].dtype == torch.float32
+    assert pt.stat().st_size < 0.55 * (run / "checkpoint.pt").stat().st_size
+    source = load_checkpoint(run / "checkpoint.pt")
+    for key, value in source["state_dict"].items():  # the same weights, rounded to fp16
+        assert torch.allclose(state[key].float(), value.float(), rtol=1e-3, atol=1e-4), key
+    assert ckpt["shipped"]["source_checkpoint_sha256"] == hashlib.sha256(
+        (run / "checkpoint.pt").read_bytes()
+    ).hexdigest()
+
+
+def test_scores_are_those_of_the_shipped_weights(shipped: Path, msl_dir: Path) -> None:
+    """Recomputed here image by image with torchvision's transform, not the run's tensors."""
+    ckpt = load_checkpoint(shipped / "resnet50-binary.pt")
+    model = model_from_checkpoint(ckpt)
+    tf = eval_transform(preprocess_from_checkpoint(ckpt))
+    for split in ("val", "test"):
+        samples = read_split(msl_dir, split, "binary", SCORE_LIMIT)
+        x = torch.stack([tf(Image.open(s.path).convert("RGB")) for s in samples])
+        with torch.no_grad():
+            pred = model(x).argmax(1).numpy()
+        y = np.array([s.label for s in samples])
+        want = classification_metrics(y, pred, 2, "binary")
+        got = ckpt["metrics"][split]
+        assert got["n"] == SCORE_LIMIT
+        assert got["confusion_matrix"] == want["confusion_matrix"], split
+        lo, hi = ckpt["metrics"]["ci95"][split]["accuracy"]
+        assert lo <= got["accuracy"] <= hi
+
+
+def test_card_and_sums(shipped: Path) -> None:
+    pt = shipped / "resnet50-binary.pt"
+    sha = hashlib.sha256(pt.read_bytes()).hexdigest()
+    assert (shipped / "SHA256SUMS").read_text() == f"{sha}  resnet50-binary.pt\n"
+    card = (shipped / "resnet50-binary.md").read_text()
+    ckpt = load_checkpoint(pt)
+    assert sha in card and f"{pt.stat().st_size / 1e6:.1f} MB" in card
+    assert ckpt["shipped"]["command"] in card and ckpt["data_fingerprint"] in card
+    test = ckpt["metrics"]["test"]
+    lo, hi = ckpt["metrics"]["ci95"]["test"]["accuracy"]
+    assert f"{100 * test['accuracy']:.2f} ({100 * lo:.2f}-{100 * hi:.2f})" in card
+    assert "| test | 1,305 | 326 | 979 |" in card  # the split's real class counts
+    assert f"at most {SCORE_LIMIT} images per split" in card  # a limited score says so
+
+
+def test_the_cards_command_reproduces_the_config(shipped: Path, run: Path) -> None:
+    """Parse the card's command with mars-train's own flags: the same TrainConfig."""
+    from marsvision.train.cli import main as train_main
+
+    ckpt = load_checkpoint(shipped / "resnet50-binary.pt")
+    argv = shlex.split(ckpt["shipped"]["command"])
+    assert argv[0] == "mars-train"
+    params = train_main.make_context("mars-train", argv[1:]).params
+    drop = ("download", "resume", "workers", "data", "out")
+    flags = {k: v for k, v in params.items() if k not in drop}
+    cfg = config_from_flags(flags.pop("recipe"), data=Path("d"), out=Path("o"), **flags)
+    want = json.loads((run / "config.json").read_text())
+    got = json.loads(json.dumps(cfg.to_dict()))  # tuples as JSON lists, like config.json
+    for key in ("data", "out", "workers", "resume"):
+        got.pop(key), want.pop(key)
+    assert got == want and want["label_smoothing"] == 0.05 and want["limit"] == 16
+
+
+def test_command_line_refuses_what_no_flag_sets() -> None:
+    cfg = TrainConfig(data=Path("d"), out=Path("o"))
+    command_line(cfg.to_dict())
+    bent = dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, rotate_deg=30.0))
+    with pytest.raises(MarsvisionError, match="augment"):
+        command_line(bent.to_dict())
+
+
+def test_refuses_unfinished_runs_and_other_data(
+    run: Path, tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(MarsvisionError, match="unfinished run"):
+        ship_run(tiny_checkpoint, models_dir=tmp_path / "m", data_dir=msl_dir)
+    other = load_checkpoint(run / "checkpoint.pt")
+    other["data_fingerprint"] = "0" * 64
+    atomic_torch_save(other, tmp_path / "other.pt")
+    with pytest.raises(MarsvisionError, match="not the data set"):
+        ship_run(tmp_path / "other.pt", models_dir=tmp_path / "m", data_dir=msl_dir)
+    assert not (tmp_path / "m").exists()
+
+
+def test_mars_export_defaults_to_the_shipped_model(
+    shipped: Path, msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from marsvision.export.cli import main as export_main
+
+    monkeypatch.setenv("MARS_MODELS", str(shipped))
+    out = tmp_path / "exports"
+    result = CliRunner().invoke(export_main, ["--out", str(out), "--data", str(msl_dir)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    sha = hashlib.sha256((shipped / "resnet50-binary.pt").read_bytes()).hexdigest()
+    assert manifest["source_checkpoint_sha256"] == sha
+    monkeypatch.setenv("MARS_MODELS", str(tmp_path / "none"))
+    result = CliRunner().invoke(export_main, ["--out", str(out), "--data", str(msl_dir)])
+    assert result.exit_code == 1 and "no shipped binary model" in result.output

@@ -1,0 +1,146 @@
+"""The model card of a shipped checkpoint: what it is, how it was trained, how well it does."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from marsvision.train import data as msl
+
+_METRICS = ("accuracy", "balanced_accuracy", "precision", "recall", "f1")
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _metric_rows(shipped: dict[str, Any]) -> list[str]:
+    m, ci = shipped["metrics"], shipped["metrics"]["ci95"]
+    rows = ["| split | n | " + " | ".join(n.replace("_", " ") for n in _METRICS) + " |",
+            "|---|---|" + "---|" * len(_METRICS)]  # fmt: skip
+    for split in ("val", "test"):
+        cells = [f"{_pct(m[split][n])} ({_pct(ci[split][n][0])}-{_pct(ci[split][n][1])})"
+                 for n in _METRICS]  # fmt: skip
+        rows.append(f"| {split} | {m[split]['n']} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def _confusion(shipped: dict[str, Any]) -> list[str]:
+    names = shipped["class_names"]
+    test = shipped["metrics"]["test"]
+    if len(names) == 2:
+        cm = test["confusion_matrix"]
+        return ["| true \\ predicted | " + " | ".join(names) + " |", "|---|---|---|",
+                *(f"| {names[i]} | {cm[i][0]} | {cm[i][1]} |" for i in range(2))]  # fmt: skip
+    rows = ["| class | test images | recall |", "|---|---|---|"]
+    support = [sum(r) for r in test["confusion_matrix"]]
+    for name, n, r in zip(names, support, test["per_class_recall"], strict=True):
+        rows.append(f"| {name} | {n} | {'-' if r is None else _pct(r)} |")
+    return rows
+
+
+def _split_counts(data_dir: Path, task: str, names: list[str]) -> list[str]:
+    rows = ["| split | images | " + " | ".join(names) + " |" if task == "binary" else
+            "| split | images | classes present |",
+            "|---|---|" + ("---|" * len(names) if task == "binary" else "---|")]  # fmt: skip
+    for split in msl.SPLITS:
+        labels = Counter(s.label for s in msl.read_split(data_dir, split, task))
+        n = sum(labels.values())
+        if task == "binary":
+            rows.append(f"| {split} | {n:,} | " + " | ".join(f"{labels[i]:,}" for i in range(2))
+                        + " |")  # fmt: skip
+        else:
+            rows.append(f"| {split} | {n:,} | {len(labels)} of {len(names)} |")
+    return rows
+
+
+def render_card(
+    shipped: dict[str, Any], *, file_name: str, sha256: str, size_bytes: int, data_dir: Path
+) -> str:
+    """Markdown model card of a shipped checkpoint dict (see `marsvision.train.ship`)."""
+    task, names = shipped["task"], shipped["class_names"]
+    info, m = shipped["shipped"], shipped["metrics"]
+    cfg, pre = shipped["config"], shipped["preprocess"]
+    fp32 = m["fp32_run"]
+    seconds = info.get("train_seconds")
+    trained = (f"{info.get('train_device') or 'unknown device'}, "
+               + (f"{seconds / 60:.1f} min" if seconds else "time not recorded"))  # fmt: skip
+    positive = (
+        "Rover is the positive class of precision, recall and F1"
+        if task == "binary"
+        else "precision, recall and F1 are macro averages over the classes present"
+    )
+    limited = (f" on at most {info['scored_limit']} images per split (a quick check, not the "
+               "whole splits)") if info.get("scored_limit") else ""  # fmt: skip
+    versions = ", ".join(f"{k} {v}" for k, v in shipped["versions"].items())
+    lines = [
+        f"# {file_name}: ResNet-50, MSL `{task}` task",
+        "",
+        f"marsvision's shipped {task} model: {len(names)} classes ({', '.join(names[:5])}"
+        + (", ..." if len(names) > 5 else "")
+        + "), trained from scratch (no ImageNet weights)"
+        " on the official MSL train split, the epoch chosen on val alone, test read once.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| file | `{file_name}`, {size_bytes / 1e6:.1f} MB (fp16 conv/linear weights; BatchNorm "
+        "and biases fp32) |",
+        f"| sha256 | `{sha256}` |",
+        f"| shipped | {info['date']} |",
+        f"| trained | {shipped['created']} ({trained}); epoch {m['best_epoch']} of "
+        f"{cfg['epochs']} selected on val balanced accuracy |",
+        f"| input | {pre['input_size']} px RGB: resize shorter side to {pre['resize_size']} "
+        f"({pre['interpolation']}), center crop, mean {pre['mean']}, std {pre['std']} |",
+        f"| source run checkpoint | sha256 `{info['source_checkpoint_sha256']}` (fp32) |",
+        f"| libraries | {versions} |",
+        "",
+        "## Data and split",
+        "",
+        "MSL surface images (Curiosity), Stanboli and Wagstaff 2017, Zenodo doi "
+        "10.5281/zenodo.1049137; the official split files, unchanged (by sol: test is later in "
+        "the mission). Data fingerprint (sha256 of the split and synset files): "
+        f"`{shipped['data_fingerprint']}`."
+        + (
+            " Binary task: Surface = MSL classes 5 (drill holes), 8 (ground), 9 (horizon); "
+            "Rover = every other class."
+            if task == "binary"
+            else ""
+        ),
+        "",
+        *_split_counts(data_dir, task, names),
+        "",
+        "## Training command",
+        "",
+        "    " + info["command"],
+        "",
+        "## Metrics of the shipped weights",
+        "",
+        f"PyTorch evaluation of exactly these fp16 weights (computed in fp32){limited}, in "
+        f"percent, with bootstrap 95% intervals from 1,000 resamples of the images; {positive}.",
+        "",
+        *_metric_rows(shipped),
+        "",
+        f"The run's own fp32 weights scored {_pct(fp32['val']['accuracy'])} on val and "
+        f"{_pct(fp32['test']['accuracy'])} on test (accuracy). Test confusion:",
+        "",
+        *_confusion(shipped),
+        "",
+        "## Use and check it",
+        "",
+        f"    mars-export --checkpoint models/{file_name} --int8 --out exports",
+        "    mars-infer ../shared/msl/calibrated --engine exports/resnet50-"
+        f"{task}.int8-cpu.onnx --out preds.csv",
+        "    mars-bench score preds.csv --split test      # the test metrics, from the runtime",
+        "    mars-bench parity --artifacts exports        # FP16/INT8 against PyTorch",
+        "",
+        "## Limits",
+        "",
+        "- Trained on Curiosity images only; other cameras or missions are out of distribution.",
+        "- The splits are by sol: val and test come from later in the mission, with different "
+        "content and class balance than train.",
+    ]
+    if task == "msl25":
+        lines.append("- Class 22 (sun) has no images; classes 5 (drill holes) and 23 (turret) "
+                     "have none in test.")  # fmt: skip
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,186 @@
+"""Ship a finished training run: its selected weights as fp16 under models/, scored again on val
+and test with exactly those weights, a model card beside them, and a SHA256SUMS line.
+
+    python -m marsvision.train.ship runs/binary --data ../shared/msl
+    -> models/resnet50-binary.pt, models/resnet50-binary.md, models/SHA256SUMS
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Idle OpenMP threads sleep instead of spinning (see train/cli.py). Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import click
+import numpy as np
+
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.files import atomic_write_text
+from marsvision.runtime.metadata import sha256_file
+
+SCORED_SPLITS = ("val", "test")
+SUMS_FILE = "SHA256SUMS"
+
+
+def shipped_name(task: str) -> str:
+    """File name of the shipped checkpoint of a task."""
+    return f"resnet50-{task}.pt"
+
+
+@dataclass(frozen=True)
+class ShipResult:
+    """What `ship_run` wrote."""
+
+    checkpoint: Path
+    card: Path
+    sha256: str
+    size_bytes: int
+    scores: dict[str, Any]  # split -> {"metrics": ..., "ci95": ...}
+
+
+def score_checkpoint(
+    ckpt: dict[str, Any],
+    *,
+    data_dir: Path,
+    device: str = "auto",
+    workers: int = 4,
+    batch_size: int = 64,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Metrics and bootstrap 95% intervals of a checkpoint's weights on the val and test splits
+    (PyTorch, fp32 compute; the runtime's own output is scored by `mars-bench score`)."""
+    import torch
+
+    from marsvision.train import data as msl
+    from marsvision.train.checkpoint import model_from_checkpoint, preprocess_from_checkpoint
+    from marsvision.train.images import eval_tensors
+    from marsvision.train.loop import evaluate, select_device
+    from marsvision.train.metrics import bootstrap_cis, classification_metrics
+
+    dev = select_device(device)
+    task, k = ckpt["task"], len(ckpt["class_names"])
+    spec = preprocess_from_checkpoint(ckpt)
+    model = model_from_checkpoint(ckpt).to(dev)
+    scores: dict[str, Any] = {}
+    for split in SCORED_SPLITS:
+        samples = msl.read_split(data_dir, split, task, limit)
+        y = np.array([s.label for s in samples])
+        x = eval_tensors(samples, spec=spec, workers=workers).to(dev)
+        _, probs = evaluate(model, inputs=x, labels=torch.from_numpy(y).to(dev),
+                            batch_size=batch_size)  # fmt: skip
+        pred = probs.argmax(1)
+        scores[split] = {
+            "metrics": classification_metrics(y, pred, k, task),
+            "ci95": bootstrap_cis(y, pred, k, task, n_boot=1000, seed=0),
+        }
+    return scores
+
+
+def _write_sums(models_dir: Path) -> None:
+    """SHA256SUMS over every shipped checkpoint (`sha256sum -c SHA256SUMS` checks them)."""
+    lines = [f"{sha256_file(p)}  {p.name}" for p in sorted(models_dir.glob("*.pt"))]
+    atomic_write_text(models_dir / SUMS_FILE, "\n".join(lines) + "\n")
+
+
+def ship_run(
+    run: Path,
+    *,
+    models_dir: Path,
+    data_dir: Path,
+    device: str = "auto",
+    workers: int = 4,
+    limit: int | None = None,
+) -> ShipResult:
+    """Write the run's selected checkpoint with fp16 weights, its scores and its model card."""
+    from marsvision.train import data as msl
+    from marsvision.train.card import render_card
+    from marsvision.train.checkpoint import atomic_torch_save, half_state, load_checkpoint
+    from marsvision.train.config import command_line
+
+    source = run / "checkpoint.pt" if run.is_dir() else run
+    ckpt = load_checkpoint(source)
+    if "test" not in ckpt.get("metrics", {}):
+        raise MarsvisionError(
+            f"{source} is from an unfinished run (no test metrics yet); finish it with "
+            "mars-train --resume and the run's flags, then ship"
+        )
+    if ckpt["data_fingerprint"] != msl.data_fingerprint(data_dir):
+        raise MarsvisionError(
+            f"{data_dir} is not the data set {source} was trained on (split files differ)"
+        )
+    command = command_line(ckpt["config"], data="../shared/msl", out=f"runs/{ckpt['task']}")
+    shipped = dict(ckpt)
+    shipped["state_dict"] = half_state(ckpt["state_dict"])
+    shipped["weights_dtype"] = "float16"
+    scores = score_checkpoint(shipped, data_dir=data_dir, device=device, workers=workers,
+                              limit=limit)  # fmt: skip
+    run_metrics_file = source.parent / "metrics.json"
+    run_metrics = json.loads(run_metrics_file.read_text()) if run_metrics_file.is_file() else {}
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    shipped["metrics"] = {
+        **{s: scores[s]["metrics"] for s in SCORED_SPLITS},
+        "ci95": {s: scores[s]["ci95"] for s in SCORED_SPLITS},
+        "best_epoch": ckpt["metrics"].get("best_epoch", ckpt.get("epoch")),
+        "fp32_run": {s: ckpt["metrics"][s] for s in SCORED_SPLITS},
+    }
+    shipped["shipped"] = {
+        "date": now,
+        "command": command,
+        "source_checkpoint_sha256": sha256_file(source),
+        "scored_limit": limit,
+        "train_device": run_metrics.get("device"),
+        "train_seconds": run_metrics.get("seconds"),
+    }
+    models_dir.mkdir(parents=True, exist_ok=True)
+    out = models_dir / shipped_name(ckpt["task"])
+    atomic_torch_save(shipped, out)
+    sha, size = sha256_file(out), out.stat().st_size
+    card = out.with_suffix(".md")
+    atomic_write_text(card, render_card(shipped, file_name=out.name, sha256=sha, size_bytes=size,
+                                        data_dir=data_dir))  # fmt: skip
+    _write_sums(models_dir)
+    return ShipResult(out, card, sha, size, scores)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("run", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--models",
+    "models_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("models"),
+    show_default=True,
+    help="Folder to ship into.",
+)
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="MSL data folder (default: $MARS_DATA).")  # fmt: skip
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--workers", type=int, default=4, show_default=True, help="Decoding threads.")
+@click.option("--limit", type=int, default=None,
+              help="Score on at most N images per split (quick checks only).")  # fmt: skip
+def main(
+    run: Path, models_dir: Path, data: Path | None, device: str, workers: int, limit: int | None
+) -> None:
+    """Ship RUN (a mars-train run folder or its checkpoint.pt): fp16 weights, val and test
+    scores of those weights with 95% intervals, a model card and SHA256SUMS in --models."""
+    from marsvision.train.data import resolve_data_dir
+
+    result = ship_run(run, models_dir=models_dir, data_dir=resolve_data_dir(data),
+                      device=device, workers=workers, limit=limit)  # fmt: skip
+    for split in SCORED_SPLITS:
+        m, ci = result.scores[split]["metrics"], result.scores[split]["ci95"]
+        click.echo(f"{split}: accuracy {m['accuracy']:.4f} ({ci['accuracy'][0]:.4f}-"
+                   f"{ci['accuracy'][1]:.4f}) balanced {m['balanced_accuracy']:.4f} "
+                   f"f1 {m['f1']:.4f} (n={m['n']})")  # fmt: skip
+    click.echo(f"wrote {result.checkpoint} ({result.size_bytes / 1e6:.1f} MB, sha256 "
+               f"{result.sha256[:12]}...), {result.card.name} and {SUMS_FILE}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
