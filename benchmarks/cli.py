@@ -1,7 +1,9 @@
-"""`mars-bench`: `speed` (throughput/latency vs PyTorch) and `parity` (accuracy vs PyTorch).
+"""`mars-bench`: `speed` (throughput/latency vs PyTorch), `parity` (accuracy vs PyTorch) and
+`score` (a model's metrics on an MSL split, from mars-infer's own result file).
 
 Results (JSON, markdown, PNG) go to --out; the table goes to stdout; progress to stderr.
-`parity` exits with code 3 (PARITY_FAIL_EXIT) when an artifact fails its thresholds.
+`parity` exits with code 3 (PARITY_FAIL_EXIT) when an artifact fails its thresholds, `score`
+with the same code when a --require is not met.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 import click
 
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.train.data import SPLITS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_OUT = Path("runs/bench")
@@ -66,7 +69,7 @@ def _resolve_device(device: str) -> str:
 
 def _e2e_images(images: str, data: str | None, count: int) -> tuple[str, ...]:
     """--images: a folder of image files, or a split name (read from the MSL data)."""
-    from marsvision.train.data import SPLITS, read_split, resolve_data_dir
+    from marsvision.train.data import read_split, resolve_data_dir
 
     p = Path(images)
     if p.is_dir():
@@ -84,7 +87,8 @@ def _e2e_images(images: str, data: str | None, count: int) -> tuple[str, ...]:
 
 @click.group()
 def main() -> None:
-    """Benchmark marsvision models: speed and accuracy parity against PyTorch."""
+    """Benchmark marsvision models: speed and accuracy parity against PyTorch, and scores of
+    mars-infer result files on the official MSL splits."""
 
 
 _device = click.option(
@@ -293,3 +297,81 @@ def parity(
         _log(f"wrote {p}")
     if not report["passed"]:
         sys.exit(PARITY_FAIL_EXIT)
+
+
+_SCORE_HELP = """Metrics of a model on an MSL split, recomputed from PREDICTIONS: the result file
+that mars-infer wrote (CSV or JSONL, sniffed from its first character; every probability or
+--top-k). The task and class names come from the file.
+
+Rows are matched to the split's images by file name (the paths may be relative, absolute or
+through links); rows for other images are ignored and counted. Every image of the split needs
+exactly one row with status ok, unless --allow-missing (then the rest are scored and the
+coverage is shown). Metrics of the top-1 label with 95% bootstrap intervals (1000 resamples,
+seed 0); binary: precision, recall and F1 of Rover, msl25: macro averages. Writes
+score-<split>-<model sha256[:12]>.json to --out.
+
+\b
+Exit codes:
+  0  scored (and every --require met)
+  1  user error (unreadable file, wrong classes, mixed models, missing rows)
+  2  usage error (bad option, unknown metric in --require)
+  3  a --require is not met
+"""
+
+
+@main.command(help=_SCORE_HELP)
+@click.argument("predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_data
+@click.option(
+    "--split",
+    type=click.Choice(SPLITS),
+    default="test",
+    show_default=True,
+)
+@click.option(
+    "--allow-missing",
+    is_flag=True,
+    help="Score the images that have one ok row; report the missing, failed and duplicated.",
+)
+@click.option(
+    "--require",
+    default=None,
+    metavar="METRIC=MIN,...",
+    help="Least values, as fractions, of accuracy, balanced_accuracy, precision, recall, f1 "
+    "(e.g. accuracy=0.98,f1=0.98); exit 3 when one is not met.",
+)
+@_out
+def score(
+    predictions: Path,
+    data: str | None,
+    split: str,
+    allow_missing: bool,
+    require: str | None,
+    out: Path,
+) -> None:
+    from marsvision.benchmarks.score import (
+        SCORE_FAIL_EXIT,
+        ScoreConfig,
+        parse_requirements,
+        render_text,
+        run_score,
+        write_score,
+    )
+    from marsvision.train.data import resolve_data_dir
+
+    try:
+        requirements = parse_requirements(require)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--require") from None
+    cfg = ScoreConfig(
+        predictions=predictions,
+        data_dir=resolve_data_dir(data),
+        split=split,
+        allow_missing=allow_missing,
+        requirements=requirements,
+    )
+    report = run_score(cfg, log=_log)
+    click.echo(render_text(report))
+    _log(f"wrote {write_score(report, out)}")
+    if not report["passed"]:
+        sys.exit(SCORE_FAIL_EXIT)

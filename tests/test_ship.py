@@ -63,8 +63,10 @@ def test_shipped_checkpoint_is_fp16_and_loads(shipped: Path, run: Path) -> None:
     ckpt = load_checkpoint(pt)
     state = ckpt["state_dict"]
     assert ckpt["weights_dtype"] == "float16"
-    assert state["conv1.weight"].dtype == torch.float16 and state["fc.weight"].dtype == torch.float16
-    assert state["bn1.running_var"].dtype == torch.float32 and state["fc.bias"].dtype == torch.float32
+    for key in ("conv1.weight", "fc.weight"):
+        assert state[key].dtype == torch.float16, key
+    for key in ("bn1.running_var", "bn1.weight", "fc.bias"):
+        assert state[key].dtype == torch.float32, key
     assert pt.stat().st_size < 0.55 * (run / "checkpoint.pt").stat().st_size
     source = load_checkpoint(run / "checkpoint.pt")
     for key, value in source["state_dict"].items():  # the same weights, rounded to fp16

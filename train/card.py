@@ -73,6 +73,8 @@ def render_card(
     )
     limited = (f" on at most {info['scored_limit']} images per split (a quick check, not the "
                "whole splits)") if info.get("scored_limit") else ""  # fmt: skip
+    stopped = (f" (stopped after epoch {m['stopped_early_after_epoch']}: time budget)"
+               if m.get("stopped_early_after_epoch") else "")  # fmt: skip
     versions = ", ".join(f"{k} {v}" for k, v in shipped["versions"].items())
     lines = [
         f"# {file_name}: ResNet-50, MSL `{task}` task",
@@ -89,7 +91,7 @@ def render_card(
         f"| sha256 | `{sha256}` |",
         f"| shipped | {info['date']} |",
         f"| trained | {shipped['created']} ({trained}); epoch {m['best_epoch']} of "
-        f"{cfg['epochs']} selected on val balanced accuracy |",
+        f"{cfg['epochs']} selected on val balanced accuracy{stopped} |",
         f"| input | {pre['input_size']} px RGB: resize shorter side to {pre['resize_size']} "
         f"({pre['interpolation']}), center crop, mean {pre['mean']}, std {pre['std']} |",
         f"| source run checkpoint | sha256 `{info['source_checkpoint_sha256']}` (fp32) |",

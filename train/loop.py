@@ -215,8 +215,12 @@ def _load_resume(out: Path, cfg: TrainConfig, fingerprint: str) -> dict[str, Any
     return state
 
 
-def main(cfg: TrainConfig) -> dict[str, Any]:
-    """Train, select on val, test once; write the run folder. Returns the metrics dict."""
+def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
+    """Train, select on val, test once; write the run folder. Returns the metrics dict.
+
+    `deadline` (a `time.monotonic()` value): start no epoch that would end after it, at the
+    mean epoch time so far (the first epoch always runs); the run is then marked stopped early.
+    """
     t0 = time.perf_counter()
     # --- validate everything before the run folder is created
     task = msl.check_task(cfg.task)
@@ -300,7 +304,17 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     }
 
     # --- train; select on val
+    stopped_after: int | None = None
+    t_epochs, epochs_run = time.monotonic(), 0
     for epoch in range(start_epoch, cfg.epochs + 1):
+        if deadline is not None and epochs_run:
+            per_epoch = (time.monotonic() - t_epochs) / epochs_run
+            if time.monotonic() + 1.1 * per_epoch > deadline:
+                stopped_after = epoch - 1
+                print(f"stopping after epoch {stopped_after} of {cfg.epochs}: the next one "
+                      "would pass the deadline", file=log)  # fmt: skip
+                break
+        epochs_run += 1
         if sample_p is None:
             order = torch.randperm(len(train_labels), generator=gen)
         else:
@@ -345,6 +359,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         "class_names": names,
         "best_epoch": best_epoch,
         "selected_on": "val balanced_accuracy (ties: lower val loss)",
+        "stopped_early_after_epoch": stopped_after,
     }
     probs = {}
     for split in ("val", "test"):
@@ -356,7 +371,8 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     result["test"]["accuracy_ci95"] = [lo, hi]
     result.update(config=cfg.to_dict(), data_fingerprint=fingerprint, device=str(device),
                   history=history, seconds=time.perf_counter() - t0)  # fmt: skip
-    ckpt["metrics"] = {"val": result["val"], "test": result["test"], "best_epoch": best_epoch}
+    ckpt["metrics"] = {"val": result["val"], "test": result["test"], "best_epoch": best_epoch,
+                       "stopped_early_after_epoch": stopped_after}  # fmt: skip
     atomic_torch_save(ckpt, cfg.out / CHECKPOINT)
     write_predictions(cfg.out / "predictions_test.csv", samples=splits["test"],
                       data_dir=data_dir, probs=probs["test"], class_names=names)  # fmt: skip

@@ -127,6 +127,7 @@ def ship_run(
         **{s: scores[s]["metrics"] for s in SCORED_SPLITS},
         "ci95": {s: scores[s]["ci95"] for s in SCORED_SPLITS},
         "best_epoch": ckpt["metrics"].get("best_epoch", ckpt.get("epoch")),
+        "stopped_early_after_epoch": ckpt["metrics"].get("stopped_early_after_epoch"),
         "fp32_run": {s: ckpt["metrics"][s] for s in SCORED_SPLITS},
     }
     shipped["shipped"] = {

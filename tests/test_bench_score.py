@@ -1,0 +1,332 @@
+"""`mars-bench score` on real mars-infer output of the tiny model and on full-split result files.
+
+The real runs (CSV, JSONL, --top-k) are checked against metrics computed here from the
+runtime's probabilities and read_split's labels; files written with the runtime's own
+ResultWriter over the whole test split check exact counts, intervals, --require and errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+
+from marsvision.benchmarks.cli import main as bench_main
+from marsvision.benchmarks.parity import PARITY_FAIL_EXIT
+from marsvision.benchmarks.score import SCORE_FAIL_EXIT
+from marsvision.runtime.classifier import Prediction
+from marsvision.runtime.results import Provenance, ResultWriter
+from marsvision.train.data import class_names, read_split
+from marsvision.train.metrics import bootstrap_cis, classification_metrics
+
+N_REAL = 40  # real test images through mars-infer: 5 batches of 8
+SHA = "ab" * 32
+BINARY = ["Surface", "Rover"]
+
+
+def _score(args: list[str]) -> Result:
+    result = CliRunner().invoke(bench_main, ["score", *args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def _report(out: Path) -> dict[str, Any]:
+    (path,) = sorted(out.glob("score-*.json"))
+    report: dict[str, Any] = json.loads(path.read_text())
+    return report
+
+
+def _error_line(result: Result) -> str:
+    """The one-line user error (click's 'Error: ...'), with no traceback."""
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("Error")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def _write(
+    path: Path,
+    preds: list[Prediction],
+    *,
+    names: list[str] = BINARY,
+    fmt: str = "csv",
+    top_k: int | None = None,
+    sha: str = SHA,
+    header: bool = True,
+) -> Path:
+    """A result file written by the runtime's own ResultWriter."""
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        ResultWriter(
+            f,
+            fmt=fmt,
+            class_names=names,
+            top_k=top_k,
+            provenance=Provenance(sha, "int8", "onnxruntime"),
+            write_header=header,
+        ).write(preds)
+    return path
+
+
+def _pred(path: str, label: int, names: list[str] = BINARY) -> Prediction:
+    probs = [0.1 / (len(names) - 1)] * len(names)
+    probs[label] = 0.9
+    return Prediction(path=path, status="ok", label=names[label], probs=tuple(probs))
+
+
+# ---------------------------------------------------------------- real mars-infer output
+
+
+@pytest.fixture(scope="module")
+def real_runs(
+    tiny_models: dict[str, Path], msl_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """mars-infer (its click entry) on the first N_REAL test images, as CSV, JSONL --top-k 2
+    and CSV --top-k 1. Half the paths go through a relative symlink, half are absolute; two
+    more rows name a val image and a missing file (outside the test split)."""
+    from marsvision.runtime.cli import main as infer_main
+
+    work = tmp_path_factory.mktemp("score-real")
+    (work / "imgs").symlink_to(msl_dir.resolve() / "calibrated")
+    samples = read_split(msl_dir, "test", "binary", limit=N_REAL)
+    lines = [
+        f"imgs/{s.path.name}" if i % 2 else str(s.path.resolve()) for i, s in enumerate(samples)
+    ]
+    lines += [str(read_split(msl_dir, "val", "binary", limit=1)[0].path), "imgs/no-such.JPG"]
+    (work / "list.txt").write_text("\n".join(lines) + "\n")
+    model = tiny_models["int8-cpu"]
+    files = {"csv": "preds.csv", "jsonl-top2": "preds.jsonl", "csv-top1": "top1.csv"}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        for key, name in files.items():
+            args = ["@list.txt", "-m", str(model), "-o", name, "-j", "1", "--threads", "1"]
+            if "top" in key:
+                args += ["--top-k", key[-1]]
+            r = CliRunner().invoke(infer_main, args)
+            assert r.exit_code == 3, r.output  # the missing file: one error row
+            assert f"{N_REAL + 1} ok, 1 failed" in r.output
+    return {"work": work, "samples": samples, "model": model, "files": files}
+
+
+def test_real_output_scores_like_the_runtime(real_runs: dict[str, Any], msl_dir: Path) -> None:
+    from marsvision.runtime.classifier import Classifier
+    from marsvision.runtime.metadata import sha256_file
+
+    samples, model, work = real_runs["samples"], real_runs["model"], real_runs["work"]
+    with Classifier(model, batch_size=8, workers=1, threads=1) as clf:
+        probs = np.array([p.probs for p in clf.predict([s.path for s in samples])])
+        backend = clf.runner.name
+    y_true = [s.label for s in samples]
+    y_pred = probs.argmax(axis=1).tolist()
+    want = classification_metrics(y_true, y_pred, 2, "binary")
+    want_cis = bootstrap_cis(y_true, y_pred, 2, "binary", n_boot=1000, seed=0)
+
+    for key, name in real_runs["files"].items():
+        out = work / f"out-{key}"
+        r = _score([str(work / name), "--data", str(msl_dir), "--out", str(out), "--allow-missing"])
+        assert r.exit_code == 0, r.output
+        assert f"COVERAGE: PARTIAL, {N_REAL} of 1305 images scored" in r.stdout
+        rep = _report(out)
+        assert rep["metrics"] == want, key
+        assert rep["cis"] == want_cis, key
+        assert rep["counts"] == {
+            "split_images": 1305,
+            "scored": N_REAL,
+            "missing": 1305 - N_REAL,
+            "failed": 0,
+            "duplicated": 0,
+            "rows": N_REAL + 2,
+            "rows_outside_split": 2,
+        }
+        assert rep["task"] == "binary" and rep["split"] == "test"
+        assert rep["model"] == {
+            "sha256": sha256_file(model),
+            "precision": "int8",
+            "backend": backend,
+        }
+        assert rep["predictions"]["sha256"] == sha256_file(work / name)
+        assert rep["predictions"]["format"] == ("jsonl" if "jsonl" in key else "csv")
+        assert rep["predictions"]["top_k"] == ({"csv": None, "jsonl-top2": 2, "csv-top1": 1}[key])
+
+    # Without --allow-missing, a partial file is refused, in one line.
+    r = _score([str(work / "preds.csv"), "--data", str(msl_dir), "--out", str(work / "x")])
+    assert r.exit_code == 1
+    assert f"{1305 - N_REAL} missing" in _error_line(r)
+    assert not (work / "x").exists()
+
+
+# ------------------------------------------------------ constructed files, full test split
+
+WRONG = 100  # the first WRONG Rover images of the split are predicted Surface
+
+
+@pytest.fixture(scope="module")
+def test_split(msl_dir: Path) -> list[Any]:
+    return read_split(msl_dir, "test", "binary")
+
+
+def _full(samples: list[Any]) -> list[Prediction]:
+    """Every test image once, true label except the first WRONG Rover images; the paths in
+    forms that do not exist (matching is by file name)."""
+    preds, wrong = [], 0
+    for i, s in enumerate(samples):
+        label = s.label
+        if label == 1 and wrong < WRONG:
+            label, wrong = 0, wrong + 1
+        path = f"/elsewhere/{s.path.name}" if i % 2 else f"../x/calibrated/{s.path.name}"
+        preds.append(_pred(path, label))
+    return preds
+
+
+def test_full_split_exact_metrics_cis_and_json(
+    test_split: list[Any], msl_dir: Path, tmp_path: Path
+) -> None:
+    from marsvision.train.data import data_fingerprint
+
+    f = _write(tmp_path / "full.csv", _full(test_split))
+    r = _score([str(f), "--data", str(msl_dir), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert "coverage: all 1305 images of the split scored" in r.stdout
+    assert "f1 (Rover)" in r.stdout and "COVERAGE" not in r.stdout
+    rep = _report(tmp_path / "out")
+    assert (tmp_path / "out" / f"score-test-{SHA[:12]}.json").is_file()
+    tp, fn, tn = 979 - WRONG, WRONG, 326
+    m = rep["metrics"]
+    assert m["n"] == 1305
+    assert m["confusion_matrix"] == [[tn, 0], [fn, tp]]
+    assert m["accuracy"] == pytest.approx((tp + tn) / 1305, rel=1e-12)
+    assert m["balanced_accuracy"] == pytest.approx((tp / 979 + 1.0) / 2, rel=1e-12)
+    assert m["precision"] == 1.0
+    assert m["recall"] == pytest.approx(tp / 979, rel=1e-12)
+    assert m["f1"] == pytest.approx(2 * tp / (2 * tp + fn), rel=1e-12)
+    for k, (lo, hi) in rep["cis"].items():
+        assert lo <= m[k] <= hi, k
+    assert rep["cis"]["precision"] == [1.0, 1.0]
+    assert 0.0 < rep["cis"]["accuracy"][1] - rep["cis"]["accuracy"][0] < 0.06
+    assert rep["counts"]["scored"] == 1305 and rep["counts"]["rows_outside_split"] == 0
+    assert rep["data_fingerprint"] == data_fingerprint(msl_dir)
+    assert rep["passed"] is True and rep["requirements"] == []
+    assert rep["config"]["allow_missing"] is False
+
+    # The same rows as JSONL, in a file whose name says nothing: sniffed, same numbers.
+    j = _write(tmp_path / "full.txt", _full(test_split), fmt="jsonl")
+    r = _score([str(j), "--data", str(msl_dir), "--out", str(tmp_path / "out-j")])
+    assert r.exit_code == 0, r.output
+    rep_j = _report(tmp_path / "out-j")
+    assert (rep_j["metrics"], rep_j["cis"]) == (rep["metrics"], rep["cis"])
+    assert rep_j["predictions"]["format"] == "jsonl"
+
+
+def test_require_pass_fail_and_exit_code(
+    test_split: list[Any], msl_dir: Path, tmp_path: Path
+) -> None:
+    f = _write(tmp_path / "full.csv", _full(test_split))
+    base = [str(f), "--data", str(msl_dir), "--out", str(tmp_path / "out")]
+    # accuracy 0.9234, recall 0.8979, f1 0.9462
+    r = _score([*base, "--require", "accuracy=0.92,f1=0.94"])
+    assert r.exit_code == 0, r.output
+    assert "PASS accuracy 0.9234 >= 0.92" in r.stdout and "PASS f1" in r.stdout
+    r = _score([*base, "--require", "accuracy=0.92, recall=0.9"])
+    assert r.exit_code == SCORE_FAIL_EXIT == PARITY_FAIL_EXIT == 3
+    assert "PASS accuracy" in r.stdout and "FAIL recall 0.8979 < 0.9" in r.stdout
+    rep = _report(tmp_path / "out")
+    assert rep["passed"] is False
+    assert [(c["metric"], c["passed"]) for c in rep["requirements"]] == [
+        ("accuracy", True),
+        ("recall", False),
+    ]
+    for bad in ("top5=0.9", "accuracy=98", "accuracy", "f1=high"):
+        r = _score([*base, "--require", bad])
+        assert r.exit_code == 2, (bad, r.output)
+        assert "--require" in r.stderr and "Traceback" not in r.output
+
+
+def test_msl25_file_is_scored_as_msl25(
+    msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = class_names("msl25", msl_dir)
+    samples = read_split(msl_dir, "test", "msl25")
+    preds = [_pred(str(s.path), s.label, names) for s in samples]
+    preds[0] = _pred(str(samples[0].path), (samples[0].label + 1) % 25, names)
+    f = _write(tmp_path / "m.jsonl", preds, names=names, fmt="jsonl")
+    monkeypatch.setenv("MARS_DATA", str(msl_dir))  # --data defaults to $MARS_DATA
+    r = _score([str(f), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    rep = _report(tmp_path / "out")
+    assert rep["task"] == "msl25" and "f1 (macro)" in r.stdout
+    y_true = [s.label for s in samples]
+    y_pred = [(y_true[0] + 1) % 25, *y_true[1:]]
+    assert rep["metrics"] == classification_metrics(y_true, y_pred, 25, "msl25")
+    assert rep["metrics"]["accuracy"] == pytest.approx(1304 / 1305)
+
+
+def _cases(samples: list[Any], tmp: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (a broken result file, what its one-line error must say)."""
+    full = _full(samples)
+    out: dict[str, tuple[Path, str]] = {}
+    names = [os.path.basename(p.path) for p in full]
+    out["missing"] = (_write(tmp / "missing.csv", full[5:]), f"5 missing ({', '.join(names[:3])}")
+    failed = [*full[:7], Prediction(full[7].path, "error", error="cannot read"), *full[8:]]
+    out["failed"] = (_write(tmp / "failed.csv", failed), f"1 failed ({names[7]})")
+    out["duplicated"] = (_write(tmp / "dup.csv", [*full, full[3]]), f"1 duplicated ({names[3]})")
+    mixed = _write(tmp / "mixed.csv", full[:600])
+    _write(mixed, full[600:], sha="cd" * 32, header=False)
+    out["mixed"] = (mixed, f"mixes 2 models (model_sha256 {SHA[:12]}, {'cd' * 6})")
+    three = [Prediction(p.path, "ok", p.label, (*(p.probs or ()), 0.0)) for p in full]
+    out["3 classes"] = (
+        _write(tmp / "three.csv", three, names=[*BINARY, "Other"]),
+        "has classes [Surface, Rover, Other], which match neither binary [Surface, Rover]",
+    )
+    swapped = [Prediction(p.path, "ok", p.label, (p.probs or ())[::-1]) for p in full]
+    out["order"] = (
+        _write(tmp / "swapped.jsonl", swapped, names=BINARY[::-1], fmt="jsonl"),
+        "has classes [Rover, Surface], which match neither",
+    )
+    cut = tmp / "cut.csv"
+    cut.write_text(_write(tmp / "whole.csv", full).read_text()[:-20])
+    out["cut"] = (cut, "line 1306 has")
+    (tmp / "empty.csv").write_text("")
+    out["empty"] = (tmp / "empty.csv", "is empty")
+    return out
+
+
+def test_broken_files_are_one_line_errors(
+    test_split: list[Any], msl_dir: Path, tmp_path: Path
+) -> None:
+    for case, (path, message) in _cases(test_split, tmp_path).items():
+        r = _score([str(path), "--data", str(msl_dir), "--out", str(tmp_path / "out")])
+        assert r.exit_code == 1, (case, r.output)
+        assert message in _error_line(r), case
+    assert not (tmp_path / "out").exists()
+
+
+def test_allow_missing_reports_and_excludes(
+    test_split: list[Any], msl_dir: Path, tmp_path: Path
+) -> None:
+    full = _full(test_split)
+    failed = Prediction(full[1].path, "error", error="cannot read")
+    rows = [failed, *full[2:], full[5]]  # 1 missing, 1 failed, 1 duplicated
+    f = _write(tmp_path / "p.csv", rows)
+    base = [str(f), "--data", str(msl_dir), "--out", str(tmp_path / "out")]
+    r = _score(base)
+    assert r.exit_code == 1
+    assert "1 missing" in _error_line(r) and "1 failed" in _error_line(r)
+    r = _score([*base, "--allow-missing"])
+    assert r.exit_code == 0, r.output
+    assert "COVERAGE: PARTIAL, 1302 of 1305 images scored (99.8%)" in r.stdout
+    rep = _report(tmp_path / "out")
+    names = [s.path.name for s in test_split]
+    assert rep["excluded"] == {
+        "missing": [names[0]],
+        "failed": [names[1]],
+        "duplicated": [names[5]],
+    }
+    keep = [i for i in range(1305) if i not in (0, 1, 5)]
+    y_true = [test_split[i].label for i in keep]
+    y_pred = [BINARY.index(full[i].label or "") for i in keep]
+    assert rep["metrics"] == classification_metrics(y_true, y_pred, 2, "binary")

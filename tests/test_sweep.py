@@ -1,0 +1,84 @@
+"""The recipe sweep for short GPU leases (train/sweep.py), run tiny on the CPU, and the
+training loop's deadline."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.train.checkpoint import load_checkpoint
+from marsvision.train.config import config_from_flags
+from marsvision.train.sweep import CANDIDATES, main, parse_settings, run_sweep, split_file
+
+TINY = ("image_size=64", "limit=16", "epochs=1", "device=cpu", "batch_size=8")
+
+
+def test_sweep_ships_the_best_on_val_in_parts(msl_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["--data", str(msl_dir), "--candidates", "default,no-smoothing", "--budget-min", "5",
+            "--runs", str(tmp_path / "runs"), "--out", str(out), "--workers", "2"]  # fmt: skip
+    for s in TINY:
+        args += ["--set", s]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "sweep.json").read_text())
+    done = [c for c in summary["candidates"] if c["status"] == "done"]
+    assert [c["name"] for c in done] == ["default", "no-smoothing"]
+    best = max(done, key=lambda c: (c["val"]["balanced_accuracy"], c["val"]["accuracy"]))
+    assert summary["chosen"] == best["name"]
+    assert [("test" in c) for c in done] == [c is best for c in done]  # test: the chosen only
+    parts = sorted(out.glob("resnet50-binary.pt.part*"))
+    assert [p.name for p in parts] == summary["shipped"]["parts"] and len(parts) == 3
+    assert all(p.stat().st_size < 16 * 2**20 for p in parts)
+    joined = tmp_path / "resnet50-binary.pt"
+    joined.write_bytes(b"".join(p.read_bytes() for p in parts))
+    sha = hashlib.sha256(joined.read_bytes()).hexdigest()
+    assert (out / "SHA256SUMS").read_text() == f"{sha}  resnet50-binary.pt\n"
+    ckpt = load_checkpoint(joined)
+    assert ckpt["weights_dtype"] == "float16" and ckpt["config"]["out"].endswith(best["name"])
+    assert sha in (out / "resnet50-binary.md").read_text()
+    assert len(list(out.iterdir())) <= 8  # the device tool returns at most 8 files
+
+
+def test_sweep_skips_what_cannot_fit_and_says_so(msl_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(MarsvisionError, match="no candidate finished.*skipped"):
+        run_sweep(data_dir=msl_dir, task="binary", names=["default"],
+                  settings=parse_settings(TINY), budget_s=60.0, runs_dir=tmp_path / "r",
+                  out_dir=tmp_path / "o", workers=2)  # fmt: skip
+    assert not (tmp_path / "o").exists()
+
+
+def test_settings_and_candidates_are_mars_train_flags() -> None:
+    assert parse_settings(("epochs=3", "lr=0.002", "device=cuda", "limit=none")) == {
+        "epochs": 3, "lr": 0.002, "device": "cuda", "limit": None}  # fmt: skip
+    with pytest.raises(MarsvisionError, match="KEY=VALUE"):
+        parse_settings(("optimizer=sgd",))  # no mars-train flag sets it
+    for name, flags in CANDIDATES.items():
+        flags = dict(flags)
+        config_from_flags(flags.pop("recipe", "default"), data=Path("d"), out=Path(name), **flags)
+
+
+def test_split_file_round_trip(tmp_path: Path) -> None:
+    src = tmp_path / "blob.bin"
+    src.write_bytes(bytes(range(256)) * 41)
+    (tmp_path / "parts").mkdir()
+    parts = split_file(src, tmp_path / "parts", part_bytes=4096)
+    assert [p.stat().st_size for p in parts] == [4096, 4096, 2304]
+    assert b"".join(p.read_bytes() for p in parts) == src.read_bytes()
+
+
+def test_training_stops_at_the_deadline(msl_dir: Path, tmp_path: Path) -> None:
+    from marsvision.train.loop import main as train
+
+    cfg = config_from_flags("default", data=msl_dir, out=tmp_path / "run", epochs=3, limit=16,
+                            image_size=64, device="cpu", batch_size=8, workers=2)  # fmt: skip
+    result = train(cfg, deadline=time.monotonic())  # past: only the first epoch runs
+    assert result["stopped_early_after_epoch"] == 1 and len(result["history"]) == 1
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["metrics"][
+        "stopped_early_after_epoch"] == 1  # fmt: skip

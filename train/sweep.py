@@ -1,0 +1,219 @@
+"""Recipe search on val inside a time budget, made for a short GPU lease: train the candidate
+recipes in turn while the budget allows, ship the best on val (fp16 checkpoint, scores, card),
+and split the shipped file into parts small enough to come back from the machine.
+
+    python -m marsvision.train.sweep --data DATA --task binary --budget-min 8 \\
+        --runs /tmp/runs --out $OUT          # $OUT: parts, card, SHA256SUMS, sweep.json
+    cat resnet50-binary.pt.part* > resnet50-binary.pt && sha256sum -c SHA256SUMS   # here
+
+Every candidate is a set of mars-train flags, so the shipped model's card holds the one
+command that reproduces it. Candidates are selected on val alone; only the chosen one's test
+metrics are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Idle OpenMP threads sleep instead of spinning (see train/cli.py). Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import click
+
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.files import atomic_write_text
+
+# name -> mars-train flags over the default recipe (224 px, 60 epochs), in the order they run:
+# the most promising first, since a short budget may reach only the first few.
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "long": {"epochs": 120},
+    "no-smoothing": {"label_smoothing": 0.0},
+    "sampler": {"balance": "sampler"},
+    "strong-wd": {"weight_decay": 0.2, "lr": 2e-3},
+    "px160-long": {"image_size": 160, "epochs": 150},
+    "blog": {"recipe": "blog"},
+}
+PART_BYTES = 16 * 2**20 - 4096  # under the device tool's 16 MiB per returned file
+RESERVE_S = 45.0  # kept back at the end: shipping, splitting, writing the summary
+
+
+def _flags_value(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return None if text == "none" else text
+
+
+def parse_settings(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """`key=value` pairs (TrainConfig field names) applied over every candidate."""
+    from marsvision.train.config import FLAG_FIELDS
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in FLAG_FIELDS:
+            raise MarsvisionError(
+                f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(FLAG_FIELDS)}"
+            )
+        out[key] = _flags_value(value)
+    return out
+
+
+def split_file(path: Path, out_dir: Path, part_bytes: int = PART_BYTES) -> list[Path]:
+    """Copy `path` into `out_dir` as `<name>.part0`, `.part1`, ... of at most `part_bytes`."""
+    parts = []
+    with open(path, "rb") as f:
+        while chunk := f.read(part_bytes):
+            part = out_dir / f"{path.name}.part{len(parts)}"
+            part.write_bytes(chunk)
+            parts.append(part)
+    return parts
+
+
+def _predicted_s(flags: dict[str, Any], s_per_epoch_224: float | None) -> float | None:
+    if s_per_epoch_224 is None:
+        return None
+    from marsvision.train.config import RECIPES
+
+    recipe = RECIPES[flags.get("recipe", "default")]
+    epochs = flags.get("epochs", recipe["epochs"])
+    size = flags.get("image_size", 224)
+    return float(s_per_epoch_224 * epochs * (size / 224) ** 2)
+
+
+def run_sweep(
+    *,
+    data_dir: Path,
+    task: str,
+    names: list[str],
+    settings: dict[str, Any],
+    budget_s: float,
+    runs_dir: Path,
+    out_dir: Path,
+    workers: int,
+) -> dict[str, Any]:
+    """Train the candidates in order within `budget_s`, ship the best on val into `out_dir`."""
+    from marsvision.train.config import config_from_flags
+    from marsvision.train.loop import main as train
+    from marsvision.train.ship import ship_run, shipped_name
+
+    t_start = time.monotonic()
+    deadline = t_start + budget_s - RESERVE_S
+    rows: list[dict[str, Any]] = []
+    s_per_epoch_224: float | None = None
+    for name in names:
+        flags = {**CANDIDATES[name], **settings}
+        recipe = flags.pop("recipe", "default")
+        cfg = config_from_flags(recipe, data=data_dir, out=runs_dir / name, task=task,
+                                workers=workers, **flags)  # fmt: skip
+        row: dict[str, Any] = {"name": name, "config": cfg.to_dict()}
+        left = deadline - time.monotonic()
+        predicted = _predicted_s({**flags, "recipe": recipe}, s_per_epoch_224)
+        if left < 30 or (predicted is not None and predicted > left):
+            row["status"] = f"skipped: predicted {predicted or 0:.0f} s, {left:.0f} s left"
+            rows.append(row)
+            print(f"sweep: {name} {row['status']}", file=sys.stderr)
+            continue
+        print(f"sweep: training {name} ({left:.0f} s left)", file=sys.stderr)
+        t0 = time.monotonic()
+        try:
+            result = train(cfg, deadline=deadline)
+        except Exception as e:  # noqa: BLE001 - one failed candidate must not lose the others
+            row["status"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+            rows.append(row)
+            print(f"sweep: {name} {row['status']}", file=sys.stderr)
+            continue
+        seconds = time.monotonic() - t0
+        epochs_done = len(result["history"])
+        if s_per_epoch_224 is None and epochs_done:
+            s_per_epoch_224 = seconds / epochs_done / (cfg.image_size / 224) ** 2
+        row.update(status="done", seconds=seconds, epochs_done=epochs_done,
+                   best_epoch=result["best_epoch"], val=result["val"],
+                   stopped_early_after_epoch=result["stopped_early_after_epoch"],
+                   test=result["test"])  # fmt: skip
+        rows.append(row)
+    done = [r for r in rows if r["status"] == "done"]
+    if not done:
+        raise MarsvisionError("no candidate finished: " + "; ".join(r["status"] for r in rows))
+    best = max(done, key=lambda r: (r["val"]["balanced_accuracy"], r["val"]["accuracy"]))
+    for r in done:  # selection is on val: only the chosen run's test metrics are reported
+        if r is not best:
+            del r["test"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shipped = ship_run(runs_dir / best["name"], models_dir=runs_dir / "models", data_dir=data_dir,
+                       device=settings.get("device", "auto"), workers=workers,
+                       limit=settings.get("limit"))  # fmt: skip
+    parts = split_file(shipped.checkpoint, out_dir)
+    shutil.copy(shipped.card, out_dir / shipped.card.name)
+    atomic_write_text(out_dir / "SHA256SUMS", f"{shipped.sha256}  {shipped_name(task)}\n")
+    summary = {
+        "task": task,
+        "chosen": best["name"],
+        "selected_on": "val balanced accuracy (ties: val accuracy)",
+        "budget_s": budget_s,
+        "seconds": time.monotonic() - t_start,
+        "shipped": {
+            "file": shipped_name(task),
+            "sha256": shipped.sha256,
+            "size_bytes": shipped.size_bytes,
+            "parts": [p.name for p in parts],
+            "scores": shipped.scores,
+        },  # fmt: skip
+        "candidates": rows,
+    }
+    atomic_write_text(out_dir / "sweep.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="MSL data folder (default: $MARS_DATA).")  # fmt: skip
+@click.option("--task", default="binary", show_default=True, help="binary or msl25.")
+@click.option("--candidates", default=",".join(CANDIDATES), show_default=True,
+              help="Candidate names, in the order they run.")  # fmt: skip
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="A mars-train setting for every candidate (e.g. device=cuda).")  # fmt: skip
+@click.option("--budget-min", type=float, required=True, help="Wall-clock budget in minutes.")
+@click.option("--runs", type=click.Path(path_type=Path), default=Path("runs/sweep"),
+              show_default=True, help="Folder of the candidates' run folders.")  # fmt: skip
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Where the shipped parts, card, SHA256SUMS and sweep.json go.")  # fmt: skip
+@click.option("--workers", type=int, default=8, show_default=True, help="Decoding threads.")
+def main(
+    data: Path | None, task: str, candidates: str, sets: tuple[str, ...], budget_min: float,
+    runs: Path, out: Path, workers: int,
+) -> None:  # fmt: skip
+    """Train candidate recipes within a time budget; ship the best on val, in parts."""
+    from marsvision.train.data import check_task, resolve_data_dir
+
+    names = [n for n in candidates.split(",") if n]
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown or not names:
+        raise MarsvisionError(
+            f"--candidates: unknown {unknown}; choose from {', '.join(CANDIDATES)}"
+        )
+    summary = run_sweep(data_dir=resolve_data_dir(data), task=check_task(task), names=names,
+                        settings=parse_settings(sets), budget_s=60 * budget_min, runs_dir=runs,
+                        out_dir=out, workers=workers)  # fmt: skip
+    for r in summary["candidates"]:
+        val = r.get("val")
+        click.echo(f"{r['name']:>14}  {r['status']:<8}" + (
+            f"  val acc {val['accuracy']:.4f} bal {val['balanced_accuracy']:.4f}  epochs "
+            f"{r['epochs_done']}  {r['seconds']:.0f} s" if val else ""))  # fmt: skip
+    test = summary["shipped"]["scores"]["test"]["metrics"]
+    click.echo(f"chosen on val: {summary['chosen']}; shipped weights: test accuracy "
+               f"{test['accuracy']:.4f} balanced {test['balanced_accuracy']:.4f} f1 "
+               f"{test['f1']:.4f}; parts in {out}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
