@@ -375,3 +375,7 @@ def score(
     _log(f"wrote {write_score(report, out)}")
     if not report["passed"]:
         sys.exit(SCORE_FAIL_EXIT)
+
+
+if __name__ == "__main__":
+    main()

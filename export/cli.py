@@ -142,3 +142,7 @@ def main(
     manifest = export_all(config)
     click.echo(_table(manifest))
     click.echo(f"\nwrote {len(manifest['artifacts'])} artifacts and manifest.json to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -48,10 +48,9 @@ def _affine_params(n: int, aug: AugmentSpec, g: torch.Generator) -> torch.Tensor
     return theta
 
 
-def _jitter(x: torch.Tensor, amount: float, g: torch.Generator) -> torch.Tensor:
-    """Brightness, contrast, saturation factors in 1 +- amount; x in [0, 1], NCHW."""
-    n = x.shape[0]
-    b, c, s = (_uniform(n, 1 - amount, 1 + amount, g).to(x.device).view(n, 1, 1, 1) for _ in "bcs")
+def _jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast, saturation `factors` (n, 3); x in [0, 1], NCHW."""
+    b, c, s = factors.T.reshape(3, -1, 1, 1, 1)
     x = x * b
     gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).clamp(0, 1)
     mean = gray.mean(dim=(2, 3), keepdim=True)
@@ -71,13 +70,20 @@ def augment_batch(
 ) -> torch.Tensor:
     """uint8 NCHW -> augmented, normalized float32 NCHW of `out_size` on the batch's device."""
     n = batch.shape[0]
-    theta = _affine_params(n, aug, generator).to(batch.device)
+    # every random number and constant in one host tensor, one copy: no per-step GPU sync
+    parts = [_affine_params(n, aug, generator).view(n, 6)]
+    if aug.jitter > 0:
+        parts += [_uniform(n, 1 - aug.jitter, 1 + aug.jitter, generator).view(n, 1) for _ in "bcs"]
+    host = torch.cat([torch.cat(parts, 1).flatten(), torch.tensor([*spec.mean, *spec.std])])
+    if batch.is_cuda:
+        host = host.pin_memory()
+    p = host.to(batch.device, non_blocking=True)
+    params, mean, std = p[:-6].view(n, -1), p[-6:-3].view(1, 3, 1, 1), p[-3:].view(1, 3, 1, 1)
+    theta = params[:, :6].reshape(n, 2, 3)
     grid = F.affine_grid(theta, [n, 3, out_size, out_size], align_corners=False)
     x = F.grid_sample(
         batch.float() / 255.0, grid, mode="bilinear", padding_mode="reflection", align_corners=False
     )
     if aug.jitter > 0:
-        x = _jitter(x, aug.jitter, generator)
-    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
+        x = _jitter(x, params[:, 6:9])
     return (x - mean) / std

@@ -107,3 +107,7 @@ def main(
                f"{test['balanced_accuracy']:.4f} f1 {test['f1']:.4f} (n={test['n']})")  # fmt: skip
     click.echo(f"wrote {cfg.out}/checkpoint.pt, metrics.json, predictions_test.csv, "
                "curves.png, confusion_test.png")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -38,6 +38,7 @@ from marsvision.train.report import (
 
 CHECKPOINT = "checkpoint.pt"
 RESUME = "resume.pt"
+RESUME_EVERY = 5  # epochs between resume.pt saves (377 MB each for ResNet-50 + AdamW + EMA)
 RUN_FILES = (CHECKPOINT, RESUME, "config.json", "metrics.json", "predictions_test.csv",
              "curves.png", "confusion_test.png")  # fmt: skip
 RESUME_MUST_MATCH = (
@@ -89,8 +90,9 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
+    order = order.to(device)  # once per epoch, not one host copy per step
     for step, (start, stop) in enumerate(_batches(len(order), batch_size)):
-        idx = order[start:stop].to(device, non_blocking=True)
+        idx = order[start:stop]
         x = augment_batch(images[idx], out_size=image_size, spec=spec, aug=aug, generator=generator)
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -123,18 +125,29 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, *, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int
+    model: nn.Module,
+    *,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    amp: bool = True,
 ) -> tuple[float, np.ndarray]:
-    """Mean cross-entropy and softmax probabilities (N, classes) over precomputed eval tensors."""
+    """Mean cross-entropy and softmax probabilities (N, classes) over precomputed eval tensors;
+    `amp`: bf16 autocast on CUDA (selection), else fp32 (the reported numbers)."""
     device = inputs.device
     model.eval()
     logits = []
-    for i in range(0, len(inputs), batch_size):
-        x = inputs[i : i + batch_size]
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits.append(model(x).float())
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = amp and tf32  # fp32 is fp32: cuDNN convs default to TF32
+    try:
+        for i in range(0, len(inputs), batch_size):
+            x = inputs[i : i + batch_size]
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and x.is_cuda):
+                logits.append(model(x).float())
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
     out = torch.cat(logits)
     loss = F.cross_entropy(out, labels).item()
     return loss, torch.softmax(out, dim=1).cpu().numpy()
@@ -244,10 +257,8 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     print(f"decoded in {time.perf_counter() - t0:.1f} s; training on {device}", file=log)
 
     # --- set up
-    if device.type == "cuda":
+    if device.type == "cuda":  # no TF32 flags: training and selection run in bf16 autocast
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     gen = torch.Generator().manual_seed(cfg.seed)
     # channels_last pays on GPUs (tensor cores); on the CPU its first steps are slower
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -342,6 +353,8 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
             best, best_epoch = score, epoch
             atomic_torch_save(make_checkpoint(scored, metrics={"val": vm}, epoch=epoch,
                                               **ckpt_args), cfg.out / CHECKPOINT)  # fmt: skip
+        if epoch % RESUME_EVERY and epoch != cfg.epochs:
+            continue
         atomic_torch_save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
@@ -364,7 +377,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     probs = {}
     for split in ("val", "test"):
         _, probs[split] = evaluate(final, inputs=inputs[split], labels=y[split],
-                                   batch_size=2 * cfg.batch_size)  # fmt: skip
+                                   batch_size=2 * cfg.batch_size, amp=False)  # fmt: skip
         result[split] = _split_metrics(task, splits[split], probs[split], k)
     y_test = np.array([s.label for s in splits["test"]])
     lo, hi = bootstrap_accuracy_ci(y_test, probs["test"].argmax(1), n_boot=1000, seed=cfg.seed)

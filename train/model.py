@@ -76,10 +76,9 @@ class ModelEma:
         d = min(self.decay, (1 + self.step) / (10 + self.step))
         ema_state, state = self.module.state_dict(), model.state_dict()
         floats = [k for k, v in state.items() if v.is_floating_point()]
+        others = [k for k, v in state.items() if not v.is_floating_point()]
         torch._foreach_lerp_([ema_state[k] for k in floats], [state[k] for k in floats], 1.0 - d)
-        for k, v in state.items():
-            if not v.is_floating_point():
-                ema_state[k].copy_(v)
+        torch._foreach_copy_([ema_state[k] for k in others], [state[k] for k in others])
 
     def state_dict(self) -> dict[str, object]:
         """The averaged weights and the step count."""

@@ -73,7 +73,7 @@ def score_checkpoint(
         y = np.array([s.label for s in samples])
         x = eval_tensors(samples, spec=spec, workers=workers).to(dev)
         _, probs = evaluate(model, inputs=x, labels=torch.from_numpy(y).to(dev),
-                            batch_size=batch_size)  # fmt: skip
+                            batch_size=batch_size, amp=False)  # fmt: skip
         pred = probs.argmax(1)
         scores[split] = {
             "metrics": classification_metrics(y, pred, k, task),
