@@ -370,7 +370,7 @@ def score(
         allow_missing=allow_missing,
         requirements=requirements,
     )
-    report = run_score(cfg, log=_log)
+    report = run_score(cfg)
     click.echo(render_text(report))
     _log(f"wrote {write_score(report, out)}")
     if not report["passed"]:

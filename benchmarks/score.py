@@ -12,7 +12,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -312,7 +312,7 @@ def check_requirements(
     ]
 
 
-def run_score(cfg: ScoreConfig, *, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     """Read, match, score and check one predictions file: the report (JSON-ready)."""
     from marsvision.runtime.metadata import sha256_file
     from marsvision.train.data import data_fingerprint, read_split
@@ -326,7 +326,6 @@ def run_score(cfg: ScoreConfig, *, log: Callable[[str], None] = lambda _: None) 
         )
     task, names = resolve_task(preds, data_dir=cfg.data_dir)
     model = model_provenance(preds.rows, path=cfg.predictions)
-    log(f"score: {len(preds.rows)} rows ({preds.fmt}), {task} task, {cfg.split} split")
     samples = read_split(cfg.data_dir, cfg.split, task)
     scored = score_predictions(
         preds.rows,
