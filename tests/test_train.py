@@ -249,3 +249,34 @@ def test_progress_line() -> None:
     assert text.count("\n") == 1 and "\r" not in text
     assert text.startswith("epoch 1/3 [########################] 10/10  loss 0.4000  acc 0.2500")
     assert text.rstrip().endswith("img/s")
+
+
+def test_sample_weights_weighted_mean() -> None:
+    """Equal sample weights give the plain mean loss (same steps, same numbers); weights that
+    single out one image per batch give that image's loss alone."""
+    from marsvision.runtime.spec import PreprocessSpec
+    from marsvision.train.config import AugmentSpec
+    from marsvision.train.loop import train_one_epoch
+
+    images = torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1])
+
+    def epoch(reduction: str, weights: torch.Tensor | None) -> float:
+        torch.manual_seed(0)
+        model = create_model(2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # no updates: compare the losses only
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        out = train_one_epoch(
+            model, images=images, labels=labels, order=torch.arange(8), optimizer=opt,
+            scheduler=sched, loss_fn=torch.nn.CrossEntropyLoss(reduction=reduction),
+            batch_size=4, image_size=32, spec=PreprocessSpec.for_input_size(32),
+            aug=AugmentSpec(rotate_deg=0.0, jitter=0.0), generator=torch.Generator().manual_seed(1),
+            ema=None, desc="t", sample_weights=weights,
+        )  # fmt: skip
+        return out["loss"]
+
+    plain = epoch("mean", None)
+    assert epoch("none", torch.ones(8)) == pytest.approx(plain, rel=1e-6)
+    assert epoch("none", torch.full((8,), 3.0)) == pytest.approx(plain, rel=1e-6)
+    one_hot = torch.tensor([1.0, 0, 0, 0, 1.0, 0, 0, 0])
+    assert epoch("none", one_hot) != pytest.approx(plain, rel=1e-3)

@@ -46,7 +46,10 @@ from marsvision.train.config import RECIPES, config_from_flags
 @click.option("--warmup-epochs", type=float, default=None, help="[3; blog 0]")
 @click.option("--label-smoothing", type=float, default=None, help="[0.1; blog 0]")
 @click.option(
-    "--balance", default=None, help="Class imbalance: loss, sampler or none [loss; blog none]."
+    "--balance",
+    default=None,
+    help="Class imbalance: loss (weights by label), msl-class (weights by the 25 MSL classes, "
+    "so rare kinds inside a binary label count too), sampler or none [loss; blog none].",
 )
 @click.option(
     "--ema-decay",

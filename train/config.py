@@ -58,7 +58,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
-BALANCES = ("loss", "sampler", "none")
+BALANCES = ("loss", "msl-class", "sampler", "none")
 DEVICES = ("auto", "cpu", "cuda")
 
 

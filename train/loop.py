@@ -81,8 +81,12 @@ def train_one_epoch(
     generator: torch.Generator,
     ema: ModelEma | None,
     desc: str,
+    sample_weights: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """One pass over `order` (indices into the uint8 `images`); returns loss, accuracy, images/s."""
+    """One pass over `order` (indices into the uint8 `images`); returns loss, accuracy, images/s.
+
+    `sample_weights` (one per image, with a `reduction="none"` loss_fn): the batch loss is the
+    weighted mean, as CrossEntropyLoss's class `weight` makes it."""
     device = images.device
     cuda = device.type == "cuda"
     model.train()
@@ -100,6 +104,9 @@ def train_one_epoch(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             logits = model(x)
             loss = loss_fn(logits.float(), y)
+            if sample_weights is not None:
+                w = sample_weights[idx]
+                loss = (loss * w).sum() / w.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -272,7 +279,14 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
         weights = torch.tensor(
             _class_weights(train_labels, k, 0.5), dtype=torch.float32, device=device
         )
-    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+    sample_weights = None
+    if cfg.balance == "msl-class":  # weights by the 25 MSL classes: rare kinds within a label
+        msl_classes = np.array([x.msl_class for x in splits["train"]])
+        per_class = _class_weights(msl_classes, msl.NUM_MSL_CLASSES, 0.5)
+        sample_weights = torch.tensor(per_class[msl_classes], dtype=torch.float32, device=device)
+    reduction = "mean" if sample_weights is None else "none"
+    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing,
+                                  reduction=reduction)  # fmt: skip
     sample_p = None
     if cfg.balance == "sampler":
         sample_p = torch.tensor(_class_weights(train_labels, k, 1.0)[train_labels])
@@ -332,7 +346,8 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
             order = torch.multinomial(sample_p, len(train_labels), replacement=True, generator=gen)
         tr = train_one_epoch(
             model, images=images, labels=y["train"], order=order, optimizer=optimizer,
-            scheduler=scheduler, loss_fn=loss_fn, batch_size=cfg.batch_size,
+            scheduler=scheduler, loss_fn=loss_fn, sample_weights=sample_weights,
+            batch_size=cfg.batch_size,
             image_size=cfg.image_size, spec=spec, aug=cfg.augment, generator=gen, ema=ema,
             desc=f"epoch {epoch}/{cfg.epochs}",
         )  # fmt: skip

@@ -33,6 +33,7 @@ from marsvision.runtime.files import atomic_write_text
 # the most promising first, since a short budget may reach only the first few.
 CANDIDATES: dict[str, dict[str, Any]] = {
     "default": {},
+    "msl-class": {"balance": "msl-class"},
     "long": {"epochs": 120},
     "no-smoothing": {"label_smoothing": 0.0},
     "sampler": {"balance": "sampler"},
