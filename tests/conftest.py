@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _msl_dir() -> Path:
     d = Path(os.environ.get("MARS_DATA") or REPO.parent / "shared" / "msl")
-    return d
+    return d.resolve()  # absolute: some tests change directory (make exports a relative one)
 
 
 @pytest.fixture(scope="session")
