@@ -21,7 +21,7 @@ TINY = ("image_size=64", "limit=16", "epochs=1", "device=cpu", "batch_size=8")
 
 def test_sweep_ships_the_best_on_val_in_parts(msl_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    args = ["--data", str(msl_dir), "--candidates", "default,no-smoothing", "--budget-min", "5",
+    args = ["--data", str(msl_dir), "--candidates", "group-zoom,default", "--budget-min", "5",
             "--runs", str(tmp_path / "runs"), "--out", str(out), "--workers", "2"]  # fmt: skip
     for s in TINY:
         args += ["--set", s]
@@ -29,7 +29,7 @@ def test_sweep_ships_the_best_on_val_in_parts(msl_dir: Path, tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "sweep.json").read_text())
     done = [c for c in summary["candidates"] if c["status"] == "done"]
-    assert [c["name"] for c in done] == ["default", "no-smoothing"]
+    assert [c["name"] for c in done] == ["group-zoom", "default"]
     best = max(done, key=lambda c: (c["val"]["balanced_accuracy"], c["val"]["accuracy"]))
     assert summary["chosen"] == best["name"]
     assert [("test" in c) for c in done] == [c is best for c in done]  # test: the chosen only

@@ -280,3 +280,34 @@ def test_sample_weights_weighted_mean() -> None:
     assert epoch("none", torch.full((8,), 3.0)) == pytest.approx(plain, rel=1e-6)
     one_hot = torch.tensor([1.0, 0, 0, 0, 1.0, 0, 0, 0])
     assert epoch("none", one_hot) != pytest.approx(plain, rel=1e-3)
+
+
+def test_camera_codes_and_group_balance(msl_dir: Path) -> None:
+    """Every MSL file name carries its camera; group weights make the rare (camera, class)
+    pairs count: MAHLI drill holes weigh far more than Mastcam ground."""
+    from marsvision.train.data import camera, read_split
+    from marsvision.train.loop import _class_weights
+
+    train = read_split(msl_dir, "train", "msl25")
+    cams = {camera(s.path) for s in train}
+    assert cams == {"ML", "MR", "MH"}
+    assert camera(Path("x.jpg")) == "?"
+    keys = [(camera(s.path), s.msl_class) for s in train]
+    index = {k: i for i, k in enumerate(sorted(set(keys)))}
+    groups = np.array([index[k] for k in keys])
+    w = _class_weights(groups, len(index), 0.5)
+    assert w[groups].mean() == pytest.approx(1.0)
+    assert w[index[("MH", 5)]] > 5 * w[index[("MR", 8)]]
+
+
+def test_crop_scale_min_flag_round_trip() -> None:
+    from marsvision.train.config import command_line
+
+    cfg = config_from_flags("default", data=Path("d"), out=Path("o"), crop_scale_min=0.08)
+    assert cfg.augment.scale == (0.08, 1.0)
+    assert "--crop-scale-min 0.08" in command_line(cfg.to_dict())
+    assert "--crop-scale-min" not in command_line(
+        config_from_flags("default", data=Path("d"), out=Path("o")).to_dict()
+    )
+    with pytest.raises(MarsvisionError, match="crop-scale-min"):
+        config_from_flags("default", data=Path("d"), out=Path("o"), crop_scale_min=1.5)

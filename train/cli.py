@@ -48,14 +48,22 @@ from marsvision.train.config import RECIPES, config_from_flags
 @click.option(
     "--balance",
     default=None,
-    help="Class imbalance: loss (weights by label), msl-class (weights by the 25 MSL classes, "
-    "so rare kinds inside a binary label count too), sampler or none [loss; blog none].",
+    help="Class imbalance: loss (weights by label), group (weights by camera and MSL class, so "
+    "rare kinds inside a label count: MAHLI ground, drill holes), sampler or none "
+    "[loss; blog none].",
 )
 @click.option(
     "--ema-decay",
     type=float,
     default=None,
     help="EMA of weights per step, 0 = off [0.998; blog 0].",
+)
+@click.option(
+    "--crop-scale-min",
+    type=float,
+    default=None,
+    help="Smallest random-resized-crop area, as a fraction: smaller zooms in further "
+    "[0.35; blog 0.08].",
 )
 @click.option("--image-size", type=int, default=224, show_default=True, help="Input size (>= 32).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
@@ -76,7 +84,8 @@ def main(
     data: Path | None, download: bool, task: str, recipe: str, epochs: int | None,
     batch_size: int | None, lr: float | None, weight_decay: float | None,
     warmup_epochs: float | None, label_smoothing: float | None, balance: str | None,
-    ema_decay: float | None, image_size: int, device: str, seed: int, limit: int | None,
+    ema_decay: float | None, crop_scale_min: float | None, image_size: int, device: str,
+    seed: int, limit: int | None,
     out: Path | None, resume: bool, init: str, workers: int,
 ) -> None:  # fmt: skip
     """Train ResNet-50 on the MSL images; write checkpoint, metrics and plots to --out."""
@@ -96,8 +105,8 @@ def main(
         recipe, data=resolve_data_dir(data), out=out or Path("runs") / task, task=task,
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, balance=balance,
-        ema_decay=ema_decay, image_size=image_size, device=device, seed=seed, limit=limit,
-        init=init, resume=resume, workers=workers,
+        ema_decay=ema_decay, crop_scale_min=crop_scale_min, image_size=image_size,
+        device=device, seed=seed, limit=limit, init=init, resume=resume, workers=workers,
     )  # fmt: skip
     from marsvision.train.loop import main as train
 

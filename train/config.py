@@ -58,7 +58,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
-BALANCES = ("loss", "msl-class", "sampler", "none")
+BALANCES = ("loss", "group", "sampler", "none")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -102,6 +102,11 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
     if recipe not in RECIPES:
         raise MarsvisionError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     values = dict(RECIPES[recipe])
+    crop_min = flags.pop("crop_scale_min", None)
+    if crop_min is not None:
+        if not 0 < crop_min <= 1:
+            raise MarsvisionError(f"--crop-scale-min {crop_min}: must be in (0, 1]")
+        values["augment"] = dataclasses.replace(values["augment"], scale=(crop_min, 1.0))
     values.update({k: v for k, v in flags.items() if v is not None})
     cfg = TrainConfig(recipe=recipe, **values)
     checks = [
@@ -125,7 +130,7 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
 # TrainConfig fields that mars-train sets from a flag of the same name (`--batch-size` ...)
 FLAG_FIELDS = ("task", "recipe", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                "label_smoothing", "balance", "ema_decay", "image_size", "seed", "limit", "init",
-               "device")  # fmt: skip
+               "device", "crop_scale_min")  # fmt: skip
 
 
 def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None = None) -> str:
@@ -135,12 +140,17 @@ def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None 
     recipe = RECIPES.get(config["recipe"])
     if recipe is None:
         raise MarsvisionError(f"config names an unknown recipe {config['recipe']!r}")
+    config = dict(config)
+    # JSON turns tuples into lists
+    augment = {k: tuple(v) if isinstance(v, list) else v for k, v in config["augment"].items()}
+    crop_min = augment["scale"][0]
+    config["crop_scale_min"] = crop_min if crop_min != recipe["augment"].scale[0] else None
     for key in ("optimizer", "schedule", "augment"):
         want = recipe[key]
-        want = dataclasses.asdict(want) if key == "augment" else want
         got = config[key]
-        if key == "augment":  # JSON turns tuples into lists
-            got = {k: tuple(v) if isinstance(v, list) else v for k, v in got.items()}
+        if key == "augment":
+            want = dataclasses.asdict(dataclasses.replace(want, scale=(crop_min, 1.0)))
+            got = augment
         if got != want:
             raise MarsvisionError(
                 f"the config's {key} {got!r} differs from recipe {config['recipe']!r}; "

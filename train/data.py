@@ -86,6 +86,13 @@ def class_names(task: str, data_dir: Path) -> list[str]:
     return list(BINARY_CLASS_NAMES) if task == "binary" else msl_class_names(data_dir)
 
 
+def camera(path: Path) -> str:
+    """The instrument code in an MSL file name after the 4-digit sol: ML/MR (Mastcam left/right),
+    MH (MAHLI); "?" for a name that does not follow the pattern."""
+    code = path.name[4:6]
+    return code if len(code) == 2 and code.isalpha() else "?"
+
+
 def task_label(task: str, msl_class: int) -> int:
     """Map an MSL class id to the task's label."""
     if task == "binary":

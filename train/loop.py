@@ -280,10 +280,12 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
             _class_weights(train_labels, k, 0.5), dtype=torch.float32, device=device
         )
     sample_weights = None
-    if cfg.balance == "msl-class":  # weights by the 25 MSL classes: rare kinds within a label
-        msl_classes = np.array([x.msl_class for x in splits["train"]])
-        per_class = _class_weights(msl_classes, msl.NUM_MSL_CLASSES, 0.5)
-        sample_weights = torch.tensor(per_class[msl_classes], dtype=torch.float32, device=device)
+    if cfg.balance == "group":  # weights by (camera, MSL class): rare kinds within a label
+        keys = [(msl.camera(x.path), x.msl_class) for x in splits["train"]]
+        index = {key: i for i, key in enumerate(sorted(set(keys)))}
+        groups = np.array([index[key] for key in keys])
+        per_group = _class_weights(groups, len(index), 0.5)
+        sample_weights = torch.tensor(per_group[groups], dtype=torch.float32, device=device)
     reduction = "mean" if sample_weights is None else "none"
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing,
                                   reduction=reduction)  # fmt: skip

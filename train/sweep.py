@@ -32,11 +32,12 @@ from marsvision.runtime.files import atomic_write_text
 # name -> mars-train flags over the default recipe (224 px, 60 epochs), in the order they run:
 # the most promising first, since a short budget may reach only the first few.
 CANDIDATES: dict[str, dict[str, Any]] = {
+    "group-zoom": {"balance": "group", "crop_scale_min": 0.08},  # see DEVELOPERS.md: MAHLI
     "default": {},
-    "msl-class": {"balance": "msl-class"},
-    "long": {"epochs": 120},
+    "zoom": {"crop_scale_min": 0.08},
+    "group": {"balance": "group"},
+    "group-zoom-long": {"balance": "group", "crop_scale_min": 0.08, "epochs": 120},
     "no-smoothing": {"label_smoothing": 0.0},
-    "sampler": {"balance": "sampler"},
     "strong-wd": {"weight_decay": 0.2, "lr": 2e-3},
     "px160-long": {"image_size": 160, "epochs": 150},
     "blog": {"recipe": "blog"},
