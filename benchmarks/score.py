@@ -29,6 +29,7 @@ N_BOOT = 1000
 SEED = 0
 _PROVENANCE = ("model_sha256", "precision", "backend")
 _SHOW = 3  # file names quoted in an error message
+_WORST = 6  # (camera, class) groups listed in the terminal summary
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,7 @@ def score_predictions(
     Every sample needs exactly one row, with status ok; otherwise a user error, or with
     `allow_missing` the sample is left out and counted. Rows for other images are ignored.
     """
+    from marsvision.train.data import camera
     from marsvision.train.metrics import bootstrap_cis, classification_metrics
 
     wanted = {s.path.name for s in samples}
@@ -245,6 +247,7 @@ def score_predictions(
     index = {name: i for i, name in enumerate(class_names)}
     excluded: dict[str, list[str]] = {"missing": [], "failed": [], "duplicated": []}
     y_true, y_pred = [], []
+    groups: dict[tuple[str, int], list[int]] = {}  # (camera, MSL class) -> [images, errors]
     for s in samples:
         mine = found.get(s.path.name, [])
         if not mine:
@@ -256,6 +259,9 @@ def score_predictions(
         else:
             y_true.append(s.label)
             y_pred.append(index[mine[0].label])
+            g = groups.setdefault((camera(s.path), s.msl_class), [0, 0])
+            g[0] += 1
+            g[1] += y_pred[-1] != s.label
     problems = [f"{len(v)} {k} ({_names(v)})" for k, v in excluded.items() if v]
     if problems and not allow_missing:
         raise MarsvisionError(
@@ -280,6 +286,10 @@ def score_predictions(
             "rows_outside_split": outside,
         },
         "excluded": excluded,
+        "by_camera_and_class": [
+            {"camera": cam, "msl_class": k, "images": n, "errors": e}
+            for (cam, k), (n, e) in sorted(groups.items(), key=lambda kv: (-kv[1][1], kv[0]))
+        ],
     }
 
 
@@ -315,7 +325,7 @@ def check_requirements(
 def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     """Read, match, score and check one predictions file: the report (JSON-ready)."""
     from marsvision.runtime.metadata import sha256_file
-    from marsvision.train.data import data_fingerprint, read_split
+    from marsvision.train.data import data_fingerprint, msl_class_names, read_split
 
     preds = read_predictions(cfg.predictions)
     if not any(r.status == "ok" for r in preds.rows):
@@ -336,6 +346,9 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         n_boot=cfg.n_boot,
         seed=cfg.seed,
     )
+    msl_names = msl_class_names(cfg.data_dir)
+    for g in scored["by_camera_and_class"]:
+        g["msl_class_name"] = msl_names[g["msl_class"]]
     checks = check_requirements(scored["metrics"], cfg.requirements)
     return {
         "kind": "score",
@@ -384,6 +397,12 @@ def render_text(report: dict[str, Any]) -> str:
         label = f"{k} {which}" if k in ("precision", "recall", "f1") else k
         rows.append([label, f"{m[k]:.4f}", f"[{ci[k][0]:.4f}, {ci[k][1]:.4f}]"])
     lines += ["", text_table(["metric", "value", "95% CI"], rows)]
+    worst = [g for g in report.get("by_camera_and_class", []) if g["errors"]][:_WORST]
+    if worst:
+        cams = {"ML": "Mastcam L", "MR": "Mastcam R", "MH": "MAHLI"}
+        lines += ["", "most errors, by camera and MSL class:"]
+        lines += [f"  {cams.get(g['camera'], g['camera'])} {g['msl_class_name']}: "
+                  f"{g['errors']} of {g['images']} wrong" for g in worst]  # fmt: skip
     if report["requirements"]:
         lines.append("")
         for r in report["requirements"]:

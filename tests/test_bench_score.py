@@ -212,6 +212,19 @@ def test_full_split_exact_metrics_cis_and_json(
     assert rep["data_fingerprint"] == data_fingerprint(msl_dir)
     assert rep["passed"] is True and rep["requirements"] == []
     assert rep["config"]["allow_missing"] is False
+    # the errors by camera and MSL class: exactly the first WRONG Rover images of the split
+    from collections import Counter
+
+    from marsvision.train.data import camera
+
+    wrong = Counter(
+        (camera(s.path), s.msl_class) for s in [x for x in test_split if x.label][:WRONG]
+    )
+    groups = rep["by_camera_and_class"]
+    assert {(g["camera"], g["msl_class"]): g["errors"] for g in groups if g["errors"]} == wrong
+    assert sum(g["images"] for g in groups) == 1305
+    worst = groups[0]
+    assert f"{worst['errors']} of {worst['images']} wrong" in r.stdout
 
     # The same rows as JSONL, in a file whose name says nothing: sniffed, same numbers.
     j = _write(tmp_path / "full.txt", _full(test_split), fmt="jsonl")
