@@ -80,5 +80,6 @@ def test_training_stops_at_the_deadline(msl_dir: Path, tmp_path: Path) -> None:
                             image_size=64, device="cpu", batch_size=8, workers=2)  # fmt: skip
     result = train(cfg, deadline=time.monotonic())  # past: only the first epoch runs
     assert result["stopped_early_after_epoch"] == 1 and len(result["history"]) == 1
+    assert result["best_epoch"] == 1  # before the selection window (epoch 2 on): the last
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["metrics"][
         "stopped_early_after_epoch"] == 1  # fmt: skip

@@ -311,3 +311,17 @@ def test_crop_scale_min_flag_round_trip() -> None:
     )
     with pytest.raises(MarsvisionError, match="crop-scale-min"):
         config_from_flags("default", data=Path("d"), out=Path("o"), crop_scale_min=1.5)
+
+
+def test_selection_window(msl_dir: Path, tmp_path: Path) -> None:
+    """--select-from 1: only the last epoch is eligible, whatever val says of earlier ones."""
+    from marsvision.train.loop import main as train
+
+    cfg = config_from_flags("default", data=msl_dir, out=tmp_path / "run", epochs=3, limit=16,
+                            image_size=64, device="cpu", batch_size=8, workers=2,
+                            select_from=1.0)  # fmt: skip
+    result = train(cfg)
+    assert result["best_epoch"] == 3 and "epochs 3-3" in result["selected_on"]
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 3
+    with pytest.raises(MarsvisionError, match="select-from"):
+        config_from_flags("default", data=msl_dir, out=tmp_path / "x", select_from=1.5)

@@ -65,6 +65,13 @@ from marsvision.train.config import RECIPES, config_from_flags
     help="Smallest random-resized-crop area, as a fraction: smaller zooms in further "
     "[0.35; blog 0.08].",
 )
+@click.option(
+    "--select-from",
+    type=float,
+    default=None,
+    help="Keep the best epoch on val from this fraction of the epochs on (0 = any epoch; 1 = "
+    "the last) [0.5].",
+)
 @click.option("--image-size", type=int, default=224, show_default=True, help="Input size (>= 32).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -84,7 +91,8 @@ def main(
     data: Path | None, download: bool, task: str, recipe: str, epochs: int | None,
     batch_size: int | None, lr: float | None, weight_decay: float | None,
     warmup_epochs: float | None, label_smoothing: float | None, balance: str | None,
-    ema_decay: float | None, crop_scale_min: float | None, image_size: int, device: str,
+    ema_decay: float | None, crop_scale_min: float | None, select_from: float | None,
+    image_size: int, device: str,
     seed: int, limit: int | None,
     out: Path | None, resume: bool, init: str, workers: int,
 ) -> None:  # fmt: skip
@@ -105,7 +113,8 @@ def main(
         recipe, data=resolve_data_dir(data), out=out or Path("runs") / task, task=task,
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, balance=balance,
-        ema_decay=ema_decay, crop_scale_min=crop_scale_min, image_size=image_size,
+        ema_decay=ema_decay, crop_scale_min=crop_scale_min, select_from=select_from,
+        image_size=image_size,
         device=device, seed=seed, limit=limit, init=init, resume=resume, workers=workers,
     )  # fmt: skip
     from marsvision.train.loop import main as train

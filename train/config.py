@@ -81,6 +81,7 @@ class TrainConfig:
     balance: str = "loss"
     ema_decay: float = 0.998
     augment: AugmentSpec = field(default_factory=AugmentSpec)
+    select_from: float = 0.5  # the checkpoint is the best on val from this fraction of epochs on
     image_size: int = 224
     device: str = "auto"
     seed: int = 0
@@ -116,6 +117,7 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
         (cfg.limit is None or cfg.limit >= 1, f"--limit {cfg.limit}: need at least 1"),
         (cfg.workers >= 0, f"--workers {cfg.workers}: cannot be negative"),
         (0 <= cfg.ema_decay < 1, f"EMA decay {cfg.ema_decay}: must be in [0, 1)"),
+        (0 <= cfg.select_from <= 1, f"--select-from {cfg.select_from}: must be in [0, 1]"),
         (cfg.optimizer in OPTIMIZERS, f"optimizer {cfg.optimizer!r}: choose {OPTIMIZERS}"),
         (cfg.schedule in SCHEDULES, f"schedule {cfg.schedule!r}: choose {SCHEDULES}"),
         (cfg.balance in BALANCES, f"--balance {cfg.balance!r}: choose {', '.join(BALANCES)}"),
@@ -130,7 +132,7 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
 # TrainConfig fields that mars-train sets from a flag of the same name (`--batch-size` ...)
 FLAG_FIELDS = ("task", "recipe", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                "label_smoothing", "balance", "ema_decay", "image_size", "seed", "limit", "init",
-               "device", "crop_scale_min")  # fmt: skip
+               "device", "crop_scale_min", "select_from")  # fmt: skip
 
 
 def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None = None) -> str:
@@ -158,7 +160,7 @@ def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None 
             )
     parts = ["mars-train", "--data", data]
     for name in FLAG_FIELDS:
-        value = config[name]
+        value = config.get(name)  # older configs lack newer flags
         if value is None or (name == "init" and value == "random"):
             continue
         parts += [f"--{name.replace('_', '-')}", str(value)]

@@ -332,6 +332,10 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
 
     # --- train; select on val
     stopped_after: int | None = None
+    # under-trained early epochs can score well on a shifted val set: select from here on
+    first_eligible = max(1, math.ceil(cfg.select_from * cfg.epochs))
+    scored = ema.module if ema is not None else model  # the weights evaluated and kept
+    vm: dict[str, Any] = {}
     t_epochs, epochs_run = time.monotonic(), 0
     for epoch in range(start_epoch, cfg.epochs + 1):
         if deadline is not None and epochs_run:
@@ -340,6 +344,11 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
                 stopped_after = epoch - 1
                 print(f"stopping after epoch {stopped_after} of {cfg.epochs}: the next one "
                       "would pass the deadline", file=log)  # fmt: skip
+                if best_epoch == 0:  # stopped before the selection window: the last epoch
+                    best_epoch = stopped_after
+                    atomic_torch_save(make_checkpoint(scored, metrics={"val": vm},
+                                                      epoch=stopped_after, **ckpt_args),
+                                      cfg.out / CHECKPOINT)  # fmt: skip
                 break
         epochs_run += 1
         if sample_p is None:
@@ -353,7 +362,6 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
             image_size=cfg.image_size, spec=spec, aug=cfg.augment, generator=gen, ema=ema,
             desc=f"epoch {epoch}/{cfg.epochs}",
         )  # fmt: skip
-        scored = ema.module if ema is not None else model
         val_loss, val_probs = evaluate(scored, inputs=inputs["val"], labels=y["val"],
                                        batch_size=2 * cfg.batch_size)  # fmt: skip
         vm = _split_metrics(task, splits["val"], val_probs, k)
@@ -366,7 +374,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
         print(f"  val loss {val_loss:.4f}  accuracy {vm['accuracy']:.4f}  balanced "
               f"{vm['balanced_accuracy']:.4f}", file=log)  # fmt: skip
         score = (vm["balanced_accuracy"], -val_loss)
-        if score > best:
+        if (epoch >= first_eligible or epoch == cfg.epochs) and score > best:
             best, best_epoch = score, epoch
             atomic_torch_save(make_checkpoint(scored, metrics={"val": vm}, epoch=epoch,
                                               **ckpt_args), cfg.out / CHECKPOINT)  # fmt: skip
@@ -388,7 +396,8 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
         "task": task,
         "class_names": names,
         "best_epoch": best_epoch,
-        "selected_on": "val balanced_accuracy (ties: lower val loss)",
+        "selected_on": f"val balanced_accuracy over epochs {first_eligible}-{cfg.epochs} "
+        "(ties: lower val loss)",
         "stopped_early_after_epoch": stopped_after,
     }
     probs = {}
