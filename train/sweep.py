@@ -32,8 +32,8 @@ from marsvision.runtime.files import atomic_write_text
 # name -> mars-train flags over the default recipe (224 px, 60 epochs), in the order they run:
 # the most promising first, since a short budget may reach only the first few.
 CANDIDATES: dict[str, dict[str, Any]] = {
-    "group-zoom": {"balance": "group", "crop_scale_min": 0.08},  # see DEVELOPERS.md: MAHLI
     "default": {},
+    "group-zoom": {"balance": "group", "crop_scale_min": 0.08},  # see DEVELOPERS.md: MAHLI
     "zoom": {"crop_scale_min": 0.08},
     "group": {"balance": "group"},
     "group-zoom-long": {"balance": "group", "crop_scale_min": 0.08, "epochs": 120},
