@@ -67,12 +67,9 @@ def make_checkpoint(
     metrics: dict[str, Any],
     data_fingerprint: str,
     epoch: int,
-    half: bool = False,
 ) -> dict[str, Any]:
-    """Build the checkpoint dict; `half` stores the weights as fp16 (see `half_state`)."""
+    """Build the checkpoint dict (fp32 weights; `half_state` makes the shipped fp16 ones)."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    if half:
-        state = half_state(state)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -81,7 +78,7 @@ def make_checkpoint(
         "class_names": list(class_names),
         "preprocess": preprocess.to_dict(),
         "state_dict": state,
-        "weights_dtype": "float16" if half else "float32",
+        "weights_dtype": "float32",
         "config": config,
         "metrics": metrics,
         "data_fingerprint": data_fingerprint,
