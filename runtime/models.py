@@ -27,19 +27,23 @@ def artifact_name(task: str, flavour: str) -> str:
 
 
 def _has_tensorrt() -> bool:
+    """The TensorRT backend's own test of an install (type stubs alone do not count)."""
+    from marsvision.runtime.backends.tensorrt import _import_trt
+
     try:
-        import tensorrt
-    except ImportError:
+        _import_trt()
+    except MarsvisionError:
         return False
-    return hasattr(tensorrt, "Runtime")  # tensorrt-stubs alone is a bare namespace package
+    return True
 
 
 def _has_cuda_onnxruntime() -> bool:
+    from marsvision.runtime.backends.onnxruntime import _EP, _ort
+
     try:
-        import onnxruntime
-    except ImportError:
+        return _EP["cuda"] in _ort().get_available_providers()
+    except MarsvisionError:
         return False
-    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 def preferred_flavours() -> list[str]:
