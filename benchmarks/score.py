@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from marsvision.runtime.errors import MarsvisionError
-from marsvision.train.data import Sample
+from marsvision.train.data import CAMERAS, Sample
 
 # Exit code of `mars-bench score` when a --require fails: the same as `mars-bench parity`'s
 # PARITY_FAIL_EXIT (1 is a user error, 2 a usage error, as click defines them).
@@ -399,9 +399,8 @@ def render_text(report: dict[str, Any]) -> str:
     lines += ["", text_table(["metric", "value", "95% CI"], rows)]
     worst = [g for g in report.get("by_camera_and_class", []) if g["errors"]][:_WORST]
     if worst:
-        cams = {"ML": "Mastcam L", "MR": "Mastcam R", "MH": "MAHLI"}
         lines += ["", "most errors, by camera and MSL class:"]
-        lines += [f"  {cams.get(g['camera'], g['camera'])} {g['msl_class_name']}: "
+        lines += [f"  {CAMERAS.get(g['camera'], g['camera'])} {g['msl_class_name']}: "
                   f"{g['errors']} of {g['images']} wrong" for g in worst]  # fmt: skip
     if report["requirements"]:
         lines.append("")

@@ -86,9 +86,12 @@ def class_names(task: str, data_dir: Path) -> list[str]:
     return list(BINARY_CLASS_NAMES) if task == "binary" else msl_class_names(data_dir)
 
 
+CAMERAS = {"ML": "Mastcam left", "MR": "Mastcam right", "MH": "MAHLI"}
+
+
 def camera(path: Path) -> str:
-    """The instrument code in an MSL file name after the 4-digit sol: ML/MR (Mastcam left/right),
-    MH (MAHLI); "?" for a name that does not follow the pattern."""
+    """The instrument code in an MSL file name after the 4-digit sol (a key of CAMERAS); "?" for
+    a name that does not follow the pattern."""
     code = path.name[4:6]
     return code if len(code) == 2 and code.isalpha() else "?"
 
