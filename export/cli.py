@@ -16,11 +16,14 @@ MODELS_ENV = "MARS_MODELS"  # folder of shipped checkpoints, instead of <repo>/m
 _DEFAULTS = ExportConfig(checkpoint=Path("."), out=Path("."))
 
 
+def models_dir() -> Path:
+    """The folder of shipped checkpoints: $MARS_MODELS where set, else `<repo>/models`."""
+    return Path(os.environ.get(MODELS_ENV) or _REPO / "models")
+
+
 def shipped_checkpoint(task: str = "binary") -> Path:
-    """The shipped checkpoint: `<repo>/models/resnet50-<task>.pt` ($MARS_MODELS instead of
-    `<repo>/models` where set)."""
-    models = Path(os.environ.get(MODELS_ENV) or _REPO / "models")
-    path = models / f"resnet50-{task}.pt"
+    """The shipped checkpoint `resnet50-<task>.pt` in `models_dir()`."""
+    path = models_dir() / f"resnet50-{task}.pt"
     if not path.is_file():
         raise MarsvisionError(
             f"no shipped {task} model at {path}; pass --checkpoint PATH (a mars-train checkpoint)"

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from marsvision.export.cli import models_dir
 from marsvision.train.checkpoint import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-MODELS = Path(os.environ.get("MARS_MODELS") or REPO / "models")
+MODELS = models_dir()
 SHIPPED = sorted(MODELS.glob("resnet50-*.pt"))
 INT8_POINTS = 0.5  # the bound: INT8 within 0.5 accuracy points
 
