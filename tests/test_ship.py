@@ -30,6 +30,7 @@ from marsvision.train.ship import ship_run
 from marsvision.train.transforms import eval_transform
 
 SCORE_LIMIT = 24  # images per split the shipped weights are scored on
+NOTES = ("Interim model: trained on the CPU at 64 px.", "Misses the 98% target.")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,8 @@ def shipped(run: Path, msl_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     """The models folder the run was shipped into."""
     models = tmp_path_factory.mktemp("models")
     args = [str(run), "--models", str(models), "--data", str(msl_dir), "--device", "cpu",
-            "--workers", "2", "--limit", str(SCORE_LIMIT)]  # fmt: skip
+            "--workers", "2", "--limit", str(SCORE_LIMIT), "--note", NOTES[0],
+            "--note", NOTES[1]]  # fmt: skip
     result = CliRunner().invoke(ship_main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "test: accuracy" in result.output and "resnet50-binary.pt" in result.output
@@ -108,6 +110,8 @@ def test_card_and_sums(shipped: Path) -> None:
     assert f"{100 * test['accuracy']:.2f} ({100 * lo:.2f}-{100 * hi:.2f})" in card
     assert "| test | 1,305 | 326 | 979 |" in card  # the split's real class counts
     assert f"at most {SCORE_LIMIT} images per split" in card  # a limited score says so
+    assert f"## Notes\n\n- {NOTES[0]}\n- {NOTES[1]}\n" in card
+    assert ckpt["shipped"]["notes"] == list(NOTES)
 
 
 def test_the_cards_command_reproduces_the_config(shipped: Path, run: Path) -> None:

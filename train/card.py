@@ -55,6 +55,13 @@ def _split_counts(data_dir: Path, task: str, names: list[str]) -> list[str]:
     return rows
 
 
+def _notes(notes: list[str]) -> list[str]:
+    """The Notes section (what the shipper said about this model), or nothing."""
+    if not notes:
+        return []
+    return ["## Notes", "", *(f"- {n}" for n in notes), ""]
+
+
 def render_card(
     shipped: dict[str, Any], *, file_name: str, sha256: str, size_bytes: int, data_dir: Path
 ) -> str:
@@ -97,6 +104,7 @@ def render_card(
         f"| source run checkpoint | sha256 `{info['source_checkpoint_sha256']}` (fp32) |",
         f"| libraries | {versions} |",
         "",
+        *_notes(info.get("notes") or []),
         "## Data and split",
         "",
         "MSL surface images (Curiosity), Stanboli and Wagstaff 2017, Zenodo doi "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,8 +97,10 @@ def ship_run(
     device: str = "auto",
     workers: int = 4,
     limit: int | None = None,
+    notes: Sequence[str] = (),
 ) -> ShipResult:
-    """Write the run's selected checkpoint with fp16 weights, its scores and its model card."""
+    """Write the run's selected checkpoint with fp16 weights, its scores and its model card
+    (`notes`: lines for the card's Notes section, e.g. why this model ships and what it misses)."""
     from marsvision.train import data as msl
     from marsvision.train.card import render_card
     from marsvision.train.checkpoint import atomic_torch_save, half_state, load_checkpoint
@@ -137,6 +140,7 @@ def ship_run(
         "scored_limit": limit,
         "train_device": run_metrics.get("device"),
         "train_seconds": run_metrics.get("seconds"),
+        "notes": list(notes),
     }
     models_dir.mkdir(parents=True, exist_ok=True)
     out = models_dir / shipped_name(ckpt["task"])
@@ -165,15 +169,23 @@ def ship_run(
 @click.option("--workers", type=int, default=4, show_default=True, help="Decoding threads.")
 @click.option("--limit", type=int, default=None,
               help="Score on at most N images per split (quick checks only).")  # fmt: skip
+@click.option("--note", "notes", multiple=True,
+              help="A line for the model card's Notes section (repeatable).")  # fmt: skip
 def main(
-    run: Path, models_dir: Path, data: Path | None, device: str, workers: int, limit: int | None
+    run: Path,
+    models_dir: Path,
+    data: Path | None,
+    device: str,
+    workers: int,
+    limit: int | None,
+    notes: tuple[str, ...],
 ) -> None:
     """Ship RUN (a mars-train run folder or its checkpoint.pt): fp16 weights, val and test
     scores of those weights with 95% intervals, a model card and SHA256SUMS in --models."""
     from marsvision.train.data import resolve_data_dir
 
     result = ship_run(run, models_dir=models_dir, data_dir=resolve_data_dir(data),
-                      device=device, workers=workers, limit=limit)  # fmt: skip
+                      device=device, workers=workers, limit=limit, notes=notes)  # fmt: skip
     for split in SCORED_SPLITS:
         m, ci = result.scores[split]["metrics"], result.scores[split]["ci95"]
         click.echo(f"{split}: accuracy {m['accuracy']:.4f} ({ci['accuracy'][0]:.4f}-"
