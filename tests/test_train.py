@@ -286,18 +286,16 @@ def test_camera_codes_and_group_balance(msl_dir: Path) -> None:
     """Every MSL file name carries its camera; group weights make the rare (camera, class)
     pairs count: MAHLI drill holes weigh far more than Mastcam ground."""
     from marsvision.train.data import camera, read_split
-    from marsvision.train.loop import _class_weights
+    from marsvision.train.loop import group_weights
 
     train = read_split(msl_dir, "train", "msl25")
     cams = {camera(s.path) for s in train}
     assert cams == {"ML", "MR", "MH"}
     assert camera(Path("x.jpg")) == "?"
-    keys = [(camera(s.path), s.msl_class) for s in train]
-    index = {k: i for i, k in enumerate(sorted(set(keys)))}
-    groups = np.array([index[k] for k in keys])
-    w = _class_weights(groups, len(index), 0.5)
-    assert w[groups].mean() == pytest.approx(1.0)
-    assert w[index[("MH", 5)]] > 5 * w[index[("MR", 8)]]
+    w = group_weights(train)
+    assert w.shape == (len(train),) and w.mean() == pytest.approx(1.0)
+    weight = {(camera(s.path), s.msl_class): float(v) for s, v in zip(train, w)}  # one per group
+    assert weight[("MH", 5)] > 5 * weight[("MR", 8)]
 
 
 def test_crop_scale_min_flag_round_trip() -> None:

@@ -11,6 +11,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,16 @@ def _class_weights(labels: np.ndarray, num_classes: int, power: float) -> np.nda
     return w * len(labels) / float((w * counts).sum())
 
 
+def group_weights(samples: Sequence[msl.Sample]) -> np.ndarray:
+    """Per-image loss weight by (camera, MSL class) group, count**-0.5, mean 1: rare kinds
+    inside a label (MAHLI drill holes among Mastcam ground) count (`--balance group`)."""
+    keys = [(msl.camera(x.path), x.msl_class) for x in samples]
+    index = {key: i for i, key in enumerate(sorted(set(keys)))}
+    groups = np.array([index[key] for key in keys])
+    per_group: np.ndarray = _class_weights(groups, len(index), 0.5)[groups]
+    return per_group
+
+
 def _lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Any:
     def f(step: int) -> float:
         if step < warmup_steps:
@@ -280,12 +291,10 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
             _class_weights(train_labels, k, 0.5), dtype=torch.float32, device=device
         )
     sample_weights = None
-    if cfg.balance == "group":  # weights by (camera, MSL class): rare kinds within a label
-        keys = [(msl.camera(x.path), x.msl_class) for x in splits["train"]]
-        index = {key: i for i, key in enumerate(sorted(set(keys)))}
-        groups = np.array([index[key] for key in keys])
-        per_group = _class_weights(groups, len(index), 0.5)
-        sample_weights = torch.tensor(per_group[groups], dtype=torch.float32, device=device)
+    if cfg.balance == "group":
+        sample_weights = torch.tensor(
+            group_weights(splits["train"]), dtype=torch.float32, device=device
+        )
     reduction = "mean" if sample_weights is None else "none"
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing,
                                   reduction=reduction)  # fmt: skip
