@@ -342,7 +342,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     # --- train; select on val
     stopped_after: int | None = None
     # under-trained early epochs can score well on a shifted val set: select from here on
-    first_eligible = max(1, math.ceil(cfg.select_from * cfg.epochs))
+    first_eligible = max(1, math.ceil(cfg.select_from * cfg.epochs))  # <= epochs: the last counts
     scored = ema.module if ema is not None else model  # the weights evaluated and kept
     vm: dict[str, Any] = {}
     t_epochs, epochs_run = time.monotonic(), 0
@@ -383,7 +383,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
         print(f"  val loss {val_loss:.4f}  accuracy {vm['accuracy']:.4f}  balanced "
               f"{vm['balanced_accuracy']:.4f}", file=log)  # fmt: skip
         score = (vm["balanced_accuracy"], -val_loss)
-        if (epoch >= first_eligible or epoch == cfg.epochs) and score > best:
+        if epoch >= first_eligible and score > best:
             best, best_epoch = score, epoch
             atomic_torch_save(make_checkpoint(scored, metrics={"val": vm}, epoch=epoch,
                                               **ckpt_args), cfg.out / CHECKPOINT)  # fmt: skip
