@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from marsvision.runtime.errors import MarsvisionError
-from marsvision.train.data import CAMERAS, Sample
+from marsvision.train.data import CAMERAS, Sample, camera
 
 # Exit code of `mars-bench score` when a --require fails: the same as `mars-bench parity`'s
 # PARITY_FAIL_EXIT (1 is a user error, 2 a usage error, as click defines them).
@@ -231,7 +231,6 @@ def score_predictions(
     Every sample needs exactly one row, with status ok; otherwise a user error, or with
     `allow_missing` the sample is left out and counted. Rows for other images are ignored.
     """
-    from marsvision.train.data import camera
     from marsvision.train.metrics import bootstrap_cis, classification_metrics
 
     wanted = {s.path.name for s in samples}

@@ -92,8 +92,7 @@ def main(
     batch_size: int | None, lr: float | None, weight_decay: float | None,
     warmup_epochs: float | None, label_smoothing: float | None, balance: str | None,
     ema_decay: float | None, crop_scale_min: float | None, select_from: float | None,
-    image_size: int, device: str,
-    seed: int, limit: int | None,
+    image_size: int, device: str, seed: int, limit: int | None,
     out: Path | None, resume: bool, init: str, workers: int,
 ) -> None:  # fmt: skip
     """Train ResNet-50 on the MSL images; write checkpoint, metrics and plots to --out."""
@@ -114,8 +113,8 @@ def main(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, balance=balance,
         ema_decay=ema_decay, crop_scale_min=crop_scale_min, select_from=select_from,
-        image_size=image_size,
-        device=device, seed=seed, limit=limit, init=init, resume=resume, workers=workers,
+        image_size=image_size, device=device, seed=seed, limit=limit, init=init, resume=resume,
+        workers=workers,
     )  # fmt: skip
     from marsvision.train.loop import main as train
 
