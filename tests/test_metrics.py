@@ -7,7 +7,6 @@ import pytest
 from sklearn import metrics as skm
 
 from marsvision.train.metrics import (
-    bootstrap_accuracy_ci,
     bootstrap_cis,
     classification_metrics,
     confusion_matrix,
@@ -77,13 +76,14 @@ def test_bootstrap_ci() -> None:
     y = rng.integers(0, 2, 400)
     pred = np.where(rng.random(400) < 0.8, y, 1 - y)
     acc = float((y == pred).mean())
-    lo, hi = bootstrap_accuracy_ci(y, pred, n_boot=2000, seed=1)
+    lo, hi = bootstrap_cis(y, pred, 2, "binary", n_boot=2000, seed=1)["accuracy"]
     assert lo < acc < hi
     # the normal-approximation half width is 1.96 * sqrt(p(1-p)/n) ~ 0.039 here
     half = 1.96 * np.sqrt(acc * (1 - acc) / 400)
     assert (hi - lo) / 2 == pytest.approx(half, rel=0.15)
-    assert bootstrap_accuracy_ci(y, pred, n_boot=2000, seed=1) == (lo, hi)
-    lo4, hi4 = bootstrap_accuracy_ci(np.tile(y, 4), np.tile(pred, 4), n_boot=2000, seed=1)
+    assert bootstrap_cis(y, pred, 2, "binary", n_boot=2000, seed=1)["accuracy"] == [lo, hi]
+    lo4, hi4 = bootstrap_cis(np.tile(y, 4), np.tile(pred, 4), 2, "binary", n_boot=2000,
+                             seed=1)["accuracy"]  # fmt: skip
     assert hi4 - lo4 < (hi - lo) * 0.7  # four times the data: about half the width
 
 
@@ -101,8 +101,9 @@ def test_bootstrap_cis_match_metrics_on_each_resample(task: str, k: int) -> None
         assert cis[name] == pytest.approx(list(np.quantile(ref, [0.025, 0.975])), abs=1e-12)
     point = classification_metrics(y, pred, k, task)
     assert all(lo <= point[m] <= hi for m, (lo, hi) in cis.items())
-    acc_lo, acc_hi = bootstrap_accuracy_ci(y, pred, n_boot=n_boot, seed=4)
-    assert cis["accuracy"] == pytest.approx([acc_lo, acc_hi])
+    # accuracy is also the plain mean of correct answers on each resample
+    correct = (y == pred).astype(float)[idx].mean(axis=1)
+    assert cis["accuracy"] == pytest.approx(list(np.quantile(correct, [0.025, 0.975])))
 
 
 def test_bootstrap_cis_degenerate_and_invalid() -> None:

@@ -120,11 +120,12 @@ def main(
 
     result = train(cfg)
     test = result["test"]
-    lo, hi = test["accuracy_ci95"]
+    (lo, hi), (f1_lo, f1_hi) = test["ci95"]["accuracy"], test["ci95"]["f1"]
     click.echo(f"best epoch {result['best_epoch']}: val accuracy {result['val']['accuracy']:.4f} "
                f"balanced {result['val']['balanced_accuracy']:.4f}")  # fmt: skip
     click.echo(f"test accuracy {test['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}) balanced "
-               f"{test['balanced_accuracy']:.4f} f1 {test['f1']:.4f} (n={test['n']})")  # fmt: skip
+               f"{test['balanced_accuracy']:.4f} f1 {test['f1']:.4f} ({f1_lo:.4f}-{f1_hi:.4f}) "
+               f"(n={test['n']})")  # fmt: skip
     click.echo(f"wrote {cfg.out}/checkpoint.pt, metrics.json, predictions_test.csv, "
                "curves.png, confusion_test.png")  # fmt: skip
 

@@ -11,7 +11,6 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,13 @@ from marsvision.train.augment import augment_batch
 from marsvision.train.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
 from marsvision.train.config import AugmentSpec, TrainConfig
 from marsvision.train.images import eval_tensors, train_store
-from marsvision.train.metrics import bootstrap_accuracy_ci, classification_metrics
+from marsvision.train.metrics import bootstrap_cis, classification_metrics
 from marsvision.train.model import ModelEma, create_model
+from marsvision.train.objective import (
+    objective_from_config,
+    optimizer_from_config,
+    scheduler_from_config,
+)
 from marsvision.train.progress import Progress
 from marsvision.train.report import (
     plot_confusion,
@@ -177,48 +181,6 @@ def _check_out_dir(out: Path) -> None:
         raise MarsvisionError(f"--out {out}: cannot write into {parent} ({e.strerror})") from None
 
 
-def _class_weights(labels: np.ndarray, num_classes: int, power: float) -> np.ndarray:
-    """Per-class weight proportional to count**-power (0 for absent classes), mean 1 per image."""
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    w = np.zeros(num_classes)
-    w[counts > 0] = counts[counts > 0] ** -power
-    return w * len(labels) / float((w * counts).sum())
-
-
-def group_weights(samples: Sequence[msl.Sample]) -> np.ndarray:
-    """Per-image loss weight by (camera, MSL class) group, count**-0.5, mean 1: rare kinds
-    inside a label (MAHLI drill holes among Mastcam ground) count (`--balance group`)."""
-    keys = [(msl.camera(x.path), x.msl_class) for x in samples]
-    index = {key: i for i, key in enumerate(sorted(set(keys)))}
-    groups = np.array([index[key] for key in keys])
-    per_group: np.ndarray = _class_weights(groups, len(index), 0.5)[groups]
-    return per_group
-
-
-def _lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Any:
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        t = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-    return f
-
-
-def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """No weight decay on BatchNorm and bias parameters."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=cfg.recipe != "blog")
-    fused = next(model.parameters()).is_cuda  # one kernel for the whole update on GPUs
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
-
-
 def _split_metrics(
     task: str, samples: list[msl.Sample], probs: np.ndarray, k: int
 ) -> dict[str, Any]:
@@ -284,29 +246,10 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     y = {s: torch.tensor([x.label for x in splits[s]], device=device) for s in msl.SPLITS}
     images = store.to(device)
     inputs = {s: t.to(device) for s, t in evals.items()}
-    train_labels = np.array([x.label for x in splits["train"]])
-    weights = None
-    if cfg.balance == "loss":
-        weights = torch.tensor(
-            _class_weights(train_labels, k, 0.5), dtype=torch.float32, device=device
-        )
-    sample_weights = None
-    if cfg.balance == "group":
-        sample_weights = torch.tensor(
-            group_weights(splits["train"]), dtype=torch.float32, device=device
-        )
-    reduction = "mean" if sample_weights is None else "none"
-    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing,
-                                  reduction=reduction)  # fmt: skip
-    sample_p = None
-    if cfg.balance == "sampler":
-        sample_p = torch.tensor(_class_weights(train_labels, k, 1.0)[train_labels])
-    optimizer = _make_optimizer(model, cfg)
+    objective = objective_from_config(cfg, train=splits["train"], num_classes=k, device=device)
+    optimizer = optimizer_from_config(model, cfg)
     steps = len(_batches(len(splits["train"]), cfg.batch_size))
-    warmup = round(cfg.warmup_epochs * steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(cfg.schedule, warmup, cfg.epochs * steps)
-    )
+    scheduler = scheduler_from_config(optimizer, cfg, steps_per_epoch=steps)
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     history: list[dict[str, Any]] = []
     best: tuple[float, float] = (-1.0, 0.0)
@@ -360,13 +303,15 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
                                       cfg.out / CHECKPOINT)  # fmt: skip
                 break
         epochs_run += 1
-        if sample_p is None:
-            order = torch.randperm(len(train_labels), generator=gen)
+        n_train = len(splits["train"])
+        if objective.sample_p is None:
+            order = torch.randperm(n_train, generator=gen)
         else:
-            order = torch.multinomial(sample_p, len(train_labels), replacement=True, generator=gen)
+            order = torch.multinomial(objective.sample_p, n_train, replacement=True, generator=gen)
         tr = train_one_epoch(
             model, images=images, labels=y["train"], order=order, optimizer=optimizer,
-            scheduler=scheduler, loss_fn=loss_fn, sample_weights=sample_weights,
+            scheduler=scheduler, loss_fn=objective.loss_fn,
+            sample_weights=objective.sample_weights,
             batch_size=cfg.batch_size,
             image_size=cfg.image_size, spec=spec, aug=cfg.augment, generator=gen, ema=ema,
             desc=f"epoch {epoch}/{cfg.epochs}",
@@ -415,8 +360,8 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
                                    batch_size=2 * cfg.batch_size, amp=False)  # fmt: skip
         result[split] = _split_metrics(task, splits[split], probs[split], k)
     y_test = np.array([s.label for s in splits["test"]])
-    lo, hi = bootstrap_accuracy_ci(y_test, probs["test"].argmax(1), n_boot=1000, seed=cfg.seed)
-    result["test"]["accuracy_ci95"] = [lo, hi]
+    result["test"]["ci95"] = bootstrap_cis(y_test, probs["test"].argmax(1), k, task,
+                                           n_boot=1000, seed=cfg.seed)  # fmt: skip
     result.update(config=cfg.to_dict(), data_fingerprint=fingerprint, device=str(device),
                   history=history, seconds=time.perf_counter() - t0)  # fmt: skip
     ckpt["metrics"] = {"val": result["val"], "test": result["test"], "best_epoch": best_epoch,

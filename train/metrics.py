@@ -104,18 +104,3 @@ def bootstrap_cis(
         name: [float(q) for q in np.quantile(values, [alpha, 1.0 - alpha])]
         for name, values in _scores(cms, task).items()
     }
-
-
-def bootstrap_accuracy_ci(
-    y_true: Any, y_pred: Any, n_boot: int = 1000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the accuracy (resampling images)."""
-    correct = (_labels(y_true) == _labels(y_pred)).astype(np.float64)
-    if correct.size == 0:
-        raise ValueError("no predictions to bootstrap")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, correct.size, size=(n_boot, correct.size))
-    acc = correct[idx].mean(axis=1)
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(acc, [alpha, 1.0 - alpha])
-    return float(lo), float(hi)

@@ -1,0 +1,106 @@
+"""The loss balance, optimizer and lr schedule that mars-train builds from its config."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see train/cli.py
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from marsvision.train.config import config_from_flags
+from marsvision.train.data import camera, read_split
+from marsvision.train.objective import (
+    class_weights,
+    group_weights,
+    lr_lambda,
+    objective_from_config,
+    optimizer_from_config,
+    scheduler_from_config,
+)
+
+
+def test_class_weights() -> None:
+    labels = np.array([0] * 90 + [1] * 10)
+    w = class_weights(labels, 3, 1.0)
+    assert w[2] == 0.0  # absent class
+    assert (w[labels]).mean() == pytest.approx(1.0)
+    assert w[1] * 10 == pytest.approx(w[0] * 90)  # power 1: each class weighs the same in total
+    sqrt = class_weights(labels, 2, 0.5)  # power 0.5: the rare class 3 times the common one
+    assert sqrt[1] / sqrt[0] == pytest.approx(3.0) and sqrt[labels].mean() == pytest.approx(1.0)
+
+
+def test_camera_codes_and_group_balance(msl_dir: Path) -> None:
+    """Every MSL file name carries its camera; group weights make the rare (camera, class)
+    pairs count: MAHLI drill holes weigh far more than Mastcam ground."""
+    train = read_split(msl_dir, "train", "msl25")
+    cams = {camera(s.path) for s in train}
+    assert cams == {"ML", "MR", "MH"}
+    assert camera(Path("x.jpg")) == "?"
+    w = group_weights(train)
+    assert w.shape == (len(train),) and w.mean() == pytest.approx(1.0)
+    weight = {(camera(s.path), s.msl_class): float(v) for s, v in zip(train, w)}  # one per group
+    assert weight[("MH", 5)] > 5 * weight[("MR", 8)]
+
+
+@pytest.mark.parametrize("balance", ["loss", "group", "sampler", "none"])
+def test_objective_per_balance(balance: str, msl_dir: Path) -> None:
+    train = read_split(msl_dir, "train", "binary", limit=200)
+    labels = np.array([x.label for x in train])
+    cfg = config_from_flags("default", data=msl_dir, out=Path("o"), balance=balance)
+    obj = objective_from_config(cfg, train=train, num_classes=2, device=torch.device("cpu"))
+    assert isinstance(obj.loss_fn, nn.CrossEntropyLoss)
+    assert obj.loss_fn.label_smoothing == cfg.label_smoothing
+    loss_weight = obj.loss_fn.weight
+    if balance == "loss":
+        assert loss_weight is not None
+        np.testing.assert_allclose(loss_weight.numpy(), class_weights(labels, 2, 0.5), rtol=1e-6)
+    else:
+        assert loss_weight is None
+    if balance == "group":
+        assert obj.loss_fn.reduction == "none" and obj.sample_weights is not None
+        np.testing.assert_allclose(obj.sample_weights.numpy(), group_weights(train), rtol=1e-6)
+    else:
+        assert obj.loss_fn.reduction == "mean" and obj.sample_weights is None
+    if balance == "sampler":
+        assert obj.sample_p is not None
+        drawn = labels[obj.sample_p.numpy() > 0]
+        per_label = [obj.sample_p.numpy()[labels == c].sum() for c in (0, 1)]
+        assert len(drawn) == len(labels) and per_label == pytest.approx([per_label[1]] * 2)
+    else:
+        assert obj.sample_p is None
+
+
+def test_lr_schedule() -> None:
+    cosine = lr_lambda("cosine", warmup_steps=10, total_steps=110)
+    assert [cosine(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert cosine(60) == pytest.approx(0.5) and cosine(110) == pytest.approx(0.0, abs=1e-12)
+    assert cosine(500) == pytest.approx(0.0, abs=1e-12)  # past the end: stays at 0
+    constant = lr_lambda("constant", warmup_steps=0, total_steps=100)
+    assert constant(0) == constant(99) == 1.0
+
+
+def test_optimizer_and_scheduler_from_config() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(2, 3, 8, 8))
+    cfg = config_from_flags("default", data=Path("d"), out=Path("o"), epochs=2, warmup_epochs=1)
+    opt = optimizer_from_config(model, cfg)
+    assert isinstance(opt, torch.optim.AdamW)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == cfg.weight_decay and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    sched = scheduler_from_config(opt, cfg, steps_per_epoch=5)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(cfg.lr / 5) and lrs[4] == pytest.approx(cfg.lr)  # warmup
+    assert lrs[5] == pytest.approx(cfg.lr) and lrs[9] < 0.1 * cfg.lr  # cosine over epoch 2
+    sgd = optimizer_from_config(model, config_from_flags("blog", data=Path("d"), out=Path("o")))
+    assert isinstance(sgd, torch.optim.SGD) and not sgd.param_groups[0]["nesterov"]
