@@ -1,23 +1,25 @@
 """Score a model from what users get: mars-infer's own result file against an official MSL split.
 
-The rows (CSV or JSONL, every probability or --top-k) are matched to the split's images by file
-name; their top-1 labels give the metrics, bootstrap confidence intervals and optional pass/fail
-requirements. The task and class names come from the file itself.
+The rows (CSV or JSONL, read by `benchmarks.predictions`) are matched to the split's images by
+file name; their top-1 labels give the metrics, bootstrap confidence intervals and optional
+pass/fail requirements. The task and class names come from the file itself.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from marsvision.benchmarks.predictions import (
+    PredictionRow,
+    model_provenance,
+    read_predictions,
+    resolve_task,
+    short_list,
+)
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.train.data import CAMERAS, Sample, camera
 
@@ -27,39 +29,7 @@ SCORE_FAIL_EXIT = 3
 METRICS = ("accuracy", "balanced_accuracy", "precision", "recall", "f1")
 N_BOOT = 1000
 SEED = 0
-_PROVENANCE = ("model_sha256", "precision", "backend")
-_SHOW = 3  # file names quoted in an error message
 _WORST = 6  # (camera, class) groups listed in the terminal summary
-
-
-@dataclass(frozen=True)
-class PredictionRow:
-    """One result row of mars-infer, as far as scoring needs it."""
-
-    line: int  # line number in the file
-    path: str  # as the user gave it to mars-infer
-    status: str  # ok | error
-    label: str | None  # the top-1 class name (None on error rows)
-    model_sha256: str
-    precision: str
-    backend: str
-
-    @property
-    def name(self) -> str:
-        """The image's file name: the key that matches the row to the split."""
-        return os.path.basename(self.path.rstrip("/"))
-
-
-@dataclass(frozen=True)
-class Predictions:
-    """A mars-infer result file: its rows and the classes it names."""
-
-    path: Path
-    fmt: str  # csv | jsonl
-    class_names: list[str] | None  # every class in model order; None in a --top-k file
-    top_k: int | None
-    labels: frozenset[str]  # every class name that the rows mention
-    rows: list[PredictionRow]
 
 
 @dataclass(frozen=True)
@@ -85,135 +55,6 @@ class ScoreConfig:
             "n_boot": self.n_boot,
             "seed": self.seed,
         }
-
-
-def _names(items: Sequence[str], limit: int = _SHOW) -> str:
-    more = f", ... ({len(items)} in all)" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
-
-
-def _row(path: Path, line: int, d: dict[str, Any]) -> PredictionRow:
-    status = d.get("status")
-    if status not in ("ok", "error"):
-        raise MarsvisionError(f"{path}: line {line} has status {status!r}, not ok or error")
-    label = d.get("label") or None
-    if status == "ok" and label is None:
-        raise MarsvisionError(f"{path}: line {line} has status ok but no label")
-    return PredictionRow(line, str(d["path"]), status, label, *(str(d[k]) for k in _PROVENANCE))
-
-
-def _read_csv(path: Path, text: str) -> Predictions:
-    table = list(csv.reader(io.StringIO(text, newline="")))
-    header = table[0]
-    missing = [c for c in ("path", "status", "label", "error", *_PROVENANCE) if c not in header]
-    if missing:
-        raise MarsvisionError(
-            f"{path} is not a mars-infer result file: no {', '.join(missing)} column"
-        )
-    top_k = sum(1 for c in header if re.fullmatch(r"label_\d+", c)) or None
-    names = None if top_k else [c[len("prob_") :] for c in header if c.startswith("prob_")]
-    label_keys = ["label", *(f"label_{i}" for i in range(1, (top_k or 0) + 1))]
-    rows: list[PredictionRow] = []
-    labels: set[str] = set()
-    for n, values in enumerate(table[1:], start=2):
-        if len(values) != len(header):
-            raise MarsvisionError(
-                f"{path}: line {n} has {len(values)} columns, the header {len(header)} "
-                "(a run cut short? finish it with mars-infer --resume)"
-            )
-        d = dict(zip(header, values))
-        rows.append(_row(path, n, d))
-        labels.update(d[k] for k in label_keys if d[k])
-    return Predictions(path, "csv", names, top_k, frozenset(labels), rows)
-
-
-def _read_jsonl(path: Path, text: str) -> Predictions:
-    rows: list[PredictionRow] = []
-    labels: set[str] = set()
-    names: list[str] | None = None
-    top_k: int | None = None
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-            row = _row(path, n, d)
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise MarsvisionError(
-                f"{path}: line {n} is not a mars-infer result row (a run cut short? finish it "
-                "with mars-infer --resume)"
-            ) from None
-        rows.append(row)
-        if row.label:
-            labels.add(row.label)
-        if d.get("top_k") is not None:
-            top_k = max(top_k or 0, len(d["top_k"]))
-            labels.update(str(lab) for lab, _ in d["top_k"])
-        if isinstance(d.get("probs"), dict):
-            keys = list(d["probs"])
-            if names is not None and keys != names:
-                raise MarsvisionError(
-                    f"{path}: line {n} has classes {_names(keys)}, earlier lines {_names(names)}"
-                )
-            names = keys
-    return Predictions(path, "jsonl", names, top_k, frozenset(labels), rows)
-
-
-def read_predictions(path: Path) -> Predictions:
-    """Read a mars-infer result file: JSONL if it starts with '{' (whatever its name), else CSV."""
-    try:
-        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            text = f.read()
-    except OSError as e:
-        raise MarsvisionError(f"cannot read the predictions file {path} ({e.strerror})") from None
-    if not text.strip():
-        raise MarsvisionError(f"{path} is empty: no predictions to score")
-    if text.lstrip().startswith("{"):
-        preds = _read_jsonl(path, text)
-    else:
-        preds = _read_csv(path, text)
-    if not preds.rows:
-        raise MarsvisionError(f"{path} has a header but no rows: no predictions to score")
-    return preds
-
-
-def resolve_task(preds: Predictions, *, data_dir: Path) -> tuple[str, list[str]]:
-    """(task, class names) of the file: its classes must be binary's or msl25's, in order."""
-    from marsvision.train.data import class_names
-
-    tasks = {t: class_names(t, data_dir) for t in ("binary", "msl25")}
-    for task, names in tasks.items():
-        if preds.class_names is not None:
-            fits = preds.class_names == names
-        else:  # --top-k: only the labels it names, at most k of every class
-            fits = bool(preds.labels) and preds.labels <= set(names)
-        if fits:
-            unknown = sorted({r.label for r in preds.rows if r.label} - set(names))
-            if unknown:
-                raise MarsvisionError(
-                    f"{preds.path}: label {unknown[0]!r} is not one of its classes {_names(names)}"
-                )
-            return task, names
-    found = preds.class_names if preds.class_names is not None else sorted(preds.labels)
-    raise MarsvisionError(
-        f"{preds.path} has classes [{_names(found, 5)}], which match neither binary "
-        f"[{', '.join(tasks['binary'])}] nor msl25 [{_names(tasks['msl25'], 5)}] of {data_dir}"
-    )
-
-
-def model_provenance(rows: Sequence[PredictionRow], *, path: Path) -> dict[str, str]:
-    """The model sha256, precision and backend of the rows; one model per file."""
-    shas = sorted({r.model_sha256 for r in rows})
-    if len(shas) != 1:
-        raise MarsvisionError(
-            f"{path} mixes {len(shas)} models (model_sha256 {_names([s[:12] for s in shas])}): "
-            "score one model's rows at a time"
-        )
-    return {
-        "sha256": shas[0],
-        "precision": ",".join(sorted({r.precision for r in rows})),
-        "backend": ",".join(sorted({r.backend for r in rows})),
-    }
 
 
 def score_predictions(
@@ -261,7 +102,7 @@ def score_predictions(
             g = groups.setdefault((camera(s.path), s.msl_class), [0, 0])
             g[0] += 1
             g[1] += y_pred[-1] != s.label
-    problems = [f"{len(v)} {k} ({_names(v)})" for k, v in excluded.items() if v]
+    problems = [f"{len(v)} {k} ({short_list(v)})" for k, v in excluded.items() if v]
     if problems and not allow_missing:
         raise MarsvisionError(
             f"the predictions do not cover the split's {len(samples)} images once each with "

@@ -1,0 +1,181 @@
+"""Read mars-infer's result files (CSV or JSONL, every probability or --top-k) back: the rows,
+the classes they name, the task those classes belong to, and the model that wrote them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from marsvision.runtime.errors import MarsvisionError
+
+_PROVENANCE = ("model_sha256", "precision", "backend")
+_SHOW = 3  # items quoted in an error message
+
+
+def short_list(items: Sequence[str], limit: int = _SHOW) -> str:
+    """The first `limit` items, then how many there are in all."""
+    more = f", ... ({len(items)} in all)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+@dataclass(frozen=True)
+class PredictionRow:
+    """One result row of mars-infer, as far as scoring needs it."""
+
+    line: int  # line number in the file
+    path: str  # as the user gave it to mars-infer
+    status: str  # ok | error
+    label: str | None  # the top-1 class name (None on error rows)
+    model_sha256: str
+    precision: str
+    backend: str
+
+    @property
+    def name(self) -> str:
+        """The image's file name: the key that matches the row to the split."""
+        return os.path.basename(self.path.rstrip("/"))
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """A mars-infer result file: its rows and the classes it names."""
+
+    path: Path
+    fmt: str  # csv | jsonl
+    class_names: list[str] | None  # every class in model order; None in a --top-k file
+    top_k: int | None
+    labels: frozenset[str]  # every class name that the rows mention
+    rows: list[PredictionRow]
+
+
+def _row(path: Path, line: int, d: dict[str, Any]) -> PredictionRow:
+    status = d.get("status")
+    if status not in ("ok", "error"):
+        raise MarsvisionError(f"{path}: line {line} has status {status!r}, not ok or error")
+    label = d.get("label") or None
+    if status == "ok" and label is None:
+        raise MarsvisionError(f"{path}: line {line} has status ok but no label")
+    return PredictionRow(line, str(d["path"]), status, label, *(str(d[k]) for k in _PROVENANCE))
+
+
+def _read_csv(path: Path, text: str) -> Predictions:
+    table = list(csv.reader(io.StringIO(text, newline="")))
+    header = table[0]
+    missing = [c for c in ("path", "status", "label", "error", *_PROVENANCE) if c not in header]
+    if missing:
+        raise MarsvisionError(
+            f"{path} is not a mars-infer result file: no {', '.join(missing)} column"
+        )
+    top_k = sum(1 for c in header if re.fullmatch(r"label_\d+", c)) or None
+    names = None if top_k else [c[len("prob_") :] for c in header if c.startswith("prob_")]
+    label_keys = ["label", *(f"label_{i}" for i in range(1, (top_k or 0) + 1))]
+    rows: list[PredictionRow] = []
+    labels: set[str] = set()
+    for n, values in enumerate(table[1:], start=2):
+        if len(values) != len(header):
+            raise MarsvisionError(
+                f"{path}: line {n} has {len(values)} columns, the header {len(header)} "
+                "(a run cut short? finish it with mars-infer --resume)"
+            )
+        d = dict(zip(header, values))
+        rows.append(_row(path, n, d))
+        labels.update(d[k] for k in label_keys if d[k])
+    return Predictions(path, "csv", names, top_k, frozenset(labels), rows)
+
+
+def _read_jsonl(path: Path, text: str) -> Predictions:
+    rows: list[PredictionRow] = []
+    labels: set[str] = set()
+    names: list[str] | None = None
+    top_k: int | None = None
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            row = _row(path, n, d)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise MarsvisionError(
+                f"{path}: line {n} is not a mars-infer result row (a run cut short? finish it "
+                "with mars-infer --resume)"
+            ) from None
+        rows.append(row)
+        if row.label:
+            labels.add(row.label)
+        if d.get("top_k") is not None:
+            top_k = max(top_k or 0, len(d["top_k"]))
+            labels.update(str(lab) for lab, _ in d["top_k"])
+        if isinstance(d.get("probs"), dict):
+            keys = list(d["probs"])
+            if names is not None and keys != names:
+                raise MarsvisionError(
+                    f"{path}: line {n} has classes {short_list(keys)}, earlier lines "
+                    f"{short_list(names)}"
+                )
+            names = keys
+    return Predictions(path, "jsonl", names, top_k, frozenset(labels), rows)
+
+
+def read_predictions(path: Path) -> Predictions:
+    """Read a mars-infer result file: JSONL if it starts with '{' (whatever its name), else CSV."""
+    try:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    except OSError as e:
+        raise MarsvisionError(f"cannot read the predictions file {path} ({e.strerror})") from None
+    if not text.strip():
+        raise MarsvisionError(f"{path} is empty: no predictions to score")
+    if text.lstrip().startswith("{"):
+        preds = _read_jsonl(path, text)
+    else:
+        preds = _read_csv(path, text)
+    if not preds.rows:
+        raise MarsvisionError(f"{path} has a header but no rows: no predictions to score")
+    return preds
+
+
+def resolve_task(preds: Predictions, *, data_dir: Path) -> tuple[str, list[str]]:
+    """(task, class names) of the file: its classes must be binary's or msl25's, in order."""
+    from marsvision.train.data import class_names
+
+    tasks = {t: class_names(t, data_dir) for t in ("binary", "msl25")}
+    for task, names in tasks.items():
+        if preds.class_names is not None:
+            fits = preds.class_names == names
+        else:  # --top-k: only the labels it names, at most k of every class
+            fits = bool(preds.labels) and preds.labels <= set(names)
+        if fits:
+            unknown = sorted({r.label for r in preds.rows if r.label} - set(names))
+            if unknown:
+                raise MarsvisionError(
+                    f"{preds.path}: label {unknown[0]!r} is not one of its classes "
+                    f"{short_list(names)}"
+                )
+            return task, names
+    found = preds.class_names if preds.class_names is not None else sorted(preds.labels)
+    raise MarsvisionError(
+        f"{preds.path} has classes [{short_list(found, 5)}], which match neither binary "
+        f"[{', '.join(tasks['binary'])}] nor msl25 [{short_list(tasks['msl25'], 5)}] of {data_dir}"
+    )
+
+
+def model_provenance(rows: Sequence[PredictionRow], *, path: Path) -> dict[str, str]:
+    """The model sha256, precision and backend of the rows; one model per file."""
+    shas = sorted({r.model_sha256 for r in rows})
+    if len(shas) != 1:
+        raise MarsvisionError(
+            f"{path} mixes {len(shas)} models (model_sha256 {short_list([s[:12] for s in shas])}): "
+            "score one model's rows at a time"
+        )
+    return {
+        "sha256": shas[0],
+        "precision": ",".join(sorted({r.precision for r in rows})),
+        "backend": ",".join(sorted({r.backend for r in rows})),
+    }
