@@ -36,6 +36,7 @@ class PredictionRow:
     model_sha256: str
     precision: str
     backend: str
+    tta: str = "none"  # mars-infer --tta (files written before the flag have no tta column)
 
     @property
     def name(self) -> str:
@@ -62,7 +63,9 @@ def _row(path: Path, line: int, d: dict[str, Any]) -> PredictionRow:
     label = d.get("label") or None
     if status == "ok" and label is None:
         raise MarsvisionError(f"{path}: line {line} has status ok but no label")
-    return PredictionRow(line, str(d["path"]), status, label, *(str(d[k]) for k in _PROVENANCE))
+    sha, precision, backend = (str(d[k]) for k in _PROVENANCE)
+    tta = str(d.get("tta") or "none")
+    return PredictionRow(line, str(d["path"]), status, label, sha, precision, backend, tta)
 
 
 def _read_csv(path: Path, text: str) -> Predictions:
@@ -167,7 +170,7 @@ def resolve_task(preds: Predictions, *, data_dir: Path) -> tuple[str, list[str]]
 
 
 def model_provenance(rows: Sequence[PredictionRow], *, path: Path) -> dict[str, str]:
-    """The model sha256, precision and backend of the rows; one model per file."""
+    """The model sha256, precision, backend and tta of the rows; one model per file."""
     shas = sorted({r.model_sha256 for r in rows})
     if len(shas) != 1:
         raise MarsvisionError(
@@ -178,4 +181,5 @@ def model_provenance(rows: Sequence[PredictionRow], *, path: Path) -> dict[str, 
         "sha256": shas[0],
         "precision": ",".join(sorted({r.precision for r in rows})),
         "backend": ",".join(sorted({r.backend for r in rows})),
+        "tta": ",".join(sorted({r.tta for r in rows})),
     }

@@ -218,7 +218,8 @@ def render_text(report: dict[str, Any]) -> str:
     lines = [
         f"score: {p['path']} ({p['format']}{', top-k' if p['top_k'] else ''}), "
         f"{report['task']} task, {report['split']} split",
-        f"model: sha256 {model['sha256'][:12]}, {model['precision']}, {model['backend']}",
+        f"model: sha256 {model['sha256'][:12]}, {model['precision']}, {model['backend']}"
+        + (f", tta {model['tta']}" if model.get("tta", "none") != "none" else ""),
     ]
     share = 100.0 * c["scored"] / c["split_images"]
     if c["scored"] < c["split_images"]:

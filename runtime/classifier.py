@@ -7,7 +7,7 @@ input gets exactly one `Prediction`, with status "error" and a message when its 
 be used.
 
     from marsvision.runtime.classifier import Classifier
-    with Classifier("resnet50-binary.int8-cpu.onnx") as clf:
+    with Classifier("resnet50-binary.int8-cpu.onnx") as clf:  # tta="flip": image + mirror
         for p in clf.predict(["a.jpg", "b.png"]):
             print(p.path, p.label, p.probs)
 """
@@ -30,6 +30,9 @@ from marsvision.runtime.metadata import sha256_file
 from marsvision.runtime.preprocess import ImageError, decode_image, normalize_into
 
 DEFAULT_BATCH_SIZE = 8
+# test-time augmentation: "flip" also classifies the left-right mirror of every image and
+# averages the two softmax outputs (twice the inference work; decoding is shared)
+TTA_MODES = ("none", "flip")
 _Ready = tuple[list[str], np.ndarray, list[str | None]]  # a decoded batch
 _BUFFERS = 3  # batches in flight: one inferring, up to two being decoded
 
@@ -77,15 +80,19 @@ class Classifier:
         workers: int | None = None,
         threads: int | None = None,
         fast_decode: bool = False,
+        tta: str = "none",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
         self.model_path = Path(model_path)
         self.runner = open_runner(model_path, backend, device, threads=threads)
         self.meta = self.runner.meta
         self.batch_size = batch_size
         self.workers = workers or default_workers()
         self.fast_decode = fast_decode
+        self.tta = tta
         self._sha256: str | None = None
 
     @property
@@ -180,6 +187,14 @@ class Classifier:
             free.put(np.empty(0, dtype=np.float32))  # wake the producer if it waits
             producer.join()
 
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """Softmax probabilities (float64) of a preprocessed NCHW batch, with `self.tta`."""
+        probs = softmax(self.runner.infer(x))
+        if self.tta == "flip":
+            mirror = np.ascontiguousarray(x[..., ::-1])
+            probs = 0.5 * (probs + softmax(self.runner.infer(mirror)))
+        return probs
+
     def _infer(
         self, names: list[str], buf: np.ndarray, errors: list[str | None]
     ) -> list[Prediction]:
@@ -187,7 +202,7 @@ class Classifier:
         probs = np.empty((0, self.meta.num_classes))
         if ok:
             x = buf[: len(names)] if len(ok) == len(names) else buf[ok]
-            probs = softmax(self.runner.infer(x))
+            probs = self.probabilities(x)
         rows: dict[int, np.ndarray] = dict(zip(ok, probs))
         classes = self.meta.class_names
         out = []

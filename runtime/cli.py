@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import click
 
 from marsvision.runtime.backends import BACKENDS, DEVICES
+from marsvision.runtime.classifier import TTA_MODES
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.results import FORMATS
 
@@ -51,6 +52,7 @@ class InferConfig:
     resume: bool
     top_k: int | None
     fast_decode: bool
+    tta: str = "none"
 
 
 class _Progress:
@@ -98,14 +100,16 @@ def run(cfg: InferConfig) -> int:
         workers=cfg.workers,
         threads=cfg.threads,
         fast_decode=cfg.fast_decode,
+        tta=cfg.tta,
     ) as clf:
         meta = clf.meta
+        provenance = Provenance(clf.model_sha256, meta.precision, clf.runner.name, cfg.tta)
         done: dict[str, str] = {}
         if cfg.resume and cfg.out is not None and os.path.exists(cfg.out):
             header = csv_header(
                 meta.class_names, min(cfg.top_k, meta.num_classes) if cfg.top_k else None
             )
-            done = read_done(cfg.out, fmt=cfg.fmt, header=header)
+            done = read_done(cfg.out, fmt=cfg.fmt, header=header, provenance=provenance)
         todo = [p for p in inputs if p not in done]
         prev_failed = sum(1 for p in inputs if done.get(p) == "error")
         stream, is_new = open_output(cfg.out, append=cfg.resume)
@@ -117,7 +121,7 @@ def run(cfg: InferConfig) -> int:
                 fmt=cfg.fmt,
                 class_names=meta.class_names,
                 top_k=cfg.top_k,
-                provenance=Provenance(clf.model_sha256, meta.precision, clf.runner.name),
+                provenance=provenance,
                 write_header=is_new,
             )
             t_run = time.perf_counter()
@@ -139,7 +143,9 @@ def run(cfg: InferConfig) -> int:
         f"mars-infer: {ok} ok, {failed} failed"
         + (f", {skipped} already in {cfg.out} (skipped)" if skipped else "")
         + f"; {ok + failed} images in {secs:.2f} s = {(ok + failed) / max(secs, 1e-9):.1f} images/s"
-        + f" ({clf.runner.name}, {meta.precision}, batch {cfg.batch_size};"
+        + f" ({clf.runner.name}, {meta.precision}, batch {cfg.batch_size}"
+        + (f", tta {cfg.tta}" if cfg.tta != "none" else "")
+        + ";"
         + f" {time.perf_counter() - t0:.2f} s in all)",
         err=True,
     )
@@ -220,6 +226,14 @@ def run(cfg: InferConfig) -> int:
     help="Let Pillow decode large JPEGs at reduced scale before resizing: faster, "
     "approximate (pixels differ from the training preprocessing).",
 )
+@click.option(
+    "--tta",
+    type=click.Choice(TTA_MODES),
+    default="none",
+    show_default=True,
+    help="Test-time augmentation. flip: also classify each image's left-right mirror and "
+    "average the probabilities (twice the inference work).",
+)
 def main(
     paths: tuple[str, ...],
     engine: str | None,
@@ -234,6 +248,7 @@ def main(
     resume: bool,
     top_k: int | None,
     fast_decode: bool,
+    tta: str,
 ) -> None:
     if resume and out is None:
         raise click.UsageError("--resume needs --out (the file to continue)")
@@ -258,6 +273,7 @@ def main(
         resume,
         top_k,
         fast_decode,
+        tta,
     )
     try:
         code = run(cfg)

@@ -2,7 +2,8 @@
 
 One row per input: path, status (ok|error), label (top-1), the probability of every class
 (`prob_<class>` columns / a `probs` object) or, with `top_k`, the k best (`label_i`, `prob_i` /
-a `top_k` list), error message, and provenance (model sha256, precision, backend).
+a `top_k` list), error message, and provenance (model sha256, precision, backend, test-time
+augmentation).
 
 Paths are written losslessly: a file name that is not valid UTF-8 keeps its raw bytes in CSV
 (Python's surrogateescape: the CSV holds the same bytes as the file system) and appears as
@@ -32,6 +33,7 @@ class Provenance:
     model_sha256: str
     precision: str
     backend: str
+    tta: str = "none"
 
 
 def csv_header(class_names: list[str], top_k: int | None) -> list[str]:
@@ -40,7 +42,8 @@ def csv_header(class_names: list[str], top_k: int | None) -> list[str]:
         probs = [c for i in range(1, top_k + 1) for c in (f"label_{i}", f"prob_{i}")]
     else:
         probs = [f"prob_{name}" for name in class_names]
-    return ["path", "status", "label", *probs, "error", "model_sha256", "precision", "backend"]
+    return ["path", "status", "label", *probs, "error", "model_sha256", "precision", "backend",
+            "tta"]  # fmt: skip
 
 
 def _ranked(p: Prediction, class_names: list[str], top_k: int) -> list[tuple[str, float]]:
@@ -104,6 +107,7 @@ class ResultWriter:
             prov.model_sha256,
             prov.precision,
             prov.backend,
+            prov.tta,
         ]
 
     def _json_row(self, p: Prediction) -> str:
@@ -125,6 +129,7 @@ class ResultWriter:
             model_sha256=self.prov.model_sha256,
             precision=self.prov.precision,
             backend=self.prov.backend,
+            tta=self.prov.tta,
         )
         return json.dumps(d) + "\n"
 
@@ -145,10 +150,21 @@ def _repair_tail(path: str) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def read_done(path: str, *, fmt: str, header: list[str]) -> dict[str, str]:
+def _check_same_run(path: str, n: int, row: dict[str, Any], prov: Provenance) -> None:
+    """A row written by another model file or another --tta must not be continued."""
+    for key, want in (("model_sha256", prov.model_sha256), ("tta", prov.tta)):
+        if row.get(key) != want:
+            raise MarsvisionError(
+                f"{path}: row {n} has {key} {str(row.get(key))[:16]!r}, this run "
+                f"{want[:16]!r}; resume with the same model and --tta, or write to a new --out"
+            )
+
+
+def read_done(path: str, *, fmt: str, header: list[str], provenance: Provenance) -> dict[str, str]:
     """{path: status} of the rows already in a results file (after repairing a cut last line).
 
-    A file written for another model's classes or another --top-k is refused.
+    A file written for another model's classes or another --top-k is refused, and so is one
+    written by another model file or with another --tta (its rows would mix two models).
     """
     _repair_tail(path)
     with open(path, newline="", **ENCODING) as f:  # type: ignore[call-overload]
@@ -166,6 +182,7 @@ def read_done(path: str, *, fmt: str, header: list[str]) -> dict[str, str]:
         for n, row in enumerate(rows[1:], start=2):
             if len(row) != len(header):
                 raise MarsvisionError(f"{path}: row {n} is malformed; cannot resume from it")
+            _check_same_run(path, n, dict(zip(header, row)), provenance)
             done[row[0]] = row[1]
         return done
     for n, line in enumerate(text.splitlines(), start=1):
@@ -174,6 +191,7 @@ def read_done(path: str, *, fmt: str, header: list[str]) -> dict[str, str]:
             done[d["path"]] = d["status"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise MarsvisionError(f"{path}: line {n} is not a result row; cannot resume") from None
+        _check_same_run(path, n, d, provenance)
     return done
 
 

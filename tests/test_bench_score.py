@@ -7,6 +7,7 @@ ResultWriter over the whole test split check exact counts, intervals, --require 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -59,6 +60,7 @@ def _write(
     top_k: int | None = None,
     sha: str = SHA,
     header: bool = True,
+    tta: str = "none",
 ) -> Path:
     """A result file written by the runtime's own ResultWriter."""
     with open(path, "a", newline="", encoding="utf-8") as f:
@@ -67,7 +69,7 @@ def _write(
             fmt=fmt,
             class_names=names,
             top_k=top_k,
-            provenance=Provenance(sha, "int8", "onnxruntime"),
+            provenance=Provenance(sha, "int8", "onnxruntime", tta),
             write_header=header,
         ).write(preds)
     return path
@@ -148,6 +150,7 @@ def test_real_output_scores_like_the_runtime(real_runs: dict[str, Any], msl_dir:
             "sha256": sha256_file(model),
             "precision": "int8",
             "backend": backend,
+            "tta": "none",
         }
         assert rep["predictions"]["sha256"] == sha256_file(work / name)
         assert rep["predictions"]["format"] == ("jsonl" if "jsonl" in key else "csv")
@@ -343,3 +346,29 @@ def test_allow_missing_reports_and_excludes(
     y_true = [test_split[i].label for i in keep]
     y_pred = [BINARY.index(full[i].label or "") for i in keep]
     assert rep["metrics"] == classification_metrics(y_true, y_pred, 2, "binary")
+
+
+def test_tta_provenance_and_files_from_before_the_flag(
+    test_split: list[Any], msl_dir: Path, tmp_path: Path
+) -> None:
+    """--tta flip rows say so in the report; a file without the tta column (written before
+    mars-infer had --tta) scores as tta none, with the same numbers."""
+    flip = _write(tmp_path / "flip.csv", _full(test_split), tta="flip")
+    r = _score([str(flip), "--data", str(msl_dir), "--out", str(tmp_path / "out-flip")])
+    assert r.exit_code == 0, r.output
+    assert "onnxruntime, tta flip" in r.stdout
+    rep_flip = _report(tmp_path / "out-flip")
+    assert rep_flip["model"]["tta"] == "flip"
+
+    full = _write(tmp_path / "full.csv", _full(test_split))
+    table = list(csv.reader(full.open(newline="")))
+    assert table[0][-1] == "tta"
+    old = tmp_path / "old.csv"
+    with old.open("w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(row[:-1] for row in table)
+    r = _score([str(old), "--data", str(msl_dir), "--out", str(tmp_path / "out-old")])
+    assert r.exit_code == 0, r.output
+    assert "tta" not in r.stdout.splitlines()[1]
+    rep_old = _report(tmp_path / "out-old")
+    assert rep_old["model"]["tta"] == "none"
+    assert (rep_old["metrics"], rep_old["cis"]) == (rep_flip["metrics"], rep_flip["cis"])

@@ -74,6 +74,43 @@ def test_classifier_matches_torch_top1(
     assert agree >= 0.8
 
 
+def test_flip_tta_matches_torch_on_image_and_mirror(
+    models: dict[str, Path], tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    """--tta flip: the mean of the softmax of each image and of its left-right mirror, as
+    PyTorch computes it on the same preprocessed tensors; the CLI marks its rows."""
+    import torch
+    from PIL import Image
+
+    from marsvision.train.checkpoint import model_from_checkpoint, preprocess_from_checkpoint
+    from marsvision.train.transforms import eval_transform
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    tf = eval_transform(preprocess_from_checkpoint(ckpt))
+    paths = _images(msl_dir, 12)
+    x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
+    model = model_from_checkpoint(ckpt)
+    with torch.no_grad():
+        plain = torch.softmax(model(x), 1).numpy()
+        ref = 0.5 * (plain + torch.softmax(model(x.flip(-1)), 1).numpy())
+    assert np.abs(ref - plain).max() > 1e-3  # the mirror changes the answer: the test can fail
+    with Classifier(models["fp32"], device="cpu", batch_size=5, workers=2, tta="flip") as clf:
+        got = np.array([p.probs for p in clf.predict(paths)])
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    with pytest.raises(ValueError, match="tta"):
+        Classifier(models["fp32"], tta="vflip")
+
+    out = tmp_path / "flip.csv"
+    r = _infer(*paths[:3], "--engine", models["fp32"], "--out", out, "--tta", "flip")
+    assert r.returncode == 0, r.stderr
+    assert b"tta flip" in r.stderr
+    rows = _csv_rows(out)
+    assert [row["tta"] for row in rows] == ["flip"] * 3
+    np.testing.assert_allclose([float(row["prob_Rover"]) for row in rows], ref[:3, 1], atol=1e-5)
+    r = _infer(paths[0], "--engine", models["fp32"], "--tta", "rotate")
+    assert r.returncode == 2 and b"--tta" in r.stderr
+
+
 def test_cli_real_images_csv_and_jsonl(
     models: dict[str, Path], msl_dir: Path, tmp_path: Path
 ) -> None:
@@ -89,6 +126,7 @@ def test_cli_real_images_csv_and_jsonl(
         p = float(row["prob_Surface"]) + float(row["prob_Rover"])
         assert abs(p - 1) < 1e-5
         assert row["precision"] == "int8" and row["backend"] == "onnxruntime-cpu"
+        assert row["tta"] == "none"
         assert len(row["model_sha256"]) == 64
     # JSONL with --top-k on stdout, from a folder listing via @list
     lst = tmp_path / "list.txt"
@@ -204,6 +242,12 @@ def test_kill_then_resume_loses_and_duplicates_nothing(
     # resuming a finished file writes nothing
     r = subprocess.run([*cmd, "--resume"], capture_output=True)
     assert r.returncode == 0 and out.read_text().count("\n") == len(paths)
+    # another --tta, or another model file, would mix two models in one file: refused
+    for other in (["--tta", "flip"], ["--engine", str(models["fp32"])]):
+        r = subprocess.run([*cmd, "--resume", *other], capture_output=True)
+        assert r.returncode == 1, (other, r.stderr)
+        assert b"resume with the same model and --tta" in r.stderr, other
+    assert out.read_text().count("\n") == len(paths)
 
 
 def test_cli_errors_and_exit_codes(models: dict[str, Path], msl_dir: Path, tmp_path: Path) -> None:

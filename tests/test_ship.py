@@ -73,9 +73,10 @@ def test_shipped_checkpoint_is_fp16_and_loads(shipped: Path, run: Path) -> None:
     source = load_checkpoint(run / "checkpoint.pt")
     for key, value in source["state_dict"].items():  # the same weights, rounded to fp16
         assert torch.allclose(state[key].float(), value.float(), rtol=1e-3, atol=1e-4), key
-    assert ckpt["shipped"]["source_checkpoint_sha256"] == hashlib.sha256(
-        (run / "checkpoint.pt").read_bytes()
-    ).hexdigest()
+    assert (
+        ckpt["shipped"]["source_checkpoint_sha256"]
+        == hashlib.sha256((run / "checkpoint.pt").read_bytes()).hexdigest()
+    )
 
 
 def test_scores_are_those_of_the_shipped_weights(shipped: Path, msl_dir: Path) -> None:
