@@ -96,6 +96,13 @@ def test_scores_are_those_of_the_shipped_weights(shipped: Path, msl_dir: Path) -
         assert got["confusion_matrix"] == want["confusion_matrix"], split
         lo, hi = ckpt["metrics"]["ci95"][split]["accuracy"]
         assert lo <= got["accuracy"] <= hi
+        if split == "val":  # and with --tta flip: the mean of the image's and its mirror's
+            with torch.no_grad():
+                both = model(x).softmax(1) + model(x.flip(-1)).softmax(1)
+            flip = classification_metrics(y, both.argmax(1).numpy(), 2, "binary")
+            got_flip = ckpt["metrics"]["val_tta_flip"]
+            assert got_flip["confusion_matrix"] == flip["confusion_matrix"]
+            assert got_flip["balanced_accuracy"] == pytest.approx(flip["balanced_accuracy"])
 
 
 def test_card_and_sums(shipped: Path) -> None:
@@ -112,6 +119,12 @@ def test_card_and_sums(shipped: Path) -> None:
     assert "| test | 1,305 | 326 | 979 |" in card  # the split's real class counts
     assert f"at most {SCORE_LIMIT} images per split" in card  # a limited score says so
     assert f"## Notes\n\n- {NOTES[0]}\n- {NOTES[1]}\n" in card
+    flip, val = ckpt["metrics"]["val_tta_flip"], ckpt["metrics"]["val"]
+    assert f"val accuracy is {100 * flip['accuracy']:.2f}" in card
+    helps = (flip["balanced_accuracy"], flip["accuracy"]) > (
+        val["balanced_accuracy"], val["accuracy"])  # fmt: skip
+    assert ("classify with `--tta flip`" in card) == helps
+    assert ("leave it off" in card) == (not helps)
     assert ckpt["shipped"]["notes"] == list(NOTES)
 
 

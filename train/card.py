@@ -55,6 +55,25 @@ def _split_counts(data_dir: Path, task: str, names: list[str]) -> list[str]:
     return rows
 
 
+def _tta(m: dict[str, Any]) -> list[str]:
+    """Whether `mars-infer --tta flip` helps, decided on val (cards shipped before: nothing)."""
+    flip = m.get("val_tta_flip")
+    if flip is None:
+        return []
+    val = m["val"]
+    better = (flip["balanced_accuracy"], flip["accuracy"]) > (
+        val["balanced_accuracy"], val["accuracy"])  # fmt: skip
+    verdict = ("it helps on val: classify with `--tta flip`" if better else
+               "it does not help on val: leave it off (the default)")  # fmt: skip
+    return [
+        f"Test-time augmentation, decided on val: with `mars-infer --tta flip` (the mean of each "
+        f"image and its mirror) val accuracy is {_pct(flip['accuracy'])} and balanced accuracy "
+        f"{_pct(flip['balanced_accuracy'])}, against {_pct(val['accuracy'])} and "
+        f"{_pct(val['balanced_accuracy'])} without; {verdict}. Test is not read with it.",
+        "",
+    ]
+
+
 def _notes(notes: list[str]) -> list[str]:
     """The Notes section (what the shipper said about this model), or nothing."""
     if not notes:
@@ -131,6 +150,7 @@ def render_card(
         "",
         *_metric_rows(shipped),
         "",
+        *_tta(m),
         f"The run's own fp32 weights scored {_pct(fp32['val']['accuracy'])} on val and "
         f"{_pct(fp32['test']['accuracy'])} on test (accuracy). Test confusion:",
         "",

@@ -42,7 +42,7 @@ class ShipResult:
     card: Path
     sha256: str
     size_bytes: int
-    scores: dict[str, Any]  # split -> {"metrics": ..., "ci95": ...}
+    scores: dict[str, Any]  # split -> {"metrics": ..., "ci95": ...}; val also "tta_flip"
 
 
 def score_checkpoint(
@@ -55,7 +55,9 @@ def score_checkpoint(
     limit: int | None = None,
 ) -> dict[str, Any]:
     """Metrics and bootstrap 95% intervals of a checkpoint's weights on the val and test splits
-    (PyTorch, fp32 compute; the runtime's own output is scored by `mars-bench score`)."""
+    (PyTorch, fp32 compute; the runtime's own output is scored by `mars-bench score`), and val's
+    metrics with `mars-infer --tta flip` (mean of image and mirror): whether to use it is
+    decided on val, so test is not read with it."""
     import torch
 
     from marsvision.train import data as msl
@@ -80,6 +82,11 @@ def score_checkpoint(
             "metrics": classification_metrics(y, pred, k, task),
             "ci95": bootstrap_cis(y, pred, k, task, n_boot=1000, seed=0),
         }
+        if split == "val":
+            _, mirror = evaluate(model, inputs=x.flip(-1), labels=torch.from_numpy(y).to(dev),
+                                 batch_size=batch_size, amp=False)  # fmt: skip
+            flip_pred = (probs + mirror).argmax(1)
+            scores[split]["tta_flip"] = classification_metrics(y, flip_pred, k, task)
     return scores
 
 
@@ -132,6 +139,7 @@ def ship_run(
         "best_epoch": ckpt["metrics"].get("best_epoch", ckpt.get("epoch")),
         "stopped_early_after_epoch": ckpt["metrics"].get("stopped_early_after_epoch"),
         "fp32_run": {s: ckpt["metrics"][s] for s in SCORED_SPLITS},
+        "val_tta_flip": scores["val"]["tta_flip"],
     }
     shipped["shipped"] = {
         "date": now,
@@ -191,6 +199,9 @@ def main(
         click.echo(f"{split}: accuracy {m['accuracy']:.4f} ({ci['accuracy'][0]:.4f}-"
                    f"{ci['accuracy'][1]:.4f}) balanced {m['balanced_accuracy']:.4f} "
                    f"f1 {m['f1']:.4f} (n={m['n']})")  # fmt: skip
+    flip = result.scores["val"]["tta_flip"]
+    click.echo(f"val with mars-infer --tta flip: accuracy {flip['accuracy']:.4f} balanced "
+               f"{flip['balanced_accuracy']:.4f}")  # fmt: skip
     click.echo(f"wrote {result.checkpoint} ({result.size_bytes / 1e6:.1f} MB, sha256 "
                f"{result.sha256[:12]}...), {result.card.name} and {SUMS_FILE}")  # fmt: skip
 
