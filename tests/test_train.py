@@ -307,3 +307,28 @@ def test_selection_window(msl_dir: Path, tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 3
     with pytest.raises(MarsvisionError, match="select-from"):
         config_from_flags("default", data=msl_dir, out=tmp_path / "x", select_from=1.5)
+
+
+@pytest.mark.parametrize(("every_s", "saved_after"), [(0.0, [1, 2, 3]), (1e9, [3])])
+def test_resume_saves_by_time(
+    msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, every_s: float,
+    saved_after: list[int],
+) -> None:  # fmt: skip
+    """resume.pt is written after the last epoch, and after any epoch that ends at least
+    RESUME_EVERY_S after the previous save."""
+    from marsvision.train import loop
+
+    saves: list[int] = []
+    real_save = loop.atomic_torch_save
+
+    def spy(obj: Any, path: Path) -> None:
+        if path.name == loop.RESUME:
+            saves.append(obj["epoch"])
+        real_save(obj, path)
+
+    monkeypatch.setattr(loop, "atomic_torch_save", spy)
+    monkeypatch.setattr(loop, "RESUME_EVERY_S", every_s)
+    cfg = config_from_flags("default", data=msl_dir, out=tmp_path / "run", epochs=3, limit=8,
+                            image_size=64, device="cpu", batch_size=4, workers=2)  # fmt: skip
+    loop.main(cfg)
+    assert saves == saved_after

@@ -43,7 +43,9 @@ from marsvision.train.report import (
 
 CHECKPOINT = "checkpoint.pt"
 RESUME = "resume.pt"
-RESUME_EVERY = 5  # epochs between resume.pt saves (377 MB each for ResNet-50 + AdamW + EMA)
+# resume.pt (377 MB for ResNet-50 + AdamW + EMA) is saved after the last epoch and after any
+# epoch that ends this long after the previous save: a crash loses at most about this much work
+RESUME_EVERY_S = 300.0
 RUN_FILES = (CHECKPOINT, RESUME, "config.json", "metrics.json", "predictions_test.csv",
              "curves.png", "confusion_test.png")  # fmt: skip
 RESUME_MUST_MATCH = (
@@ -289,6 +291,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     scored = ema.module if ema is not None else model  # the weights evaluated and kept
     vm: dict[str, Any] = {}
     t_epochs, epochs_run = time.monotonic(), 0
+    last_resume_save = t_epochs
     for epoch in range(start_epoch, cfg.epochs + 1):
         if deadline is not None and epochs_run:
             per_epoch = (time.monotonic() - t_epochs) / epochs_run
@@ -332,8 +335,9 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
             best, best_epoch = score, epoch
             atomic_torch_save(make_checkpoint(scored, metrics={"val": vm}, epoch=epoch,
                                               **ckpt_args), cfg.out / CHECKPOINT)  # fmt: skip
-        if epoch % RESUME_EVERY and epoch != cfg.epochs:
+        if epoch != cfg.epochs and time.monotonic() - last_resume_save < RESUME_EVERY_S:
             continue
+        last_resume_save = time.monotonic()
         atomic_torch_save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
