@@ -74,12 +74,15 @@ def compare(
     *,
     num_classes: int,
     task: str,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
-    """Metrics of `logits` and their change against `ref_logits` on the same images."""
+    """Metrics of `logits` and their change against `ref_logits` on the same images; labels by
+    the model's rule (`threshold`: binary decision threshold, None: the most probable class)."""
+    from marsvision.runtime.metadata import decide
     from marsvision.train.metrics import classification_metrics
 
-    pred = logits.argmax(axis=1)
-    ref_pred = ref_logits.argmax(axis=1)
+    pred = decide(softmax(logits), threshold)
+    ref_pred = decide(softmax(ref_logits), threshold)
     m = classification_metrics(y_true, pred, num_classes, task)
     r = classification_metrics(y_true, ref_pred, num_classes, task)
     dp = np.abs(softmax(logits) - softmax(ref_logits))
@@ -185,6 +188,7 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
     say = log or (lambda msg: None)
     ckpt = load_checkpoint(cfg.checkpoint)
     task, names = ckpt["task"], list(ckpt["class_names"])
+    decision_threshold = ckpt.get("decision_threshold")
     ckpt_sha = sha256_file(cfg.checkpoint)
     artifacts = find_artifacts(cfg.artifacts)
     torch_device = resolve_torch_device(cfg.device)
@@ -222,7 +226,12 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
     }
     for split, d in splits.items():
         figures = compare(
-            d["ref_logits"], d["ref_logits"], d["y_true"], num_classes=len(names), task=task
+            d["ref_logits"],
+            d["ref_logits"],
+            d["y_true"],
+            num_classes=len(names),
+            task=task,
+            threshold=decision_threshold,
         )
         n = len(d["paths"])
         figures["ms_per_image"] = 1e3 * d["ref_seconds"] / n
@@ -269,6 +278,11 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
                 )
             if meta.class_names != names:
                 raise MarsvisionError(f"{art.path}: class names differ from the checkpoint's")
+            if meta.decision_threshold != decision_threshold:
+                raise MarsvisionError(
+                    f"{art.path}: decision threshold {meta.decision_threshold} differs from the "
+                    f"checkpoint's {decision_threshold}; re-export it"
+                )
             passed = True
             for split, d in splits.items():
                 key = (split, meta.preprocess)
@@ -285,7 +299,12 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
                     say(f"{art.path.name}: {msg}")
                     break
                 figures = compare(
-                    d["ref_logits"], logits, d["y_true"], num_classes=len(names), task=task
+                    d["ref_logits"],
+                    logits,
+                    d["y_true"],
+                    num_classes=len(names),
+                    task=task,
+                    threshold=decision_threshold,
                 )
                 n = len(d["paths"])
                 figures["ms_per_image"] = 1e3 * secs / n

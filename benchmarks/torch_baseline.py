@@ -93,6 +93,7 @@ class TorchRunner:
             output_shape=["batch", n],
             source_checkpoint_sha256=sha256_file(checkpoint),
             versions=dict(ckpt.get("versions", {})),
+            decision_threshold=ckpt.get("decision_threshold"),
         )
         layout = "-channels_last" if channels_last else ""
         self.name = f"pytorch-{self.device}{layout}"

@@ -55,6 +55,7 @@ def fp32_meta(ckpt: dict[str, Any], source_sha256: str) -> ModelMeta:
         input_dtype="float32",
         source_checkpoint_sha256=source_sha256,
         versions=export_versions(),
+        decision_threshold=ckpt.get("decision_threshold"),
     )
 
 

@@ -49,7 +49,7 @@ class Prediction:
 
     path: str
     status: str  # "ok" or "error"
-    label: str | None = None  # top-1 class name
+    label: str | None = None  # class name by the model's rule (top-1, or a binary threshold)
     probs: tuple[float, ...] | None = None  # softmax probability of each class, in class order
     error: str = ""
 
@@ -203,17 +203,17 @@ class Classifier:
         if ok:
             x = buf[: len(names)] if len(ok) == len(names) else buf[ok]
             probs = self.probabilities(x)
-        rows: dict[int, np.ndarray] = dict(zip(ok, probs))
+        rows: dict[int, tuple[np.ndarray, int]] = dict(zip(ok, zip(probs, self.meta.decide(probs))))
         classes = self.meta.class_names
         out = []
         for i, name in enumerate(names):
             if i in rows:
-                p = rows[i]
+                p, label = rows[i]
                 out.append(
                     Prediction(
                         path=name,
                         status="ok",
-                        label=classes[int(np.argmax(p))],
+                        label=classes[int(label)],
                         probs=tuple(float(v) for v in p),
                     )
                 )

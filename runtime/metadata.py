@@ -43,6 +43,9 @@ class ModelMeta:
     # TensorRT engines only: {"version": "10.x", "gpu_name": ..., "compute_capability": "9.0",
     #  "max_batch": N}
     tensorrt: dict[str, Any] | None = None
+    # Binary models only: the label is class 1 (the positive class) when its probability is at
+    # least this, else class 0; chosen on val when the model shipped. None: the most probable.
+    decision_threshold: float | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -53,10 +56,20 @@ class ModelMeta:
             )
         if not self.class_names:
             raise MarsvisionError("model metadata has no class names")
+        t = self.decision_threshold
+        if t is not None and (len(self.class_names) != 2 or not 0.0 < t < 1.0):
+            raise MarsvisionError(
+                f"model metadata has decision_threshold {t!r}: only a two-class model can have "
+                "one, strictly between 0 and 1"
+            )
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def decide(self, probs: Any) -> Any:
+        """Class index of each row of softmax probabilities (N, classes), by the model's rule."""
+        return decide(probs, self.decision_threshold)
 
     def to_json(self) -> str:
         """Serialize to a JSON string."""
@@ -87,6 +100,14 @@ class ModelMeta:
             return cls(**d)
         except (KeyError, TypeError) as e:
             raise MarsvisionError(f"{source}: incomplete model metadata ({e})") from None
+
+
+def decide(probs: Any, threshold: float | None) -> Any:
+    """Class index per row of probabilities: class 1 where its probability is >= `threshold`
+    (two classes), or the most probable class when `threshold` is None."""
+    if threshold is None:
+        return probs.argmax(axis=1)
+    return (probs[:, 1] >= threshold).astype(int)
 
 
 def sidecar_path(engine_path: str | Path) -> Path:

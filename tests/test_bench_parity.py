@@ -223,3 +223,22 @@ def test_verdict_thresholds(precision: str, agree: float, change: float, ok: boo
         precision, {"top1_agreement": agree, "accuracy_change": change}, Thresholds()
     )
     assert passed is ok and bool(reasons) is not ok
+
+
+def test_compare_labels_by_the_models_decision_threshold() -> None:
+    """With a decision threshold, accuracy and agreement use the model's rule, not argmax:
+    here the artifact moves two images across 0.5 but not across the threshold 0.9."""
+    from marsvision.benchmarks.parity import compare
+
+    def logits(p_rover: list[float]) -> np.ndarray:
+        p = np.array(p_rover)
+        return np.log(np.stack([1 - p, p], axis=1))
+
+    y = np.array([0, 0, 1, 1])
+    ref = logits([0.40, 0.60, 0.95, 0.97])
+    art = logits([0.60, 0.40, 0.95, 0.97])
+    argmax = compare(ref, art, y, num_classes=2, task="binary")
+    assert argmax["top1_agreement"] == 50.0 and argmax["disagreements"] == 2
+    ruled = compare(ref, art, y, num_classes=2, task="binary", threshold=0.9)
+    assert ruled["top1_agreement"] == 100.0 and ruled["accuracy"] == 100.0
+    assert ruled["accuracy_change"] == 0.0

@@ -173,6 +173,20 @@ def test_metadata_round_trips(exported: Path, ckpt_path: Path) -> None:
             assert q["activations"] == ("uint8" if flavour == "int8-cpu" else "int8")
         else:
             assert meta.quantization is None
+        assert meta.decision_threshold is None  # the tiny checkpoint has none: argmax
+
+
+def test_decision_threshold_travels_from_the_checkpoint(ckpt_path: Path) -> None:
+    """A shipped binary checkpoint's val-chosen threshold goes into every artifact's metadata
+    (the FP16 and INT8 metadata are copies of the FP32's with another precision)."""
+    from marsvision.export.onnx_fp32 import fp32_meta
+    from marsvision.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path)
+    assert fp32_meta(ckpt, "ab" * 32).decision_threshold is None
+    meta = fp32_meta({**ckpt, "decision_threshold": 0.93}, "ab" * 32)
+    assert meta.decision_threshold == 0.93
+    assert ModelMeta.from_json(meta.to_json()) == meta
 
 
 def test_calibration_cache_is_reused(

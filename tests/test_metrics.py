@@ -7,6 +7,7 @@ import pytest
 from sklearn import metrics as skm
 
 from marsvision.train.metrics import (
+    balanced_threshold,
     bootstrap_cis,
     classification_metrics,
     confusion_matrix,
@@ -113,3 +114,23 @@ def test_bootstrap_cis_degenerate_and_invalid() -> None:
         bootstrap_cis([], [], 2, "binary")
     with pytest.raises(ValueError):
         bootstrap_cis([0, 2], [0, 1], 2, "binary")
+
+
+def test_balanced_threshold_sits_in_the_middle_of_the_best_plateau() -> None:
+    rng = np.random.default_rng(5)
+    neg, pos = rng.uniform(0.0, 0.6, 300), rng.uniform(0.7, 1.0, 100)
+    y = np.r_[np.zeros(300, int), np.ones(100, int)]
+    t = balanced_threshold(y, np.r_[neg, pos], tolerance=0.0)
+    assert neg.max() < t < pos.min()  # separable: any cut in the gap is perfect; one in it
+    # one positive sits among the negatives: the best cuts are still the gap (99.5%), and a
+    # tolerance of 0.5 points also admits cuts that give up a little, around the gap
+    p = np.r_[neg, pos[:-1], 0.3]
+    exact = balanced_threshold(y, p, tolerance=0.0)
+    assert neg.max() < exact < pos[:-1].min()
+    loose = balanced_threshold(y, p, tolerance=0.005)
+    bal = lambda c: ((p[y == 1] >= c).mean() + (p[y == 0] < c).mean()) / 2  # noqa: E731
+    assert bal(loose) >= bal(exact) - 0.005
+    with pytest.raises(ValueError):
+        balanced_threshold([1, 1, 1], [0.2, 0.5, 0.9])
+    with pytest.raises(ValueError):
+        balanced_threshold([0, 1, 2], [0.2, 0.5, 0.9])

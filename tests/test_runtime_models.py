@@ -46,3 +46,34 @@ def test_onnxruntime_fp32_matches_torch(
         ref = model(torch.from_numpy(x)).numpy()
     assert got.shape == (5, 2) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, atol=1e-3, rtol=1e-3)
+
+
+def test_decision_threshold_rule(models: dict[str, Path], msl_dir: Path) -> None:
+    """A binary model's decision threshold (chosen on val when it ships) makes the labels:
+    Rover where P(Rover) >= t; it travels in the metadata JSON; only binary models have one."""
+    import dataclasses
+
+    from marsvision.runtime.classifier import Classifier
+    from marsvision.runtime.errors import MarsvisionError
+    from marsvision.runtime.metadata import ModelMeta
+    from marsvision.train.data import read_split
+
+    paths = [s.path for s in read_split(msl_dir, "val", "binary", limit=16)]
+    with Classifier(models["fp32"], device="cpu", batch_size=8) as clf:
+        assert clf.meta.decision_threshold is None
+        plain = clf.predict(paths)
+        p_rover = np.array([p.probs[1] for p in plain])  # type: ignore[index]
+        assert [p.label for p in plain] == [("Surface", "Rover")[int(q >= 0.5)] for q in p_rover]
+        t = float(np.median(p_rover))  # half the images on each side of the threshold
+        clf.meta = dataclasses.replace(clf.meta, decision_threshold=t)
+        ruled = clf.predict(paths)
+    assert [p.probs for p in ruled] == [p.probs for p in plain]
+    assert [p.label for p in ruled] == [("Surface", "Rover")[int(q >= t)] for q in p_rover]
+    assert {p.label for p in ruled} == {"Surface", "Rover"}
+    meta = dataclasses.replace(clf.meta, decision_threshold=0.9)
+    assert ModelMeta.from_json(meta.to_json()).decision_threshold == 0.9
+    for bad in (0.0, 1.0):
+        with pytest.raises(MarsvisionError, match="decision_threshold"):
+            dataclasses.replace(meta, decision_threshold=bad)
+    with pytest.raises(MarsvisionError, match="two-class"):
+        dataclasses.replace(meta, class_names=["a", "b", "c"])

@@ -74,6 +74,19 @@ def _tta(m: dict[str, Any]) -> list[str]:
     ]
 
 
+def _decision(shipped: dict[str, Any]) -> str:
+    """The label rule, as the runtime applies it (exports carry the threshold)."""
+    t, names, m = shipped.get("decision_threshold"), shipped["class_names"], shipped["metrics"]
+    if t is None:
+        return "the most probable class"
+    argmax = m.get("val_argmax") or {}
+    instead = (f"; the most probable class instead: val accuracy {_pct(argmax['accuracy'])}, "
+               f"balanced {_pct(argmax['balanced_accuracy'])}") if argmax else ""  # fmt: skip
+    return (f"{names[1]} when P({names[1]}) >= {t:.4f}, else {names[0]}: the threshold chosen on "
+            f"val for balanced accuracy (middle of the thresholds within 0.5 points of the "
+            f"best){instead}")  # fmt: skip
+
+
 def _notes(notes: list[str]) -> list[str]:
     """The Notes section (what the shipper said about this model), or nothing."""
     if not notes:
@@ -120,6 +133,7 @@ def render_card(
         f"{cfg['epochs']} selected on val balanced accuracy{stopped} |",
         f"| input | {pre['input_size']} px RGB: resize shorter side to {pre['resize_size']} "
         f"({pre['interpolation']}), center crop, mean {pre['mean']}, std {pre['std']} |",
+        f"| label rule | {_decision(shipped)} |",
         f"| source run checkpoint | sha256 `{info['source_checkpoint_sha256']}` (fp32) |",
         f"| libraries | {versions} |",
         "",
@@ -146,7 +160,8 @@ def render_card(
         "## Metrics of the shipped weights",
         "",
         f"PyTorch evaluation of exactly these fp16 weights (computed in fp32){limited}, in "
-        f"percent, with bootstrap 95% intervals from 1,000 resamples of the images; {positive}.",
+        f"percent, with bootstrap 95% intervals from 1,000 resamples of the images; {positive}; "
+        "labels by the label rule above.",
         "",
         *_metric_rows(shipped),
         "",

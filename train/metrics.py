@@ -104,3 +104,25 @@ def bootstrap_cis(
         name: [float(q) for q in np.quantile(values, [alpha, 1.0 - alpha])]
         for name, values in _scores(cms, task).items()
     }
+
+
+def balanced_threshold(y_true: Any, p_positive: Any, tolerance: float = 0.005) -> float:
+    """The decision threshold on the positive class's probability chosen for balanced accuracy:
+    of the thresholds (midpoints between distinct probabilities) whose balanced accuracy is
+    within `tolerance` of the best, the middle one, so the rule sits on a plateau, not an edge."""
+    y = _labels(y_true)
+    p = np.asarray(p_positive, dtype=np.float64).reshape(-1)
+    if y.shape != p.shape or not np.isin(y, (0, 1)).all():
+        raise ValueError("expected binary labels (0/1) and one probability per label")
+    if y.min(initial=1) == y.max(initial=0):
+        raise ValueError("balanced accuracy needs both classes among the labels")
+    u = np.unique(p)
+    cuts = (u[:-1] + u[1:]) / 2.0
+    if cuts.size == 0:
+        return 0.5
+    positive = p[None, :] >= cuts[:, None]  # (thresholds, images)
+    tpr = positive[:, y == 1].mean(axis=1)
+    tnr = (~positive[:, y == 0]).mean(axis=1)
+    bal = (tpr + tnr) / 2.0
+    near = cuts[bal >= bal.max() - tolerance]
+    return float(near[len(near) // 2])

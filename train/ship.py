@@ -42,7 +42,7 @@ class ShipResult:
     card: Path
     sha256: str
     size_bytes: int
-    scores: dict[str, Any]  # split -> {"metrics": ..., "ci95": ...}; val also "tta_flip"
+    scores: dict[str, Any]  # split -> {"metrics", "ci95"}; val also "tta_flip", "argmax"
 
 
 def score_checkpoint(
@@ -53,40 +53,55 @@ def score_checkpoint(
     workers: int = 4,
     batch_size: int = 64,
     limit: int | None = None,
+    threshold_on_val: bool = True,
 ) -> dict[str, Any]:
     """Metrics and bootstrap 95% intervals of a checkpoint's weights on the val and test splits
-    (PyTorch, fp32 compute; the runtime's own output is scored by `mars-bench score`), and val's
-    metrics with `mars-infer --tta flip` (mean of image and mirror): whether to use it is
-    decided on val, so test is not read with it."""
+    (PyTorch, fp32 compute; the runtime's own output is scored by `mars-bench score`).
+
+    Binary models with `threshold_on_val`: the decision threshold on P(positive) is chosen on
+    val (`balanced_threshold`) and every label uses it; val's argmax metrics are kept beside.
+    Val is also scored with `mars-infer --tta flip` (mean of image and mirror, same rule): both
+    choices are made on val, so test is read once, with the chosen rule and no TTA.
+    """
     import torch
 
+    from marsvision.runtime.metadata import decide
     from marsvision.train import data as msl
     from marsvision.train.checkpoint import model_from_checkpoint, preprocess_from_checkpoint
     from marsvision.train.images import eval_tensors
     from marsvision.train.loop import evaluate, select_device
-    from marsvision.train.metrics import bootstrap_cis, classification_metrics
+    from marsvision.train.metrics import balanced_threshold, bootstrap_cis, classification_metrics
 
     dev = select_device(device)
     task, k = ckpt["task"], len(ckpt["class_names"])
     spec = preprocess_from_checkpoint(ckpt)
     model = model_from_checkpoint(ckpt).to(dev)
-    scores: dict[str, Any] = {}
+    labels, probs = {}, {}
     for split in SCORED_SPLITS:
         samples = msl.read_split(data_dir, split, task, limit)
         y = np.array([s.label for s in samples])
         x = eval_tensors(samples, spec=spec, workers=workers).to(dev)
-        _, probs = evaluate(model, inputs=x, labels=torch.from_numpy(y).to(dev),
-                            batch_size=batch_size, amp=False)  # fmt: skip
-        pred = probs.argmax(1)
+        y_dev = torch.from_numpy(y).to(dev)
+        _, probs[split] = evaluate(model, inputs=x, labels=y_dev, batch_size=batch_size, amp=False)
+        labels[split] = y
+        if split == "val":
+            _, mirror = evaluate(model, inputs=x.flip(-1), labels=y_dev, batch_size=batch_size,
+                                 amp=False)  # fmt: skip
+            probs["val_flip"] = (probs[split] + mirror) / 2
+    threshold = None
+    if threshold_on_val and k == 2:
+        threshold = balanced_threshold(labels["val"], probs["val"][:, 1])
+    scores: dict[str, Any] = {"decision_threshold": threshold}
+    for split in SCORED_SPLITS:
+        y, pred = labels[split], decide(probs[split], threshold)
         scores[split] = {
             "metrics": classification_metrics(y, pred, k, task),
             "ci95": bootstrap_cis(y, pred, k, task, n_boot=1000, seed=0),
         }
-        if split == "val":
-            _, mirror = evaluate(model, inputs=x.flip(-1), labels=torch.from_numpy(y).to(dev),
-                                 batch_size=batch_size, amp=False)  # fmt: skip
-            flip_pred = (probs + mirror).argmax(1)
-            scores[split]["tta_flip"] = classification_metrics(y, flip_pred, k, task)
+    y = labels["val"]
+    scores["val"]["tta_flip"] = classification_metrics(y, decide(probs["val_flip"], threshold),
+                                                       k, task)  # fmt: skip
+    scores["val"]["argmax"] = classification_metrics(y, probs["val"].argmax(1), k, task)
     return scores
 
 
@@ -105,6 +120,7 @@ def ship_run(
     workers: int = 4,
     limit: int | None = None,
     notes: Sequence[str] = (),
+    threshold_on_val: bool = True,
 ) -> ShipResult:
     """Write the run's selected checkpoint with fp16 weights, its scores and its model card
     (`notes`: lines for the card's Notes section, e.g. why this model ships and what it misses)."""
@@ -129,7 +145,8 @@ def ship_run(
     shipped["state_dict"] = half_state(ckpt["state_dict"])
     shipped["weights_dtype"] = "float16"
     scores = score_checkpoint(shipped, data_dir=data_dir, device=device, workers=workers,
-                              limit=limit)  # fmt: skip
+                              limit=limit, threshold_on_val=threshold_on_val)  # fmt: skip
+    shipped["decision_threshold"] = scores["decision_threshold"]
     run_metrics_file = source.parent / "metrics.json"
     run_metrics = json.loads(run_metrics_file.read_text()) if run_metrics_file.is_file() else {}
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -140,6 +157,7 @@ def ship_run(
         "stopped_early_after_epoch": ckpt["metrics"].get("stopped_early_after_epoch"),
         "fp32_run": {s: ckpt["metrics"][s] for s in SCORED_SPLITS},
         "val_tta_flip": scores["val"]["tta_flip"],
+        "val_argmax": scores["val"]["argmax"],
     }
     shipped["shipped"] = {
         "date": now,
@@ -179,6 +197,9 @@ def ship_run(
               help="Score on at most N images per split (quick checks only).")  # fmt: skip
 @click.option("--note", "notes", multiple=True,
               help="A line for the model card's Notes section (repeatable).")  # fmt: skip
+@click.option("--threshold-on-val/--argmax", "threshold_on_val", default=True, show_default=True,
+              help="Binary models: choose the decision threshold on P(positive) on val "
+              "(balanced accuracy), or label by the most probable class.")  # fmt: skip
 def main(
     run: Path,
     models_dir: Path,
@@ -187,13 +208,21 @@ def main(
     workers: int,
     limit: int | None,
     notes: tuple[str, ...],
+    threshold_on_val: bool,
 ) -> None:
     """Ship RUN (a mars-train run folder or its checkpoint.pt): fp16 weights, val and test
     scores of those weights with 95% intervals, a model card and SHA256SUMS in --models."""
     from marsvision.train.data import resolve_data_dir
 
     result = ship_run(run, models_dir=models_dir, data_dir=resolve_data_dir(data),
-                      device=device, workers=workers, limit=limit, notes=notes)  # fmt: skip
+                      device=device, workers=workers, limit=limit, notes=notes,
+                      threshold_on_val=threshold_on_val)  # fmt: skip
+    t = result.scores["decision_threshold"]
+    if t is not None:
+        argmax = result.scores["val"]["argmax"]
+        click.echo(f"decision threshold, chosen on val: P(positive) >= {t:.4f} (argmax instead: "
+                   f"val accuracy {argmax['accuracy']:.4f} balanced "
+                   f"{argmax['balanced_accuracy']:.4f})")  # fmt: skip
     for split in SCORED_SPLITS:
         m, ci = result.scores[split]["metrics"], result.scores[split]["ci95"]
         click.echo(f"{split}: accuracy {m['accuracy']:.4f} ({ci['accuracy'][0]:.4f}-"
