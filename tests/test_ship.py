@@ -53,7 +53,7 @@ def shipped(run: Path, msl_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     models = tmp_path_factory.mktemp("models")
     args = [str(run), "--models", str(models), "--data", str(msl_dir), "--device", "cpu",
             "--workers", "2", "--limit", str(SCORE_LIMIT), "--note", NOTES[0],
-            "--note", NOTES[1]]  # fmt: skip
+            "--note", NOTES[1], "--threshold-on-val"]  # fmt: skip
     result = CliRunner().invoke(ship_main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "test: accuracy" in result.output and "resnet50-binary.pt" in result.output
@@ -116,6 +116,16 @@ def test_scores_are_those_of_the_shipped_weights(shipped: Path, msl_dir: Path) -
             both = (probs + model(x.flip(-1)).softmax(1).numpy()) / 2
         flip = classification_metrics(y, (both[:, 1] >= t).astype(int), 2, "binary")
         assert ckpt["metrics"]["val_tta_flip"]["confusion_matrix"] == flip["confusion_matrix"]
+
+
+def test_default_rule_is_argmax(run: Path, msl_dir: Path, tmp_path: Path) -> None:
+    """Without --threshold-on-val the shipped model labels by the most probable class."""
+    result = ship_run(run, models_dir=tmp_path, data_dir=msl_dir, device="cpu", workers=2,
+                      limit=SCORE_LIMIT)  # fmt: skip
+    ckpt = load_checkpoint(result.checkpoint)
+    assert ckpt["decision_threshold"] is None and result.scores["decision_threshold"] is None
+    assert ckpt["metrics"]["val"] == ckpt["metrics"]["val_argmax"]
+    assert "| label rule | the most probable class |" in result.card.read_text()
 
 
 def test_card_and_sums(shipped: Path) -> None:

@@ -53,7 +53,7 @@ def score_checkpoint(
     workers: int = 4,
     batch_size: int = 64,
     limit: int | None = None,
-    threshold_on_val: bool = True,
+    threshold_on_val: bool = False,
 ) -> dict[str, Any]:
     """Metrics and bootstrap 95% intervals of a checkpoint's weights on the val and test splits
     (PyTorch, fp32 compute; the runtime's own output is scored by `mars-bench score`).
@@ -120,7 +120,7 @@ def ship_run(
     workers: int = 4,
     limit: int | None = None,
     notes: Sequence[str] = (),
-    threshold_on_val: bool = True,
+    threshold_on_val: bool = False,
 ) -> ShipResult:
     """Write the run's selected checkpoint with fp16 weights, its scores and its model card
     (`notes`: lines for the card's Notes section, e.g. why this model ships and what it misses)."""
@@ -197,9 +197,10 @@ def ship_run(
               help="Score on at most N images per split (quick checks only).")  # fmt: skip
 @click.option("--note", "notes", multiple=True,
               help="A line for the model card's Notes section (repeatable).")  # fmt: skip
-@click.option("--threshold-on-val/--argmax", "threshold_on_val", default=True, show_default=True,
-              help="Binary models: choose the decision threshold on P(positive) on val "
-              "(balanced accuracy), or label by the most probable class.")  # fmt: skip
+@click.option("--threshold-on-val/--argmax", "threshold_on_val", default=False, show_default=True,
+              help="Binary models: label by a threshold on P(positive) chosen on val for "
+              "balanced accuracy, or by the most probable class (on the MSL splits the "
+              "threshold chosen on val does not carry to test: README).")  # fmt: skip
 def main(
     run: Path,
     models_dir: Path,
