@@ -1,6 +1,6 @@
 # The two commands a newcomer needs on a fresh clone; each sets itself up first:
 #   make demo   the main job: export the shipped model, classify the real MSL images, score
-#   make test   the test suite, plus mypy on the TensorRT code against tensorrt-stubs
+#   make test   the test suite, mypy (the package; --strict on the TensorRT code against tensorrt-stubs), ruff
 # The venv lives in .venv with the versions pinned in constraints.txt.
 
 PY ?= python3
@@ -60,6 +60,7 @@ test: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/python tests/typecheck_tensorrt.py
+	$(BIN)/mypy train runtime export benchmarks
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

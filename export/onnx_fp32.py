@@ -80,6 +80,8 @@ def _export_graph(model: Any, size: int) -> Any:
             optimize=True,
             verbose=False,
         )
+    if program is None:  # only the legacy exporter returns None; dynamo=True never does
+        raise RuntimeError("torch.onnx.export returned no program")
     return program.model_proto
 
 

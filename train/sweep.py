@@ -72,7 +72,7 @@ def parse_settings(pairs: tuple[str, ...]) -> dict[str, Any]:
 
 def split_file(path: Path, out_dir: Path, part_bytes: int = PART_BYTES) -> list[Path]:
     """Copy `path` into `out_dir` as `<name>.part0`, `.part1`, ... of at most `part_bytes`."""
-    parts = []
+    parts: list[Path] = []
     with open(path, "rb") as f:
         while chunk := f.read(part_bytes):
             part = out_dir / f"{path.name}.part{len(parts)}"
