@@ -1,9 +1,9 @@
 """Result rows of mars-infer: CSV or JSONL, written and flushed batch by batch, resumable.
 
-One row per input: path, status (ok|error), label (top-1), the probability of every class
-(`prob_<class>` columns / a `probs` object) or, with `top_k`, the k best (`label_i`, `prob_i` /
-a `top_k` list), error message, and provenance (model sha256, precision, backend, test-time
-augmentation).
+One row per input: path, status (ok|error), label (the model's decision: the most probable
+class, or a binary model's decision threshold), the probability of every class (`prob_<class>`
+columns / a `probs` object) or, with `top_k`, the k best (`label_i`, `prob_i` / a `top_k` list),
+error message, and provenance (model sha256, precision, backend, test-time augmentation).
 
 Paths are written losslessly: a file name that is not valid UTF-8 keeps its raw bytes in CSV
 (Python's surrogateescape: the CSV holds the same bytes as the file system) and appears as
