@@ -81,11 +81,12 @@ def compare(
     from marsvision.runtime.metadata import decide
     from marsvision.train.metrics import classification_metrics
 
-    pred = decide(softmax(logits), threshold)
-    ref_pred = decide(softmax(ref_logits), threshold)
+    probs, ref_probs = softmax(logits), softmax(ref_logits)
+    pred = decide(probs, threshold)
+    ref_pred = decide(ref_probs, threshold)
     m = classification_metrics(y_true, pred, num_classes, task)
     r = classification_metrics(y_true, ref_pred, num_classes, task)
-    dp = np.abs(softmax(logits) - softmax(ref_logits))
+    dp = np.abs(probs - ref_probs)
     return {
         "n": len(y_true),
         "accuracy": 100.0 * m["accuracy"],
