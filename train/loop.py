@@ -292,6 +292,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     vm: dict[str, Any] = {}
     t_epochs, epochs_run = time.monotonic(), 0
     last_resume_save = t_epochs
+    n_train = len(splits["train"])
     for epoch in range(start_epoch, cfg.epochs + 1):
         if deadline is not None and epochs_run:
             per_epoch = (time.monotonic() - t_epochs) / epochs_run
@@ -306,7 +307,6 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
                                       cfg.out / CHECKPOINT)  # fmt: skip
                 break
         epochs_run += 1
-        n_train = len(splits["train"])
         if objective.sample_p is None:
             order = torch.randperm(n_train, generator=gen)
         else:
