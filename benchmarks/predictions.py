@@ -32,7 +32,7 @@ class PredictionRow:
     line: int  # line number in the file
     path: str  # as the user gave it to mars-infer
     status: str  # ok | error
-    label: str | None  # the top-1 class name (None on error rows)
+    label: str | None  # the model's decision, a class name (None on error rows)
     model_sha256: str
     precision: str
     backend: str

@@ -1,8 +1,8 @@
 """Score a model from what users get: mars-infer's own result file against an official MSL split.
 
 The rows (CSV or JSONL, read by `benchmarks.predictions`) are matched to the split's images by
-file name; their top-1 labels give the metrics, bootstrap confidence intervals and optional
-pass/fail requirements. The task and class names come from the file itself.
+file name; their labels (the model's decisions) give the metrics, bootstrap confidence intervals and
+optional pass/fail requirements. The task and class names come from the file itself.
 """
 
 from __future__ import annotations
