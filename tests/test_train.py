@@ -295,6 +295,26 @@ def test_crop_scale_min_flag_round_trip() -> None:
         config_from_flags("default", data=Path("d"), out=Path("o"), crop_scale_min=1.5)
 
 
+def test_jitter_flag_round_trip() -> None:
+    from marsvision.train.config import command_line
+
+    cfg = config_from_flags("default", data=Path("d"), out=Path("o"), jitter=0.4)
+    assert cfg.augment.jitter == 0.4 and cfg.augment.scale == (0.35, 1.0)
+    assert "--jitter 0.4" in command_line(cfg.to_dict())
+    assert "--jitter" not in command_line(
+        config_from_flags("default", data=Path("d"), out=Path("o")).to_dict()
+    )
+    # blog has no jitter: setting it is a flag there too, and 0 on default is one as well
+    assert "--jitter 0.3" in command_line(
+        config_from_flags("blog", data=Path("d"), out=Path("o"), jitter=0.3).to_dict()
+    )
+    assert "--jitter 0.0" in command_line(
+        config_from_flags("default", data=Path("d"), out=Path("o"), jitter=0.0).to_dict()
+    )
+    with pytest.raises(MarsvisionError, match="jitter"):
+        config_from_flags("default", data=Path("d"), out=Path("o"), jitter=1.0)
+
+
 def test_selection_window(msl_dir: Path, tmp_path: Path) -> None:
     """--select-from 1: only the last epoch is eligible, whatever val says of earlier ones."""
     from marsvision.train.loop import main as train

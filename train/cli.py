@@ -66,6 +66,13 @@ from marsvision.train.config import RECIPES, config_from_flags
     "[0.35; blog 0.08].",
 )
 @click.option(
+    "--jitter",
+    type=float,
+    default=None,
+    help="Colour jitter strength: brightness, contrast and saturation each scaled by a factor "
+    "in 1 +- this [0.2; blog 0].",
+)
+@click.option(
     "--select-from",
     type=float,
     default=None,
@@ -91,8 +98,8 @@ def main(
     data: Path | None, download: bool, task: str, recipe: str, epochs: int | None,
     batch_size: int | None, lr: float | None, weight_decay: float | None,
     warmup_epochs: float | None, label_smoothing: float | None, balance: str | None,
-    ema_decay: float | None, crop_scale_min: float | None, select_from: float | None,
-    image_size: int, device: str, seed: int, limit: int | None,
+    ema_decay: float | None, crop_scale_min: float | None, jitter: float | None,
+    select_from: float | None, image_size: int, device: str, seed: int, limit: int | None,
     out: Path | None, resume: bool, init: str, workers: int,
 ) -> None:  # fmt: skip
     """Train ResNet-50 on the MSL images; write checkpoint, metrics and plots to --out."""
@@ -112,9 +119,9 @@ def main(
         recipe, data=resolve_data_dir(data), out=out or Path("runs") / task, task=task,
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, balance=balance,
-        ema_decay=ema_decay, crop_scale_min=crop_scale_min, select_from=select_from,
-        image_size=image_size, device=device, seed=seed, limit=limit, init=init, resume=resume,
-        workers=workers,
+        ema_decay=ema_decay, crop_scale_min=crop_scale_min, jitter=jitter,
+        select_from=select_from, image_size=image_size, device=device, seed=seed, limit=limit,
+        init=init, resume=resume, workers=workers,
     )  # fmt: skip
     from marsvision.train.loop import main as train
 

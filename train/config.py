@@ -108,6 +108,11 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
         if not 0 < crop_min <= 1:
             raise MarsvisionError(f"--crop-scale-min {crop_min}: must be in (0, 1]")
         values["augment"] = dataclasses.replace(values["augment"], scale=(crop_min, 1.0))
+    jitter = flags.pop("jitter", None)
+    if jitter is not None:
+        if not 0 <= jitter < 1:
+            raise MarsvisionError(f"--jitter {jitter}: must be in [0, 1)")
+        values["augment"] = dataclasses.replace(values["augment"], jitter=jitter)
     values.update({k: v for k, v in flags.items() if v is not None})
     cfg = TrainConfig(recipe=recipe, **values)
     checks = [
@@ -132,7 +137,7 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
 # TrainConfig fields that mars-train sets from a flag of the same name (`--batch-size` ...)
 FLAG_FIELDS = ("task", "recipe", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                "label_smoothing", "balance", "ema_decay", "image_size", "seed", "limit", "init",
-               "device", "crop_scale_min", "select_from")  # fmt: skip
+               "device", "crop_scale_min", "jitter", "select_from")  # fmt: skip
 
 
 def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None = None) -> str:
@@ -145,13 +150,15 @@ def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None 
     config = dict(config)
     # JSON turns tuples into lists
     augment = {k: tuple(v) if isinstance(v, list) else v for k, v in config["augment"].items()}
-    crop_min = augment["scale"][0]
+    crop_min, jitter = augment["scale"][0], augment["jitter"]
     config["crop_scale_min"] = crop_min if crop_min != recipe["augment"].scale[0] else None
+    config["jitter"] = jitter if jitter != recipe["augment"].jitter else None
     for key in ("optimizer", "schedule", "augment"):
         want = recipe[key]
         got = config[key]
         if key == "augment":
-            want = dataclasses.asdict(dataclasses.replace(want, scale=(crop_min, 1.0)))
+            flagged = dataclasses.replace(want, scale=(crop_min, 1.0), jitter=jitter)
+            want = dataclasses.asdict(flagged)
             got = augment
         if got != want:
             raise MarsvisionError(
