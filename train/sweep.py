@@ -34,6 +34,8 @@ from marsvision.runtime.files import atomic_write_text
 CANDIDATES: dict[str, dict[str, Any]] = {
     "default": {},
     "group-zoom": {"balance": "group", "crop_scale_min": 0.08},  # see DEVELOPERS.md: MAHLI
+    # the CPU-shipped recipe at its 128 px, 60 epochs: a third of a 224 px run; 160 px was worse
+    "group-zoom-128": {"balance": "group", "crop_scale_min": 0.08, "image_size": 128},
     "zoom": {"crop_scale_min": 0.08},
     "group": {"balance": "group"},
     "group-zoom-long": {"balance": "group", "crop_scale_min": 0.08, "epochs": 120},
