@@ -31,14 +31,16 @@ from marsvision.runtime.files import atomic_write_text
 
 # name -> mars-train flags over the default recipe (224 px, 60 epochs), in the order they run:
 # the most promising first, since a short budget may reach only the first few.
+GROUP_ZOOM: dict[str, Any] = {"balance": "group", "crop_scale_min": 0.08}  # DEVELOPERS.md: MAHLI
 CANDIDATES: dict[str, dict[str, Any]] = {
     "default": {},
-    "group-zoom": {"balance": "group", "crop_scale_min": 0.08},  # see DEVELOPERS.md: MAHLI
-    # the CPU-shipped recipe at its 128 px, 60 epochs: a third of a 224 px run; 160 px was worse
-    "group-zoom-128": {"balance": "group", "crop_scale_min": 0.08, "image_size": 128},
+    "group-zoom": GROUP_ZOOM,
+    # the CPU-shipped recipe at its 128 px, 60 epochs: a third of a 224 px run (160 px on the
+    # CPU was no better on val in one run; README, "Seed noise at 128 px")
+    "group-zoom-128": {**GROUP_ZOOM, "image_size": 128},
     "zoom": {"crop_scale_min": 0.08},
     "group": {"balance": "group"},
-    "group-zoom-long": {"balance": "group", "crop_scale_min": 0.08, "epochs": 120},
+    "group-zoom-long": {**GROUP_ZOOM, "epochs": 120},
     "no-smoothing": {"label_smoothing": 0.0},
     "strong-wd": {"weight_decay": 0.2, "lr": 2e-3},
     "px160-long": {"image_size": 160, "epochs": 150},
