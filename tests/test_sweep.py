@@ -14,7 +14,14 @@ from click.testing import CliRunner
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.train.checkpoint import load_checkpoint
 from marsvision.train.config import config_from_flags
-from marsvision.train.sweep import CANDIDATES, main, parse_settings, run_sweep, split_file
+from marsvision.train.sweep import (
+    CANDIDATES,
+    main,
+    parse_settings,
+    rank_candidates,
+    run_sweep,
+    split_file,
+)
 
 TINY = ("image_size=64", "limit=16", "epochs=1", "device=cpu", "batch_size=8")
 
@@ -44,6 +51,55 @@ def test_sweep_ships_the_best_on_val_in_parts(msl_dir: Path, tmp_path: Path) -> 
     assert ckpt["weights_dtype"] == "float16" and ckpt["config"]["out"].endswith(best["name"])
     assert sha in (out / "resnet50-binary.md").read_text()
     assert len(list(out.iterdir())) <= 8  # the device tool returns at most 8 files
+
+
+def test_sweep_over_seeds_ranks_by_the_mean_and_ships_the_best_seed(
+    msl_dir: Path, tmp_path: Path
+) -> None:
+    summary = run_sweep(data_dir=msl_dir, task="binary", names=["group-zoom", "default"],
+                        settings=parse_settings(TINY), budget_s=600.0, runs_dir=tmp_path / "r",
+                        out_dir=tmp_path / "o", workers=2, seeds=(3, 4))  # fmt: skip
+    rows = summary["candidates"]
+    assert [(r["run"], r["status"]) for r in rows] == [
+        ("group-zoom-seed3", "done"), ("group-zoom-seed4", "done"),
+        ("default-seed3", "done"), ("default-seed4", "done")]  # fmt: skip
+    assert [r["config"]["seed"] for r in rows] == [3, 4, 3, 4]
+    assert summary["ranking"] == rank_candidates(rows)
+    chosen = summary["ranking"][0]
+    own = [r for r in rows if r["name"] == chosen["name"]]
+    best = max(own, key=lambda r: (r["val"]["balanced_accuracy"], r["val"]["accuracy"]))
+    assert summary["shipped_run"] == best["run"] == chosen["best_run"]
+    assert [("test" in r) for r in rows] == [r is best for r in rows]
+    ckpt = load_checkpoint(tmp_path / "r" / "models" / "resnet50-binary.pt")
+    assert ckpt["config"]["out"].endswith(best["run"]) and ckpt["config"]["seed"] == best["seed"]
+
+
+def test_ranking_is_by_mean_val_over_finished_seeds() -> None:
+    def row(name: str, seed: int, bal: float, acc: float = 0.5) -> dict[str, object]:
+        return {"name": name, "seed": seed, "run": f"{name}-seed{seed}", "status": "done",
+                "val": {"balanced_accuracy": bal, "accuracy": acc}}  # fmt: skip
+
+    rows = [row("a", 0, 0.90), row("a", 1, 0.60),  # one lucky seed, mean 0.75
+            row("b", 0, 0.80), row("b", 1, 0.78),  # mean 0.79
+            {"name": "c", "seed": 0, "run": "c-seed0", "status": "failed: OOM"}]  # fmt: skip
+    ranked = rank_candidates(rows)
+    assert [c["name"] for c in ranked] == ["b", "a"]
+    assert ranked[0]["best_run"] == "b-seed0" and ranked[0]["seeds"] == [0, 1]
+    assert ranked[0]["val_mean"]["balanced_accuracy"] == pytest.approx(0.79)
+    assert ranked[1]["val_balanced_accuracy"] == [0.90, 0.60]
+
+
+def test_sweep_seeds_are_checked(msl_dir: Path, tmp_path: Path) -> None:
+    kw = dict(data_dir=msl_dir, task="binary", names=["default"], budget_s=600.0,
+              runs_dir=tmp_path / "r", out_dir=tmp_path / "o", workers=2)  # fmt: skip
+    with pytest.raises(MarsvisionError, match="--seeds"):
+        run_sweep(settings=parse_settings((*TINY, "seed=1")), **kw)  # type: ignore[arg-type]
+    with pytest.raises(MarsvisionError, match="distinct"):
+        run_sweep(settings=parse_settings(TINY), seeds=(1, 1), **kw)  # type: ignore[arg-type]
+    result = CliRunner().invoke(main, ["--data", str(msl_dir), "--budget-min", "1", "--out",
+                                       str(tmp_path / "o"), "--seeds", "0,x"])  # fmt: skip
+    assert result.exit_code != 0 and "--seeds '0,x'" in result.output
+    assert not (tmp_path / "r").exists()
 
 
 def test_sweep_skips_what_cannot_fit_and_says_so(msl_dir: Path, tmp_path: Path) -> None:
