@@ -9,8 +9,8 @@ and split the shipped file into parts small enough to come back from the machine
 Every candidate is a set of mars-train flags, so the shipped model's card holds the one
 command that reproduces it. Candidates are selected on val alone; only the shipped run's test
 metrics are reported. With `--seeds 0,1` each candidate is trained once per seed and ranked by
-its mean val score (one seed moved the CPU recipe by 12 points on val: README, "Seed noise");
-the chosen candidate's best seed on val ships.
+its mean val score (the seed alone moved the CPU recipe by up to 11.6 points on val: README,
+"Seed noise"); the chosen candidate's best seed on val ships.
 """
 
 from __future__ import annotations
