@@ -56,9 +56,14 @@ def test_sweep_ships_the_best_on_val_in_parts(msl_dir: Path, tmp_path: Path) -> 
 def test_sweep_over_seeds_ranks_by_the_mean_and_ships_the_best_seed(
     msl_dir: Path, tmp_path: Path
 ) -> None:
-    summary = run_sweep(data_dir=msl_dir, task="binary", names=["group-zoom", "default"],
-                        settings=parse_settings(TINY), budget_s=600.0, runs_dir=tmp_path / "r",
-                        out_dir=tmp_path / "o", workers=2, seeds=(3, 4))  # fmt: skip
+    args = ["--data", str(msl_dir), "--candidates", "group-zoom,default", "--budget-min", "10",
+            "--runs", str(tmp_path / "r"), "--out", str(tmp_path / "o"), "--workers", "2",
+            "--seeds", "3,4"]  # fmt: skip
+    for s in TINY:
+        args += ["--set", s]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "o" / "sweep.json").read_text())
     rows = summary["candidates"]
     assert [(r["run"], r["status"]) for r in rows] == [
         ("group-zoom-seed3", "done"), ("group-zoom-seed4", "done"),
@@ -70,6 +75,8 @@ def test_sweep_over_seeds_ranks_by_the_mean_and_ships_the_best_seed(
     best = max(own, key=lambda r: (r["val"]["balanced_accuracy"], r["val"]["accuracy"]))
     assert summary["shipped_run"] == best["run"] == chosen["best_run"]
     assert [("test" in r) for r in rows] == [r is best for r in rows]
+    assert result.output.count("mean of 2 seeds") == 2
+    assert f"chosen on val: {chosen['name']} ({best['run']})" in result.output
     ckpt = load_checkpoint(tmp_path / "r" / "models" / "resnet50-binary.pt")
     assert ckpt["config"]["out"].endswith(best["run"]) and ckpt["config"]["seed"] == best["seed"]
 
