@@ -264,8 +264,7 @@ def main(
                        f"{mean['accuracy']:.4f} bal {mean['balanced_accuracy']:.4f}")  # fmt: skip
     test = summary["shipped"]["scores"]["test"]["metrics"]
     click.echo(f"chosen on val: {summary['chosen']} ({summary['shipped_run']}); shipped weights: "
-               f"test accuracy "
-               f"{test['accuracy']:.4f} balanced {test['balanced_accuracy']:.4f} f1 "
+               f"test accuracy {test['accuracy']:.4f} balanced {test['balanced_accuracy']:.4f} f1 "
                f"{test['f1']:.4f}; parts in {out}")  # fmt: skip
 
 
