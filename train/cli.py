@@ -73,6 +73,20 @@ from marsvision.train.config import RECIPES, config_from_flags
     "in 1 +- this [0.2; blog 0].",
 )
 @click.option(
+    "--mixup",
+    type=float,
+    default=None,
+    help="MixUp: blend each image with another, labels weighted by a share drawn from "
+    "Beta(this, this); 0 = off [0].",
+)
+@click.option(
+    "--cutmix",
+    type=float,
+    default=None,
+    help="CutMix: paste a box of another image, labels weighted by area, Beta(this, this); "
+    "0 = off; with --mixup too, one of the two per batch [0].",
+)
+@click.option(
     "--select-from",
     type=float,
     default=None,
@@ -99,8 +113,9 @@ def main(
     batch_size: int | None, lr: float | None, weight_decay: float | None,
     warmup_epochs: float | None, label_smoothing: float | None, balance: str | None,
     ema_decay: float | None, crop_scale_min: float | None, jitter: float | None,
-    select_from: float | None, image_size: int, device: str, seed: int, limit: int | None,
-    out: Path | None, resume: bool, init: str, workers: int,
+    mixup: float | None, cutmix: float | None, select_from: float | None, image_size: int,
+    device: str, seed: int, limit: int | None, out: Path | None, resume: bool, init: str,
+    workers: int,
 ) -> None:  # fmt: skip
     """Train ResNet-50 on the MSL images; write checkpoint, metrics and plots to --out."""
     from marsvision.runtime.errors import MarsvisionError
@@ -119,9 +134,9 @@ def main(
         recipe, data=resolve_data_dir(data), out=out or Path("runs") / task, task=task,
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, balance=balance,
-        ema_decay=ema_decay, crop_scale_min=crop_scale_min, jitter=jitter,
-        select_from=select_from, image_size=image_size, device=device, seed=seed, limit=limit,
-        init=init, resume=resume, workers=workers,
+        ema_decay=ema_decay, crop_scale_min=crop_scale_min, jitter=jitter, mixup=mixup,
+        cutmix=cutmix, select_from=select_from, image_size=image_size, device=device, seed=seed,
+        limit=limit, init=init, resume=resume, workers=workers,
     )  # fmt: skip
     from marsvision.train.loop import main as train
 

@@ -81,6 +81,8 @@ class TrainConfig:
     balance: str = "loss"
     ema_decay: float = 0.998
     augment: AugmentSpec = field(default_factory=AugmentSpec)
+    mixup: float = 0.0  # Beta alpha of MixUp, 0 = off (train/mix.py)
+    cutmix: float = 0.0  # Beta alpha of CutMix, 0 = off; with both, one of them per batch
     select_from: float = 0.5  # the checkpoint is the best on val from this fraction of epochs on
     image_size: int = 224
     device: str = "auto"
@@ -122,6 +124,8 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
         (cfg.limit is None or cfg.limit >= 1, f"--limit {cfg.limit}: need at least 1"),
         (cfg.workers >= 0, f"--workers {cfg.workers}: cannot be negative"),
         (0 <= cfg.ema_decay < 1, f"EMA decay {cfg.ema_decay}: must be in [0, 1)"),
+        (cfg.mixup >= 0, f"--mixup {cfg.mixup}: must be >= 0 (0 = off)"),
+        (cfg.cutmix >= 0, f"--cutmix {cfg.cutmix}: must be >= 0 (0 = off)"),
         (0 <= cfg.select_from <= 1, f"--select-from {cfg.select_from}: must be in [0, 1]"),
         (cfg.optimizer in OPTIMIZERS, f"optimizer {cfg.optimizer!r}: choose {OPTIMIZERS}"),
         (cfg.schedule in SCHEDULES, f"schedule {cfg.schedule!r}: choose {SCHEDULES}"),
@@ -137,7 +141,7 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
 # TrainConfig fields that mars-train sets from a flag of the same name (`--batch-size` ...)
 FLAG_FIELDS = ("task", "recipe", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                "label_smoothing", "balance", "ema_decay", "image_size", "seed", "limit", "init",
-               "device", "crop_scale_min", "jitter", "select_from")  # fmt: skip
+               "device", "crop_scale_min", "jitter", "select_from", "mixup", "cutmix")  # fmt: skip
 
 
 def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None = None) -> str:
@@ -169,6 +173,8 @@ def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None 
     for name in FLAG_FIELDS:
         value = config.get(name)  # older configs lack newer flags
         if value is None or (name == "init" and value == "random"):
+            continue
+        if name in ("mixup", "cutmix") and value == 0:  # off, as in every run before them
             continue
         parts += [f"--{name.replace('_', '-')}", str(value)]
     parts += ["--out", out if out is not None else str(config["out"])]

@@ -7,6 +7,7 @@ in fp32. The checkpoint is selected on val only; test is evaluated once, at the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import tempfile
@@ -27,6 +28,7 @@ from marsvision.train.checkpoint import atomic_torch_save, load_checkpoint, make
 from marsvision.train.config import AugmentSpec, TrainConfig
 from marsvision.train.images import eval_tensors, train_store
 from marsvision.train.metrics import bootstrap_cis, classification_metrics
+from marsvision.train.mix import mix_batch
 from marsvision.train.model import ModelEma, create_model
 from marsvision.train.objective import (
     objective_from_config,
@@ -51,7 +53,7 @@ RUN_FILES = (CHECKPOINT, RESUME, "config.json", "metrics.json", "predictions_tes
 RESUME_MUST_MATCH = (
     "task", "recipe", "batch_size", "optimizer", "lr", "weight_decay", "schedule",
     "warmup_epochs", "label_smoothing", "balance", "ema_decay", "augment", "image_size",
-    "seed", "limit", "init",
+    "seed", "limit", "init", "mixup", "cutmix",
 )  # fmt: skip
 
 
@@ -72,6 +74,22 @@ def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def _loss(
+    loss_fn: nn.Module,
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    w: torch.Tensor | None,
+    w_norm: torch.Tensor | None,
+) -> torch.Tensor:
+    """The batch loss against labels `y`: with per-image weights `w` (a `reduction="none"`
+    loss_fn) their weighted sum over `w_norm`'s sum, the images' own weights, so that the shares
+    of a mixed batch add up to the unmixed loss's scale."""
+    loss: torch.Tensor = loss_fn(logits, y)
+    if w is None or w_norm is None:
+        return loss
+    return (loss * w).sum() / w_norm.sum()
+
+
 def train_one_epoch(
     model: nn.Module,
     *,
@@ -89,31 +107,40 @@ def train_one_epoch(
     ema: ModelEma | None,
     desc: str,
     sample_weights: torch.Tensor | None = None,
+    mixup: float = 0.0,
+    cutmix: float = 0.0,
 ) -> dict[str, float]:
     """One pass over `order` (indices into the uint8 `images`); returns loss, accuracy, images/s.
 
     `sample_weights` (one per image, with a `reduction="none"` loss_fn): the batch loss is the
-    weighted mean, as CrossEntropyLoss's class `weight` makes it."""
+    weighted mean, as CrossEntropyLoss's class `weight` makes it. `mixup`, `cutmix`: Beta alphas
+    of the batch mixing (train/mix.py), 0 = off; the loss and the accuracy then weigh each
+    image's two labels by their shares."""
     device = images.device
     cuda = device.type == "cuda"
     model.train()
     bar = Progress(len(order), desc)
     loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    correct = torch.zeros((), device=device)
     seen = 0
     order = order.to(device)  # once per epoch, not one host copy per step
     for step, (start, stop) in enumerate(_batches(len(order), batch_size)):
         idx = order[start:stop]
         x = augment_batch(images[idx], out_size=image_size, spec=spec, aug=aug, generator=generator)
+        y = labels[idx]
+        w = sample_weights[idx] if sample_weights is not None else None
+        mixed = mix_batch(x, mixup=mixup, cutmix=cutmix, generator=generator)
+        # (label, weight, share) terms of the loss: the image's own label, then its partner's
+        terms = [(y, w, 1.0)]
+        if mixed is not None:
+            x, p = mixed.x, mixed.partner
+            terms = [(y, w, mixed.lam), (y[p], None if w is None else w[p], 1.0 - mixed.lam)]
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        y = labels[idx]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             logits = model(x)
-            loss = loss_fn(logits.float(), y)
-            if sample_weights is not None:
-                w = sample_weights[idx]
-                loss = (loss * w).sum() / w.sum()
+            loss = torch.stack([share * _loss(loss_fn, logits.float(), yt, wt, w)
+                                for yt, wt, share in terms]).sum()  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -122,7 +149,9 @@ def train_one_epoch(
             ema.update(model)
         n = stop - start
         loss_sum += loss.detach() * n
-        correct += (logits.argmax(1) == y).sum()
+        pred = logits.argmax(1)
+        for yt, _, share in terms:
+            correct += share * (pred == yt).sum()
         seen += n
         if not cuda or step % 10 == 0:  # .item() waits for the GPU: only every 10 steps
             bar.update(n, loss=loss_sum.item() / seen, acc=correct.item() / seen)
@@ -199,10 +228,12 @@ def _load_resume(out: Path, cfg: TrainConfig, fingerprint: str) -> dict[str, Any
     except Exception as e:  # noqa: BLE001
         raise MarsvisionError(f"--resume: {path} cannot be read ({str(e)[:100]})") from None
     saved, now = state["config"], cfg.to_dict()
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for key in RESUME_MUST_MATCH:
-        if saved.get(key) != now.get(key):
+        was = saved.get(key, defaults.get(key))  # runs from before a setting existed lack it
+        if was != now.get(key):
             raise MarsvisionError(
-                f"--resume: {key} was {saved.get(key)!r} in {out}, now {now.get(key)!r}; "
+                f"--resume: {key} was {was!r} in {out}, now {now.get(key)!r}; "
                 "pass the same flags as the run"
             )
     if state["data_fingerprint"] != fingerprint:
@@ -314,7 +345,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
         tr = train_one_epoch(
             model, images=images, labels=y["train"], order=order, optimizer=optimizer,
             scheduler=scheduler, loss_fn=objective.loss_fn,
-            sample_weights=objective.sample_weights,
+            sample_weights=objective.sample_weights, mixup=cfg.mixup, cutmix=cfg.cutmix,
             batch_size=cfg.batch_size,
             image_size=cfg.image_size, spec=spec, aug=cfg.augment, generator=gen, ema=ema,
             desc=f"epoch {epoch}/{cfg.epochs}",
