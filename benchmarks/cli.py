@@ -38,13 +38,22 @@ def _csv(flag: str, value: str | None, kind: type = str) -> tuple:  # type: igno
 def _checkpoint(checkpoint: Path | None, artifacts: Path | None) -> Path:
     """--checkpoint, else the source checkpoint named in the artifacts' manifest.json."""
     from marsvision.benchmarks.artifacts import read_manifest
+    from marsvision.runtime.metadata import sha256_file
 
     if artifacts is not None and not artifacts.is_dir():
         raise MarsvisionError(f"--artifacts {artifacts}: no such directory (a mars-export --out)")
     if checkpoint is None and artifacts is not None:
-        source = (read_manifest(artifacts) or {}).get("source_checkpoint")
+        manifest = read_manifest(artifacts) or {}
+        source = manifest.get("source_checkpoint")
         if source and Path(source).is_file():
             checkpoint = Path(source)
+            want = manifest.get("source_checkpoint_sha256")
+            if want and sha256_file(checkpoint) != want:
+                raise MarsvisionError(
+                    f"{checkpoint}, the checkpoint the artifacts in {artifacts} were exported "
+                    "from, has changed since (its sha256 differs from manifest.json's); export "
+                    "again, or pass the original with --checkpoint PATH"
+                )
     if checkpoint is None:
         raise MarsvisionError(
             "the PyTorch reference needs --checkpoint PATH (the artifacts' manifest.json names "
@@ -320,7 +329,7 @@ Exit codes:
 
 
 @main.command(help=_SCORE_HELP)
-@click.argument("predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("predictions", type=click.Path(path_type=Path))  # unreadable: exit 1
 @_data
 @click.option(
     "--split",

@@ -15,6 +15,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from marsvision.runtime.host import usable_cores
+
 LIBRARIES = (
     "marsvision",
     "numpy",
@@ -50,16 +52,12 @@ def cpu_info(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> dict[str, Any
             physical.add((phys_id, core_id))
         elif key == "flags" and not flags:
             flags = set(value.split())
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        usable = os.cpu_count() or 1
     notable = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "f16c")
     return {
         "model": model,
         "logical_cores": os.cpu_count(),
         "physical_cores": len(physical) or None,
-        "usable_cores": usable,
+        "usable_cores": usable_cores(),
         "isa": [f for f in notable if f in flags],
         "arch": platform.machine(),
     }

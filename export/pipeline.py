@@ -55,6 +55,10 @@ def _tensorrt_plan(config: ExportConfig) -> tuple[bool, str | None]:
 
     if config.tensorrt == "off":
         return False, None
+    if config.tensorrt == "on" and not (config.fp16 or config.int8):
+        raise MarsvisionError(
+            "--tensorrt on builds the FP16 and INT8 engines: add --fp16 and/or --int8"
+        )
     reason = tensorrt_unavailable_reason()
     if reason is None:
         return config.fp16 or config.int8, None
@@ -193,7 +197,7 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
             publish(src, dst)
 
     manifest = {
-        "source_checkpoint": str(config.checkpoint),
+        "source_checkpoint": str(config.checkpoint.resolve()),  # usable from any folder
         "source_checkpoint_sha256": source_sha,
         "task": task,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -26,6 +26,7 @@ from types import TracebackType
 import numpy as np
 
 from marsvision.runtime.backends import open_runner
+from marsvision.runtime.host import usable_cores
 from marsvision.runtime.metadata import sha256_file
 from marsvision.runtime.preprocess import ImageError, decode_image, normalize_into
 
@@ -40,7 +41,7 @@ _BUFFERS = 3  # batches in flight: one inferring, up to two being decoded
 def default_workers() -> int:
     """Decode threads: one per core, at most 4 (measured on 2 cores: 2 threads are as fast
     as 1 or slightly faster end to end; MSL JPEGs decode and resize in about 1 ms)."""
-    return max(1, min(4, os.cpu_count() or 1))
+    return max(1, min(4, usable_cores()))
 
 
 @dataclass(frozen=True)

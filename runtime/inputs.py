@@ -4,7 +4,8 @@ A PATH is a file (any name: non-images become error rows), a folder (its image f
 with `recursive`, its subfolders too), a glob pattern (`'data/*.JPG'`, `**` with `recursive`),
 or `@list.txt`: a text file with one path per line (blank lines and lines starting with `#`
 are skipped; relative paths are relative to the current directory). A PATH that names nothing
-is kept, so that it gets its own error row. Each distinct path appears once, in the order given.
+is kept, so that it gets its own error row, and so is a folder with no image files in it. Each
+distinct path appears once, in the order given.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def expand_inputs(args: list[str], *, recursive: bool = False) -> list[str]:
         if arg.startswith("@") and len(arg) > 1:
             out.extend(_list_file(arg))
         elif os.path.isdir(arg):
-            out.extend(_folder(arg, recursive))
+            out.extend(_folder(arg, recursive) or [arg])  # no images: the folder's error row
         elif not os.path.lexists(arg) and _GLOB_CHARS & set(arg):
             matches = sorted(glob.glob(arg, recursive=recursive))
             files = [m for m in matches if not os.path.isdir(m)]

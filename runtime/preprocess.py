@@ -81,6 +81,12 @@ def decode_image(
             if w < 1 or h < 1:
                 raise ImageError(f"image has no pixels ({w}x{h})")
             tw, th = resized_size(w, h, spec.resize_size)
+            if tw * th > max_pixels:  # a thin strip's short side is resized up, the long with it
+                raise ImageError(
+                    f"image is {w}x{h}: its shorter side resized to {spec.resize_size} px makes "
+                    f"it {tw}x{th} pixels, more than the limit of {max_pixels} (aspect ratio "
+                    "too extreme)"
+                )
             if fast_decode and img.format == "JPEG":
                 img.draft("RGB", (tw, th))
             img.load()
@@ -94,7 +100,9 @@ def decode_image(
     except FileNotFoundError:
         raise ImageError("file not found (or a broken symlink)") from None
     except IsADirectoryError:
-        raise ImageError("is a directory, not an image file") from None
+        raise ImageError(
+            "is a folder with no image files directly in it (subfolders need --recursive)"
+        ) from None
     except PermissionError:
         raise ImageError("permission denied") from None
     except UnidentifiedImageError:

@@ -160,18 +160,37 @@ def _check_same_run(path: str, n: int, row: dict[str, Any], prov: Provenance) ->
             )
 
 
+def _json_layout_matches(row: dict[str, Any], header: list[str]) -> bool:
+    """Whether a JSONL row holds what `header` (this run's CSV columns) says: the probability of
+    each of the same classes, or the same number of top-k entries."""
+    k = sum(c.startswith("label_") for c in header)
+    if k:
+        return "top_k" in row and (row["top_k"] is None or len(row["top_k"]) == k)
+    names = [c.removeprefix("prob_") for c in header if c.startswith("prob_")]
+    return "probs" in row and (row["probs"] is None or list(row["probs"]) == names)
+
+
 def read_done(path: str, *, fmt: str, header: list[str], provenance: Provenance) -> dict[str, str]:
     """{path: status} of the rows already in a results file (after repairing a cut last line).
 
     A file written for another model's classes or another --top-k is refused, and so is one
-    written by another model file or with another --tta (its rows would mix two models).
+    written by another model file or with another --tta (its rows would mix two models), and
+    one in the other format.
     """
-    _repair_tail(path)
-    with open(path, newline="", **ENCODING) as f:  # type: ignore[call-overload]
-        text = f.read()
+    try:
+        _repair_tail(path)
+        with open(path, newline="", **ENCODING) as f:  # type: ignore[call-overload]
+            text = f.read()
+    except OSError as e:
+        raise MarsvisionError(f"cannot resume the results file {path} ({e.strerror})") from None
     done: dict[str, str] = {}
     if not text:
         return done
+    if text.startswith("{") != (fmt == "jsonl"):
+        other = "csv" if fmt == "jsonl" else "jsonl"
+        raise MarsvisionError(
+            f"{path} holds {other.upper()} rows, not {fmt.upper()}; resume with --format {other}"
+        )
     if fmt == "csv":
         rows = list(csv.reader(io.StringIO(text, newline="")))
         if rows[0] != header:
@@ -192,6 +211,11 @@ def read_done(path: str, *, fmt: str, header: list[str], provenance: Provenance)
         except (json.JSONDecodeError, KeyError, TypeError):
             raise MarsvisionError(f"{path}: line {n} is not a result row; cannot resume") from None
         _check_same_run(path, n, d, provenance)
+        if not _json_layout_matches(d, header):
+            raise MarsvisionError(
+                f"{path}: line {n} was written for other classes or another --top-k; resume "
+                "with the same options, or write to a new --out file"
+            )
     return done
 
 

@@ -308,6 +308,8 @@ def _cases(samples: list[Any], tmp: Path) -> dict[str, tuple[Path, str]]:
     out["cut"] = (cut, "line 1306 has")
     (tmp / "empty.csv").write_text("")
     out["empty"] = (tmp / "empty.csv", "is empty")
+    out["no file"] = (tmp / "no-such.csv", "cannot read the predictions file")  # exit 1, not 2
+    out["a folder"] = (tmp, "cannot read the predictions file")
     return out
 
 

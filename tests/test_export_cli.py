@@ -164,3 +164,13 @@ def test_console_script_error_is_one_line(tmp_path: Path) -> None:
         timeout=120,
     )
     _one_line_error(proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_tensorrt_on_needs_an_engine_to_build(
+    tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    """`--tensorrt on` alone would build no engine: refused, whether TensorRT is here or not."""
+    args = ["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path), "--tensorrt", "on"]
+    line = _one_line_error(*_run(args, msl_dir))
+    assert "add --fp16 and/or --int8" in line
+    assert list(tmp_path.iterdir()) == []

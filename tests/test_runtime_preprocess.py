@@ -147,3 +147,14 @@ print(len(names))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout) >= 10
+
+
+def test_thin_strip_guard(tmp_path: Path) -> None:
+    """A 1-pixel-wide strip is tiny as a file, but resizing its short side to the spec's size
+    scales the long side with it: refused once the resized image passes the pixel limit."""
+    spec = PreprocessSpec.for_input_size(64)  # short side to 73 px
+    p = _save(tmp_path, "strip.png", Image.new("L", (1, 2000)))  # 2,000 pixels -> 73 x 146,000
+    with pytest.raises(ImageError, match="aspect ratio too extreme"):
+        decode_image(p, spec, max_pixels=100_000)
+    q = _save(tmp_path, "wide.png", Image.new("L", (600, 100)))  # 600 pixels wide -> 438 x 73
+    assert decode_image(q, spec, max_pixels=100_000).shape == (64, 64, 3)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.host import usable_cores
 from marsvision.runtime.metadata import METADATA_KEY, ModelMeta
 
 _EP = {
@@ -39,7 +40,7 @@ def session_options(threads: int | None = None, *, optimize: bool = True) -> Any
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.intra_op_num_threads = threads or os.cpu_count() or 1
+    so.intra_op_num_threads = threads or usable_cores()
     so.inter_op_num_threads = 1
     # Spinning threads steal the CPU from the decode workers between batches.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -1,0 +1,116 @@
+"""Edges of the runtime a user meets: folders without images, resuming a file written with
+other options or in the other format, CPU affinity, and the source checkpoint of exports."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from marsvision.runtime.errors import MarsvisionError
+
+MARS_INFER = [sys.executable, "-m", "marsvision.runtime.cli"]
+
+
+def _infer(*args: object) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*MARS_INFER, *map(os.fspath, args)], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models: dict[str, Path]) -> Path:
+    return tiny_models["int8-cpu"]
+
+
+@pytest.fixture(scope="module")
+def images(msl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    from marsvision.train.data import read_split
+
+    d = tmp_path_factory.mktemp("imgs")
+    out = []
+    for s in read_split(msl_dir, "test", "binary", limit=2):
+        out.append(d / s.path.name)
+        shutil.copy(s.path, out[-1])
+    return out
+
+
+def test_folder_without_images_is_an_error_row(
+    model: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """A folder whose images are all in subfolders gets an error row (exit 3) that names
+    --recursive, instead of an empty, successful run."""
+    sub = tmp_path / "top" / "sub"
+    sub.mkdir(parents=True)
+    shutil.copy(images[0], sub)
+    r = _infer(tmp_path / "top", "--engine", model)
+    assert r.returncode == 3, r.stderr
+    (row,) = r.stdout.decode().splitlines()[1:]
+    assert row.startswith(f"{tmp_path / 'top'},error,") and "--recursive" in row
+    r = _infer(tmp_path / "top", "--engine", model, "--recursive")
+    assert r.returncode == 0 and len(r.stdout.decode().splitlines()) == 2
+
+
+def test_resume_refuses_other_top_k_and_the_other_format(
+    model: Path, images: list[Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "r.jsonl"
+    assert _infer(images[0], "--engine", model, "--out", out).returncode == 0
+    before = out.read_bytes()
+    r = _infer(*images, "--engine", model, "--out", out, "--resume", "--top-k", "1")
+    assert r.returncode == 1 and b"other classes or another --top-k" in r.stderr, r.stderr
+    assert out.read_bytes() == before  # nothing appended
+    r = _infer(*images, "--engine", model, "--out", out, "--resume", "--format", "csv")
+    assert r.returncode == 1 and b"resume with --format jsonl" in r.stderr, r.stderr
+    csv_out = tmp_path / "r.txt"  # CSV under a name that does not say so
+    assert _infer(images[0], "--engine", model, "--out", csv_out).returncode == 0
+    r = _infer(*images, "--engine", model, "--out", csv_out, "--resume", "--format", "jsonl")
+    assert r.returncode == 1 and b"resume with --format csv" in r.stderr, r.stderr
+    # the same options resume
+    r = _infer(*images, "--engine", model, "--out", out, "--resume")
+    assert r.returncode == 0 and len(out.read_text().splitlines()) == 2
+    assert all("probs" in json.loads(x) for x in out.read_text().splitlines())
+
+
+def test_unreadable_results_file_is_a_one_line_error(tmp_path: Path) -> None:
+    from marsvision.runtime.results import Provenance, csv_header, read_done
+
+    with pytest.raises(MarsvisionError, match="cannot resume the results file"):
+        read_done(str(tmp_path), fmt="csv", header=csv_header(["a", "b"], None),
+                  provenance=Provenance("sha", "fp32", "onnxruntime-cpu"))  # fmt: skip
+
+
+def test_threads_follow_the_cpu_affinity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a box limited to one core (taskset, a container) the runtime's threads and the
+    benchmarks' record say one, not the machine's core count."""
+    from marsvision.benchmarks.conditions import cpu_info
+    from marsvision.runtime.backends.onnxruntime import session_options
+    from marsvision.runtime.classifier import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0}, raising=False)
+    assert session_options().intra_op_num_threads == 1
+    assert default_workers() == 1
+    assert cpu_info()["usable_cores"] == 1
+
+
+def test_parity_reference_is_the_exported_checkpoint(
+    tiny_checkpoint: Path, tiny_exports: Path, tmp_path: Path
+) -> None:
+    """The manifest names its source checkpoint by absolute path (so mars-bench finds it from
+    any folder), and a checkpoint changed since the export is refused, not compared against."""
+    from marsvision.benchmarks.cli import _checkpoint
+
+    manifest = json.loads((tiny_exports / "manifest.json").read_text())
+    assert Path(manifest["source_checkpoint"]).is_absolute()
+    assert _checkpoint(None, tiny_exports) == tiny_checkpoint.resolve()
+    arts = tmp_path / "arts"
+    arts.mkdir()
+    moved = tmp_path / "ckpt.pt"
+    moved.write_bytes(tiny_checkpoint.read_bytes() + b"changed")
+    (arts / "manifest.json").write_text(json.dumps({**manifest, "source_checkpoint": str(moved)}))
+    with pytest.raises(MarsvisionError, match="has changed since"):
+        _checkpoint(None, arts)
+    assert _checkpoint(tiny_checkpoint, arts) == tiny_checkpoint  # --checkpoint wins
