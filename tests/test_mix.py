@@ -121,6 +121,8 @@ def test_flags_round_trip_and_checks() -> None:
     assert "--mixup" not in plain and "--cutmix" not in plain  # off: the command stays as before
     with pytest.raises(MarsvisionError, match="--cutmix -1"):
         config_from_flags("default", data=Path("d"), out=Path("o"), cutmix=-1.0)
+    with pytest.raises(MarsvisionError, match="--mixup inf"):  # Beta(inf, inf) is nan
+        config_from_flags("default", data=Path("d"), out=Path("o"), mixup=float("inf"))
 
 
 def test_resume_of_a_run_from_before_mixing(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import csv
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -102,10 +103,18 @@ def test_predictions_agree_with_metrics_and_checkpoint(run: Path, msl_dir: Path)
     np.testing.assert_allclose(torch.softmax(logits, 1).numpy(), probs, atol=1e-4)
 
 
-def test_resume_continues_the_same_run(run: Path, msl_dir: Path, tmp_path: Path) -> None:
-    """One epoch, then --resume to two: the same history as the fixture's straight run."""
+def test_resume_continues_the_same_run(
+    run: Path, msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A two-epoch run stopped after epoch 1 (as by a kill), then --resume: the same history as
+    the fixture's straight run."""
+    from marsvision.train import loop
+
     args = ["--data", str(msl_dir), "--limit", str(LIMIT), "--out", str(tmp_path / "r"), *QUICK]
-    _train([*args, "--epochs", "1"])
+    monkeypatch.setattr(loop, "RESUME_EVERY_S", 0.0)  # resume.pt after every epoch
+    cfg = config_from_flags("default", data=msl_dir, out=tmp_path / "r", epochs=2, limit=LIMIT,
+                            image_size=64, device="cpu", batch_size=8, workers=2)  # fmt: skip
+    assert loop.main(cfg, deadline=time.monotonic())["stopped_early_after_epoch"] == 1
     _train([*args, "--epochs", "2", "--resume"])
     a = json.loads((run / "metrics.json").read_text())["history"]
     b = json.loads((tmp_path / "r" / "metrics.json").read_text())["history"]
@@ -113,9 +122,12 @@ def test_resume_continues_the_same_run(run: Path, msl_dir: Path, tmp_path: Path)
     for ha, hb in zip(a, b, strict=True):
         for key in ("train_loss", "val_loss", "lr"):
             assert hb[key] == pytest.approx(ha[key], rel=1e-3, abs=1e-4), key
-    # resuming with different training flags is refused
-    r = CliRunner().invoke(main, [*args, "--epochs", "3", "--lr", "0.5", "--resume"])
+    # resuming with different training flags is refused; more epochs would stretch the
+    # learning-rate schedule under the epochs already trained
+    r = CliRunner().invoke(main, [*args, "--epochs", "2", "--lr", "0.5", "--resume"])
     assert r.exit_code == 1 and "--resume: lr was 0.001" in r.output
+    r = CliRunner().invoke(main, [*args, "--epochs", "3", "--resume"])
+    assert r.exit_code == 1 and "--resume: epochs was 2" in r.output
 
 
 def test_recipes() -> None:
@@ -182,6 +194,8 @@ def _bad_input(tmp_path: Path, msl_dir: Path, args: list[str]) -> str:
         (["--device", "tpu"], "--device 'tpu'"),
         (["--recipe", "fast"], "unknown recipe 'fast'"),
         (["--balance", "oversample"], "--balance 'oversample'"),
+        (["--lr", "inf"], "--lr inf: must be a positive number"),
+        (["--cutmix", "nan"], "--cutmix nan"),
         (["--resume"], "resume.pt does not exist"),
         (["--init", "/nonexistent/w.pth"], "no such weights file"),
     ],

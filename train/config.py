@@ -10,6 +10,7 @@ Flags given on the command line override the recipe's value.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,12 +121,18 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
     checks = [
         (cfg.epochs >= 1, f"--epochs {cfg.epochs}: need at least 1"),
         (cfg.batch_size >= 2, f"--batch-size {cfg.batch_size}: need at least 2 (BatchNorm)"),
-        (cfg.lr > 0, f"--lr {cfg.lr}: must be positive"),
+        (math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr {cfg.lr}: must be a positive number"),
         (cfg.limit is None or cfg.limit >= 1, f"--limit {cfg.limit}: need at least 1"),
         (cfg.workers >= 0, f"--workers {cfg.workers}: cannot be negative"),
         (0 <= cfg.ema_decay < 1, f"EMA decay {cfg.ema_decay}: must be in [0, 1)"),
-        (cfg.mixup >= 0, f"--mixup {cfg.mixup}: must be >= 0 (0 = off)"),
-        (cfg.cutmix >= 0, f"--cutmix {cfg.cutmix}: must be >= 0 (0 = off)"),
+        (
+            math.isfinite(cfg.mixup) and cfg.mixup >= 0,
+            f"--mixup {cfg.mixup}: must be a number >= 0 (0 = off)",
+        ),
+        (
+            math.isfinite(cfg.cutmix) and cfg.cutmix >= 0,
+            f"--cutmix {cfg.cutmix}: must be a number >= 0 (0 = off)",
+        ),
         (0 <= cfg.select_from <= 1, f"--select-from {cfg.select_from}: must be in [0, 1]"),
         (cfg.optimizer in OPTIMIZERS, f"optimizer {cfg.optimizer!r}: choose {OPTIMIZERS}"),
         (cfg.schedule in SCHEDULES, f"schedule {cfg.schedule!r}: choose {SCHEDULES}"),

@@ -50,10 +50,12 @@ RESUME = "resume.pt"
 RESUME_EVERY_S = 300.0
 RUN_FILES = (CHECKPOINT, RESUME, "config.json", "metrics.json", "predictions_test.csv",
              "curves.png", "confusion_test.png")  # fmt: skip
+# every setting of the run but where its files go and how it decodes: `epochs` too, since the
+# learning-rate schedule spans them, and `select_from`, since it sets which epochs were eligible
 RESUME_MUST_MATCH = (
-    "task", "recipe", "batch_size", "optimizer", "lr", "weight_decay", "schedule",
-    "warmup_epochs", "label_smoothing", "balance", "ema_decay", "augment", "image_size",
-    "seed", "limit", "init", "mixup", "cutmix",
+    "task", "recipe", "epochs", "select_from", "batch_size", "optimizer", "lr", "weight_decay",
+    "schedule", "warmup_epochs", "label_smoothing", "balance", "ema_decay", "augment",
+    "image_size", "seed", "limit", "init", "mixup", "cutmix",
 )  # fmt: skip
 
 
