@@ -100,8 +100,9 @@ def decode_image(
     except FileNotFoundError:
         raise ImageError("file not found (or a broken symlink)") from None
     except IsADirectoryError:
-        raise ImageError(
-            "is a folder with no image files directly in it (subfolders need --recursive)"
+        raise ImageError(  # an empty folder PATH, or a folder named in an @list
+            "is a folder, not an image file (a folder given as a PATH stands for the image "
+            "files directly in it; subfolders need --recursive)"
         ) from None
     except PermissionError:
         raise ImageError("permission denied") from None
