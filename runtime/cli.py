@@ -211,7 +211,7 @@ def run(cfg: InferConfig) -> int:
 @click.option(
     "--resume",
     is_flag=True,
-    help="Append to --out, skipping inputs it already has a row for (a line cut by "
+    help="Append to --out, skipping inputs it already has a row for (a row cut by "
     "a kill is dropped first); never writes a duplicate row.",
 )
 @click.option(

@@ -142,12 +142,28 @@ class ResultWriter:
         self._write_text(text)
 
 
-def _repair_tail(path: str) -> None:
-    """Cut a last line left unfinished by a kill, so that appending starts on a fresh line."""
+def _whole_csv_records(data: bytes) -> int:
+    """Length of the longest prefix of `data` made of whole CSV records: up to the last newline
+    outside quotes (a quoted path may hold newlines; quotes inside a field come doubled)."""
+    end = pos = quotes = 0
+    for line in data.split(b"\n")[:-1]:  # each piece that a newline ends
+        pos += len(line) + 1
+        quotes += line.count(b'"')
+        if quotes % 2 == 0:
+            end = pos
+    return end
+
+
+def _repair_tail(path: str, fmt: str) -> None:
+    """Cut a last row left unfinished by a kill, so that appending starts on a fresh row."""
     with open(path, "rb+") as f:
         data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
+        if fmt == "csv":
+            keep = _whole_csv_records(data)
+        else:
+            keep = data.rfind(b"\n") + 1
+        if keep < len(data):
+            f.truncate(keep)
 
 
 def _check_same_run(path: str, n: int, row: dict[str, Any], prov: Provenance) -> None:
@@ -178,7 +194,15 @@ def read_done(path: str, *, fmt: str, header: list[str], provenance: Provenance)
     one in the other format.
     """
     try:
-        _repair_tail(path)
+        with open(path, "rb") as f:
+            first = f.read(1)
+        if first and (first == b"{") != (fmt == "jsonl"):  # checked before any repair
+            other = "csv" if fmt == "jsonl" else "jsonl"
+            raise MarsvisionError(
+                f"{path} holds {other.upper()} rows, not {fmt.upper()}; resume with --format "
+                f"{other}"
+            )
+        _repair_tail(path, fmt)
         with open(path, newline="", **ENCODING) as f:  # type: ignore[call-overload]
             text = f.read()
     except OSError as e:
@@ -186,11 +210,6 @@ def read_done(path: str, *, fmt: str, header: list[str], provenance: Provenance)
     done: dict[str, str] = {}
     if not text:
         return done
-    if text.startswith("{") != (fmt == "jsonl"):
-        other = "csv" if fmt == "jsonl" else "jsonl"
-        raise MarsvisionError(
-            f"{path} holds {other.upper()} rows, not {fmt.upper()}; resume with --format {other}"
-        )
     if fmt == "csv":
         rows = list(csv.reader(io.StringIO(text, newline="")))
         if rows[0] != header:

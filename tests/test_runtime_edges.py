@@ -114,3 +114,30 @@ def test_parity_reference_is_the_exported_checkpoint(
     with pytest.raises(MarsvisionError, match="has changed since"):
         _checkpoint(None, arts)
     assert _checkpoint(tiny_checkpoint, arts) == tiny_checkpoint  # --checkpoint wins
+
+
+def test_whole_csv_records() -> None:
+    from marsvision.runtime.results import _whole_csv_records
+
+    whole = b'path,status\n"a\nb.jpg",ok\n"say ""hi"".jpg",ok\n'
+    assert _whole_csv_records(whole) == len(whole)
+    assert _whole_csv_records(whole + b'"c\nd.jp') == len(whole)  # cut inside a quoted path
+    assert _whole_csv_records(whole + b"e.jpg,o") == len(whole)
+    assert _whole_csv_records(b"") == 0
+
+
+def test_csv_resume_after_a_cut_inside_a_quoted_path(
+    model: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """A kill that cuts the row of a file whose name holds a newline: --resume drops that row
+    (not just its last physical line) and writes it again."""
+    odd = tmp_path / 'new\nline "q".jpg'
+    shutil.copy(images[0], odd)
+    out = tmp_path / "r.csv"
+    assert _infer(odd, images[1], "--engine", model, "--out", out).returncode == 0
+    whole = out.read_bytes()
+    cut = whole.index(b"new\nline") + len(b"new\nli")
+    out.write_bytes(whole[:cut])  # as a kill would leave it: header, half of the odd row
+    r = _infer(odd, images[1], "--engine", model, "--out", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == whole
