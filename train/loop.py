@@ -141,7 +141,8 @@ def train_one_epoch(
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             logits = model(x)
-            loss = torch.stack([share * _loss(loss_fn, logits.float(), yt, wt, w)
+            out = logits.float()
+            loss = torch.stack([share * _loss(loss_fn, out, yt, wt, w)
                                 for yt, wt, share in terms]).sum()  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
