@@ -154,18 +154,6 @@ def _whole_csv_records(data: bytes) -> int:
     return end
 
 
-def _repair_tail(path: str, fmt: str) -> None:
-    """Cut a last row left unfinished by a kill, so that appending starts on a fresh row."""
-    with open(path, "rb+") as f:
-        data = f.read()
-        if fmt == "csv":
-            keep = _whole_csv_records(data)
-        else:
-            keep = data.rfind(b"\n") + 1
-        if keep < len(data):
-            f.truncate(keep)
-
-
 def _check_same_run(path: str, n: int, row: dict[str, Any], prov: Provenance) -> None:
     """A row written by another model file or another --tta must not be continued."""
     for key, want in (("model_sha256", prov.model_sha256), ("tta", prov.tta)):
@@ -194,19 +182,21 @@ def read_done(path: str, *, fmt: str, header: list[str], provenance: Provenance)
     one in the other format.
     """
     try:
-        with open(path, "rb") as f:
-            first = f.read(1)
-        if first and (first == b"{") != (fmt == "jsonl"):  # checked before any repair
-            other = "csv" if fmt == "jsonl" else "jsonl"
-            raise MarsvisionError(
-                f"{path} holds {other.upper()} rows, not {fmt.upper()}; resume with --format "
-                f"{other}"
-            )
-        _repair_tail(path, fmt)
-        with open(path, newline="", **ENCODING) as f:  # type: ignore[call-overload]
-            text = f.read()
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and (data[:1] == b"{") != (fmt == "jsonl"):  # checked before any repair
+                other = "csv" if fmt == "jsonl" else "jsonl"
+                raise MarsvisionError(
+                    f"{path} holds {other.upper()} rows, not {fmt.upper()}; resume with "
+                    f"--format {other}"
+                )
+            # cut a last row left unfinished by a kill, so that appending starts on a fresh row
+            keep = _whole_csv_records(data) if fmt == "csv" else data.rfind(b"\n") + 1
+            if keep < len(data):
+                f.truncate(keep)
     except OSError as e:
         raise MarsvisionError(f"cannot resume the results file {path} ({e.strerror})") from None
+    text = data[:keep].decode(ENCODING["encoding"], ENCODING["errors"])
     done: dict[str, str] = {}
     if not text:
         return done
