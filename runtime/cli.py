@@ -142,7 +142,11 @@ def run(cfg: InferConfig) -> int:
     click.echo(
         f"mars-infer: {ok} ok, {failed} failed"
         + (f", {skipped} already in {cfg.out} (skipped)" if skipped else "")
-        + f"; {ok + failed} images in {secs:.2f} s = {(ok + failed) / max(secs, 1e-9):.1f} images/s"
+        + (
+            f"; {ok} images in {secs:.2f} s = {ok / max(secs, 1e-9):.1f} images/s"
+            if ok
+            else f"; no image classified in {secs:.2f} s"
+        )
         + f" ({clf.runner.name}, {meta.precision}, batch {cfg.batch_size}"
         + (f", tta {cfg.tta}" if cfg.tta != "none" else "")
         + ";"

@@ -196,7 +196,7 @@ def test_malformed_corpus_one_row_each(
     # the non-UTF-8 name is written losslessly: its bytes are in the file
     assert weird in out.read_bytes()
     assert sorted(os.listdir(d)) == before  # nothing written next to the inputs
-    assert b"7 ok, 6 failed" in r.stderr
+    assert b"7 ok, 6 failed; 7 images in " in r.stderr  # the rate counts classified images
 
 
 def test_kill_then_resume_loses_and_duplicates_nothing(

@@ -50,6 +50,8 @@ def test_folder_without_images_is_an_error_row(
     assert r.returncode == 3, r.stderr
     (row,) = r.stdout.decode().splitlines()[1:]
     assert row.startswith(f"{tmp_path / 'top'},error,") and "--recursive" in row
+    # the rate counts classified images only: an all-error run reports none
+    assert b"0 ok, 1 failed; no image classified in " in r.stderr and b"images/s" not in r.stderr
     r = _infer(tmp_path / "top", "--engine", model, "--recursive")
     assert r.returncode == 0 and len(r.stdout.decode().splitlines()) == 2
 
