@@ -128,6 +128,8 @@ def test_resume_continues_the_same_run(
     assert r.exit_code == 1 and "--resume: lr was 0.001" in r.output
     r = CliRunner().invoke(main, [*args, "--epochs", "3", "--resume"])
     assert r.exit_code == 1 and "--resume: epochs was 2" in r.output
+    r = CliRunner().invoke(main, [*args, "--epochs", "2", "--amp", "bf16", "--resume"])
+    assert r.exit_code == 1 and "--resume: amp was 'auto'" in r.output
 
 
 def test_recipes() -> None:
@@ -196,6 +198,7 @@ def _bad_input(tmp_path: Path, msl_dir: Path, args: list[str]) -> str:
         (["--balance", "oversample"], "--balance 'oversample'"),
         (["--lr", "inf"], "--lr inf: must be a positive number"),
         (["--cutmix", "nan"], "--cutmix nan"),
+        (["--amp", "fp16"], "--amp 'fp16': choose auto, bf16, off"),
         (["--resume"], "resume.pt does not exist"),
         (["--init", "/nonexistent/w.pth"], "no such weights file"),
     ],
@@ -294,6 +297,64 @@ def test_sample_weights_weighted_mean() -> None:
     assert epoch("none", torch.full((8,), 3.0)) == pytest.approx(plain, rel=1e-6)
     one_hot = torch.tensor([1.0, 0, 0, 0, 1.0, 0, 0, 0])
     assert epoch("none", one_hot) != pytest.approx(plain, rel=1e-3)
+
+
+def test_bf16_on_the_cpu_trains_in_bf16_and_reports_fp32(
+    run: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    """`--amp bf16` on the CPU: the run's losses are the fp32 run's within bf16 rounding, its
+    card command carries the flag, and its reported test numbers are fp32 ones of the kept
+    weights."""
+    from marsvision.train.config import command_line
+
+    out = tmp_path / "bf16"
+    _train(["--data", str(msl_dir), "--epochs", "2", "--limit", str(LIMIT), "--out", str(out),
+            *QUICK, "--amp", "bf16"])  # fmt: skip
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["amp"] == "bf16" and "--amp bf16" in command_line(cfg)
+    assert "--amp" not in command_line(json.loads((run / "config.json").read_text()))
+    a = json.loads((run / "metrics.json").read_text())["history"]
+    b = json.loads((out / "metrics.json").read_text())["history"]
+    assert b[0]["train_loss"] == pytest.approx(a[0]["train_loss"], rel=0.05)
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    floats = [t for t in ckpt["state_dict"].values() if t.is_floating_point()]
+    assert all(t.dtype == torch.float32 for t in floats)
+    samples = msl.read_split(msl_dir, "test", "binary", limit=LIMIT)
+    with open(out / "predictions_test.csv", newline="") as f:
+        probs = np.array([[float(r["Surface"]), float(r["Rover"])]
+                          for r in csv.DictReader(f)])  # fmt: skip
+    spec = PreprocessSpec.for_input_size(64)
+    with torch.inference_mode():
+        logits = model_from_checkpoint(ckpt)(eval_tensors(samples, spec=spec, workers=2))
+    np.testing.assert_allclose(torch.softmax(logits, 1).numpy(), probs, atol=1e-4)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_bf16_is_autocast_in_training_and_selection_only(bf16: bool) -> None:
+    """The convolutions see bf16 in training and in the selection pass of a bf16 run, fp32
+    otherwise; the weights stay fp32 and the final evaluation (amp=False) is fp32."""
+    from marsvision.train.config import AugmentSpec
+    from marsvision.train.loop import evaluate, train_one_epoch
+
+    torch.manual_seed(0)
+    model = create_model(2)
+    seen: list[torch.dtype] = []
+    model.conv1.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    train_one_epoch(
+        model, images=torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8),
+        labels=torch.tensor([0, 1, 0, 1]), order=torch.arange(4), optimizer=opt,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
+        loss_fn=torch.nn.CrossEntropyLoss(), batch_size=4, image_size=32,
+        spec=PreprocessSpec.for_input_size(32), aug=AugmentSpec(),
+        generator=torch.Generator().manual_seed(1), ema=None, desc="t", bf16=bf16,
+    )  # fmt: skip
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+    evaluate(model, inputs=x, labels=y, batch_size=4, amp=bf16)
+    evaluate(model, inputs=x, labels=y, batch_size=4, amp=False)
+    want = torch.bfloat16 if bf16 else torch.float32
+    assert seen == [want, want, torch.float32]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_crop_scale_min_flag_round_trip() -> None:

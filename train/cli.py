@@ -95,6 +95,14 @@ from marsvision.train.config import RECIPES, config_from_flags
 )
 @click.option("--image-size", type=int, default=224, show_default=True, help="Input size (>= 32).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option(
+    "--amp",
+    default="auto",
+    show_default=True,
+    help="bf16 autocast and channels_last for training and selection: auto (on CUDA only), "
+    "bf16 (also on a CPU with AMX: about 2.5x faster there) or off (fp32). Reported val/test "
+    "numbers are fp32 either way.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--limit", type=int, default=None, help="At most N images per split (quick runs).")
 @click.option(
@@ -114,8 +122,8 @@ def main(
     warmup_epochs: float | None, label_smoothing: float | None, balance: str | None,
     ema_decay: float | None, crop_scale_min: float | None, jitter: float | None,
     mixup: float | None, cutmix: float | None, select_from: float | None, image_size: int,
-    device: str, seed: int, limit: int | None, out: Path | None, resume: bool, init: str,
-    workers: int,
+    device: str, amp: str, seed: int, limit: int | None, out: Path | None, resume: bool,
+    init: str, workers: int,
 ) -> None:  # fmt: skip
     """Train ResNet-50 on the MSL images; write checkpoint, metrics and plots to --out."""
     from marsvision.runtime.errors import MarsvisionError
@@ -135,8 +143,8 @@ def main(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, balance=balance,
         ema_decay=ema_decay, crop_scale_min=crop_scale_min, jitter=jitter, mixup=mixup,
-        cutmix=cutmix, select_from=select_from, image_size=image_size, device=device, seed=seed,
-        limit=limit, init=init, resume=resume, workers=workers,
+        cutmix=cutmix, select_from=select_from, image_size=image_size, device=device, amp=amp,
+        seed=seed, limit=limit, init=init, resume=resume, workers=workers,
     )  # fmt: skip
     from marsvision.train.loop import main as train
 

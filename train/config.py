@@ -61,6 +61,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 BALANCES = ("loss", "group", "sampler", "none")
 DEVICES = ("auto", "cpu", "cuda")
+AMPS = ("auto", "bf16", "off")
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class TrainConfig:
     select_from: float = 0.5  # the checkpoint is the best on val from this fraction of epochs on
     image_size: int = 224
     device: str = "auto"
+    amp: str = "auto"  # bf16 autocast + channels_last: auto = on CUDA only; bf16; off (fp32)
     seed: int = 0
     limit: int | None = None
     init: str = "random"
@@ -138,6 +140,7 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
         (cfg.schedule in SCHEDULES, f"schedule {cfg.schedule!r}: choose {SCHEDULES}"),
         (cfg.balance in BALANCES, f"--balance {cfg.balance!r}: choose {', '.join(BALANCES)}"),
         (cfg.device in DEVICES, f"--device {cfg.device!r}: choose {', '.join(DEVICES)}"),
+        (cfg.amp in AMPS, f"--amp {cfg.amp!r}: choose {', '.join(AMPS)}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -148,7 +151,8 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
 # TrainConfig fields that mars-train sets from a flag of the same name (`--batch-size` ...)
 FLAG_FIELDS = ("task", "recipe", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                "label_smoothing", "balance", "ema_decay", "image_size", "seed", "limit", "init",
-               "device", "crop_scale_min", "jitter", "select_from", "mixup", "cutmix")  # fmt: skip
+               "device", "amp", "crop_scale_min", "jitter", "select_from", "mixup",
+               "cutmix")  # fmt: skip
 
 
 def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None = None) -> str:
@@ -182,6 +186,8 @@ def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None 
         if value is None or (name == "init" and value == "random"):
             continue
         if name in ("mixup", "cutmix") and value == 0:  # off, as in every run before them
+            continue
+        if name == "amp" and value == "auto":  # the default, as in every run before the flag
             continue
         parts += [f"--{name.replace('_', '-')}", str(value)]
     parts += ["--out", out if out is not None else str(config["out"])]

@@ -1,8 +1,9 @@
 """The training loop, in reading order: `train_one_epoch`, `evaluate`, `main`.
 
 Images are decoded once into memory (uint8 for training, eval tensors for val/test) and moved
-to the device once. On CUDA the loop runs under bf16 autocast with channels_last; on the CPU
-in fp32. The checkpoint is selected on val only; test is evaluated once, at the end, with it.
+to the device once. With `amp` bf16 (the default on CUDA; `--amp bf16` on a CPU with AMX) the
+loop trains and selects under bf16 autocast with channels_last, else in fp32. The checkpoint is
+selected on val only; test is evaluated once, at the end, with it, in fp32.
 """
 
 from __future__ import annotations
@@ -55,8 +56,14 @@ RUN_FILES = (CHECKPOINT, RESUME, "config.json", "metrics.json", "predictions_tes
 RESUME_MUST_MATCH = (
     "task", "recipe", "epochs", "select_from", "batch_size", "optimizer", "lr", "weight_decay",
     "schedule", "warmup_epochs", "label_smoothing", "balance", "ema_decay", "augment",
-    "image_size", "seed", "limit", "init", "mixup", "cutmix",
+    "image_size", "seed", "limit", "init", "mixup", "cutmix", "amp",
 )  # fmt: skip
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX tiles or AVX512-BF16): torch's own probes."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def select_device(name: str) -> torch.device:
@@ -111,15 +118,17 @@ def train_one_epoch(
     sample_weights: torch.Tensor | None = None,
     mixup: float = 0.0,
     cutmix: float = 0.0,
+    bf16: bool | None = None,
 ) -> dict[str, float]:
     """One pass over `order` (indices into the uint8 `images`); returns loss, accuracy, images/s.
 
     `sample_weights` (one per image, with a `reduction="none"` loss_fn): the batch loss is the
     weighted mean, as CrossEntropyLoss's class `weight` makes it. `mixup`, `cutmix`: Beta alphas
     of the batch mixing (train/mix.py), 0 = off; the loss and the accuracy then weigh each
-    image's two labels by their shares."""
+    image's two labels by their shares. `bf16`: autocast and channels_last (None: on CUDA)."""
     device = images.device
     cuda = device.type == "cuda"
+    bf16 = cuda if bf16 is None else bf16
     model.train()
     bar = Progress(len(order), desc)
     loss_sum = torch.zeros((), device=device)
@@ -137,9 +146,9 @@ def train_one_epoch(
         if mixed is not None:
             x, p = mixed.x, mixed.partner
             terms = [(y, w, mixed.lam), (y[p], None if w is None else w[p], 1.0 - mixed.lam)]
-        if cuda:
+        if bf16 or cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
             out = logits.float()
             loss = torch.stack([share * _loss(loss_fn, out, yt, wt, w)
@@ -176,10 +185,11 @@ def evaluate(
     inputs: torch.Tensor,
     labels: torch.Tensor,
     batch_size: int,
-    amp: bool = True,
+    amp: bool = False,
 ) -> tuple[float, np.ndarray]:
     """Mean cross-entropy and softmax probabilities (N, classes) over precomputed eval tensors;
-    `amp`: bf16 autocast on CUDA (selection), else fp32 (the reported numbers)."""
+    `amp`: bf16 autocast and channels_last (the selection pass of a bf16 run), else fp32 (the
+    reported numbers)."""
     device = inputs.device
     model.eval()
     logits = []
@@ -188,9 +198,9 @@ def evaluate(
     try:
         for i in range(0, len(inputs), batch_size):
             x = inputs[i : i + batch_size]
-            if device.type == "cuda":
+            if amp or device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and x.is_cuda):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits.append(model(x).float())
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
@@ -276,8 +286,13 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     if device.type == "cuda":  # no TF32 flags: training and selection run in bf16 autocast
         torch.backends.cudnn.benchmark = True
     gen = torch.Generator().manual_seed(cfg.seed)
-    # channels_last pays on GPUs (tensor cores); on the CPU its first steps are slower
-    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+    if bf16 and device.type == "cpu" and not _cpu_has_bf16():
+        print("--amp bf16: this CPU has neither AMX nor AVX512-BF16, so bf16 is emulated and "
+              "slower than fp32 here (--amp off)", file=log)  # fmt: skip
+    # channels_last pays on GPUs (tensor cores) and with bf16 on AMX; in fp32 on the CPU its
+    # first steps are slower
+    layout = torch.channels_last if device.type == "cuda" or bf16 else torch.contiguous_format
     model = model.to(device, memory_format=layout)
     y = {s: torch.tensor([x.label for x in splits[s]], device=device) for s in msl.SPLITS}
     images = store.to(device)
@@ -349,12 +364,12 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
             model, images=images, labels=y["train"], order=order, optimizer=optimizer,
             scheduler=scheduler, loss_fn=objective.loss_fn,
             sample_weights=objective.sample_weights, mixup=cfg.mixup, cutmix=cfg.cutmix,
-            batch_size=cfg.batch_size,
+            bf16=bf16, batch_size=cfg.batch_size,
             image_size=cfg.image_size, spec=spec, aug=cfg.augment, generator=gen, ema=ema,
             desc=f"epoch {epoch}/{cfg.epochs}",
         )  # fmt: skip
         val_loss, val_probs = evaluate(scored, inputs=inputs["val"], labels=y["val"],
-                                       batch_size=2 * cfg.batch_size)  # fmt: skip
+                                       batch_size=2 * cfg.batch_size, amp=bf16)  # fmt: skip
         vm = _split_metrics(task, splits["val"], val_probs, k)
         history.append({
             "epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
