@@ -302,8 +302,8 @@ def test_sample_weights_weighted_mean() -> None:
 def test_bf16_on_the_cpu_trains_in_bf16_and_reports_fp32(
     run: Path, msl_dir: Path, tmp_path: Path
 ) -> None:
-    """`--amp bf16` on the CPU: the run's losses are the fp32 run's within bf16 rounding, its
-    card command carries the flag, and its reported test numbers are fp32 ones of the kept
+    """`--amp bf16` on the CPU, end to end (that it computes in bf16 is the test below): the
+    card command carries the flag, and the reported test numbers are fp32 ones of the kept
     weights."""
     from marsvision.train.config import command_line
 
@@ -313,9 +313,9 @@ def test_bf16_on_the_cpu_trains_in_bf16_and_reports_fp32(
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["amp"] == "bf16" and "--amp bf16" in command_line(cfg)
     assert "--amp" not in command_line(json.loads((run / "config.json").read_text()))
-    a = json.loads((run / "metrics.json").read_text())["history"]
-    b = json.loads((out / "metrics.json").read_text())["history"]
-    assert b[0]["train_loss"] == pytest.approx(a[0]["train_loss"], rel=0.05)
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(np.isfinite([h["train_loss"], h["val_loss"]]).all() for h in history)
     ckpt = load_checkpoint(out / "checkpoint.pt")
     floats = [t for t in ckpt["state_dict"].values() if t.is_floating_point()]
     assert all(t.dtype == torch.float32 for t in floats)
