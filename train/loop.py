@@ -66,6 +66,12 @@ def _cpu_has_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
+def _channels_last(device: torch.device, bf16: bool) -> bool:
+    """Whether the model and its inputs use channels_last: it pays on GPUs (tensor cores) and
+    with bf16 on AMX; in fp32 on the CPU its first steps are slower."""
+    return device.type == "cuda" or bf16
+
+
 def select_device(name: str) -> torch.device:
     """auto -> cuda when available, else cpu; cuda without a GPU is a user error."""
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
@@ -146,7 +152,7 @@ def train_one_epoch(
         if mixed is not None:
             x, p = mixed.x, mixed.partner
             terms = [(y, w, mixed.lam), (y[p], None if w is None else w[p], 1.0 - mixed.lam)]
-        if bf16 or cuda:
+        if _channels_last(device, bf16):
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
@@ -198,7 +204,7 @@ def evaluate(
     try:
         for i in range(0, len(inputs), batch_size):
             x = inputs[i : i + batch_size]
-            if amp or device.type == "cuda":
+            if _channels_last(device, amp):
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits.append(model(x).float())
@@ -290,9 +296,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     if bf16 and device.type == "cpu" and not _cpu_has_bf16():
         print("--amp bf16: this CPU has neither AMX nor AVX512-BF16, so bf16 is emulated and "
               "slower than fp32 here (--amp off)", file=log)  # fmt: skip
-    # channels_last pays on GPUs (tensor cores) and with bf16 on AMX; in fp32 on the CPU its
-    # first steps are slower
-    layout = torch.channels_last if device.type == "cuda" or bf16 else torch.contiguous_format
+    layout = torch.channels_last if _channels_last(device, bf16) else torch.contiguous_format
     model = model.to(device, memory_format=layout)
     y = {s: torch.tensor([x.label for x in splits[s]], device=device) for s in msl.SPLITS}
     images = store.to(device)
