@@ -404,6 +404,72 @@ def test_selection_window(msl_dir: Path, tmp_path: Path) -> None:
         config_from_flags("default", data=msl_dir, out=tmp_path / "x", select_from=1.5)
 
 
+def test_train_on_train_and_val(
+    msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--train-on train+val: the weights learn from train's and val's images (in that order),
+    the loss weights count both, val is not scored per epoch, the last epoch is kept, and the
+    flag reaches the card command and the card."""
+    from marsvision.train import loop
+    from marsvision.train.config import command_line
+    from marsvision.train.ship import ship_run
+
+    stored: list[list[msl.Sample]] = []
+    weighed: list[list[msl.Sample]] = []
+    real_store, real_objective = loop.train_store, loop.objective_from_config
+
+    def spy_store(samples: list[msl.Sample], **kw: Any) -> torch.Tensor:
+        stored.append(list(samples))
+        return real_store(samples, **kw)
+
+    def spy_objective(cfg: Any, *, train: list[msl.Sample], **kw: Any) -> Any:
+        weighed.append(list(train))
+        return real_objective(cfg, train=train, **kw)
+
+    monkeypatch.setattr(loop, "train_store", spy_store)
+    monkeypatch.setattr(loop, "objective_from_config", spy_objective)
+    out = tmp_path / "refit"
+    _train(["--data", str(msl_dir), "--epochs", "2", "--limit", "8", "--out", str(out), *QUICK,
+            "--train-on", "train+val"])  # fmt: skip
+    both = [*msl.read_split(msl_dir, "train", "binary", 8),
+            *msl.read_split(msl_dir, "val", "binary", 8)]  # fmt: skip
+    assert stored == [both] and weighed == [both]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["best_epoch"] == 2 and m["trained_on"] == "train+val"
+    assert "last epoch" in m["selected_on"]
+    assert [sorted(h) for h in m["history"]] == [
+        ["epoch", "lr", "train_accuracy", "train_images_per_s", "train_loss"]] * 2
+    assert m["val"]["n"] == 8 and m["test"]["n"] == 8  # both still scored, once, at the end
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["select_from"] == 1.0
+    assert "--select-from 1.0" in command_line(cfg) and "--train-on train+val" in command_line(cfg)
+    # the command line it prints parses back to the same config
+    again = config_from_flags("default", data=msl_dir, out=out, epochs=2, limit=8, image_size=64,
+                              device="cpu", batch_size=8, workers=2, select_from=1.0,
+                              train_on="train+val")  # fmt: skip
+    assert json.loads(json.dumps(again.to_dict())) == cfg
+    models = tmp_path / "models"
+    ship_run(out, models_dir=models, data_dir=msl_dir, device="cpu", workers=2, limit=8)
+    card = (models / "resnet50-binary.md").read_text()
+    assert "train and val splits together" in card and "epoch 2 of 2 the last" in card
+    assert "Test-time augmentation, decided on val" not in card
+    with pytest.raises(MarsvisionError, match="trained on val too"):
+        ship_run(out, models_dir=tmp_path / "m2", data_dir=msl_dir, device="cpu", workers=2,
+                 limit=8, threshold_on_val=True)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [({"train_on": "val"}, "--train-on 'val'"),
+     ({"train_on": "train+val", "select_from": 0.5}, "--select-from 0.5: with --train-on")],
+)  # fmt: skip
+def test_train_on_refuses(msl_dir: Path, tmp_path: Path, flags: dict[str, Any],
+                          expected: str) -> None:  # fmt: skip
+    with pytest.raises(MarsvisionError, match=expected.replace("+", r"\+")):
+        config_from_flags("default", data=msl_dir, out=tmp_path / "x", **flags)
+
+
 @pytest.mark.parametrize(("every_s", "saved_after"), [(0.0, [1, 2, 3]), (1e9, [3])])
 def test_resume_saves_by_time(
     msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, every_s: float,

@@ -115,13 +115,19 @@ def render_card(
     stopped = (f" (stopped after epoch {m['stopped_early_after_epoch']}: time budget)"
                if m.get("stopped_early_after_epoch") else "")  # fmt: skip
     versions = ", ".join(f"{k} {v}" for k, v in shipped["versions"].items())
+    refit = cfg.get("train_on", "train") == "train+val"
+    how = (" on the official MSL train and val splits together (a refit: the recipe and its epoch"
+           " count were chosen on val by an earlier run; this run keeps its last epoch, so its "
+           "val numbers below are training-set numbers), test read once." if refit else
+           " on the official MSL train split, the epoch chosen on val alone, test read once.")
+    chosen = "the last (val is training data)" if refit else "selected on val balanced accuracy"
     lines = [
         f"# {file_name}: ResNet-50, MSL `{task}` task",
         "",
         f"marsvision's shipped {task} model: {len(names)} classes ({', '.join(names[:5])}"
         + (", ..." if len(names) > 5 else "")
         + "), trained from scratch (no ImageNet weights)"
-        " on the official MSL train split, the epoch chosen on val alone, test read once.",
+        + how,
         "",
         "| | |",
         "|---|---|",
@@ -130,7 +136,7 @@ def render_card(
         f"| sha256 | `{sha256}` |",
         f"| shipped | {info['date']} |",
         f"| trained | {shipped['created']} ({trained}); epoch {m['best_epoch']} of "
-        f"{cfg['epochs']} selected on val balanced accuracy{stopped} |",
+        f"{cfg['epochs']} {chosen}{stopped} |",
         f"| input | {pre['input_size']} px RGB: resize shorter side to {pre['resize_size']} "
         f"({pre['interpolation']}), center crop, mean {pre['mean']}, std {pre['std']} |",
         f"| label rule | {_decision(shipped)} |",
@@ -165,7 +171,7 @@ def render_card(
         "",
         *_metric_rows(shipped),
         "",
-        *_tta(m),
+        *([] if refit else _tta(m)),  # a refit's val is training data: it decides nothing
         f"The run's own fp32 weights scored {_pct(fp32['val']['accuracy'])} on val and "
         f"{_pct(fp32['test']['accuracy'])} on test (accuracy). Test confusion:",
         "",

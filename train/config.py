@@ -62,6 +62,9 @@ SCHEDULES = ("cosine", "constant")
 BALANCES = ("loss", "group", "sampler", "none")
 DEVICES = ("auto", "cpu", "cuda")
 AMPS = ("auto", "bf16", "off")
+# what the weights learn from: the official train split, or train and val together (a refit:
+# the recipe and epoch count are chosen on val by an earlier run, then the last epoch is kept)
+TRAIN_ON = ("train", "train+val")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class TrainConfig:
     image_size: int = 224
     device: str = "auto"
     amp: str = "auto"  # bf16 autocast + channels_last: auto = on CUDA only; bf16; off (fp32)
+    train_on: str = "train"  # a TRAIN_ON value; train+val keeps the last epoch
     seed: int = 0
     limit: int | None = None
     init: str = "random"
@@ -119,6 +123,14 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
             raise MarsvisionError(f"--jitter {jitter}: must be in [0, 1)")
         values["augment"] = dataclasses.replace(values["augment"], jitter=jitter)
     values.update({k: v for k, v in flags.items() if v is not None})
+    if values.get("train_on") == "train+val":
+        # val is training data: nothing is left to select on, so the last epoch is kept
+        if values.get("select_from", 1.0) != 1.0:
+            raise MarsvisionError(
+                f"--select-from {values['select_from']}: with --train-on train+val val is "
+                "training data and the last epoch is kept (--select-from 1, or leave it out)"
+            )
+        values["select_from"] = 1.0
     cfg = TrainConfig(recipe=recipe, **values)
     checks = [
         (cfg.epochs >= 1, f"--epochs {cfg.epochs}: need at least 1"),
@@ -141,6 +153,7 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
         (cfg.balance in BALANCES, f"--balance {cfg.balance!r}: choose {', '.join(BALANCES)}"),
         (cfg.device in DEVICES, f"--device {cfg.device!r}: choose {', '.join(DEVICES)}"),
         (cfg.amp in AMPS, f"--amp {cfg.amp!r}: choose {', '.join(AMPS)}"),
+        (cfg.train_on in TRAIN_ON, f"--train-on {cfg.train_on!r}: choose {', '.join(TRAIN_ON)}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -152,7 +165,7 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
 FLAG_FIELDS = ("task", "recipe", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                "label_smoothing", "balance", "ema_decay", "image_size", "seed", "limit", "init",
                "device", "amp", "crop_scale_min", "jitter", "select_from", "mixup",
-               "cutmix")  # fmt: skip
+               "cutmix", "train_on")  # fmt: skip
 
 
 def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None = None) -> str:
@@ -187,8 +200,8 @@ def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None 
             continue
         if name in ("mixup", "cutmix") and value == 0:  # off, as in every run before them
             continue
-        if name == "amp" and value == "auto":  # the default, as in every run before the flag
-            continue
+        if (name, value) in (("amp", "auto"), ("train_on", "train")):  # defaults, as in every
+            continue  # run before their flag
         parts += [f"--{name.replace('_', '-')}", str(value)]
     parts += ["--out", out if out is not None else str(config["out"])]
     return " ".join(parts)

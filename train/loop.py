@@ -3,7 +3,9 @@
 Images are decoded once into memory (uint8 for training, eval tensors for val/test) and moved
 to the device once. With `amp` bf16 (the default on CUDA; `--amp bf16` on a CPU with AMX) the
 loop trains and selects under bf16 autocast with channels_last, else in fp32. The checkpoint is
-selected on val only; test is evaluated once, at the end, with it, in fp32.
+selected on val only; test is evaluated once, at the end, with it, in fp32. With `train_on`
+"train+val" (a refit of a recipe chosen on val) val is training data: it is not scored per
+epoch, the last epoch is kept, and its final val numbers are training-set numbers.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ RUN_FILES = (CHECKPOINT, RESUME, "config.json", "metrics.json", "predictions_tes
 RESUME_MUST_MATCH = (
     "task", "recipe", "epochs", "select_from", "batch_size", "optimizer", "lr", "weight_decay",
     "schedule", "warmup_epochs", "label_smoothing", "balance", "ema_decay", "augment",
-    "image_size", "seed", "limit", "init", "mixup", "cutmix", "amp",
+    "image_size", "seed", "limit", "init", "mixup", "cutmix", "amp", "train_on",
 )  # fmt: skip
 
 
@@ -278,12 +280,15 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     names = msl.class_names(task, data_dir)
     k = len(names)
     splits = {s: msl.read_split(data_dir, s, task, cfg.limit) for s in msl.SPLITS}
+    refit = cfg.train_on == "train+val"
+    # the images the weights learn from (splits["train"] stays the official train split)
+    fit = splits["train"] + splits["val"] if refit else splits["train"]
     torch.manual_seed(cfg.seed)  # before the model's random init
     model = create_model(k, cfg.init)
     log = sys.stderr
     workers = max(cfg.workers, 1)
     print(f"decoding {sum(map(len, splits.values()))} images ({workers} threads)", file=log)
-    store = train_store(splits["train"], store_size=spec.resize_size,
+    store = train_store(fit, store_size=spec.resize_size,
                         interpolation=spec.interpolation, workers=workers)  # fmt: skip
     evals = {s: eval_tensors(splits[s], spec=spec, workers=workers) for s in ("val", "test")}
     print(f"decoded in {time.perf_counter() - t0:.1f} s; training on {device}", file=log)
@@ -299,11 +304,12 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     layout = torch.channels_last if _channels_last(device, bf16) else torch.contiguous_format
     model = model.to(device, memory_format=layout)
     y = {s: torch.tensor([x.label for x in splits[s]], device=device) for s in msl.SPLITS}
+    y_fit = torch.tensor([x.label for x in fit], device=device)
     images = store.to(device)
     inputs = {s: t.to(device) for s, t in evals.items()}
-    objective = objective_from_config(cfg, train=splits["train"], num_classes=k, device=device)
+    objective = objective_from_config(cfg, train=fit, num_classes=k, device=device)
     optimizer = optimizer_from_config(model, cfg)
-    steps = len(_batches(len(splits["train"]), cfg.batch_size))
+    steps = len(_batches(len(fit), cfg.batch_size))
     scheduler = scheduler_from_config(optimizer, cfg, steps_per_epoch=steps)
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     history: list[dict[str, Any]] = []
@@ -345,7 +351,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     vm: dict[str, Any] = {}
     t_epochs, epochs_run = time.monotonic(), 0
     last_resume_save = t_epochs
-    n_train = len(splits["train"])
+    n_train = len(fit)
     for epoch in range(start_epoch, cfg.epochs + 1):
         if deadline is not None and epochs_run:
             per_epoch = (time.monotonic() - t_epochs) / epochs_run
@@ -365,25 +371,27 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
         else:
             order = torch.multinomial(objective.sample_p, n_train, replacement=True, generator=gen)
         tr = train_one_epoch(
-            model, images=images, labels=y["train"], order=order, optimizer=optimizer,
+            model, images=images, labels=y_fit, order=order, optimizer=optimizer,
             scheduler=scheduler, loss_fn=objective.loss_fn,
             sample_weights=objective.sample_weights, mixup=cfg.mixup, cutmix=cfg.cutmix,
             bf16=bf16, batch_size=cfg.batch_size,
             image_size=cfg.image_size, spec=spec, aug=cfg.augment, generator=gen, ema=ema,
             desc=f"epoch {epoch}/{cfg.epochs}",
         )  # fmt: skip
-        val_loss, val_probs = evaluate(scored, inputs=inputs["val"], labels=y["val"],
-                                       batch_size=2 * cfg.batch_size, amp=bf16)  # fmt: skip
-        vm = _split_metrics(task, splits["val"], val_probs, k)
-        history.append({
-            "epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
-            "train_images_per_s": tr["images_per_s"], "val_loss": val_loss,
-            "val_accuracy": vm["accuracy"], "val_balanced_accuracy": vm["balanced_accuracy"],
-            "lr": optimizer.param_groups[0]["lr"],
-        })  # fmt: skip
-        print(f"  val loss {val_loss:.4f}  accuracy {vm['accuracy']:.4f}  balanced "
-              f"{vm['balanced_accuracy']:.4f}", file=log)  # fmt: skip
-        score = (vm["balanced_accuracy"], -val_loss)
+        entry = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
+                 "train_images_per_s": tr["images_per_s"], "lr": optimizer.param_groups[0]["lr"]}
+        if refit:  # val is in training: nothing to select on; the last epoch is kept
+            score = (float(epoch), 0.0)
+        else:
+            val_loss, val_probs = evaluate(scored, inputs=inputs["val"], labels=y["val"],
+                                           batch_size=2 * cfg.batch_size, amp=bf16)  # fmt: skip
+            vm = _split_metrics(task, splits["val"], val_probs, k)
+            entry.update(val_loss=val_loss, val_accuracy=vm["accuracy"],
+                         val_balanced_accuracy=vm["balanced_accuracy"])  # fmt: skip
+            print(f"  val loss {val_loss:.4f}  accuracy {vm['accuracy']:.4f}  balanced "
+                  f"{vm['balanced_accuracy']:.4f}", file=log)  # fmt: skip
+            score = (vm["balanced_accuracy"], -val_loss)
+        history.append(entry)
         if epoch >= first_eligible and score > best:
             best, best_epoch = score, epoch
             atomic_torch_save(make_checkpoint(scored, metrics={"val": vm}, epoch=epoch,
@@ -407,8 +415,10 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
         "task": task,
         "class_names": names,
         "best_epoch": best_epoch,
-        "selected_on": f"val balanced_accuracy over epochs {first_eligible}-{cfg.epochs} "
+        "selected_on": "the last epoch (val is training data: --train-on train+val)" if refit
+        else f"val balanced_accuracy over epochs {first_eligible}-{cfg.epochs} "
         "(ties: lower val loss)",
+        "trained_on": cfg.train_on,
         "stopped_early_after_epoch": stopped_after,
     }
     probs = {}

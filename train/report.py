@@ -46,7 +46,7 @@ def _save_figure(fig: Any, path: Path) -> None:
 
 
 def plot_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
-    """Loss, accuracy and learning rate per epoch (train and val)."""
+    """Loss, accuracy and learning rate per epoch (train, and val where it was scored)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,12 +54,14 @@ def plot_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
 
     ep = [h["epoch"] for h in history]
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    scored = all("val_loss" in h for h in history)  # a train+val refit scores no val per epoch
     ax[0].plot(ep, [h["train_loss"] for h in history], "o-", label="train")
-    ax[0].plot(ep, [h["val_loss"] for h in history], "o-", label="val")
-    ax[0].set_title("loss")
     ax[1].plot(ep, [h["train_accuracy"] for h in history], "o-", label="train")
-    ax[1].plot(ep, [h["val_accuracy"] for h in history], "o-", label="val")
-    ax[1].plot(ep, [h["val_balanced_accuracy"] for h in history], "o-", label="val balanced")
+    if scored:
+        ax[0].plot(ep, [h["val_loss"] for h in history], "o-", label="val")
+        ax[1].plot(ep, [h["val_accuracy"] for h in history], "o-", label="val")
+        ax[1].plot(ep, [h["val_balanced_accuracy"] for h in history], "o-", label="val balanced")
+    ax[0].set_title("loss")
     ax[1].set_title("accuracy")
     ax[2].plot(ep, [h["lr"] for h in history], "o-")
     ax[2].set_title("learning rate (end of epoch)")

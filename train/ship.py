@@ -140,6 +140,11 @@ def ship_run(
         raise MarsvisionError(
             f"{data_dir} is not the data set {source} was trained on (split files differ)"
         )
+    if threshold_on_val and ckpt["config"].get("train_on", "train") == "train+val":
+        raise MarsvisionError(
+            f"--threshold-on-val: {source} was trained on val too (--train-on train+val), so "
+            "val cannot choose its threshold"
+        )
     command = command_line(ckpt["config"], data="../shared/msl", out=f"runs/{ckpt['task']}")
     shipped = dict(ckpt)
     shipped["state_dict"] = half_state(ckpt["state_dict"])
