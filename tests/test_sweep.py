@@ -53,6 +53,19 @@ def test_sweep_ships_the_best_on_val_in_parts(msl_dir: Path, tmp_path: Path) -> 
     assert len(list(out.iterdir())) <= 8  # the device tool returns at most 8 files
 
 
+def test_sweep_refits_one_candidate_on_train_and_val(msl_dir: Path, tmp_path: Path) -> None:
+    """--set train_on=train+val with one candidate: trained on both, shipped without a val
+    ranking, and the card says so."""
+    summary = run_sweep(data_dir=msl_dir, task="binary", names=["zoom"], budget_s=600.0,
+                        settings=parse_settings((*TINY, "train_on=train+val")),
+                        runs_dir=tmp_path / "r", out_dir=tmp_path / "o", workers=2)  # fmt: skip
+    assert summary["selected_on"].startswith("nothing: one refit")
+    (row,) = summary["candidates"]
+    assert row["config"]["train_on"] == "train+val" and row["config"]["select_from"] == 1.0
+    card = (tmp_path / "o" / "resnet50-binary.md").read_text()
+    assert "train and val splits together" in card and "--train-on train+val" in card
+
+
 def test_sweep_over_seeds_ranks_by_the_mean_and_ships_the_best_seed(
     msl_dir: Path, tmp_path: Path
 ) -> None:
@@ -103,6 +116,11 @@ def test_sweep_seeds_are_checked(msl_dir: Path, tmp_path: Path) -> None:
         run_sweep(settings=parse_settings((*TINY, "seed=1")), **kw)  # type: ignore[arg-type]
     with pytest.raises(MarsvisionError, match="distinct"):
         run_sweep(settings=parse_settings(TINY), seeds=(1, 1), **kw)  # type: ignore[arg-type]
+    refit = parse_settings((*TINY, "train_on=train+val"))
+    with pytest.raises(MarsvisionError, match="cannot rank runs"):
+        run_sweep(settings=refit, seeds=(0, 1), **kw)  # type: ignore[arg-type]
+    with pytest.raises(MarsvisionError, match="cannot rank runs"):
+        run_sweep(settings=refit, **{**kw, "names": ["default", "zoom"]})  # type: ignore[arg-type]
     result = CliRunner().invoke(main, ["--data", str(msl_dir), "--budget-min", "1", "--out",
                                        str(tmp_path / "o"), "--seeds", "0,x"])  # fmt: skip
     assert result.exit_code != 0 and "--seeds '0,x'" in result.output

@@ -10,7 +10,9 @@ Every candidate is a set of mars-train flags, so the shipped model's card holds 
 command that reproduces it. Candidates are selected on val alone; only the shipped run's test
 metrics are reported. With `--seeds 0,1` each candidate is trained once per seed and ranked by
 its mean val score (the seed alone moved the CPU recipe by up to 11.6 points on val: README,
-"Seed noise"); the chosen candidate's best seed on val ships.
+"Seed noise"); the chosen candidate's best seed on val ships. `--set train_on=train+val` refits
+one candidate with one seed on train and val together (its val is training data: nothing is
+ranked) and ships it.
 """
 
 from __future__ import annotations
@@ -141,6 +143,11 @@ def run_sweep(
         raise MarsvisionError("--set seed=...: give the seeds with --seeds (e.g. --seeds 0,1)")
     if not seeds or len(set(seeds)) != len(seeds):
         raise MarsvisionError(f"--seeds {seeds}: give one or more distinct seeds, e.g. 0,1")
+    if settings.get("train_on") == "train+val" and len(names) * len(seeds) > 1:
+        raise MarsvisionError(
+            "--set train_on=train+val: a refit's val is training data and cannot rank runs; "
+            "refit one candidate with one seed (--candidates NAME --seeds N)"
+        )
     from marsvision.train.config import config_from_flags
     from marsvision.train.loop import main as train
     from marsvision.train.ship import ship_run, shipped_name
@@ -200,7 +207,9 @@ def run_sweep(
         "chosen": ranked[0]["name"],
         "shipped_run": best_run,
         "seeds": list(seeds),
-        "selected_on": "mean val balanced accuracy over the seeds (ties: val accuracy); "
+        "selected_on": "nothing: one refit on train and val (--set train_on=train+val)"
+        if settings.get("train_on") == "train+val"
+        else "mean val balanced accuracy over the seeds (ties: val accuracy); "
         "then the chosen candidate's best seed on val",
         "ranking": ranked,
         "budget_s": budget_s,
