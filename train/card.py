@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from marsvision.train import data as msl
+from marsvision.train.config import is_refit
 
 _METRICS = ("accuracy", "balanced_accuracy", "precision", "recall", "f1")
 
@@ -115,7 +116,7 @@ def render_card(
     stopped = (f" (stopped after epoch {m['stopped_early_after_epoch']}: time budget)"
                if m.get("stopped_early_after_epoch") else "")  # fmt: skip
     versions = ", ".join(f"{k} {v}" for k, v in shipped["versions"].items())
-    refit = cfg.get("train_on", "train") == "train+val"
+    refit = is_refit(cfg)
     how = (" on the official MSL train and val splits together (a refit: the recipe and its epoch"
            " count were chosen on val by an earlier run; this run keeps its last epoch, so its "
            "val numbers below are training-set numbers), test read once." if refit else

@@ -159,8 +159,8 @@ def main(
     result = train(cfg)
     test = result["test"]
     (lo, hi), (f1_lo, f1_hi) = test["ci95"]["accuracy"], test["ci95"]["f1"]
-    seen = " (trained on: not a held-out score)" if cfg.train_on == "train+val" else ""
-    click.echo(f"{'kept' if seen else 'best'} epoch {result['best_epoch']}: val accuracy "
+    seen = " (trained on: not a held-out score)" if cfg.refit else ""
+    click.echo(f"{'kept' if cfg.refit else 'best'} epoch {result['best_epoch']}: val accuracy "
                f"{result['val']['accuracy']:.4f} balanced "
                f"{result['val']['balanced_accuracy']:.4f}{seen}")  # fmt: skip
     click.echo(f"test accuracy {test['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}) balanced "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,13 @@ DEVICES = ("auto", "cpu", "cuda")
 AMPS = ("auto", "bf16", "off")
 # what the weights learn from: the official train split, or train and val together (a refit:
 # the recipe and epoch count are chosen on val by an earlier run, then the last epoch is kept)
-TRAIN_ON = ("train", "train+val")
+REFIT = "train+val"
+TRAIN_ON = ("train", REFIT)
+
+
+def is_refit(config: Mapping[str, Any]) -> bool:
+    """Whether a config (a `TrainConfig.to_dict()`, or flag settings) trains on val too."""
+    return config.get("train_on") == REFIT
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,11 @@ class TrainConfig:
     resume: bool = False
     workers: int = 4
 
+    @property
+    def refit(self) -> bool:
+        """Whether val is training data (`train_on` train+val): nothing left to select on."""
+        return self.train_on == REFIT
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         d = dataclasses.asdict(self)
@@ -123,7 +135,7 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
             raise MarsvisionError(f"--jitter {jitter}: must be in [0, 1)")
         values["augment"] = dataclasses.replace(values["augment"], jitter=jitter)
     values.update({k: v for k, v in flags.items() if v is not None})
-    if values.get("train_on") == "train+val":
+    if is_refit(values):
         # val is training data: nothing is left to select on, so the last epoch is kept
         if values.get("select_from", 1.0) != 1.0:
             raise MarsvisionError(

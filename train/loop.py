@@ -280,7 +280,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     names = msl.class_names(task, data_dir)
     k = len(names)
     splits = {s: msl.read_split(data_dir, s, task, cfg.limit) for s in msl.SPLITS}
-    refit = cfg.train_on == "train+val"
+    refit = cfg.refit
     # the images the weights learn from (splits["train"] stays the official train split)
     fit = splits["train"] + splits["val"] if refit else splits["train"]
     torch.manual_seed(cfg.seed)  # before the model's random init

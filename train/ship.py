@@ -127,7 +127,7 @@ def ship_run(
     from marsvision.train import data as msl
     from marsvision.train.card import render_card
     from marsvision.train.checkpoint import atomic_torch_save, half_state, load_checkpoint
-    from marsvision.train.config import command_line
+    from marsvision.train.config import command_line, is_refit
 
     source = run / "checkpoint.pt" if run.is_dir() else run
     ckpt = load_checkpoint(source)
@@ -140,7 +140,7 @@ def ship_run(
         raise MarsvisionError(
             f"{data_dir} is not the data set {source} was trained on (split files differ)"
         )
-    if threshold_on_val and ckpt["config"].get("train_on", "train") == "train+val":
+    if threshold_on_val and is_refit(ckpt["config"]):
         raise MarsvisionError(
             f"--threshold-on-val: {source} was trained on val too (--train-on train+val), so "
             "val cannot choose its threshold"

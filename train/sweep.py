@@ -143,12 +143,14 @@ def run_sweep(
         raise MarsvisionError("--set seed=...: give the seeds with --seeds (e.g. --seeds 0,1)")
     if not seeds or len(set(seeds)) != len(seeds):
         raise MarsvisionError(f"--seeds {seeds}: give one or more distinct seeds, e.g. 0,1")
-    if settings.get("train_on") == "train+val" and len(names) * len(seeds) > 1:
+    from marsvision.train.config import config_from_flags, is_refit
+
+    refit = is_refit(settings)
+    if refit and len(names) * len(seeds) > 1:
         raise MarsvisionError(
             "--set train_on=train+val: a refit's val is training data and cannot rank runs; "
             "refit one candidate with one seed (--candidates NAME --seeds N)"
         )
-    from marsvision.train.config import config_from_flags
     from marsvision.train.loop import main as train
     from marsvision.train.ship import ship_run, shipped_name
 
@@ -208,7 +210,7 @@ def run_sweep(
         "shipped_run": best_run,
         "seeds": list(seeds),
         "selected_on": "nothing: one refit on train and val (--set train_on=train+val)"
-        if settings.get("train_on") == "train+val"
+        if refit
         else "mean val balanced accuracy over the seeds (ties: val accuracy); "
         "then the chosen candidate's best seed on val",
         "ranking": ranked,
