@@ -1,0 +1,66 @@
+"""The GPU session's device call (train/gpu_session.sh), rehearsed on the CPU at tiny sizes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = ("device=cpu", "image_size=64", "limit=16", "epochs=1", "batch_size=8")
+
+
+def _python_without_marsvision(path: Path) -> Path:
+    """A python3 as the GPU machine's looks to the script: marsvision not importable, and (here)
+    pip unable to install it, so the script takes its fallback."""
+    path.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *"import marsvision"*|*"-m pip"*) echo "pip: no network" >&2; exit 1;; esac\n'
+        f'exec "{sys.executable}" "$@"\n'
+    )
+    path.chmod(0o755)
+    return path
+
+
+def test_gpu_session_script_ships_parts_the_device_can_return(
+    msl_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "MARS_DATA": str(msl_dir), "RUNS": str(tmp_path / "r"),
+           "WORKERS": "2", "TMPDIR": str(tmp_path),
+           "PY": str(_python_without_marsvision(tmp_path / "python3"))}  # fmt: skip
+    flags = ["--candidates", "default"]
+    for s in TINY:
+        flags += ["--set", s]
+    done = subprocess.run(["bash", "train/gpu_session.sh", "binary", "3", *flags], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    # the fallback put the stage folders on the path
+    assert (tmp_path / "mv" / "marsvision" / "train").resolve() == REPO / "train"
+    log = (out / "log.txt").read_text()
+    assert log.startswith("gpu_session: task binary, budget 3 min")
+    assert "pip: no network" in log and "torch 2." in log and "cuda False" in log
+    assert "chosen on val: default" in log
+    parts = [f"resnet50-binary.pt.part{i}" for i in range(3)]
+    names = ["SHA256SUMS", "log.txt", "resnet50-binary.md", *parts, "sweep.json"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert all(p.stat().st_size < 16 * 2**20 for p in out.iterdir())  # the tool's limit
+    joined = b"".join((out / part).read_bytes() for part in parts)
+    sha = hashlib.sha256(joined).hexdigest()
+    assert (out / "SHA256SUMS").read_text() == f"{sha}  resnet50-binary.pt\n"
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["candidates"][0]["config"]["device"] == "cpu"  # later --set wins over cuda
+
+
+def test_gpu_session_script_says_how_to_call_it(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    done = subprocess.run(["bash", "train/gpu_session.sh", "binary", "3"], cwd=REPO, env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode != 0 and "set OUT" in done.stderr
+    done = subprocess.run(["bash", "train/gpu_session.sh"], cwd=REPO, env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode != 0 and "usage: bash train/gpu_session.sh TASK" in done.stderr

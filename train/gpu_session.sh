@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One device call of a GPU session (DEVELOPERS.md, issue 6): make the package importable, run
+# the recipe sweep on the GPU, leave the shipped parts, card, sweep.json and log in $OUT.
+#
+#   bash train/gpu_session.sh TASK BUDGET_MIN [more train.sweep flags]
+#
+# Run from the repository root with the data carried in .data/msl. Later flags win, so
+# `--set device=cpu --set limit=16 ...` rehearses the call here (tests/test_gpu_session.py).
+# Environment: OUT (required), MARS_DATA (.data/msl), PY (python3), RUNS (/tmp/runs),
+# WORKERS (16).
+set -eo pipefail
+task=${1:?usage: bash train/gpu_session.sh TASK BUDGET_MIN [flags]}
+budget=${2:?usage: bash train/gpu_session.sh TASK BUDGET_MIN [flags]}
+shift 2
+: "${OUT:?set OUT to the folder whose files come back}"
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1 MARS_DATA=${MARS_DATA:-$PWD/.data/msl}
+mkdir -p "$OUT"
+log=$OUT/log.txt
+
+{
+    echo "gpu_session: task $task, budget $budget min, $(date -u +%FT%TZ)"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
+        || echo "no nvidia-smi"
+} | tee "$log"
+
+# The GPU machine has torch, torchvision, numpy, Pillow, click and matplotlib but no internet:
+# install the package alone; if pip cannot, put the stage folders on the path instead.
+if ! "$PY" -c "import marsvision.train.sweep" 2>/dev/null; then
+    if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.txt" 2>&1; then
+        tail -n 2 "$OUT/pip.txt" | tee -a "$log"
+        site=${TMPDIR:-/tmp}/mv
+        mkdir -p "$site/marsvision"
+        for stage in train export runtime benchmarks; do ln -sfn "$PWD/$stage" "$site/marsvision/$stage"; done
+        export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    rm -f "$OUT/pip.txt"
+fi
+"$PY" -c "import sys, torch, torchvision; print('python', sys.version.split()[0], 'torch',
+    torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())" \
+    2>&1 | tee -a "$log"
+
+"$PY" -m marsvision.train.sweep --task "$task" --budget-min "$budget" --set device=cuda \
+    --workers "${WORKERS:-16}" --runs "${RUNS:-/tmp/runs}" --out "$OUT" "$@" 2>&1 | tee -a "$log"
