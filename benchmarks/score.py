@@ -21,7 +21,7 @@ from marsvision.benchmarks.predictions import (
     short_list,
 )
 from marsvision.runtime.errors import MarsvisionError
-from marsvision.train.data import CAMERAS, Sample, camera
+from marsvision.train.data import CAMERAS, Sample, camera, sol_key
 
 # Exit code of `mars-bench score` when a --require fails: the same as `mars-bench parity`'s
 # PARITY_FAIL_EXIT (1 is a user error, 2 a usage error, as click defines them).
@@ -86,7 +86,7 @@ def score_predictions(
             outside += 1
     index = {name: i for i, name in enumerate(class_names)}
     excluded: dict[str, list[str]] = {"missing": [], "failed": [], "duplicated": []}
-    y_true, y_pred = [], []
+    y_true, y_pred, sols = [], [], []
     groups: dict[tuple[str, int], list[int]] = {}  # (camera, MSL class) -> [images, errors]
     for s in samples:
         mine = found.get(s.path.name, [])
@@ -99,6 +99,7 @@ def score_predictions(
         else:
             y_true.append(s.label)
             y_pred.append(index[mine[0].label])
+            sols.append(sol_key(s.path))
             g = groups.setdefault((camera(s.path), s.msl_class), [0, 0])
             g[0] += 1
             g[1] += y_pred[-1] != s.label
@@ -118,9 +119,13 @@ def score_predictions(
         "positive_class": class_names[1] if task == "binary" else None,
         "metrics": metrics,
         "cis": bootstrap_cis(y_true, y_pred, len(class_names), task, n_boot=n_boot, seed=seed),
+        # images of one sol are one observation and err together: the honest interval
+        "cis_by_sol": bootstrap_cis(y_true, y_pred, len(class_names), task, n_boot=n_boot,
+                                    seed=seed, groups=sols),  # fmt: skip
         "counts": {
             "split_images": len(samples),
             "scored": len(y_true),
+            "sols": len(set(sols)),
             **{k: len(v) for k, v in excluded.items()},
             "rows": len(rows),
             "rows_outside_split": outside,
@@ -213,7 +218,7 @@ def render_text(report: dict[str, Any]) -> str:
     """The terminal summary: provenance, coverage, the metrics table and the requirements."""
     from marsvision.benchmarks.report import text_table
 
-    c, m, ci = report["counts"], report["metrics"], report["cis"]
+    c, m, ci, by_sol = report["counts"], report["metrics"], report["cis"], report["cis_by_sol"]
     p, model = report["predictions"], report["model"]
     lines = [
         f"score: {p['path']} ({p['format']}{', top-k' if p['top_k'] else ''}), "
@@ -233,11 +238,12 @@ def render_text(report: dict[str, Any]) -> str:
     if c["rows_outside_split"]:
         lines.append(f"ignored: {c['rows_outside_split']} rows for images outside the split")
     which = f"({report['positive_class']})" if report["positive_class"] else "(macro)"
-    rows = [["n", str(m["n"]), ""]]
+    rows = [["n", str(m["n"]), "", f"{c['sols']} sols"]]
     for k in METRICS:
         label = f"{k} {which}" if k in ("precision", "recall", "f1") else k
-        rows.append([label, f"{m[k]:.4f}", f"[{ci[k][0]:.4f}, {ci[k][1]:.4f}]"])
-    lines += ["", text_table(["metric", "value", "95% CI"], rows)]
+        rows.append([label, f"{m[k]:.4f}", f"[{ci[k][0]:.4f}, {ci[k][1]:.4f}]",
+                     f"[{by_sol[k][0]:.4f}, {by_sol[k][1]:.4f}]"])  # fmt: skip
+    lines += ["", text_table(["metric", "value", "95% CI", "95% CI by sol"], rows)]
     worst = [g for g in report.get("by_camera_and_class", []) if g["errors"]][:_WORST]
     if worst:
         lines += ["", "most errors, by camera and MSL class:"]

@@ -22,7 +22,7 @@ from marsvision.benchmarks.parity import PARITY_FAIL_EXIT
 from marsvision.benchmarks.score import SCORE_FAIL_EXIT
 from marsvision.runtime.classifier import Prediction
 from marsvision.runtime.results import Provenance, ResultWriter
-from marsvision.train.data import class_names, read_split
+from marsvision.train.data import class_names, read_split, sol_key
 from marsvision.train.metrics import bootstrap_cis, classification_metrics
 
 N_REAL = 40  # real test images through mars-infer: 5 batches of 8
@@ -127,6 +127,8 @@ def test_real_output_scores_like_the_runtime(real_runs: dict[str, Any], msl_dir:
     y_pred = probs.argmax(axis=1).tolist()
     want = classification_metrics(y_true, y_pred, 2, "binary")
     want_cis = bootstrap_cis(y_true, y_pred, 2, "binary", n_boot=1000, seed=0)
+    sols = [sol_key(s.path) for s in samples]
+    want_by_sol = bootstrap_cis(y_true, y_pred, 2, "binary", n_boot=1000, seed=0, groups=sols)
 
     for key, name in real_runs["files"].items():
         out = work / f"out-{key}"
@@ -136,9 +138,11 @@ def test_real_output_scores_like_the_runtime(real_runs: dict[str, Any], msl_dir:
         rep = _report(out)
         assert rep["metrics"] == want, key
         assert rep["cis"] == want_cis, key
+        assert rep["cis_by_sol"] == want_by_sol != want_cis, key
         assert rep["counts"] == {
             "split_images": 1305,
             "scored": N_REAL,
+            "sols": len(set(sols)),
             "missing": 1305 - N_REAL,
             "failed": 0,
             "duplicated": 0,
@@ -212,6 +216,10 @@ def test_full_split_exact_metrics_cis_and_json(
     assert rep["cis"]["precision"] == [1.0, 1.0]
     assert 0.0 < rep["cis"]["accuracy"][1] - rep["cis"]["accuracy"][0] < 0.06
     assert rep["counts"]["scored"] == 1305 and rep["counts"]["rows_outside_split"] == 0
+    assert rep["counts"]["sols"] == len({s.path.name[:4] for s in test_split}) == 97
+    for k, (lo, hi) in rep["cis_by_sol"].items():
+        assert lo <= m[k] <= hi, k
+    assert "95% CI by sol" in r.stdout and "97 sols" in r.stdout
     assert rep["data_fingerprint"] == data_fingerprint(msl_dir)
     assert rep["passed"] is True and rep["requirements"] == []
     assert rep["config"]["allow_missing"] is False

@@ -107,6 +107,38 @@ def test_bootstrap_cis_match_metrics_on_each_resample(task: str, k: int) -> None
     assert cis["accuracy"] == pytest.approx(list(np.quantile(correct, [0.025, 0.975])))
 
 
+def test_bootstrap_by_group_resamples_whole_groups() -> None:
+    """The cluster bootstrap equals classification_metrics on explicit resamples of the groups,
+    and widens the interval when a group's images err together."""
+    rng = np.random.default_rng(6)
+    groups = np.repeat(np.arange(40), 10)  # 40 observations (sols) of 10 images
+    y = rng.integers(0, 2, 400)
+    pred = np.where(np.repeat(rng.random(40) < 0.8, 10), y, 1 - y)  # a whole sol right or wrong
+    keys = np.array([f"{g:04d}" for g in groups])[rng.permutation(400)]  # any order, strings
+    n_boot = 200
+    cis = bootstrap_cis(y, pred, 2, "binary", n_boot=n_boot, seed=7, groups=keys)
+    # the reference: the same multinomial draws of the (sorted) groups, images repeated by hand
+    members = [np.flatnonzero(keys == g) for g in np.unique(keys)]
+    draws = np.random.default_rng(7).multinomial(40, np.full(40, 1 / 40), size=n_boot)
+    ref = []
+    for counts in draws:
+        idx = np.concatenate([np.repeat(m, c) for m, c in zip(members, counts, strict=True)])
+        ref.append(classification_metrics(y[idx], pred[idx], 2, "binary"))
+    for name in ("accuracy", "balanced_accuracy", "precision", "recall", "f1"):
+        want = np.quantile([r[name] for r in ref], [0.025, 0.975])
+        assert cis[name] == pytest.approx(list(want), abs=1e-12), name
+
+    by_sol = bootstrap_cis(y, pred, 2, "binary", n_boot=2000, seed=1, groups=groups)["accuracy"]
+    by_image = bootstrap_cis(y, pred, 2, "binary", n_boot=2000, seed=1)["accuracy"]
+    assert by_sol[1] - by_sol[0] > 2.5 * (by_image[1] - by_image[0])  # ~sqrt(10) wider
+    # more images of the same 40 sols narrow the interval over images, not over sols
+    by_sol4 = bootstrap_cis(np.tile(y, 4), np.tile(pred, 4), 2, "binary", n_boot=2000, seed=1,
+                            groups=np.tile(groups, 4))["accuracy"]  # fmt: skip
+    assert by_sol4[1] - by_sol4[0] == pytest.approx(by_sol[1] - by_sol[0], rel=0.2)
+    with pytest.raises(ValueError, match="3 group keys for 400"):
+        bootstrap_cis(y, pred, 2, "binary", groups=[1, 2, 3])
+
+
 def test_bootstrap_cis_degenerate_and_invalid() -> None:
     y = np.array([0, 1, 1, 0, 1])
     assert bootstrap_cis(y, y, 2, "binary", n_boot=20)["f1"] == [1.0, 1.0]

@@ -23,8 +23,8 @@ from marsvision.train.checkpoint import (
     preprocess_from_checkpoint,
 )
 from marsvision.train.config import TrainConfig, command_line, config_from_flags
-from marsvision.train.data import read_split
-from marsvision.train.metrics import classification_metrics
+from marsvision.train.data import read_split, sol_key
+from marsvision.train.metrics import bootstrap_cis, classification_metrics
 from marsvision.train.ship import main as ship_main
 from marsvision.train.ship import ship_run
 from marsvision.train.transforms import eval_transform
@@ -99,6 +99,9 @@ def test_scores_are_those_of_the_shipped_weights(shipped: Path, msl_dir: Path) -
         assert got["confusion_matrix"] == want["confusion_matrix"], split
         lo, hi = ckpt["metrics"]["ci95"][split]["accuracy"]
         assert lo <= got["accuracy"] <= hi
+        sols = [sol_key(s.path) for s in samples]  # the same draws, whole sols resampled
+        want_by_sol = bootstrap_cis(y, pred, 2, "binary", n_boot=1000, seed=0, groups=sols)
+        assert ckpt["metrics"]["ci95_by_sol"][split] == want_by_sol
         if split != "val":
             continue
         # the threshold is (within the 0.5-point plateau) the best on val's balanced accuracy
@@ -139,6 +142,8 @@ def test_card_and_sums(shipped: Path) -> None:
     test = ckpt["metrics"]["test"]
     lo, hi = ckpt["metrics"]["ci95"]["test"]["accuracy"]
     assert f"{100 * test['accuracy']:.2f} ({100 * lo:.2f}-{100 * hi:.2f})" in card
+    lo, hi = ckpt["metrics"]["ci95_by_sol"]["test"]["accuracy"]
+    assert f"| test, by sol | | ({100 * lo:.2f}-{100 * hi:.2f}) |" in card
     assert "| test | 1,305 | 326 | 979 |" in card  # the split's real class counts
     assert f"at most {SCORE_LIMIT} images per split" in card  # a limited score says so
     assert f"## Notes\n\n- {NOTES[0]}\n- {NOTES[1]}\n" in card

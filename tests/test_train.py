@@ -72,8 +72,9 @@ def test_run_folder(run: Path, msl_dir: Path) -> None:
                     "confusion_matrix", "per_class_recall"):  # fmt: skip
             assert key in m[split]
         assert m[split]["n"] == LIMIT
-    for metric, (lo, hi) in m["test"]["ci95"].items():
-        assert lo <= m["test"][metric] <= hi, metric
+    for key in ("ci95", "ci95_by_sol"):
+        for metric, (lo, hi) in m["test"][key].items():
+            assert lo <= m["test"][metric] <= hi, (key, metric)
 
 
 def test_predictions_agree_with_metrics_and_checkpoint(run: Path, msl_dir: Path) -> None:
@@ -90,7 +91,7 @@ def test_predictions_agree_with_metrics_and_checkpoint(run: Path, msl_dir: Path)
     assert y_true == [s.label for s in samples]
     assert y_pred == list(probs.argmax(1))
     assert classification_metrics(y_true, y_pred, 2, "binary") == {
-        k: v for k, v in m["test"].items() if k != "ci95"
+        k: v for k, v in m["test"].items() if k not in ("ci95", "ci95_by_sol")
     }
     # the checkpoint that ships is the one that made these predictions
     ckpt = load_checkpoint(run / "checkpoint.pt")

@@ -18,12 +18,17 @@ def _pct(x: float) -> str:
 
 def _metric_rows(shipped: dict[str, Any]) -> list[str]:
     m, ci = shipped["metrics"], shipped["metrics"]["ci95"]
+    by_sol = m.get("ci95_by_sol")  # cards shipped before 2026-11-25: none
     rows = ["| split | n | " + " | ".join(n.replace("_", " ") for n in _METRICS) + " |",
             "|---|---|" + "---|" * len(_METRICS)]  # fmt: skip
     for split in ("val", "test"):
         cells = [f"{_pct(m[split][n])} ({_pct(ci[split][n][0])}-{_pct(ci[split][n][1])})"
                  for n in _METRICS]  # fmt: skip
         rows.append(f"| {split} | {m[split]['n']} | " + " | ".join(cells) + " |")
+        if by_sol:
+            cells = [f"({_pct(by_sol[split][n][0])}-{_pct(by_sol[split][n][1])})"
+                     for n in _METRICS]  # fmt: skip
+            rows.append(f"| {split}, by sol | | " + " | ".join(cells) + " |")
     return rows
 
 
@@ -168,7 +173,9 @@ def render_card(
         "",
         f"PyTorch evaluation of exactly these fp16 weights (computed in fp32){limited}, in "
         f"percent, with bootstrap 95% intervals from 1,000 resamples of the images; {positive}; "
-        "labels by the label rule above.",
+        "labels by the label rule above. The rows \"by sol\" resample whole sols instead (a "
+        "sol's images are few observations of the same scenes and err together, so these "
+        "intervals are the honest ones; the image intervals are too narrow).",
         "",
         *_metric_rows(shipped),
         "",

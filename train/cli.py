@@ -159,13 +159,15 @@ def main(
     result = train(cfg)
     test = result["test"]
     (lo, hi), (f1_lo, f1_hi) = test["ci95"]["accuracy"], test["ci95"]["f1"]
+    sol_lo, sol_hi = test["ci95_by_sol"]["accuracy"]
     seen = " (trained on: not a held-out score)" if cfg.refit else ""
     click.echo(f"{'kept' if cfg.refit else 'best'} epoch {result['best_epoch']}: val accuracy "
                f"{result['val']['accuracy']:.4f} balanced "
                f"{result['val']['balanced_accuracy']:.4f}{seen}")  # fmt: skip
     click.echo(f"test accuracy {test['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}) balanced "
                f"{test['balanced_accuracy']:.4f} f1 {test['f1']:.4f} ({f1_lo:.4f}-{f1_hi:.4f}) "
-               f"(n={test['n']})")  # fmt: skip
+               f"(n={test['n']}); accuracy CI resampling whole sols "
+               f"{sol_lo:.4f}-{sol_hi:.4f}")  # fmt: skip
     click.echo(f"wrote {cfg.out}/checkpoint.pt, metrics.json, predictions_test.csv, "
                "curves.png, confusion_test.png")  # fmt: skip
 

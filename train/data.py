@@ -96,6 +96,13 @@ def camera(path: Path) -> str:
     return code if len(code) == 2 and code.isalpha() else "?"
 
 
+def sol_key(path: Path) -> str:
+    """The sol (mission day) that begins an MSL file name, as the key that groups one day's
+    observations; a name without one is its own group."""
+    head = path.name[:4]
+    return head if head.isdigit() and len(head) == 4 else path.name
+
+
 def task_label(task: str, msl_class: int) -> int:
     """Map an MSL class id to the task's label."""
     if task == "binary":

@@ -426,9 +426,12 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
         _, probs[split] = evaluate(final, inputs=inputs[split], labels=y[split],
                                    batch_size=2 * cfg.batch_size, amp=False)  # fmt: skip
         result[split] = _split_metrics(task, splits[split], probs[split], k)
-    y_test = np.array([s.label for s in splits["test"]])
-    result["test"]["ci95"] = bootstrap_cis(y_test, probs["test"].argmax(1), k, task,
-                                           n_boot=1000, seed=cfg.seed)  # fmt: skip
+    y_test, pred_test = np.array([s.label for s in splits["test"]]), probs["test"].argmax(1)
+    result["test"]["ci95"] = bootstrap_cis(y_test, pred_test, k, task, n_boot=1000,
+                                           seed=cfg.seed)  # fmt: skip
+    result["test"]["ci95_by_sol"] = bootstrap_cis(
+        y_test, pred_test, k, task, n_boot=1000, seed=cfg.seed,
+        groups=[msl.sol_key(s.path) for s in splits["test"]])  # fmt: skip
     result.update(config=cfg.to_dict(), data_fingerprint=fingerprint, device=str(device),
                   history=history, seconds=time.perf_counter() - t0)  # fmt: skip
     ckpt["metrics"] = {"val": result["val"], "test": result["test"], "best_epoch": best_epoch,

@@ -87,18 +87,35 @@ def bootstrap_cis(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    groups: Any = None,
 ) -> dict[str, list[float]]:
     """Percentile bootstrap intervals [lo, hi] of accuracy, balanced accuracy, precision,
-    recall and F1 (resampling images, the same resamples for every metric)."""
+    recall and F1 (the same resamples for every metric).
+
+    Resamples images; with `groups` (one key per image, e.g. its sol), resamples whole groups
+    instead (a cluster bootstrap): images of one observation err together, so the interval
+    over images alone is too narrow."""
     t, p = _labels(y_true), _labels(y_pred)
     confusion_matrix(t, p, num_classes)  # validates shapes and label range
     if t.size == 0:
         raise ValueError("no predictions to bootstrap")
     k = num_classes
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, t.size, size=(n_boot, t.size))
-    flat = (np.arange(n_boot)[:, None] * k * k + t[idx] * k + p[idx]).ravel()
-    cms = np.bincount(flat, minlength=n_boot * k * k).reshape(n_boot, k, k)
+    if groups is None:
+        idx = rng.integers(0, t.size, size=(n_boot, t.size))
+        flat = (np.arange(n_boot)[:, None] * k * k + t[idx] * k + p[idx]).ravel()
+        cms = np.bincount(flat, minlength=n_boot * k * k).reshape(n_boot, k, k)
+    else:
+        keys = np.asarray(groups).reshape(-1)
+        if keys.size != t.size:
+            raise ValueError(f"{keys.size} group keys for {t.size} predictions")
+        gid = np.unique(keys, return_inverse=True)[1].reshape(-1)
+        n_groups = int(gid.max()) + 1
+        # each group's confusion counts; a resample's matrix is their sum, weighted by how many
+        # times the resample drew each group
+        per_group = np.bincount(gid * k * k + t * k + p, minlength=n_groups * k * k)
+        draws = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot)
+        cms = (draws @ per_group.reshape(n_groups, k * k)).reshape(n_boot, k, k)
     alpha = (1.0 - level) / 2.0
     return {
         name: [float(q) for q in np.quantile(values, [alpha, 1.0 - alpha])]

@@ -76,10 +76,11 @@ def score_checkpoint(
     task, k = ckpt["task"], len(ckpt["class_names"])
     spec = preprocess_from_checkpoint(ckpt)
     model = model_from_checkpoint(ckpt).to(dev)
-    labels, probs = {}, {}
+    labels, probs, sols = {}, {}, {}
     for split in SCORED_SPLITS:
         samples = msl.read_split(data_dir, split, task, limit)
         y = np.array([s.label for s in samples])
+        sols[split] = [msl.sol_key(s.path) for s in samples]
         x = eval_tensors(samples, spec=spec, workers=workers).to(dev)
         y_dev = torch.from_numpy(y).to(dev)
         _, probs[split] = evaluate(model, inputs=x, labels=y_dev, batch_size=batch_size, amp=False)
@@ -97,6 +98,8 @@ def score_checkpoint(
         scores[split] = {
             "metrics": classification_metrics(y, pred, k, task),
             "ci95": bootstrap_cis(y, pred, k, task, n_boot=1000, seed=0),
+            "ci95_by_sol": bootstrap_cis(y, pred, k, task, n_boot=1000, seed=0,
+                                         groups=sols[split]),  # fmt: skip
         }
     y = labels["val"]
     scores["val"]["tta_flip"] = classification_metrics(y, decide(probs["val_flip"], threshold),
@@ -158,6 +161,7 @@ def ship_run(
     shipped["metrics"] = {
         **{s: scores[s]["metrics"] for s in SCORED_SPLITS},
         "ci95": {s: scores[s]["ci95"] for s in SCORED_SPLITS},
+        "ci95_by_sol": {s: scores[s]["ci95_by_sol"] for s in SCORED_SPLITS},
         "best_epoch": ckpt["metrics"].get("best_epoch", ckpt.get("epoch")),
         "stopped_early_after_epoch": ckpt["metrics"].get("stopped_early_after_epoch"),
         "fp32_run": {s: ckpt["metrics"][s] for s in SCORED_SPLITS},
