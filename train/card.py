@@ -173,9 +173,9 @@ def render_card(
         "",
         f"PyTorch evaluation of exactly these fp16 weights (computed in fp32){limited}, in "
         f"percent, with bootstrap 95% intervals from 1,000 resamples of the images; {positive}; "
-        "labels by the label rule above. The rows \"by sol\" resample whole sols instead (a "
-        "sol's images are few observations of the same scenes and err together, so these "
-        "intervals are the honest ones; the image intervals are too narrow).",
+        "labels by the label rule above. The rows \"by sol\" resample whole sols instead: "
+        "images of one sol often show one scene and are right or wrong together, so these are "
+        "the intervals to quote (those over images are too narrow).",
         "",
         *_metric_rows(shipped),
         "",

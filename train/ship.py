@@ -235,9 +235,10 @@ def main(
                    f"{argmax['balanced_accuracy']:.4f})")  # fmt: skip
     for split in SCORED_SPLITS:
         m, ci = result.scores[split]["metrics"], result.scores[split]["ci95"]
+        by_sol = result.scores[split]["ci95_by_sol"]["accuracy"]
         click.echo(f"{split}: accuracy {m['accuracy']:.4f} ({ci['accuracy'][0]:.4f}-"
-                   f"{ci['accuracy'][1]:.4f}) balanced {m['balanced_accuracy']:.4f} "
-                   f"f1 {m['f1']:.4f} (n={m['n']})")  # fmt: skip
+                   f"{ci['accuracy'][1]:.4f}; by sol {by_sol[0]:.4f}-{by_sol[1]:.4f}) balanced "
+                   f"{m['balanced_accuracy']:.4f} f1 {m['f1']:.4f} (n={m['n']})")  # fmt: skip
     flip = result.scores["val"]["tta_flip"]
     click.echo(f"val with mars-infer --tta flip: accuracy {flip['accuracy']:.4f} balanced "
                f"{flip['balanced_accuracy']:.4f}")  # fmt: skip
