@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see train/cli.py
@@ -107,6 +108,23 @@ def test_train_store_and_augmentation(msl_dir: Path) -> None:
     assert a.shape == (8, 3, 48, 48) and torch.equal(a, b)
     assert -2.2 < a.min() and a.max() < 2.7
     assert not torch.allclose(a, torch.nn.functional.interpolate(plain, size=48))
+    # --grayscale 1: every image grey (R = G = B before normalization), the geometry unchanged
+    # (the grey draw comes after the affine ones); 0.5: some grey, some in colour
+    mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
+    grey = augment_batch(store, out_size=64, spec=spec,
+                         aug=dataclasses.replace(flips_only, grayscale=1.0),
+                         generator=torch.Generator().manual_seed(0)) * std + mean  # fmt: skip
+    assert (grey - grey[:, :1]).abs().max() < 1e-5
+    colour = out * std + mean
+    luma = 0.299 * colour[:, 0:1] + 0.587 * colour[:, 1:2] + 0.114 * colour[:, 2:3]
+    assert (grey - luma).abs().max() < 1e-5
+    half = augment_batch(store, out_size=64, spec=spec,
+                         aug=dataclasses.replace(flips_only, grayscale=0.5),
+                         generator=torch.Generator().manual_seed(0)) * std + mean  # fmt: skip
+    is_grey = [bool((h - h[:1]).abs().max() < 1e-5) for h in half]
+    assert 0 < sum(is_grey) < 8
+    for h, c, g_ in zip(half, colour, grey, strict=True):
+        assert min((h - c).abs().max(), (h - g_).abs().max()) < 1e-5
 
 
 def _zip_dataset(src: Path, path: Path, root: str = "msl-images/") -> Path:

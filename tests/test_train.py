@@ -131,6 +131,14 @@ def test_resume_continues_the_same_run(
     assert r.exit_code == 1 and "--resume: epochs was 2" in r.output
     r = CliRunner().invoke(main, [*args, "--epochs", "2", "--amp", "bf16", "--resume"])
     assert r.exit_code == 1 and "--resume: amp was 'auto'" in r.output
+    r = CliRunner().invoke(main, [*args, "--epochs", "2", "--grayscale", "0.5", "--resume"])
+    assert r.exit_code == 1 and "--resume: augment was" in r.output
+    # a resume.pt from before --grayscale lacks it in its augment settings: still the same run
+    path = tmp_path / "r" / "resume.pt"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    del state["config"]["augment"]["grayscale"]
+    torch.save(state, path)
+    assert loop._load_resume(tmp_path / "r", cfg, state["data_fingerprint"])["config"] is not None
 
 
 def test_recipes() -> None:
@@ -389,6 +397,20 @@ def test_jitter_flag_round_trip() -> None:
     )
     with pytest.raises(MarsvisionError, match="jitter"):
         config_from_flags("default", data=Path("d"), out=Path("o"), jitter=1.0)
+
+
+def test_grayscale_flag_round_trip() -> None:
+    from marsvision.train.config import command_line
+
+    cfg = config_from_flags("default", data=Path("d"), out=Path("o"), grayscale=0.3)
+    assert cfg.augment.grayscale == 0.3 and cfg.augment.jitter == 0.2
+    assert "--grayscale 0.3" in command_line(cfg.to_dict())
+    plain = config_from_flags("default", data=Path("d"), out=Path("o")).to_dict()
+    assert "--grayscale" not in command_line(plain)
+    del plain["augment"]["grayscale"]  # a config from before the flag still has its command
+    assert "--grayscale" not in command_line(plain)
+    with pytest.raises(MarsvisionError, match="grayscale"):
+        config_from_flags("default", data=Path("d"), out=Path("o"), grayscale=1.5)
 
 
 def test_selection_window(msl_dir: Path, tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Training augmentation on whole uint8 batches, on whatever device the batch lives on.
 
 One affine resample per image does random-resized crop, horizontal flip and a small rotation;
-then mild brightness/contrast/saturation jitter and the spec's normalization. No vertical
+then mild brightness/contrast/saturation jitter, optionally greying some images
+(`AugmentSpec.grayscale`), and the spec's normalization. No vertical
 flips: ground has no canonical orientation but the horizon does, and the label "horizon"
 depends on it. Random parameters are drawn on the CPU from the given generator, so a seed
 gives the same augmentations on any device.
@@ -48,14 +49,18 @@ def _affine_params(n: int, aug: AugmentSpec, g: torch.Generator) -> torch.Tensor
     return theta
 
 
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """(n, 1, h, w) grey of NCHW RGB, ITU-R 601 weights (as Pillow's convert("L"))."""
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
 def _jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """Brightness, contrast, saturation `factors` (n, 3); x in [0, 1], NCHW."""
     b, c, s = factors.T.reshape(3, -1, 1, 1, 1)
     x = x * b
-    gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).clamp(0, 1)
-    mean = gray.mean(dim=(2, 3), keepdim=True)
+    mean = _luma(x).clamp(0, 1).mean(dim=(2, 3), keepdim=True)
     x = (x - mean) * c + mean
-    gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+    gray = _luma(x)
     x = (x - gray) * s + gray
     return x.clamp(0, 1)
 
@@ -74,6 +79,8 @@ def augment_batch(
     parts = [_affine_params(n, aug, generator).view(n, 6)]
     if aug.jitter > 0:
         parts += [_uniform(n, 1 - aug.jitter, 1 + aug.jitter, generator).view(n, 1) for _ in "bcs"]
+    if aug.grayscale > 0:  # drawn only when on: runs without it keep their random stream
+        parts.append((torch.rand(n, generator=generator) < aug.grayscale).float().view(n, 1))
     host = torch.cat([torch.cat(parts, 1).flatten(), torch.tensor([*spec.mean, *spec.std])])
     if batch.is_cuda:
         host = host.pin_memory()
@@ -86,4 +93,7 @@ def augment_batch(
     )
     if aug.jitter > 0:
         x = _jitter(x, params[:, 6:9])
+    if aug.grayscale > 0:
+        grey = params[:, -1].view(n, 1, 1, 1)
+        x = grey * _luma(x) + (1 - grey) * x  # the luma broadcasts over the three channels
     return (x - mean) / std

@@ -73,6 +73,13 @@ from marsvision.train.config import RECIPES, config_from_flags
     "in 1 +- this [0.2; blog 0].",
 )
 @click.option(
+    "--grayscale",
+    type=float,
+    default=None,
+    help="Probability that a training image is made grey, so that colour alone cannot say "
+    "hardware or ground [0].",
+)
+@click.option(
     "--mixup",
     type=float,
     default=None,
@@ -129,9 +136,9 @@ def main(
     batch_size: int | None, lr: float | None, weight_decay: float | None,
     warmup_epochs: float | None, label_smoothing: float | None, balance: str | None,
     ema_decay: float | None, crop_scale_min: float | None, jitter: float | None,
-    mixup: float | None, cutmix: float | None, select_from: float | None, image_size: int,
-    device: str, amp: str, train_on: str, seed: int, limit: int | None, out: Path | None,
-    resume: bool, init: str, workers: int,
+    grayscale: float | None, mixup: float | None, cutmix: float | None,
+    select_from: float | None, image_size: int, device: str, amp: str, train_on: str,
+    seed: int, limit: int | None, out: Path | None, resume: bool, init: str, workers: int,
 ) -> None:  # fmt: skip
     """Train ResNet-50 on the MSL images; write checkpoint, metrics and plots to --out."""
     from marsvision.runtime.errors import MarsvisionError
@@ -150,7 +157,8 @@ def main(
         recipe, data=resolve_data_dir(data), out=out or Path("runs") / task, task=task,
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, balance=balance,
-        ema_decay=ema_decay, crop_scale_min=crop_scale_min, jitter=jitter, mixup=mixup,
+        ema_decay=ema_decay, crop_scale_min=crop_scale_min, jitter=jitter, grayscale=grayscale,
+        mixup=mixup,
         cutmix=cutmix, select_from=select_from, image_size=image_size, device=device, amp=amp,
         train_on=train_on, seed=seed, limit=limit, init=init, resume=resume, workers=workers,
     )  # fmt: skip

@@ -28,6 +28,7 @@ class AugmentSpec:
     rotate_deg: float = 10.0  # uniform in +-rotate_deg
     hflip: bool = True
     jitter: float = 0.2  # brightness/contrast/saturation factor in 1 +- jitter
+    grayscale: float = 0.0  # probability that an image is made grey (after the jitter)
 
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -134,6 +135,11 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
         if not 0 <= jitter < 1:
             raise MarsvisionError(f"--jitter {jitter}: must be in [0, 1)")
         values["augment"] = dataclasses.replace(values["augment"], jitter=jitter)
+    grayscale = flags.pop("grayscale", None)
+    if grayscale is not None:
+        if not 0 <= grayscale <= 1:
+            raise MarsvisionError(f"--grayscale {grayscale}: must be a probability in [0, 1]")
+        values["augment"] = dataclasses.replace(values["augment"], grayscale=grayscale)
     values.update({k: v for k, v in flags.items() if v is not None})
     if is_refit(values):
         # val is training data: nothing is left to select on, so the last epoch is kept
@@ -176,7 +182,7 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
 # TrainConfig fields that mars-train sets from a flag of the same name (`--batch-size` ...)
 FLAG_FIELDS = ("task", "recipe", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                "label_smoothing", "balance", "ema_decay", "image_size", "seed", "limit", "init",
-               "device", "amp", "crop_scale_min", "jitter", "select_from", "mixup",
+               "device", "amp", "crop_scale_min", "jitter", "grayscale", "select_from", "mixup",
                "cutmix", "train_on")  # fmt: skip
 
 
@@ -190,14 +196,17 @@ def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None 
     config = dict(config)
     # JSON turns tuples into lists
     augment = {k: tuple(v) if isinstance(v, list) else v for k, v in config["augment"].items()}
-    crop_min, jitter = augment["scale"][0], augment["jitter"]
+    augment.setdefault("grayscale", 0.0)  # configs from before the flag
+    crop_min, jitter, grayscale = augment["scale"][0], augment["jitter"], augment["grayscale"]
     config["crop_scale_min"] = crop_min if crop_min != recipe["augment"].scale[0] else None
     config["jitter"] = jitter if jitter != recipe["augment"].jitter else None
+    config["grayscale"] = grayscale if grayscale != recipe["augment"].grayscale else None
     for key in ("optimizer", "schedule", "augment"):
         want = recipe[key]
         got = config[key]
         if key == "augment":
-            flagged = dataclasses.replace(want, scale=(crop_min, 1.0), jitter=jitter)
+            flagged = dataclasses.replace(want, scale=(crop_min, 1.0), jitter=jitter,
+                                          grayscale=grayscale)  # fmt: skip
             want = dataclasses.asdict(flagged)
             got = augment
         if got != want:

@@ -252,6 +252,8 @@ def _load_resume(out: Path, cfg: TrainConfig, fingerprint: str) -> dict[str, Any
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for key in RESUME_MUST_MATCH:
         was = saved.get(key, defaults.get(key))  # runs from before a setting existed lack it
+        if key == "augment" and isinstance(was, dict):
+            was = {**dataclasses.asdict(AugmentSpec()), **was}  # and augment settings, too
         if was != now.get(key):
             raise MarsvisionError(
                 f"--resume: {key} was {was!r} in {out}, now {now.get(key)!r}; "
