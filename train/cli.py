@@ -158,9 +158,9 @@ def main(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, balance=balance,
         ema_decay=ema_decay, crop_scale_min=crop_scale_min, jitter=jitter, grayscale=grayscale,
-        mixup=mixup,
-        cutmix=cutmix, select_from=select_from, image_size=image_size, device=device, amp=amp,
-        train_on=train_on, seed=seed, limit=limit, init=init, resume=resume, workers=workers,
+        mixup=mixup, cutmix=cutmix, select_from=select_from, image_size=image_size,
+        device=device, amp=amp, train_on=train_on, seed=seed, limit=limit, init=init,
+        resume=resume, workers=workers,
     )  # fmt: skip
     from marsvision.train.loop import main as train
 

@@ -120,6 +120,13 @@ class TrainConfig:
         return d
 
 
+def saved_augment(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config's augment settings as `TrainConfig.to_dict()` writes them now: tuples
+    back from JSON lists, settings added since (grayscale) at their defaults."""
+    got = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    return {**dataclasses.asdict(AugmentSpec()), **got}
+
+
 def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
     """The recipe's values, overridden by every flag that is not None; checks the values."""
     if recipe not in RECIPES:
@@ -194,9 +201,7 @@ def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None 
     if recipe is None:
         raise MarsvisionError(f"config names an unknown recipe {config['recipe']!r}")
     config = dict(config)
-    # JSON turns tuples into lists
-    augment = {k: tuple(v) if isinstance(v, list) else v for k, v in config["augment"].items()}
-    augment.setdefault("grayscale", 0.0)  # configs from before the flag
+    augment = saved_augment(config["augment"])
     crop_min, jitter, grayscale = augment["scale"][0], augment["jitter"], augment["grayscale"]
     config["crop_scale_min"] = crop_min if crop_min != recipe["augment"].scale[0] else None
     config["jitter"] = jitter if jitter != recipe["augment"].jitter else None

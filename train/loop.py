@@ -28,7 +28,7 @@ from marsvision.runtime.spec import PreprocessSpec
 from marsvision.train import data as msl
 from marsvision.train.augment import augment_batch
 from marsvision.train.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
-from marsvision.train.config import AugmentSpec, TrainConfig
+from marsvision.train.config import AugmentSpec, TrainConfig, saved_augment
 from marsvision.train.images import eval_tensors, train_store
 from marsvision.train.metrics import bootstrap_cis, classification_metrics
 from marsvision.train.mix import mix_batch
@@ -253,7 +253,7 @@ def _load_resume(out: Path, cfg: TrainConfig, fingerprint: str) -> dict[str, Any
     for key in RESUME_MUST_MATCH:
         was = saved.get(key, defaults.get(key))  # runs from before a setting existed lack it
         if key == "augment" and isinstance(was, dict):
-            was = {**dataclasses.asdict(AugmentSpec()), **was}  # and augment settings, too
+            was = saved_augment(was)
         if was != now.get(key):
             raise MarsvisionError(
                 f"--resume: {key} was {was!r} in {out}, now {now.get(key)!r}; "
