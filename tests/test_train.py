@@ -413,6 +413,37 @@ def test_grayscale_flag_round_trip() -> None:
         config_from_flags("default", data=Path("d"), out=Path("o"), grayscale=1.5)
 
 
+def test_store_size(msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--store-size: the training images are decoded at that size (not the eval resize size),
+    the config, card command and --resume know it; below --image-size it is refused."""
+    from marsvision.train import loop
+    from marsvision.train.config import command_line
+
+    shapes: list[tuple[int, ...]] = []
+    real_store = loop.train_store
+
+    def spy_store(samples: list[msl.Sample], **kw: Any) -> torch.Tensor:
+        store = real_store(samples, **kw)
+        shapes.append(tuple(store.shape))
+        return store
+
+    monkeypatch.setattr(loop, "train_store", spy_store)
+    out = tmp_path / "s"
+    args = ["--data", str(msl_dir), "--limit", "8", "--out", str(out), *QUICK]
+    _train([*args, "--epochs", "1", "--store-size", "96"])
+    assert shapes == [(8, 3, 96, 96)]  # 64 px input: the eval resize size would be 73
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["store_size"] == 96 and "--store-size 96" in command_line(cfg)
+    r = CliRunner().invoke(main, [*args, "--epochs", "1", "--store-size", "128", "--resume"])
+    assert r.exit_code == 1 and "--resume: store_size was 96" in r.output
+    plain = config_from_flags("default", data=Path("d"), out=Path("o")).to_dict()
+    assert plain["store_size"] is None and "--store-size" not in command_line(plain)
+    del plain["store_size"]  # a config from before the flag still has its command
+    assert "--store-size" not in command_line(plain)
+    with pytest.raises(MarsvisionError, match="--store-size 100: must be at least --image-size"):
+        config_from_flags("default", data=Path("d"), out=Path("o"), image_size=128, store_size=100)
+
+
 def test_selection_window(msl_dir: Path, tmp_path: Path) -> None:
     """--select-from 1: only the last epoch is eligible, whatever val says of earlier ones."""
     from marsvision.train.loop import main as train

@@ -101,6 +101,14 @@ from marsvision.train.config import RECIPES, config_from_flags
     "the last) [0.5].",
 )
 @click.option("--image-size", type=int, default=224, show_default=True, help="Input size (>= 32).")
+@click.option(
+    "--store-size",
+    type=int,
+    default=None,
+    help="Decode the training images once at this shorter side (>= --image-size), the crops "
+    "and zooms then sample it: more of the file's pixels than the eval resize size [the eval "
+    "resize size, image-size / 0.875].",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option(
     "--amp",
@@ -137,8 +145,9 @@ def main(
     warmup_epochs: float | None, label_smoothing: float | None, balance: str | None,
     ema_decay: float | None, crop_scale_min: float | None, jitter: float | None,
     grayscale: float | None, mixup: float | None, cutmix: float | None,
-    select_from: float | None, image_size: int, device: str, amp: str, train_on: str,
-    seed: int, limit: int | None, out: Path | None, resume: bool, init: str, workers: int,
+    select_from: float | None, image_size: int, store_size: int | None, device: str, amp: str,
+    train_on: str, seed: int, limit: int | None, out: Path | None, resume: bool, init: str,
+    workers: int,
 ) -> None:  # fmt: skip
     """Train ResNet-50 on the MSL images; write checkpoint, metrics and plots to --out."""
     from marsvision.runtime.errors import MarsvisionError
@@ -159,8 +168,8 @@ def main(
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, balance=balance,
         ema_decay=ema_decay, crop_scale_min=crop_scale_min, jitter=jitter, grayscale=grayscale,
         mixup=mixup, cutmix=cutmix, select_from=select_from, image_size=image_size,
-        device=device, amp=amp, train_on=train_on, seed=seed, limit=limit, init=init,
-        resume=resume, workers=workers,
+        store_size=store_size, device=device, amp=amp, train_on=train_on, seed=seed,
+        limit=limit, init=init, resume=resume, workers=workers,
     )  # fmt: skip
     from marsvision.train.loop import main as train
 

@@ -98,6 +98,9 @@ class TrainConfig:
     cutmix: float = 0.0  # Beta alpha of CutMix, 0 = off; with both, one of them per batch
     select_from: float = 0.5  # the checkpoint is the best on val from this fraction of epochs on
     image_size: int = 224
+    # training images are decoded once at this shorter side (None: the eval resize size, e.g.
+    # 146 for 128 px); larger keeps more of the file's pixels for zoomed crops to sample
+    store_size: int | None = None
     device: str = "auto"
     amp: str = "auto"  # bf16 autocast + channels_last: auto = on CUDA only; bf16; off (fp32)
     train_on: str = "train"  # a TRAIN_ON value; train+val keeps the last epoch
@@ -163,6 +166,11 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
         (math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr {cfg.lr}: must be a positive number"),
         (cfg.limit is None or cfg.limit >= 1, f"--limit {cfg.limit}: need at least 1"),
         (cfg.workers >= 0, f"--workers {cfg.workers}: cannot be negative"),
+        (
+            cfg.store_size is None or cfg.store_size >= cfg.image_size,
+            f"--store-size {cfg.store_size}: must be at least --image-size {cfg.image_size} "
+            "(leave it out for the eval resize size)",
+        ),
         (0 <= cfg.ema_decay < 1, f"EMA decay {cfg.ema_decay}: must be in [0, 1)"),
         (
             math.isfinite(cfg.mixup) and cfg.mixup >= 0,
@@ -188,9 +196,9 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
 
 # TrainConfig fields that mars-train sets from a flag of the same name (`--batch-size` ...)
 FLAG_FIELDS = ("task", "recipe", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
-               "label_smoothing", "balance", "ema_decay", "image_size", "seed", "limit", "init",
-               "device", "amp", "crop_scale_min", "jitter", "grayscale", "select_from", "mixup",
-               "cutmix", "train_on")  # fmt: skip
+               "label_smoothing", "balance", "ema_decay", "image_size", "store_size", "seed",
+               "limit", "init", "device", "amp", "crop_scale_min", "jitter", "grayscale",
+               "select_from", "mixup", "cutmix", "train_on")  # fmt: skip
 
 
 def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None = None) -> str:

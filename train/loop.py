@@ -58,7 +58,7 @@ RUN_FILES = (CHECKPOINT, RESUME, "config.json", "metrics.json", "predictions_tes
 RESUME_MUST_MATCH = (
     "task", "recipe", "epochs", "select_from", "batch_size", "optimizer", "lr", "weight_decay",
     "schedule", "warmup_epochs", "label_smoothing", "balance", "ema_decay", "augment",
-    "image_size", "seed", "limit", "init", "mixup", "cutmix", "amp", "train_on",
+    "image_size", "store_size", "seed", "limit", "init", "mixup", "cutmix", "amp", "train_on",
 )  # fmt: skip
 
 
@@ -290,7 +290,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     log = sys.stderr
     workers = max(cfg.workers, 1)
     print(f"decoding {sum(map(len, splits.values()))} images ({workers} threads)", file=log)
-    store = train_store(fit, store_size=spec.resize_size,
+    store = train_store(fit, store_size=cfg.store_size or spec.resize_size,
                         interpolation=spec.interpolation, workers=workers)  # fmt: skip
     evals = {s: eval_tensors(splits[s], spec=spec, workers=workers) for s in ("val", "test")}
     print(f"decoded in {time.perf_counter() - t0:.1f} s; training on {device}", file=log)
