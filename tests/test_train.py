@@ -29,6 +29,7 @@ from marsvision.train.config import config_from_flags
 from marsvision.train.images import eval_tensors
 from marsvision.train.metrics import classification_metrics
 from marsvision.train.model import create_model
+from marsvision.train.resume import load_resume
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = 16
@@ -138,7 +139,7 @@ def test_resume_continues_the_same_run(
     state = torch.load(path, map_location="cpu", weights_only=True)
     del state["config"]["augment"]["grayscale"]
     torch.save(state, path)
-    assert loop._load_resume(tmp_path / "r", cfg, state["data_fingerprint"])["config"] is not None
+    assert load_resume(tmp_path / "r", cfg, state["data_fingerprint"])["config"] is not None
 
 
 def test_recipes() -> None:
@@ -534,14 +535,13 @@ def test_resume_saves_by_time(
     from marsvision.train import loop
 
     saves: list[int] = []
-    real_save = loop.atomic_torch_save
+    real_save = loop.save_resume
 
-    def spy(obj: Any, path: Path) -> None:
-        if path.name == loop.RESUME:
-            saves.append(obj["epoch"])
-        real_save(obj, path)
+    def spy(out: Path, parts: Any, *, epoch: int, **kw: Any) -> None:
+        saves.append(epoch)
+        real_save(out, parts, epoch=epoch, **kw)
 
-    monkeypatch.setattr(loop, "atomic_torch_save", spy)
+    monkeypatch.setattr(loop, "save_resume", spy)
     monkeypatch.setattr(loop, "RESUME_EVERY_S", every_s)
     cfg = config_from_flags("default", data=msl_dir, out=tmp_path / "run", epochs=3, limit=8,
                             image_size=64, device="cpu", batch_size=4, workers=2)  # fmt: skip

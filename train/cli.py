@@ -94,6 +94,14 @@ from marsvision.train.config import RECIPES, config_from_flags
     "0 = off; with --mixup too, one of the two per batch [0].",
 )
 @click.option(
+    "--camera-adversary",
+    type=float,
+    default=None,
+    help="Camera-adversarial training: a head learns to tell MAHLI from Mastcam from the "
+    "features while the network, through a reversed gradient scaled up to this, learns to hide "
+    "it, so that 'close-up = Rover' is no shortcut; 0 = off [0].",
+)
+@click.option(
     "--select-from",
     type=float,
     default=None,
@@ -145,9 +153,9 @@ def main(
     warmup_epochs: float | None, label_smoothing: float | None, balance: str | None,
     ema_decay: float | None, crop_scale_min: float | None, jitter: float | None,
     grayscale: float | None, mixup: float | None, cutmix: float | None,
-    select_from: float | None, image_size: int, store_size: int | None, device: str, amp: str,
-    train_on: str, seed: int, limit: int | None, out: Path | None, resume: bool, init: str,
-    workers: int,
+    camera_adversary: float | None, select_from: float | None, image_size: int,
+    store_size: int | None, device: str, amp: str, train_on: str, seed: int, limit: int | None,
+    out: Path | None, resume: bool, init: str, workers: int,
 ) -> None:  # fmt: skip
     """Train ResNet-50 on the MSL images; write checkpoint, metrics and plots to --out."""
     from marsvision.runtime.errors import MarsvisionError
@@ -167,9 +175,9 @@ def main(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, balance=balance,
         ema_decay=ema_decay, crop_scale_min=crop_scale_min, jitter=jitter, grayscale=grayscale,
-        mixup=mixup, cutmix=cutmix, select_from=select_from, image_size=image_size,
-        store_size=store_size, device=device, amp=amp, train_on=train_on, seed=seed,
-        limit=limit, init=init, resume=resume, workers=workers,
+        mixup=mixup, cutmix=cutmix, camera_adversary=camera_adversary, select_from=select_from,
+        image_size=image_size, store_size=store_size, device=device, amp=amp, train_on=train_on,
+        seed=seed, limit=limit, init=init, resume=resume, workers=workers,
     )  # fmt: skip
     from marsvision.train.loop import main as train
 

@@ -95,6 +95,8 @@ class TrainConfig:
     ema_decay: float = 0.998
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     mixup: float = 0.0  # Beta alpha of MixUp, 0 = off (train/mix.py)
+    # largest gradient-reversal coefficient of the camera adversary, 0 = off (train/adversary.py)
+    camera_adversary: float = 0.0
     cutmix: float = 0.0  # Beta alpha of CutMix, 0 = off; with both, one of them per batch
     select_from: float = 0.5  # the checkpoint is the best on val from this fraction of epochs on
     image_size: int = 224
@@ -180,6 +182,10 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
             math.isfinite(cfg.cutmix) and cfg.cutmix >= 0,
             f"--cutmix {cfg.cutmix}: must be a number >= 0 (0 = off)",
         ),
+        (
+            math.isfinite(cfg.camera_adversary) and cfg.camera_adversary >= 0,
+            f"--camera-adversary {cfg.camera_adversary}: must be a number >= 0 (0 = off)",
+        ),
         (0 <= cfg.select_from <= 1, f"--select-from {cfg.select_from}: must be in [0, 1]"),
         (cfg.optimizer in OPTIMIZERS, f"optimizer {cfg.optimizer!r}: choose {OPTIMIZERS}"),
         (cfg.schedule in SCHEDULES, f"schedule {cfg.schedule!r}: choose {SCHEDULES}"),
@@ -198,7 +204,7 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
 FLAG_FIELDS = ("task", "recipe", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                "label_smoothing", "balance", "ema_decay", "image_size", "store_size", "seed",
                "limit", "init", "device", "amp", "crop_scale_min", "jitter", "grayscale",
-               "select_from", "mixup", "cutmix", "train_on")  # fmt: skip
+               "select_from", "mixup", "cutmix", "camera_adversary", "train_on")  # fmt: skip
 
 
 def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None = None) -> str:
@@ -232,7 +238,7 @@ def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None 
         value = config.get(name)  # older configs lack newer flags
         if value is None or (name == "init" and value == "random"):
             continue
-        if name in ("mixup", "cutmix") and value == 0:  # off, as in every run before them
+        if name in ("mixup", "cutmix", "camera_adversary") and value == 0:  # off, as before them
             continue
         if (name, value) in (("amp", "auto"), ("train_on", "train")):  # defaults, as in every
             continue  # run before their flag

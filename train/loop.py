@@ -10,7 +10,7 @@ epoch, the last epoch is kept, and its final val numbers are training-set number
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import math
 import sys
 import tempfile
@@ -26,12 +26,13 @@ from torch import nn
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.spec import PreprocessSpec
 from marsvision.train import data as msl
+from marsvision.train.adversary import CameraTask, camera_task, pooled_features
 from marsvision.train.augment import augment_batch
 from marsvision.train.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
-from marsvision.train.config import AugmentSpec, TrainConfig, saved_augment
+from marsvision.train.config import AugmentSpec, TrainConfig
 from marsvision.train.images import eval_tensors, train_store
 from marsvision.train.metrics import bootstrap_cis, classification_metrics
-from marsvision.train.mix import mix_batch
+from marsvision.train.mix import Mixed, mix_batch
 from marsvision.train.model import ModelEma, create_model
 from marsvision.train.objective import (
     objective_from_config,
@@ -45,21 +46,14 @@ from marsvision.train.report import (
     write_json,
     write_predictions,
 )
+from marsvision.train.resume import RESUME, TrainingState, load_resume, restore, save_resume
 
 CHECKPOINT = "checkpoint.pt"
-RESUME = "resume.pt"
 # resume.pt (377 MB for ResNet-50 + AdamW + EMA) is saved after the last epoch and after any
 # epoch that ends this long after the previous save: a crash loses at most about this much work
 RESUME_EVERY_S = 300.0
 RUN_FILES = (CHECKPOINT, RESUME, "config.json", "metrics.json", "predictions_test.csv",
              "curves.png", "confusion_test.png")  # fmt: skip
-# every setting of the run but where its files go and how it decodes: `epochs` too, since the
-# learning-rate schedule spans them, and `select_from`, since it sets which epochs were eligible
-RESUME_MUST_MATCH = (
-    "task", "recipe", "epochs", "select_from", "batch_size", "optimizer", "lr", "weight_decay",
-    "schedule", "warmup_epochs", "label_smoothing", "balance", "ema_decay", "augment",
-    "image_size", "store_size", "seed", "limit", "init", "mixup", "cutmix", "amp", "train_on",
-)  # fmt: skip
 
 
 def _cpu_has_bf16() -> bool:
@@ -107,6 +101,17 @@ def _loss(
     return (loss * w).sum() / w_norm.sum()
 
 
+def _terms(
+    labels: torch.Tensor, w: torch.Tensor | None, mixed: Mixed | None
+) -> list[tuple[torch.Tensor, torch.Tensor | None, float]]:
+    """(labels, weights, share) terms of a loss: the image's own label, then, in a mixed batch,
+    its partner's."""
+    if mixed is None:
+        return [(labels, w, 1.0)]
+    p = mixed.partner
+    return [(labels, w, mixed.lam), (labels[p], None if w is None else w[p], 1.0 - mixed.lam)]
+
+
 def train_one_epoch(
     model: nn.Module,
     *,
@@ -127,13 +132,18 @@ def train_one_epoch(
     mixup: float = 0.0,
     cutmix: float = 0.0,
     bf16: bool | None = None,
+    camera: CameraTask | None = None,
+    progress: tuple[float, float] = (0.0, 1.0),
 ) -> dict[str, float]:
     """One pass over `order` (indices into the uint8 `images`); returns loss, accuracy, images/s.
 
     `sample_weights` (one per image, with a `reduction="none"` loss_fn): the batch loss is the
     weighted mean, as CrossEntropyLoss's class `weight` makes it. `mixup`, `cutmix`: Beta alphas
     of the batch mixing (train/mix.py), 0 = off; the loss and the accuracy then weigh each
-    image's two labels by their shares. `bf16`: autocast and channels_last (None: on CUDA)."""
+    image's two labels by their shares. `bf16`: autocast and channels_last (None: on CUDA).
+    `camera`: also train the camera adversary (train/adversary.py), its reversal coefficient at
+    the run's progress, which goes from `progress[0]` to `progress[1]` over this epoch; the result
+    then has its accuracy, `camera_accuracy`."""
     device = images.device
     cuda = device.type == "cuda"
     bf16 = cuda if bf16 is None else bf16
@@ -141,49 +151,63 @@ def train_one_epoch(
     bar = Progress(len(order), desc)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
+    camera_correct = torch.zeros((), device=device)
     seen = 0
     order = order.to(device)  # once per epoch, not one host copy per step
-    for step, (start, stop) in enumerate(_batches(len(order), batch_size)):
-        idx = order[start:stop]
-        x = augment_batch(images[idx], out_size=image_size, spec=spec, aug=aug, generator=generator)
-        y = labels[idx]
-        w = sample_weights[idx] if sample_weights is not None else None
-        mixed = mix_batch(x, mixup=mixup, cutmix=cutmix, generator=generator)
-        # (label, weight, share) terms of the loss: the image's own label, then its partner's
-        terms = [(y, w, 1.0)]
-        if mixed is not None:
-            x, p = mixed.x, mixed.partner
-            terms = [(y, w, mixed.lam), (y[p], None if w is None else w[p], 1.0 - mixed.lam)]
-        if _channels_last(device, bf16):
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
-            out = logits.float()
-            loss = torch.stack([share * _loss(loss_fn, out, yt, wt, w)
-                                for yt, wt, share in terms]).sum()  # fmt: skip
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update(model)
-        n = stop - start
-        loss_sum += loss.detach() * n
-        pred = logits.argmax(1)
-        for yt, _, share in terms:
-            correct += share * (pred == yt).sum()
-        seen += n
-        if not cuda or step % 10 == 0:  # .item() waits for the GPU: only every 10 steps
-            bar.update(n, loss=loss_sum.item() / seen, acc=correct.item() / seen)
-        else:
-            bar.update(n)
+    batches = _batches(len(order), batch_size)
+    features = pooled_features(model) if camera is not None else contextlib.nullcontext([])
+    with features as pooled:
+        for step, (start, stop) in enumerate(batches):
+            idx = order[start:stop]
+            x = augment_batch(images[idx], out_size=image_size, spec=spec, aug=aug,
+                              generator=generator)  # fmt: skip
+            w = sample_weights[idx] if sample_weights is not None else None
+            mixed = mix_batch(x, mixup=mixup, cutmix=cutmix, generator=generator)
+            if mixed is not None:
+                x = mixed.x
+            terms = _terms(labels[idx], w, mixed)
+            if _channels_last(device, bf16):
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(x)
+                out = logits.float()
+                class_loss = torch.stack([share * _loss(loss_fn, out, yt, wt, w)
+                                          for yt, wt, share in terms]).sum()  # fmt: skip
+                loss = class_loss
+                if camera is not None:
+                    t = progress[0] + (progress[1] - progress[0]) * step / len(batches)
+                    cam = camera.head(pooled[-1], camera.coef(t)).float()
+                    cam_terms = _terms(camera.domains[idx], w, mixed)
+                    loss = loss + torch.stack([share * _loss(camera.loss_fn, cam, dt, wt, w)
+                                               for dt, wt, share in cam_terms]).sum()  # fmt: skip
+                    for dt, _, share in cam_terms:
+                        camera_correct += share * (cam.argmax(1) == dt).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update(model)
+            n = stop - start
+            loss_sum += class_loss.detach() * n
+            pred = logits.argmax(1)
+            for yt, _, share in terms:
+                correct += share * (pred == yt).sum()
+            seen += n
+            if not cuda or step % 10 == 0:  # .item() waits for the GPU: only every 10 steps
+                bar.update(n, loss=loss_sum.item() / seen, acc=correct.item() / seen)
+            else:
+                bar.update(n)
     if cuda:
         torch.cuda.synchronize()
     bar.update(0, loss=loss_sum.item() / max(seen, 1), acc=correct.item() / max(seen, 1))
     rate = bar.rate
     bar.close()
-    return {"loss": loss_sum.item() / max(seen, 1), "accuracy": correct.item() / max(seen, 1),
-            "images_per_s": rate}  # fmt: skip
+    result = {"loss": loss_sum.item() / max(seen, 1), "accuracy": correct.item() / max(seen, 1),
+              "images_per_s": rate}  # fmt: skip
+    if camera is not None:
+        result["camera_accuracy"] = camera_correct.item() / max(seen, 1)
+    return result
 
 
 @torch.inference_mode()
@@ -240,30 +264,6 @@ def _split_metrics(
     return classification_metrics(y_true, probs.argmax(1), k, task)
 
 
-def _load_resume(out: Path, cfg: TrainConfig, fingerprint: str) -> dict[str, Any]:
-    path = out / RESUME
-    if not path.is_file():
-        raise MarsvisionError(f"--resume: {path} does not exist (start without --resume)")
-    try:
-        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise MarsvisionError(f"--resume: {path} cannot be read ({str(e)[:100]})") from None
-    saved, now = state["config"], cfg.to_dict()
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    for key in RESUME_MUST_MATCH:
-        was = saved.get(key, defaults.get(key))  # runs from before a setting existed lack it
-        if key == "augment" and isinstance(was, dict):
-            was = saved_augment(was)
-        if was != now.get(key):
-            raise MarsvisionError(
-                f"--resume: {key} was {was!r} in {out}, now {now.get(key)!r}; "
-                "pass the same flags as the run"
-            )
-    if state["data_fingerprint"] != fingerprint:
-        raise MarsvisionError(f"--resume: the data set differs from the one {out} was trained on")
-    return state
-
-
 def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     """Train, select on val, test once; write the run folder. Returns the metrics dict.
 
@@ -278,7 +278,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     device = select_device(cfg.device)
     _check_out_dir(cfg.out)
     fingerprint = msl.data_fingerprint(data_dir)
-    resume = _load_resume(cfg.out, cfg, fingerprint) if cfg.resume else None
+    resume = load_resume(cfg.out, cfg, fingerprint) if cfg.resume else None
     names = msl.class_names(task, data_dir)
     k = len(names)
     splits = {s: msl.read_split(data_dir, s, task, cfg.limit) for s in msl.SPLITS}
@@ -310,21 +310,23 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     images = store.to(device)
     inputs = {s: t.to(device) for s, t in evals.items()}
     objective = objective_from_config(cfg, train=fit, num_classes=k, device=device)
-    optimizer = optimizer_from_config(model, cfg)
+    camera = None
+    if cfg.camera_adversary > 0:
+        camera = camera_task(model, fit, weight=cfg.camera_adversary, device=device,
+                             weighted=objective.sample_weights is not None)  # fmt: skip
+    # the camera head trains with the model (same optimizer and schedule); it is not saved in it
+    trainable = model if camera is None else nn.ModuleList([model, camera.head])
+    optimizer = optimizer_from_config(trainable, cfg)
     steps = len(_batches(len(fit), cfg.batch_size))
     scheduler = scheduler_from_config(optimizer, cfg, steps_per_epoch=steps)
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     history: list[dict[str, Any]] = []
     best: tuple[float, float] = (-1.0, 0.0)
     best_epoch, start_epoch = 0, 1
+    parts = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, ema=ema,
+                          camera_head=camera.head if camera else None, generator=gen)  # fmt: skip
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(resume["ema"])
-        gen.set_state(resume["rng"]["generator"])
-        torch.set_rng_state(resume["rng"]["torch"])
+        restore(resume, parts)
         history, best_epoch = resume["history"], resume["best_epoch"]
         best = tuple(resume["best"])  # type: ignore[assignment]
         start_epoch = resume["epoch"] + 1
@@ -378,10 +380,13 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
             sample_weights=objective.sample_weights, mixup=cfg.mixup, cutmix=cfg.cutmix,
             bf16=bf16, batch_size=cfg.batch_size,
             image_size=cfg.image_size, spec=spec, aug=cfg.augment, generator=gen, ema=ema,
-            desc=f"epoch {epoch}/{cfg.epochs}",
+            desc=f"epoch {epoch}/{cfg.epochs}", camera=camera,
+            progress=((epoch - 1) / cfg.epochs, epoch / cfg.epochs),
         )  # fmt: skip
         entry = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                  "train_images_per_s": tr["images_per_s"], "lr": optimizer.param_groups[0]["lr"]}
+        if camera is not None:  # near the weighted share of the larger camera: features hide it
+            entry["train_camera_accuracy"] = tr["camera_accuracy"]
         if refit:  # val is in training: nothing to select on; the last epoch is kept
             score = (float(epoch), 0.0)
         else:
@@ -401,13 +406,8 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
         if epoch != cfg.epochs and time.monotonic() - last_resume_save < RESUME_EVERY_S:
             continue
         last_resume_save = time.monotonic()
-        atomic_torch_save({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
-            "epoch": epoch, "rng": {"generator": gen.get_state(), "torch": torch.get_rng_state()},
-            "history": history, "best": list(best), "best_epoch": best_epoch,
-            "config": cfg.to_dict(), "data_fingerprint": fingerprint,
-        }, cfg.out / RESUME)  # fmt: skip
+        save_resume(cfg.out, parts, epoch=epoch, history=history, best=best,
+                    best_epoch=best_epoch, cfg=cfg, fingerprint=fingerprint)  # fmt: skip
 
     # --- the selected checkpoint, evaluated once on test
     ckpt = load_checkpoint(cfg.out / CHECKPOINT)

@@ -209,7 +209,7 @@ def ship_run(
 @click.option("--threshold-on-val/--argmax", "threshold_on_val", default=False, show_default=True,
               help="Binary models: label by a threshold on P(positive) chosen on val for "
               "balanced accuracy, or by the most probable class (on the MSL splits the "
-              "threshold chosen on val does not carry to test: README).")  # fmt: skip
+              "threshold chosen on val does not carry to test: RECIPES.md).")  # fmt: skip
 def main(
     run: Path,
     models_dir: Path,

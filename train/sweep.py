@@ -9,7 +9,7 @@ and split the shipped file into parts small enough to come back from the machine
 Every candidate is a set of mars-train flags, so the shipped model's card holds the one
 command that reproduces it. Candidates are selected on val alone; only the shipped run's test
 metrics are reported. With `--seeds 0,1` each candidate is trained once per seed and ranked by
-its mean val score (the seed alone moved the CPU recipe by up to 11.6 points on val: README,
+its mean val score (the seed alone moved the CPU recipe by up to 11.6 points on val: RECIPES.md,
 "Seed noise"); the chosen candidate's best seed on val ships. `--set train_on=train+val` refits
 one candidate with one seed on train and val together (its val is training data: nothing is
 ranked) and ships it.
@@ -40,13 +40,14 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "default": {},
     "group-zoom": GROUP_ZOOM,
     # the CPU-shipped recipe at its 128 px, 60 epochs: a third of a 224 px run (160 px on the
-    # CPU was no better on val in one run; README, "Seed noise at 128 px")
+    # CPU was no better on val in one run; RECIPES.md, "Seed noise")
     "group-zoom-128": {**GROUP_ZOOM, "image_size": 128},
     "zoom": {"crop_scale_min": 0.08},
     "group": {"balance": "group"},
     "group-zoom-long": {**GROUP_ZOOM, "epochs": 120},
     # MixUp 0.2 or CutMix 1.0, one per batch: regularization for long from-scratch runs (at 128
-    # px for 15 epochs on the CPU it scored below the seed mean on val: README, "Production model")
+    # px for 15 epochs on the CPU it scored below the seed mean on val: RECIPES.md, "MixUp and
+    # CutMix")
     "group-zoom-mix": {**GROUP_ZOOM, "mixup": 0.2, "cutmix": 1.0, "epochs": 120},
     "no-smoothing": {"label_smoothing": 0.0},
     "strong-wd": {"weight_decay": 0.2, "lr": 2e-3},

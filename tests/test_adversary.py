@@ -1,0 +1,137 @@
+"""The camera adversary (`--camera-adversary`): gradient reversal, its ramp, camera labels from
+file names, the pooled-feature hook, and training, resume and config with it on real images."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see train/cli.py
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.train import data as msl
+from marsvision.train.adversary import (
+    CameraAdversary,
+    camera_domains,
+    grad_reverse,
+    pooled_features,
+    reversal_coef,
+)
+from marsvision.train.checkpoint import load_checkpoint
+from marsvision.train.cli import main
+from marsvision.train.config import command_line, config_from_flags
+from marsvision.train.model import create_model
+
+QUICK = ["--image-size", "64", "--device", "cpu", "--batch-size", "8", "--workers", "2"]
+
+
+def test_grad_reverse_flips_and_scales_the_gradient() -> None:
+    x = torch.randn(4, 3, requires_grad=True)
+    g = torch.randn(4, 3)
+    out = grad_reverse(x, 0.7)
+    assert torch.equal(out, x)
+    out.backward(g)
+    assert x.grad is not None and torch.allclose(x.grad, -0.7 * g)
+
+
+def test_adversary_head_learns_while_the_features_move_against_it() -> None:
+    """One SGD step on the camera loss: the head gets better at it, the features worse."""
+    torch.manual_seed(0)
+    feats = nn.Parameter(torch.randn(32, 8))
+    head = CameraAdversary(8, hidden=16)
+    d = torch.randint(0, 2, (32,))
+
+    def loss_of(f: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(nn.functional.cross_entropy(head(f, 1.0), d))
+
+    before = loss_of(feats)
+    nn.functional.cross_entropy(head(feats, 1.0), d).backward()
+    assert feats.grad is not None
+    with torch.no_grad():
+        moved_feats = feats - 0.5 * feats.grad  # the backbone's step, through the reversal
+    assert loss_of(moved_feats) > before
+    torch.optim.SGD(head.parameters(), lr=0.5).step()
+    assert loss_of(feats) < before
+
+
+def test_reversal_coef_ramps_from_zero_to_the_weight() -> None:
+    coefs = [reversal_coef(p / 10, 2.0) for p in range(11)]
+    assert coefs[0] == 0.0 and coefs[-1] == pytest.approx(2.0, abs=1e-3)
+    assert all(a < b for a, b in zip(coefs, coefs[1:], strict=False))
+    assert reversal_coef(0.5, 1.0) == pytest.approx(2 / (1 + torch.e**-5) - 1)
+
+
+def test_camera_domains_from_file_names(msl_dir: Path) -> None:
+    samples = msl.read_split(msl_dir, "train", "binary", None)
+    domains = camera_domains(samples)
+    names = [s.path.name for s in samples]
+    assert domains.tolist() == [int(n[4:6] == "MH") for n in names]
+    assert 0 < domains.sum() < len(domains)  # train has both cameras (320 MAHLI images)
+
+
+def test_pooled_features_are_what_fc_sees() -> None:
+    model = create_model(2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), pooled_features(model) as seen:
+        logits = model(x)
+        assert seen[-1].shape == (2, 2048)
+        assert torch.allclose(model.fc(seen[-1]), logits)
+    assert not model.fc._forward_pre_hooks  # the hook is gone afterwards
+
+
+def test_training_with_the_adversary_resumes_exactly(
+    msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two epochs straight, and one epoch stopped then resumed: the same history, camera
+    accuracy included (so the head's weights travel in resume.pt); the checkpoint holds the
+    plain ResNet-50; config, card command and --resume know the setting."""
+    from marsvision.train import loop
+
+    monkeypatch.setattr(loop, "RESUME_EVERY_S", 0.0)
+    flags = dict(epochs=2, limit=16, image_size=64, device="cpu", batch_size=8, workers=2,
+                 balance="group", camera_adversary=1.0)  # fmt: skip
+    straight = loop.main(config_from_flags("default", data=msl_dir, out=tmp_path / "a", **flags))
+    cfg = config_from_flags("default", data=msl_dir, out=tmp_path / "b", **flags)
+    assert loop.main(cfg, deadline=time.monotonic())["stopped_early_after_epoch"] == 1
+    resumed = loop.main(dataclasses.replace(cfg, resume=True))
+    for ha, hb in zip(straight["history"], resumed["history"], strict=True):
+        for key in ("train_loss", "train_camera_accuracy", "val_loss"):
+            assert hb[key] == pytest.approx(ha[key], rel=1e-3, abs=1e-4), key
+    assert all(0 <= h["train_camera_accuracy"] <= 1 for h in straight["history"])
+    state = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["state_dict"]
+    create_model(2).load_state_dict(state)  # strict: no adversary weights in the checkpoint
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert saved["camera_adversary"] == 1.0 and "--camera-adversary 1.0" in command_line(saved)
+    args = ["--data", str(msl_dir), "--limit", "16", "--out", str(tmp_path / "b"), *QUICK]
+    r = CliRunner().invoke(main, [*args, "--epochs", "2", "--balance", "group", "--resume"])
+    assert r.exit_code == 1 and "--resume: camera_adversary was 1.0" in r.output
+
+
+def test_adversary_with_mixed_batches(msl_dir: Path, tmp_path: Path) -> None:
+    """MixUp/CutMix with the adversary: each mixed image's two cameras weigh by their shares."""
+    from marsvision.train.loop import main as train
+
+    cfg = config_from_flags("default", data=msl_dir, out=tmp_path / "m", epochs=1, limit=16,
+                            image_size=64, device="cpu", batch_size=8, workers=2, mixup=0.2,
+                            cutmix=1.0, camera_adversary=0.5)  # fmt: skip
+    h = train(cfg)["history"][0]
+    assert 0 <= h["train_camera_accuracy"] <= 1 and torch.isfinite(torch.tensor(h["train_loss"]))
+
+
+def test_camera_adversary_flag_round_trip() -> None:
+    plain = config_from_flags("default", data=Path("d"), out=Path("o")).to_dict()
+    assert plain["camera_adversary"] == 0.0 and "--camera-adversary" not in command_line(plain)
+    del plain["camera_adversary"]  # a config from before the flag still has its command
+    assert "--camera-adversary" not in command_line(plain)
+    with pytest.raises(MarsvisionError, match="--camera-adversary -1.0: must be a number >= 0"):
+        config_from_flags("default", data=Path("d"), out=Path("o"), camera_adversary=-1.0)

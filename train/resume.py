@@ -1,0 +1,95 @@
+"""A run's resume.pt: what continues a stopped run where it stopped (weights, optimizer,
+schedule, EMA, camera head, random states, history), and the check that `--resume` continues
+the same run rather than another one."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.train.checkpoint import atomic_torch_save
+from marsvision.train.config import TrainConfig, saved_augment
+from marsvision.train.model import ModelEma
+
+RESUME = "resume.pt"
+# every setting of the run but where its files go and how it decodes: `epochs` too, since the
+# learning-rate schedule spans them, and `select_from`, since it sets which epochs were eligible
+RESUME_MUST_MATCH = (
+    "task", "recipe", "epochs", "select_from", "batch_size", "optimizer", "lr", "weight_decay",
+    "schedule", "warmup_epochs", "label_smoothing", "balance", "ema_decay", "augment",
+    "image_size", "store_size", "seed", "limit", "init", "mixup", "cutmix", "amp", "train_on",
+    "camera_adversary",
+)  # fmt: skip
+
+
+@dataclass
+class TrainingState:
+    """The objects whose state a resume.pt holds."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: ModelEma | None
+    camera_head: nn.Module | None  # the camera adversary's head (train/adversary.py)
+    generator: torch.Generator  # the augmentation's and the epoch order's draws
+
+
+def save_resume(
+    out: Path, parts: TrainingState, *, epoch: int, history: list[dict[str, Any]],
+    best: tuple[float, float], best_epoch: int, cfg: TrainConfig, fingerprint: str,
+) -> None:  # fmt: skip
+    """Write `out`/resume.pt (atomically) after `epoch`."""
+    atomic_torch_save({
+        "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "ema": parts.ema.state_dict() if parts.ema else None,
+        "camera_head": parts.camera_head.state_dict() if parts.camera_head else None,
+        "epoch": epoch,
+        "rng": {"generator": parts.generator.get_state(), "torch": torch.get_rng_state()},
+        "history": history, "best": list(best), "best_epoch": best_epoch,
+        "config": cfg.to_dict(), "data_fingerprint": fingerprint,
+    }, out / RESUME)  # fmt: skip
+
+
+def load_resume(out: Path, cfg: TrainConfig, fingerprint: str) -> dict[str, Any]:
+    """`out`/resume.pt, checked to be a run of `cfg`'s settings on the same data."""
+    path = out / RESUME
+    if not path.is_file():
+        raise MarsvisionError(f"--resume: {path} does not exist (start without --resume)")
+    try:
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise MarsvisionError(f"--resume: {path} cannot be read ({str(e)[:100]})") from None
+    saved, now = state["config"], cfg.to_dict()
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for key in RESUME_MUST_MATCH:
+        was = saved.get(key, defaults.get(key))  # runs from before a setting existed lack it
+        if key == "augment" and isinstance(was, dict):
+            was = saved_augment(was)
+        if was != now.get(key):
+            raise MarsvisionError(
+                f"--resume: {key} was {was!r} in {out}, now {now.get(key)!r}; "
+                "pass the same flags as the run"
+            )
+    if state["data_fingerprint"] != fingerprint:
+        raise MarsvisionError(f"--resume: the data set differs from the one {out} was trained on")
+    return state
+
+
+def restore(state: dict[str, Any], parts: TrainingState) -> None:
+    """Put a loaded resume.pt's states back into `parts` and the global torch RNG."""
+    parts.model.load_state_dict(state["model"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    if parts.ema is not None:
+        parts.ema.load_state_dict(state["ema"])
+    if parts.camera_head is not None:
+        parts.camera_head.load_state_dict(state["camera_head"])
+    parts.generator.set_state(state["rng"]["generator"])
+    torch.set_rng_state(state["rng"]["torch"])
