@@ -105,9 +105,9 @@ def test_training_with_the_adversary_resumes_exactly(
     assert loop.main(cfg, deadline=time.monotonic())["stopped_early_after_epoch"] == 1
     resumed = loop.main(dataclasses.replace(cfg, resume=True))
     for ha, hb in zip(straight["history"], resumed["history"], strict=True):
-        for key in ("train_loss", "train_camera_accuracy", "val_loss"):
+        for key in ("train_loss", "train_camera_balanced_accuracy", "val_loss"):
             assert hb[key] == pytest.approx(ha[key], rel=1e-3, abs=1e-4), key
-    assert all(0 <= h["train_camera_accuracy"] <= 1 for h in straight["history"])
+    assert all(0 <= h["train_camera_balanced_accuracy"] <= 1 for h in straight["history"])
     state = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["state_dict"]
     create_model(2).load_state_dict(state)  # strict: no adversary weights in the checkpoint
     saved = json.loads((tmp_path / "a" / "config.json").read_text())
@@ -125,7 +125,8 @@ def test_adversary_with_mixed_batches(msl_dir: Path, tmp_path: Path) -> None:
                             image_size=64, device="cpu", batch_size=8, workers=2, mixup=0.2,
                             cutmix=1.0, camera_adversary=0.5)  # fmt: skip
     h = train(cfg)["history"][0]
-    assert 0 <= h["train_camera_accuracy"] <= 1 and torch.isfinite(torch.tensor(h["train_loss"]))
+    assert 0 <= h["train_camera_balanced_accuracy"] <= 1
+    assert torch.isfinite(torch.tensor(h["train_loss"]))
 
 
 def test_camera_adversary_flag_round_trip() -> None:

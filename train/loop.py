@@ -143,7 +143,7 @@ def train_one_epoch(
     image's two labels by their shares. `bf16`: autocast and channels_last (None: on CUDA).
     `camera`: also train the camera adversary (train/adversary.py), its reversal coefficient at
     the run's progress, which goes from `progress[0]` to `progress[1]` over this epoch; the result
-    then has its accuracy, `camera_accuracy`."""
+    then has the head's balanced accuracy, `camera_balanced_accuracy`."""
     device = images.device
     cuda = device.type == "cuda"
     bf16 = cuda if bf16 is None else bf16
@@ -151,7 +151,8 @@ def train_one_epoch(
     bar = Progress(len(order), desc)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
-    camera_correct = torch.zeros((), device=device)
+    camera_hits = torch.zeros(2, device=device)  # per camera (0 Mastcam, 1 MAHLI): right, all
+    camera_seen = torch.zeros(2, device=device)
     seen = 0
     order = order.to(device)  # once per epoch, not one host copy per step
     batches = _batches(len(order), batch_size)
@@ -181,7 +182,9 @@ def train_one_epoch(
                     loss = loss + torch.stack([share * _loss(camera.loss_fn, cam, dt, wt, w)
                                                for dt, wt, share in cam_terms]).sum()  # fmt: skip
                     for dt, _, share in cam_terms:
-                        camera_correct += share * (cam.argmax(1) == dt).sum()
+                        right = (cam.argmax(1) == dt).float()
+                        camera_hits.index_add_(0, dt, share * right)
+                        camera_seen.index_add_(0, dt, torch.full_like(right, share))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -205,8 +208,9 @@ def train_one_epoch(
     bar.close()
     result = {"loss": loss_sum.item() / max(seen, 1), "accuracy": correct.item() / max(seen, 1),
               "images_per_s": rate}  # fmt: skip
-    if camera is not None:
-        result["camera_accuracy"] = camera_correct.item() / max(seen, 1)
+    if camera is not None:  # balanced: each camera's recall counts alike (train is 91% Mastcam)
+        recall = camera_hits[camera_seen > 0] / camera_seen[camera_seen > 0]
+        result["camera_balanced_accuracy"] = recall.mean().item()
     return result
 
 
@@ -385,8 +389,10 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
         )  # fmt: skip
         entry = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                  "train_images_per_s": tr["images_per_s"], "lr": optimizer.param_groups[0]["lr"]}
-        if camera is not None:  # near the weighted share of the larger camera: features hide it
-            entry["train_camera_accuracy"] = tr["camera_accuracy"]
+        if camera is not None:  # near 0.5: the features hide the camera from the head
+            entry["train_camera_balanced_accuracy"] = tr["camera_balanced_accuracy"]
+            print(f"  camera head balanced accuracy {tr['camera_balanced_accuracy']:.4f}, reversal "
+                  f"coefficient {camera.coef(epoch / cfg.epochs):.3f}", file=log)  # fmt: skip
         if refit:  # val is in training: nothing to select on; the last epoch is kept
             score = (float(epoch), 0.0)
         else:
