@@ -128,12 +128,12 @@ def test_flags_round_trip_and_checks() -> None:
 def test_resume_of_a_run_from_before_mixing(tmp_path: Path) -> None:
     """A resume.pt whose config has no mixup/cutmix keys resumes with mixing off, and is
     refused with it on."""
-    from marsvision.train.loop import RESUME, _load_resume
+    from marsvision.train.resume import RESUME, load_resume
 
     cfg = TrainConfig(data=Path("d"), out=tmp_path)
     old = {k: v for k, v in cfg.to_dict().items() if k not in ("mixup", "cutmix")}
     torch.save({"config": old, "data_fingerprint": "f"}, tmp_path / RESUME)
-    assert _load_resume(tmp_path, cfg, "f")["config"] == old
+    assert load_resume(tmp_path, cfg, "f")["config"] == old
     mixing = config_from_flags("default", data=Path("d"), out=tmp_path, cutmix=1.0)
     with pytest.raises(MarsvisionError, match="--resume: cutmix was 0.0"):
-        _load_resume(tmp_path, mixing, "f")
+        load_resume(tmp_path, mixing, "f")
