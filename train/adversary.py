@@ -4,8 +4,8 @@ layer, so the backbone learns features that do not give the camera away. Train's
 are 84% Rover, so "close-up = Rover" is a shortcut; val's and test's Surface images are MAHLI.
 
 Only training uses it: the head is not part of the checkpoint, and export and the runtime never
-see it. The camera loss takes the same per-image weights as the class loss (`--balance group`
-weighs by camera and MSL class), so that within each camera both labels count.
+see it. With `--balance group` the camera loss takes the class loss's per-image weights (by
+camera and MSL class), so that within each camera both labels count; otherwise it is unweighted.
 """
 
 from __future__ import annotations
