@@ -128,21 +128,5 @@ def test_adversary_with_mixed_batches(msl_dir: Path, tmp_path: Path) -> None:
 def test_camera_adversary_flag_round_trip() -> None:
     plain = config_from_flags("default", data=Path("d"), out=Path("o")).to_dict()
     assert plain["camera_adversary"] == 0.0 and "--camera-adversary" not in command_line(plain)
-    del plain["camera_adversary"]  # a config from before the flag still has its command
-    assert "--camera-adversary" not in command_line(plain)
     with pytest.raises(MarsvisionError, match="--camera-adversary -1.0: must be a number >= 0"):
         config_from_flags("default", data=Path("d"), out=Path("o"), camera_adversary=-1.0)
-
-
-def test_resume_of_a_run_from_before_the_flag(tmp_path: Path) -> None:
-    """A resume.pt whose config lacks camera_adversary resumes with it off, not with it on."""
-    from marsvision.train.config import TrainConfig
-    from marsvision.train.resume import RESUME, load_resume
-
-    cfg = TrainConfig(data=Path("d"), out=tmp_path)
-    old = {k: v for k, v in cfg.to_dict().items() if k != "camera_adversary"}
-    torch.save({"config": old, "data_fingerprint": "f"}, tmp_path / RESUME)
-    assert load_resume(tmp_path, cfg, "f")["config"] == old
-    on = config_from_flags("default", data=Path("d"), out=tmp_path, camera_adversary=0.5)
-    with pytest.raises(MarsvisionError, match="--resume: camera_adversary was 0.0"):
-        load_resume(tmp_path, on, "f")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.spec import PreprocessSpec
 from marsvision.train.augment import augment_batch
-from marsvision.train.config import AugmentSpec, TrainConfig, command_line, config_from_flags
+from marsvision.train.config import AugmentSpec, command_line, config_from_flags
 from marsvision.train.mix import mix_batch
 from marsvision.train.model import create_model
 
@@ -123,17 +123,3 @@ def test_flags_round_trip_and_checks() -> None:
         config_from_flags("default", data=Path("d"), out=Path("o"), cutmix=-1.0)
     with pytest.raises(MarsvisionError, match="--mixup inf"):  # Beta(inf, inf) is nan
         config_from_flags("default", data=Path("d"), out=Path("o"), mixup=float("inf"))
-
-
-def test_resume_of_a_run_from_before_mixing(tmp_path: Path) -> None:
-    """A resume.pt whose config has no mixup/cutmix keys resumes with mixing off, and is
-    refused with it on."""
-    from marsvision.train.resume import RESUME, load_resume
-
-    cfg = TrainConfig(data=Path("d"), out=tmp_path)
-    old = {k: v for k, v in cfg.to_dict().items() if k not in ("mixup", "cutmix")}
-    torch.save({"config": old, "data_fingerprint": "f"}, tmp_path / RESUME)
-    assert load_resume(tmp_path, cfg, "f")["config"] == old
-    mixing = config_from_flags("default", data=Path("d"), out=tmp_path, cutmix=1.0)
-    with pytest.raises(MarsvisionError, match="--resume: cutmix was 0.0"):
-        load_resume(tmp_path, mixing, "f")

@@ -125,6 +125,21 @@ class TrainConfig:
         return d
 
 
+# what a run did before a setting existed, where that is not the setting's default: until
+# --select-from (2026-11-24) the checkpoint was the best on val over all epochs
+BEFORE_ITS_FLAG: dict[str, Any] = {"select_from": 0.0}
+
+
+def saved_setting(saved: Mapping[str, Any], key: str) -> Any:
+    """A saved config's (config.json's, resume.pt's) `key`; for a config from before the
+    setting existed, what the run did: `BEFORE_ITS_FLAG`, else the setting's default."""
+    if key not in saved:
+        field = next((f for f in dataclasses.fields(TrainConfig) if f.name == key), None)
+        default = None if field is None or field.default is dataclasses.MISSING else field.default
+        return BEFORE_ITS_FLAG.get(key, default)
+    return saved_augment(saved[key]) if key == "augment" else saved[key]
+
+
 def saved_augment(saved: Mapping[str, Any]) -> dict[str, Any]:
     """A saved config's augment settings as `TrainConfig.to_dict()` writes them now: tuples
     back from JSON lists, settings added since (grayscale) at their defaults."""
@@ -235,7 +250,7 @@ def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None 
             )
     parts = ["mars-train", "--data", data]
     for name in FLAG_FIELDS:
-        value = config.get(name)  # older configs lack newer flags
+        value = saved_setting(config, name)  # older configs lack newer flags
         if value is None or (name == "init" and value == "random"):
             continue
         if name in ("mixup", "cutmix", "camera_adversary") and value == 0:  # off, as before them

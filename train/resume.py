@@ -4,7 +4,6 @@ the same run rather than another one."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from torch import nn
 
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.train.checkpoint import atomic_torch_save
-from marsvision.train.config import TrainConfig, saved_augment
+from marsvision.train.config import TrainConfig, saved_setting
 from marsvision.train.model import ModelEma
 
 RESUME = "resume.pt"
@@ -67,11 +66,8 @@ def load_resume(out: Path, cfg: TrainConfig, fingerprint: str) -> dict[str, Any]
     except Exception as e:  # noqa: BLE001
         raise MarsvisionError(f"--resume: {path} cannot be read ({str(e)[:100]})") from None
     saved, now = state["config"], cfg.to_dict()
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for key in RESUME_MUST_MATCH:
-        was = saved.get(key, defaults.get(key))  # runs from before a setting existed lack it
-        if key == "augment" and isinstance(was, dict):
-            was = saved_augment(was)
+        was = saved_setting(saved, key)  # runs from before a setting existed lack it
         if was != now.get(key):
             raise MarsvisionError(
                 f"--resume: {key} was {was!r} in {out}, now {now.get(key)!r}; "

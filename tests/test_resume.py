@@ -1,0 +1,109 @@
+"""`--resume`'s check that it continues the same run, over every setting: each one that changes
+what a run learns must match, and a resume.pt or config.json from before a setting existed still
+reads as the run it was (the setting at its default, as it was then)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see train/cli.py
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.train.config import BEFORE_ITS_FLAG, AugmentSpec, TrainConfig, command_line
+from marsvision.train.resume import RESUME, RESUME_MUST_MATCH, load_resume
+
+# where a run's files go and how it reads its data: the same run either way
+FREE_ON_RESUME = {"data", "out", "device", "workers", "resume"}
+# a value other than TrainConfig's default for each setting --resume checks
+OTHER: dict[str, Any] = {
+    "task": "msl25", "recipe": "blog", "epochs": 61, "select_from": 0.75, "batch_size": 32,
+    "optimizer": "sgd", "lr": 0.5, "weight_decay": 0.0, "schedule": "constant",
+    "warmup_epochs": 0.0, "label_smoothing": 0.0, "balance": "group", "ema_decay": 0.0,
+    "augment": AugmentSpec(grayscale=0.5), "image_size": 128, "store_size": 256, "seed": 1,
+    "limit": 8, "init": "resnet50.pth", "mixup": 0.2, "cutmix": 1.0, "amp": "bf16",
+    "train_on": "train+val", "camera_adversary": 0.5,
+}  # fmt: skip
+# settings added after the first resume.pt was written, with what a run then did
+ADDED_SINCE = ("select_from", "mixup", "cutmix", "amp", "train_on", "store_size",
+               "camera_adversary", "augment.grayscale")  # fmt: skip
+
+
+def _save(out: Path, config: dict[str, Any]) -> None:
+    torch.save({"config": config, "data_fingerprint": "f"}, out / RESUME)
+
+
+def _without(config: dict[str, Any], setting: str) -> dict[str, Any]:
+    """`config` as a run from before `setting` existed wrote it."""
+    config = {**config, "augment": dict(config["augment"])}
+    *parent, key = setting.split(".")
+    del (config[parent[0]] if parent else config)[key]
+    return config
+
+
+def test_every_setting_is_checked_or_free() -> None:
+    """A new TrainConfig field has to be put in RESUME_MUST_MATCH or declared free here."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(RESUME_MUST_MATCH) == fields - FREE_ON_RESUME
+    assert set(OTHER) == set(RESUME_MUST_MATCH)
+
+
+@pytest.mark.parametrize("key", RESUME_MUST_MATCH)
+def test_resume_refuses_another_value(tmp_path: Path, key: str) -> None:
+    cfg = TrainConfig(data=Path("d"), out=tmp_path)
+    _save(tmp_path, cfg.to_dict())
+    assert load_resume(tmp_path, cfg, "f")["config"] == cfg.to_dict()
+    other = dataclasses.replace(cfg, **{key: OTHER[key]})
+    assert other.to_dict()[key] != cfg.to_dict()[key]
+    with pytest.raises(MarsvisionError, match=f"--resume: {key} was "):
+        load_resume(tmp_path, other, "f")
+
+
+def test_resume_free_settings_and_other_data(tmp_path: Path) -> None:
+    cfg = TrainConfig(data=Path("d"), out=tmp_path)
+    _save(tmp_path, cfg.to_dict())
+    moved = dataclasses.replace(cfg, data=Path("e"), device="cpu", workers=1, resume=True)
+    assert load_resume(tmp_path, moved, "f")["config"] == cfg.to_dict()
+    with pytest.raises(MarsvisionError, match="data set differs"):
+        load_resume(tmp_path, cfg, "g")
+
+
+def _then(cfg: TrainConfig, setting: str) -> TrainConfig:
+    """`cfg` with `setting` at what a run did before it existed."""
+    key = setting.split(".")[0]
+    return dataclasses.replace(cfg, **{k: v for k, v in BEFORE_ITS_FLAG.items() if k == key})
+
+
+@pytest.mark.parametrize("setting", ADDED_SINCE)
+def test_resume_of_a_run_from_before_a_setting(tmp_path: Path, setting: str) -> None:
+    """Such a resume.pt resumes with the setting at what the run did then, and is refused with
+    it set otherwise."""
+    cfg = TrainConfig(data=Path("d"), out=tmp_path)
+    old = _without(cfg.to_dict(), setting)
+    _save(tmp_path, old)
+    then = _then(cfg, setting)
+    assert load_resume(tmp_path, then, "f")["config"] == old
+    key = setting.split(".")[0]
+    # another value, and the default now where the run did otherwise then (--select-from)
+    for now in [dataclasses.replace(cfg, **{key: OTHER[key]})] + [cfg] * (then != cfg):
+        with pytest.raises(MarsvisionError, match=f"--resume: {key} was "):
+            load_resume(tmp_path, now, "f")
+
+
+@pytest.mark.parametrize("setting", ADDED_SINCE)
+def test_command_of_a_run_from_before_a_setting(setting: str) -> None:
+    """A config.json from before a flag gives the command that repeats what the run did."""
+    plain = TrainConfig(data=Path("d"), out=Path("o")).to_dict()
+    then = _then(TrainConfig(data=Path("d"), out=Path("o")), setting).to_dict()
+    assert command_line(_without(plain, setting)) == command_line(then)
+
+
+def test_before_select_from_every_epoch_was_eligible() -> None:
+    old = _without(TrainConfig(data=Path("d"), out=Path("o")).to_dict(), "select_from")
+    assert "--select-from 0.0 " in command_line(old)
