@@ -85,31 +85,32 @@ def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def _loss(
-    loss_fn: nn.Module,
-    logits: torch.Tensor,
-    y: torch.Tensor,
-    w: torch.Tensor | None,
-    w_norm: torch.Tensor | None,
-) -> torch.Tensor:
-    """The batch loss against labels `y`: with per-image weights `w` (a `reduction="none"`
-    loss_fn) their weighted sum over `w_norm`'s sum, the images' own weights, so that the shares
-    of a mixed batch add up to the unmixed loss's scale."""
-    loss: torch.Tensor = loss_fn(logits, y)
-    if w is None or w_norm is None:
-        return loss
-    return (loss * w).sum() / w_norm.sum()
+_Term = tuple[torch.Tensor, torch.Tensor | None, float]  # labels, per-image weights, share
 
 
-def _terms(
-    labels: torch.Tensor, w: torch.Tensor | None, mixed: Mixed | None
-) -> list[tuple[torch.Tensor, torch.Tensor | None, float]]:
+def _terms(labels: torch.Tensor, w: torch.Tensor | None, mixed: Mixed | None) -> list[_Term]:
     """(labels, weights, share) terms of a loss: the image's own label, then, in a mixed batch,
     its partner's."""
     if mixed is None:
         return [(labels, w, 1.0)]
     p = mixed.partner
     return [(labels, w, mixed.lam), (labels[p], None if w is None else w[p], 1.0 - mixed.lam)]
+
+
+def _loss(
+    loss_fn: nn.Module, logits: torch.Tensor, terms: list[_Term], w_norm: torch.Tensor | None
+) -> torch.Tensor:
+    """The batch loss: each term's loss against its labels, times its share, summed. With
+    per-image weights (a `reduction="none"` loss_fn) a term's loss is its weighted sum over
+    `w_norm`'s sum, the images' own weights, so that the shares of a mixed batch add up to the
+    unmixed loss's scale."""
+    losses = []
+    for y, w, share in terms:
+        loss: torch.Tensor = loss_fn(logits, y)
+        if w is not None and w_norm is not None:
+            loss = (loss * w).sum() / w_norm.sum()
+        losses.append(share * loss)
+    return torch.stack(losses).sum()
 
 
 def train_one_epoch(
@@ -172,15 +173,13 @@ def train_one_epoch(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(x)
                 out = logits.float()
-                class_loss = torch.stack([share * _loss(loss_fn, out, yt, wt, w)
-                                          for yt, wt, share in terms]).sum()  # fmt: skip
+                class_loss = _loss(loss_fn, out, terms, w)
                 loss = class_loss
                 if camera is not None:
                     t = progress[0] + (progress[1] - progress[0]) * step / len(batches)
                     cam = camera.head(pooled[-1], camera.coef(t)).float()
                     cam_terms = _terms(camera.domains[idx], w, mixed)
-                    loss = loss + torch.stack([share * _loss(camera.loss_fn, cam, dt, wt, w)
-                                               for dt, wt, share in cam_terms]).sum()  # fmt: skip
+                    loss = loss + _loss(camera.loss_fn, cam, cam_terms, w)
                     for dt, _, share in cam_terms:
                         right = (cam.argmax(1) == dt).float()
                         camera_hits.index_add_(0, dt, share * right)
