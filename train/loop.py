@@ -13,9 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.spec import PreprocessSpec
 from marsvision.train import data as msl
 from marsvision.train.adversary import CameraTask, camera_task, pooled_features
 from marsvision.train.augment import augment_batch
 from marsvision.train.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
 from marsvision.train.config import AugmentSpec, TrainConfig
+from marsvision.train.device import channels_last, select_device, use_bf16
 from marsvision.train.images import eval_tensors, train_store
 from marsvision.train.metrics import bootstrap_cis, classification_metrics
 from marsvision.train.mix import Mixed, mix_batch
@@ -40,12 +38,7 @@ from marsvision.train.objective import (
     scheduler_from_config,
 )
 from marsvision.train.progress import Progress
-from marsvision.train.report import (
-    plot_confusion,
-    plot_curves,
-    write_json,
-    write_predictions,
-)
+from marsvision.train.report import check_out_dir, write_json, write_results
 from marsvision.train.resume import RESUME, TrainingState, load_resume, restore, save_resume
 
 CHECKPOINT = "checkpoint.pt"
@@ -54,27 +47,6 @@ CHECKPOINT = "checkpoint.pt"
 RESUME_EVERY_S = 300.0
 RUN_FILES = (CHECKPOINT, RESUME, "config.json", "metrics.json", "predictions_test.csv",
              "curves.png", "confusion_test.png")  # fmt: skip
-
-
-def _cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AMX tiles or AVX512-BF16): torch's own probes."""
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def _channels_last(device: torch.device, bf16: bool) -> bool:
-    """Whether the model and its inputs use channels_last: it pays on GPUs (tensor cores) and
-    with bf16 on AMX; in fp32 on the CPU its first steps are slower."""
-    return device.type == "cuda" or bf16
-
-
-def select_device(name: str) -> torch.device:
-    """auto -> cuda when available, else cpu; cuda without a GPU is a user error."""
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise MarsvisionError("--device cuda: no CUDA GPU is available; use --device cpu")
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -168,7 +140,7 @@ def train_one_epoch(
             if mixed is not None:
                 x = mixed.x
             terms = _terms(labels[idx], w, mixed)
-            if _channels_last(device, bf16):
+            if channels_last(device, bf16):
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(x)
@@ -233,7 +205,7 @@ def evaluate(
     try:
         for i in range(0, len(inputs), batch_size):
             x = inputs[i : i + batch_size]
-            if _channels_last(device, amp):
+            if channels_last(device, amp):
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits.append(model(x).float())
@@ -242,22 +214,6 @@ def evaluate(
     out = torch.cat(logits)
     loss = F.cross_entropy(out, labels).item()
     return loss, torch.softmax(out, dim=1).cpu().numpy()
-
-
-def _check_out_dir(out: Path) -> None:
-    """The run folder must be creatable and writable (checked before anything is written)."""
-    if out.exists() and not out.is_dir():
-        raise MarsvisionError(f"--out {out} is a file, not a folder")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise MarsvisionError(f"--out {out}: {parent} is not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise MarsvisionError(f"--out {out}: cannot write into {parent} ({e.strerror})") from None
 
 
 def _split_metrics(
@@ -279,7 +235,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     data_dir = msl.resolve_data_dir(cfg.data)
     spec = PreprocessSpec.for_input_size(cfg.image_size)
     device = select_device(cfg.device)
-    _check_out_dir(cfg.out)
+    check_out_dir(cfg.out)
     fingerprint = msl.data_fingerprint(data_dir)
     resume = load_resume(cfg.out, cfg, fingerprint) if cfg.resume else None
     names = msl.class_names(task, data_dir)
@@ -302,11 +258,8 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     if device.type == "cuda":  # no TF32 flags: training and selection run in bf16 autocast
         torch.backends.cudnn.benchmark = True
     gen = torch.Generator().manual_seed(cfg.seed)
-    bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
-    if bf16 and device.type == "cpu" and not _cpu_has_bf16():
-        print("--amp bf16: this CPU has neither AMX nor AVX512-BF16, so bf16 is emulated and "
-              "slower than fp32 here (--amp off)", file=log)  # fmt: skip
-    layout = torch.channels_last if _channels_last(device, bf16) else torch.contiguous_format
+    bf16 = use_bf16(cfg.amp, device, log=log)
+    layout = torch.channels_last if channels_last(device, bf16) else torch.contiguous_format
     model = model.to(device, memory_format=layout)
     y = {s: torch.tensor([x.label for x in splits[s]], device=device) for s in msl.SPLITS}
     y_fit = torch.tensor([x.label for x in fit], device=device)
@@ -444,10 +397,6 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     ckpt["metrics"] = {"val": result["val"], "test": result["test"], "best_epoch": best_epoch,
                        "stopped_early_after_epoch": stopped_after}  # fmt: skip
     atomic_torch_save(ckpt, cfg.out / CHECKPOINT)
-    write_predictions(cfg.out / "predictions_test.csv", samples=splits["test"],
-                      data_dir=data_dir, probs=probs["test"], class_names=names)  # fmt: skip
-    plot_curves(history, cfg.out / "curves.png")
-    plot_confusion(result["test"]["confusion_matrix"], names, cfg.out / "confusion_test.png",
-                   f"test, checkpoint of epoch {best_epoch}")  # fmt: skip
-    write_json(cfg.out / "metrics.json", result)
+    write_results(cfg.out, result, test=splits["test"], test_probs=probs["test"],
+                  data_dir=data_dir)  # fmt: skip
     return result

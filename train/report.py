@@ -1,18 +1,37 @@
-"""Run outputs written atomically: JSON, the test predictions CSV, and PNG plots."""
+"""A run folder: checked writable before a run; its outputs written atomically (JSON, the test
+predictions CSV, PNG plots)."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.files import atomic_write_bytes
 from marsvision.train.data import Sample
+
+
+def check_out_dir(out: Path) -> None:
+    """The run folder must be creatable and writable (checked before anything is written)."""
+    if out.exists() and not out.is_dir():
+        raise MarsvisionError(f"--out {out} is a file, not a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MarsvisionError(f"--out {out}: {parent} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise MarsvisionError(f"--out {out}: cannot write into {parent} ({e.strerror})") from None
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -102,3 +121,22 @@ def plot_confusion(
     fig.colorbar(im, ax=ax, fraction=0.046)
     _save_figure(fig, path)
     plt.close(fig)
+
+
+def write_results(
+    out: Path,
+    result: dict[str, Any],
+    *,
+    test: Sequence[Sample],
+    test_probs: np.ndarray,
+    data_dir: Path,
+) -> None:
+    """A finished run's outputs beside its checkpoint: the test predictions, the curves, the
+    test confusion matrix and metrics.json (`result`, as `loop.main` returns it)."""
+    names = result["class_names"]
+    write_predictions(out / "predictions_test.csv", samples=test, data_dir=data_dir,
+                      probs=test_probs, class_names=names)  # fmt: skip
+    plot_curves(result["history"], out / "curves.png")
+    plot_confusion(result["test"]["confusion_matrix"], names, out / "confusion_test.png",
+                   f"test, checkpoint of epoch {result['best_epoch']}")  # fmt: skip
+    write_json(out / "metrics.json", result)

@@ -68,8 +68,9 @@ def score_checkpoint(
     from marsvision.runtime.metadata import decide
     from marsvision.train import data as msl
     from marsvision.train.checkpoint import model_from_checkpoint, preprocess_from_checkpoint
+    from marsvision.train.device import select_device
     from marsvision.train.images import eval_tensors
-    from marsvision.train.loop import evaluate, select_device
+    from marsvision.train.loop import evaluate
     from marsvision.train.metrics import balanced_threshold, bootstrap_cis, classification_metrics
 
     dev = select_device(device)
