@@ -28,7 +28,7 @@ def use_bf16(amp: str, device: torch.device, *, log: TextIO) -> bool:
     return bf16
 
 
-def channels_last(device: torch.device, bf16: bool) -> bool:
+def uses_channels_last(device: torch.device, bf16: bool) -> bool:
     """Whether the model and its inputs use channels_last: it pays on GPUs (tensor cores) and
     with bf16 on AMX; in fp32 on the CPU its first steps are slower."""
     return device.type == "cuda" or bf16

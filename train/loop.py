@@ -27,7 +27,7 @@ from marsvision.train.adversary import CameraTask, camera_task, pooled_features
 from marsvision.train.augment import augment_batch
 from marsvision.train.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
 from marsvision.train.config import AugmentSpec, TrainConfig
-from marsvision.train.device import channels_last, select_device, use_bf16
+from marsvision.train.device import select_device, use_bf16, uses_channels_last
 from marsvision.train.images import eval_tensors, train_store
 from marsvision.train.metrics import bootstrap_cis, classification_metrics
 from marsvision.train.mix import Mixed, mix_batch
@@ -140,7 +140,7 @@ def train_one_epoch(
             if mixed is not None:
                 x = mixed.x
             terms = _terms(labels[idx], w, mixed)
-            if channels_last(device, bf16):
+            if uses_channels_last(device, bf16):
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(x)
@@ -205,7 +205,7 @@ def evaluate(
     try:
         for i in range(0, len(inputs), batch_size):
             x = inputs[i : i + batch_size]
-            if channels_last(device, amp):
+            if uses_channels_last(device, amp):
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits.append(model(x).float())
@@ -259,7 +259,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True
     gen = torch.Generator().manual_seed(cfg.seed)
     bf16 = use_bf16(cfg.amp, device, log=log)
-    layout = torch.channels_last if channels_last(device, bf16) else torch.contiguous_format
+    layout = torch.channels_last if uses_channels_last(device, bf16) else torch.contiguous_format
     model = model.to(device, memory_format=layout)
     y = {s: torch.tensor([x.label for x in splits[s]], device=device) for s in msl.SPLITS}
     y_fit = torch.tensor([x.label for x in fit], device=device)
