@@ -216,6 +216,8 @@ def test_unwritable_out_dir(tmp_path: Path, msl_dir: Path) -> None:
     (tmp_path / "afile").write_text("x")
     r = _cli(["--data", str(msl_dir), "--out", str(tmp_path / "afile" / "run"), *QUICK])
     _one_line_error(r, "not a folder")
+    _one_line_error(_cli(["--data", str(msl_dir), "--out", str(tmp_path / "afile"), *QUICK]),
+                    "is a file, not a folder")  # fmt: skip
     if os.geteuid() != 0:  # root writes anywhere
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
