@@ -181,10 +181,11 @@ def _per_class(
 def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
     """Run the reference and every artifact on the splits; return the full report dict."""
     from marsvision.benchmarks.conditions import capture_conditions
-    from marsvision.benchmarks.torch_baseline import reference_logits, resolve_torch_device
+    from marsvision.benchmarks.torch_baseline import reference_logits
     from marsvision.runtime.metadata import sha256_file
     from marsvision.train.checkpoint import load_checkpoint
     from marsvision.train.data import read_split
+    from marsvision.train.device import select_device
 
     say = log or (lambda msg: None)
     ckpt = load_checkpoint(cfg.checkpoint)
@@ -192,7 +193,7 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
     decision_threshold = ckpt.get("decision_threshold")
     ckpt_sha = sha256_file(cfg.checkpoint)
     artifacts = find_artifacts(cfg.artifacts)
-    torch_device = resolve_torch_device(cfg.device)
+    torch_device = select_device(cfg.device).type
     # ONNX on the GPU where onnxruntime has CUDA, else on the CPU (still a valid parity check).
     ort_device = "auto" if torch_device == "cuda" else "cpu"
 

@@ -30,18 +30,6 @@ def _torch() -> Any:
     return torch
 
 
-def resolve_torch_device(device: str) -> str:
-    """ "auto" -> "cuda" when torch sees a GPU, else "cpu"; "cuda" without a GPU is a user error."""
-    torch = _torch()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MarsvisionError("--device cuda: torch sees no CUDA GPU here; use --device cpu")
-    if device not in ("cpu", "cuda"):
-        raise MarsvisionError(f"unknown device {device!r}; choose auto, cpu or cuda")
-    return device
-
-
 class TorchRunner:
     """A checkpoint's ResNet-50 in eager PyTorch, with optional autocast and channels_last."""
 
@@ -60,13 +48,14 @@ class TorchRunner:
             model_from_checkpoint,
             preprocess_from_checkpoint,
         )
+        from marsvision.train.device import select_device
 
         if precision not in TORCH_PRECISIONS:
             raise MarsvisionError(
                 f"PyTorch baseline precision {precision!r}: choose one of "
                 + ", ".join(TORCH_PRECISIONS)
             )
-        self.device = resolve_torch_device(device)
+        self.device = select_device(device).type
         if precision == "fp16" and self.device == "cpu":
             raise MarsvisionError("fp16 autocast is for GPUs; on CPU use bf16 or fp32")
         if threads:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from marsvision.runtime.errors import MarsvisionError
-from marsvision.runtime.files import atomic_write_text
+from marsvision.runtime.files import atomic_write_text, check_writable_folder
 from marsvision.runtime.metadata import METADATA_KEY, ModelMeta
 
 if TYPE_CHECKING:
@@ -23,15 +23,9 @@ MANIFEST = "manifest.json"
 
 
 def prepare_out_dir(out: Path) -> Path:
-    """Create the out dir and check it is writable; a user error otherwise."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test."):
-            pass
-    except OSError as e:
-        raise MarsvisionError(
-            f"cannot write to output directory {out} ({e.strerror or e}); pass another --out"
-        ) from None
+    """Check the out dir can be written (a one-line user error otherwise), then create it."""
+    check_writable_folder(out, "--out")
+    out.mkdir(parents=True, exist_ok=True)
     return out
 
 

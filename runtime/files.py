@@ -1,4 +1,5 @@
-"""Atomic file writes: a temporary name in the target's folder, then a rename.
+"""Atomic file writes (a temporary name in the target's folder, then a rename) and the check that
+an output folder can be written before any work starts.
 
 A crash or kill mid-write leaves the old file (or none), never a half-written one that looks
 valid. New files get the usual permissions (0666 less the umask), not mkstemp's 0600.
@@ -11,6 +12,8 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from marsvision.runtime.errors import MarsvisionError
 
 
 def default_file_mode() -> int:
@@ -45,3 +48,25 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write UTF-8 `text` to `path` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_writable_folder(path: str | os.PathLike[str], option: str) -> None:
+    """`path` is, or can become, a folder this process writes into: not a file, and its nearest
+    existing ancestor a folder that takes a new file. A one-line MarsvisionError naming `option`
+    (the flag that chose `path`) otherwise. Creates nothing, so a refused path is left as it was."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise MarsvisionError(f"{option} {folder} is a file, not a folder")
+    parent = folder
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MarsvisionError(f"{option} {folder}: {parent} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise MarsvisionError(
+            f"{option} {folder}: cannot write into {parent} ({e.strerror or e}); "
+            f"pass another {option}"
+        ) from None

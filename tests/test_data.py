@@ -179,6 +179,14 @@ def test_download_offline_is_one_line(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_download_into_a_file_is_refused_before_fetching(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    # the URL would fail too: the folder check must come first, and name --data
+    with pytest.raises(MarsvisionError, match=r"--data .*a-file is not a folder"):
+        download_msl(tmp_path / "a-file" / "msl", url="http://127.0.0.1:9/x.zip")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
 def test_download_of_a_wrong_archive_leaves_nothing(msl_dir: Path, tmp_path: Path) -> None:
     src = mini_data(msl_dir, tmp_path / "src", per_split=2)
     archive = _zip_dataset(src, tmp_path / "small.zip")

@@ -1,6 +1,7 @@
 """`--amp` resolved to bf16 autocast or fp32, and the memory layout with it (train/device.py).
 
-`--device` and the run folder's check are tested through the CLI: tests/test_train.py.
+`--device` and the run folder's check are tested through the CLI: tests/test_train.py; here only
+the device name the CLI's choices cannot reach (the benchmarks' Python API takes any string).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import io
 import pytest
 import torch
 
+from marsvision.runtime.errors import MarsvisionError
 from marsvision.train import device as dev
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -39,3 +41,8 @@ def test_use_bf16(
     assert dev.use_bf16(amp, device, log=log) is bf16
     assert ("emulated" in log.getvalue()) is warned
     assert dev.uses_channels_last(device, bf16) is (device.type == "cuda" or bf16)
+
+
+def test_unknown_device_name() -> None:
+    with pytest.raises(MarsvisionError, match="unknown device 'gpu'; choose auto, cpu or cuda"):
+        dev.select_device("gpu")

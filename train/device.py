@@ -10,7 +10,10 @@ from marsvision.runtime.errors import MarsvisionError
 
 
 def select_device(name: str) -> torch.device:
-    """auto -> cuda when available, else cpu; cuda without a GPU is a user error."""
+    """auto -> cuda when available, else cpu; cuda without a GPU, or another name, is a user
+    error (mars-train's and the benchmarks' --device)."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise MarsvisionError(f"unknown device {name!r}; choose auto, cpu or cuda")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise MarsvisionError("--device cuda: no CUDA GPU is available; use --device cpu")

@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.files import check_writable_folder
 from marsvision.train.data import SPLIT_FILES, SPLITS, SYNSET_FILE, read_split
 
 ZENODO_URL = "https://zenodo.org/records/1049137/files/msl-images.zip?download=1"
@@ -124,11 +125,7 @@ def download_msl(dest: Path, *, url: str | None = None, timeout: float = 60.0) -
         return dest
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise MarsvisionError(f"{dest} exists and is not empty; choose an empty or new --data DIR")
-    parent = dest.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise MarsvisionError(f"cannot write into {parent}; choose another --data DIR")
+    check_writable_folder(dest, "--data")
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=".msl-images.", suffix=".zip", dir=dest.parent)
     os.close(fd)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from marsvision.runtime.files import check_writable_folder
 from marsvision.runtime.spec import PreprocessSpec
 from marsvision.train import data as msl
 from marsvision.train.adversary import CameraTask, camera_task, pooled_features
@@ -38,7 +39,7 @@ from marsvision.train.objective import (
     scheduler_from_config,
 )
 from marsvision.train.progress import Progress
-from marsvision.train.report import check_out_dir, write_json, write_results
+from marsvision.train.report import write_json, write_results
 from marsvision.train.resume import RESUME, TrainingState, load_resume, restore, save_resume
 
 CHECKPOINT = "checkpoint.pt"
@@ -235,7 +236,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     data_dir = msl.resolve_data_dir(cfg.data)
     spec = PreprocessSpec.for_input_size(cfg.image_size)
     device = select_device(cfg.device)
-    check_out_dir(cfg.out)
+    check_writable_folder(cfg.out, "--out")
     fingerprint = msl.data_fingerprint(data_dir)
     resume = load_resume(cfg.out, cfg, fingerprint) if cfg.resume else None
     names = msl.class_names(task, data_dir)

@@ -6,32 +6,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.files import atomic_write_bytes
 from marsvision.train.data import Sample
-
-
-def check_out_dir(out: Path) -> None:
-    """The run folder must be creatable and writable (checked before anything is written)."""
-    if out.exists() and not out.is_dir():
-        raise MarsvisionError(f"--out {out} is a file, not a folder")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise MarsvisionError(f"--out {out}: {parent} is not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise MarsvisionError(f"--out {out}: cannot write into {parent} ({e.strerror})") from None
 
 
 def write_json(path: Path, obj: Any) -> None:
