@@ -53,16 +53,17 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 def check_writable_folder(path: str | os.PathLike[str], option: str) -> None:
     """`path` is, or can become, a folder this process writes into: not a file, and its nearest
     existing ancestor a folder that takes a new file. A one-line MarsvisionError naming `option`
-    (the flag that chose `path`) otherwise. Creates nothing, so a refused path is left as it was."""
+    (the flag that chose `path`) otherwise, also when the file system refuses the path itself (a
+    name too long). Creates nothing, so a refused path is left as it was."""
     folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise MarsvisionError(f"{option} {folder} is a file, not a folder")
     parent = folder
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise MarsvisionError(f"{option} {folder}: {parent} is not a folder")
     try:
+        if folder.exists() and not folder.is_dir():
+            raise MarsvisionError(f"{option} {folder} is a file, not a folder")
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise MarsvisionError(f"{option} {folder}: {parent} is not a folder")
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as e:

@@ -85,6 +85,18 @@ def test_unreadable_results_file_is_a_one_line_error(tmp_path: Path) -> None:
                   provenance=Provenance("sha", "fp32", "onnxruntime-cpu"))  # fmt: skip
 
 
+def test_output_folder_with_too_long_a_name_is_a_one_line_error(tmp_path: Path) -> None:
+    from marsvision.runtime.files import check_writable_folder
+
+    # the shared check of mars-train/mars-export --out and --download --data: the OS's refusal
+    # (ENAMETOOLONG from stat) must not escape as a traceback
+    too_long = tmp_path / ("x" * 300) / "run"
+    refused = r"^--out .*: cannot write into .*; pass another --out$"
+    with pytest.raises(MarsvisionError, match=refused):
+        check_writable_folder(too_long, "--out")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_threads_follow_the_cpu_affinity(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a box limited to one core (taskset, a container) the runtime's threads and the
     benchmarks' record say one, not the machine's core count."""
