@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.files import check_writable_folder
 from marsvision.train.data import SPLITS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -193,6 +194,7 @@ def speed(
     from marsvision.benchmarks.speed import SpeedConfig, run_speed
     from marsvision.benchmarks.speed_report import render_text, write_speed
 
+    check_writable_folder(out, "--out")  # before the run, not after it
     checkpoint = _checkpoint(checkpoint, artifacts)
     mode_list = _csv("--modes", modes)
     cfg = SpeedConfig(
@@ -284,6 +286,7 @@ def parity(
     from marsvision.benchmarks.parity_report import render_text, write_parity
     from marsvision.train.data import resolve_data_dir
 
+    check_writable_folder(out, "--out")  # before the run, not after it
     cfg = ParityConfig(
         checkpoint=_checkpoint(checkpoint, artifacts),
         artifacts=artifacts,
@@ -372,6 +375,7 @@ def score(
         requirements = parse_requirements(require)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--require") from None
+    check_writable_folder(out, "--out")  # before the run, not after it
     cfg = ScoreConfig(
         predictions=predictions,
         data_dir=resolve_data_dir(data),

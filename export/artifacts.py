@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from marsvision.runtime.errors import MarsvisionError
-from marsvision.runtime.files import atomic_write_text, check_writable_folder
+from marsvision.runtime.files import atomic_write_text, make_folder
 from marsvision.runtime.metadata import METADATA_KEY, ModelMeta
 
 if TYPE_CHECKING:
@@ -23,10 +23,8 @@ MANIFEST = "manifest.json"
 
 
 def prepare_out_dir(out: Path) -> Path:
-    """Check the out dir can be written (a one-line user error otherwise), then create it."""
-    check_writable_folder(out, "--out")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    """Check the out dir can be written, then create it (a one-line user error otherwise)."""
+    return make_folder(out, "--out")
 
 
 @contextlib.contextmanager

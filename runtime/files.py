@@ -71,3 +71,18 @@ def check_writable_folder(path: str | os.PathLike[str], option: str) -> None:
             f"{option} {folder}: cannot write into {parent} ({e.strerror or e}); "
             f"pass another {option}"
         ) from None
+
+
+def make_folder(path: str | os.PathLike[str], option: str) -> Path:
+    """`check_writable_folder`, then create the folder and its parents; the file system refusing
+    the creation (the path changed between the check and now: a file put there, a parent made
+    read-only) is the same kind of one-line MarsvisionError naming `option`."""
+    check_writable_folder(path, option)
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MarsvisionError(
+            f"{option} {folder}: cannot create it ({e.strerror or e}); pass another {option}"
+        ) from None
+    return folder

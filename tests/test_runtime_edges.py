@@ -155,3 +155,58 @@ def test_csv_resume_after_a_cut_inside_a_quoted_path(
     r = _infer(odd, images[1], "--engine", model, "--out", out, "--resume")
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == whole
+
+
+def test_folder_refused_between_check_and_creation_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """make_folder (mars-train, mars-export, ship, sweep): the path passes the check, then
+    something takes it (here a file of that name) before the folder is made."""
+    from marsvision.runtime import files
+
+    target = tmp_path / "run"
+    real_check = files.check_writable_folder
+
+    def check_then_race(path: Path, option: str) -> None:
+        real_check(path, option)
+        target.write_text("not a folder")
+
+    monkeypatch.setattr(files, "check_writable_folder", check_then_race)
+    refused = r"^--out .*run: cannot create it \(.*\); pass another --out$"
+    with pytest.raises(MarsvisionError, match=refused):
+        files.make_folder(target, "--out")
+    assert target.is_file()
+    assert files.make_folder(tmp_path / "a" / "b", "--out").is_dir()
+
+
+@pytest.mark.parametrize("command", ["speed", "parity", "score"])
+def test_bench_refuses_an_unwritable_out_before_it_runs(tmp_path: Path, command: str) -> None:
+    """mars-bench writes its JSON at the end of a run of minutes: a bad --out is refused first,
+    whatever else is wrong (here the artifacts and predictions do not exist either)."""
+    from click.testing import CliRunner
+
+    from marsvision.benchmarks.cli import main as bench_main
+
+    taken = tmp_path / "results"
+    taken.write_text("a file")
+    missing = tmp_path / "nothing"
+    args = {"speed": ["--artifacts", missing], "parity": ["--artifacts", missing],
+            "score": [missing]}[command]  # fmt: skip
+    result = CliRunner().invoke(bench_main, [command, *map(str, args), "--out", str(taken)])
+    assert result.exit_code == 1, result.output
+    assert f"--out {taken} is a file, not a folder" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_ship_and_sweep_refuse_an_unwritable_out_before_the_work(tmp_path: Path) -> None:
+    from marsvision.train.ship import ship_run
+    from marsvision.train.sweep import parse_settings, run_sweep
+
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    with pytest.raises(MarsvisionError, match=r"^--models .* is a file, not a folder$"):
+        ship_run(tmp_path / "no-run", models_dir=taken, data_dir=tmp_path)
+    with pytest.raises(MarsvisionError, match=r"^--out .* is a file, not a folder$"):
+        run_sweep(data_dir=tmp_path, task="binary", names=["default"], settings=parse_settings(()),
+                  budget_s=60.0, runs_dir=tmp_path / "runs", out_dir=taken, workers=1)  # fmt: skip
+    assert not (tmp_path / "runs").exists()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marsvision.runtime.files import check_writable_folder
+from marsvision.runtime.files import check_writable_folder, make_folder
 from marsvision.runtime.spec import PreprocessSpec
 from marsvision.train import data as msl
 from marsvision.train.adversary import CameraTask, camera_task, pooled_features
@@ -294,7 +294,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
             print(f"replacing the previous run in {cfg.out}", file=log)
             for p in stale:
                 (cfg.out / p).unlink()
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    make_folder(cfg.out, "--out")  # checked before decoding; refused since: one line too
     write_json(cfg.out / "config.json", cfg.to_dict())
     ckpt_args: dict[str, Any] = {
         "task": task,

@@ -22,7 +22,7 @@ import click
 import numpy as np
 
 from marsvision.runtime.errors import MarsvisionError
-from marsvision.runtime.files import atomic_write_text
+from marsvision.runtime.files import atomic_write_text, check_writable_folder, make_folder
 from marsvision.runtime.metadata import sha256_file
 
 SCORED_SPLITS = ("val", "test")
@@ -133,6 +133,7 @@ def ship_run(
     from marsvision.train.checkpoint import atomic_torch_save, half_state, load_checkpoint
     from marsvision.train.config import command_line, is_refit
 
+    check_writable_folder(models_dir, "--models")  # before minutes of scoring, not after
     source = run / "checkpoint.pt" if run.is_dir() else run
     ckpt = load_checkpoint(source)
     if "test" not in ckpt.get("metrics", {}):
@@ -178,7 +179,7 @@ def ship_run(
         "train_seconds": run_metrics.get("seconds"),
         "notes": list(notes),
     }
-    models_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(models_dir, "--models")
     out = models_dir / shipped_name(ckpt["task"])
     atomic_torch_save(shipped, out)
     sha, size = sha256_file(out), out.stat().st_size

@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import click
 
 from marsvision.runtime.errors import MarsvisionError
-from marsvision.runtime.files import atomic_write_text
+from marsvision.runtime.files import atomic_write_text, check_writable_folder, make_folder
 
 # name -> mars-train flags over the default recipe (224 px, 60 epochs), in the order they run:
 # the most promising first, since a short budget may reach only the first few.
@@ -144,6 +144,7 @@ def run_sweep(
         raise MarsvisionError("--set seed=...: give the seeds with --seeds (e.g. --seeds 0,1)")
     if not seeds or len(set(seeds)) != len(seeds):
         raise MarsvisionError(f"--seeds {seeds}: give one or more distinct seeds, e.g. 0,1")
+    check_writable_folder(out_dir, "--out")  # before the budget is spent, not after
     from marsvision.train.config import config_from_flags, is_refit
 
     refit = is_refit(settings)
@@ -198,7 +199,7 @@ def run_sweep(
     for r in rows:  # selection is on val: only the shipped run's test metrics are reported
         if r["status"] == "done" and r["run"] != best_run:
             del r["test"]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir, "--out")
     shipped = ship_run(runs_dir / best_run, models_dir=runs_dir / "models", data_dir=data_dir,
                        device=settings.get("device", "auto"), workers=workers,
                        limit=settings.get("limit"))  # fmt: skip
