@@ -103,13 +103,34 @@ def library_versions() -> dict[str, str]:
     return found
 
 
+# The instruction set that sets the CPU's INT8/BF16 kernels, best first (ONNX Runtime's and
+# oneDNN's fast paths); the first one the CPU has names it in `machine_name`.
+ISA_TIERS = (
+    ("amx_int8", "amx"),
+    ("avx512_vnni", "avx512-vnni"),
+    ("avx512f", "avx512"),
+    ("avx_vnni", "avx-vnni"),
+    ("avx2", "avx2"),
+)
+
+
+def isa_tier(cpu: dict[str, Any]) -> str | None:
+    """The best of `ISA_TIERS` that `cpu_info`'s isa lists, None when it lists none."""
+    have = set(cpu.get("isa") or ())
+    return next((name for flag, name in ISA_TIERS if flag in have), None)
+
+
 def machine_name(cpu: dict[str, Any], gpu: dict[str, Any] | None) -> str:
-    """A short file-name-safe label: the GPU when there is one, else the CPU and its cores."""
+    """A short file-name-safe label: the GPU when there is one, else the CPU, the best of its
+    ISA tiers and its usable cores. The tier is in the name because the model name is often
+    generic ("AMD EPYC" is a Zen 3 without AVX-512 on one machine, a Zen 4 with VNNI on
+    another) and INT8 speed differs several-fold between them."""
     if gpu:
         base = str(gpu["name"]).replace("NVIDIA", "")
     else:
         base = re.sub(r"\(R\)|\(TM\)|CPU|Processor|@.*", "", str(cpu["model"]))
-        base = f"{base}-{cpu['usable_cores']}c"
+        tier = isa_tier(cpu)
+        base = f"{base}-{tier}-{cpu['usable_cores']}c" if tier else f"{base}-{cpu['usable_cores']}c"
     slug = re.sub(r"[^A-Za-z0-9]+", "-", base).strip("-").lower()
     return slug or "unknown"
 

@@ -65,9 +65,11 @@ def _conditions_line(report: dict[str, Any]) -> str:
     cfg = report["config"]
     gpu = f"{c['gpu']['name']} (driver {c['gpu']['driver']})" if c.get("gpu") else "no GPU"
     sizes = sorted({r["input_size"] for r in report["rows"] if r.get("input_size")})
+    isa = " ".join(c["cpu"].get("isa") or ()) or "no ISA of note"
     return (
-        f"machine {c['machine']}: {c['cpu']['model']}, {c['cpu']['usable_cores']} usable of "
-        f"{c['cpu']['logical_cores']} cores, {gpu}; device {cfg['device']}, threads "
+        f"machine {c['machine']}: {c['cpu']['model']} ({isa}), "
+        f"{c['cpu']['usable_cores']} usable of {c['cpu']['logical_cores']} cores, {gpu}; "
+        f"device {cfg['device']}, threads "
         f"{c['threads']}; input {'/'.join(map(str, sizes)) or '?'} px; warm-up {cfg['warmup']}, "
         f"repeats {cfg['repeats']}; "
         + ", ".join(f"{k} {v}" for k, v in sorted(c["versions"].items()))

@@ -108,6 +108,8 @@ def test_speed_cli_writes_results_with_conditions(
     assert base["e2e"]["images"] == 4
     # The table on stdout: the header, both backends, the skipped pair with its reason.
     assert "p99 ms" in result.output and "onnxruntime-cpu" in result.output
+    isa = " ".join(c["cpu"]["isa"]) or "no ISA of note"  # the conditions line names the ISA
+    assert f"machine {machine}: {c['cpu']['model']} ({isa})," in result.output
     assert "pytorch-cpu" in result.output and "skipped: no int8-cpu artifact" in result.output
 
 
@@ -181,7 +183,12 @@ def test_cpu_info_reads_model_and_physical_cores(tmp_path: Path) -> None:
     info = cpu_info(tmp_path / "cpuinfo")
     assert info["model"] == "Test CPU 9000" and info["physical_cores"] == 2
     assert info["isa"] == ["avx2", "avx512f", "avx512_vnni"]
-    assert machine_name(info, None).startswith("test-9000-")
+    assert machine_name(info, None) == f"test-9000-avx512-vnni-{info['usable_cores']}c"
+    # the same generic model name on a CPU without AVX-512 (a Zen 3 EPYC) is another machine
+    assert machine_name({**info, "isa": ["avx2"], "usable_cores": 2}, None) == "test-9000-avx2-2c"
+    amx = {**info, "isa": ["avx2", "avx512f", "avx512_vnni", "amx_int8"], "usable_cores": 2}
+    assert machine_name(amx, None) == "test-9000-amx-2c"
+    assert machine_name({**info, "isa": [], "usable_cores": 1}, None) == "test-9000-1c"
     assert machine_name(info, {"name": "NVIDIA H100 80GB HBM3"}) == "h100-80gb-hbm3"
 
 
