@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from marsvision.runtime.host import usable_cores
+from marsvision.runtime.host import int8_sums_saturate, usable_cores
 
 LIBRARIES = (
     "marsvision",
@@ -148,6 +148,8 @@ def capture_conditions(*, threads: int | None = None) -> dict[str, Any]:
         "cpu": cpu,
         "gpu": gpu,
         "threads": threads or cpu["usable_cores"],
+        # ONNX Runtime sessions here use exact (slower) INT8 sums: runtime.host
+        "onnxruntime_exact_int8": int8_sums_saturate(),
         "env": {
             k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ
         },

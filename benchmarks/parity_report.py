@@ -127,7 +127,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{report['checkpoint_sha256'][:12]}",
             "",
             f"Machine `{c['machine']}` ({c['cpu']['model']}, {c['cpu']['usable_cores']} usable "
-            f"cores; GPU {gpu}), {c['date']}. Versions: "
+            f"cores; GPU {gpu}), {c['date']}. "
+            + (
+                "ONNX Runtime INT8 in exact u8u8 sums (a CPU without VNNI: its u8s8 sums "
+                "would saturate). "
+                if c.get("onnxruntime_exact_int8")
+                else ""
+            )
+            + "Versions: "
             + ", ".join(f"{k} {v}" for k, v in sorted(c["versions"].items())),
             "",
             (

@@ -66,6 +66,8 @@ def _conditions_line(report: dict[str, Any]) -> str:
     gpu = f"{c['gpu']['name']} (driver {c['gpu']['driver']})" if c.get("gpu") else "no GPU"
     sizes = sorted({r["input_size"] for r in report["rows"] if r.get("input_size")})
     isa = " ".join(c["cpu"].get("isa") or ()) or "no ISA of note"
+    if c.get("onnxruntime_exact_int8"):
+        isa += "; ONNX Runtime INT8 in exact u8u8 sums"
     return (
         f"machine {c['machine']}: {c['cpu']['model']} ({isa}), "
         f"{c['cpu']['usable_cores']} usable of {c['cpu']['logical_cores']} cores, {gpu}; "

@@ -43,10 +43,11 @@ def ort_logits(onnx_path: Path, batch: np.ndarray, threads: int = 0) -> np.ndarr
     """Run an ONNX file in ONNX Runtime (CPU) and return float32 logits."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
+    from marsvision.runtime.backends.onnxruntime import session_options
+
+    # the runtime's options (exact INT8 sums where this CPU's would saturate): the export's
+    # check sees what mars-infer will compute
+    so = session_options(threads or None)
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     x = batch.astype(np.float16) if inp.type == "tensor(float16)" else batch

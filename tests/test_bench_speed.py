@@ -109,6 +109,8 @@ def test_speed_cli_writes_results_with_conditions(
     # The table on stdout: the header, both backends, the skipped pair with its reason.
     assert "p99 ms" in result.output and "onnxruntime-cpu" in result.output
     isa = " ".join(c["cpu"]["isa"]) or "no ISA of note"  # the conditions line names the ISA
+    if c["onnxruntime_exact_int8"]:
+        isa += "; ONNX Runtime INT8 in exact u8u8 sums"
     assert f"machine {machine}: {c['cpu']['model']} ({isa})," in result.output
     assert "pytorch-cpu" in result.output and "skipped: no int8-cpu artifact" in result.output
 
