@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from marsvision.runtime.host import int8_sums_saturate, usable_cores
+from marsvision.runtime.host import usable_cores
 
 LIBRARIES = (
     "marsvision",
@@ -137,6 +137,8 @@ def machine_name(cpu: dict[str, Any], gpu: dict[str, Any] | None) -> str:
 
 def capture_conditions(*, threads: int | None = None) -> dict[str, Any]:
     """The full record of this machine and process, for the result file."""
+    from marsvision.runtime.backends.onnxruntime import exact_int8_default
+
     cpu = cpu_info()
     gpu = gpu_info()
     return {
@@ -148,8 +150,8 @@ def capture_conditions(*, threads: int | None = None) -> dict[str, Any]:
         "cpu": cpu,
         "gpu": gpu,
         "threads": threads or cpu["usable_cores"],
-        # ONNX Runtime sessions here use exact (slower) INT8 sums: runtime.host
-        "onnxruntime_exact_int8": int8_sums_saturate(),
+        # whether ONNX Runtime sessions use exact (slower) INT8 sums: runtime.backends.onnxruntime
+        "onnxruntime_exact_int8": exact_int8_default(),
         "env": {
             k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ
         },

@@ -139,6 +139,8 @@ def run(cfg: InferConfig) -> int:
                 stream.detach()  # leave sys.stdout usable
         secs = time.perf_counter() - t_run
     skipped = len(inputs) - len(todo)
+    # INT8 in ONNX Runtime's exact (slower) kernels, on a CPU whose fast ones would saturate
+    exact = meta.precision == "int8" and bool(getattr(clf.runner, "exact_int8", False))
     click.echo(
         f"mars-infer: {ok} ok, {failed} failed"
         + (f", {skipped} already in {cfg.out} (skipped)" if skipped else "")
@@ -147,7 +149,9 @@ def run(cfg: InferConfig) -> int:
             if ok
             else f"; no image classified in {secs:.2f} s"
         )
-        + f" ({clf.runner.name}, {meta.precision}, batch {cfg.batch_size}"
+        + f" ({clf.runner.name}, {meta.precision}"
+        + (", exact sums" if exact else "")
+        + f", batch {cfg.batch_size}"
         + (f", tta {cfg.tta}" if cfg.tta != "none" else "")
         + ";"
         + f" {time.perf_counter() - t0:.2f} s in all)",

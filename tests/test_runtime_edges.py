@@ -245,7 +245,31 @@ def test_sessions_ask_for_exact_int8_where_the_cpu_would_saturate(
 
     assert exact(backend.session_options(exact_int8=True))
     assert not exact(backend.session_options(exact_int8=False))
+    monkeypatch.delenv(backend.EXACT_INT8_ENV, raising=False)
     monkeypatch.setattr(backend, "int8_sums_saturate", lambda: True)
     assert exact(backend.session_options())
-    monkeypatch.setattr(backend, "int8_sums_saturate", lambda: False)
+    monkeypatch.setenv(backend.EXACT_INT8_ENV, "0")  # the fast path, asked for
     assert not exact(backend.session_options())
+    monkeypatch.setattr(backend, "int8_sums_saturate", lambda: False)
+    monkeypatch.setenv(backend.EXACT_INT8_ENV, "auto")
+    assert not exact(backend.session_options())
+    monkeypatch.setenv(backend.EXACT_INT8_ENV, "1")
+    assert exact(backend.session_options())
+    monkeypatch.setenv(backend.EXACT_INT8_ENV, "yes")
+    with pytest.raises(MarsvisionError, match=r"MARSVISION_EXACT_INT8='yes': use 1"):
+        backend.session_options()
+
+
+@pytest.mark.parametrize("exact", ["1", "0"])
+def test_infer_says_when_int8_runs_in_exact_sums(
+    model: Path, images: list[Path], exact: str
+) -> None:
+    """The summary line names the slower exact INT8 kernels where they run (by default on a CPU
+    without VNNI; here forced both ways)."""
+    env = {**os.environ, "MARSVISION_EXACT_INT8": exact}
+    args = [*map(os.fspath, images), "--engine", os.fspath(model)]
+    r = subprocess.run([*MARS_INFER, *args], capture_output=True, env=env)
+    assert r.returncode == 0, r.stderr.decode()
+    summary = r.stderr.decode().strip().splitlines()[-1]
+    assert ("(onnxruntime-cpu, int8, exact sums, batch" in summary) == (exact == "1"), summary
+    assert len(r.stdout.decode().strip().splitlines()) == 1 + len(images)

@@ -33,15 +33,28 @@ def _ort() -> Any:
 # ONNX Runtime's switch to exact INT8 products on x86 CPUs without VNNI (u8 x u8 kernels
 # instead of u8 x s8 ones that saturate); it changes nothing where those do not saturate.
 EXACT_INT8_KEY = "session.x64quantprecision"
+# 1 or 0 forces the exact kernels on or off (to measure the fast path's speed and error on such
+# a CPU); unset or auto: on where this CPU's sums would saturate.
+EXACT_INT8_ENV = "MARSVISION_EXACT_INT8"
+
+
+def exact_int8_default() -> bool:
+    """Whether sessions use exact INT8 sums: $MARSVISION_EXACT_INT8, else this CPU's need."""
+    value = os.environ.get(EXACT_INT8_ENV, "auto").strip().lower()
+    if value in ("", "auto"):
+        return int8_sums_saturate()
+    if value in ("1", "0"):
+        return value == "1"
+    raise MarsvisionError(f"{EXACT_INT8_ENV}={value!r}: use 1 (exact), 0 (fast) or auto")
 
 
 def session_options(
     threads: int | None = None, *, optimize: bool = True, exact_int8: bool | None = None
 ) -> Any:
     """Tuned session options: full graph optimization, sequential execution, no spinning, and
-    exact INT8 sums (`exact_int8`; default: where this CPU's INT8 sums would saturate, an x86
-    without VNNI or AMX: the shipped model's INT8 agrees 98.90% with PyTorch on val there,
-    99.51% exact, at about 3/4 of the speed)."""
+    exact INT8 sums (`exact_int8`; default `exact_int8_default()`: where this CPU's INT8 sums
+    would saturate, an x86 without VNNI or AMX, where the shipped model's INT8 agrees 98.90%
+    with PyTorch on val, 99.51% exact, at 57-75% of the speed)."""
     ort = _ort()
     so = ort.SessionOptions()
     so.graph_optimization_level = (
@@ -54,7 +67,7 @@ def session_options(
     so.inter_op_num_threads = 1
     # Spinning threads steal the CPU from the decode workers between batches.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if int8_sums_saturate() if exact_int8 is None else exact_int8:
+    if exact_int8_default() if exact_int8 is None else exact_int8:
         so.add_session_config_entry(EXACT_INT8_KEY, "1")
     so.log_severity_level = 3
     return so
@@ -120,7 +133,10 @@ class OnnxRuntimeRunner:
     ) -> None:
         self.path = Path(path)
         providers = providers_for(device, backend)
-        self._sess = _session(self.path, providers, session_options(threads))
+        self.exact_int8 = exact_int8_default()  # INT8 in exact sums (this CPU's would saturate)
+        self._sess = _session(
+            self.path, providers, session_options(threads, exact_int8=self.exact_int8)
+        )
         self.meta = _meta_of(self._sess, self.path)
         used = self._sess.get_providers()
         if device == "cuda" and _EP["cuda"] not in used:
