@@ -54,7 +54,7 @@ def session_options(
     """Tuned session options: full graph optimization, sequential execution, no spinning, and
     exact INT8 sums (`exact_int8`; default `exact_int8_default()`: where this CPU's INT8 sums
     would saturate, an x86 without VNNI or AMX, where the shipped model's INT8 agrees 98.90%
-    with PyTorch on val, 99.51% exact, at 57-75% of the speed)."""
+    with PyTorch on val, 99.51% exact, at about 60-85% of the fast kernels' speed)."""
     ort = _ort()
     so = ort.SessionOptions()
     so.graph_optimization_level = (
