@@ -74,7 +74,10 @@ def test_fp32_passes_checker_with_dynamic_batch(exported: Path, val32) -> None:
     for n in (1, 3, 32):
         got = ort_logits(path, batch[:n])
         assert got.shape == (n, 2)
-        assert np.abs(got - ref[:n]).max() <= 1e-4
+        # the export's own bound: 1e-4, times the largest |logit| beyond 1 (float32 keeps ~7
+        # digits; an AVX2 CPU's kernels differ from PyTorch's by 1.2e-4 at |logit| 17 here)
+        bound = 1e-4 * max(1.0, float(np.abs(ref[:n]).max()))
+        assert np.abs(got - ref[:n]).max() <= bound
         assert (got.argmax(1) == ref[:n].argmax(1)).all()
 
 
