@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from marsvision.runtime.host import usable_cores
+from marsvision.runtime.host import cpu_flags, usable_cores
 
 LIBRARIES = (
     "marsvision",
@@ -34,7 +34,7 @@ def cpu_info(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> dict[str, Any
     """CPU model, logical/physical cores, the cores this process may use, and ISA flags of note."""
     model = platform.processor() or platform.machine()
     physical: set[tuple[str, str]] = set()
-    flags: set[str] = set()
+    flags = cpu_flags(cpuinfo)  # the runtime's reading, which decides its INT8 kernels
     try:
         text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -50,8 +50,6 @@ def cpu_info(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> dict[str, Any
         elif key == "core id":
             core_id = value
             physical.add((phys_id, core_id))
-        elif key == "flags" and not flags:
-            flags = set(value.split())
     notable = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "f16c")
     return {
         "model": model,
