@@ -116,3 +116,105 @@ def test_tensorrt_runner_matches_onnxruntime(
     sidecar_path(plan).write_text(stale.to_json())
     with pytest.raises(MarsvisionError, match="re-export"):
         open_runner(plan)
+
+
+class _FakeCudart:
+    """The few cuda.bindings.runtime calls TensorRTRunner makes, with (err, value) tuples as the
+    real bindings return; `fail_malloc_at` makes the n-th cudaMalloc (1-based) fail."""
+
+    class cudaError_t:  # the real enum's name
+        cudaSuccess = 0
+        cudaErrorMemoryAllocation = 2
+
+    def __init__(self, fail_malloc_at: int | None = None) -> None:
+        self.fail_malloc_at = fail_malloc_at
+        self.mallocs = 0
+        self.live: set[int] = set()  # device pointers and streams not yet freed
+        self._next = 0x1000
+
+    def _handle(self) -> int:
+        self._next += 0x100
+        self.live.add(self._next)
+        return self._next
+
+    def cudaGetErrorString(self, err: int) -> tuple[int, bytes]:
+        return 0, b"cudaErrorMemoryAllocation" if err == 2 else b"unknown"
+
+    def cudaStreamCreate(self) -> tuple[int, int]:
+        return 0, self._handle()
+
+    def cudaMalloc(self, size: int) -> tuple[int, int | None]:
+        self.mallocs += 1
+        if self.mallocs == self.fail_malloc_at:
+            return self.cudaError_t.cudaErrorMemoryAllocation, None
+        return 0, self._handle()
+
+    def cudaFree(self, ptr: int) -> tuple[int]:
+        self.live.remove(ptr)
+        return (0,)
+
+    def cudaStreamDestroy(self, stream: int) -> tuple[int]:
+        self.live.remove(stream)
+        return (0,)
+
+
+def _fake_trt(meta: ModelMeta) -> object:
+    """A tensorrt module whose engine has the metadata's two tensors and a max batch of 8."""
+    from types import SimpleNamespace
+
+    data_type = SimpleNamespace(FLOAT="float", HALF="half")
+    size = meta.preprocess.input_size
+    names = [meta.input_name, meta.output_name]
+    profile = [(1, 3, size, size), (8, 3, size, size), (8, 3, size, size)]  # min, opt, max
+    context = SimpleNamespace(set_tensor_address=lambda name, ptr: True)
+    engine = SimpleNamespace(
+        num_io_tensors=2,
+        get_tensor_name=names.__getitem__,
+        get_tensor_dtype=lambda name: data_type.HALF,
+        get_tensor_profile_shape=lambda name, i: profile,
+        create_execution_context=lambda: context,
+    )
+    runtime = SimpleNamespace(deserialize_cuda_engine=lambda blob: engine)
+
+    class Logger:  # trt.Logger(trt.Logger.WARNING)
+        WARNING = "warning"
+
+        def __init__(self, level: str) -> None:
+            self.level = level
+
+    return SimpleNamespace(
+        __version__="10.13.0.35", DataType=data_type, Logger=Logger, Runtime=lambda log: runtime
+    )
+
+
+@pytest.mark.parametrize("fail_malloc_at", [None, 1, 2])
+def test_runner_frees_its_buffers_when_opening_fails_part_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_malloc_at: int | None
+) -> None:
+    """Out of GPU memory at the input or the output buffer: a one-line error, and the stream and
+    any buffer already allocated are freed (TensorRT's own objects are faked, runs anywhere)."""
+    import marsvision.runtime.backends.tensorrt as trt_backend
+
+    meta = _meta()
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"serialized engine")
+    sidecar_path(plan).write_text(meta.to_json())
+    cudart = _FakeCudart(fail_malloc_at)
+    monkeypatch.setattr(trt_backend, "_import_trt", lambda: _fake_trt(meta))
+    monkeypatch.setattr(trt_backend, "_import_cudart", lambda: cudart)
+    monkeypatch.setattr(trt_backend, "running_gpu", lambda: ("H100", "9.0"))
+    if fail_malloc_at is None:
+        with trt_backend.TensorRTRunner(plan) as runner:
+            assert runner.max_batch == 8
+            assert len(cudart.live) == 3  # a stream and two buffers
+        assert not cudart.live
+        runner.close()  # a second close frees nothing twice
+        return
+    in_bytes = 8 * 3 * 64 * 64 * 2  # fp16 input
+    out_bytes = 8 * 2 * 2
+    failed = in_bytes if fail_malloc_at == 1 else out_bytes
+    oom = f"cudaMalloc\\({failed} bytes\\): cudaErrorMemoryAllocation"
+    with pytest.raises(MarsvisionError, match=oom):
+        trt_backend.TensorRTRunner(plan)
+    assert cudart.mallocs == fail_malloc_at
+    assert not cudart.live

@@ -142,11 +142,18 @@ class TensorRTRunner:
         in_bytes = self.max_batch * 3 * size * size * np.dtype(self._in_dtype).itemsize
         out_bytes = self.max_batch * self.meta.num_classes * np.dtype(self._out_dtype).itemsize
         cu = self._cudart
-        self._stream: Any = _check(cu, cu.cudaStreamCreate(), "cudaStreamCreate")
-        self._d_in: Any = _check(cu, cu.cudaMalloc(in_bytes), "cudaMalloc")
-        self._d_out: Any = _check(cu, cu.cudaMalloc(out_bytes), "cudaMalloc")
-        self._context.set_tensor_address(self._in, int(self._d_in))
-        self._context.set_tensor_address(self._out, int(self._d_out))
+        self._stream: Any = None
+        self._d_in: Any = None
+        self._d_out: Any = None
+        try:  # a failure part-way frees what was already allocated
+            self._stream = _check(cu, cu.cudaStreamCreate(), "cudaStreamCreate")
+            self._d_in = _check(cu, cu.cudaMalloc(in_bytes), f"cudaMalloc({in_bytes} bytes)")
+            self._d_out = _check(cu, cu.cudaMalloc(out_bytes), f"cudaMalloc({out_bytes} bytes)")
+            self._context.set_tensor_address(self._in, int(self._d_in))
+            self._context.set_tensor_address(self._out, int(self._d_out))
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self) -> TensorRTRunner:
         return self
