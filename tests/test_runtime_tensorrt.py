@@ -138,7 +138,8 @@ class _FakeCudart:
         return self._next
 
     def cudaGetErrorString(self, err: int) -> tuple[int, bytes]:
-        return 0, b"cudaErrorMemoryAllocation" if err == 2 else b"unknown"
+        oom = err == self.cudaError_t.cudaErrorMemoryAllocation
+        return 0, b"cudaErrorMemoryAllocation" if oom else b"unknown"
 
     def cudaStreamCreate(self) -> tuple[int, int]:
         return 0, self._handle()
