@@ -315,8 +315,12 @@ def test_bf16_on_the_cpu_trains_in_bf16_and_reports_fp32(
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["amp"] == "bf16" and "--amp bf16" in command_line(cfg)
     assert "--amp" not in command_line(json.loads((run / "config.json").read_text()))
-    history = json.loads((out / "metrics.json").read_text())["history"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["history"]
     assert [h["epoch"] for h in history] == [1, 2]
+    # the per-epoch val scores chose under bf16: the metrics say so, and an fp32 run's do not
+    assert metrics["selected_on"].endswith("under bf16 autocast (the reported numbers: fp32)")
+    assert "bf16" not in json.loads((run / "metrics.json").read_text())["selected_on"]
     assert all(np.isfinite([h["train_loss"], h["val_loss"]]).all() for h in history)
     ckpt = load_checkpoint(out / "checkpoint.pt")
     floats = [t for t in ckpt["state_dict"].values() if t.is_floating_point()]

@@ -308,6 +308,9 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     stopped_after: int | None = None
     # under-trained early epochs can score well on a shifted val set: select from here on
     first_eligible = max(1, math.ceil(cfg.select_from * cfg.epochs))  # <= epochs: the last counts
+    # a bf16 run selects on bf16 scores; the reported val/test numbers are fp32 ones of the kept
+    # weights, so they differ from the epoch's selection line in the last digits
+    scored_in = ", scored under bf16 autocast (the reported numbers: fp32)" if bf16 else ""
     scored = ema.module if ema is not None else model  # the weights evaluated and kept
     vm: dict[str, Any] = {}
     t_epochs, epochs_run = time.monotonic(), 0
@@ -355,7 +358,8 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
             entry.update(val_loss=val_loss, val_accuracy=vm["accuracy"],
                          val_balanced_accuracy=vm["balanced_accuracy"])  # fmt: skip
             print(f"  val loss {val_loss:.4f}  accuracy {vm['accuracy']:.4f}  balanced "
-                  f"{vm['balanced_accuracy']:.4f}", file=log)  # fmt: skip
+                  f"{vm['balanced_accuracy']:.4f}{' (bf16 autocast)' if bf16 else ''}",
+                  file=log)  # fmt: skip
             score = (vm["balanced_accuracy"], -val_loss)
         history.append(entry)
         if epoch >= first_eligible and score > best:
@@ -378,7 +382,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
         "best_epoch": best_epoch,
         "selected_on": "the last epoch (val is training data: --train-on train+val)" if refit
         else f"val balanced_accuracy over epochs {first_eligible}-{cfg.epochs} "
-        "(ties: lower val loss)",
+        f"(ties: lower val loss){scored_in}",
         "trained_on": cfg.train_on,
         "stopped_early_after_epoch": stopped_after,
     }
