@@ -318,7 +318,7 @@ def test_bf16_on_the_cpu_trains_in_bf16_and_reports_fp32(
     metrics = json.loads((out / "metrics.json").read_text())
     history = metrics["history"]
     assert [h["epoch"] for h in history] == [1, 2]
-    # the per-epoch val scores chose under bf16: the metrics say so, and an fp32 run's do not
+    # the epoch was chosen on val scores under bf16: the metrics say so, an fp32 run's do not
     assert metrics["selected_on"].endswith("under bf16 autocast (the reported numbers: fp32)")
     assert "bf16" not in json.loads((run / "metrics.json").read_text())["selected_on"]
     assert all(np.isfinite([h["train_loss"], h["val_loss"]]).all() for h in history)
