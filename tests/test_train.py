@@ -301,6 +301,34 @@ def test_sample_weights_weighted_mean() -> None:
     assert epoch("none", one_hot) != pytest.approx(plain, rel=1e-3)
 
 
+def test_ema_averages_weights_and_batchnorm_statistics() -> None:
+    """ModelEma moves every float tensor (weights and BatchNorm's running statistics) toward the
+    model by 1 - d, d = min(decay, (1 + step) / (10 + step)); integer buffers are copied."""
+    from marsvision.train.model import ModelEma
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    ema = ModelEma(model, decay=0.998)
+    start = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    for step in (1, 2):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        model.train()(torch.randn(16, 4))  # moves the running statistics, counts a batch
+        ema.update(model)
+        d = min(0.998, (1 + step) / (10 + step))
+        now = model.state_dict()
+        for key, value in ema.module.state_dict().items():
+            if value.is_floating_point():
+                expected = d * start[key] + (1 - d) * now[key]
+                assert torch.allclose(value, expected, atol=1e-6), key
+                if not torch.equal(start[key], now[key]):  # moved: averaged, not copied
+                    assert not torch.allclose(value, now[key]), key
+            else:
+                assert torch.equal(value, now[key]), key
+        start = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    assert int(ema.module[1].num_batches_tracked) == 2
+
+
 def test_bf16_on_the_cpu_trains_in_bf16_and_reports_fp32(
     run: Path, msl_dir: Path, tmp_path: Path
 ) -> None:

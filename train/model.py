@@ -54,7 +54,8 @@ def create_model(num_classes: int, init: str = "random") -> nn.Module:
 
 
 class ModelEma:
-    """Exponential moving average of a model's weights (buffers copied), kept on its device.
+    """Exponential moving average of a model's weights and float buffers (BatchNorm's running
+    statistics are averaged too; integer buffers are copied), kept on its device.
 
     The decay ramps up as min(decay, (1 + step) / (10 + step)), so early averages are not
     dominated by the random initialization.
