@@ -309,8 +309,8 @@ def test_ema_averages_weights_and_batchnorm_statistics() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     ema = ModelEma(model, decay=0.998)
-    start = {k: v.clone() for k, v in ema.module.state_dict().items()}
     for step in (1, 2):
+        start = {k: v.clone() for k, v in ema.module.state_dict().items()}
         with torch.no_grad():
             model[0].weight.add_(1.0)
         model.train()(torch.randn(16, 4))  # moves the running statistics, counts a batch
@@ -325,7 +325,6 @@ def test_ema_averages_weights_and_batchnorm_statistics() -> None:
                     assert not torch.allclose(value, now[key]), key
             else:
                 assert torch.equal(value, now[key]), key
-        start = {k: v.clone() for k, v in ema.module.state_dict().items()}
     assert int(ema.module[1].num_batches_tracked) == 2
 
 
