@@ -26,23 +26,42 @@ def _python_without_marsvision(path: Path) -> Path:
     return path
 
 
+def _tree_that_travels(path: Path) -> Path:
+    """A copy of the repository as the device machine gets it: the tracked files (here links to
+    them), no data beside it."""
+    path.mkdir()
+    for name in ("Makefile", "pyproject.toml", "train", "export", "runtime", "benchmarks"):
+        (path / name).symlink_to(REPO / name)
+    return path
+
+
 def test_gpu_session_script_ships_parts_the_device_can_return(
     msl_dir: Path, tmp_path: Path
 ) -> None:
+    tree = _tree_that_travels(tmp_path / "tree")
+    # the data travels as one file, made here by `make device-data` (DEVELOPERS.md, step 1)
+    made = subprocess.run(["make", "-s", "device-data", f"MARS_DATA={msl_dir}"], cwd=tree,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert sorted(p.name for p in (tree / ".data").iterdir()) == ["msl.tgz"]
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "MARS_DATA": str(msl_dir), "RUNS": str(tmp_path / "r"),
-           "WORKERS": "2", "TMPDIR": str(tmp_path),
-           "PY": str(_python_without_marsvision(tmp_path / "python3"))}  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "MARS_DATA"}
+    env.update(OUT=str(out), RUNS=str(tmp_path / "r"), WORKERS="2", TMPDIR=str(tmp_path),
+               PY=str(_python_without_marsvision(tmp_path / "python3")))  # fmt: skip
     flags = ["--candidates", "default"]
     for s in TINY:
         flags += ["--set", s]
-    done = subprocess.run(["bash", "train/gpu_session.sh", "binary", "3", *flags], cwd=REPO,
+    done = subprocess.run(["bash", "train/gpu_session.sh", "binary", "3", *flags], cwd=tree,
                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+    # the script unpacked the data where the sweep read it
+    unpacked = tree / ".data" / "msl"
+    assert sorted(p.name for p in unpacked.iterdir()) == sorted(p.name for p in msl_dir.iterdir())
     # the fallback put the stage folders on the path
     assert (tmp_path / "mv" / "marsvision" / "train").resolve() == REPO / "train"
     log = (out / "log.txt").read_text()
     assert log.startswith("gpu_session: task binary, budget 3 min")
+    assert "unpacked .data/msl.tgz into .data/msl" in log
     assert "pip: no network" in log and "torch 2." in log and "cuda False" in log
     assert "chosen on val: default" in log
     parts = [f"resnet50-binary.pt.part{i}" for i in range(3)]
@@ -54,6 +73,7 @@ def test_gpu_session_script_ships_parts_the_device_can_return(
     assert (out / "SHA256SUMS").read_text() == f"{sha}  resnet50-binary.pt\n"
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["candidates"][0]["config"]["device"] == "cpu"  # later --set wins over cuda
+    assert summary["candidates"][0]["config"]["data"] == str(unpacked)
 
 
 def test_gpu_session_script_says_how_to_call_it(tmp_path: Path) -> None:

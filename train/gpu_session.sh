@@ -4,17 +4,16 @@
 #
 #   bash train/gpu_session.sh TASK BUDGET_MIN [more train.sweep flags]
 #
-# Run from the repository root with the data carried in .data/msl. Later flags win, so
-# `--set device=cpu --set limit=16 ...` rehearses the call here (tests/test_gpu_session.py).
-# Environment: OUT (required), MARS_DATA (.data/msl), PY (python3), RUNS (/tmp/runs),
-# WORKERS (16).
+# Run from the repository root with the data carried in .data/msl.tgz (`make device-data`) or
+# .data/msl. Later flags win, so `--set device=cpu --set limit=16 ...` rehearses the call here
+# (tests/test_gpu_session.py). Environment: OUT (required), MARS_DATA (.data/msl), PY (python3),
+# RUNS (/tmp/runs), WORKERS (16).
 set -eo pipefail
 task=${1:?usage: bash train/gpu_session.sh TASK BUDGET_MIN [flags]}
 budget=${2:?usage: bash train/gpu_session.sh TASK BUDGET_MIN [flags]}
 shift 2
 : "${OUT:?set OUT to the folder whose files come back}"
 PY=${PY:-python3}
-export PYTHONUNBUFFERED=1 MARS_DATA=${MARS_DATA:-$PWD/.data/msl}
 mkdir -p "$OUT"
 log=$OUT/log.txt
 
@@ -23,6 +22,13 @@ log=$OUT/log.txt
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
         || echo "no nvidia-smi"
 } | tee "$log"
+
+# `make device-data` packs the data set into .data/msl.tgz (the tool counts files' space on disk)
+if [ -z "${MARS_DATA:-}" ] && [ -f .data/msl.tgz ] && [ ! -d .data/msl ]; then
+    mkdir -p .data/msl.tmp && tar -xzf .data/msl.tgz -C .data/msl.tmp && mv .data/msl.tmp .data/msl
+    echo "unpacked .data/msl.tgz into .data/msl" | tee -a "$log"
+fi
+export PYTHONUNBUFFERED=1 MARS_DATA=${MARS_DATA:-$PWD/.data/msl}
 
 # The GPU machine has torch, torchvision, numpy, Pillow, click and matplotlib but no internet:
 # install the package alone; if pip cannot, put the stage folders on the path instead.
