@@ -18,6 +18,7 @@ from marsvision.train.sweep import (
     CANDIDATES,
     main,
     parse_settings,
+    predicted_s,
     rank_candidates,
     run_sweep,
     split_file,
@@ -107,6 +108,23 @@ def test_ranking_is_by_mean_val_over_finished_seeds() -> None:
     assert ranked[0]["best_run"] == "b-seed0" and ranked[0]["seeds"] == [0, 1]
     assert ranked[0]["val_mean"]["balanced_accuracy"] == pytest.approx(0.79)
     assert ranked[1]["val_balanced_accuracy"] == [0.90, 0.60]
+
+
+def test_a_candidates_time_is_predicted_from_epochs_measured_at_its_size() -> None:
+    assert predicted_s({}, {}) is None  # nothing measured yet: the first candidate runs
+    measured = {224: 2.6}  # s per epoch; the default recipe runs 60 epochs
+    assert predicted_s({}, measured) == pytest.approx(156.0)
+    assert predicted_s({"epochs": 120}, measured) == pytest.approx(312.0)
+    # a smaller input is not assumed faster (on the H200 a 128 px epoch took 2.9 s, a 224 px
+    # one 2.6), a larger one is scaled up by the area
+    assert predicted_s({"image_size": 128}, measured) == pytest.approx(156.0)
+    assert predicted_s({"image_size": 448}, measured) == pytest.approx(624.0)
+    # once measured, a size's own time counts; the nearest measured size stands for the others
+    measured[128] = 2.9
+    assert predicted_s({"image_size": 128}, measured) == pytest.approx(174.0)
+    assert predicted_s({"image_size": 160, "epochs": 150}, measured) == pytest.approx(
+        2.9 * 150 * (160 / 128) ** 2)
+    assert predicted_s({"recipe": "blog"}, measured) == pytest.approx(2.6 * 50)
 
 
 def test_sweep_seeds_are_checked(msl_dir: Path, tmp_path: Path) -> None:

@@ -97,15 +97,24 @@ def split_file(path: Path, out_dir: Path, part_bytes: int = PART_BYTES) -> list[
     return parts
 
 
-def _predicted_s(flags: dict[str, Any], s_per_epoch_224: float | None) -> float | None:
-    if s_per_epoch_224 is None:
+def predicted_s(flags: dict[str, Any], s_per_epoch: dict[int, float]) -> float | None:
+    """A candidate's seconds, from the seconds per epoch measured so far at each input size (None
+    before the first run): its own size's, else the nearest measured size's, scaled up by the
+    area for a larger input and never down for a smaller one. On the H200 a 128 px epoch took as
+    long as a 224 px one (2.9 against 2.6 s: the step's overheads, not its arithmetic, set the
+    time; RECIPES.md, "The first GPU session"), so scaling down by the area ran a 60-epoch
+    candidate predicted at 55 s into the deadline at epoch 47."""
+    if not s_per_epoch:
         return None
     from marsvision.train.config import RECIPES
 
     recipe = RECIPES[flags.get("recipe", "default")]
     epochs = flags.get("epochs", recipe["epochs"])
     size = flags.get("image_size", 224)
-    return float(s_per_epoch_224 * epochs * (size / 224) ** 2)
+    if size in s_per_epoch:
+        return float(s_per_epoch[size] * epochs)
+    near = min(s_per_epoch, key=lambda s: (abs(s - size), s))
+    return float(s_per_epoch[near] * epochs * max(1.0, (size / near) ** 2))
 
 
 def _val_key(val: dict[str, float]) -> tuple[float, float]:
@@ -163,7 +172,7 @@ def run_sweep(
     t_start = time.monotonic()
     deadline = t_start + budget_s - RESERVE_S
     rows: list[dict[str, Any]] = []
-    s_per_epoch_224: float | None = None
+    s_per_epoch: dict[int, float] = {}  # input size -> the slowest measured seconds per epoch
     for name, seed in [(n, s) for n in names for s in seeds]:
         flags = {**CANDIDATES[name], **settings, "seed": seed}
         recipe = flags.pop("recipe", "default")
@@ -172,7 +181,7 @@ def run_sweep(
                                 workers=workers, **flags)  # fmt: skip
         row: dict[str, Any] = {"name": name, "seed": seed, "run": run, "config": cfg.to_dict()}
         left = deadline - time.monotonic()
-        predicted = _predicted_s({**flags, "recipe": recipe}, s_per_epoch_224)
+        predicted = predicted_s({**flags, "recipe": recipe}, s_per_epoch)
         if left < 30 or (predicted is not None and predicted > left):
             row["status"] = f"skipped: predicted {predicted or 0:.0f} s, {left:.0f} s left"
             rows.append(row)
@@ -189,8 +198,9 @@ def run_sweep(
             continue
         seconds = time.monotonic() - t0
         epochs_done = len(result["history"])
-        if s_per_epoch_224 is None and epochs_done:
-            s_per_epoch_224 = seconds / epochs_done / (cfg.image_size / 224) ** 2
+        if epochs_done:
+            size = cfg.image_size
+            s_per_epoch[size] = max(s_per_epoch.get(size, 0.0), seconds / epochs_done)
         row.update(status="done", seconds=seconds, epochs_done=epochs_done,
                    best_epoch=result["best_epoch"], val=result["val"],
                    stopped_early_after_epoch=result["stopped_early_after_epoch"],
