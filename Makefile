@@ -51,7 +51,7 @@ ship: $(STAMP)
 	$(BIN)/python -m marsvision.train.ship $(RUN) --data $(MARS_DATA) --models models
 
 # The data set inside the repo (ignored), to carry to the GPU machine (DEVELOPERS.md): one gzip
-# tar, since the device tool counts the files' space on disk (73 MB as 6,697 files, 57 as one);
+# tar: the device tool refused the folder (58.5 MiB of bytes, 73 MB on disk) and took the tar;
 # train/gpu_session.sh unpacks it into .data/msl there.
 device-data:
 	mkdir -p .data && rm -rf .data/msl .data/msl.tgz
