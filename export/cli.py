@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from marsvision.export.config import BIAS_CORRECTION, CALIB_METHODS, TENSORRT_MODES, ExportConfig
+from marsvision.export.config import CALIB_METHODS, TENSORRT_MODES, ExportConfig
 from marsvision.runtime.errors import MarsvisionError
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -104,15 +104,6 @@ def _table(manifest: dict[str, Any]) -> str:
     help="How activation ranges are chosen from the calibration data.",
 )
 @click.option(
-    "--int8-bias-correction",
-    type=click.Choice(list(BIAS_CORRECTION)),
-    default=_DEFAULTS.int8_bias_correction,
-    show_default=True,
-    help="INT8 flavours whose mean logit error against FP32 on the calibration images is "
-    "subtracted at the output (one float Add): for models whose INT8 errors lean to one class; "
-    "check the result with mars-bench parity.",
-)
-@click.option(
     "--tensorrt",
     type=click.Choice(TENSORRT_MODES),
     default=_DEFAULTS.tensorrt,
@@ -135,7 +126,6 @@ def main(
     int8: bool,
     calib_images: int,
     calib_method: str,
-    int8_bias_correction: str,
     tensorrt: str,
     max_batch: int,
 ) -> None:
@@ -148,7 +138,6 @@ def main(
         int8=int8,
         calib_images=calib_images,
         calib_method=calib_method,
-        int8_bias_correction=int8_bias_correction,
         tensorrt=tensorrt,
         max_batch=max_batch,
         data_dir=data,

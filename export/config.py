@@ -8,8 +8,6 @@ from pathlib import Path
 from marsvision.runtime.errors import MarsvisionError
 
 CALIB_METHODS = ("percentile", "entropy", "minmax")
-BIAS_CORRECTION = {"none": (), "int8-cpu": ("int8-cpu",), "int8-trt": ("int8-trt",),
-                   "both": ("int8-cpu", "int8-trt")}  # fmt: skip
 TENSORRT_MODES = ("auto", "on", "off")
 TRT_INSTALL_HINT = 'pip install "marsvision[trt]"'
 
@@ -31,11 +29,6 @@ class ExportConfig:
     # calibrates in 52 s at 224 px against entropy's 84 s and, unlike minmax, is not set by
     # single outlier activations, which matter more on trained weights (Wu et al. 2020).
     calib_method: str = "percentile"
-    # Which INT8 flavours get their mean logit error on the calibration images subtracted at the
-    # output (export/int8.py): none, int8-cpu, int8-trt or both. Off by default: the shipped
-    # 128 px model's INT8 holds parity without it. On the first GPU model (224 px) it brought
-    # int8-cpu within parity and pushed int8-trt out of it (RECIPES.md, "The first GPU session").
-    int8_bias_correction: str = "none"
     tensorrt: str = "auto"
     max_batch: int = 32
     data_dir: Path | None = None  # None: $MARS_DATA, else the default location
@@ -47,11 +40,6 @@ class ExportConfig:
             raise MarsvisionError(
                 f"unknown calibration method {self.calib_method!r}; choose one of "
                 + ", ".join(CALIB_METHODS)
-            )
-        if self.int8_bias_correction not in BIAS_CORRECTION:
-            raise MarsvisionError(
-                f"--int8-bias-correction {self.int8_bias_correction!r}: choose one of "
-                + ", ".join(BIAS_CORRECTION)
             )
         if self.tensorrt not in TENSORRT_MODES:
             raise MarsvisionError(

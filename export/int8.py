@@ -5,11 +5,6 @@ Two flavours from one calibration (tensor ranges, cached in `<out>/calib-cache/<
   path of ONNX Runtime on x86 CPUs (VNNI u8s8 kernels).
 - `int8-trt`: int8 activations and weights, symmetric (zero point 0), per-channel weights,
   float biases: what TensorRT 10+ needs for explicit quantization.
-
-Optionally (`mars-export --int8-bias-correction`) each flavour's mean logit error against the
-FP32 model on the calibration images is subtracted at the output, by one float Add after the
-logits: empirical bias correction, for models whose INT8 errors lean one way (RECIPES.md, "The
-first GPU session": a 224 px model lost 0.8 points on val, every error towards Rover).
 """
 
 from __future__ import annotations
@@ -29,8 +24,6 @@ from marsvision.runtime.metadata import ModelMeta
 from marsvision.runtime.spec import PreprocessSpec
 
 CALIB_BATCH = 8  # images per calibration forward pass (memory: all activations are kept)
-CORRECTION_BATCH = 32  # images per forward pass when measuring the bias correction
-CORRECTION_NAME = "marsvision_int8_bias_correction"  # the initializer and the Add node
 FLAVOURS: dict[str, dict[str, Any]] = {
     "int8-cpu": {
         "activations": "uint8",
@@ -192,44 +185,3 @@ def preprocess_for_quantization(fp32_path: Path, pre_path: Path) -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     quant_pre_process(str(fp32_path), str(pre_path))
-
-
-def _logits(onnx_path: Path, paths: list[Path], spec: PreprocessSpec) -> np.ndarray:
-    from marsvision.export.images import load_batch, ort_logits
-
-    chunks = [paths[i : i + CORRECTION_BATCH] for i in range(0, len(paths), CORRECTION_BATCH)]
-    return np.concatenate([ort_logits(onnx_path, load_batch(c, spec)) for c in chunks])
-
-
-def correct_output_bias(
-    fp32_path: Path, int8_path: Path, *, paths: list[Path], spec: PreprocessSpec, meta: ModelMeta
-) -> list[float]:
-    """Subtract the INT8 model's mean logit error against the FP32 model on `paths` (the
-    calibration images) at its output: the graph output's producer now writes a raw tensor and
-    one Add of a float constant makes the output. Measured with the runtime's session options on
-    this CPU. Records the correction in `meta.quantization` and the file's metadata; returns it."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    from marsvision.export.artifacts import set_onnx_meta
-
-    shift = (_logits(int8_path, paths, spec) - _logits(fp32_path, paths, spec)).mean(axis=0)
-    model = onnx.load(str(int8_path))
-    out = model.graph.output[0].name
-    raw = f"{out}_before_bias_correction"
-    for node in model.graph.node:
-        node.input[:] = [raw if name == out else name for name in node.input]
-        node.output[:] = [raw if name == out else name for name in node.output]
-    model.graph.initializer.append(
-        numpy_helper.from_array((-shift).astype(np.float32), name=CORRECTION_NAME)
-    )
-    model.graph.node.append(
-        helper.make_node("Add", [raw, CORRECTION_NAME], [out], name=CORRECTION_NAME)
-    )
-    correction = [round(float(v), 6) for v in -shift]
-    assert meta.quantization is not None
-    meta.quantization["bias_correction"] = {"added_to_logits": correction, "images": len(paths)}
-    set_onnx_meta(model, meta)
-    onnx.save_model(model, str(int8_path))
-    onnx.checker.check_model(str(int8_path), full_check=True)
-    return correction

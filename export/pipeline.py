@@ -17,7 +17,7 @@ from marsvision.export.artifacts import (
     staging_dir,
     write_manifest,
 )
-from marsvision.export.config import BIAS_CORRECTION, ExportConfig
+from marsvision.export.config import ExportConfig
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.metadata import ModelMeta, sha256_file, sidecar_path
 from marsvision.runtime.models import artifact_name
@@ -132,7 +132,6 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
             from marsvision.export.int8 import (
                 calibrate,
                 calibration_key,
-                correct_output_bias,
                 int8_meta,
                 int8_onnx_from_onnx,
                 preprocess_for_quantization,
@@ -162,18 +161,10 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
                 assert m8.quantization is not None
                 m8.quantization["calibration_cache"] = f"{CALIB_CACHE_DIR}/{key}.json"
                 int8_onnx_from_onnx(pre, path, flavour=flavour, cache_path=cache, meta=m8)
-                corrected = flavour in BIAS_CORRECTION[config.int8_bias_correction]
-                if corrected:
-                    added = correct_output_bias(fp32_path, path, paths=calib_paths, spec=spec,
-                                                meta=m8)  # fmt: skip
-                    _log(f"{final.name}: bias correction added to the logits: "
-                         + ", ".join(f"{v:+.4f}" for v in added))  # fmt: skip
                 fig = parity(ref, ort_logits(path, val_batch))
                 secs = time.perf_counter() - t1 + calib_secs / 2
                 entry = _entry(path, flavour, m8, fig, secs)
                 entry["calibration_reused"] = reused
-                if corrected:
-                    entry["bias_correction"] = m8.quantization["bias_correction"]
                 entries.append(entry)
                 if flavour == "int8-trt":
                     onnx_for_engine["int8-engine"] = (path, m8)

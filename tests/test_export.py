@@ -221,62 +221,6 @@ def test_calibration_cache_is_reused(
     assert any(a["flavour"] == "fp16" for a in manifest["artifacts"])
 
 
-def _producer_of_output(model: onnx.ModelProto) -> onnx.NodeProto:
-    out = model.graph.output[0].name
-    return next(n for n in model.graph.node if out in n.output)
-
-
-def test_int8_bias_correction_zeroes_the_mean_logit_error_on_the_calibration_images(
-    exported: Path, ckpt_path: Path, msl_dir: Path, tmp_path: Path
-) -> None:
-    from marsvision.export.int8 import CORRECTION_NAME
-    from marsvision.train.checkpoint import load_checkpoint, preprocess_from_checkpoint
-
-    out = tmp_path / "export"
-    shutil.copytree(exported, out)  # same calibration ranges: the same INT8 models, then the Add
-    manifest = export_all(ExportConfig(checkpoint=ckpt_path, out=out, int8=True,
-                                       calib_images=CALIB_IMAGES, int8_bias_correction="both",
-                                       tensorrt="off", data_dir=msl_dir))  # fmt: skip
-    spec = preprocess_from_checkpoint(load_checkpoint(ckpt_path))
-    calib = load_batch(split_paths(msl_dir, "train", "binary", CALIB_IMAGES), spec)
-    fp32 = ort_logits(_path(out, "fp32"), calib)
-    for flavour in ("int8-cpu", "int8-trt"):
-        plain, corrected = _path(exported, flavour), _path(out, flavour)
-        assert _producer_of_output(onnx.load(str(plain))).name != CORRECTION_NAME
-        add = _producer_of_output(onnx.load(str(corrected)))
-        assert (add.op_type, add.name) == ("Add", CORRECTION_NAME)
-        q = onnx_meta(corrected).quantization
-        assert q is not None and q["bias_correction"]["images"] == CALIB_IMAGES
-        added = np.array(q["bias_correction"]["added_to_logits"])
-        entry = next(a for a in manifest["artifacts"] if a["flavour"] == flavour)
-        assert entry["bias_correction"]["added_to_logits"] == added.tolist()
-        before, after = ort_logits(plain, calib), ort_logits(corrected, calib)
-        # the correction is the mean error before it, and the Add is the only change
-        assert added == pytest.approx(-(before - fp32).mean(axis=0), abs=1e-5)
-        assert after == pytest.approx(before + added, abs=1e-4)
-        assert np.abs((after - fp32).mean(axis=0)).max() < 1e-4
-        assert np.abs(added).max() > 1e-3  # there was an error to correct: the check can fail
-
-
-def test_int8_bias_correction_applies_to_the_flavours_named(
-    exported: Path, ckpt_path: Path, msl_dir: Path, tmp_path: Path
-) -> None:
-    from marsvision.export.int8 import CORRECTION_NAME
-
-    out = tmp_path / "export"
-    shutil.copytree(exported, out)
-    manifest = export_all(ExportConfig(checkpoint=ckpt_path, out=out, int8=True,
-                                       calib_images=CALIB_IMAGES, int8_bias_correction="int8-cpu",
-                                       tensorrt="off", data_dir=msl_dir))  # fmt: skip
-    names = {f: _producer_of_output(onnx.load(str(_path(out, f)))).name
-             for f in ("int8-cpu", "int8-trt")}  # fmt: skip
-    assert names["int8-cpu"] == CORRECTION_NAME != names["int8-trt"]
-    flagged = {a["flavour"] for a in manifest["artifacts"] if "bias_correction" in a}
-    assert flagged == {"int8-cpu"}
-    with pytest.raises(MarsvisionError, match="--int8-bias-correction 'yes'"):
-        ExportConfig(checkpoint=ckpt_path, out=out, int8_bias_correction="yes")
-
-
 def test_failed_parity_writes_nothing(ckpt_path: Path, msl_dir: Path, tmp_path: Path) -> None:
     config = ExportConfig(
         checkpoint=ckpt_path,

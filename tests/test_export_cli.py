@@ -31,8 +31,7 @@ def _one_line_error(code: int, stdout: str, stderr: str) -> str:
 def test_help_lists_the_options() -> None:
     result = CliRunner().invoke(cli.main, ["--help"])
     assert result.exit_code == 0
-    for flag in ("--checkpoint", "--fp16", "--int8", "--calib-method", "--int8-bias-correction",
-                 "--tensorrt", "--max-batch"):
+    for flag in ("--checkpoint", "--fp16", "--int8", "--calib-method", "--tensorrt", "--max-batch"):
         assert flag in result.output
 
 
