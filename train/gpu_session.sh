@@ -23,7 +23,7 @@ log=$OUT/log.txt
         || echo "no nvidia-smi"
 } | tee "$log"
 
-# `make device-data` packs the data set into .data/msl.tgz (the tool counts files' space on disk)
+# `make device-data` packs the data set into .data/msl.tgz (the device tool refused the folder)
 if [ -z "${MARS_DATA:-}" ] && [ -f .data/msl.tgz ] && [ ! -d .data/msl ]; then
     mkdir -p .data/msl.tmp && tar -xzf .data/msl.tgz -C .data/msl.tmp && mv .data/msl.tmp .data/msl
     echo "unpacked .data/msl.tgz into .data/msl" | tee -a "$log"

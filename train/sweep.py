@@ -101,9 +101,9 @@ def predicted_s(flags: dict[str, Any], s_per_epoch: dict[int, float]) -> float |
     """A candidate's seconds, from the seconds per epoch measured so far at each input size (None
     before the first run): its own size's, else the nearest measured size's, scaled up by the
     area for a larger input and never down for a smaller one. On the H200 a 128 px epoch took as
-    long as a 224 px one (2.9 against 2.6 s: the step's overheads, not its arithmetic, set the
-    time; RECIPES.md, "The first GPU session"), so scaling down by the area ran a 60-epoch
-    candidate predicted at 55 s into the deadline at epoch 47."""
+    long as a 224 px one (2.9 against 2.6 s: most likely the step's host side, not its arithmetic,
+    sets the time; RECIPES.md, "The first GPU session"), so scaling down by the area ran a
+    60-epoch candidate predicted at 59 s into the deadline at epoch 47."""
     if not s_per_epoch:
         return None
     from marsvision.train.config import RECIPES
