@@ -111,20 +111,20 @@ def test_ranking_is_by_mean_val_over_finished_seeds() -> None:
 
 
 def test_a_candidates_time_is_predicted_from_epochs_measured_at_its_size() -> None:
-    assert predicted_s({}, {}) is None  # nothing measured yet: the first candidate runs
-    measured = {224: 2.6}  # s per epoch; the default recipe runs 60 epochs
-    assert predicted_s({}, measured) == pytest.approx(156.0)
-    assert predicted_s({"epochs": 120}, measured) == pytest.approx(312.0)
+    assert predicted_s(60, 224, {}) is None  # nothing measured yet: the first candidate runs
+    measured = {224: 2.6}  # s per epoch
+    assert predicted_s(60, 224, measured) == pytest.approx(156.0)
+    assert predicted_s(120, 224, measured) == pytest.approx(312.0)
     # a smaller input is not assumed faster (on the H200 a 128 px epoch took 2.9 s, a 224 px
     # one 2.6), a larger one is scaled up by the area
-    assert predicted_s({"image_size": 128}, measured) == pytest.approx(156.0)
-    assert predicted_s({"image_size": 448}, measured) == pytest.approx(624.0)
+    assert predicted_s(60, 128, measured) == pytest.approx(156.0)
+    assert predicted_s(60, 448, measured) == pytest.approx(624.0)
     # once measured, a size's own time counts; the nearest measured size stands for the others
     measured[128] = 2.9
-    assert predicted_s({"image_size": 128}, measured) == pytest.approx(174.0)
-    assert predicted_s({"image_size": 160, "epochs": 150}, measured) == pytest.approx(
+    assert predicted_s(60, 128, measured) == pytest.approx(174.0)
+    assert predicted_s(150, 160, measured) == pytest.approx(
         2.9 * 150 * (160 / 128) ** 2)
-    assert predicted_s({"recipe": "blog"}, measured) == pytest.approx(2.6 * 50)
+    assert predicted_s(50, 224, measured) == pytest.approx(2.6 * 50)
 
 
 def test_sweep_seeds_are_checked(msl_dir: Path, tmp_path: Path) -> None:

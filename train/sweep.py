@@ -102,20 +102,15 @@ def split_file(path: Path, out_dir: Path, part_bytes: int = PART_BYTES) -> list[
     return parts
 
 
-def predicted_s(flags: dict[str, Any], s_per_epoch: dict[int, float]) -> float | None:
-    """A candidate's seconds, from the seconds per epoch measured so far at each input size (None
-    before the first run): its own size's, else the nearest measured size's, scaled up by the
-    area for a larger input and never down for a smaller one. On the H200 a 128 px epoch took as
-    long as a 224 px one (2.9 against 2.6 s: most likely the step's host side, not its arithmetic,
-    sets the time; RECIPES.md, "The first GPU session"), so scaling down by the area ran a
-    60-epoch candidate predicted at 59 s into the deadline at epoch 47."""
+def predicted_s(epochs: int, size: int, s_per_epoch: dict[int, float]) -> float | None:
+    """A candidate's seconds for `epochs` at input `size`, from the seconds per epoch measured so
+    far at each input size (None before the first run): its own size's, else the nearest measured
+    size's, scaled up by the area for a larger input and never down for a smaller one. On the H200
+    a 128 px epoch took as long as a 224 px one (2.9 against 2.6 s: most likely the step's host
+    side, not its arithmetic, sets the time; RECIPES.md, "The first GPU session"), so scaling
+    down by the area ran a 60-epoch candidate predicted at 59 s into the deadline at epoch 47."""
     if not s_per_epoch:
         return None
-    from marsvision.train.config import RECIPES
-
-    recipe = RECIPES[flags.get("recipe", "default")]
-    epochs = flags.get("epochs", recipe["epochs"])
-    size = flags.get("image_size", 224)
     if size in s_per_epoch:
         return float(s_per_epoch[size] * epochs)
     near = min(s_per_epoch, key=lambda s: (abs(s - size), s))
@@ -186,7 +181,7 @@ def run_sweep(
                                 workers=workers, **flags)  # fmt: skip
         row: dict[str, Any] = {"name": name, "seed": seed, "run": run, "config": cfg.to_dict()}
         left = deadline - time.monotonic()
-        predicted = predicted_s({**flags, "recipe": recipe}, s_per_epoch)
+        predicted = predicted_s(cfg.epochs, cfg.image_size, s_per_epoch)
         if left < 30 or (predicted is not None and predicted > left):
             row["status"] = f"skipped: predicted {predicted or 0:.0f} s, {left:.0f} s left"
             rows.append(row)
