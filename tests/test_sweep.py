@@ -110,21 +110,29 @@ def test_ranking_is_by_mean_val_over_finished_seeds() -> None:
     assert ranked[1]["val_balanced_accuracy"] == [0.90, 0.60]
 
 
-def test_a_candidates_time_is_predicted_from_epochs_measured_at_its_size() -> None:
+def test_a_candidates_time_is_predicted_from_epochs_measured_at_its_size_and_batch() -> None:
     assert predicted_s(60, 224, {}) is None  # nothing measured yet: the first candidate runs
-    measured = {224: 2.6}  # s per epoch
+    measured = {(224, 64): 2.6}  # s per epoch
     assert predicted_s(60, 224, measured) == pytest.approx(156.0)
-    assert predicted_s(120, 224, measured) == pytest.approx(312.0)
+    assert predicted_s(120, 224, measured, 64) == pytest.approx(312.0)
     # a smaller input is not assumed faster (on the H200 a 128 px epoch took 2.9 s, a 224 px
     # one 2.6), a larger one is scaled up by the area
     assert predicted_s(60, 128, measured) == pytest.approx(156.0)
     assert predicted_s(60, 448, measured) == pytest.approx(624.0)
     # once measured, a size's own time counts; the nearest measured size stands for the others
-    measured[128] = 2.9
+    measured[128, 64] = 2.9
     assert predicted_s(60, 128, measured) == pytest.approx(174.0)
     assert predicted_s(150, 160, measured) == pytest.approx(
         2.9 * 150 * (160 / 128) ** 2)
     assert predicted_s(50, 224, measured) == pytest.approx(2.6 * 50)
+    # a larger batch is not assumed faster; a smaller one is scaled up by the batch ratio
+    assert predicted_s(60, 224, measured, 256) == pytest.approx(156.0)
+    only_b256 = {(224, 256): 0.8}
+    assert predicted_s(120, 224, only_b256, 256) == pytest.approx(96.0)
+    assert predicted_s(120, 224, only_b256, 64) == pytest.approx(0.8 * 120 * 4)
+    # the same batch is preferred over a nearer size measured at another batch
+    both = {(224, 256): 0.8, (128, 64): 2.9}
+    assert predicted_s(60, 224, both, 64) == pytest.approx(2.9 * 60 * (224 / 128) ** 2)
 
 
 def test_sweep_seeds_are_checked(msl_dir: Path, tmp_path: Path) -> None:

@@ -47,6 +47,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # larger batch may train several times faster (RECIPES.md, "The first GPU session"). The EMA
     # needs no change: its ramp (1 + step) / (10 + step) stays under 0.998 for either run.
     "group-zoom-b256": {**GROUP_ZOOM, "batch_size": 256, "lr": 2e-3},
+    # the same for 120 epochs: next after group-zoom-b256, which measures its time exactly
+    "group-zoom-b256-long": {**GROUP_ZOOM, "batch_size": 256, "lr": 2e-3, "epochs": 120},
     "zoom": {"crop_scale_min": 0.08},
     "group": {"balance": "group"},
     "group-zoom-long": {**GROUP_ZOOM, "epochs": 120},
@@ -102,19 +104,25 @@ def split_file(path: Path, out_dir: Path, part_bytes: int = PART_BYTES) -> list[
     return parts
 
 
-def predicted_s(epochs: int, size: int, s_per_epoch: dict[int, float]) -> float | None:
-    """A candidate's seconds for `epochs` at input `size`, from the seconds per epoch measured so
-    far at each input size (None before the first run): its own size's, else the nearest measured
-    size's, scaled up by the area for a larger input and never down for a smaller one. On the H200
-    a 128 px epoch took as long as a 224 px one (2.9 against 2.6 s: most likely the step's host
-    side, not its arithmetic, sets the time; RECIPES.md, "The first GPU session"), so scaling
-    down by the area ran a 60-epoch candidate predicted at 59 s into the deadline at epoch 47."""
+def predicted_s(
+    epochs: int, size: int, s_per_epoch: dict[tuple[int, int], float], batch: int = 64
+) -> float | None:
+    """A candidate's seconds for `epochs` at input `size` and `batch`, from the seconds per epoch
+    measured so far for each (input size, batch size) (None before the first run): its own
+    pair's, else the nearest measured pair's (the same batch first, then the nearest size),
+    scaled up, never down: by the area for a larger input, and by the batch ratio for a smaller
+    batch (more steps an epoch). On the H200 a 128 px epoch took as long as a 224 px one (2.9
+    against 2.6 s: most likely the step's host side, not its arithmetic, sets the time; RECIPES.md,
+    "The first GPU session"), so scaling down by the area ran a 60-epoch candidate predicted at
+    59 s into the deadline at epoch 47; for the same reason a batch-256 epoch says little about a
+    batch-64 one, which is assumed up to 4 times slower."""
     if not s_per_epoch:
         return None
-    if size in s_per_epoch:
-        return float(s_per_epoch[size] * epochs)
-    near = min(s_per_epoch, key=lambda s: (abs(s - size), s))
-    return float(s_per_epoch[near] * epochs * max(1.0, (size / near) ** 2))
+    if (size, batch) in s_per_epoch:
+        return float(s_per_epoch[size, batch] * epochs)
+    near = min(s_per_epoch, key=lambda k: (k[1] != batch, abs(k[0] - size), k[0], k[1]))
+    scale = max(1.0, (size / near[0]) ** 2) * max(1.0, near[1] / batch)
+    return float(s_per_epoch[near] * epochs * scale)
 
 
 def _val_key(val: dict[str, float]) -> tuple[float, float]:
@@ -172,7 +180,7 @@ def run_sweep(
     t_start = time.monotonic()
     deadline = t_start + budget_s - RESERVE_S
     rows: list[dict[str, Any]] = []
-    s_per_epoch: dict[int, float] = {}  # input size -> the slowest measured seconds per epoch
+    s_per_epoch: dict[tuple[int, int], float] = {}  # (size, batch) -> slowest seconds per epoch
     for name, seed in [(n, s) for n in names for s in seeds]:
         flags = {**CANDIDATES[name], **settings, "seed": seed}
         recipe = flags.pop("recipe", "default")
@@ -181,7 +189,7 @@ def run_sweep(
                                 workers=workers, **flags)  # fmt: skip
         row: dict[str, Any] = {"name": name, "seed": seed, "run": run, "config": cfg.to_dict()}
         left = deadline - time.monotonic()
-        predicted = predicted_s(cfg.epochs, cfg.image_size, s_per_epoch)
+        predicted = predicted_s(cfg.epochs, cfg.image_size, s_per_epoch, cfg.batch_size)
         if left < 30 or (predicted is not None and predicted > left):
             row["status"] = f"skipped: predicted {predicted or 0:.0f} s, {left:.0f} s left"
             rows.append(row)
@@ -199,8 +207,8 @@ def run_sweep(
         seconds = time.monotonic() - t0
         epochs_done = len(result["history"])
         if epochs_done:
-            size = cfg.image_size
-            s_per_epoch[size] = max(s_per_epoch.get(size, 0.0), seconds / epochs_done)
+            key = (cfg.image_size, cfg.batch_size)
+            s_per_epoch[key] = max(s_per_epoch.get(key, 0.0), seconds / epochs_done)
         row.update(status="done", seconds=seconds, epochs_done=epochs_done,
                    best_epoch=result["best_epoch"], val=result["val"],
                    stopped_early_after_epoch=result["stopped_early_after_epoch"],
