@@ -16,6 +16,7 @@ from marsvision.train.checkpoint import load_checkpoint
 from marsvision.train.config import config_from_flags
 from marsvision.train.sweep import (
     CANDIDATES,
+    epoch_pace,
     main,
     parse_settings,
     predicted_s,
@@ -133,6 +134,19 @@ def test_a_candidates_time_is_predicted_from_epochs_measured_at_its_size_and_bat
     # the same batch is preferred over a nearer size measured at another batch
     both = {(224, 256): 0.8, (128, 64): 2.9}
     assert predicted_s(60, 224, both, 64) == pytest.approx(2.9 * 60 * (224 / 128) ** 2)
+
+
+def test_a_runs_pace_is_its_median_epoch_and_the_rest_is_overhead() -> None:
+    # the H200's first run: a 21 s first epoch (warm-up), then about 1.0 s an epoch
+    history = [{"seconds": 21.0}] + [{"seconds": 1.0}] * 58 + [{"seconds": 1.2}]
+    typical, rest = epoch_pace(history, seconds=123.0)
+    assert typical == pytest.approx(1.0)
+    assert rest == pytest.approx(123.0 - 60.0)
+    assert epoch_pace([{"seconds": 2.0}, {"seconds": 4.0}], 10.0) == pytest.approx((3.0, 4.0))
+    # no epoch times (a history from before they were kept): the mean, no overhead
+    assert epoch_pace([{}, {}], 10.0) == pytest.approx((5.0, 0.0))
+    # the overhead is added once, whatever the epochs
+    assert predicted_s(120, 224, {(224, 256): 1.0}, 256, overhead_s=63.0) == pytest.approx(183.0)
 
 
 def test_sweep_seeds_are_checked(msl_dir: Path, tmp_path: Path) -> None:

@@ -330,6 +330,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
                                       cfg.out / CHECKPOINT)  # fmt: skip
                 break
         epochs_run += 1
+        t_epoch = time.monotonic()
         if objective.sample_p is None:
             order = torch.randperm(n_train, generator=gen)
         else:
@@ -361,6 +362,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
                   f"{vm['balanced_accuracy']:.4f}{' (bf16 autocast)' if bf16 else ''}",
                   file=log)  # fmt: skip
             score = (vm["balanced_accuracy"], -val_loss)
+        entry["seconds"] = time.monotonic() - t_epoch  # training and val (the sweep's pace)
         history.append(entry)
         if epoch >= first_eligible and score > best:
             best, best_epoch = score, epoch

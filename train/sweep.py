@@ -105,24 +105,42 @@ def split_file(path: Path, out_dir: Path, part_bytes: int = PART_BYTES) -> list[
 
 
 def predicted_s(
-    epochs: int, size: int, s_per_epoch: dict[tuple[int, int], float], batch: int = 64
+    epochs: int,
+    size: int,
+    s_per_epoch: dict[tuple[int, int], float],
+    batch: int = 64,
+    overhead_s: float = 0.0,
 ) -> float | None:
     """A candidate's seconds for `epochs` at input `size` and `batch`, from the seconds per epoch
-    measured so far for each (input size, batch size) (None before the first run): its own
-    pair's, else the nearest measured pair's (the same batch first, then the nearest size),
-    scaled up, never down: by the area for a larger input, and by the batch ratio for a smaller
-    batch (more steps an epoch). On the H200 a 128 px epoch took as long as a 224 px one (2.9
-    against 2.6 s: most likely the step's host side, not its arithmetic, sets the time; RECIPES.md,
-    "The first GPU session"), so scaling down by the area ran a 60-epoch candidate predicted at
-    59 s into the deadline at epoch 47; for the same reason a batch-256 epoch says little about a
-    batch-64 one, which is assumed up to 4 times slower."""
+    measured so far for each (input size, batch size) (None before the first run), plus a run's
+    `overhead_s` (decoding, the first epoch's warm-up, the final scoring): its own pair's, else
+    the nearest measured pair's (the same batch first, then the nearest size), scaled up, never
+    down: by the area for a larger input, and by the batch ratio for a smaller batch (more steps
+    an epoch). On the H200 a 128 px epoch took as long as a 224 px one at batch 64 (2.9 against
+    2.6 s: the step's host side, not its arithmetic, set the time), so scaling down by the area
+    ran a 60-epoch candidate predicted at 59 s into the deadline at epoch 47; batch 256 ran 2.5
+    times faster than 64 at 224 px (RECIPES.md, "The second GPU session"), so a batch-256 epoch
+    does not stand for a batch-64 one, which is assumed up to 4 times slower."""
     if not s_per_epoch:
         return None
     if (size, batch) in s_per_epoch:
-        return float(s_per_epoch[size, batch] * epochs)
+        return float(s_per_epoch[size, batch] * epochs + overhead_s)
     near = min(s_per_epoch, key=lambda k: (k[1] != batch, abs(k[0] - size), k[0], k[1]))
     scale = max(1.0, (size / near[0]) ** 2) * max(1.0, near[1] / batch)
-    return float(s_per_epoch[near] * epochs * scale)
+    return float(s_per_epoch[near] * epochs * scale + overhead_s)
+
+
+def epoch_pace(history: list[dict[str, Any]], seconds: float) -> tuple[float, float]:
+    """(typical seconds per epoch, the rest of the run's `seconds`) of a finished run: the median
+    epoch, so that the first epoch's warm-up (21 s of 60 epochs' 123 s on the H200) counts once
+    as overhead, not in every epoch's pace. A history without epoch times (an older checkpoint's
+    resume) gives the mean and no overhead."""
+    times = sorted(e["seconds"] for e in history if "seconds" in e)
+    if len(times) != len(history) or not times:
+        return seconds / len(history), 0.0
+    mid = len(times) // 2
+    typical = times[mid] if len(times) % 2 else (times[mid - 1] + times[mid]) / 2
+    return typical, max(0.0, seconds - typical * len(times))
 
 
 def _val_key(val: dict[str, float]) -> tuple[float, float]:
@@ -180,7 +198,8 @@ def run_sweep(
     t_start = time.monotonic()
     deadline = t_start + budget_s - RESERVE_S
     rows: list[dict[str, Any]] = []
-    s_per_epoch: dict[tuple[int, int], float] = {}  # (size, batch) -> slowest seconds per epoch
+    s_per_epoch: dict[tuple[int, int], float] = {}  # (size, batch) -> slowest typical epoch
+    overhead_s = 0.0  # the largest measured rest of a run (decoding, warm-up, final scoring)
     for name, seed in [(n, s) for n in names for s in seeds]:
         flags = {**CANDIDATES[name], **settings, "seed": seed}
         recipe = flags.pop("recipe", "default")
@@ -189,7 +208,8 @@ def run_sweep(
                                 workers=workers, **flags)  # fmt: skip
         row: dict[str, Any] = {"name": name, "seed": seed, "run": run, "config": cfg.to_dict()}
         left = deadline - time.monotonic()
-        predicted = predicted_s(cfg.epochs, cfg.image_size, s_per_epoch, cfg.batch_size)
+        predicted = predicted_s(cfg.epochs, cfg.image_size, s_per_epoch, cfg.batch_size,
+                                overhead_s)
         if left < 30 or (predicted is not None and predicted > left):
             row["status"] = f"skipped: predicted {predicted or 0:.0f} s, {left:.0f} s left"
             rows.append(row)
@@ -208,7 +228,9 @@ def run_sweep(
         epochs_done = len(result["history"])
         if epochs_done:
             key = (cfg.image_size, cfg.batch_size)
-            s_per_epoch[key] = max(s_per_epoch.get(key, 0.0), seconds / epochs_done)
+            typical, rest = epoch_pace(result["history"], seconds)
+            s_per_epoch[key] = max(s_per_epoch.get(key, 0.0), typical)
+            overhead_s = max(overhead_s, rest)
         row.update(status="done", seconds=seconds, epochs_done=epochs_done,
                    best_epoch=result["best_epoch"], val=result["val"],
                    stopped_early_after_epoch=result["stopped_early_after_epoch"],
