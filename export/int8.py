@@ -121,7 +121,9 @@ class _OneBatch:
         return len(self._items)
 
 
-def int8_meta(fp32: ModelMeta, flavour: str, *, method: str, images: int) -> ModelMeta:
+def int8_meta(
+    fp32: ModelMeta, flavour: str, *, method: str, images: int, sample: str = "first"
+) -> ModelMeta:
     """Metadata of an INT8 ONNX of one flavour."""
     f = FLAVOURS[flavour]
     return replace(
@@ -138,6 +140,7 @@ def int8_meta(fp32: ModelMeta, flavour: str, *, method: str, images: int) -> Mod
             "method": method,
             "images": images,
             "source": "train split",
+            "sample": sample,
             "target": f["target"],
         },
     )

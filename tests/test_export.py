@@ -232,3 +232,46 @@ def test_failed_parity_writes_nothing(ckpt_path: Path, msl_dir: Path, tmp_path: 
     with pytest.raises(MarsvisionError, match="does not match PyTorch"):
         export_all(config)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_camera_calibration_sample_gives_each_camera_its_share(msl_dir: Path) -> None:
+    from marsvision.export.images import calibration_paths
+    from marsvision.train.data import camera
+
+    first = calibration_paths(msl_dir, "binary", 60)
+    assert first == split_paths(msl_dir, "train", "binary", 60)
+    even = calibration_paths(msl_dir, "binary", 60, "camera")
+    assert len(set(even)) == 60
+    counts = {c: sum(camera(p) == c for p in even) for c in ("MH", "ML", "MR")}
+    assert counts == {"MH": 20, "ML": 20, "MR": 20}  # train's first 60: far fewer MAHLI
+    assert sum(camera(p) == "MH" for p in first) < 20
+    # the cameras take turns, each in the split list's order: MAHLI first
+    assert [camera(p) for p in even[:3]] == ["MH", "ML", "MR"]
+    train = split_paths(msl_dir, "train", "binary", 3746)
+    mahli = [p for p in train if camera(p) == "MH"]
+    assert [p for p in even if camera(p) == "MH"] == mahli[:20]
+    # a camera that runs out leaves its turns to the others (train has 320 MAHLI images)
+    many = calibration_paths(msl_dir, "binary", 1200, "camera")
+    assert sum(camera(p) == "MH" for p in many) == 320 and len(set(many)) == 1200
+    with pytest.raises(MarsvisionError, match="has only"):
+        calibration_paths(msl_dir, "binary", 10**6, "camera")
+    with pytest.raises(MarsvisionError, match="choose first or camera"):
+        calibration_paths(msl_dir, "binary", 8, "sol")
+
+
+def test_camera_sample_export_records_it(
+    exported: Path, ckpt_path: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "export"
+    shutil.copytree(exported, out)
+    config = ExportConfig(checkpoint=ckpt_path, out=out, int8=True, calib_images=CALIB_IMAGES,
+                          calib_sample="camera", tensorrt="off", data_dir=msl_dir)  # fmt: skip
+    manifest = export_all(config)
+    int8 = [a for a in manifest["artifacts"] if a["flavour"].startswith("int8")]
+    assert [a["calibration_reused"] for a in int8] == [False, False]  # other images: new ranges
+    assert len(list((out / CALIB_CACHE_DIR).glob("*.json"))) == 2
+    for a in int8:
+        meta = onnx_meta(out / a["file"])
+        assert meta.quantization is not None and meta.quantization["sample"] == "camera"
+    with pytest.raises(MarsvisionError, match="--calib-sample"):
+        ExportConfig(checkpoint=ckpt_path, out=out, calib_sample="sol")
