@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from marsvision.export.config import CALIB_METHODS, CALIB_SAMPLES, TENSORRT_MODES, ExportConfig
+from marsvision.export.config import CALIB_METHODS, TENSORRT_MODES, ExportConfig
 from marsvision.runtime.errors import MarsvisionError
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -104,15 +104,6 @@ def _table(manifest: dict[str, Any]) -> str:
     help="How activation ranges are chosen from the calibration data.",
 )
 @click.option(
-    "--calib-sample",
-    type=click.Choice(CALIB_SAMPLES),
-    default=_DEFAULTS.calib_sample,
-    show_default=True,
-    help="Which train images calibrate: first = the split list's first N (shuffled; 8.5%% "
-    "MAHLI like train), camera = an even share of each camera (val and test are mostly MAHLI "
-    "close-ups).",
-)
-@click.option(
     "--tensorrt",
     type=click.Choice(TENSORRT_MODES),
     default=_DEFAULTS.tensorrt,
@@ -135,7 +126,6 @@ def main(
     int8: bool,
     calib_images: int,
     calib_method: str,
-    calib_sample: str,
     tensorrt: str,
     max_batch: int,
 ) -> None:
@@ -148,7 +138,6 @@ def main(
         int8=int8,
         calib_images=calib_images,
         calib_method=calib_method,
-        calib_sample=calib_sample,
         tensorrt=tensorrt,
         max_batch=max_batch,
         data_dir=data,

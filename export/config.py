@@ -8,9 +8,6 @@ from pathlib import Path
 from marsvision.runtime.errors import MarsvisionError
 
 CALIB_METHODS = ("percentile", "entropy", "minmax")
-# which train images calibrate: the split list's first N (it is shuffled), or the same number
-# drawn evenly from each camera (train is 8.5% MAHLI, val 83% and test 56%: see export_images)
-CALIB_SAMPLES = ("first", "camera")
 TENSORRT_MODES = ("auto", "on", "off")
 TRT_INSTALL_HINT = 'pip install "marsvision[trt]"'
 
@@ -32,7 +29,6 @@ class ExportConfig:
     # calibrates in 52 s at 224 px against entropy's 84 s and, unlike minmax, is not set by
     # single outlier activations, which matter more on trained weights (Wu et al. 2020).
     calib_method: str = "percentile"
-    calib_sample: str = "first"
     tensorrt: str = "auto"
     max_batch: int = 32
     data_dir: Path | None = None  # None: $MARS_DATA, else the default location
@@ -44,10 +40,6 @@ class ExportConfig:
             raise MarsvisionError(
                 f"unknown calibration method {self.calib_method!r}; choose one of "
                 + ", ".join(CALIB_METHODS)
-            )
-        if self.calib_sample not in CALIB_SAMPLES:
-            raise MarsvisionError(
-                f"--calib-sample {self.calib_sample!r}: choose one of " + ", ".join(CALIB_SAMPLES)
             )
         if self.tensorrt not in TENSORRT_MODES:
             raise MarsvisionError(

@@ -24,38 +24,6 @@ def split_paths(data_dir: Path, split: str, task: str, n: int) -> list[Path]:
     return [s.path for s in samples]
 
 
-def calibration_paths(data_dir: Path, task: str, n: int, sample: str = "first") -> list[Path]:
-    """The `n` train images that calibrate INT8. "first": the split list's first `n` (the list
-    is shuffled, so about as MAHLI-poor as train, 8.5%); "camera": the cameras in turn (MAHLI,
-    Mastcam left, Mastcam right; each in list order), so each camera has a third while it lasts.
-    Val is 83% MAHLI and test 56%: an even draw gives the close-ups' activations their share of
-    the ranges without reading a val or test image."""
-    if sample == "first":
-        return split_paths(data_dir, "train", task, n)
-    if sample != "camera":
-        raise MarsvisionError(f"calibration sample {sample!r}: choose first or camera")
-    from marsvision.train.data import camera, read_split
-
-    samples = read_split(data_dir, "train", task)
-    if len(samples) < n:
-        raise MarsvisionError(
-            f"asked for {n} train images but the train split of {data_dir} has only "
-            f"{len(samples)}; pass a smaller number"
-        )
-    queues: dict[str, list[Path]] = {}
-    for s in samples:
-        queues.setdefault(camera(s.path), []).append(s.path)
-    order = sorted(queues, key=lambda c: ({"MH": 0, "ML": 1, "MR": 2}.get(c, 3), c))
-    picked: list[Path] = []
-    depth = 0
-    while len(picked) < n:
-        for c in order:
-            if depth < len(queues[c]) and len(picked) < n:
-                picked.append(queues[c][depth])
-        depth += 1
-    return picked
-
-
 def load_batch(paths: list[Path], spec: PreprocessSpec) -> np.ndarray:
     """float32 NCHW batch, preprocessed by the torchvision reference transform."""
     import torch

@@ -121,9 +121,7 @@ class _OneBatch:
         return len(self._items)
 
 
-def int8_meta(
-    fp32: ModelMeta, flavour: str, *, method: str, images: int, sample: str = "first"
-) -> ModelMeta:
+def int8_meta(fp32: ModelMeta, flavour: str, *, method: str, images: int) -> ModelMeta:
     """Metadata of an INT8 ONNX of one flavour."""
     f = FLAVOURS[flavour]
     return replace(
@@ -140,7 +138,6 @@ def int8_meta(
             "method": method,
             "images": images,
             "source": "train split",
-            "sample": sample,
             "target": f["target"],
         },
     )

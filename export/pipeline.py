@@ -75,13 +75,7 @@ def _tensorrt_plan(config: ExportConfig) -> tuple[bool, str | None]:
 
 def export_all(config: ExportConfig) -> dict[str, Any]:
     """Write the artifacts `config` asks for (all or none) and return the manifest."""
-    from marsvision.export.images import (
-        calibration_paths,
-        load_batch,
-        ort_logits,
-        parity,
-        split_paths,
-    )
+    from marsvision.export.images import load_batch, ort_logits, parity, split_paths
     from marsvision.export.onnx_fp32 import fp32_meta, onnx_from_checkpoint, torch_logits
     from marsvision.train.checkpoint import load_checkpoint
     from marsvision.train.data import resolve_data_dir
@@ -96,11 +90,7 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
     task = ckpt["task"]
     meta = fp32_meta(ckpt, source_sha)
     spec = meta.preprocess
-    calib_paths = (
-        calibration_paths(data_dir, task, config.calib_images, config.calib_sample)
-        if config.int8
-        else []
-    )
+    calib_paths = split_paths(data_dir, "train", task, config.calib_images) if config.int8 else []
     val_batch = load_batch(split_paths(data_dir, "val", task, config.parity_images), spec)
     ref = torch_logits(ckpt, val_batch)
     if skip_note:
@@ -167,8 +157,7 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
                 t1 = time.perf_counter()
                 path, final = stage(flavour)
                 _log(f"quantizing {final.name}")
-                m8 = int8_meta(meta, flavour, method=config.calib_method,
-                               images=len(calib_paths), sample=config.calib_sample)  # fmt: skip
+                m8 = int8_meta(meta, flavour, method=config.calib_method, images=len(calib_paths))
                 assert m8.quantization is not None
                 m8.quantization["calibration_cache"] = f"{CALIB_CACHE_DIR}/{key}.json"
                 int8_onnx_from_onnx(pre, path, flavour=flavour, cache_path=cache, meta=m8)
