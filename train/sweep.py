@@ -43,11 +43,12 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # CPU was no better on val in one run; RECIPES.md, "Seed noise")
     "group-zoom-128": {**GROUP_ZOOM, "image_size": 128},
     # batch 256 (learning rate x2, the square root of the batch ratio): on the H200 batch 64 ran
-    # at the same 1,700 img/s at 224 and 128 px, most likely bound by the step's host side, so a
-    # larger batch may train several times faster (RECIPES.md, "The first GPU session"). The EMA
-    # needs no change: its ramp (1 + step) / (10 + step) stays under 0.998 for either run.
+    # at about 1,700 img/s at 224 and 128 px, bound by the step's host side; batch 256 at 4,440
+    # img/s at 224 px and up to 11,600 at 128 px, and 74.0 on val at 224 px against group-zoom's
+    # 77.3 (one seed each; RECIPES.md, "The second GPU session"). The EMA needs no change: its
+    # ramp (1 + step) / (10 + step) stays under 0.998 for either run.
     "group-zoom-b256": {**GROUP_ZOOM, "batch_size": 256, "lr": 2e-3},
-    # the same for 120 epochs: next after group-zoom-b256, which measures its time exactly
+    # the same for 120 epochs (70.4 on val at 224 px, one seed)
     "group-zoom-b256-long": {**GROUP_ZOOM, "batch_size": 256, "lr": 2e-3, "epochs": 120},
     "zoom": {"crop_scale_min": 0.08},
     "group": {"balance": "group"},
@@ -208,8 +209,7 @@ def run_sweep(
                                 workers=workers, **flags)  # fmt: skip
         row: dict[str, Any] = {"name": name, "seed": seed, "run": run, "config": cfg.to_dict()}
         left = deadline - time.monotonic()
-        predicted = predicted_s(cfg.epochs, cfg.image_size, s_per_epoch, cfg.batch_size,
-                                overhead_s)
+        predicted = predicted_s(cfg.epochs, cfg.image_size, s_per_epoch, cfg.batch_size, overhead_s)
         if left < 30 or (predicted is not None and predicted > left):
             row["status"] = f"skipped: predicted {predicted or 0:.0f} s, {left:.0f} s left"
             rows.append(row)
