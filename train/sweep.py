@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -136,11 +137,10 @@ def epoch_pace(history: list[dict[str, Any]], seconds: float) -> tuple[float, fl
     epoch, so that the first epoch's warm-up (21 s of 60 epochs' 123 s on the H200) counts once
     as overhead, not in every epoch's pace. A history without epoch times (an older checkpoint's
     resume) gives the mean and no overhead."""
-    times = sorted(e["seconds"] for e in history if "seconds" in e)
+    times = [e["seconds"] for e in history if "seconds" in e]
     if len(times) != len(history) or not times:
         return seconds / len(history), 0.0
-    mid = len(times) // 2
-    typical = times[mid] if len(times) % 2 else (times[mid - 1] + times[mid]) / 2
+    typical = statistics.median(times)
     return typical, max(0.0, seconds - typical * len(times))
 
 
