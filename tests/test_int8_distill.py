@@ -1,0 +1,96 @@
+"""Quantization-aware self-distillation: fake quantization, its removal, the CLI on a tiny run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+from torch.nn.utils import parametrize
+
+from marsvision.train.int8_distill import (
+    activation_bounds,
+    attach_fake_quant,
+    detach_fake_quant,
+    fake_quant,
+    main,
+)
+
+
+def test_fake_quant_rounds_to_the_grid_and_passes_the_gradient() -> None:
+    x = torch.tensor([-3.0, -0.26, 0.0, 0.26, 1.0, 3.0], requires_grad=True)
+    q = fake_quant(x, 1.27, signed=True)  # step 0.01, [-1.28, 1.27]
+    assert q.detach().tolist() == pytest.approx([-1.28, -0.26, 0.0, 0.26, 1.0, 1.27])
+    u = fake_quant(x, 2.55, signed=False)  # step 0.01, [0, 2.55]
+    assert u.detach().tolist() == pytest.approx([0.0, 0.0, 0.0, 0.26, 1.0, 2.55])
+    q.sum().backward()
+    assert x.grad is not None and x.grad.tolist() == [1.0] * 6  # straight through
+
+
+def _tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    return net.eval()
+
+
+def test_fake_quant_attaches_and_detaches_without_a_trace() -> None:
+    net = _tiny_net()
+    x = torch.randn(4, 3, 8, 8)
+    before = net(x).detach()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    bounds = activation_bounds(net, [x])
+    assert set(bounds) == {"0", "1", "3"}  # conv inputs and the BatchNorm output
+    handles = attach_fake_quant(net, bounds, signed=True)
+    quantized = net(x).detach()
+    assert not torch.equal(quantized, before)
+    assert (quantized - before).abs().max() < 0.2 * before.abs().max()  # close, not equal
+    assert parametrize.is_parametrized(net[0], "weight")
+    detach_fake_quant(net, handles)
+    assert not parametrize.is_parametrized(net[0], "weight")
+    assert torch.equal(net(x), before)
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+
+
+@pytest.fixture(scope="module")
+def run_checkpoint(msl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished mars-train run's checkpoint: one epoch on a few images at 64 px."""
+    from marsvision.train.cli import main as train_main
+
+    out = tmp_path_factory.mktemp("distillrun") / "run"
+    args = ["--data", str(msl_dir), "--epochs", "1", "--limit", "16", "--out", str(out),
+            "--image-size", "64", "--device", "cpu", "--batch-size", "8",
+            "--workers", "2"]  # fmt: skip
+    result = CliRunner().invoke(train_main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out / "checkpoint.pt"
+
+
+def test_cli_distills_a_run_and_keeps_what_ship_needs(
+    run_checkpoint: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    from marsvision.train.checkpoint import load_checkpoint
+
+    out = tmp_path / "distilled.pt"
+    args = [str(run_checkpoint), "--out", str(out), "--data", str(msl_dir), "--limit", "16",
+            "--batch-size", "8", "--lr", "1e-3", "--workers", "2"]  # fmt: skip
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "val: accuracy" in result.output and "test: accuracy" in result.output
+    src, new = load_checkpoint(run_checkpoint), load_checkpoint(out)
+    assert set(new["state_dict"]) == set(src["state_dict"])
+    old = {k: v.float() for k, v in src["state_dict"].items()}
+    changed = [k for k, v in new["state_dict"].items() if not torch.equal(v.float(), old[k])]
+    assert changed and all("bn" not in k and "downsample.1" not in k for k in changed)
+    assert new["weights_dtype"] == "float32" and "shipped" not in new
+    assert new["metrics"]["val"]["n"] == 16 and new["metrics"]["test"]["n"] == 16
+    assert new["distill"]["flavour"] == "trt" and new["distill"]["epochs"] == 1
+    assert new["distill"]["source_metrics"]["val"] == src["metrics"]["val"]
+    assert "(source " in result.output
+    # make ship takes it as it takes a run's checkpoint
+    from marsvision.train.ship import ship_run
+
+    shipped = ship_run(out, models_dir=tmp_path / "models", data_dir=msl_dir, device="cpu",
+                       workers=2, limit=16)  # fmt: skip
+    assert load_checkpoint(shipped.checkpoint)["distill"]["lr"] == pytest.approx(1e-3)
