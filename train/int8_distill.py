@@ -235,7 +235,6 @@ def main(checkpoint: Path, out: Path, data: Path | None, epochs: int, lr: float,
     ckpt = load_checkpoint(checkpoint)
     if ckpt["data_fingerprint"] != data_fingerprint(data_dir):
         raise MarsvisionError(f"{data_dir} is not the data set {checkpoint} was trained on")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     settings = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "flavour": flavour,
                 "seed": seed, "limit": limit}  # fmt: skip
     state = distill(ckpt, data_dir=data_dir, epochs=epochs, lr=lr, batch_size=batch_size,
