@@ -12,6 +12,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from marsvision.runtime.errors import MarsvisionError
 
@@ -153,3 +154,11 @@ def data_fingerprint(data_dir: Path) -> str:
         h.update(name.encode())
         h.update((data_dir / name).read_bytes())
     return h.hexdigest()
+
+
+def check_same_data(ckpt: dict[str, Any], data_dir: Path, source: Path) -> None:
+    """Refuse a data folder other than the one the checkpoint (from `source`) was trained on."""
+    if ckpt["data_fingerprint"] != data_fingerprint(data_dir):
+        raise MarsvisionError(
+            f"{data_dir} is not the data set {source} was trained on (split files differ)"
+        )

@@ -228,13 +228,12 @@ def main(checkpoint: Path, out: Path, data: Path | None, epochs: int, lr: float,
     from marsvision.runtime.files import check_writable_folder
     from marsvision.runtime.metadata import sha256_file
     from marsvision.train.checkpoint import atomic_torch_save, load_checkpoint
-    from marsvision.train.data import data_fingerprint, resolve_data_dir
+    from marsvision.train.data import check_same_data, resolve_data_dir
 
     data_dir = resolve_data_dir(data)
     check_writable_folder(out.parent, "--out")
     ckpt = load_checkpoint(checkpoint)
-    if ckpt["data_fingerprint"] != data_fingerprint(data_dir):
-        raise MarsvisionError(f"{data_dir} is not the data set {checkpoint} was trained on")
+    check_same_data(ckpt, data_dir, checkpoint)
     settings = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "flavour": flavour,
                 "seed": seed, "limit": limit}  # fmt: skip
     state = distill(ckpt, data_dir=data_dir, epochs=epochs, lr=lr, batch_size=batch_size,

@@ -141,10 +141,7 @@ def ship_run(
             f"{source} is from an unfinished run (no test metrics yet); finish it with "
             "mars-train --resume and the run's flags, then ship"
         )
-    if ckpt["data_fingerprint"] != msl.data_fingerprint(data_dir):
-        raise MarsvisionError(
-            f"{data_dir} is not the data set {source} was trained on (split files differ)"
-        )
+    msl.check_same_data(ckpt, data_dir, source)
     if threshold_on_val and is_refit(ckpt["config"]):
         raise MarsvisionError(
             f"--threshold-on-val: {source} was trained on val too (--train-on train+val), so "
