@@ -94,3 +94,35 @@ def test_cli_distills_a_run_and_keeps_what_ship_needs(
     shipped = ship_run(out, models_dir=tmp_path / "models", data_dir=msl_dir, device="cpu",
                        workers=2, limit=16)  # fmt: skip
     assert load_checkpoint(shipped.checkpoint)["distill"]["lr"] == pytest.approx(1e-3)
+    # where the source trained (its run folder's metrics.json) and where it was distilled
+    d = new["distill"]
+    assert d["source_train_device"] == "cpu" and d["source_train_seconds"] > 0
+    assert d["device"].startswith("cpu (") and 0 < d["seconds"] and d["versions"]["torch"]
+    card = shipped.card.read_text()
+    trained = next(line for line in card.splitlines() if line.startswith("| trained |"))
+    assert "(cpu, " in trained and "unknown device" not in trained
+    row = next(line for line in card.splitlines() if line.startswith("| distilled for INT8 |"))
+    assert d["date"] in row and "1 epoch, TensorRT's int8 grid, lr 0.001" in row
+    assert d["source_checkpoint_sha256"] in row
+    assert "then distilled for INT8" in card and "the run before the distillation" in card
+
+
+def test_distilling_a_shipped_model_keeps_where_it_trained(
+    run_checkpoint: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    """A shipped model has no run folder: its card's fields say where it was trained."""
+    from marsvision.train.checkpoint import load_checkpoint
+    from marsvision.train.int8_distill import source_training
+    from marsvision.train.ship import ship_run
+
+    shipped = load_checkpoint(
+        ship_run(run_checkpoint, models_dir=tmp_path / "models", data_dir=msl_dir,
+                 device="cpu", workers=2, limit=16).checkpoint  # fmt: skip
+    )
+    alone = tmp_path / "elsewhere" / "model.pt"  # no metrics.json beside it
+    assert source_training(shipped, alone) == (
+        "cpu", pytest.approx(shipped["shipped"]["train_seconds"]))  # fmt: skip
+    again = {**shipped, "shipped": {}, "distill": {"source_train_device": "cuda",
+                                                  "source_train_seconds": 71.0}}  # fmt: skip
+    assert source_training(again, alone) == ("cuda", 71.0)
+    assert source_training({"metrics": {}}, alone) == (None, None)

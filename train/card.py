@@ -100,6 +100,46 @@ def _notes(notes: list[str]) -> list[str]:
     return ["## Notes", "", *(f"- {n}" for n in notes), ""]
 
 
+def _distilled(shipped: dict[str, Any]) -> list[str]:
+    """The table row of `python -m marsvision.train.int8_distill`, if this model went through it
+    (records from before 2026-12-04's third session lack the date, machine and time)."""
+    d = shipped.get("distill")
+    if not d:
+        return []
+    when = ", ".join(x for x in (d.get("device"), d.get("seconds") and
+                                 f"{d['seconds'] / 60:.1f} min") if x)  # fmt: skip
+    grids = {"trt": "TensorRT's int8 grid", "cpu": "uint8 after ReLUs"}
+    grid = grids.get(d["flavour"], d["flavour"])
+    epochs = f"{d['epochs']} epoch" + ("s" if d["epochs"] != 1 else "")
+    return [
+        f"| distilled for INT8 | {d.get('date', 'date not recorded')}"
+        + (f" ({when})" if when else "")
+        + f": `python -m marsvision.train.int8_distill`, {epochs}, {grid}, lr {d['lr']:g}, "
+        f"seed {d['seed']}; from the run checkpoint sha256 `{d['source_checkpoint_sha256']}` |"
+    ]
+
+
+def _fp32_scores(shipped: dict[str, Any]) -> str:
+    """The sentence on the fp32 weights' scores (and, if distilled, the source run's)."""
+    fp32, d = shipped["metrics"]["fp32_run"], shipped.get("distill")
+    val, test = _pct(fp32["val"]["accuracy"]), _pct(fp32["test"]["accuracy"])
+    if not d:
+        return f"The run's own fp32 weights scored {val} on val and {test} on test (accuracy)."
+    src = d["source_metrics"]
+    return (f"The distilled fp32 weights scored {val} on val and {test} on test (accuracy); the "
+            f"run before the distillation {_pct(src['val']['accuracy'])} and "
+            f"{_pct(src['test']['accuracy'])} (balanced {_pct(src['val']['balanced_accuracy'])} "
+            f"and {_pct(src['test']['balanced_accuracy'])}).")  # fmt: skip
+
+
+def _libraries(shipped: dict[str, Any]) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in shipped["versions"].items())
+    later = (shipped.get("distill") or {}).get("versions")
+    if not later or later == shipped["versions"]:
+        return versions
+    return f"training: {versions}; distillation: " + ", ".join(f"{k} {v}" for k, v in later.items())
+
+
 def render_card(
     shipped: dict[str, Any], *, file_name: str, sha256: str, size_bytes: int, data_dir: Path
 ) -> str:
@@ -107,7 +147,6 @@ def render_card(
     task, names = shipped["task"], shipped["class_names"]
     info, m = shipped["shipped"], shipped["metrics"]
     cfg, pre = shipped["config"], shipped["preprocess"]
-    fp32 = m["fp32_run"]
     seconds = info.get("train_seconds")
     trained = (f"{info.get('train_device') or 'unknown device'}, "
                + (f"{seconds / 60:.1f} min" if seconds else "time not recorded"))  # fmt: skip
@@ -120,12 +159,17 @@ def render_card(
                "whole splits)") if info.get("scored_limit") else ""  # fmt: skip
     stopped = (f" (stopped after epoch {m['stopped_early_after_epoch']}: time budget)"
                if m.get("stopped_early_after_epoch") else "")  # fmt: skip
-    versions = ", ".join(f"{k} {v}" for k, v in shipped["versions"].items())
     refit = is_refit(cfg)
     how = (" on the official MSL train and val splits together (a refit: the recipe and its epoch"
            " count were chosen on val by an earlier run; this run keeps its last epoch, so its "
            "val numbers below are training-set numbers), test read once." if refit else
            " on the official MSL train split, the epoch chosen on val alone, test read once.")
+    source_row, source_kind = "source run checkpoint", "fp32"
+    if shipped.get("distill"):
+        source_row, source_kind = "source checkpoint", "fp32, distilled"
+        how = how[: -len(" test read once.")] + (
+            " then distilled for INT8 on train images (below); test read once before the "
+            "distillation and once after.")  # fmt: skip
     chosen = "the last (val is training data)" if refit else "selected on val balanced accuracy"
     lines = [
         f"# {file_name}: ResNet-50, MSL `{task}` task",
@@ -146,8 +190,9 @@ def render_card(
         f"| input | {pre['input_size']} px RGB: resize shorter side to {pre['resize_size']} "
         f"({pre['interpolation']}), center crop, mean {pre['mean']}, std {pre['std']} |",
         f"| label rule | {_decision(shipped)} |",
-        f"| source run checkpoint | sha256 `{info['source_checkpoint_sha256']}` (fp32) |",
-        f"| libraries | {versions} |",
+        *_distilled(shipped),
+        f"| {source_row} | sha256 `{info['source_checkpoint_sha256']}` ({source_kind}) |",
+        f"| libraries | {_libraries(shipped)} |",
         "",
         *_notes(info.get("notes") or []),
         "## Data and split",
@@ -180,8 +225,7 @@ def render_card(
         *_metric_rows(shipped),
         "",
         *([] if refit else _tta(m)),  # a refit's val is training data: it decides nothing
-        f"The run's own fp32 weights scored {_pct(fp32['val']['accuracy'])} on val and "
-        f"{_pct(fp32['test']['accuracy'])} on test (accuracy). Test confusion:",
+        _fp32_scores(shipped) + " Test confusion:",
         "",
         *_confusion(shipped),
         "",

@@ -176,6 +176,23 @@ def distill(
     return {k: v.detach().clone() for k, v in student.state_dict().items()}
 
 
+def source_training(ckpt: dict[str, Any], path: Path) -> tuple[str | None, float | None]:
+    """Where and how long the checkpoint at `path` was trained, as far as it is recorded: a
+    shipped checkpoint's card fields, else its run folder's metrics.json, else (a distilled
+    checkpoint distilled again) its own distill record."""
+    import json
+
+    shipped = ckpt.get("shipped") or {}
+    if shipped.get("train_device"):
+        return shipped["train_device"], shipped.get("train_seconds")
+    metrics = path.parent / "metrics.json"
+    if metrics.is_file():
+        run = json.loads(metrics.read_text())
+        return run.get("device"), run.get("seconds")
+    earlier = ckpt.get("distill") or {}
+    return earlier.get("source_train_device"), earlier.get("source_train_seconds")
+
+
 def distilled_checkpoint(
     ckpt: dict[str, Any],
     state: dict[str, torch.Tensor],
@@ -183,12 +200,18 @@ def distilled_checkpoint(
     data_dir: Path,
     settings: dict[str, Any],
     source_sha256: str,
+    source_path: Path,
+    seconds: float,
     device: str = "auto",
     workers: int = 4,
     limit: int | None = None,
 ) -> dict[str, Any]:
     """`ckpt` with the student's fp32 weights, its val and test metrics, and a `distill` record
-    (the settings, the source's sha256 and its metrics) for the model card."""
+    for the model card: the settings, when, where and how long it ran (`seconds`) with which
+    libraries, the source's sha256, metrics and where it was trained."""
+    import datetime
+
+    from marsvision.train.checkpoint import library_versions
     from marsvision.train.ship import SCORED_SPLITS, score_checkpoint
 
     out = {k: v for k, v in ckpt.items() if k not in ("shipped", "decision_threshold")}
@@ -202,9 +225,32 @@ def distilled_checkpoint(
         "stopped_early_after_epoch": ckpt["metrics"].get("stopped_early_after_epoch"),
     }
     source_metrics = {s: ckpt["metrics"].get(s) for s in SCORED_SPLITS}
-    out["distill"] = {**settings, "source_checkpoint_sha256": source_sha256,
-                      "source_metrics": source_metrics}  # fmt: skip
+    train_device, train_seconds = source_training(ckpt, source_path)
+    out["distill"] = {
+        **settings,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"cpu ({cpu_name()})",  # `distill` runs on the CPU
+        "seconds": seconds,
+        "versions": library_versions(),
+        "source_checkpoint_sha256": source_sha256,
+        "source_metrics": source_metrics,
+        "source_train_device": train_device,
+        "source_train_seconds": train_seconds,
+    }
     return out
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the platform's word for it."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -236,10 +282,12 @@ def main(checkpoint: Path, out: Path, data: Path | None, epochs: int, lr: float,
     check_same_data(ckpt, data_dir, checkpoint)
     settings = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "flavour": flavour,
                 "seed": seed, "limit": limit}  # fmt: skip
+    t0 = time.perf_counter()
     state = distill(ckpt, data_dir=data_dir, epochs=epochs, lr=lr, batch_size=batch_size,
                     signed=flavour == "trt", seed=seed, limit=limit, workers=workers)  # fmt: skip
     result = distilled_checkpoint(ckpt, state, data_dir=data_dir, settings=settings,
-                                  source_sha256=sha256_file(checkpoint), workers=workers,
+                                  source_sha256=sha256_file(checkpoint), source_path=checkpoint,
+                                  seconds=time.perf_counter() - t0, workers=workers,
                                   limit=limit)  # fmt: skip
     atomic_torch_save(result, out)
     for split in ("val", "test"):

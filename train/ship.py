@@ -156,6 +156,7 @@ def ship_run(
     shipped["decision_threshold"] = scores["decision_threshold"]
     run_metrics_file = source.parent / "metrics.json"
     run_metrics = json.loads(run_metrics_file.read_text()) if run_metrics_file.is_file() else {}
+    distilled = ckpt.get("distill") or {}
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     shipped["metrics"] = {
         **{s: scores[s]["metrics"] for s in SCORED_SPLITS},
@@ -172,8 +173,9 @@ def ship_run(
         "command": command,
         "source_checkpoint_sha256": sha256_file(source),
         "scored_limit": limit,
-        "train_device": run_metrics.get("device"),
-        "train_seconds": run_metrics.get("seconds"),
+        # a distilled checkpoint has no run folder: its record says where its source trained
+        "train_device": run_metrics.get("device") or distilled.get("source_train_device"),
+        "train_seconds": run_metrics.get("seconds") or distilled.get("source_train_seconds"),
         "notes": list(notes),
     }
     make_folder(models_dir, "--models")
