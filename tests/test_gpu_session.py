@@ -48,7 +48,7 @@ def test_gpu_session_script_ships_parts_the_device_can_return(
     env = {k: v for k, v in os.environ.items() if k != "MARS_DATA"}
     env.update(OUT=str(out), RUNS=str(tmp_path / "r"), WORKERS="2", TMPDIR=str(tmp_path),
                PY=str(_python_without_marsvision(tmp_path / "python3")))  # fmt: skip
-    flags = ["--candidates", "default"]
+    flags = ["--candidates", "default", "--distill"]  # as DEVELOPERS.md's next call
     for s in TINY:
         flags += ["--set", s]
     done = subprocess.run(["bash", "train/gpu_session.sh", "binary", "3", *flags], cwd=tree,
@@ -73,6 +73,7 @@ def test_gpu_session_script_ships_parts_the_device_can_return(
     assert (out / "SHA256SUMS").read_text() == f"{sha}  resnet50-binary.pt\n"
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["candidates"][0]["config"]["device"] == "cpu"  # later --set wins over cuda
+    assert summary["distilled"] and "trained_val" in summary["candidates"][0]
     assert summary["candidates"][0]["config"]["data"] == str(unpacked)
 
 

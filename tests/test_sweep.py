@@ -96,6 +96,29 @@ def test_sweep_over_seeds_ranks_by_the_mean_and_ships_the_best_seed(
     assert ckpt["config"]["out"].endswith(best["run"]) and ckpt["config"]["seed"] == best["seed"]
 
 
+def test_sweep_distills_each_run_and_ranks_and_ships_the_distilled(
+    msl_dir: Path, tmp_path: Path
+) -> None:
+    summary = run_sweep(data_dir=msl_dir, task="binary", names=["default"], budget_s=600.0,
+                        settings=parse_settings(TINY), runs_dir=tmp_path / "r",
+                        out_dir=tmp_path / "o", workers=2, seeds=(3, 4), distill=True)  # fmt: skip
+    rows = summary["candidates"]
+    assert summary["distilled"] and [r["status"] for r in rows] == ["done", "done"]
+    for r in rows:
+        distilled = load_checkpoint(tmp_path / "r" / r["run"] / "distilled.pt")
+        trained = load_checkpoint(tmp_path / "r" / r["run"] / "checkpoint.pt")
+        assert r["val"] == distilled["metrics"]["val"] and r["distill_seconds"] > 0
+        assert r["trained_val"] == trained["metrics"]["val"]
+    best = max(rows, key=lambda r: (r["val"]["balanced_accuracy"], r["val"]["accuracy"]))
+    assert summary["shipped_run"] == best["run"]
+    assert [("test" in r) for r in rows] == [r is best for r in rows]
+    shipped = load_checkpoint(tmp_path / "r" / "models" / "resnet50-binary.pt")
+    assert shipped["distill"]["source_train_device"] == "cpu"
+    assert shipped["metrics"]["fp32_run"]["val"] == best["val"]
+    card = (tmp_path / "o" / "resnet50-binary.md").read_text()
+    assert "| distilled for INT8 |" in card and "(cpu, " in card
+
+
 def test_ranking_is_by_mean_val_over_finished_seeds() -> None:
     def row(name: str, seed: int, bal: float, acc: float = 0.5) -> dict[str, object]:
         return {"name": name, "seed": seed, "run": f"{name}-seed{seed}", "status": "done",

@@ -71,7 +71,7 @@ def activation_bounds(model: nn.Module, batches: list[torch.Tensor]) -> dict[str
     def keep(key: str, x: torch.Tensor) -> None:
         flat = x.detach().abs().flatten().float()
         idx = torch.randint(0, flat.numel(), (min(flat.numel(), SAMPLE_PER_TENSOR),), generator=gen)
-        seen.setdefault(key, []).append(flat[idx])
+        seen.setdefault(key, []).append(flat[idx.to(flat.device)].cpu())
 
     handles = []
     for name, m, where in _quantized_points(model):
@@ -131,11 +131,14 @@ def distill(
     seed: int = 0,
     limit: int | None = None,
     workers: int = 4,
+    device: str = "cpu",
     log: Any = sys.stderr,
 ) -> dict[str, torch.Tensor]:
-    """The student's float state dict after `epochs` over the train split (random flips)."""
+    """The student's float state dict (on the CPU) after `epochs` over the train split (random
+    flips), trained on `device` (fp32: the fake quantization rounds fp32 values)."""
     from marsvision.train.checkpoint import model_from_checkpoint, preprocess_from_checkpoint
     from marsvision.train.data import read_split
+    from marsvision.train.device import select_device
     from marsvision.train.images import eval_tensors
 
     torch.manual_seed(seed)
@@ -143,9 +146,10 @@ def distill(
     spec = preprocess_from_checkpoint(ckpt)
     samples = read_split(data_dir, "train", ckpt["task"], limit=limit)
     images = eval_tensors(samples, spec=spec, workers=workers)  # N C H W, the eval transform
-    teacher = model_from_checkpoint(ckpt).eval()
-    student = model_from_checkpoint(ckpt).eval()  # BatchNorm frozen throughout
-    calib = [images[i : i + 16] for i in range(0, min(calib_images, len(images)), 16)]
+    dev = select_device(device)
+    teacher = model_from_checkpoint(ckpt).eval().to(dev)
+    student = model_from_checkpoint(ckpt).eval().to(dev)  # BatchNorm frozen throughout
+    calib = [images[i : i + 16].to(dev) for i in range(0, min(calib_images, len(images)), 16)]
     handles = attach_fake_quant(student, activation_bounds(student, calib), signed)
     params = [p for m in student.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
               for p in m.parameters()]  # fmt: skip
@@ -155,8 +159,8 @@ def distill(
         rng.shuffle(order)
         t0, total, n = time.perf_counter(), 0.0, 0
         for i in range(0, len(order) - batch_size + 1, batch_size):
-            x = images[order[i : i + batch_size]]
-            flip = torch.tensor([rng.random() < 0.5 for _ in range(len(x))])
+            x = images[order[i : i + batch_size]].to(dev, non_blocking=True)
+            flip = torch.tensor([rng.random() < 0.5 for _ in range(len(x))], device=dev)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             with torch.no_grad():
                 target = F.log_softmax(teacher(x), dim=1)
@@ -173,7 +177,7 @@ def distill(
         print(f"epoch {epoch}/{epochs}: KL to the unquantized model {total / n:.5f}, "
               f"{n / (time.perf_counter() - t0):.1f} img/s", file=log)  # fmt: skip
     detach_fake_quant(student, handles)
-    return {k: v.detach().clone() for k, v in student.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
 
 
 def source_training(ckpt: dict[str, Any], path: Path) -> tuple[str | None, float | None]:
@@ -202,13 +206,14 @@ def distilled_checkpoint(
     source_sha256: str,
     source_path: Path,
     seconds: float,
-    device: str = "auto",
+    device: str = "cpu",
     workers: int = 4,
     limit: int | None = None,
 ) -> dict[str, Any]:
-    """`ckpt` with the student's fp32 weights, its val and test metrics, and a `distill` record
-    for the model card: the settings, when, where and how long it ran (`seconds`) with which
-    libraries, the source's sha256, metrics and where it was trained."""
+    """`ckpt` with the student's fp32 weights, its val and test metrics (scored on `device`,
+    where `distill` ran), and a `distill` record for the model card: the settings, when, where
+    and how long it ran (`seconds`) with which libraries, the source's sha256, metrics and where
+    it was trained."""
     import datetime
 
     from marsvision.train.checkpoint import library_versions
@@ -229,7 +234,7 @@ def distilled_checkpoint(
     out["distill"] = {
         **settings,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"cpu ({cpu_name()})",  # `distill` runs on the CPU
+        "device": device_name(device),  # where `distill` ran, as `main` passes it
         "seconds": seconds,
         "versions": library_versions(),
         "source_checkpoint_sha256": source_sha256,
@@ -238,6 +243,15 @@ def distilled_checkpoint(
         "source_train_seconds": train_seconds,
     }
     return out
+
+
+def device_name(device: str) -> str:
+    """"cuda (the GPU's name)" or "cpu (the CPU's model name)" for the card."""
+    from marsvision.train.device import select_device
+
+    if select_device(device).type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name()})"
+    return f"cpu ({cpu_name()})"
 
 
 def cpu_name() -> str:
@@ -251,6 +265,43 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def distill_file(
+    checkpoint: Path,
+    out: Path,
+    *,
+    data_dir: Path,
+    epochs: int = 1,
+    lr: float = 1e-5,
+    batch_size: int = 32,
+    flavour: str = "trt",
+    seed: int = 0,
+    limit: int | None = None,
+    workers: int = 4,
+    device: str = "cpu",
+    log: Any = sys.stderr,
+) -> dict[str, Any]:
+    """Distill the checkpoint file (its data checked against `data_dir`) into `out`, scored;
+    returns what it wrote. `flavour`: trt (int8 everywhere) or cpu (uint8 after ReLUs)."""
+    from marsvision.runtime.metadata import sha256_file
+    from marsvision.train.checkpoint import atomic_torch_save, load_checkpoint
+    from marsvision.train.data import check_same_data
+
+    ckpt = load_checkpoint(checkpoint)
+    check_same_data(ckpt, data_dir, checkpoint)
+    settings = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "flavour": flavour,
+                "seed": seed, "limit": limit}  # fmt: skip
+    t0 = time.perf_counter()
+    state = distill(ckpt, data_dir=data_dir, epochs=epochs, lr=lr, batch_size=batch_size,
+                    signed=flavour == "trt", seed=seed, limit=limit, workers=workers,
+                    device=device, log=log)  # fmt: skip
+    result = distilled_checkpoint(ckpt, state, data_dir=data_dir, settings=settings,
+                                  source_sha256=sha256_file(checkpoint), source_path=checkpoint,
+                                  seconds=time.perf_counter() - t0, device=device,
+                                  workers=workers, limit=limit)  # fmt: skip
+    atomic_torch_save(result, out)
+    return result
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -268,28 +319,20 @@ def cpu_name() -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--limit", type=int, default=None, help="At most N images per split (tests).")
 @click.option("--workers", type=int, default=4, show_default=True, help="Decoding threads.")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda or auto: where the student trains and is scored.")  # fmt: skip
 def main(checkpoint: Path, out: Path, data: Path | None, epochs: int, lr: float, batch_size: int,
-         flavour: str, seed: int, limit: int | None, workers: int) -> None:  # fmt: skip
+         flavour: str, seed: int, limit: int | None, workers: int,
+         device: str) -> None:  # fmt: skip
     """Distill CHECKPOINT into an INT8-robust copy of itself (see the module's docstring)."""
     from marsvision.runtime.files import check_writable_folder
-    from marsvision.runtime.metadata import sha256_file
-    from marsvision.train.checkpoint import atomic_torch_save, load_checkpoint
-    from marsvision.train.data import check_same_data, resolve_data_dir
+    from marsvision.train.data import resolve_data_dir
 
     data_dir = resolve_data_dir(data)
     check_writable_folder(out.parent, "--out")
-    ckpt = load_checkpoint(checkpoint)
-    check_same_data(ckpt, data_dir, checkpoint)
-    settings = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "flavour": flavour,
-                "seed": seed, "limit": limit}  # fmt: skip
-    t0 = time.perf_counter()
-    state = distill(ckpt, data_dir=data_dir, epochs=epochs, lr=lr, batch_size=batch_size,
-                    signed=flavour == "trt", seed=seed, limit=limit, workers=workers)  # fmt: skip
-    result = distilled_checkpoint(ckpt, state, data_dir=data_dir, settings=settings,
-                                  source_sha256=sha256_file(checkpoint), source_path=checkpoint,
-                                  seconds=time.perf_counter() - t0, workers=workers,
-                                  limit=limit)  # fmt: skip
-    atomic_torch_save(result, out)
+    result = distill_file(checkpoint, out, data_dir=data_dir, epochs=epochs, lr=lr,
+                          batch_size=batch_size, flavour=flavour, seed=seed, limit=limit,
+                          workers=workers, device=device)  # fmt: skip
     for split in ("val", "test"):
         m, was = result["metrics"][split], result["distill"]["source_metrics"][split]
         source = f" (source {was['accuracy']:.4f} / {was['balanced_accuracy']:.4f})" if was else ""

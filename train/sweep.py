@@ -12,7 +12,11 @@ metrics are reported. With `--seeds 0,1` each candidate is trained once per seed
 its mean val score (the seed alone moved the CPU recipe by up to 11.6 points on val: RECIPES.md,
 "Seed noise"); the chosen candidate's best seed on val ships. `--set train_on=train+val` refits
 one candidate with one seed on train and val together (its val is training data: nothing is
-ranked) and ships it.
+ranked) and ships it. With `--distill` every finished run is then put through one epoch of
+quantization-aware self-distillation (`python -m marsvision.train.int8_distill`, on the same
+device) and ranked, shipped and reported by its distilled checkpoint: the GPU runs' own INT8
+failed parity, and the distillation moved their val scores by more than most recipes differ
+(RECIPES.md, "The second GPU session"), so the choice is made on the model that would ship.
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
 }
 PART_BYTES = 16 * 2**20 - 4096  # under the device tool's 16 MiB per returned file
 RESERVE_S = 45.0  # kept back at the end: shipping, splitting, writing the summary
+DISTILL_RESERVE_S = 60.0  # kept back per run for --distill until one was timed (~7 min on CPU)
+DISTILLED = "distilled.pt"  # --distill's checkpoint, in the run's folder
 
 
 def _flags_value(text: str) -> Any:
@@ -177,9 +183,11 @@ def run_sweep(
     out_dir: Path,
     workers: int,
     seeds: tuple[int, ...] = (0,),
+    distill: bool = False,
 ) -> dict[str, Any]:
     """Train each candidate once per seed, in order, within `budget_s`; ship into `out_dir` the
-    best seed on val of the candidate with the best mean val."""
+    best seed on val of the candidate with the best mean val (`distill`: of the runs' distilled
+    checkpoints, see the module's docstring)."""
     if "seed" in settings:
         raise MarsvisionError("--set seed=...: give the seeds with --seeds (e.g. --seeds 0,1)")
     if not seeds or len(set(seeds)) != len(seeds):
@@ -193,6 +201,7 @@ def run_sweep(
             "--set train_on=train+val: a refit's val is training data and cannot rank runs; "
             "refit one candidate with one seed (--candidates NAME --seeds N)"
         )
+    from marsvision.train.int8_distill import distill_file
     from marsvision.train.loop import main as train
     from marsvision.train.ship import ship_run, shipped_name
 
@@ -201,6 +210,8 @@ def run_sweep(
     rows: list[dict[str, Any]] = []
     s_per_epoch: dict[tuple[int, int], float] = {}  # (size, batch) -> slowest typical epoch
     overhead_s = 0.0  # the largest measured rest of a run (decoding, warm-up, final scoring)
+    distill_s = DISTILL_RESERVE_S  # the last distillation's time
+    distilled: dict[str, Any] = {}
     for name, seed in [(n, s) for n in names for s in seeds]:
         flags = {**CANDIDATES[name], **settings, "seed": seed}
         recipe = flags.pop("recipe", "default")
@@ -218,7 +229,14 @@ def run_sweep(
         print(f"sweep: training {run} ({left:.0f} s left)", file=sys.stderr)
         t0 = time.monotonic()
         try:
-            result = train(cfg, deadline=deadline)
+            result = train(cfg, deadline=deadline - (distill_s if distill else 0.0))
+            if distill:
+                t_distill = time.monotonic()
+                distilled = distill_file(cfg.out / "checkpoint.pt", cfg.out / DISTILLED,
+                                         data_dir=data_dir, limit=cfg.limit, workers=workers,
+                                         batch_size=min(32, cfg.batch_size),  # its default
+                                         device=str(cfg.device))  # fmt: skip
+                distill_s = time.monotonic() - t_distill
         except Exception as e:  # noqa: BLE001 - one failed candidate must not lose the others
             row["status"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
             rows.append(row)
@@ -235,6 +253,10 @@ def run_sweep(
                    best_epoch=result["best_epoch"], val=result["val"],
                    stopped_early_after_epoch=result["stopped_early_after_epoch"],
                    test=result["test"])  # fmt: skip
+        if distill:  # ranked, shipped and reported as distilled; the trained val kept
+            scores = distilled["metrics"]
+            row.update(trained_val=result["val"], distill_seconds=distill_s, val=scores["val"],
+                       test=scores["test"])  # fmt: skip
         rows.append(row)
     ranked = rank_candidates(rows)
     if not ranked:
@@ -244,7 +266,8 @@ def run_sweep(
         if r["status"] == "done" and r["run"] != best_run:
             del r["test"]
     make_folder(out_dir, "--out")
-    shipped = ship_run(runs_dir / best_run, models_dir=runs_dir / "models", data_dir=data_dir,
+    chosen = runs_dir / best_run / (DISTILLED if distill else "checkpoint.pt")
+    shipped = ship_run(chosen, models_dir=runs_dir / "models", data_dir=data_dir,
                        device=settings.get("device", "auto"), workers=workers,
                        limit=settings.get("limit"))  # fmt: skip
     parts = split_file(shipped.checkpoint, out_dir)
@@ -255,6 +278,7 @@ def run_sweep(
         "chosen": ranked[0]["name"],
         "shipped_run": best_run,
         "seeds": list(seeds),
+        "distilled": distill,
         "selected_on": "nothing: one refit on train and val (--set train_on=train+val)"
         if refit
         else "mean val balanced accuracy over the seeds (ties: val accuracy); "
@@ -292,9 +316,12 @@ def run_sweep(
               help="Comma-separated seeds: each candidate trains once per seed, ranked by its "
                    "mean val.")  # fmt: skip
 @click.option("--workers", type=int, default=8, show_default=True, help="Decoding threads.")
+@click.option("--distill/--no-distill", default=False, show_default=True,
+              help="Distill each run for INT8 (int8_distill, one epoch) and rank, ship and "
+                   "report the distilled checkpoints.")  # fmt: skip
 def main(
     data: Path | None, task: str, candidates: str, sets: tuple[str, ...], budget_min: float,
-    runs: Path, out: Path, seeds: str, workers: int,
+    runs: Path, out: Path, seeds: str, workers: int, distill: bool,
 ) -> None:  # fmt: skip
     """Train candidate recipes within a time budget; ship the best on val, in parts."""
     from marsvision.train.data import check_task, resolve_data_dir
@@ -311,7 +338,8 @@ def main(
         raise MarsvisionError(f"--seeds {seeds!r}: expected integers like 0,1,2") from None
     summary = run_sweep(data_dir=resolve_data_dir(data), task=check_task(task), names=names,
                         settings=parse_settings(sets), budget_s=60 * budget_min, runs_dir=runs,
-                        out_dir=out, workers=workers, seeds=seed_list)  # fmt: skip
+                        out_dir=out, workers=workers, seeds=seed_list,
+                        distill=distill)  # fmt: skip
     for r in summary["candidates"]:
         val = r.get("val")
         click.echo(f"{r['run']:>22}  {r['status']:<8}" + (
