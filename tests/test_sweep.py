@@ -119,6 +119,31 @@ def test_sweep_distills_each_run_and_ranks_and_ships_the_distilled(
     assert "| distilled for INT8 |" in card and "(cpu, " in card
 
 
+def test_a_failed_distillation_keeps_the_trained_runs(
+    msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--distill failing (say on a GPU it never ran on) must not cost the call its models."""
+    import marsvision.train.int8_distill as int8_distill
+
+    calls = []
+
+    def fails(*args: object, **kwargs: object) -> None:
+        calls.append(args)
+        raise RuntimeError("no kernel image for this device")
+
+    monkeypatch.setattr(int8_distill, "distill_file", fails)
+    summary = run_sweep(data_dir=msl_dir, task="binary", names=["default", "zoom"],
+                        budget_s=600.0, settings=parse_settings(TINY), runs_dir=tmp_path / "r",
+                        out_dir=tmp_path / "o", workers=2, distill=True)  # fmt: skip
+    assert len(calls) == 1  # off after the first failure
+    assert not summary["distilled"]
+    assert summary["distill_error"].startswith("default: RuntimeError: no kernel")
+    assert [r["status"] for r in summary["candidates"]] == ["done", "done"]
+    assert all("trained_val" not in r and "distilled" not in r for r in summary["candidates"])
+    shipped = load_checkpoint(tmp_path / "r" / "models" / "resnet50-binary.pt")
+    assert "distill" not in shipped and (tmp_path / "o" / "SHA256SUMS").is_file()
+
+
 def test_ranking_is_by_mean_val_over_finished_seeds() -> None:
     def row(name: str, seed: int, bal: float, acc: float = 0.5) -> dict[str, object]:
         return {"name": name, "seed": seed, "run": f"{name}-seed{seed}", "status": "done",
