@@ -247,24 +247,12 @@ def distilled_checkpoint(
 
 def device_name(device: str) -> str:
     """"cuda (the GPU's name)" or "cpu (the CPU's model name)" for the card."""
+    from marsvision.benchmarks.conditions import cpu_info
     from marsvision.train.device import select_device
 
     if select_device(device).type == "cuda":
         return f"cuda ({torch.cuda.get_device_name()})"
-    return f"cpu ({cpu_name()})"
-
-
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), else the platform's word for it."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return f"cpu ({cpu_info()['model']})"
 
 
 def distill_file(
