@@ -184,6 +184,7 @@ def run_sweep(
     workers: int,
     seeds: tuple[int, ...] = (0,),
     distill: bool = False,
+    distill_epochs: int = 1,
 ) -> dict[str, Any]:
     """Train each candidate once per seed, in order, within `budget_s`; ship into `out_dir` the
     best seed on val of the candidate with the best mean val (`distill`: of the runs' distilled
@@ -241,7 +242,7 @@ def run_sweep(
                 d = distill_file(cfg.out / "checkpoint.pt", cfg.out / DISTILLED,
                                  data_dir=data_dir, limit=cfg.limit, workers=workers,
                                  batch_size=min(32, cfg.batch_size),  # its default
-                                 device=str(cfg.device))  # fmt: skip
+                                 epochs=distill_epochs, device=str(cfg.device))  # fmt: skip
             except Exception as e:  # noqa: BLE001 - keep the trained runs, ranked as trained
                 distill, distill_error = False, f"{run}: {type(e).__name__}: {str(e)[:300]}"
                 print(f"sweep: --distill failed, off from here on ({distill_error})",
@@ -329,9 +330,11 @@ def run_sweep(
 @click.option("--distill/--no-distill", default=False, show_default=True,
               help="Distill each run for INT8 (int8_distill, one epoch) and rank, ship and "
                    "report the distilled checkpoints.")  # fmt: skip
+@click.option("--distill-epochs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Epochs of each --distill.")  # fmt: skip
 def main(
     data: Path | None, task: str, candidates: str, sets: tuple[str, ...], budget_min: float,
-    runs: Path, out: Path, seeds: str, workers: int, distill: bool,
+    runs: Path, out: Path, seeds: str, workers: int, distill: bool, distill_epochs: int,
 ) -> None:  # fmt: skip
     """Train candidate recipes within a time budget; ship the best on val, in parts."""
     from marsvision.train.data import check_task, resolve_data_dir
@@ -349,7 +352,7 @@ def main(
     summary = run_sweep(data_dir=resolve_data_dir(data), task=check_task(task), names=names,
                         settings=parse_settings(sets), budget_s=60 * budget_min, runs_dir=runs,
                         out_dir=out, workers=workers, seeds=seed_list,
-                        distill=distill)  # fmt: skip
+                        distill=distill, distill_epochs=distill_epochs)  # fmt: skip
     for r in summary["candidates"]:
         val = r.get("val")
         click.echo(f"{r['run']:>22}  {r['status']:<8}" + (
