@@ -12,11 +12,12 @@ metrics are reported. With `--seeds 0,1` each candidate is trained once per seed
 its mean val score (the seed alone moved the CPU recipe by up to 11.6 points on val: RECIPES.md,
 "Seed noise"); the chosen candidate's best seed on val ships. `--set train_on=train+val` refits
 one candidate with one seed on train and val together (its val is training data: nothing is
-ranked) and ships it. With `--distill` every finished run is then put through one epoch of
-quantization-aware self-distillation (`python -m marsvision.train.int8_distill`, on the same
-device) and ranked, shipped and reported by its distilled checkpoint: the GPU runs' own INT8
-failed parity, and the distillation moved their val scores by more than most recipes differ
-(RECIPES.md, "The second GPU session"), so the choice is made on the model that would ship.
+ranked) and ships it. With `--distill` every finished run is then put through quantization-aware
+self-distillation (`python -m marsvision.train.int8_distill`, `--distill-epochs` epochs, on the
+same device) and ranked, shipped and reported by its distilled checkpoint: the GPU runs' own INT8
+failed parity, and the distillation moves val scores by more than most recipes differ (-4.6 to
++3.4 points: RECIPES.md, "Distilling further"), so the choice is made on the model that would
+ship.
 """
 
 from __future__ import annotations
@@ -328,8 +329,8 @@ def run_sweep(
                    "mean val.")  # fmt: skip
 @click.option("--workers", type=int, default=8, show_default=True, help="Decoding threads.")
 @click.option("--distill/--no-distill", default=False, show_default=True,
-              help="Distill each run for INT8 (int8_distill, one epoch) and rank, ship and "
-                   "report the distilled checkpoints.")  # fmt: skip
+              help="Distill each run for INT8 (int8_distill) and rank, ship and report the "
+                   "distilled checkpoints.")  # fmt: skip
 @click.option("--distill-epochs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Epochs of each --distill.")  # fmt: skip
 def main(
