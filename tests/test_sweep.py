@@ -102,7 +102,7 @@ def test_sweep_distills_each_run_and_ranks_and_ships_the_distilled(
     summary = run_sweep(data_dir=msl_dir, task="binary", names=["default"], budget_s=600.0,
                         settings=parse_settings(TINY), runs_dir=tmp_path / "r",
                         out_dir=tmp_path / "o", workers=2, seeds=(3, 4), distill=True,
-                        distill_epochs=2, distill_anchor=0.5)  # fmt: skip
+                        distill_epochs=2)  # fmt: skip
     rows = summary["candidates"]
     assert summary["distilled"] and [r["status"] for r in rows] == ["done", "done"]
     for r in rows:
@@ -115,7 +115,6 @@ def test_sweep_distills_each_run_and_ranks_and_ships_the_distilled(
     assert [("test" in r) for r in rows] == [r is best for r in rows]
     shipped = load_checkpoint(tmp_path / "r" / "models" / "resnet50-binary.pt")
     assert shipped["distill"]["source_train_device"] == "cpu" and shipped["distill"]["epochs"] == 2
-    assert shipped["distill"]["anchor"] == 0.5
     assert shipped["metrics"]["fp32_run"]["val"] == best["val"]
     card = (tmp_path / "o" / "resnet50-binary.md").read_text()
     assert "| distilled for INT8 |" in card and "(cpu, " in card

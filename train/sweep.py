@@ -6,18 +6,18 @@ and split the shipped file into parts small enough to come back from the machine
         --runs /tmp/runs --out $OUT          # $OUT: parts, card, SHA256SUMS, sweep.json
     cat resnet50-binary.pt.part* > resnet50-binary.pt && sha256sum -c SHA256SUMS   # here
 
-Every candidate is a set of mars-train flags, so the shipped model's card holds the one command that
-reproduces it. Candidates are selected on val alone; only the shipped run's test metrics are
-reported. With `--seeds 0,1` each candidate is trained once per seed and ranked by its mean val
-score (the seed alone moved the CPU recipe by up to 11.6 points on val: RECIPES.md, "Seed noise");
-the chosen candidate's best seed on val ships. `--set train_on=train+val` refits one candidate with
-one seed on train and val together (its val is training data: nothing is ranked) and ships it. With
-`--distill` every finished run is then put through quantization-aware self-distillation (`python -m
-marsvision.train.int8_distill`, `--distill-epochs` epochs and its `--anchor` from
-`--distill-anchor`, on the same device) and ranked, shipped and reported by its distilled
-checkpoint: the GPU runs' own INT8 failed parity, and the distillation moves val scores by more than
-most recipes differ (-4.6 to +3.4 points: RECIPES.md, "Distilling further"), so the choice is made
-on the model that would ship.
+Every candidate is a set of mars-train flags, so the shipped model's card holds the one
+command that reproduces it. Candidates are selected on val alone; only the shipped run's test
+metrics are reported. With `--seeds 0,1` each candidate is trained once per seed and ranked by
+its mean val score (the seed alone moved the CPU recipe by up to 11.6 points on val: RECIPES.md,
+"Seed noise"); the chosen candidate's best seed on val ships. `--set train_on=train+val` refits
+one candidate with one seed on train and val together (its val is training data: nothing is
+ranked) and ships it. With `--distill` every finished run is then put through quantization-aware
+self-distillation (`python -m marsvision.train.int8_distill`, `--distill-epochs` epochs, on the
+same device) and ranked, shipped and reported by its distilled checkpoint: the GPU runs' own INT8
+failed parity, and the distillation moves val scores by more than most recipes differ (-4.6 to
++3.4 points: RECIPES.md, "Distilling further"), so the choice is made on the model that would
+ship.
 """
 
 from __future__ import annotations
@@ -186,7 +186,6 @@ def run_sweep(
     seeds: tuple[int, ...] = (0,),
     distill: bool = False,
     distill_epochs: int = 1,
-    distill_anchor: float = 0.0,
 ) -> dict[str, Any]:
     """Train each candidate once per seed, in order, within `budget_s`; ship into `out_dir` the
     best seed on val of the candidate with the best mean val (`distill`: of the runs' distilled
@@ -244,8 +243,7 @@ def run_sweep(
                 d = distill_file(cfg.out / "checkpoint.pt", cfg.out / DISTILLED,
                                  data_dir=data_dir, limit=cfg.limit, workers=workers,
                                  batch_size=min(32, cfg.batch_size),  # its default
-                                 epochs=distill_epochs, anchor=distill_anchor,
-                                 device=str(cfg.device))  # fmt: skip
+                                 epochs=distill_epochs, device=str(cfg.device))  # fmt: skip
             except Exception as e:  # noqa: BLE001 - keep the trained runs, ranked as trained
                 distill, distill_error = False, f"{run}: {type(e).__name__}: {str(e)[:300]}"
                 print(f"sweep: --distill failed, off from here on ({distill_error})",
@@ -335,12 +333,9 @@ def run_sweep(
                    "distilled checkpoints.")  # fmt: skip
 @click.option("--distill-epochs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Epochs of each --distill.")  # fmt: skip
-@click.option("--distill-anchor", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="int8_distill's --anchor for each --distill.")  # fmt: skip
 def main(
     data: Path | None, task: str, candidates: str, sets: tuple[str, ...], budget_min: float,
     runs: Path, out: Path, seeds: str, workers: int, distill: bool, distill_epochs: int,
-    distill_anchor: float,
 ) -> None:  # fmt: skip
     """Train candidate recipes within a time budget; ship the best on val, in parts."""
     from marsvision.train.data import check_task, resolve_data_dir
@@ -358,8 +353,7 @@ def main(
     summary = run_sweep(data_dir=resolve_data_dir(data), task=check_task(task), names=names,
                         settings=parse_settings(sets), budget_s=60 * budget_min, runs_dir=runs,
                         out_dir=out, workers=workers, seeds=seed_list,
-                        distill=distill, distill_epochs=distill_epochs,
-                        distill_anchor=distill_anchor)  # fmt: skip
+                        distill=distill, distill_epochs=distill_epochs)  # fmt: skip
     for r in summary["candidates"]:
         val = r.get("val")
         click.echo(f"{r['run']:>22}  {r['status']:<8}" + (
