@@ -11,11 +11,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from marsvision.train.int8_distill import (
-    Switch,
     activation_bounds,
     attach_fake_quant,
     detach_fake_quant,
-    distill,
     fake_quant,
     main,
 )
@@ -55,20 +53,6 @@ def test_fake_quant_attaches_and_detaches_without_a_trace() -> None:
     assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
 
 
-def test_the_switch_turns_all_fake_quantization_off_and_on() -> None:
-    net = _tiny_net()
-    x = torch.randn(4, 3, 8, 8)
-    before = net(x).detach()
-    switch = Switch()
-    handles = attach_fake_quant(net, activation_bounds(net, [x]), signed=False, switch=switch)
-    quantized = net(x).detach()
-    switch.on = False
-    assert torch.equal(net(x), before)  # weights, inputs and BatchNorm outputs all pass
-    switch.on = True
-    assert torch.equal(net(x), quantized)
-    detach_fake_quant(net, handles)
-
-
 @pytest.fixture(scope="module")
 def run_checkpoint(msl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished mars-train run's checkpoint: one epoch on a few images at 64 px."""
@@ -90,7 +74,7 @@ def test_cli_distills_a_run_and_keeps_what_ship_needs(
 
     out = tmp_path / "distilled.pt"
     args = [str(run_checkpoint), "--out", str(out), "--data", str(msl_dir), "--limit", "16",
-            "--batch-size", "8", "--lr", "1e-3", "--workers", "2", "--anchor", "0.5"]  # fmt: skip
+            "--batch-size", "8", "--lr", "1e-3", "--workers", "2"]  # fmt: skip
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "val: accuracy" in result.output and "test: accuracy" in result.output
@@ -102,7 +86,6 @@ def test_cli_distills_a_run_and_keeps_what_ship_needs(
     assert new["weights_dtype"] == "float32" and "shipped" not in new
     assert new["metrics"]["val"]["n"] == 16 and new["metrics"]["test"]["n"] == 16
     assert new["distill"]["flavour"] == "trt" and new["distill"]["epochs"] == 1
-    assert new["distill"]["anchor"] == 0.5
     assert new["distill"]["source_metrics"]["val"] == src["metrics"]["val"]
     assert "(source " in result.output
     # make ship takes it as it takes a run's checkpoint
@@ -119,7 +102,7 @@ def test_cli_distills_a_run_and_keeps_what_ship_needs(
     trained = next(line for line in card.splitlines() if line.startswith("| trained |"))
     assert "(cpu, " in trained and "unknown device" not in trained
     row = next(line for line in card.splitlines() if line.startswith("| distilled for INT8 |"))
-    assert d["date"] in row and "1 epoch, TensorRT's int8 grid, lr 0.001, seed 0, anchor 0.5" in row
+    assert d["date"] in row and "1 epoch, TensorRT's int8 grid, lr 0.001" in row
     assert d["source_checkpoint_sha256"] in row
     assert "then distilled for INT8" in card and "the run before the distillation" in card
 
@@ -143,36 +126,3 @@ def test_distilling_a_shipped_model_keeps_where_it_trained(
                                                   "source_train_seconds": 71.0}}  # fmt: skip
     assert source_training(again, alone) == ("cuda", 71.0)
     assert source_training({"metrics": {}}, alone) == (None, None)
-
-
-def test_the_anchor_holds_the_float_output_to_the_source(
-    run_checkpoint: Path, msl_dir: Path
-) -> None:
-    """Unanchored, a large learning rate moves the float weights' output away from the source
-    model's; with a heavy anchor it moves far less."""
-    import torch.nn.functional as F
-
-    from marsvision.train.checkpoint import (
-        load_checkpoint,
-        model_from_checkpoint,
-        preprocess_from_checkpoint,
-    )
-    from marsvision.train.data import read_split
-    from marsvision.train.images import eval_tensors
-
-    ckpt = load_checkpoint(run_checkpoint)
-    x = eval_tensors(read_split(msl_dir, "val", ckpt["task"], limit=16),
-                     spec=preprocess_from_checkpoint(ckpt), workers=2)  # fmt: skip
-    with torch.no_grad():
-        source = F.log_softmax(model_from_checkpoint(ckpt).eval()(x), dim=1)
-
-    def drift(anchor: float) -> float:
-        state = distill(ckpt, data_dir=msl_dir, limit=16, batch_size=8, lr=3e-3, epochs=2,
-                        workers=2, anchor=anchor)  # fmt: skip
-        model = model_from_checkpoint({**ckpt, "state_dict": state}).eval()
-        with torch.no_grad():
-            out = F.log_softmax(model(x), dim=1)
-        return float(F.kl_div(out, source, log_target=True, reduction="batchmean"))
-
-    free, held = drift(0.0), drift(20.0)
-    assert held < 0.5 * free, (held, free)

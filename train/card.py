@@ -111,13 +111,11 @@ def _distilled(shipped: dict[str, Any]) -> list[str]:
     grids = {"trt": "TensorRT's int8 grid", "cpu": "uint8 after ReLUs"}
     grid = grids.get(d["flavour"], d["flavour"])
     epochs = f"{d['epochs']} epoch" + ("s" if d["epochs"] != 1 else "")
-    anchored = f", anchor {d['anchor']:g}" if d.get("anchor") else ""  # absent before 12-04
     return [
         f"| distilled for INT8 | {d.get('date', 'date not recorded')}"
         + (f" ({when})" if when else "")
         + f": `python -m marsvision.train.int8_distill`, {epochs}, {grid}, lr {d['lr']:g}, "
-        f"seed {d['seed']}{anchored}; from the run checkpoint sha256 "
-        f"`{d['source_checkpoint_sha256']}` |"
+        f"seed {d['seed']}; from the run checkpoint sha256 `{d['source_checkpoint_sha256']}` |"
     ]
 
 

@@ -5,12 +5,9 @@ input and BatchNorm output (per tensor, at the 99.999th percentile of |x| on tra
 `mars-export`'s default calibration picks its ranges) and on the weights (per output channel).
 It is trained for a short while to match the unquantized model's softmax (KL divergence, no
 labels), BatchNorm frozen, then saved without the fake quantization as a new checkpoint, scored
-on val and test, for `mars-export --int8` and `make ship`. With `--anchor W` the student's own
-float output (fake quantization off) is held to the unquantized model's softmax as well, with
-weight W: parity compares the INT8 export with the new float weights, which otherwise drift.
-Post-training INT8 of the GPU-trained models missed `mars-bench parity` under every calibration
-tried (RECIPES.md, "The second GPU session"); one epoch of this brought a 128 px one within it in
-both flavours.
+on val and test, for `mars-export --int8` and `make ship`. Post-training INT8 of the GPU-trained
+models missed `mars-bench parity` under every calibration tried (RECIPES.md, "The second GPU
+session"); one epoch of this brought a 128 px one within it in both flavours.
 
     python -m marsvision.train.int8_distill runs/binary/checkpoint.pt --out runs/distilled.pt
 """
@@ -44,24 +41,10 @@ def fake_quant(x: torch.Tensor, bound: float, signed: bool) -> torch.Tensor:
     return x + (q - x).detach()
 
 
-class Switch:
-    """Whether the fake quantization of one `attach_fake_quant` acts (on) or passes values
-    through (off): the float pass of `--anchor`."""
-
-    def __init__(self) -> None:
-        self.on = True
-
-
 class WeightFakeQuant(nn.Module):
     """Per-output-channel symmetric int8 fake quantization of a weight (a parametrization)."""
 
-    def __init__(self, switch: Switch | None = None) -> None:
-        super().__init__()
-        self.switch = switch or Switch()
-
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if not self.switch.on:
-            return w
         dims = tuple(range(1, w.ndim))
         scale = w.detach().abs().amax(dim=dims, keepdim=True).clamp_min(1e-12) / 127.0
         q = torch.clamp(torch.round(w / scale), -127, 127) * scale
@@ -107,30 +90,23 @@ def activation_bounds(model: nn.Module, batches: list[torch.Tensor]) -> dict[str
 
 
 def attach_fake_quant(
-    model: nn.Module, bounds: dict[str, float], signed: bool, switch: Switch | None = None
+    model: nn.Module, bounds: dict[str, float], signed: bool
 ) -> list[torch.utils.hooks.RemovableHandle]:
     """Fake-quantize `model` in place (activations at `bounds`: int8 everywhere if `signed`, as
-    TensorRT's flavour; else uint8 after ReLUs, as the CPU flavour), all of it acting while
-    `switch.on`; returns the hooks."""
-    switch = switch or Switch()
+    TensorRT's flavour; else uint8 after ReLUs, as the CPU flavour); returns the hooks."""
     handles = []
     for name, m, where in _quantized_points(model):
         bound = max(bounds[name], 1e-8)
         if where == "in":
             s = signed or name == "conv1"  # the normalized image is signed
-
-            def pre(_m: nn.Module, a: tuple[torch.Tensor, ...], b: float = bound,
-                    s: bool = s) -> tuple[torch.Tensor, ...] | None:  # fmt: skip
-                return (fake_quant(a[0], b, s),) if switch.on else None
-
-            handles.append(m.register_forward_pre_hook(pre))
-            parametrize.register_parametrization(m, "weight", WeightFakeQuant(switch))
+            handles.append(
+                m.register_forward_pre_hook(lambda _m, a, b=bound, s=s: (fake_quant(a[0], b, s),))
+            )
+            parametrize.register_parametrization(m, "weight", WeightFakeQuant())
         else:
-
-            def post(_m: nn.Module, _a: Any, y: torch.Tensor, b: float = bound) -> torch.Tensor:
-                return fake_quant(y, b, True) if switch.on else y
-
-            handles.append(m.register_forward_hook(post))
+            handles.append(
+                m.register_forward_hook(lambda _m, _a, y, b=bound: fake_quant(y, b, True))
+            )
     return handles
 
 
@@ -156,13 +132,10 @@ def distill(
     limit: int | None = None,
     workers: int = 4,
     device: str = "cpu",
-    anchor: float = 0.0,
     log: Any = sys.stderr,
 ) -> dict[str, torch.Tensor]:
     """The student's float state dict (on the CPU) after `epochs` over the train split (random
-    flips), trained on `device` (fp32: the fake quantization rounds fp32 values). `anchor` > 0
-    adds that weight times the KL of the student's float output (a second pass, fake
-    quantization off) to the unquantized model's."""
+    flips), trained on `device` (fp32: the fake quantization rounds fp32 values)."""
     from marsvision.train.checkpoint import model_from_checkpoint, preprocess_from_checkpoint
     from marsvision.train.data import read_split
     from marsvision.train.device import select_device
@@ -177,15 +150,14 @@ def distill(
     teacher = model_from_checkpoint(ckpt).eval().to(dev)
     student = model_from_checkpoint(ckpt).eval().to(dev)  # BatchNorm frozen throughout
     calib = [images[i : i + 16].to(dev) for i in range(0, min(calib_images, len(images)), 16)]
-    switch = Switch()
-    handles = attach_fake_quant(student, activation_bounds(student, calib), signed, switch)
+    handles = attach_fake_quant(student, activation_bounds(student, calib), signed)
     params = [p for m in student.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
               for p in m.parameters()]  # fmt: skip
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     for epoch in range(1, epochs + 1):
         order = list(range(len(images)))
         rng.shuffle(order)
-        t0, total, total_drift, n = time.perf_counter(), 0.0, 0.0, 0
+        t0, total, n = time.perf_counter(), 0.0, 0
         for i in range(0, len(order) - batch_size + 1, batch_size):
             x = images[order[i : i + batch_size]].to(dev, non_blocking=True)
             flip = torch.tensor([rng.random() < 0.5 for _ in range(len(x))], device=dev)
@@ -196,21 +168,13 @@ def distill(
                             reduction="batchmean")  # fmt: skip
             opt.zero_grad()
             loss.backward()
-            if anchor > 0:  # the float pass: its gradient adds to the quantized one's
-                switch.on = False
-                drift = F.kl_div(F.log_softmax(student(x), dim=1), target, log_target=True,
-                                 reduction="batchmean")  # fmt: skip
-                (anchor * drift).backward()
-                switch.on = True
-                total_drift += drift.item() * len(x)
             opt.step()
             total, n = total + loss.item() * len(x), n + len(x)
         if not n:
             raise MarsvisionError(
                 f"{len(images)} train images: fewer than one batch of {batch_size}"
             )
-        drifted = f", float {total_drift / n:.5f}" if anchor > 0 else ""
-        print(f"epoch {epoch}/{epochs}: KL to the unquantized model {total / n:.5f}{drifted}, "
+        print(f"epoch {epoch}/{epochs}: KL to the unquantized model {total / n:.5f}, "
               f"{n / (time.perf_counter() - t0):.1f} img/s", file=log)  # fmt: skip
     detach_fake_quant(student, handles)
     return {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
@@ -304,7 +268,6 @@ def distill_file(
     limit: int | None = None,
     workers: int = 4,
     device: str = "cpu",
-    anchor: float = 0.0,
     log: Any = sys.stderr,
 ) -> dict[str, Any]:
     """Distill the checkpoint file (its data checked against `data_dir`) into `out`, scored;
@@ -316,11 +279,11 @@ def distill_file(
     ckpt = load_checkpoint(checkpoint)
     check_same_data(ckpt, data_dir, checkpoint)
     settings = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "flavour": flavour,
-                "seed": seed, "limit": limit, "anchor": anchor}  # fmt: skip
+                "seed": seed, "limit": limit}  # fmt: skip
     t0 = time.perf_counter()
     state = distill(ckpt, data_dir=data_dir, epochs=epochs, lr=lr, batch_size=batch_size,
                     signed=flavour == "trt", seed=seed, limit=limit, workers=workers,
-                    device=device, anchor=anchor, log=log)  # fmt: skip
+                    device=device, log=log)  # fmt: skip
     result = distilled_checkpoint(ckpt, state, data_dir=data_dir, settings=settings,
                                   source_sha256=sha256_file(checkpoint), source_path=checkpoint,
                                   seconds=time.perf_counter() - t0, device=device,
@@ -346,12 +309,9 @@ def distill_file(
 @click.option("--workers", type=int, default=4, show_default=True, help="Decoding threads.")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, cuda or auto: where the student trains and is scored.")  # fmt: skip
-@click.option("--anchor", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Weight of a second loss holding the student's float output to the source "
-              "model's (0: off; doubles the time).")  # fmt: skip
 def main(checkpoint: Path, out: Path, data: Path | None, epochs: int, lr: float, batch_size: int,
-         flavour: str, seed: int, limit: int | None, workers: int, device: str,
-         anchor: float) -> None:  # fmt: skip
+         flavour: str, seed: int, limit: int | None, workers: int,
+         device: str) -> None:  # fmt: skip
     """Distill CHECKPOINT into an INT8-robust copy of itself (see the module's docstring)."""
     from marsvision.runtime.files import check_writable_folder
     from marsvision.train.data import resolve_data_dir
@@ -360,7 +320,7 @@ def main(checkpoint: Path, out: Path, data: Path | None, epochs: int, lr: float,
     check_writable_folder(out.parent, "--out")
     result = distill_file(checkpoint, out, data_dir=data_dir, epochs=epochs, lr=lr,
                           batch_size=batch_size, flavour=flavour, seed=seed, limit=limit,
-                          workers=workers, device=device, anchor=anchor)  # fmt: skip
+                          workers=workers, device=device)  # fmt: skip
     for split in ("val", "test"):
         m, was = result["metrics"][split], result["distill"]["source_metrics"][split]
         source = f" (source {was['accuracy']:.4f} / {was['balanced_accuracy']:.4f})" if was else ""
