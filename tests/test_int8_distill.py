@@ -112,8 +112,7 @@ def test_distilling_a_shipped_model_keeps_where_it_trained(
 ) -> None:
     """A shipped model has no run folder: its card's fields say where it was trained."""
     from marsvision.train.checkpoint import load_checkpoint
-    from marsvision.train.int8_distill import source_training
-    from marsvision.train.ship import ship_run
+    from marsvision.train.ship import ship_run, source_training
 
     shipped = load_checkpoint(
         ship_run(run_checkpoint, models_dir=tmp_path / "models", data_dir=msl_dir,

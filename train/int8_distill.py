@@ -180,23 +180,6 @@ def distill(
     return {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
 
 
-def source_training(ckpt: dict[str, Any], path: Path) -> tuple[str | None, float | None]:
-    """Where and how long the checkpoint at `path` was trained, as far as it is recorded: a
-    shipped checkpoint's card fields, else its run folder's metrics.json, else (a distilled
-    checkpoint distilled again) its own distill record."""
-    import json
-
-    shipped = ckpt.get("shipped") or {}
-    if shipped.get("train_device"):
-        return shipped["train_device"], shipped.get("train_seconds")
-    metrics = path.parent / "metrics.json"
-    if metrics.is_file():
-        run = json.loads(metrics.read_text())
-        return run.get("device"), run.get("seconds")
-    earlier = ckpt.get("distill") or {}
-    return earlier.get("source_train_device"), earlier.get("source_train_seconds")
-
-
 def distilled_checkpoint(
     ckpt: dict[str, Any],
     state: dict[str, torch.Tensor],
@@ -217,7 +200,7 @@ def distilled_checkpoint(
     import datetime
 
     from marsvision.train.checkpoint import library_versions
-    from marsvision.train.ship import SCORED_SPLITS, score_checkpoint
+    from marsvision.train.ship import SCORED_SPLITS, score_checkpoint, source_training
 
     out = {k: v for k, v in ckpt.items() if k not in ("shipped", "decision_threshold")}
     out["state_dict"] = state

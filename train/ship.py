@@ -115,6 +115,21 @@ def _write_sums(models_dir: Path) -> None:
     atomic_write_text(models_dir / SUMS_FILE, "\n".join(lines) + "\n")
 
 
+def source_training(ckpt: dict[str, Any], path: Path) -> tuple[str | None, float | None]:
+    """Where and how long the checkpoint at `path` was trained, as far as it is recorded: a
+    shipped checkpoint's card fields, else its run folder's metrics.json, else (a distilled
+    checkpoint away from its run folder) its distill record. For the card and `int8_distill`."""
+    shipped = ckpt.get("shipped") or {}
+    if shipped.get("train_device"):
+        return shipped["train_device"], shipped.get("train_seconds")
+    metrics = path.parent / "metrics.json"
+    if metrics.is_file():
+        run = json.loads(metrics.read_text())
+        return run.get("device"), run.get("seconds")
+    earlier = ckpt.get("distill") or {}
+    return earlier.get("source_train_device"), earlier.get("source_train_seconds")
+
+
 def ship_run(
     run: Path,
     *,
@@ -154,9 +169,7 @@ def ship_run(
     scores = score_checkpoint(shipped, data_dir=data_dir, device=device, workers=workers,
                               limit=limit, threshold_on_val=threshold_on_val)  # fmt: skip
     shipped["decision_threshold"] = scores["decision_threshold"]
-    run_metrics_file = source.parent / "metrics.json"
-    run_metrics = json.loads(run_metrics_file.read_text()) if run_metrics_file.is_file() else {}
-    distilled = ckpt.get("distill") or {}
+    train_device, train_seconds = source_training(ckpt, source)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     shipped["metrics"] = {
         **{s: scores[s]["metrics"] for s in SCORED_SPLITS},
@@ -173,9 +186,8 @@ def ship_run(
         "command": command,
         "source_checkpoint_sha256": sha256_file(source),
         "scored_limit": limit,
-        # a distilled checkpoint has no run folder: its record says where its source trained
-        "train_device": run_metrics.get("device") or distilled.get("source_train_device"),
-        "train_seconds": run_metrics.get("seconds") or distilled.get("source_train_seconds"),
+        "train_device": train_device,
+        "train_seconds": train_seconds,
         "notes": list(notes),
     }
     make_folder(models_dir, "--models")
