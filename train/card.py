@@ -133,11 +133,13 @@ def _fp32_scores(shipped: dict[str, Any]) -> str:
 
 
 def _libraries(shipped: dict[str, Any]) -> str:
-    versions = ", ".join(f"{k} {v}" for k, v in shipped["versions"].items())
+    def listed(versions: dict[str, str]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in versions.items())
+
     later = (shipped.get("distill") or {}).get("versions")
     if not later or later == shipped["versions"]:
-        return versions
-    return f"training: {versions}; distillation: " + ", ".join(f"{k} {v}" for k, v in later.items())
+        return listed(shipped["versions"])
+    return f"training: {listed(shipped['versions'])}; distillation: {listed(later)}"
 
 
 def render_card(
