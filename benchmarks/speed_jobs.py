@@ -9,6 +9,7 @@ the same done with Pillow + train's eval_transform.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -105,53 +106,59 @@ def _torch_e2e_call(runner: Any, job: Job) -> Any:
 
 
 def run_job(job: Job) -> dict[str, Any]:
-    """Measure one job in this process; returns its result row (status "ok" or why not)."""
+    """Measure one job in this process; returns its result row (status "ok" or why not). The
+    runner is closed before it returns (a PyTorch runner puts back torch's thread count)."""
     row: dict[str, Any] = {**job.to_dict(), "images": len(job.images)}
     rss_before = current_rss_mib()
-    try:
-        if job.mode == "e2e" and job.backend not in TORCH_BACKENDS:
-            from marsvision.runtime.classifier import Classifier
+    with contextlib.ExitStack() as opened:
+        try:
+            if job.mode == "e2e" and job.backend not in TORCH_BACKENDS:
+                from marsvision.runtime.classifier import Classifier
 
-            clf = Classifier(
-                job.model,
-                backend=job.backend,
-                device=job.device,
-                batch_size=job.batch,
-                threads=job.threads,
-            )
-            runner = clf.runner
-            batches = _batches(job.images, job.batch)
+                clf = opened.enter_context(
+                    Classifier(
+                        job.model,
+                        backend=job.backend,
+                        device=job.device,
+                        batch_size=job.batch,
+                        threads=job.threads,
+                    )
+                )
+                runner = clf.runner
+                batches = _batches(job.images, job.batch)
 
-            def call() -> object:
-                return clf.predict(next(batches))
+                def call() -> object:
+                    return clf.predict(next(batches))
 
-        else:
-            runner = _open_runner(job)
-            call = _torch_e2e_call(runner, job) if job.mode == "e2e" else _model_call(runner, job)
-    except MarsvisionError as e:
-        return {**row, "status": f"skipped: {e.message}"}
-    sync = getattr(runner, "synchronize", None)
-    reset = getattr(runner, "reset_peak_memory", None)
-    if reset:
-        reset()
-    timing: Timing = time_calls(call, warmup=job.warmup, repeats=job.repeats, sync=sync)
-    peak_gpu = runner.peak_gpu_mib() if hasattr(runner, "peak_gpu_mib") else None
-    if peak_gpu is None and job.device == "cuda":
-        peak_gpu = _gpu_used_mib(os.getpid())
-    return {
-        **row,
-        "status": "ok",
-        "runner": runner.name,
-        "input_size": runner.meta.preprocess.input_size,
-        "model_precision": runner.meta.precision,
-        "timing": timing.to_dict(),
-        "throughput_img_s": job.batch * 1e3 / timing.mean_ms,
-        "latency_ms_per_img": timing.mean_ms / job.batch,
-        "peak_rss_mib": peak_rss_mib(),
-        "rss_before_mib": rss_before,
-        "gpu_mem_mib": peak_gpu,
-        "torch_imported": "torch" in sys.modules,
-    }
+            else:
+                runner = opened.enter_context(_open_runner(job))
+                call = (
+                    _torch_e2e_call(runner, job) if job.mode == "e2e" else _model_call(runner, job)
+                )
+        except MarsvisionError as e:
+            return {**row, "status": f"skipped: {e.message}"}
+        sync = getattr(runner, "synchronize", None)
+        reset = getattr(runner, "reset_peak_memory", None)
+        if reset:
+            reset()
+        timing: Timing = time_calls(call, warmup=job.warmup, repeats=job.repeats, sync=sync)
+        peak_gpu = runner.peak_gpu_mib() if hasattr(runner, "peak_gpu_mib") else None
+        if peak_gpu is None and job.device == "cuda":
+            peak_gpu = _gpu_used_mib(os.getpid())
+        return {
+            **row,
+            "status": "ok",
+            "runner": runner.name,
+            "input_size": runner.meta.preprocess.input_size,
+            "model_precision": runner.meta.precision,
+            "timing": timing.to_dict(),
+            "throughput_img_s": job.batch * 1e3 / timing.mean_ms,
+            "latency_ms_per_img": timing.mean_ms / job.batch,
+            "peak_rss_mib": peak_rss_mib(),
+            "rss_before_mib": rss_before,
+            "gpu_mem_mib": peak_gpu,
+            "torch_imported": "torch" in sys.modules,
+        }
 
 
 def run_job_isolated(job: Job, *, timeout: float = 3600) -> dict[str, Any]:

@@ -8,6 +8,7 @@ torch (lazily, when a runner is made), so the rest works where torch is absent.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -58,12 +59,6 @@ class TorchRunner:
         self.device = select_device(device).type
         if precision == "fp16" and self.device == "cpu":
             raise MarsvisionError("fp16 autocast is for GPUs; on CPU use bf16 or fp32")
-        if threads:
-            torch.set_num_threads(threads)
-        if precision == "fp32" and self.device == "cuda":
-            # True FP32: PyTorch lets cuDNN convolutions use TF32 by default.
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
         ckpt = load_checkpoint(checkpoint)
         model = model_from_checkpoint(ckpt).to(self.device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -87,6 +82,24 @@ class TorchRunner:
         layout = "-channels_last" if channels_last else ""
         self.name = f"pytorch-{self.device}{layout}"
         self._torch = torch
+        # Process-wide settings, changed last (nothing after can fail) and put back by close().
+        self._restore: list[Callable[[], None]] = []
+        if threads:
+            before = torch.get_num_threads()
+            self._restore.append(lambda: torch.set_num_threads(before))
+            torch.set_num_threads(threads)
+        if precision == "fp32" and self.device == "cuda":
+            # True FP32: PyTorch lets cuDNN convolutions use TF32 by default.
+            flags = (torch.backends.cudnn, torch.backends.cuda.matmul)
+            tf32 = [f.allow_tf32 for f in flags]
+
+            def put_back_tf32() -> None:
+                for f, v in zip(flags, tf32, strict=True):
+                    f.allow_tf32 = v
+
+            self._restore.append(put_back_tf32)
+            for f in flags:
+                f.allow_tf32 = False
 
     def __enter__(self) -> TorchRunner:  # noqa: PYI034 - as runtime's runners
         return self
@@ -97,7 +110,15 @@ class TorchRunner:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the model and put back torch's thread count and TF32 flags as they were
+        before this runner (a process that goes on, a notebook or a test session, keeps its
+        own). Safe to call twice."""
         self.model = None
+        while self._restore:
+            self._restore.pop()()
 
     def forward(self, x: Any) -> Any:
         """Tensor in -> float32 logits tensor out (on the runner's device)."""
@@ -151,22 +172,22 @@ def reference_logits(
     from marsvision.train.checkpoint import load_checkpoint, preprocess_from_checkpoint
     from marsvision.train.transforms import eval_transform
 
-    runner = TorchRunner(checkpoint, device=device, threads=threads)
     tf = eval_transform(preprocess_from_checkpoint(load_checkpoint(checkpoint)))
     chunks = []
     seconds = 0.0
-    for i in range(0, len(paths), batch_size):
-        images = []
-        for p in paths[i : i + batch_size]:
-            with Image.open(p) as img:
-                images.append(tf(img.convert("RGB")))
-        x = torch.stack(images)
-        if i == 0:  # one untimed warm-up pass (allocations, kernel selection)
-            runner.forward(x)
+    with TorchRunner(checkpoint, device=device, threads=threads) as runner:
+        for i in range(0, len(paths), batch_size):
+            images = []
+            for p in paths[i : i + batch_size]:
+                with Image.open(p) as img:
+                    images.append(tf(img.convert("RGB")))
+            x = torch.stack(images)
+            if i == 0:  # one untimed warm-up pass (allocations, kernel selection)
+                runner.forward(x)
+                runner.synchronize()
+            t0 = time.perf_counter()
+            logits = runner.forward(x)
             runner.synchronize()
-        t0 = time.perf_counter()
-        logits = runner.forward(x)
-        runner.synchronize()
-        seconds += time.perf_counter() - t0
-        chunks.append(logits.cpu().numpy().astype(np.float32))
+            seconds += time.perf_counter() - t0
+            chunks.append(logits.cpu().numpy().astype(np.float32))
     return np.concatenate(chunks), seconds

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,11 +40,9 @@ def fp32_dir(
     return out
 
 
-def test_speed_cli_writes_results_with_conditions(
-    fp32_dir: Path, tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "res"
-    result = CliRunner().invoke(
+def _speed_in_process(fp32_dir: Path, tiny_checkpoint: Path, msl_dir: Path, out: Path) -> Any:
+    """`mars-bench speed --in-process --threads 1` on the tiny model: PyTorch and ORT FP32."""
+    return CliRunner().invoke(
         main,
         [
             "speed",
@@ -76,6 +75,22 @@ def test_speed_cli_writes_results_with_conditions(
             str(out),
         ],
     )
+
+
+def test_speed_cli_writes_results_with_conditions(
+    fp32_dir: Path, tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    out = tmp_path / "res"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # not the job's 1, whatever this machine's default
+    try:
+        result = _speed_in_process(fp32_dir, tiny_checkpoint, msl_dir, out)
+        # Its PyTorch rows ran at 1 thread; the process (here: the test session) keeps its 3.
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     files = sorted(p.name for p in out.iterdir())
     machine = machine_name(cpu_info(), None)
@@ -113,6 +128,28 @@ def test_speed_cli_writes_results_with_conditions(
         isa += "; ONNX Runtime INT8 in exact u8u8 sums"
     assert f"machine {machine}: {c['cpu']['model']} ({isa})," in result.output
     assert "pytorch-cpu" in result.output and "skipped: no int8-cpu artifact" in result.output
+
+
+def test_torch_runner_puts_back_the_thread_count(tiny_checkpoint: Path, msl_dir: Path) -> None:
+    """torch's thread count is process-wide: a runner's `threads` holds while it is open, and
+    the parity reference (`reference_logits`) closes its runner."""
+    import torch
+
+    from marsvision.benchmarks.torch_baseline import TorchRunner, reference_logits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with TorchRunner(tiny_checkpoint, threads=1) as runner:
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 3
+        runner.close()  # a second close changes nothing
+        assert torch.get_num_threads() == 3
+        paths = sorted((msl_dir / "calibrated").glob("*.JPG"))[:2]
+        logits, _ = reference_logits(tiny_checkpoint, paths, threads=1)
+        assert logits.shape == (2, 2) and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_isolated_onnxruntime_row_never_imports_torch(fp32_dir: Path, msl_dir: Path) -> None:
