@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -97,8 +99,18 @@ def test_sweep_over_seeds_ranks_by_the_mean_and_ships_the_best_seed(
 
 
 def test_sweep_distills_each_run_and_ranks_and_ships_the_distilled(
-    msl_dir: Path, tmp_path: Path
+    msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from marsvision.train import images
+
+    opened: Counter[str] = Counter()
+    decode = images.open_rgb
+
+    def counted(path: Path) -> Any:
+        opened[str(path)] += 1
+        return decode(path)
+
+    monkeypatch.setattr(images, "open_rgb", counted)
     summary = run_sweep(data_dir=msl_dir, task="binary", names=["default"], budget_s=600.0,
                         settings=parse_settings(TINY), runs_dir=tmp_path / "r",
                         out_dir=tmp_path / "o", workers=2, seeds=(3, 4), distill=True,
@@ -118,6 +130,17 @@ def test_sweep_distills_each_run_and_ranks_and_ships_the_distilled(
     assert shipped["metrics"]["fp32_run"]["val"] == best["val"]
     card = (tmp_path / "o" / "resnet50-binary.md").read_text()
     assert "| distilled for INT8 |" in card and "(cpu, " in card
+    # Two runs, two distillations and the shipping scored val and test five times and trained
+    # on train four times (twice stored, twice as eval tensors): each file decoded once per
+    # preprocessing, train's twice (uint8 store and eval tensors), val's and test's once.
+    from marsvision.train.data import read_split
+
+    names = ("train", "val", "test")
+    split = {s: {str(x.path) for x in read_split(msl_dir, s, "binary", 16)} for s in names}
+    assert set(opened) == split["train"] | split["val"] | split["test"]
+    assert {opened[f] for f in split["train"]} == {2}
+    assert {opened[f] for f in split["val"] | split["test"]} == {1}
+    assert images._decoded is None  # the sweep's decodings are freed when it returns
 
 
 def test_a_failed_distillation_keeps_the_trained_runs(

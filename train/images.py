@@ -3,11 +3,14 @@
 Training images are stored as uint8 squares (shorter side resized to `store_size`, then
 center-cropped) so augmentation runs on whole batches, on the GPU when there is one.
 Eval tensors are exactly `eval_transform(spec)` of each image (the PIL reference path).
+Inside `decoded_once()` (the sweep) a list of files is decoded once per preprocessing for all
+the runs, distillations and scorings in it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -22,6 +25,38 @@ from marsvision.train.data import Sample
 from marsvision.train.transforms import eval_transform, interpolation_mode
 
 T = TypeVar("T")
+
+_decoded: dict[tuple[Hashable, ...], torch.Tensor] | None = None  # set inside decoded_once()
+
+
+@contextlib.contextmanager
+def decoded_once() -> Iterator[None]:
+    """Within the block (nested blocks share it), `train_store` and `eval_tensors` keep what
+    they decode, by file list and preprocessing, and hand the same tensor to later calls: a
+    sweep's runs, distillations and final scoring decode each file once per preprocessing
+    instead of once per call (on the GPU machine the decoding, not the GPU, is a run's fixed
+    cost). Callers must not change the tensors in place (none does: they index or copy them).
+    The memory is freed when the outermost block ends."""
+    global _decoded
+    outer = _decoded
+    if outer is None:
+        _decoded = {}
+    try:
+        yield
+    finally:
+        _decoded = outer
+
+
+def _remembered(key: tuple[Hashable, ...], decode: Callable[[], torch.Tensor]) -> torch.Tensor:
+    if _decoded is None:
+        return decode()
+    if key not in _decoded:
+        _decoded[key] = decode()
+    return _decoded[key]
+
+
+def _files(samples: Sequence[Sample]) -> tuple[str, ...]:
+    return tuple(str(s.path) for s in samples)
 
 
 def open_rgb(path: Path) -> Image.Image:
@@ -56,7 +91,8 @@ def train_store(
         img = F.center_crop(F.resize(open_rgb(s.path), store_size, interpolation=mode), store_size)
         return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
-    return torch.from_numpy(np.stack(_map(one, samples, workers)))
+    key = ("train", _files(samples), store_size, interpolation)
+    return _remembered(key, lambda: torch.from_numpy(np.stack(_map(one, samples, workers))))
 
 
 def eval_tensors(samples: Sequence[Sample], *, spec: PreprocessSpec, workers: int) -> torch.Tensor:
@@ -67,4 +103,6 @@ def eval_tensors(samples: Sequence[Sample], *, spec: PreprocessSpec, workers: in
         out: torch.Tensor = tf(open_rgb(s.path))
         return out
 
-    return torch.stack(_map(one, samples, workers))
+    return _remembered(
+        ("eval", _files(samples), spec), lambda: torch.stack(_map(one, samples, workers))
+    )

@@ -203,6 +203,7 @@ def run_sweep(
             "--set train_on=train+val: a refit's val is training data and cannot rank runs; "
             "refit one candidate with one seed (--candidates NAME --seeds N)"
         )
+    from marsvision.train.images import decoded_once
     from marsvision.train.int8_distill import distill_file
     from marsvision.train.loop import main as train
     from marsvision.train.ship import ship_run, shipped_name
@@ -214,73 +215,76 @@ def run_sweep(
     overhead_s = 0.0  # the largest measured rest of a run (decoding, warm-up, final scoring)
     distill_s = DISTILL_RESERVE_S  # the last distillation's time
     distill_error = None  # the first failure turns --distill off: the runs are not lost
-    for name, seed in [(n, s) for n in names for s in seeds]:
-        flags = {**CANDIDATES[name], **settings, "seed": seed}
-        recipe = flags.pop("recipe", "default")
-        run = name if len(seeds) == 1 else f"{name}-seed{seed}"
-        cfg = config_from_flags(recipe, data=data_dir, out=runs_dir / run, task=task,
-                                workers=workers, **flags)  # fmt: skip
-        row: dict[str, Any] = {"name": name, "seed": seed, "run": run, "config": cfg.to_dict()}
-        left = deadline - time.monotonic()
-        predicted = predicted_s(cfg.epochs, cfg.image_size, s_per_epoch, cfg.batch_size, overhead_s)
-        if left < 30 or (predicted is not None and predicted > left):
-            row["status"] = f"skipped: predicted {predicted or 0:.0f} s, {left:.0f} s left"
-            rows.append(row)
-            print(f"sweep: {run} {row['status']}", file=sys.stderr)
-            continue
-        print(f"sweep: training {run} ({left:.0f} s left)", file=sys.stderr)
-        t0 = time.monotonic()
-        try:
-            result = train(cfg, deadline=deadline - (distill_s if distill else 0.0))
-        except Exception as e:  # noqa: BLE001 - one failed candidate must not lose the others
-            row["status"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
-            rows.append(row)
-            print(f"sweep: {run} {row['status']}", file=sys.stderr)
-            continue
-        if distill:
-            t_distill = time.monotonic()
+    with decoded_once():  # each file decoded once per preprocessing for all runs
+        for name, seed in [(n, s) for n in names for s in seeds]:
+            flags = {**CANDIDATES[name], **settings, "seed": seed}
+            recipe = flags.pop("recipe", "default")
+            run = name if len(seeds) == 1 else f"{name}-seed{seed}"
+            cfg = config_from_flags(recipe, data=data_dir, out=runs_dir / run, task=task,
+                                    workers=workers, **flags)  # fmt: skip
+            row: dict[str, Any] = {"name": name, "seed": seed, "run": run, "config": cfg.to_dict()}
+            left = deadline - time.monotonic()
+            predicted = predicted_s(
+                cfg.epochs, cfg.image_size, s_per_epoch, cfg.batch_size, overhead_s
+            )
+            if left < 30 or (predicted is not None and predicted > left):
+                row["status"] = f"skipped: predicted {predicted or 0:.0f} s, {left:.0f} s left"
+                rows.append(row)
+                print(f"sweep: {run} {row['status']}", file=sys.stderr)
+                continue
+            print(f"sweep: training {run} ({left:.0f} s left)", file=sys.stderr)
+            t0 = time.monotonic()
             try:
-                d = distill_file(cfg.out / "checkpoint.pt", cfg.out / DISTILLED,
-                                 data_dir=data_dir, limit=cfg.limit, workers=workers,
-                                 batch_size=min(32, cfg.batch_size),  # its default
-                                 epochs=distill_epochs, device=str(cfg.device))  # fmt: skip
-            except Exception as e:  # noqa: BLE001 - keep the trained runs, ranked as trained
-                distill, distill_error = False, f"{run}: {type(e).__name__}: {str(e)[:300]}"
-                print(f"sweep: --distill failed, off from here on ({distill_error})",
-                      file=sys.stderr)  # fmt: skip
-            else:
-                distill_s = time.monotonic() - t_distill
-                row["distilled"] = {"val": d["metrics"]["val"], "test": d["metrics"]["test"],
-                                    "seconds": distill_s}  # fmt: skip
-        seconds = time.monotonic() - t0
-        epochs_done = len(result["history"])
-        if epochs_done:
-            key = (cfg.image_size, cfg.batch_size)
-            typical, rest = epoch_pace(result["history"], seconds)
-            s_per_epoch[key] = max(s_per_epoch.get(key, 0.0), typical)
-            overhead_s = max(overhead_s, rest)
-        row.update(status="done", seconds=seconds, epochs_done=epochs_done,
-                   best_epoch=result["best_epoch"], val=result["val"],
-                   stopped_early_after_epoch=result["stopped_early_after_epoch"],
-                   test=result["test"])  # fmt: skip
-        rows.append(row)
-    for r in rows:  # all distilled: ranked, shipped and reported so (the trained val kept)
-        done = r.pop("distilled", None)
-        if done and distill:
-            r.update(trained_val=r["val"], distill_seconds=done["seconds"], val=done["val"],
-                     test=done["test"])  # fmt: skip
-    ranked = rank_candidates(rows)
-    if not ranked:
-        raise MarsvisionError("no candidate finished: " + "; ".join(r["status"] for r in rows))
-    best_run = ranked[0]["best_run"]
-    for r in rows:  # selection is on val: only the shipped run's test metrics are reported
-        if r["status"] == "done" and r["run"] != best_run:
-            del r["test"]
-    make_folder(out_dir, "--out")
-    chosen = runs_dir / best_run / (DISTILLED if distill else "checkpoint.pt")
-    shipped = ship_run(chosen, models_dir=runs_dir / "models", data_dir=data_dir,
-                       device=settings.get("device", "auto"), workers=workers,
-                       limit=settings.get("limit"))  # fmt: skip
+                result = train(cfg, deadline=deadline - (distill_s if distill else 0.0))
+            except Exception as e:  # noqa: BLE001 - one failed candidate must not lose the others
+                row["status"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+                rows.append(row)
+                print(f"sweep: {run} {row['status']}", file=sys.stderr)
+                continue
+            if distill:
+                t_distill = time.monotonic()
+                try:
+                    d = distill_file(cfg.out / "checkpoint.pt", cfg.out / DISTILLED,
+                                     data_dir=data_dir, limit=cfg.limit, workers=workers,
+                                     batch_size=min(32, cfg.batch_size),  # its default
+                                     epochs=distill_epochs, device=str(cfg.device))  # fmt: skip
+                except Exception as e:  # noqa: BLE001 - keep the trained runs, ranked as trained
+                    distill, distill_error = False, f"{run}: {type(e).__name__}: {str(e)[:300]}"
+                    print(f"sweep: --distill failed, off from here on ({distill_error})",
+                          file=sys.stderr)  # fmt: skip
+                else:
+                    distill_s = time.monotonic() - t_distill
+                    row["distilled"] = {"val": d["metrics"]["val"], "test": d["metrics"]["test"],
+                                        "seconds": distill_s}  # fmt: skip
+            seconds = time.monotonic() - t0
+            epochs_done = len(result["history"])
+            if epochs_done:
+                key = (cfg.image_size, cfg.batch_size)
+                typical, rest = epoch_pace(result["history"], seconds)
+                s_per_epoch[key] = max(s_per_epoch.get(key, 0.0), typical)
+                overhead_s = max(overhead_s, rest)
+            row.update(status="done", seconds=seconds, epochs_done=epochs_done,
+                       best_epoch=result["best_epoch"], val=result["val"],
+                       stopped_early_after_epoch=result["stopped_early_after_epoch"],
+                       test=result["test"])  # fmt: skip
+            rows.append(row)
+        for r in rows:  # all distilled: ranked, shipped and reported so (the trained val kept)
+            done = r.pop("distilled", None)
+            if done and distill:
+                r.update(trained_val=r["val"], distill_seconds=done["seconds"], val=done["val"],
+                         test=done["test"])  # fmt: skip
+        ranked = rank_candidates(rows)
+        if not ranked:
+            raise MarsvisionError("no candidate finished: " + "; ".join(r["status"] for r in rows))
+        best_run = ranked[0]["best_run"]
+        for r in rows:  # selection is on val: only the shipped run's test metrics are reported
+            if r["status"] == "done" and r["run"] != best_run:
+                del r["test"]
+        make_folder(out_dir, "--out")
+        chosen = runs_dir / best_run / (DISTILLED if distill else "checkpoint.pt")
+        shipped = ship_run(chosen, models_dir=runs_dir / "models", data_dir=data_dir,
+                           device=settings.get("device", "auto"), workers=workers,
+                           limit=settings.get("limit"))  # fmt: skip
     parts = split_file(shipped.checkpoint, out_dir)
     shutil.copy(shipped.card, out_dir / shipped.card.name)
     atomic_write_text(out_dir / "SHA256SUMS", f"{shipped.sha256}  {shipped_name(task)}\n")
