@@ -157,6 +157,19 @@ def test_card_and_sums(shipped: Path) -> None:
     assert ckpt["shipped"]["notes"] == list(NOTES)
 
 
+def test_card_names_the_distillations_libraries_where_they_differ() -> None:
+    from marsvision.train.card import _libraries
+
+    trained = {"torch": "2.14.1", "torchvision": "0.29.1"}
+    alone = "torch 2.14.1, torchvision 0.29.1"
+    assert _libraries({"versions": trained}) == alone
+    assert _libraries({"versions": trained, "distill": {"versions": dict(trained)}}) == alone
+    gpu = {"torch": "2.11.0+cu130", "torchvision": "0.26.0"}
+    assert _libraries({"versions": gpu, "distill": {"versions": trained}}) == (
+        "training: torch 2.11.0+cu130, torchvision 0.26.0; distillation: " + alone
+    )
+
+
 def test_the_cards_command_reproduces_the_config(shipped: Path, run: Path) -> None:
     """Parse the card's command with mars-train's own flags: the same TrainConfig."""
     from marsvision.train.cli import main as train_main
