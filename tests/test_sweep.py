@@ -23,6 +23,7 @@ from marsvision.train.sweep import (
     parse_settings,
     predicted_s,
     rank_candidates,
+    run_overhead,
     run_sweep,
     split_file,
 )
@@ -219,6 +220,21 @@ def test_a_runs_pace_is_its_median_epoch_and_the_rest_is_overhead() -> None:
     assert epoch_pace([{}, {}], 10.0) == pytest.approx((5.0, 0.0))
     # the overhead is added once, whatever the epochs
     assert predicted_s(120, 224, {(224, 256): 1.0}, 256, overhead_s=63.0) == pytest.approx(183.0)
+
+
+def test_a_runs_overhead_is_the_latest_at_its_size_and_batch() -> None:
+    assert run_overhead({}, (128, 256)) == 0.0  # nothing measured: the pace alone
+    # the call's first run decoded the images and warmed cuDNN up; the second shared both
+    rest_s = {(128, 256): 63.0}
+    assert run_overhead(rest_s, (128, 256)) == 63.0
+    rest_s[128, 256] = 34.0
+    assert run_overhead(rest_s, (128, 256)) == 34.0
+    overhead = run_overhead(rest_s, (128, 256))
+    assert predicted_s(60, 128, {(128, 256): 0.6}, 256, overhead) == pytest.approx(36.0 + 34.0)
+    # a new input size decodes again and tunes new shapes: the largest measured stands for it
+    rest_s[224, 256] = 40.0
+    assert run_overhead(rest_s, (160, 256)) == 40.0
+    assert run_overhead(rest_s, (224, 64)) == 40.0
 
 
 def test_sweep_seeds_are_checked(msl_dir: Path, tmp_path: Path) -> None:

@@ -151,6 +151,18 @@ def epoch_pace(history: list[dict[str, Any]], seconds: float) -> tuple[float, fl
     return typical, max(0.0, seconds - typical * len(times))
 
 
+def run_overhead(rest_s: dict[tuple[int, int], float], key: tuple[int, int]) -> float:
+    """The seconds a run at `key` (input size, batch) is predicted to spend outside its epochs
+    (the final scoring, the distillation, any decoding and warm-up), from `rest_s`, the rest of
+    the latest finished run at each key: the latest at the same key, since a call's first run
+    alone pays for decoding the images (the sweep's later runs share them) and for cuDNN's
+    warm-up (on the H200 about 8 and 21 s, against runs of 40-75 s), else the largest measured
+    (a new input size decodes its images again and tunes new shapes)."""
+    if key in rest_s:
+        return rest_s[key]
+    return max(rest_s.values(), default=0.0)
+
+
 def _val_key(val: dict[str, float]) -> tuple[float, float]:
     return val["balanced_accuracy"], val["accuracy"]
 
@@ -212,7 +224,7 @@ def run_sweep(
     deadline = t_start + budget_s - RESERVE_S
     rows: list[dict[str, Any]] = []
     s_per_epoch: dict[tuple[int, int], float] = {}  # (size, batch) -> slowest typical epoch
-    overhead_s = 0.0  # the largest measured rest of a run (decoding, warm-up, final scoring)
+    rest_s: dict[tuple[int, int], float] = {}  # (size, batch) -> the latest run's rest there
     distill_s = DISTILL_RESERVE_S  # the last distillation's time
     distill_error = None  # the first failure turns --distill off: the runs are not lost
     with decoded_once():  # each file decoded once per preprocessing for all runs
@@ -224,8 +236,9 @@ def run_sweep(
                                     workers=workers, **flags)  # fmt: skip
             row: dict[str, Any] = {"name": name, "seed": seed, "run": run, "config": cfg.to_dict()}
             left = deadline - time.monotonic()
+            key = (cfg.image_size, cfg.batch_size)
             predicted = predicted_s(
-                cfg.epochs, cfg.image_size, s_per_epoch, cfg.batch_size, overhead_s
+                cfg.epochs, cfg.image_size, s_per_epoch, cfg.batch_size, run_overhead(rest_s, key)
             )
             if left < 30 or (predicted is not None and predicted > left):
                 row["status"] = f"skipped: predicted {predicted or 0:.0f} s, {left:.0f} s left"
@@ -259,10 +272,9 @@ def run_sweep(
             seconds = time.monotonic() - t0
             epochs_done = len(result["history"])
             if epochs_done:
-                key = (cfg.image_size, cfg.batch_size)
                 typical, rest = epoch_pace(result["history"], seconds)
                 s_per_epoch[key] = max(s_per_epoch.get(key, 0.0), typical)
-                overhead_s = max(overhead_s, rest)
+                rest_s[key] = rest
             row.update(status="done", seconds=seconds, epochs_done=epochs_done,
                        best_epoch=result["best_epoch"], val=result["val"],
                        stopped_early_after_epoch=result["stopped_early_after_epoch"],
