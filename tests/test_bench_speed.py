@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,20 +78,27 @@ def _speed_in_process(fp32_dir: Path, tiny_checkpoint: Path, msl_dir: Path, out:
     )
 
 
+@pytest.fixture
+def three_torch_threads() -> Iterator[None]:
+    """torch at 3 threads for the test (not a job's 1, whatever this machine's default), then
+    the session's count back."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_speed_cli_writes_results_with_conditions(
-    fp32_dir: Path, tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path
+    fp32_dir: Path, tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path, three_torch_threads: None
 ) -> None:
     import torch
 
     out = tmp_path / "res"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)  # not the job's 1, whatever this machine's default
-    try:
-        result = _speed_in_process(fp32_dir, tiny_checkpoint, msl_dir, out)
-        # Its PyTorch rows ran at 1 thread; the process (here: the test session) keeps its 3.
-        assert torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(threads)
+    result = _speed_in_process(fp32_dir, tiny_checkpoint, msl_dir, out)
+    # Its PyTorch rows ran at 1 thread; the process (here: the test session) keeps its 3.
+    assert torch.get_num_threads() == 3
     assert result.exit_code == 0, result.output
     files = sorted(p.name for p in out.iterdir())
     machine = machine_name(cpu_info(), None)
@@ -130,26 +138,23 @@ def test_speed_cli_writes_results_with_conditions(
     assert "pytorch-cpu" in result.output and "skipped: no int8-cpu artifact" in result.output
 
 
-def test_torch_runner_puts_back_the_thread_count(tiny_checkpoint: Path, msl_dir: Path) -> None:
+def test_torch_runner_puts_back_the_thread_count(
+    tiny_checkpoint: Path, msl_dir: Path, three_torch_threads: None
+) -> None:
     """torch's thread count is process-wide: a runner's `threads` holds while it is open, and
     the parity reference (`reference_logits`) closes its runner."""
     import torch
 
     from marsvision.benchmarks.torch_baseline import TorchRunner, reference_logits
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        with TorchRunner(tiny_checkpoint, threads=1) as runner:
-            assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == 3
-        runner.close()  # a second close changes nothing
-        assert torch.get_num_threads() == 3
-        paths = sorted((msl_dir / "calibrated").glob("*.JPG"))[:2]
-        logits, _ = reference_logits(tiny_checkpoint, paths, threads=1)
-        assert logits.shape == (2, 2) and torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(threads)
+    with TorchRunner(tiny_checkpoint, threads=1) as runner:
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 3
+    runner.close()  # a second close changes nothing
+    assert torch.get_num_threads() == 3
+    paths = sorted((msl_dir / "calibrated").glob("*.JPG"))[:2]
+    logits, _ = reference_logits(tiny_checkpoint, paths, threads=1)
+    assert logits.shape == (2, 2) and torch.get_num_threads() == 3
 
 
 def test_isolated_onnxruntime_row_never_imports_torch(fp32_dir: Path, msl_dir: Path) -> None:
