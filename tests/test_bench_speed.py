@@ -11,7 +11,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -41,9 +40,25 @@ def fp32_dir(
     return out
 
 
-def _speed_in_process(fp32_dir: Path, tiny_checkpoint: Path, msl_dir: Path, out: Path) -> Any:
-    """`mars-bench speed --in-process --threads 1` on the tiny model: PyTorch and ORT FP32."""
-    return CliRunner().invoke(
+@pytest.fixture
+def three_torch_threads() -> Iterator[None]:
+    """torch at 3 threads for the test (not a job's 1, whatever this machine's default), then
+    the session's count back."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_speed_cli_writes_results_with_conditions(
+    fp32_dir: Path, tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path, three_torch_threads: None
+) -> None:
+    import torch
+
+    out = tmp_path / "res"
+    result = CliRunner().invoke(
         main,
         [
             "speed",
@@ -76,27 +91,6 @@ def _speed_in_process(fp32_dir: Path, tiny_checkpoint: Path, msl_dir: Path, out:
             str(out),
         ],
     )
-
-
-@pytest.fixture
-def three_torch_threads() -> Iterator[None]:
-    """torch at 3 threads for the test (not a job's 1, whatever this machine's default), then
-    the session's count back."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_speed_cli_writes_results_with_conditions(
-    fp32_dir: Path, tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path, three_torch_threads: None
-) -> None:
-    import torch
-
-    out = tmp_path / "res"
-    result = _speed_in_process(fp32_dir, tiny_checkpoint, msl_dir, out)
     # Its PyTorch rows ran at 1 thread; the process (here: the test session) keeps its 3.
     assert torch.get_num_threads() == 3
     assert result.exit_code == 0, result.output
