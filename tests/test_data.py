@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,26 @@ def test_official_splits_as_published(msl_dir: Path) -> None:
     assert len(msl.read_split(msl_dir, "val", "msl25", limit=5)) == 5
     assert len(msl.class_names("msl25", msl_dir)) == 25
     assert msl.class_names("binary", msl_dir) == ["Surface", "Rover"]
+
+
+def test_val_halves_by_sol(msl_dir: Path) -> None:
+    """`--train-on train+half-val`'s halves: every other sol of val, no sol in both, each half in
+    file order, and both with MAHLI ground and drill holes (the close-ups train lacks)."""
+    val = msl.read_split(msl_dir, "val", "binary")
+    first, second = msl.halve_by_sol(val)
+    assert (len(first), len(second)) == (804, 836)
+    position = {s.path: i for i, s in enumerate(val)}
+    assert sorted(position[s.path] for s in first + second) == list(range(len(val)))
+    for half in first, second:  # file order kept
+        assert [position[s.path] for s in half] == sorted(position[s.path] for s in half)
+    sols = sorted({msl.sol_key(s.path) for s in val})
+    assert {msl.sol_key(s.path) for s in first} == set(sols[::2])
+    assert {msl.sol_key(s.path) for s in second} == set(sols[1::2])
+    for half, ground, drill in ((first, 58, 182), (second, 29, 288)):
+        mahli = Counter(s.msl_class for s in half if msl.camera(s.path) == "MH")
+        assert (mahli[8], mahli[5]) == (ground, drill)
+    with pytest.raises(MarsvisionError, match="all 2 images come from one sol"):
+        msl.halve_by_sol([s for s in val if msl.sol_key(s.path) == "0270"][:2])
 
 
 def test_missing_and_unreadable_images_are_errors_naming_the_file(

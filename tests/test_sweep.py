@@ -71,6 +71,22 @@ def test_sweep_refits_one_candidate_on_train_and_val(msl_dir: Path, tmp_path: Pa
     assert "train and val splits together" in card and "--train-on train+val" in card
 
 
+def test_sweep_on_half_of_val_ranks_on_the_other_half(msl_dir: Path, tmp_path: Path) -> None:
+    """--set train_on=train+half-val: runs train on val's first half by sol and are ranked on the
+    second, the val the summary and the card report."""
+    from marsvision.train import data as msl
+
+    summary = run_sweep(data_dir=msl_dir, task="binary", names=["default", "zoom"],
+                        budget_s=600.0, settings=parse_settings((*TINY, "train_on=train+half-val")),
+                        runs_dir=tmp_path / "r", out_dir=tmp_path / "o", workers=2)  # fmt: skip
+    held = len(msl.halve_by_sol(msl.read_split(msl_dir, "val", "binary", 16))[1])
+    assert [r["val"]["n"] for r in summary["candidates"]] == [held, held]
+    assert summary["selected_on"].endswith("val: its second half by sol, the first is training "
+                                           "data (train+half-val)")
+    card = (tmp_path / "o" / "resnet50-binary.md").read_text()
+    assert "the first half of val by sol" in card and "--train-on train+half-val" in card
+
+
 def test_sweep_over_seeds_ranks_by_the_mean_and_ships_the_best_seed(
     msl_dir: Path, tmp_path: Path
 ) -> None:

@@ -533,6 +533,48 @@ def test_train_on_train_and_val(
                  limit=8, threshold_on_val=True)  # fmt: skip
 
 
+def test_train_on_train_and_half_of_val(
+    msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--train-on train+half-val: the weights learn from train and val's first half by sol, the
+    epoch is selected on the second half, which is the val the run, its shipped scores and the
+    card report; the flag reaches the card command."""
+    from marsvision.train import loop
+    from marsvision.train.config import command_line
+    from marsvision.train.ship import ship_run
+
+    stored: list[list[msl.Sample]] = []
+    real_store = loop.train_store
+
+    def spy_store(samples: list[msl.Sample], **kw: Any) -> torch.Tensor:
+        stored.append(list(samples))
+        return real_store(samples, **kw)
+
+    monkeypatch.setattr(loop, "train_store", spy_store)
+    out = tmp_path / "half"
+    _train(["--data", str(msl_dir), "--epochs", "2", "--limit", "8", "--out", str(out), *QUICK,
+            "--train-on", "train+half-val"])  # fmt: skip
+    first, second = msl.halve_by_sol(msl.read_split(msl_dir, "val", "binary", 8))
+    assert first and second
+    assert stored == [[*msl.read_split(msl_dir, "train", "binary", 8), *first]]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["trained_on"] == "train+half-val" and m["val"]["n"] == len(second)
+    assert m["selected_on"].startswith("the held-out half of val balanced_accuracy over epochs 1-2")
+    assert all("val_balanced_accuracy" in h for h in m["history"])  # selected on, every epoch
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["select_from"] == 0.5 and "--train-on train+half-val" in command_line(cfg)
+    models = tmp_path / "models"
+    # the held-out half is not training data: it may choose a decision threshold
+    ship_run(out, models_dir=models, data_dir=msl_dir, device="cpu", workers=2, limit=8,
+             threshold_on_val=True)  # fmt: skip
+    shipped = load_checkpoint(models / "resnet50-binary.pt")
+    assert shipped["metrics"]["val"]["n"] == len(second)
+    card = (models / "resnet50-binary.md").read_text()
+    assert "the first half of val by sol" in card and "selected on the held-out half of val" in card
+    assert f"| val: second half (held out, selects) | {836:,} |" in card  # counted on all of val
+    assert f"| val, held-out half | {len(second)} |" in card  # the scores: on the run's images
+
+
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [({"train_on": "val"}, "--train-on 'val'"),

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from marsvision.train import data as msl
-from marsvision.train.config import is_refit
+from marsvision.train.config import HALF_VAL, REFIT, holds_half_val, is_refit
 
 _METRICS = ("accuracy", "balanced_accuracy", "precision", "recall", "f1")
 
@@ -21,14 +21,16 @@ def _metric_rows(shipped: dict[str, Any]) -> list[str]:
     by_sol = m.get("ci95_by_sol")  # cards shipped before 2026-11-25: none
     rows = ["| split | n | " + " | ".join(n.replace("_", " ") for n in _METRICS) + " |",
             "|---|---|" + "---|" * len(_METRICS)]  # fmt: skip
+    held = holds_half_val(shipped["config"])
     for split in ("val", "test"):
+        name = "val, held-out half" if split == "val" and held else split
         cells = [f"{_pct(m[split][n])} ({_pct(ci[split][n][0])}-{_pct(ci[split][n][1])})"
                  for n in _METRICS]  # fmt: skip
-        rows.append(f"| {split} | {m[split]['n']} | " + " | ".join(cells) + " |")
+        rows.append(f"| {name} | {m[split]['n']} | " + " | ".join(cells) + " |")
         if by_sol:
             cells = [f"({_pct(by_sol[split][n][0])}-{_pct(by_sol[split][n][1])})"
                      for n in _METRICS]  # fmt: skip
-            rows.append(f"| {split}, by sol | | " + " | ".join(cells) + " |")
+            rows.append(f"| {name}, by sol | | " + " | ".join(cells) + " |")
     return rows
 
 
@@ -46,12 +48,18 @@ def _confusion(shipped: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _split_counts(data_dir: Path, task: str, names: list[str]) -> list[str]:
+def _split_counts(data_dir: Path, task: str, names: list[str], *, half: bool) -> list[str]:
+    """The splits' sizes (with `half`, val's two halves by sol too: `data.halve_by_sol`)."""
     rows = ["| split | images | " + " | ".join(names) + " |" if task == "binary" else
             "| split | images | classes present |",
             "|---|---|" + ("---|" * len(names) if task == "binary" else "---|")]  # fmt: skip
-    for split in msl.SPLITS:
-        labels = Counter(s.label for s in msl.read_split(data_dir, split, task))
+    sets = {split: msl.read_split(data_dir, split, task) for split in msl.SPLITS}
+    if half:
+        first, second = msl.halve_by_sol(sets["val"])
+        sets["val: first half by sol (trained on)"] = first
+        sets["val: second half (held out, selects)"] = second
+    for split, samples in sets.items():
+        labels = Counter(s.label for s in samples)
         n = sum(labels.values())
         if task == "binary":
             rows.append(f"| {split} | {n:,} | " + " | ".join(f"{labels[i]:,}" for i in range(2))
@@ -161,18 +169,24 @@ def render_card(
                "whole splits)") if info.get("scored_limit") else ""  # fmt: skip
     stopped = (f" (stopped after epoch {m['stopped_early_after_epoch']}: time budget)"
                if m.get("stopped_early_after_epoch") else "")  # fmt: skip
-    refit = is_refit(cfg)
-    how = (" on the official MSL train and val splits together (a refit: the recipe and its epoch"
-           " count were chosen on val by an earlier run; this run keeps its last epoch, so its "
-           "val numbers below are training-set numbers), test read once." if refit else
-           " on the official MSL train split, the epoch chosen on val alone, test read once.")
+    refit, half = is_refit(cfg), holds_half_val(cfg)
+    how = {
+        REFIT: " on the official MSL train and val splits together (a refit: the recipe and its "
+        "epoch count were chosen on val by an earlier run; this run keeps its last epoch, so its "
+        "val numbers below are training-set numbers), test read once.",
+        HALF_VAL: " on the official MSL train split and the first half of val by sol (val's sols "
+        "in order, every other one), the epoch chosen on the other half alone (the val numbers "
+        "below are that held-out half's), test read once.",
+    }.get(cfg.get("train_on"), " on the official MSL train split, the epoch chosen on val alone, "
+          "test read once.")  # fmt: skip
     source_row, source_kind = "source run checkpoint", "fp32"
     if shipped.get("distill"):
         source_row, source_kind = "source checkpoint", "fp32, distilled"
         how = how[: -len(" test read once.")] + (
             " then distilled for INT8 on train images (below); test read once before the "
             "distillation and once after.")  # fmt: skip
-    chosen = "the last (val is training data)" if refit else "selected on val balanced accuracy"
+    chosen = ("the last (val is training data)" if refit else
+              f"selected on {'the held-out half of ' if half else ''}val balanced accuracy")
     lines = [
         f"# {file_name}: ResNet-50, MSL `{task}` task",
         "",
@@ -210,7 +224,7 @@ def render_card(
             else ""
         ),
         "",
-        *_split_counts(data_dir, task, names),
+        *_split_counts(data_dir, task, names, half=half),
         "",
         "## Training command",
         "",

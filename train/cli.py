@@ -130,9 +130,11 @@ from marsvision.train.config import RECIPES, config_from_flags
     "--train-on",
     default="train",
     show_default=True,
-    help="train, or train+val: a refit of a recipe chosen on val by an earlier run (same flags, "
+    help="train; train+val: a refit of a recipe chosen on val by an earlier run (same flags, "
     "its epoch count); val is then training data, the last epoch is kept, and the val numbers "
-    "reported are training-set numbers.",
+    "reported are training-set numbers; or train+half-val: train and the first half of val by "
+    "sol (every other sol), the epoch selected on the second half, whose numbers are the val "
+    "numbers reported.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--limit", type=int, default=None, help="At most N images per split (quick runs).")

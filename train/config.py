@@ -64,15 +64,22 @@ SCHEDULES = ("cosine", "constant")
 BALANCES = ("loss", "group", "sampler", "none")
 DEVICES = ("auto", "cpu", "cuda")
 AMPS = ("auto", "bf16", "off")
-# what the weights learn from: the official train split, or train and val together (a refit:
-# the recipe and epoch count are chosen on val by an earlier run, then the last epoch is kept)
+# what the weights learn from: the official train split; train and val together (a refit:
+# the recipe and epoch count are chosen on val by an earlier run, then the last epoch is kept);
+# or train and the first half of val by sol, the epoch selected on the second (data.halve_by_sol)
 REFIT = "train+val"
-TRAIN_ON = ("train", REFIT)
+HALF_VAL = "train+half-val"
+TRAIN_ON = ("train", REFIT, HALF_VAL)
 
 
 def is_refit(config: Mapping[str, Any]) -> bool:
-    """Whether a config (a `TrainConfig.to_dict()`, or flag settings) trains on val too."""
+    """Whether a config (a `TrainConfig.to_dict()`, or flag settings) trains on all of val."""
     return config.get("train_on") == REFIT
+
+
+def holds_half_val(config: Mapping[str, Any]) -> bool:
+    """Whether a config trains on half of val: its val scores are the other half's."""
+    return config.get("train_on") == HALF_VAL
 
 
 @dataclass(frozen=True)

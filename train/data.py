@@ -1,6 +1,7 @@
 """The MSL data set layout: where it is, the official splits, the two tasks, a fingerprint.
 
-The split files are used as published (never re-split). Tasks:
+The split files are used as published; the one derived set is val's two halves by sol
+(`halve_by_sol`, for `mars-train --train-on train+half-val`). Tasks:
 - `binary`: "Surface" (classes 5 drill holes, 8 ground, 9 horizon) vs "Rover" (all others);
   Rover is label 1, the positive class.
 - `msl25`: the 25 MSL classes (0-24), names from the synset file.
@@ -145,6 +146,24 @@ def read_split(data_dir: Path, split: str, task: str, limit: int | None = None) 
     if not samples:
         raise MarsvisionError(f"{path} lists no images")
     return samples
+
+
+def halve_by_sol(samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
+    """Two halves of a split, a sol's images always in the same one: the sols in order, the
+    first, third, fifth ... to the first half, the others to the second; file order kept within
+    each. On the official val split (103 sols, 182-564) the first holds 804 images, the second 836,
+    and each has a share of every camera and Surface class (MAHLI ground 58 and 29, drill holes
+    182 and 288). `mars-train --train-on train+half-val` trains on train and the first half and
+    selects on the second."""
+    order = {sol: i for i, sol in enumerate(sorted({sol_key(s.path) for s in samples}))}
+    halves: tuple[list[Sample], list[Sample]] = ([], [])
+    for s in samples:
+        halves[order[sol_key(s.path)] % 2].append(s)
+    if not halves[1]:
+        raise MarsvisionError(
+            f"all {len(samples)} images come from one sol: there is no second half to hold out"
+        )
+    return halves
 
 
 def data_fingerprint(data_dir: Path) -> str:

@@ -5,7 +5,9 @@ to the device once. With `amp` bf16 (the default on CUDA; `--amp bf16` on a CPU 
 loop trains and selects under bf16 autocast with channels_last, else in fp32. The checkpoint is
 selected on val only; test is evaluated once, at the end, with it, in fp32. With `train_on`
 "train+val" (a refit of a recipe chosen on val) val is training data: it is not scored per
-epoch, the last epoch is kept, and its final val numbers are training-set numbers.
+epoch, the last epoch is kept, and its final val numbers are training-set numbers. With
+"train+half-val" the first half of val by sol (`data.halve_by_sol`) is training data and "val"
+everywhere below is the second half, the held-out one the epoch is selected on.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from marsvision.train import data as msl
 from marsvision.train.adversary import CameraTask, camera_task, pooled_features
 from marsvision.train.augment import augment_batch
 from marsvision.train.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
-from marsvision.train.config import AugmentSpec, TrainConfig
+from marsvision.train.config import HALF_VAL, AugmentSpec, TrainConfig
 from marsvision.train.device import select_device, use_bf16, uses_channels_last
 from marsvision.train.images import eval_tensors, train_store
 from marsvision.train.metrics import bootstrap_cis, classification_metrics
@@ -245,11 +247,15 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     refit = cfg.refit
     # the images the weights learn from (splits["train"] stays the official train split)
     fit = splits["train"] + splits["val"] if refit else splits["train"]
+    if cfg.train_on == HALF_VAL:  # val's first half by sol trains; the second selects
+        val_fit, splits["val"] = msl.halve_by_sol(splits["val"])
+        fit = splits["train"] + val_fit
     torch.manual_seed(cfg.seed)  # before the model's random init
     model = create_model(k, cfg.init)
     log = sys.stderr
     workers = max(cfg.workers, 1)
-    print(f"decoding {sum(map(len, splits.values()))} images ({workers} threads)", file=log)
+    decoded = len(fit) + len(splits["val"]) + len(splits["test"])
+    print(f"decoding {decoded} images ({workers} threads)", file=log)
     store = train_store(fit, store_size=cfg.store_size or spec.resize_size,
                         interpolation=spec.interpolation, workers=workers)  # fmt: skip
     evals = {s: eval_tensors(splits[s], spec=spec, workers=workers) for s in ("val", "test")}
@@ -378,12 +384,13 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     ckpt = load_checkpoint(cfg.out / CHECKPOINT)
     final = create_model(k).to(device, memory_format=layout)
     final.load_state_dict(ckpt["state_dict"])
+    held = "the held-out half of " if cfg.train_on == HALF_VAL else ""
     result: dict[str, Any] = {
         "task": task,
         "class_names": names,
         "best_epoch": best_epoch,
         "selected_on": "the last epoch (val is training data: --train-on train+val)" if refit
-        else f"val balanced_accuracy over epochs {first_eligible}-{cfg.epochs} "
+        else f"{held}val balanced_accuracy over epochs {first_eligible}-{cfg.epochs} "
         f"(ties: lower val loss){scored_in}",
         "trained_on": cfg.train_on,
         "stopped_early_after_epoch": stopped_after,

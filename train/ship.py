@@ -61,13 +61,15 @@ def score_checkpoint(
     Binary models with `threshold_on_val`: the decision threshold on P(positive) is chosen on
     val (`balanced_threshold`) and every label uses it; val's argmax metrics are kept beside.
     Val is also scored with `mars-infer --tta flip` (mean of image and mirror, same rule): both
-    choices are made on val, so test is read once, with the chosen rule and no TTA.
+    choices are made on val, so test is read once, with the chosen rule and no TTA. A model
+    trained on half of val (`--train-on train+half-val`) is scored on the other half as val.
     """
     import torch
 
     from marsvision.runtime.metadata import decide
     from marsvision.train import data as msl
     from marsvision.train.checkpoint import model_from_checkpoint, preprocess_from_checkpoint
+    from marsvision.train.config import holds_half_val
     from marsvision.train.device import select_device
     from marsvision.train.images import eval_tensors
     from marsvision.train.loop import evaluate
@@ -80,6 +82,8 @@ def score_checkpoint(
     labels, probs, sols = {}, {}, {}
     for split in SCORED_SPLITS:
         samples = msl.read_split(data_dir, split, task, limit)
+        if split == "val" and holds_half_val(ckpt["config"]):
+            samples = msl.halve_by_sol(samples)[1]  # the first half is training data
         y = np.array([s.label for s in samples])
         sols[split] = [msl.sol_key(s.path) for s in samples]
         x = eval_tensors(samples, spec=spec, workers=workers).to(dev)

@@ -6,18 +6,19 @@ and split the shipped file into parts small enough to come back from the machine
         --runs /tmp/runs --out $OUT          # $OUT: parts, card, SHA256SUMS, sweep.json
     cat resnet50-binary.pt.part* > resnet50-binary.pt && sha256sum -c SHA256SUMS   # here
 
-Every candidate is a set of mars-train flags, so the shipped model's card holds the one
-command that reproduces it. Candidates are selected on val alone; only the shipped run's test
-metrics are reported. With `--seeds 0,1` each candidate is trained once per seed and ranked by
-its mean val score (the seed alone moved the CPU recipe by up to 11.6 points on val: RECIPES.md,
-"Seed noise"); the chosen candidate's best seed on val ships. `--set train_on=train+val` refits
-one candidate with one seed on train and val together (its val is training data: nothing is
-ranked) and ships it. With `--distill` every finished run is then put through quantization-aware
-self-distillation (`python -m marsvision.train.int8_distill`, `--distill-epochs` epochs, on the
-same device) and ranked, shipped and reported by its distilled checkpoint: the GPU runs' own INT8
-failed parity, and the distillation moves val scores by more than most recipes differ (-4.6 to
-+3.4 points: RECIPES.md, "Distilling further"), so the choice is made on the model that would
-ship.
+Every candidate is a set of mars-train flags, so the shipped model's card holds the one command
+that reproduces it. Candidates are selected on val alone; only the shipped run's test metrics are
+reported. With `--seeds 0,1` each candidate is trained once per seed and ranked by its mean val
+score (the seed alone moved the CPU recipe by up to 11.6 points on val: RECIPES.md, "Seed noise");
+the chosen candidate's best seed on val ships. `--set train_on=train+val` refits one candidate with
+one seed on train and val together (its val is training data: nothing is ranked) and ships it;
+`--set train_on=train+half-val` trains every run on train and the first half of val by sol and
+ranks them on the second half (`mars-train --train-on`). With `--distill` every finished run is
+then put through quantization-aware self-distillation (`python -m marsvision.train.int8_distill`,
+`--distill-epochs` epochs, on the same device) and ranked, shipped and reported by its distilled
+checkpoint: the GPU runs' own INT8 failed parity, and the distillation moves val scores by more
+than most recipes differ (-4.6 to +3.4 points: RECIPES.md, "Distilling further"), so the choice is
+made on the model that would ship.
 """
 
 from __future__ import annotations
@@ -207,7 +208,7 @@ def run_sweep(
     if not seeds or len(set(seeds)) != len(seeds):
         raise MarsvisionError(f"--seeds {seeds}: give one or more distinct seeds, e.g. 0,1")
     check_writable_folder(out_dir, "--out")  # before the budget is spent, not after
-    from marsvision.train.config import config_from_flags, is_refit
+    from marsvision.train.config import config_from_flags, holds_half_val, is_refit
 
     refit = is_refit(settings)
     if refit and len(names) * len(seeds) > 1:
@@ -310,7 +311,9 @@ def run_sweep(
         "selected_on": "nothing: one refit on train and val (--set train_on=train+val)"
         if refit
         else "mean val balanced accuracy over the seeds (ties: val accuracy); "
-        "then the chosen candidate's best seed on val",
+        "then the chosen candidate's best seed on val"
+        + ("; val: its second half by sol, the first is training data (train+half-val)"
+           if holds_half_val(settings) else ""),
         "ranking": ranked,
         "budget_s": budget_s,
         "seconds": time.monotonic() - t_start,
