@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.train.data import Sample, halve_by_sol
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,15 @@ def is_refit(config: Mapping[str, Any]) -> bool:
 def holds_half_val(config: Mapping[str, Any]) -> bool:
     """Whether a config trains on half of val: its val scores are the other half's."""
     return config.get("train_on") == HALF_VAL
+
+
+def val_roles(config: Mapping[str, Any], val: list[Sample]) -> tuple[list[Sample], list[Sample]]:
+    """Val's images that a config trains on, and those its val scores are taken on: none and all
+    (train), all and all (train+val: training-set numbers), or the halves by sol (train+half-val).
+    """
+    if is_refit(config):
+        return val, val
+    return halve_by_sol(val) if holds_half_val(config) else ([], val)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from marsvision.train import data as msl
 from marsvision.train.adversary import CameraTask, camera_task, pooled_features
 from marsvision.train.augment import augment_batch
 from marsvision.train.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
-from marsvision.train.config import HALF_VAL, AugmentSpec, TrainConfig
+from marsvision.train.config import HALF_VAL, AugmentSpec, TrainConfig, val_roles
 from marsvision.train.device import select_device, use_bf16, uses_channels_last
 from marsvision.train.images import eval_tensors, train_store
 from marsvision.train.metrics import bootstrap_cis, classification_metrics
@@ -245,11 +245,10 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     k = len(names)
     splits = {s: msl.read_split(data_dir, s, task, cfg.limit) for s in msl.SPLITS}
     refit = cfg.refit
-    # the images the weights learn from (splits["train"] stays the official train split)
-    fit = splits["train"] + splits["val"] if refit else splits["train"]
-    if cfg.train_on == HALF_VAL:  # val's first half by sol trains; the second selects
-        val_fit, splits["val"] = msl.halve_by_sol(splits["val"])
-        fit = splits["train"] + val_fit
+    # the images the weights learn from (splits["train"] stays the official train split), and
+    # the val that selects and is scored
+    val_fit, splits["val"] = val_roles(cfg.to_dict(), splits["val"])
+    fit = splits["train"] + val_fit
     torch.manual_seed(cfg.seed)  # before the model's random init
     model = create_model(k, cfg.init)
     log = sys.stderr
