@@ -15,7 +15,7 @@ import click
 
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.files import check_writable_folder
-from marsvision.train.data import SPLITS
+from marsvision.train.data import SPLITS, VAL_HALVES
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_OUT = Path("runs/bench")
@@ -320,7 +320,7 @@ through links); rows for other images are ignored and counted. Every image of th
 exactly one row with status ok, unless --allow-missing (then the rest are scored and the
 coverage is shown). Metrics of the top-1 label with 95% bootstrap intervals (1000 resamples,
 seed 0); binary: precision, recall and F1 of Rover, msl25: macro averages. Writes
-score-<split>-<model sha256[:12]>.json to --out.
+score-<split>-<model sha256[:12]>.json to --out (score-val-held-... with --val-half held).
 
 \b
 Exit codes:
@@ -341,6 +341,13 @@ Exit codes:
     show_default=True,
 )
 @click.option(
+    "--val-half",
+    type=click.Choice(VAL_HALVES),
+    default=None,
+    help="With --split val, score one half of val by sol: held (the half a model trained with "
+    "--train-on train+half-val was selected on: its val) or trained (the half it learned from).",
+)
+@click.option(
     "--allow-missing",
     is_flag=True,
     help="Score the images that have one ok row; report the missing, failed and duplicated.",
@@ -357,6 +364,7 @@ def score(
     predictions: Path,
     data: str | None,
     split: str,
+    val_half: str | None,
     allow_missing: bool,
     require: str | None,
     out: Path,
@@ -375,11 +383,15 @@ def score(
         requirements = parse_requirements(require)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--require") from None
+    if val_half and split != "val":
+        raise click.BadParameter(f"a half of val: needs --split val, not {split}",
+                                 param_hint="--val-half")  # fmt: skip
     check_writable_folder(out, "--out")  # before the run, not after it
     cfg = ScoreConfig(
         predictions=predictions,
         data_dir=resolve_data_dir(data),
         split=split,
+        val_half=val_half,
         allow_missing=allow_missing,
         requirements=requirements,
     )

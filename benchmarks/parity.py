@@ -124,6 +124,23 @@ def verdict(precision: str, figures: dict[str, Any], t: Thresholds) -> tuple[boo
     return not fails, fails
 
 
+def scored_part(config: dict[str, Any], split: str, samples: list[Any]) -> tuple[list[Any], str]:
+    """The images of a split that parity scores for a checkpoint of this training config, and
+    what they are: val of a `--train-on train+half-val` model is its held-out half by sol (the
+    other half is training data, as in its metrics.json and model card); a refit's val is all of
+    val, but training data, and said so."""
+    from marsvision.train.config import is_refit, val_roles
+
+    if split != "val":
+        return samples, "all"
+    trained, scored = val_roles(config, samples)
+    if not trained:
+        return scored, "all"
+    if is_refit(config):
+        return scored, "all, training data (a train+val refit)"
+    return scored, f"held-out half by sol ({len(trained)} images of the other half were trained on)"
+
+
 def _decode_split(paths: list[Path], spec: PreprocessSpec) -> np.ndarray:
     """uint8 (n, H, W, 3) of the runtime's decode+resize+crop, shared by all artifacts."""
     from marsvision.runtime.preprocess import decode_image
@@ -199,9 +216,12 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
 
     splits: dict[str, dict[str, Any]] = {}
     for split in cfg.splits:
-        samples = read_split(cfg.data_dir, split, task, limit=cfg.limit)
+        samples, scope = scored_part(
+            ckpt.get("config", {}), split, read_split(cfg.data_dir, split, task, limit=cfg.limit)
+        )
         paths = [s.path for s in samples]
-        say(f"{split}: {len(paths)} images; PyTorch reference on {torch_device}")
+        say(f"{split}: {len(paths)} images{'' if scope == 'all' else f' ({scope})'}; "
+            f"PyTorch reference on {torch_device}")  # fmt: skip
         logits, secs = reference_logits(
             cfg.checkpoint,
             paths,
@@ -214,6 +234,7 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
             "y_true": np.array([s.label for s in samples]),
             "ref_logits": logits,
             "ref_seconds": secs,
+            "scope": scope,
         }
 
     ref_row: dict[str, Any] = {
@@ -336,6 +357,9 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
         "config": cfg.to_dict(),
         "conditions": capture_conditions(threads=cfg.threads),
         "checkpoint_sha256": ckpt_sha,
+        # which images of each split were scored: "all", or for val, the half a half-val model
+        # held out (or a refit's note that val is training data)
+        "scopes": {split: d["scope"] for split, d in splits.items()},
         "thresholds": asdict(cfg.thresholds),
         "rows": rows,
         "failed": failed,

@@ -99,9 +99,15 @@ def per_class_markdown(report: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _partial_scopes(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """(split, what was scored) where not simply all of the split (reports before: none)."""
+    return [(k, v) for k, v in report.get("scopes", {}).items() if v != "all"]
+
+
 def render_text(report: dict[str, Any]) -> str:
     """The terminal table plus a one-line summary of failures."""
-    lines = [text_table(HEADERS, table_rows(report))]
+    lines = [f"{split}: {scope}" for split, scope in _partial_scopes(report)]
+    lines.append(text_table(HEADERS, table_rows(report)))
     for row in report["rows"]:
         for f in row.get("failures", []):
             lines.append(f"FAIL {row['artifact']}: {f}")
@@ -145,6 +151,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{report['config']['batch_size']}), preprocessing excluded."
             ),
             "",
+            *[f"Images of {split}: {scope}.\n" for split, scope in _partial_scopes(report)],
             markdown_table(HEADERS, table_rows(report)),
             "",
             per_class_markdown(report),

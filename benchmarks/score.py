@@ -30,6 +30,10 @@ METRICS = ("accuracy", "balanced_accuracy", "precision", "recall", "f1")
 N_BOOT = 1000
 SEED = 0
 _WORST = 6  # (camera, class) groups listed in the terminal summary
+_HALF_TEXT = {
+    "held": ", its second half by sol (held out by a train+half-val model: its val)",
+    "trained": ", its first half by sol (a train+half-val model's training data)",
+}
 
 
 @dataclass(frozen=True)
@@ -39,10 +43,30 @@ class ScoreConfig:
     predictions: Path
     data_dir: Path
     split: str = "test"
+    # with split "val": only one half of val by sol ("trained" or "held", `data.VAL_HALVES`): a
+    # `--train-on train+half-val` model's own val is the held half, the other is its training data
+    val_half: str | None = None
     allow_missing: bool = False
     requirements: dict[str, float] = field(default_factory=dict)
     n_boot: int = N_BOOT
     seed: int = SEED
+
+    def __post_init__(self) -> None:
+        from marsvision.train.data import VAL_HALVES
+
+        if self.val_half is not None and self.split != "val":
+            raise MarsvisionError(
+                f"--val-half is a half of val: it needs --split val, not {self.split}"
+            )
+        if self.val_half is not None and self.val_half not in VAL_HALVES:
+            raise MarsvisionError(
+                f"--val-half {self.val_half!r}: choose from {', '.join(VAL_HALVES)}"
+            )
+
+    @property
+    def part(self) -> str:
+        """What is scored: the split's name, or "val-held" / "val-trained" for a half of val."""
+        return f"{self.split}-{self.val_half}" if self.val_half else self.split
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready resolved config."""
@@ -50,6 +74,7 @@ class ScoreConfig:
             "predictions": str(self.predictions),
             "data_dir": str(self.data_dir),
             "split": self.split,
+            "val_half": self.val_half,
             "allow_missing": self.allow_missing,
             "requirements": dict(self.requirements),
             "n_boot": self.n_boot,
@@ -170,7 +195,7 @@ def check_requirements(
 def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     """Read, match, score and check one predictions file: the report (JSON-ready)."""
     from marsvision.runtime.metadata import sha256_file
-    from marsvision.train.data import data_fingerprint, msl_class_names, read_split
+    from marsvision.train.data import data_fingerprint, msl_class_names, read_split, val_half
 
     preds = read_predictions(cfg.predictions)
     if not any(r.status == "ok" for r in preds.rows):
@@ -182,6 +207,8 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     task, names = resolve_task(preds, data_dir=cfg.data_dir)
     model = model_provenance(preds.rows, path=cfg.predictions)
     samples = read_split(cfg.data_dir, cfg.split, task)
+    if cfg.val_half:
+        samples = val_half(samples, cfg.val_half)
     scored = score_predictions(
         preds.rows,
         samples,
@@ -199,6 +226,8 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         "kind": "score",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "split": cfg.split,
+        "val_half": cfg.val_half,
+        "part": cfg.part,
         **scored,
         "model": model,
         "predictions": {
@@ -222,7 +251,8 @@ def render_text(report: dict[str, Any]) -> str:
     p, model = report["predictions"], report["model"]
     lines = [
         f"score: {p['path']} ({p['format']}{', top-k' if p['top_k'] else ''}), "
-        f"{report['task']} task, {report['split']} split",
+        f"{report['task']} task, {report['split']} split"
+        + (_HALF_TEXT[half] if (half := report.get("val_half")) else ""),
         f"model: sha256 {model['sha256'][:12]}, {model['precision']}, {model['backend']}"
         + (f", tta {model['tta']}" if model.get("tta", "none") != "none" else ""),
     ]
@@ -234,7 +264,8 @@ def render_text(report: dict[str, Any]) -> str:
             f"{c['duplicated']} duplicated"
         )
     else:
-        lines.append(f"coverage: all {c['split_images']} images of the split scored")
+        what = "half" if report.get("val_half") else "split"
+        lines.append(f"coverage: all {c['split_images']} images of the {what} scored")
     if c["rows_outside_split"]:
         lines.append(f"ignored: {c['rows_outside_split']} rows for images outside the split")
     which = f"({report['positive_class']})" if report["positive_class"] else "(macro)"
@@ -265,9 +296,9 @@ def render_text(report: dict[str, Any]) -> str:
 
 
 def write_score(report: dict[str, Any], out: Path) -> Path:
-    """score-<split>-<model sha256[:12]>.json in `out`, written atomically."""
+    """score-<split>-<model sha256[:12]>.json in `out` (score-val-held-..., score-val-trained-...
+    for a half of val), written atomically."""
     from marsvision.benchmarks.report import write_json
 
-    return write_json(
-        out / f"score-{report['split']}-{report['model']['sha256'][:12]}.json", report
-    )
+    part = report.get("part", report["split"])
+    return write_json(out / f"score-{part}-{report['model']['sha256'][:12]}.json", report)

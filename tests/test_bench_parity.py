@@ -87,6 +87,12 @@ def test_parity_table_and_verdicts(
     )
     rows = {r["flavour"]: r for r in report["rows"]}
     assert set(rows) == {"pytorch", "fp32", "fp16", "int8-cpu", "int8-trt"}
+    from marsvision.benchmarks.parity_report import render_markdown, render_text
+
+    assert report["scopes"] == {"test": "all"} and not render_text(report).startswith("test:")
+    partial = {**report, "scopes": {"test": "held-out half by sol"}}  # how a half is shown
+    assert render_text(partial).startswith("test: held-out half by sol\n")
+    assert "\nImages of test: held-out half by sol.\n" in render_markdown(partial)
     # The reference figures are the checkpoint's own, as an independent run computes them.
     ref = rows["pytorch"]["splits"]["test"]
     assert ref["n"] == LIMIT
@@ -120,6 +126,25 @@ def test_parity_table_and_verdicts(
     assert report["passed"] is not any_fail
     md = (out / next(out.glob("parity-*.md")).name).read_text()
     assert "Per-class recall, test split" in md and "Surface" in md
+
+
+def test_val_of_a_half_val_model_is_its_held_out_half(msl_dir: Path) -> None:
+    """Parity scores val as the model's own metrics do: a train+half-val model's held-out half
+    only (the other half is training data); a refit's val is all of it, said to be trained on."""
+    from marsvision.benchmarks.parity import scored_part
+    from marsvision.train.data import read_split, val_half
+
+    val = read_split(msl_dir, "val", "binary")
+    test = read_split(msl_dir, "test", "binary", limit=LIMIT)
+    assert scored_part({"train_on": "train"}, "val", val) == (val, "all")
+    assert scored_part({}, "val", val) == (val, "all")  # checkpoints from before the flag
+    got, scope = scored_part({"train_on": "train+half-val"}, "val", val)
+    assert got == val_half(val, "held") and len(got) == 836
+    assert scope == "held-out half by sol (804 images of the other half were trained on)"
+    got, scope = scored_part({"train_on": "train+val"}, "val", val)
+    assert got == val and scope == "all, training data (a train+val refit)"
+    for train_on in ("train", "train+half-val", "train+val"):  # test is always all of test
+        assert scored_part({"train_on": train_on}, "test", test) == (test, "all")
 
 
 def _negate_head(src: Path, dst: Path) -> None:

@@ -270,6 +270,41 @@ def test_require_pass_fail_and_exit_code(
         assert "--require" in r.stderr and "Traceback" not in r.output
 
 
+def test_a_half_of_val_is_scored_on_its_own(msl_dir: Path, tmp_path: Path) -> None:
+    """`--val-half held`: only the half a train+half-val model was selected on; the rows for the
+    other half (in the same file, as mars-infer writes them for all of val) are ignored."""
+    from marsvision.train.data import val_half
+
+    val = read_split(msl_dir, "val", "binary")
+    held = val_half(val, "held")
+    held_names = {s.path.name for s in held}
+    # right on the held half, every image wrong on the other: only the held half counts
+    preds = [_pred(str(s.path), s.label if s.path.name in held_names else 1 - s.label)
+             for s in val]  # fmt: skip
+    f = _write(tmp_path / "val.csv", preds)
+    base = [str(f), "--data", str(msl_dir), "--split", "val"]
+    r = _score([*base, "--val-half", "held", "--out", str(tmp_path / "held")])
+    assert r.exit_code == 0, r.output
+    assert "val split, its second half by sol" in r.stdout
+    assert "coverage: all 836 images of the half scored" in r.stdout
+    assert "ignored: 804 rows for images outside the split" in r.stdout
+    assert (tmp_path / "held" / f"score-val-held-{SHA[:12]}.json").is_file()
+    rep = _report(tmp_path / "held")
+    assert (rep["split"], rep["val_half"], rep["part"]) == ("val", "held", "val-held")
+    assert rep["metrics"]["n"] == 836 and rep["metrics"]["accuracy"] == 1.0
+    assert rep["counts"]["sols"] == len({sol_key(s.path) for s in held}) == 51
+    r = _score([*base, "--val-half", "trained", "--out", str(tmp_path / "trained")])
+    rep = _report(tmp_path / "trained")
+    assert r.exit_code == 0 and rep["metrics"]["n"] == 804 and rep["metrics"]["accuracy"] == 0.0
+    r = _score([*base, "--out", str(tmp_path / "all")])  # all of val, as before
+    rep = _report(tmp_path / "all")
+    assert rep["metrics"]["n"] == 1640 and rep["part"] == "val" and rep["val_half"] is None
+    assert rep["metrics"]["accuracy"] == pytest.approx(836 / 1640)
+    # a half of test is not a thing: a usage error before anything is read
+    r = _score([str(f), "--data", str(msl_dir), "--val-half", "held", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "--val-half" in r.stderr and "needs --split val" in r.stderr
+
+
 def test_msl25_file_is_scored_as_msl25(
     msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -145,6 +145,7 @@ def test_card_and_sums(shipped: Path) -> None:
     lo, hi = ckpt["metrics"]["ci95_by_sol"]["test"]["accuracy"]
     assert f"| test, by sol | | ({100 * lo:.2f}-{100 * hi:.2f}) |" in card
     assert "| test | 1,305 | 326 | 979 |" in card  # the split's real class counts
+    assert "--val-half" not in card  # a train-only model's val is all of val
     assert f"at most {SCORE_LIMIT} images per split" in card  # a limited score says so
     assert f"## Notes\n\n- {NOTES[0]}\n- {NOTES[1]}\n" in card
     assert f"Rover when P(Rover) >= {ckpt['decision_threshold']:.4f}" in card

@@ -251,6 +251,8 @@ def render_card(
         "    mars-infer ../shared/msl/calibrated --engine exports/resnet50-"
         f"{task}.int8-cpu.onnx --out preds.csv",
         "    mars-bench score preds.csv --split test      # the test metrics, from the runtime",
+        *(["    mars-bench score preds.csv --split val --val-half held   # val: the held-out half"]
+          if half else []),  # fmt: skip
         "    mars-bench parity --artifacts exports        # FP16/INT8 against PyTorch",
         "",
         "## Limits",
