@@ -257,6 +257,7 @@ def render_text(report: dict[str, Any]) -> str:
         + (f", tta {model['tta']}" if model.get("tta", "none") != "none" else ""),
     ]
     share = 100.0 * c["scored"] / c["split_images"]
+    what = "half" if report.get("val_half") else "split"
     if c["scored"] < c["split_images"]:
         lines.append(
             f"COVERAGE: PARTIAL, {c['scored']} of {c['split_images']} images scored "
@@ -264,10 +265,9 @@ def render_text(report: dict[str, Any]) -> str:
             f"{c['duplicated']} duplicated"
         )
     else:
-        what = "half" if report.get("val_half") else "split"
         lines.append(f"coverage: all {c['split_images']} images of the {what} scored")
     if c["rows_outside_split"]:
-        lines.append(f"ignored: {c['rows_outside_split']} rows for images outside the split")
+        lines.append(f"ignored: {c['rows_outside_split']} rows for images outside the {what}")
     which = f"({report['positive_class']})" if report["positive_class"] else "(macro)"
     rows = [["n", str(m["n"]), "", f"{c['sols']} sols"]]
     for k in METRICS:

@@ -287,7 +287,7 @@ def test_a_half_of_val_is_scored_on_its_own(msl_dir: Path, tmp_path: Path) -> No
     assert r.exit_code == 0, r.output
     assert "val split, its second half by sol" in r.stdout
     assert "coverage: all 836 images of the half scored" in r.stdout
-    assert "ignored: 804 rows for images outside the split" in r.stdout
+    assert "ignored: 804 rows for images outside the half" in r.stdout
     assert (tmp_path / "held" / f"score-val-held-{SHA[:12]}.json").is_file()
     rep = _report(tmp_path / "held")
     assert (rep["split"], rep["val_half"], rep["part"]) == ("val", "held", "val-held")
