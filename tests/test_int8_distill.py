@@ -115,8 +115,14 @@ def test_distilling_a_shipped_model_keeps_where_it_trained(
     from marsvision.train.ship import ship_run, source_training
 
     shipped = load_checkpoint(
-        ship_run(run_checkpoint, models_dir=tmp_path / "models", data_dir=msl_dir,
-                 device="cpu", workers=2, limit=16).checkpoint  # fmt: skip
+        ship_run(
+            run_checkpoint,
+            models_dir=tmp_path / "models",
+            data_dir=msl_dir,
+            device="cpu",
+            workers=2,
+            limit=16,
+        ).checkpoint  # fmt: skip
     )
     alone = tmp_path / "elsewhere" / "model.pt"  # no metrics.json beside it
     assert source_training(shipped, alone) == (

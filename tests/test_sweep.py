@@ -81,8 +81,9 @@ def test_sweep_on_half_of_val_ranks_on_the_other_half(msl_dir: Path, tmp_path: P
                         runs_dir=tmp_path / "r", out_dir=tmp_path / "o", workers=2)  # fmt: skip
     held = len(msl.halve_by_sol(msl.read_split(msl_dir, "val", "binary", 16))[1])
     assert [r["val"]["n"] for r in summary["candidates"]] == [held, held]
-    assert summary["selected_on"].endswith("val: its second half by sol, the first is training "
-                                           "data (train+half-val)")
+    assert summary["selected_on"].endswith(
+        "val: its second half by sol, the first is training data (train+half-val)"
+    )
     card = (tmp_path / "o" / "resnet50-binary.md").read_text()
     assert "the first half of val by sol" in card and "--train-on train+half-val" in card
 
@@ -212,8 +213,7 @@ def test_a_candidates_time_is_predicted_from_epochs_measured_at_its_size_and_bat
     # once measured, a size's own time counts; the nearest measured size stands for the others
     measured[128, 64] = 2.9
     assert predicted_s(60, 128, measured) == pytest.approx(174.0)
-    assert predicted_s(150, 160, measured) == pytest.approx(
-        2.9 * 150 * (160 / 128) ** 2)
+    assert predicted_s(150, 160, measured) == pytest.approx(2.9 * 150 * (160 / 128) ** 2)
     assert predicted_s(50, 224, measured) == pytest.approx(2.6 * 50)
     # a larger batch is not assumed faster; a smaller one is scaled up by the batch ratio
     assert predicted_s(60, 224, measured, 256) == pytest.approx(156.0)

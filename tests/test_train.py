@@ -512,7 +512,8 @@ def test_train_on_train_and_val(
     assert m["best_epoch"] == 2 and m["trained_on"] == "train+val"
     assert "last epoch" in m["selected_on"]
     assert [sorted(h) for h in m["history"]] == [
-        ["epoch", "lr", "seconds", "train_accuracy", "train_images_per_s", "train_loss"]] * 2
+        ["epoch", "lr", "seconds", "train_accuracy", "train_images_per_s", "train_loss"]
+    ] * 2
     assert m["val"]["n"] == 8 and m["test"]["n"] == 8  # both still scored, once, at the end
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
     cfg = json.loads((out / "config.json").read_text())

@@ -185,8 +185,14 @@ def render_card(
         how = how[: -len(" test read once.")] + (
             " then distilled for INT8 on train images (below); test read once before the "
             "distillation and once after.")  # fmt: skip
-    chosen = ("the last (val is training data)" if refit else
-              f"selected on {'the held-out half of ' if half else ''}val balanced accuracy")
+    chosen = (
+        "the last (val is training data)"
+        if refit
+        else f"selected on {'the held-out half of ' if half else ''}val balanced accuracy"
+    )
+    score_held = (
+        "    mars-bench score preds.csv --split val --val-half held   # val: the held-out half"
+    )
     lines = [
         f"# {file_name}: ResNet-50, MSL `{task}` task",
         "",
@@ -234,7 +240,7 @@ def render_card(
         "",
         f"PyTorch evaluation of exactly these fp16 weights (computed in fp32){limited}, in "
         f"percent, with bootstrap 95% intervals from 1,000 resamples of the images; {positive}; "
-        "labels by the label rule above. The rows \"by sol\" resample whole sols instead: "
+        'labels by the label rule above. The rows "by sol" resample whole sols instead: '
         "images of one sol often show one scene and are right or wrong together, so these are "
         "the intervals to quote (those over images are too narrow).",
         "",
@@ -251,8 +257,7 @@ def render_card(
         "    mars-infer ../shared/msl/calibrated --engine exports/resnet50-"
         f"{task}.int8-cpu.onnx --out preds.csv",
         "    mars-bench score preds.csv --split test      # the test metrics, from the runtime",
-        *(["    mars-bench score preds.csv --split val --val-half held   # val: the held-out half"]
-          if half else []),  # fmt: skip
+        *([score_held] if half else []),
         "    mars-bench parity --artifacts exports        # FP16/INT8 against PyTorch",
         "",
         "## Limits",

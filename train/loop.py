@@ -349,8 +349,13 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
             desc=f"epoch {epoch}/{cfg.epochs}", camera=camera,
             progress=((epoch - 1) / cfg.epochs, epoch / cfg.epochs),
         )  # fmt: skip
-        entry = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
-                 "train_images_per_s": tr["images_per_s"], "lr": optimizer.param_groups[0]["lr"]}
+        entry = {
+            "epoch": epoch,
+            "train_loss": tr["loss"],
+            "train_accuracy": tr["accuracy"],
+            "train_images_per_s": tr["images_per_s"],
+            "lr": optimizer.param_groups[0]["lr"],
+        }
         if camera is not None:  # near 0.5: the features hide the camera from the head
             entry["train_camera_balanced_accuracy"] = tr["camera_balanced_accuracy"]
             print(f"  camera head balanced accuracy {tr['camera_balanced_accuracy']:.4f}, reversal "
@@ -388,7 +393,8 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
         "task": task,
         "class_names": names,
         "best_epoch": best_epoch,
-        "selected_on": "the last epoch (val is training data: --train-on train+val)" if refit
+        "selected_on": "the last epoch (val is training data: --train-on train+val)"
+        if refit
         else f"{held}val balanced_accuracy over epochs {first_eligible}-{cfg.epochs} "
         f"(ties: lower val loss){scored_in}",
         "trained_on": cfg.train_on,

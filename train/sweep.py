@@ -312,8 +312,11 @@ def run_sweep(
         if refit
         else "mean val balanced accuracy over the seeds (ties: val accuracy); "
         "then the chosen candidate's best seed on val"
-        + ("; val: its second half by sol, the first is training data (train+half-val)"
-           if holds_half_val(settings) else ""),
+        + (
+            "; val: its second half by sol, the first is training data (train+half-val)"
+            if holds_half_val(settings)
+            else ""
+        ),
         "ranking": ranked,
         "budget_s": budget_s,
         "seconds": time.monotonic() - t_start,
