@@ -142,7 +142,7 @@ def score_predictions(
         # images of one sol are one observation and err together: the honest interval
         "cis_by_sol": bootstrap_cis(
             y_true, y_pred, len(class_names), task, n_boot=n_boot, seed=seed, groups=sols
-        ),  # fmt: skip
+        ),
         "counts": {
             "split_images": len(samples),
             "scored": len(y_true),

@@ -122,7 +122,7 @@ def test_distilling_a_shipped_model_keeps_where_it_trained(
             device="cpu",
             workers=2,
             limit=16,
-        ).checkpoint  # fmt: skip
+        ).checkpoint
     )
     alone = tmp_path / "elsewhere" / "model.pt"  # no metrics.json beside it
     assert source_training(shipped, alone) == (

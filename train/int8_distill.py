@@ -229,7 +229,7 @@ def distilled_checkpoint(
 
 
 def device_name(device: str) -> str:
-    """ "cuda (the GPU's name)" or "cpu (the CPU's model name)" for the card."""
+    """The card's device: "cuda (the GPU's name)" or "cpu (the CPU's model name)"."""
     from marsvision.benchmarks.conditions import cpu_info
     from marsvision.train.device import select_device
 

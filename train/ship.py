@@ -103,9 +103,7 @@ def score_checkpoint(
         scores[split] = {
             "metrics": classification_metrics(y, pred, k, task),
             "ci95": bootstrap_cis(y, pred, k, task, n_boot=1000, seed=0),
-            "ci95_by_sol": bootstrap_cis(
-                y, pred, k, task, n_boot=1000, seed=0, groups=sols[split]
-            ),  # fmt: skip
+            "ci95_by_sol": bootstrap_cis(y, pred, k, task, n_boot=1000, seed=0, groups=sols[split]),
         }
     y = labels["val"]
     scores["val"]["tta_flip"] = classification_metrics(y, decide(probs["val_flip"], threshold),

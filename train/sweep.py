@@ -326,7 +326,7 @@ def run_sweep(
             "size_bytes": shipped.size_bytes,
             "parts": [p.name for p in parts],
             "scores": shipped.scores,
-        },  # fmt: skip
+        },
         "candidates": rows,
     }
     atomic_write_text(out_dir / "sweep.json", json.dumps(summary, indent=2) + "\n")
