@@ -32,7 +32,7 @@ OTHER: dict[str, Any] = {
 }  # fmt: skip
 # settings added after the first resume.pt was written, with what a run then did
 ADDED_SINCE = ("select_from", "mixup", "cutmix", "amp", "train_on", "store_size",
-               "camera_adversary", "augment.grayscale")  # fmt: skip
+               "camera_adversary", "augment.grayscale", "augment.policy")  # fmt: skip
 
 
 def _save(out: Path, config: dict[str, Any]) -> None:

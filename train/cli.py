@@ -15,7 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click
 
-from marsvision.train.config import RECIPES, config_from_flags
+from marsvision.train.config import AUGMENT_POLICIES, RECIPES, config_from_flags
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,6 +78,13 @@ from marsvision.train.config import RECIPES, config_from_flags
     default=None,
     help="Probability that a training image is made grey, so that colour alone cannot say "
     "hardware or ground [0].",
+)
+@click.option(
+    "--augment-policy",
+    type=click.Choice(AUGMENT_POLICIES),
+    default=None,
+    help="Augmentation policy on top of the crop, flip and jitter: 'trivial' gives each "
+    "training image one TrivialAugment op at a random strength [none].",
 )
 @click.option(
     "--mixup",
@@ -154,7 +161,7 @@ def main(
     batch_size: int | None, lr: float | None, weight_decay: float | None,
     warmup_epochs: float | None, label_smoothing: float | None, balance: str | None,
     ema_decay: float | None, crop_scale_min: float | None, jitter: float | None,
-    grayscale: float | None, mixup: float | None, cutmix: float | None,
+    grayscale: float | None, augment_policy: str | None, mixup: float | None, cutmix: float | None,
     camera_adversary: float | None, select_from: float | None, image_size: int,
     store_size: int | None, device: str, amp: str, train_on: str, seed: int, limit: int | None,
     out: Path | None, resume: bool, init: str, workers: int,
@@ -177,9 +184,10 @@ def main(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, balance=balance,
         ema_decay=ema_decay, crop_scale_min=crop_scale_min, jitter=jitter, grayscale=grayscale,
-        mixup=mixup, cutmix=cutmix, camera_adversary=camera_adversary, select_from=select_from,
-        image_size=image_size, store_size=store_size, device=device, amp=amp, train_on=train_on,
-        seed=seed, limit=limit, init=init, resume=resume, workers=workers,
+        augment_policy=augment_policy, mixup=mixup, cutmix=cutmix,
+        camera_adversary=camera_adversary, select_from=select_from, image_size=image_size,
+        store_size=store_size, device=device, amp=amp, train_on=train_on, seed=seed,
+        limit=limit, init=init, resume=resume, workers=workers,
     )  # fmt: skip
     from marsvision.train.loop import main as train
 

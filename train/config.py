@@ -30,6 +30,10 @@ class AugmentSpec:
     hflip: bool = True
     jitter: float = 0.2  # brightness/contrast/saturation factor in 1 +- jitter
     grayscale: float = 0.0  # probability that an image is made grey (after the jitter)
+    policy: str = "none"  # an AUGMENT_POLICIES value: "trivial" adds a TrivialAugment op per image
+
+
+AUGMENT_POLICIES = ("none", "trivial")
 
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -159,7 +163,7 @@ def saved_setting(saved: Mapping[str, Any], key: str) -> Any:
 
 def saved_augment(saved: Mapping[str, Any]) -> dict[str, Any]:
     """A saved config's augment settings as `TrainConfig.to_dict()` writes them now: tuples
-    back from JSON lists, settings added since (grayscale) at their defaults."""
+    back from JSON lists, settings added since (grayscale, policy) at their defaults."""
     got = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
     return {**dataclasses.asdict(AugmentSpec()), **got}
 
@@ -184,6 +188,13 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
         if not 0 <= grayscale <= 1:
             raise MarsvisionError(f"--grayscale {grayscale}: must be a probability in [0, 1]")
         values["augment"] = dataclasses.replace(values["augment"], grayscale=grayscale)
+    policy = flags.pop("augment_policy", None)
+    if policy is not None:
+        if policy not in AUGMENT_POLICIES:
+            raise MarsvisionError(
+                f"--augment-policy {policy!r}: choose {', '.join(AUGMENT_POLICIES)}"
+            )
+        values["augment"] = dataclasses.replace(values["augment"], policy=policy)
     values.update({k: v for k, v in flags.items() if v is not None})
     if is_refit(values):
         # val is training data: nothing is left to select on, so the last epoch is kept
@@ -236,7 +247,8 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
 FLAG_FIELDS = ("task", "recipe", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                "label_smoothing", "balance", "ema_decay", "image_size", "store_size", "seed",
                "limit", "init", "device", "amp", "crop_scale_min", "jitter", "grayscale",
-               "select_from", "mixup", "cutmix", "camera_adversary", "train_on")  # fmt: skip
+               "augment_policy", "select_from", "mixup", "cutmix", "camera_adversary",
+               "train_on")  # fmt: skip
 
 
 def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None = None) -> str:
@@ -252,12 +264,15 @@ def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None 
     config["crop_scale_min"] = crop_min if crop_min != recipe["augment"].scale[0] else None
     config["jitter"] = jitter if jitter != recipe["augment"].jitter else None
     config["grayscale"] = grayscale if grayscale != recipe["augment"].grayscale else None
+    policy = augment["policy"]
+    config["augment_policy"] = policy if policy != recipe["augment"].policy else None
     for key in ("optimizer", "schedule", "augment"):
         want = recipe[key]
         got = config[key]
         if key == "augment":
-            flagged = dataclasses.replace(want, scale=(crop_min, 1.0), jitter=jitter,
-                                          grayscale=grayscale)  # fmt: skip
+            flagged = dataclasses.replace(
+                want, scale=(crop_min, 1.0), jitter=jitter, grayscale=grayscale, policy=policy
+            )
             want = dataclasses.asdict(flagged)
             got = augment
         if got != want:
