@@ -23,10 +23,9 @@ from marsvision.train.images import train_store
 
 
 def _images(msl_dir: Path, n: int = 4, size: int = 48) -> torch.Tensor:
-    """n real MSL images, uint8 NCHW, `size` square."""
+    """n real MSL images, uint8 NCHW, `size` square (the store centre-crops them square)."""
     samples = msl.read_split(msl_dir, "train", "binary", limit=n)
-    store = train_store(samples, store_size=size, interpolation="bilinear", workers=2)
-    return store[..., :size, :size]
+    return train_store(samples, store_size=size, interpolation="bilinear", workers=2)
 
 
 def _pil(u8: torch.Tensor) -> Image.Image:

@@ -56,6 +56,7 @@ _MAX = {
     "contrast": 0.9,
     "sharpness": 0.9,
 }
+_TOP = torch.tensor([_MAX.get(name, 0.0) for name in TRIVIAL_OPS])  # by op index, 0 for none
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
@@ -93,8 +94,7 @@ def _trivial_draws(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tens
     op = torch.randint(len(TRIVIAL_OPS), (n,), generator=g)
     step = torch.randint(_BINS, (n,), generator=g).float() / (_BINS - 1)
     sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
-    top = torch.tensor([_MAX.get(name, 0.0) for name in TRIVIAL_OPS])[op]
-    value = top * step * sign
+    value = _TOP[op] * step * sign
     value = torch.where(op == _OP["posterize"], 8 - torch.round(step * 4), value)
     return op, torch.where(op == _OP["solarize"], 1 - step, value)
 
