@@ -200,35 +200,47 @@ def augment_batch(
 ) -> torch.Tensor:
     """uint8 NCHW -> augmented, normalized float32 NCHW of `out_size` on the batch's device."""
     n = batch.shape[0]
-    # every random number and constant in one host tensor, one copy: no per-step GPU sync
+    # every random number and constant in one host tensor, one copy: no per-step GPU sync;
+    # `cols` names each draw's columns in it
+    parts: list[torch.Tensor] = []
+    cols: dict[str, slice] = {}
+
+    def add(name: str, column: torch.Tensor) -> None:
+        start = sum(part.shape[1] for part in parts)
+        cols[name] = slice(start, start + column.shape[1])
+        parts.append(column)
+
     theta = _affine_params(n, aug, generator)
-    parts = [theta.view(n, 6)]
+    add("theta", theta.view(n, 6))
     if aug.jitter > 0:
-        parts += [_uniform(n, 1 - aug.jitter, 1 + aug.jitter, generator).view(n, 1) for _ in "bcs"]
+        add(
+            "jitter",
+            torch.stack([_uniform(n, 1 - aug.jitter, 1 + aug.jitter, generator) for _ in "bcs"], 1),
+        )
     # drawn only when on: runs without them keep their random stream
     if aug.grayscale > 0:
-        parts.append((torch.rand(n, generator=generator) < aug.grayscale).float().view(n, 1))
-    trivial = aug.policy == "trivial"
-    if trivial:
+        add("grey", (torch.rand(n, generator=generator) < aug.grayscale).float().view(n, 1))
+    if aug.policy == "trivial":
         op, value = _trivial_draws(n, generator)
-        _with_trivial_geometry(theta, op, value)  # parts[0] is a view of theta
-        parts += [op.float().view(n, 1), value.view(n, 1)]
+        _with_trivial_geometry(theta, op, value)  # the "theta" columns are a view of theta
+        add("trivial", torch.stack([op.float(), value], 1))
     host = torch.cat([torch.cat(parts, 1).flatten(), torch.tensor([*spec.mean, *spec.std])])
     if batch.is_cuda:
         host = host.pin_memory()
     p = host.to(batch.device, non_blocking=True)
     params, mean, std = p[:-6].view(n, -1), p[-6:-3].view(1, 3, 1, 1), p[-3:].view(1, 3, 1, 1)
     grid = F.affine_grid(
-        params[:, :6].reshape(n, 2, 3), [n, 3, out_size, out_size], align_corners=False
+        params[:, cols["theta"]].reshape(n, 2, 3), [n, 3, out_size, out_size], align_corners=False
     )
     x = F.grid_sample(
         batch.float() / 255.0, grid, mode="bilinear", padding_mode="reflection", align_corners=False
     )
-    if trivial:
-        x = _trivial_colour(x, params[:, -2].long(), params[:, -1])
-    if aug.jitter > 0:
-        x = _jitter(x, params[:, 6:9])
-    if aug.grayscale > 0:
-        grey = params[:, 9 if aug.jitter > 0 else 6].view(n, 1, 1, 1)
+    if "trivial" in cols:
+        op_value = params[:, cols["trivial"]]
+        x = _trivial_colour(x, op_value[:, 0].long(), op_value[:, 1])
+    if "jitter" in cols:
+        x = _jitter(x, params[:, cols["jitter"]])
+    if "grey" in cols:
+        grey = params[:, cols["grey"]].view(n, 1, 1, 1)
         x = grey * _luma(x) + (1 - grey) * x  # the luma broadcasts over the three channels
     return (x - mean) / std
