@@ -211,7 +211,6 @@ def augment_batch(
         parts.append(column)
 
     theta = _affine_params(n, aug, generator)
-    add("theta", theta.view(n, 6))
     if aug.jitter > 0:
         add(
             "jitter",
@@ -222,8 +221,9 @@ def augment_batch(
         add("grey", (torch.rand(n, generator=generator) < aug.grayscale).float().view(n, 1))
     if aug.policy == "trivial":
         op, value = _trivial_draws(n, generator)
-        _with_trivial_geometry(theta, op, value)  # the "theta" columns are a view of theta
+        _with_trivial_geometry(theta, op, value)
         add("trivial", torch.stack([op.float(), value], 1))
+    add("theta", theta.view(n, 6))  # added last, once the policy's geometry is composed in
     host = torch.cat([torch.cat(parts, 1).flatten(), torch.tensor([*spec.mean, *spec.std])])
     if batch.is_cuda:
         host = host.pin_memory()
