@@ -190,10 +190,6 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
         values["augment"] = dataclasses.replace(values["augment"], grayscale=grayscale)
     policy = flags.pop("augment_policy", None)
     if policy is not None:
-        if policy not in AUGMENT_POLICIES:
-            raise MarsvisionError(
-                f"--augment-policy {policy!r}: choose {', '.join(AUGMENT_POLICIES)}"
-            )
         values["augment"] = dataclasses.replace(values["augment"], policy=policy)
     values.update({k: v for k, v in flags.items() if v is not None})
     if is_refit(values):
@@ -232,6 +228,10 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
         (0 <= cfg.select_from <= 1, f"--select-from {cfg.select_from}: must be in [0, 1]"),
         (cfg.optimizer in OPTIMIZERS, f"optimizer {cfg.optimizer!r}: choose {OPTIMIZERS}"),
         (cfg.schedule in SCHEDULES, f"schedule {cfg.schedule!r}: choose {SCHEDULES}"),
+        (
+            cfg.augment.policy in AUGMENT_POLICIES,
+            f"--augment-policy {cfg.augment.policy!r}: choose {', '.join(AUGMENT_POLICIES)}",
+        ),
         (cfg.balance in BALANCES, f"--balance {cfg.balance!r}: choose {', '.join(BALANCES)}"),
         (cfg.device in DEVICES, f"--device {cfg.device!r}: choose {', '.join(DEVICES)}"),
         (cfg.amp in AMPS, f"--amp {cfg.amp!r}: choose {', '.join(AMPS)}"),
