@@ -168,29 +168,42 @@ def saved_augment(saved: Mapping[str, Any]) -> dict[str, Any]:
     return {**dataclasses.asdict(AugmentSpec()), **got}
 
 
+# the mars-train flags that set an AugmentSpec field, and the field each sets (--crop-scale-min
+# sets the crop scale's lower end; its upper end is then 1)
+AUGMENT_FLAGS = {"crop_scale_min": "scale", "jitter": "jitter", "grayscale": "grayscale",
+                 "augment_policy": "policy"}  # fmt: skip
+
+
+def _augment_flags(augment: Mapping[str, Any]) -> dict[str, Any]:
+    """The value of each of AUGMENT_FLAGS that gives these augment settings (`asdict`'s)."""
+    return {
+        flag: augment[field][0] if field == "scale" else augment[field]
+        for flag, field in AUGMENT_FLAGS.items()
+    }
+
+
+def _with_augment_flags(spec: AugmentSpec, flags: Mapping[str, Any]) -> AugmentSpec:
+    """`spec` with what each of AUGMENT_FLAGS that is not None in `flags` sets."""
+    fields = {AUGMENT_FLAGS[flag]: value for flag, value in flags.items() if value is not None}
+    if "scale" in fields:
+        fields["scale"] = (fields["scale"], 1.0)
+    return dataclasses.replace(spec, **fields)
+
+
 def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
     """The recipe's values, overridden by every flag that is not None; checks the values."""
     if recipe not in RECIPES:
         raise MarsvisionError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     values = dict(RECIPES[recipe])
-    crop_min = flags.pop("crop_scale_min", None)
-    if crop_min is not None:
-        if not 0 < crop_min <= 1:
-            raise MarsvisionError(f"--crop-scale-min {crop_min}: must be in (0, 1]")
-        values["augment"] = dataclasses.replace(values["augment"], scale=(crop_min, 1.0))
-    jitter = flags.pop("jitter", None)
-    if jitter is not None:
-        if not 0 <= jitter < 1:
-            raise MarsvisionError(f"--jitter {jitter}: must be in [0, 1)")
-        values["augment"] = dataclasses.replace(values["augment"], jitter=jitter)
-    grayscale = flags.pop("grayscale", None)
-    if grayscale is not None:
-        if not 0 <= grayscale <= 1:
-            raise MarsvisionError(f"--grayscale {grayscale}: must be a probability in [0, 1]")
-        values["augment"] = dataclasses.replace(values["augment"], grayscale=grayscale)
-    policy = flags.pop("augment_policy", None)
-    if policy is not None:
-        values["augment"] = dataclasses.replace(values["augment"], policy=policy)
+    flagged = {flag: flags.pop(flag, None) for flag in AUGMENT_FLAGS}
+    crop_min, jitter, grayscale = (flagged[f] for f in ("crop_scale_min", "jitter", "grayscale"))
+    if crop_min is not None and not 0 < crop_min <= 1:
+        raise MarsvisionError(f"--crop-scale-min {crop_min}: must be in (0, 1]")
+    if jitter is not None and not 0 <= jitter < 1:
+        raise MarsvisionError(f"--jitter {jitter}: must be in [0, 1)")
+    if grayscale is not None and not 0 <= grayscale <= 1:
+        raise MarsvisionError(f"--grayscale {grayscale}: must be a probability in [0, 1]")
+    values["augment"] = _with_augment_flags(values["augment"], flagged)
     values.update({k: v for k, v in flags.items() if v is not None})
     if is_refit(values):
         # val is training data: nothing is left to select on, so the last epoch is kept
@@ -260,20 +273,14 @@ def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None 
         raise MarsvisionError(f"config names an unknown recipe {config['recipe']!r}")
     config = dict(config)
     augment = saved_augment(config["augment"])
-    crop_min, jitter, grayscale = augment["scale"][0], augment["jitter"], augment["grayscale"]
-    config["crop_scale_min"] = crop_min if crop_min != recipe["augment"].scale[0] else None
-    config["jitter"] = jitter if jitter != recipe["augment"].jitter else None
-    config["grayscale"] = grayscale if grayscale != recipe["augment"].grayscale else None
-    policy = augment["policy"]
-    config["augment_policy"] = policy if policy != recipe["augment"].policy else None
+    flagged = _augment_flags(augment)
+    default = _augment_flags(dataclasses.asdict(recipe["augment"]))
+    config.update({flag: v if v != default[flag] else None for flag, v in flagged.items()})
     for key in ("optimizer", "schedule", "augment"):
         want = recipe[key]
         got = config[key]
         if key == "augment":
-            flagged = dataclasses.replace(
-                want, scale=(crop_min, 1.0), jitter=jitter, grayscale=grayscale, policy=policy
-            )
-            want = dataclasses.asdict(flagged)
+            want = dataclasses.asdict(_with_augment_flags(want, flagged))
             got = augment
         if got != want:
             raise MarsvisionError(
