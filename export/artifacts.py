@@ -1,10 +1,11 @@
 """Metadata embedding, atomic writes and the out dir's manifest.json (artifact names come from
-`marsvision.runtime.models`, which the runtime shares)."""
+`marsvision.runtime.models`, which the runtime shares); quieting the exporters' logging."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +26,18 @@ MANIFEST = "manifest.json"
 def prepare_out_dir(out: Path) -> Path:
     """Check the out dir can be written, then create it (a one-line user error otherwise)."""
     return make_folder(out, "--out")
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str | None = None) -> Iterator[None]:
+    """Raise one logger (the root logger if no name) to ERROR for the block, then restore it."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager

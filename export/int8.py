@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -155,12 +154,12 @@ def int8_onnx_from_onnx(
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from marsvision.export.artifacts import set_onnx_meta
+    from marsvision.export.artifacts import quiet_logger, set_onnx_meta
 
     f = FLAVOURS[flavour]
     act = QuantType.QUInt8 if f["activations"] == "uint8" else QuantType.QInt8
-    logging.getLogger().setLevel(logging.ERROR)  # quantize_static logs chatty warnings
-    with contextlib.redirect_stdout(sys.stderr):
+    # quantize_static logs chatty warnings through the root logger
+    with quiet_logger(), contextlib.redirect_stdout(sys.stderr):
         quantize_static(
             str(pre_path),
             str(int8_path),

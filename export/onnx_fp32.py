@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
 import warnings
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from marsvision.export.artifacts import quiet_logger, set_onnx_meta
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.metadata import ModelMeta
 
@@ -66,8 +66,11 @@ def _export_graph(model: Any, size: int) -> Any:
     example = torch.zeros(2, 3, size, size)
     batch = torch.export.Dim("batch", min=1, max=65536)
     # The exporter chats on stdout/stderr and through `logging`; keep our stdout clean.
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+    with (
+        quiet_logger("torch.onnx"),
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(sys.stderr),
+    ):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model,
@@ -102,7 +105,6 @@ def onnx_from_checkpoint(
     import onnx
     import torch
 
-    from marsvision.export.artifacts import set_onnx_meta
     from marsvision.export.images import ort_logits, parity
     from marsvision.train.checkpoint import model_from_checkpoint
 

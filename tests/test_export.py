@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from marsvision.runtime.models import artifact_name
 
 AGREEMENT_IMAGES = 32
 MIN_INT8_AGREEMENT = 0.8
+LOGGERS = (None, "torch.onnx")  # the root logger and the torch exporter's
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +214,17 @@ def test_calibration_cache_is_reused(
         tensorrt="off",
         data_dir=msl_dir,
     )
-    manifest = export_all(config)
+    # the exporters quiet these loggers while they run; the caller's levels come back after
+    loggers = [logging.getLogger(n) for n in LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.INFO)
+    try:
+        manifest = export_all(config)
+        assert [lg.level for lg in loggers] == [logging.INFO] * len(loggers)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
     assert "reusing cached ranges" in capfd.readouterr().err
     assert caches[0].stat().st_mtime_ns == before
     int8 = [a for a in manifest["artifacts"] if a["flavour"].startswith("int8")]
