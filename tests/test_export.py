@@ -200,6 +200,7 @@ def test_calibration_cache_is_reused(
     msl_dir: Path,
     tmp_path: Path,
     capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     out = tmp_path / "export"
     shutil.copytree(exported, out)  # the shared export stays as it was
@@ -215,16 +216,10 @@ def test_calibration_cache_is_reused(
         data_dir=msl_dir,
     )
     # the exporters quiet these loggers while they run; the caller's levels come back after
-    loggers = [logging.getLogger(n) for n in LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.INFO)
-    try:
-        manifest = export_all(config)
-        assert [lg.level for lg in loggers] == [logging.INFO] * len(loggers)
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    for name in LOGGERS:
+        caplog.set_level(logging.INFO, logger=name)  # pytest restores them after the test
+    manifest = export_all(config)
+    assert [logging.getLogger(n).level for n in LOGGERS] == [logging.INFO] * len(LOGGERS)
     assert "reusing cached ranges" in capfd.readouterr().err
     assert caches[0].stat().st_mtime_ns == before
     int8 = [a for a in manifest["artifacts"] if a["flavour"].startswith("int8")]
