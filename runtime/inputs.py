@@ -3,8 +3,11 @@
 A PATH is a file (any name: non-images become error rows), a folder (its image files, sorted;
 with `recursive`, its subfolders too), a glob pattern (`'data/*.JPG'`, `**` with `recursive`),
 or `@list.txt`: a text file with one path per line (blank lines and lines starting with `#`
-are skipped; relative paths are relative to the current directory). A PATH that names nothing
-is kept, so that it gets its own error row, and so is a folder with no image files in it. Each
+are skipped; relative paths are relative to the current directory). In a folder, hidden files
+and subfolders (names starting with `.`: macOS's `._IMG.JPG` resource copies on a card or disk
+written by a Mac, `.Trashes`, editors' thumbnails) are skipped, as the shell and glob patterns
+skip them; a hidden file named on its own, or in a list, is kept. A PATH that names nothing is
+kept, so that it gets its own error row, and so is a folder with no image files in it. Each
 distinct path appears once, in the order given.
 """
 
@@ -25,9 +28,9 @@ _GLOB_CHARS = frozenset("*?[")
 def _folder(d: str, recursive: bool) -> list[str]:
     found: list[str] = []
     for root, dirs, files in os.walk(d, followlinks=False):
-        dirs.sort()
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
         for name in sorted(files):
-            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 found.append(os.path.join(root, name))
         if not recursive:
             break

@@ -1,5 +1,6 @@
-"""Edges of the runtime a user meets: folders without images, resuming a file written with
-other options or in the other format, CPU affinity, and the source checkpoint of exports."""
+"""Edges of the runtime a user meets: folders without images or with hidden files, resuming a
+file written with other options or in the other format, CPU affinity, and the source checkpoint
+of exports."""
 
 from __future__ import annotations
 
@@ -55,6 +56,23 @@ def test_folder_without_images_is_an_error_row(
     assert b"0 ok, 1 failed; no image classified in " in r.stderr and b"images/s" not in r.stderr
     r = _infer(tmp_path / "top", "--engine", model, "--recursive")
     assert r.returncode == 0 and len(r.stdout.decode().splitlines()) == 2
+
+
+def test_folders_skip_hidden_files_and_subfolders(tmp_path: Path) -> None:
+    """The `._IMG.JPG` copies a Mac leaves on a card (not images: each would be an error row and
+    exit 3) and hidden folders are skipped in a folder, as a glob skips them; a hidden file
+    named on its own is kept."""
+    from marsvision.runtime.inputs import expand_inputs
+
+    top = tmp_path / "card"
+    for rel in ("a.JPG", "._a.JPG", ".Trashes/b.jpg", "sub/c.png", "sub/._c.png", ".d/e/f.jpg"):
+        (top / rel).parent.mkdir(parents=True, exist_ok=True)
+        (top / rel).touch()
+    shown = [str(top / "a.JPG"), str(top / "sub" / "c.png")]
+    assert expand_inputs([str(top)], recursive=True) == shown
+    assert expand_inputs([str(top)]) == shown[:1]
+    assert expand_inputs([f"{top}/**/*.*"], recursive=True) == shown  # as glob sees the card
+    assert expand_inputs([str(top / "._a.JPG")]) == [str(top / "._a.JPG")]
 
 
 def test_resume_refuses_other_top_k_and_the_other_format(
