@@ -263,7 +263,10 @@ def main(
     if engine is None:
         from marsvision.runtime.models import default_model
 
-        engine = str(default_model())  # a MarsvisionError: one line, exit 1 (EXIT_MODEL)
+        chosen = default_model(device=device)  # a MarsvisionError: one line, exit 1 (EXIT_MODEL)
+        if chosen.note:
+            click.echo(f"mars-infer: {chosen.note}", err=True)
+        engine, device = str(chosen.path), chosen.device
         click.echo(f"mars-infer: model {engine} (the default; --engine to choose)", err=True)
     if fmt is None:
         fmt = "jsonl" if out is not None and out.lower().endswith((".jsonl", ".json")) else "csv"

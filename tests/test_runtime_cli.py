@@ -302,3 +302,24 @@ def test_default_model_is_the_best_export_here(
         assert f"model {exports / artifact_name('binary', flavour)}".encode() in r.stderr
         row = next(csv.DictReader(io.StringIO(r.stdout.decode())))
         assert row["status"] == "ok" and row["precision"].encode() == precision
+
+
+def test_default_model_passes_over_fp16_where_cuda_does_not_run(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime-gpu without a GPU (or without its CUDA libraries) lists the CUDA provider
+    but runs on the CPU, where the FP16 export is several times slower than the INT8 one: the
+    default is then the INT8 export, on the CPU, with a note; --device cpu never takes FP16."""
+    from marsvision.runtime import models as m
+
+    names = {f: m.artifact_name("binary", f) for f in ("fp16", "int8-cpu", "fp32")}
+    for flavour, name in names.items():
+        os.symlink(tiny_models[flavour], tmp_path / name)
+    monkeypatch.setattr(m, "_has_cuda_onnxruntime", lambda: True)  # as onnxruntime-gpu says
+    chosen = m.default_model(tmp_path)  # the CPU onnxruntime here cannot start CUDA
+    assert (chosen.path, chosen.device) == (tmp_path / names["int8-cpu"], "cpu")
+    assert chosen.note is not None and chosen.note.startswith(f"passed over {names['fp16']}")
+    assert "CUDA" in chosen.note
+    assert m.default_model(tmp_path, device="cpu") == (tmp_path / names["int8-cpu"], "cpu", None)
+    monkeypatch.setattr(m, "_cuda_refusal", lambda path: None)  # where CUDA runs it
+    assert m.default_model(tmp_path) == (tmp_path / names["fp16"], "auto", None)
