@@ -16,7 +16,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e ".[export,dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[cpu,export,dev]"
 	@# tensorrt-stubs declares a dependency on tensorrt, which cannot be installed here
 	@# (PyPI holds only a stub that downloads from NVIDIA's index): take the stubs alone.
 	$(BIN)/pip install -q --no-deps -c constraints.txt tensorrt-stubs

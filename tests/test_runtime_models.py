@@ -77,3 +77,42 @@ def test_decision_threshold_rule(models: dict[str, Path], msl_dir: Path) -> None
             dataclasses.replace(meta, decision_threshold=bad)
     with pytest.raises(MarsvisionError, match="two-class"):
         dataclasses.replace(meta, class_names=["a", "b", "c"])
+
+
+def test_one_onnxruntime_build_per_install() -> None:
+    """onnxruntime and onnxruntime-gpu install the same module, and with both installed the CPU
+    build's files can win (no CUDA): no dependency list pulls one in beside an extra that pulls
+    the other, and this environment (make setup: the cpu extra) holds one of them."""
+    import tomllib
+
+    from marsvision.runtime.backends.onnxruntime import ORT_CPU, ORT_GPU, ort_distributions
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+
+    def builds(requirements: list[str]) -> set[str]:
+        names = {r.split(">")[0].split("=")[0].split("[")[0].strip() for r in requirements}
+        return names & {ORT_CPU, ORT_GPU}
+
+    extras = project["optional-dependencies"]
+    assert not builds(project["dependencies"])
+    assert builds(extras["cpu"]) == {ORT_CPU} and builds(extras["gpu"]) == {ORT_GPU}
+    assert all(not builds(reqs) for name, reqs in extras.items() if name not in ("cpu", "gpu"))
+    assert len(ort_distributions()) == 1
+
+
+def test_no_cuda_error_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--device cuda on an onnxruntime without CUDA: with the CPU build alone, replace it; with
+    both builds (`marsvision[gpu]` over an install that had onnxruntime), untangle them."""
+    from marsvision.runtime.backends import onnxruntime as ort_backend
+    from marsvision.runtime.errors import MarsvisionError
+
+    if "CUDAExecutionProvider" in ort_backend._ort().get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    cpu, gpu = ort_backend.ORT_CPU, ort_backend.ORT_GPU
+    monkeypatch.setattr(ort_backend, "ort_distributions", lambda: [cpu])
+    with pytest.raises(MarsvisionError, match=r'uninstall -y onnxruntime && pip install "marsv'):
+        ort_backend.providers_for("cuda")
+    monkeypatch.setattr(ort_backend, "ort_distributions", lambda: [cpu, gpu])
+    both = "both installed .*: pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxrun"
+    with pytest.raises(MarsvisionError, match=both):
+        ort_backend.providers_for("cuda")

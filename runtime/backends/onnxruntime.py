@@ -20,14 +20,44 @@ _EP = {
 }
 
 
+# The two pip packages of ONNX Runtime: both install the one `onnxruntime` module.
+ORT_CPU, ORT_GPU = "onnxruntime", "onnxruntime-gpu"
+_ORT_INSTALL = 'pip install "marsvision[cpu]" (or "marsvision[gpu]" on a machine with a GPU)'
+
+
 def _ort() -> Any:
     try:
         import onnxruntime
     except ImportError:
-        raise MarsvisionError(
-            'onnxruntime is not installed: pip install onnxruntime (or "marsvision[gpu]")'
-        ) from None
+        raise MarsvisionError(f"onnxruntime is not installed: {_ORT_INSTALL}") from None
     return onnxruntime
+
+
+def ort_distributions() -> list[str]:
+    """Which of the ONNX Runtime pip packages are installed (by their metadata)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    found = []
+    for name in (ORT_CPU, ORT_GPU):
+        try:
+            distribution(name)
+        except PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def _no_cuda_hint() -> str:
+    """How to get the CUDA provider: replace the CPU build, or untangle both builds."""
+    if ort_distributions() == [ORT_CPU, ORT_GPU]:
+        return (
+            f"{ORT_CPU} and {ORT_GPU} are both installed and share one module, in which the CPU "
+            f"build's files won: pip uninstall -y {ORT_CPU} {ORT_GPU} && pip install {ORT_GPU}"
+        )
+    return (
+        f'pip uninstall -y {ORT_CPU} && pip install "marsvision[gpu]" on a machine with an '
+        "NVIDIA GPU"
+    )
 
 
 # ONNX Runtime's switch to exact INT8 products on x86 CPUs without VNNI (u8 x u8 kernels
@@ -114,8 +144,7 @@ def providers_for(device: str, backend: str = "onnxruntime") -> list[str]:
     if missing:
         raise MarsvisionError(
             f"onnxruntime here has no {', '.join(missing)} "
-            f"(it has {', '.join(sorted(available))}): "
-            'pip install "marsvision[gpu]" on a machine with an NVIDIA GPU, or use --device cpu'
+            f"(it has {', '.join(sorted(available))}): {_no_cuda_hint()}; or use --device cpu"
         )
     return want + [_EP["cpu"]]
 
