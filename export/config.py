@@ -9,7 +9,6 @@ from marsvision.runtime.errors import MarsvisionError
 
 CALIB_METHODS = ("percentile", "entropy", "minmax")
 TENSORRT_MODES = ("auto", "on", "off")
-TRT_INSTALL_HINT = 'pip install "marsvision[trt]"'
 
 
 @dataclass(frozen=True)
