@@ -36,6 +36,7 @@ DEFAULT_BATCH_SIZE = 8
 TTA_MODES = ("none", "flip")
 _Ready = tuple[list[str], np.ndarray, list[str | None]]  # a decoded batch
 _BUFFERS = 3  # batches in flight: one inferring, up to two being decoded
+NOT_FINITE = "the model's output for this image is not finite (NaN or inf); check the model"
 
 
 def default_workers() -> int:
@@ -60,11 +61,13 @@ class Prediction:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (stable)."""
-    z = logits.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    """Row-wise softmax in float64 (stable). A row with NaN or inf logits comes out NaN, without
+    numpy's warnings: the caller tells such rows apart (`np.isfinite`)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        z = logits.astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        out: np.ndarray = e / e.sum(axis=1, keepdims=True)
     return out
 
 
@@ -204,7 +207,14 @@ class Classifier:
         if ok:
             x = buf[: len(names)] if len(ok) == len(names) else buf[ok]
             probs = self.probabilities(x)
-        rows: dict[int, tuple[np.ndarray, int]] = dict(zip(ok, zip(probs, self.meta.decide(probs))))
+        # NaN or infinite logits (a broken export, an FP16 overflow) would otherwise give class 0
+        # by argmax, a wrong label that looks like any other
+        rows: dict[int, tuple[np.ndarray, int]] = {}
+        for i, p, label in zip(ok, probs, self.meta.decide(probs)):
+            if np.isfinite(p).all():
+                rows[i] = (p, label)
+            else:
+                errors[i] = NOT_FINITE
         classes = self.meta.class_names
         out = []
         for i, name in enumerate(names):

@@ -31,7 +31,7 @@ Exit codes:
   {EXIT_OK}  every input was classified
   {EXIT_MODEL}  model or option error (missing/corrupt model, --out exists without --resume)
   {EXIT_USAGE}  usage error (unknown option, bad value)
-  {EXIT_SOME_FAILED}  some inputs could not be read (their rows have status error)
+  {EXIT_SOME_FAILED}  some inputs could not be read or classified (their rows have status error)
 """
 
 

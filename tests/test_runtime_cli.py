@@ -323,3 +323,27 @@ def test_default_model_passes_over_fp16_where_cuda_does_not_run(
     assert m.default_model(tmp_path, device="cpu") == (tmp_path / names["int8-cpu"], "cpu", None)
     monkeypatch.setattr(m, "_cuda_refusal", lambda path: None)  # where CUDA runs it
     assert m.default_model(tmp_path) == (tmp_path / names["fp16"], "auto", None)
+
+
+def test_non_finite_model_output_is_an_error_row(
+    models: dict[str, Path], msl_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NaN or infinite logits (a broken export, an FP16 overflow) make that image's row an error,
+    not class 0 by argmax with NaN probabilities; the other rows of the batch are unchanged."""
+    from marsvision.runtime.classifier import NOT_FINITE
+
+    paths = _images(msl_dir, 4)
+    with Classifier(models["fp32"], device="cpu", batch_size=4, workers=1) as clf:
+        good = clf.predict(paths)
+        real_infer = clf.runner.infer
+
+        def broken(x: np.ndarray) -> np.ndarray:
+            logits = np.array(real_infer(x))
+            logits[1, 0], logits[2, :] = np.nan, np.inf
+            return logits
+
+        monkeypatch.setattr(clf.runner, "infer", broken)
+        got = clf.predict(paths)
+    assert [p.status for p in got] == ["ok", "error", "error", "ok"]
+    assert got[1].error == got[2].error == NOT_FINITE and got[1].label is None
+    assert [got[i].probs for i in (0, 3)] == [good[i].probs for i in (0, 3)]
