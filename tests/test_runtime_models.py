@@ -116,3 +116,19 @@ def test_no_cuda_error_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> No
     both = "both installed .*: pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxrun"
     with pytest.raises(MarsvisionError, match=both):
         ort_backend.providers_for("cuda")
+
+
+def test_every_package_goes_into_the_wheel() -> None:
+    """setuptools puts only the listed packages into a wheel: a subpackage left out (the runtime's
+    backends were) breaks `pip install marsvision` while editable installs and the tests work."""
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = tool["package-dir"]
+    on_disk = {
+        ".".join([package, *init.parent.relative_to(root / folder).parts])
+        for package, folder in folders.items()
+        for init in (root / folder).rglob("__init__.py")
+    }
+    assert sorted(tool["packages"]) == sorted(on_disk)
