@@ -129,7 +129,8 @@ def _read_jsonl(path: Path, text: str) -> Predictions:
 def read_predictions(path: Path) -> Predictions:
     """Read a mars-infer result file: JSONL if it starts with '{' (whatever its name), else CSV."""
     try:
-        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        # utf-8-sig: a file saved again by Excel ("CSV UTF-8") starts with a byte-order mark
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             text = f.read()
     except OSError as e:
         raise MarsvisionError(f"cannot read the predictions file {path} ({e.strerror})") from None

@@ -40,7 +40,8 @@ def _folder(d: str, recursive: bool) -> list[str]:
 def _list_file(arg: str) -> list[str]:
     path = arg[1:]
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        # utf-8-sig: a list saved by Windows Notepad starts with a byte-order mark
+        with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
             lines = [line.rstrip("\r\n") for line in f]
     except OSError as e:
         raise MarsvisionError(f"cannot read the list file {path} ({e.strerror})") from None

@@ -246,6 +246,19 @@ def test_full_split_exact_metrics_cis_and_json(
     assert rep_j["predictions"]["format"] == "jsonl"
 
 
+def test_a_byte_order_mark_is_read_past(test_split: list[Any], tmp_path: Path) -> None:
+    """A result file saved again by Excel ("CSV UTF-8") or Notepad starts with a UTF-8
+    byte-order mark: the same rows as without it (it hid the path column, or the JSONL)."""
+    from marsvision.benchmarks.predictions import read_predictions
+
+    for fmt in ("csv", "jsonl"):
+        plain = _write(tmp_path / f"plain.{fmt}", _full(test_split[:5]), fmt=fmt)
+        marked = tmp_path / f"marked.{fmt}"
+        marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+        a, b = read_predictions(plain), read_predictions(marked)
+        assert (b.fmt, b.class_names, b.rows) == (a.fmt, a.class_names, a.rows) and len(a.rows) == 5
+
+
 def test_require_pass_fail_and_exit_code(
     test_split: list[Any], msl_dir: Path, tmp_path: Path
 ) -> None:

@@ -75,6 +75,16 @@ def test_folders_skip_hidden_files_and_subfolders(tmp_path: Path) -> None:
     assert expand_inputs([str(top / "._a.JPG")]) == [str(top / "._a.JPG")]
 
 
+def test_list_file_with_a_byte_order_mark(tmp_path: Path) -> None:
+    """An @list saved by Windows Notepad starts with a UTF-8 byte-order mark (and CRLF line
+    ends): its first path is read without the mark."""
+    from marsvision.runtime.inputs import expand_inputs
+
+    lst = tmp_path / "list.txt"
+    lst.write_bytes("\ufeffa.jpg\r\n# a note\r\nb.jpg\r\n".encode())
+    assert expand_inputs([f"@{lst}"]) == ["a.jpg", "b.jpg"]
+
+
 def test_resume_refuses_other_top_k_and_the_other_format(
     model: Path, images: list[Path], tmp_path: Path
 ) -> None:
