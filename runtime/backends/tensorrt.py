@@ -40,7 +40,9 @@ def _import_cudart() -> Any:
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
-        raise MarsvisionError(f"cuda-python is not installed: {_INSTALL}") from None
+        raise MarsvisionError(
+            f"cuda-python 12.6.1 or later (its cuda.bindings) is not installed: {_INSTALL}"
+        ) from None
     return cudart
 
 
