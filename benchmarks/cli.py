@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.errors import MarsvisionError, require_extra
 from marsvision.runtime.files import check_writable_folder
 from marsvision.train.data import SPLITS, VAL_HALVES
 
@@ -194,6 +194,7 @@ def speed(
     from marsvision.benchmarks.speed import SpeedConfig, run_speed
     from marsvision.benchmarks.speed_report import render_text, write_speed
 
+    require_extra("mars-bench speed", "train", "torch", "torchvision")  # its PyTorch baseline
     check_writable_folder(out, "--out")  # before the run, not after it
     checkpoint = _checkpoint(checkpoint, artifacts)
     mode_list = _csv("--modes", modes)
@@ -286,6 +287,7 @@ def parity(
     from marsvision.benchmarks.parity_report import render_text, write_parity
     from marsvision.train.data import resolve_data_dir
 
+    require_extra("mars-bench parity", "train", "torch", "torchvision")  # its PyTorch reference
     check_writable_folder(out, "--out")  # before the run, not after it
     cfg = ParityConfig(
         checkpoint=_checkpoint(checkpoint, artifacts),

@@ -129,6 +129,9 @@ def main(
     tensorrt: str,
     max_batch: int,
 ) -> None:
+    from marsvision.runtime.errors import require_extra
+
+    require_extra("mars-export", "export", "torch", "torchvision", "onnx", "onnxscript")
     from marsvision.export.pipeline import export_all
 
     config = ExportConfig(

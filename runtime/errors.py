@@ -1,6 +1,9 @@
-"""The one exception type for user errors (bad input, missing files, wrong options)."""
+"""The one exception type for user errors (bad input, missing files, wrong options), and the
+check that a command's optional dependencies are installed."""
 
 from __future__ import annotations
+
+from importlib.util import find_spec
 
 import click
 
@@ -12,3 +15,16 @@ class MarsvisionError(click.ClickException):
     """
 
     exit_code = 1
+
+
+def require_extra(command: str, extra: str, *modules: str) -> None:
+    """A MarsvisionError naming the pip extra to install when a module `command` needs is not
+    installed: every install has all four commands, a runtime-only one ("marsvision[cpu]") has
+    no torch, and without this check mars-train, mars-export and mars-bench's PyTorch commands
+    ended in a traceback."""
+    missing = [m for m in modules if find_spec(m) is None]
+    if missing:
+        raise MarsvisionError(
+            f"{command} needs {', '.join(missing)}, which this install lacks: "
+            f'pip install "marsvision[cpu,{extra}]" (or gpu for cpu on a machine with a GPU)'
+        )

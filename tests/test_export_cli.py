@@ -174,3 +174,33 @@ def test_tensorrt_on_needs_an_engine_to_build(
     line = _one_line_error(*_run(args, msl_dir))
     assert "add --fp16 and/or --int8" in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_commands_without_torch_name_the_extra(
+    msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A runtime-only install ("marsvision[cpu]") has every console script but no torch:
+    mars-train, mars-export and mars-bench parity/speed say which extra to install, in one
+    line, instead of a traceback; mars-bench score needs no torch and is not stopped."""
+    import importlib.util
+
+    from marsvision.benchmarks.cli import main as bench
+    from marsvision.runtime import errors
+    from marsvision.train.cli import main as train
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(errors, "find_spec", lambda m: None if m == "torch" else real(m))
+    for command, args, extra in (
+        (train, ["--data", str(msl_dir), "--out", str(tmp_path / "t")], "train"),
+        (cli.main, ["--out", str(tmp_path / "e")], "export"),
+        (bench, ["parity", "--artifacts", str(tmp_path), "--out", str(tmp_path / "p")], "train"),
+        (bench, ["speed", "--out", str(tmp_path / "s")], "train"),
+    ):
+        r = CliRunner().invoke(command, args)
+        assert r.exit_code == 1 and r.exception is not None, (args, r.output)
+        line = r.output.strip().splitlines()[-1]
+        assert "needs torch, which this install lacks" in line, (args, r.output)
+        assert f'pip install "marsvision[cpu,{extra}]"' in line, (args, r.output)
+    assert not list(tmp_path.iterdir())  # stopped before writing anything
+    r = CliRunner().invoke(bench, ["score", str(tmp_path / "none.csv"), "--data", str(msl_dir)])
+    assert r.exit_code == 1 and "cannot read the predictions file" in r.output, r.output

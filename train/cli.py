@@ -176,6 +176,9 @@ def main(
             raise MarsvisionError("--download needs --data DIR (where to put the data set)")
         click.echo(download_msl(data))
         return
+    from marsvision.runtime.errors import require_extra
+
+    require_extra("mars-train", "train", "torch", "torchvision")
     from marsvision.train.data import check_task, resolve_data_dir
 
     check_task(task)
