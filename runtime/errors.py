@@ -26,5 +26,6 @@ def require_extra(command: str, extra: str, *modules: str) -> None:
     if missing:
         raise MarsvisionError(
             f"{command} needs {', '.join(missing)}, which this install lacks: "
-            f'pip install "marsvision[cpu,{extra}]" (or gpu for cpu on a machine with a GPU)'
+            f'pip install "marsvision[cpu,{extra}]" ("marsvision[gpu,{extra}]" on a machine with a '
+            "GPU)"
         )
