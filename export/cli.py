@@ -131,7 +131,9 @@ def main(
 ) -> None:
     from marsvision.runtime.errors import require_extra
 
-    require_extra("mars-export", "export", "torch", "torchvision", "onnx", "onnxscript")
+    # onnxruntime comes with the cpu or gpu extra, not export: both builds cannot sit together
+    modules = ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime")
+    require_extra("mars-export", "export", *modules)
     from marsvision.export.pipeline import export_all
 
     config = ExportConfig(

@@ -202,5 +202,10 @@ def test_commands_without_torch_name_the_extra(
         assert "needs torch, which this install lacks" in line, (args, r.output)
         assert f'pip install "marsvision[cpu,{extra}]"' in line, (args, r.output)
     assert not list(tmp_path.iterdir())  # stopped before writing anything
+    # "marsvision[export]" alone: no onnxruntime (it comes with cpu or gpu)
+    monkeypatch.setattr(errors, "find_spec", lambda m: None if m == "onnxruntime" else real(m))
+    r = CliRunner().invoke(cli.main, ["--out", str(tmp_path / "e")])
+    assert r.exit_code == 1 and "mars-export needs onnxruntime, which" in r.output, r.output
+    assert 'pip install "marsvision[cpu,export]"' in r.output and not (tmp_path / "e").exists()
     r = CliRunner().invoke(bench, ["score", str(tmp_path / "none.csv"), "--data", str(msl_dir)])
     assert r.exit_code == 1 and "cannot read the predictions file" in r.output, r.output
