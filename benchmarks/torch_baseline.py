@@ -15,19 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.errors import MarsvisionError, require_extra
 from marsvision.runtime.metadata import ModelMeta, sha256_file
 
 TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def _torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise MarsvisionError(
-            'the PyTorch baseline needs torch: pip install "marsvision[train]"'
-        ) from None
+    require_extra("the PyTorch baseline", "train", "torch")
+    import torch
+
     return torch
 
 
