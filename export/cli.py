@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from marsvision.export.config import CALIB_METHODS, TENSORRT_MODES, ExportConfig
-from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.errors import MarsvisionError, require_extra
 
 _REPO = Path(__file__).resolve().parents[1]
 MODELS_ENV = "MARS_MODELS"  # folder of shipped checkpoints, instead of <repo>/models
@@ -129,8 +129,6 @@ def main(
     tensorrt: str,
     max_batch: int,
 ) -> None:
-    from marsvision.runtime.errors import require_extra
-
     # onnxruntime comes with the cpu or gpu extra, not export: both builds cannot sit together
     modules = ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime")
     require_extra("mars-export", "export", *modules)

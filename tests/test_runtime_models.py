@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from marsvision.train.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).parents[1]  # the repository: pyproject.toml and the stage folders
 
 
 @pytest.fixture(scope="module")
@@ -79,15 +82,20 @@ def test_decision_threshold_rule(models: dict[str, Path], msl_dir: Path) -> None
         dataclasses.replace(meta, class_names=["a", "b", "c"])
 
 
+def _pyproject() -> dict[str, Any]:
+    """The project's pyproject.toml, parsed."""
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
 def test_one_onnxruntime_build_per_install() -> None:
     """onnxruntime and onnxruntime-gpu install the same module, and with both installed the CPU
     build's files can win (no CUDA): no dependency list pulls one in beside an extra that pulls
     the other, and this environment (make setup: the cpu extra) holds one of them."""
-    import tomllib
-
     from marsvision.runtime.backends.onnxruntime import ORT_CPU, ORT_GPU, ort_distributions
 
-    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    project = _pyproject()["project"]
 
     def builds(requirements: list[str]) -> set[str]:
         names = {r.split(">")[0].split("=")[0].split("[")[0].strip() for r in requirements}
@@ -121,14 +129,10 @@ def test_no_cuda_error_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> No
 def test_every_package_goes_into_the_wheel() -> None:
     """setuptools puts only the listed packages into a wheel: a subpackage left out (the runtime's
     backends were) breaks `pip install marsvision` while editable installs and the tests work."""
-    import tomllib
-
-    root = Path(__file__).parents[1]
-    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
-    folders = tool["package-dir"]
+    tool = _pyproject()["tool"]["setuptools"]
     on_disk = {
-        ".".join([package, *init.parent.relative_to(root / folder).parts])
-        for package, folder in folders.items()
-        for init in (root / folder).rglob("__init__.py")
+        ".".join([package, *init.parent.relative_to(ROOT / folder).parts])
+        for package, folder in tool["package-dir"].items()
+        for init in (ROOT / folder).rglob("__init__.py")
     }
     assert sorted(tool["packages"]) == sorted(on_disk)

@@ -167,7 +167,7 @@ def main(
     out: Path | None, resume: bool, init: str, workers: int,
 ) -> None:  # fmt: skip
     """Train ResNet-50 on the MSL images; write checkpoint, metrics and plots to --out."""
-    from marsvision.runtime.errors import MarsvisionError
+    from marsvision.runtime.errors import MarsvisionError, require_extra
 
     if download:
         from marsvision.train.download import download_msl
@@ -176,8 +176,6 @@ def main(
             raise MarsvisionError("--download needs --data DIR (where to put the data set)")
         click.echo(download_msl(data))
         return
-    from marsvision.runtime.errors import require_extra
-
     require_extra("mars-train", "train", "torch", "torchvision")
     from marsvision.train.data import check_task, resolve_data_dir
 
