@@ -17,7 +17,6 @@ from marsvision.runtime.errors import MarsvisionError, require_extra
 from marsvision.runtime.files import check_writable_folder
 from marsvision.train.data import SPLITS, VAL_HALVES
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_OUT = Path("runs/bench")
 
 
@@ -78,15 +77,16 @@ def _resolve_device(device: str) -> str:
 
 
 def _e2e_images(images: str, data: str | None, count: int) -> tuple[str, ...]:
-    """--images: a folder of image files, or a split name (read from the MSL data)."""
+    """--images: a folder of image files (those mars-infer would classify in it), or a split name
+    (read from the MSL data)."""
+    from marsvision.runtime.inputs import folder_images
     from marsvision.train.data import read_split, resolve_data_dir
 
-    p = Path(images)
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if Path(images).is_dir():
+        files = folder_images(images)
         if not files:
-            raise MarsvisionError(f"--images {p}: no {'/'.join(IMAGE_SUFFIXES)} files in it")
-        return tuple(str(f) for f in files[:count])
+            raise MarsvisionError(f"--images {images}: no image files in it")
+        return tuple(files[:count])
     if images in SPLITS:
         samples = read_split(resolve_data_dir(data), images, "binary", limit=count)
         return tuple(str(s.path) for s in samples)

@@ -162,18 +162,24 @@ def run_job(job: Job) -> dict[str, Any]:
 
 
 def run_job_isolated(job: Job, *, timeout: float = 3600) -> dict[str, Any]:
-    """Run one job in a fresh Python process, so that its peak RSS is its own."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "marsvision.benchmarks.speed_jobs"],
-        input=json.dumps(job.to_dict()),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    """Run one job in a fresh Python process, so that its peak RSS is its own. A job that fails
+    or outlives `timeout` seconds (a hung GPU driver, an engine build that never ends) becomes an
+    error row, and the other rows are still measured."""
+    failed = {**job.to_dict(), "images": len(job.images)}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "marsvision.benchmarks.speed_jobs"],
+            input=json.dumps(job.to_dict()),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return {**failed, "status": f"error: timed out after {timeout:g} s"}
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        return {**job.to_dict(), "images": len(job.images), "status": f"error: {tail[0]}"}
+        return {**failed, "status": f"error: {tail[0]}"}
     return dict(json.loads(proc.stdout))
 
 

@@ -25,7 +25,9 @@ IMAGE_SUFFIXES = frozenset(
 _GLOB_CHARS = frozenset("*?[")
 
 
-def _folder(d: str, recursive: bool) -> list[str]:
+def folder_images(d: str, recursive: bool = False) -> list[str]:
+    """The image files of folder `d` (and with `recursive` its subfolders), sorted, hidden names
+    skipped: what mars-infer classifies for a folder PATH."""
     found: list[str] = []
     for root, dirs, files in os.walk(d, followlinks=False):
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))
@@ -55,13 +57,13 @@ def expand_inputs(args: list[str], *, recursive: bool = False) -> list[str]:
         if arg.startswith("@") and len(arg) > 1:
             out.extend(_list_file(arg))
         elif os.path.isdir(arg):
-            out.extend(_folder(arg, recursive) or [arg])  # no images: the folder's error row
+            out.extend(folder_images(arg, recursive) or [arg])  # no images: the folder's error row
         elif not os.path.lexists(arg) and _GLOB_CHARS & set(arg):
             matches = sorted(glob.glob(arg, recursive=recursive))
             files = [m for m in matches if not os.path.isdir(m)]
             for m in matches:
                 if os.path.isdir(m):
-                    files.extend(_folder(m, recursive))
+                    files.extend(folder_images(m, recursive))
             out.extend(files or [arg])  # no match: the pattern gets an error row
         else:
             out.append(arg)

@@ -188,7 +188,29 @@ def test_speed_without_images_for_e2e_is_a_user_error(
             str(tmp_path / "o"),
         ],
     )
-    assert result.exit_code == 1 and "no .jpg/.jpeg/.png files" in result.output
+    assert result.exit_code == 1 and "no image files in it" in result.output
+
+
+def test_e2e_images_of_a_folder_are_those_mars_infer_classifies(tmp_path: Path) -> None:
+    """A folder's end-to-end inputs are mars-infer's for it: every image suffix it reads (TIFF
+    too), not macOS's hidden `._` copies (not images: every one an error row, timed as if
+    classified), nor other files or subfolders."""
+    from marsvision.benchmarks.cli import _e2e_images
+
+    for name in ("b.JPG", "a.tif", "._b.JPG", "notes.txt", "sub/c.jpg"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    want = [str(tmp_path / "a.tif"), str(tmp_path / "b.JPG")]
+    assert list(_e2e_images(str(tmp_path), None, 10)) == want
+    assert list(_e2e_images(str(tmp_path), None, 1)) == want[:1]
+
+
+def test_isolated_job_past_its_timeout_is_an_error_row(tmp_path: Path) -> None:
+    """A job that hangs ends as its own error row; the run goes on to the next job."""
+    job = Job("model", "onnxruntime", "fp32", 1, str(tmp_path / "m.onnx"), "cpu", 1, 1)
+    row = run_job_isolated(job, timeout=0.01)
+    assert row["status"] == "error: timed out after 0.01 s"
+    assert row["backend"] == "onnxruntime" and row["batch"] == 1 and row["images"] == 0
 
 
 def test_bench_cli_does_not_import_torch() -> None:
