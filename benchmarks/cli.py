@@ -104,8 +104,11 @@ def main() -> None:
 _device = click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
 )
-_threads = click.option(
-    "--threads", type=int, default=None, help="CPU threads (default: all usable cores)."
+_threads = click.option(  # mars-infer's range: -1 made error rows, 0 meant all cores
+    "--threads",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="CPU threads (default: all usable cores).",
 )
 _out = click.option(
     "--out",
@@ -156,7 +159,7 @@ _data = click.option("--data", default=None, help="MSL data folder (default: $MA
 )
 @click.option(
     "--num-images",
-    type=int,
+    type=click.IntRange(min=1),
     default=64,
     show_default=True,
     help="At most this many end-to-end images (cycled through).",

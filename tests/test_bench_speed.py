@@ -191,6 +191,25 @@ def test_speed_without_images_for_e2e_is_a_user_error(
     assert result.exit_code == 1 and "no image files in it" in result.output
 
 
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        ("speed", "--threads 0"),
+        ("speed", "--threads -1"),
+        ("parity", "--threads 0"),
+        ("speed", "--num-images 0"),
+    ],
+)
+def test_bench_refuses_counts_below_one(command: str, flag: str, tmp_path: Path) -> None:
+    """Usage errors before anything runs: --threads -1 made every PyTorch row an error row
+    (torch.set_num_threads refuses it) in result files written as if measured, --threads 0 ran on
+    all cores with rows saying 0 threads, and --num-images 0 timed one image of a split."""
+    result = CliRunner().invoke(main, [command, *flag.split(), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{flag.split()[0]}'" in result.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_e2e_images_of_a_folder_are_those_mars_infer_classifies(tmp_path: Path) -> None:
     """A folder's end-to-end inputs are mars-infer's for it: every image suffix it reads (TIFF
     too), not macOS's hidden `._` copies (not images: every one an error row, timed as if
