@@ -198,6 +198,14 @@ def _bad_input(tmp_path: Path, msl_dir: Path, args: list[str]) -> str:
         (["--balance", "oversample"], "--balance 'oversample'"),
         (["--lr", "inf"], "--lr inf: must be a positive number"),
         (["--cutmix", "nan"], "--cutmix nan"),
+        # these went on to train: a traceback after decoding (label smoothing 1.5, warm-up
+        # nan), or a run that finished with NaN or growing weights (weight decay nan or -1)
+        (["--weight-decay", "nan"], "--weight-decay nan: must be a number >= 0"),
+        (["--weight-decay", "-1"], "--weight-decay -1.0: must be a number >= 0"),
+        (["--warmup-epochs", "nan"], "--warmup-epochs nan: must be a number >= 0"),
+        (["--warmup-epochs", "-2"], "--warmup-epochs -2.0: must be a number >= 0"),
+        (["--label-smoothing", "1.5"], "--label-smoothing 1.5: must be in [0, 1)"),
+        (["--label-smoothing", "1"], "--label-smoothing 1.0: must be in [0, 1)"),
         (["--amp", "fp16"], "--amp 'fp16': choose auto, bf16, off"),
         (["--resume"], "resume.pt does not exist"),
         (["--init", "/nonexistent/w.pth"], "no such weights file"),

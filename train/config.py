@@ -218,6 +218,18 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
         (cfg.epochs >= 1, f"--epochs {cfg.epochs}: need at least 1"),
         (cfg.batch_size >= 2, f"--batch-size {cfg.batch_size}: need at least 2 (BatchNorm)"),
         (math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr {cfg.lr}: must be a positive number"),
+        (
+            math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
+            f"--weight-decay {cfg.weight_decay}: must be a number >= 0 (0 = off)",
+        ),
+        (
+            math.isfinite(cfg.warmup_epochs) and cfg.warmup_epochs >= 0,
+            f"--warmup-epochs {cfg.warmup_epochs}: must be a number >= 0 (0 = off)",
+        ),
+        (
+            0 <= cfg.label_smoothing < 1,
+            f"--label-smoothing {cfg.label_smoothing}: must be in [0, 1) (0 = off)",
+        ),
         (cfg.limit is None or cfg.limit >= 1, f"--limit {cfg.limit}: need at least 1"),
         (cfg.workers >= 0, f"--workers {cfg.workers}: cannot be negative"),
         (
