@@ -46,6 +46,10 @@ class Job:
         d["images"] = list(self.images)
         return d
 
+    def row(self) -> dict[str, Any]:
+        """The job as the first fields of its result row: the image count, not the list."""
+        return {**self.to_dict(), "images": len(self.images)}
+
 
 def _open_runner(job: Job) -> Any:
     if job.backend in TORCH_BACKENDS:
@@ -108,7 +112,7 @@ def _torch_e2e_call(runner: Any, job: Job) -> Any:
 def run_job(job: Job) -> dict[str, Any]:
     """Measure one job in this process; returns its result row (status "ok" or why not). The
     runner is closed before it returns (a PyTorch runner puts back torch's thread count)."""
-    row: dict[str, Any] = {**job.to_dict(), "images": len(job.images)}
+    row = job.row()
     rss_before = current_rss_mib()
     with contextlib.ExitStack() as opened:
         try:
@@ -165,7 +169,6 @@ def run_job_isolated(job: Job, *, timeout: float = 3600) -> dict[str, Any]:
     """Run one job in a fresh Python process, so that its peak RSS is its own. A job that fails
     or outlives `timeout` seconds (a hung GPU driver, an engine build that never ends) becomes an
     error row, and the other rows are still measured."""
-    failed = {**job.to_dict(), "images": len(job.images)}
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "marsvision.benchmarks.speed_jobs"],
@@ -176,10 +179,10 @@ def run_job_isolated(job: Job, *, timeout: float = 3600) -> dict[str, Any]:
             check=False,
         )
     except subprocess.TimeoutExpired:
-        return {**failed, "status": f"error: timed out after {timeout:g} s"}
+        return {**job.row(), "status": f"error: timed out after {timeout:g} s"}
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        return {**failed, "status": f"error: {tail[0]}"}
+        return {**job.row(), "status": f"error: {tail[0]}"}
     return dict(json.loads(proc.stdout))
 
 
