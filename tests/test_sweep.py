@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -260,6 +261,9 @@ def test_sweep_seeds_are_checked(msl_dir: Path, tmp_path: Path) -> None:
         run_sweep(settings=parse_settings((*TINY, "seed=1")), **kw)  # type: ignore[arg-type]
     with pytest.raises(MarsvisionError, match="distinct"):
         run_sweep(settings=parse_settings(TINY), seeds=(1, 1), **kw)  # type: ignore[arg-type]
+    for budget in (math.nan, 0.0, -60.0):  # nan ran every candidate in full, past any budget
+        with pytest.raises(MarsvisionError, match="--budget-min .*positive"):
+            run_sweep(settings=parse_settings(TINY), **{**kw, "budget_s": budget})  # type: ignore[arg-type]
     refit = parse_settings((*TINY, "train_on=train+val"))
     with pytest.raises(MarsvisionError, match="cannot rank runs"):
         run_sweep(settings=refit, seeds=(0, 1), **kw)  # type: ignore[arg-type]
@@ -284,6 +288,13 @@ def test_settings_and_candidates_are_mars_train_flags() -> None:
         "epochs": 3, "lr": 0.002, "device": "cuda", "limit": None}  # fmt: skip
     with pytest.raises(MarsvisionError, match="KEY=VALUE"):
         parse_settings(("optimizer=sgd",))  # no mars-train flag sets it
+    # each value is read as mars-train reads its flag, so a typo fails here, not in a candidate
+    for pair, says in [("batch_size=abc", "not a valid integer"), ("epochs=1.5", "not a valid "
+                       "integer"), ("lr=fast", "not a valid float"), ("image_size=none", "not a "
+                       "valid integer"), ("augment_policy=rand", "not one of"),
+                       ("task=msl25", "--task")]:  # fmt: skip
+        with pytest.raises(MarsvisionError, match=f"--set '{pair}': .*{says}"):
+            parse_settings((pair,))
     for name, flags in CANDIDATES.items():
         flags = dict(flags)
         config_from_flags(flags.pop("recipe", "default"), data=Path("d"), out=Path(name), **flags)

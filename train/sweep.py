@@ -24,6 +24,7 @@ made on the model that would ship.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import statistics
@@ -79,19 +80,13 @@ DISTILL_RESERVE_S = 60.0  # kept back per run for --distill until one was timed 
 DISTILLED = "distilled.pt"  # --distill's checkpoint, in the run's folder
 
 
-def _flags_value(text: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return None if text == "none" else text
-
-
 def parse_settings(pairs: tuple[str, ...]) -> dict[str, Any]:
-    """`key=value` pairs (TrainConfig field names) applied over every candidate."""
+    """`key=value` pairs (TrainConfig field names) applied over every candidate, each value read
+    as mars-train reads its flag (`none`: unset, for a flag that has no default)."""
+    from marsvision.train.cli import main as train_cli
     from marsvision.train.config import FLAG_FIELDS
 
+    options = {p.name: p for p in train_cli.params}
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -99,7 +94,16 @@ def parse_settings(pairs: tuple[str, ...]) -> dict[str, Any]:
             raise MarsvisionError(
                 f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(FLAG_FIELDS)}"
             )
-        out[key] = _flags_value(value)
+        if key == "task":
+            raise MarsvisionError(f"--set {pair!r}: give the task with --task")
+        option = options[key]
+        if value == "none" and option.default is None:
+            out[key] = None
+            continue
+        try:
+            out[key] = option.type.convert(value, option, None)
+        except click.BadParameter as e:
+            raise MarsvisionError(f"--set {pair!r}: {e.message}") from None
     return out
 
 
@@ -205,6 +209,8 @@ def run_sweep(
     checkpoints, see the module's docstring)."""
     if "seed" in settings:
         raise MarsvisionError("--set seed=...: give the seeds with --seeds (e.g. --seeds 0,1)")
+    if not (math.isfinite(budget_s) and budget_s > 0):
+        raise MarsvisionError(f"--budget-min {budget_s / 60:g}: must be a positive number")
     if not seeds or len(set(seeds)) != len(seeds):
         raise MarsvisionError(f"--seeds {seeds}: give one or more distinct seeds, e.g. 0,1")
     check_writable_folder(out_dir, "--out")  # before the budget is spent, not after
