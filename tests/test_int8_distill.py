@@ -131,3 +131,24 @@ def test_distilling_a_shipped_model_keeps_where_it_trained(
                                                   "source_train_seconds": 71.0}}  # fmt: skip
     assert source_training(again, alone) == ("cuda", 71.0)
     assert source_training({"metrics": {}}, alone) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--lr", "nan"], "--lr nan: must be a positive number"),  # a traceback after decoding
+        (["--lr", "inf"], "--lr inf: must be a positive number"),  # wrote a NaN checkpoint
+        (["--lr", "0"], "--lr 0.0: must be a positive number"),
+        (["--limit", "0"], "0 is not in the range x>=1"),  # ran on one image, then failed
+        (["--workers", "-1"], "-1 is not in the range x>=0"),
+    ],
+)
+def test_bad_flags_are_refused_before_the_checkpoint_is_read(
+    flags: list[str], says: str, msl_dir: Path, tmp_path: Path
+) -> None:
+    junk = tmp_path / "checkpoint.pt"
+    junk.write_bytes(b"not a checkpoint")
+    args = [str(junk), "--out", str(tmp_path / "d.pt"), "--data", str(msl_dir), *flags]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and says in result.output, result.output
+    assert not (tmp_path / "d.pt").exists()

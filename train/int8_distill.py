@@ -14,6 +14,7 @@ session"); one epoch of this brought a 128 px one within it in both flavours.
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 import time
@@ -259,6 +260,8 @@ def distill_file(
     from marsvision.train.checkpoint import atomic_torch_save, load_checkpoint
     from marsvision.train.data import check_same_data
 
+    if not (math.isfinite(lr) and lr > 0):  # inf wrote a NaN checkpoint; nan, a traceback
+        raise MarsvisionError(f"--lr {lr}: must be a positive number")
     ckpt = load_checkpoint(checkpoint)
     check_same_data(ckpt, data_dir, checkpoint)
     settings = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "flavour": flavour,
@@ -282,14 +285,16 @@ def distill_file(
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="MSL data folder (default: $MARS_DATA).")  # fmt: skip
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True)
+@click.option("--lr", type=float, default=1e-5, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--flavour", type=click.Choice(["trt", "cpu"]), default="trt", show_default=True,
               help="Activations to imitate: trt = int8 everywhere (TensorRT's, the stricter), "
               "cpu = uint8 after ReLUs.")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--limit", type=int, default=None, help="At most N images per split (tests).")
-@click.option("--workers", type=int, default=4, show_default=True, help="Decoding threads.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="At most N images per split (tests).")  # fmt: skip
+@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Decoding threads.")  # fmt: skip
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, cuda or auto: where the student trains and is scored.")  # fmt: skip
 def main(checkpoint: Path, out: Path, data: Path | None, epochs: int, lr: float, batch_size: int,
