@@ -9,6 +9,7 @@ pass/fail verdict against the thresholds of its precision.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +35,19 @@ class Thresholds:
     fp16_max_accuracy_change: float = 0.1
     int8_max_accuracy_change: float = 0.5
     int8_min_agreement: float = 99.0
+
+    def __post_init__(self) -> None:
+        # nan would pass every artifact (no comparison with it is true), > 100% fail every one
+        for name in ("fp32_min_agreement", "int8_min_agreement"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 100.0:
+                flag = "--" + name.replace("_", "-")
+                raise MarsvisionError(f"{flag} {v:g}: must be a percentage in [0, 100]")
+        for name in ("fp16_max_accuracy_change", "int8_max_accuracy_change"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0.0):
+                flag = "--" + name.replace("_", "-")
+                raise MarsvisionError(f"{flag} {v:g}: must be a number of points >= 0")
 
 
 @dataclass(frozen=True)

@@ -267,3 +267,27 @@ def test_compare_labels_by_the_models_decision_threshold() -> None:
     ruled = compare(ref, art, y, num_classes=2, task="binary", threshold=0.9)
     assert ruled["top1_agreement"] == 100.0 and ruled["accuracy"] == 100.0
     assert ruled["accuracy_change"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        # nan passed every artifact: no comparison with it is true
+        ("--fp32-min-agreement", "nan", "--fp32-min-agreement nan: must be a percentage"),
+        ("--int8-max-accuracy-change", "nan", "--int8-max-accuracy-change nan: must be a number"),
+        # unreachable or meaningless: every artifact failed, after the whole run
+        ("--int8-min-agreement", "101", "--int8-min-agreement 101: must be a percentage"),
+        ("--fp16-max-accuracy-change", "-0.1", "--fp16-max-accuracy-change -0.1: must be a num"),
+        ("--fp16-max-accuracy-change", "inf", "--fp16-max-accuracy-change inf: must be a number"),
+    ],
+)
+def test_parity_refuses_thresholds_out_of_range(
+    flag: str, value: str, says: str, msl_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "art").mkdir()
+    (tmp_path / "c.pt").write_bytes(b"x")
+    args = ["parity", "--checkpoint", str(tmp_path / "c.pt"), "--artifacts", str(tmp_path / "art"),
+            "--data", str(msl_dir), flag, value, "--out", str(tmp_path / "o")]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and says in result.output, result.output
+    assert not list((tmp_path / "o").glob("parity*"))
