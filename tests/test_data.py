@@ -52,6 +52,9 @@ def test_official_splits_as_published(msl_dir: Path) -> None:
     first = (msl_dir / msl.SPLIT_FILES["train"]).read_text().split()[0]
     assert msl.read_split(msl_dir, "train", "msl25", limit=5)[0].path == msl_dir / first
     assert len(msl.read_split(msl_dir, "val", "msl25", limit=5)) == 5
+    for limit in (0, -1):  # kept one image: `ship --limit 0` shipped a model scored on one
+        with pytest.raises(MarsvisionError, match=f"--limit {limit}: need at least 1"):
+            msl.read_split(msl_dir, "val", "msl25", limit=limit)
     assert len(msl.class_names("msl25", msl_dir)) == 25
     assert msl.class_names("binary", msl_dir) == ["Surface", "Rover"]
 

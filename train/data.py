@@ -115,9 +115,12 @@ def task_label(task: str, msl_class: int) -> int:
 def read_split(data_dir: Path, split: str, task: str, limit: int | None = None) -> list[Sample]:
     """The samples of one official split, in file order (the files are pre-shuffled).
 
-    `limit` keeps at most that many. A listed image that is missing is an error naming it.
+    `limit` keeps at most that many (at least 1). A listed image that is missing is an error
+    naming it.
     """
     check_task(task)
+    if limit is not None and limit < 1:  # 0 or -1 kept one image: a model shipped scored on one
+        raise MarsvisionError(f"--limit {limit}: need at least 1 image per split")
     if split not in SPLITS:
         raise MarsvisionError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     path = data_dir / SPLIT_FILES[split]
