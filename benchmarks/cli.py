@@ -25,12 +25,13 @@ def _log(msg: str) -> None:
 
 
 def _csv(flag: str, value: str | None, kind: type = str) -> tuple:  # type: ignore[type-arg]
-    """'1,8,32' -> (1, 8, 32); a bad item is a user error naming the flag."""
+    """'1,8,32' -> (1, 8, 32), each item once ('8,1,8' -> (8, 1): a repeat ran its rows again);
+    a bad item is a user error naming the flag."""
     if value is None:
         return ()
     items = [v.strip() for v in value.split(",") if v.strip()]
     try:
-        return tuple(kind(v) for v in items)
+        return tuple(dict.fromkeys(kind(v) for v in items))
     except ValueError:
         raise MarsvisionError(f"{flag} {value!r}: expected a comma-separated list") from None
 

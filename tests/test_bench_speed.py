@@ -20,6 +20,7 @@ from marsvision.benchmarks.cli import main
 from marsvision.benchmarks.conditions import cpu_info, machine_name
 from marsvision.benchmarks.speed_jobs import Job, run_job_isolated
 from marsvision.benchmarks.timing import summarize, time_calls
+from marsvision.runtime.errors import MarsvisionError
 
 
 @pytest.fixture(scope="module")
@@ -298,3 +299,14 @@ def test_gpu_baseline_rows_record_gpu_memory(
     row = run_job(job)
     assert row["status"] == "ok" and row["runner"].startswith("pytorch-cuda")
     assert row["gpu_mem_mib"] > 0 and row["timing"]["repeats"] == 3
+
+
+def test_list_flags_take_each_item_once() -> None:
+    """`mars-bench speed --batch-sizes 1,1` timed every batch-1 row twice, in one table;
+    `mars-bench parity --splits val,val` ran the PyTorch reference on val twice."""
+    from marsvision.benchmarks.cli import _csv
+
+    assert _csv("--batch-sizes", "8, 1,8,,1", int) == (8, 1)
+    assert _csv("--splits", "test,val,test") == ("test", "val")
+    with pytest.raises(MarsvisionError, match="--batch-sizes '8,x': expected"):
+        _csv("--batch-sizes", "8,x", int)
