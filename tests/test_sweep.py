@@ -264,6 +264,8 @@ def test_sweep_seeds_are_checked(msl_dir: Path, tmp_path: Path) -> None:
     for budget in (math.nan, 0.0, -60.0):  # nan ran every candidate in full, past any budget
         with pytest.raises(MarsvisionError, match="--budget-min .*positive"):
             run_sweep(settings=parse_settings(TINY), **{**kw, "budget_s": budget})  # type: ignore[arg-type]
+    with pytest.raises(MarsvisionError, match="each candidate once"):
+        run_sweep(settings=parse_settings(TINY), **{**kw, "names": ["default", "default"]})  # type: ignore[arg-type]
     refit = parse_settings((*TINY, "train_on=train+val"))
     with pytest.raises(MarsvisionError, match="cannot rank runs"):
         run_sweep(settings=refit, seeds=(0, 1), **kw)  # type: ignore[arg-type]

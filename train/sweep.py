@@ -211,6 +211,8 @@ def run_sweep(
         raise MarsvisionError("--set seed=...: give the seeds with --seeds (e.g. --seeds 0,1)")
     if not (math.isfinite(budget_s) and budget_s > 0):
         raise MarsvisionError(f"--budget-min {budget_s / 60:g}: must be a positive number")
+    if len(set(names)) != len(names):  # a repeat trained into the same run folder again
+        raise MarsvisionError(f"--candidates {','.join(names)}: name each candidate once")
     if not seeds or len(set(seeds)) != len(seeds):
         raise MarsvisionError(f"--seeds {seeds}: give one or more distinct seeds, e.g. 0,1")
     check_writable_folder(out_dir, "--out")  # before the budget is spent, not after
