@@ -89,23 +89,32 @@ def default_model(
     device: str = "auto",
 ) -> DefaultModel:
     """The best existing export of `task` in `exports` (default: $MARS_EXPORTS, else ./exports)
-    for `device`. With device auto, the FP16 ONNX is taken only where onnxruntime really runs it
-    on CUDA (FP16 on a CPU is several times slower than the INT8 export: 61 against 210 images/s
-    on the Xeon with AMX); else the next export runs on the CPU, and the note says why."""
+    for `device`. A TensorRT engine is taken only where it runs here (a GPU, cuda-python, and an
+    engine built with this TensorRT for this GPU). With device auto, the FP16 ONNX is taken only
+    where onnxruntime really runs it on CUDA (FP16 on a CPU is several times slower than the
+    INT8 export: 61 against 210 images/s on the Xeon with AMX), else the next export runs on the
+    CPU. The note says what was passed over, and why."""
+    from marsvision.runtime.backends.tensorrt import engine_refusal
+
     folder = Path(exports if exports is not None else os.environ.get(EXPORTS_ENV) or "exports")
     flavours = preferred_flavours(device)
-    note = None
+    notes = []
     for flavour in flavours:
         path = folder / artifact_name(task, flavour)
         if not path.is_file():
             continue
+        if flavour.endswith("-engine"):  # TensorRT installed says nothing of a GPU or its build
+            refusal = engine_refusal(path)
+            if refusal is not None:
+                notes.append(f"passed over {path.name}: {refusal}")
+                continue
         if flavour == "fp16" and device == "auto":
             refusal = _cuda_refusal(path)
             if refusal is not None:
-                note = f"passed over {path.name}, made for a GPU: {refusal}"
+                notes.append(f"passed over {path.name}, made for a GPU: {refusal}")
                 device = "cpu"
                 continue
-        return DefaultModel(path, device, note)
+        return DefaultModel(path, device, "; ".join(notes) or None)
     raise MarsvisionError(
         f"no --engine given and no exported {task} model in {folder}/ "
         f"(looked for {', '.join(artifact_name(task, f) for f in flavours)}): run "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -347,3 +348,30 @@ def test_non_finite_model_output_is_an_error_row(
     assert [p.status for p in got] == ["ok", "error", "error", "ok"]
     assert got[1].error == got[2].error == NOT_FINITE and got[1].label is None
     assert [got[i].probs for i in (0, 3)] == [good[i].probs for i in (0, 3)]
+
+
+def test_default_model_passes_over_engines_that_cannot_run_here(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TensorRT installed says nothing of a GPU, cuda-python or the engine's build: an engine
+    that cannot run here is passed over for the next export, with a note (it was taken, and
+    mars-infer failed where the INT8 ONNX would have run)."""
+    from marsvision.runtime import models as m
+    from marsvision.runtime.backends import load_model_meta
+    from marsvision.runtime.metadata import sidecar_path
+
+    plan = tmp_path / m.artifact_name("binary", "int8-engine")
+    plan.write_bytes(b"serialized engine")
+    meta = load_model_meta(tiny_models["int8-cpu"])
+    trt = {"version": "10.13.0.35", "compute_capability": "9.0"}
+    sidecar_path(plan).write_text(dataclasses.replace(meta, tensorrt=trt).to_json())
+    int8 = tmp_path / m.artifact_name("binary", "int8-cpu")
+    os.symlink(tiny_models["int8-cpu"], int8)
+    monkeypatch.setattr(m, "_has_tensorrt", lambda: True)  # as a tensorrt install says
+    chosen = m.default_model(tmp_path)  # no TensorRT runtime, cuda-python or GPU here
+    assert chosen.path == int8 and chosen.device == "auto"
+    assert chosen.note is not None and chosen.note.startswith(f"passed over {plan.name}: ")
+    import marsvision.runtime.backends.tensorrt as trt_backend
+
+    monkeypatch.setattr(trt_backend, "_open_checks", lambda path: None)  # where it runs
+    assert m.default_model(tmp_path) == (plan, "auto", None)

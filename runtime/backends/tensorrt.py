@@ -89,7 +89,8 @@ def check_compatible(meta: ModelMeta, path: Path, trt_version: str, capability: 
     if str(built.get("version")) != trt_version:
         raise MarsvisionError(
             f"{path} was built with TensorRT {built.get('version')}, this is TensorRT "
-            f"{trt_version}: re-export the engine here (mars-export --tensorrt)"
+            f"{trt_version}: re-export the engine here (mars-export --fp16 or --int8 with "
+            "--tensorrt on)"
         )
     if str(built.get("compute_capability")) != capability:
         raise MarsvisionError(
@@ -97,6 +98,28 @@ def check_compatible(meta: ModelMeta, path: Path, trt_version: str, capability: 
             f"({built.get('gpu_name')}), this GPU has {capability}: "
             "re-export the engine on this GPU"
         )
+
+
+def _open_checks(path: Path) -> tuple[ModelMeta, Any, Any]:
+    """(metadata, tensorrt, cuda runtime) for the engine at `path` where it suits this machine:
+    its sidecar there, TensorRT and cuda-python installed, a GPU, and the engine built with this
+    TensorRT version for this GPU's architecture; else a MarsvisionError saying which is not."""
+    meta = meta_from_engine(path)
+    trt_mod = _import_trt()
+    cudart = _import_cudart()
+    _, capability = running_gpu()
+    check_compatible(meta, path, str(trt_mod.__version__), capability)
+    return meta, trt_mod, cudart
+
+
+def engine_refusal(path: str | os.PathLike[str]) -> str | None:
+    """None where the engine at `path` can run here, else why not (the checks a runner makes
+    before deserializing, without deserializing: for choosing a default model)."""
+    try:
+        _open_checks(Path(path))
+    except MarsvisionError as e:
+        return str(e.message)
+    return None
 
 
 def _np_dtype(trt_mod: Any, dtype: trt.DataType) -> type[np.floating[Any]]:
@@ -114,12 +137,8 @@ class TensorRTRunner:
         if device == "cpu":
             raise MarsvisionError("a TensorRT engine needs a GPU: use --device cuda (or auto)")
         self.path = Path(path)
-        self.meta = meta_from_engine(self.path)
         self.name = "tensorrt"
-        trt_mod = _import_trt()
-        self._cudart = _import_cudart()
-        _, capability = running_gpu()
-        check_compatible(self.meta, self.path, str(trt_mod.__version__), capability)
+        self.meta, trt_mod, self._cudart = _open_checks(self.path)
         self._logger: trt.ILogger = trt_mod.Logger(trt_mod.Logger.WARNING)
         self._runtime: trt.Runtime = trt_mod.Runtime(self._logger)
         engine: trt.ICudaEngine | None = self._runtime.deserialize_cuda_engine(
@@ -128,7 +147,13 @@ class TensorRTRunner:
         if engine is None:
             raise MarsvisionError(f"{self.path}: TensorRT cannot deserialize it; re-export it")
         self._engine: trt.ICudaEngine = engine
-        self._context: trt.IExecutionContext = engine.create_execution_context()
+        context: trt.IExecutionContext | None = engine.create_execution_context()
+        if context is None:  # its activation memory (for max batch) could not be allocated
+            raise MarsvisionError(
+                f"{self.path}: TensorRT cannot create an execution context (out of GPU memory?); "
+                "free the GPU or re-export with a smaller --max-batch"
+            )
+        self._context: trt.IExecutionContext = context
         self._in = self.meta.input_name
         self._out = self.meta.output_name
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
