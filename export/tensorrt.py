@@ -69,6 +69,23 @@ def _progress_monitor() -> trt.IProgressMonitor:
     return _Progress()
 
 
+def _attach_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> trt.ITimingCache:
+    """Attach to `config` the timing cache saved at `path` where TensorRT takes it (made on
+    this GPU by this TensorRT), else a new one: a cache from another GPU or TensorRT release
+    is set aside (said on stderr) and replaced after the build, not an error in every export."""
+    saved = path.read_bytes() if path is not None and path.is_file() else b""
+    if saved:
+        cache = config.create_timing_cache(saved)  # None for a blob this TensorRT cannot read
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return cache
+        print(f"tensorrt: {path} is from another GPU or TensorRT version; starting a new "
+              "timing cache", file=sys.stderr)  # fmt: skip
+    cache = config.create_timing_cache(b"")
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise MarsvisionError("TensorRT refused a new timing cache")
+    return cache
+
+
 def engine_from_onnx(
     onnx_path: Path,
     engine_path: Path,
@@ -93,7 +110,7 @@ def engine_from_onnx(
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT cannot parse {onnx_path}: {errors}")
+        raise MarsvisionError(f"TensorRT cannot parse {onnx_path}: {errors}")
 
     config = builder.create_builder_config()
     config.progress_monitor = _progress_monitor()
@@ -108,20 +125,21 @@ def engine_from_onnx(
     )
     config.add_optimization_profile(profile)
 
-    cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache = _attach_timing_cache(config, timing_cache)
 
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}")
+        raise MarsvisionError(
+            f"TensorRT failed to build an engine from {onnx_path} (its log above says why; an "
+            f"engine for batches up to {max_batch} may not fit this GPU: try a smaller --max-batch)"
+        )
     build_s = time.perf_counter() - start
     engine_path.write_bytes(bytes(serialized))
 
-    if timing_cache is not None:
+    if timing_cache is not None:  # the attached cache, with this build's timings added
         tmp = timing_cache.with_name(timing_cache.name + ".tmp")
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+        tmp.write_bytes(bytes(cache.serialize()))
         tmp.replace(timing_cache)
 
     return {

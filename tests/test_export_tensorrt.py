@@ -67,3 +67,31 @@ def test_module_imports_without_tensorrt() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "tensorrt package is not installed" in proc.stdout
+
+
+def test_a_timing_cache_from_another_gpu_is_replaced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The timing cache in an export folder outlives the GPU and TensorRT that made it: one that
+    TensorRT refuses (another GPU) or cannot read (another release) is replaced by a new one
+    (ignored before: the build went on without a cache and saving it failed, every export)."""
+    from marsvision.export.tensorrt import _attach_timing_cache
+
+    class Config:  # IBuilderConfig's two timing-cache calls
+        def create_timing_cache(self, blob: bytes) -> tuple[str, bytes] | None:
+            return None if blob == b"garbled" else ("cache", blob)
+
+        def set_timing_cache(self, cache: tuple[str, bytes], ignore_mismatch: bool) -> bool:
+            assert ignore_mismatch is False
+            return cache[1] != b"other gpu"
+
+    path = tmp_path / "tensorrt-timing.cache"
+    assert _attach_timing_cache(Config(), None) == ("cache", b"")  # type: ignore[arg-type]
+    assert _attach_timing_cache(Config(), path) == ("cache", b"")  # type: ignore[arg-type]
+    path.write_bytes(b"this gpu")
+    assert _attach_timing_cache(Config(), path) == ("cache", b"this gpu")  # type: ignore[arg-type]
+    assert capsys.readouterr().err == ""
+    for blob in (b"other gpu", b"garbled"):
+        path.write_bytes(blob)
+        assert _attach_timing_cache(Config(), path) == ("cache", b"")  # type: ignore[arg-type]
+        assert "is from another GPU or TensorRT version" in capsys.readouterr().err
