@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.train.card import render_card
 from marsvision.train.checkpoint import (
     atomic_torch_save,
     load_checkpoint,
@@ -131,7 +132,7 @@ def test_default_rule_is_argmax(run: Path, msl_dir: Path, tmp_path: Path) -> Non
     assert "| label rule | the most probable class |" in result.card.read_text()
 
 
-def test_card_and_sums(shipped: Path) -> None:
+def test_card_and_sums(shipped: Path, msl_dir: Path) -> None:
     pt = shipped / "resnet50-binary.pt"
     sha = hashlib.sha256(pt.read_bytes()).hexdigest()
     assert (shipped / "SHA256SUMS").read_text() == f"{sha}  resnet50-binary.pt\n"
@@ -156,6 +157,11 @@ def test_card_and_sums(shipped: Path) -> None:
     assert ("classify with `--tta flip`" in card) == helps
     assert ("leave it off" in card) == (not helps)
     assert ckpt["shipped"]["notes"] == list(NOTES)
+    assert "trained from scratch (no ImageNet weights)" in card
+    ckpt["config"]["init"] = "/weights/resnet50-11ad3fa6.pth"  # said from scratch before
+    card = render_card(ckpt, file_name=pt.name, sha256=sha, size_bytes=pt.stat().st_size,
+                       data_dir=msl_dir)  # fmt: skip
+    assert "from scratch" not in card and "weights file `resnet50-11ad3fa6.pth` (`--init`)" in card
 
 
 def test_card_names_the_distillations_libraries_where_they_differ() -> None:

@@ -127,6 +127,14 @@ def _distilled(shipped: dict[str, Any]) -> list[str]:
     ]
 
 
+def _start(cfg: dict[str, Any]) -> str:
+    """What training started from: random weights, or the `--init` weights file."""
+    init = cfg.get("init") or "random"
+    if init == "random":
+        return "trained from scratch (no ImageNet weights)"
+    return f"trained from the weights file `{Path(init).name}` (`--init`)"
+
+
 def _fp32_scores(shipped: dict[str, Any]) -> str:
     """The sentence on the fp32 weights' scores (and, if distilled, the source run's)."""
     fp32, d = shipped["metrics"]["fp32_run"], shipped.get("distill")
@@ -198,7 +206,8 @@ def render_card(
         "",
         f"marsvision's shipped {task} model: {len(names)} classes ({', '.join(names[:5])}"
         + (", ..." if len(names) > 5 else "")
-        + "), trained from scratch (no ImageNet weights)"
+        + "), "
+        + _start(cfg)
         + how,
         "",
         "| | |",
