@@ -10,10 +10,12 @@ from click.testing import CliRunner
 from torch import nn
 from torch.nn.utils import parametrize
 
+from marsvision.runtime.errors import MarsvisionError
 from marsvision.train.int8_distill import (
     activation_bounds,
     attach_fake_quant,
     detach_fake_quant,
+    distill_file,
     fake_quant,
     main,
 )
@@ -151,4 +153,13 @@ def test_bad_flags_are_refused_before_the_checkpoint_is_read(
     args = [str(junk), "--out", str(tmp_path / "d.pt"), "--data", str(msl_dir), *flags]
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0 and says in result.output, result.output
+    assert not (tmp_path / "d.pt").exists()
+
+
+def test_an_unfinished_run_is_refused(tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path) -> None:
+    """A run with no test metrics yet (killed, or still training): distilled before, its
+    checkpoint then failed `make ship` with a traceback, after the card's scoring, leaving a
+    shipped file without card or SHA256SUMS line."""
+    with pytest.raises(MarsvisionError, match="unfinished run"):
+        distill_file(tiny_checkpoint, tmp_path / "d.pt", data_dir=msl_dir, limit=16)
     assert not (tmp_path / "d.pt").exists()

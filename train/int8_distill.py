@@ -259,10 +259,12 @@ def distill_file(
     from marsvision.runtime.metadata import sha256_file
     from marsvision.train.checkpoint import atomic_torch_save, load_checkpoint
     from marsvision.train.data import check_same_data
+    from marsvision.train.ship import check_finished
 
     if not (math.isfinite(lr) and lr > 0):  # inf wrote a NaN checkpoint; nan, a traceback
         raise MarsvisionError(f"--lr {lr}: must be a positive number")
     ckpt = load_checkpoint(checkpoint)
+    check_finished(ckpt, checkpoint)  # its test metrics go on the card beside the distilled ones
     check_same_data(ckpt, data_dir, checkpoint)
     settings = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "flavour": flavour,
                 "seed": seed, "limit": limit}  # fmt: skip

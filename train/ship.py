@@ -133,6 +133,16 @@ def source_training(ckpt: dict[str, Any], path: Path) -> tuple[str | None, float
     return earlier.get("source_train_device"), earlier.get("source_train_seconds")
 
 
+def check_finished(ckpt: dict[str, Any], source: Path) -> None:
+    """Refuse the checkpoint of an unfinished run (killed, or still training): it has no test
+    metrics yet, which its model card reports."""
+    if "test" not in ckpt.get("metrics", {}):
+        raise MarsvisionError(
+            f"{source} is from an unfinished run (no test metrics yet); finish it with "
+            "mars-train --resume and the run's flags first"
+        )
+
+
 def ship_run(
     run: Path,
     *,
@@ -154,11 +164,7 @@ def ship_run(
     check_writable_folder(models_dir, "--models")  # before minutes of scoring, not after
     source = run / "checkpoint.pt" if run.is_dir() else run
     ckpt = load_checkpoint(source)
-    if "test" not in ckpt.get("metrics", {}):
-        raise MarsvisionError(
-            f"{source} is from an unfinished run (no test metrics yet); finish it with "
-            "mars-train --resume and the run's flags, then ship"
-        )
+    check_finished(ckpt, source)
     msl.check_same_data(ckpt, data_dir, source)
     if threshold_on_val and is_refit(ckpt["config"]):
         raise MarsvisionError(
