@@ -162,6 +162,15 @@ def test_card_and_sums(shipped: Path, msl_dir: Path) -> None:
     card = render_card(ckpt, file_name=pt.name, sha256=sha, size_bytes=pt.stat().st_size,
                        data_dir=msl_dir)  # fmt: skip
     assert "from scratch" not in card and "weights file `resnet50-11ad3fa6.pth` (`--init`)" in card
+    assert "epoch 1 of 1 selected on val balanced accuracy |" in card
+    # a time budget ended a 4-epoch run after epoch 1, before --select-from 0.5's epochs 2-4:
+    # the last epoch run was kept, not selected on val (the card said selected)
+    ckpt["config"].update(epochs=4, select_from=0.5)
+    ckpt["metrics"].update(best_epoch=1, stopped_early_after_epoch=1)
+    card = render_card(ckpt, file_name=pt.name, sha256=sha, size_bytes=pt.stat().st_size,
+                       data_dir=msl_dir)  # fmt: skip
+    assert ("epoch 1 of 4 kept as the last one run, before the epochs --select-from selects from "
+            "(stopped after epoch 1: time budget) |") in card  # fmt: skip
 
 
 def test_card_names_the_distillations_libraries_where_they_differ() -> None:

@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from marsvision.train import data as msl
-from marsvision.train.config import HALF_VAL, REFIT, holds_half_val, is_refit
+from marsvision.train.config import (
+    HALF_VAL,
+    REFIT,
+    first_selectable_epoch,
+    holds_half_val,
+    is_refit,
+    saved_setting,
+)
 
 _METRICS = ("accuracy", "balanced_accuracy", "precision", "recall", "f1")
 
@@ -198,6 +205,10 @@ def render_card(
         if refit
         else f"selected on {'the held-out half of ' if half else ''}val balanced accuracy"
     )
+    if not refit and m["best_epoch"] < first_selectable_epoch(
+        saved_setting(cfg, "select_from"), cfg["epochs"]
+    ):  # the time budget ended the run before the epochs it selects from: the last is kept
+        chosen = "kept as the last one run, before the epochs --select-from selects from"
     score_held = (
         "    mars-bench score preds.csv --split val --val-half held   # val: the held-out half"
     )

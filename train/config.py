@@ -151,6 +151,11 @@ class TrainConfig:
 BEFORE_ITS_FLAG: dict[str, Any] = {"select_from": 0.0}
 
 
+def first_selectable_epoch(select_from: float, epochs: int) -> int:
+    """The first epoch `--select-from` lets a run keep (<= epochs: the last always counts)."""
+    return max(1, math.ceil(select_from * epochs))
+
+
 def saved_setting(saved: Mapping[str, Any], key: str) -> Any:
     """A saved config's (config.json's, resume.pt's) `key`; for a config from before the
     setting existed, what the run did: `BEFORE_ITS_FLAG`, else the setting's default."""

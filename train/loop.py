@@ -13,7 +13,6 @@ everywhere below is the second half, the held-out one the epoch is selected on.
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
 from typing import Any
@@ -29,7 +28,13 @@ from marsvision.train import data as msl
 from marsvision.train.adversary import CameraTask, camera_task, pooled_features
 from marsvision.train.augment import augment_batch
 from marsvision.train.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
-from marsvision.train.config import HALF_VAL, AugmentSpec, TrainConfig, val_roles
+from marsvision.train.config import (
+    HALF_VAL,
+    AugmentSpec,
+    TrainConfig,
+    first_selectable_epoch,
+    val_roles,
+)
 from marsvision.train.device import select_device, use_bf16, uses_channels_last
 from marsvision.train.images import eval_tensors, train_store
 from marsvision.train.metrics import bootstrap_cis, classification_metrics
@@ -312,7 +317,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     # --- train; select on val
     stopped_after: int | None = None
     # under-trained early epochs can score well on a shifted val set: select from here on
-    first_eligible = max(1, math.ceil(cfg.select_from * cfg.epochs))  # <= epochs: the last counts
+    first_eligible = first_selectable_epoch(cfg.select_from, cfg.epochs)
     # a bf16 run selects on bf16 scores; the reported val/test numbers are fp32 ones of the kept
     # weights, so they differ from the epoch's selection line in the last digits
     scored_in = ", scored under bf16 autocast (the reported numbers: fp32)" if bf16 else ""
