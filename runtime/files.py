@@ -16,11 +16,20 @@ from pathlib import Path
 from marsvision.runtime.errors import MarsvisionError
 
 
-def default_file_mode() -> int:
-    """0o666 less the process umask: what open() would give a new file."""
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def default_file_mode() -> int:
+    """0o666 less the process umask: what open() would give a new file."""
+    return 0o666 & ~_umask()
+
+
+def default_folder_mode() -> int:
+    """0o777 less the process umask: what mkdir would give a new folder (mkdtemp gives 0o700)."""
+    return 0o777 & ~_umask()
 
 
 @contextmanager

@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see train/cli.py
 
 import shutil
+import stat
 import subprocess
 import sys
 import zipfile
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.files import default_folder_mode
 from marsvision.runtime.spec import PreprocessSpec
 from marsvision.train import data as msl
 from marsvision.train.augment import AugmentSpec, augment_batch
@@ -172,10 +174,29 @@ def test_check_and_unpack_archive(msl_dir: Path, tmp_path: Path) -> None:
     assert root == "msl-images/"
     dest = unpack_archive(archive, tmp_path / "data", root)
     assert msl.resolve_data_dir(dest) == dest
+    assert stat.S_IMODE(dest.stat().st_mode) == default_folder_mode()  # was mkdtemp's 0o700
     assert len(msl.read_split(dest, "test", "msl25")) == 3
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     with pytest.raises(MarsvisionError, match="not empty"):
         unpack_archive(archive, dest, root)
+
+
+def test_a_damaged_image_member_is_a_one_line_error(msl_dir: Path, tmp_path: Path) -> None:
+    """check_archive reads the split files only: an image member with a bad CRC passed it and
+    then ended the unpacking in a zipfile.BadZipFile traceback."""
+    src = mini_data(msl_dir, tmp_path / "src", per_split=3)
+    archive = _zip_dataset(src, tmp_path / "msl-images.zip")
+    with zipfile.ZipFile(archive) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith(".JPG"))
+    data = bytearray(archive.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data[start + info.compress_size // 2] ^= 0xFF  # one byte inside the member's data
+    archive.write_bytes(bytes(data))
+    root = check_archive(archive, expected_bytes=None)
+    with pytest.raises(MarsvisionError, match="is damaged .*download it again"):
+        unpack_archive(archive, tmp_path / "data", root)
+    assert not (tmp_path / "data").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_archive_whose_splits_do_not_resolve(msl_dir: Path, tmp_path: Path) -> None:

@@ -15,10 +15,11 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from marsvision.runtime.errors import MarsvisionError
-from marsvision.runtime.files import check_writable_folder
+from marsvision.runtime.files import check_writable_folder, default_folder_mode
 from marsvision.train.data import SPLIT_FILES, SPLITS, SYNSET_FILE, read_split
 
 ZENODO_URL = "https://zenodo.org/records/1049137/files/msl-images.zip?download=1"
@@ -92,6 +93,24 @@ def check_archive(path: Path, expected_bytes: int | None = ARCHIVE_BYTES) -> str
     return root
 
 
+def _extract(path: Path, root: str, folder: Path) -> None:
+    """The members under `root` of the zip into `folder`; a damaged member (check_archive reads
+    only the split files) or a full disk is a one-line error."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.filename.startswith(root) or info.is_dir():
+                    continue
+                target = folder / info.filename[len(root) :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, target.open("wb") as out:
+                    shutil.copyfileobj(src, out)
+    except (zipfile.BadZipFile, zlib.error) as e:
+        raise MarsvisionError(f"{path} is damaged ({e}); download it again") from None
+    except OSError as e:
+        raise MarsvisionError(f"cannot unpack {path} into {folder.parent}: {e}") from None
+
+
 def unpack_archive(path: Path, dest: Path, root: str) -> Path:
     """Unpack the data set folder `root` of the zip to `dest` (temp folder, then rename)."""
     if dest.exists() and any(dest.iterdir()):
@@ -99,16 +118,10 @@ def unpack_archive(path: Path, dest: Path, root: str) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                if not info.filename.startswith(root) or info.is_dir():
-                    continue
-                target = tmp / info.filename[len(root) :]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, target.open("wb") as out:
-                    shutil.copyfileobj(src, out)
+        _extract(path, root, tmp)
         for split in SPLITS:  # the unpacked layout must resolve as the trainer reads it
             read_split(tmp, split, "msl25")
+        os.chmod(tmp, default_folder_mode())  # mkdtemp's 0o700 kept other users out of --data
         if dest.exists():
             dest.rmdir()
         os.replace(tmp, dest)
