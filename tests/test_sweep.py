@@ -319,5 +319,7 @@ def test_training_stops_at_the_deadline(msl_dir: Path, tmp_path: Path) -> None:
     result = train(cfg, deadline=time.monotonic())  # past: only the first epoch runs
     assert result["stopped_early_after_epoch"] == 1 and len(result["history"]) == 1
     assert result["best_epoch"] == 1  # before the selection window (epoch 2 on): the last
+    said = "nothing: the last epoch run, kept (the time budget ended the run after epoch 1, "
+    assert result["selected_on"].startswith(said + "before epoch 2")  # said 'over epochs 2-3'
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["metrics"][
         "stopped_early_after_epoch"] == 1  # fmt: skip

@@ -394,14 +394,21 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     final = create_model(k).to(device, memory_format=layout)
     final.load_state_dict(ckpt["state_dict"])
     held = "the held-out half of " if cfg.train_on == HALF_VAL else ""
+    last = stopped_after or cfg.epochs
+    if refit:
+        selected_on = "the last epoch (val is training data: --train-on train+val)"
+    elif last < first_eligible:
+        selected_on = (f"nothing: the last epoch run, kept (the time budget ended the run after "
+                       f"epoch {last}, before epoch {first_eligible}, where --select-from "
+                       "starts)")  # fmt: skip
+    else:
+        selected_on = (f"{held}val balanced_accuracy over epochs {first_eligible}-{last} (ties: "
+                       f"lower val loss){scored_in}")  # fmt: skip
     result: dict[str, Any] = {
         "task": task,
         "class_names": names,
         "best_epoch": best_epoch,
-        "selected_on": "the last epoch (val is training data: --train-on train+val)"
-        if refit
-        else f"{held}val balanced_accuracy over epochs {first_eligible}-{cfg.epochs} "
-        f"(ties: lower val loss){scored_in}",
+        "selected_on": selected_on,
         "trained_on": cfg.train_on,
         "stopped_early_after_epoch": stopped_after,
     }
