@@ -97,17 +97,21 @@ def check_manifest_owner(out: Path, source_sha256: str) -> None:
 def write_manifest(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Write manifest.json atomically, keeping entries of earlier exports of the same model.
 
-    Returns the manifest as written.
+    Every entry says when the export that wrote it ran (`exported`): the top-level `created`,
+    `config` and `versions` are this export's, and `kept` lists the files an earlier export
+    wrote. Returns the manifest as written.
     """
     path = out / MANIFEST
+    fresh = [{**a, "exported": manifest["created"]} for a in manifest["artifacts"]]
+    kept: list[dict[str, Any]] = []
     if path.exists():
         old = json.loads(path.read_text(encoding="utf-8"))
-        fresh = {a["file"] for a in manifest["artifacts"]}
+        names = {a["file"] for a in fresh}
         kept = [
-            a
+            {**a, "exported": a.get("exported", old.get("created"))}
             for a in old.get("artifacts", [])
-            if a["file"] not in fresh and (out / a["file"]).exists()
+            if a["file"] not in names and (out / a["file"]).exists()
         ]
-        manifest = {**manifest, "artifacts": kept + manifest["artifacts"]}
+    manifest = {**manifest, "artifacts": kept + fresh, "kept": [a["file"] for a in kept]}
     atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest

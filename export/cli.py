@@ -147,7 +147,9 @@ def main(
     )
     manifest = export_all(config)
     click.echo(_table(manifest))
-    click.echo(f"\nwrote {len(manifest['artifacts'])} artifacts and manifest.json to {out}")
+    kept = len(manifest["kept"])
+    click.echo(f"\nwrote {len(manifest['artifacts']) - kept} artifacts and manifest.json to {out}"
+               + (f" ({kept} more kept from an earlier export)" if kept else ""))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def _entry(
         "parity_vs_fp32": parity,
         "build_seconds": round(secs, 2),
         "sha256": sha256_file(path),
+        **({"quantization": meta.quantization} if meta.quantization else {}),  # how calibrated
     }
 
 

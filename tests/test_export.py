@@ -224,8 +224,13 @@ def test_calibration_cache_is_reused(
     assert caches[0].stat().st_mtime_ns == before
     int8 = [a for a in manifest["artifacts"] if a["flavour"].startswith("int8")]
     assert [a["calibration_reused"] for a in int8] == [True, True]
-    # the earlier FP16 entry survives in the merged manifest
-    assert any(a["flavour"] == "fp16" for a in manifest["artifacts"])
+    # the earlier FP16 entry survives in the merged manifest, said to be an earlier export's
+    # (the top-level config, this export's, says int8 only: it described every entry before)
+    fp16 = next(a for a in manifest["artifacts"] if a["flavour"] == "fp16")
+    earlier = json.loads((exported / "manifest.json").read_text())
+    assert manifest["kept"] == [fp16["file"]] and fp16["exported"] == earlier["created"]
+    assert all(a["exported"] == manifest["created"] for a in int8)
+    assert [a["quantization"]["images"] for a in int8] == [CALIB_IMAGES] * 2
 
 
 def test_failed_parity_writes_nothing(ckpt_path: Path, msl_dir: Path, tmp_path: Path) -> None:
