@@ -129,6 +129,11 @@ def main(
     tensorrt: str,
     max_batch: int,
 ) -> None:
+    given = click.get_current_context().get_parameter_source
+    for name in ("calib_images", "calib_method"):  # they did nothing, and went into the manifest
+        if not int8 and given(name) == click.core.ParameterSource.COMMANDLINE:
+            flag = "--" + name.replace("_", "-")
+            raise click.UsageError(f"{flag} sets INT8 calibration: add --int8")
     # onnxruntime comes with the cpu or gpu extra, not export: both builds cannot sit together
     modules = ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime")
     require_extra("mars-export", "export", *modules)

@@ -209,3 +209,14 @@ def test_commands_without_torch_name_the_extra(
     assert 'pip install "marsvision[cpu,export]"' in r.output and not (tmp_path / "e").exists()
     r = CliRunner().invoke(bench, ["score", str(tmp_path / "none.csv"), "--data", str(msl_dir)])
     assert r.exit_code == 1 and "cannot read the predictions file" in r.output, r.output
+
+
+@pytest.mark.parametrize("flag", ["--calib-images 64", "--calib-method entropy"])
+def test_calibration_flags_need_int8(flag: str, tmp_path: Path) -> None:
+    """Without --int8 they did nothing (and went into the manifest's config as if used)."""
+    args = ["--out", str(tmp_path / "o"), *flag.split()]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 2 and f"{flag.split()[0]} sets INT8 calibration: add --int8" in (
+        result.output
+    ), result.output
+    assert not (tmp_path / "o").exists()
