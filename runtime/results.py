@@ -79,7 +79,12 @@ class ResultWriter:
 
     def _csv_lines(self, rows: list[list[Any]]) -> str:
         buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerows(rows)
+        plain = csv.writer(buf, lineterminator="\n")
+        # the writer quotes a field only for the characters of its line terminator: a carriage
+        # return in a file name would end the row for every reader, so such rows are quoted whole
+        quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
+        for row in rows:
+            (quoted if any("\r" in str(v) for v in row) else plain).writerow(row)
         return buf.getvalue()
 
     def _write_text(self, text: str) -> None:
@@ -174,57 +179,79 @@ def _json_layout_matches(row: dict[str, Any], header: list[str]) -> bool:
     return "probs" in row and (row["probs"] is None or list(row["probs"]) == names)
 
 
+def _csv_done(path: str, text: str, header: list[str], prov: Provenance) -> dict[str, str]:
+    # no field of a whole file is longer than the file: a long (error) path must not be refused
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        rows = list(reader)
+    except csv.Error:
+        raise MarsvisionError(
+            f"{path}: row {reader.line_num} is malformed; cannot resume from it"
+        ) from None
+    if rows[0] != header:
+        raise MarsvisionError(
+            f"{path} has columns {rows[0][:4]}... that do not match this model and --top-k; "
+            "resume with the same options, or write to a new --out file"
+        )
+    done: dict[str, str] = {}
+    for n, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise MarsvisionError(f"{path}: row {n} is malformed; cannot resume from it")
+        _check_same_run(path, n, dict(zip(header, row)), prov)
+        done[row[0]] = row[1]
+    return done
+
+
+def _jsonl_done(path: str, text: str, header: list[str], prov: Provenance) -> dict[str, str]:
+    done: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), start=1):
+        try:
+            d = json.loads(line)
+            done[d["path"]] = d["status"]
+            layout_matches = _json_layout_matches(d, header)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise MarsvisionError(f"{path}: line {n} is not a result row; cannot resume") from None
+        _check_same_run(path, n, d, prov)
+        if not layout_matches:
+            raise MarsvisionError(
+                f"{path}: line {n} was written for other classes or another --top-k; resume "
+                "with the same options, or write to a new --out file"
+            )
+    return done
+
+
 def read_done(path: str, *, fmt: str, header: list[str], provenance: Provenance) -> dict[str, str]:
     """{path: status} of the rows already in a results file (after repairing a cut last line).
 
     A file written for another model's classes or another --top-k is refused, and so is one
     written by another model file or with another --tta (its rows would mix two models), and
-    one in the other format.
+    one in the other format. A refused file is left as it was: the cut last line of a kill is
+    dropped only from a file whose whole rows were all checked to be this run's.
     """
     try:
-        with open(path, "rb+") as f:
+        with open(path, "rb") as f:
             data = f.read()
-            if data and (data[:1] == b"{") != (fmt == "jsonl"):  # checked before any repair
-                other = "csv" if fmt == "jsonl" else "jsonl"
-                raise MarsvisionError(
-                    f"{path} holds {other.upper()} rows, not {fmt.upper()}; resume with "
-                    f"--format {other}"
-                )
-            # cut a last row left unfinished by a kill, so that appending starts on a fresh row
-            keep = _whole_csv_records(data) if fmt == "csv" else data.rfind(b"\n") + 1
-            if keep < len(data):
-                f.truncate(keep)
     except OSError as e:
         raise MarsvisionError(f"cannot resume the results file {path} ({e.strerror})") from None
+    if data and (data[:1] == b"{") != (fmt == "jsonl"):
+        other = "csv" if fmt == "jsonl" else "jsonl"
+        raise MarsvisionError(
+            f"{path} holds {other.upper()} rows, not {fmt.upper()}; resume with --format {other}"
+        )
+    # the whole rows; what follows them is a last row left unfinished by a kill
+    keep = _whole_csv_records(data) if fmt == "csv" else data.rfind(b"\n") + 1
     text = data[:keep].decode(ENCODING["encoding"], ENCODING["errors"])
     done: dict[str, str] = {}
-    if not text:
-        return done
-    if fmt == "csv":
-        rows = list(csv.reader(io.StringIO(text, newline="")))
-        if rows[0] != header:
-            raise MarsvisionError(
-                f"{path} has columns {rows[0][:4]}... that do not match this model and --top-k; "
-                "resume with the same options, or write to a new --out file"
-            )
-        for n, row in enumerate(rows[1:], start=2):
-            if len(row) != len(header):
-                raise MarsvisionError(f"{path}: row {n} is malformed; cannot resume from it")
-            _check_same_run(path, n, dict(zip(header, row)), provenance)
-            done[row[0]] = row[1]
-        return done
-    for n, line in enumerate(text.splitlines(), start=1):
+    if text:
+        read = _csv_done if fmt == "csv" else _jsonl_done
+        done = read(path, text, header, provenance)
+    if keep < len(data):  # so that appending starts on a fresh row
         try:
-            d = json.loads(line)
-            done[d["path"]] = d["status"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise MarsvisionError(f"{path}: line {n} is not a result row; cannot resume") from None
-        _check_same_run(path, n, d, provenance)
-        if not _json_layout_matches(d, header):
-            raise MarsvisionError(
-                f"{path}: line {n} was written for other classes or another --top-k; resume "
-                "with the same options, or write to a new --out file"
-            )
+            with open(path, "rb+") as f:
+                f.truncate(keep)
+        except OSError as e:
+            raise MarsvisionError(f"cannot resume the results file {path} ({e.strerror})") from None
     return done
 
 

@@ -186,6 +186,56 @@ def test_csv_resume_after_a_cut_inside_a_quoted_path(
     assert out.read_bytes() == whole
 
 
+_PROV = ("sha", "fp32", "onnxruntime-cpu")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "content", "refusal"),
+    [
+        ("csv", b'name,size\nscreen 5" wide,12\nfoo,1\nbar,2', "do not match this model"),
+        ("jsonl", b'{"a": 1}\n{"b": 2}', "line 1 is not a result row"),
+        ("jsonl", b'{"path": "x", "status": "ok", "probs": 0.5}\n{"pa', "line 1 is not a result"),
+    ],
+)
+def test_resume_leaves_a_refused_file_as_it_was(
+    tmp_path: Path, fmt: str, content: bytes, refusal: str
+) -> None:
+    """--resume on a file that is not this run's results (the wrong --out) is refused before
+    anything is cut from it: its unfinished last line is not a kill's row to drop."""
+    from marsvision.runtime.results import Provenance, csv_header, read_done
+
+    out = tmp_path / f"labels.{fmt}"
+    out.write_bytes(content)
+    with pytest.raises(MarsvisionError, match=refusal):
+        read_done(str(out), fmt=fmt, header=csv_header(["a", "b"], None),
+                  provenance=Provenance(*_PROV))  # fmt: skip
+    assert out.read_bytes() == content
+
+
+def test_csv_rows_round_trip_carriage_returns_and_long_fields(tmp_path: Path) -> None:
+    """A file name with a carriage return stays one field of one row (every CSV reader would end
+    the row there if it were not quoted), and a path longer than the csv module's default field
+    limit (an error row for a bad line of a list file) still resumes."""
+    import csv
+
+    from marsvision.runtime.classifier import Prediction
+    from marsvision.runtime.results import Provenance, ResultWriter, csv_header, read_done
+
+    paths = ["a\rb.jpg", "c.jpg", "x" * 200_000]
+    out = tmp_path / "r.csv"
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        writer = ResultWriter(f, fmt="csv", class_names=["a", "b"], top_k=None,
+                              provenance=Provenance(*_PROV), write_header=True)  # fmt: skip
+        writer.write([Prediction(p, "ok", "a", (0.75, 0.25)) for p in paths])
+    with open(out, newline="", encoding="utf-8") as f:
+        csv.field_size_limit(1 << 20)
+        assert [row[0] for row in csv.reader(f)] == ["path", *paths]
+    csv.field_size_limit(131072)  # the default, as a fresh process has it
+    done = read_done(str(out), fmt="csv", header=csv_header(["a", "b"], None),
+                     provenance=Provenance(*_PROV))  # fmt: skip
+    assert done == dict.fromkeys(paths, "ok")
+
+
 def test_folder_refused_between_check_and_creation_is_a_one_line_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
