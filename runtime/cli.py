@@ -115,6 +115,7 @@ def run(cfg: InferConfig) -> int:
         stream, is_new = open_output(cfg.out, append=cfg.resume)
         ok = failed = 0
         progress = _Progress(len(todo))
+        write_error: OSError | None = None
         try:
             writer = ResultWriter(
                 stream,
@@ -130,13 +131,28 @@ def run(cfg: InferConfig) -> int:
                 ok += sum(p.ok for p in batch)
                 failed += sum(not p.ok for p in batch)
                 progress.update(ok + failed)
+        except BrokenPipeError:
+            raise
+        except OSError as e:  # the results cannot be written: disk full, quota, file size limit
+            write_error = e
         finally:
             progress.close()
-            if cfg.out is not None:
-                stream.close()
-            else:
-                stream.flush()
-                stream.detach()  # leave sys.stdout usable
+            try:
+                if cfg.out is not None:
+                    stream.close()  # flushes: fails again after a failed write
+                else:
+                    stream.flush()
+                    stream.detach()  # leave sys.stdout usable
+            except BrokenPipeError:
+                raise
+            except OSError as e:
+                write_error = write_error or e
+        if write_error is not None:
+            where = cfg.out or "stdout"
+            hint = "; make room and rerun with --resume" if cfg.out else ""
+            raise MarsvisionError(
+                f"cannot write the results to {where} ({write_error.strerror or write_error}){hint}"
+            )
         secs = time.perf_counter() - t_run
     skipped = len(inputs) - len(todo)
     # INT8 in ONNX Runtime's exact (slower) kernels, on a CPU whose fast ones would saturate

@@ -236,6 +236,40 @@ def test_csv_rows_round_trip_carriage_returns_and_long_fields(tmp_path: Path) ->
     assert done == dict.fromkeys(paths, "ok")
 
 
+def test_results_that_cannot_be_written_are_a_one_line_error(
+    model: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """A full disk or a file size limit while writing rows is one line and exit 1 (no traceback,
+    nor a second one from closing the file); --resume then completes the file."""
+    import resource
+
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run([*MARS_INFER, *images, "--engine", model], stdout=full,
+                           capture_output=False, stderr=subprocess.PIPE)  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        b"Error: cannot write the results to stdout (No space left on device)"
+    ]
+
+    def small_files() -> None:  # the header and part of one row fit
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))
+
+    out = tmp_path / "r.csv"
+    args = [*MARS_INFER, *images, "--engine", model, "--out", out, "--batch-size", "1"]
+    r = subprocess.run(args, capture_output=True, preexec_fn=small_files)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"Error: cannot write the results to {out} (File too large); make room and rerun with "
+        "--resume".encode()
+    ]
+    assert 0 < out.stat().st_size <= 300
+    r = _infer(*images, "--engine", model, "--out", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert [line.split(",")[0] for line in out.read_text().splitlines()[1:]] == list(
+        map(str, images)
+    )
+
+
 def test_folder_refused_between_check_and_creation_is_a_one_line_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
