@@ -77,7 +77,7 @@ class _Progress:
 def run(cfg: InferConfig) -> int:
     """Classify every input of `cfg` and write its row; returns the exit code."""
     from marsvision.runtime.classifier import Classifier
-    from marsvision.runtime.inputs import expand_inputs
+    from marsvision.runtime.inputs import expand_inputs, path_key
     from marsvision.runtime.results import (
         Provenance,
         ResultWriter,
@@ -109,9 +109,10 @@ def run(cfg: InferConfig) -> int:
             header = csv_header(
                 meta.class_names, min(cfg.top_k, meta.num_classes) if cfg.top_k else None
             )
-            done = read_done(cfg.out, fmt=cfg.fmt, header=header, provenance=provenance)
-        todo = [p for p in inputs if p not in done]
-        prev_failed = sum(1 for p in inputs if done.get(p) == "error")
+            rows = read_done(cfg.out, fmt=cfg.fmt, header=header, provenance=provenance)
+            done = {path_key(p): status for p, status in rows.items()}
+        todo = [p for p in inputs if path_key(p) not in done]
+        prev_failed = sum(1 for p in inputs if done.get(path_key(p)) == "error")
         stream, is_new = open_output(cfg.out, append=cfg.resume)
         ok = failed = 0
         progress = _Progress(len(todo))
@@ -155,11 +156,15 @@ def run(cfg: InferConfig) -> int:
             )
         secs = time.perf_counter() - t_run
     skipped = len(inputs) - len(todo)
+    kept = ""
+    if skipped:
+        again = f"; {prev_failed} of them with status error: a new --out tries them again"
+        kept = f", {skipped} already in {cfg.out} (skipped{again if prev_failed else ''})"
     # INT8 in ONNX Runtime's exact (slower) kernels, on a CPU whose fast ones would saturate
     exact = meta.precision == "int8" and bool(getattr(clf.runner, "exact_int8", False))
     click.echo(
         f"mars-infer: {ok} ok, {failed} failed"
-        + (f", {skipped} already in {cfg.out} (skipped)" if skipped else "")
+        + kept
         + (
             f"; {ok} images in {secs:.2f} s = {ok / max(secs, 1e-9):.1f} images/s"
             if ok
@@ -193,7 +198,7 @@ def run(cfg: InferConfig) -> int:
     "-o",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Result file (default: stdout). Refused if it exists, unless --resume.",
+    help="Result file (default, or -: stdout). Refused if it exists, unless --resume.",
 )
 @click.option(
     "--format",
@@ -274,6 +279,8 @@ def main(
     fast_decode: bool,
     tta: str,
 ) -> None:
+    if out == "-":  # the usual spelling of stdout
+        out = None
     if resume and out is None:
         raise click.UsageError("--resume needs --out (the file to continue)")
     if engine is None:

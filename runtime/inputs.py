@@ -8,7 +8,8 @@ and subfolders (names starting with `.`: macOS's `._IMG.JPG` resource copies on 
 written by a Mac, `.Trashes`, editors' thumbnails) are skipped, as the shell and glob patterns
 skip them; a hidden file named on its own, or in a list, is kept. A PATH that names nothing is
 kept, so that it gets its own error row, and so is a folder with no image files in it. Each
-distinct path appears once, in the order given.
+file appears once, in the order given, under its first spelling: `imgs/a.jpg`, `./imgs/a.jpg`
+and its absolute path are one input (`path_key`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,13 @@ def _list_file(arg: str) -> list[str]:
     return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
+def path_key(path: str) -> str:
+    """What the spellings of one input path share (`imgs/a.jpg`, `./imgs/a.jpg`, `imgs//a.jpg`,
+    its absolute path): inputs are deduplicated by it, and --resume matches the rows already
+    written by it, so a rerun that spells a folder another way writes no row twice."""
+    return os.path.abspath(path)
+
+
 def expand_inputs(args: list[str], *, recursive: bool = False) -> list[str]:
     """The input files named by PATH arguments, in order, each once."""
     out: list[str] = []
@@ -67,4 +75,7 @@ def expand_inputs(args: list[str], *, recursive: bool = False) -> list[str]:
             out.extend(files or [arg])  # no match: the pattern gets an error row
         else:
             out.append(arg)
-    return list(dict.fromkeys(out))
+    first: dict[str, str] = {}
+    for path in out:
+        first.setdefault(path_key(path), path)
+    return list(first.values())

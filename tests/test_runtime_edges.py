@@ -270,6 +270,31 @@ def test_results_that_cannot_be_written_are_a_one_line_error(
     )
 
 
+def test_one_file_spelled_two_ways_is_one_input(
+    model: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """`d/a.jpg`, `d/./a.jpg` and `d//a.jpg` are one input, in one run and across --resume
+    (whose rows were written under another spelling); error rows it skips are counted, and
+    `--out -` is stdout."""
+    d, name = images[0].parent, images[0].name
+    other = [f"{d}/./{name}", f"{d}//{images[1].name}"]
+    out = tmp_path / "r.csv"
+    assert _infer(images[0], *other, "--engine", model, "--out", out).returncode == 0
+    rows = out.read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == [str(images[0]), other[1]]
+    missing = tmp_path / "missing.jpg"
+    r = _infer(*other, images[1], missing, "--engine", model, "--out", out, "--resume")
+    now = out.read_text().splitlines()[1:]
+    assert r.returncode == 3 and now[:2] == rows and len(now) == 3, r.stderr
+    assert now[2].startswith(f"{missing},error,")
+    r = _infer(*images, missing, "--engine", model, "--out", out, "--resume")
+    assert r.returncode == 3 and len(out.read_text().splitlines()) == 4, r.stderr
+    assert b"3 already in" in r.stderr and b"(skipped; 1 of them with status error: " in r.stderr
+    r = _infer(images[0], "--engine", model, "--out", "-")
+    assert r.returncode == 0 and r.stdout.startswith(b"path,status,"), r.stderr
+    assert not Path("-").exists()
+
+
 def test_folder_refused_between_check_and_creation_is_a_one_line_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
