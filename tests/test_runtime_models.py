@@ -29,6 +29,52 @@ def test_metadata_travels_in_onnx(models: dict[str, Path], tiny_checkpoint: Path
         assert meta.preprocess.to_dict() == ckpt["preprocess"]
 
 
+def _edited(src: Path, out: Path, *, meta: dict[str, Any] | None = None,
+            batch: int | None = None) -> Path:  # fmt: skip
+    """A copy of the ONNX file `src` with metadata keys replaced, or a fixed batch dimension."""
+    import json
+
+    import onnx
+
+    from marsvision.runtime.metadata import METADATA_KEY
+
+    model = onnx.load(str(src))
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            prop.value = json.dumps({**json.loads(prop.value), **(meta or {})})
+    if batch is not None:
+        for value in (*model.graph.input, *model.graph.output):
+            value.type.tensor_type.shape.dim[0].dim_value = batch
+    onnx.save(model, str(out))
+    return out
+
+
+def test_a_graph_its_metadata_does_not_describe_is_refused(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """An ONNX file whose graph and metadata disagree (input size, output name, class count, a
+    fixed batch) is refused when it opens, in one line, not at its first batch with a traceback."""
+    from marsvision.runtime.backends.onnxruntime import OnnxRuntimeRunner
+    from marsvision.runtime.errors import MarsvisionError
+    from marsvision.runtime.spec import PreprocessSpec
+
+    src = models["fp32"]
+    with OnnxRuntimeRunner(src, device="cpu") as runner:
+        size = runner.meta.preprocess.input_size
+        assert runner.infer(np.zeros((3, 3, size, size), np.float32)).shape == (3, 2)
+    bigger = PreprocessSpec.for_input_size(size + 32).to_dict()
+    cases = [
+        ({"preprocess": bigger}, None, rf"input is \['batch', 3, {size}, {size}\], its metadata "),
+        ({"output_name": "probs"}, None, r"no output 'probs' \(its outputs: \['logits'\]\)"),
+        ({"class_names": ["a", "b", "c"]}, None, r"output is \['batch', 2\], its metadata names 3"),
+        (None, 1, "input has a fixed batch of 1"),
+    ]
+    for n, (meta, batch, refusal) in enumerate(cases):
+        edited = _edited(src, tmp_path / f"m{n}.onnx", meta=meta, batch=batch)
+        with pytest.raises(MarsvisionError, match=refusal + ".*; re-export it with mars-export"):
+            OnnxRuntimeRunner(edited, device="cpu")
+
+
 def test_onnxruntime_fp32_matches_torch(
     models: dict[str, Path], tiny_checkpoint: Path, msl_dir: Path
 ) -> None:

@@ -149,6 +149,45 @@ def providers_for(device: str, backend: str = "onnxruntime") -> list[str]:
     return want + [_EP["cpu"]]
 
 
+def _check_graph(sess: Any, meta: ModelMeta, path: Path) -> None:
+    """Refuse a graph that its metadata does not describe (an edited file, or one from another
+    tool with marsvision metadata pasted in): one input of (batch, 3, size, size) with a free
+    batch dimension, and an output of (batch, classes), named as the metadata says. Unchecked,
+    such a file fails at its first batch with a traceback, after the header is written."""
+    redo = "; re-export it with mars-export"
+    inputs = sess.get_inputs()
+    if len(inputs) != 1 or inputs[0].name != meta.input_name:
+        raise MarsvisionError(
+            f"{path}: model inputs {[i.name for i in inputs]} do not match its metadata "
+            f"({meta.input_name!r}){redo}"
+        )
+    shape, size = list(inputs[0].shape), meta.preprocess.input_size
+    want: list[Any] = ["batch", 3, size, size]
+    if len(shape) != 4 or any(
+        isinstance(got, int) and got != w for got, w in zip(shape[1:], want[1:])
+    ):
+        raise MarsvisionError(
+            f"{path}: the model's input is {shape}, its metadata says {want}{redo}"
+        )
+    if isinstance(shape[0], int):
+        raise MarsvisionError(
+            f"{path}: the model's input has a fixed batch of {shape[0]}; mars-infer needs a free "
+            f"batch dimension{redo}"
+        )
+    outputs = {o.name: list(o.shape) for o in sess.get_outputs()}
+    out = outputs.get(meta.output_name)
+    if out is None:
+        raise MarsvisionError(
+            f"{path}: the model has no output {meta.output_name!r} (its outputs: "
+            f"{sorted(outputs)}){redo}"
+        )
+    if len(out) != 2 or (isinstance(out[1], int) and out[1] != meta.num_classes):
+        raise MarsvisionError(
+            f"{path}: the model's output is {out}, its metadata names {meta.num_classes} "
+            f"classes{redo}"
+        )
+
+
 class OnnxRuntimeRunner:
     """An ONNX model in an onnxruntime InferenceSession."""
 
@@ -178,13 +217,8 @@ class OnnxRuntimeRunner:
             _EP["cuda"]: "cuda",
         }.get(used[0], "cpu")
         self.name = f"onnxruntime-{kind}"
-        inputs = self._sess.get_inputs()
-        if len(inputs) != 1 or inputs[0].name != self.meta.input_name:
-            raise MarsvisionError(
-                f"{self.path}: model inputs {[i.name for i in inputs]} do not match its metadata "
-                f"({self.meta.input_name!r}); re-export it with mars-export"
-            )
-        self._dtype = np.float16 if "float16" in inputs[0].type else np.float32
+        _check_graph(self._sess, self.meta, self.path)
+        self._dtype = np.float16 if "float16" in self._sess.get_inputs()[0].type else np.float32
         self._output = self.meta.output_name
 
     def __enter__(self) -> OnnxRuntimeRunner:
