@@ -10,6 +10,7 @@ through a per-channel lookup table computed with the same float32 operations as
 from __future__ import annotations
 
 import os
+import stat
 from functools import lru_cache
 
 import numpy as np
@@ -43,11 +44,13 @@ def resized_size(width: int, height: int, resize_size: int) -> tuple[int, int]:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB (16-bit and float images are scaled, not clipped)."""
+    """Any Pillow mode -> 8-bit RGB (16-bit and float images are scaled, not clipped; the
+    non-finite pixels of a float image, the NaN "no data" of planetary products, are black)."""
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
+        # one NaN made the peak NaN: the scale then fell to 255 and the whole image to black
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         peak = float(a.max(initial=0))
         if img.mode == "F" and peak <= 1.0:
             top = 1.0  # float image in [0, 1]
@@ -71,6 +74,9 @@ def decode_image(
 ) -> np.ndarray:
     """Decode, resize and center-crop one file: uint8 (input_size, input_size, 3)."""
     try:
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # opening a FIFO waits for a writer
+            raise ImageError("not a regular file (a FIFO, socket or device)")
         with Image.open(path) as img:
             w, h = img.size
             if w * h > max_pixels:
@@ -100,15 +106,18 @@ def decode_image(
     except FileNotFoundError:
         raise ImageError("file not found (or a broken symlink)") from None
     except IsADirectoryError:
-        raise ImageError(  # an empty folder PATH, or a folder named in an @list
-            "is a folder, not an image file (a folder given as a PATH stands for the image "
-            "files directly in it; subfolders need --recursive)"
+        raise ImageError(  # a folder PATH with no image files in it, or a folder in an @list
+            "is a folder with no image files to classify (a folder PATH stands for the image "
+            "files directly in it, and with --recursive in its subfolders too; a folder named "
+            "in an @list is not looked into)"
         ) from None
     except PermissionError:
         raise ImageError("permission denied") from None
     except UnidentifiedImageError:
         raise ImageError("not an image Pillow can read (unknown format or empty file)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
+        if isinstance(e, OSError) and e.errno is not None:  # the file system's, not the decoder's
+            raise ImageError(f"cannot read the file ({e.strerror})") from None
         raise ImageError(f"corrupt or truncated image ({type(e).__name__}: {e})") from None
     c = spec.input_size
     left = round((tw - c) / 2.0)  # torchvision's CenterCrop rounding

@@ -105,6 +105,55 @@ def test_bad_files_raise_image_error(tmp_path: Path, msl_dir: Path) -> None:
             decode_image(tmp_path / name, spec)
 
 
+def test_files_that_are_not_images_on_disk(tmp_path: Path, msl_dir: Path) -> None:
+    """A FIFO named like an image is an error at once (opening it waited for a writer forever,
+    and Ctrl-C could not stop the run), and a file-system error (a symlink loop, a path through
+    a file) is reported as one, not as a corrupt image."""
+    import threading
+
+    spec = PreprocessSpec.for_input_size(64)
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    got: list[BaseException] = []
+
+    def decode() -> None:
+        try:
+            decode_image(fifo, spec)
+        except BaseException as e:  # noqa: BLE001
+            got.append(e)
+
+    t = threading.Thread(target=decode, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():  # blocked in open: a writer's open and close release it
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(10)
+        pytest.fail("decoding a FIFO waited for a writer")
+    assert len(got) == 1 and isinstance(got[0], ImageError)
+    assert str(got[0]) == "not a regular file (a FIFO, socket or device)"
+    (tmp_path / "a.jpg").symlink_to(tmp_path / "b.jpg")
+    (tmp_path / "b.jpg").symlink_to(tmp_path / "a.jpg")
+    with pytest.raises(ImageError, match=r"^cannot read the file \(Too many levels of symbolic"):
+        decode_image(tmp_path / "a.jpg", spec)
+    good = tmp_path / "good.jpg"
+    good.write_bytes(_msl_images(msl_dir, 1)[0].read_bytes())
+    with pytest.raises(ImageError, match=r"^cannot read the file \(Not a directory\)$"):
+        decode_image(good / "x.jpg", spec)
+
+
+def test_float_images_with_no_data_pixels(tmp_path: Path) -> None:
+    """A float image in [0, 1] with NaN ("no data") pixels keeps its brightness: the NaN pixels
+    are black, the rest scaled as without them."""
+    spec = PreprocessSpec.for_input_size(64)
+    a = np.linspace(0.0, 1.0, 80 * 60, dtype=np.float32).reshape(60, 80)
+    clean = decode_image(_save(tmp_path, "clean.tif", Image.fromarray(a, mode="F")), spec)
+    a[0, :] = np.nan  # a row outside the center crop
+    a[30, 40] = np.inf
+    holes = decode_image(_save(tmp_path, "holes.tif", Image.fromarray(a, mode="F")), spec)
+    assert float(clean.mean()) > 100
+    assert float(np.abs(holes.astype(float) - clean.astype(float)).mean()) < 1.0
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_unreadable_file_raises_image_error(tmp_path: Path, msl_dir: Path) -> None:
     p = tmp_path / "secret.jpg"
