@@ -18,6 +18,7 @@ EXIT_OK = 0
 EXIT_MODEL = 1  # model or option error (one line on stderr)
 EXIT_USAGE = 2  # bad command line (click)
 EXIT_SOME_FAILED = 3  # every input has a row, but some rows have status "error"
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as the shell reports it)
 
 _HELP = f"""Classify images with an exported model (ONNX file or TensorRT engine).
 
@@ -32,6 +33,7 @@ Exit codes:
   {EXIT_MODEL}  model or option error (missing/corrupt model, --out exists without --resume)
   {EXIT_USAGE}  usage error (unknown option, bad value)
   {EXIT_SOME_FAILED}  some inputs could not be read or classified (their rows have status error)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); the rows written so far stay, --resume continues
 """
 
 
@@ -311,6 +313,10 @@ def main(
     )
     try:
         code = run(cfg)
+    except KeyboardInterrupt:  # click would say "Aborted!" and exit 1, an option error's code
+        more = f"; the rows written so far are in {out}: --resume continues" if out else ""
+        click.echo(f"\nmars-infer: interrupted{more}", err=True)
+        code = EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. `mars-infer ... | head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = EXIT_MODEL

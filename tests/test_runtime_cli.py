@@ -221,13 +221,27 @@ def test_kill_then_resume_loses_and_duplicates_nothing(
         "--threads",
         "1",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if out.exists() and out.read_bytes().count(b"\n") >= 20:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
+
+    def start_then(sig: signal.Signals, rows: int) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [*cmd, "--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if out.exists() and out.read_bytes().count(b"\n") >= rows:
+                break
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        return proc
+
+    # Ctrl-C: exit 130 and one line that says how to go on
+    proc = start_then(signal.SIGINT, 10)
+    _, err = proc.communicate()
+    assert proc.returncode == 130, err
+    assert err.decode().strip().splitlines()[-1] == (
+        f"mars-infer: interrupted; the rows written so far are in {out}: --resume continues"
+    )
+    proc = start_then(signal.SIGKILL, 20)
     assert proc.wait() == -signal.SIGKILL
     n_before = out.read_bytes().count(b"\n")
     assert 20 <= n_before < len(paths)
