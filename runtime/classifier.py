@@ -98,6 +98,7 @@ class Classifier:
         self.fast_decode = fast_decode
         self.tta = tta
         self._sha256: str | None = None
+        self._closed = False
 
     @property
     def model_sha256(self) -> str:
@@ -118,7 +119,8 @@ class Classifier:
         self.close()
 
     def close(self) -> None:
-        """Release the model."""
+        """Release the model; the classifier cannot be used after."""
+        self._closed = True
         self.runner.__exit__(None, None, None)
 
     def predict(self, paths: Iterable[str | os.PathLike[str]]) -> list[Prediction]:
@@ -129,6 +131,8 @@ class Classifier:
         self, paths: Iterable[str | os.PathLike[str]]
     ) -> Iterator[list[Prediction]]:
         """Predictions batch by batch, in input order, as soon as each batch is inferred."""
+        if self._closed:  # as a closed file says, rather than an AttributeError of its runner
+            raise ValueError(f"the classifier of {self.model_path} is closed")
         items: list[str | bytes] = [os.fspath(p) for p in paths]
         names = [os.fsdecode(p) for p in items]
         chunks = [

@@ -75,6 +75,17 @@ def test_a_graph_its_metadata_does_not_describe_is_refused(
             OnnxRuntimeRunner(edited, device="cpu")
 
 
+def test_a_closed_classifier_says_so(models: dict[str, Path], msl_dir: Path) -> None:
+    from marsvision.runtime.classifier import Classifier
+    from marsvision.train.data import read_split
+
+    image = read_split(msl_dir, "val", "binary", limit=1)[0].path
+    with Classifier(models["fp32"], device="cpu") as clf:
+        assert clf.predict([image])[0].ok
+    with pytest.raises(ValueError, match=r"^the classifier of .* is closed$"):
+        clf.predict([image])
+
+
 def test_onnxruntime_fp32_matches_torch(
     models: dict[str, Path], tiny_checkpoint: Path, msl_dir: Path
 ) -> None:
