@@ -86,6 +86,21 @@ def test_a_closed_classifier_says_so(models: dict[str, Path], msl_dir: Path) -> 
         clf.predict([image])
 
 
+def test_a_model_path_that_is_not_utf8(models: dict[str, Path], tmp_path: Path) -> None:
+    """onnxruntime takes only UTF-8 path strings: a model under another name (Latin-1, say)
+    still loads, and is not called a broken model."""
+    import os
+    import shutil
+
+    from marsvision.runtime.backends.onnxruntime import OnnxRuntimeRunner
+
+    odd = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"mod\xe9le.onnx")))
+    shutil.copy(models["fp32"], odd)
+    with OnnxRuntimeRunner(odd, device="cpu") as runner:
+        size = runner.meta.preprocess.input_size
+        assert runner.infer(np.zeros((1, 3, size, size), np.float32)).shape == (1, 2)
+
+
 def test_onnxruntime_fp32_matches_torch(
     models: dict[str, Path], tiny_checkpoint: Path, msl_dir: Path
 ) -> None:

@@ -105,8 +105,16 @@ def session_options(
 
 def _session(path: Path, providers: list[Any], so: Any) -> Any:
     ort = _ort()
+    model: str | bytes = str(path)
     try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:  # onnxruntime takes only UTF-8 path strings: hand it the bytes
+        try:
+            model = path.read_bytes()
+        except OSError as e:
+            raise MarsvisionError(f"{path}: cannot read the model ({e.strerror})") from None
+    try:
+        return ort.InferenceSession(model, sess_options=so, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types for bad files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MarsvisionError(
