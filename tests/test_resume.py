@@ -107,3 +107,30 @@ def test_command_of_a_run_from_before_a_setting(setting: str) -> None:
 def test_before_select_from_every_epoch_was_eligible() -> None:
     old = _without(TrainConfig(data=Path("d"), out=Path("o")).to_dict(), "select_from")
     assert "--select-from 0.0 " in command_line(old)
+
+
+def test_the_command_line_quotes_what_the_shell_would_split() -> None:
+    """The command a card prints runs as printed: a path with a space in it (an --init weights
+    file, an --out folder, --data) is quoted, one argument again when the shell splits it."""
+    import shlex
+
+    cfg = TrainConfig(data=Path("d"), out=Path("my runs/a"), init="/tmp/my weights.pt")
+    args = shlex.split(command_line(cfg.to_dict(), data="my data"))
+    flags = dict(zip(args[1::2], args[2::2], strict=True))
+    assert args[0] == "mars-train"
+    assert (flags["--data"], flags["--init"], flags["--out"]) == (
+        "my data", "/tmp/my weights.pt", "my runs/a")  # fmt: skip
+
+
+def test_select_from_counts_epochs_exactly() -> None:
+    """--select-from's first epoch is the ceiling of the exact product (0.07 of 100 epochs is
+    epoch 7, not the 8 that floating point's 7.000000000000001 gave)."""
+    import math
+    from fractions import Fraction
+
+    from marsvision.train.config import first_selectable_epoch
+
+    for hundredths in range(1, 100):
+        for epochs in range(1, 201):
+            exact = max(1, math.ceil(Fraction(hundredths, 100) * epochs))
+            assert first_selectable_epoch(hundredths / 100, epochs) == exact, (hundredths, epochs)

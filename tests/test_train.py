@@ -208,6 +208,10 @@ def _bad_input(tmp_path: Path, msl_dir: Path, args: list[str]) -> str:
         (["--label-smoothing", "1"], "--label-smoothing 1.0: must be in [0, 1)"),
         (["--amp", "fp16"], "--amp 'fp16': choose auto, bf16, off"),
         (["--resume"], "resume.pt does not exist"),
+        # trained to the end, then numpy's bootstrap refused the seed: no metrics.json
+        (["--seed", "-1"], "--seed -1: must be in [0, 2^63)"),
+        (["--seed", str(2**64)], f"--seed {2**64}: must be in [0, 2^63)"),  # torch's traceback
+        (["--limit", "1"], "--limit 1: need at least 2 (BatchNorm"),  # a traceback at 32 px
         (["--init", "/nonexistent/w.pth"], "no such weights file"),
     ],
 )

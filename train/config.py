@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +154,8 @@ BEFORE_ITS_FLAG: dict[str, Any] = {"select_from": 0.0}
 
 def first_selectable_epoch(select_from: float, epochs: int) -> int:
     """The first epoch `--select-from` lets a run keep (<= epochs: the last always counts)."""
-    return max(1, math.ceil(select_from * epochs))
+    # rounded first: 0.07 * 100 is 7.000000000000001 in floating point, whose ceiling is 8
+    return max(1, math.ceil(round(select_from * epochs, 9)))
 
 
 def saved_setting(saved: Mapping[str, Any], key: str) -> Any:
@@ -235,7 +237,14 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
             0 <= cfg.label_smoothing < 1,
             f"--label-smoothing {cfg.label_smoothing}: must be in [0, 1) (0 = off)",
         ),
-        (cfg.limit is None or cfg.limit >= 1, f"--limit {cfg.limit}: need at least 1"),
+        (
+            cfg.limit is None or cfg.limit >= 2,
+            f"--limit {cfg.limit}: need at least 2 (BatchNorm trains on two images or more)",
+        ),
+        (
+            0 <= cfg.seed < 2**63,  # numpy's generators (the bootstrap at the end) refuse < 0
+            f"--seed {cfg.seed}: must be in [0, 2^63)",
+        ),
         (cfg.workers >= 0, f"--workers {cfg.workers}: cannot be negative"),
         (
             cfg.store_size is None or cfg.store_size >= cfg.image_size,
@@ -315,4 +324,4 @@ def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None 
             continue  # run before their flag
         parts += [f"--{name.replace('_', '-')}", str(value)]
     parts += ["--out", out if out is not None else str(config["out"])]
-    return " ".join(parts)
+    return " ".join(map(shlex.quote, parts))  # a path with a space stays one argument
