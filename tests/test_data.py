@@ -102,6 +102,36 @@ def test_missing_and_unreadable_images_are_errors_naming_the_file(
         msl.read_split(d, "train", "binary")
 
 
+def test_split_files_edited_by_hand(msl_dir: Path, tmp_path: Path) -> None:
+    """A split file saved with a byte-order mark reads as without one; an image listed twice
+    (it would count twice in the metrics), in two splits (a train image scored as test), or
+    by an absolute path is refused naming the line; a zip file given as --data says so."""
+    d = mini_data(msl_dir, tmp_path / "msl")
+    train, test = d / msl.SPLIT_FILES["train"], d / msl.SPLIT_FILES["test"]
+    plain = msl.read_split(d, "train", "binary")
+    for name in (msl.SPLIT_FILES["train"], msl.SYNSET_FILE):
+        (d / name).write_bytes(b"\xef\xbb\xbf" + (d / name).read_bytes())
+    assert msl.read_split(d, "train", "binary") == plain
+    assert msl.class_names("msl25", d) == msl.class_names("msl25", msl_dir)
+    lines = train.read_text(encoding="utf-8-sig").splitlines()
+    train.write_text("\n".join([*lines, lines[1]]) + "\n")
+    listed = lines[1].split()[0]
+    with pytest.raises(MarsvisionError, match=f":5: {listed} is listed again \\(line 2\\)$"):
+        msl.read_split(d, "train", "binary")
+    train.write_text("\n".join([*lines, f"{d / listed} {lines[1].split()[1]}"]) + "\n")
+    with pytest.raises(MarsvisionError, match=":5: .* is an absolute path; the split files"):
+        msl.read_split(d, "train", "binary")
+    train.write_text("\n".join(lines) + "\n")
+    test.write_text(test.read_text() + lines[0] + "\n")
+    splits = {s: msl.read_split(d, s, "binary") for s in msl.SPLITS}
+    with pytest.raises(MarsvisionError, match="listed in both the train and the test split"):
+        msl.check_disjoint(splits)
+    archive = tmp_path / "msl-images.zip"
+    archive.write_bytes(b"PK")
+    with pytest.raises(MarsvisionError, match="is a file; give the folder the data set is"):
+        msl.resolve_data_dir(archive)
+
+
 def test_eval_tensors_are_exactly_the_eval_transform(msl_dir: Path) -> None:
     samples = msl.read_split(msl_dir, "test", "binary", limit=6)
     spec = PreprocessSpec.for_input_size(64)

@@ -246,6 +246,13 @@ def test_split_files_that_do_not_match_the_images(tmp_path: Path, msl_dir: Path)
     r = _cli(["--data", str(d), "--out", str(tmp_path / "run"), *QUICK])
     _one_line_error(r, Path(gone).name, "missing")
     assert not (tmp_path / "run").exists()
+    # a train image listed as a test image too: it would be scored as held out
+    test = d / msl.SPLIT_FILES["test"]
+    first_train = (d / msl.SPLIT_FILES["train"]).read_text().splitlines()[0]
+    test.write_text(test.read_text().replace(gone, first_train.split()[0]))
+    r = _cli(["--data", str(d), "--out", str(tmp_path / "run"), *QUICK])
+    _one_line_error(r, "listed in both the train and the test split files")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.gpu

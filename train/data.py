@@ -45,6 +45,11 @@ def resolve_data_dir(data: str | os.PathLike[str] | None) -> Path:
             "`mars-train --download --data DIR`"
         )
     d = Path(chosen).expanduser()
+    if d.is_file():
+        raise MarsvisionError(
+            f"--data {d} is a file; give the folder the data set is unpacked in (for "
+            f"msl-images.zip: `mars-train --download --data DIR` unpacks it)"
+        )
     if not d.is_dir():
         raise MarsvisionError(
             f"MSL data directory {d} does not exist; run `mars-train --download --data {d}`"
@@ -69,7 +74,8 @@ def msl_class_names(data_dir: Path) -> list[str]:
     """The 25 MSL class names, in class-id order, from the synset file."""
     names: dict[int, str] = {}
     path = data_dir / SYNSET_FILE
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    # utf-8-sig: a byte-order mark (a file saved by Windows Notepad) is not part of the first id
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -125,7 +131,8 @@ def read_split(data_dir: Path, split: str, task: str, limit: int | None = None) 
         raise MarsvisionError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     path = data_dir / SPLIT_FILES[split]
     samples: list[Sample] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    seen: dict[str, int] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split()
@@ -137,6 +144,14 @@ def read_split(data_dir: Path, split: str, task: str, limit: int | None = None) 
             raise MarsvisionError(f"{path}:{n}: class id {parts[1]!r} is not an integer") from None
         if not 0 <= msl_class < NUM_MSL_CLASSES:
             raise MarsvisionError(f"{path}:{n}: class id {msl_class} is outside 0-24")
+        if Path(parts[0]).is_absolute():
+            raise MarsvisionError(
+                f"{path}:{n}: {parts[0]} is an absolute path; the split files list images "
+                "relative to the data folder"
+            )
+        if parts[0] in seen:  # it would count twice in the metrics
+            raise MarsvisionError(f"{path}:{n}: {parts[0]} is listed again (line {seen[parts[0]]})")
+        seen[parts[0]] = n
         image = data_dir / parts[0]
         if not image.is_file():
             raise MarsvisionError(
@@ -149,6 +164,19 @@ def read_split(data_dir: Path, split: str, task: str, limit: int | None = None) 
     if not samples:
         raise MarsvisionError(f"{path} lists no images")
     return samples
+
+
+def check_disjoint(splits: dict[str, list[Sample]]) -> None:
+    """Refuse an image listed in two splits: a train image scored as val or test."""
+    first: dict[Path, str] = {}
+    for split, samples in splits.items():
+        for sample in samples:
+            other = first.setdefault(sample.path, split)
+            if other != split:
+                raise MarsvisionError(
+                    f"{sample.path} is listed in both the {other} and the {split} split files; "
+                    "a split's images must not be in another"
+                )
 
 
 def halve_by_sol(samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:

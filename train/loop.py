@@ -249,6 +249,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     names = msl.class_names(task, data_dir)
     k = len(names)
     splits = {s: msl.read_split(data_dir, s, task, cfg.limit) for s in msl.SPLITS}
+    msl.check_disjoint(splits)
     refit = cfg.refit
     # the images the weights learn from (splits["train"] stays the official train split), and
     # the val that selects and is scored
