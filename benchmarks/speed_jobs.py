@@ -90,6 +90,11 @@ def _model_call(runner: Any, job: Job) -> Any:
     return lambda: runner.infer(x)
 
 
+def _unreadable(path: str, why: str) -> MarsvisionError:
+    # timing it would count a file that was not classified as classified
+    return MarsvisionError(f"--images: {path} cannot be classified ({why}); give readable images")
+
+
 def _torch_e2e_call(runner: Any, job: Job) -> Any:
     import torch
     from PIL import Image
@@ -102,8 +107,11 @@ def _torch_e2e_call(runner: Any, job: Job) -> Any:
     def call() -> Any:
         xs = []
         for p in next(batches):
-            with Image.open(p) as img:
-                xs.append(tf(img.convert("RGB")))
+            try:
+                with Image.open(p) as img:
+                    xs.append(tf(img.convert("RGB")))
+            except Exception as e:  # noqa: BLE001 (Pillow raises many kinds)
+                raise _unreadable(p, f"{type(e).__name__}: {e}") from None
         return torch.softmax(runner.forward(torch.stack(xs)), dim=1).cpu().numpy()
 
     return call
@@ -132,7 +140,11 @@ def run_job(job: Job) -> dict[str, Any]:
                 batches = _batches(job.images, job.batch)
 
                 def call() -> object:
-                    return clf.predict(next(batches))
+                    predictions = clf.predict(next(batches))
+                    for p in predictions:
+                        if not p.ok:
+                            raise _unreadable(p.path, p.error)
+                    return predictions
 
             else:
                 runner = opened.enter_context(_open_runner(job))
@@ -145,7 +157,10 @@ def run_job(job: Job) -> dict[str, Any]:
         reset = getattr(runner, "reset_peak_memory", None)
         if reset:
             reset()
-        timing: Timing = time_calls(call, warmup=job.warmup, repeats=job.repeats, sync=sync)
+        try:
+            timing: Timing = time_calls(call, warmup=job.warmup, repeats=job.repeats, sync=sync)
+        except MarsvisionError as e:
+            return {**row, "status": f"error: {e.message}"}
         peak_gpu = runner.peak_gpu_mib() if hasattr(runner, "peak_gpu_mib") else None
         if peak_gpu is None and job.device == "cuda":
             peak_gpu = _gpu_used_mib(os.getpid())

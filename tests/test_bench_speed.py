@@ -172,6 +172,24 @@ def test_isolated_onnxruntime_row_never_imports_torch(fp32_dir: Path, msl_dir: P
     assert row["peak_rss_mib"] >= row["rss_before_mib"] > 0
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "pytorch"])
+def test_e2e_rows_do_not_time_unreadable_images(
+    backend: str, fp32_dir: Path, tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    """An image that cannot be classified makes the e2e row an error naming it: the runtime's
+    error rows were timed as classified images, and PyTorch's raised a traceback in-process."""
+    from marsvision.benchmarks.speed_jobs import run_job
+
+    bad = tmp_path / "bad.JPG"
+    bad.write_bytes(b"not a jpeg")
+    images = (str(sorted((msl_dir / "calibrated").glob("*.JPG"))[0]), str(bad))
+    model = tiny_checkpoint if backend == "pytorch" else fp32_dir / "resnet50-binary.fp32.onnx"
+    job = Job(mode="e2e", backend=backend, precision="fp32", batch=2, model=str(model),
+              device="cpu", warmup=1, repeats=2, threads=1, images=images)  # fmt: skip
+    row = run_job(job)
+    assert row["status"].startswith(f"error: --images: {bad} cannot be classified ("), row
+
+
 def test_speed_without_images_for_e2e_is_a_user_error(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
