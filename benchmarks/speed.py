@@ -65,6 +65,8 @@ class SpeedConfig:
                 raise MarsvisionError(
                     f"{name}: unknown {', '.join(bad)}; choose from {', '.join(valid)}"
                 )
+        if not self.modes:
+            raise MarsvisionError("--modes: give model, e2e or both")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise MarsvisionError("--batch-sizes: give positive integers, e.g. 1,8,32")
         if self.warmup < 0 or self.repeats < 1:
@@ -82,6 +84,13 @@ class SpeedConfig:
         return d
 
 
+def _runs(backend: str, device: str) -> list[str]:
+    """The precisions `backend` measures on `device`."""
+    if backend in TORCH_BACKENDS:
+        return list(TORCH_PRECISIONS[device])
+    return [p for b, p in ARTIFACT_FLAVOUR if b == backend]
+
+
 def plan(cfg: SpeedConfig) -> tuple[list[Job], list[dict[str, Any]]]:
     """The jobs to run (baseline first) and rows for pairs that cannot run (with the reason)."""
     backends = cfg.backends or DEFAULTS[cfg.device]["backends"]
@@ -89,6 +98,10 @@ def plan(cfg: SpeedConfig) -> tuple[list[Job], list[dict[str, Any]]]:
     found = {a.flavour: a.path for a in find_artifacts(cfg.artifacts)} if cfg.artifacts else {}
     pairs: list[tuple[str, str, str]] = [(*BASELINE, str(cfg.checkpoint))]
     skipped: list[dict[str, Any]] = []
+
+    def skip(backend: str, precision: str, why: str) -> None:
+        skipped.append({"backend": backend, "precision": precision, "status": f"skipped: {why}"})
+
     for backend in backends:
         for precision in precisions:
             if (backend, precision) == BASELINE:
@@ -102,24 +115,17 @@ def plan(cfg: SpeedConfig) -> tuple[list[Job], list[dict[str, Any]]]:
                 continue  # not a combination that exists (e.g. onnxruntime bf16)
             if flavour not in found:
                 where = cfg.artifacts or "(no --artifacts given)"
-                skipped.append(
-                    {
-                        "backend": backend,
-                        "precision": precision,
-                        "status": f"skipped: no {flavour} artifact in {where}",
-                    }
-                )
+                skip(backend, precision, f"no {flavour} artifact in {where}")
                 continue
             if backend == "tensorrt" and cfg.device == "cpu":
-                skipped.append(
-                    {
-                        "backend": backend,
-                        "precision": precision,
-                        "status": "skipped: TensorRT needs --device cuda",
-                    }
-                )
+                skip(backend, precision, "TensorRT needs --device cuda")
                 continue
             pairs.append((backend, precision, str(found[flavour])))
+    planned = {p for _, p, _ in pairs} | {r["precision"] for r in skipped}
+    for precision in cfg.precisions or ():  # asked for by name, and no backend runs it
+        if precision not in planned:
+            runs = "; ".join(f"{b} {', '.join(_runs(b, cfg.device))}" for b in backends)
+            skip(",".join(backends), precision, f"no backend chosen runs {precision} ({runs})")
     jobs = [
         Job(
             mode=mode,
@@ -161,12 +167,29 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         r["peak_rss_ratio_vs_pytorch_fp32"] = r["peak_rss_mib"] / b["peak_rss_mib"]
 
 
+def _check_sources(jobs: list[Job], checkpoint: Path) -> None:
+    """Refuse artifacts exported from another checkpoint than the baseline's (their speedups
+    would compare two models: another input size, say), as parity does."""
+    from marsvision.runtime.backends import load_model_meta
+    from marsvision.runtime.metadata import sha256_file
+
+    want = sha256_file(checkpoint)
+    for model in sorted({j.model for j in jobs if j.backend not in TORCH_BACKENDS}):
+        got = load_model_meta(model).source_checkpoint_sha256
+        if got and got != want:
+            raise MarsvisionError(
+                f"{model} was exported from another checkpoint (sha256 {got[:12]}..., "
+                f"{checkpoint} is {want[:12]}...); pass the checkpoint it came from"
+            )
+
+
 def run_speed(cfg: SpeedConfig, *, log: Any = None) -> dict[str, Any]:
     """Measure every planned job; return the report (conditions, config, rows)."""
     from marsvision.benchmarks.conditions import capture_conditions
 
     say = log or (lambda msg: None)
     jobs, skipped = plan(cfg)
+    _check_sources(jobs, cfg.checkpoint)
     rows: list[dict[str, Any]] = []
     for i, job in enumerate(jobs, 1):
         say(f"[{i}/{len(jobs)}] {job.mode} {job.backend} {job.precision} batch {job.batch}")

@@ -190,6 +190,32 @@ def test_e2e_rows_do_not_time_unreadable_images(
     assert row["status"].startswith(f"error: --images: {bad} cannot be classified ("), row
 
 
+def test_speed_says_what_it_does_not_measure(
+    fp32_dir: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """A precision asked for by name that no chosen backend runs is a skipped row saying what
+    each runs (it vanished, exit 0); no mode at all is refused; artifacts exported from another
+    checkpoint are refused before anything is timed, as parity refuses them."""
+    from marsvision.benchmarks.speed import SpeedConfig, plan, run_speed
+
+    cfg = SpeedConfig(checkpoint=tiny_checkpoint, artifacts=fp32_dir, precisions=("int8", "fp16"),
+                      backends=("onnxruntime", "pytorch"), modes=("model",))  # fmt: skip
+    jobs, skipped = plan(cfg)
+    assert {(j.backend, j.precision) for j in jobs} == {("pytorch", "fp32")}
+    runs = "onnxruntime fp32, fp16, int8-cpu, int8-trt; pytorch fp32, bf16"
+    assert [(r["backend"], r["precision"], r["status"]) for r in skipped] == [
+        ("onnxruntime", "fp16", f"skipped: no fp16 artifact in {fp32_dir}"),
+        ("onnxruntime,pytorch", "int8", f"skipped: no backend chosen runs int8 ({runs})"),
+    ]
+    with pytest.raises(MarsvisionError, match="--modes: give model, e2e or both"):
+        SpeedConfig(checkpoint=tiny_checkpoint, modes=())
+    other = tmp_path / "other.pt"
+    other.write_bytes(tiny_checkpoint.read_bytes() + b"\0")
+    with pytest.raises(MarsvisionError, match="fp32.onnx was exported from another checkpoint"):
+        run_speed(SpeedConfig(checkpoint=other, artifacts=fp32_dir, modes=("model",),
+                              precisions=("fp32",), backends=("onnxruntime",)))  # fmt: skip
+
+
 def test_speed_without_images_for_e2e_is_a_user_error(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
