@@ -326,7 +326,8 @@ through links); rows for other images are ignored and counted. Every image of th
 exactly one row with status ok, unless --allow-missing (then the rest are scored and the
 coverage is shown). Metrics of the top-1 label with 95% bootstrap intervals (1000 resamples,
 seed 0); binary: precision, recall and F1 of Rover, msl25: macro averages. Writes
-score-<split>-<model sha256[:12]>.json to --out (score-val-held-... with --val-half held).
+score-<split>-<model sha256[:12]>-<backend>[-tta-flip].json to --out (score-val-held-... with
+--val-half held).
 
 \b
 Exit codes:

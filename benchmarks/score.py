@@ -291,10 +291,21 @@ def render_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def score_name(report: dict[str, Any]) -> str:
+    """score-<split>-<model sha256[:12]>-<backend>[-tta-<mode>].json (score-val-held-...,
+    score-val-trained-... for a half of val): one file per model, backend and --tta, so that
+    scoring the same model's flip-TTA or GPU predictions does not overwrite the plain ones."""
+    model = report["model"]
+    tta = model.get("tta", "none")
+    return (
+        f"score-{report.get('part', report['split'])}-{model['sha256'][:12]}-{model['backend']}"
+        + (f"-tta-{tta}" if tta != "none" else "")
+        + ".json"
+    )
+
+
 def write_score(report: dict[str, Any], out: Path) -> Path:
-    """score-<split>-<model sha256[:12]>.json in `out` (score-val-held-..., score-val-trained-...
-    for a half of val), written atomically."""
+    """The report as `score_name` in `out`, written atomically."""
     from marsvision.benchmarks.report import write_json
 
-    part = report.get("part", report["split"])
-    return write_json(out / f"score-{part}-{report['model']['sha256'][:12]}.json", report)
+    return write_json(out / score_name(report), report)

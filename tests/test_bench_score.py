@@ -201,7 +201,7 @@ def test_full_split_exact_metrics_cis_and_json(
     assert "coverage: all 1305 images of the split scored" in r.stdout
     assert "f1 (Rover)" in r.stdout and "COVERAGE" not in r.stdout
     rep = _report(tmp_path / "out")
-    assert (tmp_path / "out" / f"score-test-{SHA[:12]}.json").is_file()
+    assert (tmp_path / "out" / f"score-test-{SHA[:12]}-onnxruntime.json").is_file()
     tp, fn, tn = 979 - WRONG, WRONG, 326
     m = rep["metrics"]
     assert m["n"] == 1305
@@ -301,7 +301,7 @@ def test_a_half_of_val_is_scored_on_its_own(msl_dir: Path, tmp_path: Path) -> No
     assert "val split, its second half by sol" in r.stdout
     assert "coverage: all 836 images of the half scored" in r.stdout
     assert "ignored: 804 rows for images outside the half" in r.stdout
-    assert (tmp_path / "held" / f"score-val-held-{SHA[:12]}.json").is_file()
+    assert (tmp_path / "held" / f"score-val-held-{SHA[:12]}-onnxruntime.json").is_file()
     rep = _report(tmp_path / "held")
     assert (rep["split"], rep["val_half"], rep["part"]) == ("val", "held", "val-held")
     assert rep["metrics"]["n"] == 836 and rep["metrics"]["accuracy"] == 1.0
@@ -430,3 +430,13 @@ def test_tta_provenance_and_files_from_before_the_flag(
     rep_old = _report(tmp_path / "out-old")
     assert rep_old["model"]["tta"] == "none"
     assert (rep_old["metrics"], rep_old["cis"]) == (rep_flip["metrics"], rep_flip["cis"])
+    # the same model's plain and flip predictions scored into one folder: two files, not one
+    # overwriting the other
+    for f in (flip, full):
+        assert (
+            _score([str(f), "--data", str(msl_dir), "--out", str(tmp_path / "both")]).exit_code == 0
+        )
+    assert sorted(p.name for p in (tmp_path / "both").iterdir()) == [
+        f"score-test-{SHA[:12]}-onnxruntime-tta-flip.json",
+        f"score-test-{SHA[:12]}-onnxruntime.json",
+    ]
