@@ -133,14 +133,15 @@ def machine_name(cpu: dict[str, Any], gpu: dict[str, Any] | None) -> str:
     return slug or "unknown"
 
 
-def capture_conditions(*, threads: int | None = None) -> dict[str, Any]:
-    """The full record of this machine and process, for the result file."""
+def capture_conditions(*, threads: int | None = None, device: str = "cuda") -> dict[str, Any]:
+    """The full record of this machine and process, for the result file. A `device` "cpu" run
+    is named by its CPU even on a machine with a GPU (its numbers are the CPU's)."""
     from marsvision.runtime.backends.onnxruntime import exact_int8_default
 
     cpu = cpu_info()
     gpu = gpu_info()
     return {
-        "machine": machine_name(cpu, gpu),
+        "machine": machine_name(cpu, gpu if device != "cpu" else None),
         "hostname": socket.gethostname(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),

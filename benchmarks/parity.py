@@ -369,7 +369,7 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
         "task": task,
         "class_names": names,
         "config": cfg.to_dict(),
-        "conditions": capture_conditions(threads=cfg.threads),
+        "conditions": capture_conditions(threads=cfg.threads, device=torch_device),
         "checkpoint_sha256": ckpt_sha,
         # which images of each split were scored: "all", or for val, the half a half-val model
         # held out (or a refit's note that val is training data)

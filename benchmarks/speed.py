@@ -197,7 +197,7 @@ def run_speed(cfg: SpeedConfig, *, log: Any = None) -> dict[str, Any]:
         row["model"] = os.path.basename(row["model"])
         rows.append(row)
     add_ratios(rows)
-    conditions = capture_conditions(threads=cfg.threads)
+    conditions = capture_conditions(threads=cfg.threads, device=cfg.device)
     return {
         "kind": "speed",
         "config": cfg.to_dict(),

@@ -316,6 +316,17 @@ def test_cpu_info_reads_model_and_physical_cores(tmp_path: Path) -> None:
     assert machine_name(info, {"name": "NVIDIA H100 80GB HBM3"}) == "h100-80gb-hbm3"
 
 
+def test_cpu_runs_on_a_gpu_machine_are_named_by_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--device cpu results on a GPU machine carry the CPU's name (they were filed under the
+    GPU's, and lost the CPU's ISA tier); GPU runs carry the GPU's."""
+    from marsvision.benchmarks import conditions
+
+    monkeypatch.setattr(conditions, "gpu_info", lambda: {"name": "NVIDIA H100 80GB HBM3"})
+    cpu = conditions.cpu_info()
+    assert conditions.capture_conditions(device="cpu")["machine"] == machine_name(cpu, None)
+    assert conditions.capture_conditions(device="cuda")["machine"] == "h100-80gb-hbm3"
+
+
 def _cuda() -> bool:
     import torch
 
