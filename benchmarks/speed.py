@@ -146,8 +146,10 @@ def plan(cfg: SpeedConfig) -> tuple[list[Job], list[dict[str, Any]]]:
     return jobs, skipped
 
 
-def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each ok row gets throughput and latency as ratios to PyTorch FP32 (same mode and batch)."""
+def add_ratios(rows: list[dict[str, Any]], *, own_rss: bool = True) -> None:
+    """Each ok row gets throughput and latency as ratios to PyTorch FP32 (same mode and batch),
+    and peak RSS too where each row's is its own (`own_rss`: rows run in their own process;
+    in one process the peak so far carries over from row to row)."""
     base = {
         (r["mode"], r["batch"]): r
         for r in rows
@@ -164,7 +166,9 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         r["latency_ratio_vs_pytorch_fp32"] = {
             k: r["timing"][k] / b["timing"][k] for k in ("mean_ms", "p50_ms", "p90_ms", "p99_ms")
         }
-        r["peak_rss_ratio_vs_pytorch_fp32"] = r["peak_rss_mib"] / b["peak_rss_mib"]
+        r["peak_rss_ratio_vs_pytorch_fp32"] = (
+            r["peak_rss_mib"] / b["peak_rss_mib"] if own_rss else None
+        )
 
 
 def _check_sources(jobs: list[Job], checkpoint: Path) -> None:
@@ -196,7 +200,7 @@ def run_speed(cfg: SpeedConfig, *, log: Any = None) -> dict[str, Any]:
         row = run_job_isolated(job) if cfg.isolate else run_job(job)
         row["model"] = os.path.basename(row["model"])
         rows.append(row)
-    add_ratios(rows)
+    add_ratios(rows, own_rss=cfg.isolate)
     conditions = capture_conditions(threads=cfg.threads, device=cfg.device)
     return {
         "kind": "speed",

@@ -74,6 +74,7 @@ def _conditions_line(report: dict[str, Any]) -> str:
         f"device {cfg['device']}, threads "
         f"{c['threads']}; input {'/'.join(map(str, sizes)) or '?'} px; warm-up {cfg['warmup']}, "
         f"repeats {cfg['repeats']}; "
+        + ("" if cfg.get("isolate", True) else "in one process (peak RSS: the running peak); ")
         + ", ".join(f"{k} {v}" for k, v in sorted(c["versions"].items()))
     )
 
@@ -94,7 +95,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             (
                 "model = `Runner.infer` on one preallocated batch (host to host); e2e = real image "
                 "files to probabilities (runtime Classifier; PyTorch: Pillow + eval_transform). "
-                "x pt-fp32 = throughput over PyTorch eager FP32 at the same mode and batch."
+                "x pt-fp32 = throughput over PyTorch eager FP32 at the same mode and batch; "
+                "the ms columns are per batch; peak RSS is each row's own process's, unless "
+                "the conditions say the rows ran in one process."
             ),
             "",
             markdown_table(HEADERS, table_rows(report)),

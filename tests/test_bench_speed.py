@@ -122,6 +122,8 @@ def test_speed_cli_writes_results_with_conditions(
             r["throughput_img_s"] / b["throughput_img_s"]
         )
         assert r["peak_rss_mib"] > 0
+        # --in-process: the peak carries over from row to row, so no ratio is made of it
+        assert r["peak_rss_ratio_vs_pytorch_fp32"] is None
     assert base["model"]["speedup_vs_pytorch_fp32"] == 1.0
     assert base["e2e"]["images"] == 4
     # The table on stdout: the header, both backends, the skipped pair with its reason.
@@ -129,6 +131,7 @@ def test_speed_cli_writes_results_with_conditions(
     isa = " ".join(c["cpu"]["isa"]) or "no ISA of note"  # the conditions line names the ISA
     if c["onnxruntime_exact_int8"]:
         isa += "; ONNX Runtime INT8 in exact u8u8 sums"
+    assert "in one process (peak RSS: the running peak); " in result.output
     assert f"machine {machine}: {c['cpu']['model']} ({isa})," in result.output
     assert "pytorch-cpu" in result.output and "skipped: no int8-cpu artifact" in result.output
 
