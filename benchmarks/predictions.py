@@ -82,6 +82,8 @@ def _read_csv(path: Path, text: str) -> Predictions:
     rows: list[PredictionRow] = []
     labels: set[str] = set()
     for n, values in enumerate(table[1:], start=2):
+        if not values:  # a blank line (an editor's trailing newline)
+            continue
         if len(values) != len(header):
             raise MarsvisionError(
                 f"{path}: line {n} has {len(values)} columns, the header {len(header)} "
@@ -104,7 +106,8 @@ def _read_jsonl(path: Path, text: str) -> Predictions:
         try:
             d = json.loads(line)
             row = _row(path, n, d)
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            ranked = [str(lab) for lab, _ in d.get("top_k") or ()]  # [label, probability] pairs
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError):
             raise MarsvisionError(
                 f"{path}: line {n} is not a mars-infer result row (a run cut short? finish it "
                 "with mars-infer --resume)"
@@ -113,8 +116,8 @@ def _read_jsonl(path: Path, text: str) -> Predictions:
         if row.label:
             labels.add(row.label)
         if d.get("top_k") is not None:
-            top_k = max(top_k or 0, len(d["top_k"]))
-            labels.update(str(lab) for lab, _ in d["top_k"])
+            top_k = max(top_k or 0, len(ranked))
+            labels.update(ranked)
         if isinstance(d.get("probs"), dict):
             keys = list(d["probs"])
             if names is not None and keys != names:

@@ -248,7 +248,8 @@ def test_full_split_exact_metrics_cis_and_json(
 
 def test_a_byte_order_mark_is_read_past(test_split: list[Any], tmp_path: Path) -> None:
     """A result file saved again by Excel ("CSV UTF-8") or Notepad starts with a UTF-8
-    byte-order mark: the same rows as without it (it hid the path column, or the JSONL)."""
+    byte-order mark: the same rows as without it (it hid the path column, or the JSONL); so
+    does one with a blank last line (it was refused as a run cut short)."""
     from marsvision.benchmarks.predictions import read_predictions
 
     for fmt in ("csv", "jsonl"):
@@ -257,6 +258,10 @@ def test_a_byte_order_mark_is_read_past(test_split: list[Any], tmp_path: Path) -
         marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
         a, b = read_predictions(plain), read_predictions(marked)
         assert (b.fmt, b.class_names, b.rows) == (a.fmt, a.class_names, a.rows) and len(a.rows) == 5
+        # and a blank last line (an editor's) is not a row cut short
+        blank = tmp_path / f"blank.{fmt}"
+        blank.write_bytes(plain.read_bytes() + b"\n")
+        assert read_predictions(blank).rows == a.rows
 
 
 def test_require_pass_fail_and_exit_code(
@@ -364,6 +369,11 @@ def _cases(samples: list[Any], tmp: Path) -> dict[str, tuple[Path, str]]:
     out["cut"] = (cut, "line 1306 has")
     (tmp / "empty.csv").write_text("")
     out["empty"] = (tmp / "empty.csv", "is empty")
+    whole = _write(tmp / "k.jsonl", full[:2], fmt="jsonl").read_text().splitlines()
+    bad = json.loads(whole[1])
+    bad["top_k"] = [["Rover"]]  # hand-edited: not a [label, probability] pair
+    (tmp / "not-a-pair.jsonl").write_text(f"{whole[0]}\n{json.dumps(bad)}\n")
+    out["top-k entry"] = (tmp / "not-a-pair.jsonl", "line 2 is not a mars-infer result row")
     out["no file"] = (tmp / "no-such.csv", "cannot read the predictions file")  # exit 1, not 2
     out["a folder"] = (tmp, "cannot read the predictions file")
     return out
