@@ -8,6 +8,7 @@ import hashlib
 import json
 import shlex
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.train import data as msl
 from marsvision.train.card import render_card
 from marsvision.train.checkpoint import (
     atomic_torch_save,
@@ -223,6 +225,52 @@ def test_refuses_unfinished_runs_and_other_data(
     with pytest.raises(MarsvisionError, match="not the data set"):
         ship_run(tmp_path / "other.pt", models_dir=tmp_path / "m", data_dir=msl_dir)
     assert not (tmp_path / "m").exists()
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_refused_ship_leaves_the_models_folder_as_it_was(
+    run: Path, shipped: Path, msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A train image missing from the data (only the card reads every image) is refused before
+    the scoring; a failure after the scoring (here the card's) leaves the earlier model, card
+    and SHA256SUMS together: the new checkpoint went in first, beside the old card and sums."""
+    import shutil
+
+    from marsvision.train import card, ship
+
+    models = tmp_path / "models"
+    shutil.copytree(shipped, models)
+    before = _tree(models)
+    data = tmp_path / "msl"
+    (data / "calibrated").mkdir(parents=True)
+    for f in msl_dir.iterdir():
+        if f.is_file():
+            (data / f.name).symlink_to(f)
+    last = (data / msl.SPLIT_FILES["train"]).read_text().split()[-2]
+    for f in (msl_dir / "calibrated").iterdir():
+        if f.name != Path(last).name:
+            (data / "calibrated" / f.name).symlink_to(f)
+
+    def no_scoring(*args: Any, **kw: Any) -> Any:
+        raise AssertionError("scored before the data was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(ship, "score_checkpoint", no_scoring)
+        with pytest.raises(MarsvisionError, match=f"{Path(last).name} is missing"):
+            ship_run(run, models_dir=models, data_dir=data, device="cpu", limit=SCORE_LIMIT)
+    assert _tree(models) == before
+
+    def broken_card(*args: Any, **kw: Any) -> str:
+        raise MarsvisionError("the card could not be rendered")
+
+    monkeypatch.setattr(card, "render_card", broken_card)
+    with pytest.raises(MarsvisionError, match="the card could not be rendered"):
+        ship_run(run, models_dir=models, data_dir=msl_dir, device="cpu", limit=SCORE_LIMIT,
+                 threshold_on_val=False, notes=("another ship",))  # fmt: skip
+    assert _tree(models) == before
 
 
 def test_mars_export_defaults_to_the_shipped_model(

@@ -166,6 +166,8 @@ def ship_run(
     ckpt = load_checkpoint(source)
     check_finished(ckpt, source)
     msl.check_same_data(ckpt, data_dir, source)
+    for split in msl.SPLITS:  # every listed image is there (the card counts them all): before
+        msl.read_split(data_dir, split, ckpt["task"])  # scoring, which reads at most --limit
     if threshold_on_val and is_refit(ckpt["config"]):
         raise MarsvisionError(
             f"--threshold-on-val: {source} was trained on val too (--train-on train+val), so "
@@ -201,11 +203,19 @@ def ship_run(
     }
     make_folder(models_dir, "--models")
     out = models_dir / shipped_name(ckpt["task"])
-    atomic_torch_save(shipped, out)
-    sha, size = sha256_file(out), out.stat().st_size
     card = out.with_suffix(".md")
-    atomic_write_text(card, render_card(shipped, file_name=out.name, sha256=sha, size_bytes=size,
-                                        data_dir=data_dir))  # fmt: skip
+    # the checkpoint goes in beside its card: a failure before (rendering the card, a Ctrl-C)
+    # leaves the folder's model, card and SHA256SUMS as they were
+    staged = out.with_name(f".{out.name}.staged")
+    try:
+        atomic_torch_save(shipped, staged)
+        sha, size = sha256_file(staged), staged.stat().st_size
+        text = render_card(shipped, file_name=out.name, sha256=sha, size_bytes=size,
+                           data_dir=data_dir)  # fmt: skip
+        os.replace(staged, out)
+    finally:
+        staged.unlink(missing_ok=True)
+    atomic_write_text(card, text)
     _write_sums(models_dir)
     return ShipResult(out, card, sha, size, scores)
 
