@@ -274,6 +274,14 @@ def test_sweep_seeds_are_checked(msl_dir: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["--data", str(msl_dir), "--budget-min", "1", "--out",
                                        str(tmp_path / "o"), "--seeds", "0,x"])  # fmt: skip
     assert result.exit_code != 0 and "--seeds '0,x'" in result.output
+    # an image past --limit missing: the training would not see it, the ship at the end would
+    from test_data import mini_data  # tests/ is on sys.path (pytest's prepend import mode)
+
+    data = mini_data(msl_dir, tmp_path / "msl", per_split=20)
+    last = (data / "train-calibrated-shuffled.txt").read_text().split()[-2]
+    (data / last).unlink()
+    with pytest.raises(MarsvisionError, match=f"{Path(last).name} is missing"):
+        run_sweep(settings=parse_settings(TINY), **{**kw, "data_dir": data})  # type: ignore[arg-type]
     assert not (tmp_path / "r").exists()
 
 

@@ -216,6 +216,10 @@ def run_sweep(
     if not seeds or len(set(seeds)) != len(seeds):
         raise MarsvisionError(f"--seeds {seeds}: give one or more distinct seeds, e.g. 0,1")
     check_writable_folder(out_dir, "--out")  # before the budget is spent, not after
+    from marsvision.train import data as msl
+
+    for split in msl.SPLITS:  # every listed image, as the ship at the end reads them all
+        msl.read_split(data_dir, split, task)
     from marsvision.train.config import config_from_flags, holds_half_val, is_refit
 
     refit = is_refit(settings)
