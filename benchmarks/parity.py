@@ -138,16 +138,19 @@ def verdict(precision: str, figures: dict[str, Any], t: Thresholds) -> tuple[boo
     return not fails, fails
 
 
-def scored_part(config: dict[str, Any], split: str, samples: list[Any]) -> tuple[list[Any], str]:
-    """The images of a split that parity scores for a checkpoint of this training config, and
-    what they are: val of a `--train-on train+half-val` model is its held-out half by sol (the
-    other half is training data, as in its metrics.json and model card); a refit's val is all of
-    val, but training data, and said so."""
-    from marsvision.train.config import is_refit, val_roles
+def scored_part(
+    config: dict[str, Any], split: str, data_dir: Path, task: str, limit: int | None
+) -> tuple[list[Any], str]:
+    """The images of a split (at most `limit`) that parity scores for a checkpoint of this
+    training config, and what they are: val of a `--train-on train+half-val` model is its
+    held-out half by sol (the other half is training data, as in its metrics.json and model
+    card); a refit's val is all of val, but training data, and said so."""
+    from marsvision.train.config import is_refit, val_to_score
+    from marsvision.train.data import read_split
 
     if split != "val":
-        return samples, "all"
-    trained, scored = val_roles(config, samples)
+        return read_split(data_dir, split, task, limit=limit), "all"
+    trained, scored = val_to_score(config, data_dir, task, limit)
     if not trained:
         return scored, "all"
     if is_refit(config):
@@ -215,7 +218,6 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
     from marsvision.benchmarks.torch_baseline import reference_logits
     from marsvision.runtime.metadata import sha256_file
     from marsvision.train.checkpoint import load_checkpoint
-    from marsvision.train.data import read_split
     from marsvision.train.device import select_device
 
     say = log or (lambda msg: None)
@@ -230,9 +232,7 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
 
     splits: dict[str, dict[str, Any]] = {}
     for split in cfg.splits:
-        samples, scope = scored_part(
-            ckpt.get("config", {}), split, read_split(cfg.data_dir, split, task, limit=cfg.limit)
-        )
+        samples, scope = scored_part(ckpt.get("config", {}), split, cfg.data_dir, task, cfg.limit)
         paths = [s.path for s in samples]
         say(f"{split}: {len(paths)} images{'' if scope == 'all' else f' ({scope})'}; "
             f"PyTorch reference on {torch_device}")  # fmt: skip

@@ -130,21 +130,33 @@ def test_parity_table_and_verdicts(
 
 def test_val_of_a_half_val_model_is_its_held_out_half(msl_dir: Path) -> None:
     """Parity scores val as the model's own metrics do: a train+half-val model's held-out half
-    only (the other half is training data); a refit's val is all of it, said to be trained on."""
+    only (the other half is training data); a refit's val is all of it, said to be trained on.
+    A --limit other than the run's scores none of the images the run trained on (halving the
+    first N images by sol made other halves, and put trained-on images in the scored one)."""
     from marsvision.benchmarks.parity import scored_part
     from marsvision.train.data import read_split, val_half
 
     val = read_split(msl_dir, "val", "binary")
     test = read_split(msl_dir, "test", "binary", limit=LIMIT)
-    assert scored_part({"train_on": "train"}, "val", val) == (val, "all")
-    assert scored_part({}, "val", val) == (val, "all")  # checkpoints from before the flag
-    got, scope = scored_part({"train_on": "train+half-val"}, "val", val)
+    half = {"train_on": "train+half-val"}
+    assert scored_part({"train_on": "train"}, "val", msl_dir, "binary", None) == (val, "all")
+    assert scored_part({}, "val", msl_dir, "binary", None) == (val, "all")  # from before the flag
+    got, scope = scored_part(half, "val", msl_dir, "binary", None)
     assert got == val_half(val, "held") and len(got) == 836
     assert scope == "held-out half by sol (804 images of the other half were trained on)"
-    got, scope = scored_part({"train_on": "train+val"}, "val", val)
+    got, scope = scored_part({"train_on": "train+val"}, "val", msl_dir, "binary", None)
     assert got == val and scope == "all, training data (a train+val refit)"
     for train_on in ("train", "train+half-val", "train+val"):  # test is always all of test
-        assert scored_part({"train_on": train_on}, "test", test) == (test, "all")
+        assert scored_part({"train_on": train_on}, "test", msl_dir, "binary", LIMIT) == (
+            test, "all")  # fmt: skip
+    trained = set(val_half(val, "trained"))
+    for limit in (100, 400, 800):  # the run read all of val; parity reads the first `limit`
+        got, _ = scored_part(half, "val", msl_dir, "binary", limit)
+        assert got == [s for s in val[:limit] if s not in trained] and not trained & set(got)
+    run16 = {**half, "limit": 16}  # a quick run halved its first 16; parity reads all of val
+    as_trained = set(val_half(val[:16], "trained"))
+    got, _ = scored_part(run16, "val", msl_dir, "binary", None)
+    assert len(got) == len(val) - len(as_trained) and not as_trained & set(got)
 
 
 def _negate_head(src: Path, dst: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from marsvision.runtime.errors import MarsvisionError
-from marsvision.train.data import Sample, halve_by_sol
+from marsvision.train.data import Sample, halve_by_sol, read_split
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,24 @@ def val_roles(config: Mapping[str, Any], val: list[Sample]) -> tuple[list[Sample
     if is_refit(config):
         return val, val
     return halve_by_sol(val) if holds_half_val(config) else ([], val)
+
+
+def val_to_score(
+    config: Mapping[str, Any], data_dir: Path, task: str, limit: int | None
+) -> tuple[list[Sample], list[Sample]]:
+    """`val_roles` of the first `limit` val images (ship's, parity's --limit) for a checkpoint of
+    `config`. Halving by sol depends on which images are halved, so a train+half-val model's
+    trained-on half is taken as its training took it (val read with the run's own --limit), and
+    every other image read is scored: halving another number of images put trained-on images
+    in the scored half."""
+    val = read_split(data_dir, "val", task, limit)
+    if not holds_half_val(config):
+        return val_roles(config, val)
+    run_limit = saved_setting(config, "limit")
+    as_trained = val if run_limit == limit else read_split(data_dir, "val", task, run_limit)
+    trained = val_roles(config, as_trained)[0]
+    seen = {s.path for s in trained}
+    return trained, [s for s in val if s.path not in seen]
 
 
 @dataclass(frozen=True)

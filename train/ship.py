@@ -69,7 +69,7 @@ def score_checkpoint(
     from marsvision.runtime.metadata import decide
     from marsvision.train import data as msl
     from marsvision.train.checkpoint import model_from_checkpoint, preprocess_from_checkpoint
-    from marsvision.train.config import val_roles
+    from marsvision.train.config import val_to_score
     from marsvision.train.device import select_device
     from marsvision.train.images import eval_tensors
     from marsvision.train.loop import evaluate
@@ -81,9 +81,10 @@ def score_checkpoint(
     model = model_from_checkpoint(ckpt).to(dev)
     labels, probs, sols = {}, {}, {}
     for split in SCORED_SPLITS:
-        samples = msl.read_split(data_dir, split, task, limit)
         if split == "val":  # half of val may be training data
-            samples = val_roles(ckpt["config"], samples)[1]
+            samples = val_to_score(ckpt["config"], data_dir, task, limit)[1]
+        else:
+            samples = msl.read_split(data_dir, split, task, limit)
         y = np.array([s.label for s in samples])
         sols[split] = [msl.sol_key(s.path) for s in samples]
         x = eval_tensors(samples, spec=spec, workers=workers).to(dev)
