@@ -32,7 +32,7 @@ def shipped_checkpoint(task: str = "binary") -> Path:
 
 
 def _table(manifest: dict[str, Any]) -> str:
-    rows = [("artifact", "precision", "size MB", "max|dlogit|", "top-1 agree", "build s")]
+    rows = [("artifact", "precision", "size MB", "max|dlogit|", "labels agree", "build s")]
     for a in manifest["artifacts"]:
         p = a["parity_vs_fp32"]
         diff = f"{p['max_abs_logit_diff']:.2e}" if "max_abs_logit_diff" in p else "-"

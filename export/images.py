@@ -55,11 +55,20 @@ def ort_logits(onnx_path: Path, batch: np.ndarray, threads: int = 0) -> np.ndarr
     return np.asarray(out, dtype=np.float32)
 
 
-def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
-    """Max |logit diff| and top-1 agreement of `candidate` against `reference`."""
-    agree = reference.argmax(1) == candidate.argmax(1)
+def parity(
+    reference: np.ndarray, candidate: np.ndarray, threshold: float | None = None
+) -> dict[str, Any]:
+    """Max |logit diff| and label agreement of `candidate` against `reference`, the labels by the
+    model's rule (`threshold`: a binary model's decision threshold, as mars-infer and mars-bench
+    parity label; None: the most probable class). `top1_agreement` keeps its name from before
+    the rule counted."""
+    from marsvision.runtime.classifier import softmax
+    from marsvision.runtime.metadata import decide
+
+    agree = decide(softmax(reference), threshold) == decide(softmax(candidate), threshold)
     return {
         "images": len(reference),
         "max_abs_logit_diff": float(np.abs(reference - candidate).max()),
         "top1_agreement": float(agree.mean()),
+        "label_rule": "argmax" if threshold is None else f"P(class 1) >= {threshold:g}",
     }

@@ -125,7 +125,7 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
             _log(f"converting to {final.name}")
             m16 = fp16_meta(meta)
             fp16_onnx_from_onnx(fp32_path, path, meta=m16)
-            fig = parity(ref, ort_logits(path, val_batch))
+            fig = parity(ref, ort_logits(path, val_batch), meta.decision_threshold)
             entries.append(_entry(path, "fp16", m16, fig, time.perf_counter() - t0))
             onnx_for_engine["fp16-engine"] = (path, m16)
 
@@ -162,7 +162,7 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
                 assert m8.quantization is not None
                 m8.quantization["calibration_cache"] = f"{CALIB_CACHE_DIR}/{key}.json"
                 int8_onnx_from_onnx(pre, path, flavour=flavour, cache_path=cache, meta=m8)
-                fig = parity(ref, ort_logits(path, val_batch))
+                fig = parity(ref, ort_logits(path, val_batch), meta.decision_threshold)
                 secs = time.perf_counter() - t1 + calib_secs / 2
                 entry = _entry(path, flavour, m8, fig, secs)
                 entry["calibration_reused"] = reused

@@ -194,6 +194,20 @@ def test_decision_threshold_travels_from_the_checkpoint(ckpt_path: Path) -> None
     assert ModelMeta.from_json(meta.to_json()) == meta
 
 
+def test_export_parity_labels_by_the_models_rule() -> None:
+    """A model shipped with a decision threshold is compared by the labels it gives (as
+    mars-infer and mars-bench parity give them), not by argmax: INT8 can move an image across
+    the threshold while both agree on the most probable class."""
+    from marsvision.export.images import parity
+
+    # P(class 1) 0.45 against 0.35: class 0 by argmax in both, apart at a threshold of 0.4
+    ref = np.log(np.array([[0.55, 0.45], [0.9, 0.1]], dtype=np.float32))
+    got = np.log(np.array([[0.65, 0.35], [0.9, 0.1]], dtype=np.float32))
+    assert parity(ref, got)["top1_agreement"] == 1.0
+    fig = parity(ref, got, 0.4)
+    assert fig["top1_agreement"] == 0.5 and fig["label_rule"] == "P(class 1) >= 0.4"
+
+
 def test_calibration_cache_is_reused(
     exported: Path,
     ckpt_path: Path,
