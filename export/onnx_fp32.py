@@ -85,7 +85,25 @@ def _export_graph(model: Any, size: int) -> Any:
         )
     if program is None:  # only the legacy exporter returns None; dynamo=True never does
         raise RuntimeError("torch.onnx.export returned no program")
-    return program.model_proto
+    proto = program.model_proto
+    _drop_stack_traces(proto)
+    return proto
+
+
+# node metadata whose value holds the Python stack of the export, with the absolute paths of
+# the installed packages (.../.venv/lib/python3.11/site-packages/...)
+_STACK_TRACE = "pkg.torch.onnx.stack_trace"
+
+
+def _drop_stack_traces(proto: Any) -> None:
+    """Remove the exporter's stack traces from every node: they name where marsvision is
+    installed, so the same checkpoint exported from two folders gave two files (two sha256s,
+    for the manifest, the result rows' provenance and parity). The other node metadata (module
+    scopes, class hierarchy) stays for debugging."""
+    for node in proto.graph.node:
+        kept = [p for p in node.metadata_props if p.key != _STACK_TRACE]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
 
 
 def onnx_from_checkpoint(

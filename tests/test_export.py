@@ -65,6 +65,20 @@ def test_writes_every_onnx_artifact_and_manifest(exported: Path, ckpt_path: Path
     assert not [p for p in exported.iterdir() if p.name.startswith(".")]
 
 
+def test_artifacts_do_not_depend_on_where_marsvision_is_installed(exported: Path) -> None:
+    """The exporter's node metadata held Python stack traces with the absolute paths of the
+    installed packages: the same checkpoint exported from two folders gave files with two
+    sha256s (manifest, result rows' provenance). No artifact names a path of this install."""
+    import sys
+
+    for a in json.loads((exported / MANIFEST).read_text())["artifacts"]:
+        model = onnx.load(str(exported / a["file"]))
+        keys = {p.key for n in model.graph.node for p in n.metadata_props}
+        assert "pkg.torch.onnx.stack_trace" not in keys, a["file"]
+        raw = (exported / a["file"]).read_bytes()
+        assert sys.prefix.encode() not in raw and b"site-packages" not in raw, a["file"]
+
+
 def test_fp32_passes_checker_with_dynamic_batch(exported: Path, val32) -> None:
     path = _path(exported, "fp32")
     onnx.checker.check_model(str(path), full_check=True)
