@@ -9,9 +9,11 @@ through a per-channel lookup table computed with the same float32 operations as
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from functools import lru_cache
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -65,6 +67,24 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _open_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """The file at `path`, open for reading. A FIFO is opened without waiting for a writer (one
+    without a writer reads as empty; `<(cat image.jpg)` reads its image), and a device or socket
+    is refused (/dev/zero would be read forever)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fsdecode(path))
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            raise ImageError("not a regular file (a device or socket)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def decode_image(
     path: str | os.PathLike[str],
     spec: PreprocessSpec,
@@ -74,10 +94,7 @@ def decode_image(
 ) -> np.ndarray:
     """Decode, resize and center-crop one file: uint8 (input_size, input_size, 3)."""
     try:
-        mode = os.stat(path).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # opening a FIFO waits for a writer
-            raise ImageError("not a regular file (a FIFO, socket or device)")
-        with Image.open(path) as img:
+        with _open_file(path) as f, Image.open(f) as img:
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError(
@@ -107,9 +124,9 @@ def decode_image(
         raise ImageError("file not found (or a broken symlink)") from None
     except IsADirectoryError:
         raise ImageError(  # a folder PATH with no image files in it, or a folder in an @list
-            "is a folder with no image files to classify (a folder PATH stands for the image "
-            "files directly in it, and with --recursive in its subfolders too; a folder named "
-            "in an @list is not looked into)"
+            "is a folder, not an image file (a folder PATH stands for the image files directly "
+            "in it, and with --recursive in its subfolders too: this one has none; a folder "
+            "named in an @list is not looked into)"
         ) from None
     except PermissionError:
         raise ImageError("permission denied") from None

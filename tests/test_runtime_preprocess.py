@@ -106,12 +106,16 @@ def test_bad_files_raise_image_error(tmp_path: Path, msl_dir: Path) -> None:
 
 
 def test_files_that_are_not_images_on_disk(tmp_path: Path, msl_dir: Path) -> None:
-    """A FIFO named like an image is an error at once (opening it waited for a writer forever,
-    and Ctrl-C could not stop the run), and a file-system error (a symlink loop, a path through
-    a file) is reported as one, not as a corrupt image."""
+    """A FIFO named like an image without a writer is an error at once (opening it waited for a
+    writer forever, and Ctrl-C could not stop the run), a pipe with a writer is read
+    (`mars-infer <(cat image.jpg)`), a device is refused (/dev/zero would be read forever), and
+    a file-system error (a symlink loop, a path through a file) is reported as one, not as a
+    corrupt image."""
     import threading
 
     spec = PreprocessSpec.for_input_size(64)
+    good = tmp_path / "good.jpg"
+    good.write_bytes(_msl_images(msl_dir, 1)[0].read_bytes())
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
     got: list[BaseException] = []
@@ -130,15 +134,30 @@ def test_files_that_are_not_images_on_disk(tmp_path: Path, msl_dir: Path) -> Non
         t.join(10)
         pytest.fail("decoding a FIFO waited for a writer")
     assert len(got) == 1 and isinstance(got[0], ImageError)
-    assert str(got[0]) == "not a regular file (a FIFO, socket or device)"
+    assert str(got[0]) == "not an image Pillow can read (unknown format or empty file)"
+    r, w = os.pipe()  # as the shell's <(cat good.jpg) gives it: /dev/fd/N, written meanwhile
+
+    def write() -> None:
+        with os.fdopen(w, "wb") as f:
+            f.write(good.read_bytes())
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        assert (decode_image(f"/dev/fd/{r}", spec) == decode_image(good, spec)).all()
+    finally:
+        writer.join(10)
+        os.close(r)
+    with pytest.raises(ImageError, match=r"^not a regular file \(a device or socket\)$"):
+        decode_image("/dev/zero", spec)
     (tmp_path / "a.jpg").symlink_to(tmp_path / "b.jpg")
     (tmp_path / "b.jpg").symlink_to(tmp_path / "a.jpg")
     with pytest.raises(ImageError, match=r"^cannot read the file \(Too many levels of symbolic"):
         decode_image(tmp_path / "a.jpg", spec)
-    good = tmp_path / "good.jpg"
-    good.write_bytes(_msl_images(msl_dir, 1)[0].read_bytes())
     with pytest.raises(ImageError, match=r"^cannot read the file \(Not a directory\)$"):
         decode_image(good / "x.jpg", spec)
+    with pytest.raises(ImageError, match=r"^is a folder, not an image file \(a folder PATH"):
+        decode_image(tmp_path, spec)
 
 
 def test_float_images_with_no_data_pixels(tmp_path: Path) -> None:
