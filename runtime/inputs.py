@@ -53,9 +53,13 @@ def _list_file(arg: str) -> list[str]:
 
 def path_key(path: str) -> str:
     """What the spellings of one input path share (`imgs/a.jpg`, `./imgs/a.jpg`, `imgs//a.jpg`,
-    its absolute path): inputs are deduplicated by it, and --resume matches the rows already
-    written by it, so a rerun that spells a folder another way writes no row twice."""
-    return os.path.abspath(path)
+    its absolute path, a path through a symlinked folder): its folder's real path and its name.
+    Inputs are deduplicated by it, and --resume matches the rows already written by it, so a
+    rerun that spells a folder another way writes no row twice. The folder is resolved on the
+    file system (`link/../a.jpg` is the `a.jpg` next to the link's target, not the one beside
+    the link), and the name is not: two symlinks to one file are two inputs."""
+    folder, name = os.path.split(path)
+    return os.path.join(os.path.realpath(folder or "."), name)
 
 
 def expand_inputs(args: list[str], *, recursive: bool = False) -> list[str]:

@@ -270,6 +270,22 @@ def test_results_that_cannot_be_written_are_a_one_line_error(
     )
 
 
+def test_inputs_through_symlinked_folders(tmp_path: Path) -> None:
+    """`link/../a.jpg` is the a.jpg beside the link's target, another file than the a.jpg beside
+    the link: both are inputs (the text-only key merged them, and one got no row); a symlinked
+    folder's spelling of a file is that file; two symlinks to one file are two inputs."""
+    from marsvision.runtime.inputs import expand_inputs
+
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "a.jpg").write_bytes(b"1")
+    (tmp_path / "real" / "a.jpg").write_bytes(b"2")
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "sub")
+    (tmp_path / "alias.jpg").symlink_to(tmp_path / "a.jpg")
+    t = str(tmp_path)
+    args = [f"{t}/a.jpg", f"{t}/link/../a.jpg", f"{t}/real/a.jpg", f"{t}/alias.jpg"]
+    assert expand_inputs(args) == [f"{t}/a.jpg", f"{t}/link/../a.jpg", f"{t}/alias.jpg"]
+
+
 def test_one_file_spelled_two_ways_is_one_input(
     model: Path, images: list[Path], tmp_path: Path
 ) -> None:
