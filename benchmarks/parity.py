@@ -155,7 +155,7 @@ def scored_part(
         return scored, "all"
     if is_refit(config):
         return scored, "all, training data (a train+val refit)"
-    return scored, f"held-out half by sol ({len(trained)} images of the other half were trained on)"
+    return scored, f"held out ({len(trained)} images of val's other half by sol were trained on)"
 
 
 def _decode_split(paths: list[Path], spec: PreprocessSpec) -> np.ndarray:

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from marsvision.benchmarks.cli import main
 from marsvision.benchmarks.parity import PARITY_FAIL_EXIT, Thresholds, verdict
 from marsvision.export.tensorrt import tensorrt_unavailable_reason
+from marsvision.runtime.errors import MarsvisionError
 
 LIMIT = 48  # real test images per run: a few seconds per artifact on 2 cores
 
@@ -143,7 +144,7 @@ def test_val_of_a_half_val_model_is_its_held_out_half(msl_dir: Path) -> None:
     assert scored_part({}, "val", msl_dir, "binary", None) == (val, "all")  # from before the flag
     got, scope = scored_part(half, "val", msl_dir, "binary", None)
     assert got == val_half(val, "held") and len(got) == 836
-    assert scope == "held-out half by sol (804 images of the other half were trained on)"
+    assert scope == "held out (804 images of val's other half by sol were trained on)"
     got, scope = scored_part({"train_on": "train+val"}, "val", msl_dir, "binary", None)
     assert got == val and scope == "all, training data (a train+val refit)"
     for train_on in ("train", "train+half-val", "train+val"):  # test is always all of test
@@ -155,8 +156,18 @@ def test_val_of_a_half_val_model_is_its_held_out_half(msl_dir: Path) -> None:
         assert got == [s for s in val[:limit] if s not in trained] and not trained & set(got)
     run16 = {**half, "limit": 16}  # a quick run halved its first 16; parity reads all of val
     as_trained = set(val_half(val[:16], "trained"))
-    got, _ = scored_part(run16, "val", msl_dir, "binary", None)
+    got, scope = scored_part(run16, "val", msl_dir, "binary", None)
     assert len(got) == len(val) - len(as_trained) and not as_trained & set(got)
+    assert (
+        scope == f"held out ({len(as_trained)} images of val's other half by sol were trained on)"
+    )
+    got, scope = scored_part(half, "val", msl_dir, "binary", 4)  # counts what it read
+    n = len([s for s in val[:4] if s in trained])
+    assert len(got) == 4 - n and scope.startswith(f"held out ({n} images of")
+    first = val[0]  # a limit that reads only trained-on images: one line, not an empty split
+    assert first in trained
+    with pytest.raises(MarsvisionError, match="--limit 1: the run trained on all of the first 1"):
+        scored_part(half, "val", msl_dir, "binary", 1)
 
 
 def _negate_head(src: Path, dst: Path) -> None:

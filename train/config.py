@@ -101,18 +101,24 @@ def val_to_score(
     config: Mapping[str, Any], data_dir: Path, task: str, limit: int | None
 ) -> tuple[list[Sample], list[Sample]]:
     """`val_roles` of the first `limit` val images (ship's, parity's --limit) for a checkpoint of
-    `config`. Halving by sol depends on which images are halved, so a train+half-val model's
-    trained-on half is taken as its training took it (val read with the run's own --limit), and
-    every other image read is scored: halving another number of images put trained-on images
-    in the scored half."""
+    `config`: (those the run trained on, those to score). Halving by sol depends on which images
+    are halved, so a train+half-val model's trained-on half is taken as its training took it
+    (val read with the run's own --limit), and every other image read is scored: halving
+    another number of images put trained-on images in the scored half."""
     val = read_split(data_dir, "val", task, limit)
     if not holds_half_val(config):
         return val_roles(config, val)
     run_limit = saved_setting(config, "limit")
     as_trained = val if run_limit == limit else read_split(data_dir, "val", task, run_limit)
-    trained = val_roles(config, as_trained)[0]
-    seen = {s.path for s in trained}
-    return trained, [s for s in val if s.path not in seen]
+    seen = {s.path for s in val_roles(config, as_trained)[0]}
+    trained = [s for s in val if s.path in seen]
+    scored = [s for s in val if s.path not in seen]
+    if not scored:
+        raise MarsvisionError(
+            f"--limit {limit}: the run trained on all of the first {limit} val images (its half "
+            "of val by sol); a larger --limit reaches its held-out half"
+        )
+    return trained, scored
 
 
 @dataclass(frozen=True)
