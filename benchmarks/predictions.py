@@ -69,7 +69,13 @@ def _row(path: Path, line: int, d: dict[str, Any]) -> PredictionRow:
 
 
 def _read_csv(path: Path, text: str) -> Predictions:
-    table = list(csv.reader(io.StringIO(text, newline="")))
+    # no field of a whole file is longer than the file (an error row's long path must score)
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        table = list(reader)
+    except csv.Error as e:
+        raise MarsvisionError(f"{path}: line {reader.line_num} is not CSV ({e})") from None
     header = table[0]
     missing = [c for c in ("path", "status", "label", "error", *_PROVENANCE) if c not in header]
     if missing:

@@ -7,6 +7,7 @@ optional pass/fail requirements. The task and class names come from the file its
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -297,11 +298,11 @@ def score_name(report: dict[str, Any]) -> str:
     scoring the same model's flip-TTA or GPU predictions does not overwrite the plain ones."""
     model = report["model"]
     tta = model.get("tta", "none")
-    return (
+    name = (
         f"score-{report.get('part', report['split'])}-{model['sha256'][:12]}-{model['backend']}"
         + (f"-tta-{tta}" if tta != "none" else "")
-        + ".json"
     )
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name) + ".json"  # the file's own values: no "/"
 
 
 def write_score(report: dict[str, Any], out: Path) -> Path:

@@ -249,7 +249,8 @@ def test_full_split_exact_metrics_cis_and_json(
 def test_a_byte_order_mark_is_read_past(test_split: list[Any], tmp_path: Path) -> None:
     """A result file saved again by Excel ("CSV UTF-8") or Notepad starts with a UTF-8
     byte-order mark: the same rows as without it (it hid the path column, or the JSONL); so
-    does one with a blank last line (it was refused as a run cut short)."""
+    does a CSV with a blank last line (it was refused as a run cut short), and one with a field
+    longer than the csv module's default limit (an error row's long path)."""
     from marsvision.benchmarks.predictions import read_predictions
 
     for fmt in ("csv", "jsonl"):
@@ -258,10 +259,12 @@ def test_a_byte_order_mark_is_read_past(test_split: list[Any], tmp_path: Path) -
         marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
         a, b = read_predictions(plain), read_predictions(marked)
         assert (b.fmt, b.class_names, b.rows) == (a.fmt, a.class_names, a.rows) and len(a.rows) == 5
-        # and a blank last line (an editor's) is not a row cut short
-        blank = tmp_path / f"blank.{fmt}"
-        blank.write_bytes(plain.read_bytes() + b"\n")
-        assert read_predictions(blank).rows == a.rows
+    blank = tmp_path / "blank.csv"  # an editor's newline after the last row
+    blank.write_bytes((tmp_path / "plain.csv").read_bytes() + b"\n")
+    assert read_predictions(blank).rows == read_predictions(tmp_path / "plain.csv").rows
+    long = _write(tmp_path / "long.csv", [Prediction("x" * 200_000, "error", error="missing")])
+    csv.field_size_limit(131072)  # the default, as a fresh process has it
+    assert read_predictions(long).rows[0].path == "x" * 200_000
 
 
 def test_require_pass_fail_and_exit_code(

@@ -216,7 +216,7 @@ def run_sweep(
     if not seeds or len(set(seeds)) != len(seeds):
         raise MarsvisionError(f"--seeds {seeds}: give one or more distinct seeds, e.g. 0,1")
     if not all(0 <= s < 2**63 for s in seeds):  # mars-train's range, checked only per run
-        raise MarsvisionError(f"--seeds {seeds}: each must be in [0, 2^63)")
+        raise MarsvisionError(f"--seeds {','.join(map(str, seeds))}: each must be in [0, 2^63)")
     check_writable_folder(out_dir, "--out")  # before the budget is spent, not after
     from marsvision.train import data as msl
 
