@@ -17,6 +17,18 @@ FLAVOUR_ORDER = tuple(SUFFIXES)
 ENGINE_FLAVOURS = ("fp16-engine", "int8-engine")
 
 
+def check_exported_from(source_sha256: str, artifact: Path | str, checkpoint: Path,
+                        checkpoint_sha256: str) -> None:  # fmt: skip
+    """Refuse an artifact whose metadata names another source checkpoint than the reference
+    (`source_sha256`: its metadata's; empty for files from before it was recorded): parity and
+    speed figures would compare two models."""
+    if source_sha256 and source_sha256 != checkpoint_sha256:
+        raise MarsvisionError(
+            f"{artifact} was exported from another checkpoint (sha256 {source_sha256[:12]}..., "
+            f"{checkpoint} is {checkpoint_sha256[:12]}...); pass the checkpoint it came from"
+        )
+
+
 @dataclass(frozen=True)
 class Artifact:
     """One exported model file."""

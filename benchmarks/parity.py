@@ -17,7 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from marsvision.benchmarks.artifacts import Artifact, find_artifacts, skip_reason
+from marsvision.benchmarks.artifacts import (
+    Artifact,
+    check_exported_from,
+    find_artifacts,
+    skip_reason,
+)
 from marsvision.runtime.classifier import softmax
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.spec import PreprocessSpec
@@ -307,12 +312,7 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
         with runner:
             meta = runner.meta
             row["backend"] = runner.name
-            if meta.source_checkpoint_sha256 and meta.source_checkpoint_sha256 != ckpt_sha:
-                raise MarsvisionError(
-                    f"{art.path} was exported from another checkpoint "
-                    f"(sha256 {meta.source_checkpoint_sha256[:12]}..., {cfg.checkpoint} is "
-                    f"{ckpt_sha[:12]}...); pass the checkpoint it came from"
-                )
+            check_exported_from(meta.source_checkpoint_sha256, art.path, cfg.checkpoint, ckpt_sha)
             if meta.class_names != names:
                 raise MarsvisionError(f"{art.path}: class names differ from the checkpoint's")
             if meta.decision_threshold != decision_threshold:

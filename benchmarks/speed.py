@@ -174,17 +174,15 @@ def add_ratios(rows: list[dict[str, Any]], *, own_rss: bool = True) -> None:
 def _check_sources(jobs: list[Job], checkpoint: Path) -> None:
     """Refuse artifacts exported from another checkpoint than the baseline's (their speedups
     would compare two models: another input size, say), as parity does."""
+    from marsvision.benchmarks.artifacts import check_exported_from
     from marsvision.runtime.backends import load_model_meta
     from marsvision.runtime.metadata import sha256_file
 
     want = sha256_file(checkpoint)
     for model in sorted({j.model for j in jobs if j.backend not in TORCH_BACKENDS}):
-        got = load_model_meta(model).source_checkpoint_sha256
-        if got and got != want:
-            raise MarsvisionError(
-                f"{model} was exported from another checkpoint (sha256 {got[:12]}..., "
-                f"{checkpoint} is {want[:12]}...); pass the checkpoint it came from"
-            )
+        check_exported_from(
+            load_model_meta(model).source_checkpoint_sha256, model, checkpoint, want
+        )
 
 
 def run_speed(cfg: SpeedConfig, *, log: Any = None) -> dict[str, Any]:

@@ -118,6 +118,9 @@ def test_split_files_edited_by_hand(msl_dir: Path, tmp_path: Path) -> None:
     listed = lines[1].split()[0]
     with pytest.raises(MarsvisionError, match=f":5: {listed} is listed again \\(line 2\\)$"):
         msl.read_split(d, "train", "binary")
+    train.write_text("\n".join([*lines, f"./{lines[1]}"]) + "\n")  # another spelling of it
+    with pytest.raises(MarsvisionError, match=f":5: ./{listed} is listed again \\(line 2\\)$"):
+        msl.read_split(d, "train", "binary")
     train.write_text("\n".join([*lines, f"{d / listed} {lines[1].split()[1]}"]) + "\n")
     with pytest.raises(MarsvisionError, match=":5: .* is an absolute path; the split files"):
         msl.read_split(d, "train", "binary")

@@ -149,9 +149,10 @@ def read_split(data_dir: Path, split: str, task: str, limit: int | None = None) 
                 f"{path}:{n}: {parts[0]} is an absolute path; the split files list images "
                 "relative to the data folder"
             )
-        if parts[0] in seen:  # it would count twice in the metrics
-            raise MarsvisionError(f"{path}:{n}: {parts[0]} is listed again (line {seen[parts[0]]})")
-        seen[parts[0]] = n
+        key = Path(parts[0]).as_posix()  # calibrated/x.JPG, ./calibrated/x.JPG: one image
+        if key in seen:  # it would count twice in the metrics
+            raise MarsvisionError(f"{path}:{n}: {parts[0]} is listed again (line {seen[key]})")
+        seen[key] = n
         image = data_dir / parts[0]
         if not image.is_file():
             raise MarsvisionError(
@@ -164,6 +165,13 @@ def read_split(data_dir: Path, split: str, task: str, limit: int | None = None) 
     if not samples:
         raise MarsvisionError(f"{path} lists no images")
     return samples
+
+
+def check_all_listed(data_dir: Path, task: str) -> None:
+    """Every image the three split files list is there: before work that reads only some of them
+    (a --limit) and then all (a model card's counts)."""
+    for split in SPLITS:
+        read_split(data_dir, split, task)
 
 
 def check_disjoint(splits: dict[str, list[Sample]]) -> None:

@@ -167,8 +167,7 @@ def ship_run(
     ckpt = load_checkpoint(source)
     check_finished(ckpt, source)
     msl.check_same_data(ckpt, data_dir, source)
-    for split in msl.SPLITS:  # every listed image is there (the card counts them all): before
-        msl.read_split(data_dir, split, ckpt["task"])  # scoring, which reads at most --limit
+    msl.check_all_listed(data_dir, ckpt["task"])  # the card reads all; the scoring --limit
     if threshold_on_val and is_refit(ckpt["config"]):
         raise MarsvisionError(
             f"--threshold-on-val: {source} was trained on val too (--train-on train+val), so "

@@ -218,10 +218,9 @@ def run_sweep(
     if not all(0 <= s < 2**63 for s in seeds):  # mars-train's range, checked only per run
         raise MarsvisionError(f"--seeds {','.join(map(str, seeds))}: each must be in [0, 2^63)")
     check_writable_folder(out_dir, "--out")  # before the budget is spent, not after
-    from marsvision.train import data as msl
+    from marsvision.train.data import check_all_listed
 
-    for split in msl.SPLITS:  # every listed image, as the ship at the end reads them all
-        msl.read_split(data_dir, split, task)
+    check_all_listed(data_dir, task)  # as the ship at the end reads them all
     from marsvision.train.config import config_from_flags, holds_half_val, is_refit
 
     refit = is_refit(settings)
