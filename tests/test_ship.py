@@ -135,6 +135,9 @@ def test_default_rule_is_argmax(run: Path, msl_dir: Path, tmp_path: Path) -> Non
 
 
 def test_card_and_sums(shipped: Path, msl_dir: Path) -> None:
+    # the model, its card and the sums, nothing staged left beside them
+    assert sorted(p.name for p in shipped.iterdir()) == [
+        "SHA256SUMS", "resnet50-binary.md", "resnet50-binary.pt"]  # fmt: skip
     pt = shipped / "resnet50-binary.pt"
     sha = hashlib.sha256(pt.read_bytes()).hexdigest()
     assert (shipped / "SHA256SUMS").read_text() == f"{sha}  resnet50-binary.pt\n"

@@ -204,18 +204,19 @@ def ship_run(
     make_folder(models_dir, "--models")
     out = models_dir / shipped_name(ckpt["task"])
     card = out.with_suffix(".md")
-    # the checkpoint goes in beside its card: a failure before (rendering the card, a Ctrl-C)
-    # leaves the folder's model, card and SHA256SUMS as they were
-    staged = out.with_name(f".{out.name}.staged")
+    # the checkpoint and its card are written aside and go in together: a failure before
+    # (rendering the card, a Ctrl-C) leaves the folder's model, card and SHA256SUMS as they were
+    staged, staged_card = (p.with_name(f".{p.name}.staged") for p in (out, card))
     try:
         atomic_torch_save(shipped, staged)
         sha, size = sha256_file(staged), staged.stat().st_size
-        text = render_card(shipped, file_name=out.name, sha256=sha, size_bytes=size,
-                           data_dir=data_dir)  # fmt: skip
+        atomic_write_text(staged_card, render_card(shipped, file_name=out.name, sha256=sha,
+                                                   size_bytes=size, data_dir=data_dir))  # fmt: skip
         os.replace(staged, out)
+        os.replace(staged_card, card)
     finally:
         staged.unlink(missing_ok=True)
-    atomic_write_text(card, text)
+        staged_card.unlink(missing_ok=True)
     _write_sums(models_dir)
     return ShipResult(out, card, sha, size, scores)
 
