@@ -198,6 +198,28 @@ def test_no_cuda_error_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> No
         ort_backend.providers_for("cuda")
 
 
+def test_the_cuda_provider_runs_fp32_in_fp32(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sessions ask the CUDA provider for FP32 math (`use_tf32` 0; its default is TF32 on Ampere
+    and later, which the FP32 parity bounds against PyTorch's FP32 do not allow); the providers
+    without options are passed as names. What onnxruntime is handed is checked here, on a CPU
+    build: the effect on a GPU is unverified."""
+    from marsvision.runtime.backends import onnxruntime as ort_backend
+
+    handed: list[Any] = []
+    real = ort_backend._ort().InferenceSession
+
+    def spy(model: Any, sess_options: Any = None, providers: Any = None) -> Any:
+        handed.append(providers)
+        return real(model, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort_backend._ort(), "InferenceSession", spy)
+    so = ort_backend.session_options(1)
+    ort_backend._session(models["fp32"], ["CUDAExecutionProvider", "CPUExecutionProvider"], so)
+    assert handed == [[("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]]
+
+
 def test_every_package_goes_into_the_wheel() -> None:
     """setuptools puts only the listed packages into a wheel: a subpackage left out (the runtime's
     backends were) breaks `pip install marsvision` while editable installs and the tests work."""
