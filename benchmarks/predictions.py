@@ -3,8 +3,6 @@ the classes they name, the task those classes belong to, and the model that wrot
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import re
@@ -14,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.results import csv_rows
 
 _PROVENANCE = ("model_sha256", "precision", "backend")
 _SHOW = 3  # items quoted in an error message
@@ -69,13 +68,7 @@ def _row(path: Path, line: int, d: dict[str, Any]) -> PredictionRow:
 
 
 def _read_csv(path: Path, text: str) -> Predictions:
-    # no field of a whole file is longer than the file (an error row's long path must score)
-    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        table = list(reader)
-    except csv.Error as e:
-        raise MarsvisionError(f"{path}: line {reader.line_num} is not CSV ({e})") from None
+    table = csv_rows(path, text)
     header = table[0]
     missing = [c for c in ("path", "status", "label", "error", *_PROVENANCE) if c not in header]
     if missing:

@@ -179,16 +179,20 @@ def _json_layout_matches(row: dict[str, Any], header: list[str]) -> bool:
     return "probs" in row and (row["probs"] is None or list(row["probs"]) == names)
 
 
-def _csv_done(path: str, text: str, header: list[str], prov: Provenance) -> dict[str, str]:
-    # no field of a whole file is longer than the file: a long (error) path must not be refused
+def csv_rows(path: str | os.PathLike[str], text: str, *, then: str = "") -> list[list[str]]:
+    """The rows of a results file's whole CSV `text`. A field may be as long as the text (the csv
+    module refuses fields over 128 KiB by default: an error row's long path); malformed CSV is a
+    one-line error naming the line (`then`: what it stops, e.g. "; cannot resume from it")."""
     csv.field_size_limit(max(csv.field_size_limit(), len(text)))
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
-        rows = list(reader)
-    except csv.Error:
-        raise MarsvisionError(
-            f"{path}: row {reader.line_num} is malformed; cannot resume from it"
-        ) from None
+        return list(reader)
+    except csv.Error as e:
+        raise MarsvisionError(f"{path}: line {reader.line_num} is not CSV ({e}){then}") from None
+
+
+def _csv_done(path: str, text: str, header: list[str], prov: Provenance) -> dict[str, str]:
+    rows = csv_rows(path, text, then="; cannot resume from it")
     if rows[0] != header:
         raise MarsvisionError(
             f"{path} has columns {rows[0][:4]}... that do not match this model and --top-k; "
