@@ -79,7 +79,7 @@ class _Progress:
 def run(cfg: InferConfig) -> int:
     """Classify every input of `cfg` and write its row; returns the exit code."""
     from marsvision.runtime.classifier import Classifier
-    from marsvision.runtime.inputs import expand_inputs, path_key
+    from marsvision.runtime.inputs import expand_inputs, path_keys
     from marsvision.runtime.results import (
         Provenance,
         ResultWriter,
@@ -112,9 +112,12 @@ def run(cfg: InferConfig) -> int:
                 meta.class_names, min(cfg.top_k, meta.num_classes) if cfg.top_k else None
             )
             rows = read_done(cfg.out, fmt=cfg.fmt, header=header, provenance=provenance)
-            done = {path_key(p): status for p, status in rows.items()}
-        todo = [p for p in inputs if path_key(p) not in done]
-        prev_failed = sum(1 for p in inputs if done.get(path_key(p)) == "error")
+            done = dict(zip(path_keys(rows), rows.values()))
+        todo, prev_failed = inputs, 0
+        if done:  # each input's row already in --out, matched by path_keys
+            status = [done.get(key) for key in path_keys(inputs)]
+            todo = [p for p, s in zip(inputs, status) if s is None]
+            prev_failed = status.count("error")
         stream, is_new = open_output(cfg.out, append=cfg.resume)
         ok = failed = 0
         progress = _Progress(len(todo))

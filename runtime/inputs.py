@@ -9,13 +9,14 @@ written by a Mac, `.Trashes`, editors' thumbnails) are skipped, as the shell and
 skip them; a hidden file named on its own, or in a list, is kept. A PATH that names nothing is
 kept, so that it gets its own error row, and so is a folder with no image files in it. Each
 file appears once, in the order given, under its first spelling: `imgs/a.jpg`, `./imgs/a.jpg`
-and its absolute path are one input (`path_key`).
+and its absolute path are one input (`path_keys`).
 """
 
 from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from marsvision.runtime.errors import MarsvisionError
@@ -51,15 +52,22 @@ def _list_file(arg: str) -> list[str]:
     return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def path_key(path: str) -> str:
-    """What the spellings of one input path share (`imgs/a.jpg`, `./imgs/a.jpg`, `imgs//a.jpg`,
-    its absolute path, a path through a symlinked folder): its folder's real path and its name.
-    Inputs are deduplicated by it, and --resume matches the rows already written by it, so a
-    rerun that spells a folder another way writes no row twice. The folder is resolved on the
-    file system (`link/../a.jpg` is the `a.jpg` next to the link's target, not the one beside
-    the link), and the name is not: two symlinks to one file are two inputs."""
-    folder, name = os.path.split(path)
-    return os.path.join(os.path.realpath(folder or "."), name)
+def path_keys(paths: Iterable[str]) -> list[str]:
+    """What the spellings of each input path share (`imgs/a.jpg`, `./imgs/a.jpg`, `imgs//a.jpg`,
+    its absolute path, a path through a symlinked folder): its folder's real path and its name,
+    each folder resolved once (a folder holds thousands of images). Inputs are deduplicated by
+    it, and --resume matches the rows already written by it, so a rerun that spells a folder
+    another way writes no row twice. The folder is resolved on the file system (`link/../a.jpg`
+    is the `a.jpg` next to the link's target, not the one beside the link), and the name is
+    not: two symlinks to one file are two inputs."""
+    real: dict[str, str] = {}
+    keys = []
+    for path in paths:
+        folder, name = os.path.split(path)
+        if folder not in real:
+            real[folder] = os.path.realpath(folder or ".")
+        keys.append(os.path.join(real[folder], name))
+    return keys
 
 
 def expand_inputs(args: list[str], *, recursive: bool = False) -> list[str]:
@@ -80,6 +88,6 @@ def expand_inputs(args: list[str], *, recursive: bool = False) -> list[str]:
         else:
             out.append(arg)
     first: dict[str, str] = {}
-    for path in out:
-        first.setdefault(path_key(path), path)
+    for key, path in zip(path_keys(out), out):
+        first.setdefault(key, path)
     return list(first.values())
