@@ -176,6 +176,15 @@ class TrainConfig:
 BEFORE_ITS_FLAG: dict[str, Any] = {"select_from": 0.0}
 
 
+SEED_RANGE = "[0, 2^63)"
+
+
+def seed_in_range(seed: int) -> bool:
+    """Whether a run can take `seed`: numpy's generators (the bootstrap at the end of a run)
+    refuse a negative one, torch's one of 2^64 or more."""
+    return 0 <= seed < 2**63
+
+
 def first_selectable_epoch(select_from: float, epochs: int) -> int:
     """The first epoch `--select-from` lets a run keep (<= epochs: the last always counts)."""
     # rounded first: 0.07 * 100 is 7.000000000000001 in floating point, whose ceiling is 8
@@ -265,10 +274,7 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
             cfg.limit is None or cfg.limit >= 2,
             f"--limit {cfg.limit}: need at least 2 (BatchNorm trains on two images or more)",
         ),
-        (
-            0 <= cfg.seed < 2**63,  # numpy's generators (the bootstrap at the end) refuse < 0
-            f"--seed {cfg.seed}: must be in [0, 2^63)",
-        ),
+        (seed_in_range(cfg.seed), f"--seed {cfg.seed}: must be in {SEED_RANGE}"),
         (cfg.workers >= 0, f"--workers {cfg.workers}: cannot be negative"),
         (
             cfg.store_size is None or cfg.store_size >= cfg.image_size,

@@ -215,13 +215,20 @@ def run_sweep(
         raise MarsvisionError(f"--candidates {','.join(names)}: name each candidate once")
     if not seeds or len(set(seeds)) != len(seeds):
         raise MarsvisionError(f"--seeds {seeds}: give one or more distinct seeds, e.g. 0,1")
-    if not all(0 <= s < 2**63 for s in seeds):  # mars-train's range, checked only per run
-        raise MarsvisionError(f"--seeds {','.join(map(str, seeds))}: each must be in [0, 2^63)")
+    from marsvision.train.config import (
+        SEED_RANGE,
+        config_from_flags,
+        holds_half_val,
+        is_refit,
+        seed_in_range,
+    )
+
+    if not all(map(seed_in_range, seeds)):  # each run's config checks its own, after the others
+        raise MarsvisionError(f"--seeds {','.join(map(str, seeds))}: each must be in {SEED_RANGE}")
     check_writable_folder(out_dir, "--out")  # before the budget is spent, not after
     from marsvision.train.data import check_all_listed
 
     check_all_listed(data_dir, task)  # as the ship at the end reads them all
-    from marsvision.train.config import config_from_flags, holds_half_val, is_refit
 
     refit = is_refit(settings)
     if refit and len(names) * len(seeds) > 1:
