@@ -22,6 +22,7 @@ from marsvision.train.objective import (
     objective_from_config,
     optimizer_from_config,
     scheduler_from_config,
+    warmup_steps,
 )
 
 
@@ -104,3 +105,21 @@ def test_optimizer_and_scheduler_from_config() -> None:
     assert lrs[5] == pytest.approx(cfg.lr) and lrs[9] < 0.1 * cfg.lr  # cosine over epoch 2
     sgd = optimizer_from_config(model, config_from_flags("blog", data=Path("d"), out=Path("o")))
     assert isinstance(sgd, torch.optim.SGD) and not sgd.param_groups[0]["nesterov"]
+
+
+def test_warmup_longer_than_half_the_run_is_cut_to_half() -> None:
+    # the default 3-epoch warm-up in a 1-epoch run ended it at the peak lr, never decayed
+    model = nn.Linear(2, 2)
+    cfg = config_from_flags("default", data=Path("d"), out=Path("o"), epochs=1)
+    assert cfg.warmup_epochs == 3
+    assert warmup_steps(cfg, steps_per_epoch=10) == 5
+    opt = optimizer_from_config(model, cfg)
+    sched = scheduler_from_config(opt, cfg, steps_per_epoch=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[4] == pytest.approx(cfg.lr) and lrs[9] < 0.1 * cfg.lr
+    long_run = config_from_flags("default", data=Path("d"), out=Path("o"), epochs=30)
+    assert warmup_steps(long_run, steps_per_epoch=10) == 30  # as asked when it fits

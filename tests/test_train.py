@@ -65,6 +65,9 @@ def test_run_folder(run: Path, msl_dir: Path) -> None:
     m = json.loads((run / "metrics.json").read_text())
     assert m["config"] == config and m["data_fingerprint"] == msl.data_fingerprint(msl_dir)
     assert len(m["history"]) == 2
+    # the default 3-epoch warm-up, cut to the first epoch of two: the lr peaks, then decays
+    first, second = (h["lr"] for h in m["history"])
+    assert first == pytest.approx(m["config"]["lr"]) and second < first
     val_scores = [(h["val_balanced_accuracy"], -h["val_loss"]) for h in m["history"]]
     assert m["best_epoch"] == 1 + val_scores.index(max(val_scores))  # selected on val only
     for split in ("val", "test"):

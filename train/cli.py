@@ -43,7 +43,9 @@ from marsvision.train.config import AUGMENT_POLICIES, RECIPES, config_from_flags
     "--lr", type=float, default=None, help="Peak learning rate [1e-3 AdamW; blog 0.01 SGD]."
 )
 @click.option("--weight-decay", type=float, default=None, help="[0.05; blog 0]")
-@click.option("--warmup-epochs", type=float, default=None, help="[3; blog 0]")
+@click.option(
+    "--warmup-epochs", type=float, default=None, help="[3; blog 0] (at most half the run)"
+)
 @click.option("--label-smoothing", type=float, default=None, help="[0.1; blog 0]")
 @click.option(
     "--balance",
