@@ -53,9 +53,12 @@ ship: $(STAMP)
 # The data set inside the repo (ignored), to carry to the GPU machine (DEVELOPERS.md): one gzip
 # tar: the device tool refused the folder (58.5 MiB of bytes, 73 MB on disk) and took the tar;
 # train/gpu_session.sh unpacks it into .data/msl there.
+# tar runs gzip itself (-I), so that its failure fails the target (a pipe's status is gzip's).
 device-data:
-	mkdir -p .data && rm -rf .data/msl .data/msl.tgz
-	tar -C $(MARS_DATA) -cf - . | gzip -1 > .data/msl.tgz.tmp && mv .data/msl.tgz.tmp .data/msl.tgz
+	@test -f $(MARS_DATA)/train-calibrated-shuffled.txt \
+		|| { echo "no MSL data set at MARS_DATA=$(MARS_DATA)" >&2; exit 1; }
+	mkdir -p .data && rm -rf .data/msl .data/msl.tgz.tmp
+	tar -C $(MARS_DATA) -I 'gzip -1' -cf .data/msl.tgz.tmp . && mv .data/msl.tgz.tmp .data/msl.tgz
 	@du -h --apparent-size .data/msl.tgz
 
 test: $(STAMP)

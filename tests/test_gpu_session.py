@@ -35,6 +35,18 @@ def _tree_that_travels(path: Path) -> Path:
     return path
 
 
+def test_device_data_fails_without_the_data_and_keeps_the_archive(tmp_path: Path) -> None:
+    # the target piped tar into gzip: without the data it exited 0 with an empty archive
+    tree = _tree_that_travels(tmp_path / "tree")
+    (tree / ".data").mkdir()
+    (tree / ".data" / "msl.tgz").write_bytes(b"earlier archive")
+    made = subprocess.run(["make", "-s", "device-data", f"MARS_DATA={tmp_path / 'nope'}"],
+                          cwd=tree, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert made.returncode != 0
+    assert f"no MSL data set at MARS_DATA={tmp_path / 'nope'}" in made.stderr
+    assert (tree / ".data" / "msl.tgz").read_bytes() == b"earlier archive"
+
+
 def test_gpu_session_script_ships_parts_the_device_can_return(
     msl_dir: Path, tmp_path: Path
 ) -> None:
