@@ -232,6 +232,45 @@ def test_a_damaged_image_member_is_a_one_line_error(msl_dir: Path, tmp_path: Pat
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_an_archive_member_under_the_root_that_is_absolute_is_refused(
+    msl_dir: Path, tmp_path: Path
+) -> None:
+    """A doubled slash after the root ("msl-images//tmp/x") passed the check, and the unpacking,
+    which joins what follows the root, wrote the file to /tmp/x."""
+    src = mini_data(msl_dir, tmp_path / "src", per_split=3)
+    archive = _zip_dataset(src, tmp_path / "msl-images.zip")
+    outside = tmp_path / "outside.txt"
+    with zipfile.ZipFile(archive, "a") as zf:
+        zf.writestr("msl-images/" + outside.as_posix(), "escaped")
+    with pytest.raises(MarsvisionError, match="points outside the archive"):
+        check_archive(archive, expected_bytes=None)
+    with pytest.raises(MarsvisionError, match="points outside"):
+        unpack_archive(archive, tmp_path / "data", "msl-images/")  # unchecked: refused there too
+    assert not outside.exists()
+
+
+def test_a_damaged_split_file_member_is_a_one_line_error(tmp_path: Path) -> None:
+    """check_archive reads the split files: damaged compressed bytes raised zlib.error (a
+    traceback), and a bad CRC was called "not a zip archive"."""
+    text = "".join(f"calibrated/{i:04d}ML{i:08d}.JPG {i % 25}\n" for i in range(500))
+    archive = tmp_path / "msl-images.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name in (*msl.SPLIT_FILES.values(), msl.SYNSET_FILE):
+            zf.writestr("msl-images/" + name, text)
+        info = zf.getinfo("msl-images/" + msl.SPLIT_FILES["train"])
+    raw = archive.read_bytes()
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    reasons = set()
+    for k in range(0, info.compress_size, info.compress_size // 20):
+        damaged = bytearray(raw)
+        damaged[start + k] ^= 0xFF
+        archive.write_bytes(bytes(damaged))
+        with pytest.raises(MarsvisionError, match=r"is damaged \((.*)\); download it again") as e:
+            check_archive(archive, expected_bytes=None)
+        reasons.add(e.value.message.split("(")[1][:9])
+    assert reasons == {"Bad CRC-3", "Error -3 "}  # both ways of damage were met
+
+
 def test_archive_whose_splits_do_not_resolve(msl_dir: Path, tmp_path: Path) -> None:
     src = mini_data(msl_dir, tmp_path / "src", per_split=3)
     missing = (src / msl.SPLIT_FILES["val"]).read_text().split()[0]

@@ -57,6 +57,13 @@ def _archive_root(names: list[str]) -> str:
     raise MarsvisionError(f"the archive holds no {marker}: it is not msl-images.zip")
 
 
+def _outside(name: str, root: str) -> bool:
+    """Whether the member `name` would unpack outside the folder: _extract joins what follows
+    the root, so "msl-images//tmp/x" is "/tmp/x" there."""
+    unpacked = PurePosixPath(name[len(root) :] if name.startswith(root) else name)
+    return name.startswith("/") or unpacked.is_absolute() or ".." in unpacked.parts
+
+
 def check_archive(path: Path, expected_bytes: int | None = ARCHIVE_BYTES) -> str:
     """Check the zip (size near `expected_bytes` unless None; members safe; splits resolve).
 
@@ -69,27 +76,30 @@ def check_archive(path: Path, expected_bytes: int | None = ARCHIVE_BYTES) -> str
             f"{expected_bytes / 1e6:.1f} MB: incomplete or not msl-images.zip"
         )
     try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-            root = _archive_root(names)
-            members = set(names)
-            for name in names:
-                p = PurePosixPath(name)
-                if p.is_absolute() or ".." in p.parts:
-                    raise MarsvisionError(f"archive member {name!r} points outside the archive")
-            for f in (*SPLIT_FILES.values(), SYNSET_FILE):
-                if root + f not in members:
-                    raise MarsvisionError(f"the archive lacks {root + f}")
-            for split in SPLITS:
-                text = zf.read(root + SPLIT_FILES[split]).decode("utf-8")
-                for n, line in enumerate(text.splitlines(), 1):
-                    if line.strip() and root + line.split()[0] not in members:
-                        raise MarsvisionError(
-                            f"the archive's {SPLIT_FILES[split]}:{n} names "
-                            f"{line.split()[0]}, which is not in the archive"
-                        )
+        zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile as e:
         raise MarsvisionError(f"{path} is not a zip archive ({e})") from None
+    with zf:
+        names = zf.namelist()
+        root = _archive_root(names)
+        members = set(names)
+        for name in names:
+            if _outside(name, root):
+                raise MarsvisionError(f"archive member {name!r} points outside the archive")
+        for f in (*SPLIT_FILES.values(), SYNSET_FILE):
+            if root + f not in members:
+                raise MarsvisionError(f"the archive lacks {root + f}")
+        for split in SPLITS:
+            try:
+                text = zf.read(root + SPLIT_FILES[split]).decode("utf-8")
+            except (zipfile.BadZipFile, zlib.error, UnicodeDecodeError) as e:
+                raise MarsvisionError(f"{path} is damaged ({e}); download it again") from None
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip() and root + line.split()[0] not in members:
+                    raise MarsvisionError(
+                        f"the archive's {SPLIT_FILES[split]}:{n} names "
+                        f"{line.split()[0]}, which is not in the archive"
+                    )
     return root
 
 
@@ -101,6 +111,8 @@ def _extract(path: Path, root: str, folder: Path) -> None:
             for info in zf.infolist():
                 if not info.filename.startswith(root) or info.is_dir():
                     continue
+                if _outside(info.filename, root):  # check_archive refuses these first
+                    raise MarsvisionError(f"archive member {info.filename!r} points outside it")
                 target = folder / info.filename[len(root) :]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, target.open("wb") as out:
