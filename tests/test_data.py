@@ -26,7 +26,7 @@ from marsvision.train import data as msl
 from marsvision.train.augment import AugmentSpec, augment_batch
 from marsvision.train.download import check_archive, download_msl, unpack_archive
 from marsvision.train.images import eval_tensors, train_store
-from marsvision.train.transforms import eval_transform, normalize_uint8
+from marsvision.train.transforms import eval_transform
 
 REPO = Path(__file__).resolve().parents[1]
 MARS_TRAIN = [sys.executable, "-c", "from marsvision.train.cli import main; main()"]
@@ -143,6 +143,13 @@ def test_eval_tensors_are_exactly_the_eval_transform(msl_dir: Path) -> None:
     want = torch.stack([tf(Image.open(s.path).convert("RGB")) for s in samples])
     assert got.dtype == torch.float32 and got.shape == (6, 3, 64, 64)
     assert torch.equal(got, want)
+
+
+def normalize_uint8(batch: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """uint8 NCHW -> normalized float32, as step 4 of the spec (the reference for augment)."""
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0
+    return (batch.float() - mean) / std
 
 
 def test_train_store_and_augmentation(msl_dir: Path) -> None:

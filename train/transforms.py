@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
@@ -24,10 +23,3 @@ def eval_transform(spec: PreprocessSpec) -> T.Compose:
             T.Normalize(spec.mean, spec.std),
         ]
     )
-
-
-def normalize_uint8(batch: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """uint8 NCHW (any device) -> normalized float32, as step 4 of the spec."""
-    mean = torch.tensor(spec.mean, device=batch.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(spec.std, device=batch.device).view(1, 3, 1, 1) * 255.0
-    return (batch.float() - mean) / std
