@@ -220,6 +220,64 @@ def test_the_cuda_provider_runs_fp32_in_fp32(
     assert handed == [[("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]]
 
 
+def test_the_tensorrt_provider_gets_the_models_precision_profile_and_cache(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """--backend tensorrt with an .onnx file: onnxruntime's TensorRT provider was handed no
+    options, so it refused Q/DQ models (no INT8 in its builder), rebuilt its engine for each new
+    batch size and cached nothing. What onnxruntime is handed is checked here, on a CPU build
+    (the sessions run on the CPU provider): the effect on a GPU is unverified."""
+    from marsvision.runtime.backends import onnxruntime as ort_backend
+    from marsvision.runtime.errors import MarsvisionError
+    from marsvision.runtime.metadata import sha256_file
+
+    trt, cuda, cpu = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+    handed: list[Any] = []
+    real = ort_backend._ort().InferenceSession
+
+    def spy(model: Any, sess_options: Any = None, providers: Any = None) -> Any:
+        handed.append(providers)
+        return real(model, sess_options=sess_options, providers=[cpu])
+
+    monkeypatch.setattr(ort_backend._ort(), "InferenceSession", spy)
+    monkeypatch.setattr(ort_backend, "providers_for", lambda device, backend: [trt, cuda, cpu])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = tiny_models["int8-trt"]
+    runner = ort_backend.OnnxRuntimeRunner(model, backend="tensorrt")
+    size = runner.meta.preprocess.input_size
+    cache = tmp_path / "cache" / "marsvision" / "ort-tensorrt" / sha256_file(model)[:16]
+    assert cache.is_dir()
+    assert handed[-1] == [
+        (trt, {"trt_profile_min_shapes": f"input:1x3x{size}x{size}",
+               "trt_profile_opt_shapes": f"input:32x3x{size}x{size}",
+               "trt_profile_max_shapes": f"input:32x3x{size}x{size}",
+               "trt_int8_enable": "True",
+               "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
+               "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache)}),
+        (cuda, {"use_tf32": "0"}),
+        cpu,
+    ]  # fmt: skip
+    # a batch over the profile's 32 runs in pieces, with the same logits
+    sizes: list[int] = []
+    run = runner._sess.run
+    runner._sess.run = lambda names, feed: sizes.append(len(feed["input"])) or run(names, feed)
+    x = np.random.default_rng(0).normal(size=(70, 3, size, size)).astype(np.float32)
+    got = runner.infer(x)
+    assert sizes == [32, 32, 6]
+    with ort_backend.OnnxRuntimeRunner(model, device="cpu") as plain:
+        np.testing.assert_allclose(got, plain.infer(x), rtol=1e-5, atol=1e-5)
+    fp16 = ort_backend.OnnxRuntimeRunner(tiny_models["fp16"], backend="tensorrt")
+    assert handed[-1][0][1]["trt_fp16_enable"] == "True"
+    assert fp16.meta.precision == "fp16"
+    # the x86 flavour's uint8 activations are not for TensorRT
+    with pytest.raises(MarsvisionError, match="uint8 .*use the .int8-trt.onnx file"):
+        ort_backend.OnnxRuntimeRunner(tiny_models["int8-cpu"], backend="tensorrt")
+    # no cache where none can be made (a read-only home)
+    monkeypatch.setenv("XDG_CACHE_HOME", "/proc/no-cache")
+    ort_backend.OnnxRuntimeRunner(model, backend="tensorrt")
+    assert not any("cache" in key for key in handed[-1][0][1])
+
+
 def test_every_package_goes_into_the_wheel() -> None:
     """setuptools puts only the listed packages into a wheel: a subpackage left out (the runtime's
     backends were) breaks `pip install marsvision` while editable installs and the tests work."""

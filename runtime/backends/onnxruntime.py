@@ -11,7 +11,7 @@ import numpy as np
 
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.host import int8_sums_saturate, usable_cores
-from marsvision.runtime.metadata import METADATA_KEY, ModelMeta
+from marsvision.runtime.metadata import METADATA_KEY, ModelMeta, sha256_file
 
 _EP = {
     "cpu": "CPUExecutionProvider",
@@ -111,10 +111,59 @@ def session_options(
 # onnxruntime on these machines.
 PROVIDER_OPTIONS: dict[str, dict[str, str]] = {"CUDAExecutionProvider": {"use_tf32": "0"}}
 
+# onnxruntime's TensorRT provider (--backend tensorrt with an .onnx file) builds TensorRT engines
+# from the ONNX file when it loads it. On its defaults it refused a Q/DQ model ("int8 is not
+# configured in the builder": onnxruntime issue 13381), sized an engine's batch range by the
+# batches it had seen and rebuilt the engine (a minute or more) for a batch outside it, such as a
+# smaller last one (onnxruntime PR 15546), and kept no engine from one run to the next. So it gets
+# the model's precision, a profile of batches 1 to TRT_EP_MAX_BATCH (larger batches run in
+# pieces; mars-export's --max-batch default) and an engine cache per model file. Unverified here:
+# no TensorRT on these machines.
+TRT_EP_MAX_BATCH = 32
 
-def _session(path: Path, providers: list[Any], so: Any) -> Any:
+
+def tensorrt_ep_options(meta: ModelMeta, path: Path) -> dict[str, str]:
+    """The TensorRT provider's options for the model `path` that `meta` describes."""
+    if meta.precision == "int8" and (meta.quantization or {}).get("activations") != "int8":
+        raise MarsvisionError(
+            f"{path} quantizes activations to uint8 (the x86 CPU flavour), which TensorRT cannot "
+            "run: use the .int8-trt.onnx file of the same export"
+        )
+    size = meta.preprocess.input_size
+    dims = [f"{meta.input_name}:{n}x3x{size}x{size}" for n in (1, TRT_EP_MAX_BATCH)]
+    options = {
+        "trt_profile_min_shapes": dims[0],
+        "trt_profile_opt_shapes": dims[1],
+        "trt_profile_max_shapes": dims[1],
+    }
+    if meta.precision in ("int8", "fp16"):
+        options[f"trt_{meta.precision}_enable"] = "True"
+    cache = _tensorrt_ep_cache(path)
+    if cache is not None:
+        for kind in ("engine", "timing"):
+            options |= {f"trt_{kind}_cache_enable": "True", f"trt_{kind}_cache_path": str(cache)}
+    return options
+
+
+def _tensorrt_ep_cache(path: Path) -> Path | None:
+    """A folder for the TensorRT provider's engines of the model `path`, named by its sha256:
+    the provider names cached engines by the graph, not its weights, so a re-exported model of
+    the same name would run on the old engine. None where no such folder can be made."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = base / "marsvision" / "ort-tensorrt" / sha256_file(path)[:16]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return folder
+
+
+def _session(
+    path: Path, providers: list[Any], so: Any, options: dict[str, dict[str, str]] | None = None
+) -> Any:
     ort = _ort()
-    providers = [(p, PROVIDER_OPTIONS[p]) if p in PROVIDER_OPTIONS else p for p in providers]
+    options = PROVIDER_OPTIONS | (options or {})
+    providers = [(p, options[p]) if p in options else p for p in providers]
     model: str | bytes = str(path)
     try:
         os.fsencode(path).decode("utf-8")
@@ -220,8 +269,12 @@ class OnnxRuntimeRunner:
         self.path = Path(path)
         providers = providers_for(device, backend)
         self.exact_int8 = exact_int8_default()  # INT8 in exact sums (this CPU's would saturate)
+        options, self._max_batch = None, None
+        if _EP["tensorrt"] in providers:  # its options come from the metadata: read it first
+            trt = tensorrt_ep_options(meta_from_onnx(self.path), self.path)
+            options, self._max_batch = {_EP["tensorrt"]: trt}, TRT_EP_MAX_BATCH
         self._sess = _session(
-            self.path, providers, session_options(threads, exact_int8=self.exact_int8)
+            self.path, providers, session_options(threads, exact_int8=self.exact_int8), options
         )
         self.meta = _meta_of(self._sess, self.path)
         used = self._sess.get_providers()
@@ -253,5 +306,8 @@ class OnnxRuntimeRunner:
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """float32 NCHW batch -> float32 logits (batch, num_classes)."""
         x = batch if batch.dtype == self._dtype else batch.astype(self._dtype)
-        (out,) = self._sess.run([self._output], {self.meta.input_name: x})
-        return np.asarray(out, dtype=np.float32)
+        n = self._max_batch or len(x)
+        if len(x) <= n:
+            (out,) = self._sess.run([self._output], {self.meta.input_name: x})
+            return np.asarray(out, dtype=np.float32)
+        return np.concatenate([self.infer(x[i : i + n]) for i in range(0, len(x), n)])
