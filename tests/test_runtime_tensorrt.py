@@ -159,15 +159,16 @@ class _FakeCudart:
         return (0,)
 
 
-def _fake_trt(meta: ModelMeta) -> object:
-    """A tensorrt module whose engine has the metadata's two tensors and a max batch of 8."""
+def _fake_trt(meta: ModelMeta, *, refuse_address: str | None = None) -> object:
+    """A tensorrt module whose engine has the metadata's two tensors and a max batch of 8 (and
+    whose context refuses a device address for the tensor `refuse_address`)."""
     from types import SimpleNamespace
 
     data_type = SimpleNamespace(FLOAT="float", HALF="half")
     size = meta.preprocess.input_size
     names = [meta.input_name, meta.output_name]
     profile = [(1, 3, size, size), (8, 3, size, size), (8, 3, size, size)]  # min, opt, max
-    context = SimpleNamespace(set_tensor_address=lambda name, ptr: True)
+    context = SimpleNamespace(set_tensor_address=lambda name, ptr: name != refuse_address)
     engine = SimpleNamespace(
         num_io_tensors=2,
         get_tensor_name=names.__getitem__,
@@ -219,3 +220,26 @@ def test_runner_frees_its_buffers_when_opening_fails_part_way(
         trt_backend.TensorRTRunner(plan)
     assert cudart.mallocs == fail_malloc_at
     assert not cudart.live
+
+
+def test_runner_refused_a_buffer_address_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """set_tensor_address says False where TensorRT refuses an address: it was ignored, and the
+    run failed later as "TensorRT execution failed"."""
+    import marsvision.runtime.backends.tensorrt as trt_backend
+
+    meta = _meta()
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"serialized engine")
+    sidecar_path(plan).write_text(meta.to_json())
+    cudart = _FakeCudart(None)
+    fake = _fake_trt(meta, refuse_address=meta.output_name)
+    monkeypatch.setattr(trt_backend, "_import_trt", lambda: fake)
+    monkeypatch.setattr(trt_backend, "_import_cudart", lambda: cudart)
+    monkeypatch.setattr(trt_backend, "running_gpu", lambda: ("H100", "9.0"))
+    with pytest.raises(
+        MarsvisionError, match=f"TensorRT refused the device buffer of {meta.output_name!r}"
+    ):
+        trt_backend.TensorRTRunner(plan)
+    assert not cudart.live  # the stream and both buffers freed

@@ -176,8 +176,9 @@ class TensorRTRunner:
             self._stream = _check(cu, cu.cudaStreamCreate(), "cudaStreamCreate")
             self._d_in = _check(cu, cu.cudaMalloc(in_bytes), f"cudaMalloc({in_bytes} bytes)")
             self._d_out = _check(cu, cu.cudaMalloc(out_bytes), f"cudaMalloc({out_bytes} bytes)")
-            self._context.set_tensor_address(self._in, int(self._d_in))
-            self._context.set_tensor_address(self._out, int(self._d_out))
+            for name, ptr in ((self._in, self._d_in), (self._out, self._d_out)):
+                if not self._context.set_tensor_address(name, int(ptr)):
+                    raise MarsvisionError(f"TensorRT refused the device buffer of {name!r}")
         except BaseException:
             self.close()
             raise
