@@ -148,9 +148,12 @@ def tensorrt_ep_options(meta: ModelMeta, path: Path) -> dict[str, str]:
 def _tensorrt_ep_cache(path: Path) -> Path | None:
     """A folder for the TensorRT provider's engines of the model `path`, named by its sha256:
     the provider names cached engines by the graph, not its weights, so a re-exported model of
-    the same name would run on the old engine. None where no such folder can be made."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folder = base / "marsvision" / "ort-tensorrt" / sha256_file(path)[:16]
+    the same name would run on the old engine. None where no such folder can be made (nor
+    where $XDG_CACHE_HOME is relative, or no home is known: `~` stays as it is)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    if not os.path.isabs(base):
+        return None
+    folder = Path(base) / "marsvision" / "ort-tensorrt" / sha256_file(path)[:16]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
