@@ -68,6 +68,14 @@ def _row(path: Path, line: int, d: dict[str, Any]) -> PredictionRow:
 
 
 def _read_csv(path: Path, text: str) -> Predictions:
+    # mars-infer ends every row with a newline; a kill can cut the last one inside its last
+    # column, which still has the header's count of columns (the quotes: a path may hold one)
+    if not text.endswith("\n") or text.count('"') % 2:
+        raise MarsvisionError(
+            f"{path}: its last row does not end (a run cut short? finish it with mars-infer "
+            "--resume, which drops the unfinished row; or, if that row is whole, end the file "
+            "with a newline)"
+        )
     table = csv_rows(path, text)
     header = table[0]
     missing = [c for c in ("path", "status", "label", "error", *_PROVENANCE) if c not in header]

@@ -88,7 +88,8 @@ def score_predictions(
     n_boot: int = N_BOOT,
     seed: int = SEED,
 ) -> dict[str, Any]:
-    """Metrics and bootstrap CIs of the rows' top-1 labels on the samples, matched by file name.
+    """Metrics and bootstrap CIs of the rows' labels (the model's decisions) on the samples,
+    matched by file name.
 
     Every sample needs exactly one row, with status ok; otherwise a user error, or with
     `allow_missing` the sample is left out and counted. Rows for other images are ignored.

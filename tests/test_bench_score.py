@@ -8,6 +8,7 @@ ResultWriter over the whole test split check exact counts, intervals, --require 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ from marsvision.benchmarks.cli import main as bench_main
 from marsvision.benchmarks.parity import PARITY_FAIL_EXIT
 from marsvision.benchmarks.score import SCORE_FAIL_EXIT
 from marsvision.runtime.classifier import Prediction
+from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.results import Provenance, ResultWriter
 from marsvision.train.data import class_names, read_split, sol_key
 from marsvision.train.metrics import bootstrap_cis, classification_metrics
@@ -267,6 +269,24 @@ def test_a_byte_order_mark_is_read_past(test_split: list[Any], tmp_path: Path) -
     assert read_predictions(long).rows[0].path == "x" * 200_000
 
 
+def test_a_csv_cut_inside_its_last_row_is_refused(test_split: list[Any], tmp_path: Path) -> None:
+    """A kill inside the last column (the tta value) left the column count whole: the cut value
+    was scored, and named the model line and the report file ("tta no,none")."""
+    from marsvision.benchmarks.predictions import read_predictions
+
+    rows = _full(test_split[:3])
+    rows[1] = dataclasses.replace(
+        rows[1], path='say "hi"\nthere.JPG'
+    )  # quotes and a newline in a path
+    whole = _write(tmp_path / "whole.csv", rows)
+    assert len(read_predictions(whole).rows) == 3
+    data = whole.read_bytes()
+    for cut in (data[:-3], data[:-1], data[: data.index(b"there.JPG")]):
+        (tmp_path / "cut.csv").write_bytes(cut)
+        with pytest.raises(MarsvisionError, match="last row does not end .*mars-infer --resume"):
+            read_predictions(tmp_path / "cut.csv")
+
+
 def test_require_pass_fail_and_exit_code(
     test_split: list[Any], msl_dir: Path, tmp_path: Path
 ) -> None:
@@ -368,8 +388,12 @@ def _cases(samples: list[Any], tmp: Path) -> dict[str, tuple[Path, str]]:
         "has classes [Rover, Surface], which match neither",
     )
     cut = tmp / "cut.csv"
-    cut.write_text(_write(tmp / "whole.csv", full).read_text()[:-20])
-    out["cut"] = (cut, "line 1306 has")
+    text = _write(tmp / "whole.csv", full).read_text()
+    cut.write_text(text[:-20])
+    out["cut"] = (cut, "its last row does not end (a run cut short?")
+    short = tmp / "short.csv"  # a whole row that lacks a column
+    short.write_text(text.rsplit(",", 1)[0] + "\n")
+    out["short row"] = (short, "line 1306 has")
     (tmp / "empty.csv").write_text("")
     out["empty"] = (tmp / "empty.csv", "is empty")
     whole = _write(tmp / "k.jsonl", full[:2], fmt="jsonl").read_text().splitlines()
