@@ -88,13 +88,15 @@ class Classifier:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if workers is not None and workers < 1:
+            raise ValueError(f"workers must be at least 1 (or None: the default), got {workers}")
         if tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
         self.model_path = Path(model_path)
         self.runner = open_runner(model_path, backend, device, threads=threads)
         self.meta = self.runner.meta
         self.batch_size = batch_size
-        self.workers = workers or default_workers()
+        self.workers = workers if workers is not None else default_workers()
         self.fast_decode = fast_decode
         self.tta = tta
         self._sha256: str | None = None
@@ -131,8 +133,9 @@ class Classifier:
         self, paths: Iterable[str | os.PathLike[str]]
     ) -> Iterator[list[Prediction]]:
         """Predictions batch by batch, in input order, as soon as each batch is inferred."""
-        if self._closed:  # as a closed file says, rather than an AttributeError of its runner
-            raise ValueError(f"the classifier of {self.model_path} is closed")
+        if isinstance(paths, (str, bytes, os.PathLike)):  # a str would be classified by letter
+            raise TypeError(f"paths is one path ({paths!r}): pass a list of paths")
+        self._check_open()
         items: list[str | bytes] = [os.fspath(p) for p in paths]
         names = [os.fsdecode(p) for p in items]
         chunks = [
@@ -142,6 +145,11 @@ class Classifier:
         if not chunks:
             return
         yield from self._pipeline(chunks)
+
+    def _check_open(self) -> None:
+        """As a closed file says, rather than an AttributeError of its released runner."""
+        if self._closed:
+            raise ValueError(f"the classifier of {self.model_path} is closed")
 
     def _fill(self, path: str | bytes, buf: np.ndarray) -> str | None:
         """Decode one file into `buf` (3, H, W); the error message, or None when it worked."""
@@ -206,6 +214,7 @@ class Classifier:
     def _infer(
         self, names: list[str], buf: np.ndarray, errors: list[str | None]
     ) -> list[Prediction]:
+        self._check_open()  # closed while a predict_batches generator was still open
         ok = [i for i, e in enumerate(errors) if e is None]
         probs = np.empty((0, self.meta.num_classes))
         if ok:

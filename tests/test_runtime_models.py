@@ -84,6 +84,28 @@ def test_a_closed_classifier_says_so(models: dict[str, Path], msl_dir: Path) -> 
         assert clf.predict([image])[0].ok
     with pytest.raises(ValueError, match=r"^the classifier of .* is closed$"):
         clf.predict([image])
+    # closed while a generator of batches is under way: its next batch says so too (it was an
+    # AttributeError of the released runner)
+    with Classifier(models["fp32"], device="cpu", batch_size=1) as clf:
+        batches = clf.predict_batches([image] * 3)
+        assert next(batches)[0].ok
+    with pytest.raises(ValueError, match=r"^the classifier of .* is closed$"):
+        next(batches)
+
+
+def test_classifier_arguments_that_would_misbehave(models: dict[str, Path], msl_dir: Path) -> None:
+    from marsvision.runtime.classifier import Classifier
+    from marsvision.train.data import read_split
+
+    image = read_split(msl_dir, "val", "binary", limit=1)[0].path
+    with Classifier(models["fp32"], device="cpu") as clf:
+        for one in (str(image), Path(image)):  # a str was classified letter by letter
+            with pytest.raises(TypeError, match="pass a list of paths"):
+                clf.predict(one)  # type: ignore[arg-type]
+    # workers=-1 failed only at predict, in ThreadPoolExecutor; 0 meant the default
+    for workers in (0, -1):
+        with pytest.raises(ValueError, match=f"workers must be at least 1 .*got {workers}"):
+            Classifier(models["fp32"], device="cpu", workers=workers)
 
 
 def test_a_model_path_that_is_not_utf8(models: dict[str, Path], tmp_path: Path) -> None:
@@ -272,10 +294,11 @@ def test_the_tensorrt_provider_gets_the_models_precision_profile_and_cache(
     # the x86 flavour's uint8 activations are not for TensorRT
     with pytest.raises(MarsvisionError, match="uint8 .*use the .int8-trt.onnx file"):
         ort_backend.OnnxRuntimeRunner(tiny_models["int8-cpu"], backend="tensorrt")
-    # no cache where none can be made (a read-only home)
-    monkeypatch.setenv("XDG_CACHE_HOME", "/proc/no-cache")
-    ort_backend.OnnxRuntimeRunner(model, backend="tensorrt")
-    assert not any("cache" in key for key in handed[-1][0][1])
+    # no cache where none can be made (a read-only home), nor in a relative folder
+    for unusable in ("/proc/no-cache", "relative/cache"):
+        monkeypatch.setenv("XDG_CACHE_HOME", unusable)
+        ort_backend.OnnxRuntimeRunner(model, backend="tensorrt")
+        assert not any("cache" in key for key in handed[-1][0][1])
 
 
 def test_every_package_goes_into_the_wheel() -> None:
