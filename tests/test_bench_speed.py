@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -294,10 +295,20 @@ def test_summarize_matches_numpy_percentiles() -> None:
     assert t.p90_ms == pytest.approx(np.percentile(s * 1e3, 90))
 
 
-def test_time_calls_warms_up_and_syncs_every_call() -> None:
+def test_time_calls_warms_up_and_syncs_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
     calls, syncs = [], []
     t = time_calls(lambda: calls.append(1), warmup=3, repeats=4, sync=lambda: syncs.append(1))
     assert len(calls) == 7 and len(syncs) == 5 and t.repeats == 4
+    # the sync of each call is inside its timed span (a GPU's queued work is counted): on a
+    # clock that a call moves by 1 s and a sync by 10 s, every call takes 11 s
+    now = [0.0]
+
+    def advance(seconds: float) -> None:
+        now[0] += seconds
+
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    t = time_calls(lambda: advance(1), warmup=2, repeats=3, sync=lambda: advance(10))
+    assert t.min_ms == t.max_ms == pytest.approx(11_000)
 
 
 def test_cpu_info_reads_model_and_physical_cores(tmp_path: Path) -> None:

@@ -105,6 +105,8 @@ def test_fp16_is_half_size_with_float32_boundary(exported: Path, val32) -> None:
     conv_weights = {n.input[1] for n in fp16.graph.node if n.op_type == "Conv"}
     types = {t.data_type for t in fp16.graph.initializer if t.name in conv_weights}
     assert types == {elem.FLOAT16}
+    half = _path(exported, "fp16").stat().st_size / _path(exported, "fp32").stat().st_size
+    assert 0.45 < half < 0.55, half
     batch, ref = val32
     got = ort_logits(_path(exported, "fp16"), batch)
     assert np.abs(got - ref).max() < 0.05 * max(1.0, float(np.abs(ref).max()))

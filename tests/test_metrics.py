@@ -70,6 +70,10 @@ def test_confusion_matrix_rejects_bad_labels() -> None:
         confusion_matrix([0, 2], [0, 1], 2)
     with pytest.raises(ValueError):
         confusion_matrix([0, 1], [0], 2)
+    with pytest.raises(ValueError):  # unchecked, -1 would count as the last class
+        confusion_matrix([0, -1], [0, 1], 2)
+    with pytest.raises(ValueError):
+        confusion_matrix([0, 1], [-1, 1], 2)
 
 
 def test_bootstrap_ci() -> None:

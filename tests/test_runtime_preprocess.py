@@ -167,10 +167,14 @@ def test_float_images_with_no_data_pixels(tmp_path: Path) -> None:
     a = np.linspace(0.0, 1.0, 80 * 60, dtype=np.float32).reshape(60, 80)
     clean = decode_image(_save(tmp_path, "clean.tif", Image.fromarray(a, mode="F")), spec)
     a[0, :] = np.nan  # a row outside the center crop
-    a[30, 40] = np.inf
+    a[25:35, 35:45] = np.nan  # a block in its middle: output pixels about 28-37
+    a[10, 10] = np.inf
     holes = decode_image(_save(tmp_path, "holes.tif", Image.fromarray(a, mode="F")), spec)
     assert float(clean.mean()) > 100
-    assert float(np.abs(holes.astype(float) - clean.astype(float)).mean()) < 1.0
+    assert int(holes[29:36, 29:36].max()) <= 2  # black
+    rest = np.ones(holes.shape[:2], dtype=bool)
+    rest[22:44, 22:44] = False
+    assert float(np.abs(holes[rest].astype(float) - clean[rest].astype(float)).mean()) < 1.0
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
