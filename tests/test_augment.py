@@ -120,8 +120,12 @@ def test_policy_off_keeps_the_stream_and_on_changes_only_some(msl_dir: Path) -> 
     spec = PreprocessSpec.for_input_size(64)
     plain = AugmentSpec(rotate_deg=0.0, jitter=0.0)
     trivial = dataclasses.replace(plain, policy="trivial")
-    off = augment_batch(u8, out_size=64, spec=spec, aug=plain,
-                        generator=torch.Generator().manual_seed(5))  # fmt: skip
+    g_off = torch.Generator().manual_seed(5)
+    off = augment_batch(u8, out_size=64, spec=spec, aug=plain, generator=g_off)
+    # off, the policy draws nothing: the stream goes on as before it existed (the crop's draws)
+    g_crop = torch.Generator().manual_seed(5)
+    augment._affine_params(8, plain, g_crop)
+    assert torch.equal(g_off.get_state(), g_crop.get_state())
     on = augment_batch(u8, out_size=64, spec=spec, aug=trivial,
                        generator=torch.Generator().manual_seed(5))  # fmt: skip
     again = augment_batch(u8, out_size=64, spec=spec, aug=trivial,

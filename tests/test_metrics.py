@@ -166,6 +166,13 @@ def test_balanced_threshold_sits_in_the_middle_of_the_best_plateau() -> None:
     loose = balanced_threshold(y, p, tolerance=0.005)
     bal = lambda c: ((p[y == 1] >= c).mean() + (p[y == 0] < c).mean()) / 2  # noqa: E731
     assert bal(loose) >= bal(exact) - 0.005
+    # a worked case: 5 negatives, 3 positives; cuts .15 ... .85 give balanced accuracy .6, .7,
+    # .8, .9, 1.0 (.65), .83, .67: the best alone, then with a tolerance of .31 the five cuts
+    # from .25 to .75, whose middle one is .5 (not an edge, nor the best cut again)
+    y8 = [0, 0, 0, 0, 0, 1, 1, 1]
+    p8 = [0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9]
+    assert balanced_threshold(y8, p8, tolerance=0.0) == pytest.approx(0.65)
+    assert balanced_threshold(y8, p8, tolerance=0.31) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         balanced_threshold([1, 1, 1], [0.2, 0.5, 0.9])
     with pytest.raises(ValueError):
