@@ -114,7 +114,8 @@ def test_training_with_the_adversary_resumes_exactly(
 
 
 def test_adversary_with_mixed_batches(msl_dir: Path, tmp_path: Path) -> None:
-    """MixUp/CutMix with the adversary: each mixed image's two cameras weigh by their shares."""
+    """MixUp/CutMix with the adversary through the whole run, on real images (the weighing of
+    the two cameras: test_mixed_batch_camera_loss_weighs_both_cameras_by_their_shares)."""
     from marsvision.train.loop import main as train
 
     cfg = config_from_flags("default", data=msl_dir, out=tmp_path / "m", epochs=1, limit=16,
@@ -123,6 +124,57 @@ def test_adversary_with_mixed_batches(msl_dir: Path, tmp_path: Path) -> None:
     h = train(cfg)["history"][0]
     assert 0 <= h["train_camera_balanced_accuracy"] <= 1
     assert torch.isfinite(torch.tensor(h["train_loss"]))
+
+
+def test_mixed_batch_camera_loss_weighs_both_cameras_by_their_shares() -> None:
+    """In a mixed batch the camera head's loss is lam * CE(own camera) + (1 - lam) * CE(partner's
+    camera), as the class loss is: checked on the head's gradient, which the epoch leaves in place
+    (lr 0, one batch), against the same step by hand. The cameras are such that the partner's
+    (the reversed batch's) differ from the image's own."""
+    import torch.nn.functional as F
+
+    from marsvision.runtime.spec import PreprocessSpec
+    from marsvision.train.adversary import CameraTask
+    from marsvision.train.augment import AugmentSpec, augment_batch
+    from marsvision.train.loop import train_one_epoch
+    from marsvision.train.mix import mix_batch
+
+    images = torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(2))  # fmt: skip
+    labels, cameras = torch.tensor([0, 0, 1, 0]), torch.tensor([0, 0, 1, 1])
+    spec, aug = PreprocessSpec.for_input_size(32), AugmentSpec(rotate_deg=0.0, jitter=0.0)
+
+    def model_and_head() -> tuple[nn.Module, CameraAdversary]:
+        torch.manual_seed(0)
+        return create_model(2), CameraAdversary(2048)
+
+    model, head = model_and_head()
+    opt = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.0)
+    camera = CameraTask(head=head, domains=cameras, weight=1.0, loss_fn=nn.CrossEntropyLoss())
+    train_one_epoch(
+        model, images=images, labels=labels, order=torch.arange(4), optimizer=opt,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
+        loss_fn=nn.CrossEntropyLoss(), batch_size=4, image_size=32, spec=spec, aug=aug,
+        generator=torch.Generator().manual_seed(1), ema=None, desc="t", mixup=0.4, camera=camera,
+    )  # fmt: skip
+    got = head.net[0].weight.grad
+    assert got is not None
+
+    model, head = model_and_head()
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    x = augment_batch(images, out_size=32, spec=spec, aug=aug, generator=g)
+    m = mix_batch(x, mixup=0.4, cutmix=0.0, generator=g)
+    assert m is not None and 0 < m.lam < 1
+    assert not torch.equal(cameras, cameras[m.partner])
+    with pooled_features(model) as pooled:
+        model(m.x)
+    cam = head(pooled[-1].detach(), 1.0)
+    own, other = F.cross_entropy(cam, cameras), F.cross_entropy(cam, cameras[m.partner])
+    (m.lam * own + (1 - m.lam) * other).backward()
+    want = head.net[0].weight.grad
+    assert want is not None
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_camera_adversary_flag_round_trip() -> None:
