@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import click
@@ -286,6 +287,11 @@ def main(
 ) -> None:
     if out == "-":  # the usual spelling of stdout
         out = None
+    # Pillow warns on stderr of an image between 1x and 2x its pixel limit, which the runtime's
+    # own limit (the same) refuses with an error row anyway (over 2x, Pillow raises)
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     if resume and out is None:
         raise click.UsageError("--resume needs --out (the file to continue)")
     if engine is None:
