@@ -7,16 +7,18 @@ are skipped; relative paths are relative to the current directory). In a folder,
 and subfolders (names starting with `.`: macOS's `._IMG.JPG` resource copies on a card or disk
 written by a Mac, `.Trashes`, editors' thumbnails) are skipped, as the shell and glob patterns
 skip them; a hidden file named on its own, or in a list, is kept. A PATH that names nothing is
-kept, so that it gets its own error row, and so is a folder with no image files in it. Each
+kept, so that it gets its own error row, and so is a folder with no image files in it, or one
+that cannot be listed. Links to folders are followed, each folder walked once. Each
 file appears once, in the order given, under its first spelling: `imgs/a.jpg`, `./imgs/a.jpg`
 and its absolute path are one input (`path_keys`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from marsvision.runtime.errors import MarsvisionError
@@ -27,13 +29,44 @@ IMAGE_SUFFIXES = frozenset(
 _GLOB_CHARS = frozenset("*?[")
 
 
-def folder_images(d: str, recursive: bool = False) -> list[str]:
-    """The image files of folder `d` (and with `recursive` its subfolders), sorted, hidden names
-    skipped: what mars-infer classifies for a folder PATH."""
+def _walk(
+    top: str, unreadable: list[str], *, hidden: bool = False
+) -> Iterator[tuple[str, list[str], list[str]]]:
+    """(folder, its file names, its subfolder names) of `top` and its subfolders, top-down and
+    sorted, through links to folders, each folder once: a link back up (`loop -> .`) is not
+    walked again (glob's `**` followed such links some 40 levels deep, 2**40 paths for two of
+    them: a hang). Hidden subfolders are skipped unless `hidden`; a folder that cannot be listed
+    goes to `unreadable` (os.walk passed over it without a word)."""
+    seen: set[tuple[int, int]] = set()
+
+    def onerror(e: OSError) -> None:
+        unreadable.append(e.filename if isinstance(e.filename, str) else top)
+
+    for root, dirs, files in os.walk(top, followlinks=True, onerror=onerror):
+        try:
+            st = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(x for x in dirs if hidden or not x.startswith("."))
+        yield root, sorted(files), dirs
+
+
+def folder_images(
+    d: str, recursive: bool = False, unreadable: list[str] | None = None
+) -> list[str]:
+    """The image files of folder `d` (and with `recursive` its subfolders, links to folders
+    followed), sorted, hidden names skipped: what mars-infer classifies for a folder PATH. A
+    subfolder that cannot be listed goes to `unreadable` where given (mars-infer gives it an
+    error row)."""
     found: list[str] = []
-    for root, dirs, files in os.walk(d, followlinks=False):
-        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-        for name in sorted(files):
+    sink: list[str] = [] if unreadable is None else unreadable
+    for root, files, _ in _walk(d, sink):
+        for name in files:
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 found.append(os.path.join(root, name))
         if not recursive:
@@ -41,14 +74,61 @@ def folder_images(d: str, recursive: bool = False) -> list[str]:
     return found
 
 
+def _component_match(parts: list[str], pats: list[str]) -> bool:
+    """Whether the path components `parts` match the pattern components `pats`, as glob's
+    recursive matching: `**` is any number of folders, a name starting with `.` only where its
+    pattern component starts with one."""
+    if not pats:
+        return not parts
+    if pats[0] == "**":
+        if _component_match(parts, pats[1:]):
+            return True
+        return bool(parts) and not parts[0].startswith(".") and _component_match(parts[1:], pats)
+    if not parts or (parts[0].startswith(".") and not pats[0].startswith(".")):
+        return False
+    return fnmatch.fnmatchcase(parts[0], pats[0]) and _component_match(parts[1:], pats[1:])
+
+
+def _recursive_glob(pattern: str, unreadable: list[str]) -> list[str]:
+    """glob.glob(pattern, recursive=True), but loop-safe (`_walk`)."""
+    parts = pattern.split("/")
+    first = next(i for i, p in enumerate(parts) if _GLOB_CHARS & set(p))
+    prefix = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else "")
+    pats = [p for p in parts[first:] if p]
+    matches = []
+    base = prefix or "."
+    for root, files, dirs in _walk(base, unreadable, hidden=any(p.startswith(".") for p in pats)):
+        rel = os.path.relpath(root, base)
+        folders = [] if rel == "." else rel.split(os.sep)
+        for name in files + dirs:
+            if _component_match([*folders, name], pats):
+                matches.append(os.path.join(prefix, *folders, name))
+    return matches
+
+
 def _list_file(arg: str) -> list[str]:
+    """The paths of an @list: UTF-8 (a byte-order mark skipped: Windows Notepad writes one) or
+    UTF-16 with its mark (Windows PowerShell 5's `>` writes that); any line ending."""
     path = arg[1:]
     try:
-        # utf-8-sig: a list saved by Windows Notepad starts with a byte-order mark
-        with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
-            lines = [line.rstrip("\r\n") for line in f]
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise MarsvisionError(f"cannot read the list file {path} ({e.strerror})") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            text = data.decode("utf-16")
+        except UnicodeDecodeError as e:
+            raise MarsvisionError(f"the list file {path} is not UTF-16 text ({e.reason})") from None
+    else:
+        text = data.decode("utf-8-sig", errors="surrogateescape")
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    for n, line in enumerate(lines, start=1):
+        if "\x00" in line:  # no path holds one: UTF-16 without its mark, or not a text file
+            raise MarsvisionError(
+                f"the list file {path} is not a text file of paths (line {n} holds a NUL "
+                "byte): save it as UTF-8 text, one path per line"
+            )
     return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -77,14 +157,20 @@ def expand_inputs(args: list[str], *, recursive: bool = False) -> list[str]:
         if arg.startswith("@") and len(arg) > 1:
             out.extend(_list_file(arg))
         elif os.path.isdir(arg):
-            out.extend(folder_images(arg, recursive) or [arg])  # no images: the folder's error row
+            unreadable: list[str] = []
+            found = folder_images(arg, recursive, unreadable)
+            out.extend(found + unreadable or [arg])  # no images: the folder's error row
         elif not os.path.lexists(arg) and _GLOB_CHARS & set(arg):
-            matches = sorted(glob.glob(arg, recursive=recursive))
+            unreadable = []
+            if recursive and "**" in arg:
+                matches = sorted(_recursive_glob(arg, unreadable))
+            else:
+                matches = sorted(glob.glob(arg))
             files = [m for m in matches if not os.path.isdir(m)]
             for m in matches:
                 if os.path.isdir(m):
-                    files.extend(folder_images(m, recursive))
-            out.extend(files or [arg])  # no match: the pattern gets an error row
+                    files.extend(folder_images(m, recursive, unreadable))
+            out.extend(files + unreadable or [arg])  # no match: the pattern gets an error row
         else:
             out.append(arg)
     first: dict[str, str] = {}

@@ -85,6 +85,70 @@ def test_list_file_with_a_byte_order_mark(tmp_path: Path) -> None:
     assert expand_inputs([f"@{lst}"]) == ["a.jpg", "b.jpg"]
 
 
+def test_links_to_folders_are_followed_once_and_loops_end(tmp_path: Path) -> None:
+    """Two links back up (`loop -> .`) made a `**` glob with --recursive hang (glob followed
+    them about 40 levels deep: 2**40 paths); a folder with --recursive skipped a linked
+    subfolder without a word while `**` followed it. Both now follow links, each folder once."""
+    (tmp_path / "top" / "sub").mkdir(parents=True)
+    (tmp_path / "real").mkdir()
+    for rel in ("top/a.jpg", "top/sub/b.jpg", "real/c.jpg"):
+        (tmp_path / rel).touch()
+    for name in ("loop1", "loop2"):
+        (tmp_path / "top" / name).symlink_to(".")
+    (tmp_path / "top" / "sol").symlink_to(tmp_path / "real")
+    code = (
+        "import json, sys\n"
+        "from marsvision.runtime.inputs import expand_inputs\n"
+        "print(json.dumps([expand_inputs([a], recursive=True) for a in sys.argv[1:]]))"
+    )
+    r = subprocess.run([sys.executable, "-c", code, "top", "top/**/*.jpg"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    folder, pattern = json.loads(r.stdout)
+    assert folder == ["top/a.jpg", "top/sol/c.jpg", "top/sub/b.jpg"]
+    assert pattern == folder
+
+
+def test_a_subfolder_that_cannot_be_listed_gets_a_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """os.walk passed over a folder it could not list: its images got no row, and the run
+    exited 0. It is now an input of its own (whose row says why it cannot be read). Root lists
+    any folder, so the refusal is made by hand here."""
+    from marsvision.runtime.inputs import expand_inputs
+
+    (tmp_path / "top" / "locked").mkdir(parents=True)
+    (tmp_path / "top" / "a.jpg").touch()
+    (tmp_path / "top" / "locked" / "b.jpg").touch()
+    scandir = os.scandir
+
+    def refuse(path: Any = ".") -> Any:
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    top = str(tmp_path / "top")
+    shown = [f"{top}/a.jpg", f"{top}/locked"]
+    assert expand_inputs([top], recursive=True) == shown
+    assert expand_inputs([f"{top}/**/*.jpg"], recursive=True) == shown
+    assert expand_inputs([f"{top}/locked"], recursive=True) == [f"{top}/locked"]
+
+
+def test_list_files_in_utf16_and_not_text(tmp_path: Path) -> None:
+    """Windows PowerShell 5's `>` writes UTF-16 with a byte-order mark: its NUL bytes ended in a
+    ValueError traceback; so did an image named as a list by mistake."""
+    from marsvision.runtime.inputs import expand_inputs
+
+    lst = tmp_path / "list.txt"
+    lst.write_bytes("a.jpg\r\nsol 2/b.jpg\r\n".encode("utf-16"))
+    assert expand_inputs([f"@{lst}"]) == ["a.jpg", "sol 2/b.jpg"]
+    image = tmp_path / "x.jpg"
+    image.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01")
+    with pytest.raises(MarsvisionError, match="is not a text file of paths .*line 1 holds a NUL"):
+        expand_inputs([f"@{image}"])
+
+
 def test_resume_refuses_other_top_k_and_the_other_format(
     model: Path, images: list[Path], tmp_path: Path
 ) -> None:
