@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,12 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.files import atomic_write_text, make_folder
-from marsvision.runtime.metadata import METADATA_KEY, ModelMeta
+from marsvision.runtime.metadata import METADATA_KEY, ModelMeta, sha256_file
 
 if TYPE_CHECKING:
     import onnx
 
 MANIFEST = "manifest.json"
+
+
+def _log(msg: str) -> None:
+    print(f"mars-export: {msg}", file=sys.stderr, flush=True)
 
 
 def prepare_out_dir(out: Path) -> Path:
@@ -94,6 +99,25 @@ def check_manifest_owner(out: Path, source_sha256: str) -> None:
         )
 
 
+def _kept_entries(
+    out: Path, old: dict[str, Any], fresh: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The entries of `old` to keep beside `fresh`: files not rewritten now, still there, with
+    the bytes `old` vouched for (a file replaced since is left in place, unlisted, and said so)."""
+    names = {a["file"] for a in fresh}
+    kept = []
+    for a in old.get("artifacts", []):
+        path = out / a["file"]
+        if a["file"] in names or not path.exists():
+            continue
+        if sha256_file(path) != a.get("sha256"):
+            _log(f"{path.name} is not the file an earlier export wrote (its sha256 differs): "
+                 f"left in {out}, out of {MANIFEST}; export it again or delete it")  # fmt: skip
+            continue
+        kept.append({**a, "exported": a.get("exported", old.get("created"))})
+    return kept
+
+
 def write_manifest(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Write manifest.json atomically, keeping entries of earlier exports of the same model.
 
@@ -105,13 +129,7 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     fresh = [{**a, "exported": manifest["created"]} for a in manifest["artifacts"]]
     kept: list[dict[str, Any]] = []
     if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        names = {a["file"] for a in fresh}
-        kept = [
-            {**a, "exported": a.get("exported", old.get("created"))}
-            for a in old.get("artifacts", [])
-            if a["file"] not in names and (out / a["file"]).exists()
-        ]
+        kept = _kept_entries(out, json.loads(path.read_text(encoding="utf-8")), fresh)
     manifest = {**manifest, "artifacts": kept + fresh, "kept": [a["file"] for a in kept]}
     atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest

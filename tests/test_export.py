@@ -274,3 +274,31 @@ def test_failed_parity_writes_nothing(ckpt_path: Path, msl_dir: Path, tmp_path: 
     with pytest.raises(MarsvisionError, match="does not match PyTorch"):
         export_all(config)
     assert list(tmp_path.iterdir()) == []
+
+
+def _manifest(created: str, files: dict[str, Path]) -> dict[str, object]:
+    """A manifest of `files` (flavour -> path) as export_all hands it to write_manifest."""
+    entries = [{"file": p.name, "flavour": f, "sha256": sha256_file(p)} for f, p in files.items()]
+    return {"created": created, "source_checkpoint_sha256": "ab" * 32, "artifacts": entries}
+
+
+def test_a_kept_file_replaced_by_hand_leaves_the_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An earlier export's file that now holds other bytes (another model's int8-cpu copied in)
+    was kept in manifest.json on a re-export, vouched for by its old sha256."""
+    from marsvision.export.artifacts import write_manifest
+
+    files = {f: _path(tmp_path, f) for f in ("fp32", "fp16", "int8-cpu")}
+    for flavour, path in files.items():
+        path.write_bytes(flavour.encode())
+    write_manifest(tmp_path, _manifest("earlier", files))
+    files["int8-cpu"].write_bytes(b"another model's int8-cpu")
+    files["fp32"].write_bytes(b"fp32 again")
+    manifest = write_manifest(tmp_path, _manifest("now", {"fp32": files["fp32"]}))
+    assert manifest["kept"] == [files["fp16"].name]
+    assert [a["file"] for a in manifest["artifacts"]] == [files["fp16"].name, files["fp32"].name]
+    assert json.loads((tmp_path / MANIFEST).read_text()) == manifest
+    assert files["int8-cpu"].read_bytes() == b"another model's int8-cpu"  # left in place
+    err = capsys.readouterr().err
+    assert f"{files['int8-cpu'].name} is not the file an earlier export wrote" in err, err
