@@ -85,6 +85,7 @@ def run(cfg: InferConfig) -> int:
         Provenance,
         ResultWriter,
         csv_header,
+        lock_output,
         open_output,
         read_done,
     )
@@ -108,18 +109,28 @@ def run(cfg: InferConfig) -> int:
         meta = clf.meta
         provenance = Provenance(clf.model_sha256, meta.precision, clf.runner.name, cfg.tta)
         done: dict[str, str] = {}
-        if cfg.resume and cfg.out is not None and os.path.exists(cfg.out):
-            header = csv_header(
-                meta.class_names, min(cfg.top_k, meta.num_classes) if cfg.top_k else None
-            )
-            rows = read_done(cfg.out, fmt=cfg.fmt, header=header, provenance=provenance)
-            done = dict(zip(path_keys(rows), rows.values()))
+        existed = cfg.out is not None and os.path.exists(cfg.out)
+        stream = open_output(cfg.out, append=cfg.resume)
+        try:  # from here until it is closed, this run alone writes --out (lock_output)
+            if cfg.out is not None:
+                lock_output(stream, cfg.out)
+            if cfg.resume and existed:
+                header = csv_header(
+                    meta.class_names, min(cfg.top_k, meta.num_classes) if cfg.top_k else None
+                )
+                rows = read_done(cfg.out, fmt=cfg.fmt, header=header, provenance=provenance)
+                done = dict(zip(path_keys(rows), rows.values()))
+        except BaseException:
+            if cfg.out is not None:
+                stream.close()
+            raise
+        # after read_done, which cuts a last row left unfinished (a cut header leaves nothing)
+        is_new = cfg.out is None or os.fstat(stream.fileno()).st_size == 0
         todo, prev_failed = inputs, 0
         if done:  # each input's row already in --out, matched by path_keys
             status = [done.get(key) for key in path_keys(inputs)]
             todo = [p for p, s in zip(inputs, status) if s is None]
             prev_failed = status.count("error")
-        stream, is_new = open_output(cfg.out, append=cfg.resume)
         ok = failed = 0
         progress = _Progress(len(todo))
         write_error: OSError | None = None

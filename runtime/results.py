@@ -259,8 +259,29 @@ def read_done(path: str, *, fmt: str, header: list[str], provenance: Provenance)
     return done
 
 
-def open_output(path: str | None, *, append: bool) -> tuple[IO[str], bool]:
-    """(text stream, is_new) for --out, or stdout; lossless for non-UTF-8 paths."""
+def lock_output(stream: IO[str], path: str) -> None:
+    """Hold an exclusive lock on the results file while this run writes it (released when the
+    stream closes): two `--resume` runs on one file (a job relaunched while the first still
+    runs) each read the same rows as done and both wrote the rest, every row twice. Where the
+    file system has no locks (some network mounts), the run goes on unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return
+    try:
+        fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise MarsvisionError(
+            f"{path} is being written by another mars-infer (it holds the file's lock): let that "
+            "one finish, or write to another --out"
+        ) from None
+    except OSError:
+        return
+
+
+def open_output(path: str | None, *, append: bool) -> IO[str]:
+    """The text stream for --out (appended to, or created), or stdout; lossless for non-UTF-8
+    paths."""
     if path is None:
         import sys
 
@@ -271,10 +292,9 @@ def open_output(path: str | None, *, append: bool) -> tuple[IO[str], bool]:
             newline="",
             write_through=True,
         )
-        return stream, True
-    is_new = not os.path.exists(path) or os.path.getsize(path) == 0
+        return stream
     try:
         stream = open(path, "a" if append else "x", newline="", **ENCODING)  # type: ignore[call-overload]
     except OSError as e:
         raise MarsvisionError(f"cannot write the results file {path} ({e.strerror})") from None
-    return stream, is_new
+    return stream

@@ -149,6 +149,29 @@ def test_list_files_in_utf16_and_not_text(tmp_path: Path) -> None:
         expand_inputs([f"@{image}"])
 
 
+def test_a_results_file_another_run_is_writing_is_refused(
+    model: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """Two --resume runs on one --out (a job relaunched while the first still runs) each took
+    the same rows as done and both wrote the rest: every row twice, exit 0. A run now holds a
+    lock on the file while it writes, and a second one is refused, the file left as it was."""
+    import fcntl
+
+    out = tmp_path / "p.csv"
+    r = _infer(images[0], "--engine", model, "--out", out)
+    assert r.returncode == 0, r.stderr
+    before = out.read_bytes()
+    with open(out, "a") as held:  # as the first run holds it
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        r = _infer(*images, "--engine", model, "--out", out, "--resume")
+    assert r.returncode == 1
+    assert b"is being written by another mars-infer" in r.stderr and b"Traceback" not in r.stderr
+    assert out.read_bytes() == before
+    r = _infer(*images, "--engine", model, "--out", out, "--resume")  # released: it goes on
+    assert r.returncode == 0, r.stderr
+    assert len(out.read_text().splitlines()) == 1 + len(images)
+
+
 def test_resume_refuses_other_top_k_and_the_other_format(
     model: Path, images: list[Path], tmp_path: Path
 ) -> None:
