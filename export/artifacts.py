@@ -12,11 +12,12 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.files import atomic_write_text, make_folder
-from marsvision.runtime.metadata import METADATA_KEY, ModelMeta, sha256_file
+from marsvision.runtime.metadata import METADATA_KEY, ModelMeta, sha256_file, sidecar_path
+from marsvision.runtime.models import SUFFIXES
 
 if TYPE_CHECKING:
     import onnx
@@ -81,10 +82,35 @@ def onnx_meta(path: Path) -> ModelMeta:
     return ModelMeta.from_json(props[METADATA_KEY], source=str(path))
 
 
+def _embedded_owner(path: Path) -> str:
+    """The source checkpoint sha256 that an artifact's own metadata names ('' if none): the ONNX
+    metadata, or an engine's sidecar; a damaged or foreign file names none."""
+    try:
+        if path.suffix == ".plan":
+            text = sidecar_path(path).read_text(encoding="utf-8")
+            return ModelMeta.from_json(text, source=str(path)).source_checkpoint_sha256
+        return onnx_meta(path).source_checkpoint_sha256
+    except Exception:  # noqa: BLE001 - damaged or foreign files raise many types: not ours
+        return ""
+
+
+def _refuse_other(out: Path, other: object, file: str = "") -> NoReturn:
+    raise MarsvisionError(
+        f"{out} holds artifacts of another model ({file and file + ': '}checkpoint sha256 "
+        f"{str(other)[:12]}...); pass another --out or delete that directory"
+    )
+
+
 def check_manifest_owner(out: Path, source_sha256: str) -> None:
-    """Refuse an out dir that holds artifacts of another checkpoint."""
+    """Refuse an out dir that holds artifacts of another checkpoint: as its manifest.json says,
+    or, with none, as the artifacts' own metadata says."""
     path = out / MANIFEST
     if not path.exists():
+        for suffix in SUFFIXES.values():
+            for artifact in sorted(out.glob(f"resnet50-*{suffix}")):
+                other = _embedded_owner(artifact)
+                if other and other != source_sha256:
+                    _refuse_other(out, other, artifact.name)
         return
     try:
         other = json.loads(path.read_text(encoding="utf-8")).get("source_checkpoint_sha256")
@@ -93,10 +119,7 @@ def check_manifest_owner(out: Path, source_sha256: str) -> None:
             f"{path} is not a marsvision manifest; pass another --out or delete it"
         ) from None
     if other != source_sha256:
-        raise MarsvisionError(
-            f"{out} holds artifacts of another model (checkpoint sha256 {str(other)[:12]}...); "
-            "pass another --out or delete that directory"
-        )
+        _refuse_other(out, other)
 
 
 def _kept_entries(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +133,50 @@ def test_out_dir_of_another_model(tiny_checkpoint: Path, msl_dir: Path, tmp_path
         *_run(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path)], msl_dir)
     )
     assert "another model" in line and "--out" in line
+
+
+@pytest.fixture(scope="module")
+def other_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint saved again with another note: another checkpoint sha256."""
+    from marsvision.train.checkpoint import atomic_torch_save, load_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    path = tmp_path_factory.mktemp("other") / "other.pt"
+    atomic_torch_save({**ckpt, "config": {"note": "another model"}}, path)
+    return path
+
+
+def test_out_dir_of_another_model_without_a_manifest(
+    tiny_checkpoint: Path,
+    tiny_exports: Path,
+    other_checkpoint: Path,
+    msl_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """With no manifest.json (deleted, or the files copied alone), an export of another
+    checkpoint passed the owner check and mixed with the old files, which mars-infer's default
+    then picked: the artifacts' own metadata, or an engine's sidecar, now names their model."""
+    from marsvision.export.artifacts import check_manifest_owner, onnx_meta
+    from marsvision.runtime.metadata import sha256_file, sidecar_path
+    from marsvision.runtime.models import artifact_name
+
+    onnx_out, engine_out = tmp_path / "onnx", tmp_path / "engine"
+    onnx_out.mkdir()
+    engine_out.mkdir()
+    int8 = onnx_out / artifact_name("binary", "int8-cpu")
+    shutil.copy(tiny_exports / int8.name, int8)
+    engine = engine_out / artifact_name("binary", "int8-engine")
+    engine.write_bytes(b"serialized engine")
+    sidecar_path(engine).write_text(onnx_meta(int8).to_json())
+    for out, name in ((onnx_out, int8.name), (engine_out, engine.name)):
+        before = sorted(out.iterdir())
+        args = ["--checkpoint", str(other_checkpoint), "--out", str(out)]
+        line = _one_line_error(*_run(args, msl_dir))
+        assert "another model" in line and name in line and "--out" in line, line
+        assert sorted(out.iterdir()) == before
+        check_manifest_owner(out, sha256_file(tiny_checkpoint))  # the model that made them
+    int8.write_bytes(b"not onnx")  # a file of that name, not an artifact: it names no model
+    check_manifest_owner(onnx_out, sha256_file(other_checkpoint))
 
 
 def test_tensorrt_on_without_tensorrt(tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path) -> None:
