@@ -143,7 +143,7 @@ def path_keys(paths: Iterable[str]) -> list[str]:
     real: dict[str, str] = {}
     keys = []
     for path in paths:
-        folder, name = os.path.split(path)
+        folder, name = os.path.split(path.rstrip(os.sep) or path)  # `d/` is `d`
         if folder not in real:
             real[folder] = os.path.realpath(folder or ".")
         keys.append(os.path.join(real[folder], name))

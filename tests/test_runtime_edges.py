@@ -371,6 +371,9 @@ def test_inputs_through_symlinked_folders(tmp_path: Path) -> None:
     t = str(tmp_path)
     args = [f"{t}/a.jpg", f"{t}/link/../a.jpg", f"{t}/real/a.jpg", f"{t}/alias.jpg"]
     assert expand_inputs(args) == [f"{t}/a.jpg", f"{t}/link/../a.jpg", f"{t}/alias.jpg"]
+    # a folder with a trailing slash is the same folder (an empty one: an input of its own)
+    (tmp_path / "empty").mkdir()
+    assert expand_inputs([f"{t}/empty", f"{t}/empty/", f"{t}/empty//"]) == [f"{t}/empty"]
 
 
 def test_one_file_spelled_two_ways_is_one_input(
