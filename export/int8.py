@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from marsvision.runtime.files import atomic_path
 from marsvision.runtime.metadata import ModelMeta
 from marsvision.runtime.spec import PreprocessSpec
 
@@ -72,6 +74,22 @@ def _op_types() -> list[str]:
     return sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
 
 
+def _cache_refusal(cache_path: Path, method: str) -> str | None:
+    """None where `cache_path` holds tensor ranges of `method`; '' where there is no such file;
+    else why it cannot be used (unreadable, damaged, another method's)."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    try:
+        ranges = load_tensors_data(cache_path)
+    except FileNotFoundError:
+        return ""
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
+    if ranges.calibration_method != _method(method) or not ranges.data:
+        return f"not {method} ranges"
+    return None
+
+
 def calibrate(
     pre_path: Path,
     cache_path: Path,
@@ -80,11 +98,17 @@ def calibrate(
     spec: PreprocessSpec,
     method: str,
     workdir: Path,
-) -> bool:
-    """Compute tensor ranges into `cache_path` unless it exists; return True if reused."""
-    if cache_path.is_file():
+) -> tuple[Path, bool]:
+    """Tensor ranges: read from `cache_path` where it holds them, else computed into `workdir`
+    and saved to `cache_path` where it can be written. Returns the ranges file and whether the
+    cache was reused."""
+    why = _cache_refusal(cache_path, method)
+    if why is None:
         print(f"calibration: reusing cached ranges {cache_path}", file=sys.stderr)
-        return True
+        return cache_path, True
+    if why:
+        print(f"calibration: cannot use cached ranges {cache_path} ({why}); recomputing",
+              file=sys.stderr)  # fmt: skip
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
     from marsvision.export.images import load_batch
@@ -103,8 +127,15 @@ def calibrate(
             done = min(i + CALIB_BATCH, len(paths))
             print(f"calibration ({method}): {done}/{len(paths)} images", file=sys.stderr)
         ranges = calibrator.compute_data()
-    save_tensors_data(ranges, cache_path)  # writes a temp file, then renames
-    return False
+    computed = workdir / "calibration-ranges.json"
+    save_tensors_data(ranges, computed)
+    try:  # the cache saves a later export the calibration; this one goes on without it
+        with atomic_path(cache_path) as tmp:  # the usual file mode, not mkstemp's 0600
+            shutil.copyfile(computed, tmp)
+    except OSError as e:
+        print(f"calibration: cannot save the ranges to {cache_path} ({e.strerror or e}); "
+              "the next export calibrates again", file=sys.stderr)  # fmt: skip
+    return computed, False
 
 
 class _OneBatch:

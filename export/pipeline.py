@@ -148,10 +148,13 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
                 method=config.calib_method,
                 versions=meta.versions,
             )
-            cache = out / CALIB_CACHE_DIR / f"{key}.json"
-            cache.parent.mkdir(exist_ok=True)
-            reused = calibrate(
-                pre, cache, paths=calib_paths, spec=spec, method=config.calib_method, workdir=tmp
+            ranges, reused = calibrate(
+                pre,
+                out / CALIB_CACHE_DIR / f"{key}.json",
+                paths=calib_paths,
+                spec=spec,
+                method=config.calib_method,
+                workdir=tmp,
             )
             calib_secs = time.perf_counter() - t0
             for flavour in ("int8-cpu", "int8-trt"):
@@ -161,7 +164,7 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
                 m8 = int8_meta(meta, flavour, method=config.calib_method, images=len(calib_paths))
                 assert m8.quantization is not None
                 m8.quantization["calibration_cache"] = f"{CALIB_CACHE_DIR}/{key}.json"
-                int8_onnx_from_onnx(pre, path, flavour=flavour, cache_path=cache, meta=m8)
+                int8_onnx_from_onnx(pre, path, flavour=flavour, cache_path=ranges, meta=m8)
                 fig = parity(ref, ort_logits(path, val_batch), meta.decision_threshold)
                 secs = time.perf_counter() - t1 + calib_secs / 2
                 entry = _entry(path, flavour, m8, fig, secs)

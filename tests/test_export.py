@@ -263,6 +263,53 @@ def test_calibration_cache_is_reused(
     assert [a["quantization"]["images"] for a in int8] == [CALIB_IMAGES] * 2
 
 
+def test_calibration_cache_has_the_usual_file_mode(exported: Path) -> None:
+    """ONNX Runtime writes it by mkstemp (0600); every other artifact gets 0666 less the umask."""
+    from marsvision.runtime.files import default_file_mode
+
+    (cache,) = (exported / CALIB_CACHE_DIR).glob("*.json")
+    assert cache.stat().st_mode & 0o777 == default_file_mode()
+
+
+def test_a_calibration_cache_that_cannot_be_used_is_recomputed(
+    exported: Path,
+    ckpt_path: Path,
+    msl_dir: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A cache file was trusted unread: a damaged one failed the export with a traceback (an
+    unreadable one too); one that cannot be written (here a folder in its place) as well."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    from marsvision.runtime.files import default_file_mode
+
+    out = tmp_path / "export"
+    shutil.copytree(exported, out)
+    (cache,) = (out / CALIB_CACHE_DIR).glob("*.json")
+    config = ExportConfig(
+        checkpoint=ckpt_path,
+        out=out,
+        int8=True,
+        calib_images=CALIB_IMAGES,
+        tensorrt="off",
+        data_dir=msl_dir,
+    )
+    cache.write_text('{"calibration_method": "cut here')
+    manifest = export_all(config)
+    assert "cannot use cached ranges" in capfd.readouterr().err
+    int8 = [a for a in manifest["artifacts"] if a["flavour"].startswith("int8")]
+    assert [a["calibration_reused"] for a in int8] == [False, False]
+    assert load_tensors_data(cache).data  # overwritten with the new ranges
+    assert cache.stat().st_mode & 0o777 == default_file_mode()
+    cache.unlink()
+    cache.mkdir()  # neither read nor written: the export goes on without a cache
+    export_all(config)
+    err = capfd.readouterr().err
+    assert "cannot use cached ranges" in err and "cannot save the ranges" in err, err
+    assert "Traceback" not in err and not list(out.glob(".staging*"))
+
+
 def test_failed_parity_writes_nothing(ckpt_path: Path, msl_dir: Path, tmp_path: Path) -> None:
     config = ExportConfig(
         checkpoint=ckpt_path,
