@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -209,6 +211,34 @@ def test_console_script_error_is_one_line(tmp_path: Path) -> None:
         timeout=120,
     )
     _one_line_error(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stopped_export_leaves_no_staging_folder(
+    sig: signal.Signals, code: int, tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    """SIGTERM (`timeout`, a CI cancel) killed the export before its cleanups: the staging
+    folder (tens to hundreds of MB) stayed behind. Ctrl-C exited 1 with click's "Aborted!"."""
+    args = ["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path), "--data", str(msl_dir)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "marsvision.export.cli", *args, "--int8", "--tensorrt", "off"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".staging*")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no staging folder after 120 s"
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "Aborted!" not in err, err
+    assert not list(tmp_path.glob(".staging*"))
+    assert not (tmp_path / MANIFEST).exists()
 
 
 def test_tensorrt_on_needs_an_engine_to_build(
