@@ -122,12 +122,20 @@ def check_manifest_owner(out: Path, source_sha256: str) -> None:
         _refuse_other(out, other)
 
 
+def _calibration(entry: dict[str, Any]) -> object:
+    """The calibration cache an INT8 entry's ranges came from (None for other precisions)."""
+    return (entry.get("quantization") or {}).get("calibration_cache")
+
+
 def _kept_entries(
     out: Path, old: dict[str, Any], fresh: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """The entries of `old` to keep beside `fresh`: files not rewritten now, still there, with
-    the bytes `old` vouched for (a file replaced since is left in place, unlisted, and said so)."""
+    the bytes `old` vouched for, and an INT8 engine only while it was built from the INT8 ONNX
+    of the same calibration as the one written now. A file not kept is left in place, unlisted,
+    and said so."""
     names = {a["file"] for a in fresh}
+    calibration = {a["flavour"]: _calibration(a) for a in fresh}.get("int8-trt")
     kept = []
     for a in old.get("artifacts", []):
         path = out / a["file"]
@@ -136,6 +144,11 @@ def _kept_entries(
         if sha256_file(path) != a.get("sha256"):
             _log(f"{path.name} is not the file an earlier export wrote (its sha256 differs): "
                  f"left in {out}, out of {MANIFEST}; export it again or delete it")  # fmt: skip
+            continue
+        if a["flavour"] == "int8-engine" and calibration not in (None, _calibration(a)):
+            _log(f"{path.name} was built from an INT8 ONNX of another calibration: left in "
+                 f"{out}, out of {MANIFEST}; rebuild it with mars-export --int8 where TensorRT "
+                 "can build engines")  # fmt: skip
             continue
         kept.append({**a, "exported": a.get("exported", old.get("created"))})
     return kept

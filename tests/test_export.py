@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -323,7 +324,7 @@ def test_failed_parity_writes_nothing(ckpt_path: Path, msl_dir: Path, tmp_path: 
     assert list(tmp_path.iterdir()) == []
 
 
-def _manifest(created: str, files: dict[str, Path]) -> dict[str, object]:
+def _manifest(created: str, files: dict[str, Path]) -> dict[str, Any]:
     """A manifest of `files` (flavour -> path) as export_all hands it to write_manifest."""
     entries = [{"file": p.name, "flavour": f, "sha256": sha256_file(p)} for f, p in files.items()]
     return {"created": created, "source_checkpoint_sha256": "ab" * 32, "artifacts": entries}
@@ -349,3 +350,47 @@ def test_a_kept_file_replaced_by_hand_leaves_the_manifest(
     assert files["int8-cpu"].read_bytes() == b"another model's int8-cpu"  # left in place
     err = capsys.readouterr().err
     assert f"{files['int8-cpu'].name} is not the file an earlier export wrote" in err, err
+
+
+def test_an_int8_engine_of_another_calibration_leaves_the_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Re-exporting with another --calib-method rewrote int8-trt.onnx but kept the INT8 engine
+    built from the one before; the FP16 engine, and the INT8 one after a re-export of the same
+    calibration, are still kept."""
+    from marsvision.export.artifacts import write_manifest
+    from marsvision.runtime.metadata import sidecar_path
+    from marsvision.runtime.spec import PreprocessSpec
+
+    def calibrated(created: str, files: dict[str, Path], key: str) -> dict[str, Any]:
+        manifest = _manifest(created, files)
+        for a in manifest["artifacts"]:
+            if a["flavour"].startswith("int8"):
+                a["quantization"] = {"method": key, "calibration_cache": f"calib-cache/{key}.json"}
+        return manifest
+
+    files = {f: _path(tmp_path, f) for f in ("int8-trt", "fp16-engine", "int8-engine")}
+    for flavour, path in files.items():
+        path.write_bytes(flavour.encode())
+    for flavour in ("fp16-engine", "int8-engine"):
+        meta = ModelMeta(
+            task="binary",
+            class_names=["Surface", "Rover"],
+            preprocess=PreprocessSpec.for_input_size(64),
+            precision=flavour.split("-")[0],
+            tensorrt={"version": "10.13.0.35", "compute_capability": "9.0", "gpu_name": "H100"},
+        )
+        sidecar_path(files[flavour]).write_text(meta.to_json())
+    write_manifest(tmp_path, calibrated("earlier", files, "minmax"))
+    engines = [files["fp16-engine"].name, files["int8-engine"].name]
+    trt_onnx = {"int8-trt": files["int8-trt"]}
+    assert write_manifest(tmp_path, calibrated("same", trt_onnx, "minmax"))["kept"] == engines
+    assert "rebuild" not in capsys.readouterr().err
+    files["int8-trt"].write_bytes(b"int8-trt of entropy ranges")
+    manifest = write_manifest(tmp_path, calibrated("now", trt_onnx, "entropy"))
+    assert manifest["kept"] == [files["fp16-engine"].name]
+    assert json.loads((tmp_path / MANIFEST).read_text())["kept"] == manifest["kept"]
+    assert files["int8-engine"].exists() and sidecar_path(files["int8-engine"]).exists()
+    err = capsys.readouterr().err
+    assert f"{files['int8-engine'].name} was built from an INT8 ONNX of another calibration" in err
+    assert "rebuild it with mars-export --int8 where TensorRT can build engines" in err, err
