@@ -3,6 +3,7 @@ shipped binary model in ./exports (mars-export's default --out) that suits this 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -74,6 +75,16 @@ def preferred_flavours(device: str = "auto") -> list[str]:
     return order + ["int8-cpu", "fp32"]
 
 
+def _manifest_files(folder: Path) -> set[str] | None:
+    """The file names the export folder's manifest.json lists; None without a readable one
+    (then the files go by their names alone)."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        return {str(entry["file"]) for entry in manifest["artifacts"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class DefaultModel(NamedTuple):
     """The model mars-infer runs when none is named, the --device to run it on, and a note for
     the user when a better export was passed over."""
@@ -98,10 +109,16 @@ def default_model(
 
     folder = Path(exports if exports is not None else os.environ.get(EXPORTS_ENV) or "exports")
     flavours = preferred_flavours(device)
+    listed = _manifest_files(folder)
     notes = []
     for flavour in flavours:
         path = folder / artifact_name(task, flavour)
         if not path.is_file():
+            continue
+        if listed is not None and path.name not in listed:
+            left_out = "replaced by hand, or made before the last export"
+            notes.append(f"passed over {path.name}: manifest.json does not list it "
+                         f"(mars-export left it out: {left_out})")  # fmt: skip
             continue
         if flavour.endswith("-engine"):  # TensorRT installed says nothing of a GPU or its build
             refusal = engine_refusal(path)

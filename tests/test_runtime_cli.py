@@ -339,6 +339,16 @@ def test_default_model_passes_over_fp16_where_cuda_does_not_run(
     assert m.default_model(tmp_path, device="cpu") == (tmp_path / names["int8-cpu"], "cpu", None)
     monkeypatch.setattr(m, "_cuda_refusal", lambda path: None)  # where CUDA runs it
     assert m.default_model(tmp_path) == (tmp_path / names["fp16"], "auto", None)
+    # a file mars-export left out of manifest.json (replaced by hand, or from an export before)
+    # is passed over, with a note: it had been picked by its name alone
+    listed = [{"file": names["fp16"]}, {"file": names["fp32"]}]
+    (tmp_path / "manifest.json").write_text(json.dumps({"artifacts": listed}))
+    chosen = m.default_model(tmp_path, device="cpu")
+    assert (chosen.path, chosen.device) == (tmp_path / names["fp32"], "cpu")
+    assert chosen.note == (
+        f"passed over {names['int8-cpu']}: manifest.json does not list it (mars-export left it "
+        "out: replaced by hand, or made before the last export)"
+    )
 
 
 def test_non_finite_model_output_is_an_error_row(
