@@ -30,30 +30,46 @@ _GLOB_CHARS = frozenset("*?[")
 
 
 def _walk(
-    top: str, unreadable: list[str], *, hidden: bool = False
+    top: str,
+    unreadable: list[str],
+    *,
+    hidden: bool = False,
+    _above: frozenset[tuple[int, int]] = frozenset(),
 ) -> Iterator[tuple[str, list[str], list[str]]]:
-    """(folder, its file names, its subfolder names) of `top` and its subfolders, top-down and
-    sorted, through links to folders, each folder once: a link back up (`loop -> .`) is not
-    walked again (glob's `**` followed such links some 40 levels deep, 2**40 paths for two of
-    them: a hang). Hidden subfolders are skipped unless `hidden`; a folder that cannot be listed
-    goes to `unreadable` (os.walk passed over it without a word)."""
-    seen: set[tuple[int, int]] = set()
-
-    def onerror(e: OSError) -> None:
-        unreadable.append(e.filename if isinstance(e.filename, str) else top)
-
-    for root, dirs, files in os.walk(top, followlinks=True, onerror=onerror):
+    """(folder, its file names, its subfolder names), sorted, for `top` and its subfolders,
+    top-down, through links to folders, as os.walk (a caller may prune the subfolder list).
+    A link back up to a folder the walk is inside (`loop -> .`) is not followed: glob's `**`
+    followed such links some 40 levels deep, 2**40 paths for two of them, a hang. Hidden
+    subfolders are skipped unless `hidden`; a folder that cannot be listed goes to
+    `unreadable` (os.walk passed over it without a word)."""
+    try:
+        st = os.stat(top)
+        with os.scandir(top) as it:
+            entries = list(it)
+    except OSError:
+        unreadable.append(top)
+        return
+    here = (st.st_dev, st.st_ino)
+    files, dirs = [], []
+    for e in entries:
         try:
-            st = os.stat(root)
+            is_dir = e.is_dir()  # through a link
         except OSError:
-            dirs[:] = []
+            is_dir = False
+        if not is_dir:
+            files.append(e.name)
+        elif hidden or not e.name.startswith("."):
+            dirs.append(e.name)
+    dirs.sort()
+    yield top, sorted(files), dirs
+    for name in dirs:
+        sub = os.path.join(top, name)
+        try:
+            st_sub = os.stat(sub)
+        except OSError:
             continue
-        if (st.st_dev, st.st_ino) in seen:
-            dirs[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirs[:] = sorted(x for x in dirs if hidden or not x.startswith("."))
-        yield root, sorted(files), dirs
+        if (st_sub.st_dev, st_sub.st_ino) not in _above | {here}:
+            yield from _walk(sub, unreadable, hidden=hidden, _above=_above | {here})
 
 
 def folder_images(
@@ -74,35 +90,60 @@ def folder_images(
     return found
 
 
-def _component_match(parts: list[str], pats: list[str]) -> bool:
-    """Whether the path components `parts` match the pattern components `pats`, as glob's
-    recursive matching: `**` is any number of folders, a name starting with `.` only where its
-    pattern component starts with one."""
+def _component_match(
+    parts: list[str], pats: list[str], *, start: bool = False, file: bool = False
+) -> bool:
+    """Whether the path components `parts` match the pattern components `pats` as glob's
+    recursive matching does (`**` is any number of folders; a name starting with `.` matches
+    only a pattern component starting with one; with `file`, the last part is a file, which
+    only the last component or a `**` matches), or with `start`, whether a longer path that
+    begins with `parts` may."""
     if not pats:
-        return not parts
+        return not parts and not start
     if pats[0] == "**":
-        if _component_match(parts, pats[1:]):
+        if not parts and start:
             return True
-        return bool(parts) and not parts[0].startswith(".") and _component_match(parts[1:], pats)
-    if not parts or (parts[0].startswith(".") and not pats[0].startswith(".")):
+        if _component_match(parts, pats[1:], start=start, file=file):
+            return True
+        return (
+            bool(parts)
+            and not parts[0].startswith(".")
+            and _component_match(parts[1:], pats, start=start, file=file)
+        )
+    if not parts:
+        return start
+    if parts[0].startswith(".") and not pats[0].startswith("."):
         return False
-    return fnmatch.fnmatchcase(parts[0], pats[0]) and _component_match(parts[1:], pats[1:])
+    if file and len(parts) == 1 and len(pats) > 1:  # only a folder goes on to the next
+        return False
+    return fnmatch.fnmatchcase(parts[0], pats[0]) and _component_match(
+        parts[1:], pats[1:], start=start, file=file
+    )
 
 
 def _recursive_glob(pattern: str, unreadable: list[str]) -> list[str]:
-    """glob.glob(pattern, recursive=True), but loop-safe (`_walk`)."""
+    """glob.glob(pattern, recursive=True) (a trailing `/`: folders only), through links to
+    folders but not back up them (`_walk`); only folders a match may lie in are listed, and
+    of them those that cannot be go to `unreadable`."""
     parts = pattern.split("/")
     first = next(i for i, p in enumerate(parts) if _GLOB_CHARS & set(p))
     prefix = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else "")
     pats = [p for p in parts[first:] if p]
-    matches = []
+    folders_only = pattern.endswith("/")
     base = prefix or "."
+    if not os.path.isdir(base):
+        return []
+    matches = [os.path.join(prefix, "")] if prefix and _component_match([], pats) else []
     for root, files, dirs in _walk(base, unreadable, hidden=any(p.startswith(".") for p in pats)):
         rel = os.path.relpath(root, base)
-        folders = [] if rel == "." else rel.split(os.sep)
-        for name in files + dirs:
-            if _component_match([*folders, name], pats):
-                matches.append(os.path.join(prefix, *folders, name))
+        here = [] if rel == "." else rel.split(os.sep)
+        for name in dirs:
+            if _component_match([*here, name], pats):
+                matches.append(os.path.join(prefix, *here, name))
+        for name in [] if folders_only else files:
+            if _component_match([*here, name], pats, file=True):
+                matches.append(os.path.join(prefix, *here, name))
+        dirs[:] = [d for d in dirs if _component_match([*here, d], pats, start=True)]
     return matches
 
 

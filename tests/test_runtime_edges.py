@@ -109,6 +109,24 @@ def test_links_to_folders_are_followed_once_and_loops_end(tmp_path: Path) -> Non
     assert pattern == folder
 
 
+def test_recursive_patterns_match_as_glob_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop-safe `**`: a folder reached through a link first is still matched under its own
+    name (`latest -> sol1234` and `**/sol1234/*.JPG`); a trailing `/` matches folders only (the
+    non-image beside them got an error row); a missing base leaves the pattern its own row."""
+    from marsvision.runtime.inputs import expand_inputs
+
+    for rel in ("sol1234/a.JPG", "top/x.jpg", "top/notes.txt", "top/b/y.jpg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).touch()
+    (tmp_path / "latest").symlink_to("sol1234")  # sorts before it
+    monkeypatch.chdir(tmp_path)
+    assert expand_inputs(["**/sol1234/*.JPG"], recursive=True) == ["sol1234/a.JPG"]
+    assert expand_inputs(["top/**/"], recursive=True) == ["top/x.jpg", "top/b/y.jpg"]
+    assert expand_inputs(["nope/**/*.jpg"], recursive=True) == ["nope/**/*.jpg"]
+
+
 def test_a_subfolder_that_cannot_be_listed_gets_a_row(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -133,6 +151,9 @@ def test_a_subfolder_that_cannot_be_listed_gets_a_row(
     assert expand_inputs([top], recursive=True) == shown
     assert expand_inputs([f"{top}/**/*.jpg"], recursive=True) == shown
     assert expand_inputs([f"{top}/locked"], recursive=True) == [f"{top}/locked"]
+    # a folder no match could lie in is not listed, so not reported either
+    assert expand_inputs([f"{top}/a*"], recursive=True) == [f"{top}/a.jpg"]
+    assert expand_inputs([f"{top}/b*/**/*.jpg"], recursive=True) == [f"{top}/b*/**/*.jpg"]
 
 
 def test_list_files_in_utf16_and_not_text(tmp_path: Path) -> None:
