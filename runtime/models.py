@@ -132,9 +132,10 @@ def default_model(
                 device = "cpu"
                 continue
         return DefaultModel(path, device, "; ".join(notes) or None)
+    passed = f"; {'; '.join(notes)}" if notes else ""
     raise MarsvisionError(
         f"no --engine given and no exported {task} model in {folder}/ "
-        f"(looked for {', '.join(artifact_name(task, f) for f in flavours)}): run "
+        f"(looked for {', '.join(artifact_name(task, f) for f in flavours)}{passed}): run "
         "`mars-export --int8` first (it exports the shipped model into exports/), or pass "
         "--engine MODEL"
     )

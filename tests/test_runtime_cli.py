@@ -327,6 +327,7 @@ def test_default_model_passes_over_fp16_where_cuda_does_not_run(
     but runs on the CPU, where the FP16 export is several times slower than the INT8 one: the
     default is then the INT8 export, on the CPU, with a note; --device cpu never takes FP16."""
     from marsvision.runtime import models as m
+    from marsvision.runtime.errors import MarsvisionError
 
     names = {f: m.artifact_name("binary", f) for f in ("fp16", "int8-cpu", "fp32")}
     for flavour, name in names.items():
@@ -349,6 +350,10 @@ def test_default_model_passes_over_fp16_where_cuda_does_not_run(
         f"passed over {names['int8-cpu']}: manifest.json does not list it (mars-export left it "
         "out: replaced by hand, or made before the last export)"
     )
+    (tmp_path / "manifest.json").write_text(json.dumps({"artifacts": []}))
+    none = f"no exported binary model .*passed over {names['fp32']}: manifest.json does not"
+    with pytest.raises(MarsvisionError, match=none):
+        m.default_model(tmp_path, device="cpu")  # the notes say why none was taken
 
 
 def test_non_finite_model_output_is_an_error_row(
