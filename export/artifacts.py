@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
+    """A progress or note line of mars-export, on stderr."""
     print(f"mars-export: {msg}", file=sys.stderr, flush=True)
 
 
@@ -142,11 +143,11 @@ def _kept_entries(
         if a["file"] in names or not path.exists():
             continue
         if sha256_file(path) != a.get("sha256"):
-            _log(f"{path.name} is not the file an earlier export wrote (its sha256 differs): "
+            log(f"{path.name} is not the file an earlier export wrote (its sha256 differs): "
                  f"left in {out}, out of {MANIFEST}; export it again or delete it")  # fmt: skip
             continue
         if a["flavour"] == "int8-engine" and calibration not in (None, _calibration(a)):
-            _log(f"{path.name} was built from an INT8 ONNX of another calibration: left in "
+            log(f"{path.name} was built from an INT8 ONNX of another calibration: left in "
                  f"{out}, out of {MANIFEST}; rebuild it with mars-export --int8 where TensorRT "
                  "can build engines")  # fmt: skip
             continue

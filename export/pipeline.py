@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 from marsvision.export.artifacts import (
     check_manifest_owner,
+    log,
     prepare_out_dir,
     publish,
     staging_dir,
@@ -24,10 +24,6 @@ from marsvision.runtime.models import artifact_name
 
 CALIB_CACHE_DIR = "calib-cache"
 TIMING_CACHE = "tensorrt-timing.cache"
-
-
-def _log(msg: str) -> None:
-    print(f"mars-export: {msg}", file=sys.stderr, flush=True)
 
 
 def _entry(
@@ -95,7 +91,7 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
     val_batch = load_batch(split_paths(data_dir, "val", task, config.parity_images), spec)
     ref = torch_logits(ckpt, val_batch)
     if skip_note:
-        _log(skip_note)
+        log(skip_note)
 
     entries: list[dict[str, Any]] = []
     staged: list[tuple[Path, Path]] = []  # (staged file, final path)
@@ -109,7 +105,7 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
 
         t0 = time.perf_counter()
         fp32_path, fp32_final = stage("fp32")
-        _log(f"exporting {fp32_final.name} (torch.onnx dynamo exporter)")
+        log(f"exporting {fp32_final.name} (torch.onnx dynamo exporter)")
         fig = onnx_from_checkpoint(
             ckpt, fp32_path, meta=meta, parity_batch=val_batch, max_abs_diff=config.parity_tolerance
         )
@@ -122,7 +118,7 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
 
             t0 = time.perf_counter()
             path, final = stage("fp16")
-            _log(f"converting to {final.name}")
+            log(f"converting to {final.name}")
             m16 = fp16_meta(meta)
             fp16_onnx_from_onnx(fp32_path, path, meta=m16)
             fig = parity(ref, ort_logits(path, val_batch), meta.decision_threshold)
@@ -160,7 +156,7 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
             for flavour in ("int8-cpu", "int8-trt"):
                 t1 = time.perf_counter()
                 path, final = stage(flavour)
-                _log(f"quantizing {final.name}")
+                log(f"quantizing {final.name}")
                 m8 = int8_meta(meta, flavour, method=config.calib_method, images=len(calib_paths))
                 assert m8.quantization is not None
                 m8.quantization["calibration_cache"] = f"{CALIB_CACHE_DIR}/{key}.json"
@@ -179,7 +175,7 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
             for flavour, (src, src_meta) in onnx_for_engine.items():
                 t0 = time.perf_counter()
                 path, final = stage(flavour)
-                _log(f"building {final.name} from {src.name} (TensorRT, max batch "
+                log(f"building {final.name} from {src.name} (TensorRT, max batch "
                      f"{config.max_batch})")  # fmt: skip
                 trt_info = engine_from_onnx(
                     src,
