@@ -22,7 +22,6 @@ from marsvision.train.objective import (
     objective_from_config,
     optimizer_from_config,
     scheduler_from_config,
-    warmup_steps,
 )
 
 
@@ -108,11 +107,11 @@ def test_optimizer_and_scheduler_from_config() -> None:
 
 
 def test_warmup_longer_than_half_the_run_is_cut_to_half() -> None:
-    # the default 3-epoch warm-up in a 1-epoch run ended it at the peak lr, never decayed
+    # the default 3-epoch warm-up in a 1-epoch run ended it at the peak lr, never decayed; the
+    # resolved config (config.json, metrics.json) says what the run does
     model = nn.Linear(2, 2)
     cfg = config_from_flags("default", data=Path("d"), out=Path("o"), epochs=1)
-    assert cfg.warmup_epochs == 3
-    assert warmup_steps(cfg, steps_per_epoch=10) == 5
+    assert cfg.warmup_epochs == 0.5
     opt = optimizer_from_config(model, cfg)
     sched = scheduler_from_config(opt, cfg, steps_per_epoch=10)
     lrs = []
@@ -121,5 +120,7 @@ def test_warmup_longer_than_half_the_run_is_cut_to_half() -> None:
         opt.step()
         sched.step()
     assert lrs[4] == pytest.approx(cfg.lr) and lrs[9] < 0.1 * cfg.lr
+    flags = {"data": Path("d"), "out": Path("o"), "epochs": 4, "warmup_epochs": 5.0}
+    assert config_from_flags("default", **flags).warmup_epochs == 2
     long_run = config_from_flags("default", data=Path("d"), out=Path("o"), epochs=30)
-    assert warmup_steps(long_run, steps_per_epoch=10) == 30  # as asked when it fits
+    assert long_run.warmup_epochs == 3  # as asked when it fits

@@ -45,9 +45,10 @@ def _train(args: list[str]) -> Any:
 def run(msl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two epochs on a few images per split."""
     out = tmp_path_factory.mktemp("run") / "run"
-    _train(
+    r = _train(
         ["--data", str(msl_dir), "--epochs", "2", "--limit", str(LIMIT), "--out", str(out), *QUICK]
     )
+    assert "a warm-up of 3 epochs is over half the 2-epoch run: 1 (the lr then decays)" in r.output
     return out
 
 
@@ -66,6 +67,7 @@ def test_run_folder(run: Path, msl_dir: Path) -> None:
     assert m["config"] == config and m["data_fingerprint"] == msl.data_fingerprint(msl_dir)
     assert len(m["history"]) == 2
     # the default 3-epoch warm-up, cut to the first epoch of two: the lr peaks, then decays
+    assert config["warmup_epochs"] == 1
     first, second = (h["lr"] for h in m["history"])
     assert first == pytest.approx(m["config"]["lr"]) and second < first
     val_scores = [(h["val_balanced_accuracy"], -h["val_loss"]) for h in m["history"]]

@@ -192,6 +192,10 @@ def main(
         store_size=store_size, device=device, amp=amp, train_on=train_on, seed=seed,
         limit=limit, init=init, resume=resume, workers=workers,
     )  # fmt: skip
+    asked = RECIPES[recipe]["warmup_epochs"] if warmup_epochs is None else warmup_epochs
+    if cfg.warmup_epochs < asked:
+        click.echo(f"mars-train: a warm-up of {asked:g} epochs is over half the {cfg.epochs}-epoch "
+                   f"run: {cfg.warmup_epochs:g} (the lr then decays)", err=True)  # fmt: skip
     from marsvision.train.loop import main as train
 
     result = train(cfg)

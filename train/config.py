@@ -309,6 +309,8 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
     for ok, message in checks:
         if not ok:
             raise MarsvisionError(message)
+    if 2 * cfg.warmup_epochs > cfg.epochs:  # it would end the run at the peak lr, never decayed
+        cfg = dataclasses.replace(cfg, warmup_epochs=cfg.epochs / 2)
     return cfg
 
 

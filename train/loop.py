@@ -287,9 +287,6 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     optimizer = optimizer_from_config(trainable, cfg)
     steps = len(_batches(len(fit), cfg.batch_size))
     scheduler = scheduler_from_config(optimizer, cfg, steps_per_epoch=steps)
-    if 2 * cfg.warmup_epochs > cfg.epochs:
-        print(f"--warmup-epochs {cfg.warmup_epochs:g} is over half the {cfg.epochs}-epoch run: "
-              "the lr warms up over the first half, then decays", file=log)  # fmt: skip
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     history: list[dict[str, Any]] = []
     best: tuple[float, float] = (-1.0, 0.0)

@@ -91,13 +91,7 @@ def scheduler_from_config(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Stepped once per batch, over `cfg.epochs` epochs."""
-    warmup = warmup_steps(cfg, steps_per_epoch=steps_per_epoch)
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.schedule, warmup, cfg.epochs * steps_per_epoch)
     )
-
-
-def warmup_steps(cfg: TrainConfig, *, steps_per_epoch: int) -> int:
-    """--warmup-epochs in steps, but at most half the run: a warm-up as long as the run (the
-    default 3 epochs in a 1-epoch run) would end it at the peak lr, never decayed."""
-    return min(round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch // 2)
