@@ -225,6 +225,12 @@ def test_export_parity_labels_by_the_models_rule() -> None:
     assert fig["top1_agreement"] == 0.5 and fig["label_rule"] == "P(class 1) >= 0.4"
 
 
+def _int8_again(ckpt_path: Path, out: Path, msl_dir: Path) -> ExportConfig:
+    """An INT8-only export of the test checkpoint into `out` (a copy of the shared export)."""
+    return ExportConfig(checkpoint=ckpt_path, out=out, int8=True, calib_images=CALIB_IMAGES,
+                        tensorrt="off", data_dir=msl_dir)  # fmt: skip
+
+
 def test_calibration_cache_is_reused(
     exported: Path,
     ckpt_path: Path,
@@ -238,14 +244,7 @@ def test_calibration_cache_is_reused(
     caches = list((out / CALIB_CACHE_DIR).glob("*.json"))
     assert len(caches) == 1
     before = caches[0].stat().st_mtime_ns
-    config = ExportConfig(
-        checkpoint=ckpt_path,
-        out=out,
-        int8=True,
-        calib_images=CALIB_IMAGES,
-        tensorrt="off",
-        data_dir=msl_dir,
-    )
+    config = _int8_again(ckpt_path, out, msl_dir)
     # the exporters quiet these loggers while they run; the caller's levels come back after
     for name in LOGGERS:
         caplog.set_level(logging.INFO, logger=name)  # pytest restores them after the test
@@ -288,14 +287,7 @@ def test_a_calibration_cache_that_cannot_be_used_is_recomputed(
     out = tmp_path / "export"
     shutil.copytree(exported, out)
     (cache,) = (out / CALIB_CACHE_DIR).glob("*.json")
-    config = ExportConfig(
-        checkpoint=ckpt_path,
-        out=out,
-        int8=True,
-        calib_images=CALIB_IMAGES,
-        tensorrt="off",
-        data_dir=msl_dir,
-    )
+    config = _int8_again(ckpt_path, out, msl_dir)
     cache.write_text('{"calibration_method": "cut here')
     manifest = export_all(config)
     assert "cannot use cached ranges" in capfd.readouterr().err

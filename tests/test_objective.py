@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see train/cli.py
 
@@ -85,6 +86,17 @@ def test_lr_schedule() -> None:
     assert constant(0) == constant(99) == 1.0
 
 
+def _lrs(opt: torch.optim.Optimizer, cfg: Any, *, steps_per_epoch: int) -> list[float]:
+    """The lr of each step of the whole run under cfg's schedule."""
+    sched = scheduler_from_config(opt, cfg, steps_per_epoch=steps_per_epoch)
+    lrs = []
+    for _ in range(cfg.epochs * steps_per_epoch):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
 def test_optimizer_and_scheduler_from_config() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
     model(torch.zeros(2, 3, 8, 8))
@@ -94,12 +106,7 @@ def test_optimizer_and_scheduler_from_config() -> None:
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == cfg.weight_decay and no_decay["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
-    sched = scheduler_from_config(opt, cfg, steps_per_epoch=5)
-    lrs = []
-    for _ in range(10):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = _lrs(opt, cfg, steps_per_epoch=5)
     assert lrs[0] == pytest.approx(cfg.lr / 5) and lrs[4] == pytest.approx(cfg.lr)  # warmup
     assert lrs[5] == pytest.approx(cfg.lr) and lrs[9] < 0.1 * cfg.lr  # cosine over epoch 2
     sgd = optimizer_from_config(model, config_from_flags("blog", data=Path("d"), out=Path("o")))
@@ -112,13 +119,7 @@ def test_warmup_longer_than_half_the_run_is_cut_to_half() -> None:
     model = nn.Linear(2, 2)
     cfg = config_from_flags("default", data=Path("d"), out=Path("o"), epochs=1)
     assert cfg.warmup_epochs == 0.5
-    opt = optimizer_from_config(model, cfg)
-    sched = scheduler_from_config(opt, cfg, steps_per_epoch=10)
-    lrs = []
-    for _ in range(10):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = _lrs(optimizer_from_config(model, cfg), cfg, steps_per_epoch=10)
     assert lrs[4] == pytest.approx(cfg.lr) and lrs[9] < 0.1 * cfg.lr
     flags = {"data": Path("d"), "out": Path("o"), "epochs": 4, "warmup_epochs": 5.0}
     assert config_from_flags("default", **flags).warmup_epochs == 2
