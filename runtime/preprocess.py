@@ -121,6 +121,8 @@ def decode_image(
     except Image.DecompressionBombError as e:
         raise ImageError(f"decompression-bomb guard: {e}") from None
     except FileNotFoundError:
+        if set("*?[") & set(os.fsdecode(path)):  # a PATH pattern that matched nothing (inputs)
+            raise ImageError("no file matches this pattern") from None
         raise ImageError("file not found (or a broken symlink)") from None
     except IsADirectoryError:
         raise ImageError(  # a folder PATH with no image files in it, or a folder in an @list

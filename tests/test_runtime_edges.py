@@ -56,6 +56,11 @@ def test_folder_without_images_is_an_error_row(
     assert b"0 ok, 1 failed; no image classified in " in r.stderr and b"images/s" not in r.stderr
     r = _infer(tmp_path / "top", "--engine", model, "--recursive")
     assert r.returncode == 0 and len(r.stdout.decode().splitlines()) == 2
+    # a pattern that matches nothing says so (it said "file not found (or a broken symlink)")
+    r = _infer(f"{tmp_path}/top/*.png", "--engine", model)
+    assert r.returncode == 3, r.stderr
+    (row,) = r.stdout.decode().splitlines()[1:]
+    assert row.startswith(f"{tmp_path}/top/*.png,error,") and "no file matches this pattern" in row
 
 
 def test_folders_skip_hidden_files_and_subfolders(tmp_path: Path) -> None:
