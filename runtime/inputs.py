@@ -26,7 +26,7 @@ from marsvision.runtime.errors import MarsvisionError
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 )
-_GLOB_CHARS = frozenset("*?[")
+GLOB_CHARS = frozenset("*?[")  # a PATH holding one of these is a pattern
 
 
 def _walk(
@@ -44,12 +44,14 @@ def _walk(
     `unreadable` (os.walk passed over it without a word)."""
     try:
         st = os.stat(top)
+        here = (st.st_dev, st.st_ino)
+        if here in _above:
+            return
         with os.scandir(top) as it:
             entries = list(it)
     except OSError:
         unreadable.append(top)
         return
-    here = (st.st_dev, st.st_ino)
     files, dirs = [], []
     for e in entries:
         try:
@@ -63,13 +65,7 @@ def _walk(
     dirs.sort()
     yield top, sorted(files), dirs
     for name in dirs:
-        sub = os.path.join(top, name)
-        try:
-            st_sub = os.stat(sub)
-        except OSError:
-            continue
-        if (st_sub.st_dev, st_sub.st_ino) not in _above | {here}:
-            yield from _walk(sub, unreadable, hidden=hidden, _above=_above | {here})
+        yield from _walk(os.path.join(top, name), unreadable, hidden=hidden, _above=_above | {here})
 
 
 def folder_images(
@@ -126,7 +122,7 @@ def _recursive_glob(pattern: str, unreadable: list[str]) -> list[str]:
     folders but not back up them (`_walk`); only folders a match may lie in are listed, and
     of them those that cannot be go to `unreadable`."""
     parts = pattern.split("/")
-    first = next(i for i, p in enumerate(parts) if _GLOB_CHARS & set(p))
+    first = next(i for i, p in enumerate(parts) if GLOB_CHARS & set(p))
     prefix = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else "")
     pats = [p for p in parts[first:] if p]
     folders_only = pattern.endswith("/")
@@ -201,7 +197,7 @@ def expand_inputs(args: list[str], *, recursive: bool = False) -> list[str]:
             unreadable: list[str] = []
             found = folder_images(arg, recursive, unreadable)
             out.extend(found + unreadable or [arg])  # no images: the folder's error row
-        elif not os.path.lexists(arg) and _GLOB_CHARS & set(arg):
+        elif not os.path.lexists(arg) and GLOB_CHARS & set(arg):
             unreadable = []
             if recursive and "**" in arg:
                 matches = sorted(_recursive_glob(arg, unreadable))

@@ -18,6 +18,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from marsvision.runtime.inputs import GLOB_CHARS
 from marsvision.runtime.spec import PreprocessSpec
 
 # Images above this many pixels are refused before decoding (decompression-bomb guard);
@@ -121,7 +122,7 @@ def decode_image(
     except Image.DecompressionBombError as e:
         raise ImageError(f"decompression-bomb guard: {e}") from None
     except FileNotFoundError:
-        if set("*?[") & set(os.fsdecode(path)):  # a PATH pattern that matched nothing (inputs)
+        if GLOB_CHARS & set(os.fsdecode(path)):  # a PATH pattern that matched nothing (inputs)
             raise ImageError("no file matches this pattern") from None
         raise ImageError("file not found (or a broken symlink)") from None
     except IsADirectoryError:
