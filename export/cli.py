@@ -14,11 +14,10 @@ from typing import Any
 import click
 
 from marsvision.export.config import CALIB_METHODS, TENSORRT_MODES, ExportConfig
-from marsvision.runtime.errors import MarsvisionError, require_extra
+from marsvision.runtime.errors import EXIT_INTERRUPTED, MarsvisionError, require_extra
 
 _REPO = Path(__file__).resolve().parents[1]
 MODELS_ENV = "MARS_MODELS"  # folder of shipped checkpoints, instead of <repo>/models
-EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as the shell reports it)
 EXIT_TERMINATED = 143  # SIGTERM (128 + 15): `timeout`, a CI cancel
 _DEFAULTS = ExportConfig(checkpoint=Path("."), out=Path("."))
 

@@ -12,14 +12,13 @@ import click
 
 from marsvision.runtime.backends import BACKENDS, DEVICES
 from marsvision.runtime.classifier import TTA_MODES
-from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.errors import EXIT_INTERRUPTED, MarsvisionError
 from marsvision.runtime.results import FORMATS
 
 EXIT_OK = 0
 EXIT_MODEL = 1  # model or option error (one line on stderr)
 EXIT_USAGE = 2  # bad command line (click)
 EXIT_SOME_FAILED = 3  # every input has a row, but some rows have status "error"
-EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as the shell reports it)
 
 _HELP = f"""Classify images with an exported model (ONNX file or TensorRT engine).
 

@@ -1,11 +1,16 @@
-"""The one exception type for user errors (bad input, missing files, wrong options), and the
-check that a command's optional dependencies are installed."""
+"""The one exception type for user errors (bad input, missing files, wrong options), the
+check that a command's optional dependencies are installed, and the exit code of an
+interrupted command."""
 
 from __future__ import annotations
 
 from importlib.util import find_spec
 
 import click
+
+# The exit code of a command stopped by Ctrl-C (128 + SIGINT, as the shell reports it): click
+# would say "Aborted!" and exit 1, an option error's code.
+EXIT_INTERRUPTED = 130
 
 
 class MarsvisionError(click.ClickException):
