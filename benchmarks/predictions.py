@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from marsvision.runtime.errors import MarsvisionError
-from marsvision.runtime.results import csv_rows
+from marsvision.runtime.results import ENCODING, csv_rows, whole_csv_records
 
 _PROVENANCE = ("model_sha256", "precision", "backend")
 _SHOW = 3  # items quoted in an error message
@@ -69,8 +69,9 @@ def _row(path: Path, line: int, d: dict[str, Any]) -> PredictionRow:
 
 def _read_csv(path: Path, text: str) -> Predictions:
     # mars-infer ends every row with a newline; a kill can cut the last one inside its last
-    # column, which still has the header's count of columns (the quotes: a path may hold one)
-    if not text.endswith("\n") or text.count('"') % 2:
+    # column, which still has the header's count of columns (as --resume finds where it ends)
+    data = text.encode(ENCODING["encoding"], ENCODING["errors"])
+    if whole_csv_records(data) < len(data):
         raise MarsvisionError(
             f"{path}: its last row does not end (a run cut short? finish it with mars-infer "
             "--resume, which drops the unfinished row; or, if that row is whole, end the file "

@@ -147,7 +147,7 @@ class ResultWriter:
         self._write_text(text)
 
 
-def _whole_csv_records(data: bytes) -> int:
+def whole_csv_records(data: bytes) -> int:
     """Length of the longest prefix of `data` made of whole CSV records: up to the last newline
     outside quotes (a quoted path may hold newlines; quotes inside a field come doubled)."""
     end = pos = quotes = 0
@@ -244,7 +244,7 @@ def read_done(path: str, *, fmt: str, header: list[str], provenance: Provenance)
             f"{path} holds {other.upper()} rows, not {fmt.upper()}; resume with --format {other}"
         )
     # the whole rows; what follows them is a last row left unfinished by a kill
-    keep = _whole_csv_records(data) if fmt == "csv" else data.rfind(b"\n") + 1
+    keep = whole_csv_records(data) if fmt == "csv" else data.rfind(b"\n") + 1
     text = data[:keep].decode(ENCODING["encoding"], ENCODING["errors"])
     done: dict[str, str] = {}
     if text:

@@ -272,14 +272,14 @@ def test_parity_reference_is_the_exported_checkpoint(
     assert _checkpoint(tiny_checkpoint, arts) == tiny_checkpoint  # --checkpoint wins
 
 
-def test_whole_csv_records() -> None:
-    from marsvision.runtime.results import _whole_csv_records
+def testwhole_csv_records() -> None:
+    from marsvision.runtime.results import whole_csv_records
 
     whole = b'path,status\n"a\nb.jpg",ok\n"say ""hi"".jpg",ok\n'
-    assert _whole_csv_records(whole) == len(whole)
-    assert _whole_csv_records(whole + b'"c\nd.jp') == len(whole)  # cut inside a quoted path
-    assert _whole_csv_records(whole + b"e.jpg,o") == len(whole)
-    assert _whole_csv_records(b"") == 0
+    assert whole_csv_records(whole) == len(whole)
+    assert whole_csv_records(whole + b'"c\nd.jp') == len(whole)  # cut inside a quoted path
+    assert whole_csv_records(whole + b"e.jpg,o") == len(whole)
+    assert whole_csv_records(b"") == 0
 
 
 def test_csv_resume_after_a_cut_inside_a_quoted_path(
