@@ -285,6 +285,13 @@ def test_sweep_seeds_are_checked(msl_dir: Path, tmp_path: Path) -> None:
     (data / last).unlink()
     with pytest.raises(MarsvisionError, match=f"{Path(last).name} is missing"):
         run_sweep(settings=parse_settings(TINY), **{**kw, "data_dir": data})  # type: ignore[arg-type]
+    # a setting the first candidate takes and the second refuses: refused before any training
+    # (it was refused after the first had trained, and the sweep shipped nothing)
+    small = parse_settings(("store_size=140", *(s for s in TINY if "image_size" not in s)))
+    with pytest.raises(
+        MarsvisionError, match="--store-size 140: must be at least --image-size 224"
+    ):
+        run_sweep(settings=small, **{**kw, "names": ["group-zoom-128", "default"]})  # type: ignore[arg-type]
     assert not (tmp_path / "r").exists()
 
 

@@ -223,7 +223,7 @@ def run_sweep(
         seed_in_range,
     )
 
-    if not all(map(seed_in_range, seeds)):  # each run's config checks its own, after the others
+    if not all(map(seed_in_range, seeds)):  # one message for them all
         raise MarsvisionError(f"--seeds {','.join(map(str, seeds))}: each must be in {SEED_RANGE}")
     check_writable_folder(out_dir, "--out")  # before the budget is spent, not after
     from marsvision.train.data import check_all_listed
@@ -241,6 +241,14 @@ def run_sweep(
     from marsvision.train.loop import main as train
     from marsvision.train.ship import ship_run, shipped_name
 
+    plan = []  # every run's config, checked before the first trains: not after a lease is spent
+    for name, seed in [(n, s) for n in names for s in seeds]:
+        flags = {**CANDIDATES[name], **settings, "seed": seed}
+        recipe = flags.pop("recipe", "default")
+        run = name if len(seeds) == 1 else f"{name}-seed{seed}"
+        cfg = config_from_flags(recipe, data=data_dir, out=runs_dir / run, task=task,
+                                workers=workers, **flags)  # fmt: skip
+        plan.append((name, seed, run, cfg))
     t_start = time.monotonic()
     deadline = t_start + budget_s - RESERVE_S
     rows: list[dict[str, Any]] = []
@@ -249,12 +257,7 @@ def run_sweep(
     distill_s = DISTILL_RESERVE_S  # the last distillation's time
     distill_error = None  # the first failure turns --distill off: the runs are not lost
     with decoded_once():  # each file decoded once per preprocessing for all runs
-        for name, seed in [(n, s) for n in names for s in seeds]:
-            flags = {**CANDIDATES[name], **settings, "seed": seed}
-            recipe = flags.pop("recipe", "default")
-            run = name if len(seeds) == 1 else f"{name}-seed{seed}"
-            cfg = config_from_flags(recipe, data=data_dir, out=runs_dir / run, task=task,
-                                    workers=workers, **flags)  # fmt: skip
+        for name, seed, run, cfg in plan:
             row: dict[str, Any] = {"name": name, "seed": seed, "run": run, "config": cfg.to_dict()}
             left = deadline - time.monotonic()
             key = (cfg.image_size, cfg.batch_size)
