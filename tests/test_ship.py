@@ -134,6 +134,24 @@ def test_default_rule_is_argmax(run: Path, msl_dir: Path, tmp_path: Path) -> Non
     assert "| label rule | the most probable class |" in result.card.read_text()
 
 
+def test_a_shipped_model_shipped_again_keeps_its_source(
+    shipped: Path, run: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    """Its card named the first ship's fp16 file as the run checkpoint, and that ship's fp16
+    scores as the run's fp32 ones."""
+    result = ship_run(shipped / "resnet50-binary.pt", models_dir=tmp_path, data_dir=msl_dir,
+                      device="cpu", workers=2, limit=16)  # fmt: skip
+    again = load_checkpoint(result.checkpoint)
+    source = load_checkpoint(run / "checkpoint.pt")
+    sha = hashlib.sha256((run / "checkpoint.pt").read_bytes()).hexdigest()
+    assert again["shipped"]["source_checkpoint_sha256"] == sha
+    assert again["metrics"]["fp32_run"] == {s: source["metrics"][s] for s in ("val", "test")}
+    card = result.card.read_text()
+    assert f"| source run checkpoint | sha256 `{sha}` (fp32) |" in card
+    fp32 = source["metrics"]["val"]["accuracy"]
+    assert f"The run's own fp32 weights scored {100 * fp32:.2f} on val" in card
+
+
 def test_card_and_sums(shipped: Path, msl_dir: Path) -> None:
     # the model, its card and the sums, nothing staged left beside them
     assert sorted(p.name for p in shipped.iterdir()) == [
@@ -227,6 +245,18 @@ def test_refuses_unfinished_runs_and_other_data(
     atomic_torch_save(other, tmp_path / "other.pt")
     with pytest.raises(MarsvisionError, match="not the data set"):
         ship_run(tmp_path / "other.pt", models_dir=tmp_path / "m", data_dir=msl_dir)
+    # --threshold-on-val: binary models only (an msl25 model shipped with argmax, exit 0), and a
+    # val of one class is refused in a line (balanced_threshold's ValueError, a traceback)
+    msl25 = load_checkpoint(run / "checkpoint.pt")
+    msl25["task"], msl25["class_names"] = "msl25", [f"class{i}" for i in range(25)]
+    atomic_torch_save(msl25, tmp_path / "msl25.pt")
+    with pytest.raises(MarsvisionError, match="--threshold-on-val: binary models only"):
+        ship_run(tmp_path / "msl25.pt", models_dir=tmp_path / "m", data_dir=msl_dir,
+                 threshold_on_val=True)  # fmt: skip
+    assert len({s.label for s in read_split(msl_dir, "val", "binary", 2)}) == 1
+    with pytest.raises(MarsvisionError, match="2 val images scored hold one class only"):
+        ship_run(run, models_dir=tmp_path / "m", data_dir=msl_dir, device="cpu", workers=2,
+                 limit=2, threshold_on_val=True)  # fmt: skip
     assert not (tmp_path / "m").exists()
 
 

@@ -97,6 +97,11 @@ def score_checkpoint(
             probs["val_flip"] = (probs[split] + mirror) / 2
     threshold = None
     if threshold_on_val and k == 2:
+        if len(np.unique(labels["val"])) < 2:  # balanced accuracy needs both classes
+            raise MarsvisionError(
+                f"--threshold-on-val: the {len(labels['val'])} val images scored hold one class "
+                "only; score more of val (a larger --limit, or none)"
+            )
         threshold = balanced_threshold(labels["val"], probs["val"][:, 1])
     scores: dict[str, Any] = {"decision_threshold": threshold}
     for split in SCORED_SPLITS:
@@ -166,6 +171,11 @@ def ship_run(
     source = run / "checkpoint.pt" if run.is_dir() else run
     ckpt = load_checkpoint(source)
     check_finished(ckpt, source)
+    if threshold_on_val and len(ckpt["class_names"]) != 2:
+        raise MarsvisionError(
+            f"--threshold-on-val: binary models only; {source} is a {ckpt['task']} model "
+            "(it labels by the most probable class)"
+        )
     msl.check_same_data(ckpt, data_dir, source)
     msl.check_all_listed(data_dir, ckpt["task"])  # the card reads all; the scoring --limit
     if threshold_on_val and is_refit(ckpt["config"]):
@@ -181,6 +191,10 @@ def ship_run(
                               limit=limit, threshold_on_val=threshold_on_val)  # fmt: skip
     shipped["decision_threshold"] = scores["decision_threshold"]
     train_device, train_seconds = source_training(ckpt, source)
+    # a shipped checkpoint shipped again (e.g. with --threshold-on-val) keeps its source: its own
+    # metrics are the earlier ship's fp16 scores, and its file is not the run's checkpoint
+    earlier = ckpt.get("shipped") or {}
+    earlier_fp32 = ckpt["metrics"].get("fp32_run") if earlier else None
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     shipped["metrics"] = {
         **{s: scores[s]["metrics"] for s in SCORED_SPLITS},
@@ -188,14 +202,14 @@ def ship_run(
         "ci95_by_sol": {s: scores[s]["ci95_by_sol"] for s in SCORED_SPLITS},
         "best_epoch": ckpt["metrics"].get("best_epoch", ckpt.get("epoch")),
         "stopped_early_after_epoch": ckpt["metrics"].get("stopped_early_after_epoch"),
-        "fp32_run": {s: ckpt["metrics"][s] for s in SCORED_SPLITS},
+        "fp32_run": earlier_fp32 or {s: ckpt["metrics"][s] for s in SCORED_SPLITS},
         "val_tta_flip": scores["val"]["tta_flip"],
         "val_argmax": scores["val"]["argmax"],
     }
     shipped["shipped"] = {
         "date": now,
         "command": command,
-        "source_checkpoint_sha256": sha256_file(source),
+        "source_checkpoint_sha256": earlier.get("source_checkpoint_sha256") or sha256_file(source),
         "scored_limit": limit,
         "train_device": train_device,
         "train_seconds": train_seconds,
