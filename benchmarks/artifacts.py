@@ -102,7 +102,7 @@ def skip_reason(artifact: Artifact, device: str) -> str | None:
     """Why this artifact cannot run here (None when it can)."""
     if artifact.is_engine:
         if device == "cpu":
-            return "TensorRT engines need a GPU (--device cpu given)"
+            return "TensorRT engines need a GPU; this run is on the CPU (--device cpu, or no GPU)"
         from marsvision.export.tensorrt import TRT_INSTALL_HINT, tensorrt_unavailable_reason
 
         reason = tensorrt_unavailable_reason()

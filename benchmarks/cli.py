@@ -2,8 +2,8 @@
 `score` (a model's metrics on an MSL split, from mars-infer's own result file).
 
 Results (JSON, markdown, PNG) go to --out; the table goes to stdout; progress to stderr.
-`parity` exits with code 3 (PARITY_FAIL_EXIT) when an artifact fails its thresholds, `score`
-with the same code when a --require is not met.
+`parity` exits with code 3 (PARITY_FAIL_EXIT) when an artifact fails its thresholds or none
+could be compared (every one skipped), `score` with the same code when a --require is not met.
 """
 
 from __future__ import annotations
@@ -286,7 +286,8 @@ def parity(
     int8_min_agreement: float,
     out: Path,
 ) -> None:
-    """Accuracy of every artifact vs the PyTorch checkpoint; exit 3 when one fails."""
+    """Accuracy of every artifact vs the PyTorch checkpoint; exit 3 when one fails, or when
+    every one was skipped (TensorRT engines without TensorRT)."""
     from marsvision.benchmarks.parity import PARITY_FAIL_EXIT, ParityConfig, Thresholds, run_parity
     from marsvision.benchmarks.parity_report import render_text, write_parity
     from marsvision.train.data import resolve_data_dir

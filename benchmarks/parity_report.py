@@ -111,14 +111,13 @@ def render_text(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         for f in row.get("failures", []):
             lines.append(f"FAIL {row['artifact']}: {f}")
-    lines.append(
-        "parity: "
-        + (
-            "all artifacts pass"
-            if report["passed"]
-            else f"{len(report['failed'])} artifact(s) FAIL: {', '.join(report['failed'])}"
-        )
-    )
+    if report["failed"]:
+        summary = f"{len(report['failed'])} artifact(s) FAIL: {', '.join(report['failed'])}"
+    elif report["passed"]:
+        summary = "all artifacts pass"
+    else:  # reports before "compared": passed whenever none failed
+        summary = "no artifact was compared (every one was skipped): nothing shown to pass"
+    lines.append(f"parity: {summary}")
     return "\n".join(lines)
 
 

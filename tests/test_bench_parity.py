@@ -230,28 +230,19 @@ def test_engine_without_tensorrt_is_skipped_not_failed(
     d.mkdir()
     shutil.copy(art / "resnet50-binary.fp32.onnx", d)
     (d / "resnet50-binary.fp16.plan").write_bytes(b"not an engine")
-    code, output, report = _run(
-        [
-            "parity",
-            "--checkpoint",
-            str(ckpt),
-            "--artifacts",
-            str(d),
-            "--data",
-            str(msl_dir),
-            "--splits",
-            "test",
-            "--limit",
-            "8",
-            "--device",
-            "cpu",
-            "--out",
-            str(tmp_path / "res"),
-        ]
-    )
+    args = ["parity", "--checkpoint", str(ckpt), "--artifacts", str(d), "--data", str(msl_dir),
+            "--splits", "test", "--limit", "8", "--device", "cpu",
+            "--out", str(tmp_path / "res")]  # fmt: skip
+    code, output, report = _run(args)
     engine = next(r for r in report["rows"] if r["flavour"] == "fp16-engine")
     assert engine["status"].startswith("skipped: ") and engine["verdict"] == "skipped"
+    assert "this run is on the CPU" in engine["status"]
     assert code == 0, output
+    # the engine alone: nothing was compared, which is no pass (it said "all artifacts pass")
+    (d / "resnet50-binary.fp32.onnx").unlink()
+    code, output, report = _run(args[:-1] + [str(tmp_path / "alone")])
+    assert code == PARITY_FAIL_EXIT and not report["passed"] and report["compared"] == []
+    assert "parity: no artifact was compared (every one was skipped)" in output
 
 
 @pytest.mark.parametrize(
@@ -290,6 +281,28 @@ def test_compare_labels_by_the_models_decision_threshold() -> None:
     ruled = compare(ref, art, y, num_classes=2, task="binary", threshold=0.9)
     assert ruled["top1_agreement"] == 100.0 and ruled["accuracy"] == 100.0
     assert ruled["accuracy_change"] == 0.0
+
+
+def test_outputs_that_are_not_finite_fail_the_artifact() -> None:
+    """A NaN row's argmax is class 0: it was counted as a prediction like any other, and an
+    artifact whose NaN rows happened to match passed with 100% agreement."""
+    from marsvision.benchmarks.parity import compare
+
+    y = np.array([0, 0, 1, 1])
+    ref = np.array([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [0.0, 2.0]])
+    art = ref.copy()
+    art[0] = np.nan
+    art[1, 1] = np.inf
+    f = compare(ref, art, y, num_classes=2, task="binary")
+    assert f["non_finite"] == 2 and f["disagreements"] == 2 and f["top1_agreement"] == 50.0
+    assert f["accuracy"] == 50.0 and f["accuracy_change"] == -50.0
+    assert f["max_prob_diff"] == 0.0  # over the finite rows: no NaN in the report
+    for precision in ("fp32", "fp16", "int8"):
+        passed, reasons = verdict(precision, f, Thresholds(int8_max_accuracy_change=100.0,
+                                                           int8_min_agreement=0.0,
+                                                           fp16_max_accuracy_change=100.0,
+                                                           fp32_min_agreement=0.0))  # fmt: skip
+        assert not passed and "2 of 4 outputs not finite" in reasons[0]
 
 
 @pytest.mark.parametrize(
