@@ -3,7 +3,8 @@
 
 Results (JSON, markdown, PNG) go to --out; the table goes to stdout; progress to stderr.
 `parity` exits with code 3 (PARITY_FAIL_EXIT) when an artifact fails its thresholds or none
-could be compared (every one skipped), `score` with the same code when a --require is not met.
+could be compared (every one skipped), `score` with the same code when a --require is not met,
+`speed` when a measurement failed or none was made (the result files are written all the same).
 """
 
 from __future__ import annotations
@@ -194,8 +195,9 @@ def speed(
     isolate: bool,
     out: Path,
 ) -> None:
-    """Throughput and latency of each backend x precision x batch, vs PyTorch eager FP32."""
-    from marsvision.benchmarks.speed import SpeedConfig, run_speed
+    """Throughput and latency of each backend x precision x batch, vs PyTorch eager FP32; exit 3
+    when a measurement failed (an error row) or none was made."""
+    from marsvision.benchmarks.speed import SPEED_FAIL_EXIT, SpeedConfig, run_speed
     from marsvision.benchmarks.speed_report import render_text, write_speed
 
     require_extra("mars-bench speed", "train", "torch", "torchvision")  # its PyTorch baseline
@@ -220,6 +222,11 @@ def speed(
     click.echo(render_text(report))
     for p in write_speed(report, out):
         _log(f"wrote {p}")
+    failed = sum(r["status"].startswith("error") for r in report["rows"])
+    if failed or not any(r["status"] == "ok" for r in report["rows"]):
+        _log(f"speed: {failed} of {len(report['rows'])} measurements failed (their error rows "
+             "above)" if failed else "speed: nothing was measured (every row skipped)")  # fmt: skip
+        sys.exit(SPEED_FAIL_EXIT)
 
 
 @main.command()

@@ -17,6 +17,10 @@ from marsvision.benchmarks.artifacts import find_artifacts
 from marsvision.benchmarks.speed_jobs import TORCH_BACKENDS, Job, run_job, run_job_isolated
 from marsvision.runtime.errors import MarsvisionError
 
+# Exit code of `mars-bench speed` when a measurement failed or none was made: parity's and
+# score's failure code (1 is a user error, 2 a usage error, as click defines them)
+SPEED_FAIL_EXIT = 3
+
 BACKENDS = ("pytorch", "pytorch-cl", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8-cpu", "int8-trt", "int8")
 MODES = ("model", "e2e")

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from marsvision.benchmarks.cli import main
 from marsvision.benchmarks.conditions import cpu_info, machine_name
+from marsvision.benchmarks.speed import SPEED_FAIL_EXIT
 from marsvision.benchmarks.speed_jobs import Job, run_job_isolated
 from marsvision.benchmarks.timing import summarize, time_calls
 from marsvision.runtime.errors import MarsvisionError
@@ -218,6 +219,23 @@ def test_speed_says_what_it_does_not_measure(
     with pytest.raises(MarsvisionError, match="fp32.onnx was exported from another checkpoint"):
         run_speed(SpeedConfig(checkpoint=other, artifacts=fp32_dir, modes=("model",),
                               precisions=("fp32",), backends=("onnxruntime",)))  # fmt: skip
+
+
+def test_speed_exits_3_when_a_measurement_failed(
+    fp32_dir: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Every row an error (an --images file that does not decode) exited 0, as if measured."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "cut.JPG").write_bytes(b"not a jpeg")
+    args = ["speed", "--checkpoint", str(tiny_checkpoint), "--artifacts", str(fp32_dir),
+            "--modes", "e2e", "--images", str(tmp_path / "img"), "--batch-sizes", "2",
+            "--precisions", "fp32", "--backends", "pytorch,onnxruntime", "--warmup", "0",
+            "--repeats", "1", "--device", "cpu", "--threads", "1", "--in-process",
+            "--out", str(tmp_path / "o")]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == SPEED_FAIL_EXIT, result.output
+    assert "speed: 2 of 2 measurements failed (their error rows above)" in result.output
+    assert list((tmp_path / "o").glob("speed-*.json"))  # written all the same
 
 
 def test_speed_without_images_for_e2e_is_a_user_error(
