@@ -137,6 +137,36 @@ def test_resume_continues_the_same_run(
     # (every other setting: tests/test_resume.py)
 
 
+def test_resume_needs_no_init_file(
+    msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """resume.pt holds the weights: a run started from --init resumes after the weights file
+    is gone (it was loaded again, and its absence refused the resume)."""
+    from marsvision.train import loop
+
+    weights = tmp_path / "init.pth"
+    torch.save(create_model(2).state_dict(), weights)
+    monkeypatch.setattr(loop, "RESUME_EVERY_S", 0.0)
+    kw = dict(data=msl_dir, out=tmp_path / "r", epochs=2, limit=LIMIT, image_size=64,
+              device="cpu", batch_size=8, workers=2, init=str(weights))  # fmt: skip
+    first = loop.main(config_from_flags("default", **kw), deadline=time.monotonic())
+    assert first["stopped_early_after_epoch"] == 1
+    weights.unlink()
+    result = loop.main(config_from_flags("default", resume=True, **kw))
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+
+
+def test_a_diverged_run_stops_with_an_error(msl_dir: Path, tmp_path: Path) -> None:
+    """Weights gone NaN: the run went on to the end and exited 0, with NaN in metrics.json and
+    every image labelled the first class."""
+    out = tmp_path / "nan"
+    r = CliRunner().invoke(main, ["--data", str(msl_dir), "--out", str(out), "--limit",
+                                  str(LIMIT), "--epochs", "2", "--lr", "1e30", *QUICK])  # fmt: skip
+    assert r.exit_code == 1 and "Error: training diverged in epoch 1 (" in r.output, r.output
+    assert "run again with a lower --lr (it was 1e+30)" in r.output
+    assert not (out / "checkpoint.pt").exists() and not (out / "metrics.json").exists()
+
+
 def test_recipes() -> None:
     blog = config_from_flags("blog", data=Path("d"), out=Path("o"), epochs=None, lr=None)
     assert (blog.optimizer, blog.lr, blog.batch_size, blog.epochs) == ("sgd", 0.01, 32, 50)

@@ -13,6 +13,7 @@ everywhere below is the second half, the held-out one the epoch is selected on.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.files import check_writable_folder, make_folder
 from marsvision.runtime.spec import PreprocessSpec
 from marsvision.train import data as msl
@@ -224,6 +226,16 @@ def evaluate(
     return loss, torch.softmax(out, dim=1).cpu().numpy()
 
 
+def check_finite(loss: float, what: str, epoch: int, lr: float) -> None:
+    """Stop a run whose weights went NaN or inf: it went on to the end and exited 0, every
+    image labelled the first class (argmax of NaN) and NaN in metrics.json."""
+    if not math.isfinite(loss):
+        raise MarsvisionError(
+            f"training diverged in epoch {epoch} ({what} {loss}): the weights are no longer "
+            f"finite; run again with a lower --lr (it was {lr:g})"
+        )
+
+
 def _split_metrics(
     task: str, samples: list[msl.Sample], probs: np.ndarray, k: int
 ) -> dict[str, Any]:
@@ -256,7 +268,8 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     val_fit, splits["val"] = val_roles(cfg.to_dict(), splits["val"])
     fit = splits["train"] + val_fit
     torch.manual_seed(cfg.seed)  # before the model's random init
-    model = create_model(k, cfg.init)
+    # a resumed run's weights come from resume.pt: the --init file need not be there any more
+    model = create_model(k, cfg.init if resume is None else "random")
     log = sys.stderr
     workers = max(cfg.workers, 1)
     decoded = len(fit) + len(splits["val"]) + len(splits["test"])
@@ -355,6 +368,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
             desc=f"epoch {epoch}/{cfg.epochs}", camera=camera,
             progress=((epoch - 1) / cfg.epochs, epoch / cfg.epochs),
         )  # fmt: skip
+        check_finite(tr["loss"], "train loss", epoch, cfg.lr)
         entry = {
             "epoch": epoch,
             "train_loss": tr["loss"],
@@ -371,6 +385,7 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
         else:
             val_loss, val_probs = evaluate(scored, inputs=inputs["val"], labels=y["val"],
                                            batch_size=2 * cfg.batch_size, amp=bf16)  # fmt: skip
+            check_finite(val_loss, "val loss", epoch, cfg.lr)
             vm = _split_metrics(task, splits["val"], val_probs, k)
             entry.update(val_loss=val_loss, val_accuracy=vm["accuracy"],
                          val_balanced_accuracy=vm["balanced_accuracy"])  # fmt: skip
