@@ -258,11 +258,16 @@ def distill_file(
     returns what it wrote. `flavour`: trt (int8 everywhere) or cpu (uint8 after ReLUs)."""
     from marsvision.runtime.metadata import sha256_file
     from marsvision.train.checkpoint import atomic_torch_save, load_checkpoint
+    from marsvision.train.config import SEED_RANGE, seed_in_range
     from marsvision.train.data import check_same_data
+    from marsvision.train.device import select_device
     from marsvision.train.ship import check_finished
 
     if not (math.isfinite(lr) and lr > 0):  # inf wrote a NaN checkpoint; nan, a traceback
         raise MarsvisionError(f"--lr {lr}: must be a positive number")
+    if not seed_in_range(seed):  # torch.manual_seed's traceback
+        raise MarsvisionError(f"--seed {seed}: must be in {SEED_RANGE}")
+    select_device(device)  # refused before the checkpoint is read and the images decoded
     ckpt = load_checkpoint(checkpoint)
     check_finished(ckpt, checkpoint)  # its test metrics go on the card beside the distilled ones
     check_same_data(ckpt, data_dir, checkpoint)
