@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import sys
-from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import click
 
 from marsvision.export.config import CALIB_METHODS, TENSORRT_MODES, ExportConfig
-from marsvision.runtime.errors import EXIT_INTERRUPTED, MarsvisionError, require_extra
+from marsvision.runtime.errors import MarsvisionError, interruptible, require_extra
 
 _REPO = Path(__file__).resolve().parents[1]
 MODELS_ENV = "MARS_MODELS"  # folder of shipped checkpoints, instead of <repo>/models
-EXIT_TERMINATED = 143  # SIGTERM (128 + 15): `timeout`, a CI cancel
 _DEFAULTS = ExportConfig(checkpoint=Path("."), out=Path("."))
 
 
@@ -35,21 +29,6 @@ def shipped_checkpoint(task: str = "binary") -> Path:
             f"no shipped {task} model at {path}; pass --checkpoint PATH (a mars-train checkpoint)"
         )
     return path
-
-
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(EXIT_TERMINATED)
-
-
-@contextlib.contextmanager
-def _sigterm_exits() -> Iterator[None]:
-    """SIGTERM raises SystemExit in the block, so that cleanups run (the staging folder of tens to
-    hundreds of MB is removed); the default handler killed the process without them."""
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _table(manifest: dict[str, Any]) -> str:
@@ -171,12 +150,8 @@ def main(
         max_batch=max_batch,
         data_dir=data,
     )
-    try:
-        with _sigterm_exits():
-            manifest = export_all(config)
-    except KeyboardInterrupt:  # click would say "Aborted!" and exit 1, an option error's code
-        click.echo("\nmars-export: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+    with interruptible("mars-export"):  # the staging folder is removed
+        manifest = export_all(config)
     click.echo(_table(manifest))
     kept = len(manifest["kept"])
     click.echo(f"\nwrote {len(manifest['artifacts']) - kept} artifacts and manifest.json to {out}"

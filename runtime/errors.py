@@ -4,13 +4,20 @@ interrupted command."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import sys
+from collections.abc import Iterator
 from importlib.util import find_spec
+from types import FrameType
 
 import click
 
-# The exit code of a command stopped by Ctrl-C (128 + SIGINT, as the shell reports it): click
-# would say "Aborted!" and exit 1, an option error's code.
+# The exit codes of a command stopped by Ctrl-C or SIGTERM (128 + the signal, as the shell
+# reports it): click would say "Aborted!" and exit 1, an option error's code, and SIGTERM's
+# default handler killed the process before its cleanups.
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # `timeout`, a job scheduler, a CI cancel
 
 
 class MarsvisionError(click.ClickException):
@@ -34,3 +41,22 @@ def require_extra(command: str, extra: str, *modules: str) -> None:
             f'pip install "marsvision[cpu,{extra}]" ("marsvision[gpu,{extra}]" on a machine with a '
             "GPU)"
         )
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(EXIT_TERMINATED)
+
+
+@contextlib.contextmanager
+def interruptible(command: str, *, hint: str = "") -> Iterator[None]:
+    """Run the block so that Ctrl-C and SIGTERM end it with its cleanups run (temporary files
+    and folders of up to hundreds of MB are removed): Ctrl-C says "`command`: interrupted" and
+    `hint`, exit 130; SIGTERM exits 143. For the main thread (where signal handlers are set)."""
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    except KeyboardInterrupt:
+        click.echo(f"\n{command}: interrupted{hint}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -8,6 +8,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see t
 
 import csv
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -141,7 +142,8 @@ def test_resume_needs_no_init_file(
     msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """resume.pt holds the weights: a run started from --init resumes after the weights file
-    is gone (it was loaded again, and its absence refused the resume)."""
+    is gone (it was loaded again, and its absence refused the resume). A checkpoint's temporary
+    file left by a killed write is removed (it stayed, up to 377 MB)."""
     from marsvision.train import loop
 
     weights = tmp_path / "init.pth"
@@ -152,8 +154,11 @@ def test_resume_needs_no_init_file(
     first = loop.main(config_from_flags("default", **kw), deadline=time.monotonic())
     assert first["stopped_early_after_epoch"] == 1
     weights.unlink()
+    cut = tmp_path / "r" / ".resume.pt.k1ll3d.tmp"  # a write cut by SIGKILL: removed
+    cut.write_bytes(b"half a checkpoint")
     result = loop.main(config_from_flags("default", resume=True, **kw))
     assert [h["epoch"] for h in result["history"]] == [1, 2]
+    assert not cut.exists()
 
 
 def test_a_diverged_run_stops_with_an_error(msl_dir: Path, tmp_path: Path) -> None:
@@ -165,6 +170,34 @@ def test_a_diverged_run_stops_with_an_error(msl_dir: Path, tmp_path: Path) -> No
     assert r.exit_code == 1 and "Error: training diverged in epoch 1 (" in r.output, r.output
     assert "run again with a lower --lr (it was 1e+30)" in r.output
     assert not (out / "checkpoint.pt").exists() and not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stopped_run_leaves_no_temporary_checkpoint(
+    sig: signal.Signals, code: int, msl_dir: Path, tmp_path: Path
+) -> None:
+    """SIGTERM (`timeout`, a job scheduler) killed mars-train while it wrote a checkpoint: the
+    half-written hidden .tmp file (up to 377 MB for resume.pt) stayed, and no later run removes
+    it; Ctrl-C exited 1 with click's "Aborted!", an option error's code."""
+    out = tmp_path / "run"
+    args = ["--data", str(msl_dir), "--out", str(out), "--limit", str(LIMIT), "--epochs", "20",
+            *QUICK]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "marsvision.train.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob(".*.tmp")):  # the first epoch's checkpoint.pt being written
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.005)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "Aborted!" not in err, err
+    assert not list(out.glob(".*.tmp"))
+    if sig == signal.SIGINT:
+        assert "mars-train: interrupted; the same command with --resume continues" in err
 
 
 def test_recipes() -> None:

@@ -169,7 +169,7 @@ def main(
     out: Path | None, resume: bool, init: str, workers: int,
 ) -> None:  # fmt: skip
     """Train ResNet-50 on the MSL images; write checkpoint, metrics and plots to --out."""
-    from marsvision.runtime.errors import MarsvisionError, require_extra
+    from marsvision.runtime.errors import MarsvisionError, interruptible, require_extra
 
     if download:
         from marsvision.train.download import download_msl
@@ -198,7 +198,9 @@ def main(
                    f"run: {cfg.warmup_epochs:g} (the lr then decays)", err=True)  # fmt: skip
     from marsvision.train.loop import main as train
 
-    result = train(cfg)
+    with interruptible("mars-train", hint="; the same command with --resume continues from the "
+                       "last resume.pt (saved every 5 minutes)"):  # fmt: skip
+        result = train(cfg)
     test = result["test"]
     (lo, hi), (f1_lo, f1_hi) = test["ci95"]["accuracy"], test["ci95"]["f1"]
     sol_lo, sol_hi = test["ci95_by_sol"]["accuracy"]

@@ -318,6 +318,9 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
             print(f"replacing the previous run in {cfg.out}", file=log)
             for p in stale:
                 (cfg.out / p).unlink()
+    for name in (CHECKPOINT, RESUME):  # a write cut by SIGKILL (or the OOM killer) left these
+        for tmp in cfg.out.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
     make_folder(cfg.out, "--out")  # checked before decoding; refused since: one line too
     write_json(cfg.out / "config.json", cfg.to_dict())
     ckpt_args: dict[str, Any] = {

@@ -38,7 +38,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click
 
-from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.errors import MarsvisionError, interruptible
 from marsvision.runtime.files import atomic_write_text, check_writable_folder, make_folder
 
 # name -> mars-train flags over the default recipe (224 px, 60 epochs), in the order they run:
@@ -395,10 +395,11 @@ def main(
         seed_list = tuple(int(s) for s in seeds.split(","))
     except ValueError:
         raise MarsvisionError(f"--seeds {seeds!r}: expected integers like 0,1,2") from None
-    summary = run_sweep(data_dir=resolve_data_dir(data), task=check_task(task), names=names,
-                        settings=parse_settings(sets), budget_s=60 * budget_min, runs_dir=runs,
-                        out_dir=out, workers=workers, seeds=seed_list,
-                        distill=distill, distill_epochs=distill_epochs)  # fmt: skip
+    with interruptible("sweep"):  # a checkpoint being written is removed, not left as .tmp
+        summary = run_sweep(data_dir=resolve_data_dir(data), task=check_task(task), names=names,
+                            settings=parse_settings(sets), budget_s=60 * budget_min,
+                            runs_dir=runs, out_dir=out, workers=workers, seeds=seed_list,
+                            distill=distill, distill_epochs=distill_epochs)  # fmt: skip
     for r in summary["candidates"]:
         val = r.get("val")
         click.echo(f"{r['run']:>22}  {r['status']:<8}" + (
