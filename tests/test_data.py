@@ -121,11 +121,15 @@ def test_split_files_edited_by_hand(msl_dir: Path, tmp_path: Path) -> None:
     train.write_text("\n".join([*lines, f"./{lines[1]}"]) + "\n")  # another spelling of it
     with pytest.raises(MarsvisionError, match=f":5: ./{listed} is listed again \\(line 2\\)$"):
         msl.read_split(d, "train", "binary")
+    again = f"calibrated/../{listed}"  # it passed as another image
+    train.write_text("\n".join([*lines, f"{again} {lines[1].split()[1]}"]) + "\n")
+    with pytest.raises(MarsvisionError, match=f":5: {again} is listed again \\(line 2\\)$"):
+        msl.read_split(d, "train", "binary")
     train.write_text("\n".join([*lines, f"{d / listed} {lines[1].split()[1]}"]) + "\n")
     with pytest.raises(MarsvisionError, match=":5: .* is an absolute path; the split files"):
         msl.read_split(d, "train", "binary")
     train.write_text("\n".join(lines) + "\n")
-    test.write_text(test.read_text() + lines[0] + "\n")
+    test.write_text(test.read_text() + f"calibrated/../{lines[0]}\n")  # in two splits
     splits = {s: msl.read_split(d, s, "binary") for s in msl.SPLITS}
     with pytest.raises(MarsvisionError, match="listed in both the train and the test split"):
         msl.check_disjoint(splits)

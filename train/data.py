@@ -144,13 +144,13 @@ def read_split(data_dir: Path, split: str, task: str, limit: int | None = None) 
             raise MarsvisionError(f"{path}:{n}: class id {parts[1]!r} is not an integer") from None
         if not 0 <= msl_class < NUM_MSL_CLASSES:
             raise MarsvisionError(f"{path}:{n}: class id {msl_class} is outside 0-24")
-        listed = Path(parts[0])
+        listed = Path(os.path.normpath(parts[0]))  # calibrated/../calibrated/x.JPG is x.JPG
         if listed.is_absolute():
             raise MarsvisionError(
                 f"{path}:{n}: {parts[0]} is an absolute path; the split files list images "
                 "relative to the data folder"
             )
-        key = listed.as_posix()  # calibrated/x.JPG, ./calibrated/x.JPG: one image
+        key = listed.as_posix()  # calibrated/x.JPG, ./calibrated//x.JPG: one image
         if key in seen:  # it would count twice in the metrics
             raise MarsvisionError(f"{path}:{n}: {parts[0]} is listed again (line {seen[key]})")
         seen[key] = n
