@@ -134,6 +134,12 @@ def main(
         if not int8 and given(name) == click.core.ParameterSource.COMMANDLINE:
             flag = "--" + name.replace("_", "-")
             raise click.UsageError(f"{flag} sets INT8 calibration: add --int8")
+    if given("max_batch") == click.core.ParameterSource.COMMANDLINE:  # ignored, then recorded
+        if tensorrt == "off" or not (fp16 or int8):
+            raise click.UsageError(
+                "--max-batch sizes the TensorRT engines, which are built only for --fp16 or "
+                "--int8 and not with --tensorrt off"
+            )
     # onnxruntime comes with the cpu or gpu extra, not export: both builds cannot sit together
     modules = ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime")
     require_extra("mars-export", "export", *modules)

@@ -27,15 +27,12 @@ def split_paths(data_dir: Path, split: str, task: str, n: int) -> list[Path]:
 def load_batch(paths: list[Path], spec: PreprocessSpec) -> np.ndarray:
     """float32 NCHW batch, preprocessed by the torchvision reference transform."""
     import torch
-    from PIL import Image
 
+    from marsvision.train.images import open_rgb
     from marsvision.train.transforms import eval_transform
 
     tf = eval_transform(spec)
-    rows = []
-    for p in paths:
-        with Image.open(p) as img:
-            rows.append(tf(img.convert("RGB")))
+    rows = [tf(open_rgb(p)) for p in paths]  # an unreadable image: one line naming it
     return torch.stack(rows).numpy().astype(np.float32, copy=False)
 
 

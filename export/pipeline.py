@@ -75,17 +75,19 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
     from marsvision.export.images import load_batch, ort_logits, parity, split_paths
     from marsvision.export.onnx_fp32 import fp32_meta, onnx_from_checkpoint, torch_logits
     from marsvision.train.checkpoint import load_checkpoint
-    from marsvision.train.data import resolve_data_dir
+    from marsvision.train.data import check_same_data, resolve_data_dir
 
     ckpt = load_checkpoint(config.checkpoint)
     source_sha = sha256_file(config.checkpoint)
     data_dir = resolve_data_dir(config.data_dir)
+    # calibration reads "the train split" of --data: of another data set it could be test images
+    check_same_data(ckpt, data_dir, config.checkpoint)
+    meta = fp32_meta(ckpt, source_sha)  # the checkpoint's checks, before --out is made
     out = prepare_out_dir(config.out)
     check_manifest_owner(out, source_sha)
     build_engines, skip_note = _tensorrt_plan(config)
 
     task = ckpt["task"]
-    meta = fp32_meta(ckpt, source_sha)
     spec = meta.preprocess
     calib_paths = split_paths(data_dir, "train", task, config.calib_images) if config.int8 else []
     val_batch = load_batch(split_paths(data_dir, "val", task, config.parity_images), spec)

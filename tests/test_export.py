@@ -316,6 +316,43 @@ def test_failed_parity_writes_nothing(ckpt_path: Path, msl_dir: Path, tmp_path: 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_export_refuses_other_data_unreadable_images_and_misfit_weights(
+    ckpt_path: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    """Another data set's "train split" was calibrated on without a word (here: test images);
+    an unreadable calibration or val image ended in a traceback; a checkpoint whose class names
+    do not fit its fc layer gave torch's message cut off mid-word over several lines."""
+    from marsvision.runtime.spec import PreprocessSpec
+    from marsvision.train import data as msl
+    from marsvision.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+    other = tmp_path / "swapped"
+    other.mkdir()
+    for name in (*msl.SPLIT_FILES.values(), msl.SYNSET_FILE):
+        shutil.copy(msl_dir / name, other / name)
+    (other / "calibrated").symlink_to(msl_dir / "calibrated")
+    shutil.copy(msl_dir / msl.SPLIT_FILES["test"], other / msl.SPLIT_FILES["train"])
+    config = ExportConfig(checkpoint=ckpt_path, out=tmp_path / "o", int8=True, tensorrt="off",
+                          data_dir=other)  # fmt: skip
+    with pytest.raises(MarsvisionError, match="swapped is not the data set .* was trained on"):
+        export_all(config)
+    assert not (tmp_path / "o").exists()
+    junk = tmp_path / "junk.JPG"
+    junk.write_bytes(b"not a jpeg")
+    with pytest.raises(MarsvisionError, match="junk.JPG cannot be read .*re-download"):
+        load_batch([junk], PreprocessSpec.for_input_size(64))
+    ckpt = load_checkpoint(ckpt_path)
+    with pytest.raises(MarsvisionError, match="^the checkpoint names 3 classes but its fc layer "
+                       "has 2 outputs$"):  # fmt: skip
+        model_from_checkpoint({**ckpt, "class_names": ["a", "b", "c"]})
+    state = dict(ckpt["state_dict"])
+    del state["layer1.0.conv1.weight"], state["layer2.0.conv1.weight"]
+    with pytest.raises(MarsvisionError) as e:
+        model_from_checkpoint({**ckpt, "state_dict": state})
+    assert e.value.message.startswith("checkpoint weights do not fit ResNet-50: Missing key(s)")
+    assert "\n" not in e.value.message
+
+
 def _manifest(created: str, files: dict[str, Path]) -> dict[str, Any]:
     """A manifest of `files` (flavour -> path) as export_all hands it to write_manifest."""
     entries = [{"file": p.name, "flavour": f, "sha256": sha256_file(p)} for f, p in files.items()]

@@ -286,6 +286,14 @@ def test_commands_without_torch_name_the_extra(
     assert r.exit_code == 1 and "cannot read the predictions file" in r.output, r.output
 
 
+@pytest.mark.parametrize("args", ["--max-batch 4 --tensorrt off --int8", "--max-batch 4"])
+def test_max_batch_needs_an_engine_to_size(args: str, tmp_path: Path) -> None:
+    """With no engine to build it did nothing, and went into the manifest's config as if used."""
+    result = CliRunner().invoke(cli.main, ["--out", str(tmp_path / "o"), *args.split()])
+    assert result.exit_code == 2 and "--max-batch sizes the TensorRT engines" in result.output
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("flag", ["--calib-images 64", "--calib-method entropy"])
 def test_calibration_flags_need_int8(flag: str, tmp_path: Path) -> None:
     """Without --int8 they did nothing (and went into the manifest's config as if used)."""

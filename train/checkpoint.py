@@ -123,10 +123,19 @@ def preprocess_from_checkpoint(ckpt: dict[str, Any]) -> PreprocessSpec:
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     """An fp32 ResNet-50 in eval mode with the checkpoint's weights."""
-    model = create_model(len(ckpt["class_names"]))
+    n_classes = len(ckpt["class_names"])
+    fc = ckpt["state_dict"].get("fc.weight")
+    if fc is not None and fc.shape[0] != n_classes:
+        raise MarsvisionError(f"the checkpoint names {n_classes} classes but its fc layer has "
+                              f"{fc.shape[0]} outputs")  # fmt: skip
+    model = create_model(n_classes)
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
-        raise MarsvisionError(f"checkpoint weights do not fit ResNet-50: {str(e)[:200]}") from None
+    except RuntimeError as e:  # torch's message: a header line, then one line per tensor
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e)]
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        raise MarsvisionError(
+            f"checkpoint weights do not fit ResNet-50: {lines[0][:200]}{more}"
+        ) from None
     return model.eval()
