@@ -89,6 +89,20 @@ def test_gpu_session_script_ships_parts_the_device_can_return(
     assert summary["candidates"][0]["config"]["data"] == str(unpacked)
 
 
+def test_a_damaged_data_archive_stops_the_call(tmp_path: Path) -> None:
+    """It was logged as unpacked, and the sweep then failed asking for a download."""
+    tree = _tree_that_travels(tmp_path / "tree")
+    (tree / ".data").mkdir()
+    (tree / ".data" / "msl.tgz").write_bytes(b"not a tar.gz")
+    env = {k: v for k, v in os.environ.items() if k != "MARS_DATA"}
+    env.update(OUT=str(tmp_path / "out"))
+    done = subprocess.run(["bash", "train/gpu_session.sh", "binary", "3"], cwd=tree, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "gpu_session: cannot unpack .data/msl.tgz" in log and "unpacked .data" not in log
+
+
 def test_gpu_session_script_says_how_to_call_it(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
     done = subprocess.run(["bash", "train/gpu_session.sh", "binary", "3"], cwd=REPO, env=env,

@@ -25,16 +25,27 @@ log=$OUT/log.txt
 
 # `make device-data` packs the data set into .data/msl.tgz (the device tool refused the folder)
 if [ -z "${MARS_DATA:-}" ] && [ -f .data/msl.tgz ] && [ ! -d .data/msl ]; then
-    mkdir -p .data/msl.tmp && tar -xzf .data/msl.tgz -C .data/msl.tmp && mv .data/msl.tmp .data/msl
+    mkdir -p .data/msl.tmp
+    # checked here: set -e passes over a failure inside an && list (a damaged archive was
+    # logged as unpacked, and the sweep then asked for a download)
+    if ! tar -xzf .data/msl.tgz -C .data/msl.tmp 2>&1 | tee -a "$log"; then
+        echo "gpu_session: cannot unpack .data/msl.tgz (make device-data again)" | tee -a "$log"
+        exit 1
+    fi
+    mv .data/msl.tmp .data/msl
     echo "unpacked .data/msl.tgz into .data/msl" | tee -a "$log"
 fi
 export PYTHONUNBUFFERED=1 MARS_DATA=${MARS_DATA:-$PWD/.data/msl}
 
 # The GPU machine has torch, torchvision, numpy, Pillow, click and matplotlib but no internet:
 # install the package alone; if pip cannot, put the stage folders on the path instead.
-if ! "$PY" -c "import marsvision.train.sweep" 2>/dev/null; then
-    if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.txt" 2>&1; then
-        tail -n 2 "$OUT/pip.txt" | tee -a "$log"
+# An install that pip reports done but that does not import takes the fallback too.
+importable() { "$PY" -c "import marsvision.train.sweep" 2>/dev/null; }
+if ! importable; then
+    if ! { "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.txt" 2>&1 \
+        && importable; }; then
+        # the cause (pip's last lines are hints); e.g. setuptools < 77 refuses the license string
+        { grep -m1 -iE 'error' "$OUT/pip.txt" || tail -n 2 "$OUT/pip.txt"; } | tee -a "$log"
         site=${TMPDIR:-/tmp}/mv
         mkdir -p "$site/marsvision"
         for stage in train export runtime benchmarks; do ln -sfn "$PWD/$stage" "$site/marsvision/$stage"; done
