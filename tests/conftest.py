@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 # torch's OpenMP threads spin while waiting by default; on a shared 2-vCPU machine that made
@@ -12,6 +16,26 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def signal_once_written(
+    args: list[str], folder: Path, pattern: str, sig: signal.Signals
+) -> tuple[int, str]:
+    """Run `python -m *args`, send it `sig` as soon as a file matching `pattern` is in `folder`
+    (its work under way, e.g. a temporary file being written); its exit code and stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list(folder.glob(pattern)):
+            assert proc.poll() is None, f"it ended before writing {pattern}"
+            assert time.monotonic() < deadline, f"no {pattern} after 120 s"
+            time.sleep(0.005)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, err
 
 
 def _msl_dir() -> Path:

@@ -8,11 +8,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import signal_once_written
 
 from marsvision.export import cli
 from marsvision.export.artifacts import MANIFEST
@@ -220,22 +220,10 @@ def test_a_stopped_export_leaves_no_staging_folder(
     """SIGTERM (`timeout`, a CI cancel) killed the export before its cleanups: the staging
     folder (tens to hundreds of MB) stayed behind. Ctrl-C exited 1 with click's "Aborted!"."""
     args = ["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path), "--data", str(msl_dir)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "marsvision.export.cli", *args, "--int8", "--tensorrt", "off"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    returncode, err = signal_once_written(
+        ["marsvision.export.cli", *args, "--int8", "--tensorrt", "off"], tmp_path, ".staging*", sig
     )
-    try:
-        deadline = time.monotonic() + 120
-        while not list(tmp_path.glob(".staging*")) and proc.poll() is None:
-            assert time.monotonic() < deadline, "no staging folder after 120 s"
-            time.sleep(0.01)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == code, err
+    assert returncode == code, err
     assert "Traceback" not in err and "Aborted!" not in err, err
     assert not list(tmp_path.glob(".staging*"))
     assert not (tmp_path / MANIFEST).exists()

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import signal_once_written
 from torchvision.models import resnet50
 
 from marsvision.runtime.errors import MarsvisionError
@@ -182,18 +183,9 @@ def test_a_stopped_run_leaves_no_temporary_checkpoint(
     out = tmp_path / "run"
     args = ["--data", str(msl_dir), "--out", str(out), "--limit", str(LIMIT), "--epochs", "20",
             *QUICK]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "marsvision.train.cli", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob(".*.tmp")):  # the first epoch's checkpoint.pt being written
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint written"
-            time.sleep(0.005)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == code, err
+    # signalled while the first epoch's checkpoint.pt is being written
+    returncode, err = signal_once_written(["marsvision.train.cli", *args], out, ".*.tmp", sig)
+    assert returncode == code, err
     assert "Traceback" not in err and "Aborted!" not in err, err
     assert not list(out.glob(".*.tmp"))
     if sig == signal.SIGINT:
