@@ -19,7 +19,9 @@ def _python_without_marsvision(path: Path) -> Path:
     pip unable to install it, so the script takes its fallback."""
     path.write_text(
         "#!/bin/sh\n"
-        'case "$*" in *"import marsvision"*|*"-m pip"*) echo "pip: no network" >&2; exit 1;; esac\n'
+        'case "$*" in *"-m pip"*) printf "  error: subprocess-exited-with-error\\n  ValueError: '
+        'invalid pyproject.toml config\\nhint: See above\\npip: no network\\n" >&2; exit 1;; esac\n'
+        'case "$*" in *"import marsvision"*) exit 1;; esac\n'
         f'exec "{sys.executable}" "$@"\n'
     )
     path.chmod(0o755)
@@ -75,6 +77,7 @@ def test_gpu_session_script_ships_parts_the_device_can_return(
     assert log.startswith("gpu_session: task binary, budget 3 min")
     assert "unpacked .data/msl.tgz into .data/msl" in log
     assert "pip: no network" in log and "torch 2." in log and "cuda False" in log
+    assert "ValueError: invalid pyproject.toml config" in log  # the cause, not pip's "error:"
     assert "chosen on val: default" in log
     parts = [f"resnet50-binary.pt.part{i}" for i in range(3)]
     names = ["SHA256SUMS", "log.txt", "resnet50-binary.md", *parts, "sweep.json"]

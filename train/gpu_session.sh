@@ -44,8 +44,10 @@ importable() { "$PY" -c "import marsvision.train.sweep" 2>/dev/null; }
 if ! importable; then
     if ! { "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.txt" 2>&1 \
         && importable; }; then
-        # the cause (pip's last lines are hints); e.g. setuptools < 77 refuses the license string
-        { grep -m1 -iE 'error' "$OUT/pip.txt" || tail -n 2 "$OUT/pip.txt"; } | tee -a "$log"
+        # the cause (a build's is an exception line far above pip's closing hints; e.g.
+        # setuptools < 77 refuses the license string), then pip's own last lines
+        { grep -E '[A-Za-z]+(Error|Exception): ' "$OUT/pip.txt" | tail -n 1
+          tail -n 2 "$OUT/pip.txt"; } | tee -a "$log"
         site=${TMPDIR:-/tmp}/mv
         mkdir -p "$site/marsvision"
         for stage in train export runtime benchmarks; do ln -sfn "$PWD/$stage" "$site/marsvision/$stage"; done
