@@ -4,7 +4,8 @@
 Results (JSON, markdown, PNG) go to --out; the table goes to stdout; progress to stderr.
 `parity` exits with code 3 (PARITY_FAIL_EXIT) when an artifact fails its thresholds or none
 could be compared (every one skipped), `score` with the same code when a --require is not met,
-`speed` when a measurement failed or none was made (the result files are written all the same).
+`speed` when a measurement failed or none but the PyTorch baseline's was made (every other row
+skipped); the result files are written all the same.
 """
 
 from __future__ import annotations
@@ -196,8 +197,8 @@ def speed(
     out: Path,
 ) -> None:
     """Throughput and latency of each backend x precision x batch, vs PyTorch eager FP32; exit 3
-    when a measurement failed (an error row) or none was made."""
-    from marsvision.benchmarks.speed import SPEED_FAIL_EXIT, SpeedConfig, run_speed
+    when a measurement failed (an error row) or all asked for beside the baseline was skipped."""
+    from marsvision.benchmarks.speed import BASELINE, SPEED_FAIL_EXIT, SpeedConfig, run_speed
     from marsvision.benchmarks.speed_report import render_text, write_speed
 
     require_extra("mars-bench speed", "train", "torch", "torchvision")  # its PyTorch baseline
@@ -222,10 +223,16 @@ def speed(
     click.echo(render_text(report))
     for p in write_speed(report, out):
         _log(f"wrote {p}")
-    failed = sum(r["status"].startswith("error") for r in report["rows"])
-    if failed or not any(r["status"] == "ok" for r in report["rows"]):
-        _log(f"speed: {failed} of {len(report['rows'])} measurements failed (their error rows "
-             "above)" if failed else "speed: nothing was measured (every row skipped)")  # fmt: skip
+    rows = report["rows"]
+    failed = sum(r["status"].startswith("error") for r in rows)
+    # the PyTorch baseline always runs: it alone, where other rows were asked for, is nothing
+    asked = [r for r in rows if (r["backend"], r["precision"]) != BASELINE]
+    skipped = len(report["skipped"]) + sum(r["status"].startswith("skipped") for r in rows)
+    if failed:
+        _log(f"speed: {failed} of {len(rows)} measurements failed (their error rows above)")
+        sys.exit(SPEED_FAIL_EXIT)
+    if skipped and not any(r["status"] == "ok" for r in asked):
+        _log("speed: nothing was measured but the PyTorch baseline (every other row skipped)")
         sys.exit(SPEED_FAIL_EXIT)
 
 

@@ -236,6 +236,14 @@ def test_speed_exits_3_when_a_measurement_failed(
     assert result.exit_code == SPEED_FAIL_EXIT, result.output
     assert "speed: 2 of 2 measurements failed (their error rows above)" in result.output
     assert list((tmp_path / "o").glob("speed-*.json"))  # written all the same
+    # all that was asked for skipped (no fp16 file): the baseline alone is no measurement
+    args = ["speed", "--checkpoint", str(tiny_checkpoint), "--artifacts", str(fp32_dir),
+            "--modes", "model", "--batch-sizes", "2", "--precisions", "fp16", "--backends",
+            "onnxruntime", "--warmup", "0", "--repeats", "1", "--device", "cpu", "--threads",
+            "1", "--in-process", "--out", str(tmp_path / "o2")]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == SPEED_FAIL_EXIT, result.output
+    assert "speed: nothing was measured but the PyTorch baseline" in result.output
 
 
 def test_speed_without_images_for_e2e_is_a_user_error(
