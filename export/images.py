@@ -53,15 +53,23 @@ def ort_logits(onnx_path: Path, batch: np.ndarray, threads: int = 0) -> np.ndarr
 
 
 def parity(
-    reference: np.ndarray, candidate: np.ndarray, threshold: float | None = None
+    reference: np.ndarray, candidate: np.ndarray, threshold: float | None, name: str
 ) -> dict[str, Any]:
-    """Max |logit diff| and label agreement of `candidate` against `reference`, the labels by the
-    model's rule (`threshold`: a binary model's decision threshold, as mars-infer and mars-bench
-    parity label; None: the most probable class). `top1_agreement` keeps its name from before
-    the rule counted."""
+    """Max |logit diff| and label agreement of `candidate` (the model file `name`) against
+    `reference`, the labels by the model's rule (`threshold`: a binary model's decision
+    threshold, as mars-infer and mars-bench parity label; None: the most probable class).
+    `top1_agreement` keeps its name from before the rule counted. Outputs that are not finite
+    are refused (argmax made a NaN row the first class, which could agree, and the NaN
+    difference passed every bound)."""
     from marsvision.runtime.classifier import softmax
     from marsvision.runtime.metadata import decide
 
+    bad = int((~np.isfinite(candidate).all(axis=1)).sum())
+    if bad:
+        raise MarsvisionError(
+            f"{name} gives outputs that are not finite (NaN or inf) on {bad} of "
+            f"{len(candidate)} val images; nothing written"
+        )
     agree = decide(softmax(reference), threshold) == decide(softmax(candidate), threshold)
     return {
         "images": len(reference),

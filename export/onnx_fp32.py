@@ -136,7 +136,7 @@ def onnx_from_checkpoint(
     with torch.inference_mode():
         ref = model(torch.from_numpy(parity_batch)).numpy()
     got = ort_logits(onnx_path, parity_batch)
-    figures = parity(ref, got, meta.decision_threshold)
+    figures = parity(ref, got, meta.decision_threshold, onnx_path.name)
     # float32 keeps ~7 digits: beyond |logit| 1 the bound scales with the logits' magnitude.
     bound = max_abs_diff * max(1.0, float(np.abs(ref).max()))
     figures["tolerance"] = bound

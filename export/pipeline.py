@@ -123,7 +123,7 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
             log(f"converting to {final.name}")
             m16 = fp16_meta(meta)
             fp16_onnx_from_onnx(fp32_path, path, meta=m16)
-            fig = parity(ref, ort_logits(path, val_batch), meta.decision_threshold)
+            fig = parity(ref, ort_logits(path, val_batch), meta.decision_threshold, final.name)
             entries.append(_entry(path, "fp16", m16, fig, time.perf_counter() - t0))
             onnx_for_engine["fp16-engine"] = (path, m16)
 
@@ -163,7 +163,8 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
                 assert m8.quantization is not None
                 m8.quantization["calibration_cache"] = f"{CALIB_CACHE_DIR}/{key}.json"
                 int8_onnx_from_onnx(pre, path, flavour=flavour, cache_path=ranges, meta=m8)
-                fig = parity(ref, ort_logits(path, val_batch), meta.decision_threshold)
+                fig = parity(ref, ort_logits(path, val_batch), meta.decision_threshold,
+                             final.name)  # fmt: skip
                 secs = time.perf_counter() - t1 + calib_secs / 2
                 entry = _entry(path, flavour, m8, fig, secs)
                 entry["calibration_reused"] = reused

@@ -220,9 +220,14 @@ def test_export_parity_labels_by_the_models_rule() -> None:
     # P(class 1) 0.45 against 0.35: class 0 by argmax in both, apart at a threshold of 0.4
     ref = np.log(np.array([[0.55, 0.45], [0.9, 0.1]], dtype=np.float32))
     got = np.log(np.array([[0.65, 0.35], [0.9, 0.1]], dtype=np.float32))
-    assert parity(ref, got)["top1_agreement"] == 1.0
-    fig = parity(ref, got, 0.4)
+    assert parity(ref, got, None, "m.onnx")["top1_agreement"] == 1.0
+    fig = parity(ref, got, 0.4, "m.onnx")
     assert fig["top1_agreement"] == 0.5 and fig["label_rule"] == "P(class 1) >= 0.4"
+    # a NaN row was the first class by argmax and agreed, and its NaN difference passed the bound
+    got[1] = np.nan
+    with pytest.raises(MarsvisionError, match=r"^m.onnx gives outputs that are not finite "
+                       r"\(NaN or inf\) on 1 of 2 val images; nothing written$"):  # fmt: skip
+        parity(ref, got, None, "m.onnx")
 
 
 def _int8_again(ckpt_path: Path, out: Path, msl_dir: Path) -> ExportConfig:
