@@ -110,7 +110,8 @@ def compare(
     pred = np.where(bad, (np.asarray(y_true) + 1) % num_classes, pred)
     m = classification_metrics(y_true, pred, num_classes, task)
     r = classification_metrics(y_true, ref_pred, num_classes, task)
-    dp = np.abs(probs - ref_probs)[~bad]
+    # a row with no probabilities is as far as rows can be apart: 1
+    dp = np.abs(probs - ref_probs) if not bad.any() else np.ones(1)
     return {
         "n": len(y_true),
         "non_finite": int(bad.sum()),
@@ -256,6 +257,12 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
             device=torch_device,
             threads=cfg.threads,
         )
+        bad = int((~np.isfinite(logits).all(axis=1)).sum())
+        if bad:  # every artifact would be blamed for the reference's NaN
+            raise MarsvisionError(
+                f"{cfg.checkpoint}: the PyTorch reference's outputs are not finite (NaN or inf) "
+                f"on {bad} of {len(paths)} {split} images; its weights cannot be compared"
+            )
         splits[split] = {
             "paths": paths,
             "y_true": np.array([s.label for s in samples]),

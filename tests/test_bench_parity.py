@@ -296,13 +296,28 @@ def test_outputs_that_are_not_finite_fail_the_artifact() -> None:
     f = compare(ref, art, y, num_classes=2, task="binary")
     assert f["non_finite"] == 2 and f["disagreements"] == 2 and f["top1_agreement"] == 50.0
     assert f["accuracy"] == 50.0 and f["accuracy_change"] == -50.0
-    assert f["max_prob_diff"] == 0.0  # over the finite rows: no NaN in the report
+    assert f["max_prob_diff"] == 1.0  # the most rows can differ by: no NaN in the report
     for precision in ("fp32", "fp16", "int8"):
         passed, reasons = verdict(precision, f, Thresholds(int8_max_accuracy_change=100.0,
                                                            int8_min_agreement=0.0,
                                                            fp16_max_accuracy_change=100.0,
                                                            fp32_min_agreement=0.0))  # fmt: skip
         assert not passed and "2 of 4 outputs not finite" in reasons[0]
+
+
+def test_a_reference_that_is_not_finite_is_refused(
+    exported: tuple[Path, Path], msl_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every artifact was blamed (agreement, accuracy) for NaN in the PyTorch reference."""
+    from marsvision.benchmarks import parity, torch_baseline
+
+    ckpt, art = exported
+    monkeypatch.setattr(torch_baseline, "reference_logits",
+                        lambda _c, paths, **_: (np.full((len(paths), 2), np.nan), 1.0))  # fmt: skip
+    cfg = parity.ParityConfig(checkpoint=ckpt, artifacts=art, data_dir=msl_dir, splits=("test",),
+                              limit=4)  # fmt: skip
+    with pytest.raises(MarsvisionError, match="reference's outputs are not finite .* on 4 of 4"):
+        parity.run_parity(cfg)
 
 
 @pytest.mark.parametrize(
