@@ -43,20 +43,27 @@ def require_extra(command: str, extra: str, *modules: str) -> None:
         )
 
 
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+def _stop(signum: int, frame: FrameType | None) -> None:
+    # a second Ctrl-C or SIGTERM (pressed again, a scheduler's repeat) would cut the cleanups
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(EXIT_TERMINATED)
 
 
 @contextlib.contextmanager
 def interruptible(command: str, *, hint: str = "") -> Iterator[None]:
     """Run the block so that Ctrl-C and SIGTERM end it with its cleanups run (temporary files
-    and folders of up to hundreds of MB are removed): Ctrl-C says "`command`: interrupted" and
-    `hint`, exit 130; SIGTERM exits 143. For the main thread (where signal handlers are set)."""
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    and folders of up to hundreds of MB are removed; a second signal waits for them): Ctrl-C
+    says "`command`: interrupted" and `hint`, exit 130; SIGTERM exits 143. For the main thread
+    (where signal handlers are set)."""
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     except KeyboardInterrupt:
         click.echo(f"\n{command}: interrupted{hint}", err=True)
         sys.exit(EXIT_INTERRUPTED)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():  # None: a handler not set from Python
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)

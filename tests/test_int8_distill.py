@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import signal_once_written
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -107,6 +109,27 @@ def test_cli_distills_a_run_and_keeps_what_ship_needs(
     assert d["date"] in row and "1 epoch, TensorRT's int8 grid, lr 0.001" in row
     assert d["source_checkpoint_sha256"] in row
     assert "then distilled for INT8" in card and "the run before the distillation" in card
+
+
+@pytest.mark.parametrize(("command", "sig", "code"), [("distill", signal.SIGTERM, 143),
+                                                      ("ship", signal.SIGINT, 130)])  # fmt: skip
+def test_a_stopped_distillation_or_ship_leaves_no_temporary_file(
+    command: str, sig: signal.Signals, code: int, run_checkpoint: Path, msl_dir: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """SIGTERM left the half-written checkpoint (a hidden .tmp of ~94 MB; for ship inside
+    models/), and Ctrl-C exited 1 with click's "Aborted!"."""
+    if command == "distill":
+        args = ["marsvision.train.int8_distill", str(run_checkpoint), "--out",
+                str(tmp_path / "d.pt"), "--batch-size", "8", "--workers", "2"]  # fmt: skip
+    else:
+        args = ["marsvision.train.ship", str(run_checkpoint), "--models", str(tmp_path),
+                "--device", "cpu", "--workers", "2"]  # fmt: skip
+    args += ["--data", str(msl_dir), "--limit", "16"]
+    returncode, err = signal_once_written(args, tmp_path, ".*.tmp", sig)
+    assert returncode == code, err
+    assert "Traceback" not in err and "Aborted!" not in err, err
+    assert [p.name for p in tmp_path.iterdir()] == []
 
 
 def test_distilling_a_shipped_model_keeps_where_it_trained(

@@ -542,3 +542,27 @@ def test_infer_says_when_int8_runs_in_exact_sums(
     summary = r.stderr.decode().strip().splitlines()[-1]
     assert ("(onnxruntime-cpu, int8, exact sums, batch" in summary) == (exact == "1"), summary
     assert len(r.stdout.decode().strip().splitlines()) == 1 + len(images)
+
+
+def test_a_second_signal_waits_for_the_cleanups() -> None:
+    """`interruptible`: Ctrl-C pressed again (or SIGTERM after it) cut the cleanups of the first
+    (a half-written checkpoint or staging folder stayed); the handlers are put back after."""
+    import signal
+    import time
+
+    from marsvision.runtime.errors import EXIT_INTERRUPTED, interruptible
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    cleaned = []
+    with pytest.raises(SystemExit) as stopped:
+        with interruptible("cmd"):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)  # the handler raises in here
+            finally:
+                os.kill(os.getpid(), signal.SIGINT)  # again, while cleaning up
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                cleaned.append(True)
+    assert stopped.value.code == EXIT_INTERRUPTED and cleaned == [True]
+    assert {sig: signal.getsignal(sig) for sig in before} == before

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.errors import MarsvisionError, interruptible
 
 PERCENTILE = 0.99999  # of |x|, as ONNX Runtime's percentile calibration (export/config.py)
 SAMPLE_PER_TENSOR = 200_000  # values kept per tensor and batch for the percentile
@@ -313,9 +313,10 @@ def main(checkpoint: Path, out: Path, data: Path | None, epochs: int, lr: float,
 
     data_dir = resolve_data_dir(data)
     check_writable_folder(out.parent, "--out")
-    result = distill_file(checkpoint, out, data_dir=data_dir, epochs=epochs, lr=lr,
-                          batch_size=batch_size, flavour=flavour, seed=seed, limit=limit,
-                          workers=workers, device=device)  # fmt: skip
+    with interruptible("int8_distill"):  # the checkpoint being written is removed
+        result = distill_file(checkpoint, out, data_dir=data_dir, epochs=epochs, lr=lr,
+                              batch_size=batch_size, flavour=flavour, seed=seed, limit=limit,
+                              workers=workers, device=device)  # fmt: skip
     for split in ("val", "test"):
         m, was = result["metrics"][split], result["distill"]["source_metrics"][split]
         source = f" (source {was['accuracy']:.4f} / {was['balanced_accuracy']:.4f})" if was else ""

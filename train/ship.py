@@ -21,7 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import click
 import numpy as np
 
-from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.errors import MarsvisionError, interruptible
 from marsvision.runtime.files import atomic_write_text, check_writable_folder, make_folder
 from marsvision.runtime.metadata import sha256_file
 
@@ -271,9 +271,10 @@ def main(
     scores of those weights with 95% intervals, a model card and SHA256SUMS in --models."""
     from marsvision.train.data import resolve_data_dir
 
-    result = ship_run(run, models_dir=models_dir, data_dir=resolve_data_dir(data),
-                      device=device, workers=workers, limit=limit, notes=notes,
-                      threshold_on_val=threshold_on_val)  # fmt: skip
+    with interruptible("ship"):  # the staged files are removed
+        result = ship_run(run, models_dir=models_dir, data_dir=resolve_data_dir(data),
+                          device=device, workers=workers, limit=limit, notes=notes,
+                          threshold_on_val=threshold_on_val)  # fmt: skip
     t = result.scores["decision_threshold"]
     if t is not None:
         argmax = result.scores["val"]["argmax"]
