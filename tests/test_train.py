@@ -173,6 +173,32 @@ def test_a_diverged_run_stops_with_an_error(msl_dir: Path, tmp_path: Path) -> No
     assert not (out / "checkpoint.pt").exists() and not (out / "metrics.json").exists()
 
 
+def test_a_refit_whose_last_step_diverged_stops(
+    msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refit selects nothing on val and its train loss is taken before each step's update:
+    weights gone NaN in the last step were kept, and every test image labelled the first class."""
+    from marsvision.train import loop
+
+    real = loop.train_one_epoch
+
+    def last_step_diverges(model: torch.nn.Module, **kw: Any) -> dict[str, Any]:
+        result = real(model, **kw)
+        with torch.no_grad():
+            model.fc.weight.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(loop, "train_one_epoch", last_step_diverges)
+    cfg = config_from_flags("default", data=msl_dir, out=tmp_path / "r", epochs=1, limit=LIMIT,
+                            image_size=64, device="cpu", batch_size=8, workers=2, ema_decay=0.0,
+                            train_on="train+val")  # fmt: skip
+    with pytest.raises(
+        MarsvisionError, match=r"diverged in epoch 1 \(val loss of the kept weights"
+    ):
+        loop.main(cfg)
+    assert not (tmp_path / "r" / "metrics.json").exists()
+
+
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_stopped_run_leaves_no_temporary_checkpoint(
     sig: signal.Signals, code: int, msl_dir: Path, tmp_path: Path

@@ -433,8 +433,10 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     }
     probs = {}
     for split in ("val", "test"):
-        _, probs[split] = evaluate(final, inputs=inputs[split], labels=y[split],
-                                   batch_size=2 * cfg.batch_size, amp=False)  # fmt: skip
+        loss, probs[split] = evaluate(final, inputs=inputs[split], labels=y[split],
+                                      batch_size=2 * cfg.batch_size, amp=False)  # fmt: skip
+        # a refit selects nothing on val, and its train loss predates each step's update
+        check_finite(loss, f"{split} loss of the kept weights", best_epoch, cfg.lr)
         result[split] = _split_metrics(task, splits[split], probs[split], k)
     y_test, pred_test = np.array([s.label for s in splits["test"]]), probs["test"].argmax(1)
     result["test"]["ci95"] = bootstrap_cis(y_test, pred_test, k, task, n_boot=1000,
