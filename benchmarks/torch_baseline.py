@@ -166,6 +166,7 @@ def reference_logits(
     torch = _torch()
     from PIL import Image
 
+    from marsvision.runtime.preprocess import to_rgb
     from marsvision.train.checkpoint import load_checkpoint, preprocess_from_checkpoint
     from marsvision.train.transforms import eval_transform
 
@@ -177,7 +178,7 @@ def reference_logits(
             images = []
             for p in paths[i : i + batch_size]:
                 with Image.open(p) as img:
-                    images.append(tf(img.convert("RGB")))
+                    images.append(tf(to_rgb(img)))  # mars-infer's decoding
             x = torch.stack(images)
             if i == 0:  # one untimed warm-up pass (allocations, kernel selection)
                 runner.forward(x)

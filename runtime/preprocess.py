@@ -46,9 +46,18 @@ def resized_size(width: int, height: int, resize_size: int) -> tuple[int, int]:
     return int(resize_size * width / height), resize_size
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB (16-bit and float images are scaled, not clipped; the
-    non-finite pixels of a float image, the NaN "no data" of planetary products, are black)."""
+# Bit depths a camera product stores in a 16- or 32-bit file (Mastcam and MAHLI: 12 bits)
+DATA_BITS = (8, 10, 12, 14, 16)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB: how mars-infer, the PyTorch reference and training decode.
+
+    Images of more than 8 bits (16-bit PNG and TIFF, 32-bit integer or float TIFF) are scaled,
+    not clipped: by the smallest bit depth of DATA_BITS that holds their brightest pixel (a
+    12-bit product in a 16-bit file scaled as 16-bit was nearly black, and labelled as one),
+    above 16 bits by that pixel; a float image in [0, 1] by 1. The non-finite pixels of a float
+    image, the NaN "no data" of planetary products, are black."""
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -57,10 +66,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         peak = float(a.max(initial=0))
         if img.mode == "F" and peak <= 1.0:
             top = 1.0  # float image in [0, 1]
-        elif img.mode.startswith("I;16") or peak > 255:
-            top = 65535.0  # 16-bit
         else:
-            top = 255.0
+            top = next((2.0**b - 1 for b in DATA_BITS if peak <= 2**b - 1), peak)
         a8 = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
         return Image.fromarray(a8, mode="L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
@@ -114,7 +121,7 @@ def decode_image(
             if fast_decode and img.format == "JPEG":
                 img.draft("RGB", (tw, th))
             img.load()
-            rgb = _to_rgb(img)
+            rgb = to_rgb(img)
             if rgb.size != (tw, th):
                 rgb = rgb.resize((tw, th), Image.Resampling[spec.interpolation.upper()])
     except ImageError:

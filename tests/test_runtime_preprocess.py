@@ -87,6 +87,19 @@ def test_image_modes_become_rgb(tmp_path: Path, msl_dir: Path) -> None:
     x16 = load_image(_save(tmp_path, "gray16.png", g16), spec)
     x8 = load_image(_save(tmp_path, "gray8.png", gray), spec)
     assert float(np.abs(x16 - x8).max()) < 1e-5
+    # 12-bit data in a 16-bit file (camera products): scaled by 12 bits, not 16 (nearly black,
+    # and labelled as a black image); training and the PyTorch reference decode it alike
+    from marsvision.train.images import open_rgb
+    from marsvision.train.transforms import eval_transform
+
+    g12 = Image.fromarray(
+        np.rint(np.asarray(gray, dtype=np.float64) * 4095 / 255).astype(np.uint16)
+    )
+    for name, img in (("gray12.png", g12), ("gray12.tif", g12.convert("I"))):
+        x12 = load_image(_save(tmp_path, name, img), spec)
+        assert float(np.abs(x12 - x8).max()) < 1e-5, name
+        torch_x = eval_transform(spec)(open_rgb(tmp_path / name)).numpy()
+        assert float(np.abs(torch_x - x12).max()) < 1e-5, name
     # grayscale: the three channels hold the same pixel values
     d = decode_image(tmp_path / "gray.png", spec)
     assert (d[..., 0] == d[..., 1]).all() and (d[..., 1] == d[..., 2]).all()

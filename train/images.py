@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.preprocess import to_rgb
 from marsvision.runtime.spec import PreprocessSpec
 from marsvision.train.data import Sample
 from marsvision.train.transforms import eval_transform, interpolation_mode
@@ -63,7 +64,9 @@ def open_rgb(path: Path) -> Image.Image:
     """Decode one image file to RGB; an unreadable file is a user error naming it."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            rgb = to_rgb(img)  # as mars-infer decodes it: 16-bit files scaled alike
+            rgb.load()
+            return rgb
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise MarsvisionError(
             f"listed image {path} cannot be read ({str(e).splitlines()[0][:100]}); "
