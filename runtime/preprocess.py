@@ -39,6 +39,14 @@ def _lut(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     return np.ascontiguousarray((v[None, :] - m) / s, dtype=np.float32)
 
 
+@lru_cache(maxsize=1)
+def _raster_formats() -> tuple[str, ...]:
+    """Every format Pillow reads but EPS, whose reader runs Ghostscript on the file: any file
+    named like an image could start it."""
+    Image.init()
+    return tuple(f for f in Image.ID if f != "EPS")
+
+
 def resized_size(width: int, height: int, resize_size: int) -> tuple[int, int]:
     """(w, h) after resizing the shorter side to `resize_size`, rounding as torchvision does."""
     if width <= height:
@@ -102,7 +110,7 @@ def decode_image(
 ) -> np.ndarray:
     """Decode, resize and center-crop one file: uint8 (input_size, input_size, 3)."""
     try:
-        with _open_file(path) as f, Image.open(f) as img:
+        with _open_file(path) as f, Image.open(f, formats=_raster_formats()) as img:
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError(
@@ -118,7 +126,7 @@ def decode_image(
                     f"it {tw}x{th} pixels, more than the limit of {max_pixels} (aspect ratio "
                     "too extreme)"
                 )
-            if fast_decode and img.format == "JPEG":
+            if fast_decode and img.format in ("JPEG", "MPO"):  # MPO: many cameras' JPEGs
                 img.draft("RGB", (tw, th))
             img.load()
             rgb = to_rgb(img)

@@ -105,6 +105,36 @@ def test_image_modes_become_rgb(tmp_path: Path, msl_dir: Path) -> None:
     assert (d[..., 0] == d[..., 1]).all() and (d[..., 1] == d[..., 2]).all()
 
 
+def test_eps_is_not_read_and_mpo_decodes_fast(
+    tmp_path: Path, msl_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An EPS file named like an image made Pillow run Ghostscript on it; --fast-decode skipped
+    MPO files (many cameras' JPEGs), decoding them at full size."""
+    from PIL import JpegImagePlugin
+
+    spec = PreprocessSpec.for_input_size(64)
+    gs = tmp_path / "bin" / "gs"  # a Ghostscript that says when it runs
+    gs.parent.mkdir()
+    gs.write_text(f"#!/bin/sh\ntouch {tmp_path / 'gs-ran'}\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{gs.parent}:{os.environ['PATH']}")
+    eps = tmp_path / "photo.jpg"
+    eps.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n")
+    with pytest.raises(ImageError, match="not an image Pillow can read"):
+        decode_image(eps, spec)
+    assert not (tmp_path / "gs-ran").exists()
+    src = Image.open(_msl_images(msl_dir, 1)[0]).convert("RGB").resize((1024, 768))
+    mpo = _save(tmp_path, "camera.jpg", src, format="MPO", save_all=True,
+                append_images=[src])  # fmt: skip
+    assert Image.open(mpo).format == "MPO"
+    drafts: list[object] = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, *a: drafts.append(a) or draft(self, *a))  # fmt: skip
+    decode_image(mpo, spec, fast_decode=True)
+    assert drafts
+
+
 def test_bad_files_raise_image_error(tmp_path: Path, msl_dir: Path) -> None:
     spec = PreprocessSpec.for_input_size(64)
     good = _msl_images(msl_dir, 1)[0].read_bytes()
