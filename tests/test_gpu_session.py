@@ -14,13 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ("device=cpu", "image_size=64", "limit=16", "epochs=1", "batch_size=8")
 
 
-def _python_without_marsvision(path: Path) -> Path:
+PIP_SAYS = r"  error: subprocess-exited-with-error\n  ValueError: invalid pyproject.toml config\n"
+
+
+def _python_without_marsvision(path: Path, pip_says: str = PIP_SAYS) -> Path:
     """A python3 as the GPU machine's looks to the script: marsvision not importable, and (here)
-    pip unable to install it, so the script takes its fallback."""
+    pip unable to install it, saying `pip_says` before its last lines, so the script takes its
+    fallback."""
     path.write_text(
         "#!/bin/sh\n"
-        'case "$*" in *"-m pip"*) printf "  error: subprocess-exited-with-error\\n  ValueError: '
-        'invalid pyproject.toml config\\nhint: See above\\npip: no network\\n" >&2; exit 1;; esac\n'
+        f'case "$*" in *"-m pip"*) printf "{pip_says}hint: See above\\npip: no network\\n" >&2; '
+        "exit 1;; esac\n"
         'case "$*" in *"import marsvision"*) exit 1;; esac\n'
         f'exec "{sys.executable}" "$@"\n'
     )
@@ -104,6 +108,23 @@ def test_a_damaged_data_archive_stops_the_call(tmp_path: Path) -> None:
     log = (tmp_path / "out" / "log.txt").read_text()
     assert done.returncode == 1, done.stdout + done.stderr
     assert "gpu_session: cannot unpack .data/msl.tgz" in log and "unpacked .data" not in log
+
+
+def test_pip_output_without_an_exception_line_still_takes_the_fallback(
+    msl_dir: Path, tmp_path: Path
+) -> None:
+    """The cause's grep found nothing, and under pipefail that ended the call before the
+    fallback (pip's 'ERROR: ... build_editable hook', an empty log)."""
+    tree = _tree_that_travels(tmp_path / "tree")
+    py = _python_without_marsvision(tmp_path / "py", pip_says="")
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "MARS_DATA": str(msl_dir),
+           "TMPDIR": str(tmp_path), "PY": str(py)}  # fmt: skip
+    # an unknown candidate: the sweep stops at once, after the install step
+    call = ["bash", "train/gpu_session.sh", "binary", "3", "--candidates", "x"]
+    done = subprocess.run(call, cwd=tree, env=env, capture_output=True, text=True, timeout=120)
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert "pip: no network" in log and "torch 2." in log, done.stdout + done.stderr
+    assert "--candidates" in log  # the sweep ran, on the fallback's path
 
 
 def test_gpu_session_script_says_how_to_call_it(tmp_path: Path) -> None:

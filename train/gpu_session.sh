@@ -46,8 +46,8 @@ if ! importable; then
         && importable; }; then
         # the cause (a build's is an exception line far above pip's closing hints; e.g.
         # setuptools < 77 refuses the license string), then pip's own last lines
-        { grep -E '[A-Za-z]+(Error|Exception): ' "$OUT/pip.txt" | tail -n 1
-          tail -n 2 "$OUT/pip.txt"; } | tee -a "$log"
+        { grep -E '[A-Za-z]+(Error|Exception): ' "$OUT/pip.txt" | tail -n 1 || true
+          tail -n 2 "$OUT/pip.txt"; } | tee -a "$log"  # no such line: pipefail ended the call
         site=${TMPDIR:-/tmp}/mv
         mkdir -p "$site/marsvision"
         for stage in train export runtime benchmarks; do ln -sfn "$PWD/$stage" "$site/marsvision/$stage"; done
