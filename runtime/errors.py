@@ -58,7 +58,9 @@ def interruptible(command: str, *, hint: str = "") -> Iterator[None]:
     and folders of up to hundreds of MB are removed; a second signal waits for them): Ctrl-C
     says "`command`: interrupted" and `hint`, exit 130; SIGTERM exits 143. For the main thread
     (where signal handlers are set)."""
-    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # a signal the process was started with ignored (`cmd &` in a script) stays ignored
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) is not signal.SIG_IGN}  # fmt: skip
     try:
         yield
     except KeyboardInterrupt:

@@ -566,3 +566,21 @@ def test_a_second_signal_waits_for_the_cleanups() -> None:
                 cleaned.append(True)
     assert stopped.value.code == EXIT_INTERRUPTED and cleaned == [True]
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_an_ignored_signal_stays_ignored() -> None:
+    """A command started with SIGINT ignored (`cmd &` in a script, shielded from Ctrl-C) was
+    stopped by it once `interruptible` set its handler."""
+    import signal
+    import time
+
+    from marsvision.runtime.errors import interruptible
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interruptible("cmd"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
