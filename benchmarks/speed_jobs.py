@@ -99,7 +99,7 @@ def _torch_e2e_call(runner: Any, job: Job) -> Any:
     import torch
     from PIL import Image
 
-    from marsvision.runtime.preprocess import to_rgb
+    from marsvision.runtime.preprocess import raster_formats, to_rgb
     from marsvision.train.transforms import eval_transform
 
     tf = eval_transform(runner.meta.preprocess)
@@ -109,7 +109,7 @@ def _torch_e2e_call(runner: Any, job: Job) -> Any:
         xs = []
         for p in next(batches):
             try:
-                with Image.open(p) as img:
+                with Image.open(p, formats=raster_formats()) as img:
                     xs.append(tf(to_rgb(img)))  # mars-infer's decoding
             except Exception as e:  # noqa: BLE001 (Pillow raises many kinds)
                 raise _unreadable(p, f"{type(e).__name__}: {e}") from None

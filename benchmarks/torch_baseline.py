@@ -166,7 +166,7 @@ def reference_logits(
     torch = _torch()
     from PIL import Image
 
-    from marsvision.runtime.preprocess import to_rgb
+    from marsvision.runtime.preprocess import raster_formats, to_rgb
     from marsvision.train.checkpoint import load_checkpoint, preprocess_from_checkpoint
     from marsvision.train.transforms import eval_transform
 
@@ -177,7 +177,7 @@ def reference_logits(
         for i in range(0, len(paths), batch_size):
             images = []
             for p in paths[i : i + batch_size]:
-                with Image.open(p) as img:
+                with Image.open(p, formats=raster_formats()) as img:
                     images.append(tf(to_rgb(img)))  # mars-infer's decoding
             x = torch.stack(images)
             if i == 0:  # one untimed warm-up pass (allocations, kernel selection)

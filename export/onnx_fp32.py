@@ -135,6 +135,11 @@ def onnx_from_checkpoint(
 
     with torch.inference_mode():
         ref = model(torch.from_numpy(parity_batch)).numpy()
+    if not np.isfinite(ref).all():  # the checkpoint's own fault, not the export's
+        raise MarsvisionError(
+            "the checkpoint's own outputs (PyTorch) are not finite (NaN or inf) on the val "
+            "images: its weights are broken; nothing written"
+        )
     got = ort_logits(onnx_path, parity_batch)
     figures = parity(ref, got, meta.decision_threshold, onnx_path.name)
     # float32 keeps ~7 digits: beyond |logit| 1 the bound scales with the logits' magnitude.

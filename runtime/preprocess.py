@@ -40,7 +40,7 @@ def _lut(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
 
 
 @lru_cache(maxsize=1)
-def _raster_formats() -> tuple[str, ...]:
+def raster_formats() -> tuple[str, ...]:
     """Every format Pillow reads but EPS, whose reader runs Ghostscript on the file: any file
     named like an image could start it."""
     Image.init()
@@ -61,11 +61,13 @@ DATA_BITS = (8, 10, 12, 14, 16)
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB: how mars-infer, the PyTorch reference and training decode.
 
-    Images of more than 8 bits (16-bit PNG and TIFF, 32-bit integer or float TIFF) are scaled,
-    not clipped: by the smallest bit depth of DATA_BITS that holds their brightest pixel (a
-    12-bit product in a 16-bit file scaled as 16-bit was nearly black, and labelled as one),
-    above 16 bits by that pixel; a float image in [0, 1] by 1. The non-finite pixels of a float
-    image, the NaN "no data" of planetary products, are black."""
+    Grayscale images of more than 8 bits (16-bit PNG and TIFF, 32-bit integer or float TIFF)
+    are scaled, not clipped: by the smallest bit depth of DATA_BITS that holds their brightest
+    pixel (a 12-bit product in a 16-bit file scaled as 16-bit was nearly black, and labelled as
+    one), above 16 bits by that pixel; a float image in [0, 1] by 1. The non-finite pixels of
+    a float image, the NaN "no data" of planetary products, are black. A 16-bit colour file
+    reaches here as Pillow reads it, 8-bit RGB of each value's high byte (12-bit data comes
+    out dark)."""
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -110,7 +112,7 @@ def decode_image(
 ) -> np.ndarray:
     """Decode, resize and center-crop one file: uint8 (input_size, input_size, 3)."""
     try:
-        with _open_file(path) as f, Image.open(f, formats=_raster_formats()) as img:
+        with _open_file(path) as f, Image.open(f, formats=raster_formats()) as img:
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError(

@@ -122,6 +122,11 @@ def test_eps_is_not_read_and_mpo_decodes_fast(
     eps.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n")
     with pytest.raises(ImageError, match="not an image Pillow can read"):
         decode_image(eps, spec)
+    from marsvision.runtime.errors import MarsvisionError
+    from marsvision.train.images import open_rgb
+
+    with pytest.raises(MarsvisionError, match="cannot be read"):  # training's decoder too
+        open_rgb(eps)
     assert not (tmp_path / "gs-ran").exists()
     src = Image.open(_msl_images(msl_dir, 1)[0]).convert("RGB").resize((1024, 768))
     mpo = _save(tmp_path, "camera.jpg", src, format="MPO", save_all=True,

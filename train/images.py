@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from marsvision.runtime.errors import MarsvisionError
-from marsvision.runtime.preprocess import to_rgb
+from marsvision.runtime.preprocess import raster_formats, to_rgb
 from marsvision.runtime.spec import PreprocessSpec
 from marsvision.train.data import Sample
 from marsvision.train.transforms import eval_transform, interpolation_mode
@@ -63,8 +63,8 @@ def _files(samples: Sequence[Sample]) -> tuple[str, ...]:
 def open_rgb(path: Path) -> Image.Image:
     """Decode one image file to RGB; an unreadable file is a user error naming it."""
     try:
-        with Image.open(path) as img:
-            rgb = to_rgb(img)  # as mars-infer decodes it: 16-bit files scaled alike
+        with Image.open(path, formats=raster_formats()) as img:
+            rgb = to_rgb(img)  # as mars-infer decodes it: 16-bit files scaled alike, no EPS
             rgb.load()
             return rgb
     except (OSError, ValueError, Image.DecompressionBombError) as e:
