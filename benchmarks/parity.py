@@ -23,7 +23,7 @@ from marsvision.benchmarks.artifacts import (
     find_artifacts,
     skip_reason,
 )
-from marsvision.runtime.classifier import softmax
+from marsvision.runtime.classifier import non_finite_rows, softmax
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.spec import PreprocessSpec
 
@@ -106,7 +106,7 @@ def compare(
     # a row with a NaN or inf logit has no label (argmax gave it class 0, as good as any): it is
     # counted wrong and a disagreement, and fails the artifact (`verdict`), as mars-infer makes
     # it an error row
-    bad = ~np.isfinite(logits).all(axis=1)
+    bad = non_finite_rows(logits)
     pred = np.where(bad, (np.asarray(y_true) + 1) % num_classes, pred)
     m = classification_metrics(y_true, pred, num_classes, task)
     r = classification_metrics(y_true, ref_pred, num_classes, task)
@@ -257,7 +257,7 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
             device=torch_device,
             threads=cfg.threads,
         )
-        bad = int((~np.isfinite(logits).all(axis=1)).sum())
+        bad = int(non_finite_rows(logits).sum())
         if bad:  # every artifact would be blamed for the reference's NaN
             raise MarsvisionError(
                 f"{cfg.checkpoint}: the PyTorch reference's outputs are not finite (NaN or inf) "

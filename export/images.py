@@ -61,10 +61,10 @@ def parity(
     `top1_agreement` keeps its name from before the rule counted. Outputs that are not finite
     are refused (argmax made a NaN row the first class, which could agree, and the NaN
     difference passed every bound)."""
-    from marsvision.runtime.classifier import softmax
+    from marsvision.runtime.classifier import non_finite_rows, softmax
     from marsvision.runtime.metadata import decide
 
-    bad = int((~np.isfinite(candidate).all(axis=1)).sum())
+    bad = int(non_finite_rows(candidate).sum())
     if bad:
         raise MarsvisionError(
             f"{name} gives outputs that are not finite (NaN or inf) on {bad} of "

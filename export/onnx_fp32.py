@@ -124,6 +124,7 @@ def onnx_from_checkpoint(
     import torch
 
     from marsvision.export.images import ort_logits, parity
+    from marsvision.runtime.classifier import non_finite_rows
     from marsvision.train.checkpoint import model_from_checkpoint
 
     model = model_from_checkpoint(ckpt)
@@ -135,7 +136,7 @@ def onnx_from_checkpoint(
 
     with torch.inference_mode():
         ref = model(torch.from_numpy(parity_batch)).numpy()
-    if not np.isfinite(ref).all():  # the checkpoint's own fault, not the export's
+    if non_finite_rows(ref).any():  # the checkpoint's own fault, not the export's
         raise MarsvisionError(
             "the checkpoint's own outputs (PyTorch) are not finite (NaN or inf) on the val "
             "images: its weights are broken; nothing written"

@@ -71,6 +71,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return out
 
 
+def non_finite_rows(logits: np.ndarray) -> np.ndarray:
+    """Which rows hold a NaN or inf (a broken export, an FP16 overflow): argmax gives such a row
+    class 0, a wrong label that looks like any other, so it gets no label."""
+    return ~np.isfinite(logits).all(axis=1)
+
+
 class Classifier:
     """An exported model (ONNX file or TensorRT engine) and its preprocessing, ready to classify."""
 
@@ -223,11 +229,11 @@ class Classifier:
         # NaN or infinite logits (a broken export, an FP16 overflow) would otherwise give class 0
         # by argmax, a wrong label that looks like any other
         rows: dict[int, tuple[np.ndarray, int]] = {}
-        for i, p, label in zip(ok, probs, self.meta.decide(probs)):
-            if np.isfinite(p).all():
-                rows[i] = (p, label)
-            else:
+        for i, p, label, bad in zip(ok, probs, self.meta.decide(probs), non_finite_rows(probs)):
+            if bad:
                 errors[i] = NOT_FINITE
+            else:
+                rows[i] = (p, label)
         classes = self.meta.class_names
         out = []
         for i, name in enumerate(names):
