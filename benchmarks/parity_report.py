@@ -115,7 +115,7 @@ def render_text(report: dict[str, Any]) -> str:
         summary = f"{len(report['failed'])} artifact(s) FAIL: {', '.join(report['failed'])}"
     elif report["passed"]:
         summary = "all artifacts pass"
-    else:  # reports before "compared": passed whenever none failed
+    else:  # none failed, none compared: every artifact was skipped
         summary = "no artifact was compared (every one was skipped): nothing shown to pass"
     lines.append(f"parity: {summary}")
     return "\n".join(lines)

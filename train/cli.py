@@ -196,10 +196,12 @@ def main(
     if cfg.warmup_epochs < asked:
         click.echo(f"mars-train: a warm-up of {asked:g} epochs is over half the {cfg.epochs}-epoch "
                    f"run: {cfg.warmup_epochs:g} (the lr then decays)", err=True)  # fmt: skip
+    from marsvision.train.loop import RESUME_EVERY_S
     from marsvision.train.loop import main as train
 
-    with interruptible("mars-train", hint="; the same command with --resume continues from the "
-                       "last resume.pt (saved every 5 minutes)"):  # fmt: skip
+    hint = (f"; the same command with --resume continues from the last resume.pt (saved every "
+            f"{RESUME_EVERY_S / 60:g} minutes)")  # fmt: skip
+    with interruptible("mars-train", hint=hint):
         result = train(cfg)
     test = result["test"]
     (lo, hi), (f1_lo, f1_hi) = test["ci95"]["accuracy"], test["ci95"]["f1"]

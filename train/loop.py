@@ -436,10 +436,12 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
         loss, probs[split] = evaluate(final, inputs=inputs[split], labels=y[split],
                                       batch_size=2 * cfg.batch_size, amp=False)  # fmt: skip
         # a refit selects nothing on val, and its train loss predates each step's update
-        if not math.isfinite(loss):  # the kept weights are NaN: no file may offer them
+        try:
+            check_finite(loss, f"{split} loss of the kept weights", best_epoch, cfg.lr)
+        except MarsvisionError:  # the kept weights are NaN: no file may offer them
             for name in (CHECKPOINT, RESUME):
                 (cfg.out / name).unlink(missing_ok=True)
-        check_finite(loss, f"{split} loss of the kept weights", best_epoch, cfg.lr)
+            raise
         result[split] = _split_metrics(task, splits[split], probs[split], k)
     y_test, pred_test = np.array([s.label for s in splits["test"]]), probs["test"].argmax(1)
     result["test"]["ci95"] = bootstrap_cis(y_test, pred_test, k, task, n_boot=1000,
