@@ -104,7 +104,7 @@ def test_cli_distills_a_run_and_keeps_what_ship_needs(
     assert d["device"].startswith("cpu (") and 0 < d["seconds"] and d["versions"]["torch"]
     card = shipped.card.read_text()
     trained = next(line for line in card.splitlines() if line.startswith("| trained |"))
-    assert "(cpu, " in trained and "unknown device" not in trained
+    assert "(cpu, " in trained and "not recorded" not in trained
     row = next(line for line in card.splitlines() if line.startswith("| distilled for INT8 |"))
     assert d["date"] in row and "1 epoch, TensorRT's int8 grid, lr 0.001" in row
     assert d["source_checkpoint_sha256"] in row

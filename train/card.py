@@ -130,7 +130,7 @@ def _distilled(shipped: dict[str, Any]) -> list[str]:
         f"| distilled for INT8 | {d.get('date', 'date not recorded')}"
         + (f" ({when})" if when else "")
         + f": `python -m marsvision.train.int8_distill`, {epochs}, {grid}, lr {d['lr']:g}, "
-        f"seed {d['seed']}; from the run checkpoint sha256 `{d['source_checkpoint_sha256']}` |"
+        f"seed {d['seed']}; from the checkpoint sha256 `{d['source_checkpoint_sha256']}` |"
     ]
 
 
@@ -173,8 +173,9 @@ def render_card(
     info, m = shipped["shipped"], shipped["metrics"]
     cfg, pre = shipped["config"], shipped["preprocess"]
     seconds = info.get("train_seconds")
-    trained = (f"{info.get('train_device') or 'unknown device'}, "
-               + (f"{seconds / 60:.1f} min" if seconds else "time not recorded"))  # fmt: skip
+    device = info.get("train_device")
+    trained = (f"{device}, " + (f"{seconds / 60:.1f} min" if seconds else "time not recorded")
+               if device else "device and time not recorded in the checkpoint")  # fmt: skip
     positive = (
         "Rover is the positive class of precision, recall and F1"
         if task == "binary"
