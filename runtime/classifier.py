@@ -61,13 +61,15 @@ class Prediction:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (stable). A row with NaN or inf logits comes out NaN, without
-    numpy's warnings: the caller tells such rows apart (`np.isfinite`)."""
+    """Row-wise softmax in float64 (stable). A row with a NaN or inf logit comes out NaN (a -inf
+    alone would give a clean 0), without numpy's warnings: the caller tells such rows apart
+    (`np.isfinite`)."""
     with np.errstate(invalid="ignore", over="ignore"):
         z = logits.astype(np.float64)
         z -= z.max(axis=1, keepdims=True)
         e = np.exp(z)
         out: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    out[non_finite_rows(logits)] = np.nan
     return out
 
 
@@ -210,7 +212,8 @@ class Classifier:
             producer.join()
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
-        """Softmax probabilities (float64) of a preprocessed NCHW batch, with `self.tta`."""
+        """Softmax probabilities (float64) of a preprocessed NCHW batch, with `self.tta` (NaN
+        rows for logits that are not finite: `softmax`)."""
         probs = softmax(self.runner.infer(x))
         if self.tta == "flip":
             mirror = np.ascontiguousarray(x[..., ::-1])
