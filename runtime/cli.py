@@ -12,7 +12,7 @@ import click
 
 from marsvision.runtime.backends import BACKENDS, DEVICES
 from marsvision.runtime.classifier import TTA_MODES
-from marsvision.runtime.errors import EXIT_INTERRUPTED, MarsvisionError
+from marsvision.runtime.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, MarsvisionError
 from marsvision.runtime.results import FORMATS
 
 EXIT_OK = 0
@@ -34,6 +34,7 @@ Exit codes:
   {EXIT_USAGE}  usage error (unknown option, bad value)
   {EXIT_SOME_FAILED}  some inputs could not be read or classified (their rows have status error)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); the rows written so far stay, --resume continues
+  {EXIT_BROKEN_PIPE}  stdout closed by its reader (e.g. `| head`): stopped quietly
 """
 
 
@@ -221,7 +222,8 @@ def run(cfg: InferConfig) -> int:
     "fmt",
     type=click.Choice(FORMATS),
     default=None,
-    help="Result format [default: jsonl for a .jsonl --out, else csv].",
+    help="Result format [default: jsonl (one JSON object a line) for a .jsonl or .json --out, "
+    "else csv].",
 )
 @click.option("--batch-size", "-b", type=click.IntRange(1, 4096), default=8, show_default=True)
 @click.option(
@@ -336,9 +338,9 @@ def main(
         more = f"; the rows written so far are in {out}: --resume continues" if out else ""
         click.echo(f"\nmars-infer: interrupted{more}", err=True)
         code = EXIT_INTERRUPTED
-    except BrokenPipeError:  # e.g. `mars-infer ... | head`: stop quietly
+    except BrokenPipeError:  # e.g. `mars-infer ... | head`: stop quietly (1 said model error)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = EXIT_MODEL
+        code = EXIT_BROKEN_PIPE
     sys.exit(code)
 
 

@@ -18,6 +18,7 @@ import click
 # default handler killed the process before its cleanups.
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # `timeout`, a job scheduler, a CI cancel
+EXIT_BROKEN_PIPE = 141  # SIGPIPE: the reader of stdout left (`| head`), as cat or grep report it
 
 
 class MarsvisionError(click.ClickException):

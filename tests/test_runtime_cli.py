@@ -274,6 +274,8 @@ def test_cli_errors_and_exit_codes(models: dict[str, Path], msl_dir: Path, tmp_p
         (["--engine", models["int8"], "--backend", "tflite"], 2, b"backend"),
         (["--engine", models["int8"], "--resume"], 2, b"--resume needs --out"),
         (["--engine", models["int8"], "--device", "cuda"], 1, b"CUDA"),
+        # not --device cpu, which TensorRT refuses in turn
+        (["--engine", models["int8"], "--backend", "tensorrt"], 1, b"or use --backend onnxruntime"),
     ]
     bad = tmp_path / "corrupt.onnx"
     bad.write_bytes(b"\x08\x01garbage")
@@ -294,6 +296,13 @@ def test_cli_errors_and_exit_codes(models: dict[str, Path], msl_dir: Path, tmp_p
     assert r.returncode == 0 and b"Exit codes" in r.stdout
     r = _infer(tmp_path / "no-such.jpg", "--engine", models["int8"])
     assert r.returncode == 3 and b",error," in r.stdout
+    # stdout's reader gone (`| head`): quiet, and not exit 1, which says the model failed
+    read, write = os.pipe()
+    os.close(read)
+    with os.fdopen(write, "wb") as closed:
+        p = subprocess.run([*MARS_INFER, img, "--engine", models["int8"]], stdout=closed,
+                           stderr=subprocess.PIPE)  # fmt: skip
+    assert p.returncode == 141 and p.stderr.count(b"\n") <= 1, p.stderr
 
 
 def test_default_model_is_the_best_export_here(

@@ -211,10 +211,11 @@ def providers_for(device: str, backend: str = "onnxruntime") -> list[str]:
     missing = [p for p in want if p not in available]
     if device == "auto" and missing and backend != "tensorrt":
         return [_EP["cpu"]]
-    if missing:
+    if missing:  # TensorRT runs on a GPU only: --device cpu would be refused in turn
+        instead = "--backend onnxruntime" if backend == "tensorrt" else "--device cpu"
         raise MarsvisionError(
             f"onnxruntime here has no {', '.join(missing)} "
-            f"(it has {', '.join(sorted(available))}): {_no_cuda_hint()}; or use --device cpu"
+            f"(it has {', '.join(sorted(available))}): {_no_cuda_hint()}; or use {instead}"
         )
     return want + [_EP["cpu"]]
 
