@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -151,12 +152,24 @@ def whole_csv_records(data: bytes) -> int:
     """Length of the longest prefix of `data` made of whole CSV records: up to the last newline
     outside quotes (a quoted path may hold newlines; quotes inside a field come doubled)."""
     end = pos = quotes = 0
-    for line in data.split(b"\n")[:-1]:  # each piece that a newline ends
-        pos += len(line) + 1
-        quotes += line.count(b'"')
+    while (nl := data.find(b"\n", pos)) >= 0:  # each piece that a newline ends, in place
+        quotes += data.count(b'"', pos, nl)
+        pos = nl + 1
         if quotes % 2 == 0:
             end = pos
     return end
+
+
+def _lines(text: str) -> Iterator[str]:
+    """The lines of `text`, each with its newline, split at newlines alone (a CSV field may hold
+    a carriage return; JSON escapes both), one at a time: a resumed results file of 500,000 rows
+    took 1 GB as lists of lines and rows."""
+    pos = 0
+    while pos < len(text):
+        nl = text.find("\n", pos)
+        end = len(text) if nl < 0 else nl + 1
+        yield text[pos:end]
+        pos = end
 
 
 def _check_same_run(path: str, n: int, row: dict[str, Any], prov: Provenance) -> None:
@@ -179,27 +192,36 @@ def _json_layout_matches(row: dict[str, Any], header: list[str]) -> bool:
     return "probs" in row and (row["probs"] is None or list(row["probs"]) == names)
 
 
-def csv_rows(path: str | os.PathLike[str], text: str, *, then: str = "") -> list[list[str]]:
-    """The rows of a results file's whole CSV `text`. A field may be as long as the text (the csv
-    module refuses fields over 128 KiB by default: an error row's long path); malformed CSV is a
-    one-line error naming the line (`then`: what it stops, e.g. "; cannot resume from it")."""
+def iter_csv_rows(
+    path: str | os.PathLike[str], text: str, *, then: str = ""
+) -> Iterator[list[str]]:
+    """The rows of a results file's whole CSV `text`, one at a time. A field may be as long as
+    the text (the csv module refuses fields over 128 KiB by default: an error row's long path);
+    malformed CSV is a one-line error naming the line (`then`: what it stops, e.g. "; cannot
+    resume from it")."""
     csv.field_size_limit(max(csv.field_size_limit(), len(text)))
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(_lines(text))
     try:
-        return list(reader)
+        yield from reader
     except csv.Error as e:
         raise MarsvisionError(f"{path}: line {reader.line_num} is not CSV ({e}){then}") from None
 
 
+def csv_rows(path: str | os.PathLike[str], text: str, *, then: str = "") -> list[list[str]]:
+    """The rows of a results file's whole CSV `text` (`iter_csv_rows`)."""
+    return list(iter_csv_rows(path, text, then=then))
+
+
 def _csv_done(path: str, text: str, header: list[str], prov: Provenance) -> dict[str, str]:
-    rows = csv_rows(path, text, then="; cannot resume from it")
-    if rows[0] != header:
+    rows = iter_csv_rows(path, text, then="; cannot resume from it")
+    first = next(rows)
+    if first != header:
         raise MarsvisionError(
-            f"{path} has columns {rows[0][:4]}... that do not match this model and --top-k; "
+            f"{path} has columns {first[:4]}... that do not match this model and --top-k; "
             "resume with the same options, or write to a new --out file"
         )
     done: dict[str, str] = {}
-    for n, row in enumerate(rows[1:], start=2):
+    for n, row in enumerate(rows, start=2):
         if len(row) != len(header):
             raise MarsvisionError(f"{path}: row {n} is malformed; cannot resume from it")
         _check_same_run(path, n, dict(zip(header, row)), prov)
@@ -209,7 +231,7 @@ def _csv_done(path: str, text: str, header: list[str], prov: Provenance) -> dict
 
 def _jsonl_done(path: str, text: str, header: list[str], prov: Provenance) -> dict[str, str]:
     done: dict[str, str] = {}
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(_lines(text), start=1):
         try:
             d = json.loads(line)
             done[d["path"]] = d["status"]
@@ -245,12 +267,13 @@ def read_done(path: str, *, fmt: str, header: list[str], provenance: Provenance)
         )
     # the whole rows; what follows them is a last row left unfinished by a kill
     keep = whole_csv_records(data) if fmt == "csv" else data.rfind(b"\n") + 1
-    text = data[:keep].decode(ENCODING["encoding"], ENCODING["errors"])
+    size, text = len(data), str(memoryview(data)[:keep], **ENCODING)  # no copy of the bytes
+    del data
     done: dict[str, str] = {}
     if text:
         read = _csv_done if fmt == "csv" else _jsonl_done
         done = read(path, text, header, provenance)
-    if keep < len(data):  # so that appending starts on a fresh row
+    if keep < size:  # so that appending starts on a fresh row
         try:
             with open(path, "rb+") as f:
                 f.truncate(keep)

@@ -326,15 +326,15 @@ def test_resume_leaves_a_refused_file_as_it_was(
 
 
 def test_csv_rows_round_trip_carriage_returns_and_long_fields(tmp_path: Path) -> None:
-    """A file name with a carriage return stays one field of one row (every CSV reader would end
-    the row there if it were not quoted), and a path longer than the csv module's default field
-    limit (an error row for a bad line of a list file) still resumes."""
+    """A file name with a carriage return or a newline stays one field of one row (every CSV
+    reader would end the row there if it were not quoted), and a path longer than the csv
+    module's default field limit (an error row for a bad line of a list file) still resumes."""
     import csv
 
     from marsvision.runtime.classifier import Prediction
     from marsvision.runtime.results import Provenance, ResultWriter, csv_header, read_done
 
-    paths = ["a\rb.jpg", "c.jpg", "x" * 200_000]
+    paths = ["a\rb.jpg", "c.jpg", "x" * 200_000, "d\ne.jpg"]
     out = tmp_path / "r.csv"
     with open(out, "w", newline="", encoding="utf-8") as f:
         writer = ResultWriter(f, fmt="csv", class_names=["a", "b"], top_k=None,
