@@ -6,7 +6,8 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import click
 
@@ -77,6 +78,14 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+def _record(cfg: InferConfig, model_sha256: str, runner: str, inputs: int) -> dict[str, Any]:
+    """The resolved options a results file's run record keeps (`write_record`)."""
+    options = {k: v for k, v in asdict(cfg).items() if k not in ("paths", "resume")}
+    options.update(engine=os.path.abspath(cfg.engine), model_sha256=model_sha256, backend=runner,
+                   inputs=inputs)  # fmt: skip
+    return options
+
+
 def run(cfg: InferConfig) -> int:
     """Classify every input of `cfg` and write its row; returns the exit code."""
     from marsvision.runtime.classifier import Classifier
@@ -88,6 +97,8 @@ def run(cfg: InferConfig) -> int:
         lock_output,
         open_output,
         read_done,
+        resume_base,
+        write_record,
     )
 
     t0 = time.perf_counter()
@@ -115,17 +126,20 @@ def run(cfg: InferConfig) -> int:
             if cfg.out is not None:
                 lock_output(stream, cfg.out)
             if cfg.resume and existed:
+                base = resume_base(cfg.out, fast_decode=cfg.fast_decode, inputs=inputs)
                 header = csv_header(
                     meta.class_names, min(cfg.top_k, meta.num_classes) if cfg.top_k else None
                 )
                 rows = read_done(cfg.out, fmt=cfg.fmt, header=header, provenance=provenance)
-                done = dict(zip(path_keys(rows), rows.values()))
+                done = dict(zip(path_keys(rows, base=base), rows.values()))
+            # after read_done, which cuts a last row left unfinished (a cut header leaves nothing)
+            is_new = cfg.out is None or os.fstat(stream.fileno()).st_size == 0
+            if cfg.out is not None and is_new:
+                write_record(cfg.out, _record(cfg, clf.model_sha256, clf.runner.name, len(inputs)))
         except BaseException:
             if cfg.out is not None:
                 stream.close()
             raise
-        # after read_done, which cuts a last row left unfinished (a cut header leaves nothing)
-        is_new = cfg.out is None or os.fstat(stream.fileno()).st_size == 0
         todo, prev_failed = inputs, 0
         if done:  # each input's row already in --out, matched by path_keys
             status = [done.get(key) for key in path_keys(inputs)]
@@ -191,6 +205,7 @@ def run(cfg: InferConfig) -> int:
         + (", exact sums" if exact else "")
         + f", batch {cfg.batch_size}"
         + (f", tta {cfg.tta}" if cfg.tta != "none" else "")
+        + (", fast decode" if cfg.fast_decode else "")
         + ";"
         + f" {time.perf_counter() - t0:.2f} s in all)",
         err=True,
@@ -259,7 +274,8 @@ def run(cfg: InferConfig) -> int:
     "--resume",
     is_flag=True,
     help="Append to --out, skipping inputs it already has a row for (a row cut by "
-    "a kill is dropped first); never writes a duplicate row.",
+    "a kill is dropped first); never writes a duplicate row. Run it with the options, and "
+    "relative inputs from the folder, of the run that began --out (its .run.json record).",
 )
 @click.option(
     "--top-k",

@@ -169,20 +169,21 @@ def _list_file(arg: str) -> list[str]:
     return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def path_keys(paths: Iterable[str]) -> list[str]:
+def path_keys(paths: Iterable[str], *, base: str | None = None) -> list[str]:
     """What the spellings of each input path share (`imgs/a.jpg`, `./imgs/a.jpg`, `imgs//a.jpg`,
     its absolute path, a path through a symlinked folder): its folder's real path and its name,
     each folder resolved once (a folder holds thousands of images). Inputs are deduplicated by
     it, and --resume matches the rows already written by it, so a rerun that spells a folder
     another way writes no row twice. The folder is resolved on the file system (`link/../a.jpg`
     is the `a.jpg` next to the link's target, not the one beside the link), and the name is
-    not: two symlinks to one file are two inputs."""
+    not: two symlinks to one file are two inputs. Relative paths are from `base` (default: the
+    working folder)."""
     real: dict[str, str] = {}
     keys = []
     for path in paths:
         folder, name = os.path.split(path.rstrip(os.sep) or path)  # `d/` is `d`
         if folder not in real:
-            real[folder] = os.path.realpath(folder or ".")
+            real[folder] = os.path.realpath(os.path.join(base or ".", folder))
         keys.append(os.path.join(real[folder], name))
     return keys
 

@@ -22,6 +22,7 @@ from typing import IO, Any
 
 from marsvision.runtime.classifier import Prediction
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.files import atomic_write_text
 
 FORMATS = ("csv", "jsonl")
 ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
@@ -280,6 +281,66 @@ def read_done(path: str, *, fmt: str, header: list[str], provenance: Provenance)
         except OSError as e:
             raise MarsvisionError(f"cannot resume the results file {path} ({e.strerror})") from None
     return done
+
+
+RECORD_SUFFIX = ".run.json"
+
+
+def record_path(out: str) -> str:
+    """The run record beside a results file (`results.csv.run.json`)."""
+    return out + RECORD_SUFFIX
+
+
+def write_record(out: str, options: dict[str, Any]) -> None:
+    """Write the resolved options of the run that starts a results file, with the folder it ran
+    in (its rows' relative paths are from there), as the record --resume checks."""
+    from datetime import datetime, timezone
+
+    record = {
+        "command": "mars-infer",
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cwd": os.getcwd(),
+        **options,
+    }
+    try:
+        atomic_write_text(record_path(out), json.dumps(record, indent=2) + "\n")
+    except OSError as e:
+        raise MarsvisionError(
+            f"cannot write the run record {record_path(out)} ({e.strerror})"
+        ) from None
+
+
+def resume_base(out: str, *, fast_decode: bool, inputs: list[str]) -> str | None:
+    """The folder that the relative paths of `out`'s rows are from when it is not this one (None:
+    this one, or a file from before run records). A resume that would mix its rows is refused:
+    another --fast-decode (the same image decodes to other pixels), or relative inputs from
+    another folder (its rows would be keyed from two folders; they were matched against this
+    one, so every row was written twice)."""
+    try:
+        with open(record_path(out), "rb") as f:
+            record = json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise MarsvisionError(
+            f"cannot read the run record {record_path(out)} ({e}); delete it to resume without "
+            "its checks"
+        ) from None
+    if record.get("fast_decode", False) != fast_decode:
+        was = "with" if record.get("fast_decode") else "without"
+        raise MarsvisionError(
+            f"{out} was written {was} --fast-decode (its run record, {record_path(out)}): resume "
+            "it the same way, or write to a new --out"
+        )
+    cwd = str(record.get("cwd") or os.getcwd())
+    if os.path.realpath(cwd) == os.path.realpath(os.getcwd()):
+        return None
+    if any(not os.path.isabs(p) for p in inputs):
+        raise MarsvisionError(
+            f"{out} was begun in {cwd}, and its rows' relative paths are from there: resume it "
+            "from that folder, or name the inputs by absolute paths"
+        )
+    return cwd
 
 
 def lock_output(stream: IO[str], path: str) -> None:

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,39 @@ def test_resume_refuses_other_top_k_and_the_other_format(
     assert all("probs" in json.loads(x) for x in out.read_text().splitlines())
 
 
+def test_resume_reads_relative_rows_from_the_folder_the_file_was_begun_in(
+    model: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """Relative rows resumed from another folder matched nothing there, and every image was
+    written twice: relative inputs from another folder are refused, absolute ones skip what the
+    file has. Another --fast-decode (other pixels for a large JPEG) is refused too; its run
+    record says how the file was begun."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    (a / "imgs").mkdir(parents=True)
+    b.mkdir()
+    for p in images:
+        shutil.copy(p, a / "imgs")
+    names = [p.name for p in images]
+
+    def infer(*args: object, cwd: Path) -> subprocess.CompletedProcess[bytes]:
+        argv = [*MARS_INFER, *map(os.fspath, args), "--engine", model]
+        return subprocess.run(argv, capture_output=True, cwd=cwd)
+
+    assert infer(f"imgs/{names[0]}", "--out", "r.csv", cwd=a).returncode == 0
+    record = json.loads((a / "r.csv.run.json").read_text())
+    assert os.path.realpath(record["cwd"]) == os.path.realpath(a)
+    assert record["fast_decode"] is False and record["inputs"] == 1
+    before = (a / "r.csv").read_bytes()
+    r = infer(*(f"../a/imgs/{n}" for n in names), "--out", "../a/r.csv", "--resume", cwd=b)
+    assert r.returncode == 1 and b"was begun in" in r.stderr, r.stderr
+    assert (a / "r.csv").read_bytes() == before
+    r = infer(*(a / "imgs" / n for n in names), "--out", a / "r.csv", "--resume", cwd=b)
+    assert r.returncode == 0 and b"1 already in" in r.stderr, r.stderr
+    assert len((a / "r.csv").read_text().splitlines()) == 1 + len(names)
+    r = infer(*(f"imgs/{n}" for n in names), "--out", "r.csv", "--resume", "--fast-decode", cwd=a)
+    assert r.returncode == 1 and b"without --fast-decode" in r.stderr, r.stderr
+
+
 def test_unreadable_results_file_is_a_one_line_error(tmp_path: Path) -> None:
     from marsvision.runtime.results import Provenance, csv_header, read_done
 
@@ -364,23 +398,31 @@ def test_results_that_cannot_be_written_are_a_one_line_error(
         b"Error: cannot write the results to stdout (No space left on device)"
     ]
 
-    def small_files() -> None:  # the header and part of one row fit
-        resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))
+    def files_up_to(size: int) -> Callable[[], None]:
+        return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
+    many = [tmp_path / f"{i}{p.name}" for i in range(4) for p in images]  # 8 rows: 1.4 kB
+    for p in many:
+        shutil.copy(images[0], p)
     out = tmp_path / "r.csv"
-    args = [*MARS_INFER, *images, "--engine", model, "--out", out, "--batch-size", "1"]
-    r = subprocess.run(args, capture_output=True, preexec_fn=small_files)
+    args = [*MARS_INFER, *many, "--engine", model, "--out", out, "--batch-size", "1"]
+    # the run record (about 600 bytes) fits, and the header and a few rows
+    r = subprocess.run(args, capture_output=True, preexec_fn=files_up_to(1000))
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip().splitlines() == [
         f"Error: cannot write the results to {out} (File too large); make room and rerun with "
         "--resume".encode()
     ]
-    assert 0 < out.stat().st_size <= 300
-    r = _infer(*images, "--engine", model, "--out", out, "--resume")
+    assert 0 < out.stat().st_size <= 1000
+    r = _infer(*many, "--engine", model, "--out", out, "--resume")
     assert r.returncode == 0, r.stderr
-    assert [line.split(",")[0] for line in out.read_text().splitlines()[1:]] == list(
-        map(str, images)
-    )
+    assert [line.split(",")[0] for line in out.read_text().splitlines()[1:]] == list(map(str, many))
+    # nor does the run record
+    out.unlink()
+    r = subprocess.run(args, capture_output=True, preexec_fn=files_up_to(200))
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"Error: cannot write the run record {out}.run.json (File too large)".encode()
+    ]
 
 
 def test_inputs_through_symlinked_folders(tmp_path: Path) -> None:
