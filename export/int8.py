@@ -51,7 +51,9 @@ def calibration_key(
             "images": image_names,
             "n": len(image_names),
             "method": method,
-            "versions": {k: versions.get(k, "") for k in ("torch", "onnx", "onnxruntime")},
+            "versions": {
+                k: versions.get(k, "") for k in ("torch", "onnx", "onnxruntime", "pillow")
+            },
         },
         sort_keys=True,
     )

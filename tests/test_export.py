@@ -268,6 +268,29 @@ def test_calibration_cache_is_reused(
     assert [a["quantization"]["images"] for a in int8] == [CALIB_IMAGES] * 2
 
 
+def test_another_pillow_is_another_calibration(exported: Path) -> None:
+    """Pillow decodes and resizes the calibration images: its version is in the export's
+    metadata and in the calibration cache's key, as torch's and ONNX Runtime's are."""
+    import PIL
+
+    from marsvision.export.int8 import calibration_key
+    from marsvision.runtime.backends import load_model_meta
+
+    (fp32,) = exported.glob("*.fp32.onnx")
+    versions = load_model_meta(fp32).versions
+    assert versions["pillow"] == PIL.__version__
+    keys = {
+        calibration_key(
+            source_sha256="s",
+            image_names=["a.jpg"],
+            method="percentile",
+            versions={**versions, "pillow": v},
+        )  # fmt: skip
+        for v in ("11.0.0", "12.0.0")
+    }
+    assert len(keys) == 2
+
+
 def test_calibration_cache_has_the_usual_file_mode(exported: Path) -> None:
     """ONNX Runtime writes it by mkstemp (0600); every other artifact gets 0666 less the umask."""
     from marsvision.runtime.files import default_file_mode

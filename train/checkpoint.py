@@ -27,10 +27,12 @@ REQUIRED_KEYS = ("arch", "task", "class_names", "preprocess", "state_dict")
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape a checkpoint or artifact."""
+    """Versions of the libraries that shape a checkpoint or artifact (Pillow decodes and resizes
+    every image the model sees: a change to it changes the pixels, and stales a calibration)."""
     from importlib.metadata import PackageNotFoundError, version
 
     import numpy
+    import PIL
     import torchvision
 
     try:
@@ -42,6 +44,7 @@ def library_versions() -> dict[str, str]:
         "torch": str(torch.__version__),  # TorchVersion is not loadable with weights_only
         "torchvision": str(torchvision.__version__),
         "numpy": str(numpy.__version__),
+        "pillow": str(PIL.__version__),
     }
 
 
