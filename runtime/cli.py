@@ -125,7 +125,7 @@ def run(cfg: InferConfig) -> int:
         try:  # from here until it is closed, this run alone writes --out (lock_output)
             if cfg.out is not None:
                 lock_output(stream, cfg.out)
-            if cfg.resume and existed:
+            if cfg.resume and existed and os.fstat(stream.fileno()).st_size > 0:  # rows to keep
                 base = resume_base(cfg.out, fast_decode=cfg.fast_decode, inputs=inputs)
                 header = csv_header(
                     meta.class_names, min(cfg.top_k, meta.num_classes) if cfg.top_k else None

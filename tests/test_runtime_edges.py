@@ -251,6 +251,11 @@ def test_resume_reads_relative_rows_from_the_folder_the_file_was_begun_in(
     assert len((a / "r.csv").read_text().splitlines()) == 1 + len(names)
     r = infer(*(f"imgs/{n}" for n in names), "--out", "r.csv", "--resume", "--fast-decode", cwd=a)
     assert r.returncode == 1 and b"without --fast-decode" in r.stderr, r.stderr
+    # a file with no row yet (its run killed before its first batch) holds nothing to mix with
+    (a / "e.csv").touch()
+    (a / "e.csv.run.json").write_text(json.dumps({"cwd": str(b), "fast_decode": True}))
+    assert infer(f"imgs/{names[0]}", "--out", "e.csv", "--resume", cwd=a).returncode == 0
+    assert json.loads((a / "e.csv.run.json").read_text())["fast_decode"] is False
 
 
 def test_unreadable_results_file_is_a_one_line_error(tmp_path: Path) -> None:
