@@ -8,6 +8,7 @@ valid. New files get the usual permissions (0666 less the umask), not mkstemp's 
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,19 +33,26 @@ def default_folder_mode() -> int:
     return 0o777 & ~_umask()
 
 
+def temporary_name(folder: Path, prefix: str, suffix: str = "") -> Path:
+    """A new name in `folder` for a temporary file or folder (64 random bits: never taken),
+    drawn before it is made, so that the block that makes it also removes it: a SIGTERM or
+    Ctrl-C as mkstemp or mkdtemp returned (made, its name not yet held) left it behind."""
+    return folder / f"{prefix}{secrets.token_hex(8)}{suffix}"
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed to `path`, else removed."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
+    tmp = temporary_name(final.parent, f".{final.name}.", ".tmp")
     try:
-        yield Path(tmp)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        yield tmp
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, final)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

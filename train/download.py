@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -19,7 +18,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from marsvision.runtime.errors import MarsvisionError
-from marsvision.runtime.files import check_writable_folder, default_folder_mode
+from marsvision.runtime.files import check_writable_folder, default_folder_mode, temporary_name
 from marsvision.train.data import SPLIT_FILES, SPLITS, SYNSET_FILE, read_split
 
 ZENODO_URL = "https://zenodo.org/records/1049137/files/msl-images.zip?download=1"
@@ -128,8 +127,9 @@ def unpack_archive(path: Path, dest: Path, root: str) -> Path:
     if dest.exists() and any(dest.iterdir()):
         raise MarsvisionError(f"{dest} exists and is not empty; choose an empty or new --data DIR")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    tmp = temporary_name(dest.parent, f".{dest.name}.", ".tmp")
     try:
+        tmp.mkdir(mode=0o700)
         _extract(path, root, tmp)
         for split in SPLITS:  # the unpacked layout must resolve as the trainer reads it
             read_split(tmp, split, "msl25")
@@ -152,9 +152,7 @@ def download_msl(dest: Path, *, url: str | None = None, timeout: float = 60.0) -
         raise MarsvisionError(f"{dest} exists and is not empty; choose an empty or new --data DIR")
     check_writable_folder(dest, "--data")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".msl-images.", suffix=".zip", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temporary_name(dest.parent, ".msl-images.", ".zip")
     try:
         _fetch(url, tmp, timeout)
         root = check_archive(tmp, ARCHIVE_BYTES)
