@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import sys
 import time
 import warnings
@@ -122,21 +124,36 @@ def run(cfg: InferConfig) -> int:
         done: dict[str, str] = {}
         existed = cfg.out is not None and os.path.exists(cfg.out)
         stream = open_output(cfg.out, append=cfg.resume)
+        made = False  # --out made by this run, and locked
         try:  # from here until it is closed, this run alone writes --out (lock_output)
             if cfg.out is not None:
                 lock_output(stream, cfg.out)
-            if cfg.resume and existed and os.fstat(stream.fileno()).st_size > 0:  # rows to keep
-                base = resume_base(cfg.out, fast_decode=cfg.fast_decode, inputs=inputs)
+                made = not existed
+            rows: dict[str, str] = {}
+            if cfg.resume and existed:
+                out, base = cfg.out, None
+
+                def same_run(rows: dict[str, str]) -> None:
+                    # a file with no row yet (killed in its first batch) holds nothing to mix
+                    nonlocal base
+                    if rows:
+                        base = resume_base(out, fast_decode=cfg.fast_decode, inputs=inputs)
+
                 header = csv_header(
                     meta.class_names, min(cfg.top_k, meta.num_classes) if cfg.top_k else None
                 )
-                rows = read_done(cfg.out, fmt=cfg.fmt, header=header, provenance=provenance)
+                rows = read_done(out, fmt=cfg.fmt, header=header, provenance=provenance,
+                                 check=same_run)  # fmt: skip
                 done = dict(zip(path_keys(rows, base=base), rows.values()))
             # after read_done, which cuts a last row left unfinished (a cut header leaves nothing)
             is_new = cfg.out is None or os.fstat(stream.fileno()).st_size == 0
-            if cfg.out is not None and is_new:
+            if cfg.out is not None and not rows and stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
                 write_record(cfg.out, _record(cfg, clf.model_sha256, clf.runner.name, len(inputs)))
         except BaseException:
+            if made and cfg.out is not None:  # stopped before its first row: no empty file
+                with contextlib.suppress(OSError):
+                    os.unlink(cfg.out)  # for a rerun to refuse; while locked, so no --resume
+                    # opens it meanwhile
             if cfg.out is not None:
                 stream.close()
             raise

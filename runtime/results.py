@@ -16,7 +16,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -248,13 +248,21 @@ def _jsonl_done(path: str, text: str, header: list[str], prov: Provenance) -> di
     return done
 
 
-def read_done(path: str, *, fmt: str, header: list[str], provenance: Provenance) -> dict[str, str]:
+def read_done(
+    path: str,
+    *,
+    fmt: str,
+    header: list[str],
+    provenance: Provenance,
+    check: Callable[[dict[str, str]], None] | None = None,
+) -> dict[str, str]:
     """{path: status} of the rows already in a results file (after repairing a cut last line).
 
     A file written for another model's classes or another --top-k is refused, and so is one
-    written by another model file or with another --tta (its rows would mix two models), and
-    one in the other format. A refused file is left as it was: the cut last line of a kill is
-    dropped only from a file whose whole rows were all checked to be this run's.
+    written by another model file or with another --tta (its rows would mix two models), one in
+    the other format, and one that `check` (given the rows) refuses. A refused file is left as
+    it was: the cut last line of a kill is dropped only from a file whose whole rows were all
+    checked to be this run's.
     """
     try:
         with open(path, "rb") as f:
@@ -274,6 +282,8 @@ def read_done(path: str, *, fmt: str, header: list[str], provenance: Provenance)
     if text:
         read = _csv_done if fmt == "csv" else _jsonl_done
         done = read(path, text, header, provenance)
+    if check is not None:
+        check(done)
     if keep < size:  # so that appending starts on a fresh row
         try:
             with open(path, "rb+") as f:
@@ -296,26 +306,38 @@ def write_record(out: str, options: dict[str, Any]) -> None:
     in (its rows' relative paths are from there), as the record --resume checks."""
     from datetime import datetime, timezone
 
+    here = os.stat(".")
     record = {
         "command": "mars-infer",
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cwd": os.getcwd(),
+        "cwd_id": [here.st_dev, here.st_ino],  # the same folder under another name or mount
         **options,
     }
     try:
         atomic_write_text(record_path(out), json.dumps(record, indent=2) + "\n")
     except OSError as e:
         raise MarsvisionError(
-            f"cannot write the run record {record_path(out)} ({e.strerror})"
+            f"cannot write the run record {record_path(out)} ({e.strerror}); make room, or "
+            "choose another --out"
         ) from None
+
+
+def _folder_id(path: str) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_dev, st.st_ino]
 
 
 def resume_base(out: str, *, fast_decode: bool, inputs: list[str]) -> str | None:
     """The folder that the relative paths of `out`'s rows are from when it is not this one (None:
-    this one, or a file from before run records). A resume that would mix its rows is refused:
-    another --fast-decode (the same image decodes to other pixels), or relative inputs from
-    another folder (its rows would be keyed from two folders; they were matched against this
-    one, so every row was written twice)."""
+    this one, under any name, or a file from before run records). A resume that would mix its
+    rows is refused: another --fast-decode (the same image decodes to other pixels), relative
+    inputs from another folder (its rows would be keyed from two folders; they were matched
+    against this one, so every row was written twice), and any resume from elsewhere once that
+    folder is gone or another (moved: its rows' relative paths lead nowhere)."""
     try:
         with open(record_path(out), "rb") as f:
             record = json.loads(f.read())
@@ -332,13 +354,18 @@ def resume_base(out: str, *, fast_decode: bool, inputs: list[str]) -> str | None
             f"{out} was written {was} --fast-decode (its run record, {record_path(out)}): resume "
             "it the same way, or write to a new --out"
         )
-    cwd = str(record.get("cwd") or os.getcwd())
-    if os.path.realpath(cwd) == os.path.realpath(os.getcwd()):
+    cwd, cwd_id = str(record.get("cwd") or os.getcwd()), record.get("cwd_id")
+    if cwd_id == _folder_id(".") or os.path.realpath(cwd) == os.path.realpath(os.getcwd()):
         return None
+    begun = f"{out} was begun in {cwd}, and its rows' relative paths are from there"
+    if cwd_id is not None and _folder_id(cwd) != cwd_id:
+        raise MarsvisionError(
+            f"{begun}; that folder is gone or is another now (moved?): resume it from where "
+            "that folder is now"
+        )
     if any(not os.path.isabs(p) for p in inputs):
         raise MarsvisionError(
-            f"{out} was begun in {cwd}, and its rows' relative paths are from there: resume it "
-            "from that folder, or name the inputs by absolute paths"
+            f"{begun}: resume it from that folder, or name the inputs by absolute paths"
         )
     return cwd
 

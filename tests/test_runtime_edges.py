@@ -251,11 +251,21 @@ def test_resume_reads_relative_rows_from_the_folder_the_file_was_begun_in(
     assert len((a / "r.csv").read_text().splitlines()) == 1 + len(names)
     r = infer(*(f"imgs/{n}" for n in names), "--out", "r.csv", "--resume", "--fast-decode", cwd=a)
     assert r.returncode == 1 and b"without --fast-decode" in r.stderr, r.stderr
-    # a file with no row yet (its run killed before its first batch) holds nothing to mix with
-    (a / "e.csv").touch()
+    # a file with no row yet (a CSV run killed in its first batch: the header alone) holds
+    # nothing to mix with, and gets this run's record
+    from marsvision.runtime.results import csv_header
+
+    (a / "e.csv").write_text(",".join(csv_header(["Surface", "Rover"], None)) + "\n")
     (a / "e.csv.run.json").write_text(json.dumps({"cwd": str(b), "fast_decode": True}))
     assert infer(f"imgs/{names[0]}", "--out", "e.csv", "--resume", cwd=a).returncode == 0
     assert json.loads((a / "e.csv.run.json").read_text())["fast_decode"] is False
+    # the folder moved: resumed from where it is now, its relative rows are still its own; from
+    # elsewhere, their folder is gone (absolute inputs matched none of them: all written twice)
+    c = a.rename(tmp_path / "c")
+    r = infer(*(c / "imgs" / n for n in names), "--out", c / "e.csv", "--resume", cwd=b)
+    assert r.returncode == 1 and b"is gone or is another now" in r.stderr, r.stderr
+    r = infer(*(f"imgs/{n}" for n in names), "--out", "e.csv", "--resume", cwd=c)
+    assert r.returncode == 0 and b"1 already in" in r.stderr, r.stderr
 
 
 def test_unreadable_results_file_is_a_one_line_error(tmp_path: Path) -> None:
@@ -422,12 +432,14 @@ def test_results_that_cannot_be_written_are_a_one_line_error(
     r = _infer(*many, "--engine", model, "--out", out, "--resume")
     assert r.returncode == 0, r.stderr
     assert [line.split(",")[0] for line in out.read_text().splitlines()[1:]] == list(map(str, many))
-    # nor does the run record
+    # nor does the run record, and the run leaves no empty --out that a rerun would refuse
     out.unlink()
     r = subprocess.run(args, capture_output=True, preexec_fn=files_up_to(200))
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
-        f"Error: cannot write the run record {out}.run.json (File too large)".encode()
+        f"Error: cannot write the run record {out}.run.json (File too large); make room, or "
+        "choose another --out".encode()
     ]
+    assert not out.exists()
 
 
 def test_inputs_through_symlinked_folders(tmp_path: Path) -> None:
