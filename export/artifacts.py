@@ -7,14 +7,13 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from marsvision.runtime.errors import MarsvisionError
-from marsvision.runtime.files import atomic_write_text, make_folder, temporary_name
+from marsvision.runtime.files import atomic_write_text, make_folder, temporary
 from marsvision.runtime.metadata import METADATA_KEY, ModelMeta, sha256_file, sidecar_path
 from marsvision.runtime.models import SUFFIXES
 
@@ -49,12 +48,8 @@ def quiet_logger(name: str | None = None) -> Iterator[None]:
 @contextlib.contextmanager
 def staging_dir(out: Path) -> Iterator[Path]:
     """A temporary folder inside `out` (same file system, so `os.replace` is atomic); removed."""
-    tmp = temporary_name(out, ".staging.")
-    try:
-        tmp.mkdir(mode=0o700)
+    with temporary(out, ".staging.", folder=True) as tmp:
         yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def publish(staged: Path, final: Path) -> None:

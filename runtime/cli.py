@@ -128,7 +128,7 @@ def run(cfg: InferConfig) -> int:
         try:  # from here until it is closed, this run alone writes --out (lock_output)
             if cfg.out is not None:
                 lock_output(stream, cfg.out)
-                made = not existed
+                made = not existed and not os.path.islink(cfg.out)  # a link's target stays
             rows: dict[str, str] = {}
             if cfg.resume and existed:
                 out, base = cfg.out, None
@@ -137,7 +137,9 @@ def run(cfg: InferConfig) -> int:
                     # a file with no row yet (killed in its first batch) holds nothing to mix
                     nonlocal base
                     if rows:
-                        base = resume_base(out, fast_decode=cfg.fast_decode, inputs=inputs)
+                        relative = any(not os.path.isabs(p) for p in rows)
+                        base = resume_base(out, fast_decode=cfg.fast_decode, inputs=inputs,
+                                           relative_rows=relative)  # fmt: skip
 
                 header = csv_header(
                     meta.class_names, min(cfg.top_k, meta.num_classes) if cfg.top_k else None
@@ -152,8 +154,7 @@ def run(cfg: InferConfig) -> int:
         except BaseException:
             if made and cfg.out is not None:  # stopped before its first row: no empty file
                 with contextlib.suppress(OSError):
-                    os.unlink(cfg.out)  # for a rerun to refuse; while locked, so no --resume
-                    # opens it meanwhile
+                    os.unlink(cfg.out)  # a rerun would refuse it
             if cfg.out is not None:
                 stream.close()
             raise

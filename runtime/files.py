@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,11 +34,31 @@ def default_folder_mode() -> int:
     return 0o777 & ~_umask()
 
 
-def temporary_name(folder: Path, prefix: str, suffix: str = "") -> Path:
-    """A new name in `folder` for a temporary file or folder (64 random bits: never taken),
-    drawn before it is made, so that the block that makes it also removes it: a SIGTERM or
-    Ctrl-C as mkstemp or mkdtemp returned (made, its name not yet held) left it behind."""
-    return folder / f"{prefix}{secrets.token_hex(8)}{suffix}"
+@contextmanager
+def temporary(
+    parent: Path, prefix: str, suffix: str = "", *, folder: bool = False
+) -> Iterator[Path]:
+    """A new temporary file (empty, 0600) or folder (0700) in `parent`, removed on the way out
+    unless renamed away meanwhile. Its name is drawn before it is made, inside the block that
+    removes it: a SIGTERM or Ctrl-C as mkstemp or mkdtemp returned (made, its name not yet held)
+    left it behind. A name already taken is drawn again, and not removed (not ours)."""
+    tmp: Path | None = None
+    try:
+        while tmp is None:
+            tmp = parent / f"{prefix}{secrets.token_hex(4)}{suffix}"  # as long as mkstemp's
+            try:
+                if folder:
+                    os.mkdir(tmp, 0o700)
+                else:
+                    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                tmp = None
+        yield tmp
+    finally:
+        if tmp is not None and folder:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -45,15 +66,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed to `path`, else removed."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(final.parent, f".{final.name}.", ".tmp")
-    try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    with temporary(final.parent, f".{final.name}.", ".tmp") as tmp:
         yield tmp
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -13,6 +13,7 @@ Paths are written losslessly: a file name that is not valid UTF-8 keeps its raw 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -317,9 +318,11 @@ def write_record(out: str, options: dict[str, Any]) -> None:
     try:
         atomic_write_text(record_path(out), json.dumps(record, indent=2) + "\n")
     except OSError as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
         raise MarsvisionError(
-            f"cannot write the run record {record_path(out)} ({e.strerror}); make room, or "
-            "choose another --out"
+            f"cannot write the run record {record_path(out)} ({e.strerror}); "
+            + ("make room, or " if full else "")
+            + "choose another --out"
         ) from None
 
 
@@ -331,13 +334,15 @@ def _folder_id(path: str) -> list[int] | None:
     return [st.st_dev, st.st_ino]
 
 
-def resume_base(out: str, *, fast_decode: bool, inputs: list[str]) -> str | None:
+def resume_base(
+    out: str, *, fast_decode: bool, inputs: list[str], relative_rows: bool
+) -> str | None:
     """The folder that the relative paths of `out`'s rows are from when it is not this one (None:
     this one, under any name, or a file from before run records). A resume that would mix its
     rows is refused: another --fast-decode (the same image decodes to other pixels), relative
     inputs from another folder (its rows would be keyed from two folders; they were matched
-    against this one, so every row was written twice), and any resume from elsewhere once that
-    folder is gone or another (moved: its rows' relative paths lead nowhere)."""
+    against this one, so every row was written twice), and, for a file with relative rows, any
+    resume from elsewhere once that folder is gone (moved: they lead nowhere)."""
     try:
         with open(record_path(out), "rb") as f:
             record = json.loads(f.read())
@@ -358,10 +363,9 @@ def resume_base(out: str, *, fast_decode: bool, inputs: list[str]) -> str | None
     if cwd_id == _folder_id(".") or os.path.realpath(cwd) == os.path.realpath(os.getcwd()):
         return None
     begun = f"{out} was begun in {cwd}, and its rows' relative paths are from there"
-    if cwd_id is not None and _folder_id(cwd) != cwd_id:
+    if relative_rows and not os.path.isdir(cwd):
         raise MarsvisionError(
-            f"{begun}; that folder is gone or is another now (moved?): resume it from where "
-            "that folder is now"
+            f"{begun}; that folder is gone (moved?): resume it from where that folder is now"
         )
     if any(not os.path.isabs(p) for p in inputs):
         raise MarsvisionError(

@@ -263,9 +263,22 @@ def test_resume_reads_relative_rows_from_the_folder_the_file_was_begun_in(
     # elsewhere, their folder is gone (absolute inputs matched none of them: all written twice)
     c = a.rename(tmp_path / "c")
     r = infer(*(c / "imgs" / n for n in names), "--out", c / "e.csv", "--resume", cwd=b)
-    assert r.returncode == 1 and b"is gone or is another now" in r.stderr, r.stderr
+    assert r.returncode == 1 and b"that folder is gone" in r.stderr, r.stderr
     r = infer(*(f"imgs/{n}" for n in names), "--out", "e.csv", "--resume", cwd=c)
     assert r.returncode == 0 and b"1 already in" in r.stderr, r.stderr
+    # absolute rows lead where they did wherever the run began: its folder may go
+    gone = tmp_path / "scratch"
+    gone.mkdir()
+    assert infer(c / "imgs" / names[0], "--out", b / "g.csv", cwd=gone).returncode == 0
+    gone.rmdir()
+    r = infer(*(c / "imgs" / n for n in names), "--out", "g.csv", "--resume", cwd=b)
+    assert r.returncode == 0 and b"1 already in" in r.stderr, r.stderr
+    # a run stopped before its first row removes the --out it made, not a link's target
+    (b / "link.csv").symlink_to("target.csv")
+    (b / "link.csv.run.json").mkdir()  # the record cannot be written
+    r = infer(c / "imgs" / names[0], "--out", "link.csv", "--resume", cwd=b)
+    assert r.returncode == 1 and b"choose another --out" in r.stderr, r.stderr
+    assert (b / "link.csv").is_symlink()
 
 
 def test_unreadable_results_file_is_a_one_line_error(tmp_path: Path) -> None:
@@ -651,9 +664,10 @@ def test_a_signal_as_a_temporary_file_or_folder_is_made_leaves_nothing(
     """Ctrl-C or SIGTERM (its handler raising) just as mkstemp or mkdtemp made the temporary
     file or folder, before its name was held by the block that removes it, left it behind (a CI
     run's SIGTERM test of int8_distill caught a hidden .tmp checkpoint): the atomic writes,
-    mars-export's staging folder."""
+    mars-export's staging folder, the data download's unpacking folder."""
     from marsvision.export.artifacts import staging_dir
     from marsvision.runtime import files
+    from marsvision.train.download import unpack_archive
 
     real_open, real_mkdir = os.open, os.mkdir
 
@@ -674,4 +688,13 @@ def test_a_signal_as_a_temporary_file_or_folder_is_made_leaves_nothing(
     monkeypatch.setattr(os, "mkdir", mkdir_then_signal)
     with pytest.raises(KeyboardInterrupt), staging_dir(out):
         pass
+    with pytest.raises(KeyboardInterrupt):
+        unpack_archive(out / "msl.zip", out / "msl", "msl")
     assert list(out.iterdir()) == []
+    # a name already taken (another run's file) is not ours: another is drawn, that one kept
+    monkeypatch.setattr(os, "mkdir", real_mkdir)
+    draws = iter(["0000", "0001"])
+    monkeypatch.setattr(files.secrets, "token_hex", lambda n: next(draws))
+    (out / ".x.pt.0000.tmp").write_bytes(b"theirs")
+    files.atomic_write_bytes(out / "x.pt", b"data")
+    assert sorted(p.name for p in out.iterdir()) == [".x.pt.0000.tmp", "x.pt"]

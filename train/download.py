@@ -18,7 +18,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from marsvision.runtime.errors import MarsvisionError
-from marsvision.runtime.files import check_writable_folder, default_folder_mode, temporary_name
+from marsvision.runtime.files import check_writable_folder, default_folder_mode, temporary
 from marsvision.train.data import SPLIT_FILES, SPLITS, SYNSET_FILE, read_split
 
 ZENODO_URL = "https://zenodo.org/records/1049137/files/msl-images.zip?download=1"
@@ -127,19 +127,14 @@ def unpack_archive(path: Path, dest: Path, root: str) -> Path:
     if dest.exists() and any(dest.iterdir()):
         raise MarsvisionError(f"{dest} exists and is not empty; choose an empty or new --data DIR")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(dest.parent, f".{dest.name}.", ".tmp")
-    try:
-        tmp.mkdir(mode=0o700)
+    with temporary(dest.parent, f".{dest.name}.", ".tmp", folder=True) as tmp:
         _extract(path, root, tmp)
         for split in SPLITS:  # the unpacked layout must resolve as the trainer reads it
             read_split(tmp, split, "msl25")
-        os.chmod(tmp, default_folder_mode())  # mkdtemp's 0o700 kept other users out of --data
+        os.chmod(tmp, default_folder_mode())  # 0o700 while made kept other users out of --data
         if dest.exists():
             dest.rmdir()
         os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 
@@ -152,10 +147,7 @@ def download_msl(dest: Path, *, url: str | None = None, timeout: float = 60.0) -
         raise MarsvisionError(f"{dest} exists and is not empty; choose an empty or new --data DIR")
     check_writable_folder(dest, "--data")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(dest.parent, ".msl-images.", ".zip")
-    try:
+    with temporary(dest.parent, ".msl-images.", ".zip") as tmp:
         _fetch(url, tmp, timeout)
         root = check_archive(tmp, ARCHIVE_BYTES)
         return unpack_archive(tmp, dest, root)
-    finally:
-        tmp.unlink(missing_ok=True)
