@@ -98,8 +98,7 @@ def run(cfg: InferConfig) -> int:
         csv_header,
         lock_output,
         open_output,
-        read_done,
-        resume_base,
+        read_resumed,
         write_record,
     )
 
@@ -129,27 +128,15 @@ def run(cfg: InferConfig) -> int:
             if cfg.out is not None:
                 lock_output(stream, cfg.out)
                 made = not existed and not os.path.islink(cfg.out)  # a link's target stays
-            rows: dict[str, str] = {}
             if cfg.resume and existed:
-                out, base = cfg.out, None
-
-                def same_run(rows: dict[str, str]) -> None:
-                    # a file with no row yet (killed in its first batch) holds nothing to mix
-                    nonlocal base
-                    if rows:
-                        relative = any(not os.path.isabs(p) for p in rows)
-                        base = resume_base(out, fast_decode=cfg.fast_decode, inputs=inputs,
-                                           relative_rows=relative)  # fmt: skip
-
                 header = csv_header(
                     meta.class_names, min(cfg.top_k, meta.num_classes) if cfg.top_k else None
                 )
-                rows = read_done(out, fmt=cfg.fmt, header=header, provenance=provenance,
-                                 check=same_run)  # fmt: skip
-                done = dict(zip(path_keys(rows, base=base), rows.values()))
+                done = read_resumed(cfg.out, fmt=cfg.fmt, header=header, provenance=provenance,
+                                    fast_decode=cfg.fast_decode, inputs=inputs)  # fmt: skip
             # after read_done, which cuts a last row left unfinished (a cut header leaves nothing)
             is_new = cfg.out is None or os.fstat(stream.fileno()).st_size == 0
-            if cfg.out is not None and not rows and stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+            if cfg.out is not None and not done and stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
                 write_record(cfg.out, _record(cfg, clf.model_sha256, clf.runner.name, len(inputs)))
         except BaseException:
             if made and cfg.out is not None:  # stopped before its first row: no empty file

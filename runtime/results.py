@@ -24,6 +24,7 @@ from typing import IO, Any
 from marsvision.runtime.classifier import Prediction
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.files import atomic_write_text
+from marsvision.runtime.inputs import path_keys
 
 FORMATS = ("csv", "jsonl")
 ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
@@ -372,6 +373,32 @@ def resume_base(
             f"{begun}: resume it from that folder, or name the inputs by absolute paths"
         )
     return cwd
+
+
+def read_resumed(
+    out: str,
+    *,
+    fmt: str,
+    header: list[str],
+    provenance: Provenance,
+    fast_decode: bool,
+    inputs: list[str],
+) -> dict[str, str]:
+    """{path key: status} of the rows already in `out` (`read_done`), keyed by `path_keys` from
+    the folder they were written in, for a run that continues it; refused as `read_done` and
+    `resume_base` say. A file with no row yet (a CSV killed in its first batch: its header)
+    holds nothing to mix with, and is not checked against its run record."""
+    base = None
+
+    def same_run(rows: dict[str, str]) -> None:
+        nonlocal base
+        if rows:
+            relative = any(not os.path.isabs(p) for p in rows)
+            base = resume_base(out, fast_decode=fast_decode, inputs=inputs,
+                               relative_rows=relative)  # fmt: skip
+
+    rows = read_done(out, fmt=fmt, header=header, provenance=provenance, check=same_run)
+    return dict(zip(path_keys(rows, base=base), rows.values()))
 
 
 def lock_output(stream: IO[str], path: str) -> None:
