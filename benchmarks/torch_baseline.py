@@ -164,10 +164,8 @@ def reference_logits(
     import time
 
     torch = _torch()
-    from PIL import Image
-
-    from marsvision.runtime.preprocess import raster_formats, to_rgb
     from marsvision.train.checkpoint import load_checkpoint, preprocess_from_checkpoint
+    from marsvision.train.images import open_rgb
     from marsvision.train.transforms import eval_transform
 
     tf = eval_transform(preprocess_from_checkpoint(load_checkpoint(checkpoint)))
@@ -175,11 +173,8 @@ def reference_logits(
     seconds = 0.0
     with TorchRunner(checkpoint, device=device, threads=threads) as runner:
         for i in range(0, len(paths), batch_size):
-            images = []
-            for p in paths[i : i + batch_size]:
-                with Image.open(p, formats=raster_formats()) as img:
-                    images.append(tf(to_rgb(img)))  # mars-infer's decoding
-            x = torch.stack(images)
+            # mars-infer's decoding, as training's; an unreadable image is one line naming it
+            x = torch.stack([tf(open_rgb(p)) for p in paths[i : i + batch_size]])
             if i == 0:  # one untimed warm-up pass (allocations, kernel selection)
                 runner.forward(x)
                 runner.synchronize()
