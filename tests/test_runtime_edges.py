@@ -20,8 +20,8 @@ from marsvision.runtime.errors import MarsvisionError
 MARS_INFER = [sys.executable, "-m", "marsvision.runtime.cli"]
 
 
-def _infer(*args: object) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([*MARS_INFER, *map(os.fspath, args)], capture_output=True)
+def _infer(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*MARS_INFER, *map(os.fspath, args)], capture_output=True, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -235,8 +235,7 @@ def test_resume_reads_relative_rows_from_the_folder_the_file_was_begun_in(
     names = [p.name for p in images]
 
     def infer(*args: object, cwd: Path) -> subprocess.CompletedProcess[bytes]:
-        argv = [*MARS_INFER, *map(os.fspath, args), "--engine", model]
-        return subprocess.run(argv, capture_output=True, cwd=cwd)
+        return _infer(*args, "--engine", model, cwd=cwd)
 
     assert infer(f"imgs/{names[0]}", "--out", "r.csv", cwd=a).returncode == 0
     record = json.loads((a / "r.csv.run.json").read_text())
