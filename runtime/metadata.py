@@ -54,8 +54,7 @@ class ModelMeta:
                 f"unknown precision {self.precision!r} in model metadata; expected one of "
                 + ", ".join(PRECISIONS)
             )
-        if not self.class_names:
-            raise MarsvisionError("model metadata has no class names")
+        check_class_names(self.class_names)
         t = self.decision_threshold
         if t is not None and (len(self.class_names) != 2 or not 0.0 < t < 1.0):
             raise MarsvisionError(
@@ -100,6 +99,22 @@ class ModelMeta:
             return cls(**d)
         except (KeyError, TypeError) as e:
             raise MarsvisionError(f"{source}: incomplete model metadata ({e})") from None
+        except MarsvisionError as e:  # which file the bad value came from
+            raise MarsvisionError(f"{source}: {e.message}") from None
+
+
+def check_class_names(names: Any) -> None:
+    """Refuse class names other than a list of distinct, non-empty strings: a label would print
+    as "0" or "['a']", or two columns would share a name and a label could not say which."""
+    if not (
+        isinstance(names, list)
+        and names
+        and all(isinstance(n, str) and n for n in names)
+        and len(set(names)) == len(names)
+    ):
+        raise MarsvisionError(
+            f"class names {names!r}: they must be a list of distinct, non-empty names"
+        )
 
 
 def decide(probs: Any, threshold: float | None) -> Any:

@@ -14,6 +14,7 @@ with torchvision (eval transform), the runtime with Pillow and numpy; both follo
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -40,7 +41,7 @@ class PreprocessSpec:
         if self.input_size < MIN_INPUT_SIZE:
             raise MarsvisionError(
                 f"input size {self.input_size} is too small: ResNet-50 needs at least "
-                f"{MIN_INPUT_SIZE} px (use --image-size {MIN_INPUT_SIZE} or more)"
+                f"{MIN_INPUT_SIZE} px"
             )
         if self.resize_size < self.input_size:
             raise MarsvisionError(
@@ -51,8 +52,16 @@ class PreprocessSpec:
                 f"unknown interpolation {self.interpolation!r}; choose one of "
                 + ", ".join(INTERPOLATIONS)
             )
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise MarsvisionError("mean and std need three values each, std positive")
+        if (
+            len(self.mean) != 3
+            or len(self.std) != 3
+            or not all(math.isfinite(v) for v in (*self.mean, *self.std))
+            or min(self.std) <= 0
+        ):  # an inf std passes the check `> 0` and flattens a channel; NaN makes no output
+            raise MarsvisionError(
+                f"mean {list(self.mean)} and std {list(self.std)}: three finite numbers each, "
+                "std positive"
+            )
 
     @classmethod
     def for_input_size(cls, input_size: int, crop_pct: float = DEFAULT_CROP_PCT) -> PreprocessSpec:
@@ -69,17 +78,38 @@ class PreprocessSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
         """Parse a dict written by `to_dict`; unknown or missing keys fail loudly."""
+        if not isinstance(d, dict):
+            raise MarsvisionError(f"preprocessing spec {d!r} is not a mapping of its settings")
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise MarsvisionError(f"preprocessing spec has unknown keys: {sorted(unknown)}")
         try:
-            return cls(
-                input_size=int(d["input_size"]),
-                resize_size=int(d["resize_size"]),
-                interpolation=str(d.get("interpolation", "bilinear")),
-                mean=tuple(float(x) for x in d.get("mean", IMAGENET_MEAN)),  # type: ignore[arg-type]
-                std=tuple(float(x) for x in d.get("std", IMAGENET_STD)),  # type: ignore[arg-type]
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise MarsvisionError(f"malformed preprocessing spec {d!r}: {e}") from None
+            sizes = {k: d[k] for k in ("input_size", "resize_size")}
+            mean, std = d.get("mean", IMAGENET_MEAN), d.get("std", IMAGENET_STD)
+            interpolation = d.get("interpolation", "bilinear")
+        except KeyError as e:
+            raise MarsvisionError(f"preprocessing spec {d!r} has no {e}") from None
+        # as written by to_dict: whole numbers, not 64.7 cut to 64 or the text "64"
+        if not all(_is_int(v) for v in sizes.values()):
+            raise MarsvisionError(f"preprocessing spec {d!r}: sizes must be whole numbers")
+        if not all(
+            isinstance(v, (list, tuple)) and all(_is_number(x) for x in v) for v in (mean, std)
+        ):
+            raise MarsvisionError(f"preprocessing spec {d!r}: mean and std must be numbers")
+        if not isinstance(interpolation, str):
+            raise MarsvisionError(f"preprocessing spec {d!r}: interpolation must be a name")
+        return cls(
+            interpolation=interpolation,
+            mean=tuple(float(x) for x in mean),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in std),  # type: ignore[arg-type]
+            **sizes,
+        )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)

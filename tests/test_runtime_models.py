@@ -75,6 +75,119 @@ def test_a_graph_its_metadata_does_not_describe_is_refused(
             OnnxRuntimeRunner(edited, device="cpu")
 
 
+def _graph(out: Path, *, names: Any = ("Surface", "Rover"), elem: int = 1,
+           dims: tuple[Any, ...] = ("batch", 3, 64, 64), width: Any = 2, matmul: bool = True,
+           mean_axes: tuple[int, ...] = (2, 3), preprocess: Any = None) -> Path:  # fmt: skip
+    """A tiny ONNX classifier with marsvision metadata: input (`elem` type, `dims`) -> channel
+    means over `mean_axes` -> a (3, 2) MatMul (or none: one output per channel) -> output
+    (batch, `width`), the metadata naming `names`."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from marsvision.runtime.metadata import FORMAT_VERSION, METADATA_KEY
+    from marsvision.runtime.spec import PreprocessSpec
+
+    w = np.arange(6, dtype=np.float32).reshape(3, 2) / 10
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["input"], ["x"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceMean", ["x"], ["m"], axes=list(mean_axes), keepdims=0),
+            helper.make_node("MatMul", ["m", "w"], ["logits"])
+            if matmul
+            else helper.make_node("Identity", ["m"], ["logits"]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("input", elem, list(dims))],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor("w", TensorProto.FLOAT, list(w.shape), w.ravel())],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    meta = {
+        "task": "binary",
+        "class_names": list(names) if isinstance(names, tuple) else names,
+        "preprocess": preprocess or PreprocessSpec.for_input_size(64).to_dict(),
+        "precision": "fp32",
+        "format_version": FORMAT_VERSION,
+    }
+    helper.set_model_props(model, {METADATA_KEY: json.dumps(meta)})
+    onnx.save(model, str(out))
+    return out
+
+
+def test_a_graph_that_fits_its_metadata_runs(tmp_path: Path) -> None:
+    """The tiny graph itself (symbolic sizes, run once when it opens) classifies: the refusals
+    below are the edits', not the graph's."""
+    from marsvision.runtime.backends.onnxruntime import OnnxRuntimeRunner
+
+    for n, dims in enumerate([("batch", 3, 64, 64), ("batch", "c", "h", "w")]):
+        with OnnxRuntimeRunner(_graph(tmp_path / f"ok{n}.onnx", dims=dims), device="cpu") as r:
+            assert r.infer(np.ones((5, 3, 64, 64), np.float32)).shape == (5, 2)
+
+
+def test_class_names_and_spec_values_that_would_mislabel_are_refused(tmp_path: Path) -> None:
+    """Metadata class names that are not distinct, non-empty names (a duplicate made the CSV's
+    columns share a name, an integer printed an empty label, a string became one class per
+    letter) and spec values that are not finite or whole (an inf std flattened a channel and
+    changed every probability, 64.7 was cut to 64) are refused when the model opens, naming
+    the file; they ran with exit 0 before."""
+    from marsvision.runtime.backends.onnxruntime import OnnxRuntimeRunner
+    from marsvision.runtime.errors import MarsvisionError
+    from marsvision.runtime.spec import PreprocessSpec
+
+    spec = PreprocessSpec.for_input_size(64).to_dict()
+    names = "must be a list of distinct, non-empty names"
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"names": ("Rover", "Rover")}, names),
+        ({"names": [0, 1]}, names),
+        ({"names": "ab"}, names),
+        ({"names": [["a"], ["b"]]}, names),
+        ({"names": ["", "Rover"]}, names),
+        ({"preprocess": {**spec, "std": [0.2, float("inf"), 0.2]}}, "three finite numbers"),
+        ({"preprocess": {**spec, "mean": [0.5, float("nan"), 0.5]}}, "three finite numbers"),
+        ({"preprocess": {**spec, "input_size": 64.7}}, "sizes must be whole numbers"),
+        ({"preprocess": {**spec, "resize_size": "73"}}, "sizes must be whole numbers"),
+        ({"preprocess": {**spec, "std": ["0.2", 0.2, 0.2]}}, "mean and std must be numbers"),
+        ({"preprocess": [1, 2]}, "is not a mapping of its settings"),
+        ({"preprocess": {**spec, "input_size": -64}}, "input size -64 is too small"),
+    ]
+    for n, (edit, refusal) in enumerate(cases):
+        path = _graph(tmp_path / f"m{n}.onnx", **edit)
+        with pytest.raises(MarsvisionError, match=rf"^{path}: .*{refusal}") as e:
+            OnnxRuntimeRunner(path, device="cpu")
+        assert "--image-size" not in e.value.message  # mars-train's option, not this file's
+
+
+def test_a_graph_that_cannot_run_its_input_fails_when_it_opens(tmp_path: Path) -> None:
+    """A graph whose input is not float (onnxruntime refused the batch with a traceback, after
+    the header was written), or whose symbolic sizes hide a layout or width its metadata does
+    not describe (NHWC: a traceback; a third output column shifted the CSV's columns, exit 0),
+    is refused in one line when it opens."""
+    from onnx import TensorProto
+
+    from marsvision.runtime.backends.onnxruntime import OnnxRuntimeRunner
+    from marsvision.runtime.errors import MarsvisionError
+
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"elem": TensorProto.UINT8}, r"input is tensor\(uint8\); mars-infer feeds float32"),
+        ({"elem": TensorProto.DOUBLE}, r"input is tensor\(double\)"),
+        (
+            {"dims": ("batch", "c", 64, 64), "width": "k", "matmul": False},
+            r"outputs of shape \(1, 3\), not \(1, 2\)",
+        ),
+        (
+            {"dims": ("batch", "h", "w", "c"), "mean_axes": (1, 2)},
+            r"cannot run this model on a batch of \(1, 3, 64, 64\) \(",
+        ),
+    ]
+    for n, (edit, refusal) in enumerate(cases):
+        path = _graph(tmp_path / f"m{n}.onnx", **edit)
+        with pytest.raises(MarsvisionError, match=rf"^{path}: .*{refusal}"):
+            OnnxRuntimeRunner(path, device="cpu")
+
+
 def test_a_closed_classifier_says_so(models: dict[str, Path], msl_dir: Path) -> None:
     from marsvision.runtime.classifier import Classifier
     from marsvision.train.data import read_split

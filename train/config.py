@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.spec import MIN_INPUT_SIZE
 from marsvision.train.data import Sample, halve_by_sol, read_split
 
 
@@ -276,6 +277,11 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
         ),
         (seed_in_range(cfg.seed), f"--seed {cfg.seed}: must be in {SEED_RANGE}"),
         (cfg.workers >= 0, f"--workers {cfg.workers}: cannot be negative"),
+        (
+            cfg.image_size >= MIN_INPUT_SIZE,
+            f"--image-size {cfg.image_size}: must be at least {MIN_INPUT_SIZE} px (ResNet-50 "
+            f"downsamples {MIN_INPUT_SIZE}x)",
+        ),
         (
             cfg.store_size is None or cfg.store_size >= cfg.image_size,
             f"--store-size {cfg.store_size}: must be at least --image-size {cfg.image_size} "

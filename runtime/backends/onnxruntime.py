@@ -178,10 +178,15 @@ def _session(
     try:
         return ort.InferenceSession(model, sess_options=so, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types for bad files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MarsvisionError(
-            f"{path}: onnxruntime cannot load this model ({first}); re-export it with mars-export"
+            f"{path}: onnxruntime cannot load this model ({_first_line(e)}); re-export it with "
+            "mars-export"
         ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def meta_from_onnx(path: str | os.PathLike[str]) -> ModelMeta:
@@ -220,17 +225,23 @@ def providers_for(device: str, backend: str = "onnxruntime") -> list[str]:
     return want + [_EP["cpu"]]
 
 
-def _check_graph(sess: Any, meta: ModelMeta, path: Path) -> None:
+def _check_graph(sess: Any, meta: ModelMeta, path: Path) -> bool:
     """Refuse a graph that its metadata does not describe (an edited file, or one from another
-    tool with marsvision metadata pasted in): one input of (batch, 3, size, size) with a free
-    batch dimension, and an output of (batch, classes), named as the metadata says. Unchecked,
-    such a file fails at its first batch with a traceback, after the header is written."""
+    tool with marsvision metadata pasted in): one float input of (batch, 3, size, size) with a
+    free batch dimension, and an output of (batch, classes), named as the metadata says.
+    Unchecked, such a file fails at its first batch, after the header is written. Returns
+    whether a dimension other than the batch is symbolic (only a run can check it)."""
     redo = "; re-export it with mars-export"
     inputs = sess.get_inputs()
     if len(inputs) != 1 or inputs[0].name != meta.input_name:
         raise MarsvisionError(
             f"{path}: model inputs {[i.name for i in inputs]} do not match its metadata "
             f"({meta.input_name!r}){redo}"
+        )
+    if inputs[0].type not in ("tensor(float)", "tensor(float16)"):
+        raise MarsvisionError(
+            f"{path}: the model's input is {inputs[0].type}; mars-infer feeds float32 or float16 "
+            f"images{redo}"
         )
     shape, size = list(inputs[0].shape), meta.preprocess.input_size
     want: list[Any] = ["batch", 3, size, size]
@@ -257,6 +268,7 @@ def _check_graph(sess: Any, meta: ModelMeta, path: Path) -> None:
             f"{path}: the model's output is {out}, its metadata names {meta.num_classes} "
             f"classes{redo}"
         )
+    return not all(isinstance(d, int) for d in (*shape[1:], out[1]))
 
 
 class OnnxRuntimeRunner:
@@ -292,9 +304,12 @@ class OnnxRuntimeRunner:
             _EP["cuda"]: "cuda",
         }.get(used[0], "cpu")
         self.name = f"onnxruntime-{kind}"
-        _check_graph(self._sess, self.meta, self.path)
+        symbolic = _check_graph(self._sess, self.meta, self.path)
         self._dtype = np.float16 if "float16" in self._sess.get_inputs()[0].type else np.float32
         self._output = self.meta.output_name
+        if symbolic:  # one image now: a graph that cannot take the input fails before any output
+            size = self.meta.preprocess.input_size
+            self.infer(np.zeros((1, 3, size, size), np.float32))
 
     def __enter__(self) -> OnnxRuntimeRunner:
         return self
@@ -311,7 +326,19 @@ class OnnxRuntimeRunner:
         """float32 NCHW batch -> float32 logits (batch, num_classes)."""
         x = batch if batch.dtype == self._dtype else batch.astype(self._dtype)
         n = self._max_batch or len(x)
-        if len(x) <= n:
+        if len(x) > n:
+            return np.concatenate([self.infer(x[i : i + n]) for i in range(0, len(x), n)])
+        try:
             (out,) = self._sess.run([self._output], {self.meta.input_name: x})
-            return np.asarray(out, dtype=np.float32)
-        return np.concatenate([self.infer(x[i : i + n]) for i in range(0, len(x), n)])
+        except Exception as e:  # onnxruntime's own types: a graph its metadata does not fit
+            raise MarsvisionError(
+                f"{self.path}: onnxruntime cannot run this model on a batch of {x.shape} "
+                f"({_first_line(e)})"
+            ) from None
+        want = (len(x), self.meta.num_classes)
+        if out.shape != want:  # a symbolic output width: columns would shift under the header
+            raise MarsvisionError(
+                f"{self.path}: the model gave outputs of shape {out.shape}, not {want}: its "
+                "metadata does not describe it; re-export it with mars-export"
+            )
+        return np.asarray(out, dtype=np.float32)
