@@ -83,15 +83,14 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
     # calibration reads "the train split" of --data: of another data set it could be test images
     check_same_data(ckpt, data_dir, config.checkpoint)
     meta = fp32_meta(ckpt, source_sha)  # the checkpoint's checks, before --out is made
-    out = prepare_out_dir(config.out)
-    check_manifest_owner(out, source_sha)
-    build_engines, skip_note = _tensorrt_plan(config)
-
+    build_engines, skip_note = _tensorrt_plan(config)  # --tensorrt on without TensorRT too
     task = ckpt["task"]
     spec = meta.preprocess
     calib_paths = split_paths(data_dir, "train", task, config.calib_images) if config.int8 else []
     val_batch = load_batch(split_paths(data_dir, "val", task, config.parity_images), spec)
-    ref = torch_logits(ckpt, val_batch)
+    ref = torch_logits(ckpt, val_batch)  # and its weights' (fc width, missing tensors)
+    out = prepare_out_dir(config.out)
+    check_manifest_owner(out, source_sha)
     if skip_note:
         log(skip_note)
 

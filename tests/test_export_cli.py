@@ -101,6 +101,42 @@ def test_bad_checkpoint(kind: str, tiny_checkpoint: Path, msl_dir: Path, tmp_pat
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
+@pytest.mark.parametrize(
+    ("edit", "refusal"),
+    [
+        # a traceback before: KeyError 'data_fingerprint', AttributeError on a list
+        ("no-fingerprint", "checkpoint lacks data_fingerprint"),
+        ("list-state", "its state_dict is not a mapping of names to tensors"),
+        ("same-names", "class names ['Rover', 'Rover']: they must be a list of distinct"),
+        # these failed after --out was made, leaving it empty
+        ("three-names", "names 3 classes but its fc layer has 2 outputs"),
+        ("missing-tensor", "fc.bias"),
+    ],
+)
+def test_a_checkpoint_that_fails_its_checks_makes_no_out(
+    edit: str, refusal: str, tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    if edit == "no-fingerprint":
+        del ckpt["data_fingerprint"]
+    elif edit == "list-state":
+        ckpt["state_dict"] = list(ckpt["state_dict"].values())
+    elif edit == "same-names":
+        ckpt["class_names"] = ["Rover", "Rover"]
+    elif edit == "three-names":
+        ckpt["class_names"] = ["a", "b", "c"]
+    else:
+        del ckpt["state_dict"]["fc.bias"]
+    bad = tmp_path / "bad.pt"
+    torch.save(ckpt, bad)
+    out = tmp_path / "o"
+    line = _one_line_error(*_run(["--checkpoint", str(bad), "--out", str(out)], msl_dir))
+    assert refusal in line
+    assert not out.exists()
+
+
 def test_unwritable_out_dir(tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -184,18 +220,11 @@ def test_out_dir_of_another_model_without_a_manifest(
 def test_tensorrt_on_without_tensorrt(tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path) -> None:
     if cli_tensorrt_available():
         pytest.skip("TensorRT is installed here")
-    args = [
-        "--checkpoint",
-        str(tiny_checkpoint),
-        "--out",
-        str(tmp_path),
-        "--fp16",
-        "--tensorrt",
-        "on",
-    ]
+    out = tmp_path / "o"  # it was made, and left empty
+    args = ["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--fp16", "--tensorrt", "on"]
     line = _one_line_error(*_run(args, msl_dir))
     assert 'pip install "marsvision[trt]"' in line
-    assert list(tmp_path.iterdir()) == []
+    assert not out.exists()
 
 
 def test_console_script_error_is_one_line(tmp_path: Path) -> None:

@@ -18,12 +18,13 @@ from torch import nn
 
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.files import atomic_path
+from marsvision.runtime.metadata import check_class_names
 from marsvision.runtime.spec import PreprocessSpec
 from marsvision.train.model import ARCH, create_model
 
 FORMAT = "marsvision-checkpoint"
 FORMAT_VERSION = 1
-REQUIRED_KEYS = ("arch", "task", "class_names", "preprocess", "state_dict")
+REQUIRED_KEYS = ("arch", "task", "class_names", "preprocess", "state_dict", "data_fingerprint")
 
 
 def library_versions() -> dict[str, str]:
@@ -116,6 +117,13 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise MarsvisionError(f"{p}: checkpoint lacks {', '.join(missing)}")
     if ckpt["arch"] != ARCH:
         raise MarsvisionError(f"{p}: architecture {ckpt['arch']!r} is not {ARCH!r}")
+    state = ckpt["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MarsvisionError(f"{p}: its state_dict is not a mapping of names to tensors")
+    try:
+        check_class_names(ckpt["class_names"])
+    except MarsvisionError as e:
+        raise MarsvisionError(f"{p}: {e.message}") from None
     return ckpt
 
 
