@@ -201,6 +201,27 @@ def _artifact_logits(
     return np.concatenate(out), seconds
 
 
+def _check_belongs(
+    path: Path, names: list[str], threshold: float | None, checkpoint: Path, ckpt_sha: str
+) -> None:
+    """Refuse an artifact that was not exported from `checkpoint` (its metadata says so); one
+    whose metadata cannot be read is left to its own row."""
+    from marsvision.runtime.backends import load_model_meta
+
+    try:
+        meta = load_model_meta(path)
+    except MarsvisionError:
+        return
+    check_exported_from(meta.source_checkpoint_sha256, path, checkpoint, ckpt_sha)
+    if meta.class_names != names:
+        raise MarsvisionError(f"{path}: class names differ from the checkpoint's")
+    if meta.decision_threshold != threshold:
+        raise MarsvisionError(
+            f"{path}: decision threshold {meta.decision_threshold} differs from the "
+            f"checkpoint's {threshold}; re-export it"
+        )
+
+
 def _open(artifact: Artifact, device: str, threads: int | None) -> Any:
     from marsvision.runtime.backends import open_runner
 
@@ -243,6 +264,10 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
     torch_device = select_device(cfg.device).type
     # ONNX on the GPU where onnxruntime has CUDA, else on the CPU (still a valid parity check).
     ort_device = "auto" if torch_device == "cuda" else "cpu"
+
+    for art in artifacts:  # before the reference runs: a stranger fails in seconds, not minutes
+        if skip_reason(art, ort_device) is None:
+            _check_belongs(art.path, names, decision_threshold, cfg.checkpoint, ckpt_sha)
 
     splits: dict[str, dict[str, Any]] = {}
     for split in cfg.splits:
@@ -327,14 +352,6 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
         with runner:
             meta = runner.meta
             row["backend"] = runner.name
-            check_exported_from(meta.source_checkpoint_sha256, art.path, cfg.checkpoint, ckpt_sha)
-            if meta.class_names != names:
-                raise MarsvisionError(f"{art.path}: class names differ from the checkpoint's")
-            if meta.decision_threshold != decision_threshold:
-                raise MarsvisionError(
-                    f"{art.path}: decision threshold {meta.decision_threshold} differs from the "
-                    f"checkpoint's {decision_threshold}; re-export it"
-                )
             passed = True
             for split, d in splits.items():
                 key = (split, meta.preprocess)

@@ -321,6 +321,40 @@ def test_a_reference_that_is_not_finite_is_refused(
 
 
 @pytest.mark.parametrize(
+    ("change", "refusal"),
+    [
+        ({"source_checkpoint_sha256": "0" * 64}, "was exported from another checkpoint"),
+        ({"class_names": ["Rover", "Surface"]}, "class names differ from the checkpoint's"),
+        ({"decision_threshold": 0.3}, "decision threshold 0.3 differs from the checkpoint's"),
+    ],
+)
+def test_an_artifact_of_another_model_is_refused_before_the_reference(
+    change: dict, exported: tuple[Path, Path], msl_dir: Path, tmp_path: Path,  # type: ignore[type-arg]
+    monkeypatch: pytest.MonkeyPatch, refusal: str
+) -> None:  # fmt: skip
+    """Refused only after the PyTorch reference had run on every split (minutes on a CPU)."""
+    from marsvision.benchmarks import parity, torch_baseline
+    from marsvision.runtime.metadata import METADATA_KEY
+
+    ckpt, art = exported
+    model = onnx.load(str(art / "resnet50-binary.fp32.onnx"))
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            prop.value = json.dumps({**json.loads(prop.value), **change})
+    (tmp_path / "a").mkdir()
+    onnx.save(model, str(tmp_path / "a" / "resnet50-binary.fp32.onnx"))
+
+    def reference(*_: object, **__: object) -> None:
+        raise AssertionError("the PyTorch reference ran before the artifacts were checked")
+
+    monkeypatch.setattr(torch_baseline, "reference_logits", reference)
+    cfg = parity.ParityConfig(checkpoint=ckpt, artifacts=tmp_path / "a", data_dir=msl_dir,
+                              splits=("test",), limit=4)  # fmt: skip
+    with pytest.raises(MarsvisionError, match=refusal):
+        parity.run_parity(cfg)
+
+
+@pytest.mark.parametrize(
     ("flag", "value", "says"),
     [
         # nan passed every artifact: no comparison with it is true
