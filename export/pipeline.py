@@ -19,6 +19,7 @@ from marsvision.export.artifacts import (
 )
 from marsvision.export.config import ExportConfig
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.files import FolderLock
 from marsvision.runtime.metadata import ModelMeta, sha256_file, sidecar_path
 from marsvision.runtime.models import artifact_name
 
@@ -71,7 +72,13 @@ def _tensorrt_plan(config: ExportConfig) -> tuple[bool, str | None]:
 
 
 def export_all(config: ExportConfig) -> dict[str, Any]:
-    """Write the artifacts `config` asks for (all or none) and return the manifest."""
+    """Write the artifacts `config` asks for (all or none) and return the manifest. --out is
+    locked from its creation to the end (another export into it is refused)."""
+    with FolderLock() as lock:
+        return _export_all(config, lock)
+
+
+def _export_all(config: ExportConfig, lock: FolderLock) -> dict[str, Any]:
     from marsvision.export.images import load_batch, ort_logits, parity, split_paths
     from marsvision.export.onnx_fp32 import fp32_meta, onnx_from_checkpoint, torch_logits
     from marsvision.train.checkpoint import load_checkpoint
@@ -90,6 +97,7 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
     val_batch = load_batch(split_paths(data_dir, "val", task, config.parity_images), spec)
     ref = torch_logits(ckpt, val_batch)  # and its weights' (fc width, missing tensors)
     out = prepare_out_dir(config.out)
+    lock.acquire(out, "mars-export")  # an export of another checkpoint would mix the manifest
     check_manifest_owner(out, source_sha)
     if skip_note:
         log(skip_note)

@@ -1,5 +1,5 @@
-"""Atomic file writes (a temporary name in the target's folder, then a rename) and the check that
-an output folder can be written before any work starts.
+"""Atomic file writes (a temporary name in the target's folder, then a rename), the check that
+an output folder can be written before any work starts, and the lock one run holds on it.
 
 A crash or kill mid-write leaves the old file (or none), never a half-written one that looks
 valid. New files get the usual permissions (0666 less the umask), not mkstemp's 0600.
@@ -119,3 +119,46 @@ def make_folder(path: str | os.PathLike[str], option: str) -> Path:
             f"{option} {folder}: cannot create it ({e.strerror or e}); pass another {option}"
         ) from None
     return folder
+
+
+class FolderLock:
+    """An exclusive lock on an output folder for one run, from `acquire` until `release` (or the
+    end of a `with` block): a second run into the folder (a script started twice, two runs left
+    on the default --out) is refused in one line, instead of each replacing the other's files
+    and reporting the other's model. flock on the folder's own descriptor: no lock file is left
+    in it, and a killed run's lock goes with its process. Where there are no locks (not POSIX,
+    some network file systems), runs go on unlocked."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+
+    def acquire(self, folder: str | os.PathLike[str], command: str) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise MarsvisionError(
+                f"{folder} is in use by another {command} (it holds the folder's lock): let that "
+                "one finish, or pass another --out"
+            ) from None
+        except OSError:
+            os.close(fd)
+            return
+        self.release()
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -137,6 +137,20 @@ def test_a_checkpoint_that_fails_its_checks_makes_no_out(
     assert not out.exists()
 
 
+def test_an_out_dir_in_use_is_refused(tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path) -> None:
+    """Two exports into one --out at once (of two checkpoints: a manifest that named one and
+    listed the other's FP16) each went on, exit 0 both."""
+    from marsvision.runtime.files import FolderLock
+
+    with FolderLock() as other:
+        other.acquire(tmp_path, "mars-export")
+        line = _one_line_error(
+            *_run(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path)], msl_dir)
+        )
+    assert f"{tmp_path} is in use by another mars-export (it holds the folder's lock)" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unwritable_out_dir(tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")

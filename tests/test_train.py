@@ -266,6 +266,27 @@ def test_no_data_says_how_to_get_it(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_run_folder_in_use_is_refused(tmp_path: Path, msl_dir: Path) -> None:
+    """Two runs into one --out (the default runs/binary, a script started twice) each replaced
+    the other's files; one reported the other's weights under its own metrics, exit 0 both."""
+    from marsvision.runtime.files import FolderLock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"the other run's")
+    with FolderLock() as other:
+        other.acquire(out, "mars-train")
+        r = CliRunner().invoke(main, ["--data", str(msl_dir), "--out", str(out), "--limit", "4",
+                                      "--epochs", "1", *QUICK])  # fmt: skip
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert r.output.splitlines()[-1] == (
+        f"Error: {out} is in use by another mars-train (it holds the folder's lock): let that "
+        "one finish, or pass another --out"
+    )
+    assert (out / "checkpoint.pt").read_bytes() == b"the other run's"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]
+
+
 def _bad_input(tmp_path: Path, msl_dir: Path, args: list[str]) -> str:
     out = tmp_path / "run"
     r = CliRunner().invoke(main, ["--data", str(msl_dir), "--out", str(out), "--limit", "4",

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from marsvision.runtime.errors import MarsvisionError
-from marsvision.runtime.files import check_writable_folder, make_folder
+from marsvision.runtime.files import FolderLock, check_writable_folder, make_folder
 from marsvision.runtime.spec import PreprocessSpec
 from marsvision.train import data as msl
 from marsvision.train.adversary import CameraTask, camera_task, pooled_features
@@ -248,7 +248,13 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
 
     `deadline` (a `time.monotonic()` value): start no epoch that would end after it, at the
     mean epoch time so far (the first epoch always runs); the run is then marked stopped early.
+    The run folder is locked from its creation to the end (another run into it is refused).
     """
+    with FolderLock() as lock:
+        return _train(cfg, deadline, lock)
+
+
+def _train(cfg: TrainConfig, deadline: float | None, lock: FolderLock) -> dict[str, Any]:
     t0 = time.perf_counter()
     # --- validate everything before the run folder is created
     task = msl.check_task(cfg.task)
@@ -312,6 +318,8 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
         best = tuple(resume["best"])  # type: ignore[assignment]
         start_epoch = resume["epoch"] + 1
         print(f"resuming {cfg.out} after epoch {resume['epoch']}", file=log)
+    make_folder(cfg.out, "--out")  # checked before decoding; refused since: one line too
+    lock.acquire(cfg.out, "mars-train")  # before any file in it is replaced
     if resume is None:
         stale = [p for p in RUN_FILES if (cfg.out / p).exists()]
         if stale:
@@ -321,7 +329,6 @@ def main(cfg: TrainConfig, *, deadline: float | None = None) -> dict[str, Any]:
     for name in (CHECKPOINT, RESUME):  # a write cut by SIGKILL (or the OOM killer) left these
         for tmp in cfg.out.glob(f".{name}.*.tmp"):
             tmp.unlink(missing_ok=True)
-    make_folder(cfg.out, "--out")  # checked before decoding; refused since: one line too
     write_json(cfg.out / "config.json", cfg.to_dict())
     ckpt_args: dict[str, Any] = {
         "task": task,
