@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from marsvision.export.config import CALIB_METHODS, TENSORRT_MODES, ExportConfig
-from marsvision.runtime.errors import MarsvisionError, interruptible, require_extra
+from marsvision.runtime.errors import MarsvisionError, interruptible, out_of_room, require_extra
 
 _REPO = Path(__file__).resolve().parents[1]
 MODELS_ENV = "MARS_MODELS"  # folder of shipped checkpoints, instead of <repo>/models
@@ -156,7 +156,7 @@ def main(
         max_batch=max_batch,
         data_dir=data,
     )
-    with interruptible("mars-export"):  # the staging folder is removed
+    with interruptible("mars-export"), out_of_room(out):  # the staging folder is removed
         manifest = export_all(config)
     click.echo(_table(manifest))
     kept = len(manifest["kept"])

@@ -1,10 +1,12 @@
 """The one exception type for user errors (bad input, missing files, wrong options), the
-check that a command's optional dependencies are installed, and the exit code of an
-interrupted command."""
+check that a command's optional dependencies are installed, the exit code of an interrupted
+command, and a full disk as one line."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -19,6 +21,8 @@ import click
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # `timeout`, a job scheduler, a CI cancel
 EXIT_BROKEN_PIPE = 141  # SIGPIPE: the reader of stdout left (`| head`), as cat or grep report it
+# A write that failed for want of room: a full disk, a quota, the file size limit (ulimit -f).
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class MarsvisionError(click.ClickException):
@@ -70,3 +74,18 @@ def interruptible(command: str, *, hint: str = "") -> Iterator[None]:
     finally:
         for sig, handler in previous.items():  # None: a handler not set from Python
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+@contextlib.contextmanager
+def out_of_room(where: str | os.PathLike[str]) -> Iterator[None]:
+    """A write in the block that fails for want of room (DISK_FULL) is a one-line user error
+    naming `where` (the --out it writes under), not a traceback; the writes are atomic, so
+    nothing half-written is left."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise MarsvisionError(
+            f"cannot write to {where} ({e.strerror}): make room, or pass another --out"
+        ) from None

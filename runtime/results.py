@@ -13,7 +13,6 @@ Paths are written losslessly: a file name that is not valid UTF-8 keeps its raw 
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import json
 import os
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from marsvision.runtime.classifier import Prediction
-from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.errors import DISK_FULL, MarsvisionError
 from marsvision.runtime.files import atomic_write_text
 from marsvision.runtime.inputs import path_keys
 
@@ -319,7 +318,7 @@ def write_record(out: str, options: dict[str, Any]) -> None:
     try:
         atomic_write_text(record_path(out), json.dumps(record, indent=2) + "\n")
     except OSError as e:
-        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        full = e.errno in DISK_FULL
         raise MarsvisionError(
             f"cannot write the run record {record_path(out)} ({e.strerror}); "
             + ("make room, or " if full else "")

@@ -269,6 +269,33 @@ def test_a_byte_order_mark_is_read_past(test_split: list[Any], tmp_path: Path) -
     assert read_predictions(long).rows[0].path == "x" * 200_000
 
 
+def test_no_room_for_the_report_is_one_line(
+    test_split: list[Any], msl_dir: Path, tmp_path: Path
+) -> None:
+    """A write refused for want of room (here the file size limit, as `ulimit -f` sets it; a
+    full disk is the same path) ended in a traceback after the table was printed."""
+    import resource
+    import subprocess
+    import sys
+
+    preds = _write(tmp_path / "p.csv", _full(test_split))
+    out = tmp_path / "out"
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    r = subprocess.run(
+        [sys.executable, "-c", "from marsvision.benchmarks.cli import main; main()", "score",
+         str(preds), "--data", str(msl_dir), "--out", str(out)],
+        capture_output=True, text=True, preexec_fn=small_files, timeout=300, check=False,
+    )  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"Error: cannot write to {out} (File too large): make room, or pass another --out"
+    )
+    assert [p.name for p in out.iterdir()] == []  # atomic writes: no half file
+
+
 def test_a_csv_cut_inside_its_last_row_is_refused(test_split: list[Any], tmp_path: Path) -> None:
     """A kill inside the last column (the tta value) left the column count whole: the cut value
     was scored, and named the model line and the report file ("tta no,none")."""

@@ -151,6 +151,27 @@ def test_an_out_dir_in_use_is_refused(tiny_checkpoint: Path, msl_dir: Path, tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_full_disk_is_one_line(
+    tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnx.save into a full disk ended in an OSError traceback."""
+    import errno
+
+    def full(_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    from marsvision.export import pipeline
+
+    monkeypatch.setattr(pipeline, "export_all", full)
+    line = _one_line_error(
+        *_run(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path)], msl_dir)
+    )
+    assert line == (
+        f"Error: cannot write to {tmp_path} (No space left on device): make room, or pass "
+        "another --out"
+    )
+
+
 def test_unwritable_out_dir(tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")

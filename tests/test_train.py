@@ -287,6 +287,39 @@ def test_a_run_folder_in_use_is_refused(tmp_path: Path, msl_dir: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]
 
 
+def test_a_full_disk_is_one_line(
+    tmp_path: Path, msl_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's writer reports a full disk as RuntimeError("unexpected pos ..."): a traceback
+    that did not say the disk was full. It is ENOSPC now, and mars-train says so in one line."""
+    import errno
+    from types import SimpleNamespace
+
+    import torch
+
+    from marsvision.train import checkpoint
+
+    def short_write(obj: object, f: object) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", short_write)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda _: SimpleNamespace(free=9 << 30))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # not a full disk: as it was
+        checkpoint.atomic_torch_save({}, tmp_path / "c.pt")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda _: SimpleNamespace(free=0))
+    with pytest.raises(OSError) as e:
+        checkpoint.atomic_torch_save({}, tmp_path / "c.pt")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "c.pt")
+    assert list(tmp_path.iterdir()) == []
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["--data", str(msl_dir), "--out", str(out), "--limit", "4",
+                                  "--epochs", "1", *QUICK])  # fmt: skip
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert r.output.splitlines()[-1] == (
+        f"Error: cannot write to {out} (No space left on device): make room, or pass another --out"
+    )
+
+
 def _bad_input(tmp_path: Path, msl_dir: Path, args: list[str]) -> str:
     out = tmp_path / "run"
     r = CliRunner().invoke(main, ["--data", str(msl_dir), "--out", str(out), "--limit", "4",

@@ -9,7 +9,9 @@ checkpoint that ships stays small.
 from __future__ import annotations
 
 import datetime
+import errno
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from marsvision.train.model import ARCH, create_model
 
 FORMAT = "marsvision-checkpoint"
 FORMAT_VERSION = 1
+_ROOM = 1 << 20  # free bytes below which a failed torch.save is taken for a full disk
 REQUIRED_KEYS = ("arch", "task", "class_names", "preprocess", "state_dict", "data_fingerprint")
 
 
@@ -50,9 +53,16 @@ def library_versions() -> dict[str, str]:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary name in the same folder, then rename: never a half file."""
+    """torch.save to a temporary name in the same folder, then rename: never a half file. A full
+    disk is an OSError (ENOSPC) as for any other write: torch's writer reports it as a
+    RuntimeError ("unexpected pos ...") that does not say so."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:
+            if shutil.disk_usage(tmp.parent).free >= _ROOM:
+                raise
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
 
 
 def half_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

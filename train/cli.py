@@ -169,7 +169,12 @@ def main(
     out: Path | None, resume: bool, init: str, workers: int,
 ) -> None:  # fmt: skip
     """Train ResNet-50 on the MSL images; write checkpoint, metrics and plots to --out."""
-    from marsvision.runtime.errors import MarsvisionError, interruptible, require_extra
+    from marsvision.runtime.errors import (
+        MarsvisionError,
+        interruptible,
+        out_of_room,
+        require_extra,
+    )
 
     if download:
         from marsvision.train.download import download_msl
@@ -201,7 +206,7 @@ def main(
 
     hint = (f"; the same command with --resume continues from the last resume.pt (saved every "
             f"{RESUME_EVERY_S / 60:g} minutes)")  # fmt: skip
-    with interruptible("mars-train", hint=hint):
+    with interruptible("mars-train", hint=hint), out_of_room(cfg.out):
         result = train(cfg)
     test = result["test"]
     (lo, hi), (f1_lo, f1_hi) = test["ci95"]["accuracy"], test["ci95"]["f1"]
