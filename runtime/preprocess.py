@@ -88,15 +88,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def _open_file(path: str | os.PathLike[str]) -> BinaryIO:
     """The file at `path`, open for reading. A FIFO is opened without waiting for a writer (one
     without a writer reads as empty; `<(cat image.jpg)` reads its image), and a device or socket
-    is refused (/dev/zero would be read forever)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    is refused (/dev/zero would be read forever). Windows has neither O_NONBLOCK nor FIFOs: a
+    plain binary open there."""
+    nonblock = getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_BINARY", 0))
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fsdecode(path))
         if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
             raise ImageError("not a regular file (a device or socket)")
-        os.set_blocking(fd, True)
+        if nonblock:
+            os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)

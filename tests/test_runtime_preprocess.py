@@ -153,6 +153,19 @@ def test_bad_files_raise_image_error(tmp_path: Path, msl_dir: Path) -> None:
             decode_image(tmp_path / name, spec)
 
 
+def test_an_os_without_nonblocking_opens_reads_images(
+    msl_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows has no os.O_NONBLOCK (and no set_blocking for files): every image was an error
+    row there ("module 'os' has no attribute 'O_NONBLOCK'")."""
+    spec = PreprocessSpec.for_input_size(64)
+    path = _msl_images(msl_dir, 1)[0]
+    want = decode_image(path, spec)
+    monkeypatch.delattr(os, "O_NONBLOCK")
+    monkeypatch.delattr(os, "set_blocking")
+    assert (decode_image(path, spec) == want).all()
+
+
 def test_files_that_are_not_images_on_disk(tmp_path: Path, msl_dir: Path) -> None:
     """A FIFO named like an image without a writer is an error at once (opening it waited for a
     writer forever, and Ctrl-C could not stop the run), a pipe with a writer is read
