@@ -80,6 +80,14 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+def _is_stream(path: str) -> bool:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
+
+
 def _record(cfg: InferConfig, model_sha256: str, runner: str, inputs: int) -> dict[str, Any]:
     """The resolved options a results file's run record keeps (`write_record`)."""
     options = {k: v for k, v in asdict(cfg).items() if k not in ("paths", "resume")}
@@ -104,7 +112,15 @@ def run(cfg: InferConfig) -> int:
 
     t0 = time.perf_counter()
     inputs = expand_inputs(list(cfg.paths), recursive=cfg.recursive)
-    if cfg.out is not None and os.path.exists(cfg.out) and not cfg.resume:
+    # a device or pipe (/dev/null, a FIFO a script reads) is written to as it is: never read back
+    # (--resume read /dev/zero until memory ran out), locked or refused for existing
+    passing = cfg.out is not None and _is_stream(cfg.out)
+    if passing and cfg.resume:
+        raise MarsvisionError(
+            f"{cfg.out} is a device or pipe: --resume reads the rows of a results file back; "
+            "leave --resume out"
+        )
+    if cfg.out is not None and os.path.exists(cfg.out) and not cfg.resume and not passing:
         raise MarsvisionError(
             f"{cfg.out} exists: pass --resume to continue it, or choose another --out"
         )
@@ -122,10 +138,10 @@ def run(cfg: InferConfig) -> int:
         provenance = Provenance(clf.model_sha256, meta.precision, clf.runner.name, cfg.tta)
         done: dict[str, str] = {}
         existed = cfg.out is not None and os.path.exists(cfg.out)
-        stream = open_output(cfg.out, append=cfg.resume)
+        stream = open_output(cfg.out, append=cfg.resume or passing)
         made = False  # --out made by this run, and locked
         try:  # from here until it is closed, this run alone writes --out (lock_output)
-            if cfg.out is not None:
+            if cfg.out is not None and not passing:
                 lock_output(stream, cfg.out)
                 made = not existed and not os.path.islink(cfg.out)  # a link's target stays
             if cfg.resume and existed:
@@ -235,7 +251,8 @@ def run(cfg: InferConfig) -> int:
     "-o",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Result file (default, or -: stdout). Refused if it exists, unless --resume.",
+    help="Result file (default, or -: stdout). Refused if it exists, unless --resume (a device "
+    "or pipe, such as /dev/null, is written to as it is).",
 )
 @click.option(
     "--format",

@@ -454,6 +454,36 @@ def test_results_that_cannot_be_written_are_a_one_line_error(
     assert not out.exists()
 
 
+def test_a_device_or_pipe_out_is_written_as_it_is(
+    model: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """-o /dev/null was refused ("exists: pass --resume"); with --resume it was read back:
+    /dev/zero until memory ran out, a pipe it writes itself forever. A FIFO a script reads gets
+    the header and rows, unlocked (two runs may share /dev/null) and with no run record."""
+    import threading
+
+    r = _infer(*images, "--engine", model, "-o", "/dev/null")
+    assert r.returncode == 0, r.stderr
+    r = _infer(*images, "--engine", model, "-o", "/dev/zero", "--resume")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        b"Error: /dev/zero is a device or pipe: --resume reads the rows of a results file back; "
+        b"leave --resume out"
+    ]
+    fifo = tmp_path / "rows.csv"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    r = _infer(*images, "--engine", model, "-o", fifo)
+    reader.join(30)
+    assert r.returncode == 0, r.stderr
+    rows = got[0].decode().splitlines()
+    assert rows[0].startswith("path,status,") and [x.split(",")[0] for x in rows[1:]] == list(
+        map(str, images)
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.csv"]  # no run record
+
+
 def test_inputs_through_symlinked_folders(tmp_path: Path) -> None:
     """`link/../a.jpg` is the a.jpg beside the link's target, another file than the a.jpg beside
     the link: both are inputs (the text-only key merged them, and one got no row); a symlinked
