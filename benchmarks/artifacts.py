@@ -10,7 +10,7 @@ from typing import Any
 
 from marsvision.export.artifacts import MANIFEST
 from marsvision.runtime.errors import MarsvisionError
-from marsvision.runtime.models import SUFFIXES
+from marsvision.runtime.models import SUFFIXES, UNLISTED
 
 # Report order: the reference precision first, then by falling precision.
 FLAVOUR_ORDER = tuple(SUFFIXES)
@@ -36,6 +36,8 @@ class Artifact:
     path: Path
     flavour: str  # a key of runtime.models.SUFFIXES, e.g. "int8-cpu", "fp16-engine"
     manifest: dict[str, Any]  # its manifest entry ({} when there is no manifest)
+    # a manifest is there and does not list it: not this export's file, never measured
+    unlisted: bool = False
 
     @property
     def precision(self) -> str:
@@ -85,7 +87,8 @@ def find_artifacts(out_dir: str | Path) -> list[Artifact]:
         flavour = _flavour_of(path.name)
         if flavour is None or not path.is_file():
             continue
-        found.append(Artifact(path, flavour, dict(entries.get(path.name, {}))))
+        unlisted = manifest is not None and path.name not in entries
+        found.append(Artifact(path, flavour, dict(entries.get(path.name, {})), unlisted))
     missing = [name for name in entries if not (d / name).is_file()]
     if missing:
         raise MarsvisionError(
@@ -99,7 +102,9 @@ def find_artifacts(out_dir: str | Path) -> list[Artifact]:
 
 
 def skip_reason(artifact: Artifact, device: str) -> str | None:
-    """Why this artifact cannot run here (None when it can)."""
+    """Why this artifact cannot run here, or is not measured (None when it runs)."""
+    if artifact.unlisted:
+        return UNLISTED
     if artifact.is_engine:
         if device == "cpu":
             return "TensorRT engines need a GPU; this run is on the CPU (--device cpu, or no GPU)"

@@ -16,6 +16,7 @@ from typing import Any
 from marsvision.benchmarks.artifacts import find_artifacts
 from marsvision.benchmarks.speed_jobs import TORCH_BACKENDS, Job, run_job, run_job_isolated
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.models import UNLISTED
 
 # Exit code of `mars-bench speed` when a measurement failed or none was made: parity's and
 # score's failure code (1 is a user error, 2 a usage error, as click defines them)
@@ -99,7 +100,7 @@ def plan(cfg: SpeedConfig) -> tuple[list[Job], list[dict[str, Any]]]:
     """The jobs to run (baseline first) and rows for pairs that cannot run (with the reason)."""
     backends = cfg.backends or DEFAULTS[cfg.device]["backends"]
     precisions = cfg.precisions or DEFAULTS[cfg.device]["precisions"]
-    found = {a.flavour: a.path for a in find_artifacts(cfg.artifacts)} if cfg.artifacts else {}
+    found = {a.flavour: a for a in find_artifacts(cfg.artifacts)} if cfg.artifacts else {}
     pairs: list[tuple[str, str, str]] = [(*BASELINE, str(cfg.checkpoint))]
     skipped: list[dict[str, Any]] = []
 
@@ -121,10 +122,13 @@ def plan(cfg: SpeedConfig) -> tuple[list[Job], list[dict[str, Any]]]:
                 where = cfg.artifacts or "(no --artifacts given)"
                 skip(backend, precision, f"no {flavour} artifact in {where}")
                 continue
+            if found[flavour].unlisted:
+                skip(backend, precision, f"{found[flavour].path.name}: {UNLISTED}")
+                continue
             if backend == "tensorrt" and cfg.device == "cpu":
                 skip(backend, precision, "TensorRT needs --device cuda")
                 continue
-            pairs.append((backend, precision, str(found[flavour])))
+            pairs.append((backend, precision, str(found[flavour].path)))
     planned = {p for _, p, _ in pairs} | {r["precision"] for r in skipped}
     for precision in cfg.precisions or ():  # asked for by name, and no backend runs it
         if precision not in planned:

@@ -75,6 +75,13 @@ def preferred_flavours(device: str = "auto") -> list[str]:
     return order + ["int8-cpu", "fp32"]
 
 
+# Why a file of an export folder that its manifest.json does not list is not used or measured
+UNLISTED = (
+    "manifest.json does not list it (mars-export left it out: replaced by hand, or made before "
+    "the last export)"
+)
+
+
 def _manifest_files(folder: Path) -> set[str] | None:
     """The file names the export folder's manifest.json lists; None without a readable one
     (then the files go by their names alone)."""
@@ -116,9 +123,7 @@ def default_model(
         if not path.is_file():
             continue
         if listed is not None and path.name not in listed:
-            left_out = "replaced by hand, or made before the last export"
-            notes.append(f"passed over {path.name}: manifest.json does not list it "
-                         f"(mars-export left it out: {left_out})")  # fmt: skip
+            notes.append(f"passed over {path.name}: {UNLISTED}")
             continue
         if flavour.endswith("-engine"):  # TensorRT installed says nothing of a GPU or its build
             refusal = engine_refusal(path)

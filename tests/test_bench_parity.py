@@ -354,6 +354,36 @@ def test_an_artifact_of_another_model_is_refused_before_the_reference(
         parity.run_parity(cfg)
 
 
+def test_a_file_the_manifest_does_not_list_is_not_measured(
+    exported: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A file that mars-export left out of manifest.json (replaced by hand, or from an earlier
+    export; mars-infer passes over it) was measured and passed under the flavour its name says,
+    by parity and speed alike."""
+    from marsvision.benchmarks.artifacts import find_artifacts, skip_reason
+    from marsvision.benchmarks.speed import SpeedConfig, plan
+    from marsvision.export.artifacts import MANIFEST
+    from marsvision.runtime.models import UNLISTED
+
+    ckpt, art = exported
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for f in art.iterdir():
+        if f.is_file():
+            (folder / f.name).hardlink_to(f)  # the same bytes, no copy
+    manifest = json.loads((art / MANIFEST).read_text())
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["flavour"] != "int8-cpu"]
+    (folder / MANIFEST).unlink()
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    reasons = {a.flavour: skip_reason(a, "cpu") for a in find_artifacts(folder)}
+    assert reasons == {"fp32": None, "fp16": None, "int8-cpu": UNLISTED, "int8-trt": None}
+    cfg = SpeedConfig(checkpoint=ckpt, artifacts=folder, precisions=("int8-cpu", "int8-trt"),
+                      backends=("onnxruntime",), modes=("model",))  # fmt: skip
+    jobs, skipped = plan(cfg)
+    assert {j.precision for j in jobs} == {"fp32", "int8-trt"}  # the baseline and the listed
+    assert [r["status"] for r in skipped] == [f"skipped: resnet50-binary.int8-cpu.onnx: {UNLISTED}"]
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "says"),
     [
