@@ -315,6 +315,36 @@ def test_one_onnxruntime_build_per_install() -> None:
     assert len(ort_distributions()) == 1
 
 
+def test_an_onnxruntime_that_cannot_import_is_not_called_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """onnxruntime 1.18 under numpy 2 fails to import: that said "onnxruntime is not installed:
+    pip install ...", and pip then said it was."""
+    import sys
+
+    from marsvision.runtime.backends import onnxruntime as ort_backend
+    from marsvision.runtime.errors import MarsvisionError
+
+    class Broken:
+        def find_spec(self, name: str, *_: object) -> None:
+            if name == "onnxruntime":
+                raise ImportError("A module that was compiled using NumPy 1.x cannot be run in\n"
+                                  "NumPy 2.2.6 as it may crash.")  # fmt: skip
+
+    monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
+    with pytest.raises(MarsvisionError) as e:
+        ort_backend._ort()
+    assert e.value.message == (
+        "onnxruntime is installed but cannot be imported (A module that was compiled using NumPy "
+        "1.x cannot be run in); reinstall it, or one built for this numpy and Python"
+    )
+    monkeypatch.setattr(sys, "meta_path", sys.meta_path[1:])
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed
+    with pytest.raises(MarsvisionError, match=r'^onnxruntime is not installed: pip install "mar'):
+        ort_backend._ort()
+
+
 def test_no_cuda_error_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """--device cuda on an onnxruntime without CUDA: with the CPU build alone, replace it; with
     both builds (`marsvision[gpu]` over an install that had onnxruntime), untangle them."""

@@ -28,8 +28,16 @@ _ORT_INSTALL = 'pip install "marsvision[cpu]" (or "marsvision[gpu]" on a machine
 def _ort() -> Any:
     try:
         import onnxruntime
-    except ImportError:
+    except ModuleNotFoundError as e:
+        if e.name != "onnxruntime":
+            raise
         raise MarsvisionError(f"onnxruntime is not installed: {_ORT_INSTALL}") from None
+    except ImportError as e:  # installed, and broken (built for another numpy, a missing library)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MarsvisionError(
+            f"onnxruntime is installed but cannot be imported ({first}); reinstall it, or one "
+            "built for this numpy and Python"
+        ) from None
     return onnxruntime
 
 
