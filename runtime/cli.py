@@ -106,6 +106,7 @@ def run(cfg: InferConfig) -> int:
         csv_header,
         lock_output,
         open_output,
+        out_exists,
         read_resumed,
         write_record,
     )
@@ -121,9 +122,7 @@ def run(cfg: InferConfig) -> int:
             "leave --resume out"
         )
     if cfg.out is not None and os.path.exists(cfg.out) and not cfg.resume and not passing:
-        raise MarsvisionError(
-            f"{cfg.out} exists: pass --resume to continue it, or choose another --out"
-        )
+        raise out_exists(cfg.out)
     with Classifier(
         cfg.engine,
         backend=cfg.backend,

@@ -420,6 +420,11 @@ def lock_output(stream: IO[str], path: str) -> None:
         return
 
 
+def out_exists(path: str) -> MarsvisionError:
+    """The refusal of a new run's --out that exists."""
+    return MarsvisionError(f"{path} exists: pass --resume to continue it, or choose another --out")
+
+
 def open_output(path: str | None, *, append: bool) -> IO[str]:
     """The text stream for --out (appended to, or created), or stdout; lossless for non-UTF-8
     paths."""
@@ -436,6 +441,8 @@ def open_output(path: str | None, *, append: bool) -> IO[str]:
         return stream
     try:
         stream = open(path, "a" if append else "x", newline="", **ENCODING)  # type: ignore[call-overload]
+    except FileExistsError:  # made since the run checked (another run started at the same time)
+        raise out_exists(path) from None
     except OSError as e:
         raise MarsvisionError(f"cannot write the results file {path} ({e.strerror})") from None
     return stream

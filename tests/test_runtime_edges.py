@@ -454,6 +454,19 @@ def test_results_that_cannot_be_written_are_a_one_line_error(
     assert not out.exists()
 
 
+def test_an_out_made_by_another_run_meanwhile_says_exists(tmp_path: Path) -> None:
+    """Two new runs on one --out started together: the second's open found the first's file
+    after its own check, and said "cannot write the results file ... (File exists)"."""
+    from marsvision.runtime.errors import MarsvisionError
+    from marsvision.runtime.results import open_output
+
+    out = tmp_path / "r.csv"
+    out.write_text("path\n")
+    with pytest.raises(MarsvisionError) as e:
+        open_output(str(out), append=False)
+    assert e.value.message == f"{out} exists: pass --resume to continue it, or choose another --out"
+
+
 def test_a_device_or_pipe_out_is_written_as_it_is(
     model: Path, images: list[Path], tmp_path: Path
 ) -> None:
