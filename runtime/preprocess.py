@@ -143,7 +143,9 @@ def decode_image(
         raise ImageError(f"decompression-bomb guard: {e}") from None
     except FileNotFoundError:
         if GLOB_CHARS & set(os.fsdecode(path)):  # a PATH pattern that matched nothing (inputs)
-            raise ImageError("no file matches this pattern") from None
+            raise ImageError(  # or a pattern in an @list: each line there is one file's name
+                "no file matches this pattern (a pattern in an @list is not expanded)"
+            ) from None
         raise ImageError("file not found (or a broken symlink)") from None
     except IsADirectoryError:
         raise ImageError(  # a folder PATH with no image files in it, or a folder in an @list

@@ -62,6 +62,11 @@ def test_folder_without_images_is_an_error_row(
     assert r.returncode == 3, r.stderr
     (row,) = r.stdout.decode().splitlines()[1:]
     assert row.startswith(f"{tmp_path}/top/*.png,error,") and "no file matches this pattern" in row
+    # in an @list a pattern is one file's name, not expanded: the row said only "no file matches"
+    (tmp_path / "top" / "sub" / "list.txt").write_text(f"{tmp_path}/top/sub/*.png\n")
+    r = _infer(f"@{tmp_path}/top/sub/list.txt", "--engine", model)
+    (row,) = r.stdout.decode().splitlines()[1:]
+    assert "no file matches this pattern (a pattern in an @list is not expanded)" in row
 
 
 def test_folders_skip_hidden_files_and_subfolders(tmp_path: Path) -> None:
