@@ -409,11 +409,14 @@ def test_gpu_epoch(msl_dir: Path, tmp_path: Path) -> None:
     load_checkpoint(out / "checkpoint.pt")
 
 
-def test_download_needs_a_destination() -> None:
+def test_download_needs_a_destination(msl_dir: Path) -> None:
     r = CliRunner().invoke(main, ["--download"], env={"MARS_DATA": ""})
     assert r.exit_code == 1 and r.output == (
-        "Error: --download needs --data DIR (where to put the data set)\n"
+        "Error: --download needs --data DIR or $MARS_DATA (where to put the data set)\n"
     )
+    # $MARS_DATA is --data's default here too (it was refused): a complete data set is kept
+    r = CliRunner().invoke(main, ["--download"], env={"MARS_DATA": str(msl_dir)})
+    assert r.exit_code == 0 and r.output == f"{msl_dir}\n"
 
 
 def test_progress_line() -> None:

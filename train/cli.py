@@ -28,7 +28,7 @@ from marsvision.train.config import AUGMENT_POLICIES, RECIPES, config_from_flags
 @click.option(
     "--download",
     is_flag=True,
-    help="Download msl-images.zip from Zenodo into --data DIR, then exit.",
+    help="Download msl-images.zip from Zenodo into --data DIR (or $MARS_DATA), then exit.",
 )
 @click.option("--task", default="binary", show_default=True, help="binary or msl25.")
 @click.option(
@@ -177,11 +177,15 @@ def main(
     )
 
     if download:
+        from marsvision.train.data import DATA_ENV
         from marsvision.train.download import download_msl
 
-        if data is None:
-            raise MarsvisionError("--download needs --data DIR (where to put the data set)")
-        click.echo(download_msl(data))
+        dest = data or (Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else None)
+        if dest is None:
+            raise MarsvisionError(
+                f"--download needs --data DIR or ${DATA_ENV} (where to put the data set)"
+            )
+        click.echo(download_msl(dest))
         return
     require_extra("mars-train", "train", "torch", "torchvision")
     from marsvision.train.data import check_task, resolve_data_dir
