@@ -14,10 +14,11 @@ be used.
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,19 +141,21 @@ class Classifier:
     def predict_batches(
         self, paths: Iterable[str | os.PathLike[str]]
     ) -> Iterator[list[Prediction]]:
-        """Predictions batch by batch, in input order, as soon as each batch is inferred."""
+        """Predictions batch by batch, in input order, as soon as each batch is inferred. `paths`
+        is read a batch at a time, as the decoding (a thread of its own) reaches it: a generator
+        of paths that arrive over time gets each batch's rows without waiting for the rest (it
+        was read to its end first: an endless one never gave a row)."""
         if isinstance(paths, (str, bytes, os.PathLike)):  # a str would be classified by letter
             raise TypeError(f"paths is one path ({paths!r}): pass a list of paths")
-        self._check_open()
-        items: list[str | bytes] = [os.fspath(p) for p in paths]
-        names = [os.fsdecode(p) for p in items]
-        chunks = [
-            (names[i : i + self.batch_size], items[i : i + self.batch_size])
-            for i in range(0, len(items), self.batch_size)
-        ]
-        if not chunks:
-            return
-        yield from self._pipeline(chunks)
+        self._check_open()  # here, not at the first next()
+        return self._pipeline(self._chunks(iter(paths)))
+
+    def _chunks(
+        self, paths: Iterator[str | os.PathLike[str]]
+    ) -> Iterator[tuple[list[str], list[str | bytes]]]:
+        while chunk := list(itertools.islice(paths, self.batch_size)):
+            items: list[str | bytes] = [os.fspath(p) for p in chunk]
+            yield [os.fsdecode(p) for p in items], items
 
     def _check_open(self) -> None:
         """As a closed file says, rather than an AttributeError of its released runner."""
@@ -171,20 +174,23 @@ class Classifier:
         return None
 
     def _pipeline(
-        self, chunks: Sequence[tuple[list[str], list[str | bytes]]]
+        self, chunks: Iterator[tuple[list[str], list[str | bytes]]]
     ) -> Iterator[list[Prediction]]:
         size = self.meta.preprocess.input_size
         free: queue.Queue[np.ndarray] = queue.Queue()
-        for _ in range(min(_BUFFERS, len(chunks) + 1)):
-            free.put(np.empty((self.batch_size, 3, size, size), dtype=np.float32))
         ready: queue.Queue[_Ready | BaseException | None] = queue.Queue()
         stop = threading.Event()
 
         def produce() -> None:
+            made = 0  # buffers, made as needed: a short input needs no more than its batches
             try:
                 with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
                     for names, items in chunks:
-                        buf = free.get()
+                        if made < _BUFFERS and free.empty():
+                            made += 1
+                            buf = np.empty((self.batch_size, 3, size, size), np.float32)
+                        else:
+                            buf = free.get()
                         if stop.is_set():
                             return
                         errors = list(pool.map(self._fill, items, buf))
@@ -214,6 +220,7 @@ class Classifier:
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """Softmax probabilities (float64) of a preprocessed NCHW batch, with `self.tta` (NaN
         rows for logits that are not finite: `softmax`)."""
+        self._check_open()
         probs = softmax(self.runner.infer(x))
         if self.tta == "flip":
             mirror = np.ascontiguousarray(x[..., ::-1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +205,43 @@ def test_a_closed_classifier_says_so(models: dict[str, Path], msl_dir: Path) -> 
         assert next(batches)[0].ok
     with pytest.raises(ValueError, match=r"^the classifier of .* is closed$"):
         next(batches)
+    # at the call, not at the first next(); and probabilities() too, which blamed the model
+    # ("onnxruntime cannot run this model ... 'NoneType' object has no attribute 'run'")
+    with pytest.raises(ValueError, match=r"^the classifier of .* is closed$"):
+        clf.predict_batches([image])
+    size = clf.meta.preprocess.input_size
+    with pytest.raises(ValueError, match=r"^the classifier of .* is closed$"):
+        clf.probabilities(np.zeros((1, 3, size, size), np.float32))
+    with pytest.raises(ValueError, match=r"^the onnxruntime session of .* is closed$"):
+        clf.runner.infer(np.zeros((1, 3, size, size), np.float32))
+
+
+def test_paths_are_read_a_batch_at_a_time(models: dict[str, Path], msl_dir: Path) -> None:
+    """predict_batches read all of `paths` before its first batch: a generator of paths that
+    arrive over time gave nothing until its end, an endless one nothing at all."""
+    import itertools
+
+    from marsvision.runtime.classifier import Classifier
+    from marsvision.train.data import read_split
+
+    image = read_split(msl_dir, "val", "binary", limit=1)[0].path
+    pulled = 0
+
+    def endless() -> Iterator[Path]:
+        nonlocal pulled
+        while True:
+            pulled += 1
+            yield image
+
+    with Classifier(models["int8"], device="cpu", batch_size=4) as clf:
+        batches = clf.predict_batches(endless())
+        first = list(itertools.islice(batches, 2))
+        batches.close()  # stops the decoding thread
+    assert [len(b) for b in first] == [4, 4] and all(p.ok for b in first for p in b)
+    assert pulled <= 4 * 5  # the two batches, and at most three more being decoded
+    with Classifier(models["int8"], device="cpu", batch_size=4) as clf:  # and a short one
+        assert [len(b) for b in clf.predict_batches(iter([image] * 5))] == [4, 1]
+        assert clf.predict([]) == []
 
 
 def test_classifier_arguments_that_would_misbehave(models: dict[str, Path], msl_dir: Path) -> None:

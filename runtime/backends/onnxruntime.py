@@ -336,8 +336,11 @@ class OnnxRuntimeRunner:
         n = self._max_batch or len(x)
         if len(x) > n:
             return np.concatenate([self.infer(x[i : i + n]) for i in range(0, len(x), n)])
+        sess = self._sess
+        if sess is None:  # not a fault of the model (the except below would say so)
+            raise ValueError(f"the onnxruntime session of {self.path} is closed")
         try:
-            (out,) = self._sess.run([self._output], {self.meta.input_name: x})
+            (out,) = sess.run([self._output], {self.meta.input_name: x})
         except Exception as e:  # onnxruntime's own types: a graph its metadata does not fit
             raise MarsvisionError(
                 f"{self.path}: onnxruntime cannot run this model on a batch of {x.shape} "
