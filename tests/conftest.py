@@ -8,10 +8,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 # torch's OpenMP threads spin while waiting by default; on a shared 2-vCPU machine that made
 # training steps 10-20x slower. Set before any test imports torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The runtime's settings a user may have exported (README) would change what tests check: the
+# default model's folder, and INT8's kernels (0 on a CPU without VNNI brings back saturated
+# sums). Tests that need them set them. ($MARS_MODELS stays: the shipped-model tests take it.)
+for _var in ("MARS_EXPORTS", "MARSVISION_EXACT_INT8"):
+    os.environ.pop(_var, None)
 
 import pytest  # noqa: E402
 
@@ -61,6 +67,19 @@ def msl_dir() -> Path:
 
 TINY_SIZE = 64  # input size of the test model: tiny, still a real ResNet-50
 TINY_CALIB_IMAGES = 16  # train images the tiny exports calibrate INT8 on
+
+
+def confident_agreement(got: Any, ref: Any) -> float:
+    """Top-1 agreement of `got` with `ref` (rows of logits or probabilities) on the half of the
+    images where `ref` is surest (its top-two margin at least the median). INT8 may flip the
+    tiny model's near-ties, and which images are near-ties changes with the CPU: its few steps
+    at a high rate take another path under other float sums (oneDNN limited to SSE4.1 gave a
+    model whose INT8 agreed on 69% of 32 val images, on 100% of the surer half)."""
+    import numpy as np
+
+    top2 = np.sort(np.asarray(ref), axis=1)[:, -2:]
+    sure = top2[:, 1] - top2[:, 0] >= np.median(top2[:, 1] - top2[:, 0])
+    return float((np.asarray(got).argmax(1) == np.asarray(ref).argmax(1))[sure].mean())
 
 
 @pytest.fixture(scope="session")

@@ -66,6 +66,7 @@ def test_no_checkpoint_and_no_shipped_model(
     msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cli, "_REPO", tmp_path)
+    monkeypatch.delenv("MARS_MODELS", raising=False)  # the README's setting would win
     line = _one_line_error(*_run(["--out", str(tmp_path / "o")], msl_dir))
     assert "--checkpoint" in line and "resnet50-binary.pt" in line
 
@@ -74,6 +75,7 @@ def test_shipped_checkpoint_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyP
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "resnet50-binary.pt").write_bytes(b"x")
     monkeypatch.setattr(cli, "_REPO", tmp_path)
+    monkeypatch.delenv("MARS_MODELS", raising=False)
     assert cli.shipped_checkpoint() == tmp_path / "models" / "resnet50-binary.pt"
 
 
