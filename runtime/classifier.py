@@ -142,9 +142,9 @@ class Classifier:
         self, paths: Iterable[str | os.PathLike[str]]
     ) -> Iterator[list[Prediction]]:
         """Predictions batch by batch, in input order, as soon as each batch is inferred. `paths`
-        is read a batch at a time, as the decoding (a thread of its own) reaches it: a generator
-        of paths that arrive over time gets each batch's rows without waiting for the rest (it
-        was read to its end first: an endless one never gave a row)."""
+        is read in the caller's thread, at most three batches ahead of the batch yielded: a
+        generator of paths that arrive over time gets each batch's rows without waiting for the
+        rest (it was read to its end first: an endless one never gave a row)."""
         if isinstance(paths, (str, bytes, os.PathLike)):  # a str would be classified by letter
             raise TypeError(f"paths is one path ({paths!r}): pass a list of paths")
         self._check_open()  # here, not at the first next()
@@ -178,14 +178,16 @@ class Classifier:
     ) -> Iterator[list[Prediction]]:
         size = self.meta.preprocess.input_size
         free: queue.Queue[np.ndarray] = queue.Queue()
+        todo: queue.Queue[tuple[list[str], list[str | bytes]] | None] = queue.Queue()
         ready: queue.Queue[_Ready | BaseException | None] = queue.Queue()
         stop = threading.Event()
 
-        def produce() -> None:
+        def produce() -> None:  # waits on queues only: a close never waits for the caller's paths
             made = 0  # buffers, made as needed: a short input needs no more than its batches
             try:
                 with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
-                    for names, items in chunks:
+                    while (chunk := todo.get()) is not None:
+                        names, items = chunk
                         if made < _BUFFERS and free.empty():
                             made += 1
                             buf = np.empty((self.batch_size, 3, size, size), np.float32)
@@ -202,19 +204,32 @@ class Classifier:
 
         producer = threading.Thread(target=produce, name="mars-decode", daemon=True)
         producer.start()
+        queued, more = 0, True  # batches handed to the producer and not yet yielded
         try:
             while True:
+                # the caller's paths are read here, in its thread (a generator of them may hold
+                # a thread-bound resource, a sqlite cursor say), at most _BUFFERS batches ahead
+                while more and queued < _BUFFERS:
+                    chunk = next(chunks, None)
+                    more = chunk is not None
+                    if chunk is not None:
+                        todo.put(chunk)
+                        queued += 1
+                if not queued:
+                    break
                 item = ready.get()
-                if item is None:
+                if item is None:  # the producer ended: after its exception, which was raised
                     break
                 if isinstance(item, BaseException):
                     raise item
+                queued -= 1
                 names, buf, errors = item
                 yield self._infer(names, buf, errors)
                 free.put(buf)
         finally:
             stop.set()
-            free.put(np.empty(0, dtype=np.float32))  # wake the producer if it waits
+            todo.put(None)  # wake the producer if it waits for a batch,
+            free.put(np.empty(0, dtype=np.float32))  # or for a buffer
             producer.join()
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:

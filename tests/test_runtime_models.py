@@ -220,25 +220,37 @@ def test_paths_are_read_a_batch_at_a_time(models: dict[str, Path], msl_dir: Path
     """predict_batches read all of `paths` before its first batch: a generator of paths that
     arrive over time gave nothing until its end, an endless one nothing at all."""
     import itertools
+    import threading
+    import time
 
     from marsvision.runtime.classifier import Classifier
     from marsvision.train.data import read_split
 
     image = read_split(msl_dir, "val", "binary", limit=1)[0].path
-    pulled = 0
+    pulled, threads = 0, set()
+    release = threading.Event()
 
-    def endless() -> Iterator[Path]:
+    def endless() -> Iterator[Path]:  # its 21st path waits for the test to go on
         nonlocal pulled
         while True:
             pulled += 1
+            threads.add(threading.current_thread())
+            if pulled > 20:
+                release.wait(30)
             yield image
 
     with Classifier(models["int8"], device="cpu", batch_size=4) as clf:
         batches = clf.predict_batches(endless())
         first = list(itertools.islice(batches, 2))
-        batches.close()  # stops the decoding thread
+        t0 = time.monotonic()
+        batches.close()  # stops the decoding thread, without waiting for the next path
+        closed_in = time.monotonic() - t0
+        release.set()
     assert [len(b) for b in first] == [4, 4] and all(p.ok for b in first for p in b)
-    assert pulled <= 4 * 5  # the two batches, and at most three more being decoded
+    assert pulled <= 4 * 5  # the two batches, and at most three more read ahead
+    assert closed_in < 10  # the 30 s wait of the 21st path, had the close asked for it
+    # read in the caller's thread: a generator bound to it (a sqlite cursor) works
+    assert threads == {threading.current_thread()}
     with Classifier(models["int8"], device="cpu", batch_size=4) as clf:  # and a short one
         assert [len(b) for b in clf.predict_batches(iter([image] * 5))] == [4, 1]
         assert clf.predict([]) == []
