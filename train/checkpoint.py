@@ -9,9 +9,8 @@ checkpoint that ships stays small.
 from __future__ import annotations
 
 import datetime
-import errno
+import io
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,6 @@ from marsvision.train.model import ARCH, create_model
 
 FORMAT = "marsvision-checkpoint"
 FORMAT_VERSION = 1
-_ROOM = 1 << 20  # free bytes below which a failed torch.save is taken for a full disk
 REQUIRED_KEYS = ("arch", "task", "class_names", "preprocess", "state_dict", "data_fingerprint")
 
 
@@ -53,16 +51,14 @@ def library_versions() -> dict[str, str]:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary name in the same folder, then rename: never a half file. A full
-    disk is an OSError (ENOSPC) as for any other write: torch's writer reports it as a
-    RuntimeError ("unexpected pos ...") that does not say so."""
+    """torch.save to a temporary name in the same folder, then rename: never a half file. The
+    bytes are made in memory and written by Python, so that a full disk, a quota or the file
+    size limit is an OSError with its errno, as for any other write: torch's own writer reports
+    each as a RuntimeError ("unexpected pos ...") that does not say which."""
+    data = io.BytesIO()
+    torch.save(obj, data)
     with atomic_path(path) as tmp:
-        try:
-            torch.save(obj, tmp)
-        except RuntimeError as e:
-            if shutil.disk_usage(tmp.parent).free >= _ROOM:
-                raise
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        tmp.write_bytes(data.getbuffer())
 
 
 def half_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
