@@ -38,9 +38,9 @@ def load_batch(paths: list[Path], spec: PreprocessSpec) -> np.ndarray:
 
 def ort_logits(onnx_path: Path, batch: np.ndarray, threads: int = 0) -> np.ndarray:
     """Run an ONNX file in ONNX Runtime (CPU) and return float32 logits."""
-    import onnxruntime as ort
+    from marsvision.runtime.backends.onnxruntime import ort_module, session_options
 
-    from marsvision.runtime.backends.onnxruntime import session_options
+    ort = ort_module()
 
     # the runtime's options (exact INT8 sums where this CPU's would saturate): the export's
     # check sees what mars-infer will compute

@@ -24,10 +24,12 @@ EXPORTER = f"torch.onnx.export(dynamo=True, opset {OPSET})"
 def export_versions() -> dict[str, str]:
     """Versions of everything that shapes an exported artifact."""
     import onnx
-    import onnxruntime
     import onnxscript
 
+    from marsvision.runtime.backends.onnxruntime import ort_module
     from marsvision.train.checkpoint import library_versions
+
+    onnxruntime = ort_module()
 
     return {
         **library_versions(),

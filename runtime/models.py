@@ -42,10 +42,10 @@ def _has_tensorrt() -> bool:
 def _has_cuda_onnxruntime() -> bool:
     """Whether this onnxruntime lists the CUDA provider: built with it (onnxruntime-gpu), which
     says nothing of a GPU, a driver or the CUDA libraries being there (`_cuda_refusal`)."""
-    from marsvision.runtime.backends.onnxruntime import _EP, _ort
+    from marsvision.runtime.backends.onnxruntime import _EP, ort_module
 
     try:
-        return _EP["cuda"] in _ort().get_available_providers()
+        return _EP["cuda"] in ort_module().get_available_providers()
     except MarsvisionError:
         return False
 

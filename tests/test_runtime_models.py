@@ -384,15 +384,25 @@ def test_an_onnxruntime_that_cannot_import_is_not_called_missing(
     monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
     monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
     with pytest.raises(MarsvisionError) as e:
-        ort_backend._ort()
+        ort_backend.ort_module()
     assert e.value.message == (
         "onnxruntime is installed but cannot be imported (A module that was compiled using NumPy "
         "1.x cannot be run in); reinstall it, or one built for this numpy and Python"
     )
+
+    class PartMissing:  # a broken install: onnxruntime there, one of its modules not
+        def find_spec(self, name: str, *_: object) -> None:
+            if name == "onnxruntime":
+                raise ModuleNotFoundError("No module named 'onnxruntime.capi'",
+                                          name="onnxruntime.capi")  # fmt: skip
+
+    monkeypatch.setattr(sys, "meta_path", [PartMissing(), *sys.meta_path[1:]])
+    with pytest.raises(MarsvisionError, match=r"^onnxruntime is installed but cannot be import"):
+        ort_backend.ort_module()  # it was a ModuleNotFoundError traceback
     monkeypatch.setattr(sys, "meta_path", sys.meta_path[1:])
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed
     with pytest.raises(MarsvisionError, match=r'^onnxruntime is not installed: pip install "mar'):
-        ort_backend._ort()
+        ort_backend.ort_module()
 
 
 def test_no_cuda_error_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -401,7 +411,7 @@ def test_no_cuda_error_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> No
     from marsvision.runtime.backends import onnxruntime as ort_backend
     from marsvision.runtime.errors import MarsvisionError
 
-    if "CUDAExecutionProvider" in ort_backend._ort().get_available_providers():
+    if "CUDAExecutionProvider" in ort_backend.ort_module().get_available_providers():
         pytest.skip("this onnxruntime has the CUDA provider")
     cpu, gpu = ort_backend.ORT_CPU, ort_backend.ORT_GPU
     monkeypatch.setattr(ort_backend, "ort_distributions", lambda: [cpu])
@@ -423,13 +433,13 @@ def test_the_cuda_provider_runs_fp32_in_fp32(
     from marsvision.runtime.backends import onnxruntime as ort_backend
 
     handed: list[Any] = []
-    real = ort_backend._ort().InferenceSession
+    real = ort_backend.ort_module().InferenceSession
 
     def spy(model: Any, sess_options: Any = None, providers: Any = None) -> Any:
         handed.append(providers)
         return real(model, sess_options=sess_options, providers=["CPUExecutionProvider"])
 
-    monkeypatch.setattr(ort_backend._ort(), "InferenceSession", spy)
+    monkeypatch.setattr(ort_backend.ort_module(), "InferenceSession", spy)
     so = ort_backend.session_options(1)
     ort_backend._session(models["fp32"], ["CUDAExecutionProvider", "CPUExecutionProvider"], so)
     assert handed == [[("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]]
@@ -448,13 +458,13 @@ def test_the_tensorrt_provider_gets_the_models_precision_profile_and_cache(
 
     trt, cuda, cpu = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
     handed: list[Any] = []
-    real = ort_backend._ort().InferenceSession
+    real = ort_backend.ort_module().InferenceSession
 
     def spy(model: Any, sess_options: Any = None, providers: Any = None) -> Any:
         handed.append(providers)
         return real(model, sess_options=sess_options, providers=[cpu])
 
-    monkeypatch.setattr(ort_backend._ort(), "InferenceSession", spy)
+    monkeypatch.setattr(ort_backend.ort_module(), "InferenceSession", spy)
     monkeypatch.setattr(ort_backend, "providers_for", lambda device, backend: [trt, cuda, cpu])
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     model = tiny_models["int8-trt"]

@@ -25,18 +25,17 @@ ORT_CPU, ORT_GPU = "onnxruntime", "onnxruntime-gpu"
 _ORT_INSTALL = 'pip install "marsvision[cpu]" (or "marsvision[gpu]" on a machine with a GPU)'
 
 
-def _ort() -> Any:
+def ort_module() -> Any:
+    """The onnxruntime module; its absence, or an install that fails to import (built for another
+    numpy, a part missing), is a one-line user error saying which."""
     try:
         import onnxruntime
-    except ModuleNotFoundError as e:
-        if e.name != "onnxruntime":
-            raise
-        raise MarsvisionError(f"onnxruntime is not installed: {_ORT_INSTALL}") from None
-    except ImportError as e:  # installed, and broken (built for another numpy, a missing library)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and e.name == "onnxruntime":
+            raise MarsvisionError(f"onnxruntime is not installed: {_ORT_INSTALL}") from None
         raise MarsvisionError(
-            f"onnxruntime is installed but cannot be imported ({first}); reinstall it, or one "
-            "built for this numpy and Python"
+            f"onnxruntime is installed but cannot be imported ({_first_line(e)}); reinstall it, "
+            "or one built for this numpy and Python"
         ) from None
     return onnxruntime
 
@@ -93,7 +92,7 @@ def session_options(
     exact INT8 sums (`exact_int8`; default `exact_int8_default()`: where this CPU's INT8 sums
     would saturate, an x86 without VNNI or AMX, where the shipped model's INT8 agrees 98.90%
     with PyTorch on val, 99.51% exact, at about 60-85% of the fast kernels' speed)."""
-    ort = _ort()
+    ort = ort_module()
     so = ort.SessionOptions()
     so.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -172,7 +171,7 @@ def _tensorrt_ep_cache(path: Path) -> Path | None:
 def _session(
     path: Path, providers: list[Any], so: Any, options: dict[str, dict[str, str]] | None = None
 ) -> Any:
-    ort = _ort()
+    ort = ort_module()
     options = PROVIDER_OPTIONS | (options or {})
     providers = [(p, options[p]) if p in options else p for p in providers]
     model: str | bytes = str(path)
@@ -216,7 +215,7 @@ def _meta_of(sess: Any, path: Path) -> ModelMeta:
 
 def providers_for(device: str, backend: str = "onnxruntime") -> list[str]:
     """The ordered provider list for a device ("auto", "cpu", "cuda") and backend."""
-    available = set(_ort().get_available_providers())
+    available = set(ort_module().get_available_providers())
     if device == "cpu":
         return [_EP["cpu"]]
     want = [_EP["tensorrt"]] if backend == "tensorrt" else []
