@@ -407,6 +407,11 @@ def test_download_needs_a_destination(msl_dir: Path) -> None:
     # $MARS_DATA is --data's default here too (it was refused): a complete data set is kept
     r = CliRunner().invoke(main, ["--download"], env={"MARS_DATA": str(msl_dir)})
     assert r.exit_code == 0 and r.output == f"{msl_dir}\n"
+    # with `~` as training reads it (it unpacked into ./~/msl, where training did not look)
+    home = msl_dir.parent
+    r = CliRunner().invoke(main, ["--download"], env={"MARS_DATA": f"~/{msl_dir.name}",
+                                                      "HOME": str(home)})  # fmt: skip
+    assert r.exit_code == 0 and r.output == f"{msl_dir}\n"
 
 
 def test_progress_line() -> None:

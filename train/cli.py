@@ -177,10 +177,10 @@ def main(
     )
 
     if download:
-        from marsvision.train.data import DATA_ENV
+        from marsvision.train.data import DATA_ENV, data_dir_setting
         from marsvision.train.download import download_msl
 
-        dest = data or (Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else None)
+        dest = data_dir_setting(data)
         if dest is None:
             raise MarsvisionError(
                 f"--download needs --data DIR or ${DATA_ENV} (where to put the data set)"

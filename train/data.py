@@ -36,15 +36,20 @@ class Sample:
     msl_class: int  # the original MSL class id (0-24)
 
 
+def data_dir_setting(data: str | os.PathLike[str] | None) -> Path | None:
+    """The data folder asked for: the argument, else $MARS_DATA (`~` expanded), else None."""
+    chosen = data if data is not None else os.environ.get(DATA_ENV)
+    return Path(chosen).expanduser() if chosen else None
+
+
 def resolve_data_dir(data: str | os.PathLike[str] | None) -> Path:
     """The data directory: the argument, else $MARS_DATA, else a user error saying how to get it."""
-    chosen = data if data is not None else os.environ.get(DATA_ENV)
-    if not chosen:
+    d = data_dir_setting(data)
+    if d is None:
         raise MarsvisionError(
             f"no MSL data given: pass --data DIR or set {DATA_ENV}; to get it, run "
             "`mars-train --download --data DIR`"
         )
-    d = Path(chosen).expanduser()
     if d.is_file():
         raise MarsvisionError(
             f"--data {d} is a file; give the folder the data set is unpacked in (for "
