@@ -121,6 +121,23 @@ def make_folder(path: str | os.PathLike[str], option: str) -> Path:
     return folder
 
 
+def try_exclusive_lock(fd: int) -> bool:
+    """flock(LOCK_EX | LOCK_NB) on `fd` (released when it closes): True when held, False where
+    there are no locks (not POSIX, some network file systems); BlockingIOError when another
+    open file holds it."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise
+    except OSError:
+        return False
+    return True
+
+
 class FolderLock:
     """An exclusive lock on an output folder for one run, from `acquire` until `release` (or the
     end of a `with` block): a second run into the folder (a script started twice, two runs left
@@ -132,25 +149,26 @@ class FolderLock:
     def __init__(self) -> None:
         self._fd: int | None = None
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
     def acquire(self, folder: str | os.PathLike[str], command: str) -> None:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX
+        if os.name != "posix" or self.held:  # a folder opens as a file on POSIX only
             return
         fd = os.open(folder, os.O_RDONLY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = try_exclusive_lock(fd)
         except BlockingIOError:
             os.close(fd)
             raise MarsvisionError(
                 f"{folder} is in use by another {command} (it holds the folder's lock): let that "
                 "one finish, or pass another --out"
             ) from None
-        except OSError:
+        if locked:
+            self._fd = fd
+        else:
             os.close(fd)
-            return
-        self.release()
-        self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:

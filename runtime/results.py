@@ -22,7 +22,7 @@ from typing import IO, Any
 
 from marsvision.runtime.classifier import Prediction
 from marsvision.runtime.errors import DISK_FULL, MarsvisionError
-from marsvision.runtime.files import atomic_write_text
+from marsvision.runtime.files import atomic_write_text, try_exclusive_lock
 from marsvision.runtime.inputs import path_keys
 
 FORMATS = ("csv", "jsonl")
@@ -406,18 +406,12 @@ def lock_output(stream: IO[str], path: str) -> None:
     runs) each read the same rows as done and both wrote the rest, every row twice. Where the
     file system has no locks (some network mounts), the run goes on unlocked."""
     try:
-        import fcntl
-    except ImportError:  # not POSIX
-        return
-    try:
-        fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try_exclusive_lock(stream.fileno())
     except BlockingIOError:
         raise MarsvisionError(
             f"{path} is being written by another mars-infer (it holds the file's lock): let that "
             "one finish, or write to another --out"
         ) from None
-    except OSError:
-        return
 
 
 def out_exists(path: str) -> MarsvisionError:

@@ -279,6 +279,7 @@ def test_a_run_folder_in_use_is_refused(tmp_path: Path, msl_dir: Path) -> None:
         r = CliRunner().invoke(main, ["--data", str(msl_dir), "--out", str(out), "--limit", "4",
                                       "--epochs", "1", *QUICK])  # fmt: skip
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert "decoding" not in r.output  # refused before it (minutes for a full data set)
     assert r.output.splitlines()[-1] == (
         f"Error: {out} is in use by another mars-train (it holds the folder's lock): let that "
         "one finish, or pass another --out"

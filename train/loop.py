@@ -262,6 +262,8 @@ def _train(cfg: TrainConfig, deadline: float | None, lock: FolderLock) -> dict[s
     spec = PreprocessSpec.for_input_size(cfg.image_size)
     device = select_device(cfg.device)
     check_writable_folder(cfg.out, "--out")
+    if cfg.out.is_dir():  # another run in it is refused now, not after the decoding
+        lock.acquire(cfg.out, "mars-train")
     fingerprint = msl.data_fingerprint(data_dir)
     resume = load_resume(cfg.out, cfg, fingerprint) if cfg.resume else None
     names = msl.class_names(task, data_dir)
@@ -319,7 +321,7 @@ def _train(cfg: TrainConfig, deadline: float | None, lock: FolderLock) -> dict[s
         start_epoch = resume["epoch"] + 1
         print(f"resuming {cfg.out} after epoch {resume['epoch']}", file=log)
     make_folder(cfg.out, "--out")  # checked before decoding; refused since: one line too
-    lock.acquire(cfg.out, "mars-train")  # before any file in it is replaced
+    lock.acquire(cfg.out, "mars-train")  # a new folder's (before any file in it is replaced)
     if resume is None:
         stale = [p for p in RUN_FILES if (cfg.out / p).exists()]
         if stale:
