@@ -144,7 +144,8 @@ def decode_image(
     except FileNotFoundError:
         if GLOB_CHARS & set(os.fsdecode(path)):  # a PATH pattern that matched nothing (inputs)
             raise ImageError(  # or a pattern in an @list: each line there is one file's name
-                "no file matches this pattern (a pattern in an @list is not expanded)"
+                "no file matches this pattern (or, in an @list, where patterns are not "
+                "expanded, no file has this name)"
             ) from None
         raise ImageError("file not found (or a broken symlink)") from None
     except IsADirectoryError:

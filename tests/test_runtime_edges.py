@@ -4,6 +4,8 @@ of exports."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -60,13 +62,17 @@ def test_folder_without_images_is_an_error_row(
     # a pattern that matches nothing says so (it said "file not found (or a broken symlink)")
     r = _infer(f"{tmp_path}/top/*.png", "--engine", model)
     assert r.returncode == 3, r.stderr
-    (row,) = r.stdout.decode().splitlines()[1:]
-    assert row.startswith(f"{tmp_path}/top/*.png,error,") and "no file matches this pattern" in row
+    nothing = (
+        "no file matches this pattern (or, in an @list, where patterns are not expanded, no file "
+        "has this name)"
+    )
+    (row,) = csv.DictReader(io.StringIO(r.stdout.decode()))
+    assert (row["path"], row["status"], row["error"]) == (f"{tmp_path}/top/*.png", "error", nothing)
     # in an @list a pattern is one file's name, not expanded: the row said only "no file matches"
     (tmp_path / "top" / "sub" / "list.txt").write_text(f"{tmp_path}/top/sub/*.png\n")
     r = _infer(f"@{tmp_path}/top/sub/list.txt", "--engine", model)
-    (row,) = r.stdout.decode().splitlines()[1:]
-    assert "no file matches this pattern (a pattern in an @list is not expanded)" in row
+    (row,) = csv.DictReader(io.StringIO(r.stdout.decode()))
+    assert (row["path"], row["error"]) == (f"{tmp_path}/top/sub/*.png", nothing)
 
 
 def test_folders_skip_hidden_files_and_subfolders(tmp_path: Path) -> None:
@@ -395,8 +401,6 @@ def test_csv_rows_round_trip_carriage_returns_and_long_fields(tmp_path: Path) ->
     """A file name with a carriage return or a newline stays one field of one row (every CSV
     reader would end the row there if it were not quoted), and a path longer than the csv
     module's default field limit (an error row for a bad line of a list file) still resumes."""
-    import csv
-
     from marsvision.runtime.classifier import Prediction
     from marsvision.runtime.results import Provenance, ResultWriter, csv_header, read_done
 
