@@ -37,6 +37,7 @@ DEFAULT_BATCH_SIZE = 8
 TTA_MODES = ("none", "flip")
 _Ready = tuple[list[str], np.ndarray, list[str | None]]  # a decoded batch
 _BUFFERS = 3  # batches in flight: one inferring, up to two being decoded
+_AHEAD = 2  # batches of the caller's paths read before the next batch is yielded
 NOT_FINITE = "the model's output for this image is not finite (NaN or inf); check the model"
 
 
@@ -142,9 +143,10 @@ class Classifier:
         self, paths: Iterable[str | os.PathLike[str]]
     ) -> Iterator[list[Prediction]]:
         """Predictions batch by batch, in input order, as soon as each batch is inferred. `paths`
-        is read in the caller's thread, at most three batches ahead of the batch yielded: a
-        generator of paths that arrive over time gets each batch's rows without waiting for the
-        rest (it was read to its end first: an endless one never gave a row)."""
+        is read in the caller's thread, one batch beyond the batch being decoded: a generator of
+        paths that arrive over time gets each batch's rows once the next batch's paths are in,
+        not at its end (it was read to its end first: an endless one never gave a row). An
+        exception from `paths` is raised after the batches before it."""
         if isinstance(paths, (str, bytes, os.PathLike)):  # a str would be classified by letter
             raise TypeError(f"paths is one path ({paths!r}): pass a list of paths")
         self._check_open()  # here, not at the first next()
@@ -205,21 +207,27 @@ class Classifier:
         producer = threading.Thread(target=produce, name="mars-decode", daemon=True)
         producer.start()
         queued, more = 0, True  # batches handed to the producer and not yet yielded
+        failed: Exception | None = None  # the caller's paths raised: after the batches before
         try:
             while True:
                 # the caller's paths are read here, in its thread (a generator of them may hold
-                # a thread-bound resource, a sqlite cursor say), at most _BUFFERS batches ahead
-                while more and queued < _BUFFERS:
-                    chunk = next(chunks, None)
+                # a thread-bound resource, a sqlite cursor say), one batch ahead of the decoding
+                while more and queued < _AHEAD:
+                    try:
+                        chunk = next(chunks, None)
+                    except Exception as e:  # noqa: BLE001 - raised once the batches before are out
+                        chunk, failed = None, e
                     more = chunk is not None
                     if chunk is not None:
                         todo.put(chunk)
                         queued += 1
                 if not queued:
+                    if failed is not None:
+                        raise failed
                     break
                 item = ready.get()
-                if item is None:  # the producer ended: after its exception, which was raised
-                    break
+                if item is None:  # only after an exception item, raised below: never here
+                    raise RuntimeError("the decoding thread ended with batches left")
                 if isinstance(item, BaseException):
                     raise item
                 queued -= 1
