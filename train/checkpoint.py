@@ -9,10 +9,9 @@ checkpoint that ships stays small.
 from __future__ import annotations
 
 import datetime
-import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 from torch import nn
@@ -50,15 +49,36 @@ def library_versions() -> dict[str, str]:
     }
 
 
+class _Writes:
+    """A file for torch.save that keeps the OSError of a failed write: torch's writer reports a
+    full disk, a quota or the file size limit as RuntimeError("unexpected pos ...")."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return int(self.f.write(data))
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary name in the same folder, then rename: never a half file. The
-    bytes are made in memory and written by Python, so that a full disk, a quota or the file
-    size limit is an OSError with its errno, as for any other write: torch's own writer reports
-    each as a RuntimeError ("unexpected pos ...") that does not say which."""
-    data = io.BytesIO()
-    torch.save(obj, data)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data.getbuffer())
+    """torch.save to a temporary name in the same folder, then rename: never a half file. A
+    write that fails for want of room is an OSError with its errno, as for any other write."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        out = _Writes(f)
+        try:
+            torch.save(obj, cast(IO[bytes], out))  # it calls write (and flush) only
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
 
 
 def half_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
