@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,14 @@ def msl_dir() -> Path:
 
 TINY_SIZE = 64  # input size of the test model: tiny, still a real ResNet-50
 TINY_CALIB_IMAGES = 16  # train images the tiny exports calibrate INT8 on
+
+
+def files_up_to(size: int) -> Callable[[], None]:
+    """A subprocess `preexec_fn` that sets the file size limit (`ulimit -f`) to `size` bytes: a
+    write past it fails with EFBIG, as a full disk fails with ENOSPC (Python ignores SIGXFSZ)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
 def confident_agreement(got: Any, ref: Any) -> float:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
+from conftest import files_up_to
 
 from marsvision.benchmarks.cli import main as bench_main
 from marsvision.benchmarks.parity import PARITY_FAIL_EXIT
@@ -274,20 +275,15 @@ def test_no_room_for_the_report_is_one_line(
 ) -> None:
     """A write refused for want of room (here the file size limit, as `ulimit -f` sets it; a
     full disk is the same path) ended in a traceback after the table was printed."""
-    import resource
     import subprocess
     import sys
 
     preds = _write(tmp_path / "p.csv", _full(test_split))
     out = tmp_path / "out"
-
-    def small_files() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
-
     r = subprocess.run(
         [sys.executable, "-c", "from marsvision.benchmarks.cli import main; main()", "score",
          str(preds), "--data", str(msl_dir), "--out", str(out)],
-        capture_output=True, text=True, preexec_fn=small_files, timeout=300, check=False,
+        capture_output=True, text=True, preexec_fn=files_up_to(4096), timeout=300, check=False,
     )  # fmt: skip
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1] == (

@@ -11,11 +11,11 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import files_up_to
 
 from marsvision.runtime.errors import MarsvisionError
 
@@ -424,7 +424,6 @@ def test_results_that_cannot_be_written_are_a_one_line_error(
 ) -> None:
     """A full disk or a file size limit while writing rows is one line and exit 1 (no traceback,
     nor a second one from closing the file); --resume then completes the file."""
-    import resource
 
     with open("/dev/full", "wb") as full:
         r = subprocess.run([*MARS_INFER, *images, "--engine", model], stdout=full,
@@ -433,9 +432,6 @@ def test_results_that_cannot_be_written_are_a_one_line_error(
     assert r.stderr.strip().splitlines() == [
         b"Error: cannot write the results to stdout (No space left on device)"
     ]
-
-    def files_up_to(size: int) -> Callable[[], None]:
-        return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
     many = [tmp_path / f"{i}{p.name}" for i in range(4) for p in images]  # 8 rows: 1.4 kB
     for p in many:

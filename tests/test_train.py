@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import signal_once_written
+from conftest import files_up_to, signal_once_written
 from torchvision.models import resnet50
 
 from marsvision.runtime.errors import MarsvisionError
@@ -244,11 +245,16 @@ def test_init_from_a_torchvision_state_dict(tmp_path: Path) -> None:
         create_model(2, init=str(tmp_path / "absent.pth"))
 
 
-def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _cli(
+    args: list[str],
+    env: dict[str, str] | None = None,
+    preexec: Callable[[], None] | None = None,
+) -> subprocess.CompletedProcess[str]:
     code = "from marsvision.train.cli import main; main()"
     environ = {k: v for k, v in os.environ.items() if k != "MARS_DATA"} | (env or {})
     return subprocess.run([sys.executable, "-c", code, *args], check=False, capture_output=True,
-                          text=True, timeout=120, cwd=REPO, env=environ)  # fmt: skip
+                          text=True, timeout=120, cwd=REPO, env=environ,
+                          preexec_fn=preexec)  # fmt: skip
 
 
 def _one_line_error(r: subprocess.CompletedProcess[str], *expected: str) -> None:
@@ -291,19 +297,11 @@ def test_a_run_folder_in_use_is_refused(tmp_path: Path, msl_dir: Path) -> None:
 def test_no_room_for_the_checkpoint_is_one_line(tmp_path: Path, msl_dir: Path) -> None:
     """A full disk, a quota or the file size limit (`ulimit -f`, here) made torch's writer fail
     with RuntimeError("unexpected pos ..."): a traceback that did not say why. The checkpoint's
-    bytes are written by Python now: the errno, and one line."""
-    import resource
-
-    def small_files() -> None:  # config.json fits; the 94 MB checkpoint does not
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-
+    bytes go through a Python file now, which keeps the errno: one line."""
     out = tmp_path / "run"
-    code = "from marsvision.train.cli import main; main()"
-    r = subprocess.run(
-        [sys.executable, "-c", code, "--data", str(msl_dir), "--out", str(out), "--limit", "4",
-         "--epochs", "1", *QUICK],
-        capture_output=True, text=True, preexec_fn=small_files, timeout=300, check=False,
-    )  # fmt: skip
+    # config.json fits in 1 MiB; the 94 MB checkpoint does not
+    r = _cli(["--data", str(msl_dir), "--out", str(out), "--limit", "4", "--epochs", "1", *QUICK],
+             preexec=files_up_to(1 << 20))  # fmt: skip
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
         f"Error: cannot write to {out} (File too large): make room, or pass another --out"
