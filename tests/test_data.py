@@ -260,6 +260,24 @@ def test_an_archive_member_under_the_root_that_is_absolute_is_refused(
     assert not outside.exists()
 
 
+def test_an_archive_that_would_unpack_to_too_much_is_refused(
+    msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the zip's own size was checked: a mirror's zip of the right size (`MARS_MSL_URL`)
+    with a member of zeros unpacked 1 GB per MB, until the disk was full."""
+    from marsvision.train import download
+
+    src = mini_data(msl_dir, tmp_path / "src", per_split=3)
+    archive = _zip_dataset(src, tmp_path / "msl-images.zip")
+    assert check_archive(archive, expected_bytes=None) == "msl-images/"
+    with zipfile.ZipFile(archive, "a", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("msl-images/calibrated/pad.JPG", bytes(2_000_000))
+    assert archive.stat().st_size < 2_000_000
+    monkeypatch.setattr(download, "UNPACKED_LIMIT", 2_000_000)  # the real one is 243 MB
+    with pytest.raises(MarsvisionError, match=r"would unpack to \d+ MB, more than 2 MB"):
+        check_archive(archive, expected_bytes=None)
+
+
 def test_a_damaged_split_file_member_is_a_one_line_error(tmp_path: Path) -> None:
     """check_archive reads the split files: damaged compressed bytes raised zlib.error (a
     traceback), and a bad CRC was called "not a zip archive"."""

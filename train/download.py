@@ -25,6 +25,8 @@ ZENODO_URL = "https://zenodo.org/records/1049137/files/msl-images.zip?download=1
 URL_ENV = "MARS_MSL_URL"
 ARCHIVE_BYTES = 60_635_475  # msl-images.zip on Zenodo (doi:10.5281/zenodo.1049137), ~60.6 MB
 SIZE_TOLERANCE = 0.02
+# its members hold about 61 MB (JPEGs do not compress); a zip that would unpack to more is not it
+UNPACKED_LIMIT = 4 * ARCHIVE_BYTES
 
 
 def _fetch(url: str, dest: Path, timeout: float) -> None:
@@ -64,7 +66,9 @@ def _outside(name: str, root: str) -> bool:
 
 
 def check_archive(path: Path, expected_bytes: int | None = ARCHIVE_BYTES) -> str:
-    """Check the zip (size near `expected_bytes` unless None; members safe; splits resolve).
+    """Check the zip (size near `expected_bytes` unless None; members safe, and no more than
+    UNPACKED_LIMIT bytes unpacked: a mirror's zip bomb of the right size filled the disk; splits
+    resolve).
 
     Returns the folder inside the archive that holds the data set.
     """
@@ -85,6 +89,12 @@ def check_archive(path: Path, expected_bytes: int | None = ARCHIVE_BYTES) -> str
         for name in names:
             if _outside(name, root):
                 raise MarsvisionError(f"archive member {name!r} points outside the archive")
+        unpacked = sum(i.file_size for i in zf.infolist())
+        if unpacked > UNPACKED_LIMIT:
+            raise MarsvisionError(
+                f"the archive would unpack to {unpacked / 1e6:.0f} MB, more than "
+                f"{UNPACKED_LIMIT / 1e6:.0f} MB: it is not msl-images.zip"
+            )
         for f in (*SPLIT_FILES.values(), SYNSET_FILE):
             if root + f not in members:
                 raise MarsvisionError(f"the archive lacks {root + f}")
