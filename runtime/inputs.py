@@ -8,9 +8,9 @@ and subfolders (names starting with `.`: macOS's `._IMG.JPG` resource copies on 
 written by a Mac, `.Trashes`, editors' thumbnails) are skipped, as the shell and glob patterns
 skip them; a hidden file named on its own, or in a list, is kept. A PATH that names nothing is
 kept, so that it gets its own error row, and so is a folder with no image files in it, or one
-that cannot be listed. Links to folders are followed, each folder walked once. Each
-file appears once, in the order given, under its first spelling: `imgs/a.jpg`, `./imgs/a.jpg`
-and its absolute path are one input (`path_keys`).
+that cannot be listed. Links to folders are followed, except back up or to a folder walked
+before. Each file appears once, in the order given, under its first spelling: `imgs/a.jpg`,
+`./imgs/a.jpg` and its absolute path are one input (`path_keys`).
 """
 
 from __future__ import annotations
@@ -35,24 +35,30 @@ def _walk(
     *,
     hidden: bool = False,
     _above: frozenset[tuple[int, int]] = frozenset(),
+    _walked: set[tuple[int, int]] | None = None,
+    _linked: bool = False,
 ) -> Iterator[tuple[str, list[str], list[str]]]:
     """(folder, its file names, its subfolder names), sorted, for `top` and its subfolders,
     top-down, through links to folders, as os.walk (a caller may prune the subfolder list).
     A link back up to a folder the walk is inside (`loop -> .`) is not followed: glob's `**`
-    followed such links some 40 levels deep, 2**40 paths for two of them, a hang. Hidden
-    subfolders are skipped unless `hidden`; a folder that cannot be listed goes to
-    `unreadable` (os.walk passed over it without a word)."""
+    followed such links some 40 levels deep, 2**40 paths for two of them, a hang. Nor is a
+    link to a folder walked before: a chain of folders, each with two links to the next, took
+    2**depth walks. (A folder is still walked under its own name after a link to it, where a
+    pattern may name it.) Hidden subfolders are skipped unless `hidden`; a folder that cannot
+    be listed goes to `unreadable` (os.walk passed over it without a word)."""
+    walked = set() if _walked is None else _walked
     try:
         st = os.stat(top)
         here = (st.st_dev, st.st_ino)
-        if here in _above:
+        if here in _above or (_linked and here in walked):
             return
+        walked.add(here)
         with os.scandir(top) as it:
             entries = list(it)
     except OSError:
         unreadable.append(top)
         return
-    files, dirs = [], []
+    files, dirs, links = [], [], set()
     for e in entries:
         try:
             is_dir = e.is_dir()  # through a link
@@ -62,10 +68,13 @@ def _walk(
             files.append(e.name)
         elif hidden or not e.name.startswith("."):
             dirs.append(e.name)
+            if e.is_symlink():
+                links.add(e.name)
     dirs.sort()
     yield top, sorted(files), dirs
     for name in dirs:
-        yield from _walk(os.path.join(top, name), unreadable, hidden=hidden, _above=_above | {here})
+        yield from _walk(os.path.join(top, name), unreadable, hidden=hidden,
+                         _above=_above | {here}, _walked=walked, _linked=name in links)  # fmt: skip
 
 
 def folder_images(

@@ -126,6 +126,35 @@ def test_links_to_folders_are_followed_once_and_loops_end(tmp_path: Path) -> Non
     assert pattern == folder
 
 
+def test_a_folder_that_links_reach_many_ways_is_walked_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only links back up were cut: a chain of folders, each with two links to the next (a
+    received tarball keeps links), was walked 2**depth times (16 deep: 25 s, 30 deep: days)."""
+    from marsvision.runtime import inputs
+
+    depth = 12
+    for i in range(depth + 1):
+        (tmp_path / f"d{i}").mkdir()
+        (tmp_path / f"d{i}" / f"{i}.jpg").touch()
+        if i:
+            for name in ("a", "b"):
+                (tmp_path / f"d{i - 1}" / name).symlink_to(tmp_path / f"d{i}")
+    listed = []
+    scandir = os.scandir
+
+    def counting(path: Any = ".") -> Any:
+        listed.append(path)
+        return scandir(path)
+
+    monkeypatch.setattr(inputs.os, "scandir", counting)
+    monkeypatch.chdir(tmp_path)
+    found = inputs.expand_inputs(["d0"], recursive=True)
+    assert found == ["d0/0.jpg", *(f"d0/{'a/' * i}{i}.jpg" for i in range(1, depth + 1))]
+    assert len(listed) == depth + 1  # 8191 before
+    assert inputs.expand_inputs(["d0/**/*.jpg"], recursive=True) == found
+
+
 def test_recursive_patterns_match_as_glob_does(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
