@@ -103,9 +103,15 @@ class ModelMeta:
             raise MarsvisionError(f"{source}: {e.message}") from None
 
 
+# a spreadsheet cell starting with one of these is a formula, which opening the CSV runs
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
 def check_class_names(names: Any) -> None:
     """Refuse class names other than a list of distinct, non-empty strings: a label would print
-    as "0" or "['a']", or two columns would share a name and a label could not say which."""
+    as "0" or "['a']", or two columns would share a name and a label could not say which. Nor
+    may a name start as a formula: the CSV's label column would run it in a spreadsheet
+    (`=HYPERLINK(...)` in every row)."""
     if not (
         isinstance(names, list)
         and names
@@ -114,6 +120,12 @@ def check_class_names(names: Any) -> None:
     ):
         raise MarsvisionError(
             f"class names {names!r}: they must be a list of distinct, non-empty names"
+        )
+    formulas = [n for n in names if n.startswith(FORMULA_START)]
+    if formulas:
+        raise MarsvisionError(
+            f"class name {formulas[0]!r} starts with {formulas[0][0]!r}: a spreadsheet opening "
+            "the results would run it as a formula; rename the class"
         )
 
 

@@ -24,6 +24,7 @@ from marsvision.runtime.classifier import Prediction
 from marsvision.runtime.errors import DISK_FULL, MarsvisionError
 from marsvision.runtime.files import atomic_write_text, try_exclusive_lock
 from marsvision.runtime.inputs import path_keys
+from marsvision.runtime.metadata import FORMULA_START
 
 FORMATS = ("csv", "jsonl")
 ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
@@ -47,6 +48,15 @@ def csv_header(class_names: list[str], top_k: int | None) -> list[str]:
         probs = [f"prob_{name}" for name in class_names]
     return ["path", "status", "label", *probs, "error", "model_sha256", "precision", "backend",
             "tta"]  # fmt: skip
+
+
+def sheet_safe_path(path: str) -> str:
+    """`path` as the CSV writes it: a relative path that starts as a formula (`=cmd.jpg`,
+    `+1.jpg`, in the working folder, from a pattern or an @list) gets `./` before it, which
+    names the same file (and --resume takes it as one, `path_keys`); a spreadsheet ran it."""
+    if path.startswith(FORMULA_START) and not os.path.isabs(path):
+        return os.path.join(os.curdir, path)
+    return path
 
 
 def _ranked(p: Prediction, class_names: list[str], top_k: int) -> list[tuple[str, float]]:
@@ -107,7 +117,7 @@ class ResultWriter:
             probs = [f"{v:.6f}" for v in p.probs]
         prov = self.prov
         return [
-            p.path,
+            sheet_safe_path(p.path),
             p.status,
             p.label or "",
             *probs,

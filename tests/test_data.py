@@ -113,6 +113,11 @@ def test_split_files_edited_by_hand(msl_dir: Path, tmp_path: Path) -> None:
         (d / name).write_bytes(b"\xef\xbb\xbf" + (d / name).read_bytes())
     assert msl.read_split(d, "train", "binary") == plain
     assert msl.class_names("msl25", d) == msl.class_names("msl25", msl_dir)
+    synset = (d / msl.SYNSET_FILE).read_text(encoding="utf-8-sig")
+    (d / msl.SYNSET_FILE).write_text(synset.replace(" apxs\n", " =apxs\n", 1))
+    with pytest.raises(MarsvisionError, match=r"synset.*: class name '=apxs' starts with '='"):
+        msl.class_names("msl25", d)  # refused before training, as mars-infer refuses it
+    (d / msl.SYNSET_FILE).write_text(synset)
     lines = train.read_text(encoding="utf-8-sig").splitlines()
     train.write_text("\n".join([*lines, lines[1]]) + "\n")
     listed = lines[1].split()[0]

@@ -448,6 +448,31 @@ def test_csv_rows_round_trip_carriage_returns_and_long_fields(tmp_path: Path) ->
     assert done == dict.fromkeys(paths, "ok")
 
 
+def test_file_names_that_start_as_a_formula_are_written_as_dot_slash(
+    model: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """A file name from a pattern or a list such as `=HYPERLINK(...).jpg` was the CSV's bare
+    path cell, a formula a spreadsheet runs; it is written `./=...` (the same file), and
+    --resume takes it as the same input. A folder's files and other paths are unchanged."""
+    names = ["+1.jpg", "-2.jpg", "=HYPERLINK(A1).jpg", "@3.jpg", "b.jpg"]
+    for name in names:
+        shutil.copy(images[0], tmp_path / name)
+    (tmp_path / "d").mkdir()
+    shutil.copy(images[1], tmp_path / "d" / "=4.jpg")
+    out = tmp_path / "r.csv"
+    r = _infer("*.jpg", "d", "--engine", model, "--out", out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    with open(out, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    paths = [row[0] for row in rows[1:]]
+    assert paths == [*(f"./{n}" for n in names[:4]), "b.jpg", "d/=4.jpg"]
+    assert {row[1] for row in rows[1:]} == {"ok"}
+    r = _infer("*.jpg", "d", "--engine", model, "--out", out, "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert b"0 ok, 0 failed, 6 already in" in r.stderr
+    assert len(out.read_text().splitlines()) == 7
+
+
 def test_results_that_cannot_be_written_are_a_one_line_error(
     model: Path, images: list[Path], tmp_path: Path
 ) -> None:

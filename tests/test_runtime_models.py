@@ -146,6 +146,8 @@ def test_class_names_and_spec_values_that_would_mislabel_are_refused(tmp_path: P
         ({"names": "ab"}, names),
         ({"names": [["a"], ["b"]]}, names),
         ({"names": ["", "Rover"]}, names),
+        ({"names": ["Surface", "=HYPERLINK(1)"]}, "name '=HYPERLINK\\(1\\)' starts with '='"),
+        ({"names": ["@SUM(1)", "Rover"]}, "a spreadsheet opening the results would run it"),
         ({"preprocess": {**spec, "std": [0.2, float("inf"), 0.2]}}, "three finite numbers"),
         ({"preprocess": {**spec, "mean": [0.5, float("nan"), 0.5]}}, "three finite numbers"),
         ({"preprocess": {**spec, "input_size": 64.7}}, "sizes must be whole numbers"),

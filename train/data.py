@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.metadata import check_class_names
 
 SPLITS = ("train", "val", "test")
 SPLIT_FILES = {s: f"{s}-calibrated-shuffled.txt" for s in SPLITS}
@@ -90,7 +91,12 @@ def msl_class_names(data_dir: Path) -> list[str]:
             raise MarsvisionError(f"{path}:{n}: expected '<id> <name>', got {line!r}") from None
     if sorted(names) != list(range(NUM_MSL_CLASSES)):
         raise MarsvisionError(f"{path}: expected class ids 0-{NUM_MSL_CLASSES - 1}")
-    return [names[i] for i in range(NUM_MSL_CLASSES)]
+    ordered = [names[i] for i in range(NUM_MSL_CLASSES)]
+    try:  # refused here, before training, not by mars-export or mars-infer after it
+        check_class_names(ordered)
+    except MarsvisionError as e:
+        raise MarsvisionError(f"{path}: {e.message}") from None
+    return ordered
 
 
 def class_names(task: str, data_dir: Path) -> list[str]:
