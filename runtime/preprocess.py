@@ -14,7 +14,7 @@ import os
 import stat
 from collections.abc import Iterator
 from functools import lru_cache
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -25,6 +25,9 @@ from marsvision.runtime.spec import PreprocessSpec
 # Images above this many pixels are refused before decoding (decompression-bomb guard);
 # Pillow's own warning threshold, about 9459 x 9459.
 MAX_PIXELS = 89_478_485
+# A progressive JPEG decodes the whole image again for each of its scans (a camera's or
+# encoder's has about 10): one small scan repeated made a 600 KB file take 19 s of CPU.
+MAX_JPEG_SCANS = 100
 
 
 class ImageError(Exception):
@@ -122,6 +125,22 @@ def _open_file(path: str | os.PathLike[str]) -> BinaryIO:
         raise
 
 
+def _jpeg_scans(fp: Any) -> int:
+    """How many start-of-scan markers (FF DA) a JPEG file holds, counted up to one past
+    MAX_JPEG_SCANS, a megabyte at a time (entropy-coded data never holds the pair: its FF bytes
+    are followed by 00 or a restart marker). The file position is kept."""
+    pos = fp.tell()
+    fp.seek(0)
+    n, last = 0, b""
+    try:
+        while n <= MAX_JPEG_SCANS and (chunk := fp.read(1 << 20)):
+            n += (last + chunk).count(b"\xff\xda")
+            last = chunk[-1:]
+    finally:
+        fp.seek(pos)
+    return n
+
+
 def decode_image(
     path: str | os.PathLike[str],
     spec: PreprocessSpec,
@@ -147,6 +166,13 @@ def decode_image(
                     f"it {tw}x{th} pixels, more than the limit of {max_pixels} (aspect ratio "
                     "too extreme)"
                 )
+            if img.format in ("JPEG", "MPO") and img.info.get("progressive"):
+                scans = _jpeg_scans(img.fp)
+                if scans > MAX_JPEG_SCANS:
+                    raise ImageError(
+                        f"progressive JPEG of more than {MAX_JPEG_SCANS} scans (each one "
+                        "decodes the whole image again: a decoding-time bomb)"
+                    )
             if fast_decode and img.format in ("JPEG", "MPO"):  # MPO: many cameras' JPEGs
                 img.draft("RGB", (tw, th))
             img.load()

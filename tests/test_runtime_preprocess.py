@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -298,6 +299,51 @@ def test_decompression_bomb_guard(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="decompression-bomb"):
         decode_image(p, spec, max_pixels=10_000_000)
     assert decode_image(p, spec).shape == (64, 64, 3)
+
+
+def _with_scans(data: bytes, extra: int) -> bytes:
+    """A progressive JPEG with its first AC scan repeated `extra` more times (still valid)."""
+    i, scans = 2, []
+    while data[i + 1] != 0xD9:  # EOI
+        if data[i + 1] == 0xDA:  # SOS: its header, then entropy-coded data up to a marker
+            j = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+            while not (data[j] == 0xFF and data[j + 1] != 0 and not 0xD0 <= data[j + 1] <= 0xD7):
+                j += 1
+            scans.append((i, j))
+            i = j
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    start, end = next((a, b) for a, b in scans if data[a + 5 + 2 * data[a + 4]] > 0)  # Ss > 0
+    return data[:-2] + data[start:end] * extra + data[-2:]
+
+
+def test_progressive_jpegs_of_too_many_scans_are_refused(tmp_path: Path) -> None:
+    """Each scan of a progressive JPEG decodes the whole image again: one scan repeated 4,000
+    times made a 600 KB file take 19 s of CPU. More than MAX_JPEG_SCANS is an error row, found
+    before decoding; a FIFO's file is counted too."""
+    limit = 100  # MAX_JPEG_SCANS
+    spec = PreprocessSpec.for_input_size(64)
+    buf = io.BytesIO()
+    Image.new("L", (256, 192), 128).save(buf, "JPEG", progressive=True)
+    plain = buf.getvalue()
+    scans = plain.count(b"\xff\xda")
+    assert 2 < scans < 20
+    ok = tmp_path / "ok.jpg"
+    ok.write_bytes(_with_scans(plain, limit - scans))
+    bomb = tmp_path / "bomb.jpg"
+    bomb.write_bytes(_with_scans(plain, limit - scans + 1))
+    assert int(decode_image(ok, spec).mean()) in (127, 128, 129)
+    with pytest.raises(ImageError, match=r"^progressive JPEG of more than 100 scans"):
+        decode_image(bomb, spec)
+    assert bomb.stat().st_size < 60_000  # fits a pipe's buffer
+    r, w = os.pipe()
+    with os.fdopen(w, "wb") as f:
+        f.write(bomb.read_bytes())
+    try:
+        with pytest.raises(ImageError, match=r"^progressive JPEG of more than 100 scans"):
+            decode_image(f"/dev/fd/{r}", spec)
+    finally:
+        os.close(r)
 
 
 def test_fast_decode_is_approximate(msl_dir: Path) -> None:
