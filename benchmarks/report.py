@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from marsvision.runtime.files import atomic_write_text
+from marsvision.runtime.files import atomic_path, atomic_write_text
 
 Cell = str | int | float | None
 
@@ -94,7 +94,9 @@ def bar_chart(
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:  # an interrupted save left a cut PNG under the name
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
     return path

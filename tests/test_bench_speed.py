@@ -405,3 +405,26 @@ def test_list_flags_take_each_item_once() -> None:
     assert _csv("--splits", "test,val,test") == ("test", "val")
     with pytest.raises(MarsvisionError, match="--batch-sizes '8,x': expected"):
         _csv("--batch-sizes", "8,x", int)
+
+
+def test_a_chart_save_that_fails_leaves_no_cut_png(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chart was saved straight under its name: a save cut short (a full disk, a kill) left
+    a partial PNG there. It is written beside it and renamed."""
+    from matplotlib.figure import Figure
+
+    from marsvision.benchmarks.report import bar_chart
+
+    def cut_short(self: Figure, fname: object, **kw: object) -> None:
+        Path(str(fname)).write_bytes(b"\x89PNG\r\n\x1a\n partial")
+        raise OSError(28, "No space left on device")
+
+    png = tmp_path / "speed.png"
+    bar_chart(png, title="t", labels=["a"], series={"s": [1.0]}, ylabel="y")
+    whole = png.read_bytes()
+    monkeypatch.setattr(Figure, "savefig", cut_short)
+    with pytest.raises(OSError, match="No space"):
+        bar_chart(png, title="t", labels=["a"], series={"s": [2.0]}, ylabel="y")
+    assert png.read_bytes() == whole
+    assert [p.name for p in tmp_path.iterdir()] == ["speed.png"]
