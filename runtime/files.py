@@ -19,6 +19,16 @@ from marsvision.runtime.errors import MarsvisionError
 
 
 def _umask() -> int:
+    """The process umask, read from /proc where Linux has it there (4.7 and later): setting it
+    to read it, the only other way, leaves it 0 for a moment, and a file another thread makes
+    then is open to all."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

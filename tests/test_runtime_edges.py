@@ -799,3 +799,22 @@ def test_a_signal_as_a_temporary_file_or_folder_is_made_leaves_nothing(
     (out / ".x.pt.0000.tmp").write_bytes(b"theirs")
     files.atomic_write_bytes(out / "x.pt", b"data")
     assert sorted(p.name for p in out.iterdir()) == [".x.pt.0000.tmp", "x.pt"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="Linux's /proc only")
+def test_the_umask_is_read_without_setting_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """New files' modes come from the umask, which was read by setting it to 0 and back: a file
+    another thread made in that moment (a decode thread, a writer) was open to all."""
+    from marsvision.runtime import files
+
+    def no_setting(mask: int) -> int:
+        raise AssertionError(f"umask set to {mask:o}")
+
+    before = os.umask(0o027)
+    try:
+        monkeypatch.setattr(files.os, "umask", no_setting)
+        assert files.default_file_mode() == 0o640
+        assert files.default_folder_mode() == 0o750
+    finally:
+        monkeypatch.undo()
+        os.umask(before)
