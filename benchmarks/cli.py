@@ -15,7 +15,13 @@ from pathlib import Path
 
 import click
 
-from marsvision.runtime.errors import MarsvisionError, out_of_room, require_extra
+from marsvision.runtime.errors import (
+    MarsvisionError,
+    echo_result,
+    interruptible,
+    out_of_room,
+    require_extra,
+)
 from marsvision.runtime.files import check_writable_folder
 from marsvision.train.data import SPLITS, VAL_HALVES
 
@@ -98,7 +104,17 @@ def _e2e_images(images: str, data: str | None, count: int) -> tuple[str, ...]:
     )
 
 
-@click.group()
+class _Interruptible(click.Group):
+    """Each command runs under `interruptible`: Ctrl-C exits 130 (click said "Aborted!", exit
+    1), and SIGTERM 143 with the cleanups run, where it killed speed's runner and left its
+    measuring process running."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        with interruptible("mars-bench"):
+            return super().invoke(ctx)
+
+
+@click.group(cls=_Interruptible)
 def main() -> None:
     """Benchmark marsvision models: speed and accuracy parity against PyTorch, and scores of
     mars-infer result files on the official MSL splits."""
@@ -220,10 +236,11 @@ def speed(
         isolate=isolate,
     )
     report = run_speed(cfg, log=_log)
-    click.echo(render_text(report))
-    with out_of_room(out):
-        for p in write_speed(report, out):
-            _log(f"wrote {p}")
+    with out_of_room(out):  # the files first: a stdout that fails lost them
+        written = write_speed(report, out)
+    echo_result(render_text(report))
+    for p in written:
+        _log(f"wrote {p}")
     rows = report["rows"]
     failed = sum(r["status"].startswith("error") for r in rows)
     # the PyTorch baseline always runs: it alone, where other rows were asked for, is nothing
@@ -326,10 +343,11 @@ def parity(
         ),
     )
     report = run_parity(cfg, log=_log)
-    click.echo(render_text(report))
-    with out_of_room(out):
-        for p in write_parity(report, out):
-            _log(f"wrote {p}")
+    with out_of_room(out):  # the files first: a stdout that fails lost them
+        written = write_parity(report, out)
+    echo_result(render_text(report))
+    for p in written:
+        _log(f"wrote {p}")
     if not report["passed"]:
         sys.exit(PARITY_FAIL_EXIT)
 
@@ -421,9 +439,10 @@ def score(
         requirements=requirements,
     )
     report = run_score(cfg)
-    click.echo(render_text(report))
-    with out_of_room(out):
-        _log(f"wrote {write_score(report, out)}")
+    with out_of_room(out):  # the file first: a stdout that fails lost it
+        written = write_score(report, out)
+    echo_result(render_text(report))
+    _log(f"wrote {written}")
     if not report["passed"]:
         sys.exit(SCORE_FAIL_EXIT)
 

@@ -9,7 +9,13 @@ from typing import Any
 import click
 
 from marsvision.export.config import CALIB_METHODS, TENSORRT_MODES, ExportConfig
-from marsvision.runtime.errors import MarsvisionError, interruptible, out_of_room, require_extra
+from marsvision.runtime.errors import (
+    MarsvisionError,
+    echo_result,
+    interruptible,
+    out_of_room,
+    require_extra,
+)
 
 _REPO = Path(__file__).resolve().parents[1]
 MODELS_ENV = "MARS_MODELS"  # folder of shipped checkpoints, instead of <repo>/models
@@ -158,10 +164,10 @@ def main(
     )
     with interruptible("mars-export"), out_of_room(out):  # the staging folder is removed
         manifest = export_all(config)
-    click.echo(_table(manifest))
     kept = len(manifest["kept"])
-    click.echo(f"\nwrote {len(manifest['artifacts']) - kept} artifacts and manifest.json to {out}"
-               + (f" ({kept} more kept from an earlier export)" if kept else ""))  # fmt: skip
+    echo_result(f"{_table(manifest)}\n\nwrote {len(manifest['artifacts']) - kept} artifacts and "
+                f"manifest.json to {out}"
+                + (f" ({kept} more kept from an earlier export)" if kept else ""))  # fmt: skip
 
 
 if __name__ == "__main__":

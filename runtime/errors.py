@@ -1,6 +1,6 @@
 """The one exception type for user errors (bad input, missing files, wrong options), the
 check that a command's optional dependencies are installed, the exit code of an interrupted
-command, and a full disk as one line."""
+command, a full disk as one line, and a command's result printed on stdout."""
 
 from __future__ import annotations
 
@@ -74,6 +74,20 @@ def interruptible(command: str, *, hint: str = "") -> Iterator[None]:
     finally:
         for sig, handler in previous.items():  # None: a handler not set from Python
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def echo_result(text: str) -> None:
+    """Print a command's result on stdout. A reader that left (`| head`, `| true`) ends the
+    command quietly with EXIT_BROKEN_PIPE, as cat does, and a full disk or another write error
+    is one line: both were a traceback or a silent exit 1, after the work was done."""
+    try:
+        click.echo(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # exit's flush: no error
+        sys.exit(EXIT_BROKEN_PIPE)
+    except OSError as e:
+        raise MarsvisionError(f"cannot write to stdout ({e.strerror})") from None
 
 
 @contextlib.contextmanager

@@ -292,6 +292,65 @@ def test_no_room_for_the_report_is_one_line(
     assert [p.name for p in out.iterdir()] == []  # atomic writes: no half file
 
 
+def test_a_stdout_that_fails_keeps_the_report_and_exits_as_cat_does(
+    test_split: list[Any], msl_dir: Path, tmp_path: Path
+) -> None:
+    """The table was printed before the report was written: `mars-bench ... | true` exited 1
+    with no word and no report (a parity run's ten minutes lost), and a full stdout ended in a
+    traceback. The report is written first; a reader that left is exit 141, quietly, and a
+    full stdout one line."""
+    import subprocess
+    import sys
+
+    preds = _write(tmp_path / "p.csv", _full(test_split))
+    cmd = [sys.executable, "-c", "from marsvision.benchmarks.cli import main; main()", "score",
+           str(preds), "--data", str(msl_dir)]  # fmt: skip
+    r_end, w_end = os.pipe()
+    os.close(r_end)  # the reader has left
+    try:
+        gone = subprocess.run([*cmd, "--out", str(tmp_path / "a")], stdout=w_end,
+                              stderr=subprocess.PIPE, text=True, timeout=300)  # fmt: skip
+    finally:
+        os.close(w_end)
+    assert gone.returncode == 141 and "Traceback" not in gone.stderr, gone.stderr
+    assert _report(tmp_path / "a")["metrics"]["n"] == len(test_split)
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([*cmd, "--out", str(tmp_path / "b")], stdout=full,
+                           stderr=subprocess.PIPE, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert (
+        r.stderr.strip().splitlines()[-1]
+        == "Error: cannot write to stdout (No space left on device)"
+    )
+    assert _report(tmp_path / "b")["metrics"]["n"] == len(test_split)
+
+
+def test_commands_are_interruptible(
+    test_split: list[Any], msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mars-bench's commands ran without `interruptible`: Ctrl-C said "Aborted!" and exit 1 (an
+    option error's code), and SIGTERM killed speed's runner at once, its measuring process left
+    running. Now Ctrl-C is exit 130, and SIGTERM ends the command through its cleanups."""
+    import signal
+
+    from marsvision.benchmarks import score
+    from marsvision.runtime.errors import EXIT_INTERRUPTED
+
+    preds = _write(tmp_path / "p.csv", _full(test_split))
+    handlers = []
+
+    def stopped(cfg: Any) -> Any:
+        handlers.append(signal.getsignal(signal.SIGTERM))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(score, "run_score", stopped)
+    result = _score([str(preds), "--data", str(msl_dir), "--out", str(tmp_path / "out")])
+    assert result.exit_code == EXIT_INTERRUPTED, result.output
+    assert "mars-bench: interrupted" in result.stderr and "Aborted" not in result.output
+    assert handlers and handlers[0] not in (signal.SIG_DFL, signal.default_int_handler)
+    assert signal.getsignal(signal.SIGTERM) is not handlers[0]  # put back after
+
+
 def test_a_csv_cut_inside_its_last_row_is_refused(test_split: list[Any], tmp_path: Path) -> None:
     """A kill inside the last column (the tta value) left the column count whole: the cut value
     was scored, and named the model line and the report file ("tta no,none")."""

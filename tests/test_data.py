@@ -334,6 +334,54 @@ def test_download_offline_is_one_line(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_download_stopped_by_a_signal_leaves_nothing(tmp_path: Path) -> None:
+    """--download ran outside `interruptible`: SIGTERM left the partial zip (up to 60 MB) beside
+    --data, Ctrl-C said "Aborted!" and exit 1, and a log of the progress got a carriage return
+    a megabyte. The source here is a FIFO whose writer stalls after 2 MB."""
+    import signal
+    import threading
+    import time
+
+    fifo = tmp_path / "msl-images.zip"
+    os.mkfifo(fifo)
+    stall = threading.Event()
+
+    def write() -> None:
+        try:
+            with open(fifo, "wb") as f:
+                f.write(bytes(2 << 20))
+                f.flush()
+                stall.wait(120)
+        except BrokenPipeError:
+            pass
+
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        out = tmp_path / f"out{code}"
+        out.mkdir()
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        proc = subprocess.Popen(
+            [*MARS_TRAIN, "--download", "--data", str(out / "msl")], cwd=REPO,
+            env={**os.environ, "MARS_MSL_URL": fifo.as_uri()},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,  # bytes: text mode reads \r as \n
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while not any(p.stat().st_size >= 2 << 20 for p in out.iterdir()):
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            proc.send_signal(sig)
+            err = proc.communicate(timeout=60)[1].decode()
+        finally:
+            proc.kill()
+            stall.set()
+            writer.join(10)
+            stall.clear()
+        assert proc.returncode == code, err
+        assert "Traceback" not in err and "\r" not in err and "Aborted" not in err, err
+        assert list(out.iterdir()) == []
+
+
 def test_download_into_a_file_is_refused_before_fetching(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("")
     # the URL would fail too: the folder check must come first, and name --data

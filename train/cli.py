@@ -171,6 +171,7 @@ def main(
     """Train ResNet-50 on the MSL images; write checkpoint, metrics and plots to --out."""
     from marsvision.runtime.errors import (
         MarsvisionError,
+        echo_result,
         interruptible,
         out_of_room,
         require_extra,
@@ -185,7 +186,9 @@ def main(
             raise MarsvisionError(
                 f"--download needs --data DIR or ${DATA_ENV} (where to put the data set)"
             )
-        click.echo(download_msl(dest))
+        with interruptible("mars-train"):  # the partial download is removed
+            path = download_msl(dest)
+        echo_result(str(path))
         return
     require_extra("mars-train", "train", "torch", "torchvision")
     from marsvision.train.data import check_task, resolve_data_dir
@@ -216,15 +219,15 @@ def main(
     (lo, hi), (f1_lo, f1_hi) = test["ci95"]["accuracy"], test["ci95"]["f1"]
     sol_lo, sol_hi = test["ci95_by_sol"]["accuracy"]
     seen = " (trained on: not a held-out score)" if cfg.refit else ""
-    click.echo(f"{'kept' if cfg.refit else 'best'} epoch {result['best_epoch']}: val accuracy "
-               f"{result['val']['accuracy']:.4f} balanced "
-               f"{result['val']['balanced_accuracy']:.4f}{seen}")  # fmt: skip
-    click.echo(f"test accuracy {test['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}) balanced "
-               f"{test['balanced_accuracy']:.4f} f1 {test['f1']:.4f} ({f1_lo:.4f}-{f1_hi:.4f}) "
-               f"(n={test['n']}); accuracy CI resampling whole sols "
-               f"{sol_lo:.4f}-{sol_hi:.4f}")  # fmt: skip
-    click.echo(f"wrote {cfg.out}/checkpoint.pt, metrics.json, predictions_test.csv, "
-               "curves.png, confusion_test.png")  # fmt: skip
+    echo_result(f"{'kept' if cfg.refit else 'best'} epoch {result['best_epoch']}: val accuracy "
+                f"{result['val']['accuracy']:.4f} balanced "
+                f"{result['val']['balanced_accuracy']:.4f}{seen}\n"
+                f"test accuracy {test['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}) balanced "
+                f"{test['balanced_accuracy']:.4f} f1 {test['f1']:.4f} ({f1_lo:.4f}-{f1_hi:.4f}) "
+                f"(n={test['n']}); accuracy CI resampling whole sols "
+                f"{sol_lo:.4f}-{sol_hi:.4f}\n"
+                f"wrote {cfg.out}/checkpoint.pt, metrics.json, predictions_test.csv, "
+                "curves.png, confusion_test.png")  # fmt: skip
 
 
 if __name__ == "__main__":

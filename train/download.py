@@ -30,17 +30,20 @@ UNPACKED_LIMIT = 4 * ARCHIVE_BYTES
 
 
 def _fetch(url: str, dest: Path, timeout: float) -> None:
-    """Stream `url` into the file `dest`, with a byte count on stderr."""
+    """Stream `url` into the file `dest`, with a byte count on stderr: redrawn in place on a
+    terminal, one line at the end otherwise (a log got a carriage return a megabyte)."""
+    tty = sys.stderr.isatty()
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp, dest.open("wb") as out:
             total = int(resp.headers.get("Content-Length") or 0)
+            of = f" of {total / 1e6:.1f}" if total else ""
             done = 0
             while chunk := resp.read(1 << 20):
                 out.write(chunk)
                 done += len(chunk)
-                of = f" of {total / 1e6:.1f}" if total else ""
-                print(f"\rdownloading {done / 1e6:.1f}{of} MB", end="", file=sys.stderr)
-            print(file=sys.stderr)
+                if tty:
+                    print(f"\rdownloading {done / 1e6:.1f}{of} MB", end="", file=sys.stderr)
+            print("" if tty else f"downloaded {done / 1e6:.1f} MB", file=sys.stderr)
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise MarsvisionError(
