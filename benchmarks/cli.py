@@ -19,6 +19,7 @@ from marsvision.runtime.errors import (
     MarsvisionError,
     echo_result,
     interruptible,
+    option_values,
     out_of_room,
     require_extra,
 )
@@ -220,21 +221,25 @@ def speed(
     require_extra("mars-bench speed", "train", "torch", "torchvision")  # its PyTorch baseline
     check_writable_folder(out, "--out")  # before the run, not after it
     checkpoint = _checkpoint(checkpoint, artifacts)
-    mode_list = _csv("--modes", modes)
-    cfg = SpeedConfig(
-        checkpoint=checkpoint,
-        artifacts=artifacts,
-        batch_sizes=_csv("--batch-sizes", batch_sizes, int),
-        precisions=_csv("--precisions", precisions) or None,
-        backends=_csv("--backends", backends) or None,
-        modes=mode_list,
-        images=_e2e_images(images, data, num_images) if "e2e" in mode_list else (),
-        warmup=warmup,
-        repeats=repeats,
-        device=_resolve_device(device),
-        threads=threads,
-        isolate=isolate,
-    )
+    with option_values():
+        mode_list = _csv("--modes", modes)
+    e2e_images = _e2e_images(images, data, num_images) if "e2e" in mode_list else ()
+    on = _resolve_device(device)
+    with option_values():
+        cfg = SpeedConfig(
+            checkpoint=checkpoint,
+            artifacts=artifacts,
+            batch_sizes=_csv("--batch-sizes", batch_sizes, int),
+            precisions=_csv("--precisions", precisions) or None,
+            backends=_csv("--backends", backends) or None,
+            modes=mode_list,
+            images=e2e_images,
+            warmup=warmup,
+            repeats=repeats,
+            device=on,
+            threads=threads,
+            isolate=isolate,
+        )
     report = run_speed(cfg, log=_log)
     with out_of_room(out):  # the files first: a stdout that fails lost them
         written = write_speed(report, out)
@@ -326,22 +331,25 @@ def parity(
 
     require_extra("mars-bench parity", "train", "torch", "torchvision")  # its PyTorch reference
     check_writable_folder(out, "--out")  # before the run, not after it
-    cfg = ParityConfig(
-        checkpoint=_checkpoint(checkpoint, artifacts),
-        artifacts=artifacts,
-        data_dir=resolve_data_dir(data),
-        splits=_csv("--splits", splits),
-        limit=limit,
-        batch_size=batch_size,
-        device=_resolve_device(device),
-        threads=threads,
-        thresholds=Thresholds(
-            fp32_min_agreement=fp32_min_agreement,
-            fp16_max_accuracy_change=fp16_max_accuracy_change,
-            int8_max_accuracy_change=int8_max_accuracy_change,
-            int8_min_agreement=int8_min_agreement,
-        ),
-    )
+    source, data_dir = _checkpoint(checkpoint, artifacts), resolve_data_dir(data)
+    on = _resolve_device(device)
+    with option_values():
+        cfg = ParityConfig(
+            checkpoint=source,
+            artifacts=artifacts,
+            data_dir=data_dir,
+            splits=_csv("--splits", splits),
+            limit=limit,
+            batch_size=batch_size,
+            device=on,
+            threads=threads,
+            thresholds=Thresholds(
+                fp32_min_agreement=fp32_min_agreement,
+                fp16_max_accuracy_change=fp16_max_accuracy_change,
+                int8_max_accuracy_change=int8_max_accuracy_change,
+                int8_min_agreement=int8_min_agreement,
+            ),
+        )
     report = run_parity(cfg, log=_log)
     with out_of_room(out):  # the files first: a stdout that fails lost them
         written = write_parity(report, out)

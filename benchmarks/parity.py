@@ -70,8 +70,15 @@ class ParityConfig:
     thresholds: Thresholds = field(default_factory=Thresholds)
 
     def __post_init__(self) -> None:
+        from marsvision.train.data import SPLITS
+
         if not self.splits:
             raise MarsvisionError("--splits: give at least one of val, test, train")
+        unknown = [s for s in self.splits if s not in SPLITS]
+        if unknown:  # found after the PyTorch reference of the splits before it: minutes
+            raise MarsvisionError(
+                f"--splits: unknown {', '.join(unknown)}; choose from val, test, train"
+            )
         if self.limit is not None and self.limit < 1:
             raise MarsvisionError(f"--limit {self.limit}: need at least 1 image")
         if self.batch_size < 1:

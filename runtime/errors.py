@@ -34,6 +34,26 @@ class MarsvisionError(click.ClickException):
     exit_code = 1
 
 
+class OptionValueError(MarsvisionError):
+    """A bad option value found after click parsed the command line (a range, a choice or a
+    list checked by the command's config): one line, with click's usage-error exit code 2, as a
+    value click checks itself gets; it was 1, a failure's code, in mars-train and mars-bench."""
+
+    exit_code = 2
+
+
+@contextlib.contextmanager
+def option_values() -> Iterator[None]:
+    """The MarsvisionErrors of the block, a command's checks of its option values, as
+    OptionValueError (exit 2). Keep file and data checks out of it: those are exit 1."""
+    try:
+        yield
+    except OptionValueError:
+        raise
+    except MarsvisionError as e:
+        raise OptionValueError(e.message) from None
+
+
 def require_extra(command: str, extra: str, *modules: str) -> None:
     """A MarsvisionError naming the pip extra to install when a module `command` needs is not
     installed: every install has all four commands, a runtime-only one ("marsvision[cpu]") has

@@ -394,6 +394,8 @@ def test_a_file_the_manifest_does_not_list_is_not_measured(
         ("--int8-min-agreement", "101", "--int8-min-agreement 101: must be a percentage"),
         ("--fp16-max-accuracy-change", "-0.1", "--fp16-max-accuracy-change -0.1: must be a num"),
         ("--fp16-max-accuracy-change", "inf", "--fp16-max-accuracy-change inf: must be a number"),
+        # found at that split, after the PyTorch reference of the splits before it
+        ("--splits", "val,tset", "--splits: unknown tset; choose from val, test, train"),
     ],
 )
 def test_parity_refuses_thresholds_out_of_range(
@@ -404,5 +406,5 @@ def test_parity_refuses_thresholds_out_of_range(
     args = ["parity", "--checkpoint", str(tmp_path / "c.pt"), "--artifacts", str(tmp_path / "art"),
             "--data", str(msl_dir), flag, value, "--out", str(tmp_path / "o")]  # fmt: skip
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 1 and says in result.output, result.output
+    assert result.exit_code == 2 and says in result.output, result.output  # a usage error
     assert not list((tmp_path / "o").glob("parity*"))

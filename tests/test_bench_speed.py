@@ -428,3 +428,22 @@ def test_a_chart_save_that_fails_leaves_no_cut_png(
         bar_chart(png, title="t", labels=["a"], series={"s": [2.0]}, ylabel="y")
     assert png.read_bytes() == whole
     assert [p.name for p in tmp_path.iterdir()] == ["speed.png"]
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--repeats", "0"], "--warmup must be >= 0 and --repeats >= 1"),
+        (["--batch-sizes", "0,8"], "--batch-sizes: give positive integers"),
+        (["--modes", "fast"], "--modes: unknown fast"),
+        (["--batch-sizes", "a,8"], "--batch-sizes 'a,8': expected a comma-separated list"),
+    ],
+)
+def test_bad_values_are_usage_errors(args: list[str], says: str, tmp_path: Path) -> None:
+    """--num-images 0 (click's range) was exit 2, --repeats 0 (the config's check) exit 1, a
+    failure's code: a bad value is exit 2 whichever checks it."""
+    (tmp_path / "c.pt").write_bytes(b"x")
+    result = CliRunner().invoke(main, ["speed", "--checkpoint", str(tmp_path / "c.pt"), "--modes",
+                                       "model", *args, "--out", str(tmp_path / "o")])  # fmt: skip
+    assert result.exit_code == 2 and says in result.output, result.output
+    assert result.output.count("\n") == 1 and not (tmp_path / "o").exists()

@@ -309,45 +309,49 @@ def test_no_room_for_the_checkpoint_is_one_line(tmp_path: Path, msl_dir: Path) -
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))  # nor a half file
 
 
-def _bad_input(tmp_path: Path, msl_dir: Path, args: list[str]) -> str:
+def _bad_input(tmp_path: Path, msl_dir: Path, args: list[str], code: int = 1) -> str:
     out = tmp_path / "run"
     r = CliRunner().invoke(main, ["--data", str(msl_dir), "--out", str(out), "--limit", "4",
                                   *QUICK, *args])  # fmt: skip
-    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert r.exit_code == code and isinstance(r.exception, SystemExit), r.output
     assert r.output.startswith("Error: ") and r.output.count("\n") == 1, r.output
     assert not out.exists()  # nothing half-written
     return r.output
 
 
 @pytest.mark.parametrize(
-    ("args", "expected"),
+    ("args", "expected", "code"),
     [
-        (["--task", "rover"], "unknown task 'rover'; choose one of binary, msl25"),
-        (["--image-size", "16"], "at least 32 px"),
-        (["--device", "tpu"], "--device 'tpu'"),
-        (["--recipe", "fast"], "unknown recipe 'fast'"),
-        (["--balance", "oversample"], "--balance 'oversample'"),
-        (["--lr", "inf"], "--lr inf: must be a positive number"),
-        (["--cutmix", "nan"], "--cutmix nan"),
+        (["--task", "rover"], "unknown task 'rover'; choose one of binary, msl25", 2),
+        (["--image-size", "16"], "at least 32 px", 2),
+        (["--device", "tpu"], "--device 'tpu'", 2),
+        (["--recipe", "fast"], "unknown recipe 'fast'", 2),
+        (["--balance", "oversample"], "--balance 'oversample'", 2),
+        (["--lr", "inf"], "--lr inf: must be a positive number", 2),
+        (["--cutmix", "nan"], "--cutmix nan", 2),
         # these went on to train: a traceback after decoding (label smoothing 1.5, warm-up
         # nan), or a run that finished with NaN or growing weights (weight decay nan or -1)
-        (["--weight-decay", "nan"], "--weight-decay nan: must be a number >= 0"),
-        (["--weight-decay", "-1"], "--weight-decay -1.0: must be a number >= 0"),
-        (["--warmup-epochs", "nan"], "--warmup-epochs nan: must be a number >= 0"),
-        (["--warmup-epochs", "-2"], "--warmup-epochs -2.0: must be a number >= 0"),
-        (["--label-smoothing", "1.5"], "--label-smoothing 1.5: must be in [0, 1)"),
-        (["--label-smoothing", "1"], "--label-smoothing 1.0: must be in [0, 1)"),
-        (["--amp", "fp16"], "--amp 'fp16': choose auto, bf16, off"),
-        (["--resume"], "resume.pt does not exist"),
+        (["--weight-decay", "nan"], "--weight-decay nan: must be a number >= 0", 2),
+        (["--weight-decay", "-1"], "--weight-decay -1.0: must be a number >= 0", 2),
+        (["--warmup-epochs", "nan"], "--warmup-epochs nan: must be a number >= 0", 2),
+        (["--warmup-epochs", "-2"], "--warmup-epochs -2.0: must be a number >= 0", 2),
+        (["--label-smoothing", "1.5"], "--label-smoothing 1.5: must be in [0, 1)", 2),
+        (["--label-smoothing", "1"], "--label-smoothing 1.0: must be in [0, 1)", 2),
+        (["--amp", "fp16"], "--amp 'fp16': choose auto, bf16, off", 2),
+        (["--resume"], "resume.pt does not exist", 1),
         # trained to the end, then numpy's bootstrap refused the seed: no metrics.json
-        (["--seed", "-1"], "--seed -1: must be in [0, 2^63)"),
-        (["--seed", str(2**64)], f"--seed {2**64}: must be in [0, 2^63)"),  # torch's traceback
-        (["--limit", "1"], "--limit 1: need at least 2 (BatchNorm"),  # a traceback at 32 px
-        (["--init", "/nonexistent/w.pth"], "no such weights file"),
+        (["--seed", "-1"], "--seed -1: must be in [0, 2^63)", 2),
+        (["--seed", str(2**64)], f"--seed {2**64}: must be in [0, 2^63)", 2),  # torch's traceback
+        (["--limit", "1"], "--limit 1: need at least 2 (BatchNorm", 2),  # a traceback at 32 px
+        (["--init", "/nonexistent/w.pth"], "no such weights file", 1),
     ],
 )
-def test_bad_flags(tmp_path: Path, msl_dir: Path, args: list[str], expected: str) -> None:
-    assert expected in _bad_input(tmp_path, msl_dir, args)
+def test_bad_flags(
+    tmp_path: Path, msl_dir: Path, args: list[str], expected: str, code: int
+) -> None:
+    """A bad value of a flag is a usage error, exit 2 as click's own checks give (it was 1, a
+    failure's code); a file that is not there is exit 1."""
+    assert expected in _bad_input(tmp_path, msl_dir, args, code)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

@@ -173,6 +173,7 @@ def main(
         MarsvisionError,
         echo_result,
         interruptible,
+        option_values,
         out_of_room,
         require_extra,
     )
@@ -193,17 +194,20 @@ def main(
     require_extra("mars-train", "train", "torch", "torchvision")
     from marsvision.train.data import check_task, resolve_data_dir
 
-    check_task(task)
-    cfg = config_from_flags(
-        recipe, data=resolve_data_dir(data), out=out or Path("runs") / task, task=task,
-        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, balance=balance,
-        ema_decay=ema_decay, crop_scale_min=crop_scale_min, jitter=jitter, grayscale=grayscale,
-        augment_policy=augment_policy, mixup=mixup, cutmix=cutmix,
-        camera_adversary=camera_adversary, select_from=select_from, image_size=image_size,
-        store_size=store_size, device=device, amp=amp, train_on=train_on, seed=seed,
-        limit=limit, init=init, resume=resume, workers=workers,
-    )  # fmt: skip
+    with option_values():
+        check_task(task)
+    data_dir = resolve_data_dir(data)
+    with option_values():
+        cfg = config_from_flags(
+            recipe, data=data_dir, out=out or Path("runs") / task, task=task,
+            epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, balance=balance,
+            ema_decay=ema_decay, crop_scale_min=crop_scale_min, jitter=jitter, grayscale=grayscale,
+            augment_policy=augment_policy, mixup=mixup, cutmix=cutmix,
+            camera_adversary=camera_adversary, select_from=select_from, image_size=image_size,
+            store_size=store_size, device=device, amp=amp, train_on=train_on, seed=seed,
+            limit=limit, init=init, resume=resume, workers=workers,
+        )  # fmt: skip
     asked = RECIPES[recipe]["warmup_epochs"] if warmup_epochs is None else warmup_epochs
     if cfg.warmup_epochs < asked:
         click.echo(f"mars-train: a warm-up of {asked:g} epochs is over half the {cfg.epochs}-epoch "
