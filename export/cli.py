@@ -16,6 +16,7 @@ from marsvision.runtime.errors import (
     out_of_room,
     require_extra,
 )
+from marsvision.runtime.models import EXPORTS_ENV
 
 _REPO = Path(__file__).resolve().parents[1]
 MODELS_ENV = "MARS_MODELS"  # folder of shipped checkpoints, instead of <repo>/models
@@ -71,9 +72,9 @@ def _table(manifest: dict[str, Any]) -> str:
 @click.option(
     "--out",
     type=click.Path(path_type=Path, file_okay=False),
-    default=Path("exports"),
-    show_default=True,
-    help="Output directory.",
+    default=lambda: Path(os.environ.get(EXPORTS_ENV) or "exports"),
+    show_default="$MARS_EXPORTS, else exports",
+    help="Output directory (mars-infer looks there for its default model).",
 )
 @click.option(
     "--data",

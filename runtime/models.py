@@ -141,6 +141,6 @@ def default_model(
     raise MarsvisionError(
         f"no --engine given and no exported {task} model in {folder}/ "
         f"(looked for {', '.join(artifact_name(task, f) for f in flavours)}{passed}): run "
-        "`mars-export --int8` first (it exports the shipped model into exports/), or pass "
+        f"`mars-export --int8 --out {folder}` first (it exports the shipped model), or pass "
         "--engine MODEL"
     )

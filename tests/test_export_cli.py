@@ -358,3 +358,28 @@ def test_calibration_flags_need_int8(flag: str, tmp_path: Path) -> None:
         result.output
     ), result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_the_default_out_is_where_mars_infer_looks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mars-infer looks for its default model in $MARS_EXPORTS, but mars-export wrote to
+    ./exports whatever it said: its hint (run mars-export --int8) then did not help."""
+    from marsvision.export import pipeline
+
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes(b"x")
+    outs = []
+
+    def export_all(config: object) -> dict[str, list[object]]:
+        outs.append(getattr(config, "out"))
+        return {"artifacts": [], "kept": []}
+
+    monkeypatch.setattr(pipeline, "export_all", export_all)
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "mine"
+    for env, out in (({"MARS_EXPORTS": str(mine)}, mine), ({}, Path("exports"))):
+        result = CliRunner().invoke(cli.main, ["--checkpoint", str(ckpt)], env=env)
+        assert result.exit_code == 0, result.output
+        assert outs.pop() == out
+        assert result.stdout.endswith(f"manifest.json to {out}\n")
