@@ -115,7 +115,7 @@ class _Interruptible(click.Group):
             return super().invoke(ctx)
 
 
-@click.group(cls=_Interruptible)
+@click.group(cls=_Interruptible, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Benchmark marsvision models: speed and accuracy parity against PyTorch, and scores of
     mars-infer result files on the official MSL splits."""

@@ -59,9 +59,10 @@ def _table(manifest: dict[str, Any]) -> str:
 
 
 @click.command(
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Export a marsvision checkpoint to ONNX (FP32 always; FP16, INT8 on request) and, "
     "where TensorRT and a GPU exist, to TensorRT engines. Writes into --out with a "
-    "manifest.json; prints a summary table on stdout, progress on stderr."
+    "manifest.json; prints a summary table on stdout, progress on stderr.",
 )
 @click.option(
     "--checkpoint",

@@ -243,7 +243,8 @@ def run(cfg: InferConfig) -> int:
     metavar="MODEL",
     help="ONNX file (.onnx) or TensorRT engine (.plan, with its .plan.json sidecar) "
     "[default: the export of the shipped binary model in ./exports (or $MARS_EXPORTS) that "
-    "suits this machine: TensorRT engine, else FP16 ONNX on a GPU, else INT8 ONNX].",
+    "suits this machine: TensorRT engine, else FP16 ONNX on a GPU, else INT8 ONNX, else FP32 "
+    "ONNX].",
 )
 @click.option(
     "--out",

@@ -383,3 +383,16 @@ def test_the_default_out_is_where_mars_infer_looks(
         assert result.exit_code == 0, result.output
         assert outs.pop() == out
         assert result.stdout.endswith(f"manifest.json to {out}\n")
+
+
+def test_dash_h_is_help_in_every_command() -> None:
+    """mars-infer and mars-train took -h; mars-export and mars-bench said "No such option"."""
+    from marsvision.benchmarks.cli import main as bench
+    from marsvision.runtime.cli import main as infer
+    from marsvision.train.cli import main as train
+
+    for command, args in ((cli.main, []), (bench, []), (bench, ["score"]), (infer, []),
+                          (train, [])):  # fmt: skip
+        short, long = (CliRunner().invoke(command, [*args, h]) for h in ("-h", "--help"))
+        assert short.exit_code == 0 and short.output == long.output, short.output
+        assert short.output.startswith("Usage: ")

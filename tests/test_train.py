@@ -773,3 +773,13 @@ def test_resume_saves_by_time(
                             image_size=64, device="cpu", batch_size=4, workers=2)  # fmt: skip
     loop.main(cfg)
     assert saves == saved_after
+
+
+def test_init_from_a_file_that_is_not_weights_is_one_line(tmp_path: Path, msl_dir: Path) -> None:
+    """torch's refusal was the message: many lines, one of them advising weights_only=False,
+    which would run the code a pickle holds."""
+    preds = tmp_path / "preds.csv"
+    preds.write_text("path,status\na.jpg,ok\n")
+    said = _bad_input(tmp_path, msl_dir, ["--init", str(preds)])
+    assert said.startswith(f"Error: --init {preds}: not a torch weights file (torch cannot read")
+    assert "weights_only" not in said

@@ -28,7 +28,11 @@ def create_model(num_classes: int, init: str = "random") -> nn.Module:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
-        raise MarsvisionError(f"--init {init}: not a torch weights file ({e})") from None
+        # torch's own text is many lines, and advises weights_only=False: running the file's code
+        raise MarsvisionError(
+            f"--init {init}: not a torch weights file (torch cannot read it: {type(e).__name__}; "
+            "a file of weights only, as torchvision publishes, is needed)"
+        ) from None
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), dict):
