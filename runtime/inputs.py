@@ -9,8 +9,9 @@ written by a Mac, `.Trashes`, editors' thumbnails) are skipped, as the shell and
 skip them; a hidden file named on its own, or in a list, is kept. A PATH that names nothing is
 kept, so that it gets its own error row, and so is a folder with no image files in it, or one
 that cannot be listed. Links to folders are followed, except back up or to a folder walked
-before. Each file appears once, in the order given, under its first spelling: `imgs/a.jpg`,
-`./imgs/a.jpg` and its absolute path are one input (`path_keys`).
+before (for a pattern: under a name the pattern takes as it took that one). Each file appears
+once, in the order given, under its first spelling: `imgs/a.jpg`, `./imgs/a.jpg` and its
+absolute path are one input (`path_keys`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from pathlib import Path
 
 from marsvision.runtime.errors import MarsvisionError
@@ -34,31 +35,35 @@ def _walk(
     unreadable: list[str],
     *,
     hidden: bool = False,
+    state: Callable[[list[str]], Hashable] | None = None,
+    _parts: tuple[str, ...] = (),
     _above: frozenset[tuple[int, int]] = frozenset(),
-    _walked: set[tuple[int, int]] | None = None,
-    _linked: bool = False,
+    _walked: set[tuple[tuple[int, int], Hashable]] | None = None,
 ) -> Iterator[tuple[str, list[str], list[str]]]:
     """(folder, its file names, its subfolder names), sorted, for `top` and its subfolders,
     top-down, through links to folders, as os.walk (a caller may prune the subfolder list).
     A link back up to a folder the walk is inside (`loop -> .`) is not followed: glob's `**`
-    followed such links some 40 levels deep, 2**40 paths for two of them, a hang. Nor is a
-    link to a folder walked before: a chain of folders, each with two links to the next, took
-    2**depth walks. (A folder is still walked under its own name after a link to it, where a
-    pattern may name it.) Hidden subfolders are skipped unless `hidden`; a folder that cannot
-    be listed goes to `unreadable` (os.walk passed over it without a word)."""
+    followed such links some 40 levels deep, 2**40 paths for two of them, a hang. A folder
+    reached again (by a link) is not walked again: it would give the same files, spelled
+    another way, which are one input (`path_keys`); a chain of folders, each with two links to
+    the next, took 2**depth walks. With `state`, a caller's function of the names from `top`
+    to a folder, it is walked again where that differs (a pattern that may match under one
+    name and not the other). Hidden subfolders are skipped unless `hidden`; a folder that
+    cannot be listed goes to `unreadable` (os.walk passed over it without a word)."""
     walked = set() if _walked is None else _walked
     try:
         st = os.stat(top)
         here = (st.st_dev, st.st_ino)
-        if here in _above or (_linked and here in walked):
+        key = (here, None if state is None else state(list(_parts)))
+        if here in _above or key in walked:
             return
-        walked.add(here)
+        walked.add(key)
         with os.scandir(top) as it:
             entries = list(it)
     except OSError:
         unreadable.append(top)
         return
-    files, dirs, links = [], [], set()
+    files, dirs = [], []
     for e in entries:
         try:
             is_dir = e.is_dir()  # through a link
@@ -68,13 +73,12 @@ def _walk(
             files.append(e.name)
         elif hidden or not e.name.startswith("."):
             dirs.append(e.name)
-            if e.is_symlink():
-                links.add(e.name)
     dirs.sort()
     yield top, sorted(files), dirs
     for name in dirs:
-        yield from _walk(os.path.join(top, name), unreadable, hidden=hidden,
-                         _above=_above | {here}, _walked=walked, _linked=name in links)  # fmt: skip
+        path, parts = os.path.join(top, name), (*_parts, name)
+        yield from _walk(path, unreadable, hidden=hidden, state=state, _parts=parts,
+                         _above=_above | {here}, _walked=walked)  # fmt: skip
 
 
 def folder_images(
@@ -139,7 +143,12 @@ def _recursive_glob(pattern: str, unreadable: list[str]) -> list[str]:
     if not os.path.isdir(base):
         return []
     matches = [os.path.join(prefix, "")] if prefix and _component_match([], pats) else []
-    for root, files, dirs in _walk(base, unreadable, hidden=any(p.startswith(".") for p in pats)):
+
+    def state(parts: list[str]) -> frozenset[int]:  # how much of the pattern `parts` can match
+        return frozenset(i for i in range(len(pats) + 1) if _component_match(parts, pats[:i]))
+
+    hidden = any(p.startswith(".") for p in pats)
+    for root, files, dirs in _walk(base, unreadable, hidden=hidden, state=state):
         rel = os.path.relpath(root, base)
         here = [] if rel == "." else rel.split(os.sep)
         for name in dirs:

@@ -152,7 +152,33 @@ def test_a_folder_that_links_reach_many_ways_is_walked_once(
     found = inputs.expand_inputs(["d0"], recursive=True)
     assert found == ["d0/0.jpg", *(f"d0/{'a/' * i}{i}.jpg" for i in range(1, depth + 1))]
     assert len(listed) == depth + 1  # 8191 before
+    listed.clear()
     assert inputs.expand_inputs(["d0/**/*.jpg"], recursive=True) == found
+    assert len(listed) == depth + 1
+
+
+def test_a_pattern_matches_through_a_link_to_a_folder_walked_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pattern that names a link (`**/latest/*.jpg`, `latest -> 2024-06-01`) matched nothing
+    once the folder had been walked under its own name: it is walked again where the pattern
+    takes the two names differently; each file glob matches is matched, once."""
+    import glob
+
+    from marsvision.runtime.inputs import expand_inputs, path_keys
+
+    for cam in ("cam1", "cam2"):
+        day = tmp_path / "data" / cam / "2024-06-01"
+        day.mkdir(parents=True)
+        (day / "x.jpg").touch()
+        (day.parent / "latest").symlink_to("2024-06-01")
+    monkeypatch.chdir(tmp_path)
+    for pattern in ("data/**/latest/*.jpg", "data/**/2024-*/*.jpg", "data/**/*.jpg",
+                    "data/*/latest/*.jpg", "**/x.jpg"):  # fmt: skip
+        ours = path_keys(expand_inputs([pattern], recursive=True))
+        assert sorted(ours) == sorted(set(path_keys(glob.glob(pattern, recursive=True))))
+    assert expand_inputs(["data/**/latest/*.jpg"], recursive=True) == [
+        "data/cam1/latest/x.jpg", "data/cam2/latest/x.jpg"]  # fmt: skip
 
 
 def test_recursive_patterns_match_as_glob_does(
