@@ -126,18 +126,27 @@ def _open_file(path: str | os.PathLike[str]) -> BinaryIO:
 
 
 def _jpeg_scans(fp: Any) -> int:
-    """How many start-of-scan markers (FF DA) a JPEG file holds, counted up to one past
-    MAX_JPEG_SCANS, a megabyte at a time (entropy-coded data never holds the pair: its FF bytes
-    are followed by 00 or a restart marker). The file position is kept."""
+    """How many scans (start-of-scan markers) a JPEG file's image holds, counted up to one past
+    MAX_JPEG_SCANS, segment by segment: a segment's contents (an EXIF thumbnail's own scan) and
+    what follows the end-of-image marker (a motion photo's video) are not counted, and the
+    entropy-coded data after a scan's header holds FF only as FF 00 or a restart marker. The
+    file position is kept."""
     pos = fp.tell()
     fp.seek(0)
-    n, last = 0, b""
     try:
-        while n <= MAX_JPEG_SCANS and (chunk := fp.read(1 << 20)):
-            n += (last + chunk).count(b"\xff\xda")
-            last = chunk[-1:]
+        data = fp.read()
     finally:
         fp.seek(pos)
+    n, i = 0, 2  # after the start-of-image marker
+    while n <= MAX_JPEG_SCANS and (i := data.find(b"\xff", i)) >= 0 and i + 1 < len(data):
+        marker = data[i + 1]
+        if marker == 0xD9:  # end of image
+            break
+        if marker in (0x00, 0x01, 0xFF) or 0xD0 <= marker <= 0xD7:  # no length: a stuffed FF,
+            i += 1 if marker == 0xFF else 2  # TEM, a fill byte, a restart marker
+            continue
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")  # the segment, skipped whole
+        n += marker == 0xDA
     return n
 
 

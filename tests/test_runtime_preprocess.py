@@ -333,6 +333,12 @@ def test_progressive_jpegs_of_too_many_scans_are_refused(tmp_path: Path) -> None
     bomb = tmp_path / "bomb.jpg"
     bomb.write_bytes(_with_scans(plain, limit - scans + 1))
     assert int(decode_image(ok, spec).mean()) in (127, 128, 129)
+    # counted in the image only: not in a segment (an APP1 of 200 pairs), nor after its end (a
+    # motion photo's video, appended: 116 pairs refused a good file)
+    app = b"\xff\xe1" + (2 + 400).to_bytes(2, "big") + b"\xff\xda" * 200
+    extras = tmp_path / "extras.jpg"
+    extras.write_bytes(plain[:2] + app + plain[2:] + b"\xff\xda" * 200)
+    assert (decode_image(extras, spec) == decode_image(ok, spec)).all()
     with pytest.raises(ImageError, match=r"^progressive JPEG of more than 100 scans"):
         decode_image(bomb, spec)
     assert bomb.stat().st_size < 60_000  # fits a pipe's buffer
