@@ -11,6 +11,7 @@ skipped); the result files are written all the same.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
@@ -43,6 +44,21 @@ def _csv(flag: str, value: str | None, kind: type = str) -> tuple:  # type: igno
         return tuple(dict.fromkeys(kind(v) for v in items))
     except ValueError:
         raise MarsvisionError(f"{flag} {value!r}: expected a comma-separated list") from None
+
+
+def _keep_and_show(write: Callable[[], Sequence[Path]], table: str, out: Path) -> None:
+    """Write a command's result files, then print its table: a stdout that failed first (a
+    reader that left, `| true`) lost the files. Where the files cannot be written (a full
+    disk), the table is still printed before the error."""
+    try:
+        with out_of_room(out):
+            written = write()
+    except MarsvisionError:
+        echo_result(table)
+        raise
+    echo_result(table)
+    for p in written:
+        _log(f"wrote {p}")
 
 
 def _checkpoint(checkpoint: Path | None, artifacts: Path | None) -> Path:
@@ -221,7 +237,10 @@ def speed(
     require_extra("mars-bench speed", "train", "torch", "torchvision")  # its PyTorch baseline
     check_writable_folder(out, "--out")  # before the run, not after it
     checkpoint = _checkpoint(checkpoint, artifacts)
-    with option_values():
+    with option_values():  # the lists first: a bad one is exit 2 with or without the data
+        batch_list = _csv("--batch-sizes", batch_sizes, int)
+        precision_list = _csv("--precisions", precisions) or None
+        backend_list = _csv("--backends", backends) or None
         mode_list = _csv("--modes", modes)
     e2e_images = _e2e_images(images, data, num_images) if "e2e" in mode_list else ()
     on = _resolve_device(device)
@@ -229,9 +248,9 @@ def speed(
         cfg = SpeedConfig(
             checkpoint=checkpoint,
             artifacts=artifacts,
-            batch_sizes=_csv("--batch-sizes", batch_sizes, int),
-            precisions=_csv("--precisions", precisions) or None,
-            backends=_csv("--backends", backends) or None,
+            batch_sizes=batch_list,
+            precisions=precision_list,
+            backends=backend_list,
             modes=mode_list,
             images=e2e_images,
             warmup=warmup,
@@ -241,11 +260,7 @@ def speed(
             isolate=isolate,
         )
     report = run_speed(cfg, log=_log)
-    with out_of_room(out):  # the files first: a stdout that fails lost them
-        written = write_speed(report, out)
-    echo_result(render_text(report))
-    for p in written:
-        _log(f"wrote {p}")
+    _keep_and_show(lambda: write_speed(report, out), render_text(report), out)
     rows = report["rows"]
     failed = sum(r["status"].startswith("error") for r in rows)
     # the PyTorch baseline always runs: it alone, where other rows were asked for, is nothing
@@ -351,11 +366,7 @@ def parity(
             ),
         )
     report = run_parity(cfg, log=_log)
-    with out_of_room(out):  # the files first: a stdout that fails lost them
-        written = write_parity(report, out)
-    echo_result(render_text(report))
-    for p in written:
-        _log(f"wrote {p}")
+    _keep_and_show(lambda: write_parity(report, out), render_text(report), out)
     if not report["passed"]:
         sys.exit(PARITY_FAIL_EXIT)
 
@@ -447,10 +458,7 @@ def score(
         requirements=requirements,
     )
     report = run_score(cfg)
-    with out_of_room(out):  # the file first: a stdout that fails lost it
-        written = write_score(report, out)
-    echo_result(render_text(report))
-    _log(f"wrote {written}")
+    _keep_and_show(lambda: [write_score(report, out)], render_text(report), out)
     if not report["passed"]:
         sys.exit(SCORE_FAIL_EXIT)
 

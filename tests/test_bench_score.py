@@ -290,6 +290,7 @@ def test_no_room_for_the_report_is_one_line(
         f"Error: cannot write to {out} (File too large): make room, or pass another --out"
     )
     assert [p.name for p in out.iterdir()] == []  # atomic writes: no half file
+    assert "accuracy" in r.stdout  # the table is still printed (the files are written first)
 
 
 def test_a_stdout_that_fails_keeps_the_report_and_exits_as_cat_does(

@@ -447,3 +447,7 @@ def test_bad_values_are_usage_errors(args: list[str], says: str, tmp_path: Path)
                                        "model", *args, "--out", str(tmp_path / "o")])  # fmt: skip
     assert result.exit_code == 2 and says in result.output, result.output
     assert result.output.count("\n") == 1 and not (tmp_path / "o").exists()
+    if "a,8" in args:  # a list that does not parse: found before the data e2e (the default) needs
+        result = CliRunner().invoke(main, ["speed", "--checkpoint", str(tmp_path / "c.pt"),
+                                           "--data", str(tmp_path / "none"), *args])  # fmt: skip
+        assert result.exit_code == 2 and says in result.output, result.output
