@@ -16,7 +16,7 @@ from marsvision.runtime.errors import (
     out_of_room,
     require_extra,
 )
-from marsvision.runtime.models import EXPORTS_ENV
+from marsvision.runtime.models import default_exports_dir
 
 _REPO = Path(__file__).resolve().parents[1]
 MODELS_ENV = "MARS_MODELS"  # folder of shipped checkpoints, instead of <repo>/models
@@ -73,7 +73,7 @@ def _table(manifest: dict[str, Any]) -> str:
 @click.option(
     "--out",
     type=click.Path(path_type=Path, file_okay=False),
-    default=lambda: Path(os.environ.get(EXPORTS_ENV) or "exports"),
+    default=default_exports_dir,
     show_default="$MARS_EXPORTS, else exports",
     help="Output directory (mars-infer looks there for its default model).",
 )

@@ -15,7 +15,12 @@ import click
 
 from marsvision.runtime.backends import BACKENDS, DEVICES
 from marsvision.runtime.classifier import TTA_MODES
-from marsvision.runtime.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, MarsvisionError
+from marsvision.runtime.errors import (
+    EXIT_BROKEN_PIPE,
+    EXIT_INTERRUPTED,
+    MarsvisionError,
+    stdout_gone,
+)
 from marsvision.runtime.results import FORMATS
 
 EXIT_OK = 0
@@ -377,8 +382,7 @@ def main(
         click.echo(f"\nmars-infer: interrupted{more}", err=True)
         code = EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. `mars-infer ... | head`: stop quietly (1 said model error)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = EXIT_BROKEN_PIPE
+        code = stdout_gone()
     sys.exit(code)
 
 

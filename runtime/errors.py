@@ -96,6 +96,13 @@ def interruptible(command: str, *, hint: str = "") -> Iterator[None]:
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
+def stdout_gone() -> int:
+    """After stdout's reader left (`| head`): stdout on /dev/null, so that the flush at exit
+    raises nothing more; returns the exit code to end with, EXIT_BROKEN_PIPE."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
+
+
 def echo_result(text: str) -> None:
     """Print a command's result on stdout. A reader that left (`| head`, `| true`) ends the
     command quietly with EXIT_BROKEN_PIPE, as cat does, and a full disk or another write error
@@ -104,8 +111,7 @@ def echo_result(text: str) -> None:
         click.echo(text)
         sys.stdout.flush()
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # exit's flush: no error
-        sys.exit(EXIT_BROKEN_PIPE)
+        sys.exit(stdout_gone())
     except OSError as e:
         raise MarsvisionError(f"cannot write to stdout ({e.strerror})") from None
 

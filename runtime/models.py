@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,6 +22,11 @@ SUFFIXES = {
     "fp16-engine": ".fp16.plan",
     "int8-engine": ".int8.plan",
 }
+
+
+def default_exports_dir() -> Path:
+    """$MARS_EXPORTS where set, else ./exports: where mars-export writes and mars-infer looks."""
+    return Path(os.environ.get(EXPORTS_ENV) or "exports")
 
 
 def artifact_name(task: str, flavour: str) -> str:
@@ -114,7 +120,7 @@ def default_model(
     CPU. The note says what was passed over, and why."""
     from marsvision.runtime.backends.tensorrt import engine_refusal
 
-    folder = Path(exports if exports is not None else os.environ.get(EXPORTS_ENV) or "exports")
+    folder = Path(exports) if exports is not None else default_exports_dir()
     flavours = preferred_flavours(device)
     listed = _manifest_files(folder)
     notes = []
@@ -141,6 +147,7 @@ def default_model(
     raise MarsvisionError(
         f"no --engine given and no exported {task} model in {folder}/ "
         f"(looked for {', '.join(artifact_name(task, f) for f in flavours)}{passed}): run "
-        f"`mars-export --int8 --out {folder}` first (it exports the shipped model), or pass "
+        f"`mars-export --int8 --out {shlex.quote(str(folder))}` first (it exports the shipped "
+        "model), or pass "
         "--engine MODEL"
     )

@@ -783,3 +783,23 @@ def test_init_from_a_file_that_is_not_weights_is_one_line(tmp_path: Path, msl_di
     said = _bad_input(tmp_path, msl_dir, ["--init", str(preds)])
     assert said.startswith(f"Error: --init {preds}: not a torch weights file (torch cannot read")
     assert "weights_only" not in said
+
+
+def test_predictions_csv_paths_that_start_as_a_formula(tmp_path: Path) -> None:
+    """predictions_test.csv wrote a split file's path as it stands: one starting `=` (a split
+    file edited by hand, an image so named) was a formula a spreadsheet runs, as in
+    mars-infer's CSV before."""
+    import csv as csv_module
+
+    import numpy as np
+
+    from marsvision.train.data import Sample
+    from marsvision.train.report import write_predictions
+
+    samples = [Sample(tmp_path / "=cmd.JPG", 0, 8), Sample(tmp_path / "cal" / "a.JPG", 1, 4)]
+    out = tmp_path / "p.csv"
+    probs = np.array([[0.9, 0.1], [0.2, 0.8]])
+    write_predictions(out, samples=samples, data_dir=tmp_path, probs=probs,
+                      class_names=["Surface", "Rover"])  # fmt: skip
+    with open(out, newline="") as f:
+        assert [row[0] for row in csv_module.reader(f)] == ["path", "./=cmd.JPG", "cal/a.JPG"]

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from marsvision.runtime.files import atomic_write_bytes
+from marsvision.runtime.results import sheet_safe_path
 from marsvision.train.data import Sample
 
 
@@ -29,12 +30,13 @@ def write_predictions(
     probs: np.ndarray,
     class_names: Sequence[str],
 ) -> None:
-    """One row per image: path (relative to the data dir), true and predicted class, P(class)."""
+    """One row per image: path (relative to the data dir; `./` before one that would start as a
+    spreadsheet formula), true and predicted class, P(class)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["path", "true_label", "pred_label", *class_names])
     for s, p in zip(samples, probs, strict=True):
-        rel = s.path.relative_to(data_dir).as_posix()
+        rel = sheet_safe_path(s.path.relative_to(data_dir).as_posix())  # as mars-infer writes
         pred = int(np.argmax(p))
         w.writerow([rel, class_names[s.label], class_names[pred], *(f"{v:.6f}" for v in p)])
     atomic_write_bytes(path, buf.getvalue().encode())
