@@ -373,7 +373,8 @@ def parity(
 
 _SCORE_HELP = """Metrics of a model on an MSL split, recomputed from PREDICTIONS: the result file
 that mars-infer wrote (CSV or JSONL, sniffed from its first character; every probability or
---top-k). The task and class names come from the file.
+--top-k; - reads stdin: mars-infer ... --out - | mars-bench score -). The task and class
+names come from the file.
 
 Rows are matched to the split's images by file name (the paths may be relative, absolute or
 through links); rows for other images are ignored and counted. Every image of the split needs
@@ -394,7 +395,7 @@ Exit codes:
 
 
 @main.command(help=_SCORE_HELP)
-@click.argument("predictions", type=click.Path(path_type=Path))  # unreadable: exit 1
+@click.argument("predictions", type=click.Path(path_type=Path, allow_dash=True))  # unreadable: 1
 @_data
 @click.option(
     "--split",

@@ -3,9 +3,12 @@ the classes they name, the task those classes belong to, and the model that wrot
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +56,7 @@ class Predictions:
     top_k: int | None
     labels: frozenset[str]  # every class name that the rows mention
     rows: list[PredictionRow]
+    sha256: str = ""  # of the bytes read, which were scored
 
 
 def _row(path: Path, line: int, d: dict[str, Any]) -> PredictionRow:
@@ -138,13 +142,23 @@ def _read_jsonl(path: Path, text: str) -> Predictions:
 
 
 def read_predictions(path: Path) -> Predictions:
-    """Read a mars-infer result file: JSONL if it starts with '{' (whatever its name), else CSV."""
+    """Read a mars-infer result file: JSONL if it starts with '{' (whatever its name), else CSV;
+    `-` is stdin (`mars-infer ... --out - | mars-bench score -`), named <stdin>. Read once: its
+    sha256 is of the bytes scored (a second read of a pipe, /dev/stdin, hashed nothing)."""
+    stdin = str(path) == "-"
+    if stdin:
+        path = Path("<stdin>")
     try:
-        # utf-8-sig: a file saved again by Excel ("CSV UTF-8") starts with a byte-order mark
-        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            text = f.read()
+        if stdin:
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
     except OSError as e:
         raise MarsvisionError(f"cannot read the predictions file {path} ({e.strerror})") from None
+    # utf-8-sig: a file saved again by Excel ("CSV UTF-8") starts with a byte-order mark; line
+    # ends are kept as they are (a quoted path may hold one)
+    text = data.decode("utf-8-sig", errors="surrogateescape")
     if not text.strip():
         raise MarsvisionError(f"{path} is empty: no predictions to score")
     if text.lstrip().startswith("{"):
@@ -153,7 +167,7 @@ def read_predictions(path: Path) -> Predictions:
         preds = _read_csv(path, text)
     if not preds.rows:
         raise MarsvisionError(f"{path} has a header but no rows: no predictions to score")
-    return preds
+    return dataclasses.replace(preds, sha256=hashlib.sha256(data).hexdigest())
 
 
 def resolve_task(preds: Predictions, *, data_dir: Path) -> tuple[str, list[str]]:

@@ -192,18 +192,17 @@ def check_requirements(
 
 def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     """Read, match, score and check one predictions file: the report (JSON-ready)."""
-    from marsvision.runtime.metadata import sha256_file
     from marsvision.train.data import data_fingerprint, msl_class_names, read_split, val_half
 
     preds = read_predictions(cfg.predictions)
     if not any(r.status == "ok" for r in preds.rows):
         first = preds.rows[0]
         raise MarsvisionError(
-            f"{cfg.predictions}: none of its {len(preds.rows)} rows has status ok "
+            f"{preds.path}: none of its {len(preds.rows)} rows has status ok "
             f"(e.g. {first.path}); nothing to score"
         )
     task, names = resolve_task(preds, data_dir=cfg.data_dir)
-    model = model_provenance(preds.rows, path=cfg.predictions)
+    model = model_provenance(preds.rows, path=preds.path)
     samples = read_split(cfg.data_dir, cfg.split, task)
     if cfg.val_half:
         samples = val_half(samples, cfg.val_half)
@@ -229,8 +228,8 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         **scored,
         "model": model,
         "predictions": {
-            "path": str(cfg.predictions),
-            "sha256": sha256_file(cfg.predictions),
+            "path": str(preds.path),
+            "sha256": preds.sha256,
             "format": preds.fmt,
             "top_k": preds.top_k,
         },

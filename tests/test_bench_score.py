@@ -326,6 +326,30 @@ def test_a_stdout_that_fails_keeps_the_report_and_exits_as_cat_does(
     assert _report(tmp_path / "b")["metrics"]["n"] == len(test_split)
 
 
+def test_predictions_from_stdin(test_split: list[Any], msl_dir: Path, tmp_path: Path) -> None:
+    """`mars-infer ... --out - | mars-bench score -`: `-` was a file named "-"; /dev/stdin
+    scored, but the report's sha256 came from a second read of the pipe: of nothing."""
+    import hashlib
+    import subprocess
+    import sys
+
+    preds = _write(tmp_path / "p.csv", _full(test_split))
+    cmd = [sys.executable, "-c", "from marsvision.benchmarks.cli import main; main()", "score"]
+    for name in ("-", "/dev/stdin"):
+        out = tmp_path / name.replace("/", "_")
+        feed = subprocess.Popen(["cat", str(preds)], stdout=subprocess.PIPE)  # a pipe, as `|`
+        r = subprocess.run([*cmd, name, "--data", str(msl_dir), "--out", str(out)],
+                           stdin=feed.stdout, capture_output=True, text=True)  # fmt: skip
+        assert feed.stdout is not None
+        feed.stdout.close()
+        feed.wait()
+        assert r.returncode == 0, r.stderr
+        report = _report(out)
+        assert report["predictions"]["sha256"] == hashlib.sha256(preds.read_bytes()).hexdigest()
+        assert report["predictions"]["path"] == ("<stdin>" if name == "-" else name)
+        assert report["metrics"]["n"] == len(test_split)
+
+
 def test_commands_are_interruptible(
     test_split: list[Any], msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
