@@ -27,6 +27,7 @@ from types import TracebackType
 import numpy as np
 
 from marsvision.runtime.backends import open_runner
+from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.host import usable_cores
 from marsvision.runtime.metadata import sha256_file
 from marsvision.runtime.preprocess import ImageError, decode_image, normalize_into
@@ -81,6 +82,15 @@ def non_finite_rows(logits: np.ndarray) -> np.ndarray:
     return ~np.isfinite(logits).all(axis=1)
 
 
+def _identity(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
+    """What changes when a file is replaced or rewritten (None: not there; opening says so)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class Classifier:
     """An exported model (ONNX file or TensorRT engine) and its preprocessing, ready to classify."""
 
@@ -103,20 +113,34 @@ class Classifier:
         if tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
         self.model_path = Path(model_path)
+        before = _identity(model_path)
         self.runner = open_runner(model_path, backend, device, threads=threads)
+        try:
+            # hashed at once, not when first asked: a file replaced later (a new export over
+            # the old, a chdir before a relative path was read) gave its sha256 to rows made
+            # by the weights loaded here
+            try:
+                self._sha256 = sha256_file(model_path)
+            except OSError as e:
+                raise MarsvisionError(f"cannot read {model_path} ({e.strerror})") from None
+            if _identity(model_path) != before:
+                raise MarsvisionError(
+                    f"{model_path} changed while it was being opened (a new export written over "
+                    "it?): open it again"
+                )
+        except BaseException:
+            self.runner.__exit__(None, None, None)
+            raise
         self.meta = self.runner.meta
         self.batch_size = batch_size
         self.workers = workers if workers is not None else default_workers()
         self.fast_decode = fast_decode
         self.tta = tta
-        self._sha256: str | None = None
         self._closed = False
 
     @property
     def model_sha256(self) -> str:
-        """sha256 of the model file (provenance for every result row)."""
-        if self._sha256 is None:
-            self._sha256 = sha256_file(self.model_path)
+        """sha256 of the model file as it was opened (provenance for every result row)."""
         return self._sha256
 
     def __enter__(self) -> Classifier:

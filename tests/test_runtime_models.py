@@ -191,6 +191,40 @@ def test_a_graph_that_cannot_run_its_input_fails_when_it_opens(tmp_path: Path) -
             OnnxRuntimeRunner(path, device="cpu")
 
 
+def test_the_model_sha256_is_of_the_file_that_was_loaded(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sha256 was read when first asked: after a new export replaced the file (or a chdir
+    with a relative path), rows made by the weights loaded earlier named the new file. A file
+    replaced while it is opened is refused."""
+    import os
+    import shutil
+
+    from marsvision.runtime import classifier
+    from marsvision.runtime.classifier import Classifier
+    from marsvision.runtime.errors import MarsvisionError
+    from marsvision.runtime.metadata import sha256_file
+
+    path, new = tmp_path / "m.onnx", tmp_path / "new.onnx"
+    shutil.copy(models["fp32"], path)
+    shutil.copy(models["int8"], new)
+    loaded = sha256_file(path)
+    with Classifier(path, device="cpu") as clf:
+        os.replace(new, path)  # a redeploy
+        assert clf.model_sha256 == loaded != sha256_file(path)
+    shutil.copy(models["fp32"], new)
+    opened = classifier.open_runner
+
+    def replaced_meanwhile(*args: Any, **kw: Any) -> Any:
+        runner = opened(*args, **kw)
+        os.replace(new, path)
+        return runner
+
+    monkeypatch.setattr(classifier, "open_runner", replaced_meanwhile)
+    with pytest.raises(MarsvisionError, match=r"changed while it was being opened"):
+        Classifier(path, device="cpu")
+
+
 def test_a_closed_classifier_says_so(models: dict[str, Path], msl_dir: Path) -> None:
     from marsvision.runtime.classifier import Classifier
     from marsvision.train.data import read_split
