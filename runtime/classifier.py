@@ -18,7 +18,7 @@ import itertools
 import os
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +137,7 @@ class Classifier:
         self.fast_decode = fast_decode
         self.tta = tta
         self._closed = False
+        self._halts: set[Callable[[], None]] = set()  # of the open predict_batches generators
 
     @property
     def model_sha256(self) -> str:
@@ -155,8 +156,12 @@ class Classifier:
         self.close()
 
     def close(self) -> None:
-        """Release the model; the classifier cannot be used after."""
+        """Release the model; the classifier cannot be used after. The decoding threads of
+        predict_batches generators still open end here (they waited for the generator's next
+        step or its collection: a notebook's Out[] kept them)."""
         self._closed = True
+        for halt in list(self._halts):
+            halt()
         self.runner.__exit__(None, None, None)
 
     def predict(self, paths: Iterable[str | os.PathLike[str]]) -> list[Prediction]:
@@ -228,8 +233,15 @@ class Classifier:
             finally:
                 ready.put(None)
 
+        def halt() -> None:  # the generator's end, or close()
+            stop.set()
+            todo.put(None)  # wake the producer if it waits for a batch,
+            free.put(np.empty(0, dtype=np.float32))  # or for a buffer
+            producer.join()
+
         producer = threading.Thread(target=produce, name="mars-decode", daemon=True)
         producer.start()
+        self._halts.add(halt)
         queued, more = 0, True  # batches handed to the producer and not yet yielded
         failed: Exception | None = None  # the caller's paths raised: after the batches before
         try:
@@ -250,7 +262,8 @@ class Classifier:
                         raise failed
                     break
                 item = ready.get()
-                if item is None:  # only after an exception item, raised below: never here
+                if item is None:  # after an exception item, raised below, or a close()
+                    self._check_open()
                     raise RuntimeError("the decoding thread ended with batches left")
                 if isinstance(item, BaseException):
                     raise item
@@ -259,10 +272,8 @@ class Classifier:
                 yield self._infer(names, buf, errors)
                 free.put(buf)
         finally:
-            stop.set()
-            todo.put(None)  # wake the producer if it waits for a batch,
-            free.put(np.empty(0, dtype=np.float32))  # or for a buffer
-            producer.join()
+            self._halts.discard(halt)
+            halt()
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """Softmax probabilities (float64) of a preprocessed NCHW batch, with `self.tta` (NaN

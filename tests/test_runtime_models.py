@@ -225,6 +225,28 @@ def test_the_model_sha256_is_of_the_file_that_was_loaded(
         Classifier(path, device="cpu")
 
 
+def test_close_ends_the_threads_of_an_open_generator(
+    models: dict[str, Path], msl_dir: Path
+) -> None:
+    """close() left the decoding threads (and their buffers) of a predict_batches generator
+    that was still open until the generator was advanced or collected; they end in close()."""
+    import threading
+
+    from marsvision.runtime.classifier import Classifier
+    from marsvision.train.data import read_split
+
+    images = [s.path for s in read_split(msl_dir, "val", "binary", limit=6)]
+    clf = Classifier(models["fp32"], device="cpu", batch_size=2)
+    batches = clf.predict_batches(images)
+    assert len(next(batches)) == 2
+    assert any(t.name == "mars-decode" for t in threading.enumerate())
+    clf.close()
+    assert not any(t.name == "mars-decode" or t.name.startswith("decode_")
+                   for t in threading.enumerate())  # fmt: skip
+    with pytest.raises(ValueError, match="is closed"):
+        next(batches)
+
+
 def test_a_closed_classifier_says_so(models: dict[str, Path], msl_dir: Path) -> None:
     from marsvision.runtime.classifier import Classifier
     from marsvision.train.data import read_split
