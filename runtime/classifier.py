@@ -242,6 +242,7 @@ class Classifier:
         producer = threading.Thread(target=produce, name="mars-decode", daemon=True)
         producer.start()
         self._halts.add(halt)
+        parent = os.getpid()
         queued, more = 0, True  # batches handed to the producer and not yet yielded
         failed: Exception | None = None  # the caller's paths raised: after the batches before
         try:
@@ -261,6 +262,11 @@ class Classifier:
                     if failed is not None:
                         raise failed
                     break
+                if os.getpid() != parent:  # the decoding thread is not copied: ready.get() hung
+                    raise RuntimeError(
+                        "a predict_batches generator cannot go on in a forked child (its decoding "
+                        "thread stayed in the parent): call predict_batches again there"
+                    )
                 item = ready.get()
                 if item is None:  # after an exception item, raised below, or a close()
                     self._check_open()

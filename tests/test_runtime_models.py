@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,38 @@ def test_close_ends_the_threads_of_an_open_generator(
                    for t in threading.enumerate())  # fmt: skip
     with pytest.raises(ValueError, match="is closed"):
         next(batches)
+
+
+def test_a_generator_in_a_forked_child_raises(models: dict[str, Path], msl_dir: Path) -> None:
+    """A child forked while a predict_batches generator was open hung for ever on its next
+    batch (the decoding thread is not copied); it raises, and the parent's goes on."""
+    import os
+    import warnings
+
+    from marsvision.runtime.classifier import Classifier
+    from marsvision.train.data import read_split
+
+    images = [s.path for s in read_split(msl_dir, "val", "binary", limit=8)]
+    with Classifier(models["fp32"], device="cpu", batch_size=1) as clf:
+        batches = clf.predict_batches(images)
+        next(batches)
+        with warnings.catch_warnings():  # 3.12: a fork of a process with threads may deadlock
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child: 0 when it raised as it should, 1 otherwise, 2 on anything else
+            code = 2
+            try:
+                signal.alarm(60)
+                for _ in batches:
+                    pass
+                code = 1
+            except RuntimeError as e:
+                code = 0 if "forked child" in str(e) else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert len([b for b in batches]) >= 1  # the parent's goes on
 
 
 def test_a_closed_classifier_says_so(models: dict[str, Path], msl_dir: Path) -> None:
