@@ -10,6 +10,7 @@ skipped); the result files are written all the same.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -237,28 +238,24 @@ def speed(
     require_extra("mars-bench speed", "train", "torch", "torchvision")  # its PyTorch baseline
     check_writable_folder(out, "--out")  # before the run, not after it
     checkpoint = _checkpoint(checkpoint, artifacts)
-    with option_values():  # the lists first: a bad one is exit 2 with or without the data
-        batch_list = _csv("--batch-sizes", batch_sizes, int)
-        precision_list = _csv("--precisions", precisions) or None
-        backend_list = _csv("--backends", backends) or None
-        mode_list = _csv("--modes", modes)
-    e2e_images = _e2e_images(images, data, num_images) if "e2e" in mode_list else ()
-    on = _resolve_device(device)
-    with option_values():
+    with option_values():  # every value first: exit 2 with or without the data or a GPU
         cfg = SpeedConfig(
             checkpoint=checkpoint,
             artifacts=artifacts,
-            batch_sizes=batch_list,
-            precisions=precision_list,
-            backends=backend_list,
-            modes=mode_list,
-            images=e2e_images,
+            batch_sizes=_csv("--batch-sizes", batch_sizes, int),
+            precisions=_csv("--precisions", precisions) or None,
+            backends=_csv("--backends", backends) or None,
+            modes=_csv("--modes", modes),
             warmup=warmup,
             repeats=repeats,
-            device=on,
             threads=threads,
             isolate=isolate,
         )
+    cfg = dataclasses.replace(
+        cfg,
+        images=_e2e_images(images, data, num_images) if "e2e" in cfg.modes else (),
+        device=_resolve_device(device),
+    )
     report = run_speed(cfg, log=_log)
     _keep_and_show(lambda: write_speed(report, out), render_text(report), out)
     rows = report["rows"]

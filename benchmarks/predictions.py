@@ -4,6 +4,7 @@ the classes they name, the task those classes belong to, and the model that wrot
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -149,6 +150,8 @@ def read_predictions(path: Path) -> Predictions:
     if stdin:
         path = Path("<stdin>")
     try:
+        if stdin and sys.stdin is None:  # started with stdin closed (`<&-`)
+            raise OSError(errno.EBADF, "stdin is closed")
         if stdin:
             data = sys.stdin.buffer.read()
         else:

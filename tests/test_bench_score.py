@@ -348,6 +348,11 @@ def test_predictions_from_stdin(test_split: list[Any], msl_dir: Path, tmp_path: 
         assert report["predictions"]["sha256"] == hashlib.sha256(preds.read_bytes()).hexdigest()
         assert report["predictions"]["path"] == ("<stdin>" if name == "-" else name)
         assert report["metrics"]["n"] == len(test_split)
+    r = subprocess.run([*cmd, "-", "--data", str(msl_dir), "--out", str(tmp_path / "x")],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       preexec_fn=lambda: os.close(0))  # fmt: skip
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "Error: cannot read the predictions file <stdin> (stdin is closed)"]  # fmt: skip
 
 
 def test_commands_are_interruptible(
