@@ -88,7 +88,7 @@ def _identity(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns  # ctime: `cp -p`
 
 
 class Classifier:
@@ -160,9 +160,11 @@ class Classifier:
         predict_batches generators still open end here (they waited for the generator's next
         step or its collection: a notebook's Out[] kept them)."""
         self._closed = True
-        for halt in list(self._halts):
-            halt()
-        self.runner.__exit__(None, None, None)
+        try:
+            for halt in list(self._halts):
+                halt()
+        finally:  # released even if a wait for a thread is interrupted
+            self.runner.__exit__(None, None, None)
 
     def predict(self, paths: Iterable[str | os.PathLike[str]]) -> list[Prediction]:
         """One Prediction per path, in input order."""

@@ -73,7 +73,9 @@ def _walk(
             files.append(e.name)
         elif hidden or not e.name.startswith("."):
             dirs.append(e.name)
-    dirs.sort()
+    # with `state` (a pattern, whose matches are sorted), in the order of the paths sorted:
+    # `a-b/` before `a/`, so the spelling a folder reached twice keeps is the one sorted first
+    dirs.sort(key=None if state is None else lambda d: d + os.sep)
     yield top, sorted(files), dirs
     for name in dirs:
         path, parts = os.path.join(top, name), (*_parts, name)

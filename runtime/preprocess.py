@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from collections.abc import Iterator
 from functools import lru_cache
@@ -125,6 +126,12 @@ def _open_file(path: str | os.PathLike[str]) -> BinaryIO:
         raise
 
 
+# A marker that starts a segment (or ends the image): FF (fill FFs too) and a byte that is not a
+# stuffed 00, TEM or a restart marker, which have no length; found at C speed (a loop over each
+# FF byte took 2 s for 20 MB of data).
+_SEGMENT = re.compile(rb"\xff+([^\x00\x01\xd0-\xd7\xff])")
+
+
 def _jpeg_scans(fp: Any) -> int:
     """How many scans (start-of-scan markers) a JPEG file's image holds, counted up to one past
     MAX_JPEG_SCANS, segment by segment: a segment's contents (an EXIF thumbnail's own scan) and
@@ -138,15 +145,12 @@ def _jpeg_scans(fp: Any) -> int:
     finally:
         fp.seek(pos)
     n, i = 0, 2  # after the start-of-image marker
-    while n <= MAX_JPEG_SCANS and (i := data.find(b"\xff", i)) >= 0 and i + 1 < len(data):
-        marker = data[i + 1]
-        if marker == 0xD9:  # end of image
+    while n <= MAX_JPEG_SCANS and (found := _SEGMENT.search(data, i)):
+        at = found.start(1)  # the marker byte: fill bytes, stuffed FFs, RSTn and TEM passed over
+        if data[at] == 0xD9:  # end of image
             break
-        if marker in (0x00, 0x01, 0xFF) or 0xD0 <= marker <= 0xD7:  # no length: a stuffed FF,
-            i += 1 if marker == 0xFF else 2  # TEM, a fill byte, a restart marker
-            continue
-        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")  # the segment, skipped whole
-        n += marker == 0xDA
+        n += data[at] == 0xDA
+        i = at + 1 + int.from_bytes(data[at + 1 : at + 3], "big")  # the segment, skipped whole
     return n
 
 

@@ -179,6 +179,13 @@ def test_a_pattern_matches_through_a_link_to_a_folder_walked_before(
         assert sorted(ours) == sorted(set(path_keys(glob.glob(pattern, recursive=True))))
     assert expand_inputs(["data/**/latest/*.jpg"], recursive=True) == [
         "data/cam1/latest/x.jpg", "data/cam2/latest/x.jpg"]  # fmt: skip
+    # the spelling kept is the one sorted first, as glob's: `a-b/` sorts before `a/`, a folder
+    # `a` before `a-b`: walked first, the link `a/l` was the only spelling left
+    (tmp_path / "s" / "a-b").mkdir(parents=True)
+    (tmp_path / "s" / "a-b" / "x.jpg").touch()
+    (tmp_path / "s" / "a").mkdir()
+    (tmp_path / "s" / "a" / "l").symlink_to("../a-b")
+    assert expand_inputs(["s/**/*.jpg"], recursive=True) == ["s/a-b/x.jpg"]
 
 
 def test_recursive_patterns_match_as_glob_does(

@@ -225,6 +225,19 @@ def test_the_model_sha256_is_of_the_file_that_was_loaded(
     with pytest.raises(MarsvisionError, match=r"changed while it was being opened"):
         Classifier(path, device="cpu")
 
+    def rewritten_meanwhile(*args: Any, **kw: Any) -> Any:  # in place, as `cp -p` rewrites
+        runner = opened(*args, **kw)
+        st = os.stat(path)
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 1
+        path.write_bytes(bytes(data))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the same size and mtime
+        return runner
+
+    monkeypatch.setattr(classifier, "open_runner", rewritten_meanwhile)
+    with pytest.raises(MarsvisionError, match=r"changed while it was being opened"):
+        Classifier(path, device="cpu")
+
 
 def test_close_ends_the_threads_of_an_open_generator(
     models: dict[str, Path], msl_dir: Path

@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -243,3 +244,52 @@ def test_runner_refused_a_buffer_address_is_a_one_line_error(
     ):
         trt_backend.TensorRTRunner(plan)
     assert not cudart.live  # the stream and both buffers freed
+
+
+def test_runner_runs_one_call_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One execution context, stream and pair of device buffers served every call: two threads
+    of one Classifier could run one's batch on the other's input, and close() freed the buffers
+    under a call. Calls take turns, and a closed runner says so (TensorRT faked)."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import marsvision.runtime.backends.tensorrt as trt_backend
+
+    meta = _meta()
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"serialized engine")
+    sidecar_path(plan).write_text(meta.to_json())
+    cudart: Any = _FakeCudart(None)
+    busy, overlaps = [0], [0]
+
+    def execute(stream: int) -> bool:
+        busy[0] += 1
+        overlaps[0] += busy[0] > 1
+        time.sleep(0.01)
+        busy[0] -= 1
+        return True
+
+    fake: Any = _fake_trt(meta)
+    context = fake.Runtime(None).deserialize_cuda_engine(b"").create_execution_context()
+    context.set_input_shape = lambda name, shape: True
+    context.execute_async_v3 = execute
+    cudart.cudaMemcpyKind = SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+    cudart.cudaMemcpyAsync = lambda *args: (0,)
+    cudart.cudaStreamSynchronize = lambda stream: (0,)
+    monkeypatch.setattr(trt_backend, "_import_trt", lambda: fake)
+    monkeypatch.setattr(trt_backend, "_import_cudart", lambda: cudart)
+    monkeypatch.setattr(trt_backend, "running_gpu", lambda: ("H100", "9.0"))
+    runner = trt_backend.TensorRTRunner(plan)
+    x = np.zeros((2, 3, 64, 64), np.float32)
+    threads = [threading.Thread(target=lambda: [runner.infer(x) for _ in range(10)])
+               for _ in range(4)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert overlaps[0] == 0 and busy[0] == 0
+    runner.close()
+    assert not cudart.live
+    with pytest.raises(ValueError, match="is closed"):
+        runner.infer(x)

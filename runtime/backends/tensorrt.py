@@ -9,6 +9,7 @@ against the engine's sidecar metadata (`model.plan.json`) before deserializing.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -138,6 +139,10 @@ class TensorRTRunner:
             raise MarsvisionError("a TensorRT engine needs a GPU: use --device cuda (or auto)")
         self.path = Path(path)
         self.name = "tensorrt"
+        # one execution context, stream and pair of device buffers: a call at a time (two
+        # threads of one Classifier would run one's batch on the other's input), and close()
+        # waits for the call it would free the buffers under
+        self._lock = threading.Lock()
         self.meta, trt_mod, self._cudart = _open_checks(self.path)
         self._logger: trt.ILogger = trt_mod.Logger(trt_mod.Logger.WARNING)
         self._runtime: trt.Runtime = trt_mod.Runtime(self._logger)
@@ -196,6 +201,10 @@ class TensorRTRunner:
 
     def close(self) -> None:
         """Free the device buffers and the stream."""
+        with self._lock:
+            self._free()
+
+    def _free(self) -> None:
         cu = self._cudart
         for ptr in (self._d_in, self._d_out):
             if ptr is not None:
@@ -213,7 +222,13 @@ class TensorRTRunner:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _infer_chunk(self, batch: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return self._run(batch)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
         cu = self._cudart
+        if self._stream is None:
+            raise ValueError(f"the TensorRT runner of {self.path} is closed")
         n = int(batch.shape[0])
         x = np.ascontiguousarray(batch, dtype=self._in_dtype)
         out = np.empty((n, self.meta.num_classes), dtype=self._out_dtype)
