@@ -345,14 +345,21 @@ def _folder_id(path: str) -> list[int] | None:
 
 
 def resume_base(
-    out: str, *, fast_decode: bool, inputs: list[str], relative_rows: bool
+    out: str,
+    *,
+    fast_decode: bool,
+    inputs: list[str],
+    relative_rows: bool,
+    int8_sums: str | None = None,
 ) -> str | None:
     """The folder that the relative paths of `out`'s rows are from when it is not this one (None:
     this one, under any name, or a file from before run records). A resume that would mix its
     rows is refused: another --fast-decode (the same image decodes to other pixels), relative
     inputs from another folder (its rows would be keyed from two folders; they were matched
     against this one, so every row was written twice), and, for a file with relative rows, any
-    resume from elsewhere once that folder is gone (moved: they lead nowhere)."""
+    resume from elsewhere once that folder is gone (moved: they lead nowhere), and INT8 sums of
+    the other kind (`int8_sums`: exact or fast; on a CPU without VNNI they give other
+    probabilities, and $MARSVISION_EXACT_INT8 switched them between a run and its resume)."""
     try:
         with open(record_path(out), "rb") as f:
             record = json.loads(f.read())
@@ -368,6 +375,15 @@ def resume_base(
         raise MarsvisionError(
             f"{out} was written {was} --fast-decode (its run record, {record_path(out)}): resume "
             "it the same way, or write to a new --out"
+        )
+    was = record.get("int8_sums", int8_sums)  # a record from before it: not known
+    if was != int8_sums:
+        from marsvision.runtime.backends.onnxruntime import EXACT_INT8_ENV
+
+        raise MarsvisionError(
+            f"{out} was written with {was} INT8 sums, and this run's are {int8_sums} (its run "
+            f"record, {record_path(out)}): resume it with {EXACT_INT8_ENV}="
+            f"{1 if was == 'exact' else 0}, or write to a new --out"
         )
     cwd, cwd_id = str(record.get("cwd") or os.getcwd()), record.get("cwd_id")
     if cwd_id == _folder_id(".") or os.path.realpath(cwd) == os.path.realpath(os.getcwd()):
@@ -392,6 +408,7 @@ def read_resumed(
     provenance: Provenance,
     fast_decode: bool,
     inputs: list[str],
+    int8_sums: str | None = None,
 ) -> dict[str, str]:
     """{path key: status} of the rows already in `out` (`read_done`), keyed by `path_keys` from
     the folder they were written in, for a run that continues it; refused as `read_done` and
@@ -404,7 +421,7 @@ def read_resumed(
         if rows:
             relative = any(not os.path.isabs(p) for p in rows)
             base = resume_base(out, fast_decode=fast_decode, inputs=inputs,
-                               relative_rows=relative)  # fmt: skip
+                               relative_rows=relative, int8_sums=int8_sums)  # fmt: skip
 
     rows = read_done(out, fmt=fmt, header=header, provenance=provenance, check=same_run)
     return dict(zip(path_keys(rows, base=base), rows.values()))

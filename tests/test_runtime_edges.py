@@ -293,6 +293,34 @@ def test_resume_refuses_other_top_k_and_the_other_format(
     assert all("probs" in json.loads(x) for x in out.read_text().splitlines())
 
 
+def test_resume_refuses_the_other_kind_of_int8_sums(
+    model: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """MARSVISION_EXACT_INT8 switched between a run and its --resume mixed rows of two
+    arithmetics in one file (on a CPU without VNNI they give other probabilities), exit 0; the
+    run record keeps the kind, and a resume of the other kind is refused."""
+    env = {k: v for k, v in os.environ.items() if k != "MARSVISION_EXACT_INT8"}
+
+    def infer(*args: object, exact: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([*MARS_INFER, *map(os.fspath, args), "--engine", model],
+                              capture_output=True, cwd=tmp_path,
+                              env={**env, "MARSVISION_EXACT_INT8": exact})  # fmt: skip
+
+    out = tmp_path / "r.csv"
+    assert infer(images[0], "--out", out, exact="1").returncode == 0
+    assert json.loads((tmp_path / "r.csv.run.json").read_text())["int8_sums"] == "exact"
+    before = out.read_bytes()
+    r = infer(*images, "--out", out, "--resume", exact="0")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.decode().strip().splitlines()[-1] == (
+        f"Error: {out} was written with exact INT8 sums, and this run's are fast (its run "
+        f"record, {out}.run.json): resume it with MARSVISION_EXACT_INT8=1, or write to a new --out"
+    )
+    assert out.read_bytes() == before
+    r = infer(*images, "--out", out, "--resume", exact="1")
+    assert r.returncode == 0 and b"1 already in" in r.stderr, r.stderr
+
+
 def test_resume_reads_relative_rows_from_the_folder_the_file_was_begun_in(
     model: Path, images: list[Path], tmp_path: Path
 ) -> None:
