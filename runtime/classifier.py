@@ -140,6 +140,15 @@ class Classifier:
         self._halts: set[Callable[[], None]] = set()  # of the open predict_batches generators
 
     @property
+    def int8_sums(self) -> str | None:
+        """How an INT8 model's sums run on ONNX Runtime's CPU kernels: "exact" (u8 x u8, on a
+        CPU whose fast ones would saturate, or $MARSVISION_EXACT_INT8=1) or "fast"; None for
+        another precision or backend. On such a CPU the two give other probabilities."""
+        if self.meta.precision != "int8" or not hasattr(self.runner, "exact_int8"):
+            return None
+        return "exact" if self.runner.exact_int8 else "fast"
+
+    @property
     def model_sha256(self) -> str:
         """sha256 of the model file as it was opened (provenance for every result row)."""
         return self._sha256

@@ -93,20 +93,13 @@ def _is_stream(path: str) -> bool:
     return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
 
 
-def _int8_sums(clf: Any) -> str | None:
-    """How an INT8 model's sums run on ONNX Runtime's CPU kernels: "exact" (u8 x u8, on a CPU
-    whose fast ones would saturate, or $MARSVISION_EXACT_INT8=1) or "fast"; None otherwise. The
-    two give other probabilities on such a CPU (README, "INT8 on a CPU without VNNI")."""
-    if clf.meta.precision != "int8" or not hasattr(clf.runner, "exact_int8"):
-        return None
-    return "exact" if clf.runner.exact_int8 else "fast"
-
-
-def _record(cfg: InferConfig, clf: Any, inputs: int) -> dict[str, Any]:
+def _record(
+    cfg: InferConfig, model_sha256: str, runner: str, int8_sums: str | None, inputs: int
+) -> dict[str, Any]:
     """The resolved options a results file's run record keeps (`write_record`)."""
     options = {k: v for k, v in asdict(cfg).items() if k not in ("paths", "resume")}
-    options.update(engine=os.path.abspath(cfg.engine), model_sha256=clf.model_sha256,
-                   backend=clf.runner.name, int8_sums=_int8_sums(clf), inputs=inputs)  # fmt: skip
+    options.update(engine=os.path.abspath(cfg.engine), model_sha256=model_sha256, backend=runner,
+                   int8_sums=int8_sums, inputs=inputs)  # fmt: skip
     return options
 
 
@@ -162,12 +155,13 @@ def run(cfg: InferConfig) -> int:
                     meta.class_names, min(cfg.top_k, meta.num_classes) if cfg.top_k else None
                 )
                 done = read_resumed(cfg.out, fmt=cfg.fmt, header=header, provenance=provenance,
-                                    fast_decode=cfg.fast_decode, int8_sums=_int8_sums(clf),
+                                    fast_decode=cfg.fast_decode, int8_sums=clf.int8_sums,
                                     inputs=inputs)  # fmt: skip
             # after read_done, which cuts a last row left unfinished (a cut header leaves nothing)
             is_new = cfg.out is None or os.fstat(stream.fileno()).st_size == 0
             if cfg.out is not None and not done and stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
-                write_record(cfg.out, _record(cfg, clf, len(inputs)))
+                record = _record(cfg, clf.model_sha256, clf.runner.name, clf.int8_sums, len(inputs))
+                write_record(cfg.out, record)
         except BaseException:
             if made and cfg.out is not None:  # stopped before its first row: no empty file
                 with contextlib.suppress(OSError):
@@ -227,7 +221,7 @@ def run(cfg: InferConfig) -> int:
         again = f"; {prev_failed} of them with status error: a new --out tries them again"
         kept = f", {skipped} already in {cfg.out} (skipped{again if prev_failed else ''})"
     # INT8 in ONNX Runtime's exact (slower) kernels, on a CPU whose fast ones would saturate
-    exact = _int8_sums(clf) == "exact"
+    exact = clf.int8_sums == "exact"
     click.echo(
         f"mars-infer: {ok} ok, {failed} failed"
         + kept

@@ -48,8 +48,6 @@ def option_values() -> Iterator[None]:
     OptionValueError (exit 2). Keep file and data checks out of it: those are exit 1."""
     try:
         yield
-    except OptionValueError:
-        raise
     except MarsvisionError as e:
         raise OptionValueError(e.message) from None
 

@@ -350,7 +350,7 @@ def resume_base(
     fast_decode: bool,
     inputs: list[str],
     relative_rows: bool,
-    int8_sums: str | None = None,
+    int8_sums: str | None,
 ) -> str | None:
     """The folder that the relative paths of `out`'s rows are from when it is not this one (None:
     this one, under any name, or a file from before run records). A resume that would mix its
@@ -408,7 +408,7 @@ def read_resumed(
     provenance: Provenance,
     fast_decode: bool,
     inputs: list[str],
-    int8_sums: str | None = None,
+    int8_sums: str | None,
 ) -> dict[str, str]:
     """{path key: status} of the rows already in `out` (`read_done`), keyed by `path_keys` from
     the folder they were written in, for a run that continues it; refused as `read_done` and

@@ -398,7 +398,7 @@ def test_a_file_the_manifest_does_not_list_is_not_measured(
         ("--splits", "val,tset", "--splits: unknown tset; choose from val, test, train"),
     ],
 )
-def test_parity_refuses_thresholds_out_of_range(
+def test_parity_refuses_bad_option_values(
     flag: str, value: str, says: str, msl_dir: Path, tmp_path: Path
 ) -> None:
     (tmp_path / "art").mkdir()

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from marsvision.train.metrics import bootstrap_cis, classification_metrics
 N_REAL = 40  # real test images through mars-infer: 5 batches of 8
 SHA = "ab" * 32
 BINARY = ["Surface", "Rover"]
+SCORE = [sys.executable, "-c", "from marsvision.benchmarks.cli import main; main()", "score"]
 
 
 def _score(args: list[str]) -> Result:
@@ -276,13 +278,11 @@ def test_no_room_for_the_report_is_one_line(
     """A write refused for want of room (here the file size limit, as `ulimit -f` sets it; a
     full disk is the same path) ended in a traceback after the table was printed."""
     import subprocess
-    import sys
 
     preds = _write(tmp_path / "p.csv", _full(test_split))
     out = tmp_path / "out"
     r = subprocess.run(
-        [sys.executable, "-c", "from marsvision.benchmarks.cli import main; main()", "score",
-         str(preds), "--data", str(msl_dir), "--out", str(out)],
+        [*SCORE, str(preds), "--data", str(msl_dir), "--out", str(out)],
         capture_output=True, text=True, preexec_fn=files_up_to(4096), timeout=300, check=False,
     )  # fmt: skip
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
@@ -301,11 +301,9 @@ def test_a_stdout_that_fails_keeps_the_report_and_exits_as_cat_does(
     traceback. The report is written first; a reader that left is exit 141, quietly, and a
     full stdout one line."""
     import subprocess
-    import sys
 
     preds = _write(tmp_path / "p.csv", _full(test_split))
-    cmd = [sys.executable, "-c", "from marsvision.benchmarks.cli import main; main()", "score",
-           str(preds), "--data", str(msl_dir)]  # fmt: skip
+    cmd = [*SCORE, str(preds), "--data", str(msl_dir)]
     r_end, w_end = os.pipe()
     os.close(r_end)  # the reader has left
     try:
@@ -331,10 +329,9 @@ def test_predictions_from_stdin(test_split: list[Any], msl_dir: Path, tmp_path: 
     scored, but the report's sha256 came from a second read of the pipe: of nothing."""
     import hashlib
     import subprocess
-    import sys
 
     preds = _write(tmp_path / "p.csv", _full(test_split))
-    cmd = [sys.executable, "-c", "from marsvision.benchmarks.cli import main; main()", "score"]
+    cmd = SCORE
     for name in ("-", "/dev/stdin"):
         out = tmp_path / name.replace("/", "_")
         feed = subprocess.Popen(["cat", str(preds)], stdout=subprocess.PIPE)  # a pipe, as `|`

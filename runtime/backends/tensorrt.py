@@ -200,18 +200,15 @@ class TensorRTRunner:
         self.close()
 
     def close(self) -> None:
-        """Free the device buffers and the stream."""
-        with self._lock:
-            self._free()
-
-    def _free(self) -> None:
+        """Free the device buffers and the stream (after the call that uses them)."""
         cu = self._cudart
-        for ptr in (self._d_in, self._d_out):
-            if ptr is not None:
-                cu.cudaFree(ptr)
-        if self._stream is not None:
-            cu.cudaStreamDestroy(self._stream)
-        self._d_in = self._d_out = self._stream = None
+        with self._lock:
+            for ptr in (self._d_in, self._d_out):
+                if ptr is not None:
+                    cu.cudaFree(ptr)
+            if self._stream is not None:
+                cu.cudaStreamDestroy(self._stream)
+            self._d_in = self._d_out = self._stream = None
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """float32 NCHW batch -> float32 logits; batches above the engine's maximum are split."""
@@ -222,33 +219,30 @@ class TensorRTRunner:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _infer_chunk(self, batch: np.ndarray) -> np.ndarray:
-        with self._lock:
-            return self._run(batch)
-
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        cu = self._cudart
-        if self._stream is None:
-            raise ValueError(f"the TensorRT runner of {self.path} is closed")
-        n = int(batch.shape[0])
-        x = np.ascontiguousarray(batch, dtype=self._in_dtype)
-        out = np.empty((n, self.meta.num_classes), dtype=self._out_dtype)
-        if not self._context.set_input_shape(self._in, tuple(x.shape)):
-            raise MarsvisionError(
-                f"{self.path}: the engine does not accept input shape {tuple(x.shape)}"
+        with self._lock:  # one call at a time: they share the context and the buffers
+            cu = self._cudart
+            if self._stream is None:
+                raise ValueError(f"the TensorRT runner of {self.path} is closed")
+            n = int(batch.shape[0])
+            x = np.ascontiguousarray(batch, dtype=self._in_dtype)
+            out = np.empty((n, self.meta.num_classes), dtype=self._out_dtype)
+            if not self._context.set_input_shape(self._in, tuple(x.shape)):
+                raise MarsvisionError(
+                    f"{self.path}: the engine does not accept input shape {tuple(x.shape)}"
+                )
+            h2d = cu.cudaMemcpyKind.cudaMemcpyHostToDevice
+            d2h = cu.cudaMemcpyKind.cudaMemcpyDeviceToHost
+            _check(
+                cu,
+                cu.cudaMemcpyAsync(self._d_in, x.ctypes.data, x.nbytes, h2d, self._stream),
+                "cudaMemcpyAsync",
             )
-        h2d = cu.cudaMemcpyKind.cudaMemcpyHostToDevice
-        d2h = cu.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        _check(
-            cu,
-            cu.cudaMemcpyAsync(self._d_in, x.ctypes.data, x.nbytes, h2d, self._stream),
-            "cudaMemcpyAsync",
-        )
-        if not self._context.execute_async_v3(int(self._stream)):
-            raise MarsvisionError(f"{self.path}: TensorRT execution failed")
-        _check(
-            cu,
-            cu.cudaMemcpyAsync(out.ctypes.data, self._d_out, out.nbytes, d2h, self._stream),
-            "cudaMemcpyAsync",
-        )
-        _check(cu, cu.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
-        return out.astype(np.float32, copy=False)
+            if not self._context.execute_async_v3(int(self._stream)):
+                raise MarsvisionError(f"{self.path}: TensorRT execution failed")
+            _check(
+                cu,
+                cu.cudaMemcpyAsync(out.ctypes.data, self._d_out, out.nbytes, d2h, self._stream),
+                "cudaMemcpyAsync",
+            )
+            _check(cu, cu.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+            return out.astype(np.float32, copy=False)
