@@ -107,11 +107,12 @@ class ModelMeta:
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
-def check_class_names(names: Any) -> None:
+def check_class_names(names: Any, where: object = None) -> None:
     """Refuse class names other than a list of distinct, non-empty strings: a label would print
     as "0" or "['a']", or two columns would share a name and a label could not say which. Nor
     may a name start as a formula: the CSV's label column would run it in a spreadsheet
-    (`=HYPERLINK(...)` in every row)."""
+    (`=HYPERLINK(...)` in every row). The message starts with `where` (the file) where given."""
+    at = "" if where is None else f"{where}: "
     if not (
         isinstance(names, list)
         and names
@@ -119,12 +120,12 @@ def check_class_names(names: Any) -> None:
         and len(set(names)) == len(names)
     ):
         raise MarsvisionError(
-            f"class names {names!r}: they must be a list of distinct, non-empty names"
+            f"{at}class names {names!r}: they must be a list of distinct, non-empty names"
         )
     formulas = [n for n in names if n.startswith(FORMULA_START)]
     if formulas:
         raise MarsvisionError(
-            f"class name {formulas[0]!r} starts with {formulas[0][0]!r}: a spreadsheet opening "
+            f"{at}class name {formulas[0]!r} starts with {formulas[0][0]!r}: a spreadsheet opening "
             "the results would run it as a formula; rename the class"
         )
 

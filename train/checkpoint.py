@@ -146,10 +146,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     state = ckpt["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MarsvisionError(f"{p}: its state_dict is not a mapping of names to tensors")
-    try:
-        check_class_names(ckpt["class_names"])
-    except MarsvisionError as e:
-        raise MarsvisionError(f"{p}: {e.message}") from None
+    check_class_names(ckpt["class_names"], where=p)
     return ckpt
 
 

@@ -92,10 +92,7 @@ def msl_class_names(data_dir: Path) -> list[str]:
     if sorted(names) != list(range(NUM_MSL_CLASSES)):
         raise MarsvisionError(f"{path}: expected class ids 0-{NUM_MSL_CLASSES - 1}")
     ordered = [names[i] for i in range(NUM_MSL_CLASSES)]
-    try:  # refused here, before training, not by mars-export or mars-infer after it
-        check_class_names(ordered)
-    except MarsvisionError as e:
-        raise MarsvisionError(f"{path}: {e.message}") from None
+    check_class_names(ordered, where=path)  # refused before training, not by mars-infer after
     return ordered
 
 
