@@ -157,6 +157,40 @@ def test_a_folder_that_links_reach_many_ways_is_walked_once(
     assert len(listed) == depth + 1
 
 
+def test_a_folder_is_listed_one_entry_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listing kept every directory entry until the folder was read (with a link's stat:
+    200 MB at peak for 200,000 links, against 23 MB for their names)."""
+    from marsvision.runtime import inputs
+
+    alive = [0, 0]  # now, most
+
+    class Entry:
+        def __init__(self, name: str) -> None:
+            self.name = name
+            alive[0] += 1
+            alive[1] = max(alive)
+
+        def __del__(self) -> None:
+            alive[0] -= 1
+
+        def is_dir(self) -> bool:
+            return False
+
+    class Listing:
+        def __enter__(self) -> Any:
+            return (Entry(f"{i:04d}.jpg") for i in range(1000))
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    monkeypatch.setattr(inputs.os, "scandir", lambda path: Listing())
+    found = inputs.folder_images(str(tmp_path))
+    assert len(found) == 1000
+    assert alive[1] <= 2
+
+
 def test_a_pattern_matches_through_a_link_to_a_folder_walked_before(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
