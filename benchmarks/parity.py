@@ -26,6 +26,7 @@ from marsvision.benchmarks.artifacts import (
 from marsvision.runtime.classifier import non_finite_rows, softmax
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.spec import PreprocessSpec
+from marsvision.train.metrics import at_least
 
 # Exit code of `mars-bench parity` when an artifact fails its thresholds or cannot be run
 # (1 is a user error, 2 a usage error, as click defines them).
@@ -144,15 +145,15 @@ def verdict(precision: str, figures: dict[str, Any], t: Thresholds) -> tuple[boo
     agree = figures["top1_agreement"]
     change = abs(figures["accuracy_change"])
     if precision == "fp32":
-        if agree < t.fp32_min_agreement:
+        if not at_least(agree, t.fp32_min_agreement):
             fails.append(f"top-1 agreement {agree:.2f}% < {t.fp32_min_agreement:g}%")
     elif precision == "fp16":
-        if change > t.fp16_max_accuracy_change:
+        if not at_least(t.fp16_max_accuracy_change, change):
             fails.append(f"|accuracy change| {change:.2f} > {t.fp16_max_accuracy_change:g} points")
     elif precision == "int8":
-        if change > t.int8_max_accuracy_change:
+        if not at_least(t.int8_max_accuracy_change, change):
             fails.append(f"|accuracy change| {change:.2f} > {t.int8_max_accuracy_change:g} points")
-        if agree < t.int8_min_agreement:
+        if not at_least(agree, t.int8_min_agreement):
             fails.append(f"top-1 agreement {agree:.2f}% < {t.int8_min_agreement:g}%")
     else:
         raise ValueError(f"no thresholds for precision {precision!r}")

@@ -23,6 +23,7 @@ from marsvision.benchmarks.predictions import (
 )
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.train.data import CAMERAS, Sample, camera, sol_key
+from marsvision.train.metrics import at_least
 
 # Exit code of `mars-bench score` when a --require fails: the same as `mars-bench parity`'s
 # PARITY_FAIL_EXIT (1 is a user error, 2 a usage error, as click defines them).
@@ -185,7 +186,7 @@ def check_requirements(
 ) -> list[dict[str, Any]]:
     """One {metric, least, value, passed} per requirement."""
     return [
-        {"metric": k, "least": v, "value": metrics[k], "passed": metrics[k] >= v}
+        {"metric": k, "least": v, "value": metrics[k], "passed": at_least(metrics[k], v)}
         for k, v in requirements.items()
     ]
 

@@ -255,6 +255,9 @@ def test_engine_without_tensorrt_is_skipped_not_failed(
         ("int8", 99.0, -0.5, True),
         ("int8", 98.9, 0.0, False),
         ("int8", 100.0, 0.6, False),
+        # exactly at the limit, as floats compute it: one image of 200 or of 1,000
+        ("int8", 99.0, 100.0 * (151 / 200 - 150 / 200), True),
+        ("fp16", 100.0, 100.0 * (901 / 1000 - 900 / 1000), True),
     ],
 )
 def test_verdict_thresholds(precision: str, agree: float, change: float, ok: bool) -> None:

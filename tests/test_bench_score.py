@@ -22,7 +22,7 @@ from conftest import files_up_to
 
 from marsvision.benchmarks.cli import main as bench_main
 from marsvision.benchmarks.parity import PARITY_FAIL_EXIT
-from marsvision.benchmarks.score import SCORE_FAIL_EXIT
+from marsvision.benchmarks.score import SCORE_FAIL_EXIT, check_requirements
 from marsvision.runtime.classifier import Prediction
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.results import Provenance, ResultWriter
@@ -418,6 +418,14 @@ def test_require_pass_fail_and_exit_code(
         r = _score([*base, "--require", bad])
         assert r.exit_code == 2, (bad, r.output)
         assert "--require" in r.stderr and "Traceback" not in r.output
+
+
+def test_a_requirement_met_exactly_passes() -> None:
+    """F1 of exactly 0.9 (tp 27, fp 1, fn 5) computes as 0.8999999999999999: it failed
+    `--require f1=0.9` ("FAIL f1 0.9000 < 0.9")."""
+    m = classification_metrics([0, 0] + [1] * 32, [0, 1] + [0] * 5 + [1] * 27, 2, "binary")
+    checks = check_requirements(m, {"f1": 0.9, "recall": 27 / 32 + 1e-9})
+    assert [c["passed"] for c in checks] == [True, False]
 
 
 def test_a_half_of_val_is_scored_on_its_own(msl_dir: Path, tmp_path: Path) -> None:
