@@ -227,6 +227,32 @@ def test_the_cards_command_reproduces_the_config(shipped: Path, run: Path) -> No
     assert got == want and want["label_smoothing"] == 0.05 and want["limit"] == 16
 
 
+def test_the_cards_commands_name_their_data(shipped: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The card's "Use and check it" commands parse with their CLIs' own flags, and those that
+    read the MSL data name it: without $MARS_DATA, mars-export --int8 and mars-bench score and
+    parity as the card wrote them stopped ("no MSL data given")."""
+    from marsvision.benchmarks.cli import main as bench_main
+    from marsvision.export.cli import main as export_main
+    from marsvision.runtime.cli import main as infer_main
+
+    monkeypatch.delenv("MARS_DATA", raising=False)
+    card = (shipped / "resnet50-binary.md").read_text()
+    block = card.split("\n## Use and check it\n")[1].split("\n## ")[0]
+    lines = [line for line in block.splitlines() if line.startswith("    mars-")]
+    readers = []
+    for line in lines:
+        name, *args = shlex.split(line, comments=True)
+        cmd = {"mars-export": export_main, "mars-infer": infer_main, "mars-bench": bench_main}[name]
+        if name == "mars-bench":
+            name, *args = args
+            cmd = bench_main.commands[name]
+        params = cmd.make_context(name, args).params
+        if "data" in params:
+            readers.append(name)
+            assert str(params["data"]) == "../shared/msl", line
+    assert readers == ["mars-export", "score", "parity"]
+
+
 def test_command_line_refuses_what_no_flag_sets() -> None:
     cfg = TrainConfig(data=Path("d"), out=Path("o"))
     command_line(cfg.to_dict())

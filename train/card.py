@@ -211,7 +211,8 @@ def render_card(
     ):  # the time budget ended the run before the epochs it selects from: the last is kept
         chosen = "kept as the last one run, before the epochs --select-from selects from"
     score_held = (
-        "    mars-bench score preds.csv --split val --val-half held   # val: the held-out half"
+        "    mars-bench score preds.csv --data ../shared/msl --split val --val-half held"
+        "   # val: the held-out half"
     )
     lines = [
         f"# {file_name}: ResNet-50, MSL `{task}` task",
@@ -274,12 +275,15 @@ def render_card(
         "",
         "## Use and check it",
         "",
-        f"    mars-export --checkpoint models/{file_name} --int8 --out exports",
+        f"    mars-export --checkpoint models/{file_name} --data ../shared/msl --int8 "
+        "--out exports",
         "    mars-infer ../shared/msl/calibrated --engine exports/resnet50-"
         f"{task}.int8-cpu.onnx --out preds.csv",
-        "    mars-bench score preds.csv --split test      # the test metrics, from the runtime",
+        "    mars-bench score preds.csv --data ../shared/msl --split test      # the test metrics,"
+        " from the runtime",
         *([score_held] if half else []),
-        "    mars-bench parity --artifacts exports        # FP16/INT8 against PyTorch",
+        "    mars-bench parity --artifacts exports --data ../shared/msl   # FP16/INT8 against"
+        " PyTorch",
         "",
         "## Limits",
         "",
