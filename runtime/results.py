@@ -349,7 +349,7 @@ def resume_base(
     *,
     fast_decode: bool,
     inputs: list[str],
-    relative_rows: bool,
+    rows: dict[str, str],
     int8_sums: str | None,
 ) -> str | None:
     """The folder that the relative paths of `out`'s rows are from when it is not this one (None:
@@ -359,11 +359,21 @@ def resume_base(
     against this one, so every row was written twice), and, for a file with relative rows, any
     resume from elsewhere once that folder is gone (moved: they lead nowhere), and INT8 sums of
     the other kind (`int8_sums`: exact or fast; on a CPU without VNNI they give other
-    probabilities, and $MARSVISION_EXACT_INT8 switched them between a run and its resume)."""
+    probabilities, and $MARSVISION_EXACT_INT8 switched them between a run and its resume). A
+    file without a record (`rows`: {path: status}) whose relative rows of images read lead to
+    none from here was begun elsewhere, and is refused too."""
+    relative = [p for p in rows if not os.path.isabs(p)]
     try:
         with open(record_path(out), "rb") as f:
             record = json.loads(f.read())
     except FileNotFoundError:
+        read = [p for p in relative if rows[p] == "ok"]
+        if read and not any(os.path.exists(p) for p in read):
+            raise MarsvisionError(
+                f"{out} has no run record ({record_path(out)}), and none of the {len(read)} "
+                f"images its rows name by relative paths (e.g. {read[0]}) is found from this "
+                "folder: resume it from the folder it was begun in, or write to a new --out"
+            ) from None
         return None
     except (OSError, ValueError) as e:
         raise MarsvisionError(
@@ -389,7 +399,7 @@ def resume_base(
     if cwd_id == _folder_id(".") or os.path.realpath(cwd) == os.path.realpath(os.getcwd()):
         return None
     begun = f"{out} was begun in {cwd}, and its rows' relative paths are from there"
-    if relative_rows and not os.path.isdir(cwd):
+    if relative and not os.path.isdir(cwd):
         raise MarsvisionError(
             f"{begun}; that folder is gone (moved?): resume it from where that folder is now"
         )
@@ -419,9 +429,8 @@ def read_resumed(
     def same_run(rows: dict[str, str]) -> None:
         nonlocal base
         if rows:
-            relative = any(not os.path.isabs(p) for p in rows)
-            base = resume_base(out, fast_decode=fast_decode, inputs=inputs,
-                               relative_rows=relative, int8_sums=int8_sums)  # fmt: skip
+            base = resume_base(out, fast_decode=fast_decode, inputs=inputs, rows=rows,
+                               int8_sums=int8_sums)  # fmt: skip
 
     rows = read_done(out, fmt=fmt, header=header, provenance=provenance, check=same_run)
     return dict(zip(path_keys(rows, base=base), rows.values()))

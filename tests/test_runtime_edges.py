@@ -385,6 +385,16 @@ def test_resume_reads_relative_rows_from_the_folder_the_file_was_begun_in(
     assert len((a / "r.csv").read_text().splitlines()) == 1 + len(names)
     r = infer(*(f"imgs/{n}" for n in names), "--out", "r.csv", "--resume", "--fast-decode", cwd=a)
     assert r.returncode == 1 and b"without --fast-decode" in r.stderr, r.stderr
+    # without its record (a file from before run records, or copied without it), relative
+    # rows were taken as from here, where they lead nowhere: every image written again, exit 0
+    shutil.copy(a / "r.csv", b / "copy.csv")
+    before = (b / "copy.csv").read_bytes()
+    r = infer(*(f"../a/imgs/{n}" for n in names), "--out", "copy.csv", "--resume", cwd=b)
+    assert r.returncode == 1 and b"has no run record" in r.stderr, r.stderr
+    assert (b / "copy.csv").read_bytes() == before
+    shutil.copy(a / "r.csv", a / "copy.csv")  # from the folder it was begun in: resumed
+    r = infer(*(f"imgs/{n}" for n in names), "--out", "copy.csv", "--resume", cwd=a)
+    assert r.returncode == 0 and f"{len(names)} already in".encode() in r.stderr, r.stderr
     # a file with no row yet (a CSV run killed in its first batch: the header alone) holds
     # nothing to mix with, and gets this run's record
     from marsvision.runtime.results import csv_header
