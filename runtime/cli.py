@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from marsvision.runtime.backends import BACKENDS, DEVICES
-from marsvision.runtime.classifier import TTA_MODES
+from marsvision.runtime.classifier import TTA_MODES, Classifier
 from marsvision.runtime.errors import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
@@ -93,19 +93,17 @@ def _is_stream(path: str) -> bool:
     return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
 
 
-def _record(
-    cfg: InferConfig, model_sha256: str, runner: str, int8_sums: str | None, inputs: int
-) -> dict[str, Any]:
+def _record(cfg: InferConfig, clf: Classifier, inputs: int) -> dict[str, Any]:
     """The resolved options a results file's run record keeps (`write_record`)."""
     options = {k: v for k, v in asdict(cfg).items() if k not in ("paths", "resume")}
-    options.update(engine=os.path.abspath(cfg.engine), model_sha256=model_sha256, backend=runner,
-                   int8_sums=int8_sums, inputs=inputs)  # fmt: skip
+    options.update(engine=os.path.abspath(cfg.engine), model_sha256=clf.model_sha256,
+                   backend=clf.runner.name, library=clf.runner.library, int8_sums=clf.int8_sums,
+                   inputs=inputs)  # fmt: skip
     return options
 
 
 def run(cfg: InferConfig) -> int:
     """Classify every input of `cfg` and write its row; returns the exit code."""
-    from marsvision.runtime.classifier import Classifier
     from marsvision.runtime.inputs import expand_inputs, path_keys
     from marsvision.runtime.results import (
         Provenance,
@@ -156,12 +154,11 @@ def run(cfg: InferConfig) -> int:
                 )
                 done = read_resumed(cfg.out, fmt=cfg.fmt, header=header, provenance=provenance,
                                     fast_decode=cfg.fast_decode, int8_sums=clf.int8_sums,
-                                    inputs=inputs)  # fmt: skip
+                                    library=clf.runner.library, inputs=inputs)  # fmt: skip
             # after read_done, which cuts a last row left unfinished (a cut header leaves nothing)
             is_new = cfg.out is None or os.fstat(stream.fileno()).st_size == 0
             if cfg.out is not None and not done and stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
-                record = _record(cfg, clf.model_sha256, clf.runner.name, clf.int8_sums, len(inputs))
-                write_record(cfg.out, record)
+                write_record(cfg.out, _record(cfg, clf, len(inputs)))
         except BaseException:
             if made and cfg.out is not None:  # stopped before its first row: no empty file
                 with contextlib.suppress(OSError):

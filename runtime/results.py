@@ -351,6 +351,7 @@ def resume_base(
     inputs: list[str],
     rows: dict[str, str],
     int8_sums: str | None,
+    library: str,
 ) -> str | None:
     """The folder that the relative paths of `out`'s rows are from when it is not this one (None:
     this one, under any name, or a file from before run records). A resume that would mix its
@@ -359,7 +360,9 @@ def resume_base(
     against this one, so every row was written twice), and, for a file with relative rows, any
     resume from elsewhere once that folder is gone (moved: they lead nowhere), and INT8 sums of
     the other kind (`int8_sums`: exact or fast; on a CPU without VNNI they give other
-    probabilities, and $MARSVISION_EXACT_INT8 switched them between a run and its resume). A
+    probabilities, and $MARSVISION_EXACT_INT8 switched them between a run and its resume), and
+    another version of the library that runs the model (`library`: onnxruntime 1.19 and 1.32
+    give an int8-trt model's probabilities apart by up to 0.012 on a CPU). A
     file without a record (`rows`: {path: status}) whose relative rows of images read lead to
     none from here was begun elsewhere, and is refused too."""
     relative = [p for p in rows if not os.path.isabs(p)]
@@ -395,6 +398,13 @@ def resume_base(
             f"record, {record_path(out)}): resume it with {EXACT_INT8_ENV}="
             f"{1 if was == 'exact' else 0}, or write to a new --out"
         )
+    was = record.get("library", library)  # a record from before it: not known
+    if was != library:
+        raise MarsvisionError(
+            f"{out} was written with {was}, and this run has {library} (its run record, "
+            f"{record_path(out)}): other versions may give other probabilities; resume it with "
+            f"{was}, or write to a new --out"
+        )
     cwd, cwd_id = str(record.get("cwd") or os.getcwd()), record.get("cwd_id")
     if cwd_id == _folder_id(".") or os.path.realpath(cwd) == os.path.realpath(os.getcwd()):
         return None
@@ -419,6 +429,7 @@ def read_resumed(
     fast_decode: bool,
     inputs: list[str],
     int8_sums: str | None,
+    library: str,
 ) -> dict[str, str]:
     """{path key: status} of the rows already in `out` (`read_done`), keyed by `path_keys` from
     the folder they were written in, for a run that continues it; refused as `read_done` and
@@ -430,7 +441,7 @@ def read_resumed(
         nonlocal base
         if rows:
             base = resume_base(out, fast_decode=fast_decode, inputs=inputs, rows=rows,
-                               int8_sums=int8_sums)  # fmt: skip
+                               int8_sums=int8_sums, library=library)  # fmt: skip
 
     rows = read_done(out, fmt=fmt, header=header, provenance=provenance, check=same_run)
     return dict(zip(path_keys(rows, base=base), rows.values()))

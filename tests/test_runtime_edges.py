@@ -355,6 +355,36 @@ def test_resume_refuses_the_other_kind_of_int8_sums(
     assert r.returncode == 0 and b"1 already in" in r.stderr, r.stderr
 
 
+def test_resume_refuses_another_version_of_the_library(
+    model: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """A file begun under onnxruntime 1.19 and resumed under 1.32 mixed two versions' arithmetic
+    (an int8-trt model's probabilities differ by up to 0.012), exit 0; the run record keeps the
+    library and its version, and a resume under another is refused. A record from before it
+    has none, and is taken as this run's."""
+    import onnxruntime
+
+    out = tmp_path / "r.csv"
+    assert _infer(images[0], "--engine", model, "--out", out).returncode == 0
+    record_file = tmp_path / "r.csv.run.json"
+    record = json.loads(record_file.read_text())
+    assert record["library"] == f"onnxruntime {onnxruntime.__version__}"
+    record_file.write_text(json.dumps({**record, "library": "onnxruntime 1.19.2"}))
+    before = out.read_bytes()
+    r = _infer(*images, "--engine", model, "--out", out, "--resume")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.decode().strip().splitlines()[-1] == (
+        f"Error: {out} was written with onnxruntime 1.19.2, and this run has onnxruntime "
+        f"{onnxruntime.__version__} (its run record, {out}.run.json): other versions may give "
+        "other probabilities; resume it with onnxruntime 1.19.2, or write to a new --out"
+    )
+    assert out.read_bytes() == before
+    del record["library"]
+    record_file.write_text(json.dumps(record))
+    r = _infer(*images, "--engine", model, "--out", out, "--resume")
+    assert r.returncode == 0 and b"1 already in" in r.stderr, r.stderr
+
+
 def test_resume_reads_relative_rows_from_the_folder_the_file_was_begun_in(
     model: Path, images: list[Path], tmp_path: Path
 ) -> None:

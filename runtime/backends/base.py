@@ -19,6 +19,7 @@ class Runner(Protocol):
 
     meta: ModelMeta
     name: str  # backend name for provenance, e.g. "onnxruntime-cpu", "tensorrt"
+    library: str  # the library that runs it and its version, e.g. "onnxruntime 1.32.0"
 
     def __enter__(self) -> Runner: ...
 

@@ -311,6 +311,7 @@ class OnnxRuntimeRunner:
             _EP["cuda"]: "cuda",
         }.get(used[0], "cpu")
         self.name = f"onnxruntime-{kind}"
+        self.library = f"onnxruntime {ort_module().__version__}"
         symbolic = _check_graph(self._sess, self.meta, self.path)
         self._dtype = np.float16 if "float16" in self._sess.get_inputs()[0].type else np.float32
         self._output = self.meta.output_name

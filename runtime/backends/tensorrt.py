@@ -144,6 +144,7 @@ class TensorRTRunner:
         # waits for the call it would free the buffers under
         self._lock = threading.Lock()
         self.meta, trt_mod, self._cudart = _open_checks(self.path)
+        self.library = f"tensorrt {trt_mod.__version__}"
         self._logger: trt.ILogger = trt_mod.Logger(trt_mod.Logger.WARNING)
         self._runtime: trt.Runtime = trt_mod.Runtime(self._logger)
         engine: trt.ICudaEngine | None = self._runtime.deserialize_cuda_engine(
