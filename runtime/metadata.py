@@ -17,7 +17,7 @@ from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.spec import PreprocessSpec
 
 METADATA_KEY = "marsvision"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # raised where a key is added or changed that older readers would misread
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -85,15 +85,13 @@ class ModelMeta:
             raise MarsvisionError(f"{source}: metadata is not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise MarsvisionError(f"{source}: metadata is not a JSON object")
+        # the version first: a newer one's keys are unknown here, and it needs a newer runtime
+        check_format_version(d.get("format_version"), FORMAT_VERSION, f"{source}: metadata",
+                             older="re-export it with this version of mars-export")  # fmt: skip
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise MarsvisionError(f"{source}: metadata has unknown keys {sorted(unknown)}")
-        if d.get("format_version") != FORMAT_VERSION:
-            raise MarsvisionError(
-                f"{source}: metadata format {d.get('format_version')!r} is not "
-                f"{FORMAT_VERSION}; re-export it with this version of mars-export"
-            )
         try:
             d["preprocess"] = PreprocessSpec.from_dict(d["preprocess"])
             return cls(**d)
@@ -101,6 +99,20 @@ class ModelMeta:
             raise MarsvisionError(f"{source}: incomplete model metadata ({e})") from None
         except MarsvisionError as e:  # which file the bad value came from
             raise MarsvisionError(f"{source}: {e.message}") from None
+
+
+def check_format_version(version: Any, current: int, what: str, *, older: str) -> None:
+    """Refuse a file format's `version` other than `current`: a newer one was written by a newer
+    marsvision (which bumps it where a change would be read wrong here), an older one or none
+    says `older`, how to make it anew."""
+    if version == current:
+        return
+    if isinstance(version, int) and version > current:
+        raise MarsvisionError(
+            f"{what} format {version} was written by a newer marsvision (this one reads format "
+            f"{current}): upgrade marsvision"
+        )
+    raise MarsvisionError(f"{what} format {version!r} is not {current}; {older}")
 
 
 # a spreadsheet cell starting with one of these is a formula, which opening the CSV runs

@@ -74,6 +74,22 @@ def test_resume_free_settings_and_other_data(tmp_path: Path) -> None:
         load_resume(tmp_path, cfg, "g")
 
 
+def test_resume_refuses_a_newer_versions_run_and_other_files(tmp_path: Path) -> None:
+    """A resume.pt with a setting this version does not know (begun by a newer marsvision) was
+    resumed without it, and a torch file that is no resume.pt was a KeyError traceback."""
+    cfg = TrainConfig(data=Path("d"), out=tmp_path)
+    _save(tmp_path, {**cfg.to_dict(), "label_noise": 0.1})
+    with pytest.raises(MarsvisionError, match=r"settings this marsvision does not know \(label_"):
+        load_resume(tmp_path, cfg, "f")
+    for other in ({"a": 1}, [1, 2], {"config": "x"}):
+        torch.save(other, tmp_path / RESUME)
+        with pytest.raises(MarsvisionError, match="is not a run's resume file"):
+            load_resume(tmp_path, cfg, "f")
+    torch.save({"config": cfg.to_dict()}, tmp_path / RESUME)
+    with pytest.raises(MarsvisionError, match="data set differs"):
+        load_resume(tmp_path, cfg, "f")
+
+
 def _then(cfg: TrainConfig, setting: str) -> TrainConfig:
     """`cfg` with `setting` at what a run did before it existed."""
     key = setting.split(".")[0]

@@ -51,6 +51,36 @@ def _edited(src: Path, out: Path, *, meta: dict[str, Any] | None = None,
     return out
 
 
+def test_a_file_format_of_a_newer_marsvision_says_upgrade(
+    models: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Metadata or a checkpoint of a newer format (with a key this version does not know) was
+    refused for its unknown keys, or told to re-export with this older version; an older
+    format still says how to make it anew."""
+    import re
+
+    import torch
+
+    from marsvision.runtime.backends.onnxruntime import OnnxRuntimeRunner
+    from marsvision.runtime.errors import MarsvisionError
+
+    newer = re.escape(
+        "format 2 was written by a newer marsvision (this one reads format 1): upgrade"
+    )
+    for n, meta in enumerate([{"format_version": 2, "labels_from": "x"}, {"format_version": 2}]):
+        path = _edited(models["fp32"], tmp_path / f"new{n}.onnx", meta=meta)
+        with pytest.raises(MarsvisionError, match=rf"^{path}: metadata {newer}"):
+            OnnxRuntimeRunner(path, device="cpu")
+    path = _edited(models["fp32"], tmp_path / "old.onnx", meta={"format_version": 0})
+    with pytest.raises(MarsvisionError, match="format 0 is not 1; re-export it with this"):
+        OnnxRuntimeRunner(path, device="cpu")
+    ckpt = load_checkpoint(tiny_checkpoint)
+    for version, refusal in ((2, newer), (0, "format 0 is not 1; train it again")):
+        torch.save({**ckpt, "format_version": version}, tmp_path / "c.pt")
+        with pytest.raises(MarsvisionError, match=rf"c.pt: checkpoint {refusal}"):
+            load_checkpoint(tmp_path / "c.pt")
+
+
 def test_a_graph_its_metadata_does_not_describe_is_refused(
     models: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -18,12 +18,12 @@ from torch import nn
 
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.files import atomic_path
-from marsvision.runtime.metadata import check_class_names
+from marsvision.runtime.metadata import check_class_names, check_format_version
 from marsvision.runtime.spec import PreprocessSpec
 from marsvision.train.model import ARCH, create_model
 
 FORMAT = "marsvision-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # raised where a key is added or changed that older readers would misread
 REQUIRED_KEYS = ("arch", "task", "class_names", "preprocess", "state_dict", "data_fingerprint")
 
 
@@ -134,10 +134,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise MarsvisionError(
             f"{p} is not a marsvision checkpoint (no '{FORMAT}' marker); train one with mars-train"
         )
-    if ckpt.get("format_version") != FORMAT_VERSION:
-        raise MarsvisionError(
-            f"{p}: checkpoint format {ckpt.get('format_version')} is not {FORMAT_VERSION}"
-        )
+    check_format_version(ckpt.get("format_version"), FORMAT_VERSION, f"{p}: checkpoint",
+                         older="train it again with mars-train")  # fmt: skip
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise MarsvisionError(f"{p}: checkpoint lacks {', '.join(missing)}")

@@ -65,7 +65,17 @@ def load_resume(out: Path, cfg: TrainConfig, fingerprint: str) -> dict[str, Any]
         state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise MarsvisionError(f"--resume: {path} cannot be read ({str(e)[:100]})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise MarsvisionError(
+            f"--resume: {path} is not a run's resume file (start without --resume)"
+        )
     saved, now = state["config"], cfg.to_dict()
+    unknown = sorted(set(saved) - set(now))
+    if unknown:  # a setting of a newer marsvision: this one would not run it
+        raise MarsvisionError(
+            f"--resume: {out} was begun with settings this marsvision does not know "
+            f"({', '.join(unknown)}): resume it with the version that began it"
+        )
     for key in RESUME_MUST_MATCH:
         was = saved_setting(saved, key)  # runs from before a setting existed lack it
         if was != now.get(key):
@@ -73,7 +83,7 @@ def load_resume(out: Path, cfg: TrainConfig, fingerprint: str) -> dict[str, Any]
                 f"--resume: {key} was {was!r} in {out}, now {now.get(key)!r}; "
                 "pass the same flags as the run"
             )
-    if state["data_fingerprint"] != fingerprint:
+    if state.get("data_fingerprint") != fingerprint:
         raise MarsvisionError(f"--resume: the data set differs from the one {out} was trained on")
     return state
 
