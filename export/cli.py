@@ -13,6 +13,7 @@ from marsvision.runtime.errors import (
     MarsvisionError,
     echo_result,
     interruptible,
+    option_values,
     out_of_room,
     require_extra,
 )
@@ -153,17 +154,11 @@ def main(
     require_extra("mars-export", "export", *modules)
     from marsvision.export.pipeline import export_all
 
-    config = ExportConfig(
-        checkpoint=checkpoint if checkpoint is not None else shipped_checkpoint("binary"),
-        out=out,
-        fp16=fp16,
-        int8=int8,
-        calib_images=calib_images,
-        calib_method=calib_method,
-        tensorrt=tensorrt,
-        max_batch=max_batch,
-        data_dir=data,
-    )
+    checkpoint = checkpoint if checkpoint is not None else shipped_checkpoint("binary")
+    with option_values():  # before the checkpoint and the data are read
+        config = ExportConfig(checkpoint=checkpoint, out=out, fp16=fp16, int8=int8,
+                              calib_images=calib_images, calib_method=calib_method,
+                              tensorrt=tensorrt, max_batch=max_batch, data_dir=data)  # fmt: skip
     with interruptible("mars-export"), out_of_room(out):  # the staging folder is removed
         manifest = export_all(config)
     kept = len(manifest["kept"])

@@ -44,6 +44,10 @@ class ExportConfig:
             raise MarsvisionError(
                 f"--tensorrt {self.tensorrt!r}: choose one of " + ", ".join(TENSORRT_MODES)
             )
+        if self.tensorrt == "on" and not (self.fp16 or self.int8):
+            raise MarsvisionError(
+                "--tensorrt on builds the FP16 and INT8 engines: add --fp16 and/or --int8"
+            )
         if self.calib_images < 1:
             raise MarsvisionError(f"--calib-images {self.calib_images}: need at least 1 image")
         if self.max_batch < 1:

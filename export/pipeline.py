@@ -53,10 +53,6 @@ def _tensorrt_plan(config: ExportConfig) -> tuple[bool, str | None]:
 
     if config.tensorrt == "off":
         return False, None
-    if config.tensorrt == "on" and not (config.fp16 or config.int8):
-        raise MarsvisionError(
-            "--tensorrt on builds the FP16 and INT8 engines: add --fp16 and/or --int8"
-        )
     reason = tensorrt_unavailable_reason()
     if reason is None:
         return config.fp16 or config.int8, None

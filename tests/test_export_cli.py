@@ -299,10 +299,14 @@ def test_a_stopped_export_leaves_no_staging_folder(
 def test_tensorrt_on_needs_an_engine_to_build(
     tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path
 ) -> None:
-    """`--tensorrt on` alone would build no engine: refused, whether TensorRT is here or not."""
+    """`--tensorrt on` alone would build no engine: refused, whether TensorRT is here or not, as
+    a usage error (exit 2) before the checkpoint and the data are read (exit 1 after them; the
+    data's error came first without --data)."""
     args = ["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path), "--tensorrt", "on"]
-    line = _one_line_error(*_run(args, msl_dir))
-    assert "add --fp16 and/or --int8" in line
+    code, out, err = _run(args, msl_dir)
+    assert code == 2 and "add --fp16 and/or --int8" in _one_line_error(code, out, err)
+    r = CliRunner().invoke(cli.main, args, env={"MARS_DATA": None})
+    assert r.exit_code == 2 and "add --fp16 and/or --int8" in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []
 
 

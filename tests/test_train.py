@@ -322,10 +322,11 @@ def _bad_input(tmp_path: Path, msl_dir: Path, args: list[str], code: int = 1) ->
 @pytest.mark.parametrize(
     ("args", "expected", "code"),
     [
-        (["--task", "rover"], "unknown task 'rover'; choose one of binary, msl25", 2),
+        (["--task", "rover"], "--task 'rover': choose one of binary, msl25", 2),
         (["--image-size", "16"], "at least 32 px", 2),
         (["--device", "tpu"], "--device 'tpu'", 2),
-        (["--recipe", "fast"], "unknown recipe 'fast'", 2),
+        (["--recipe", "fast"], "--recipe 'fast': choose one of default, blog", 2),
+        (["--ema-decay", "1"], "--ema-decay 1.0: must be in [0, 1)", 2),
         (["--balance", "oversample"], "--balance 'oversample'", 2),
         (["--lr", "inf"], "--lr inf: must be a positive number", 2),
         (["--cutmix", "nan"], "--cutmix nan", 2),

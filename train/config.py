@@ -234,7 +234,7 @@ def _with_augment_flags(spec: AugmentSpec, flags: Mapping[str, Any]) -> AugmentS
 def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
     """The recipe's values, overridden by every flag that is not None; checks the values."""
     if recipe not in RECIPES:
-        raise MarsvisionError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+        raise MarsvisionError(f"--recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
     values = dict(RECIPES[recipe])
     flagged = {flag: flags.pop(flag, None) for flag in AUGMENT_FLAGS}
     crop_min, jitter, grayscale = (flagged[f] for f in ("crop_scale_min", "jitter", "grayscale"))
@@ -287,7 +287,7 @@ def config_from_flags(recipe: str, **flags: Any) -> TrainConfig:
             f"--store-size {cfg.store_size}: must be at least --image-size {cfg.image_size} "
             "(leave it out for the eval resize size)",
         ),
-        (0 <= cfg.ema_decay < 1, f"EMA decay {cfg.ema_decay}: must be in [0, 1)"),
+        (0 <= cfg.ema_decay < 1, f"--ema-decay {cfg.ema_decay}: must be in [0, 1)"),
         (
             math.isfinite(cfg.mixup) and cfg.mixup >= 0,
             f"--mixup {cfg.mixup}: must be a number >= 0 (0 = off)",
