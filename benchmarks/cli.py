@@ -251,6 +251,12 @@ def speed(
             threads=threads,
             isolate=isolate,
         )
+        given = click.get_current_context().get_parameter_source
+        unused = [n for n in ("images", "num_images", "data")
+                  if given(n) == click.core.ParameterSource.COMMANDLINE]  # fmt: skip
+        if unused and "e2e" not in cfg.modes:  # they did nothing, unchecked
+            flags = " and ".join("--" + n.replace("_", "-") for n in unused)
+            raise MarsvisionError(f"{flags} choose the end-to-end images: add e2e to --modes")
     cfg = dataclasses.replace(
         cfg,
         images=_e2e_images(images, data, num_images) if "e2e" in cfg.modes else (),

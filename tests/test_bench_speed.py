@@ -430,6 +430,17 @@ def test_a_chart_save_that_fails_leaves_no_cut_png(
     assert [p.name for p in tmp_path.iterdir()] == ["speed.png"]
 
 
+def test_end_to_end_options_need_its_mode(tmp_path: Path) -> None:
+    """--images, --num-images and --data under --modes model did nothing, unchecked (a folder
+    that does not exist: exit 0)."""
+    (tmp_path / "c.pt").write_bytes(b"x")
+    base = ["speed", "--checkpoint", str(tmp_path / "c.pt"), "--modes", "model"]
+    result = CliRunner().invoke(main, [*base, "--images", "none", "--num-images", "7"])
+    assert result.exit_code == 2 and result.output == (
+        "Error: --images and --num-images choose the end-to-end images: add e2e to --modes\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [
