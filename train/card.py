@@ -126,6 +126,11 @@ def _distilled(shipped: dict[str, Any]) -> list[str]:
     grids = {"trt": "TensorRT's int8 grid", "cpu": "uint8 after ReLUs"}
     grid = grids.get(d["flavour"], d["flavour"])
     epochs = f"{d['epochs']} epoch" + ("s" if d["epochs"] != 1 else "")
+    # the settings that change the weights: batch size and images too (a sweep's --set did)
+    if "batch_size" in d:
+        epochs += f", batch {d['batch_size']}"
+    if d.get("limit"):
+        epochs += f", at most {d['limit']} train images"
     return [
         f"| distilled for INT8 | {d.get('date', 'date not recorded')}"
         + (f" ({when})" if when else "")
