@@ -17,7 +17,7 @@ from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.spec import PreprocessSpec
 
 METADATA_KEY = "marsvision"
-FORMAT_VERSION = 1  # raised where a key is added or changed that older readers would misread
+FORMAT_VERSION = 1  # raised where a key is added or changed: readers refuse keys they do not know
 PRECISIONS = ("fp32", "fp16", "int8")
 
 

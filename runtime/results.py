@@ -354,7 +354,8 @@ def resume_base(
     library: str,
 ) -> str | None:
     """The folder that the relative paths of `out`'s rows are from when it is not this one (None:
-    this one, under any name, or a file from before run records). A resume that would mix its
+    this one, under any name, or a file without a run record that passes the check below). A
+    resume that would mix its
     rows is refused: another --fast-decode (the same image decodes to other pixels), relative
     inputs from another folder (its rows would be keyed from two folders; they were matched
     against this one, so every row was written twice), and, for a file with relative rows, any
@@ -362,9 +363,10 @@ def resume_base(
     the other kind (`int8_sums`: exact or fast; on a CPU without VNNI they give other
     probabilities, and $MARSVISION_EXACT_INT8 switched them between a run and its resume), and
     another version of the library that runs the model (`library`: onnxruntime 1.19 and 1.32
-    give an int8-trt model's probabilities apart by up to 0.012 on a CPU). A
-    file without a record (`rows`: {path: status}) whose relative rows of images read lead to
-    none from here was begun elsewhere, and is refused too."""
+    give an int8-trt model's probabilities apart by up to 0.012 on a CPU). A file without a
+    record (from before records, or copied without it; `rows`: {path: status}) whose relative
+    rows of images read lead to none from here is refused too: begun elsewhere (or its images
+    moved since), none of its rows would be skipped, and every image was written again."""
     relative = [p for p in rows if not os.path.isabs(p)]
     try:
         with open(record_path(out), "rb") as f:
@@ -375,7 +377,8 @@ def resume_base(
             raise MarsvisionError(
                 f"{out} has no run record ({record_path(out)}), and none of the {len(read)} "
                 f"images its rows name by relative paths (e.g. {read[0]}) is found from this "
-                "folder: resume it from the folder it was begun in, or write to a new --out"
+                "folder, so none of its rows would be skipped: resume it from the folder it was "
+                "begun in, or write to a new --out"
             ) from None
         return None
     except (OSError, ValueError) as e:

@@ -108,7 +108,7 @@ def test_cli_distills_a_run_and_keeps_what_ship_needs(
     row = next(line for line in card.splitlines() if line.startswith("| distilled for INT8 |"))
     assert (
         d["date"] in row
-        and "1 epoch, batch 8, at most 16 train images, TensorRT's int8 grid, lr 0.001" in row
+        and "1 epoch, batch 8, at most 16 images per split, TensorRT's int8 grid, lr 0.001" in row
     )
     assert d["source_checkpoint_sha256"] in row
     assert "then distilled for INT8" in card and "the run before the distillation" in card

@@ -81,6 +81,10 @@ def test_resume_refuses_a_newer_versions_run_and_other_files(tmp_path: Path) -> 
     _save(tmp_path, {**cfg.to_dict(), "label_noise": 0.1})
     with pytest.raises(MarsvisionError, match=r"settings this marsvision does not know \(label_"):
         load_resume(tmp_path, cfg, "f")
+    config = cfg.to_dict()
+    _save(tmp_path, {**config, "augment": {**config["augment"], "cutout": 0.5}})
+    with pytest.raises(MarsvisionError, match=r"does not know \(augment.cutout\)"):
+        load_resume(tmp_path, cfg, "f")  # "augment was ...: pass the same flags as the run"
     for other in ({"a": 1}, [1, 2], {"config": "x"}):
         torch.save(other, tmp_path / RESUME)
         with pytest.raises(MarsvisionError, match="is not a run's resume file"):

@@ -130,7 +130,7 @@ def _distilled(shipped: dict[str, Any]) -> list[str]:
     if "batch_size" in d:
         epochs += f", batch {d['batch_size']}"
     if d.get("limit"):
-        epochs += f", at most {d['limit']} train images"
+        epochs += f", at most {d['limit']} images per split"
     return [
         f"| distilled for INT8 | {d.get('date', 'date not recorded')}"
         + (f" ({when})" if when else "")

@@ -192,11 +192,10 @@ def main(
         echo_result(str(path))
         return
     require_extra("mars-train", "train", "torch", "torchvision")
-    from marsvision.train.data import TASKS, resolve_data_dir
+    from marsvision.train.data import check_task, resolve_data_dir
 
     with option_values():
-        if task not in TASKS:
-            raise MarsvisionError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
+        check_task(task)
     data_dir = resolve_data_dir(data)
     with option_values():
         cfg = config_from_flags(

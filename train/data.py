@@ -72,7 +72,7 @@ def resolve_data_dir(data: str | os.PathLike[str] | None) -> Path:
 def check_task(task: str) -> str:
     """Return the task name, or fail with the valid choices."""
     if task not in TASKS:
-        raise MarsvisionError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        raise MarsvisionError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
     return task
 
 

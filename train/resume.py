@@ -71,6 +71,8 @@ def load_resume(out: Path, cfg: TrainConfig, fingerprint: str) -> dict[str, Any]
         )
     saved, now = state["config"], cfg.to_dict()
     unknown = sorted(set(saved) - set(now))
+    if isinstance(saved.get("augment"), dict):  # its settings too (--jitter, --grayscale, ...)
+        unknown += sorted(f"augment.{k}" for k in set(saved["augment"]) - set(now["augment"]))
     if unknown:  # a setting of a newer marsvision: this one would not run it
         raise MarsvisionError(
             f"--resume: {out} was begun with settings this marsvision does not know "
