@@ -163,6 +163,19 @@ def _recursive_glob(pattern: str, unreadable: list[str]) -> list[str]:
     return matches
 
 
+def utf8_path(path: str) -> str:
+    """`path` as text files hold it (results, @lists): its bytes on the file system read as
+    UTF-8, with surrogateescape for those that are not. Under a UTF-8 locale (Python's default)
+    it is `path` itself; under an ASCII or Latin-1 one Python spells the bytes otherwise, and a
+    results file held them re-encoded (`--resume` matched none of its rows)."""
+    return os.fsencode(path).decode("utf-8", "surrogateescape")
+
+
+def fs_path(text: str) -> str:
+    """The path that `text`, as text files hold it (`utf8_path`), names in this locale."""
+    return os.fsdecode(text.encode("utf-8", "surrogateescape"))
+
+
 def _list_file(arg: str) -> list[str]:
     """The paths of an @list: UTF-8 (a byte-order mark skipped: Windows Notepad writes one) or
     UTF-16 with its mark (Windows PowerShell 5's `>` writes that); any line ending."""
@@ -186,7 +199,7 @@ def _list_file(arg: str) -> list[str]:
                 f"the list file {path} is not a text file of paths (line {n} holds a NUL "
                 "byte): save it as UTF-8 text, one path per line"
             )
-    return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return [fs_path(line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
 def path_keys(paths: Iterable[str], *, base: str | None = None) -> list[str]:

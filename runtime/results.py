@@ -5,9 +5,10 @@ class, or a binary model's decision threshold), the probability of every class (
 columns / a `probs` object) or, with `top_k`, the k best (`label_i`, `prob_i` / a `top_k` list),
 error message, and provenance (model sha256, precision, backend, test-time augmentation).
 
-Paths are written losslessly: a file name that is not valid UTF-8 keeps its raw bytes in CSV
-(Python's surrogateescape: the CSV holds the same bytes as the file system) and appears as
-`\\udcXX` escapes in JSONL (valid JSON; `os.fsencode(json.loads(line)["path"])` gives the bytes).
+Paths are written losslessly, in any locale: a file name that is not valid UTF-8 keeps its raw
+bytes in CSV (Python's surrogateescape: the CSV holds the same bytes as the file system) and
+appears as `\\udcXX` escapes in JSONL (valid JSON; `json.loads(line)["path"].encode("utf-8",
+"surrogateescape")` gives the bytes).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import IO, Any
 from marsvision.runtime.classifier import Prediction
 from marsvision.runtime.errors import DISK_FULL, MarsvisionError
 from marsvision.runtime.files import atomic_write_text, try_exclusive_lock
-from marsvision.runtime.inputs import path_keys
+from marsvision.runtime.inputs import fs_path, path_keys, utf8_path
 from marsvision.runtime.metadata import FORMULA_START
 
 FORMATS = ("csv", "jsonl")
@@ -117,7 +118,7 @@ class ResultWriter:
             probs = [f"{v:.6f}" for v in p.probs]
         prov = self.prov
         return [
-            sheet_safe_path(p.path),
+            sheet_safe_path(utf8_path(p.path)),
             p.status,
             p.label or "",
             *probs,
@@ -129,7 +130,7 @@ class ResultWriter:
         ]
 
     def _json_row(self, p: Prediction) -> str:
-        d: dict[str, Any] = {"path": p.path, "status": p.status, "label": p.label}
+        d: dict[str, Any] = {"path": utf8_path(p.path), "status": p.status, "label": p.label}
         if self.top_k:
             d["top_k"] = (
                 None
@@ -237,7 +238,7 @@ def _csv_done(path: str, text: str, header: list[str], prov: Provenance) -> dict
         if len(row) != len(header):
             raise MarsvisionError(f"{path}: row {n} is malformed; cannot resume from it")
         _check_same_run(path, n, dict(zip(header, row)), prov)
-        done[row[0]] = row[1]
+        done[fs_path(row[0])] = row[1]
     return done
 
 
@@ -246,7 +247,7 @@ def _jsonl_done(path: str, text: str, header: list[str], prov: Provenance) -> di
     for n, line in enumerate(_lines(text), start=1):
         try:
             d = json.loads(line)
-            done[d["path"]] = d["status"]
+            done[fs_path(d["path"])] = d["status"]
             layout_matches = _json_layout_matches(d, header)
         except (json.JSONDecodeError, KeyError, TypeError):
             raise MarsvisionError(f"{path}: line {n} is not a result row; cannot resume") from None

@@ -355,6 +355,36 @@ def test_resume_refuses_the_other_kind_of_int8_sums(
     assert r.returncode == 0 and b"1 already in" in r.stderr, r.stderr
 
 
+def test_paths_under_a_locale_that_is_not_utf8(
+    model: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """Under an ASCII locale (LC_ALL=C with PYTHONUTF8=0) Python spells a name's bytes with
+    escapes: the CSV held them re-encoded, `--resume` in the same locale matched none of its
+    rows (every image written again), and an @list's UTF-8 name led to no file. The CSV holds
+    the file system's bytes in any locale, and resumes in any."""
+    (tmp_path / "imgs").mkdir()
+    name = "caf\u00e9.jpg"
+    shutil.copy(images[0], tmp_path / "imgs" / name)
+    shutil.copy(images[1], tmp_path / "imgs" / "plain.jpg")
+    (tmp_path / "list.txt").write_text(f"imgs/{name}\n", encoding="utf-8")
+    ascii_env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"}
+    ascii_env.pop("LANG", None)
+
+    def infer(*args: object, env: dict[str, str] | None = None) -> bytes:
+        r = subprocess.run([*MARS_INFER, *map(os.fspath, args), "--engine", model],
+                           capture_output=True, cwd=tmp_path, env=env)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        return r.stderr
+
+    infer("@list.txt", "--out", "a.csv", env=ascii_env)
+    infer("imgs", "--out", "b.csv", env=ascii_env)
+    for out in ("a.csv", "b.csv"):
+        assert f"imgs/{name}".encode() in (tmp_path / out).read_bytes()
+    assert b"2 already in" in infer("imgs", "--out", "b.csv", "--resume", env=ascii_env)
+    assert b"2 already in" in infer("imgs", "--out", "b.csv", "--resume")  # the UTF-8 locale
+    assert b"1 ok, 0 failed, 1 already in" in infer("imgs", "--out", "a.csv", "--resume")
+
+
 def test_resume_refuses_another_version_of_the_library(
     model: Path, images: list[Path], tmp_path: Path
 ) -> None:
