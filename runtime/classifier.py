@@ -211,6 +211,8 @@ class Classifier:
             normalize_into(decode_image(path, spec, fast_decode=self.fast_decode), spec, buf)
         except ImageError as e:
             return str(e)
+        except MarsvisionError:  # the run's fault, not the image's (decode_image): it stops
+            raise
         except Exception as e:  # an odd decoder failure must not cost the other rows
             return f"cannot read image ({type(e).__name__}: {e})"
         return None

@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.inputs import GLOB_CHARS
 from marsvision.runtime.spec import PreprocessSpec
 
@@ -103,6 +104,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")
+
+
+# out of file descriptors or kernel memory: every image would get an error row (64 of 64 under
+# `ulimit -n 8`), which --resume keeps and never tries again
+_LIMITS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
 
 
 def _open_file(path: str | os.PathLike[str]) -> BinaryIO:
@@ -214,6 +220,12 @@ def decode_image(
     except UnidentifiedImageError:
         raise ImageError("not an image Pillow can read (unknown format or empty file)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
+        if isinstance(e, OSError) and e.errno in _LIMITS:  # the run's, not the image's: no row
+            raise MarsvisionError(
+                f"cannot open {os.fsdecode(path)} ({e.strerror}): a limit of this process or "
+                "machine, not a fault of the image; raise it (ulimit -n) or use fewer --workers, "
+                "then rerun with --resume"
+            ) from None
         if isinstance(e, OSError) and e.errno is not None:  # the file system's, not the decoder's
             raise ImageError(f"cannot read the file ({e.strerror})") from None
         raise ImageError(f"corrupt or truncated image ({type(e).__name__}: {e})") from None

@@ -355,6 +355,26 @@ def test_resume_refuses_the_other_kind_of_int8_sums(
     assert r.returncode == 0 and b"1 already in" in r.stderr, r.stderr
 
 
+def test_out_of_file_descriptors_stops_the_run_without_error_rows(
+    model: Path, images: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under `ulimit -n 8` every image got an error row "cannot read the file (Too many open
+    files)", exit 3, and --resume kept them: the machine's limit is the run's error (one line,
+    exit 1), and the images are left for --resume."""
+    import errno
+
+    from marsvision.runtime import preprocess
+    from marsvision.runtime.classifier import Classifier
+
+    def no_fds(path: Any) -> Any:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), os.fsdecode(path))
+
+    monkeypatch.setattr(preprocess, "_open_file", no_fds)
+    with Classifier(model, workers=2) as clf:
+        with pytest.raises(MarsvisionError, match=r"\(Too many open files\): a limit of this"):
+            clf.predict([str(p) for p in images])
+
+
 def test_paths_under_a_locale_that_is_not_utf8(
     model: Path, images: list[Path], tmp_path: Path
 ) -> None:
