@@ -227,30 +227,52 @@ def test_the_cards_command_reproduces_the_config(shipped: Path, run: Path) -> No
     assert got == want and want["label_smoothing"] == 0.05 and want["limit"] == 16
 
 
-def test_the_cards_commands_name_their_data(shipped: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_cards_commands_name_their_data(
+    shipped: Path, msl_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The card's "Use and check it" commands parse with their CLIs' own flags, and those that
     read the MSL data name it: without $MARS_DATA, mars-export --int8 and mars-bench score and
-    parity as the card wrote them stopped ("no MSL data given")."""
+    parity as the card wrote them stopped ("no MSL data given"). An msl25 card's export folder
+    is its own: it sent the export into `exports`, the binary model's, which mars-export
+    refuses for another model's artifacts."""
     from marsvision.benchmarks.cli import main as bench_main
     from marsvision.export.cli import main as export_main
     from marsvision.runtime.cli import main as infer_main
 
     monkeypatch.delenv("MARS_DATA", raising=False)
-    card = (shipped / "resnet50-binary.md").read_text()
-    block = card.split("\n## Use and check it\n")[1].split("\n## ")[0]
-    lines = [line for line in block.splitlines() if line.startswith("    mars-")]
-    readers = []
-    for line in lines:
-        name, *args = shlex.split(line, comments=True)
-        cmd = {"mars-export": export_main, "mars-infer": infer_main, "mars-bench": bench_main}[name]
-        if name == "mars-bench":
-            name, *args = args
-            cmd = bench_main.commands[name]
-        params = cmd.make_context(name, args).params
-        if "data" in params:
-            readers.append(name)
-            assert str(params["data"]) == "../shared/msl", line
-    assert readers == ["mars-export", "score", "parity"]
+    ckpt = load_checkpoint(shipped / "resnet50-binary.pt")
+    test = {**ckpt["metrics"]["test"], "per_class_recall": [None] * 25,
+            "confusion_matrix": [[0] * 25] * 25}  # fmt: skip
+    msl25 = {**ckpt, "task": "msl25", "class_names": [f"class{i}" for i in range(25)],
+             "metrics": {**ckpt["metrics"], "test": test}}  # fmt: skip
+    cards = {
+        "exports": (shipped / "resnet50-binary.md").read_text(),
+        "exports-msl25": render_card(
+            msl25, file_name="resnet50-msl25.pt", sha256="0" * 64, size_bytes=1, data_dir=msl_dir
+        ),  # fmt: skip
+    }
+    assert "or predicted by the model" in cards["exports-msl25"]  # macro: sklearn's labels
+    for exports, card in cards.items():
+        block = card.split("\n## Use and check it\n")[1].split("\n## ")[0]
+        lines = [line for line in block.splitlines() if line.startswith("    mars-")]
+        readers, folders = [], set()
+        for line in lines:
+            name, *args = shlex.split(line, comments=True)
+            if name == "mars-bench":
+                name, *args = args
+            cmd = bench_main.commands.get(name) or {"mars-export": export_main,
+                                                    "mars-infer": infer_main}[name]  # fmt: skip
+            params = cmd.make_context(name, args).params
+            if "data" in params:
+                readers.append(name)
+                assert str(params["data"]) == "../shared/msl", line
+            folder = params.get("out") if name == "mars-export" else params.get("artifacts")
+            if name == "mars-infer":
+                folder = Path(params["engine"]).parent
+            if folder is not None:
+                folders.add(str(folder))
+        assert readers == ["mars-export", "score", "parity"]
+        assert folders == {exports}
 
 
 def test_command_line_refuses_what_no_flag_sets() -> None:

@@ -184,7 +184,9 @@ def render_card(
     positive = (
         "Rover is the positive class of precision, recall and F1"
         if task == "binary"
-        else "precision, recall and F1 are macro averages over the classes present"
+        else "precision, recall and F1 are macro averages over the classes with images in the "
+        "split or predicted by the model (scikit-learn's default: a class predicted with no "
+        "images counts as 0, so recall can fall below balanced accuracy)"
     )
     limited = (f" on at most {info['scored_limit']} images per split (a quick check, not the "
                "whole splits)") if info.get("scored_limit") else ""  # fmt: skip
@@ -215,6 +217,8 @@ def render_card(
         saved_setting(cfg, "select_from"), cfg["epochs"]
     ):  # the time budget ended the run before the epochs it selects from: the last is kept
         chosen = "kept as the last one run, before the epochs --select-from selects from"
+    # an export folder holds one model: the binary one's (mars-infer's default) is `exports`
+    exports = "exports" if task == "binary" else f"exports-{task}"
     score_held = (
         "    mars-bench score preds.csv --data ../shared/msl --split val --val-half held"
         "   # val: the held-out half"
@@ -281,13 +285,13 @@ def render_card(
         "## Use and check it",
         "",
         f"    mars-export --checkpoint models/{file_name} --data ../shared/msl --int8 "
-        "--out exports",
-        "    mars-infer ../shared/msl/calibrated --engine exports/resnet50-"
+        f"--out {exports}",
+        f"    mars-infer ../shared/msl/calibrated --engine {exports}/resnet50-"
         f"{task}.int8-cpu.onnx --out preds.csv",
         "    mars-bench score preds.csv --data ../shared/msl --split test      # the test metrics,"
         " from the runtime",
         *([score_held] if half else []),
-        "    mars-bench parity --artifacts exports --data ../shared/msl   # FP16/INT8 against"
+        f"    mars-bench parity --artifacts {exports} --data ../shared/msl   # FP16/INT8 against"
         " PyTorch",
         "",
         "## Limits",
