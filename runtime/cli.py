@@ -72,7 +72,7 @@ class _Progress:
     def __init__(self, total: int) -> None:
         self.total = total
         self.start = time.perf_counter()
-        self.tty = sys.stderr.isatty()
+        self.tty = sys.stderr is not None and sys.stderr.isatty()  # None: started with it closed
 
     def update(self, done: int) -> None:
         if self.tty:
@@ -117,6 +117,12 @@ def run(cfg: InferConfig) -> int:
     )
 
     t0 = time.perf_counter()
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # relative paths and the run record start from it: tracebacks
+        raise MarsvisionError(
+            "the working folder was deleted under this shell: cd to a folder that exists"
+        ) from None
     inputs = expand_inputs(list(cfg.paths), recursive=cfg.recursive)
     # a device or pipe (/dev/null, a FIFO a script reads) is written to as it is: never read back
     # (--resume read /dev/zero until memory ran out), locked or refused for existing
@@ -219,7 +225,7 @@ def run(cfg: InferConfig) -> int:
         kept = f", {skipped} already in {cfg.out} (skipped{again if prev_failed else ''})"
     # INT8 in ONNX Runtime's exact (slower) kernels, on a CPU whose fast ones would saturate
     exact = clf.int8_sums == "exact"
-    click.echo(
+    summary = (
         f"mars-infer: {ok} ok, {failed} failed"
         + kept
         + (
@@ -233,9 +239,10 @@ def run(cfg: InferConfig) -> int:
         + (f", tta {cfg.tta}" if cfg.tta != "none" else "")
         + (", fast decode" if cfg.fast_decode else "")
         + ";"
-        + f" {time.perf_counter() - t0:.2f} s in all)",
-        err=True,
+        + f" {time.perf_counter() - t0:.2f} s in all)"
     )
+    with contextlib.suppress(OSError):  # stderr on a full device: the rows are all written
+        click.echo(summary, err=True)
     return EXIT_SOME_FAILED if failed or prev_failed else EXIT_OK
 
 

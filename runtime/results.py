@@ -476,6 +476,8 @@ def open_output(path: str | None, *, append: bool) -> IO[str]:
     if path is None:
         import sys
 
+        if sys.stdout is None:  # started with it closed (`>&-`): an AttributeError traceback
+            raise MarsvisionError("stdout is closed: pass --out FILE for the results")
         stream = io.TextIOWrapper(
             sys.stdout.buffer,
             encoding="utf-8",

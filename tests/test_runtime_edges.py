@@ -375,6 +375,37 @@ def test_out_of_file_descriptors_stops_the_run_without_error_rows(
             clf.predict([str(p) for p in images])
 
 
+def test_closed_or_full_standard_streams_and_a_deleted_working_folder(
+    model: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """Started with stderr closed (`2>&-`), mars-infer died at its progress display with exit 1
+    and no word, leaving an empty --out that a rerun refused; stderr on a full device made a
+    finished run exit 1 at its summary; stdout closed with no --out, or a working folder
+    deleted, were tracebacks."""
+    whole = [*MARS_INFER, *map(os.fspath, images), "--engine", os.fspath(model)]
+
+    def run(*args: str, **kw: Any) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([*whole, *args], cwd=tmp_path, **kw)
+
+    assert run("--out", "a.csv", preexec_fn=lambda: os.close(2)).returncode == 0
+    with open("/dev/full", "w") as full:
+        assert run("--out", "b.csv", stderr=full).returncode == 0
+    for name in ("a.csv", "b.csv"):
+        assert len((tmp_path / name).read_text().splitlines()) == 1 + len(images)
+    r = run(preexec_fn=lambda: os.close(1), stderr=subprocess.PIPE)
+    assert r.returncode == 1 and r.stderr.decode().strip().splitlines() == [
+        "Error: stdout is closed: pass --out FILE for the results"
+    ]
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    r = subprocess.run([*whole, "--out", os.fspath(tmp_path / "c.csv")], cwd=gone,
+                       preexec_fn=lambda: os.rmdir(os.getcwd()), capture_output=True)  # fmt: skip
+    assert r.returncode == 1 and r.stderr.decode().strip().splitlines() == [
+        "Error: the working folder was deleted under this shell: cd to a folder that exists"
+    ]
+    assert not (tmp_path / "c.csv").exists()
+
+
 def test_paths_under_a_locale_that_is_not_utf8(
     model: Path, images: list[Path], tmp_path: Path
 ) -> None:
