@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from marsvision.runtime.backends.onnxruntime import no_telemetry
 from marsvision.runtime.errors import (
     MarsvisionError,
     echo_result,
@@ -136,6 +137,7 @@ class _Interruptible(click.Group):
 def main() -> None:
     """Benchmark marsvision models: speed and accuracy parity against PyTorch, and scores of
     mars-infer result files on the official MSL splits."""
+    no_telemetry()
 
 
 _device = click.option(

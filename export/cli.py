@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from marsvision.export.config import CALIB_METHODS, TENSORRT_MODES, ExportConfig
+from marsvision.runtime.backends.onnxruntime import no_telemetry
 from marsvision.runtime.errors import (
     MarsvisionError,
     echo_result,
@@ -138,6 +139,7 @@ def main(
     tensorrt: str,
     max_batch: int,
 ) -> None:
+    no_telemetry()
     given = click.get_current_context().get_parameter_source
     for name in ("calib_images", "calib_method"):  # they did nothing, and went into the manifest
         if not int8 and given(name) == click.core.ParameterSource.COMMANDLINE:

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from marsvision.runtime.backends import BACKENDS, DEVICES
+from marsvision.runtime.backends.onnxruntime import no_telemetry
 from marsvision.runtime.classifier import TTA_MODES, Classifier
 from marsvision.runtime.errors import (
     EXIT_BROKEN_PIPE,
@@ -348,6 +349,7 @@ def main(
     fast_decode: bool,
     tta: str,
 ) -> None:
+    no_telemetry()
     if out == "-":  # the usual spelling of stdout
         out = None
     # Pillow warns on stderr of an image between 1x and 2x its pixel limit, which the runtime's

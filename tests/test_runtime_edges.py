@@ -406,6 +406,20 @@ def test_closed_or_full_standard_streams_and_a_deleted_working_folder(
     assert not (tmp_path / "c.csv").exists()
 
 
+def test_the_commands_leave_no_onnxruntime_telemetry(
+    model: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """onnxruntime 1.32 wrote a device id and an event queue under ~/.cache/Microsoft on every
+    run (and warned on stderr where HOME could not be written): the commands turn it off."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    r = subprocess.run([*MARS_INFER, os.fspath(images[0]), "--engine", os.fspath(model)],
+                       capture_output=True, env={**env, "HOME": os.fspath(home)})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert list(home.iterdir()) == []
+
+
 def test_paths_under_a_locale_that_is_not_utf8(
     model: Path, images: list[Path], tmp_path: Path
 ) -> None:

@@ -25,6 +25,14 @@ ORT_CPU, ORT_GPU = "onnxruntime", "onnxruntime-gpu"
 _ORT_INSTALL = 'pip install "marsvision[cpu]" (or "marsvision[gpu]" on a machine with a GPU)'
 
 
+def no_telemetry() -> None:
+    """For the commands, before onnxruntime is imported: onnxruntime 1.32 writes a device id and
+    an event queue (the Python path, OS, CPU, container) under ~/.cache/Microsoft when imported,
+    and warns on stderr where HOME cannot be written. Unless the user chose (ORT_DISABLE_TELEMETRY
+    set), the commands turn it off; a program that embeds the runtime decides for itself."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+
 def ort_module() -> Any:
     """The onnxruntime module; its absence, or an install that fails to import (built for another
     numpy, a part missing), is a one-line user error saying which."""
