@@ -4,7 +4,8 @@ A producer thread fills preallocated batch buffers with decoded, normalized imag
 threads: Pillow releases the GIL while decoding and resizing) while the caller's thread runs
 inference on the previous batch. Results come back batch by batch, in input order; every
 input gets exactly one `Prediction`, with status "error" and a message when its file cannot
-be used.
+be used (a machine's limit met while opening it, out of file descriptors say, raises instead:
+`decode_image`).
 
     from marsvision.runtime.classifier import Classifier
     with Classifier("resnet50-binary.int8-cpu.onnx") as clf:  # tta="flip": image + mirror

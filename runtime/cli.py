@@ -86,6 +86,17 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+def _standard_fds() -> None:
+    """Open a closed stdin, stdout or stderr (`2>&-`) on /dev/null: the next file opened took
+    its number, and the results file became fd 2, where native code (onnxruntime's log)
+    writes. Python's own stream stays None (`_Progress`, `open_output`)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest number free: `fd`
+
+
 def _is_stream(path: str) -> bool:
     try:
         mode = os.stat(path).st_mode
@@ -118,12 +129,6 @@ def run(cfg: InferConfig) -> int:
     )
 
     t0 = time.perf_counter()
-    try:
-        os.getcwd()
-    except FileNotFoundError:  # relative paths and the run record start from it: tracebacks
-        raise MarsvisionError(
-            "the working folder was deleted under this shell: cd to a folder that exists"
-        ) from None
     inputs = expand_inputs(list(cfg.paths), recursive=cfg.recursive)
     # a device or pipe (/dev/null, a FIFO a script reads) is written to as it is: never read back
     # (--resume read /dev/zero until memory ran out), locked or refused for existing
@@ -350,6 +355,13 @@ def main(
     tta: str,
 ) -> None:
     no_telemetry()
+    _standard_fds()
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # relative paths and the run record start from it: tracebacks
+        raise MarsvisionError(
+            "the working folder was deleted under this shell: cd to a folder that exists"
+        ) from None
     if out == "-":  # the usual spelling of stdout
         out = None
     # Pillow warns on stderr of an image between 1x and 2x its pixel limit, which the runtime's

@@ -223,8 +223,8 @@ def decode_image(
         if isinstance(e, OSError) and e.errno in _LIMITS:  # the run's, not the image's: no row
             raise MarsvisionError(
                 f"cannot open {os.fsdecode(path)} ({e.strerror}): a limit of this process or "
-                "machine, not a fault of the image; raise it (ulimit -n) or use fewer --workers, "
-                "then rerun with --resume"
+                "machine, not a fault of the image; raise it (ulimit -n) or open fewer files at "
+                "once, and run again (mars-infer: --resume continues)"
             ) from None
         if isinstance(e, OSError) and e.errno is not None:  # the file system's, not the decoder's
             raise ImageError(f"cannot read the file ({e.strerror})") from None

@@ -249,7 +249,7 @@ def _jsonl_done(path: str, text: str, header: list[str], prov: Provenance) -> di
             d = json.loads(line)
             done[fs_path(d["path"])] = d["status"]
             layout_matches = _json_layout_matches(d, header)
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):  # a path no name can have too
             raise MarsvisionError(f"{path}: line {n} is not a result row; cannot resume") from None
         _check_same_run(path, n, d, prov)
         if not layout_matches:

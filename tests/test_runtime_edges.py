@@ -396,14 +396,23 @@ def test_closed_or_full_standard_streams_and_a_deleted_working_folder(
     assert r.returncode == 1 and r.stderr.decode().strip().splitlines() == [
         "Error: stdout is closed: pass --out FILE for the results"
     ]
-    gone = tmp_path / "gone"
-    gone.mkdir()
-    r = subprocess.run([*whole, "--out", os.fspath(tmp_path / "c.csv")], cwd=gone,
-                       preexec_fn=lambda: os.rmdir(os.getcwd()), capture_output=True)  # fmt: skip
-    assert r.returncode == 1 and r.stderr.decode().strip().splitlines() == [
-        "Error: the working folder was deleted under this shell: cd to a folder that exists"
-    ]
+    # with no --engine too: it sent the user to mars-export (no exports/ there)
+    for n, command in enumerate([whole, [*MARS_INFER, os.fspath(images[0])]]):
+        gone = tmp_path / f"gone{n}"
+        gone.mkdir()
+        r = subprocess.run([*command, "--out", os.fspath(tmp_path / "c.csv")], cwd=gone,
+                           preexec_fn=lambda d=gone: os.rmdir(d), capture_output=True)  # fmt: skip
+        assert r.returncode == 1 and r.stderr.decode().strip().splitlines() == [
+            "Error: the working folder was deleted under this shell: cd to a folder that exists"
+        ]
     assert not (tmp_path / "c.csv").exists()
+    # a closed stderr is /dev/null again: the results file took its number, 2, where native
+    # code writes its log lines
+    probe = ("import os; from marsvision.runtime.cli import _standard_fds; _standard_fds(); "
+             "print(os.readlink('/proc/self/fd/2'))")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", probe], preexec_fn=lambda: os.close(2),
+                       capture_output=False, stdout=subprocess.PIPE)  # fmt: skip
+    assert r.stdout.decode().strip() == os.devnull
 
 
 def test_the_commands_leave_no_onnxruntime_telemetry(
@@ -556,6 +565,12 @@ def test_unreadable_results_file_is_a_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(MarsvisionError, match="cannot resume the results file"):
         read_done(str(tmp_path), fmt="csv", header=csv_header(["a", "b"], None),
                   provenance=Provenance("sha", "fp32", "onnxruntime-cpu"))  # fmt: skip
+    # JSONL paths no file name can have (a lone surrogate, a number): tracebacks
+    for path in ("\ud800.jpg", 7):
+        (tmp_path / "r.jsonl").write_text(json.dumps({"path": path, "status": "ok"}) + "\n")
+        with pytest.raises(MarsvisionError, match="line 1 is not a result row"):
+            read_done(str(tmp_path / "r.jsonl"), fmt="jsonl", header=[],
+                      provenance=Provenance("sha", "fp32", "onnxruntime-cpu"))  # fmt: skip
 
 
 def test_output_folder_with_too_long_a_name_is_a_one_line_error(tmp_path: Path) -> None:
