@@ -92,6 +92,19 @@ def _identity(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns  # ctime: `cp -p`
 
 
+def _batch_buffer(batch_size: int, size: int) -> np.ndarray:
+    """A batch's decoded images, float32 NCHW; one that does not fit in memory is a one-line
+    error (a MemoryError traceback under `ulimit -v` with `--batch-size 4096`)."""
+    try:
+        return np.empty((batch_size, 3, size, size), np.float32)
+    except MemoryError:
+        mib = batch_size * 3 * size * size * 4 / 2**20
+        raise MarsvisionError(
+            f"no memory for a batch of {batch_size} images ({mib:.0f} MiB): use a smaller batch "
+            "size"
+        ) from None
+
+
 class Classifier:
     """An exported model (ONNX file or TensorRT engine) and its preprocessing, ready to classify."""
 
@@ -235,7 +248,7 @@ class Classifier:
                         names, items = chunk
                         if made < _BUFFERS and free.empty():
                             made += 1
-                            buf = np.empty((self.batch_size, 3, size, size), np.float32)
+                            buf = _batch_buffer(self.batch_size, size)
                         else:
                             buf = free.get()
                         if stop.is_set():

@@ -429,6 +429,38 @@ def test_the_commands_leave_no_onnxruntime_telemetry(
     assert list(home.iterdir()) == []
 
 
+def test_an_unreadable_model_and_a_batch_that_does_not_fit_say_so(
+    model: Path, images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model without read permission was "onnxruntime cannot load this model (... system
+    error number 13); re-export it"; a batch buffer larger than the memory left (`ulimit -v`,
+    `--batch-size 4096`) a MemoryError traceback."""
+    from marsvision.runtime import backends, classifier
+    from marsvision.runtime.classifier import Classifier
+
+    real_access = os.access
+    monkeypatch.setattr(backends.os, "access", lambda p, mode: False)  # root reads any file
+    with pytest.raises(MarsvisionError, match=r"cannot be read \(permission denied\)$"):
+        Classifier(model)
+    monkeypatch.setattr(backends.os, "access", real_access)
+    import numpy
+
+    class NoRoom:  # the classifier's numpy, whose 4-d arrays (batch buffers) do not fit
+        def __getattr__(self, name: str) -> Any:
+            return getattr(numpy, name)
+
+        @staticmethod
+        def empty(shape: Any, dtype: Any = float) -> Any:
+            if isinstance(shape, tuple) and len(shape) == 4:
+                raise MemoryError
+            return numpy.empty(shape, dtype)
+
+    monkeypatch.setattr(classifier, "np", NoRoom())
+    with Classifier(model, batch_size=4096) as clf:
+        with pytest.raises(MarsvisionError, match=r"batch of 4096 images \(\d+ MiB\): use a"):
+            clf.predict([str(p) for p in images])
+
+
 def test_paths_under_a_locale_that_is_not_utf8(
     model: Path, images: list[Path], tmp_path: Path
 ) -> None:

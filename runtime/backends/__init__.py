@@ -33,6 +33,8 @@ def _check_exists(p: Path) -> None:
         raise MarsvisionError(f"model {p} is not a file: give an .onnx file or a TensorRT .plan")
     if p.stat().st_size == 0:
         raise MarsvisionError(f"model {p} is empty (0 bytes): re-export it with mars-export")
+    if not os.access(p, os.R_OK):  # onnxruntime said "system error number 13; re-export it"
+        raise MarsvisionError(f"model {p} cannot be read (permission denied)")
 
 
 def load_model_meta(model_path: str | os.PathLike[str]) -> ModelMeta:
