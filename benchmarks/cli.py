@@ -21,6 +21,7 @@ from marsvision.runtime.backends.onnxruntime import no_telemetry
 from marsvision.runtime.errors import (
     MarsvisionError,
     echo_result,
+    flags_given,
     interruptible,
     option_values,
     out_of_room,
@@ -253,11 +254,9 @@ def speed(
             threads=threads,
             isolate=isolate,
         )
-        given = click.get_current_context().get_parameter_source
-        unused = [n for n in ("images", "num_images", "data")
-                  if given(n) == click.core.ParameterSource.COMMANDLINE]  # fmt: skip
+        unused = flags_given("images", "num_images", "data")
         if unused and "e2e" not in cfg.modes:  # they did nothing, unchecked
-            flags = " and ".join("--" + n.replace("_", "-") for n in unused)
+            flags = " and ".join(unused)
             raise MarsvisionError(f"{flags} choose the end-to-end images: add e2e to --modes")
     cfg = dataclasses.replace(
         cfg,

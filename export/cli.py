@@ -13,6 +13,7 @@ from marsvision.runtime.backends.onnxruntime import no_telemetry
 from marsvision.runtime.errors import (
     MarsvisionError,
     echo_result,
+    flags_given,
     interruptible,
     option_values,
     out_of_room,
@@ -140,12 +141,10 @@ def main(
     max_batch: int,
 ) -> None:
     no_telemetry()
-    given = click.get_current_context().get_parameter_source
-    for name in ("calib_images", "calib_method"):  # they did nothing, and went into the manifest
-        if not int8 and given(name) == click.core.ParameterSource.COMMANDLINE:
-            flag = "--" + name.replace("_", "-")
+    for flag in flags_given("calib_images", "calib_method"):  # did nothing, went to the manifest
+        if not int8:
             raise click.UsageError(f"{flag} sets INT8 calibration: add --int8")
-    if given("max_batch") == click.core.ParameterSource.COMMANDLINE:  # ignored, then recorded
+    if flags_given("max_batch"):  # ignored, then recorded
         if tensorrt == "off" or not (fp16 or int8):
             raise click.UsageError(
                 "--max-batch sizes the TensorRT engines, which are built only for --fp16 or "

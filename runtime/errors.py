@@ -52,6 +52,18 @@ def option_values() -> Iterator[None]:
         raise OptionValueError(e.message) from None
 
 
+def flags_given(*names: str) -> list[str]:
+    """The options of `names` (parameter names) given on the command line, not left at their
+    default or taken from the environment, as flags (`--num-images`): for refusing flags that
+    would do nothing in the command as given."""
+    given = click.get_current_context().get_parameter_source
+    return [
+        "--" + name.replace("_", "-")
+        for name in names
+        if given(name) == click.core.ParameterSource.COMMANDLINE
+    ]
+
+
 def require_extra(command: str, extra: str, *modules: str) -> None:
     """A MarsvisionError naming the pip extra to install when a module `command` needs is not
     installed: every install has all four commands, a runtime-only one ("marsvision[cpu]") has
