@@ -160,17 +160,17 @@ def run(cfg: InferConfig) -> int:
             if cfg.out is not None and not passing:
                 lock_output(stream, cfg.out)
                 made = not existed and not os.path.islink(cfg.out)  # a link's target stays
+            record = _record(cfg, clf, len(inputs))  # what a file this run continues must match
             if cfg.resume and existed:
                 header = csv_header(
                     meta.class_names, min(cfg.top_k, meta.num_classes) if cfg.top_k else None
                 )
                 done = read_resumed(cfg.out, fmt=cfg.fmt, header=header, provenance=provenance,
-                                    fast_decode=cfg.fast_decode, int8_sums=clf.int8_sums,
-                                    library=clf.runner.library, inputs=inputs)  # fmt: skip
+                                    run=record, inputs=inputs)  # fmt: skip
             # after read_done, which cuts a last row left unfinished (a cut header leaves nothing)
             is_new = cfg.out is None or os.fstat(stream.fileno()).st_size == 0
             if cfg.out is not None and not done and stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
-                write_record(cfg.out, _record(cfg, clf, len(inputs)))
+                write_record(cfg.out, record)
         except BaseException:
             if made and cfg.out is not None:  # stopped before its first row: no empty file
                 with contextlib.suppress(OSError):

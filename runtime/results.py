@@ -348,26 +348,25 @@ def _folder_id(path: str) -> list[int] | None:
 def resume_base(
     out: str,
     *,
-    fast_decode: bool,
+    run: dict[str, Any],
     inputs: list[str],
     rows: dict[str, str],
-    int8_sums: str | None,
-    library: str,
 ) -> str | None:
     """The folder that the relative paths of `out`'s rows are from when it is not this one (None:
     this one, under any name, or a file without a run record that passes the check below). A
-    resume that would mix its
-    rows is refused: another --fast-decode (the same image decodes to other pixels), relative
-    inputs from another folder (its rows would be keyed from two folders; they were matched
-    against this one, so every row was written twice), and, for a file with relative rows, any
-    resume from elsewhere once that folder is gone (moved: they lead nowhere), and INT8 sums of
-    the other kind (`int8_sums`: exact or fast; on a CPU without VNNI they give other
+    resume that would mix its rows with this run's (`run`: the options its record would keep,
+    `write_record`) is refused: another --fast-decode (the same image decodes to other pixels),
+    relative inputs from another folder (its rows would be keyed from two folders; they were
+    matched against this one, so every row was written twice), and, for a file with relative
+    rows, any resume from elsewhere once that folder is gone (moved: they lead nowhere), and INT8
+    sums of the other kind (`int8_sums`: exact or fast; on a CPU without VNNI they give other
     probabilities, and $MARSVISION_EXACT_INT8 switched them between a run and its resume), and
-    another version of the library that runs the model (`library`: onnxruntime 1.19 and 1.32
-    give an int8-trt model's probabilities apart by up to 0.012 on a CPU). A file without a
-    record (from before records, or copied without it; `rows`: {path: status}) whose relative
-    rows of images read lead to none from here is refused too: begun elsewhere (or its images
-    moved since), none of its rows would be skipped, and every image was written again."""
+    another version of the library that runs the model (`library`: onnxruntime 1.19 and 1.32 give
+    an int8-trt model's probabilities apart by up to 0.012 on a CPU). A file without a record
+    (from before records, or copied without it; `rows`: {path: status}) whose relative rows of
+    images read lead to none from here is refused too: begun elsewhere (or its images moved
+    since), none of its rows would be skipped, and every image was written again."""
+    fast_decode, int8_sums, library = run["fast_decode"], run["int8_sums"], run["library"]
     relative = [p for p in rows if not os.path.isabs(p)]
     try:
         with open(record_path(out), "rb") as f:
@@ -430,10 +429,8 @@ def read_resumed(
     fmt: str,
     header: list[str],
     provenance: Provenance,
-    fast_decode: bool,
+    run: dict[str, Any],
     inputs: list[str],
-    int8_sums: str | None,
-    library: str,
 ) -> dict[str, str]:
     """{path key: status} of the rows already in `out` (`read_done`), keyed by `path_keys` from
     the folder they were written in, for a run that continues it; refused as `read_done` and
@@ -444,8 +441,7 @@ def read_resumed(
     def same_run(rows: dict[str, str]) -> None:
         nonlocal base
         if rows:
-            base = resume_base(out, fast_decode=fast_decode, inputs=inputs, rows=rows,
-                               int8_sums=int8_sums, library=library)  # fmt: skip
+            base = resume_base(out, run=run, inputs=inputs, rows=rows)
 
     rows = read_done(out, fmt=fmt, header=header, provenance=provenance, check=same_run)
     return dict(zip(path_keys(rows, base=base), rows.values()))
