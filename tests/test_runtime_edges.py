@@ -438,11 +438,10 @@ def test_an_unreadable_model_and_a_batch_that_does_not_fit_say_so(
     from marsvision.runtime import backends, classifier
     from marsvision.runtime.classifier import Classifier
 
-    real_access = os.access
-    monkeypatch.setattr(backends.os, "access", lambda p, mode: False)  # root reads any file
-    with pytest.raises(MarsvisionError, match=r"cannot be read \(permission denied\)$"):
-        Classifier(model)
-    monkeypatch.setattr(backends.os, "access", real_access)
+    with monkeypatch.context() as m:
+        m.setattr(backends.os, "access", lambda p, mode: False)  # root reads any file
+        with pytest.raises(MarsvisionError, match=r"cannot be read \(permission denied\)$"):
+            Classifier(model)
     import numpy
 
     class NoRoom:  # the classifier's numpy, whose 4-d arrays (batch buffers) do not fit
