@@ -85,6 +85,20 @@ def test_val_halves_by_sol(msl_dir: Path) -> None:
         msl.val_half(val, "second")
 
 
+def test_frames_group_the_products_of_one_camera_frame(msl_dir: Path) -> None:
+    """A frame's thumbnail (C00) and full image (I01) are one frame; other names their own."""
+    train = {s.path.name: s for s in msl.read_split(msl_dir, "train", "msl25")}
+    c00, i01 = (train[f"0019MR0000540060100176{p}_DRCL.JPG"] for p in ("C00", "I01"))
+    assert msl.frame_key(c00.path) == msl.frame_key(i01.path) == "0019MR0000540060100176"
+    assert (c00.msl_class, i01.msl_class) == (9, 8)  # horizon and ground: the labels differ
+    for name in ("0019MR0000540060100177I01_DRCL.JPG", "rover.jpg", "0019MR00I01.JPG"):
+        assert msl.frame_key(Path(name)) == (name if len(name) < 30 else name[:22])
+    frames = {split: {msl.frame_key(s.path) for s in msl.read_split(msl_dir, split, "binary")}
+              for split in msl.SPLITS}  # fmt: skip
+    assert {k: len(v) for k, v in frames.items()} == {"train": 2389, "val": 949, "test": 820}
+    assert not (frames["train"] & frames["val"] or frames["val"] & frames["test"])
+
+
 def test_missing_and_unreadable_images_are_errors_naming_the_file(
     msl_dir: Path, tmp_path: Path
 ) -> None:

@@ -168,7 +168,7 @@ def test_card_and_sums(shipped: Path, msl_dir: Path) -> None:
     assert f"{100 * test['accuracy']:.2f} ({100 * lo:.2f}-{100 * hi:.2f})" in card
     lo, hi = ckpt["metrics"]["ci95_by_sol"]["test"]["accuracy"]
     assert f"| test, by sol | | ({100 * lo:.2f}-{100 * hi:.2f}) |" in card
-    assert "| test | 1,305 | 326 | 979 |" in card  # the split's real class counts
+    assert "| test | 1,305 | 820 | 326 | 979 |" in card  # the split's real class counts
     assert "--val-half" not in card  # a train-only model's val is all of val
     assert f"at most {SCORE_LIMIT} images per split" in card  # a limited score says so
     assert f"## Notes\n\n- {NOTES[0]}\n- {NOTES[1]}\n" in card
@@ -194,6 +194,34 @@ def test_card_and_sums(shipped: Path, msl_dir: Path) -> None:
                        data_dir=msl_dir)  # fmt: skip
     assert ("epoch 1 of 4 kept as the last one run, before the epochs --select-from selects from "
             "(stopped after epoch 1: time budget) |") in card  # fmt: skip
+
+
+def test_card_counts_camera_frames_and_the_classes_splits_lack(msl_dir: Path) -> None:
+    """The card's split table counts camera frames beside images (test's 1,305 images are 820
+    frames), and its Limits say so; an msl25 card names the classes each split lacks (val lacks
+    five, which selection on val cannot see) and the frames whose products disagree."""
+    from marsvision.train.card import _data_limits, _split_counts, _splits
+
+    names = msl.class_names("msl25", msl_dir)
+    sets = _splits(msl_dir, "msl25", half=False)
+    assert _split_counts(sets, "msl25", names)[2:] == [
+        "| train | 3,746 | 2,389 | 24 of 25 |",
+        "| val | 1,640 | 949 | 20 of 25 |",
+        "| test | 1,305 | 820 | 22 of 25 |",
+    ]
+    frames, missing, noise = _data_limits(sets, "msl25")
+    assert "test's 1,305 images are 820 frames" in frames
+    assert "train 22; val 2, 11, 13, 20, 22; test 5, 22, 23 (selecting on val" in missing
+    assert noise.startswith("- 14 frames have products labeled with different classes")
+    binary = _splits(msl_dir, "binary", half=True)
+    assert _data_limits(binary, "binary") == [frames]
+    assert _split_counts(binary, "binary", ["Surface", "Rover"])[2:] == [
+        "| train | 3,746 | 2,389 | 2,603 | 1,143 |",
+        "| val | 1,640 | 949 | 632 | 1,008 |",
+        "| test | 1,305 | 820 | 326 | 979 |",
+        "| val: first half by sol (trained on) | 804 | 461 | 276 | 528 |",
+        "| val: second half (held out, selects) | 836 | 488 | 356 | 480 |",
+    ]
 
 
 def test_card_names_the_distillations_libraries_where_they_differ() -> None:

@@ -55,25 +55,59 @@ def _confusion(shipped: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _split_counts(data_dir: Path, task: str, names: list[str], *, half: bool) -> list[str]:
-    """The splits' sizes (with `half`, val's two halves by sol too: `data.halve_by_sol`)."""
-    rows = ["| split | images | " + " | ".join(names) + " |" if task == "binary" else
-            "| split | images | classes present |",
-            "|---|---|" + ("---|" * len(names) if task == "binary" else "---|")]  # fmt: skip
+def _splits(data_dir: Path, task: str, *, half: bool) -> dict[str, list[msl.Sample]]:
+    """The official splits by name (with `half`, val's two halves by sol too:
+    `data.halve_by_sol`)."""
     sets = {split: msl.read_split(data_dir, split, task) for split in msl.SPLITS}
     if half:
         first, second = msl.halve_by_sol(sets["val"])
         sets["val: first half by sol (trained on)"] = first
         sets["val: second half (held out, selects)"] = second
+    return sets
+
+
+def _split_counts(sets: dict[str, list[msl.Sample]], task: str, names: list[str]) -> list[str]:
+    """The splits' sizes: images, camera frames (`data.frame_key`), and labels or classes."""
+    rows = ["| split | images | frames | " + " | ".join(names) + " |" if task == "binary" else
+            "| split | images | frames | classes present |",
+            "|---|---|---|" + ("---|" * len(names) if task == "binary" else "---|")]  # fmt: skip
     for split, samples in sets.items():
         labels = Counter(s.label for s in samples)
-        n = sum(labels.values())
+        head = f"| {split} | {len(samples):,} | {len({msl.frame_key(s.path) for s in samples}):,} |"
         if task == "binary":
-            rows.append(f"| {split} | {n:,} | " + " | ".join(f"{labels[i]:,}" for i in range(2))
-                        + " |")  # fmt: skip
+            rows.append(head + " " + " | ".join(f"{labels[i]:,}" for i in range(2)) + " |")
         else:
-            rows.append(f"| {split} | {n:,} | {len(labels)} of {len(names)} |")
+            rows.append(f"{head} {len(labels)} of {len(names)} |")
     return rows
+
+
+def _data_limits(sets: dict[str, list[msl.Sample]], task: str) -> list[str]:
+    """Limits of the data itself: frames kept in several products and, for msl25, the classes a
+    split lacks and the frames whose products carry two classes."""
+    official = {split: sets[split] for split in msl.SPLITS}
+    test = official["test"]
+    lines = [
+        "- Many images are other products of one camera frame (a thumbnail, a full image, a "
+        "subframe: names that differ only in the code before `_DRCL`, such as `C00` and `I01`; "
+        f"test's {len(test):,} images are {len({msl.frame_key(s.path) for s in test}):,} frames): "
+        "the metrics count each image, and the intervals over images take such copies for "
+        "independent draws, one more reason to quote those by sol."
+    ]
+    if task == "msl25":
+        missing = [(split, sorted(set(range(msl.NUM_MSL_CLASSES)) - {s.msl_class for s in got}))
+                   for split, got in official.items()]  # fmt: skip
+        lines.append(
+            "- MSL classes without images: "
+            + "; ".join(f"{split} {', '.join(map(str, gone)) or 'none'}" for split, gone in missing)
+            + " (selecting on val cannot see the classes val lacks)."
+        )
+        classes: dict[str, set[int]] = {}
+        for s in (s for got in official.values() for s in got):
+            classes.setdefault(msl.frame_key(s.path), set()).add(s.msl_class)
+        if two := sum(len(c) > 1 for c in classes.values()):
+            lines.append(f"- {two} frames have products labeled with different classes (such as "
+                         "ground and horizon): label noise the metrics cannot remove.")  # fmt: skip
+    return lines
 
 
 def _tta(m: dict[str, Any]) -> list[str]:
@@ -193,6 +227,7 @@ def render_card(
     stopped = (f" (stopped after epoch {m['stopped_early_after_epoch']}: time budget)"
                if m.get("stopped_early_after_epoch") else "")  # fmt: skip
     refit, half = is_refit(cfg), holds_half_val(cfg)
+    sets = _splits(data_dir, task, half=half)
     how = {
         REFIT: " on the official MSL train and val splits together (a refit: the recipe and its "
         "epoch count were chosen on val by an earlier run; this run keeps its last epoch, so its "
@@ -261,7 +296,7 @@ def render_card(
             else ""
         ),
         "",
-        *_split_counts(data_dir, task, names, half=half),
+        *_split_counts(sets, task, names),
         "",
         "## Training command",
         "",
@@ -299,8 +334,6 @@ def render_card(
         "- Trained on Curiosity images only; other cameras or missions are out of distribution.",
         "- The splits are by sol: val and test come from later in the mission, with different "
         "content and class balance than train.",
+        *_data_limits(sets, task),
     ]
-    if task == "msl25":
-        lines.append("- Class 22 (sun) has no images; classes 5 (drill holes) and 23 (turret) "
-                     "have none in test.")  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ SURFACE_CLASSES = frozenset({5, 8, 9})
 BINARY_CLASS_NAMES = ["Surface", "Rover"]
 TASKS = ("binary", "msl25")
 DATA_ENV = "MARS_DATA"
+# sol, instrument, 16 digits of sequence and image, then the product code (C00, I01, E01 ...)
+_PRODUCT = re.compile(r"(\d{4}[A-Z]{2}\d{16})[A-Z]\d\d(?=[_.])")
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,14 @@ def sol_key(path: Path) -> str:
     observations; a name without one is its own group."""
     head = path.name[:4]
     return head if head.isdigit() and len(head) == 4 else path.name
+
+
+def frame_key(path: Path) -> str:
+    """The camera frame an MSL file name shows: the name less its product code, so that
+    `0019MR0000540060100176C00_DRCL.JPG` and `...I01_DRCL.JPG` (a thumbnail and a full image of
+    one frame) share a key; a name without a product code is its own frame."""
+    match = _PRODUCT.match(path.name)
+    return match.group(1) if match else path.name
 
 
 def task_label(task: str, msl_class: int) -> int:
