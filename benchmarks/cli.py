@@ -383,11 +383,12 @@ names come from the file.
 Rows are matched to the split's images by file name (the paths may be relative, absolute or
 through links); rows for other images are ignored and counted. Every image of the split needs
 exactly one row with status ok, unless --allow-missing (then the rest are scored and the
-coverage is shown). Metrics of the model's decision (the `label` column: the most probable
-class, or for a binary model with a decision threshold, Rover where P(Rover) reaches it) with
-95% bootstrap intervals (1000 resamples, seed 0); binary: precision, recall and F1 of Rover,
-msl25: macro averages. Writes score-<split>-<model sha256[:12]>-<backend>[-tta-flip].json to
---out (score-val-held-... with --val-half held).
+coverage is shown, and a --require fails: it holds for the whole split). Metrics of the model's
+decision (the `label` column: the most probable class, or for a binary model with a decision
+threshold, Rover where P(Rover) reaches it) with 95% bootstrap intervals (1000 resamples, seed
+0); binary: precision, recall and F1 of Rover, msl25: macro averages. Writes
+score-<split>-<model sha256[:12]>-<backend>[-tta-flip].json to --out (score-val-held-... with
+--val-half held).
 
 \b
 Exit codes:

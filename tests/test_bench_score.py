@@ -558,6 +558,14 @@ def test_allow_missing_reports_and_excludes(
     y_true = [test_split[i].label for i in keep]
     y_pred = [BINARY.index(full[i].label or "") for i in keep]
     assert rep["metrics"] == classification_metrics(y_true, y_pred, 2, "binary")
+    assert rep["passed"]  # no requirement: nothing to fail
+    # a requirement met on part of the split is not met: it passed, exit 0, with PASS printed
+    r = _score([*base, "--allow-missing", "--require", "accuracy=0.5"])
+    assert r.exit_code == SCORE_FAIL_EXIT, r.output
+    assert "PASS accuracy" in r.stdout and (
+        "score: FAIL (1 of 1 requirements met on 1302 of the 1305 images: a requirement holds "
+        "for the whole split)") in r.stdout  # fmt: skip
+    assert _report(tmp_path / "out")["passed"] is False
 
 
 def test_tta_provenance_and_files_from_before_the_flag(
