@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from marsvision.runtime.host import cpu_flags, usable_cores
+from marsvision.runtime.host import cpu_flags, cpu_model, usable_cores
 
 LIBRARIES = (
     "marsvision",
@@ -32,7 +32,6 @@ LIBRARIES = (
 
 def cpu_info(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> dict[str, Any]:
     """CPU model, logical/physical cores, the cores this process may use, and ISA flags of note."""
-    model = platform.processor() or platform.machine()
     physical: set[tuple[str, str]] = set()
     flags = cpu_flags(cpuinfo)  # the runtime's reading, which decides its INT8 kernels
     try:
@@ -43,16 +42,14 @@ def cpu_info(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> dict[str, Any
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key, value = key.strip(), value.strip()
-        if key == "model name" and value:
-            model = value
-        elif key == "physical id":
+        if key == "physical id":
             phys_id = value
         elif key == "core id":
             core_id = value
             physical.add((phys_id, core_id))
     notable = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "f16c")
     return {
-        "model": model,
+        "model": cpu_model(cpuinfo),
         "logical_cores": os.cpu_count(),
         "physical_cores": len(physical) or None,
         "usable_cores": usable_cores(),

@@ -21,6 +21,19 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_model(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> str:
+    """The CPU's model name in /proc/cpuinfo; where it has none, what `platform` says."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            return value.strip()
+    return platform.processor() or platform.machine()
+
+
 def cpu_flags(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> frozenset[str]:
     """The first CPU's ISA flags in /proc/cpuinfo; empty where it cannot be read (not Linux)."""
     try:

@@ -354,6 +354,9 @@ def test_cpu_info_reads_model_and_physical_cores(tmp_path: Path) -> None:
     assert machine_name(amx, None) == "test-9000-amx-2c"
     assert machine_name({**info, "isa": [], "usable_cores": 1}, None) == "test-9000-1c"
     assert machine_name(info, {"name": "NVIDIA H100 80GB HBM3"}) == "h100-80gb-hbm3"
+    import platform  # no /proc/cpuinfo (not Linux): the model is what platform says
+
+    assert cpu_info(tmp_path / "none")["model"] == (platform.processor() or platform.machine())
 
 
 def test_cpu_runs_on_a_gpu_machine_are_named_by_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:

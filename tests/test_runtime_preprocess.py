@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import os
 import subprocess
@@ -377,6 +378,44 @@ print(len(names))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout) >= 10
+
+
+# What each stage may not import, at any depth of its code (a function's lazy import too):
+# runtime is the bottom, then train, export, benchmarks (STYLE.md, "Layout shows the pipeline").
+_BARRED = {
+    "runtime": ("torch", "torchvision", "onnx", "marsvision.train", "marsvision.export",
+                "marsvision.benchmarks"),
+    "train": ("marsvision.export", "marsvision.benchmarks"),
+    "export": ("marsvision.benchmarks",),
+}  # fmt: skip
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """Every module an absolute import statement in `path` names, with its line."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}:{node.lineno}: a relative import"
+            found.append((node.lineno, node.module or ""))
+    return found
+
+
+def test_stages_import_only_the_stages_below() -> None:
+    """No stage imports a stage above it or, in the runtime, torch or onnx, even inside a
+    function (the bare-interpreter import above sees only what importing runs): training's
+    INT8 distillation read the CPU's name from benchmarks."""
+    repo = Path(__file__).resolve().parents[1]
+    wrong = [
+        f"{path.relative_to(repo)}:{line}: {name}"
+        for stage, barred in _BARRED.items()
+        for path in sorted((repo / stage).rglob("*.py"))
+        for line, name in _imports(path)
+        if any(name == b or name.startswith(b + ".") for b in barred)
+    ]
+    assert not wrong, wrong
+    assert "marsvision.train.data" in {n for _, n in _imports(repo / "export" / "pipeline.py")}
 
 
 def test_thin_strip_guard(tmp_path: Path) -> None:

@@ -231,12 +231,12 @@ def distilled_checkpoint(
 
 def device_name(device: str) -> str:
     """The card's device: "cuda (the GPU's name)" or "cpu (the CPU's model name)"."""
-    from marsvision.benchmarks.conditions import cpu_info
+    from marsvision.runtime.host import cpu_model
     from marsvision.train.device import select_device
 
     if select_device(device).type == "cuda":
         return f"cuda ({torch.cuda.get_device_name()})"
-    return f"cpu ({cpu_info()['model']})"
+    return f"cpu ({cpu_model()})"
 
 
 def distill_file(
