@@ -350,6 +350,21 @@ def test_a_closed_classifier_says_so(models: dict[str, Path], msl_dir: Path) -> 
         clf.runner.infer(np.zeros((1, 3, size, size), np.float32))
 
 
+def test_a_batch_in_another_layout_is_the_callers_mistake(models: dict[str, Path]) -> None:
+    """An NHWC batch (or one at another size) given to probabilities() or a runner's infer()
+    is a ValueError naming the shape the model takes: it was a MarsvisionError blaming the
+    model ("onnxruntime cannot run this model"), the one-line user error that hides a bug."""
+    from marsvision.runtime.classifier import Classifier
+
+    with Classifier(models["fp32"], device="cpu") as clf:
+        size = clf.meta.preprocess.input_size
+        takes = rf"the model takes \(n, 3, {size}, {size}\)"
+        for shape in ((2, size, size, 3), (2, 3, size + 1, size + 1), (3, size, size)):
+            with pytest.raises(ValueError, match=rf"a batch of shape \({shape[0]}, .*; {takes}"):
+                clf.probabilities(np.zeros(shape, np.float32))
+        assert clf.probabilities(np.zeros((2, 3, size, size), np.float32)).shape == (2, 2)
+
+
 def test_paths_are_read_a_batch_at_a_time(models: dict[str, Path], msl_dir: Path) -> None:
     """predict_batches read all of `paths` before its first batch: a generator of paths that
     arrive over time gave nothing until its end, an endless one nothing at all. Now a batch's

@@ -289,6 +289,8 @@ def test_runner_runs_one_call_at_a_time(tmp_path: Path, monkeypatch: pytest.Monk
     for t in threads:
         t.join(30)
     assert overlaps[0] == 0 and busy[0] == 0
+    with pytest.raises(ValueError, match=r"a batch of shape \(2, 64, 64, 3\); the model takes"):
+        runner.infer(np.zeros((2, 64, 64, 3), np.float32))  # NHWC: the caller's mistake
     runner.close()
     assert not cudart.live
     with pytest.raises(ValueError, match="is closed"):

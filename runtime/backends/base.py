@@ -30,4 +30,17 @@ class Runner(Protocol):
         tb: TracebackType | None,
     ) -> None: ...
 
-    def infer(self, batch: np.ndarray) -> np.ndarray: ...
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """float32 NCHW batch -> float32 logits (batch, num_classes)."""
+        ...
+
+
+def check_batch(batch: np.ndarray, meta: ModelMeta, path: object) -> None:
+    """Refuse a batch that is not (n, 3, size, size) at the model's input size: a caller's
+    mistake (a bug, raised as ValueError), not a fault of the model."""
+    size = meta.preprocess.input_size
+    if batch.ndim != 4 or batch.shape[1:] != (3, size, size):
+        raise ValueError(
+            f"{path}: a batch of shape {batch.shape}; the model takes (n, 3, {size}, {size}) "
+            "(NCHW, preprocessed by its spec)"
+        )

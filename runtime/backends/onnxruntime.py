@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from marsvision.runtime.backends.base import check_batch
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.host import int8_sums_saturate, usable_cores
 from marsvision.runtime.metadata import METADATA_KEY, ModelMeta, sha256_file
@@ -340,6 +341,7 @@ class OnnxRuntimeRunner:
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """float32 NCHW batch -> float32 logits (batch, num_classes)."""
+        check_batch(batch, self.meta, self.path)
         x = batch if batch.dtype == self._dtype else batch.astype(self._dtype)
         n = self._max_batch or len(x)
         if len(x) > n:

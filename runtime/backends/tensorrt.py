@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from marsvision.runtime.backends.base import check_batch
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.metadata import ModelMeta, sidecar_path
 
@@ -213,6 +214,7 @@ class TensorRTRunner:
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """float32 NCHW batch -> float32 logits; batches above the engine's maximum are split."""
+        check_batch(batch, self.meta, self.path)
         parts = [
             self._infer_chunk(batch[i : i + self.max_batch])
             for i in range(0, len(batch), self.max_batch)
