@@ -17,6 +17,8 @@ from pathlib import Path
 
 import click
 
+from marsvision.benchmarks.parity import ParityConfig
+from marsvision.benchmarks.speed import SpeedConfig
 from marsvision.runtime.backends.onnxruntime import no_telemetry
 from marsvision.runtime.errors import (
     MarsvisionError,
@@ -31,6 +33,13 @@ from marsvision.runtime.files import check_writable_folder
 from marsvision.train.data import SPLITS, VAL_HALVES
 
 DEFAULT_OUT = Path("runs/bench")
+# the run configs' defaults, the one place they are written
+_SPEED = SpeedConfig(checkpoint=Path("."))
+_PARITY = ParityConfig(checkpoint=Path("."), artifacts=Path("."), data_dir=Path("."))
+
+
+def _joined(values: Sequence[object]) -> str:
+    return ",".join(map(str, values))
 
 
 def _log(msg: str) -> None:
@@ -173,7 +182,7 @@ _data = click.option("--data", default=None, help="MSL data folder (default: $MA
     default=None,
     help="An export out dir (manifest.json and the artifacts).",
 )
-@click.option("--batch-sizes", default="1,8,32", show_default=True)
+@click.option("--batch-sizes", default=_joined(_SPEED.batch_sizes), show_default=True)
 @click.option(
     "--precisions",
     default=None,
@@ -187,7 +196,7 @@ _data = click.option("--data", default=None, help="MSL data folder (default: $MA
 )
 @click.option(
     "--modes",
-    default="model,e2e",
+    default=_joined(_SPEED.modes),
     show_default=True,
     help="model (preallocated input) and/or e2e (image files in, predictions out).",
 )
@@ -205,13 +214,13 @@ _data = click.option("--data", default=None, help="MSL data folder (default: $MA
     help="At most this many end-to-end images (cycled through).",
 )
 @_data
-@click.option("--warmup", type=int, default=5, show_default=True)
-@click.option("--repeats", type=int, default=30, show_default=True)
+@click.option("--warmup", type=int, default=_SPEED.warmup, show_default=True)
+@click.option("--repeats", type=int, default=_SPEED.repeats, show_default=True)
 @_device
 @_threads
 @click.option(
     "--isolate/--in-process",
-    default=True,
+    default=_SPEED.isolate,
     show_default=True,
     help="Run each row in its own process (its own peak RSS).",
 )
@@ -293,36 +302,36 @@ def speed(
     help="An export out dir (manifest.json and the artifacts).",
 )
 @_data
-@click.option("--splits", default="val,test", show_default=True)
+@click.option("--splits", default=_joined(_PARITY.splits), show_default=True)
 @click.option("--limit", type=int, default=None, help="At most N images per split (quick runs).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=_PARITY.batch_size, show_default=True)
 @_device
 @_threads
 @click.option(
     "--fp32-min-agreement",
     type=float,
-    default=100.0,
+    default=_PARITY.thresholds.fp32_min_agreement,
     show_default=True,
     help="FP32: least top-1 agreement with PyTorch, percent.",
 )
 @click.option(
     "--fp16-max-accuracy-change",
     type=float,
-    default=0.1,
+    default=_PARITY.thresholds.fp16_max_accuracy_change,
     show_default=True,
     help="FP16: largest |accuracy change|, points.",
 )
 @click.option(
     "--int8-max-accuracy-change",
     type=float,
-    default=0.5,
+    default=_PARITY.thresholds.int8_max_accuracy_change,
     show_default=True,
     help="INT8: largest |accuracy change|, points.",
 )
 @click.option(
     "--int8-min-agreement",
     type=float,
-    default=99.0,
+    default=_PARITY.thresholds.int8_min_agreement,
     show_default=True,
     help="INT8: least top-1 agreement with PyTorch, percent.",
 )

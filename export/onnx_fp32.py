@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 
 from marsvision.export.artifacts import quiet_logger, set_onnx_meta
+from marsvision.export.config import ExportConfig
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.metadata import ModelMeta
 
 OPSET = 18
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-MAX_ABS_LOGIT_DIFF = 1e-4
 EXPORTER = f"torch.onnx.export(dynamo=True, opset {OPSET})"
 
 
@@ -114,7 +114,7 @@ def onnx_from_checkpoint(
     *,
     meta: ModelMeta,
     parity_batch: np.ndarray,
-    max_abs_diff: float = MAX_ABS_LOGIT_DIFF,
+    max_abs_diff: float = ExportConfig.parity_tolerance,
 ) -> dict[str, Any]:
     """Export, check with onnx.checker, run in ONNX Runtime against PyTorch; return parity.
 

@@ -15,7 +15,7 @@ import click
 
 from marsvision.runtime.backends import BACKENDS, DEVICES
 from marsvision.runtime.backends.onnxruntime import no_telemetry
-from marsvision.runtime.classifier import TTA_MODES, Classifier
+from marsvision.runtime.classifier import DEFAULT_BATCH_SIZE, TTA_MODES, Classifier
 from marsvision.runtime.errors import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
@@ -47,7 +47,7 @@ Exit codes:
 """
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InferConfig:
     """The resolved options of one mars-infer run."""
 
@@ -64,7 +64,7 @@ class InferConfig:
     resume: bool
     top_k: int | None
     fast_decode: bool
-    tta: str = "none"
+    tta: str
 
 
 class _Progress:
@@ -281,7 +281,13 @@ def run(cfg: InferConfig) -> int:
     help="Result format [default: jsonl (one JSON object a line) for a .jsonl or .json --out, "
     "else csv].",
 )
-@click.option("--batch-size", "-b", type=click.IntRange(1, 4096), default=8, show_default=True)
+@click.option(
+    "--batch-size",
+    "-b",
+    type=click.IntRange(1, 4096),
+    default=DEFAULT_BATCH_SIZE,
+    show_default=True,
+)
 @click.option(
     "--backend",
     type=click.Choice(BACKENDS),
@@ -381,22 +387,10 @@ def main(
         click.echo(f"mars-infer: model {engine} (the default; --engine to choose)", err=True)
     if fmt is None:
         fmt = "jsonl" if out is not None and out.lower().endswith((".jsonl", ".json")) else "csv"
-    cfg = InferConfig(
-        paths,
-        engine,
-        out,
-        fmt,
-        batch_size,
-        backend,
-        device,
-        workers,
-        threads,
-        recursive,
-        resume,
-        top_k,
-        fast_decode,
-        tta,
-    )
+    cfg = InferConfig(paths=paths, engine=engine, out=out, fmt=fmt, batch_size=batch_size,
+                      backend=backend, device=device, workers=workers, threads=threads,
+                      recursive=recursive, resume=resume, top_k=top_k, fast_decode=fast_decode,
+                      tta=tta)  # fmt: skip
     try:
         code = run(cfg)
     except KeyboardInterrupt:  # click would say "Aborted!" and exit 1, an option error's code

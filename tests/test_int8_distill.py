@@ -191,3 +191,16 @@ def test_an_unfinished_run_is_refused(tiny_checkpoint: Path, msl_dir: Path, tmp_
     with pytest.raises(MarsvisionError, match="unfinished run"):
         distill_file(tiny_checkpoint, tmp_path / "d.pt", data_dir=msl_dir, limit=16)
     assert not (tmp_path / "d.pt").exists()
+
+
+def test_distillation_calibrates_on_as_many_images_as_the_export() -> None:
+    """Its observers see mars-export's default number of calibration images (train may not
+    import export, so the number is written twice: this holds them together)."""
+    import inspect
+
+    from marsvision.export.config import ExportConfig
+    from marsvision.train.int8_distill import distill
+
+    assert inspect.signature(distill).parameters["calib_images"].default == (
+        ExportConfig.calib_images
+    )

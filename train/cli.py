@@ -15,7 +15,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click
 
-from marsvision.train.config import AUGMENT_POLICIES, RECIPES, config_from_flags
+from marsvision.train.config import AUGMENT_POLICIES, RECIPES, TrainConfig, config_from_flags
+
+_DEFAULTS = TrainConfig(data=Path("."), out=Path("."))  # the defaults, in one place
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,10 +32,10 @@ from marsvision.train.config import AUGMENT_POLICIES, RECIPES, config_from_flags
     is_flag=True,
     help="Download msl-images.zip from Zenodo into --data DIR (or $MARS_DATA), then exit.",
 )
-@click.option("--task", default="binary", show_default=True, help="binary or msl25.")
+@click.option("--task", default=_DEFAULTS.task, show_default=True, help="binary or msl25.")
 @click.option(
     "--recipe",
-    default="default",
+    default=_DEFAULTS.recipe,
     show_default=True,
     help=f"Defaults for the flags below: {', '.join(RECIPES)}.",
 )
@@ -117,7 +119,13 @@ from marsvision.train.config import AUGMENT_POLICIES, RECIPES, config_from_flags
     help="Keep the best epoch on val from this fraction of the epochs on (0 = any epoch; 1 = "
     "the last) [0.5].",
 )
-@click.option("--image-size", type=int, default=224, show_default=True, help="Input size (>= 32).")
+@click.option(
+    "--image-size",
+    type=int,
+    default=_DEFAULTS.image_size,
+    show_default=True,
+    help="Input size (>= 32).",
+)
 @click.option(
     "--store-size",
     type=int,
@@ -126,10 +134,10 @@ from marsvision.train.config import AUGMENT_POLICIES, RECIPES, config_from_flags
     "and zooms then sample it: more of the file's pixels than the eval resize size [the eval "
     "resize size, image-size / 0.875].",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--device", default=_DEFAULTS.device, show_default=True, help="auto, cpu or cuda.")
 @click.option(
     "--amp",
-    default="auto",
+    default=_DEFAULTS.amp,
     show_default=True,
     help="bf16 autocast and channels_last for training and selection: auto (on CUDA only), "
     "bf16 (also on a CPU with AMX: about 2.5x faster there) or off (fp32). Reported val/test "
@@ -137,7 +145,7 @@ from marsvision.train.config import AUGMENT_POLICIES, RECIPES, config_from_flags
 )
 @click.option(
     "--train-on",
-    default="train",
+    default=_DEFAULTS.train_on,
     show_default=True,
     help="train; train+val: a refit of a recipe chosen on val by an earlier run (same flags, "
     "its epoch count); val is then training data, the last epoch is kept, and the val numbers "
@@ -145,7 +153,7 @@ from marsvision.train.config import AUGMENT_POLICIES, RECIPES, config_from_flags
     "sol (every other sol), the epoch selected on the second half, whose numbers are the val "
     "numbers reported.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
 @click.option("--limit", type=int, default=None, help="At most N images per split (quick runs).")
 @click.option(
     "--out", type=click.Path(path_type=Path), default=None, help="Run folder [runs/<task>]."
@@ -153,11 +161,17 @@ from marsvision.train.config import AUGMENT_POLICIES, RECIPES, config_from_flags
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its resume.pt.")
 @click.option(
     "--init",
-    default="random",
+    default=_DEFAULTS.init,
     show_default=True,
     help="'random' or a torchvision ResNet-50 weights file.",
 )
-@click.option("--workers", type=int, default=4, show_default=True, help="Image decoding threads.")
+@click.option(
+    "--workers",
+    type=int,
+    default=_DEFAULTS.workers,
+    show_default=True,
+    help="Image decoding threads.",
+)
 def main(
     data: Path | None, download: bool, task: str, recipe: str, epochs: int | None,
     batch_size: int | None, lr: float | None, weight_decay: float | None,

@@ -124,16 +124,16 @@ def distill(
     ckpt: dict[str, Any],
     *,
     data_dir: Path,
-    epochs: int = 1,
-    lr: float = 1e-5,
-    batch_size: int = 32,
-    calib_images: int = 128,
-    signed: bool = True,
-    seed: int = 0,
-    limit: int | None = None,
-    workers: int = 4,
-    device: str = "cpu",
-    log: Any = sys.stderr,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    signed: bool,
+    seed: int,
+    limit: int | None,
+    workers: int,
+    device: str,
+    log: Any,
+    calib_images: int = 128,  # mars-export's --calib-images default: its observers' images
 ) -> dict[str, torch.Tensor]:
     """The student's float state dict (on the CPU) after `epochs` over the train split (random
     flips), trained on `device` (fp32: the fake quantization rounds fp32 values)."""
