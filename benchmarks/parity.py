@@ -23,6 +23,7 @@ from marsvision.benchmarks.artifacts import (
     find_artifacts,
     skip_reason,
 )
+from marsvision.runtime.backends.base import Runner
 from marsvision.runtime.classifier import non_finite_rows, softmax
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.spec import PreprocessSpec
@@ -230,7 +231,7 @@ def _check_belongs(
         )
 
 
-def _open(artifact: Artifact, device: str, threads: int | None) -> Any:
+def _open(artifact: Artifact, device: str, threads: int | None) -> Runner:
     from marsvision.runtime.backends import open_runner
 
     backend = "tensorrt" if artifact.is_engine else "onnxruntime"

@@ -78,6 +78,7 @@ class TorchRunner:
         )
         layout = "-channels_last" if channels_last else ""
         self.name = f"pytorch-{self.device}{layout}"
+        self.library = f"torch {torch.__version__}"  # the Runner interface's provenance
         self._torch = torch
         # Process-wide settings, changed last (nothing after can fail) and put back by close().
         self._restore: list[Callable[[], None]] = []

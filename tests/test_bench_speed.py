@@ -149,6 +149,7 @@ def test_torch_runner_puts_back_the_thread_count(
 
     with TorchRunner(tiny_checkpoint, threads=1) as runner:
         assert torch.get_num_threads() == 1
+        assert runner.library == f"torch {torch.__version__}"  # as the runtime's runners say
     assert torch.get_num_threads() == 3
     runner.close()  # a second close changes nothing
     assert torch.get_num_threads() == 3
