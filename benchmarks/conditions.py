@@ -109,7 +109,7 @@ ISA_TIERS = (
 )
 
 
-def isa_tier(cpu: dict[str, Any]) -> str | None:
+def _isa_tier(cpu: dict[str, Any]) -> str | None:
     """The best of `ISA_TIERS` that `cpu_info`'s isa lists, None when it lists none."""
     have = set(cpu.get("isa") or ())
     return next((name for flag, name in ISA_TIERS if flag in have), None)
@@ -124,7 +124,7 @@ def machine_name(cpu: dict[str, Any], gpu: dict[str, Any] | None) -> str:
         base = str(gpu["name"]).replace("NVIDIA", "")
     else:
         base = re.sub(r"\(R\)|\(TM\)|CPU|Processor|@.*", "", str(cpu["model"]))
-        tier = isa_tier(cpu)
+        tier = _isa_tier(cpu)
         base = f"{base}-{tier}-{cpu['usable_cores']}c" if tier else f"{base}-{cpu['usable_cores']}c"
     slug = re.sub(r"[^A-Za-z0-9]+", "-", base).strip("-").lower()
     return slug or "unknown"

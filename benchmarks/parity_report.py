@@ -68,7 +68,7 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
     return out
 
 
-def per_class_markdown(report: dict[str, Any]) -> str:
+def _per_class_markdown(report: dict[str, Any]) -> str:
     """Per split: each class's PyTorch recall and every artifact's change; the losers listed."""
     ref = report["rows"][0]
     arts = [r for r in report["rows"][1:] if r["splits"]]
@@ -153,7 +153,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             *[f"Images of {split}: {scope}.\n" for split, scope in _partial_scopes(report)],
             markdown_table(HEADERS, table_rows(report)),
             "",
-            per_class_markdown(report),
+            _per_class_markdown(report),
         ]
     )
 

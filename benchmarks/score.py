@@ -301,7 +301,7 @@ def render_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def score_name(report: dict[str, Any]) -> str:
+def _score_name(report: dict[str, Any]) -> str:
     """score-<split>-<model sha256[:12]>-<backend>[-tta-<mode>].json (score-val-held-...,
     score-val-trained-... for a half of val): one file per model, backend and --tta, so that
     scoring the same model's flip-TTA or GPU predictions does not overwrite the plain ones."""
@@ -315,7 +315,7 @@ def score_name(report: dict[str, Any]) -> str:
 
 
 def write_score(report: dict[str, Any], out: Path) -> Path:
-    """The report as `score_name` in `out`, written atomically."""
+    """The report as `_score_name` in `out`, written atomically."""
     from marsvision.benchmarks.report import write_json
 
-    return write_json(out / score_name(report), report)
+    return write_json(out / _score_name(report), report)

@@ -152,7 +152,7 @@ def plan(cfg: SpeedConfig) -> tuple[list[Job], list[dict[str, Any]]]:
     return jobs, skipped
 
 
-def add_ratios(rows: list[dict[str, Any]], *, own_rss: bool = True) -> None:
+def _add_ratios(rows: list[dict[str, Any]], *, own_rss: bool = True) -> None:
     """Each ok row gets throughput and latency as ratios to PyTorch FP32 (same mode and batch),
     and peak RSS too where each row's is its own (`own_rss`: rows run in their own process;
     in one process the peak so far carries over from row to row)."""
@@ -206,7 +206,7 @@ def run_speed(cfg: SpeedConfig, *, log: Any = None) -> dict[str, Any]:
         row = run_job_isolated(job) if cfg.isolate else run_job(job)
         row["model"] = os.path.basename(row["model"])
         rows.append(row)
-    add_ratios(rows, own_rss=cfg.isolate)
+    _add_ratios(rows, own_rss=cfg.isolate)
     conditions = capture_conditions(threads=cfg.threads, device=cfg.device)
     return {
         "kind": "speed",

@@ -138,7 +138,7 @@ def write_speed(report: dict[str, Any], out: Path) -> list[Path]:
     if report["skipped"]:
         written.append(write_json(out / f"speed-skipped-{stem}.json", report["skipped"]))
     written.append(write_text(out / f"speed-{stem}.md", render_markdown(report) + "\n"))
-    chart = speed_chart(report, out / f"speed-{stem}.png")
+    chart = _speed_chart(report, out / f"speed-{stem}.png")
     if chart:
         written.append(chart)
     return written
@@ -154,7 +154,7 @@ def _chart_title(report: dict[str, Any]) -> str:
     )
 
 
-def speed_chart(report: dict[str, Any], path: Path) -> Path | None:
+def _speed_chart(report: dict[str, Any], path: Path) -> Path | None:
     """Throughput per backend-precision (bars) for each mode and batch (groups)."""
     ok = [r for r in report["rows"] if r["status"] == "ok"]
     if not ok:

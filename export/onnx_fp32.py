@@ -21,7 +21,7 @@ OUTPUT_NAME = "logits"
 EXPORTER = f"torch.onnx.export(dynamo=True, opset {OPSET})"
 
 
-def export_versions() -> dict[str, str]:
+def _export_versions() -> dict[str, str]:
     """Versions of everything that shapes an exported artifact."""
     import onnx
     import onnxscript
@@ -56,7 +56,7 @@ def fp32_meta(ckpt: dict[str, Any], source_sha256: str) -> ModelMeta:
         output_shape=["batch", len(ckpt["class_names"])],
         input_dtype="float32",
         source_checkpoint_sha256=source_sha256,
-        versions=export_versions(),
+        versions=_export_versions(),
         decision_threshold=ckpt.get("decision_threshold"),
     )
 

@@ -69,7 +69,7 @@ def _cuda_refusal(path: Path) -> str | None:
         return e.message
 
 
-def preferred_flavours(device: str = "auto") -> list[str]:
+def _preferred_flavours(device: str = "auto") -> list[str]:
     """Artifact flavours, best first, for this machine and a --device: TensorRT engines where
     TensorRT is installed, FP16 ONNX where onnxruntime lists CUDA (neither for --device cpu),
     then the x86 INT8 and FP32 ONNX."""
@@ -121,7 +121,7 @@ def default_model(
     from marsvision.runtime.backends.tensorrt import engine_refusal
 
     folder = Path(exports) if exports is not None else default_exports_dir()
-    flavours = preferred_flavours(device)
+    flavours = _preferred_flavours(device)
     listed = _manifest_files(folder)
     notes = []
     for flavour in flavours:

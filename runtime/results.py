@@ -205,7 +205,7 @@ def _json_layout_matches(row: dict[str, Any], header: list[str]) -> bool:
     return "probs" in row and (row["probs"] is None or list(row["probs"]) == names)
 
 
-def iter_csv_rows(
+def _iter_csv_rows(
     path: str | os.PathLike[str], text: str, *, then: str = ""
 ) -> Iterator[list[str]]:
     """The rows of a results file's whole CSV `text`, one at a time. A field may be as long as
@@ -221,12 +221,12 @@ def iter_csv_rows(
 
 
 def csv_rows(path: str | os.PathLike[str], text: str, *, then: str = "") -> list[list[str]]:
-    """The rows of a results file's whole CSV `text` (`iter_csv_rows`)."""
-    return list(iter_csv_rows(path, text, then=then))
+    """The rows of a results file's whole CSV `text` (`_iter_csv_rows`)."""
+    return list(_iter_csv_rows(path, text, then=then))
 
 
 def _csv_done(path: str, text: str, header: list[str], prov: Provenance) -> dict[str, str]:
-    rows = iter_csv_rows(path, text, then="; cannot resume from it")
+    rows = _iter_csv_rows(path, text, then="; cannot resume from it")
     first = next(rows)
     if first != header:
         raise MarsvisionError(
@@ -308,7 +308,7 @@ def read_done(
 RECORD_SUFFIX = ".run.json"
 
 
-def record_path(out: str) -> str:
+def _record_path(out: str) -> str:
     """The run record beside a results file (`results.csv.run.json`)."""
     return out + RECORD_SUFFIX
 
@@ -327,11 +327,11 @@ def write_record(out: str, options: dict[str, Any]) -> None:
         **options,
     }
     try:
-        atomic_write_text(record_path(out), json.dumps(record, indent=2) + "\n")
+        atomic_write_text(_record_path(out), json.dumps(record, indent=2) + "\n")
     except OSError as e:
         full = e.errno in DISK_FULL
         raise MarsvisionError(
-            f"cannot write the run record {record_path(out)} ({e.strerror}); "
+            f"cannot write the run record {_record_path(out)} ({e.strerror}); "
             + ("make room, or " if full else "")
             + "choose another --out"
         ) from None
@@ -345,7 +345,7 @@ def _folder_id(path: str) -> list[int] | None:
     return [st.st_dev, st.st_ino]
 
 
-def resume_base(
+def _resume_base(
     out: str,
     *,
     run: dict[str, Any],
@@ -369,13 +369,13 @@ def resume_base(
     fast_decode, int8_sums, library = run["fast_decode"], run["int8_sums"], run["library"]
     relative = [p for p in rows if not os.path.isabs(p)]
     try:
-        with open(record_path(out), "rb") as f:
+        with open(_record_path(out), "rb") as f:
             record = json.loads(f.read())
     except FileNotFoundError:
         read = [p for p in relative if rows[p] == "ok"]
         if read and not any(os.path.exists(p) for p in read):
             raise MarsvisionError(
-                f"{out} has no run record ({record_path(out)}), and none of the {len(read)} "
+                f"{out} has no run record ({_record_path(out)}), and none of the {len(read)} "
                 f"images its rows name by relative paths (e.g. {read[0]}) is found from this "
                 "folder, so none of its rows would be skipped: resume it from the folder it was "
                 "begun in, or write to a new --out"
@@ -383,13 +383,13 @@ def resume_base(
         return None
     except (OSError, ValueError) as e:
         raise MarsvisionError(
-            f"cannot read the run record {record_path(out)} ({e}); delete it to resume without "
+            f"cannot read the run record {_record_path(out)} ({e}); delete it to resume without "
             "its checks"
         ) from None
     if record.get("fast_decode", False) != fast_decode:
         was = "with" if record.get("fast_decode") else "without"
         raise MarsvisionError(
-            f"{out} was written {was} --fast-decode (its run record, {record_path(out)}): resume "
+            f"{out} was written {was} --fast-decode (its run record, {_record_path(out)}): resume "
             "it the same way, or write to a new --out"
         )
     was = record.get("int8_sums", int8_sums)  # a record from before it: not known
@@ -398,14 +398,14 @@ def resume_base(
 
         raise MarsvisionError(
             f"{out} was written with {was} INT8 sums, and this run's are {int8_sums} (its run "
-            f"record, {record_path(out)}): resume it with {EXACT_INT8_ENV}="
+            f"record, {_record_path(out)}): resume it with {EXACT_INT8_ENV}="
             f"{1 if was == 'exact' else 0}, or write to a new --out"
         )
     was = record.get("library", library)  # a record from before it: not known
     if was != library:
         raise MarsvisionError(
             f"{out} was written with {was}, and this run has {library} (its run record, "
-            f"{record_path(out)}): other versions may give other probabilities; resume it with "
+            f"{_record_path(out)}): other versions may give other probabilities; resume it with "
             f"{was}, or write to a new --out"
         )
     cwd, cwd_id = str(record.get("cwd") or os.getcwd()), record.get("cwd_id")
@@ -434,14 +434,14 @@ def read_resumed(
 ) -> dict[str, str]:
     """{path key: status} of the rows already in `out` (`read_done`), keyed by `path_keys` from
     the folder they were written in, for a run that continues it; refused as `read_done` and
-    `resume_base` say. A file with no row yet (a CSV killed in its first batch: its header)
+    `_resume_base` say. A file with no row yet (a CSV killed in its first batch: its header)
     holds nothing to mix with, and is not checked against its run record."""
     base = None
 
     def same_run(rows: dict[str, str]) -> None:
         nonlocal base
         if rows:
-            base = resume_base(out, run=run, inputs=inputs, rows=rows)
+            base = _resume_base(out, run=run, inputs=inputs, rows=rows)
 
     rows = read_done(out, fmt=fmt, header=header, provenance=provenance, check=same_run)
     return dict(zip(path_keys(rows, base=base), rows.values()))

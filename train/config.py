@@ -199,10 +199,10 @@ def saved_setting(saved: Mapping[str, Any], key: str) -> Any:
         field = next((f for f in dataclasses.fields(TrainConfig) if f.name == key), None)
         default = None if field is None or field.default is dataclasses.MISSING else field.default
         return BEFORE_ITS_FLAG.get(key, default)
-    return saved_augment(saved[key]) if key == "augment" else saved[key]
+    return _saved_augment(saved[key]) if key == "augment" else saved[key]
 
 
-def saved_augment(saved: Mapping[str, Any]) -> dict[str, Any]:
+def _saved_augment(saved: Mapping[str, Any]) -> dict[str, Any]:
     """A saved config's augment settings as `TrainConfig.to_dict()` writes them now: tuples
     back from JSON lists, settings added since (grayscale, policy) at their defaults."""
     got = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
@@ -336,7 +336,7 @@ def command_line(config: dict[str, Any], *, data: str = "DATA", out: str | None 
     if recipe is None:
         raise MarsvisionError(f"config names an unknown recipe {config['recipe']!r}")
     config = dict(config)
-    augment = saved_augment(config["augment"])
+    augment = _saved_augment(config["augment"])
     flagged = _augment_flags(augment)
     default = _augment_flags(dataclasses.asdict(recipe["augment"]))
     config.update({flag: v if v != default[flag] else None for flag, v in flagged.items()})

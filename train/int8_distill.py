@@ -181,7 +181,7 @@ def distill(
     return {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
 
 
-def distilled_checkpoint(
+def _distilled_checkpoint(
     ckpt: dict[str, Any],
     state: dict[str, torch.Tensor],
     *,
@@ -218,7 +218,7 @@ def distilled_checkpoint(
     out["distill"] = {
         **settings,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name(device),  # where `distill` ran, as `main` passes it
+        "device": _device_name(device),  # where `distill` ran, as `main` passes it
         "seconds": seconds,
         "versions": library_versions(),
         "source_checkpoint_sha256": source_sha256,
@@ -229,7 +229,7 @@ def distilled_checkpoint(
     return out
 
 
-def device_name(device: str) -> str:
+def _device_name(device: str) -> str:
     """The card's device: "cuda (the GPU's name)" or "cpu (the CPU's model name)"."""
     from marsvision.runtime.host import cpu_model
     from marsvision.train.device import select_device
@@ -277,7 +277,7 @@ def distill_file(
     state = distill(ckpt, data_dir=data_dir, epochs=epochs, lr=lr, batch_size=batch_size,
                     signed=flavour == "trt", seed=seed, limit=limit, workers=workers,
                     device=device, log=log)  # fmt: skip
-    result = distilled_checkpoint(ckpt, state, data_dir=data_dir, settings=settings,
+    result = _distilled_checkpoint(ckpt, state, data_dir=data_dir, settings=settings,
                                   source_sha256=sha256_file(checkpoint), source_path=checkpoint,
                                   seconds=time.perf_counter() - t0, device=device,
                                   workers=workers, limit=limit)  # fmt: skip

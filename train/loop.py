@@ -226,7 +226,7 @@ def evaluate(
     return loss, torch.softmax(out, dim=1).cpu().numpy()
 
 
-def check_finite(loss: float, what: str, epoch: int, lr: float) -> None:
+def _check_finite(loss: float, what: str, epoch: int, lr: float) -> None:
     """Stop a run whose weights went NaN or inf: it went on to the end and exited 0, every
     image labelled the first class (argmax of NaN) and NaN in metrics.json."""
     if not math.isfinite(loss):
@@ -380,7 +380,7 @@ def _train(cfg: TrainConfig, deadline: float | None, lock: FolderLock) -> dict[s
             desc=f"epoch {epoch}/{cfg.epochs}", camera=camera,
             progress=((epoch - 1) / cfg.epochs, epoch / cfg.epochs),
         )  # fmt: skip
-        check_finite(tr["loss"], "train loss", epoch, cfg.lr)
+        _check_finite(tr["loss"], "train loss", epoch, cfg.lr)
         entry = {
             "epoch": epoch,
             "train_loss": tr["loss"],
@@ -397,7 +397,7 @@ def _train(cfg: TrainConfig, deadline: float | None, lock: FolderLock) -> dict[s
         else:
             val_loss, val_probs = evaluate(scored, inputs=inputs["val"], labels=y["val"],
                                            batch_size=2 * cfg.batch_size, amp=bf16)  # fmt: skip
-            check_finite(val_loss, "val loss", epoch, cfg.lr)
+            _check_finite(val_loss, "val loss", epoch, cfg.lr)
             vm = _split_metrics(task, splits["val"], val_probs, k)
             entry.update(val_loss=val_loss, val_accuracy=vm["accuracy"],
                          val_balanced_accuracy=vm["balanced_accuracy"])  # fmt: skip
@@ -446,7 +446,7 @@ def _train(cfg: TrainConfig, deadline: float | None, lock: FolderLock) -> dict[s
                                       batch_size=2 * cfg.batch_size, amp=False)  # fmt: skip
         # a refit selects nothing on val, and its train loss predates each step's update
         try:
-            check_finite(loss, f"{split} loss of the kept weights", best_epoch, cfg.lr)
+            _check_finite(loss, f"{split} loss of the kept weights", best_epoch, cfg.lr)
         except MarsvisionError:  # the kept weights are NaN: no file may offer them
             for name in (CHECKPOINT, RESUME):
                 (cfg.out / name).unlink(missing_ok=True)

@@ -48,7 +48,7 @@ def _save_figure(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
+def _plot_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
     """Loss, accuracy and learning rate per epoch (train, and val where it was scored)."""
     import matplotlib
 
@@ -77,7 +77,7 @@ def plot_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_confusion(
+def _plot_confusion(
     cm: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str
 ) -> None:
     """Confusion matrix heat map with counts (rows = true class)."""
@@ -120,7 +120,7 @@ def write_results(
     names = result["class_names"]
     write_predictions(out / "predictions_test.csv", samples=test, data_dir=data_dir,
                       probs=test_probs, class_names=names)  # fmt: skip
-    plot_curves(result["history"], out / "curves.png")
-    plot_confusion(result["test"]["confusion_matrix"], names, out / "confusion_test.png",
+    _plot_curves(result["history"], out / "curves.png")
+    _plot_confusion(result["test"]["confusion_matrix"], names, out / "confusion_test.png",
                    f"test, checkpoint of epoch {result['best_epoch']}")  # fmt: skip
     write_json(out / "metrics.json", result)

@@ -138,7 +138,7 @@ PROVIDER_OPTIONS: dict[str, dict[str, str]] = {"CUDAExecutionProvider": {"use_tf
 TRT_EP_MAX_BATCH = 32
 
 
-def tensorrt_ep_options(meta: ModelMeta, path: Path) -> dict[str, str]:
+def _tensorrt_ep_options(meta: ModelMeta, path: Path) -> dict[str, str]:
     """The TensorRT provider's options for the model `path` that `meta` describes."""
     if meta.precision == "int8" and (meta.quantization or {}).get("activations") != "int8":
         raise MarsvisionError(
@@ -303,7 +303,7 @@ class OnnxRuntimeRunner:
         self.exact_int8 = exact_int8_default()  # INT8 in exact sums (this CPU's would saturate)
         options, self._max_batch = None, None
         if _EP["tensorrt"] in providers:  # its options come from the metadata: read it first
-            trt = tensorrt_ep_options(meta_from_onnx(self.path), self.path)
+            trt = _tensorrt_ep_options(meta_from_onnx(self.path), self.path)
             options, self._max_batch = {_EP["tensorrt"]: trt}, TRT_EP_MAX_BATCH
         self._sess = _session(
             self.path, providers, session_options(threads, exact_int8=self.exact_int8), options
