@@ -46,10 +46,12 @@ class Artifact:
 
     @property
     def is_engine(self) -> bool:
+        """Whether it is a TensorRT engine (run by TensorRT, not onnxruntime)."""
         return self.flavour in ENGINE_FLAVOURS
 
     @property
     def size_mib(self) -> float:
+        """The file's size on disk."""
         return self.path.stat().st_size / (1024 * 1024)
 
 

@@ -80,6 +80,7 @@ class SpeedConfig:
             raise MarsvisionError(f"device {self.device!r}: choose cpu or cuda")
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as JSON-ready values (paths as strings), for the result file."""
         d = asdict(self)
         d["checkpoint"] = str(self.checkpoint)
         d["artifacts"] = str(self.artifacts) if self.artifacts else None

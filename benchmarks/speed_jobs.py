@@ -42,6 +42,7 @@ class Job:
     images: tuple[str, ...] = ()  # e2e only: the files to cycle through
 
     def to_dict(self) -> dict[str, Any]:
+        """The job as JSON-ready values (it travels to an isolated row's process this way)."""
         d = asdict(self)
         d["images"] = list(self.images)
         return d

@@ -61,6 +61,7 @@ class Prediction:
 
     @property
     def ok(self) -> bool:
+        """Whether the image was classified (else `error` says why not)."""
         return self.status == "ok"
 
 

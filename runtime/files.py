@@ -161,9 +161,11 @@ class FolderLock:
 
     @property
     def held(self) -> bool:
+        """Whether this lock holds its folder now."""
         return self._fd is not None
 
     def acquire(self, folder: str | os.PathLike[str], command: str) -> None:
+        """Lock `folder` for `command`, or say who holds it (a no-op off POSIX or when held)."""
         if os.name != "posix" or self.held:  # a folder opens as a file on POSIX only
             return
         fd = os.open(folder, os.O_RDONLY)
@@ -181,6 +183,7 @@ class FolderLock:
             os.close(fd)
 
     def release(self) -> None:
+        """Let the folder go (a no-op when not held)."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -64,6 +64,7 @@ class ModelMeta:
 
     @property
     def num_classes(self) -> int:
+        """How many classes the model tells apart (its logits' width)."""
         return len(self.class_names)
 
     def decide(self, probs: Any) -> Any:

@@ -46,6 +46,7 @@ class WeightFakeQuant(nn.Module):
     """Per-output-channel symmetric int8 fake quantization of a weight (a parametrization)."""
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight rounded to its int8 grid, the gradient passed straight through."""
         dims = tuple(range(1, w.ndim))
         scale = w.detach().abs().amax(dim=dims, keepdim=True).clamp_min(1e-12) / 127.0
         q = torch.clamp(torch.round(w / scale), -127, 127) * scale
