@@ -117,10 +117,8 @@ def _record(cfg: InferConfig, clf: Classifier, inputs: int) -> dict[str, Any]:
 def run(cfg: InferConfig) -> int:
     """Classify every input of `cfg` and write its row; returns the exit code."""
     from marsvision.runtime.inputs import expand_inputs, path_keys
-    from marsvision.runtime.results import (
-        Provenance,
-        ResultWriter,
-        csv_header,
+    from marsvision.runtime.results import Provenance, ResultWriter, csv_header
+    from marsvision.runtime.resume import (
         lock_output,
         open_output,
         out_exists,

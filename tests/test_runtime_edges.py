@@ -591,7 +591,8 @@ def test_resume_reads_relative_rows_from_the_folder_the_file_was_begun_in(
 
 
 def test_unreadable_results_file_is_a_one_line_error(tmp_path: Path) -> None:
-    from marsvision.runtime.results import Provenance, csv_header, read_done
+    from marsvision.runtime.results import Provenance, csv_header
+    from marsvision.runtime.resume import read_done
 
     with pytest.raises(MarsvisionError, match="cannot resume the results file"):
         read_done(str(tmp_path), fmt="csv", header=csv_header(["a", "b"], None),
@@ -692,7 +693,8 @@ def test_resume_leaves_a_refused_file_as_it_was(
 ) -> None:
     """--resume on a file that is not this run's results (the wrong --out) is refused before
     anything is cut from it: its unfinished last line is not a kill's row to drop."""
-    from marsvision.runtime.results import Provenance, csv_header, read_done
+    from marsvision.runtime.results import Provenance, csv_header
+    from marsvision.runtime.resume import read_done
 
     out = tmp_path / f"labels.{fmt}"
     out.write_bytes(content)
@@ -707,7 +709,8 @@ def test_csv_rows_round_trip_carriage_returns_and_long_fields(tmp_path: Path) ->
     reader would end the row there if it were not quoted), and a path longer than the csv
     module's default field limit (an error row for a bad line of a list file) still resumes."""
     from marsvision.runtime.classifier import Prediction
-    from marsvision.runtime.results import Provenance, ResultWriter, csv_header, read_done
+    from marsvision.runtime.results import Provenance, ResultWriter, csv_header
+    from marsvision.runtime.resume import read_done
 
     paths = ["a\rb.jpg", "c.jpg", "x" * 200_000, "d\ne.jpg"]
     out = tmp_path / "r.csv"
@@ -793,7 +796,7 @@ def test_an_out_made_by_another_run_meanwhile_says_exists(tmp_path: Path) -> Non
     """Two new runs on one --out started together: the second's open found the first's file
     after its own check, and said "cannot write the results file ... (File exists)"."""
     from marsvision.runtime.errors import MarsvisionError
-    from marsvision.runtime.results import open_output
+    from marsvision.runtime.resume import open_output
 
     out = tmp_path / "r.csv"
     out.write_text("path\n")
