@@ -7,12 +7,13 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.errors import MarsvisionError, signals_held
 from marsvision.runtime.files import atomic_write_text, make_folder, temporary
 from marsvision.runtime.metadata import METADATA_KEY, ModelMeta, sha256_file, sidecar_path
 from marsvision.runtime.models import SUFFIXES
@@ -52,7 +53,17 @@ def staging_dir(out: Path) -> Iterator[Path]:
         yield tmp
 
 
-def publish(staged: Path, final: Path) -> None:
+def remove_dead_staging(out: Path) -> None:
+    """Remove the staging folders that exports killed outright (SIGKILL, the OOM killer, a
+    power cut) left in `out`, hundreds of MB each; only while holding `out`'s lock, so that none
+    is a running export's."""
+    for old in out.glob(".staging.*"):
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+            log(f"removed {old.name} from {out}: the staging folder of an export that was killed")
+
+
+def _publish(staged: Path, final: Path) -> None:
     """Move a complete file from the staging dir to its final name (atomic rename)."""
     os.replace(staged, final)
 
@@ -150,18 +161,27 @@ def _kept_entries(
     return kept
 
 
-def write_manifest(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Write manifest.json atomically, keeping entries of earlier exports of the same model.
+def write_manifest(
+    out: Path, manifest: dict[str, Any], *, staged: Sequence[tuple[Path, Path]] = ()
+) -> dict[str, Any]:
+    """Move the `staged` files (staging path, final path) into place and write manifest.json
+    atomically, keeping entries of earlier exports of the same model.
 
     Every entry says when the export that wrote it ran (`exported`): the top-level `created`,
     `config` and `versions` are this export's, and `kept` lists the files an earlier export
-    wrote. Returns the manifest as written.
+    wrote. The renames and the manifest happen with Ctrl-C, SIGTERM and SIGHUP held: a signal
+    between them left new files beside the manifest of the old ones. Returns the manifest as
+    written.
     """
     path = out / MANIFEST
     fresh = [{**a, "exported": manifest["created"]} for a in manifest["artifacts"]]
     kept: list[dict[str, Any]] = []
-    if path.exists():
+    if path.exists():  # read before any file is replaced
         kept = _kept_entries(out, json.loads(path.read_text(encoding="utf-8")), fresh)
     manifest = {**manifest, "artifacts": kept + fresh, "kept": [a["file"] for a in kept]}
-    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    with signals_held():
+        for src, dst in staged:
+            _publish(src, dst)
+        atomic_write_text(path, text)
     return manifest

@@ -13,7 +13,7 @@ from marsvision.export.artifacts import (
     check_manifest_owner,
     log,
     prepare_out_dir,
-    publish,
+    remove_dead_staging,
     staging_dir,
     write_manifest,
 )
@@ -95,6 +95,8 @@ def _export_all(config: ExportConfig, lock: FolderLock) -> dict[str, Any]:
     out = prepare_out_dir(config.out)
     lock.acquire(out, "mars-export")  # an export of another checkpoint would mix the manifest
     check_manifest_owner(out, source_sha)
+    if lock.held:  # (a no-op off POSIX: there an export running beside it may own one)
+        remove_dead_staging(out)
     if skip_note:
         log(skip_note)
 
@@ -198,17 +200,14 @@ def _export_all(config: ExportConfig, lock: FolderLock) -> dict[str, Any]:
                 fig = {"note": "not measured at export (needs a TensorRT runner)"}
                 entries.append(_entry(path, flavour, emeta, fig, time.perf_counter() - t0))
 
-        # All artifacts complete: move them into place (sidecars after their engines).
-        for src, dst in staged:
-            publish(src, dst)
-
-    manifest = {
-        "source_checkpoint": str(config.checkpoint.resolve()),  # usable from any folder
-        "source_checkpoint_sha256": source_sha,
-        "task": task,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": json.loads(json.dumps(asdict(config), default=str)),
-        "versions": meta.versions,
-        "artifacts": entries,
-    }
-    return write_manifest(out, manifest)
+        manifest = {
+            "source_checkpoint": str(config.checkpoint.resolve()),  # usable from any folder
+            "source_checkpoint_sha256": source_sha,
+            "task": task,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config": json.loads(json.dumps(asdict(config), default=str)),
+            "versions": meta.versions,
+            "artifacts": entries,
+        }
+        # All artifacts complete: into place (sidecars after their engines) with their manifest.
+        return write_manifest(out, manifest, staged=staged)

@@ -18,8 +18,11 @@ from marsvision.runtime.backends.onnxruntime import no_telemetry
 from marsvision.runtime.classifier import DEFAULT_BATCH_SIZE, TTA_MODES, Classifier
 from marsvision.runtime.errors import (
     EXIT_BROKEN_PIPE,
+    EXIT_HANGUP,
     EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
     MarsvisionError,
+    interruptible,
     stdout_gone,
 )
 from marsvision.runtime.results import FORMATS
@@ -43,6 +46,7 @@ Exit codes:
   {EXIT_USAGE}  usage error (unknown option, bad value)
   {EXIT_SOME_FAILED}  some inputs could not be read or classified (their rows have status error)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); the rows written so far stay, --resume continues
+  {EXIT_TERMINATED}, {EXIT_HANGUP}  stopped by SIGTERM, SIGHUP (the terminal closed): the same
   {EXIT_BROKEN_PIPE}  stdout closed by its reader (e.g. `| head`): stopped quietly
 """
 
@@ -389,12 +393,14 @@ def main(
                       backend=backend, device=device, workers=workers, threads=threads,
                       recursive=recursive, resume=resume, top_k=top_k, fast_decode=fast_decode,
                       tta=tta)  # fmt: skip
-    try:
-        code = run(cfg)
-    except KeyboardInterrupt:  # click would say "Aborted!" and exit 1, an option error's code
-        more = f"; the rows written so far are in {out}: --resume continues" if out else ""
-        click.echo(f"\nmars-infer: interrupted{more}", err=True)
-        code = EXIT_INTERRUPTED
+
+    def kept() -> str:  # said once stopped: a run stopped before its first row leaves no file
+        return f"; the rows written so far are in {out}: --resume continues" if (
+            out is not None and os.path.isfile(out)) else ""  # fmt: skip
+
+    try:  # Ctrl-C, SIGTERM, SIGHUP: the run's cleanups (an empty --out, a record's .tmp) first
+        with interruptible("mars-infer", hint=kept):
+            code = run(cfg)
     except BrokenPipeError:  # e.g. `mars-infer ... | head`: stop quietly (1 said model error)
         code = stdout_gone()
     sys.exit(code)

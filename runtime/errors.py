@@ -9,17 +9,20 @@ import errno
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.util import find_spec
 from types import FrameType
 
 import click
 
-# The exit codes of a command stopped by Ctrl-C or SIGTERM (128 + the signal, as the shell
-# reports it): click would say "Aborted!" and exit 1, an option error's code, and SIGTERM's
-# default handler killed the process before its cleanups.
+# The exit codes of a command stopped by Ctrl-C, SIGTERM or SIGHUP (128 + the signal, as the
+# shell reports it): click would say "Aborted!" and exit 1, an option error's code, and the
+# default handlers of SIGTERM and SIGHUP killed the process before its cleanups.
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # `timeout`, a job scheduler, a CI cancel
+EXIT_HANGUP = 129  # the terminal (or ssh session) the command ran in closed
+# the signals that stop a command with its cleanups run (SIGHUP: POSIX only)
+_STOPS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 EXIT_BROKEN_PIPE = 141  # SIGPIPE: the reader of stdout left (`| head`), as cat or grep report it
 # A write that failed for want of room: a full disk, a quota, the file size limit (ulimit -f).
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -78,32 +81,71 @@ def require_extra(command: str, extra: str, *modules: str) -> None:
         )
 
 
+class Stopped(SystemExit):
+    """A command stopped by SIGTERM or SIGHUP: exits 128 + the signal, once its cleanups ran."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signal_name = signal.Signals(signum).name
+
+
+# the signals that came while `signals_held` held them (None: not holding)
+_held: list[int] | None = None
+
+
 def _stop(signum: int, frame: FrameType | None) -> None:
     # a second Ctrl-C or SIGTERM (pressed again, a scheduler's repeat) would cut the cleanups
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in _STOPS:
         signal.signal(sig, signal.SIG_IGN)
-    if signum == signal.SIGINT:
+    if _held is not None:
+        _held.append(signum)
+    elif signum == signal.SIGINT:
         raise KeyboardInterrupt
-    raise SystemExit(EXIT_TERMINATED)
+    else:
+        raise Stopped(signum)
 
 
 @contextlib.contextmanager
-def interruptible(command: str, *, hint: str = "") -> Iterator[None]:
-    """Run the block so that Ctrl-C and SIGTERM end it with its cleanups run (temporary files
-    and folders of up to hundreds of MB are removed; a second signal waits for them): Ctrl-C
-    says "`command`: interrupted" and `hint`, exit 130; SIGTERM exits 143. For the main thread
-    (where signal handlers are set)."""
+def interruptible(command: str, *, hint: str | Callable[[], str] = "") -> Iterator[None]:
+    """Run the block so that Ctrl-C, SIGTERM and SIGHUP end it with its cleanups run (temporary
+    files and folders of up to hundreds of MB are removed; a second signal waits for them), then
+    say "`command`: interrupted" (or "stopped by SIGTERM") and `hint` (a callable: what it says
+    once stopped), exit 130 (143, 129). For the main thread (where signal handlers are set)."""
     # a signal the process was started with ignored (`cmd &` in a script) stays ignored
-    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, _stop) for sig in _STOPS
                 if signal.getsignal(sig) is not signal.SIG_IGN}  # fmt: skip
+
+    def said(what: str) -> None:
+        with contextlib.suppress(OSError):  # stderr closed or full: the exit code still says it
+            click.echo(f"\n{command}: {what}{hint() if callable(hint) else hint}", err=True)
+
     try:
         yield
     except KeyboardInterrupt:
-        click.echo(f"\n{command}: interrupted{hint}", err=True)
+        said("interrupted")
         sys.exit(EXIT_INTERRUPTED)
+    except Stopped as e:
+        said(f"stopped by {e.signal_name}")
+        raise
     finally:
         for sig, handler in previous.items():  # None: a handler not set from Python
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold the stop that Ctrl-C, SIGTERM or SIGHUP makes under `interruptible` until the block
+    is done, for steps that must happen together (files renamed into place and the manifest
+    that lists them); the command then stops as it would have. (Not by blocking the signals: any
+    thread of the process, torch's or onnxruntime's, may receive them.)"""
+    global _held
+    outer, _held = _held, _held if _held is not None else []
+    try:
+        yield
+    finally:
+        came, _held = _held, outer
+        if came and outer is None:
+            _stop(came[0], None)
 
 
 def stdout_gone() -> int:

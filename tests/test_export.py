@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -318,8 +319,13 @@ def test_a_calibration_cache_that_cannot_be_used_is_recomputed(
     (cache,) = (out / CALIB_CACHE_DIR).glob("*.json")
     config = _int8_again(ckpt_path, out, msl_dir)
     cache.write_text('{"calibration_method": "cut here')
+    dead = out / ".staging.0badf00d"  # an export killed outright (SIGKILL) left its staging
+    dead.mkdir()
+    (dead / "pre-quant.onnx").write_bytes(b"half")
     manifest = export_all(config)
-    assert "cannot use cached ranges" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "cannot use cached ranges" in err
+    assert f"removed .staging.0badf00d from {out}" in err and not dead.exists()
     int8 = [a for a in manifest["artifacts"] if a["flavour"].startswith("int8")]
     assert [a["calibration_reused"] for a in int8] == [False, False]
     assert load_tensors_data(cache).data  # overwritten with the new ranges
@@ -422,6 +428,46 @@ def test_a_kept_file_replaced_by_hand_leaves_the_manifest(
     assert files["int8-cpu"].read_bytes() == b"another model's int8-cpu"  # left in place
     err = capsys.readouterr().err
     assert f"{files['int8-cpu'].name} is not the file an earlier export wrote" in err, err
+
+
+def test_files_and_their_manifest_change_together_under_a_signal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM just after the new files were renamed into place, before the manifest was
+    written, left the manifest of the old files beside them (its sha256s and calibration no
+    longer the files'): the renames and the manifest now happen with signals held."""
+    import signal
+
+    from marsvision.export.artifacts import write_manifest
+    from marsvision.runtime.errors import interruptible
+
+    old = {f: _path(tmp_path, f) for f in ("fp32", "int8-cpu")}
+    for flavour, path in old.items():
+        path.write_bytes(b"old " + flavour.encode())
+    write_manifest(tmp_path, _manifest("earlier", old))
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    new = {f: stage / p.name for f, p in old.items()}
+    for flavour, path in new.items():
+        path.write_bytes(b"new " + flavour.encode())
+    manifest = _manifest("now", new)
+    real_replace = os.replace
+
+    def replace_then_signal(src: Any, dst: Any) -> None:
+        real_replace(src, dst)
+        os.kill(os.getpid(), signal.SIGTERM)  # right after the first file is in place
+
+    monkeypatch.setattr(os, "replace", replace_then_signal)
+    with pytest.raises(SystemExit) as stopped:
+        with interruptible("mars-export"):
+            write_manifest(tmp_path, manifest, staged=[(new[f], old[f]) for f in new])
+    monkeypatch.undo()
+    assert stopped.value.code == 143
+    written = json.loads((tmp_path / MANIFEST).read_text())
+    assert written["created"] == "now"
+    for entry in written["artifacts"]:
+        assert entry["sha256"] == sha256_file(tmp_path / entry["file"])
+    assert sorted(p.name for p in stage.iterdir()) == []
 
 
 def test_an_int8_engine_of_another_calibration_leaves_the_manifest(

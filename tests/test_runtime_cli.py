@@ -243,6 +243,17 @@ def test_kill_then_resume_loses_and_duplicates_nothing(
     assert err.decode().strip().splitlines()[-1] == (
         f"mars-infer: interrupted; the rows written so far are in {out}: --resume continues"
     )
+    # SIGTERM (a scheduler, `timeout`) and SIGHUP (the terminal closed): the same, with their
+    # exit codes (they killed it before its cleanups, silently: a run record's .tmp stayed)
+    for sig, code, rows in ((signal.SIGTERM, 143, 14), (signal.SIGHUP, 129, 18)):
+        proc = start_then(sig, rows)
+        _, err = proc.communicate()
+        assert proc.returncode == code, err
+        assert err.decode().strip().splitlines()[-1] == (
+            f"mars-infer: stopped by {sig.name}; the rows written so far are in {out}: --resume "
+            "continues"
+        )
+        assert not list(tmp_path.glob(".*.tmp"))
     proc = start_then(signal.SIGKILL, 20)
     assert proc.wait() == -signal.SIGKILL
     n_before = out.read_bytes().count(b"\n")

@@ -1020,6 +1020,52 @@ def test_a_second_signal_waits_for_the_cleanups() -> None:
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
+@pytest.mark.parametrize(("name", "code"), [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_and_sighup_stop_after_the_cleanups_and_say_so(
+    name: str, code: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`interruptible`: SIGHUP (the terminal closed) had its default handler, which killed the
+    command before its cleanups (mars-export's staging folder of 270 MB stayed); SIGTERM said
+    nothing. The hint is asked for once stopped (what there is to resume from by then)."""
+    import signal
+    import time
+
+    from marsvision.runtime.errors import interruptible
+
+    sig = getattr(signal, name)
+    cleaned, asked = [], []
+    with pytest.raises(SystemExit) as stopped:
+        with interruptible("cmd", hint=lambda: asked.append(True) or "; --resume continues"):
+            try:
+                os.kill(os.getpid(), sig)
+                time.sleep(5)  # the handler raises in here
+            finally:
+                assert not asked  # the hint is said after the cleanups
+                cleaned.append(True)
+    assert stopped.value.code == code and cleaned == [True] and asked == [True]
+    assert capsys.readouterr().err == f"\ncmd: stopped by {name}; --resume continues\n"
+
+
+def test_signals_held_are_handled_after_the_block() -> None:
+    """`signals_held`: a SIGTERM in the block stops the command only once the block is done
+    (mars-export's renames and the manifest that lists them)."""
+    import signal
+    import time
+
+    from marsvision.runtime.errors import interruptible, signals_held
+
+    done = []
+    with pytest.raises(SystemExit) as stopped:
+        with interruptible("cmd"):
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                done.append("block")
+            time.sleep(1)  # handled here, at the latest
+            done.append("after")
+    assert stopped.value.code == 143 and done == ["block"]
+
+
 def test_an_ignored_signal_stays_ignored() -> None:
     """A command started with SIGINT ignored (`cmd &` in a script, shielded from Ctrl-C) was
     stopped by it once `interruptible` set its handler."""

@@ -228,9 +228,16 @@ def main(
                    f"run: {cfg.warmup_epochs:g} (the lr then decays)", err=True)  # fmt: skip
     from marsvision.train.loop import RESUME_EVERY_S
     from marsvision.train.loop import main as train
+    from marsvision.train.resume import RESUME
 
-    hint = (f"; the same command with --resume continues from the last resume.pt (saved every "
-            f"{RESUME_EVERY_S / 60:g} minutes)")  # fmt: skip
+    every = f"{RESUME_EVERY_S / 60:g} minutes"
+
+    def hint() -> str:  # said once stopped: before the first save there is nothing to resume
+        if (cfg.out / RESUME).exists():
+            return (f"; the same command with --resume continues from the last {RESUME} (saved "
+                    f"every {every})")  # fmt: skip
+        return f"; no {RESUME} yet to continue from (the first is saved after {every})"
+
     with interruptible("mars-train", hint=hint), out_of_room(cfg.out):
         result = train(cfg)
     test = result["test"]
