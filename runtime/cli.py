@@ -23,7 +23,6 @@ from marsvision.runtime.errors import (
     EXIT_TERMINATED,
     MarsvisionError,
     interruptible,
-    stdout_gone,
 )
 from marsvision.runtime.results import FORMATS
 
@@ -398,11 +397,10 @@ def main(
         return f"; the rows written so far are in {out}: --resume continues" if (
             out is not None and os.path.isfile(out)) else ""  # fmt: skip
 
-    try:  # Ctrl-C, SIGTERM, SIGHUP: the run's cleanups (an empty --out, a record's .tmp) first
-        with interruptible("mars-infer", hint=kept):
-            code = run(cfg)
-    except BrokenPipeError:  # e.g. `mars-infer ... | head`: stop quietly (1 said model error)
-        code = stdout_gone()
+    # Ctrl-C, SIGTERM, SIGHUP: the run's cleanups (an empty --out, a record's .tmp) first; a
+    # reader that left (`mars-infer ... | head`): quietly, exit 141 (1 said model error)
+    with interruptible("mars-infer", hint=kept):
+        code = run(cfg)
     sys.exit(code)
 
 

@@ -110,7 +110,8 @@ def interruptible(command: str, *, hint: str | Callable[[], str] = "") -> Iterat
     """Run the block so that Ctrl-C, SIGTERM and SIGHUP end it with its cleanups run (temporary
     files and folders of up to hundreds of MB are removed; a second signal waits for them), then
     say "`command`: interrupted" (or "stopped by SIGTERM") and `hint` (a callable: what it says
-    once stopped), exit 130 (143, 129). For the main thread (where signal handlers are set)."""
+    once stopped), exit 130 (143, 129). A reader of its stdout or stderr that left ends it
+    quietly, exit 141. For the main thread (where signal handlers are set)."""
     # a signal the process was started with ignored (`cmd &` in a script) stays ignored
     previous = {sig: signal.signal(sig, _stop) for sig in _STOPS
                 if signal.getsignal(sig) is not signal.SIG_IGN}  # fmt: skip
@@ -127,6 +128,11 @@ def interruptible(command: str, *, hint: str | Callable[[], str] = "") -> Iterat
     except Stopped as e:
         said(f"stopped by {e.signal_name}")
         raise
+    except BrokenPipeError:  # its output's reader left (`2>&1 | head`): click said nothing, exit 1
+        for stream in (sys.stdout, sys.stderr):  # nothing more to say, and nowhere to say it
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        sys.exit(EXIT_BROKEN_PIPE)
     finally:
         for sig, handler in previous.items():  # None: a handler not set from Python
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)

@@ -296,6 +296,25 @@ def test_a_stopped_export_leaves_no_staging_folder(
     assert not (tmp_path / MANIFEST).exists()
 
 
+def test_a_reader_of_stderr_that_left_ends_the_export_quietly(
+    tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    """`mars-export ... 2>&1 | head -2`: the reader gone, its next log line ended it with exit
+    1 (click's handling of a broken pipe), which says "an error, said on stderr": now 141, as
+    for stdout's reader, after the cleanups (no staging folder left)."""
+    import subprocess
+    import sys
+
+    args = ["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "out"), "--data",
+            str(msl_dir), "--tensorrt", "off"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "marsvision.export.cli", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stderr is not None
+    proc.stderr.close()  # the reader leaves before the first line
+    assert proc.wait(timeout=300) == 141
+    assert not list((tmp_path / "out").glob(".staging*"))
+
+
 def test_tensorrt_on_needs_an_engine_to_build(
     tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path
 ) -> None:
