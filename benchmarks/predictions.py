@@ -3,6 +3,7 @@ the classes they name, the task those classes belong to, and the model that wrot
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import errno
 import hashlib
@@ -72,6 +73,35 @@ def _row(path: Path, line: int, d: dict[str, Any]) -> PredictionRow:
     return PredictionRow(line, str(d["path"]), status, label, sha, precision, backend, tta)
 
 
+_REQUIRED = ("path", "status", "label", "error", *_PROVENANCE)
+
+
+def _not_results(path: Path, first: str) -> MarsvisionError:
+    return MarsvisionError(
+        f"{path} is not a mars-infer result file: its first line is {first}; score the file "
+        "that mars-infer wrote (its --out)"
+    )
+
+
+def _check_first_line(path: Path, text: str) -> None:
+    """A file that mars-infer did not write (a checkpoint, a manifest, a score report) is said
+    to be one before any row is read: its rows were blamed on a run cut short (finish it with
+    mars-infer --resume, which then refused it too)."""
+    jsonl = text.lstrip().startswith("{")  # its blank lines are skipped; a CSV's are not
+    first = (text.lstrip() if jsonl else text).split("\n", 1)[0].rstrip("\r")
+    if jsonl:
+        try:
+            row = json.loads(first)
+        except ValueError:
+            row = None
+        if not (isinstance(row, dict) and {"path", "status"} <= row.keys()):
+            raise _not_results(path, "no result row (path, status, label, ...)")
+        return
+    header = next(csv.reader([first]), [])
+    if not all(c in header for c in _REQUIRED):
+        raise _not_results(path, f"no header of the columns {', '.join(_REQUIRED)}")
+
+
 def _read_csv(path: Path, text: str) -> Predictions:
     # mars-infer ends every row with a newline; a kill can cut the last one inside its last
     # column, which still has the header's count of columns (as --resume finds where it ends)
@@ -84,11 +114,6 @@ def _read_csv(path: Path, text: str) -> Predictions:
         )
     table = csv_rows(path, text)
     header = table[0]
-    missing = [c for c in ("path", "status", "label", "error", *_PROVENANCE) if c not in header]
-    if missing:
-        raise MarsvisionError(
-            f"{path} is not a mars-infer result file: no {', '.join(missing)} column"
-        )
     top_k = sum(1 for c in header if re.fullmatch(r"label_\d+", c)) or None
     names = None if top_k else [c[len("prob_") :] for c in header if c.startswith("prob_")]
     label_keys = ["label", *(f"label_{i}" for i in range(1, (top_k or 0) + 1))]
@@ -164,6 +189,7 @@ def read_predictions(path: Path) -> Predictions:
     text = data.decode("utf-8-sig", errors="surrogateescape")
     if not text.strip():
         raise MarsvisionError(f"{path} is empty: no predictions to score")
+    _check_first_line(path, text)
     if text.lstrip().startswith("{"):
         preds = _read_jsonl(path, text)
     else:

@@ -518,6 +518,14 @@ def _cases(samples: list[Any], tmp: Path) -> dict[str, tuple[Path, str]]:
     bad["top_k"] = [["Rover"]]  # hand-edited: not a [label, probability] pair
     (tmp / "not-a-pair.jsonl").write_text(f"{whole[0]}\n{json.dumps(bad)}\n")
     out["top-k entry"] = (tmp / "not-a-pair.jsonl", "line 2 is not a mars-infer result row")
+    # files mars-infer did not write: their rows were blamed on a run cut short
+    not_results = "is not a mars-infer result file: its first line is no"
+    (tmp / "model.pt").write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)  # a torch zip
+    (tmp / "manifest.json").write_text(json.dumps({"artifacts": []}, indent=2) + "\n")
+    (tmp / "other.jsonl").write_text('{"a": 1}\n')
+    (tmp / "sheet.csv").write_text("name,value\nx,1\n")
+    for name in ("model.pt", "manifest.json", "other.jsonl", "sheet.csv"):
+        out[name] = (tmp / name, not_results)
     out["no file"] = (tmp / "no-such.csv", "cannot read the predictions file")  # exit 1, not 2
     out["a folder"] = (tmp, "cannot read the predictions file")
     return out

@@ -221,7 +221,10 @@ def test_a_stopped_run_leaves_no_temporary_checkpoint(
     # resume.pt (it said "--resume continues", and --resume then found none to continue from)
     assert not (out / "resume.pt").exists()
     said = {signal.SIGINT: "interrupted", signal.SIGTERM: "stopped by SIGTERM"}[sig]
-    assert f"mars-train: {said}; no resume.pt yet to continue from (the first is saved" in err
+    assert (
+        f"mars-train: {said}; no resume.pt yet to continue from (the first is saved at the "
+        "end of the first epoch that ends 5 minutes or more into the run)" in err
+    )
 
 
 def test_recipes() -> None:

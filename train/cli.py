@@ -236,7 +236,8 @@ def main(
         if (cfg.out / RESUME).exists():
             return (f"; the same command with --resume continues from the last {RESUME} (saved "
                     f"every {every})")  # fmt: skip
-        return f"; no {RESUME} yet to continue from (the first is saved after {every})"
+        return (f"; no {RESUME} yet to continue from (the first is saved at the end of the "
+                f"first epoch that ends {every} or more into the run)")  # fmt: skip
 
     with interruptible("mars-train", hint=hint), out_of_room(cfg.out):
         result = train(cfg)
