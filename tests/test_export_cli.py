@@ -86,6 +86,34 @@ def test_missing_checkpoint(msl_dir: Path, tmp_path: Path) -> None:
     assert "does not exist" in line
 
 
+def test_a_file_of_another_stage_as_checkpoint_is_named(
+    tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    """A run's resume.pt or an exported model given as --checkpoint was "not a marsvision
+    checkpoint ...; train one with mars-train" (or "re-copy it"): each is named, with the file
+    to pass instead."""
+    import shutil
+
+    import torch
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": {}, "optimizer": {}, "config": {}, "epoch": 1}, run / "resume.pt")
+    onnx_file = tmp_path / "m.onnx"
+    shutil.copy(tiny_checkpoint, onnx_file)  # any bytes torch cannot read as a checkpoint
+    onnx_file.write_bytes(b"\x08\x07\x12\x07pytorch")  # an ONNX file's first bytes
+    for given, said in (
+        (
+            run / "resume.pt",
+            f"is a training run's resume file (mars-train "
+            f"--resume reads it), not its checkpoint: pass {run / 'checkpoint.pt'}",
+        ),
+        (onnx_file, "is an exported model, not a checkpoint: pass the .pt"),
+    ):
+        args = ["--checkpoint", str(given), "--out", str(tmp_path / "o")]
+        assert said in _one_line_error(*_run(args, msl_dir))
+
+
 @pytest.mark.parametrize("kind", ["truncated", "foreign-torch", "foreign-text"])
 def test_bad_checkpoint(kind: str, tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path) -> None:
     import torch

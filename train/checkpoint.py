@@ -126,10 +126,20 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated/foreign files raise many types
+        if p.suffix.lower() in (".onnx", ".plan"):
+            raise MarsvisionError(
+                f"{p} is an exported model, not a checkpoint: pass the .pt file that mars-train "
+                "wrote (an export's manifest.json names it, source_checkpoint)"
+            ) from None
         raise MarsvisionError(
             f"{p} is not a marsvision checkpoint: torch cannot read it ({type(e).__name__}); "
             "it may be truncated or another kind of file (re-copy it, or train one with mars-train)"
         ) from None
+    if isinstance(ckpt, dict) and "format" not in ckpt and {"optimizer", "config"} <= ckpt.keys():
+        raise MarsvisionError(
+            f"{p} is a training run's resume file (mars-train --resume reads it), not its "
+            f"checkpoint: pass {p.parent / 'checkpoint.pt'}"
+        )
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise MarsvisionError(
             f"{p} is not a marsvision checkpoint (no '{FORMAT}' marker); train one with mars-train"

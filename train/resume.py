@@ -81,12 +81,20 @@ def load_resume(out: Path, cfg: TrainConfig, fingerprint: str) -> dict[str, Any]
     for key in RESUME_MUST_MATCH:
         was = saved_setting(saved, key)  # runs from before a setting existed lack it
         if was != now.get(key):
+            if isinstance(was, dict) and isinstance(now.get(key), dict):  # name what differs
+                key, was, is_now = next((f"{key}.{k}", v, now[key].get(k)) for k, v in was.items()
+                                        if v != now[key].get(k))  # fmt: skip
+            else:
+                is_now = now.get(key)
             raise MarsvisionError(
-                f"--resume: {key} was {was!r} in {out}, now {now.get(key)!r}; "
-                "pass the same flags as the run"
+                f"--resume: {key} was {was!r} in {out}, now {is_now!r}; pass the same flags as "
+                f"the run (its settings: {out / 'config.json'})"
             )
     if state.get("data_fingerprint") != fingerprint:
-        raise MarsvisionError(f"--resume: the data set differs from the one {out} was trained on")
+        raise MarsvisionError(
+            f"--resume: the data set differs from the one {out} was trained on ("
+            f"{saved.get('data')}): pass that folder as --data"
+        )
     return state
 
 
