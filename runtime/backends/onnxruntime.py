@@ -194,10 +194,24 @@ def _session(
     try:
         return ort.InferenceSession(model, sess_options=so, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types for bad files
+        if _is_torch_file(path):  # "re-export it" sent a checkpoint's user the wrong way
+            raise MarsvisionError(
+                f"{path} is a PyTorch checkpoint, not an exported model: export it first "
+                f"(mars-export --checkpoint {path} --data DIR --int8) and pass the .onnx file"
+            ) from None
         raise MarsvisionError(
             f"{path}: onnxruntime cannot load this model ({_first_line(e)}); re-export it with "
             "mars-export"
         ) from None
+
+
+def _is_torch_file(path: Path) -> bool:
+    """Whether `path` looks like a torch.save file: a .pt name, or a zip archive's first bytes."""
+    try:
+        with open(path, "rb") as f:
+            return path.suffix.lower() in (".pt", ".pth") or f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
 
 
 def _first_line(e: BaseException) -> str:
