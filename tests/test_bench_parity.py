@@ -395,6 +395,8 @@ def test_a_file_the_manifest_does_not_list_is_not_measured(
         ("--int8-max-accuracy-change", "nan", "--int8-max-accuracy-change nan: must be a number"),
         # unreachable or meaningless: every artifact failed, after the whole run
         ("--int8-min-agreement", "101", "--int8-min-agreement 101: must be a percentage"),
+        # a fraction (score --require's unit) was a bar of 0.99%, which every artifact passed
+        ("--int8-min-agreement", "0.99", "0.99: a percentage, not a fraction: 99 for 99%"),
         ("--fp16-max-accuracy-change", "-0.1", "--fp16-max-accuracy-change -0.1: must be a num"),
         ("--fp16-max-accuracy-change", "inf", "--fp16-max-accuracy-change inf: must be a number"),
         # found at that split, after the PyTorch reference of the splits before it
