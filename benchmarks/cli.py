@@ -75,12 +75,16 @@ def _keep_and_show(write: Callable[[], Sequence[Path]], table: str, out: Path) -
 
 def _checkpoint(checkpoint: Path | None, artifacts: Path | None) -> Path:
     """--checkpoint, else the source checkpoint named in the artifacts' manifest.json."""
-    from marsvision.benchmarks.artifacts import read_manifest
+    from marsvision.benchmarks.artifacts import find_artifacts, read_manifest
     from marsvision.runtime.metadata import sha256_file
 
-    if artifacts is not None and not artifacts.is_dir():
-        raise MarsvisionError(f"--artifacts {artifacts}: no such directory (a mars-export --out)")
+    if artifacts is not None and artifacts.is_file():
+        raise MarsvisionError(
+            f"--artifacts {artifacts} is a file, not an export: pass the folder mars-export "
+            "wrote (its --out)"
+        )
     if checkpoint is None and artifacts is not None:
+        find_artifacts(artifacts)  # no folder, or none of an export's: not "needs --checkpoint"
         manifest = read_manifest(artifacts) or {}
         source = manifest.get("source_checkpoint")
         if source and Path(source).is_file():
@@ -94,9 +98,10 @@ def _checkpoint(checkpoint: Path | None, artifacts: Path | None) -> Path:
                 )
     if checkpoint is None:
         raise MarsvisionError(
-            "the PyTorch reference needs --checkpoint PATH (the artifacts' manifest.json names "
-            "none that exists here)"
-        )
+            "the PyTorch reference needs --checkpoint PATH ("
+            + ("the artifacts' manifest.json names none that exists here)" if artifacts else
+               "or --artifacts DIR, an export whose manifest.json names its checkpoint)")
+        )  # fmt: skip
     if not checkpoint.is_file():
         raise MarsvisionError(f"--checkpoint {checkpoint}: no such file (a mars-train checkpoint)")
     return checkpoint

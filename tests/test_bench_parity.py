@@ -387,6 +387,24 @@ def test_a_file_the_manifest_does_not_list_is_not_measured(
     assert [r["status"] for r in skipped] == [f"skipped: resnet50-binary.int8-cpu.onnx: {UNLISTED}"]
 
 
+def test_artifacts_that_are_no_export_are_said_to_be(msl_dir: Path, tmp_path: Path) -> None:
+    """An empty folder (or a training run's) as --artifacts asked for --checkpoint, and given
+    it, said only then that it holds no exported models; a model file said "no such directory";
+    speed without either named a manifest.json never given."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"x")
+    cases = [
+        (["parity", "--artifacts", str(tmp_path / "run")], "holds no exported models"),
+        (["parity", "--artifacts", str(tmp_path / "run" / "checkpoint.pt")],
+         "checkpoint.pt is a file, not an export: pass the folder mars-export wrote (its --out)"),
+        (["speed"], "needs --checkpoint PATH (or --artifacts DIR, an export whose manifest.json"),
+    ]  # fmt: skip
+    for args, says in cases:
+        result = CliRunner().invoke(main, [*args, "--data", str(msl_dir), "--out",
+                                           str(tmp_path / "o")])  # fmt: skip
+        assert result.exit_code == 1 and says in result.output, (args, result.output)
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "says"),
     [
