@@ -158,6 +158,24 @@ def test_split_files_edited_by_hand(msl_dir: Path, tmp_path: Path) -> None:
         msl.resolve_data_dir(archive)
 
 
+def test_a_data_folder_next_to_the_right_one_names_it(
+    msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The images' folder (`calibrated`), or the folder an archive was unzipped into, was "not
+    an MSL data directory" with no pointer to the one beside it; a wrong $MARS_DATA was said as
+    a --data the user never typed."""
+    images = msl_dir / "calibrated"
+    with pytest.raises(MarsvisionError, match=rf"; the data set is in {msl_dir}: pass that$"):
+        msl.resolve_data_dir(images)
+    (tmp_path / "msl-images").symlink_to(msl_dir)  # as `unzip msl-images.zip -d tmp_path`
+    with pytest.raises(MarsvisionError, match=rf"the data set is in {tmp_path / 'msl-images'}"):
+        msl.resolve_data_dir(tmp_path)
+    monkeypatch.setenv("MARS_DATA", str(tmp_path / "r1.csv"))
+    (tmp_path / "r1.csv").write_text("x\n")
+    with pytest.raises(MarsvisionError, match=rf"^MARS_DATA={tmp_path / 'r1.csv'} is a file"):
+        msl.resolve_data_dir(None)
+
+
 def test_eval_tensors_are_exactly_the_eval_transform(msl_dir: Path) -> None:
     samples = msl.read_split(msl_dir, "test", "binary", limit=6)
     spec = PreprocessSpec.for_input_size(64)

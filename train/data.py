@@ -54,22 +54,35 @@ def resolve_data_dir(data: str | os.PathLike[str] | None) -> Path:
             f"no MSL data given: pass --data DIR or set {DATA_ENV}; to get it, run "
             "`mars-train --download --data DIR`"
         )
+    given = f"--data {d}" if data is not None else f"{DATA_ENV}={d}"  # whichever chose it
     if d.is_file():
         raise MarsvisionError(
-            f"--data {d} is a file; give the folder the data set is unpacked in (for "
+            f"{given} is a file; give the folder the data set is unpacked in (for "
             f"msl-images.zip: `mars-train --download --data DIR` unpacks it)"
         )
     if not d.is_dir():
         raise MarsvisionError(
-            f"MSL data directory {d} does not exist; run `mars-train --download --data {d}`"
+            f"{given}: MSL data directory {d} does not exist; run `mars-train --download --data "
+            f"{d}`"
         )
     missing = [f for f in (*SPLIT_FILES.values(), SYNSET_FILE) if not (d / f).is_file()]
     if missing:
+        # the images' folder, or the folder above an unzipped archive: the one to pass is near
+        near = [p for p in (d.parent, *_subfolders(d)) if (p / SPLIT_FILES["train"]).is_file()]
+        hint = f"; the data set is in {near[0]}: pass that" if near else ""
         raise MarsvisionError(
-            f"{d} is not an MSL data directory: missing {', '.join(missing)} "
-            "(expected the layout of msl-images.zip)"
+            f"{given} is not an MSL data directory: missing {', '.join(missing)} "
+            f"(expected the layout of msl-images.zip){hint}"
         )
     return d
+
+
+def _subfolders(d: Path) -> list[Path]:
+    """The folders directly in `d` (none where it cannot be listed)."""
+    try:
+        return sorted(p for p in d.iterdir() if p.is_dir())
+    except OSError:
+        return []
 
 
 def check_task(task: str) -> str:
