@@ -127,6 +127,11 @@ def score_predictions(
             g[0] += 1
             g[1] += y_pred[-1] != s.label
     problems = [f"{len(v)} {k} ({short_list(v)})" for k, v in excluded.items() if v]
+    if not found:  # a file of another split's images: not "1305 missing"
+        raise MarsvisionError(
+            f"none of its {outside} rows is of the split's {len(samples)} images: a file of "
+            "another split? score it with that --split"
+        )
     if problems and not allow_missing:
         raise MarsvisionError(
             f"the predictions do not cover the split's {len(samples)} images once each with "

@@ -147,7 +147,6 @@ def default_model(
     raise MarsvisionError(
         f"no --engine given and no exported {task} model in {folder}/ "
         f"(looked for {', '.join(artifact_name(task, f) for f in flavours)}{passed}): run "
-        f"`mars-export --int8 --out {shlex.quote(str(folder))}` first (it exports the shipped "
-        "model), or pass "
-        "--engine MODEL"
+        f"`mars-export --int8 --data DIR --out {shlex.quote(str(folder))}` first (it exports "
+        "the shipped model; DIR: the MSL data set, for calibration), or pass --engine MODEL"
     )

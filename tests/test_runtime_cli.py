@@ -333,6 +333,8 @@ def test_default_model_is_the_best_export_here(
     env = {**os.environ, "MARS_EXPORTS": str(exports)}
     r = subprocess.run([*MARS_INFER, str(img)], capture_output=True, env=env)
     assert r.returncode == 1 and b"no --engine given" in r.stderr and b"mars-export" in r.stderr
+    # the command it suggests names the data (without $MARS_DATA, it stopped: no MSL data given)
+    assert f"`mars-export --int8 --data DIR --out {exports}`".encode() in r.stderr
     assert b"Traceback" not in r.stderr
     for flavour, precision in (("fp32", b"fp32"), ("int8-cpu", b"int8")):
         os.symlink(models["int8" if flavour == "int8-cpu" else flavour],
