@@ -52,10 +52,15 @@ def _csv(flag: str, value: str | None, kind: type = str) -> tuple:  # type: igno
     if value is None:
         return ()
     items = [v.strip() for v in value.split(",") if v.strip()]
-    try:
-        return tuple(dict.fromkeys(kind(v) for v in items))
-    except ValueError:
-        raise MarsvisionError(f"{flag} {value!r}: expected a comma-separated list") from None
+    for v in items:
+        try:
+            kind(v)
+        except ValueError:
+            raise MarsvisionError(
+                f"{flag} {value!r}: {v!r} is not {'a whole number' if kind is int else 'valid'}"
+                " (a comma-separated list)"
+            ) from None
+    return tuple(dict.fromkeys(kind(v) for v in items))
 
 
 def _keep_and_show(write: Callable[[], Sequence[Path]], table: str, out: Path) -> None:
@@ -271,7 +276,10 @@ def speed(
         unused = flags_given("images", "num_images", "data")
         if unused and "e2e" not in cfg.modes:  # they did nothing, unchecked
             flags = " and ".join(unused)
-            raise MarsvisionError(f"{flags} choose the end-to-end images: add e2e to --modes")
+            raise MarsvisionError(
+                f"{flags} choose the end-to-end images, which --modes {','.join(cfg.modes)} does "
+                "not measure: add e2e to --modes"
+            )
     cfg = dataclasses.replace(
         cfg,
         images=_e2e_images(images, data, num_images) if "e2e" in cfg.modes else (),

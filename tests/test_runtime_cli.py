@@ -292,6 +292,11 @@ def test_cli_errors_and_exit_codes(models: dict[str, Path], msl_dir: Path, tmp_p
     bad = tmp_path / "corrupt.onnx"
     bad.write_bytes(b"\x08\x01garbage")
     cases.append((["--engine", bad], 1, b"re-export"))
+    folder = tmp_path / "exports"  # an export folder given as the model: its models named
+    folder.mkdir()
+    (folder / "m.int8-cpu.onnx").write_bytes(b"x")
+    cases.append((["--engine", folder], 1, b"is a folder: give one .onnx file or TensorRT .plan "
+                  b"(in it: m.int8-cpu.onnx)"))  # fmt: skip
     ckpt = tmp_path / "run.ckpt"  # a checkpoint by its bytes (a torch.save zip), any name
     ckpt.write_bytes(b"PK\x03\x04" + b"\0" * 64)
     cases.append((["--engine", ckpt], 1, b"is a PyTorch checkpoint, not an exported model: export"))

@@ -29,6 +29,16 @@ def is_engine(model_path: str | os.PathLike[str]) -> bool:
 def _check_exists(p: Path) -> None:
     if not p.exists():
         raise MarsvisionError(f"model {p} not found: give an .onnx file or a TensorRT .plan")
+    if p.is_dir():  # an export folder: name the models in it
+        found = sorted(
+            q.name for q in p.iterdir() if q.suffix.lower() in (".onnx", *ENGINE_SUFFIXES)
+        )
+        inside = (
+            f" (in it: {', '.join(found[:4])}{', ...' if len(found) > 4 else ''})" if found else ""
+        )
+        raise MarsvisionError(
+            f"model {p} is a folder: give one .onnx file or TensorRT .plan{inside}"
+        )
     if not p.is_file():
         raise MarsvisionError(f"model {p} is not a file: give an .onnx file or a TensorRT .plan")
     if p.stat().st_size == 0:
