@@ -83,6 +83,8 @@ def _checkpoint(checkpoint: Path | None, artifacts: Path | None) -> Path:
     from marsvision.benchmarks.artifacts import find_artifacts, read_manifest
     from marsvision.runtime.metadata import sha256_file
 
+    if artifacts is not None and not artifacts.exists():  # before the checkpoint is loaded
+        raise MarsvisionError(f"--artifacts {artifacts}: no such directory (a mars-export --out)")
     if artifacts is not None and artifacts.is_file():
         raise MarsvisionError(
             f"--artifacts {artifacts} is a file, not an export: pass the folder mars-export "
@@ -145,8 +147,8 @@ def _e2e_images(images: str, data: str | None, count: int) -> tuple[str, ...]:
 
 class _Interruptible(click.Group):
     """Each command runs under `interruptible`: Ctrl-C exits 130 (click said "Aborted!", exit
-    1), and SIGTERM 143 with the cleanups run, where it killed speed's runner and left its
-    measuring process running."""
+    1), SIGTERM 143 and SIGHUP 129 with the cleanups run, where they killed speed's runner and
+    left its measuring process running; a reader of its output that left, 141."""
 
     def invoke(self, ctx: click.Context) -> object:
         with interruptible("mars-bench"):

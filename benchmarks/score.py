@@ -129,8 +129,8 @@ def score_predictions(
     problems = [f"{len(v)} {k} ({short_list(v)})" for k, v in excluded.items() if v]
     if not found:  # a file of another split's images: not "1305 missing"
         raise MarsvisionError(
-            f"none of its {outside} rows is of the split's {len(samples)} images: a file of "
-            "another split? score it with that --split"
+            f"none of its {outside} rows is of the {len(samples)} images scored: a file of "
+            "another split, or of val's other half? score it with that --split (--val-half)"
         )
     if problems and not allow_missing:
         raise MarsvisionError(

@@ -22,6 +22,7 @@ from marsvision.runtime.errors import (
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
     MarsvisionError,
+    echo_note,
     interruptible,
 )
 from marsvision.runtime.results import FORMATS
@@ -383,9 +384,9 @@ def main(
 
         chosen = default_model(device=device)  # a MarsvisionError: one line, exit 1 (EXIT_MODEL)
         if chosen.note:
-            click.echo(f"mars-infer: {chosen.note}", err=True)
+            echo_note(f"mars-infer: {chosen.note}")
         engine, device = str(chosen.path), chosen.device
-        click.echo(f"mars-infer: model {engine} (the default; --engine to choose)", err=True)
+        echo_note(f"mars-infer: model {engine} (the default; --engine to choose)")
     if fmt is None:
         fmt = "jsonl" if out is not None and out.lower().endswith((".jsonl", ".json")) else "csv"
     cfg = InferConfig(paths=paths, engine=engine, out=out, fmt=fmt, batch_size=batch_size,

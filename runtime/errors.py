@@ -9,6 +9,7 @@ import errno
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from importlib.util import find_spec
 from types import FrameType
@@ -91,12 +92,35 @@ class Stopped(SystemExit):
 
 # the signals that came while `signals_held` held them (None: not holding)
 _held: list[int] | None = None
+# stdout and stderr where they were a terminal when `interruptible` began (once it hangs up,
+# isatty says no: it asks the terminal, which answers EIO)
+_terminal_fds: tuple[int, ...] = ()
+
+
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+def _to_devnull(*fds: int) -> None:
+    """Put /dev/null on these file descriptors (a reader that left, a terminal gone)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
     # a second Ctrl-C or SIGTERM (pressed again, a scheduler's repeat) would cut the cleanups
     for sig in _STOPS:
         signal.signal(sig, signal.SIG_IGN)
+    if signum == getattr(signal, "SIGHUP", None):  # the terminal is gone: writing to it fails
+        _to_devnull(*_terminal_fds)  # (EIO), in the cleanups too
     if _held is not None:
         _held.append(signum)
     elif signum == signal.SIGINT:
@@ -112,6 +136,8 @@ def interruptible(command: str, *, hint: str | Callable[[], str] = "") -> Iterat
     say "`command`: interrupted" (or "stopped by SIGTERM") and `hint` (a callable: what it says
     once stopped), exit 130 (143, 129). A reader of its stdout or stderr that left ends it
     quietly, exit 141. For the main thread (where signal handlers are set)."""
+    global _terminal_fds
+    _terminal_fds = tuple(fd for fd in (1, 2) if _isatty(fd))
     # a signal the process was started with ignored (`cmd &` in a script) stays ignored
     previous = {sig: signal.signal(sig, _stop) for sig in _STOPS
                 if signal.getsignal(sig) is not signal.SIG_IGN}  # fmt: skip
@@ -129,10 +155,7 @@ def interruptible(command: str, *, hint: str | Callable[[], str] = "") -> Iterat
         said(f"stopped by {e.signal_name}")
         raise
     except BrokenPipeError:  # its output's reader left (`2>&1 | head`): click said nothing, exit 1
-        for stream in (sys.stdout, sys.stderr):  # nothing more to say, and nowhere to say it
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
-        sys.exit(EXIT_BROKEN_PIPE)
+        sys.exit(outputs_gone())
     finally:
         for sig, handler in previous.items():  # None: a handler not set from Python
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
@@ -143,8 +166,12 @@ def signals_held() -> Iterator[None]:
     """Hold the stop that Ctrl-C, SIGTERM or SIGHUP makes under `interruptible` until the block
     is done, for steps that must happen together (files renamed into place and the manifest
     that lists them); the command then stops as it would have. (Not by blocking the signals: any
-    thread of the process, torch's or onnxruntime's, may receive them.)"""
+    thread of the process, torch's or onnxruntime's, may receive them.) Outside `interruptible`
+    (the Python API) and in another thread than the main one, it holds nothing."""
     global _held
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers run in the main thread: another's hold would defer its stop
+        return
     outer, _held = _held, _held if _held is not None else []
     try:
         yield
@@ -157,8 +184,24 @@ def signals_held() -> Iterator[None]:
 def stdout_gone() -> int:
     """After stdout's reader left (`| head`): stdout on /dev/null, so that the flush at exit
     raises nothing more; returns the exit code to end with, EXIT_BROKEN_PIPE."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    _to_devnull(sys.stdout.fileno())
     return EXIT_BROKEN_PIPE
+
+
+def outputs_gone() -> int:
+    """After the reader of stdout or stderr left (`2>&1 | head`): both on /dev/null, nothing
+    more to say and nowhere to say it; returns EXIT_BROKEN_PIPE."""
+    _to_devnull(1, 2)
+    return EXIT_BROKEN_PIPE
+
+
+def echo_note(text: str) -> None:
+    """Say a note on stderr before a command's work (outside `interruptible`): a reader of
+    stderr that left ends it quietly with EXIT_BROKEN_PIPE, where click's handling exited 1."""
+    try:
+        click.echo(text, err=True)
+    except BrokenPipeError:
+        sys.exit(outputs_gone())
 
 
 def echo_result(text: str) -> None:

@@ -111,7 +111,7 @@ def check_format_version(version: Any, current: int, what: str, *, older: str) -
     if isinstance(version, int) and version > current:
         raise MarsvisionError(
             f"{what} format {version} was written by a newer marsvision (this one reads format "
-            f"{current}): upgrade marsvision (git pull in its clone, then make setup)"
+            f"{current}): upgrade marsvision (a newer clone, installed as this one was)"
         )
     raise MarsvisionError(f"{what} format {version!r} is not {current}; {older}")
 

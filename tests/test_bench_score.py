@@ -521,8 +521,9 @@ def _cases(samples: list[Any], tmp: Path) -> dict[str, tuple[Path, str]]:
     # rows of another split's images: it said "1305 missing (...)", and to rerun mars-infer
     others = [dataclasses.replace(p, path=f"/val/other{i}.JPG") for i, p in enumerate(full[:5])]
     out["other split"] = (_write(tmp / "others.csv", others),
-                          "none of its 5 rows is of the split's 1305 images: a file of another "
-                          "split? score it with that --split")  # fmt: skip
+                          "none of its 5 rows is of the 1305 images scored: a file of another "
+                          "split, or of val's other half? score it with that --split (--val-half)"
+                          )  # fmt: skip
     # files mars-infer did not write: their rows were blamed on a run cut short
     not_results = "is not a mars-infer result file: its first line is no"
     (tmp / "model.pt").write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)  # a torch zip

@@ -297,9 +297,16 @@ def test_cli_errors_and_exit_codes(models: dict[str, Path], msl_dir: Path, tmp_p
     (folder / "m.int8-cpu.onnx").write_bytes(b"x")
     cases.append((["--engine", folder], 1, b"is a folder: give one .onnx file or TensorRT .plan "
                   b"(in it: m.int8-cpu.onnx)"))  # fmt: skip
+    import zipfile
+
     ckpt = tmp_path / "run.ckpt"  # a checkpoint by its bytes (a torch.save zip), any name
-    ckpt.write_bytes(b"PK\x03\x04" + b"\0" * 64)
+    with zipfile.ZipFile(ckpt, "w") as z:
+        z.writestr("run/data.pkl", b"\x80\x02}q\x00.")
     cases.append((["--engine", ckpt], 1, b"is a PyTorch checkpoint, not an exported model: export"))
+    other_zip = tmp_path / "images.zip"  # any other zip is no checkpoint
+    with zipfile.ZipFile(other_zip, "w") as z:
+        z.writestr("msl-images/a.JPG", b"x")
+    cases.append((["--engine", other_zip], 1, b"onnxruntime cannot load this model"))
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"engine bytes")
     cases.append((["--engine", plan, "--backend", "onnxruntime"], 1, b"TensorRT engine"))

@@ -641,7 +641,7 @@ def test_parity_reference_is_the_exported_checkpoint(
     assert Path(manifest["source_checkpoint"]).is_absolute()
     assert _checkpoint(None, tiny_exports) == tiny_checkpoint.resolve()
     arts = tmp_path / "arts"
-    arts.mkdir()
+    shutil.copytree(tiny_exports, arts)  # the same artifacts, their manifest edited below
     moved = tmp_path / "ckpt.pt"
     moved.write_bytes(tiny_checkpoint.read_bytes() + b"changed")
     (arts / "manifest.json").write_text(json.dumps({**manifest, "source_checkpoint": str(moved)}))
@@ -1044,6 +1044,41 @@ def test_sigterm_and_sighup_stop_after_the_cleanups_and_say_so(
                 cleaned.append(True)
     assert stopped.value.code == code and cleaned == [True] and asked == [True]
     assert capsys.readouterr().err == f"\ncmd: stopped by {name}; --resume continues\n"
+
+
+def test_a_terminal_that_closes_stops_the_command_with_129() -> None:
+    """SIGHUP from a terminal that closed (not `kill -HUP`): every later write to it fails
+    (EIO), a cleanup's too (mars-infer's progress line), and that error replaced the stop: exit
+    1 and a traceback. The terminal's descriptors go to /dev/null at the signal."""
+    child = """
+import sys, time
+from marsvision.runtime.errors import interruptible
+with interruptible("cmd"):
+    try:
+        sys.stderr.write("ready\\n"); sys.stderr.flush()
+        time.sleep(60)
+    finally:
+        time.sleep(0.3)  # the terminal is gone by now
+        sys.stderr.write("\\n"); sys.stderr.flush()  # as mars-infer's progress display ends
+"""
+    # pty.fork in a process of its own (pytest's has threads): the child's controlling terminal
+    # is the pty, and closing its master side hangs it up
+    launcher = f"""
+import os, pty, select, sys
+pid, master = pty.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, "-c", {child!r}])
+seen = b""
+while b"ready" not in seen:
+    assert select.select([master], [], [], 60)[0], seen
+    seen += os.read(master, 1024)
+os.close(master)
+print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+    r = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "129"
 
 
 def test_signals_held_are_handled_after_the_block() -> None:

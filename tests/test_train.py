@@ -223,7 +223,7 @@ def test_a_stopped_run_leaves_no_temporary_checkpoint(
     said = {signal.SIGINT: "interrupted", signal.SIGTERM: "stopped by SIGTERM"}[sig]
     assert (
         f"mars-train: {said}; no resume.pt yet to continue from (the first is saved at the "
-        "end of the first epoch that ends 5 minutes or more into the run)" in err
+        "end of the first epoch that ends 5 minutes or more into training" in err
     )
 
 

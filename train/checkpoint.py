@@ -126,7 +126,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated/foreign files raise many types
-        if p.suffix.lower() in (".onnx", ".plan"):
+        from marsvision.runtime.backends import ENGINE_SUFFIXES
+
+        if p.suffix.lower() in (".onnx", *ENGINE_SUFFIXES):
             raise MarsvisionError(
                 f"{p} is an exported model, not a checkpoint: pass the .pt file that mars-train "
                 "wrote (an export's manifest.json names it, source_checkpoint)"

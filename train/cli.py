@@ -185,6 +185,7 @@ def main(
     """Train ResNet-50 on the MSL images; write checkpoint, metrics and plots to --out."""
     from marsvision.runtime.errors import (
         MarsvisionError,
+        echo_note,
         echo_result,
         interruptible,
         option_values,
@@ -224,8 +225,8 @@ def main(
         )  # fmt: skip
     asked = RECIPES[recipe]["warmup_epochs"] if warmup_epochs is None else warmup_epochs
     if cfg.warmup_epochs < asked:
-        click.echo(f"mars-train: a warm-up of {asked:g} epochs is over half the {cfg.epochs}-epoch "
-                   f"run: {cfg.warmup_epochs:g} (the lr then decays)", err=True)  # fmt: skip
+        echo_note(f"mars-train: a warm-up of {asked:g} epochs is over half the {cfg.epochs}-"
+                  f"epoch run: {cfg.warmup_epochs:g} (the lr then decays)")  # fmt: skip
     from marsvision.train.loop import RESUME_EVERY_S
     from marsvision.train.loop import main as train
     from marsvision.train.resume import RESUME
@@ -237,7 +238,8 @@ def main(
             return (f"; the same command with --resume continues from the last {RESUME} (saved "
                     f"every {every})")  # fmt: skip
         return (f"; no {RESUME} yet to continue from (the first is saved at the end of the "
-                f"first epoch that ends {every} or more into the run)")  # fmt: skip
+                f"first epoch that ends {every} or more into training, after the images are "
+                "decoded)")  # fmt: skip
 
     with interruptible("mars-train", hint=hint), out_of_room(cfg.out):
         result = train(cfg)

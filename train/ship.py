@@ -21,7 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import click
 import numpy as np
 
-from marsvision.runtime.errors import MarsvisionError, interruptible
+from marsvision.runtime.errors import MarsvisionError, interruptible, signals_held
 from marsvision.runtime.files import atomic_write_text, check_writable_folder, make_folder
 from marsvision.runtime.metadata import sha256_file
 
@@ -226,12 +226,13 @@ def ship_run(
         sha, size = sha256_file(staged), staged.stat().st_size
         atomic_write_text(staged_card, render_card(shipped, file_name=out.name, sha256=sha,
                                                    size_bytes=size, data_dir=data_dir))  # fmt: skip
-        os.replace(staged, out)
-        os.replace(staged_card, card)
+        with signals_held():  # the model, its card and SHA256SUMS change together
+            os.replace(staged, out)
+            os.replace(staged_card, card)
+            _write_sums(models_dir)
     finally:
         staged.unlink(missing_ok=True)
         staged_card.unlink(missing_ok=True)
-    _write_sums(models_dir)
     return ShipResult(out, card, sha, size, scores)
 
 

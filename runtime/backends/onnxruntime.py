@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shlex
+import zipfile
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -197,7 +199,8 @@ def _session(
         if _is_torch_file(path):  # "re-export it" sent a checkpoint's user the wrong way
             raise MarsvisionError(
                 f"{path} is a PyTorch checkpoint, not an exported model: export it first "
-                f"(mars-export --checkpoint {path} --data DIR --int8) and pass the .onnx file"
+                f"(mars-export --checkpoint {shlex.quote(str(path))} --data DIR --int8) and pass "
+                "the .onnx file"
             ) from None
         raise MarsvisionError(
             f"{path}: onnxruntime cannot load this model ({_first_line(e)}); re-export it with "
@@ -206,11 +209,11 @@ def _session(
 
 
 def _is_torch_file(path: Path) -> bool:
-    """Whether `path` looks like a torch.save file: a .pt name, or a zip archive's first bytes."""
+    """Whether `path` is a torch.save file: a zip archive with a pickle (`<name>/data.pkl`)."""
     try:
-        with open(path, "rb") as f:
-            return path.suffix.lower() in (".pt", ".pth") or f.read(4) == b"PK\x03\x04"
-    except OSError:
+        with zipfile.ZipFile(path) as z:
+            return any(n.count("/") == 1 and n.endswith("/data.pkl") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
         return False
 
 
