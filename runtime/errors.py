@@ -105,8 +105,12 @@ def _isatty(fd: int) -> bool:
 
 
 def _to_devnull(*fds: int) -> None:
-    """Put /dev/null on these file descriptors (a reader that left, a terminal gone)."""
-    null = os.open(os.devnull, os.O_WRONLY)
+    """Put /dev/null on these file descriptors (a reader that left, a terminal gone); where
+    /dev/null cannot be opened (no descriptor left), they stay as they are."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
     try:
         for fd in fds:
             with contextlib.suppress(OSError):
@@ -119,8 +123,9 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     # a second Ctrl-C or SIGTERM (pressed again, a scheduler's repeat) would cut the cleanups
     for sig in _STOPS:
         signal.signal(sig, signal.SIG_IGN)
-    if signum == getattr(signal, "SIGHUP", None):  # the terminal is gone: writing to it fails
-        _to_devnull(*_terminal_fds)  # (EIO), in the cleanups too
+    if signum == getattr(signal, "SIGHUP", None):  # a terminal gone: writing to it fails (EIO),
+        # in the cleanups too; one still there (`kill -HUP`) keeps the command's last words
+        _to_devnull(*(fd for fd in _terminal_fds if not _isatty(fd)))
     if _held is not None:
         _held.append(signum)
     elif signum == signal.SIGINT:
@@ -134,8 +139,9 @@ def interruptible(command: str, *, hint: str | Callable[[], str] = "") -> Iterat
     """Run the block so that Ctrl-C, SIGTERM and SIGHUP end it with its cleanups run (temporary
     files and folders of up to hundreds of MB are removed; a second signal waits for them), then
     say "`command`: interrupted" (or "stopped by SIGTERM") and `hint` (a callable: what it says
-    once stopped), exit 130 (143, 129). A reader of its stdout or stderr that left ends it
-    quietly, exit 141. For the main thread (where signal handlers are set)."""
+    once stopped), exit 130 (143, 129; after a SIGHUP, nothing more goes to a terminal that has
+    closed). A reader of its stdout or stderr that left ends it quietly, exit 141. For the main
+    thread (where signal handlers are set)."""
     global _terminal_fds
     _terminal_fds = tuple(fd for fd in (1, 2) if _isatty(fd))
     # a signal the process was started with ignored (`cmd &` in a script) stays ignored

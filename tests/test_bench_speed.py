@@ -407,7 +407,7 @@ def test_list_flags_take_each_item_once() -> None:
 
     assert _csv("--batch-sizes", "8, 1,8,,1", int) == (8, 1)
     assert _csv("--splits", "test,val,test") == ("test", "val")
-    with pytest.raises(MarsvisionError, match="--batch-sizes '8,x': expected"):
+    with pytest.raises(MarsvisionError, match="--batch-sizes '8,x': 'x' is not a whole number"):
         _csv("--batch-sizes", "8,x", int)
 
 

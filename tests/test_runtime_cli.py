@@ -303,6 +303,9 @@ def test_cli_errors_and_exit_codes(models: dict[str, Path], msl_dir: Path, tmp_p
     with zipfile.ZipFile(ckpt, "w") as z:
         z.writestr("run/data.pkl", b"\x80\x02}q\x00.")
     cases.append((["--engine", ckpt], 1, b"is a PyTorch checkpoint, not an exported model: export"))
+    cut = tmp_path / "cut.pt"  # a truncated (or old-format) .pt is no zip: named by its suffix
+    cut.write_bytes(b"PK\x03\x04" + b"\0" * 64)
+    cases.append((["--engine", cut], 1, b"is a PyTorch checkpoint, not an exported model: export"))
     other_zip = tmp_path / "images.zip"  # any other zip is no checkpoint
     with zipfile.ZipFile(other_zip, "w") as z:
         z.writestr("msl-images/a.JPG", b"x")

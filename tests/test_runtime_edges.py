@@ -1046,10 +1046,12 @@ def test_sigterm_and_sighup_stop_after_the_cleanups_and_say_so(
     assert capsys.readouterr().err == f"\ncmd: stopped by {name}; --resume continues\n"
 
 
-def test_a_terminal_that_closes_stops_the_command_with_129() -> None:
-    """SIGHUP from a terminal that closed (not `kill -HUP`): every later write to it fails
-    (EIO), a cleanup's too (mars-infer's progress line), and that error replaced the stop: exit
-    1 and a traceback. The terminal's descriptors go to /dev/null at the signal."""
+@pytest.mark.parametrize("hangup", ["terminal closed", "kill -HUP"])
+def test_a_terminal_that_closes_stops_the_command_with_129(hangup: str) -> None:
+    """SIGHUP from a terminal that closed: every later write to it fails (EIO), a cleanup's too
+    (mars-infer's progress line), and that error replaced the stop: exit 1 and a traceback. Such
+    a terminal's descriptors go to /dev/null at the signal; a terminal still open (`kill -HUP`)
+    keeps them, and shows the cleanups and the line that says why the command stopped."""
     child = """
 import sys, time
 from marsvision.runtime.errors import interruptible
@@ -1059,12 +1061,12 @@ with interruptible("cmd"):
         time.sleep(60)
     finally:
         time.sleep(0.3)  # the terminal is gone by now
-        sys.stderr.write("\\n"); sys.stderr.flush()  # as mars-infer's progress display ends
+        sys.stderr.write("cleaned\\n"); sys.stderr.flush()  # as mars-infer's progress ends
 """
     # pty.fork in a process of its own (pytest's has threads): the child's controlling terminal
     # is the pty, and closing its master side hangs it up
     launcher = f"""
-import os, pty, select, sys
+import os, pty, select, signal, sys
 pid, master = pty.fork()
 if pid == 0:
     os.execv(sys.executable, [sys.executable, "-c", {child!r}])
@@ -1072,13 +1074,24 @@ seen = b""
 while b"ready" not in seen:
     assert select.select([master], [], [], 60)[0], seen
     seen += os.read(master, 1024)
-os.close(master)
-print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+if {hangup == "kill -HUP"!r}:
+    os.kill(pid, signal.SIGHUP)
+    try:
+        while select.select([master], [], [], 60)[0] and (more := os.read(master, 1024)):
+            seen += more
+    except OSError:  # EIO: the child has exited and closed the terminal
+        pass
+else:
+    os.close(master)
+print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), seen.decode().split())
 """
     r = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True,
                        timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "129"
+    code, _, said = r.stdout.partition(" ")
+    assert code == "129", r.stdout
+    if hangup == "kill -HUP":
+        assert said.strip() == "['ready', 'cleaned', 'cmd:', 'stopped', 'by', 'SIGHUP']"
 
 
 def test_signals_held_are_handled_after_the_block() -> None:

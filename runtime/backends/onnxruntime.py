@@ -209,7 +209,10 @@ def _session(
 
 
 def _is_torch_file(path: Path) -> bool:
-    """Whether `path` is a torch.save file: a zip archive with a pickle (`<name>/data.pkl`)."""
+    """Whether `path` is a torch.save file: a .pt/.pth name (a truncated or old-format one
+    too), or a zip archive with a pickle (`<name>/data.pkl`)."""
+    if path.suffix.lower() in (".pt", ".pth"):
+        return True
     try:
         with zipfile.ZipFile(path) as z:
             return any(n.count("/") == 1 and n.endswith("/data.pkl") for n in z.namelist())
