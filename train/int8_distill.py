@@ -279,9 +279,9 @@ def distill_file(
                     signed=flavour == "trt", seed=seed, limit=limit, workers=workers,
                     device=device, log=log)  # fmt: skip
     result = _distilled_checkpoint(ckpt, state, data_dir=data_dir, settings=settings,
-                                  source_sha256=sha256_file(checkpoint), source_path=checkpoint,
-                                  seconds=time.perf_counter() - t0, device=device,
-                                  workers=workers, limit=limit)  # fmt: skip
+                                   source_sha256=sha256_file(checkpoint), source_path=checkpoint,
+                                   seconds=time.perf_counter() - t0, device=device,
+                                   workers=workers, limit=limit)  # fmt: skip
     atomic_torch_save(result, out)
     return result
 

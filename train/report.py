@@ -122,5 +122,5 @@ def write_results(
                       probs=test_probs, class_names=names)  # fmt: skip
     _plot_curves(result["history"], out / "curves.png")
     _plot_confusion(result["test"]["confusion_matrix"], names, out / "confusion_test.png",
-                   f"test, checkpoint of epoch {result['best_epoch']}")  # fmt: skip
+                    f"test, checkpoint of epoch {result['best_epoch']}")  # fmt: skip
     write_json(out / "metrics.json", result)
