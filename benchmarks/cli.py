@@ -51,16 +51,18 @@ def _csv(flag: str, value: str | None, kind: type = str) -> tuple:  # type: igno
     a bad item is a user error naming the flag."""
     if value is None:
         return ()
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    for v in items:
+    values = []
+    for v in (v.strip() for v in value.split(",")):
+        if not v:
+            continue
         try:
-            kind(v)
+            values.append(kind(v))
         except ValueError:
             raise MarsvisionError(
                 f"{flag} {value!r}: {v!r} is not {'a whole number' if kind is int else 'valid'}"
                 " (a comma-separated list)"
             ) from None
-    return tuple(dict.fromkeys(kind(v) for v in items))
+    return tuple(dict.fromkeys(values))
 
 
 def _keep_and_show(write: Callable[[], Sequence[Path]], table: str, out: Path) -> None:

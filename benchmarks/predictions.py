@@ -83,11 +83,11 @@ def _not_results(path: Path, first: str) -> MarsvisionError:
     )
 
 
-def _check_first_line(path: Path, text: str) -> None:
+def _check_first_line(path: Path, text: str, *, jsonl: bool) -> None:
     """A file that mars-infer did not write (a checkpoint, a manifest, a score report) is said
     to be one before any row is read: its rows were blamed on a run cut short (finish it with
     mars-infer --resume, which then refused it too)."""
-    jsonl = text.lstrip().startswith("{")  # its blank lines are skipped; a CSV's are not
+    # a JSONL file's blank lines are skipped; a CSV's are not
     first = (text.lstrip() if jsonl else text).split("\n", 1)[0].rstrip("\r")
     if jsonl:
         try:
@@ -189,8 +189,9 @@ def read_predictions(path: Path) -> Predictions:
     text = data.decode("utf-8-sig", errors="surrogateescape")
     if not text.strip():
         raise MarsvisionError(f"{path} is empty: no predictions to score")
-    _check_first_line(path, text)
-    if text.lstrip().startswith("{"):
+    jsonl = text.lstrip().startswith("{")
+    _check_first_line(path, text, jsonl=jsonl)
+    if jsonl:
         preds = _read_jsonl(path, text)
     else:
         preds = _read_csv(path, text)

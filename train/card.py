@@ -66,6 +66,11 @@ def _splits(data_dir: Path, task: str, *, half: bool) -> dict[str, list[msl.Samp
     return sets
 
 
+def _frames(samples: list[msl.Sample]) -> int:
+    """How many camera frames the samples show (`data.frame_key`)."""
+    return len({msl.frame_key(s.path) for s in samples})
+
+
 def _split_counts(sets: dict[str, list[msl.Sample]], task: str, names: list[str]) -> list[str]:
     """The splits' sizes: images, camera frames (`data.frame_key`), and labels or classes."""
     rows = ["| split | images | frames | " + " | ".join(names) + " |" if task == "binary" else
@@ -73,7 +78,7 @@ def _split_counts(sets: dict[str, list[msl.Sample]], task: str, names: list[str]
             "|---|---|---|" + ("---|" * len(names) if task == "binary" else "---|")]  # fmt: skip
     for split, samples in sets.items():
         labels = Counter(s.label for s in samples)
-        head = f"| {split} | {len(samples):,} | {len({msl.frame_key(s.path) for s in samples}):,} |"
+        head = f"| {split} | {len(samples):,} | {_frames(samples):,} |"
         if task == "binary":
             rows.append(head + " " + " | ".join(f"{labels[i]:,}" for i in range(2)) + " |")
         else:
@@ -89,7 +94,7 @@ def _data_limits(sets: dict[str, list[msl.Sample]], task: str) -> list[str]:
     lines = [
         "- Many images are other products of one camera frame (a thumbnail, a full image, a "
         "subframe: names that differ only in the code before `_DRCL`, such as `C00` and `I01`; "
-        f"test's {len(test):,} images are {len({msl.frame_key(s.path) for s in test}):,} frames): "
+        f"test's {len(test):,} images are {_frames(test):,} frames): "
         "the metrics count each image, and the intervals over images take such copies for "
         "independent draws, one more reason to quote those by sol."
     ]
