@@ -66,8 +66,7 @@ test: $(STAMP)
 	$(MAKE) typecheck lint
 
 typecheck: $(STAMP)
-	$(BIN)/python tests/typecheck_tensorrt.py
-	$(BIN)/mypy train runtime export benchmarks
+	$(BIN)/python tests/typecheck.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

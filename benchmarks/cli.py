@@ -46,7 +46,7 @@ def _log(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-def _csv(flag: str, value: str | None, kind: type = str) -> tuple:  # type: ignore[type-arg]
+def _csv(flag: str, value: str | None, kind: type = str) -> tuple:
     """'1,8,32' -> (1, 8, 32), each item once ('8,1,8' -> (8, 1): a repeat ran its rows again);
     a bad item is a user error naming the flag."""
     if value is None:

@@ -11,12 +11,15 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from marsvision.runtime.errors import MarsvisionError, require_extra
 from marsvision.runtime.metadata import ModelMeta, sha256_file
+
+if TYPE_CHECKING:
+    from torch import nn
 
 TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -59,7 +62,7 @@ class TorchRunner:
         ckpt = load_checkpoint(checkpoint)
         model = model_from_checkpoint(ckpt).to(self.device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = model.to(memory_format=self.memory_format)
+        self.model: nn.Module | None = model.to(memory_format=self.memory_format)
         self.precision = precision
         self._autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
         n = len(ckpt["class_names"])
@@ -120,13 +123,15 @@ class TorchRunner:
 
     def forward(self, x: Any) -> Any:
         """Tensor in -> float32 logits tensor out (on the runner's device)."""
-        torch = self._torch
+        torch, model = self._torch, self.model
+        if model is None:
+            raise ValueError("the PyTorch runner is closed")
         with torch.inference_mode():
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             if self._autocast_dtype is None:
-                return self.model(x).float()
+                return model(x).float()
             with torch.autocast(device_type=self.device, dtype=self._autocast_dtype):
-                return self.model(x).float()
+                return model(x).float()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """float32 NCHW batch -> float32 logits (batch, num_classes), host to host."""

@@ -163,7 +163,7 @@ def run(cfg: InferConfig) -> int:
                 lock_output(stream, cfg.out)
                 made = not existed and not os.path.islink(cfg.out)  # a link's target stays
             record = _record(cfg, clf, len(inputs))  # what a file this run continues must match
-            if cfg.resume and existed:
+            if cfg.resume and existed and cfg.out is not None:
                 header = csv_header(
                     meta.class_names, min(cfg.top_k, meta.num_classes) if cfg.top_k else None
                 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -151,13 +152,13 @@ def decide(probs: Any, threshold: float | None) -> Any:
     return (probs[:, 1] >= threshold).astype(int)
 
 
-def sidecar_path(engine_path: str | Path) -> Path:
+def sidecar_path(engine_path: str | os.PathLike[str]) -> Path:
     """Where a TensorRT engine's metadata lives: `model.plan` -> `model.plan.json`."""
     p = Path(engine_path)
     return p.with_name(p.name + ".json")
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -36,10 +36,10 @@ def artifact_name(task: str, flavour: str) -> str:
 
 def _has_tensorrt() -> bool:
     """The TensorRT backend's own test of an install (type stubs alone do not count)."""
-    from marsvision.runtime.backends.tensorrt import _import_trt
+    from marsvision.runtime.backends.tensorrt import _require_trt
 
     try:
-        _import_trt()
+        _require_trt()
     except MarsvisionError:
         return False
     return True

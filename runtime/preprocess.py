@@ -111,7 +111,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 _LIMITS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
 
 
-def _open_file(path: str | os.PathLike[str]) -> BinaryIO:
+def _open_file(path: str | bytes | os.PathLike[str]) -> BinaryIO:
     """The file at `path`, open for reading. A FIFO is opened without waiting for a writer (one
     without a writer reads as empty; `<(cat image.jpg)` reads its image), and a device or socket
     is refused (/dev/zero would be read forever). Windows has neither O_NONBLOCK nor FIFOs: a
@@ -161,7 +161,7 @@ def _jpeg_scans(fp: Any) -> int:
 
 
 def decode_image(
-    path: str | os.PathLike[str],
+    path: str | bytes | os.PathLike[str],
     spec: PreprocessSpec,
     *,
     fast_decode: bool = False,

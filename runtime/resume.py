@@ -9,7 +9,7 @@ import io
 import json
 import os
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from marsvision.runtime.errors import DISK_FULL, MarsvisionError
 from marsvision.runtime.files import atomic_write_text, try_exclusive_lock
@@ -284,7 +284,7 @@ def out_exists(path: str) -> MarsvisionError:
     return MarsvisionError(f"{path} exists: pass --resume to continue it, or choose another --out")
 
 
-def open_output(path: str | None, *, append: bool) -> IO[str]:
+def open_output(path: str | None, *, append: bool) -> io.TextIOWrapper:
     """The text stream for --out (appended to, or created), or stdout; lossless for non-UTF-8
     paths."""
     if path is None:
@@ -301,7 +301,10 @@ def open_output(path: str | None, *, append: bool) -> IO[str]:
         )
         return stream
     try:
-        stream = open(path, "a" if append else "x", newline="", **ENCODING)  # type: ignore[call-overload]
+        mode: Literal["a", "x"] = "a" if append else "x"
+        stream = open(
+            path, mode, newline="", encoding=ENCODING["encoding"], errors=ENCODING["errors"]
+        )
     except FileExistsError:  # made since the run checked (another run started at the same time)
         raise out_exists(path) from None
     except OSError as e:

@@ -153,6 +153,8 @@ def test_torch_runner_puts_back_the_thread_count(
     assert torch.get_num_threads() == 3
     runner.close()  # a second close changes nothing
     assert torch.get_num_threads() == 3
+    with pytest.raises(ValueError, match="closed"):  # not "'NoneType' object is not callable"
+        runner.infer(np.zeros((1, 3, 32, 32), np.float32))
     paths = sorted((msl_dir / "calibrated").glob("*.JPG"))[:2]
     logits, _ = reference_logits(tiny_checkpoint, paths, threads=1)
     assert logits.shape == (2, 2) and torch.get_num_threads() == 3

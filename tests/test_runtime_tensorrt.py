@@ -203,7 +203,7 @@ def test_runner_frees_its_buffers_when_opening_fails_part_way(
     plan.write_bytes(b"serialized engine")
     sidecar_path(plan).write_text(meta.to_json())
     cudart = _FakeCudart(fail_malloc_at)
-    monkeypatch.setattr(trt_backend, "_import_trt", lambda: _fake_trt(meta))
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_trt(meta))
     monkeypatch.setattr(trt_backend, "_import_cudart", lambda: cudart)
     monkeypatch.setattr(trt_backend, "running_gpu", lambda: ("H100", "9.0"))
     if fail_malloc_at is None:
@@ -236,7 +236,7 @@ def test_runner_refused_a_buffer_address_is_a_one_line_error(
     sidecar_path(plan).write_text(meta.to_json())
     cudart = _FakeCudart(None)
     fake = _fake_trt(meta, refuse_address=meta.output_name)
-    monkeypatch.setattr(trt_backend, "_import_trt", lambda: fake)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
     monkeypatch.setattr(trt_backend, "_import_cudart", lambda: cudart)
     monkeypatch.setattr(trt_backend, "running_gpu", lambda: ("H100", "9.0"))
     with pytest.raises(
@@ -277,7 +277,7 @@ def test_runner_runs_one_call_at_a_time(tmp_path: Path, monkeypatch: pytest.Monk
     cudart.cudaMemcpyKind = SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
     cudart.cudaMemcpyAsync = lambda *args: (0,)
     cudart.cudaStreamSynchronize = lambda stream: (0,)
-    monkeypatch.setattr(trt_backend, "_import_trt", lambda: fake)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
     monkeypatch.setattr(trt_backend, "_import_cudart", lambda: cudart)
     monkeypatch.setattr(trt_backend, "running_gpu", lambda: ("H100", "9.0"))
     runner = trt_backend.TensorRTRunner(plan)

@@ -139,7 +139,9 @@ def train_one_epoch(
     seen = 0
     order = order.to(device)  # once per epoch, not one host copy per step
     batches = _batches(len(order), batch_size)
-    features = pooled_features(model) if camera is not None else contextlib.nullcontext([])
+    features: contextlib.AbstractContextManager[list[torch.Tensor]] = (
+        pooled_features(model) if camera is not None else contextlib.nullcontext([])
+    )
     with features as pooled:
         for step, (start, stop) in enumerate(batches):
             idx = order[start:stop]
@@ -293,7 +295,7 @@ def _train(cfg: TrainConfig, deadline: float | None, lock: FolderLock) -> dict[s
     gen = torch.Generator().manual_seed(cfg.seed)
     bf16 = use_bf16(cfg.amp, device, log=log)
     layout = torch.channels_last if uses_channels_last(device, bf16) else torch.contiguous_format
-    model = model.to(device, memory_format=layout)
+    model = model.to(device, memory_format=layout)  # type: ignore[call-overload]  # torch stub lacks it
     y = {s: torch.tensor([x.label for x in splits[s]], device=device) for s in msl.SPLITS}
     y_fit = torch.tensor([x.label for x in fit], device=device)
     images = store.to(device)
@@ -317,7 +319,7 @@ def _train(cfg: TrainConfig, deadline: float | None, lock: FolderLock) -> dict[s
     if resume is not None:
         restore(resume, parts)
         history, best_epoch = resume["history"], resume["best_epoch"]
-        best = tuple(resume["best"])  # type: ignore[assignment]
+        best = tuple(resume["best"])
         start_epoch = resume["epoch"] + 1
         print(f"resuming {cfg.out} after epoch {resume['epoch']}", file=log)
     make_folder(cfg.out, "--out")  # checked before decoding; refused since: one line too
@@ -419,7 +421,7 @@ def _train(cfg: TrainConfig, deadline: float | None, lock: FolderLock) -> dict[s
 
     # --- the selected checkpoint, evaluated once on test
     ckpt = load_checkpoint(cfg.out / CHECKPOINT)
-    final = create_model(k).to(device, memory_format=layout)
+    final = create_model(k).to(device, memory_format=layout)  # type: ignore[call-overload]
     final.load_state_dict(ckpt["state_dict"])
     held = "the held-out half of " if cfg.train_on == HALF_VAL else ""
     last = stopped_after or cfg.epochs

@@ -28,14 +28,16 @@ _INSTALL = (
 )
 
 
-def _import_trt() -> Any:
+def _require_trt() -> None:
+    """A MarsvisionError unless TensorRT is installed. Its users then `import tensorrt` where
+    they need it, so that mypy checks each call against the stubs (a module handed around as Any
+    was not checked)."""
     try:
         import tensorrt
     except ImportError:
         raise MarsvisionError(f"TensorRT is not installed: {_INSTALL}") from None
     if not hasattr(tensorrt, "Runtime"):  # e.g. only tensorrt-stubs: a bare namespace package
         raise MarsvisionError(f"TensorRT is not installed (only its type stubs): {_INSTALL}")
-    return tensorrt
 
 
 def _import_cudart() -> Any:
@@ -102,16 +104,18 @@ def check_compatible(meta: ModelMeta, path: Path, trt_version: str, capability: 
         )
 
 
-def _open_checks(path: Path) -> tuple[ModelMeta, Any, Any]:
-    """(metadata, tensorrt, cuda runtime) for the engine at `path` where it suits this machine:
+def _open_checks(path: Path) -> tuple[ModelMeta, Any]:
+    """(metadata, cuda runtime) for the engine at `path` where it suits this machine:
     its sidecar there, TensorRT and cuda-python installed, a GPU, and the engine built with this
     TensorRT version for this GPU's architecture; else a MarsvisionError saying which is not."""
     meta = meta_from_engine(path)
-    trt_mod = _import_trt()
+    _require_trt()
+    import tensorrt as trt
+
     cudart = _import_cudart()
     _, capability = running_gpu()
-    check_compatible(meta, path, str(trt_mod.__version__), capability)
-    return meta, trt_mod, cudart
+    check_compatible(meta, path, str(trt.__version__), capability)
+    return meta, cudart
 
 
 def engine_refusal(path: str | os.PathLike[str]) -> str | None:
@@ -124,10 +128,12 @@ def engine_refusal(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def _np_dtype(trt_mod: Any, dtype: trt.DataType) -> type[np.floating[Any]]:
-    if dtype == trt_mod.DataType.FLOAT:
+def _np_dtype(dtype: trt.DataType) -> type[np.floating[Any]]:
+    import tensorrt as trt  # installed: the runner checked
+
+    if dtype == trt.DataType.FLOAT:
         return np.float32
-    if dtype == trt_mod.DataType.HALF:
+    if dtype == trt.DataType.HALF:
         return np.float16
     raise MarsvisionError(f"engine tensor type {dtype} is not supported; re-export the engine")
 
@@ -144,10 +150,12 @@ class TensorRTRunner:
         # threads of one Classifier would run one's batch on the other's input), and close()
         # waits for the call it would free the buffers under
         self._lock = threading.Lock()
-        self.meta, trt_mod, self._cudart = _open_checks(self.path)
-        self.library = f"tensorrt {trt_mod.__version__}"
-        self._logger: trt.ILogger = trt_mod.Logger(trt_mod.Logger.WARNING)
-        self._runtime: trt.Runtime = trt_mod.Runtime(self._logger)
+        self.meta, self._cudart = _open_checks(self.path)
+        import tensorrt as trt  # installed: _open_checks checked
+
+        self.library = f"tensorrt {trt.__version__}"
+        self._logger: trt.ILogger = trt.Logger(trt.Logger.WARNING)
+        self._runtime: trt.Runtime = trt.Runtime(self._logger)
         engine: trt.ICudaEngine | None = self._runtime.deserialize_cuda_engine(
             self.path.read_bytes()
         )
@@ -168,8 +176,8 @@ class TensorRTRunner:
             raise MarsvisionError(
                 f"{self.path}: engine tensors {names} do not match its metadata; re-export it"
             )
-        self._in_dtype = _np_dtype(trt_mod, engine.get_tensor_dtype(self._in))
-        self._out_dtype = _np_dtype(trt_mod, engine.get_tensor_dtype(self._out))
+        self._in_dtype = _np_dtype(engine.get_tensor_dtype(self._in))
+        self._out_dtype = _np_dtype(engine.get_tensor_dtype(self._out))
         profile = engine.get_tensor_profile_shape(self._in, 0)  # [min, opt, max]
         self.max_batch = int(profile[2][0])
         size = self.meta.preprocess.input_size
