@@ -19,7 +19,7 @@ import itertools
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,7 +196,7 @@ class Classifier:
 
     def predict_batches(
         self, paths: Iterable[str | os.PathLike[str]]
-    ) -> Iterator[list[Prediction]]:
+    ) -> Generator[list[Prediction], None, None]:
         """Predictions batch by batch, in input order, as soon as each batch is inferred. `paths`
         is read in the caller's thread, one batch beyond the batch being decoded: a generator of
         paths that arrive over time gets each batch's rows once the next batch's paths are in,
@@ -234,7 +234,7 @@ class Classifier:
 
     def _pipeline(
         self, chunks: Iterator[tuple[list[str], list[str | bytes]]]
-    ) -> Iterator[list[Prediction]]:
+    ) -> Generator[list[Prediction], None, None]:
         size = self.meta.preprocess.input_size
         free: queue.Queue[np.ndarray] = queue.Queue()
         todo: queue.Queue[tuple[list[str], list[str | bytes]] | None] = queue.Queue()

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.spec import PreprocessSpec
 
@@ -68,7 +70,7 @@ class ModelMeta:
         """How many classes the model tells apart (its logits' width)."""
         return len(self.class_names)
 
-    def decide(self, probs: Any) -> Any:
+    def decide(self, probs: np.ndarray) -> np.ndarray:
         """Class index of each row of softmax probabilities (N, classes), by the model's rule."""
         return decide(probs, self.decision_threshold)
 
@@ -144,7 +146,7 @@ def check_class_names(names: Any, where: object = None) -> None:
         )
 
 
-def decide(probs: Any, threshold: float | None) -> Any:
+def decide(probs: np.ndarray, threshold: float | None) -> np.ndarray:
     """Class index per row of probabilities: class 1 where its probability is >= `threshold`
     (two classes), or the most probable class when `threshold` is None."""
     if threshold is None:
