@@ -72,22 +72,43 @@ class InferConfig:
 
 
 class _Progress:
-    """A one-line progress display on stderr (only when stderr is a terminal)."""
+    """Progress on stderr. On a terminal, one line redrawn in place, at most ten times a second;
+    none when the rows go to that terminal too (the line ran into the next row, and the rows show
+    the progress there). In a log (stderr a file or pipe), a line every `every` seconds: a long
+    run was silent until its summary."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, *, rows_on_terminal: bool, every: float = 30.0) -> None:
         self.total = total
+        self.every = every
         self.start = time.perf_counter()
-        self.tty = sys.stderr is not None and sys.stderr.isatty()  # None: started with it closed
+        self._last = self.start
+        self._drawn = False  # a line on the terminal, which close() ends
+        self._done = 0
+        err = sys.stderr  # None: started with it closed
+        self.tty = err is not None and err.isatty()
+        self.silent = err is None or (self.tty and rows_on_terminal)
+
+    def _line(self, done: int, now: float) -> str:
+        rate = done / max(now - self.start, 1e-9)
+        return f"{done}/{self.total} images  {rate:.1f} images/s"
 
     def update(self, done: int) -> None:
+        self._done = done
+        now = time.perf_counter()
+        if self.silent or now - self._last < (0.1 if self.tty else self.every):
+            return
+        self._last = now
         if self.tty:
-            rate = done / max(time.perf_counter() - self.start, 1e-9)
-            sys.stderr.write(f"\r{done}/{self.total} images  {rate:.1f} images/s ")
-            sys.stderr.flush()
+            self._drawn = True
+            sys.stderr.write(f"\r{self._line(done, now)} ")
+        else:
+            sys.stderr.write(f"mars-infer: {self._line(done, now)}\n")
+        sys.stderr.flush()
 
     def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
+        """End the terminal's line, at the final count (a redraw may have been skipped)."""
+        if self._drawn:
+            sys.stderr.write(f"\r{self._line(self._done, time.perf_counter())} \n")
 
 
 def _standard_fds() -> None:
@@ -186,7 +207,7 @@ def run(cfg: InferConfig) -> int:
             todo = [p for p, s in zip(inputs, status) if s is None]
             prev_failed = status.count("error")
         ok = failed = 0
-        progress = _Progress(len(todo))
+        progress = _Progress(len(todo), rows_on_terminal=stream.isatty())
         write_error: OSError | None = None
         try:
             writer = ResultWriter(

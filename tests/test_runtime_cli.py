@@ -447,3 +447,54 @@ def test_default_model_passes_over_engines_that_cannot_run_here(
 
     monkeypatch.setattr(trt_backend, "_open_checks", lambda path: None)  # where it runs
     assert m.default_model(tmp_path) == (plan, "auto", None)
+
+
+class _Stderr(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def _progress_at(
+    monkeypatch: pytest.MonkeyPatch, times: list[float], *, tty: bool, rows_on_terminal: bool
+) -> str:
+    """What mars-infer's progress writes for an update at each of `times` (seconds after its
+    start, one image each) and its close."""
+    from marsvision.runtime import cli as infer_cli
+
+    err = _Stderr(tty)
+    clock = iter([0.0, *times, times[-1]])
+    monkeypatch.setattr(infer_cli.sys, "stderr", err)
+    monkeypatch.setattr(infer_cli.time, "perf_counter", lambda: next(clock))
+    progress = infer_cli._Progress(len(times), rows_on_terminal=rows_on_terminal, every=30.0)
+    for done in range(1, len(times) + 1):
+        progress.update(done)
+    progress.close()
+    return err.getvalue()
+
+
+def test_progress_in_a_log_is_a_line_every_half_minute(monkeypatch: pytest.MonkeyPatch) -> None:
+    """stderr a file or pipe: a plain line now and then (it printed nothing until the summary)."""
+    out = _progress_at(monkeypatch, [10.0, 31.0, 45.0, 62.0], tty=False, rows_on_terminal=False)
+    assert out == ("mars-infer: 2/4 images  0.1 images/s\nmars-infer: 4/4 images  0.1 images/s\n")
+
+
+def test_progress_on_a_terminal_is_redrawn_ten_times_a_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = _progress_at(monkeypatch, [0.05, 0.2, 0.25, 0.4], tty=True, rows_on_terminal=False)
+    # 0.05 and 0.25 are too soon after the last draw; close draws the final count and ends it
+    drawn = ["2/4 images  10.0 images/s", "4/4 images  10.0 images/s"] + [
+        "4/4 images  10.0 images/s"
+    ]
+    assert out == "".join(f"\r{line} " for line in drawn) + "\n"
+
+
+def test_progress_stays_off_a_terminal_that_shows_the_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Results on the terminal too (no --out): the progress line ran into the next row."""
+    assert _progress_at(monkeypatch, [0.5, 1.0], tty=True, rows_on_terminal=True) == ""
