@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import shutil
 import sys
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from marsvision.export.artifacts import log, quiet_logger, set_onnx_meta
 from marsvision.runtime.files import atomic_path
 from marsvision.runtime.metadata import ModelMeta
 from marsvision.runtime.spec import PreprocessSpec
@@ -106,11 +108,10 @@ def calibrate(
     cache was reused."""
     why = _cache_refusal(cache_path, method)
     if why is None:
-        print(f"calibration: reusing cached ranges {cache_path}", file=sys.stderr)
+        log(f"calibration: reusing cached ranges {cache_path}")
         return cache_path, True
     if why:
-        print(f"calibration: cannot use cached ranges {cache_path} ({why}); recomputing",
-              file=sys.stderr)  # fmt: skip
+        log(f"calibration: cannot use cached ranges {cache_path} ({why}); recomputing")
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
     from marsvision.export.images import load_batch
@@ -121,13 +122,17 @@ def calibrate(
         augmented_model_path=str(workdir / "augmented.onnx"),
         calibrate_method=_method(method),
     )
-    # ONNX Runtime's calibrators print progress on stdout: send it to stderr with ours.
-    with contextlib.redirect_stdout(sys.stderr):
-        for i in range(0, len(paths), CALIB_BATCH):
+    log(f"calibration ({method}) on {len(paths)} images")
+    starts = range(0, len(paths), CALIB_BATCH)
+    every = max(1, len(starts) // 10)  # about ten lines, whatever the number of images
+    # ONNX Runtime's calibrators print on stdout ("Collecting tensor data and making histogram
+    # ...", once a batch, "Number of tensors : 123"): not ours to show, and not stdout's.
+    with contextlib.redirect_stdout(io.StringIO()):
+        for n, i in enumerate(starts, 1):
             chunk = paths[i : i + CALIB_BATCH]
             calibrator.collect_data(_OneBatch(load_batch(chunk, spec)))
-            done = min(i + CALIB_BATCH, len(paths))
-            print(f"calibration ({method}): {done}/{len(paths)} images", file=sys.stderr)
+            if n % every == 0 or n == len(starts):
+                log(f"calibration ({method}): {i + len(chunk)}/{len(paths)} images")
         ranges = calibrator.compute_data()
     computed = workdir / "calibration-ranges.json"
     save_tensors_data(ranges, computed)
@@ -135,8 +140,10 @@ def calibrate(
         with atomic_path(cache_path) as tmp:  # the usual file mode, not mkstemp's 0600
             shutil.copyfile(computed, tmp)
     except OSError as e:
-        print(f"calibration: cannot save the ranges to {cache_path} ({e.strerror or e}); "
-              "the next export calibrates again", file=sys.stderr)  # fmt: skip
+        log(
+            f"calibration: cannot save the ranges to {cache_path} ({e.strerror or e}); "
+            "the next export calibrates again"
+        )
     return computed, False
 
 
@@ -186,8 +193,6 @@ def int8_onnx_from_onnx(
     """Quantize the preprocessed FP32 ONNX with the cached ranges into one flavour."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-    from marsvision.export.artifacts import quiet_logger, set_onnx_meta
 
     f = FLAVOURS[flavour]
     act = QuantType.QUInt8 if f["activations"] == "uint8" else QuantType.QInt8
