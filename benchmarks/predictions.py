@@ -7,7 +7,9 @@ import csv
 import dataclasses
 import errno
 import hashlib
+import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -41,6 +43,7 @@ class PredictionRow:
     precision: str
     backend: str
     tta: str = "none"  # mars-infer --tta (files written before the flag have no tta column)
+    confidence: float | None = None  # the probability the row gives its label, where it has it
 
     @property
     def name(self) -> str:
@@ -70,7 +73,35 @@ def _row(path: Path, line: int, d: dict[str, Any]) -> PredictionRow:
         raise MarsvisionError(f"{path}: line {line} has status ok but no label")
     sha, precision, backend = (str(d[k]) for k in _PROVENANCE)
     tta = str(d.get("tta") or "none")
-    return PredictionRow(line, str(d["path"]), status, label, sha, precision, backend, tta)
+    confidence = _confidence(path, line, d, label) if status == "ok" else None
+    return PredictionRow(
+        line, str(d["path"]), status, label, sha, precision, backend, tta, confidence
+    )
+
+
+def _confidence(path: Path, line: int, d: dict[str, Any], label: str | None) -> float | None:
+    """The probability a row gives its label: from every class's (JSONL `probs`, CSV
+    `prob_<class>`) or the top k's (JSONL `top_k` pairs, CSV `label_i`/`prob_i`); None where the
+    row does not hold it (a decision threshold's label outside the top k)."""
+    if isinstance(d.get("probs"), dict):
+        value = d["probs"].get(label)
+    elif d.get("top_k") is not None:
+        value = next((p for lab, p in d["top_k"] if lab == label), None)
+    elif f"prob_{label}" in d:
+        value = d[f"prob_{label}"]
+    else:
+        ranks = itertools.takewhile(lambda i: f"label_{i}" in d, itertools.count(1))
+        value = next((d.get(f"prob_{i}") for i in ranks if d[f"label_{i}"] == label), None)
+    if value is None:
+        return None
+    try:
+        p = float(value)
+    except (TypeError, ValueError):
+        p = math.nan
+    if not 0.0 <= p <= 1.0:  # also NaN
+        raise MarsvisionError(f"{path}: line {line} gives its label {label} the probability "
+                              f"{value!r}, not a number from 0 to 1")  # fmt: skip
+    return p
 
 
 _REQUIRED = ("path", "status", "label", "error", *_PROVENANCE)

@@ -95,7 +95,7 @@ def score_predictions(
     Every sample needs exactly one row, with status ok; otherwise a user error, or with
     `allow_missing` the sample is left out and counted. Rows for other images are ignored.
     """
-    from marsvision.train.metrics import bootstrap_cis, classification_metrics
+    from marsvision.train.metrics import bootstrap_cis, classification_metrics, confidence_report
 
     wanted = {s.path.name for s in samples}
     if len(wanted) != len(samples):
@@ -110,6 +110,7 @@ def score_predictions(
     index = {name: i for i, name in enumerate(class_names)}
     excluded: dict[str, list[str]] = {"missing": [], "failed": [], "duplicated": []}
     y_true, y_pred, sols = [], [], []
+    confidence: list[float | None] = []
     groups: dict[tuple[str, int], list[int]] = {}  # (camera, MSL class) -> [images, errors]
     for s in samples:
         mine = found.get(s.path.name, [])
@@ -122,6 +123,7 @@ def score_predictions(
         else:
             y_true.append(s.label)
             y_pred.append(index[mine[0].label])
+            confidence.append(mine[0].confidence)
             sols.append(sol_key(s.path))
             g = groups.setdefault((camera(s.path), s.msl_class), [0, 0])
             g[0] += 1
@@ -160,6 +162,10 @@ def score_predictions(
             "rows_outside_split": outside,
         },
         "excluded": excluded,
+        # None where a row lacks its label's probability (a threshold's label outside the top k)
+        "confidence": None
+        if None in confidence
+        else confidence_report(confidence, [t == p for t, p in zip(y_true, y_pred)]),
         "by_camera_and_class": [
             {"camera": cam, "msl_class": k, "images": n, "errors": e}
             for (cam, k), (n, e) in sorted(groups.items(), key=lambda kv: (-kv[1][1], kv[0]))
@@ -284,6 +290,8 @@ def render_text(report: dict[str, Any]) -> str:
         rows.append([label, f"{m[k]:.4f}", f"[{ci[k][0]:.4f}, {ci[k][1]:.4f}]",
                      f"[{by_sol[k][0]:.4f}, {by_sol[k][1]:.4f}]"])  # fmt: skip
     lines += ["", text_table(["metric", "value", "95% CI", "95% CI by sol"], rows)]
+    if conf := report.get("confidence"):
+        lines += ["", *_confidence_text(conf)]
     worst = [g for g in report.get("by_camera_and_class", []) if g["errors"]][:_WORST]
     if worst:
         lines += ["", "most errors, by camera and MSL class:"]
@@ -304,6 +312,22 @@ def render_text(report: dict[str, Any]) -> str:
                f"the whole {what})" if _partial(report) else ")")
         )  # fmt: skip
     return "\n".join(lines)
+
+
+def _confidence_text(conf: dict[str, Any]) -> list[str]:
+    """The probability of each decision: its calibration, and what keeping the confident gives."""
+    from marsvision.benchmarks.report import text_table
+
+    rows = [[f">= {k['least']:g}", str(k["images"]), f"{100 * k['share']:.1f}",
+             "" if k["accuracy"] is None else f"{k['accuracy']:.4f}"]
+            for k in conf["keep"]]  # fmt: skip
+    return [
+        f"confidence (the probability of each decision): mean {conf['mean']:.4f} "
+        f"(accuracy {conf['accuracy']:.4f}), highest {conf['highest']:.4f}",
+        f"calibration error {conf['ece']:.4f} (mean |accuracy - confidence| over "
+        f"{conf['bins']} equal bins, by images)",
+        text_table(["confidence", "images", "share %", "accuracy"], rows),
+    ]
 
 
 def _score_name(report: dict[str, Any]) -> str:

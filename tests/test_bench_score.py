@@ -27,7 +27,7 @@ from marsvision.runtime.classifier import Prediction
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.results import Provenance, ResultWriter
 from marsvision.train.data import class_names, read_split, sol_key
-from marsvision.train.metrics import bootstrap_cis, classification_metrics
+from marsvision.train.metrics import bootstrap_cis, classification_metrics, confidence_report
 
 N_REAL = 40  # real test images through mars-infer: 5 batches of 8
 SHA = "ab" * 32
@@ -130,6 +130,8 @@ def test_real_output_scores_like_the_runtime(real_runs: dict[str, Any], msl_dir:
         backend = clf.runner.name
     y_true = [s.label for s in samples]
     y_pred = probs.argmax(axis=1).tolist()
+    right = np.array(y_true) == np.array(y_pred)
+    want_conf = confidence_report(probs.max(axis=1), right)
     want = classification_metrics(y_true, y_pred, 2, "binary")
     want_cis = bootstrap_cis(y_true, y_pred, 2, "binary", n_boot=1000, seed=0)
     sols = [sol_key(s.path) for s in samples]
@@ -144,6 +146,12 @@ def test_real_output_scores_like_the_runtime(real_runs: dict[str, Any], msl_dir:
         assert rep["metrics"] == want, key
         assert rep["cis"] == want_cis, key
         assert rep["cis_by_sol"] == want_by_sol != want_cis, key
+        # the probability of each decision, as the file has it (6 decimals), every format
+        conf = rep["confidence"]
+        for field in ("mean", "highest", "ece"):
+            assert conf[field] == pytest.approx(want_conf[field], abs=2e-6), (key, field)
+        assert conf["keep"] == want_conf["keep"] and conf["images"] == N_REAL, key
+        assert f"highest {want_conf['highest']:.4f}" in r.stdout, key
         assert rep["counts"] == {
             "split_images": 1305,
             "scored": N_REAL,
@@ -518,6 +526,10 @@ def _cases(samples: list[Any], tmp: Path) -> dict[str, tuple[Path, str]]:
     bad["top_k"] = [["Rover"]]  # hand-edited: not a [label, probability] pair
     (tmp / "not-a-pair.jsonl").write_text(f"{whole[0]}\n{json.dumps(bad)}\n")
     out["top-k entry"] = (tmp / "not-a-pair.jsonl", "line 2 is not a mars-infer result row")
+    lines = text.splitlines()
+    lines[3] = lines[3].replace(",0.900000,", ",0.9x,", 1)  # a hand-edited probability
+    (tmp / "prob.csv").write_text("\n".join(lines) + "\n")
+    out["probability"] = (tmp / "prob.csv", "line 4 gives its label")
     # rows of another split's images: it said "1305 missing (...)", and to rerun mars-infer
     others = [dataclasses.replace(p, path=f"/val/other{i}.JPG") for i, p in enumerate(full[:5])]
     out["other split"] = (_write(tmp / "others.csv", others),
@@ -616,3 +628,22 @@ def test_tta_provenance_and_files_from_before_the_flag(
         f"score-test-{SHA[:12]}-onnxruntime-tta-flip.json",
         f"score-test-{SHA[:12]}-onnxruntime.json",
     ]
+
+
+def test_confidence_where_the_top_k_lacks_the_decision(
+    test_split: list[Any], msl_dir: Path, tmp_path: Path
+) -> None:
+    """A binary model's decision threshold may pick the less probable class: a --top-k 1 row
+    then lacks its label's probability, and the report has no confidence section (not a wrong
+    one); the metrics stay."""
+    full = _full(test_split)
+    flipped = Prediction(full[0].path, "ok", "Rover", (0.7, 0.3))  # Rover at a threshold of 0.3
+    path = _write(tmp_path / "k1.csv", [flipped, *full[1:]], top_k=1)
+    r = _score([str(path), "--data", str(msl_dir), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    rep = _report(tmp_path / "out")
+    assert rep["confidence"] is None and rep["metrics"]["n"] == len(full)
+    assert "calibration error" not in r.stdout
+    path = _write(tmp_path / "all.csv", [flipped, *full[1:]])  # every probability: 0.3 of Rover
+    r = _score([str(path), "--data", str(msl_dir), "--out", str(tmp_path / "out2")])
+    assert _report(tmp_path / "out2")["confidence"]["keep"][0]["images"] == len(full) - 1

@@ -10,6 +10,7 @@ from marsvision.train.metrics import (
     balanced_threshold,
     bootstrap_cis,
     classification_metrics,
+    confidence_report,
     confusion_matrix,
 )
 
@@ -177,3 +178,28 @@ def test_balanced_threshold_sits_in_the_middle_of_the_best_plateau() -> None:
         balanced_threshold([1, 1, 1], [0.2, 0.5, 0.9])
     with pytest.raises(ValueError):
         balanced_threshold([0, 1, 2], [0.2, 0.5, 0.9])
+
+
+def test_confidence_report_by_hand() -> None:
+    """Bins of equal width, (lo, hi]: 0.5 and 0.6 share the bin (0.5, 0.75] of 4 bins, 0.75
+    too; 0.76 and 1.0 are in (0.75, 1]."""
+    conf = [0.5, 0.6, 0.75, 0.76, 1.0]
+    right = [True, False, True, True, True]
+    rep = confidence_report(conf, right, bins=4, keep_at=(0.75, 0.99, 1.01))
+    # bin (0.25, 0.5]: 0.5, right: |1 - 0.5| = 0.5; (0.5, 0.75]: 0.6 wrong, 0.75 right:
+    # |1 - 1.35| = 0.35; (0.75, 1]: both right: |2 - 1.76| = 0.24
+    assert rep["ece"] == pytest.approx((0.5 + 0.35 + 0.24) / 5)
+    assert rep["bin_images"] == [0, 1, 2, 2]
+    assert rep["mean"] == pytest.approx(3.61 / 5) and rep["highest"] == 1.0
+    assert rep["accuracy"] == 0.8 and rep["images"] == 5
+    assert rep["keep"] == [
+        {"least": 0.75, "images": 3, "share": 0.6, "accuracy": 1.0},
+        {"least": 0.99, "images": 1, "share": 0.2, "accuracy": 1.0},
+        {"least": 1.01, "images": 0, "share": 0.0, "accuracy": None},
+    ]
+    perfect = confidence_report([1.0, 1.0, 0.0], [True, True, False])
+    assert perfect["ece"] == 0.0 and perfect["bin_images"][0] == 1  # 0 goes to the first bin
+    with pytest.raises(ValueError):
+        confidence_report([0.5], [True, False])
+    with pytest.raises(ValueError):
+        confidence_report([], [])

@@ -152,3 +152,41 @@ def balanced_threshold(y_true: Any, p_positive: Any, tolerance: float = 0.005) -
     bal = (tpr + tnr) / 2.0
     near = cuts[bal >= bal.max() - tolerance]
     return float(near[len(near) // 2])
+
+
+KEEP_AT = (0.8, 0.9, 0.95, 0.99)  # least confidences of `confidence_report`'s keep table
+
+
+def confidence_report(
+    confidence: Any, correct: Any, *, bins: int = 15, keep_at: tuple[float, ...] = KEEP_AT
+) -> dict[str, Any]:
+    """How far the probability a model gave each decision reads as the chance that it is right.
+
+    `ece`: the expected calibration error, |accuracy - mean confidence| of `bins` bins of equal
+    width over (0, 1], weighted by their images. `keep`: for each least confidence in
+    `keep_at`, the images whose confidence reaches it, their share and accuracy (None where no
+    image does): what keeping only the confident decisions gives."""
+    c = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    ok = np.asarray(correct, dtype=bool).reshape(-1)
+    if c.shape != ok.shape or c.size == 0:
+        raise ValueError("expected one confidence per decision, and at least one decision")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, c, side="left") - 1, 0, bins - 1)  # (lo, hi]
+    count = np.bincount(which, minlength=bins)
+    gap = np.abs(np.bincount(which, ok, bins) - np.bincount(which, c, bins))  # per-bin sums
+    keep = []
+    for least in keep_at:
+        kept = c >= least
+        n = int(kept.sum())
+        keep.append({"least": least, "images": n, "share": n / c.size,
+                     "accuracy": float(ok[kept].mean()) if n else None})  # fmt: skip
+    return {
+        "images": int(c.size),
+        "accuracy": float(ok.mean()),
+        "mean": float(c.mean()),
+        "highest": float(c.max()),
+        "ece": float(gap.sum() / c.size),
+        "bins": bins,
+        "bin_images": count.tolist(),
+        "keep": keep,
+    }
