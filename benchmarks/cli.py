@@ -229,7 +229,13 @@ _data = click.option("--data", default=None, help="MSL data folder (default: $MA
 )
 @_data
 @click.option("--warmup", type=int, default=_SPEED.warmup, show_default=True)
-@click.option("--repeats", type=int, default=_SPEED.repeats, show_default=True)
+@click.option(
+    "--repeats",
+    type=int,
+    default=_SPEED.repeats,
+    show_default=True,
+    help="Timed calls of each row (p90 is reported from 10, p99 from 100; max always).",
+)
 @_device
 @_threads
 @click.option(

@@ -171,7 +171,10 @@ def _add_ratios(rows: list[dict[str, Any]], *, own_rss: bool = True) -> None:
             continue
         r["speedup_vs_pytorch_fp32"] = r["throughput_img_s"] / b["throughput_img_s"]
         r["latency_ratio_vs_pytorch_fp32"] = {
-            k: r["timing"][k] / b["timing"][k] for k in ("mean_ms", "p50_ms", "p90_ms", "p99_ms")
+            k: r["timing"][k] / b["timing"][k]
+            if r["timing"].get(k) and b["timing"].get(k)
+            else None
+            for k in ("mean_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms")
         }
         r["peak_rss_ratio_vs_pytorch_fp32"] = (
             r["peak_rss_mib"] / b["peak_rss_mib"] if own_rss else None

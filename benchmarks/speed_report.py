@@ -13,6 +13,7 @@ from marsvision.benchmarks.report import (
     write_json,
     write_text,
 )
+from marsvision.benchmarks.timing import LEAST_CALLS
 
 HEADERS = [
     "mode",
@@ -24,6 +25,7 @@ HEADERS = [
     "p50 ms",
     "p90 ms",
     "p99 ms",
+    "max ms",
     "x pt-fp32",
     "peak RSS MiB",
     "GPU MiB",
@@ -49,6 +51,7 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
                 fmt(t.get("p50_ms")),
                 fmt(t.get("p90_ms")),
                 fmt(t.get("p99_ms")),
+                fmt(t.get("max_ms")),
                 "-" if speedup is None else f"{speedup:.2f}x",
                 fmt(r.get("peak_rss_mib"), 0),
                 fmt(r.get("gpu_mem_mib"), 0),
@@ -56,7 +59,7 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
             ]
         )
     for s in report["skipped"]:
-        out.append(["-", s["backend"], s["precision"], "-"] + ["-"] * 8 + [s["status"]])
+        out.append(["-", s["backend"], s["precision"], "-"] + ["-"] * 9 + [s["status"]])
     return out
 
 
@@ -73,7 +76,9 @@ def _conditions_line(report: dict[str, Any]) -> str:
         f"{c['cpu']['usable_cores']} usable of {c['cpu']['logical_cores']} cores, {gpu}; "
         f"device {cfg['device']}, threads "
         f"{c['threads']}; input {'/'.join(map(str, sizes)) or '?'} px; warm-up {cfg['warmup']}, "
-        f"repeats {cfg['repeats']}; "
+        f"repeats {cfg['repeats']}"
+        + (f" (p99 from {LEAST_CALLS[99]} or more)" if cfg["repeats"] < LEAST_CALLS[99] else "")
+        + "; "
         + ("" if cfg.get("isolate", True) else "in one process (peak RSS: the running peak); ")
         + ", ".join(f"{k} {v}" for k, v in sorted(c["versions"].items()))
     )

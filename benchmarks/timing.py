@@ -15,18 +15,24 @@ from typing import Any
 
 import numpy as np
 
+# The fewest calls a percentile is reported from: below them it is only the largest of them, or
+# close to it (p99 of 30 calls interpolates between the two largest: README quoted the largest
+# of 30 as a p99). Where there are fewer, it is None, and the max speaks for the tail.
+LEAST_CALLS = {90: 10, 99: 100}
+
 
 @dataclass(frozen=True)
 class Timing:
-    """Latency figures of one measured call, in milliseconds, over `repeats` calls."""
+    """Latency figures of one measured call, in milliseconds, over `repeats` calls (p90 and p99
+    None where there are fewer calls than LEAST_CALLS)."""
 
     repeats: int
     mean_ms: float
     std_ms: float
     min_ms: float
     p50_ms: float
-    p90_ms: float
-    p99_ms: float
+    p90_ms: float | None
+    p99_ms: float | None
     max_ms: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -39,15 +45,18 @@ def summarize(seconds: list[float] | np.ndarray) -> Timing:
     ms = np.asarray(seconds, dtype=np.float64) * 1e3
     if ms.size == 0:
         raise ValueError("no timings to summarize")
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+
+    def tail(q: int) -> float | None:
+        return float(np.percentile(ms, q)) if ms.size >= LEAST_CALLS[q] else None
+
     return Timing(
         repeats=int(ms.size),
         mean_ms=float(ms.mean()),
         std_ms=float(ms.std()),
         min_ms=float(ms.min()),
-        p50_ms=float(p50),
-        p90_ms=float(p90),
-        p99_ms=float(p99),
+        p50_ms=float(np.percentile(ms, 50)),
+        p90_ms=tail(90),
+        p99_ms=tail(99),
         max_ms=float(ms.max()),
     )
 
