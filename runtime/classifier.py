@@ -39,7 +39,7 @@ DEFAULT_BATCH_SIZE = 8
 TTA_MODES = ("none", "flip")
 _Ready = tuple[list[str], np.ndarray, list[str | None]]  # a decoded batch
 _BUFFERS = 3  # batches in flight: one inferring, up to two being decoded
-_AHEAD = 2  # batches of the caller's paths read before the next batch is yielded
+READ_AHEAD = 2  # batches of the caller's paths read before the next batch is yielded
 NOT_FINITE = "the model's output for this image is not finite (NaN or inf); check the model"
 
 
@@ -195,17 +195,22 @@ class Classifier:
         return [p for batch in self.predict_batches(paths) for p in batch]
 
     def predict_batches(
-        self, paths: Iterable[str | os.PathLike[str]]
+        self, paths: Iterable[str | os.PathLike[str]], *, read_ahead: int = READ_AHEAD
     ) -> Generator[list[Prediction], None, None]:
         """Predictions batch by batch, in input order, as soon as each batch is inferred. `paths`
-        is read in the caller's thread, one batch beyond the batch being decoded: a generator of
-        paths that arrive over time gets each batch's rows once the next batch's paths are in,
-        not at its end (it was read to its end first: an endless one never gave a row). An
-        exception from `paths` is raised after the batches before it."""
+        is read in the caller's thread, `read_ahead` batches at a time: with 2, the next batch
+        decodes while this one is inferred, and a generator of paths that arrive over time
+        gets each batch's rows once the next batch's paths are in (not at its end: it was read
+        to its end first, and an endless one never gave a row). With 1, a batch's rows come
+        before the next paths are read: for a live stream (batch_size 1 too, as a batch waits
+        for its paths), where a frame's rows waited for the next frame. An exception from
+        `paths` is raised after the batches before it."""
         if isinstance(paths, (str, bytes, os.PathLike)):  # a str would be classified by letter
             raise TypeError(f"paths is one path ({paths!r}): pass a list of paths")
+        if type(read_ahead) is not int or read_ahead not in (1, 2):  # not True, not 1.0
+            raise ValueError(f"read_ahead is 1 or 2 (batches), not {read_ahead!r}")
         self._check_open()  # here, not at the first next()
-        return self._pipeline(self._chunks(iter(paths)))
+        return self._pipeline(self._chunks(iter(paths)), read_ahead)
 
     def _chunks(
         self, paths: Iterator[str | os.PathLike[str]]
@@ -233,7 +238,7 @@ class Classifier:
         return None
 
     def _pipeline(
-        self, chunks: Iterator[tuple[list[str], list[str | bytes]]]
+        self, chunks: Iterator[tuple[list[str], list[str | bytes]]], read_ahead: int
     ) -> Generator[list[Prediction], None, None]:
         size = self.meta.preprocess.input_size
         free: queue.Queue[np.ndarray] = queue.Queue()
@@ -276,8 +281,8 @@ class Classifier:
         try:
             while True:
                 # the caller's paths are read here, in its thread (a generator of them may hold
-                # a thread-bound resource, a sqlite cursor say), one batch ahead of the decoding
-                while more and queued < _AHEAD:
+                # a thread-bound resource, a sqlite cursor say), `read_ahead` batches at a time
+                while more and queued < read_ahead:
                     try:
                         chunk = next(chunks, None)
                     except Exception as e:  # noqa: BLE001 - raised once the batches before are out

@@ -417,6 +417,36 @@ def test_paths_are_read_a_batch_at_a_time(models: dict[str, Path], msl_dir: Path
         assert clf.predict([]) == []
 
 
+def test_a_live_stream_gets_each_frame_before_the_next(
+    models: dict[str, Path], msl_dir: Path
+) -> None:
+    """read_ahead=1: a batch's rows come before the next paths are read. With the read-ahead
+    that overlaps decoding and inference (2), a frame from a camera, one path at a time, got its
+    row only once the next frame had come."""
+    from marsvision.runtime.classifier import Classifier
+    from marsvision.train.data import read_split
+
+    image = read_split(msl_dir, "val", "binary", limit=1)[0].path
+    for read_ahead, pulled_at_first in ((1, 1), (2, 2)):
+        pulled = 0
+
+        def frames() -> Iterator[Path]:
+            nonlocal pulled
+            for _ in range(3):
+                pulled += 1
+                yield image
+
+        with Classifier(models["int8"], device="cpu", batch_size=1) as clf:
+            rows = clf.predict_batches(frames(), read_ahead=read_ahead)
+            first = next(rows)
+            assert pulled == pulled_at_first and first[0].ok
+            assert [len(b) for b in rows] == [1, 1] and pulled == 3
+    with Classifier(models["int8"], device="cpu") as clf:
+        for bad in (0, 3, True, 1.0):
+            with pytest.raises(ValueError, match="read_ahead is 1 or 2"):
+                clf.predict_batches([image], read_ahead=bad)  # type: ignore[arg-type]
+
+
 def test_classifier_arguments_that_would_misbehave(models: dict[str, Path], msl_dir: Path) -> None:
     from marsvision.runtime.classifier import Classifier
     from marsvision.train.data import read_split
