@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -714,3 +716,23 @@ def test_the_packages_say_they_are_typed() -> None:
     assert "py.typed" in tool["package-data"]["*"]
     for folder in tool["package-dir"].values():
         assert (ROOT / folder / "py.typed").is_file(), folder
+
+
+def test_warmup_loads_the_decoders_and_runs_the_model(
+    models: dict[str, Path], msl_dir: Path
+) -> None:
+    """warmup() does what the first image did besides its own work (Pillow's plugins, the
+    backend's first run), in a fresh process, and leaves the classifier as it was."""
+    code = (
+        "import sys\n"
+        "from PIL import Image\n"
+        "from marsvision.runtime.classifier import Classifier\n"
+        "clf = Classifier(sys.argv[1], device='cpu')\n"
+        "before = Image._initialized\n"
+        "clf.warmup()\n"
+        "print(before, Image._initialized, clf.predict([sys.argv[2]])[0].ok)\n"
+    )
+    image = str(next((msl_dir / "calibrated").glob("*.JPG")))
+    out = subprocess.run([sys.executable, "-c", code, str(models["int8"]), image],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert out.stdout.split() == ["0", "2", "True"]
