@@ -430,3 +430,23 @@ def test_download_of_a_wrong_archive_leaves_nothing(msl_dir: Path, tmp_path: Pat
     with pytest.raises(MarsvisionError, match="expected about 60.6 MB"):
         download_msl(dest, url=archive.as_uri())
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_download_in_a_log_says_what_it_fetches_as_it_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """stderr not a terminal: the URL first, then a line every LOG_EVERY bytes (it said nothing
+    until the end: minutes of silence on a slow link)."""
+    from marsvision.train import download
+
+    src = tmp_path / "big.zip"
+    src.write_bytes(bytes(5_000_000))
+    monkeypatch.setattr(download, "LOG_EVERY", 2_000_000)
+    download._fetch(src.as_uri(), tmp_path / "got", timeout=5)
+    assert (tmp_path / "got").read_bytes() == src.read_bytes()
+    assert capsys.readouterr().err.splitlines() == [
+        f"downloading {src.as_uri()} (5.0 MB)",
+        "downloaded 2.1 of 5.0 MB",
+        "downloaded 4.2 of 5.0 MB",
+        "downloaded 5.0 MB",
+    ]

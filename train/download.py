@@ -29,20 +29,29 @@ SIZE_TOLERANCE = 0.02
 UNPACKED_LIMIT = 4 * ARCHIVE_BYTES
 
 
+LOG_EVERY = 10_000_000  # bytes between two lines of the download's progress in a log
+
+
 def _fetch(url: str, dest: Path, timeout: float) -> None:
     """Stream `url` into the file `dest`, with a byte count on stderr: redrawn in place on a
-    terminal, one line at the end otherwise (a log got a carriage return a megabyte)."""
+    terminal; in a log (a carriage return a megabyte there), the URL first and a line every
+    LOG_EVERY bytes (it printed nothing until the end, minutes on a slow link)."""
     tty = sys.stderr.isatty()
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp, dest.open("wb") as out:
             total = int(resp.headers.get("Content-Length") or 0)
             of = f" of {total / 1e6:.1f}" if total else ""
+            if not tty:
+                print(f"downloading {url}{f' ({total / 1e6:.1f} MB)' if total else ''}",
+                      file=sys.stderr, flush=True)  # fmt: skip
             done = 0
             while chunk := resp.read(1 << 20):
                 out.write(chunk)
                 done += len(chunk)
                 if tty:
                     print(f"\rdownloading {done / 1e6:.1f}{of} MB", end="", file=sys.stderr)
+                elif done // LOG_EVERY > (done - len(chunk)) // LOG_EVERY:
+                    print(f"downloaded {done / 1e6:.1f}{of} MB", file=sys.stderr, flush=True)
             print("" if tty else f"downloaded {done / 1e6:.1f} MB", file=sys.stderr)
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
