@@ -3,6 +3,7 @@ can do (the instruction set flags that decide how INT8 products are summed)."""
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 from pathlib import Path
@@ -12,13 +13,70 @@ X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 INT8_WIDE_SUMS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity: a container's or `taskset`'s
-    limit), which can be fewer than the machine's `os.cpu_count()`."""
+def usable_cores(cgroups: str | os.PathLike[str] = "/sys/fs/cgroup", own: str = "") -> int:
+    """The cores this process may use: its CPU affinity (`taskset`, a container's cpuset), and
+    no more than its CPU quota rounded up (`docker run --cpus 2`, a Kubernetes CPU limit),
+    which leaves the affinity at every core of the machine: a thread per core there ran
+    throttled by the quota. Both can be fewer than the machine's `os.cpu_count()`.
+
+    `cgroups` is where the cgroup file system is mounted and `own` the text of
+    /proc/self/cgroup (read when empty): for tests."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        cores = len(os.sched_getaffinity(0)) or 1
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cpu_quota(Path(cgroups), own or _read("/proc/self/cgroup"))
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _read(path: str | os.PathLike[str]) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _quota_v2(text: str) -> float | None:
+    """cgroup v2 `cpu.max`: "QUOTA PERIOD" (microseconds), or "max PERIOD" for none."""
+    parts = text.split()
+    try:
+        return int(parts[0]) / int(parts[1]) if len(parts) == 2 and parts[0] != "max" else None
+    except ValueError:
+        return None
+
+
+def _quota_v1(folder: Path) -> float | None:
+    """cgroup v1 `cpu.cfs_quota_us` (-1 for none) over `cpu.cfs_period_us`."""
+    try:
+        quota = int(_read(folder / "cpu.cfs_quota_us") or -1)
+        period = int(_read(folder / "cpu.cfs_period_us") or 0)
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def cpu_quota(cgroups: Path, own: str) -> float | None:
+    """The CPUs' worth of time a second that this process's cgroups allow (the tightest of its
+    cgroup and the ones above it that can be read), or None where none is set or none can be
+    read. `own`: /proc/self/cgroup's lines ("0::/path" for cgroup v2, "N:cpu,cpuacct:/path"
+    for v1). Inside a container the path may name a folder of the host's: the mount's root,
+    the container's own cgroup, is read too."""
+    found: list[float] = []
+    for line in own.splitlines():
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2: one hierarchy, cpu.max in each folder
+            base, read = cgroups, lambda f: _quota_v2(_read(f / "cpu.max"))
+        elif "cpu" in controllers.split(","):
+            base = next((cgroups / n for n in (controllers, "cpu", "cpu,cpuacct")
+                         if (cgroups / n).is_dir()), cgroups / "cpu")  # fmt: skip
+            read = _quota_v1
+        else:
+            continue
+        folder = base / path.strip().lstrip("/")
+        for f in [folder, *folder.parents]:
+            if f == base or base in f.parents:
+                found += [q for q in [read(f)] if q]
+    return min(found) if found else None
 
 
 def cpu_model(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> str:

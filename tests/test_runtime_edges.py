@@ -1191,3 +1191,42 @@ def test_the_umask_is_read_without_setting_it(monkeypatch: pytest.MonkeyPatch) -
     finally:
         monkeypatch.undo()
         os.umask(before)
+
+
+def test_threads_follow_a_container_cpu_quota(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`docker run --cpus 2` (a Kubernetes CPU limit) leaves the affinity at every core of the
+    machine: a thread per core ran throttled by the quota. cgroup v2 and v1, the tightest
+    quota of the process's cgroup and those above it, rounded up."""
+    from marsvision.runtime.host import usable_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
+
+    def tree(files: dict[str, str]) -> Path:
+        root = tmp_path / f"cg{len(list(tmp_path.iterdir()))}"
+        for name, text in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+        root.mkdir(exist_ok=True)
+        return root
+
+    v2 = tree({"cpu.max": "200000 100000\n"})
+    assert usable_cores(v2, own="0::/\n") == 2
+    nested = tree({"cpu.max": "max 100000\n", "a/cpu.max": "150000 100000\n",
+                   "a/b/cpu.max": "max 100000\n"})  # fmt: skip
+    assert usable_cores(nested, own="0::/a/b\n") == 2  # 1.5 CPUs, from the cgroup above
+    # v1, the container's own cgroup mounted as the root: its host path is not there
+    v1 = tree(
+        {"cpu,cpuacct/cpu.cfs_quota_us": "50000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}
+    )
+    own = "5:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n"
+    assert usable_cores(v1, own=own) == 1
+    # no quota, an unreadable or odd one, no cgroup file system: the affinity
+    assert usable_cores(tree({"cpu.max": "max 100000\n"}), own="0::/\n") == 16
+    assert usable_cores(tree({"cpu.max": "lots\n"}), own="0::/\n") == 16
+    unlimited = tree({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"})
+    assert usable_cores(unlimited, own="3:cpu:/\n") == 16
+    assert usable_cores(tmp_path / "none", own="0::/\n") == 16
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0}, raising=False)
+    assert usable_cores(v2, own="0::/\n") == 1  # the affinity is tighter
