@@ -166,13 +166,29 @@ def verdict(precision: str, figures: dict[str, Any], t: Thresholds) -> tuple[boo
     return not fails, fails
 
 
+LIMITED = "(--limit)"  # in a scope: part of the split, so no parity check of it
+
+
 def scored_part(
     config: dict[str, Any], split: str, data_dir: Path, task: str, limit: int | None
 ) -> tuple[list[Any], str]:
     """The images of a split (at most `limit`) that parity scores for a checkpoint of this
     training config, and what they are: val of a `--train-on train+half-val` model is its
     held-out half by sol (the other half is training data, as in its metrics.json and model
-    card); a refit's val is all of val, but training data, and said so."""
+    card); a refit's val is all of val, but training data, and said so; a `limit` below the
+    split's size is said first (a pass on 20 images read "all" and "all artifacts pass")."""
+    from marsvision.train.data import read_split
+
+    part, scope = _scored_part(config, split, data_dir, task, limit)
+    if limit is not None and limit < (total := len(read_split(data_dir, split, task))):
+        first = f"the first {limit} of its {total} images {LIMITED}"
+        scope = first if scope == "all" else f"{first}; of them, {scope}"
+    return part, scope
+
+
+def _scored_part(
+    config: dict[str, Any], split: str, data_dir: Path, task: str, limit: int | None
+) -> tuple[list[Any], str]:
     from marsvision.train.config import is_refit, val_to_score
     from marsvision.train.data import read_split
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from marsvision.benchmarks.parity import LIMITED
 from marsvision.benchmarks.report import fmt, markdown_table, text_table, write_json, write_text
 
 HEADERS = [
@@ -113,6 +114,8 @@ def render_text(report: dict[str, Any]) -> str:
             lines.append(f"FAIL {row['artifact']}: {f}")
     if report["failed"]:
         summary = f"{len(report['failed'])} artifact(s) FAIL: {', '.join(report['failed'])}"
+    elif report["passed"] and any(LIMITED in scope for _, scope in _partial_scopes(report)):
+        summary = f"all artifacts pass on part of a split {LIMITED}: not a check of the whole split"
     elif report["passed"]:
         summary = "all artifacts pass"
     else:  # none failed, none compared: every artifact was skipped

@@ -90,7 +90,18 @@ def test_parity_table_and_verdicts(
     assert set(rows) == {"pytorch", "fp32", "fp16", "int8-cpu", "int8-trt"}
     from marsvision.benchmarks.parity_report import render_markdown, render_text
 
-    assert report["scopes"] == {"test": "all"} and not render_text(report).startswith("test:")
+    # a pass on the first LIMIT images said "all" and "all artifacts pass"
+    limited = f"the first {LIMIT} of its 1305 images (--limit)"
+    assert report["scopes"] == {"test": limited}
+    assert render_text(report).startswith(f"test: {limited}\n")
+    passing = {**report, "failed": [], "passed": True}  # the tiny model's INT8 fails
+    passing["rows"] = [{**r, "failures": []} for r in report["rows"]]
+    assert render_text(passing).endswith("parity: all artifacts pass on part of a split "
+                                         "(--limit): not a check of the whole split")  # fmt: skip
+    assert render_text({**passing, "scopes": {"test": "all"}}).endswith(
+        "parity: all artifacts pass"
+    )
+    assert not render_text({**report, "scopes": {"test": "all"}}).startswith("test:")
     partial = {**report, "scopes": {"test": "held-out half by sol"}}  # how a half is shown
     assert render_text(partial).startswith("test: held-out half by sol\n")
     assert "\nImages of test: held-out half by sol.\n" in render_markdown(partial)
@@ -147,9 +158,14 @@ def test_val_of_a_half_val_model_is_its_held_out_half(msl_dir: Path) -> None:
     assert scope == "held out (804 images of val's other half by sol were trained on)"
     got, scope = scored_part({"train_on": "train+val"}, "val", msl_dir, "binary", None)
     assert got == val and scope == "all, training data (a train+val refit)"
+    limited = f"the first {LIMIT} of its 1305 images (--limit)"  # it said "all"
     for train_on in ("train", "train+half-val", "train+val"):  # test is always all of test
         assert scored_part({"train_on": train_on}, "test", msl_dir, "binary", LIMIT) == (
-            test, "all")  # fmt: skip
+            test, limited)  # fmt: skip
+    assert scored_part({}, "test", msl_dir, "binary", 1305) == (
+        read_split(msl_dir, "test", "binary"),
+        "all",
+    )
     trained = set(val_half(val, "trained"))
     for limit in (100, 400, 800):  # the run read all of val; parity reads the first `limit`
         got, _ = scored_part(half, "val", msl_dir, "binary", limit)
@@ -163,7 +179,8 @@ def test_val_of_a_half_val_model_is_its_held_out_half(msl_dir: Path) -> None:
     )
     got, scope = scored_part(half, "val", msl_dir, "binary", 4)  # counts what it read
     n = len([s for s in val[:4] if s in trained])
-    assert len(got) == 4 - n and scope.startswith(f"held out ({n} images of")
+    assert len(got) == 4 - n
+    assert scope.startswith(f"the first 4 of its 1640 images (--limit); of them, held out ({n} ")
     first = val[0]  # a limit that reads only trained-on images: one line, not an empty split
     assert first in trained
     with pytest.raises(MarsvisionError, match="--limit 1: the run trained on all of the first 1"):
