@@ -152,7 +152,11 @@ def run(cfg: InferConfig) -> int:
     )
 
     t0 = time.perf_counter()
-    inputs = expand_inputs(list(cfg.paths), recursive=cfg.recursive)
+    notes: list[str] = []
+    inputs = expand_inputs(list(cfg.paths), recursive=cfg.recursive, notes=notes)
+    for note in notes:
+        with contextlib.suppress(OSError):
+            click.echo(f"mars-infer: {note}", err=True)
     # a device or pipe (/dev/null, a FIFO a script reads) is written to as it is: never read back
     # (--resume read /dev/zero until memory ran out), locked or refused for existing
     passing = cfg.out is not None and _is_stream(cfg.out)

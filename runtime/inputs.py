@@ -16,6 +16,7 @@ absolute path are one input (`path_keys`).
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import glob
 import os
@@ -24,9 +25,12 @@ from pathlib import Path
 
 from marsvision.runtime.errors import MarsvisionError
 
+# what a folder's files are taken as images by (any file named on its own is tried); JPEG 2000,
+# common in planetary archives, was passed over in a folder though Pillow reads it
 IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-)
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jp2",
+     ".j2k"}
+)  # fmt: skip
 GLOB_CHARS = frozenset("*?[")  # a PATH holding one of these is a pattern
 
 
@@ -84,21 +88,45 @@ def _walk(
 
 
 def folder_images(
-    d: str, recursive: bool = False, unreadable: list[str] | None = None
+    d: str,
+    recursive: bool = False,
+    unreadable: list[str] | None = None,
+    passed_over: collections.Counter[str] | None = None,
 ) -> list[str]:
     """The image files of folder `d` (and with `recursive` its subfolders, links to folders
     followed), sorted, hidden names skipped: what mars-infer classifies for a folder PATH. A
     subfolder that cannot be listed goes to `unreadable` where given (mars-infer gives it an
-    error row)."""
+    error row); what else is there goes to `passed_over` where given, counted: subfolders not
+    descended into ("/") and other files by their ending ("" for none)."""
     found: list[str] = []
     sink: list[str] = [] if unreadable is None else unreadable
-    for root, files, _ in _walk(d, sink):
+    for root, files, dirs in _walk(d, sink):
         for name in files:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+            if name.startswith("."):
+                continue
+            if (suffix := Path(name).suffix.lower()) in IMAGE_SUFFIXES:
                 found.append(os.path.join(root, name))
+            elif passed_over is not None:
+                passed_over[suffix] += 1
         if not recursive:
+            if passed_over is not None and dirs:
+                passed_over["/"] += len(dirs)
             break
     return found
+
+
+def passed_over_note(folder: str, counts: collections.Counter[str]) -> str:
+    """One line on what a folder PATH held besides the images classified (a subfolder or a
+    JPEG 2000 file was passed over without a word)."""
+    parts = []
+    if n := counts.pop("/", 0):
+        parts.append(f"{n} subfolder{'s' * (n > 1)} (--recursive descends into them)")
+    if counts:
+        kinds = ", ".join(f"{k or 'no ending'} {n}" for k, n in counts.most_common(5))
+        more = ", ..." if len(counts) > 5 else ""
+        parts.append(f"{sum(counts.values())} files not named as images ({kinds}{more}; "
+                     "name one to classify it)")  # fmt: skip
+    return f"passed over in {folder}: " + "; ".join(parts)
 
 
 def _component_match(
@@ -221,15 +249,21 @@ def path_keys(paths: Iterable[str], *, base: str | None = None) -> list[str]:
     return keys
 
 
-def expand_inputs(args: list[str], *, recursive: bool = False) -> list[str]:
-    """The input files named by PATH arguments, in order, each once."""
+def expand_inputs(
+    args: list[str], *, recursive: bool = False, notes: list[str] | None = None
+) -> list[str]:
+    """The input files named by PATH arguments, in order, each once; a line for `notes` for
+    each folder PATH that holds what is not classified (`passed_over_note`)."""
     out: list[str] = []
     for arg in args:
         if arg.startswith("@") and len(arg) > 1:
             out.extend(_list_file(arg))
         elif os.path.isdir(arg):
             unreadable: list[str] = []
-            found = folder_images(arg, recursive, unreadable)
+            passed: collections.Counter[str] = collections.Counter()
+            found = folder_images(arg, recursive, unreadable, passed)
+            if passed and found and notes is not None:  # none found: its row says so
+                notes.append(passed_over_note(arg, passed))
             out.extend(found + unreadable or [arg])  # no images: the folder's error row
         elif not os.path.lexists(arg) and GLOB_CHARS & set(arg):
             unreadable = []

@@ -92,6 +92,35 @@ def test_folders_skip_hidden_files_and_subfolders(tmp_path: Path) -> None:
     assert expand_inputs([str(top / "._a.JPG")]) == [str(top / "._a.JPG")]
 
 
+def test_a_folder_says_what_it_passed_over(tmp_path: Path) -> None:
+    """A folder PATH without --recursive classified its top level and said nothing of its
+    subfolders; JPEG 2000 (planetary archives) and other files were passed over silently. JPEG
+    2000 is an image now, and one line per folder says what else was there."""
+    from marsvision.runtime.inputs import expand_inputs
+
+    top = tmp_path / "mine"
+    for rel in ("a.JPG", "b.jp2", "c.J2K", "a.LBL", "b.lbl", "notes", ".hidden", "sub/d.png",
+                ".Trashes/x.jpg", "other/e.txt"):  # fmt: skip
+        (top / rel).parent.mkdir(parents=True, exist_ok=True)
+        (top / rel).touch()
+    notes: list[str] = []
+    got = expand_inputs([str(top)], notes=notes)
+    assert got == [str(top / n) for n in ("a.JPG", "b.jp2", "c.J2K")]
+    assert notes == [
+        f"passed over in {top}: 2 subfolders (--recursive descends into them); 3 files not named "
+        "as images (.lbl 2, no ending 1; name one to classify it)"
+    ]
+    notes.clear()
+    assert len(expand_inputs([str(top)], recursive=True, notes=notes)) == 4
+    assert notes == [f"passed over in {top}: 4 files not named as images (.lbl 2, no ending 1, "
+                     ".txt 1; name one to classify it)"]  # fmt: skip
+    notes.clear()
+    empty = tmp_path / "only-labels"
+    empty.mkdir()
+    (empty / "x.lbl").touch()
+    assert expand_inputs([str(empty)], notes=notes) == [str(empty)] and notes == []  # its row
+
+
 def test_list_file_with_a_byte_order_mark(tmp_path: Path) -> None:
     """An @list saved by Windows Notepad starts with a UTF-8 byte-order mark (and CRLF line
     ends): its first path is read without the mark."""
