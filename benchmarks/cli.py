@@ -140,7 +140,13 @@ def _e2e_images(images: str, data: str | None, count: int) -> tuple[str, ...]:
             raise MarsvisionError(f"--images {images}: no image files in it")
         return tuple(files[:count])
     if images in SPLITS:
-        samples = read_split(resolve_data_dir(data), images, "binary", limit=count)
+        try:
+            data_dir = resolve_data_dir(data)
+        except MarsvisionError as e:  # the default --images test needs the MSL data
+            raise MarsvisionError(
+                f"{e.message}; or time end to end on a folder of your own images: --images DIR"
+            ) from None
+        samples = read_split(data_dir, images, "binary", limit=count)
         return tuple(str(s.path) for s in samples)
     raise MarsvisionError(
         f"--images {images!r}: neither a folder nor one of the splits {', '.join(SPLITS)}"

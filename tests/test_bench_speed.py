@@ -460,6 +460,21 @@ def test_end_to_end_options_need_its_mode(tmp_path: Path) -> None:
     )
 
 
+def test_without_the_msl_data_the_end_to_end_images_can_be_ones_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default --images is the MSL test split: without the data the error named only
+    --data and MARS_DATA, and a user timing their own images did not learn of --images DIR."""
+    from marsvision.benchmarks.cli import _e2e_images
+
+    monkeypatch.delenv("MARS_DATA", raising=False)
+    with pytest.raises(MarsvisionError, match=r"no MSL data given: .*; or time end to end on a "
+                       r"folder of your own images: --images DIR$"):  # fmt: skip
+        _e2e_images("test", None, 4)
+    (tmp_path / "a.png").write_bytes(b"")
+    assert _e2e_images(str(tmp_path), None, 4) == (str(tmp_path / "a.png"),)
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [
