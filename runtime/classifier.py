@@ -196,14 +196,7 @@ class Classifier:
             self.runner.__exit__(None, None, None)
 
     def predict(self, paths: Iterable[str | os.PathLike[str]]) -> list[Prediction]:
-        """One Prediction per path, in input order. One image (a list or tuple of one path) is
-        decoded in the caller's thread: starting the decoding threads of a pipeline took about
-        a tenth of a frame's latency at batch size 1."""
-        if isinstance(paths, (list, tuple)) and len(paths) == 1:
-            self._check_open()
-            ((names, items),) = self._chunks(iter(paths))
-            buf = _batch_buffer(1, self.meta.preprocess.input_size)
-            return self._infer(names, buf, [self._fill(items[0], buf[0])])
+        """One Prediction per path, in input order."""
         return [p for batch in self.predict_batches(paths) for p in batch]
 
     def predict_batches(

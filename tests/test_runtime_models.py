@@ -736,24 +736,3 @@ def test_warmup_loads_the_decoders_and_runs_the_model(
     out = subprocess.run([sys.executable, "-c", code, str(models["int8"]), image],
                          capture_output=True, text=True, check=True)  # fmt: skip
     assert out.stdout.split() == ["0", "2", "True"]
-
-
-def test_one_image_is_decoded_in_the_callers_thread(
-    models: dict[str, Path], msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """predict([path]) starts no thread (a pipeline's decoding threads took about a tenth of a
-    frame's latency at batch size 1), and gives what the pipeline gives, error rows too."""
-    from marsvision.runtime import classifier as clf_mod
-    from marsvision.runtime.classifier import Classifier
-
-    image = str(next((msl_dir / "calibrated").glob("*.JPG")))
-    bad = tmp_path / "bad.JPG"
-    bad.write_bytes(b"not a jpeg")
-    with Classifier(models["int8"], device="cpu") as clf:
-        want = clf.predict([image, str(bad)])
-        with monkeypatch.context() as mp:
-            mp.setattr(clf_mod.threading, "Thread", None)  # a thread started would fail
-            assert clf.predict([image]) == want[:1] and clf.predict((bad,)) == want[1:]
-            assert want[0].ok and not want[1].ok
-    with pytest.raises(ValueError, match="closed"):
-        clf.predict([image])
