@@ -303,7 +303,7 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
     for split in cfg.splits:
         samples, scope = scored_part(ckpt.get("config", {}), split, cfg.data_dir, task, cfg.limit)
         paths = [s.path for s in samples]
-        say(f"{split}: {len(paths)} images{'' if scope == 'all' else f' ({scope})'}; "
+        say(f"{split}: {len(paths)} images{'' if scope == 'all' else f': {scope}'}; "
             f"PyTorch reference on {torch_device}")  # fmt: skip
         logits, secs = reference_logits(
             cfg.checkpoint,
@@ -435,8 +435,9 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
         "config": cfg.to_dict(),
         "conditions": capture_conditions(threads=cfg.threads, device=torch_device),
         "checkpoint_sha256": ckpt_sha,
-        # which images of each split were scored: "all", or for val, the half a half-val model
-        # held out (or a refit's note that val is training data)
+        # which images of each split were scored: "all"; the first N (--limit, LIMITED in the
+        # text); for val, the half a half-val model held out (or a refit's note that val is
+        # training data)
         "scopes": {split: d["scope"] for split, d in splits.items()},
         "thresholds": asdict(cfg.thresholds),
         "rows": rows,

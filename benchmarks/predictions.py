@@ -64,7 +64,8 @@ class Predictions:
     sha256: str = ""  # of the bytes read, which were scored
 
 
-def _row(path: Path, line: int, d: dict[str, Any]) -> PredictionRow:
+def _row(path: Path, line: int, d: dict[str, Any], *, ranked: bool = False) -> PredictionRow:
+    """One row of a result file (`ranked`: a CSV of --top-k columns)."""
     status = d.get("status")
     if status not in ("ok", "error"):
         raise MarsvisionError(f"{path}: line {line} has status {status!r}, not ok or error")
@@ -73,25 +74,28 @@ def _row(path: Path, line: int, d: dict[str, Any]) -> PredictionRow:
         raise MarsvisionError(f"{path}: line {line} has status ok but no label")
     sha, precision, backend = (str(d[k]) for k in _PROVENANCE)
     tta = str(d.get("tta") or "none")
-    confidence = _confidence(path, line, d, label) if status == "ok" else None
+    confidence = _confidence(path, line, d, label, ranked) if status == "ok" else None
     return PredictionRow(
         line, str(d["path"]), status, label, sha, precision, backend, tta, confidence
     )
 
 
-def _confidence(path: Path, line: int, d: dict[str, Any], label: str | None) -> float | None:
+def _confidence(
+    path: Path, line: int, d: dict[str, Any], label: str | None, ranked: bool
+) -> float | None:
     """The probability a row gives its label: from every class's (JSONL `probs`, CSV
-    `prob_<class>`) or the top k's (JSONL `top_k` pairs, CSV `label_i`/`prob_i`); None where the
-    row does not hold it (a decision threshold's label outside the top k)."""
+    `prob_<class>`) or the top k's (JSONL `top_k` pairs, CSV `label_i`/`prob_i` when `ranked`,
+    known from the header: a class named "1" has a `prob_1` column too); None where the row
+    does not hold it (a decision threshold's label outside the top k)."""
     if isinstance(d.get("probs"), dict):
         value = d["probs"].get(label)
     elif d.get("top_k") is not None:
         value = next((p for lab, p in d["top_k"] if lab == label), None)
-    elif f"prob_{label}" in d:
-        value = d[f"prob_{label}"]
-    else:
+    elif ranked:
         ranks = itertools.takewhile(lambda i: f"label_{i}" in d, itertools.count(1))
         value = next((d.get(f"prob_{i}") for i in ranks if d[f"label_{i}"] == label), None)
+    else:
+        value = d.get(f"prob_{label}")
     if value is None:
         return None
     try:
@@ -159,7 +163,7 @@ def _read_csv(path: Path, text: str) -> Predictions:
                 "(a run cut short? finish it with mars-infer --resume)"
             )
         d = dict(zip(header, values))
-        rows.append(_row(path, n, d))
+        rows.append(_row(path, n, d, ranked=top_k is not None))
         labels.update(d[k] for k in label_keys if d[k])
     return Predictions(path, "csv", names, top_k, frozenset(labels), rows)
 

@@ -77,7 +77,11 @@ def _conditions_line(report: dict[str, Any]) -> str:
         f"device {cfg['device']}, threads "
         f"{c['threads']}; input {'/'.join(map(str, sizes)) or '?'} px; warm-up {cfg['warmup']}, "
         f"repeats {cfg['repeats']}"
-        + (f" (p99 from {LEAST_CALLS[99]} or more)" if cfg["repeats"] < LEAST_CALLS[99] else "")
+        + (
+            f" (p90 from {LEAST_CALLS[90]} calls, p99 from {LEAST_CALLS[99]})"
+            if cfg["repeats"] < LEAST_CALLS[99]
+            else ""
+        )
         + "; "
         + ("" if cfg.get("isolate", True) else "in one process (peak RSS: the running peak); ")
         + ", ".join(f"{k} {v}" for k, v in sorted(c["versions"].items()))

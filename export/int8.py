@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import shutil
 import sys
 from dataclasses import replace
@@ -124,7 +125,7 @@ def calibrate(
     )
     log(f"calibration ({method}) on {len(paths)} images")
     starts = range(0, len(paths), CALIB_BATCH)
-    every = max(1, len(starts) // 10)  # about ten lines, whatever the number of images
+    every = math.ceil(len(starts) / 10)  # at most ten lines, whatever the number of images
     # ONNX Runtime's calibrators print on stdout ("Collecting tensor data and making histogram
     # ...", once a batch, "Number of tensors : 123"): not ours to show, and not stdout's.
     with contextlib.redirect_stdout(io.StringIO()):

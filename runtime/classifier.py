@@ -323,7 +323,7 @@ class Classifier:
         """Make the first image as quick as the ones after it (an onboard loop's first frame):
         load Pillow's image plugins, which its first decode does (about 25 ms), and infer one
         image of zeros (the backend's first run sets up its memory). The first image took
-        about four times the steady latency (39 ms against 9, INT8 on 2 cores)."""
+        about four times the steady latency (39 ms against 8, INT8 on 2 cores)."""
         raster_formats()
         size = self.meta.preprocess.input_size
         self.probabilities(np.zeros((1, 3, size, size), np.float32))

@@ -100,15 +100,24 @@ class _Progress:
         self._last = now
         if self.tty:
             self._drawn = True
-            sys.stderr.write(f"\r{self._line(done, now)} ")
+            self._write(f"\r{self._line(done, now)} ")
         else:
-            sys.stderr.write(f"mars-infer: {self._line(done, now)}\n")
-        sys.stderr.flush()
+            self._write(f"mars-infer: {self._line(done, now)}\n")
+
+    def _write(self, text: str) -> None:
+        """Progress is optional: a stderr that fails (a log on a full device, a reader that
+        left) silences it; it ended the run, blamed on the results file (or exit 141), where
+        the summary line is written under the same guard."""
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except OSError:
+            self.silent, self._drawn = True, False
 
     def close(self) -> None:
         """End the terminal's line, at the final count (a redraw may have been skipped)."""
         if self._drawn:
-            sys.stderr.write(f"\r{self._line(self._done, time.perf_counter())} \n")
+            self._write(f"\r{self._line(self._done, time.perf_counter())} \n")
 
 
 def _standard_fds() -> None:

@@ -118,6 +118,7 @@ def folder_images(
 def passed_over_note(folder: str, counts: collections.Counter[str]) -> str:
     """One line on what a folder PATH held besides the images classified (a subfolder or a
     JPEG 2000 file was passed over without a word)."""
+    counts = counts.copy()  # the caller's stays whole
     parts = []
     if n := counts.pop("/", 0):
         parts.append(f"{n} subfolder{'s' * (n > 1)} (--recursive descends into them)")

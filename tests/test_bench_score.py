@@ -643,7 +643,24 @@ def test_confidence_where_the_top_k_lacks_the_decision(
     assert r.exit_code == 0, r.output
     rep = _report(tmp_path / "out")
     assert rep["confidence"] is None and rep["metrics"]["n"] == len(full)
-    assert "calibration error" not in r.stdout
+    assert (
+        "calibration error" not in r.stdout and "confidence: not shown (a --top-k row" in r.stdout
+    )
     path = _write(tmp_path / "all.csv", [flipped, *full[1:]])  # every probability: 0.3 of Rover
     r = _score([str(path), "--data", str(msl_dir), "--out", str(tmp_path / "out2")])
     assert _report(tmp_path / "out2")["confidence"]["keep"][0]["images"] == len(full) - 1
+
+
+def test_a_top_k_csv_gives_the_ranked_probability_whatever_the_class_names(
+    tmp_path: Path,
+) -> None:
+    """Classes named like ranks ("1", "2") have prob_1, prob_2 columns in a full file; in a
+    --top-k file those are the ranks' columns, and a row's probability was read from the
+    class's name (0.2 for a label "2" given 0.7)."""
+    from marsvision.benchmarks.predictions import read_predictions
+
+    pred = Prediction("/x/a.JPG", "ok", "2", (0.2, 0.7, 0.1))
+    ranked = _write(tmp_path / "k.csv", [pred], names=["1", "2", "3"], top_k=2)
+    assert [r.confidence for r in read_predictions(ranked).rows] == [0.7]
+    full = _write(tmp_path / "all.csv", [pred], names=["1", "2", "3"])
+    assert [r.confidence for r in read_predictions(full).rows] == [0.7]

@@ -450,3 +450,9 @@ def test_a_download_in_a_log_says_what_it_fetches_as_it_goes(
         "downloaded 4.2 of 5.0 MB",
         "downloaded 5.0 MB",
     ]
+    src.write_bytes(bytes(4 << 20))  # its last chunk crosses a line's mark: that line ends it
+    download._fetch(src.as_uri(), tmp_path / "got", timeout=5)
+    assert capsys.readouterr().err.splitlines()[1:] == [
+        "downloaded 2.1 of 4.2 MB",
+        "downloaded 4.2 of 4.2 MB",
+    ]

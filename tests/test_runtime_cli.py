@@ -498,3 +498,23 @@ def test_progress_stays_off_a_terminal_that_shows_the_rows(
 ) -> None:
     """Results on the terminal too (no --out): the progress line ran into the next row."""
     assert _progress_at(monkeypatch, [0.5, 1.0], tty=True, rows_on_terminal=True) == ""
+
+
+def test_a_failing_stderr_silences_the_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A log on a full device (or a reader of stderr that left): the progress line raised, and
+    the run stopped, blamed on the results file (or exit 141); the summary was already guarded."""
+    from marsvision.runtime import cli as infer_cli
+
+    class Full(_Stderr):
+        def write(self, text: str) -> int:
+            raise OSError(28, "No space left on device")
+
+    clock = iter([0.0, 31.0, 62.0, 93.0, 93.0])
+    monkeypatch.setattr(infer_cli.sys, "stderr", Full(tty=False))
+    monkeypatch.setattr(infer_cli.time, "perf_counter", lambda: next(clock))
+    progress = infer_cli._Progress(3, rows_on_terminal=False, every=30.0)
+    progress.update(1)  # fails quietly, and no line is tried again
+    assert progress.silent
+    progress.update(2)
+    progress.update(3)
+    progress.close()

@@ -44,15 +44,17 @@ def _fetch(url: str, dest: Path, timeout: float) -> None:
             if not tty:
                 print(f"downloading {url}{f' ({total / 1e6:.1f} MB)' if total else ''}",
                       file=sys.stderr, flush=True)  # fmt: skip
-            done = 0
+            done = said = 0
             while chunk := resp.read(1 << 20):
                 out.write(chunk)
                 done += len(chunk)
                 if tty:
                     print(f"\rdownloading {done / 1e6:.1f}{of} MB", end="", file=sys.stderr)
-                elif done // LOG_EVERY > (done - len(chunk)) // LOG_EVERY:
+                elif done // LOG_EVERY > said // LOG_EVERY:
                     print(f"downloaded {done / 1e6:.1f}{of} MB", file=sys.stderr, flush=True)
-            print("" if tty else f"downloaded {done / 1e6:.1f} MB", file=sys.stderr)
+                    said = done
+            if tty or said != done or not done:  # the last count, unless a line just said it
+                print("" if tty else f"downloaded {done / 1e6:.1f} MB", file=sys.stderr)
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise MarsvisionError(
