@@ -533,6 +533,11 @@ def test_resume_refuses_another_version_of_the_library(
     record_file = tmp_path / "r.csv.run.json"
     record = json.loads(record_file.read_text())
     assert record["library"] == f"onnxruntime {onnxruntime.__version__}"
+    # and, for provenance, what else made the rows (Pillow decodes and resizes every image)
+    import PIL
+
+    assert record["versions"]["pillow"] == PIL.__version__
+    assert set(record["versions"]) == {"marsvision", "pillow", "numpy", "python"}
     record_file.write_text(json.dumps({**record, "library": "onnxruntime 1.19.2"}))
     before = out.read_bytes()
     r = _infer(*images, "--engine", model, "--out", out, "--resume")
