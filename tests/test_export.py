@@ -516,3 +516,24 @@ def test_an_int8_engine_of_another_calibration_leaves_the_manifest(
     err = capsys.readouterr().err
     assert f"{files['int8-engine'].name} was built from an INT8 ONNX of another calibration" in err
     assert "rebuild it with mars-export --int8 where TensorRT can build engines" in err, err
+
+
+def test_the_checkpoint_of_an_unfinished_run_is_named_so(
+    ckpt_path: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A run stopped before its end leaves checkpoint.pt, the best epoch so far, with no test
+    metrics: it exported without a word, though ship refuses it."""
+    from marsvision.train.checkpoint import atomic_torch_save, load_checkpoint
+
+    note = f"mars-export: note: {ckpt_path} is from an unfinished run (no test metrics yet"
+    missing = tmp_path / "no-data"  # the export stops at the data, after the checkpoint's checks
+    with pytest.raises(MarsvisionError):
+        export_all(ExportConfig(checkpoint=ckpt_path, out=tmp_path / "o", data_dir=missing))
+    assert note in capfd.readouterr().err  # the fixture's metrics are empty
+    ckpt = load_checkpoint(ckpt_path)
+    ckpt["metrics"] = {"test": {"accuracy": 0.5}}
+    done = tmp_path / "done.pt"
+    atomic_torch_save(ckpt, done)
+    with pytest.raises(MarsvisionError):
+        export_all(ExportConfig(checkpoint=done, out=tmp_path / "o", data_dir=missing))
+    assert "unfinished" not in capfd.readouterr().err
