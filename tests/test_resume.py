@@ -156,3 +156,20 @@ def test_select_from_counts_epochs_exactly() -> None:
         for epochs in range(1, 201):
             exact = max(1, math.ceil(Fraction(hundredths, 100) * epochs))
             assert first_selectable_epoch(hundredths / 100, epochs) == exact, (hundredths, epochs)
+
+
+def test_a_mismatch_gives_the_runs_own_command(tmp_path: Path) -> None:
+    """Every flag to resume with, spelled out: a mismatch was named one setting at a time, to be
+    typed again from config.json's resolved values."""
+    from marsvision.train.config import command_line
+
+    cfg = TrainConfig(data=Path("d"), out=tmp_path, epochs=6, limit=64, image_size=64)
+    _save(tmp_path, cfg.to_dict())
+    with pytest.raises(MarsvisionError) as e:
+        load_resume(tmp_path, dataclasses.replace(cfg, epochs=8), "f")
+    said = e.value.message
+    assert said.startswith("--resume: epochs was 6 in ") and "\n" not in said
+    want = command_line(cfg.to_dict(), data="d", out=str(tmp_path)) + " --resume"
+    assert (
+        said.endswith(f"; to resume it: {want}") and "--epochs 6 " in want and "--limit 64" in want
+    )

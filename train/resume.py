@@ -56,6 +56,19 @@ def save_resume(
     }, out / RESUME)  # fmt: skip
 
 
+def _resume_command(saved: dict[str, Any], out: Path) -> str:
+    """'; to resume it: mars-train ... --resume', the run's own flags spelled out (a mismatch
+    was named one setting at a time, to be typed again from config.json's values); '' where a
+    setting has no flag."""
+    from marsvision.train.config import command_line
+
+    try:
+        line = command_line(saved, data=str(saved.get("data") or "DATA"), out=str(out))
+    except (MarsvisionError, KeyError, TypeError):
+        return ""
+    return f"; to resume it: {line} --resume"
+
+
 def load_resume(out: Path, cfg: TrainConfig, fingerprint: str) -> dict[str, Any]:
     """`out`/resume.pt, checked to be a run of `cfg`'s settings on the same data."""
     path = out / RESUME
@@ -88,7 +101,7 @@ def load_resume(out: Path, cfg: TrainConfig, fingerprint: str) -> dict[str, Any]
                 is_now = now.get(key)
             raise MarsvisionError(
                 f"--resume: {key} was {was!r} in {out}, now {is_now!r}; pass the same flags as "
-                f"the run (its settings: {out / 'config.json'})"
+                f"the run (its settings: {out / 'config.json'}){_resume_command(saved, out)}"
             )
     if state.get("data_fingerprint") != fingerprint:
         raise MarsvisionError(
