@@ -81,10 +81,6 @@ def _export_all(config: ExportConfig, lock: FolderLock) -> dict[str, Any]:
     from marsvision.train.data import check_same_data, resolve_data_dir
 
     ckpt = load_checkpoint(config.checkpoint)
-    if "test" not in ckpt.get("metrics", {}):  # the best epoch so far of a run stopped or running
-        log(f"note: {config.checkpoint} is from an unfinished run (no test metrics yet: the best "
-            "epoch so far); finish it with mars-train --resume and the run's flags for the model "
-            "it selects")  # fmt: skip
     source_sha = sha256_file(config.checkpoint)
     data_dir = resolve_data_dir(config.data_dir)
     # calibration reads "the train split" of --data: of another data set it could be test images
@@ -101,6 +97,10 @@ def _export_all(config: ExportConfig, lock: FolderLock) -> dict[str, Any]:
     check_manifest_owner(out, source_sha)
     if lock.held:  # (a no-op off POSIX: there an export running beside it may own one)
         remove_dead_staging(out)
+    if "test" not in ckpt.get("metrics", {}):  # the best epoch so far of a run stopped or running
+        log(f"note: {config.checkpoint} is from an unfinished run (no test metrics yet: the best "
+            "epoch so far); finish it with mars-train --resume and the run's flags for the model "
+            "it selects")  # fmt: skip
     if skip_note:
         log(skip_note)
 

@@ -519,21 +519,33 @@ def test_an_int8_engine_of_another_calibration_leaves_the_manifest(
 
 
 def test_the_checkpoint_of_an_unfinished_run_is_named_so(
-    ckpt_path: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    ckpt_path: Path,
+    msl_dir: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A run stopped before its end leaves checkpoint.pt, the best epoch so far, with no test
-    metrics: it exported without a word, though ship refuses it."""
+    metrics: it exported without a word, though ship refuses it. Said once the checks passed
+    (a user error stays one line), before the work."""
+    from marsvision.export import pipeline
     from marsvision.train.checkpoint import atomic_torch_save, load_checkpoint
 
+    class Stop(Exception):
+        pass
+
+    def stop(out: Path) -> None:  # where the work would begin
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "staging_dir", stop)
     note = f"mars-export: note: {ckpt_path} is from an unfinished run (no test metrics yet"
-    missing = tmp_path / "no-data"  # the export stops at the data, after the checkpoint's checks
-    with pytest.raises(MarsvisionError):
-        export_all(ExportConfig(checkpoint=ckpt_path, out=tmp_path / "o", data_dir=missing))
+    with pytest.raises(Stop):
+        export_all(ExportConfig(checkpoint=ckpt_path, out=tmp_path / "o", data_dir=msl_dir))
     assert note in capfd.readouterr().err  # the fixture's metrics are empty
     ckpt = load_checkpoint(ckpt_path)
     ckpt["metrics"] = {"test": {"accuracy": 0.5}}
     done = tmp_path / "done.pt"
     atomic_torch_save(ckpt, done)
-    with pytest.raises(MarsvisionError):
-        export_all(ExportConfig(checkpoint=done, out=tmp_path / "o", data_dir=missing))
+    with pytest.raises(Stop):
+        export_all(ExportConfig(checkpoint=done, out=tmp_path / "o2", data_dir=msl_dir))
     assert "unfinished" not in capfd.readouterr().err
