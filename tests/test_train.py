@@ -8,6 +8,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see t
 
 import csv
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -52,6 +53,9 @@ def run(msl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         ["--data", str(msl_dir), "--epochs", "2", "--limit", str(LIMIT), "--out", str(out), *QUICK]
     )
     assert "a warm-up of 3 epochs is over half the 2-epoch run: 1 (the lr then decays)" in r.output
+    # the summary says how the epoch was chosen, and the pace (only metrics.json had them)
+    assert re.search(r"\nselected on val balanced_accuracy over epochs 1-2 \(ties: lower val "
+                     r"loss\); 2 epochs, \d+\.\d s each\n", r.output), r.output  # fmt: skip
     return out
 
 
@@ -642,7 +646,7 @@ def test_selection_window(msl_dir: Path, tmp_path: Path) -> None:
                             image_size=64, device="cpu", batch_size=8, workers=2,
                             select_from=1.0)  # fmt: skip
     result = train(cfg)
-    assert result["best_epoch"] == 3 and "epochs 3-3" in result["selected_on"]
+    assert result["best_epoch"] == 3 and "over epoch 3 (" in result["selected_on"]
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 3
     with pytest.raises(MarsvisionError, match="select-from"):
         config_from_flags("default", data=msl_dir, out=tmp_path / "x", select_from=1.5)

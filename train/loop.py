@@ -432,7 +432,8 @@ def _train(cfg: TrainConfig, deadline: float | None, lock: FolderLock) -> dict[s
                        f"epoch {last}, before epoch {first_eligible}, where --select-from "
                        "starts)")  # fmt: skip
     else:
-        selected_on = (f"{held}val balanced_accuracy over epochs {first_eligible}-{last} (ties: "
+        span = f"epoch {last}" if first_eligible == last else f"epochs {first_eligible}-{last}"
+        selected_on = (f"{held}val balanced_accuracy over {span} (ties: "
                        f"lower val loss){scored_in}")  # fmt: skip
     result: dict[str, Any] = {
         "task": task,
