@@ -544,6 +544,32 @@ def _cases(samples: list[Any], tmp: Path) -> dict[str, tuple[Path, str]]:
     (tmp / "sheet.csv").write_text("name,value\nx,1\n")
     for name in ("model.pt", "manifest.json", "other.jsonl", "sheet.csv"):
         out[name] = (tmp / name, not_results)
+    # refusals no case reached (a review's mutations of each passed the suite)
+    header = text.split("\n", 1)[0] + "\n"  # what mars-infer leaves when killed in its first batch
+    (tmp / "header.csv").write_text(header)
+    out["header only"] = (tmp / "header.csv", "has a header but no rows: no predictions to score")
+    odd = text.splitlines()
+    odd[2] = (
+        odd[2].replace(",ok,Surface,", ",ok,Ground,", 1).replace(",ok,Rover,", ",ok,Ground,", 1)
+    )
+    (tmp / "label.csv").write_text("\n".join(odd) + "\n")
+    out["label"] = (tmp / "label.csv", "label 'Ground' is not one of its classes")
+    rows = _write(tmp / "c.jsonl", full[:3], fmt="jsonl").read_text().splitlines()
+    third = json.loads(rows[2])
+    third["probs"] = {"Rover": third["probs"]["Rover"], "Surface": third["probs"]["Surface"]}
+    (tmp / "classes.jsonl").write_text("\n".join([*rows[:2], json.dumps(third)]) + "\n")
+    out["classes change"] = (
+        tmp / "classes.jsonl",
+        "line 3 has classes Rover, Surface, earlier lines Surface, Rover",
+    )
+    status = text.splitlines()
+    status[1] = status[1].replace(",ok,", ",done,", 1)
+    (tmp / "status.csv").write_text("\n".join(status) + "\n")
+    out["status"] = (tmp / "status.csv", "line 2 has status 'done', not ok or error")
+    nolabel = text.splitlines()
+    nolabel[1] = nolabel[1].replace(",ok,Surface,", ",ok,,", 1).replace(",ok,Rover,", ",ok,,", 1)
+    (tmp / "nolabel.csv").write_text("\n".join(nolabel) + "\n")
+    out["no label"] = (tmp / "nolabel.csv", "line 2 has status ok but no label")
     out["no file"] = (tmp / "no-such.csv", "cannot read the predictions file")  # exit 1, not 2
     out["a folder"] = (tmp, "cannot read the predictions file")
     return out

@@ -233,6 +233,9 @@ def test_kill_then_resume_loses_and_duplicates_nothing(
             if out.exists() and out.read_bytes().count(b"\n") >= rows:
                 break
             time.sleep(0.01)
+        else:  # the signal would have met a run in another state: the asserts below misled
+            proc.kill()
+            pytest.fail(f"no {rows} rows in {out} after 120 s: {proc.communicate()[1]!r}")
         proc.send_signal(sig)
         return proc
 

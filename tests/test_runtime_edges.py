@@ -1264,3 +1264,50 @@ def test_threads_follow_a_container_cpu_quota(
     assert usable_cores(tmp_path / "none", own="0::/\n") == 16
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0}, raising=False)
     assert usable_cores(v2, own="0::/\n") == 1  # the affinity is tighter
+
+
+def _results(path: Path, n: int) -> tuple[list[str], Any]:
+    """A CSV results file of `n` rows, written by the runtime's ResultWriter: (header, its
+    provenance)."""
+    from marsvision.runtime.classifier import Prediction
+    from marsvision.runtime.results import Provenance, ResultWriter, csv_header
+
+    prov = Provenance("ab" * 32, "int8", "onnxruntime-cpu", "none")
+    rows = [Prediction(f"img{i}.JPG", "ok", "Rover", (0.25, 0.75)) for i in range(n)]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        ResultWriter(f, fmt="csv", class_names=["Surface", "Rover"], top_k=None,
+                     provenance=prov, write_header=True).write(rows)  # fmt: skip
+    return csv_header(["Surface", "Rover"], None), prov
+
+
+def test_resume_refusals_no_run_reached(tmp_path: Path) -> None:
+    """Each passed the suite when broken (a review's mutations): a whole row short of a column is
+    refused; a file refused by the run's checks keeps its cut last row (it is cut only once the
+    resume goes ahead); a run record that cannot be read is an error, not taken for none (that
+    turned every record check off)."""
+    from marsvision.runtime.resume import _resume_base, read_done
+
+    out = tmp_path / "r.csv"
+    header, prov = _results(out, 3)
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:2]) + lines[2].rsplit(",", 1)[0] + "\n" + lines[3])
+    with pytest.raises(MarsvisionError, match="row 3 is malformed; cannot resume from it"):
+        read_done(str(out), fmt="csv", header=header, provenance=prov)
+
+    _results(out, 3)
+    cut = out.read_bytes()[:-10]  # a kill cut the last row
+    out.write_bytes(cut)
+
+    def refuse(done: dict[str, str]) -> None:
+        raise MarsvisionError("another run's file")
+
+    with pytest.raises(MarsvisionError, match="another run's file"):
+        read_done(str(out), fmt="csv", header=header, provenance=prov, check=refuse)
+    assert out.read_bytes() == cut
+    assert len(read_done(str(out), fmt="csv", header=header, provenance=prov)) == 2
+    assert out.read_bytes() == cut[: cut.rfind(b"\n") + 1]  # cut once it goes ahead
+
+    (tmp_path / "r.csv.run.json").write_text('{"cut": ')
+    run = {"fast_decode": False, "int8_sums": "fast", "library": "onnxruntime 1"}
+    with pytest.raises(MarsvisionError, match=r"cannot read the run record .*r\.csv\.run\.json"):
+        _resume_base(str(out), run=run, inputs=[], rows={})
