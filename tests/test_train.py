@@ -56,7 +56,14 @@ def run(msl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     # the summary says how the epoch was chosen, and the pace (only metrics.json had them)
     assert re.search(r"\nselected on val balanced_accuracy over epochs 1-2 \(ties: lower val "
                      r"loss\); 2 epochs, \d+\.\d s each\n", r.output), r.output  # fmt: skip
+    assert " f1 0." in r.output and "confusion_test.png, config.json, resume.pt\n" in r.output
     return out
+
+
+def test_an_msl25_summary_says_its_f1_is_macro(msl_dir: Path, tmp_path: Path) -> None:
+    r = _train(["--data", str(msl_dir), "--task", "msl25", "--epochs", "1", "--limit", "8",
+                "--out", str(tmp_path / "m"), *QUICK])  # fmt: skip
+    assert re.search(r" f1 \(macro\) \d\.\d{4} \(", r.output), r.output
 
 
 def test_run_folder(run: Path, msl_dir: Path) -> None:

@@ -255,11 +255,12 @@ def main(
                 f"{result['val']['balanced_accuracy']:.4f}{seen}\n"
                 f"selected on {result['selected_on']}{pace}\n"
                 f"test accuracy {test['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}) balanced "
-                f"{test['balanced_accuracy']:.4f} f1 {test['f1']:.4f} ({f1_lo:.4f}-{f1_hi:.4f}) "
+                f"{test['balanced_accuracy']:.4f} f1{' (macro)' * (cfg.task != 'binary')} "
+                f"{test['f1']:.4f} ({f1_lo:.4f}-{f1_hi:.4f}) "
                 f"(n={test['n']}); accuracy CI resampling whole sols "
                 f"{sol_lo:.4f}-{sol_hi:.4f}\n"
                 f"wrote {cfg.out}/checkpoint.pt, metrics.json, predictions_test.csv, "
-                "curves.png, confusion_test.png")  # fmt: skip
+                "curves.png, confusion_test.png, config.json, resume.pt")  # fmt: skip
 
 
 if __name__ == "__main__":
