@@ -77,7 +77,7 @@ def export_all(config: ExportConfig) -> dict[str, Any]:
 def _export_all(config: ExportConfig, lock: FolderLock) -> dict[str, Any]:
     from marsvision.export.images import load_batch, ort_logits, parity, split_paths
     from marsvision.export.onnx_fp32 import fp32_meta, onnx_from_checkpoint, torch_logits
-    from marsvision.train.checkpoint import load_checkpoint
+    from marsvision.train.checkpoint import is_finished, load_checkpoint
     from marsvision.train.data import check_same_data, resolve_data_dir
 
     ckpt = load_checkpoint(config.checkpoint)
@@ -97,7 +97,7 @@ def _export_all(config: ExportConfig, lock: FolderLock) -> dict[str, Any]:
     check_manifest_owner(out, source_sha)
     if lock.held:  # (a no-op off POSIX: there an export running beside it may own one)
         remove_dead_staging(out)
-    if "test" not in ckpt.get("metrics", {}):  # the best epoch so far of a run stopped or running
+    if not is_finished(ckpt):  # the best epoch so far of a run stopped or running
         log(f"note: {config.checkpoint} is from an unfinished run (no test metrics yet: the best "
             "epoch so far); finish it with mars-train --resume and the run's flags for the model "
             "it selects")  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import stat
 import sys
 import time
@@ -25,6 +26,7 @@ from marsvision.runtime.errors import (
     echo_note,
     interruptible,
 )
+from marsvision.runtime.metadata import code_versions
 from marsvision.runtime.results import FORMATS
 
 EXIT_OK = 0
@@ -139,30 +141,14 @@ def _is_stream(path: str) -> bool:
     return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
 
 
-def _versions() -> dict[str, str]:
-    """What else shapes a row besides the model and its library (`library`): the code, and
-    Pillow, which decodes and resizes every image (another version, other pixels)."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    import numpy
-    import PIL
-
-    try:
-        mv = version("marsvision")
-    except PackageNotFoundError:
-        mv = "unknown"
-    return {"marsvision": mv, "pillow": str(PIL.__version__), "numpy": str(numpy.__version__),
-            "python": platform.python_version()}  # fmt: skip
-
-
 def _record(cfg: InferConfig, clf: Classifier, inputs: int) -> dict[str, Any]:
     """The resolved options a results file's run record keeps (`write_record`), and the
     versions that made its rows (for provenance; --resume checks only `library`'s)."""
     options = {k: v for k, v in asdict(cfg).items() if k not in ("paths", "resume")}
     options.update(engine=os.path.abspath(cfg.engine), model_sha256=clf.model_sha256,
                    backend=clf.runner.name, library=clf.runner.library, int8_sums=clf.int8_sums,
-                   inputs=inputs, versions=_versions())  # fmt: skip
+                   inputs=inputs, versions={**code_versions(),
+                                            "python": platform.python_version()})  # fmt: skip
     return options
 
 

@@ -167,3 +167,17 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def code_versions() -> dict[str, str]:
+    """Versions of marsvision and of the torch-free libraries that shape what a model sees
+    (Pillow decodes and resizes every image: another version, other pixels)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import PIL
+
+    try:
+        mv = version("marsvision")
+    except PackageNotFoundError:
+        mv = "unknown"
+    return {"marsvision": mv, "numpy": str(np.__version__), "pillow": str(PIL.__version__)}

@@ -160,16 +160,22 @@ def test_select_from_counts_epochs_exactly() -> None:
 
 def test_a_mismatch_gives_the_runs_own_command(tmp_path: Path) -> None:
     """Every flag to resume with, spelled out: a mismatch was named one setting at a time, to be
-    typed again from config.json's resolved values."""
+    typed again from config.json's resolved values. The data folder, device and run folder are
+    this command's (the run's data path was relative to where it began: from elsewhere the
+    command it gave named no data)."""
     from marsvision.train.config import command_line
 
-    cfg = TrainConfig(data=Path("d"), out=tmp_path, epochs=6, limit=64, image_size=64)
+    cfg = TrainConfig(data=Path("d"), out=tmp_path, epochs=6, limit=64, image_size=64,
+                      device="cuda")  # fmt: skip
     _save(tmp_path, cfg.to_dict())
+    now = dataclasses.replace(cfg, epochs=8, data=Path("../elsewhere/d"), device="cpu")
     with pytest.raises(MarsvisionError) as e:
-        load_resume(tmp_path, dataclasses.replace(cfg, epochs=8), "f")
+        load_resume(tmp_path, now, "f")
     said = e.value.message
     assert said.startswith("--resume: epochs was 6 in ") and "\n" not in said
-    want = command_line(cfg.to_dict(), data="d", out=str(tmp_path)) + " --resume"
+    want = command_line({**cfg.to_dict(), "device": "cpu"}, data="../elsewhere/d",
+                        out=str(tmp_path)) + " --resume"  # fmt: skip
+    assert "--data ../elsewhere/d " in want and "--device cpu " in want
     assert (
         said.endswith(f"; to resume it: {want}") and "--epochs 6 " in want and "--limit 64" in want
     )

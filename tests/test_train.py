@@ -54,9 +54,11 @@ def run(msl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert "a warm-up of 3 epochs is over half the 2-epoch run: 1 (the lr then decays)" in r.output
     # the summary says how the epoch was chosen, and the pace (only metrics.json had them)
-    assert re.search(r"\nselected on val balanced_accuracy over epochs 1-2 \(ties: lower val "
-                     r"loss\); 2 epochs, \d+\.\d s each\n", r.output), r.output  # fmt: skip
-    assert " f1 0." in r.output and "confusion_test.png, config.json, resume.pt\n" in r.output
+    said = r"\nselected on val balanced_accuracy over epochs 1-2 \(ties: lower val loss\); "
+    assert re.search(said + r"the run's 2 epochs, \d+\.\d s each\n", r.output), r.output
+    assert (
+        " f1 (Rover) 0." in r.output and "confusion_test.png, config.json, resume.pt\n" in r.output
+    )
     return out
 
 

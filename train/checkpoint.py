@@ -18,7 +18,11 @@ from torch import nn
 
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.files import atomic_path
-from marsvision.runtime.metadata import check_class_names, check_format_version
+from marsvision.runtime.metadata import (
+    check_class_names,
+    check_format_version,
+    code_versions,
+)
 from marsvision.runtime.spec import PreprocessSpec
 from marsvision.train.model import ARCH, create_model
 
@@ -30,23 +34,22 @@ REQUIRED_KEYS = ("arch", "task", "class_names", "preprocess", "state_dict", "dat
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape a checkpoint or artifact (Pillow decodes and resizes
     every image the model sees: a change to it changes the pixels, and stales a calibration)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import numpy
-    import PIL
     import torchvision
 
-    try:
-        mv = version("marsvision")
-    except PackageNotFoundError:
-        mv = "unknown"
+    code = code_versions()
     return {
-        "marsvision": mv,
+        "marsvision": code["marsvision"],
         "torch": str(torch.__version__),  # TorchVersion is not loadable with weights_only
         "torchvision": str(torchvision.__version__),
-        "numpy": str(numpy.__version__),
-        "pillow": str(PIL.__version__),
+        "numpy": code["numpy"],
+        "pillow": code["pillow"],
     }
+
+
+def is_finished(ckpt: dict[str, Any]) -> bool:
+    """Whether the checkpoint is a finished run's: one stopped (or still training) holds the
+    best epoch so far, with no test metrics yet."""
+    return "test" in ckpt.get("metrics", {})
 
 
 class _Writes:

@@ -249,13 +249,15 @@ def main(
     seen = " (trained on: not a held-out score)" if cfg.refit else ""
     secs = [h["seconds"] for h in result["history"] if "seconds" in h]
     ran = len(secs)
-    pace = f"; {ran} epoch{'s' * (ran != 1)}, {sum(secs) / max(ran, 1):.1f} s each" if ran else ""
+    of_f1 = "Rover" if cfg.task == "binary" else "macro"
+    each = sum(secs) / max(ran, 1)  # a resumed run's too: the run's, not this command's
+    pace = f"; the run's {ran} epoch{'s' * (ran != 1)}, {each:.1f} s each" if ran else ""
     echo_result(f"{'kept' if cfg.refit else 'best'} epoch {result['best_epoch']}: val accuracy "
                 f"{result['val']['accuracy']:.4f} balanced "
                 f"{result['val']['balanced_accuracy']:.4f}{seen}\n"
                 f"selected on {result['selected_on']}{pace}\n"
                 f"test accuracy {test['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}) balanced "
-                f"{test['balanced_accuracy']:.4f} f1{' (macro)' * (cfg.task != 'binary')} "
+                f"{test['balanced_accuracy']:.4f} f1 ({of_f1}) "
                 f"{test['f1']:.4f} ({f1_lo:.4f}-{f1_hi:.4f}) "
                 f"(n={test['n']}); accuracy CI resampling whole sols "
                 f"{sol_lo:.4f}-{sol_hi:.4f}\n"

@@ -13,7 +13,7 @@ from torch import nn
 
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.train.checkpoint import atomic_torch_save
-from marsvision.train.config import TrainConfig, saved_setting
+from marsvision.train.config import TrainConfig, command_line, saved_setting
 from marsvision.train.model import ModelEma
 
 RESUME = "resume.pt"
@@ -56,14 +56,13 @@ def save_resume(
     }, out / RESUME)  # fmt: skip
 
 
-def _resume_command(saved: dict[str, Any], out: Path) -> str:
+def _resume_command(saved: dict[str, Any], cfg: TrainConfig) -> str:
     """'; to resume it: mars-train ... --resume', the run's own flags spelled out (a mismatch
-    was named one setting at a time, to be typed again from config.json's values); '' where a
-    setting has no flag."""
-    from marsvision.train.config import command_line
-
+    was named one setting at a time, to be typed again from config.json's values), with this
+    command's --data, --device and --out (the run's data path was relative to the folder it
+    began in); '' where a setting has no flag."""
     try:
-        line = command_line(saved, data=str(saved.get("data") or "DATA"), out=str(out))
+        line = command_line({**saved, "device": cfg.device}, data=str(cfg.data), out=str(cfg.out))
     except (MarsvisionError, KeyError, TypeError):
         return ""
     return f"; to resume it: {line} --resume"
@@ -101,7 +100,7 @@ def load_resume(out: Path, cfg: TrainConfig, fingerprint: str) -> dict[str, Any]
                 is_now = now.get(key)
             raise MarsvisionError(
                 f"--resume: {key} was {was!r} in {out}, now {is_now!r}; pass the same flags as "
-                f"the run (its settings: {out / 'config.json'}){_resume_command(saved, out)}"
+                f"the run (its settings: {out / 'config.json'}){_resume_command(saved, cfg)}"
             )
     if state.get("data_fingerprint") != fingerprint:
         raise MarsvisionError(

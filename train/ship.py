@@ -142,7 +142,9 @@ def source_training(ckpt: dict[str, Any], path: Path) -> tuple[str | None, float
 def check_finished(ckpt: dict[str, Any], source: Path) -> None:
     """Refuse the checkpoint of an unfinished run (killed, or still training): it has no test
     metrics yet, which its model card reports."""
-    if "test" not in ckpt.get("metrics", {}):
+    from marsvision.train.checkpoint import is_finished
+
+    if not is_finished(ckpt):
         raise MarsvisionError(
             f"{source} is from an unfinished run (no test metrics yet); finish it with "
             "mars-train --resume and the run's flags first"
