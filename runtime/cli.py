@@ -279,7 +279,8 @@ def run(cfg: InferConfig) -> int:
             if ok
             else f"; no image classified in {secs:.2f} s"
         )
-        + f" ({clf.runner.name}, {meta.precision}"
+        # the INT8 file's flavour: int8-cpu and int8-trt were both "int8"
+        + f" ({clf.runner.name}, {(meta.quantization or {}).get('flavour') or meta.precision}"
         + (", exact sums" if exact else "")
         + f", batch {cfg.batch_size}"
         + (f", tta {cfg.tta}" if cfg.tta != "none" else "")

@@ -1026,8 +1026,17 @@ def test_infer_says_when_int8_runs_in_exact_sums(
     r = subprocess.run([*MARS_INFER, *args], capture_output=True, env=env)
     assert r.returncode == 0, r.stderr.decode()
     summary = r.stderr.decode().strip().splitlines()[-1]
-    assert ("(onnxruntime-cpu, int8, exact sums, batch" in summary) == (exact == "1"), summary
+    assert ("(onnxruntime-cpu, int8-cpu, exact sums, batch" in summary) == (exact == "1"), summary
     assert len(r.stdout.decode().strip().splitlines()) == 1 + len(images)
+
+
+def test_infer_names_the_int8_flavour(tiny_models: dict[str, Path], images: list[Path]) -> None:
+    """int8-cpu and int8-trt were both "int8" in the summary: only the rows' sha256 said which
+    file made them."""
+    r = subprocess.run([*MARS_INFER, os.fspath(images[0]), "--engine",
+                        os.fspath(tiny_models["int8-trt"])], capture_output=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr.decode()
+    assert "(onnxruntime-cpu, int8-trt, batch 8; " in r.stderr.decode().strip().splitlines()[-1]
 
 
 def test_a_second_signal_waits_for_the_cleanups() -> None:
