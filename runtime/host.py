@@ -30,6 +30,7 @@ def usable_cores(cgroups: str | os.PathLike[str] = "/sys/fs/cgroup", own: str = 
 
 
 def _read(path: str | os.PathLike[str]) -> str:
+    """The text of a kernel file (/proc, /sys); "" where it cannot be read."""
     try:
         return Path(path).read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -81,11 +82,7 @@ def cpu_quota(cgroups: Path, own: str) -> float | None:
 
 def cpu_model(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> str:
     """The CPU's model name in /proc/cpuinfo; where it has none, what `platform` says."""
-    try:
-        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
+    for line in _read(cpuinfo).splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "model name" and value.strip():
             return value.strip()
@@ -94,11 +91,7 @@ def cpu_model(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> str:
 
 def cpu_flags(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> frozenset[str]:
     """The first CPU's ISA flags in /proc/cpuinfo; empty where it cannot be read (not Linux)."""
-    try:
-        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
+    for line in _read(cpuinfo).splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "flags":
             return frozenset(value.split())
