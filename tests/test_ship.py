@@ -138,10 +138,17 @@ def test_a_shipped_model_shipped_again_keeps_its_source(
     shipped: Path, run: Path, msl_dir: Path, tmp_path: Path
 ) -> None:
     """Its card named the first ship's fp16 file as the run checkpoint, and that ship's fp16
-    scores as the run's fp32 ones."""
+    scores as the run's fp32 ones; it keeps the first ship's Notes unless --note replaces them."""
     result = ship_run(shipped / "resnet50-binary.pt", models_dir=tmp_path, data_dir=msl_dir,
                       device="cpu", workers=2, limit=16)  # fmt: skip
     again = load_checkpoint(result.checkpoint)
+    assert again["shipped"]["notes"] == list(NOTES)
+    assert f"## Notes\n\n- {NOTES[0]}\n- {NOTES[1]}\n" in result.card.read_text()
+    # --note replaces them
+    result = ship_run(shipped / "resnet50-binary.pt", models_dir=tmp_path / "b",
+                      data_dir=msl_dir, device="cpu", workers=2, limit=16,
+                      notes=("Shipped again.",))  # fmt: skip
+    assert load_checkpoint(result.checkpoint)["shipped"]["notes"] == ["Shipped again."]
     source = load_checkpoint(run / "checkpoint.pt")
     sha = hashlib.sha256((run / "checkpoint.pt").read_bytes()).hexdigest()
     assert again["shipped"]["source_checkpoint_sha256"] == sha

@@ -163,7 +163,8 @@ def ship_run(
     threshold_on_val: bool = False,
 ) -> ShipResult:
     """Write the run's selected checkpoint with fp16 weights, its scores and its model card
-    (`notes`: lines for the card's Notes section, e.g. why this model ships and what it misses)."""
+    (`notes`: lines for the card's Notes section, e.g. why this model ships and what it misses;
+    a shipped model shipped again keeps its notes when none are given)."""
     from marsvision.train import data as msl
     from marsvision.train.card import render_card
     from marsvision.train.checkpoint import atomic_torch_save, half_state, load_checkpoint
@@ -215,7 +216,7 @@ def ship_run(
         "scored_limit": limit,
         "train_device": train_device,
         "train_seconds": train_seconds,
-        "notes": list(notes),
+        "notes": list(notes or earlier.get("notes") or ()),
     }
     make_folder(models_dir, "--models")
     out = models_dir / shipped_name(ckpt["task"])
@@ -255,7 +256,8 @@ def ship_run(
 @click.option("--limit", type=int, default=None,
               help="Score on at most N images per split (quick checks only).")  # fmt: skip
 @click.option("--note", "notes", multiple=True,
-              help="A line for the model card's Notes section (repeatable).")  # fmt: skip
+              help="A line for the model card's Notes section (repeatable; a shipped model "
+              "shipped again keeps its notes unless --note is given).")  # fmt: skip
 @click.option("--threshold-on-val/--argmax", "threshold_on_val", default=False, show_default=True,
               help="Binary models: label by a threshold on P(positive) chosen on val for "
               "balanced accuracy, or by the most probable class (on the MSL splits the "
