@@ -174,6 +174,7 @@ def _resume_base(
     this one, under any name, or a file without a run record that passes the check below). A
     resume that would mix its rows with this run's (`run`: the options its record would keep,
     `write_record`) is refused: another --fast-decode (the same image decodes to other pixels),
+    no --recursive for a file begun with it (its subfolders' images would be passed over),
     relative inputs from another folder (its rows would be keyed from two folders; they were
     matched against this one, so every row was written twice), and, for a file with relative
     rows, any resume from elsewhere once that folder is gone (moved: they lead nowhere), and INT8
@@ -209,6 +210,12 @@ def _resume_base(
         raise MarsvisionError(
             f"{out} was written {was} --fast-decode (its run record, {_record_path(out)}): resume "
             "it the same way, or write to a new --out"
+        )
+    if record.get("recursive") and not run["recursive"]:
+        raise MarsvisionError(
+            f"{out} was begun with --recursive (its run record, {_record_path(out)}): without "
+            "it the images in subfolders are passed over and the file looks finished; resume "
+            "it with --recursive, or write to a new --out"
         )
     was = record.get("int8_sums", int8_sums)  # a record from before it: not known
     if was != int8_sums:

@@ -624,6 +624,31 @@ def test_resume_reads_relative_rows_from_the_folder_the_file_was_begun_in(
     assert (b / "link.csv").is_symlink()
 
 
+def test_resume_of_a_recursive_run_needs_recursive(
+    model: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """A run begun with --recursive and resumed without it passed over its subfolders' images,
+    and said the file was done; adding --recursive to a resume widens it, as more inputs do."""
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    shutil.copy(images[0], tmp_path / "imgs")
+    shutil.copy(images[1], tmp_path / "imgs" / "sub")
+    out = tmp_path / "r.csv"
+    assert _infer(tmp_path / "imgs", "-r", "--out", out, "--engine", model).returncode == 0
+    assert json.loads((tmp_path / "r.csv.run.json").read_text())["recursive"] is True
+    before = out.read_bytes()
+    r = _infer(tmp_path / "imgs", "--out", out, "--resume", "--engine", model)
+    assert r.returncode == 1, r.stderr
+    assert b"was begun with --recursive" in r.stderr and b"resume it with --recursive" in r.stderr
+    assert out.read_bytes() == before
+    r = _infer(tmp_path / "imgs", "-r", "--out", out, "--resume", "--engine", model)
+    assert r.returncode == 0 and b"2 already in" in r.stderr, r.stderr
+    out2 = tmp_path / "top.csv"
+    assert _infer(tmp_path / "imgs", "--out", out2, "--engine", model).returncode == 0
+    r = _infer(tmp_path / "imgs", "-r", "--out", out2, "--resume", "--engine", model)
+    assert r.returncode == 0 and b"1 already in" in r.stderr, r.stderr
+    assert len(out2.read_text().splitlines()) == 3  # the header, the top image, the sub's
+
+
 def test_unreadable_results_file_is_a_one_line_error(tmp_path: Path) -> None:
     from marsvision.runtime.results import Provenance, csv_header
     from marsvision.runtime.resume import read_done
