@@ -81,8 +81,8 @@ def test_pooled_features_are_what_fc_sees() -> None:
     with torch.no_grad(), pooled_features(model) as seen:
         logits = model(x)
         assert seen[-1].shape == (2, 2048)
-        assert torch.allclose(model.fc(seen[-1]), logits)
-    assert not model.fc._forward_pre_hooks  # the hook is gone afterwards
+        assert torch.allclose(model.get_submodule("fc")(seen[-1]), logits)
+    assert not model.get_submodule("fc")._forward_pre_hooks  # the hook is gone afterwards
 
 
 def test_training_with_the_adversary_resumes_exactly(

@@ -49,7 +49,7 @@ PIL_OPS: list[tuple[str, float, Callable[[Image.Image], Image.Image], float]] = 
     ("sharpness", -0.9, lambda im: ImageEnhance.Sharpness(im).enhance(0.1), 1),
     ("posterize", 4.0, lambda im: ImageOps.posterize(im, 4), 0),
     ("posterize", 6.0, lambda im: ImageOps.posterize(im, 6), 0),
-    ("solarize", 0.5, lambda im: ImageOps.solarize(im, 127.5), 0),
+    ("solarize", 0.5, lambda im: ImageOps.solarize(im, 128), 0),  # i >= 127.5 for 8-bit i
     ("solarize", 0.0, lambda im: ImageOps.solarize(im, 0), 0),
     ("autocontrast", 0.0, ImageOps.autocontrast, 1),
     ("equalize", 0.0, ImageOps.equalize, 0),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -30,7 +31,7 @@ def exported(tiny_checkpoint: Path, tiny_exports: Path) -> tuple[Path, Path]:
     return tiny_checkpoint, tiny_exports
 
 
-def _run(args: list[str]) -> tuple[int, str, dict]:  # type: ignore[type-arg]
+def _run(args: list[str]) -> tuple[int, str, dict[str, Any]]:
     result = CliRunner().invoke(main, args)
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
@@ -349,7 +350,7 @@ def test_a_reference_that_is_not_finite_is_refused(
     ],
 )
 def test_an_artifact_of_another_model_is_refused_before_the_reference(
-    change: dict, exported: tuple[Path, Path], msl_dir: Path, tmp_path: Path,  # type: ignore[type-arg]
+    change: dict[str, Any], exported: tuple[Path, Path], msl_dir: Path, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch, refusal: str
 ) -> None:  # fmt: skip
     """Refused only after the PyTorch reference had run on every split (minutes on a CPU)."""

@@ -646,10 +646,9 @@ def test_tta_provenance_and_files_from_before_the_flag(
     assert (rep_old["metrics"], rep_old["cis"]) == (rep_flip["metrics"], rep_flip["cis"])
     # the same model's plain and flip predictions scored into one folder: two files, not one
     # overwriting the other
-    for f in (flip, full):
-        assert (
-            _score([str(f), "--data", str(msl_dir), "--out", str(tmp_path / "both")]).exit_code == 0
-        )
+    for scored in (flip, full):
+        r = _score([str(scored), "--data", str(msl_dir), "--out", str(tmp_path / "both")])
+        assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "both").iterdir()) == [
         f"score-test-{SHA[:12]}-onnxruntime-tta-flip.json",
         f"score-test-{SHA[:12]}-onnxruntime.json",

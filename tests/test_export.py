@@ -116,10 +116,12 @@ def test_fp16_is_half_size_with_float32_boundary(exported: Path, val32) -> None:
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.95
 
 
-def _qdq(model) -> tuple[dict[str, int], set[int], list]:
+def _qdq(
+    model: onnx.ModelProto,
+) -> tuple[dict[str, onnx.TensorProto], set[int], list[onnx.NodeProto]]:
     """Zero-point types of QuantizeLinear, weight types feeding DequantizeLinear, weight DQs."""
     inits = {t.name: t for t in model.graph.initializer}
-    q_zp = {}
+    q_zp: dict[str, onnx.TensorProto] = {}
     for n in model.graph.node:
         if n.op_type == "QuantizeLinear":
             q_zp[n.input[2]] = inits[n.input[2]]

@@ -52,7 +52,9 @@ def test_engines_from_fp16_and_int8_onnx(
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
         assert engine is not None
-        assert tuple(engine.get_tensor_profile_shape("input", 0)[2]) == (4, 3, 64, 64)
+        # iterable by __getitem__; the stubs' Dims has no __iter__
+        shape: tuple[int, ...] = tuple(engine.get_tensor_profile_shape("input", 0)[2])  # type: ignore[arg-type]
+        assert shape == (4, 3, 64, 64)
     json.loads((tmp_path / "manifest.json").read_text())
 
 

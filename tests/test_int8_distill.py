@@ -33,7 +33,7 @@ def test_fake_quant_rounds_to_the_grid_and_passes_the_gradient() -> None:
     assert x.grad is not None and x.grad.tolist() == [1.0] * 6  # straight through
 
 
-def _tiny_net() -> nn.Module:
+def _tiny_net() -> nn.Sequential:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
     return net.eval()

@@ -34,8 +34,12 @@ def _images(msl_dir: Path, n: int, split: str = "test") -> list[Path]:
     return [s.path for s in read_split(msl_dir, split, "binary", limit=n)]
 
 
-def _infer(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([*MARS_INFER, *map(os.fspath, args)], capture_output=True, cwd=cwd)
+def _infer(
+    *args: str | os.PathLike[str], cwd: Path | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [*MARS_INFER, *(os.fspath(a) for a in args)], capture_output=True, cwd=cwd
+    )
 
 
 def _csv_rows(path: Path) -> list[dict[str, str]]:
@@ -265,10 +269,9 @@ def test_kill_then_resume_loses_and_duplicates_nothing(
         f.write(b'{"path": "/half/a/row", "sta')
     r = subprocess.run([*cmd, "--resume", "-b", "16", "-j", "2"], capture_output=True)
     assert r.returncode == 0, r.stderr
-    rows = [json.loads(x) for x in out.read_text().splitlines()]
-    got = [d["path"] for d in rows]
-    assert got == paths  # input order, each exactly once, the cut row dropped
-    assert all(d["status"] == "ok" for d in rows)
+    written = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [d["path"] for d in written] == paths  # input order, each once, the cut row dropped
+    assert all(d["status"] == "ok" for d in written)
     assert b"already in" in r.stderr
     # resuming a finished file writes nothing
     r = subprocess.run([*cmd, "--resume"], capture_output=True)
@@ -283,7 +286,7 @@ def test_kill_then_resume_loses_and_duplicates_nothing(
 
 def test_cli_errors_and_exit_codes(models: dict[str, Path], msl_dir: Path, tmp_path: Path) -> None:
     img = _images(msl_dir, 1)[0]
-    cases = [
+    cases: list[tuple[list[str | Path], int, bytes]] = [
         (["--engine", tmp_path / "missing.onnx"], 1, b"not found"),
         (["--engine", models["int8"], "--batch-size", "0"], 2, b"batch-size"),
         (["--engine", models["int8"], "--backend", "tflite"], 2, b"backend"),

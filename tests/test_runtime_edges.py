@@ -5,6 +5,7 @@ of exports."""
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -22,8 +23,12 @@ from marsvision.runtime.errors import MarsvisionError
 MARS_INFER = [sys.executable, "-m", "marsvision.runtime.cli"]
 
 
-def _infer(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([*MARS_INFER, *map(os.fspath, args)], capture_output=True, cwd=cwd)
+def _infer(
+    *args: str | os.PathLike[str], cwd: Path | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [*MARS_INFER, *(os.fspath(a) for a in args)], capture_output=True, cwd=cwd
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +58,8 @@ def test_folder_without_images_is_an_error_row(
     shutil.copy(images[0], sub)
     r = _infer(tmp_path / "top", "--engine", model)
     assert r.returncode == 3, r.stderr
-    (row,) = r.stdout.decode().splitlines()[1:]
-    assert row.startswith(f"{tmp_path / 'top'},error,") and "--recursive" in row
+    (line,) = r.stdout.decode().splitlines()[1:]
+    assert line.startswith(f"{tmp_path / 'top'},error,") and "--recursive" in line
     # the rate counts classified images only: an all-error run reports none
     assert b"0 ok, 1 failed; no image classified in " in r.stderr and b"images/s" not in r.stderr
     r = _infer(tmp_path / "top", "--engine", model, "--recursive")
@@ -364,8 +369,8 @@ def test_resume_refuses_the_other_kind_of_int8_sums(
     run record keeps the kind, and a resume of the other kind is refused."""
     env = {k: v for k, v in os.environ.items() if k != "MARSVISION_EXACT_INT8"}
 
-    def infer(*args: object, exact: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([*MARS_INFER, *map(os.fspath, args), "--engine", model],
+    def infer(*args: str | os.PathLike[str], exact: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([*MARS_INFER, *(os.fspath(a) for a in args), "--engine", model],
                               capture_output=True, cwd=tmp_path,
                               env={**env, "MARSVISION_EXACT_INT8": exact})  # fmt: skip
 
@@ -430,7 +435,8 @@ def test_closed_or_full_standard_streams_and_a_deleted_working_folder(
         gone = tmp_path / f"gone{n}"
         gone.mkdir()
         r = subprocess.run([*command, "--out", os.fspath(tmp_path / "c.csv")], cwd=gone,
-                           preexec_fn=lambda d=gone: os.rmdir(d), capture_output=True)  # fmt: skip
+                           preexec_fn=functools.partial(os.rmdir, gone),
+                           capture_output=True)  # fmt: skip
         assert r.returncode == 1 and r.stderr.decode().strip().splitlines() == [
             "Error: the working folder was deleted under this shell: cd to a folder that exists"
         ]
@@ -504,8 +510,8 @@ def test_paths_under_a_locale_that_is_not_utf8(
     ascii_env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"}
     ascii_env.pop("LANG", None)
 
-    def infer(*args: object, env: dict[str, str] | None = None) -> bytes:
-        r = subprocess.run([*MARS_INFER, *map(os.fspath, args), "--engine", model],
+    def infer(*args: str | os.PathLike[str], env: dict[str, str] | None = None) -> bytes:
+        r = subprocess.run([*MARS_INFER, *(os.fspath(a) for a in args), "--engine", model],
                            capture_output=True, cwd=tmp_path, env=env)  # fmt: skip
         assert r.returncode == 0, r.stderr
         return r.stderr
@@ -568,7 +574,7 @@ def test_resume_reads_relative_rows_from_the_folder_the_file_was_begun_in(
         shutil.copy(p, a / "imgs")
     names = [p.name for p in images]
 
-    def infer(*args: object, cwd: Path) -> subprocess.CompletedProcess[bytes]:
+    def infer(*args: str | os.PathLike[str], cwd: Path) -> subprocess.CompletedProcess[bytes]:
         return _infer(*args, "--engine", model, cwd=cwd)
 
     assert infer(f"imgs/{names[0]}", "--out", "r.csv", cwd=a).returncode == 0
@@ -829,7 +835,8 @@ def test_results_that_cannot_be_written_are_a_one_line_error(
     for p in many:
         shutil.copy(images[0], p)
     out = tmp_path / "r.csv"
-    args = [*MARS_INFER, *many, "--engine", model, "--out", out, "--batch-size", "1"]
+    args: list[str | os.PathLike[str]] = [*MARS_INFER, *many, "--engine", model, "--out", out,
+                                          "--batch-size", "1"]  # fmt: skip
     # the run record (about 600 bytes) fits, and the header and a few rows
     r = subprocess.run(args, capture_output=True, preexec_fn=files_up_to(1000))
     assert r.returncode == 1, r.stderr
@@ -971,8 +978,10 @@ def test_bench_refuses_an_unwritable_out_before_it_runs(tmp_path: Path, command:
     taken = tmp_path / "results"
     taken.write_text("a file")
     missing = tmp_path / "nothing"
-    args = {"speed": ["--artifacts", missing], "parity": ["--artifacts", missing],
-            "score": [missing]}[command]  # fmt: skip
+    by_command: dict[str, list[str | Path]] = {
+        "speed": ["--artifacts", missing], "parity": ["--artifacts", missing], "score": [missing]
+    }  # fmt: skip
+    args = by_command[command]
     result = CliRunner().invoke(bench_main, [command, *map(str, args), "--out", str(taken)])
     assert result.exit_code == 1, result.output
     assert f"--out {taken} is a file, not a folder" in result.output
@@ -1101,9 +1110,15 @@ def test_sigterm_and_sighup_stop_after_the_cleanups_and_say_so(
     from marsvision.runtime.errors import interruptible
 
     sig = getattr(signal, name)
-    cleaned, asked = [], []
+    cleaned: list[bool] = []
+    asked: list[bool] = []
+
+    def hint() -> str:
+        asked.append(True)
+        return "; --resume continues"
+
     with pytest.raises(SystemExit) as stopped:
-        with interruptible("cmd", hint=lambda: asked.append(True) or "; --resume continues"):
+        with interruptible("cmd", hint=hint):
             try:
                 os.kill(os.getpid(), sig)
                 time.sleep(5)  # the handler raises in here

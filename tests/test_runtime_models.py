@@ -69,7 +69,9 @@ def test_a_file_format_of_a_newer_marsvision_says_upgrade(
     newer = re.escape(
         "format 2 was written by a newer marsvision (this one reads format 1): upgrade"
     )
-    for n, meta in enumerate([{"format_version": 2, "labels_from": "x"}, {"format_version": 2}]):
+    newer_metas: list[dict[str, Any]] = [{"format_version": 2, "labels_from": "x"},
+                                         {"format_version": 2}]  # fmt: skip
+    for n, meta in enumerate(newer_metas):
         path = _edited(models["fp32"], tmp_path / f"new{n}.onnx", meta=meta)
         with pytest.raises(MarsvisionError, match=rf"^{path}: metadata {newer}"):
             OnnxRuntimeRunner(path, device="cpu")
@@ -97,7 +99,7 @@ def test_a_graph_its_metadata_does_not_describe_is_refused(
         size = runner.meta.preprocess.input_size
         assert runner.infer(np.zeros((3, 3, size, size), np.float32)).shape == (3, 2)
     bigger = PreprocessSpec.for_input_size(size + 32).to_dict()
-    cases = [
+    cases: list[tuple[dict[str, Any] | None, int | None, str]] = [
         ({"preprocess": bigger}, None, rf"input is \['batch', 3, {size}, {size}\], its metadata "),
         ({"output_name": "probs"}, None, r"no output 'probs' \(its outputs: \['logits'\]\)"),
         ({"class_names": ["a", "b", "c"]}, None, r"output is \['batch', 2\], its metadata names 3"),
@@ -678,7 +680,12 @@ def test_the_tensorrt_provider_gets_the_models_precision_profile_and_cache(
     # a batch over the profile's 32 runs in pieces, with the same logits
     sizes: list[int] = []
     run = runner._sess.run
-    runner._sess.run = lambda names, feed: sizes.append(len(feed["input"])) or run(names, feed)
+
+    def counted_run(names: Any, feed: dict[str, Any]) -> Any:
+        sizes.append(len(feed["input"]))
+        return run(names, feed)
+
+    runner._sess.run = counted_run
     x = np.random.default_rng(0).normal(size=(70, 3, size, size)).astype(np.float32)
     got = runner.infer(x)
     assert sizes == [32, 32, 6]

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -64,7 +65,7 @@ def test_resized_size_rounds_like_torchvision() -> None:
     assert resized_size(100, 100, 73) == (73, 73)
 
 
-def _save(tmp_path: Path, name: str, img: Image.Image, **kw: object) -> Path:
+def _save(tmp_path: Path, name: str, img: Image.Image, **kw: Any) -> Path:
     p = tmp_path / name
     img.save(p, **kw)
     return p
@@ -136,8 +137,12 @@ def test_eps_is_not_read_and_mpo_decodes_fast(
     assert Image.open(mpo).format == "MPO"
     drafts: list[object] = []
     draft = JpegImagePlugin.JpegImageFile.draft
-    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
-                        lambda self, *a: drafts.append(a) or draft(self, *a))  # fmt: skip
+
+    def counted_draft(self: Any, *a: Any) -> Any:
+        drafts.append(a)
+        return draft(self, *a)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", counted_draft)
     decode_image(mpo, spec, fast_decode=True)
     assert drafts
 

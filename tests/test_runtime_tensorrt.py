@@ -113,6 +113,7 @@ def test_tensorrt_runner_matches_onnxruntime(
         assert got.shape == ref.shape
         np.testing.assert_allclose(got, ref, atol=5e-2, rtol=5e-2)
         np.testing.assert_array_equal(got.argmax(1), ref.argmax(1))
+    assert engine_meta.tensorrt is not None
     stale = dataclasses.replace(engine_meta, tensorrt={**engine_meta.tensorrt, "version": "9.0"})
     sidecar_path(plan).write_text(stale.to_json())
     with pytest.raises(MarsvisionError, match="re-export"):

@@ -43,9 +43,8 @@ def exports(shipped: Path, msl_dir: Path, tmp_path_factory: pytest.TempPathFacto
 
 def test_files_agree_with_sums_and_card(shipped: Path, msl_dir: Path) -> None:
     sha = hashlib.sha256(shipped.read_bytes()).hexdigest()
-    sums = dict(
-        reversed(line.split("  ", 1)) for line in (MODELS / "SHA256SUMS").read_text().splitlines()
-    )
+    lines = (MODELS / "SHA256SUMS").read_text().splitlines()
+    sums = {name: digest for digest, name in (line.split("  ", 1) for line in lines)}
     assert sums[shipped.name] == sha
     card = shipped.with_suffix(".md").read_text()
     assert sha in card

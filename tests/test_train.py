@@ -199,7 +199,7 @@ def test_a_refit_whose_last_step_diverged_stops(
     def last_step_diverges(model: torch.nn.Module, **kw: Any) -> dict[str, Any]:
         result = real(model, **kw)
         with torch.no_grad():
-            model.fc.weight.fill_(float("nan"))
+            model.get_parameter("fc.weight").fill_(float("nan"))
         return result
 
     monkeypatch.setattr(loop, "train_one_epoch", last_step_diverges)
@@ -254,9 +254,10 @@ def test_init_from_a_torchvision_state_dict(tmp_path: Path) -> None:
     source = resnet50(num_classes=1000)  # an ImageNet-shaped weights file
     torch.save(source.state_dict(), tmp_path / "resnet50.pth")
     model = create_model(2, init=str(tmp_path / "resnet50.pth"))
-    assert torch.equal(model.conv1.weight, source.conv1.weight)
-    assert torch.equal(model.layer4[2].bn3.running_var, source.layer4[2].bn3.running_var)
-    assert model.fc.out_features == 2  # head re-sized, not loaded
+    assert torch.equal(model.get_parameter("conv1.weight"), source.conv1.weight)
+    running_var = "layer4.2.bn3.running_var"
+    assert torch.equal(model.get_buffer(running_var), source.get_buffer(running_var))
+    assert model.get_parameter("fc.weight").shape[0] == 2  # head re-sized, not loaded
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(MarsvisionError, match="not ResNet-50 weights"):
         create_model(2, init=str(tmp_path / "other.pth"))
@@ -495,7 +496,7 @@ def test_ema_averages_weights_and_batchnorm_statistics() -> None:
     for step in (1, 2):
         start = {k: v.clone() for k, v in ema.module.state_dict().items()}
         with torch.no_grad():
-            model[0].weight.add_(1.0)
+            model.get_parameter("0.weight").add_(1.0)
         model.train()(torch.randn(16, 4))  # moves the running statistics, counts a batch
         ema.update(model)
         d = min(0.998, (1 + step) / (10 + step))
@@ -508,7 +509,7 @@ def test_ema_averages_weights_and_batchnorm_statistics() -> None:
                     assert not torch.allclose(value, now[key]), key
             else:
                 assert torch.equal(value, now[key]), key
-    assert int(ema.module[1].num_batches_tracked) == 2
+    assert int(ema.module.get_buffer("1.num_batches_tracked")) == 2
 
 
 def test_bf16_on_the_cpu_trains_in_bf16_and_reports_fp32(
@@ -555,7 +556,7 @@ def test_bf16_is_autocast_in_training_and_selection_only(bf16: bool) -> None:
     torch.manual_seed(0)
     model = create_model(2)
     seen: list[torch.dtype] = []
-    model.conv1.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    model.get_submodule("conv1").register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     train_one_epoch(
         model, images=torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8),

@@ -1,5 +1,6 @@
-"""Type-check marsvision with mypy: the whole package, and the TensorRT code --strict against
-tensorrt-stubs, mended so that mypy reads them. Run: `python tests/typecheck.py` (`make typecheck`).
+"""Type-check marsvision with mypy: the whole package, the TensorRT code --strict against
+tensorrt-stubs, mended so that mypy reads them, and the tests (for the Python that runs them, not
+the package's oldest: they use tomllib). Run: `python tests/typecheck.py` (`make typecheck`).
 
 The stage folders (train/, runtime/, ...) are the subpackages `marsvision.train`, ...: the code
 imports them by those names, which only the editable install's import hook maps to the folders,
@@ -100,9 +101,12 @@ def main() -> int:
     tree = package_tree(TREE)
     stubs = patched_stubs(TREE / "stubs")
     status = 0
+    running = f"{sys.version_info.major}.{sys.version_info.minor}"
+    tests = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("*.py"))
     for args, strict in (
         ([a for m in TRT_MODULES for a in ("-m", m)], True),
         ([a for p in PACKAGES for a in ("-p", p)], False),
+        (["--python-version", running, *tests], False),
     ):
         proc = run_mypy(args, tree, stubs, strict=strict)
         sys.stdout.write(proc.stdout)
