@@ -114,39 +114,31 @@ def onnx_from_checkpoint(
     *,
     meta: ModelMeta,
     parity_batch: np.ndarray,
+    reference: np.ndarray,
     max_abs_diff: float = ExportConfig.parity_tolerance,
 ) -> dict[str, Any]:
-    """Export, check with onnx.checker, run in ONNX Runtime against PyTorch; return parity.
+    """Export, check with onnx.checker, run in ONNX Runtime against PyTorch (`reference`: the
+    checkpoint's logits of `parity_batch`, `torch_logits`); return parity.
 
     The file is written to `onnx_path` (callers pass a staging name). A max |logit diff| above
     `max_abs_diff` (times the largest |logit| when that exceeds 1) or any top-1 disagreement
     is a user error.
     """
     import onnx
-    import torch
 
     from marsvision.export.images import ort_logits, parity
-    from marsvision.runtime.classifier import non_finite_rows
     from marsvision.train.checkpoint import model_from_checkpoint
 
-    model = model_from_checkpoint(ckpt)
-    proto = _export_graph(model, meta.preprocess.input_size)
+    proto = _export_graph(model_from_checkpoint(ckpt), meta.preprocess.input_size)
     set_onnx_meta(proto, meta)
     proto.producer_name = "marsvision"
     onnx.save_model(proto, str(onnx_path))
     onnx.checker.check_model(str(onnx_path), full_check=True)
 
-    with torch.inference_mode():
-        ref = model(torch.from_numpy(parity_batch)).numpy()
-    if non_finite_rows(ref).any():  # the checkpoint's own fault, not the export's
-        raise MarsvisionError(
-            "the checkpoint's own outputs (PyTorch) are not finite (NaN or inf) on the val "
-            "images: its weights are broken; nothing written"
-        )
     got = ort_logits(onnx_path, parity_batch)
-    figures = parity(ref, got, meta.decision_threshold, onnx_path.name)
+    figures = parity(reference, got, meta.decision_threshold, onnx_path.name)
     # float32 keeps ~7 digits: beyond |logit| 1 the bound scales with the logits' magnitude.
-    bound = max_abs_diff * max(1.0, float(np.abs(ref).max()))
+    bound = max_abs_diff * max(1.0, float(np.abs(reference).max()))
     figures["tolerance"] = bound
     if figures["max_abs_logit_diff"] > bound or figures["top1_agreement"] < 1.0:
         raise MarsvisionError(
@@ -158,10 +150,18 @@ def onnx_from_checkpoint(
 
 
 def torch_logits(ckpt: dict[str, Any], batch: np.ndarray) -> np.ndarray:
-    """Reference logits from the checkpoint's PyTorch model."""
+    """Reference logits from the checkpoint's PyTorch model; refused when not finite (the
+    checkpoint's own fault, not an export's)."""
     import torch
 
+    from marsvision.runtime.classifier import non_finite_rows
     from marsvision.train.checkpoint import model_from_checkpoint
 
     with torch.inference_mode():
-        return np.asarray(model_from_checkpoint(ckpt)(torch.from_numpy(batch)).numpy())
+        logits = np.asarray(model_from_checkpoint(ckpt)(torch.from_numpy(batch)).numpy())
+    if non_finite_rows(logits).any():
+        raise MarsvisionError(
+            "the checkpoint's own outputs (PyTorch) are not finite (NaN or inf) on the val "
+            "images: its weights are broken; nothing written"
+        )
+    return logits

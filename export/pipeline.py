@@ -91,7 +91,8 @@ def _export_all(config: ExportConfig, lock: FolderLock) -> dict[str, Any]:
     spec = meta.preprocess
     calib_paths = split_paths(data_dir, "train", task, config.calib_images) if config.int8 else []
     val_batch = load_batch(split_paths(data_dir, "val", task, config.parity_images), spec)
-    ref = torch_logits(ckpt, val_batch)  # and its weights' (fc width, missing tensors)
+    # and its weights' checks (fc width, missing tensors, not finite), before --out is made
+    ref = torch_logits(ckpt, val_batch)
     out = prepare_out_dir(config.out)
     lock.acquire(out, "mars-export")  # an export of another checkpoint would mix the manifest
     check_manifest_owner(out, source_sha)
@@ -117,9 +118,8 @@ def _export_all(config: ExportConfig, lock: FolderLock) -> dict[str, Any]:
         t0 = time.perf_counter()
         fp32_path, fp32_final = stage("fp32")
         log(f"exporting {fp32_final.name} (torch.onnx dynamo exporter)")
-        fig = onnx_from_checkpoint(
-            ckpt, fp32_path, meta=meta, parity_batch=val_batch, max_abs_diff=config.parity_tolerance
-        )
+        fig = onnx_from_checkpoint(ckpt, fp32_path, meta=meta, parity_batch=val_batch,
+                                   reference=ref, max_abs_diff=config.parity_tolerance)  # fmt: skip
         fig["reference"] = "pytorch"
         entries.append(_entry(fp32_path, "fp32", meta, fig, time.perf_counter() - t0))
 

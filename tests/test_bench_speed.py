@@ -31,7 +31,7 @@ def fp32_dir(
 ) -> Path:
     """An export out dir with the FP32 ONNX of the tiny checkpoint (helper E's export API)."""
     from marsvision.export.images import load_batch, split_paths
-    from marsvision.export.onnx_fp32 import fp32_meta, onnx_from_checkpoint
+    from marsvision.export.onnx_fp32 import fp32_meta, onnx_from_checkpoint, torch_logits
     from marsvision.runtime.metadata import sha256_file
     from marsvision.train.checkpoint import load_checkpoint
 
@@ -39,7 +39,8 @@ def fp32_dir(
     ckpt = load_checkpoint(tiny_checkpoint)
     meta = fp32_meta(ckpt, sha256_file(tiny_checkpoint))
     batch = load_batch(split_paths(msl_dir, "val", "binary", 2), meta.preprocess)
-    onnx_from_checkpoint(ckpt, out / "resnet50-binary.fp32.onnx", meta=meta, parity_batch=batch)
+    onnx_from_checkpoint(ckpt, out / "resnet50-binary.fp32.onnx", meta=meta, parity_batch=batch,
+                         reference=torch_logits(ckpt, batch))  # fmt: skip
     return out
 
 

@@ -392,20 +392,21 @@ def test_export_refuses_other_data_unreadable_images_and_misfit_weights(
         model_from_checkpoint({**ckpt, "state_dict": state})
     assert e.value.message.startswith("checkpoint weights do not fit ResNet-50: Missing key(s)")
     assert "\n" not in e.value.message
-    # weights gone NaN: the checkpoint is named, not the ONNX file made from it
+    # weights gone NaN: the checkpoint is named, not the ONNX file made from it, before --out
+    # is made (it was refused after, by the FP32 export's own second PyTorch run)
     import torch
-
-    from marsvision.export.onnx_fp32 import fp32_meta, onnx_from_checkpoint
 
     fc = ckpt["state_dict"]["fc.weight"]
     broken = {
         **ckpt,
         "state_dict": {**ckpt["state_dict"], "fc.weight": torch.full_like(fc, torch.nan)},
     }
+    torch.save(broken, tmp_path / "nan.pt")
+    config = ExportConfig(checkpoint=tmp_path / "nan.pt", out=tmp_path / "nan", int8=False,
+                          tensorrt="off", data_dir=msl_dir)  # fmt: skip
     with pytest.raises(MarsvisionError, match="the checkpoint's own outputs .* are not finite"):
-        onnx_from_checkpoint(broken, tmp_path / "m.onnx", meta=fp32_meta(broken, "0" * 64),
-                             parity_batch=np.zeros((2, 3, 64, 64), np.float32),
-                             max_abs_diff=1e-4)  # fmt: skip
+        export_all(config)
+    assert not (tmp_path / "nan").exists()
 
 
 def _manifest(created: str, files: dict[str, Path]) -> dict[str, Any]:
