@@ -35,7 +35,6 @@ class Artifact:
 
     path: Path
     flavour: str  # a key of runtime.models.SUFFIXES, e.g. "int8-cpu", "fp16-engine"
-    manifest: dict[str, Any]  # its manifest entry ({} when there is no manifest)
     # a manifest is there and does not list it: not this export's file, never measured
     unlisted: bool = False
 
@@ -90,7 +89,7 @@ def find_artifacts(out_dir: str | Path) -> list[Artifact]:
         if flavour is None or not path.is_file():
             continue
         unlisted = manifest is not None and path.name not in entries
-        found.append(Artifact(path, flavour, dict(entries.get(path.name, {})), unlisted))
+        found.append(Artifact(path, flavour, unlisted))
     missing = [name for name in entries if not (d / name).is_file()]
     if missing:
         raise MarsvisionError(

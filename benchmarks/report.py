@@ -71,7 +71,6 @@ def bar_chart(
     labels: Sequence[str],
     series: Mapping[str, Sequence[float | None]],
     ylabel: str,
-    reference: float | None = None,
 ) -> Path:
     """A grouped bar chart (one group per label, one bar per series) as PNG, matplotlib Agg."""
     import matplotlib
@@ -86,8 +85,6 @@ def bar_chart(
         xs = [j + (i - (n - 1) / 2) * width for j in range(len(labels))]
         ys = [v if v is not None else 0.0 for v in values]
         ax.bar(xs, ys, width=width, label=name)
-    if reference is not None:
-        ax.axhline(reference, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)

@@ -292,7 +292,7 @@ def render_text(report: dict[str, Any]) -> str:
     lines += ["", text_table(["metric", "value", "95% CI", "95% CI by sol"], rows)]
     if conf := report.get("confidence"):
         lines += ["", *_confidence_text(conf)]
-    elif "confidence" in report:  # None: reports from before it have no key
+    elif "confidence" in report:  # None: not computable for these rows
         lines += ["", "confidence: not shown (a --top-k row lacks its decision's probability: a "
                   "decision threshold chose a class outside the top k)"]  # fmt: skip
     worst = [g for g in report.get("by_camera_and_class", []) if g["errors"]][:_WORST]

@@ -170,14 +170,13 @@ def reference_logits(
     import time
 
     torch = _torch()
-    from marsvision.train.checkpoint import load_checkpoint, preprocess_from_checkpoint
     from marsvision.train.images import open_rgb
     from marsvision.train.transforms import eval_transform
 
-    tf = eval_transform(preprocess_from_checkpoint(load_checkpoint(checkpoint)))
     chunks = []
     seconds = 0.0
     with TorchRunner(checkpoint, device=device, threads=threads) as runner:
+        tf = eval_transform(runner.meta.preprocess)  # the checkpoint's, as the runner read it
         for i in range(0, len(paths), batch_size):
             # mars-infer's decoding, as training's; an unreadable image is one line naming it
             x = torch.stack([tf(open_rgb(p)) for p in paths[i : i + batch_size]])

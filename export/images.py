@@ -36,7 +36,7 @@ def load_batch(paths: list[Path], spec: PreprocessSpec) -> np.ndarray:
     return torch.stack(rows).numpy().astype(np.float32, copy=False)
 
 
-def ort_logits(onnx_path: Path, batch: np.ndarray, threads: int = 0) -> np.ndarray:
+def ort_logits(onnx_path: Path, batch: np.ndarray) -> np.ndarray:
     """Run an ONNX file in ONNX Runtime (CPU) and return float32 logits."""
     from marsvision.runtime.backends.onnxruntime import ort_module, session_options
 
@@ -44,11 +44,9 @@ def ort_logits(onnx_path: Path, batch: np.ndarray, threads: int = 0) -> np.ndarr
 
     # the runtime's options (exact INT8 sums where this CPU's would saturate): the export's
     # check sees what mars-infer will compute
-    so = session_options(threads or None)
+    so = session_options()
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0]
-    x = batch.astype(np.float16) if inp.type == "tensor(float16)" else batch
-    out = sess.run(None, {inp.name: x})[0]
+    out = sess.run(None, {sess.get_inputs()[0].name: batch})[0]  # FP16 files keep float32 I/O
     return np.asarray(out, dtype=np.float32)
 
 

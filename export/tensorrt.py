@@ -93,7 +93,6 @@ def engine_from_onnx(
     input_name: str,
     input_size: int,
     max_batch: int,
-    opt_batch: int | None = None,
     timing_cache: Path | None = None,
 ) -> dict[str, Any]:
     """Build and write a strongly typed engine for batch 1..max_batch; return its TRT facts.
@@ -114,7 +113,7 @@ def engine_from_onnx(
 
     config = builder.create_builder_config()
     config.progress_monitor = _progress_monitor()
-    opt = opt_batch or max(1, max_batch // 2)
+    opt = max(1, max_batch // 2)
     profile = builder.create_optimization_profile()
     shape = (3, input_size, input_size)
     profile.set_shape(

@@ -1,5 +1,4 @@
-"""A run folder: checked writable before a run; its outputs written atomically (JSON, the test
-predictions CSV, PNG plots)."""
+"""A run folder's outputs, written atomically: JSON, the test predictions CSV, PNG plots."""
 
 from __future__ import annotations
 
