@@ -30,6 +30,7 @@ from marsvision.runtime.errors import (
     require_extra,
 )
 from marsvision.runtime.files import check_writable_folder
+from marsvision.runtime.models import default_exports_dir
 from marsvision.train.data import SPLITS, VAL_HALVES
 
 DEFAULT_OUT = Path("runs/bench")
@@ -200,7 +201,8 @@ _data = click.option("--data", default=None, help="MSL data folder (default: $MA
     "--artifacts",
     type=click.Path(path_type=Path),
     default=None,
-    help="An export out dir (manifest.json and the artifacts).",
+    help="An export out dir (manifest.json and the artifacts) [default, without --checkpoint: "
+    "$MARS_EXPORTS, else exports, where it exists].",
 )
 @click.option("--batch-sizes", default=_joined(_SPEED.batch_sizes), show_default=True)
 @click.option(
@@ -275,6 +277,8 @@ def speed(
 
     require_extra("mars-bench speed", "train", "torch", "torchvision")  # its PyTorch baseline
     check_writable_folder(out, "--out")  # before the run, not after it
+    if checkpoint is None and artifacts is None and default_exports_dir().is_dir():
+        artifacts = default_exports_dir()  # where mars-export writes and mars-infer looks
     checkpoint = _checkpoint(checkpoint, artifacts)
     with option_values():  # every value first: exit 2 with or without the data or a GPU
         cfg = SpeedConfig(
@@ -327,8 +331,10 @@ def speed(
 @click.option(
     "--artifacts",
     type=click.Path(path_type=Path),
-    required=True,
-    help="An export out dir (manifest.json and the artifacts).",
+    default=default_exports_dir,
+    show_default="$MARS_EXPORTS, else exports",
+    help="An export out dir (manifest.json and the artifacts): where mars-export writes and "
+    "mars-infer looks.",
 )
 @_data
 @click.option("--splits", default=_joined(_PARITY.splits), show_default=True)

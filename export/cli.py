@@ -69,13 +69,14 @@ def _table(manifest: dict[str, Any]) -> str:
 )
 @click.option(
     "--checkpoint",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=click.Path(path_type=Path),
     default=None,
-    help="Checkpoint from mars-train [default: the shipped models/resnet50-binary.pt].",
+    help="Checkpoint from mars-train [default: the shipped resnet50-binary.pt in models/, or in "
+    "$MARS_MODELS].",
 )
 @click.option(
     "--out",
-    type=click.Path(path_type=Path, file_okay=False),
+    type=click.Path(path_type=Path),
     default=default_exports_dir,
     show_default="$MARS_EXPORTS, else exports",
     help="Output directory (mars-infer looks there for its default model).",

@@ -172,6 +172,11 @@ def run(cfg: InferConfig) -> int:
             click.echo(f"mars-infer: {note}", err=True)
     # a device or pipe (/dev/null, a FIFO a script reads) is written to as it is: never read back
     # (--resume read /dev/zero until memory ran out), locked or refused for existing
+    if cfg.out is not None and os.path.isdir(cfg.out):
+        raise MarsvisionError(
+            f"--out {cfg.out} is a folder: give a file name, e.g. "
+            f"{os.path.join(cfg.out, 'results.' + cfg.fmt)}"
+        )
     passing = cfg.out is not None and _is_stream(cfg.out)
     if passing and cfg.resume:
         raise MarsvisionError(
@@ -309,7 +314,7 @@ def run(cfg: InferConfig) -> int:
 @click.option(
     "--out",
     "-o",
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
     default=None,
     help="Result file (default, or -: stdout). Refused if it exists, unless --resume (a device "
     "or pipe, such as /dev/null, is written to as it is).",

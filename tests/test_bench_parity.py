@@ -408,14 +408,28 @@ def test_a_file_the_manifest_does_not_list_is_not_measured(
 def test_artifacts_that_are_no_export_are_said_to_be(msl_dir: Path, tmp_path: Path) -> None:
     """An empty folder (or a training run's) as --artifacts asked for --checkpoint, and given
     it, said only then that it holds no exported models; a model file said "no such directory";
-    speed without either named a manifest.json never given."""
+    speed without either named a manifest.json never given. Without --artifacts, both look where
+    mars-export writes ($MARS_EXPORTS; parity required --artifacts), speed only where it is."""
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    none, empty = (
+        {"MARS_EXPORTS": str(tmp_path / "none")},
+        {"MARS_EXPORTS": str(tmp_path / "empty")},
+    )
+    for args, env, says in [
+        (["parity"], none, f"--artifacts {tmp_path / 'none'}: no such directory"),
+        (["parity"], empty, f"{tmp_path / 'empty'} holds no exported models"),
+        (["speed"], none, "needs --checkpoint PATH (or --artifacts DIR, an export whose manifest"),
+        (["speed"], empty, f"{tmp_path / 'empty'} holds no exported models"),
+    ]:
+        result = CliRunner().invoke(main, [*args, "--data", str(msl_dir), "--out",
+                                           str(tmp_path / "o")], env=env)  # fmt: skip
+        assert result.exit_code == 1 and says in result.output, (args, env, result.output)
     cases = [
         (["parity", "--artifacts", str(tmp_path / "run")], "holds no exported models"),
         (["parity", "--artifacts", str(tmp_path / "run" / "checkpoint.pt")],
          "checkpoint.pt is a file, not an export: pass the folder mars-export wrote (its --out)"),
-        (["speed"], "needs --checkpoint PATH (or --artifacts DIR, an export whose manifest.json"),
     ]  # fmt: skip
     for args, says in cases:
         result = CliRunner().invoke(main, [*args, "--data", str(msl_dir), "--out",

@@ -212,6 +212,30 @@ def test_unwritable_out_dir(tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path
     assert "--out" in line and "a-file is not a folder" in line
 
 
+def test_an_out_file_and_a_checkpoint_folder_are_one_line_errors(
+    tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    """They were click's usage errors (exit 2, as for a bad command line), where the other
+    commands say so in one line with exit 1; a run folder as the checkpoint names the file in
+    it."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, out, err = _run(["--checkpoint", str(tiny_checkpoint), "--out", str(blocker)], msl_dir)
+    assert code == 1 and _one_line_error(code, out, err) == (
+        f"Error: --out {blocker} is a file, not a folder"
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    code, out, err = _run(["--checkpoint", str(run), "--out", str(tmp_path / "o")], msl_dir)
+    assert code == 1 and _one_line_error(code, out, err) == (
+        f"Error: {run} is a folder, not a checkpoint: pass the .pt file that mars-train wrote"
+    )
+    shutil.copy(tiny_checkpoint, run / "checkpoint.pt")
+    code, out, err = _run(["--checkpoint", str(run), "--out", str(tmp_path / "o")], msl_dir)
+    assert _one_line_error(code, out, err).endswith(f"pass {run / 'checkpoint.pt'}")
+    assert not (tmp_path / "o").exists()
+
+
 def test_fewer_calibration_images_than_asked(
     tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path
 ) -> None:

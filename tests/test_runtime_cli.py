@@ -323,6 +323,9 @@ def test_cli_errors_and_exit_codes(models: dict[str, Path], msl_dir: Path, tmp_p
     exists = tmp_path / "exists.csv"
     exists.write_text("x\n")
     cases.append((["--engine", models["int8"], "--out", exists], 1, b"--resume"))
+    # a folder as --out: click's usage error (exit 2) before
+    cases.append((["--engine", models["int8"], "--out", tmp_path], 1,
+                  f"--out {tmp_path} is a folder: give a file name, e.g. ".encode()))  # fmt: skip
     for args, code, msg in cases:
         r = _infer(img, *args)
         assert r.returncode == code, (args, r.stderr)

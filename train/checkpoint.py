@@ -124,6 +124,12 @@ def make_checkpoint(
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load and validate a checkpoint; a missing, truncated or foreign file is a user error."""
     p = Path(path)
+    if p.is_dir():  # a run folder, most likely
+        inside = p / "checkpoint.pt"
+        raise MarsvisionError(
+            f"{p} is a folder, not a checkpoint: pass "
+            + (str(inside) if inside.is_file() else "the .pt file that mars-train wrote")
+        )
     if not p.is_file():
         raise MarsvisionError(f"checkpoint {p} does not exist")
     try:
