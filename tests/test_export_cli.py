@@ -471,3 +471,10 @@ def test_dash_h_is_help_in_every_command() -> None:
         short, long = (CliRunner().invoke(command, [*args, h]) for h in ("-h", "--help"))
         assert short.exit_code == 0 and short.output == long.output, short.output
         assert short.output.startswith("Usage: ")
+    # mars-train's flags of a few values show them as click's choices do elsewhere (they were
+    # TEXT, the values in prose or not at all)
+    help_text = " ".join(CliRunner().invoke(train, ["--help"]).output.split())
+    shown = ["--task [binary|msl25]", "--recipe [default|blog]", "--device [auto|cpu|cuda]",
+             "--balance [loss|group|sampler|none]", "--amp [auto|bf16|off]",
+             "--train-on [train|train+val|train+half-val]"]  # fmt: skip
+    assert [s for s in shown if s not in help_text] == []

@@ -7,6 +7,7 @@ Progress and logs go to stderr; the final summary to stdout.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning: on a small shared CPU, spinning threads made
@@ -15,9 +16,25 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click
 
-from marsvision.train.config import AUGMENT_POLICIES, RECIPES, TrainConfig, config_from_flags
+from marsvision.train.config import (
+    AMPS,
+    AUGMENT_POLICIES,
+    BALANCES,
+    DEVICES,
+    RECIPES,
+    TRAIN_ON,
+    TrainConfig,
+    config_from_flags,
+)
+from marsvision.train.data import TASKS
 
 _DEFAULTS = TrainConfig(data=Path("."), out=Path("."))  # the defaults, in one place
+
+
+def _choices(values: Iterable[str]) -> str:
+    """A flag's values as the help shows a click Choice's (`[a|b]`): mars-train checks them in
+    config_from_flags, which --set and sweeps go through too, with one-line errors."""
+    return "[" + "|".join(values) + "]"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,12 +49,14 @@ _DEFAULTS = TrainConfig(data=Path("."), out=Path("."))  # the defaults, in one p
     is_flag=True,
     help="Download msl-images.zip from Zenodo into --data DIR (or $MARS_DATA), then exit.",
 )
-@click.option("--task", default=_DEFAULTS.task, show_default=True, help="binary or msl25.")
+@click.option("--task", default=_DEFAULTS.task, show_default=True, metavar=_choices(TASKS),
+              help="Surface vs Rover, or all 25 MSL classes.")  # fmt: skip
 @click.option(
     "--recipe",
     default=_DEFAULTS.recipe,
     show_default=True,
-    help=f"Defaults for the flags below: {', '.join(RECIPES)}.",
+    metavar=_choices(RECIPES),
+    help="Defaults for the flags below.",
 )
 @click.option("--epochs", type=int, default=None, help="[recipe: 60; blog 50]")
 @click.option("--batch-size", type=int, default=None, help="[recipe: 64; blog 32]")
@@ -52,6 +71,7 @@ _DEFAULTS = TrainConfig(data=Path("."), out=Path("."))  # the defaults, in one p
 @click.option(
     "--balance",
     default=None,
+    metavar=_choices(BALANCES),
     help="Class imbalance: loss (weights by label), group (weights by camera and MSL class, so "
     "rare kinds inside a label count: MAHLI ground, drill holes), sampler or none "
     "[loss; blog none].",
@@ -134,11 +154,13 @@ _DEFAULTS = TrainConfig(data=Path("."), out=Path("."))  # the defaults, in one p
     "and zooms then sample it: more of the file's pixels than the eval resize size [the eval "
     "resize size, image-size / 0.875].",
 )
-@click.option("--device", default=_DEFAULTS.device, show_default=True, help="auto, cpu or cuda.")
+@click.option("--device", default=_DEFAULTS.device, show_default=True,
+              metavar=_choices(DEVICES), help="auto: cuda where a GPU is.")  # fmt: skip
 @click.option(
     "--amp",
     default=_DEFAULTS.amp,
     show_default=True,
+    metavar=_choices(AMPS),
     help="bf16 autocast and channels_last for training and selection: auto (on CUDA only), "
     "bf16 (also on a CPU with AMX: about 2.5x faster there) or off (fp32). Reported val/test "
     "numbers are fp32 either way.",
@@ -147,6 +169,7 @@ _DEFAULTS = TrainConfig(data=Path("."), out=Path("."))  # the defaults, in one p
     "--train-on",
     default=_DEFAULTS.train_on,
     show_default=True,
+    metavar=_choices(TRAIN_ON),
     help="train; train+val: a refit of a recipe chosen on val by an earlier run (same flags, "
     "its epoch count); val is then training data, the last epoch is kept, and the val numbers "
     "reported are training-set numbers; or train+half-val: train and the first half of val by "
