@@ -164,7 +164,8 @@ def main(
     with interruptible("mars-export"), out_of_room(out):  # the staging folder is removed
         manifest = export_all(config)
     kept = len(manifest["kept"])
-    echo_result(f"{_table(manifest)}\n\nwrote {len(manifest['artifacts']) - kept} artifacts and "
+    wrote = len(manifest["artifacts"]) - kept
+    echo_result(f"{_table(manifest)}\n\nwrote {wrote} artifact{'s' * (wrote != 1)} and "
                 f"manifest.json to {out}"
                 + (f" ({kept} more kept from an earlier export)" if kept else ""))  # fmt: skip
 

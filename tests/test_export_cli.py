@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -53,6 +54,7 @@ def test_export_prints_table_and_says_why_no_engines(
     skip = [line for line in err.splitlines() if "skipped the TensorRT engines" in line]
     assert len(skip) == 1 and 'pip install "marsvision[trt]"' in skip[0]
     assert "mars-export:" not in out  # progress stays on stderr
+    assert f"wrote 2 artifacts and manifest.json to {tmp_path}" in out
     assert json.loads((tmp_path / MANIFEST).read_text())["artifacts"]
 
 
@@ -446,9 +448,11 @@ def test_the_default_out_is_where_mars_infer_looks(
     ckpt.write_bytes(b"x")
     outs = []
 
-    def export_all(config: object) -> dict[str, list[object]]:
+    def export_all(config: object) -> dict[str, list[Any]]:
         outs.append(getattr(config, "out"))
-        return {"artifacts": [], "kept": []}
+        entry = {"file": "m.fp32.onnx", "precision": "fp32", "size_mb": 1.0,
+                 "build_seconds": 1.0, "parity_vs_fp32": {}}  # fmt: skip
+        return {"artifacts": [entry], "kept": []}
 
     monkeypatch.setattr(pipeline, "export_all", export_all)
     monkeypatch.chdir(tmp_path)
@@ -457,7 +461,7 @@ def test_the_default_out_is_where_mars_infer_looks(
         result = CliRunner().invoke(cli.main, ["--checkpoint", str(ckpt)], env=env)
         assert result.exit_code == 0, result.output
         assert outs.pop() == out
-        assert result.stdout.endswith(f"manifest.json to {out}\n")
+        assert result.stdout.endswith(f"\n\nwrote 1 artifact and manifest.json to {out}\n")
 
 
 def test_dash_h_is_help_in_every_command() -> None:
