@@ -157,6 +157,7 @@ def run(cfg: InferConfig) -> int:
     from marsvision.runtime.inputs import expand_inputs, path_keys
     from marsvision.runtime.results import Provenance, ResultWriter, csv_header
     from marsvision.runtime.resume import (
+        keep_recursive,
         lock_output,
         open_output,
         out_exists,
@@ -210,8 +211,17 @@ def run(cfg: InferConfig) -> int:
                 header = csv_header(
                     meta.class_names, min(cfg.top_k, meta.num_classes) if cfg.top_k else None
                 )
+
+                def deeper() -> list[str]:  # the inputs --recursive would add to this run's
+                    these = set(inputs)
+                    return [p for p in expand_inputs(list(cfg.paths), recursive=True)
+                            if p not in these]  # fmt: skip
+
                 done = read_resumed(cfg.out, fmt=cfg.fmt, header=header, provenance=provenance,
-                                    run=record, inputs=inputs)  # fmt: skip
+                                    run=record, inputs=inputs,
+                                    deeper=None if cfg.recursive else deeper)  # fmt: skip
+                if done and cfg.recursive:  # a later resume must have it too
+                    keep_recursive(cfg.out)
             # after read_done, which cuts a last row left unfinished (a cut header leaves nothing)
             is_new = cfg.out is None or os.fstat(stream.fileno()).st_size == 0
             if cfg.out is not None and not done and stat.S_ISREG(os.fstat(stream.fileno()).st_mode):

@@ -144,6 +144,27 @@ def write_record(out: str, options: dict[str, Any]) -> None:
         "cwd_id": [here.st_dev, here.st_ino],  # the same folder under another name or mount
         **options,
     }
+    _save_record(out, record)
+
+
+def _read_record(out: str) -> dict[str, Any] | None:
+    """The run record beside `out` (None: it has none); one that cannot be read is an error."""
+    try:
+        with open(_record_path(out), "rb") as f:
+            record = json.loads(f.read())
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise MarsvisionError(
+            f"cannot read the run record {_record_path(out)} ({e}); delete it to resume without "
+            "its checks"
+        ) from None
+    return record
+
+
+def _save_record(out: str, record: dict[str, Any]) -> None:
     try:
         atomic_write_text(_record_path(out), json.dumps(record, indent=2) + "\n")
     except OSError as e:
@@ -163,6 +184,14 @@ def _folder_id(path: str) -> list[int] | None:
     return [st.st_dev, st.st_ino]
 
 
+def keep_recursive(out: str) -> None:
+    """After a resume with --recursive of a file begun without it: its record says --recursive
+    from now on, so that a later resume without it is refused as for a file begun with it."""
+    record = _read_record(out)
+    if record is not None and not record.get("recursive"):
+        _save_record(out, {**record, "recursive": True})
+
+
 def _resume_base(
     out: str,
     *,
@@ -174,7 +203,6 @@ def _resume_base(
     this one, under any name, or a file without a run record that passes the check below). A
     resume that would mix its rows with this run's (`run`: the options its record would keep,
     `write_record`) is refused: another --fast-decode (the same image decodes to other pixels),
-    no --recursive for a file begun with it (its subfolders' images would be passed over),
     relative inputs from another folder (its rows would be keyed from two folders; they were
     matched against this one, so every row was written twice), and, for a file with relative
     rows, any resume from elsewhere once that folder is gone (moved: they lead nowhere), and INT8
@@ -187,10 +215,8 @@ def _resume_base(
     since), none of its rows would be skipped, and every image was written again."""
     fast_decode, int8_sums, library = run["fast_decode"], run["int8_sums"], run["library"]
     relative = [p for p in rows if not os.path.isabs(p)]
-    try:
-        with open(_record_path(out), "rb") as f:
-            record = json.loads(f.read())
-    except FileNotFoundError:
+    record = _read_record(out)
+    if record is None:
         read = [p for p in relative if rows[p] == "ok"]
         if read and not any(os.path.exists(p) for p in read):
             raise MarsvisionError(
@@ -198,24 +224,13 @@ def _resume_base(
                 f"images its rows name by relative paths (e.g. {read[0]}) is found from this "
                 "folder, so none of its rows would be skipped: resume it from the folder it was "
                 "begun in, or write to a new --out"
-            ) from None
+            )
         return None
-    except (OSError, ValueError) as e:
-        raise MarsvisionError(
-            f"cannot read the run record {_record_path(out)} ({e}); delete it to resume without "
-            "its checks"
-        ) from None
     if record.get("fast_decode", False) != fast_decode:
         was = "with" if record.get("fast_decode") else "without"
         raise MarsvisionError(
             f"{out} was written {was} --fast-decode (its run record, {_record_path(out)}): resume "
             "it the same way, or write to a new --out"
-        )
-    if record.get("recursive") and not run["recursive"]:
-        raise MarsvisionError(
-            f"{out} was begun with --recursive (its run record, {_record_path(out)}): without "
-            "it the images in subfolders are passed over and the file looks finished; resume "
-            "it with --recursive, or write to a new --out"
         )
     was = record.get("int8_sums", int8_sums)  # a record from before it: not known
     if was != int8_sums:
@@ -256,17 +271,33 @@ def read_resumed(
     provenance: Provenance,
     run: dict[str, Any],
     inputs: list[str],
+    deeper: Callable[[], list[str]] | None = None,
 ) -> dict[str, str]:
     """{path key: status} of the rows already in `out` (`read_done`), keyed by `path_keys` from
     the folder they were written in, for a run that continues it; refused as `read_done` and
-    `_resume_base` say. A file with no row yet (a CSV killed in its first batch: its header)
-    holds nothing to mix with, and is not checked against its run record."""
+    `_resume_base` say, and, for a file begun with --recursive, when the inputs that
+    --recursive would add to this run's (`deeper`; None: this run has it) are not all in it:
+    passed over, their rows would never be written and the file would look finished. A file
+    with no row yet (a CSV killed in its first batch: its header) holds nothing to mix with,
+    and is not checked against its run record."""
     base = None
 
     def same_run(rows: dict[str, str]) -> None:
         nonlocal base
-        if rows:
-            base = _resume_base(out, run=run, inputs=inputs, rows=rows)
+        if not rows:
+            return
+        base = _resume_base(out, run=run, inputs=inputs, rows=rows)
+        if deeper is None or not (_read_record(out) or {}).get("recursive"):
+            return
+        keys, extra = set(path_keys(rows, base=base)), deeper()
+        missed = sum(key not in keys for key in path_keys(extra))
+        if missed:
+            raise MarsvisionError(
+                f"{out} was begun with --recursive (its run record, {_record_path(out)}): "
+                f"without it this run passes over {missed} images in subfolders that it has no "
+                "row for, and the file would look finished; resume it with --recursive, or "
+                "write to a new --out"
+            )
 
     rows = read_done(out, fmt=fmt, header=header, provenance=provenance, check=same_run)
     return dict(zip(path_keys(rows, base=base), rows.values()))

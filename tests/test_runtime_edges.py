@@ -633,26 +633,44 @@ def test_resume_reads_relative_rows_from_the_folder_the_file_was_begun_in(
 def test_resume_of_a_recursive_run_needs_recursive(
     model: Path, images: list[Path], tmp_path: Path
 ) -> None:
-    """A run begun with --recursive and resumed without it passed over its subfolders' images,
-    and said the file was done; adding --recursive to a resume widens it, as more inputs do."""
+    """A run begun with --recursive and resumed without it passed over the images in subfolders
+    it had no row for yet, and said the file was done. Refused now, but only then: a resume
+    that names files alone, or finds nothing new in subfolders, goes on; a resume that adds
+    --recursive makes the file one begun with it."""
     (tmp_path / "imgs" / "sub").mkdir(parents=True)
-    shutil.copy(images[0], tmp_path / "imgs")
-    shutil.copy(images[1], tmp_path / "imgs" / "sub")
+    shutil.copy(images[0], tmp_path / "imgs" / "top.JPG")
+    shutil.copy(images[1], tmp_path / "imgs" / "sub" / "deep.JPG")
+    shutil.copy(images[1], tmp_path / "new.JPG")
+    imgs = tmp_path / "imgs"
+
+    def cut_deep_row(out: Path) -> bytes:  # as if killed before the subfolder's image
+        kept = [ln for ln in out.read_text().splitlines(keepends=True) if "deep.JPG" not in ln]
+        out.write_text("".join(kept))
+        return out.read_bytes()
+
     out = tmp_path / "r.csv"
-    assert _infer(tmp_path / "imgs", "-r", "--out", out, "--engine", model).returncode == 0
+    assert _infer(imgs, "-r", "--out", out, "--engine", model).returncode == 0
     assert json.loads((tmp_path / "r.csv.run.json").read_text())["recursive"] is True
-    before = out.read_bytes()
-    r = _infer(tmp_path / "imgs", "--out", out, "--resume", "--engine", model)
-    assert r.returncode == 1, r.stderr
-    assert b"was begun with --recursive" in r.stderr and b"resume it with --recursive" in r.stderr
-    assert out.read_bytes() == before
-    r = _infer(tmp_path / "imgs", "-r", "--out", out, "--resume", "--engine", model)
-    assert r.returncode == 0 and b"2 already in" in r.stderr, r.stderr
-    out2 = tmp_path / "top.csv"
-    assert _infer(tmp_path / "imgs", "--out", out2, "--engine", model).returncode == 0
-    r = _infer(tmp_path / "imgs", "-r", "--out", out2, "--resume", "--engine", model)
+    r = _infer(imgs, "--out", out, "--resume", "--engine", model)  # all there: nothing missed
     assert r.returncode == 0 and b"1 already in" in r.stderr, r.stderr
-    assert len(out2.read_text().splitlines()) == 3  # the header, the top image, the sub's
+    before = cut_deep_row(out)
+    r = _infer(imgs, "--out", out, "--resume", "--engine", model)
+    assert r.returncode == 1, r.stderr
+    assert b"passes over 1 images in subfolders" in r.stderr, r.stderr
+    assert b"resume it with --recursive" in r.stderr and out.read_bytes() == before
+    r = _infer(tmp_path / "new.JPG", "--out", out, "--resume", "--engine", model)  # files alone
+    assert r.returncode == 0 and b"1 ok" in r.stderr, r.stderr
+    r = _infer(imgs, "-r", "--out", out, "--resume", "--engine", model)
+    assert r.returncode == 0 and b"1 ok" in r.stderr and b"1 already in" in r.stderr, r.stderr
+    # begun without it, widened by a resume with it: a later resume without it is refused too
+    out = tmp_path / "top.csv"
+    assert _infer(imgs, "--out", out, "--engine", model).returncode == 0
+    r = _infer(imgs, "-r", "--out", out, "--resume", "--engine", model)
+    assert r.returncode == 0 and b"1 already in" in r.stderr, r.stderr
+    assert json.loads((tmp_path / "top.csv.run.json").read_text())["recursive"] is True
+    cut_deep_row(out)
+    r = _infer(imgs, "--out", out, "--resume", "--engine", model)
+    assert r.returncode == 1 and b"passes over 1 images" in r.stderr, r.stderr
 
 
 def test_unreadable_results_file_is_a_one_line_error(tmp_path: Path) -> None:
@@ -1359,4 +1377,7 @@ def test_resume_refusals_no_run_reached(tmp_path: Path) -> None:
     (tmp_path / "r.csv.run.json").write_text('{"cut": ')
     run = {"fast_decode": False, "int8_sums": "fast", "library": "onnxruntime 1"}
     with pytest.raises(MarsvisionError, match=r"cannot read the run record .*r\.csv\.run\.json"):
+        _resume_base(str(out), run=run, inputs=[], rows={})
+    (tmp_path / "r.csv.run.json").write_text("[1]")  # JSON, but no record: an AttributeError
+    with pytest.raises(MarsvisionError, match=r"run\.json \(not a JSON object\); delete it"):
         _resume_base(str(out), run=run, inputs=[], rows={})
