@@ -112,6 +112,10 @@ def _checkpoint(checkpoint: Path | None, artifacts: Path | None) -> Path:
             + ("the artifacts' manifest.json names none that exists here)" if artifacts else
                "or --artifacts DIR, an export whose manifest.json names its checkpoint)")
         )  # fmt: skip
+    if checkpoint.is_dir():
+        from marsvision.train.checkpoint import folder_refusal
+
+        raise folder_refusal(checkpoint)
     if not checkpoint.is_file():
         raise MarsvisionError(f"--checkpoint {checkpoint}: no such file (a mars-train checkpoint)")
     return checkpoint

@@ -155,7 +155,9 @@ def main(
     modules = ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime")
     require_extra("mars-export", "export", *modules)
     from marsvision.export.pipeline import export_all
+    from marsvision.runtime.files import check_writable_folder
 
+    check_writable_folder(out, "--out")  # before the checkpoint, the data and PyTorch's run
     checkpoint = checkpoint if checkpoint is not None else shipped_checkpoint("binary")
     with option_values():  # before the checkpoint and the data are read
         config = ExportConfig(checkpoint=checkpoint, out=out, fp16=fp16, int8=int8,

@@ -430,6 +430,9 @@ def test_artifacts_that_are_no_export_are_said_to_be(msl_dir: Path, tmp_path: Pa
         (["parity", "--artifacts", str(tmp_path / "run")], "holds no exported models"),
         (["parity", "--artifacts", str(tmp_path / "run" / "checkpoint.pt")],
          "checkpoint.pt is a file, not an export: pass the folder mars-export wrote (its --out)"),
+        # a run folder as the checkpoint: "no such file"
+        (["speed", "--checkpoint", str(tmp_path / "run")],
+         f"run is a folder, not a checkpoint: pass {tmp_path / 'run' / 'checkpoint.pt'}"),
     ]  # fmt: skip
     for args, says in cases:
         result = CliRunner().invoke(main, [*args, "--data", str(msl_dir), "--out",

@@ -219,10 +219,12 @@ def test_an_out_file_and_a_checkpoint_folder_are_one_line_errors(
 ) -> None:
     """They were click's usage errors (exit 2, as for a bad command line), where the other
     commands say so in one line with exit 1; a run folder as the checkpoint names the file in
-    it."""
+    it. The --out is checked first (it was refused by the export's first write, after seconds
+    of loading and running the checkpoint, and after any fault of the checkpoint)."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    code, out, err = _run(["--checkpoint", str(tiny_checkpoint), "--out", str(blocker)], msl_dir)
+    missing = str(tmp_path / "missing.pt")
+    code, out, err = _run(["--checkpoint", missing, "--out", str(blocker)], msl_dir)
     assert code == 1 and _one_line_error(code, out, err) == (
         f"Error: --out {blocker} is a file, not a folder"
     )
@@ -482,3 +484,8 @@ def test_dash_h_is_help_in_every_command() -> None:
              "--balance [loss|group|sampler|none]", "--amp [auto|bf16|off]",
              "--train-on [train|train+val|train+half-val]"]  # fmt: skip
     assert [s for s in shown if s not in help_text] == []
+    from marsvision.train.int8_distill import main as distill
+    from marsvision.train.ship import main as ship
+
+    for command in (ship, distill):  # they read TEXT, the values in prose
+        assert "--device [auto|cpu|cuda]" in CliRunner().invoke(command, ["--help"]).output

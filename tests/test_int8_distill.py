@@ -170,7 +170,7 @@ def test_distilling_a_shipped_model_keeps_where_it_trained(
         (["--limit", "0"], "0 is not in the range x>=1"),  # ran on one image, then failed
         (["--workers", "-1"], "-1 is not in the range x>=0"),
         (["--seed", str(2**64)], f"--seed {2**64}: must be in [0, 2^63)"),  # a traceback
-        (["--device", "gpu"], "unknown device 'gpu'"),  # refused after decoding the images
+        (["--device", "gpu"], "'gpu' is not one of 'auto', 'cpu', 'cuda'"),  # after decoding
     ],
 )
 def test_bad_flags_are_refused_before_the_checkpoint_is_read(

@@ -121,15 +121,21 @@ def make_checkpoint(
     }
 
 
+def folder_refusal(folder: Path) -> MarsvisionError:
+    """The error for a folder given as a checkpoint (a run folder, most likely: named its
+    checkpoint.pt)."""
+    inside = folder / "checkpoint.pt"
+    return MarsvisionError(
+        f"{folder} is a folder, not a checkpoint: pass "
+        + (str(inside) if inside.is_file() else "the .pt file that mars-train wrote")
+    )
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load and validate a checkpoint; a missing, truncated or foreign file is a user error."""
     p = Path(path)
-    if p.is_dir():  # a run folder, most likely
-        inside = p / "checkpoint.pt"
-        raise MarsvisionError(
-            f"{p} is a folder, not a checkpoint: pass "
-            + (str(inside) if inside.is_file() else "the .pt file that mars-train wrote")
-        )
+    if p.is_dir():
+        raise folder_refusal(p)
     if not p.is_file():
         raise MarsvisionError(f"checkpoint {p} does not exist")
     try:

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from marsvision.runtime.errors import MarsvisionError, interruptible
+from marsvision.train.config import DEVICES
 
 PERCENTILE = 0.99999  # of |x|, as ONNX Runtime's percentile calibration (export/config.py)
 SAMPLE_PER_TENSOR = 200_000  # values kept per tensor and batch for the percentile
@@ -303,8 +304,9 @@ def distill_file(
               help="At most N images per split (tests).")  # fmt: skip
 @click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True,
               help="Decoding threads.")  # fmt: skip
-@click.option("--device", default="cpu", show_default=True,
-              help="cpu, cuda or auto: where the student trains and is scored.")  # fmt: skip
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
+              help="Where the student trains and is scored (auto: cuda where a GPU "
+              "is).")  # fmt: skip
 def main(checkpoint: Path, out: Path, data: Path | None, epochs: int, lr: float, batch_size: int,
          flavour: str, seed: int, limit: int | None, workers: int,
          device: str) -> None:  # fmt: skip

@@ -24,6 +24,7 @@ import numpy as np
 from marsvision.runtime.errors import MarsvisionError, interruptible, signals_held
 from marsvision.runtime.files import atomic_write_text, check_writable_folder, make_folder
 from marsvision.runtime.metadata import sha256_file
+from marsvision.train.config import DEVICES
 
 SCORED_SPLITS = ("val", "test")
 SUMS_FILE = "SHA256SUMS"
@@ -251,7 +252,8 @@ def ship_run(
 )
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="MSL data folder (default: $MARS_DATA).")  # fmt: skip
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="Where to score (auto: cuda where a GPU is).")  # fmt: skip
 @click.option("--workers", type=int, default=4, show_default=True, help="Decoding threads.")
 @click.option("--limit", type=int, default=None,
               help="Score on at most N images per split (quick checks only).")  # fmt: skip
