@@ -329,6 +329,44 @@ def test_no_room_for_the_checkpoint_is_one_line(tmp_path: Path, msl_dir: Path) -
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))  # nor a half file
 
 
+def test_a_signal_inside_a_checkpoint_write_stays_a_signal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (or SIGTERM) inside one of torch.save's writes: its writer, closing the file on
+    the way out, raised RuntimeError("unexpected pos ...") over it, and mars-ship stopped so
+    ended in a traceback with exit 1 (a CI run met it); no half file is left either way."""
+    import builtins
+
+    from marsvision.runtime.errors import Stopped
+    from marsvision.train import checkpoint
+
+    class Cut:  # a file whose third write meets the signal
+        def __init__(self, f: Any, stop: BaseException) -> None:
+            self.f, self.stop, self.writes = f, stop, 0
+
+        def write(self, data: Any) -> int:
+            self.writes += 1
+            if self.writes == 3:
+                raise self.stop
+            return int(self.f.write(data))
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.f, name)
+
+        def __enter__(self) -> Any:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+    for stop in (KeyboardInterrupt(), Stopped(signal.SIGTERM)):
+        monkeypatch.setattr(checkpoint, "open", lambda p, m, s=stop: Cut(builtins.open(p, m), s),
+                            raising=False)  # fmt: skip
+        with pytest.raises(type(stop)):
+            checkpoint.atomic_torch_save({"w": torch.zeros(100_000)}, tmp_path / "c.pt")
+        assert list(tmp_path.iterdir()) == []
+
+
 def _bad_input(tmp_path: Path, msl_dir: Path, args: list[str], code: int = 1) -> str:
     out = tmp_path / "run"
     r = CliRunner().invoke(main, ["--data", str(msl_dir), "--out", str(out), "--limit", "4",

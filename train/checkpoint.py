@@ -53,17 +53,19 @@ def is_finished(ckpt: dict[str, Any]) -> bool:
 
 
 class _Writes:
-    """A file for torch.save that keeps the OSError of a failed write: torch's writer reports a
-    full disk, a quota or the file size limit as RuntimeError("unexpected pos ...")."""
+    """A file for torch.save that keeps what stopped a write: torch's writer, closing the file on
+    the way out, reports it as RuntimeError("unexpected pos ...") instead, for a full disk, a
+    quota or the file size limit (an OSError) and for Ctrl-C or SIGTERM in a write (a ship
+    stopped so ended in that traceback, exit 1)."""
 
     def __init__(self, f: Any) -> None:
         self.f = f
-        self.error: OSError | None = None
+        self.error: BaseException | None = None
 
     def write(self, data: Any) -> int:
         try:
             return int(self.f.write(data))
-        except OSError as e:
+        except BaseException as e:  # noqa: BLE001 - kept, and raised again as it was
             self.error = e
             raise
 
@@ -73,7 +75,8 @@ class _Writes:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary name in the same folder, then rename: never a half file. A
-    write that fails for want of room is an OSError with its errno, as for any other write."""
+    write that fails for want of room is an OSError with its errno, as for any other write, and
+    one that a signal stops is its KeyboardInterrupt or Stopped."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         out = _Writes(f)
         try:
