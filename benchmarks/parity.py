@@ -277,31 +277,36 @@ def _per_class(
     return rows
 
 
-def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
-    """Run the reference and every artifact on the splits; return the full report dict."""
-    from marsvision.benchmarks.conditions import capture_conditions
+@dataclass(frozen=True)
+class _Model:
+    """What every row is measured against: the checkpoint's task, classes and label rule."""
+
+    task: str
+    names: list[str]
+    threshold: float | None  # a binary model's decision threshold (None: the most probable)
+
+    def compare(self, ref: np.ndarray, logits: np.ndarray, y_true: np.ndarray, seconds: float
+                ) -> dict[str, Any]:  # fmt: skip
+        """`compare`, with the time per image and the rate of the run that made `logits`."""
+        figures = compare(ref, logits, y_true, num_classes=len(self.names), task=self.task,
+                          threshold=self.threshold)  # fmt: skip
+        n = len(y_true)
+        figures["ms_per_image"] = 1e3 * seconds / n
+        figures["images_per_s"] = n / seconds if seconds > 0 else None
+        return figures
+
+
+def _reference_splits(
+    cfg: ParityConfig, ckpt: dict[str, Any], torch_device: str, say: Any
+) -> dict[str, dict[str, Any]]:
+    """{split: its image paths, labels, PyTorch reference logits and their seconds, scope}."""
     from marsvision.benchmarks.torch_baseline import reference_logits
-    from marsvision.runtime.metadata import sha256_file
-    from marsvision.train.checkpoint import load_checkpoint
-    from marsvision.train.device import select_device
-
-    say = log or (lambda msg: None)
-    ckpt = load_checkpoint(cfg.checkpoint)
-    task, names = ckpt["task"], list(ckpt["class_names"])
-    decision_threshold = ckpt.get("decision_threshold")
-    ckpt_sha = sha256_file(cfg.checkpoint)
-    artifacts = find_artifacts(cfg.artifacts)
-    torch_device = select_device(cfg.device).type
-    # ONNX on the GPU where onnxruntime has CUDA, else on the CPU (still a valid parity check).
-    ort_device = "auto" if torch_device == "cuda" else "cpu"
-
-    for art in artifacts:  # before the reference runs: a stranger fails in seconds, not minutes
-        if skip_reason(art, ort_device) is None:
-            _check_belongs(art.path, names, decision_threshold, cfg.checkpoint, ckpt_sha)
 
     splits: dict[str, dict[str, Any]] = {}
     for split in cfg.splits:
-        samples, scope = scored_part(ckpt.get("config", {}), split, cfg.data_dir, task, cfg.limit)
+        samples, scope = scored_part(
+            ckpt.get("config", {}), split, cfg.data_dir, ckpt["task"], cfg.limit
+        )
         paths = [s.path for s in samples]
         say(f"{split}: {len(paths)} images{'' if scope == 'all' else f': {scope}'}; "
             f"PyTorch reference on {torch_device}")  # fmt: skip
@@ -325,8 +330,14 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
             "ref_seconds": secs,
             "scope": scope,
         }
+    return splits
 
-    ref_row: dict[str, Any] = {
+
+def _reference_row(
+    cfg: ParityConfig, splits: dict[str, dict[str, Any]], model: _Model, torch_device: str
+) -> dict[str, Any]:
+    """The PyTorch reference's own row (its figures against itself, and its speed)."""
+    return {
         "artifact": Path(cfg.checkpoint).name,
         "flavour": "pytorch",
         "precision": "fp32",
@@ -334,104 +345,123 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
         "status": "ok",
         "verdict": "reference",
         "size_mib": Path(cfg.checkpoint).stat().st_size / (1024 * 1024),
-        "splits": {},
+        "splits": {
+            split: model.compare(d["ref_logits"], d["ref_logits"], d["y_true"], d["ref_seconds"])
+            for split, d in splits.items()
+        },
     }
-    for split, d in splits.items():
-        figures = compare(
-            d["ref_logits"],
-            d["ref_logits"],
-            d["y_true"],
-            num_classes=len(names),
-            task=task,
-            threshold=decision_threshold,
-        )
-        n = len(d["paths"])
-        figures["ms_per_image"] = 1e3 * d["ref_seconds"] / n
-        figures["images_per_s"] = n / d["ref_seconds"] if d["ref_seconds"] > 0 else None
-        ref_row["splits"][split] = figures
 
-    rows = [ref_row]
+
+def _artifact_row(
+    art: Artifact,
+    cfg: ParityConfig,
+    splits: dict[str, dict[str, Any]],
+    model: _Model,
+    ref_row: dict[str, Any],
+    *,
+    ort_device: str,
+    decoded: dict[tuple[str, PreprocessSpec], np.ndarray],
+    say: Any,
+) -> dict[str, Any]:
+    """One artifact's row: skipped, an error, or its figures on each split and its verdict
+    (`decoded`: the splits' images decoded so far, by preprocessing, shared between rows)."""
+    row: dict[str, Any] = {
+        "artifact": art.path.name,
+        "flavour": art.flavour,
+        "precision": art.precision,
+        "backend": None,
+        "status": "ok",
+        "verdict": None,
+        "size_mib": art.size_mib,
+        "splits": {},
+        "failures": [],
+    }
+    reason = skip_reason(art, ort_device)
+    if reason:
+        row.update(status=f"skipped: {reason}", verdict="skipped")
+        say(f"{art.path.name}: skipped ({reason})")
+        return row
+    try:
+        runner = _open(art, ort_device, cfg.threads)
+    except MarsvisionError as e:
+        if art.is_engine:  # a GPU/TensorRT mismatch here, not a fault of the artifact
+            row.update(status=f"skipped: {e.message}", verdict="skipped")
+        else:
+            row.update(status=f"error: {e.message}", verdict="FAIL", failures=[e.message])
+        say(f"{art.path.name}: {row['status']}")
+        return row
+    with runner:
+        spec = runner.meta.preprocess
+        row["backend"] = runner.name
+        passed = True
+        for split, d in splits.items():
+            key = (split, spec)
+            if key not in decoded:
+                decoded[key] = _decode_split(d["paths"], spec)
+            try:
+                logits, secs = _artifact_logits(runner, decoded[key], spec, cfg.batch_size)
+            except Exception as e:  # noqa: BLE001 - a model that cannot run fails, reported
+                msg = f"inference failed ({type(e).__name__}: {str(e).strip()[:200]})"
+                row.update(status=f"error: {msg}", splits={}, failures=[msg])
+                passed = False
+                say(f"{art.path.name}: {msg}")
+                break
+            figures = model.compare(d["ref_logits"], logits, d["y_true"], secs)
+            ok, fails = verdict(art.precision, figures, cfg.thresholds)
+            figures["passed"] = ok
+            figures["per_class"] = _per_class(
+                model.names,
+                ref_row["splits"][split]["per_class_recall"],
+                figures["per_class_recall"],
+                d["y_true"],
+            )
+            row["splits"][split] = figures
+            row["failures"] += [f"{split}: {f}" for f in fails]
+            passed = passed and ok
+            say(
+                f"{art.path.name} {split}: acc {figures['accuracy']:.2f} "
+                f"agree {figures['top1_agreement']:.2f}% {'pass' if ok else 'FAIL'}"
+            )
+        row["verdict"] = "PASS" if passed else "FAIL"
+    return row
+
+
+def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
+    """Run the reference and every artifact on the splits; return the full report dict."""
+    from marsvision.benchmarks.conditions import capture_conditions
+    from marsvision.runtime.metadata import sha256_file
+    from marsvision.train.checkpoint import load_checkpoint
+    from marsvision.train.device import select_device
+
+    say = log or (lambda msg: None)
+    ckpt = load_checkpoint(cfg.checkpoint)
+    model = _Model(ckpt["task"], list(ckpt["class_names"]), ckpt.get("decision_threshold"))
+    ckpt_sha = sha256_file(cfg.checkpoint)
+    artifacts = find_artifacts(cfg.artifacts)
+    torch_device = select_device(cfg.device).type
+    # ONNX on the GPU where onnxruntime has CUDA, else on the CPU (still a valid parity check).
+    ort_device = "auto" if torch_device == "cuda" else "cpu"
+
+    for art in artifacts:  # before the reference runs: a stranger fails in seconds, not minutes
+        if skip_reason(art, ort_device) is None:
+            _check_belongs(art.path, model.names, model.threshold, cfg.checkpoint, ckpt_sha)
+
+    splits = _reference_splits(cfg, ckpt, torch_device, say)
+    ref_row = _reference_row(cfg, splits, model, torch_device)
     decoded: dict[tuple[str, PreprocessSpec], np.ndarray] = {}
-    for art in artifacts:
-        row: dict[str, Any] = {
-            "artifact": art.path.name,
-            "flavour": art.flavour,
-            "precision": art.precision,
-            "backend": None,
-            "status": "ok",
-            "verdict": None,
-            "size_mib": art.size_mib,
-            "splits": {},
-            "failures": [],
-        }
-        rows.append(row)
-        reason = skip_reason(art, ort_device)
-        if reason:
-            row.update(status=f"skipped: {reason}", verdict="skipped")
-            say(f"{art.path.name}: skipped ({reason})")
-            continue
-        try:
-            runner = _open(art, ort_device, cfg.threads)
-        except MarsvisionError as e:
-            if art.is_engine:  # a GPU/TensorRT mismatch here, not a fault of the artifact
-                row.update(status=f"skipped: {e.message}", verdict="skipped")
-            else:
-                row.update(status=f"error: {e.message}", verdict="FAIL", failures=[e.message])
-            say(f"{art.path.name}: {row['status']}")
-            continue
-        with runner:
-            meta = runner.meta
-            row["backend"] = runner.name
-            passed = True
-            for split, d in splits.items():
-                key = (split, meta.preprocess)
-                if key not in decoded:
-                    decoded[key] = _decode_split(d["paths"], meta.preprocess)
-                try:
-                    logits, secs = _artifact_logits(
-                        runner, decoded[key], meta.preprocess, cfg.batch_size
-                    )
-                except Exception as e:  # noqa: BLE001 - a model that cannot run fails, reported
-                    msg = f"inference failed ({type(e).__name__}: {str(e).strip()[:200]})"
-                    row.update(status=f"error: {msg}", splits={}, failures=[msg])
-                    passed = False
-                    say(f"{art.path.name}: {msg}")
-                    break
-                figures = compare(
-                    d["ref_logits"],
-                    logits,
-                    d["y_true"],
-                    num_classes=len(names),
-                    task=task,
-                    threshold=decision_threshold,
-                )
-                n = len(d["paths"])
-                figures["ms_per_image"] = 1e3 * secs / n
-                figures["images_per_s"] = n / secs if secs > 0 else None
-                ok, fails = verdict(art.precision, figures, cfg.thresholds)
-                figures["passed"] = ok
-                figures["per_class"] = _per_class(
-                    names,
-                    ref_row["splits"][split]["per_class_recall"],
-                    figures["per_class_recall"],
-                    d["y_true"],
-                )
-                row["splits"][split] = figures
-                row["failures"] += [f"{split}: {f}" for f in fails]
-                passed = passed and ok
-                say(
-                    f"{art.path.name} {split}: acc {figures['accuracy']:.2f} "
-                    f"agree {figures['top1_agreement']:.2f}% {'pass' if ok else 'FAIL'}"
-                )
-            row["verdict"] = "PASS" if passed else "FAIL"
-
+    rows = [ref_row] + [
+        _artifact_row(
+            art, cfg, splits, model, ref_row, ort_device=ort_device, decoded=decoded, say=say
+        )  # fmt: skip
+        for art in artifacts
+    ]
     failed = [r["artifact"] for r in rows if r["verdict"] == "FAIL"]
     # every artifact skipped (engines without TensorRT): nothing was shown to pass
     compared = [r["artifact"] for r in rows if r["verdict"] in ("PASS", "FAIL")]
     return {
         "kind": "parity",
-        "task": task,
-        "class_names": names,
+        "task": model.task,
+        "class_names": model.names,
         "config": cfg.to_dict(),
         "conditions": capture_conditions(threads=cfg.threads, device=torch_device),
         "checkpoint_sha256": ckpt_sha,
