@@ -673,6 +673,32 @@ def test_resume_of_a_recursive_run_needs_recursive(
     assert r.returncode == 1 and b"passes over 1 images" in r.stderr, r.stderr
 
 
+def test_a_stop_inside_the_onnxruntime_import_stays_a_stop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """onnxruntime's C module wraps a Ctrl-C or SIGTERM in its setup in ImportError
+    ("initialization failed"): mars-infer said to reinstall onnxruntime (a review's probe: 1 of
+    25 SIGTERMs early in a run)."""
+    import builtins
+
+    from marsvision.runtime.backends.onnxruntime import ort_module
+    from marsvision.runtime.errors import Stopped
+
+    real = builtins.__import__
+    for stop in (KeyboardInterrupt(), Stopped(15)):
+
+        def failing(name: str, *args: Any, s: BaseException = stop, **kw: Any) -> Any:
+            if name == "onnxruntime":
+                raise ImportError("initialization failed") from s
+            return real(name, *args, **kw)
+
+        monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
+        monkeypatch.setattr(builtins, "__import__", failing)
+        with pytest.raises(type(stop)):
+            ort_module()
+        monkeypatch.undo()
+
+
 def test_unreadable_results_file_is_a_one_line_error(tmp_path: Path) -> None:
     from marsvision.runtime.results import Provenance, csv_header
     from marsvision.runtime.resume import read_done

@@ -63,6 +63,8 @@ class _Writes:
         self.error: BaseException | None = None
 
     def write(self, data: Any) -> int:
+        if self.f.closed:  # the writer finishing in its destructor after a stop: the file is
+            return memoryview(data).nbytes  # being removed (a ValueError there aborted Python)
         try:
             return int(self.f.write(data))
         except BaseException as e:  # noqa: BLE001 - kept, and raised again as it was
@@ -70,7 +72,8 @@ class _Writes:
             raise
 
     def flush(self) -> None:
-        self.f.flush()
+        if not self.f.closed:
+            self.f.flush()
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -81,10 +84,12 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         out = _Writes(f)
         try:
             torch.save(obj, cast(IO[bytes], out))  # it calls write (and flush) only
-        except RuntimeError:
-            if out.error is None:
+        except RuntimeError as e:
+            # a signal handled as write() is entered, before its try, is only the context
+            kept = out.error or e.__context__
+            if not isinstance(kept, (KeyboardInterrupt, SystemExit, OSError)):
                 raise
-            raise out.error from None
+            raise kept from None
 
 
 def half_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

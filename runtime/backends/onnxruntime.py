@@ -42,6 +42,9 @@ def ort_module() -> Any:
     try:
         import onnxruntime
     except ImportError as e:
+        stop = e.__cause__ or e.__context__  # Ctrl-C or SIGTERM inside its C module's setup:
+        if isinstance(stop, (KeyboardInterrupt, SystemExit)):  # "initialization failed" over it
+            raise stop from None
         if isinstance(e, ModuleNotFoundError) and e.name == "onnxruntime":
             raise MarsvisionError(f"onnxruntime is not installed: {_ORT_INSTALL}") from None
         raise MarsvisionError(
