@@ -157,7 +157,6 @@ def run(cfg: InferConfig) -> int:
     from marsvision.runtime.inputs import expand_inputs, path_keys
     from marsvision.runtime.results import Provenance, ResultWriter, csv_header
     from marsvision.runtime.resume import (
-        keep_recursive,
         lock_output,
         open_output,
         out_exists,
@@ -218,10 +217,7 @@ def run(cfg: InferConfig) -> int:
                             if p not in these]  # fmt: skip
 
                 done = read_resumed(cfg.out, fmt=cfg.fmt, header=header, provenance=provenance,
-                                    run=record, inputs=inputs,
-                                    deeper=None if cfg.recursive else deeper)  # fmt: skip
-                if done and cfg.recursive:  # a later resume must have it too
-                    keep_recursive(cfg.out)
+                                    run=record, inputs=inputs, deeper=deeper)  # fmt: skip
             # after read_done, which cuts a last row left unfinished (a cut header leaves nothing)
             is_new = cfg.out is None or os.fstat(stream.fileno()).st_size == 0
             if cfg.out is not None and not done and stat.S_ISREG(os.fstat(stream.fileno()).st_mode):

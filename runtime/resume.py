@@ -184,23 +184,16 @@ def _folder_id(path: str) -> list[int] | None:
     return [st.st_dev, st.st_ino]
 
 
-def keep_recursive(out: str) -> None:
-    """After a resume with --recursive of a file begun without it: its record says --recursive
-    from now on, so that a later resume without it is refused as for a file begun with it."""
-    record = _read_record(out)
-    if record is not None and not record.get("recursive"):
-        _save_record(out, {**record, "recursive": True})
-
-
 def _resume_base(
     out: str,
     *,
     run: dict[str, Any],
     inputs: list[str],
     rows: dict[str, str],
-) -> str | None:
+) -> tuple[str | None, dict[str, Any] | None]:
     """The folder that the relative paths of `out`'s rows are from when it is not this one (None:
-    this one, under any name, or a file without a run record that passes the check below). A
+    this one, under any name, or a file without a run record that passes the check below), and
+    the file's run record (None: it has none). A
     resume that would mix its rows with this run's (`run`: the options its record would keep,
     `write_record`) is refused: another --fast-decode (the same image decodes to other pixels),
     relative inputs from another folder (its rows would be keyed from two folders; they were
@@ -225,7 +218,7 @@ def _resume_base(
                 "folder, so none of its rows would be skipped: resume it from the folder it was "
                 "begun in, or write to a new --out"
             )
-        return None
+        return None, None
     if record.get("fast_decode", False) != fast_decode:
         was = "with" if record.get("fast_decode") else "without"
         raise MarsvisionError(
@@ -250,7 +243,7 @@ def _resume_base(
         )
     cwd, cwd_id = str(record.get("cwd") or os.getcwd()), record.get("cwd_id")
     if cwd_id == _folder_id(".") or os.path.realpath(cwd) == os.path.realpath(os.getcwd()):
-        return None
+        return None, record
     begun = f"{out} was begun in {cwd}, and its rows' relative paths are from there"
     if relative and not os.path.isdir(cwd):
         raise MarsvisionError(
@@ -260,7 +253,7 @@ def _resume_base(
         raise MarsvisionError(
             f"{begun}: resume it from that folder, or name the inputs by absolute paths"
         )
-    return cwd
+    return cwd, record
 
 
 def read_resumed(
@@ -271,23 +264,24 @@ def read_resumed(
     provenance: Provenance,
     run: dict[str, Any],
     inputs: list[str],
-    deeper: Callable[[], list[str]] | None = None,
+    deeper: Callable[[], list[str]],
 ) -> dict[str, str]:
     """{path key: status} of the rows already in `out` (`read_done`), keyed by `path_keys` from
     the folder they were written in, for a run that continues it; refused as `read_done` and
-    `_resume_base` say, and, for a file begun with --recursive, when the inputs that
-    --recursive would add to this run's (`deeper`; None: this run has it) are not all in it:
-    passed over, their rows would never be written and the file would look finished. A file
-    with no row yet (a CSV killed in its first batch: its header) holds nothing to mix with,
-    and is not checked against its run record."""
-    base = None
+    `_resume_base` say, and, for a file begun with --recursive and a run without it, when the
+    inputs that --recursive would add to this run's (`deeper`) are not all in it: passed over,
+    their rows would never be written and the file would look finished. A run with --recursive
+    marks the record of a file begun without it, so that a later resume is held to it too. A
+    file with no row yet (a CSV killed in its first batch: its header) holds nothing to mix
+    with, and is not checked against its run record."""
+    base, record = None, None
 
     def same_run(rows: dict[str, str]) -> None:
-        nonlocal base
+        nonlocal base, record
         if not rows:
             return
-        base = _resume_base(out, run=run, inputs=inputs, rows=rows)
-        if deeper is None or not (_read_record(out) or {}).get("recursive"):
+        base, record = _resume_base(out, run=run, inputs=inputs, rows=rows)
+        if record is None or run["recursive"] or not record.get("recursive"):
             return
         keys, extra = set(path_keys(rows, base=base)), deeper()
         missed = sum(key not in keys for key in path_keys(extra))
@@ -300,6 +294,8 @@ def read_resumed(
             )
 
     rows = read_done(out, fmt=fmt, header=header, provenance=provenance, check=same_run)
+    if record is not None and run["recursive"] and not record.get("recursive"):
+        _save_record(out, {**record, "recursive": True})
     return dict(zip(path_keys(rows, base=base), rows.values()))
 
 
