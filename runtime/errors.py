@@ -90,6 +90,15 @@ class Stopped(SystemExit):
         self.signal_name = signal.Signals(signum).name
 
 
+def stop_inside(e: BaseException) -> BaseException | None:
+    """The Ctrl-C or SIGTERM (KeyboardInterrupt, Stopped) that library code reported as its own
+    exception `e` (its cause or context): C code that meets a Python exception, one a signal's
+    handler raised in it included, raises its own over it (torch's zip writer: RuntimeError;
+    onnxruntime's import: ImportError "initialization failed")."""
+    inner = e.__cause__ or e.__context__
+    return inner if isinstance(inner, (KeyboardInterrupt, SystemExit)) else None
+
+
 # the signals that came while `signals_held` held them (None: not holding)
 _held: list[int] | None = None
 # stdout and stderr where they were a terminal when `interruptible` began (once it hangs up,

@@ -16,7 +16,7 @@ from typing import IO, Any, cast
 import torch
 from torch import nn
 
-from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.errors import MarsvisionError, stop_inside
 from marsvision.runtime.files import atomic_path
 from marsvision.runtime.metadata import (
     check_class_names,
@@ -86,7 +86,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             torch.save(obj, cast(IO[bytes], out))  # it calls write (and flush) only
         except RuntimeError as e:
             # a signal handled as write() is entered, before its try, is only the context
-            kept = out.error or e.__context__
+            kept = out.error or stop_inside(e)
             if not isinstance(kept, (KeyboardInterrupt, SystemExit, OSError)):
                 raise
             raise kept from None

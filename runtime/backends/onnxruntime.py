@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from marsvision.runtime.backends.base import check_batch
-from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.errors import MarsvisionError, stop_inside
 from marsvision.runtime.host import int8_sums_saturate, usable_cores
 from marsvision.runtime.metadata import METADATA_KEY, ModelMeta, sha256_file
 
@@ -42,8 +42,7 @@ def ort_module() -> Any:
     try:
         import onnxruntime
     except ImportError as e:
-        stop = e.__cause__ or e.__context__  # Ctrl-C or SIGTERM inside its C module's setup:
-        if isinstance(stop, (KeyboardInterrupt, SystemExit)):  # "initialization failed" over it
+        if (stop := stop_inside(e)) is not None:  # in its C module's setup
             raise stop from None
         if isinstance(e, ModuleNotFoundError) and e.name == "onnxruntime":
             raise MarsvisionError(f"onnxruntime is not installed: {_ORT_INSTALL}") from None
