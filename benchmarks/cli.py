@@ -423,10 +423,10 @@ def parity(
         sys.exit(PARITY_FAIL_EXIT)
 
 
-_SCORE_HELP = """Metrics of a model on an MSL split, recomputed from PREDICTIONS: the result file
-that mars-infer wrote (CSV or JSONL, sniffed from its first character; every probability or
---top-k; - reads stdin: mars-infer ... --out - | mars-bench score -). The task and class
-names come from the file.
+_SCORE_HELP = """Metrics of a model on an MSL split, or on your own labelled images (--labels),
+recomputed from PREDICTIONS: the result file that mars-infer wrote (CSV or JSONL, sniffed from
+its first character; every probability or --top-k; - reads stdin: mars-infer ... --out - |
+mars-bench score -). The task and class names come from the file.
 
 Rows are matched to the split's images by file name (the paths may be relative, absolute or
 through links); rows for other images are ignored and counted. Every image of the split needs
@@ -436,7 +436,14 @@ decision (the `label` column: the most probable class, or for a binary model wit
 threshold, Rover where P(Rover) reaches it) with 95% bootstrap intervals (1000 resamples, seed
 0); binary: precision, recall and F1 of Rover, msl25: macro averages. Writes
 score-<split>-<model sha256[:12]>-<backend>[-tta-flip].json to --out (score-val-held-... with
---val-half held).
+--val-half held, score-labels-<name>-... with --labels).
+
+--labels scores images that are not an MSL split (Perseverance's, your own sort): a CSV file
+whose header names a path and a label column (a mars-infer CSV with its labels corrected is
+one), and optionally a group column (images that err together: a sol, a sequence; the second
+interval resamples whole groups, else whole sols of MSL-style file names), or a folder with one
+subfolder per class (Surface/, Rover/), images anywhere below each. Labels are the model's
+class names; --data is then needed only for an msl25 --top-k file.
 
 \b
 Exit codes:
@@ -464,6 +471,14 @@ Exit codes:
     "--train-on train+half-val was selected on: its val) or trained (the half it learned from).",
 )
 @click.option(
+    "--labels",
+    type=click.Path(path_type=Path),  # unreadable: 1
+    default=None,
+    metavar="CSV|DIR",
+    help="Score against your own labelled images instead of a split: a CSV with path and label "
+    "columns (group optional), or a folder with a subfolder per class.",
+)
+@click.option(
     "--allow-missing",
     is_flag=True,
     help="Score the images that have one ok row; report the missing, failed and duplicated.",
@@ -481,6 +496,7 @@ def score(
     data: str | None,
     split: str,
     val_half: str | None,
+    labels: Path | None,
     allow_missing: bool,
     require: str | None,
     out: Path,
@@ -493,21 +509,33 @@ def score(
         run_score,
         write_score,
     )
-    from marsvision.train.data import resolve_data_dir
+    from marsvision.train.data import data_dir_setting, resolve_data_dir
 
     try:
         requirements = parse_requirements(require)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--require") from None
+    if labels is not None:
+        given = click.get_current_context().get_parameter_source("split")
+        if given is not click.core.ParameterSource.DEFAULT or val_half:
+            raise click.BadParameter(
+                "your own labelled images are scored instead of a split: not with --split or "
+                "--val-half",
+                param_hint="--labels",
+            )
     if val_half and split != "val":
         raise click.BadParameter(f"a half of val: needs --split val, not {split}",
                                  param_hint="--val-half")  # fmt: skip
     check_writable_folder(out, "--out")  # before the run, not after it
     cfg = ScoreConfig(
         predictions=predictions,
-        data_dir=resolve_data_dir(data),
+        # a labels file needs the data only for an msl25 --top-k file's class names
+        data_dir=None
+        if labels is not None and data_dir_setting(data) is None
+        else resolve_data_dir(data),
         split=split,
         val_half=val_half,
+        labels=labels,
         allow_missing=allow_missing,
         requirements=requirements,
     )

@@ -235,11 +235,17 @@ def read_predictions(path: Path) -> Predictions:
     return dataclasses.replace(preds, sha256=hashlib.sha256(data).hexdigest())
 
 
-def resolve_task(preds: Predictions, *, data_dir: Path) -> tuple[str, list[str]]:
-    """(task, class names) of the file: its classes must be binary's or msl25's, in order."""
-    from marsvision.train.data import class_names
+def resolve_task(preds: Predictions, *, data_dir: Path | None) -> tuple[str, list[str]]:
+    """(task, class names) of the file: its classes must be binary's or msl25's, in order.
+    Without `data_dir` (scoring a user's own labels), msl25's are the file's own 25 names; a
+    --top-k file names only some, and then needs the data folder's."""
+    from marsvision.train.data import BINARY_CLASS_NAMES, NUM_MSL_CLASSES, class_names
 
-    tasks = {t: class_names(t, data_dir) for t in ("binary", "msl25")}
+    tasks: dict[str, list[str]] = {"binary": list(BINARY_CLASS_NAMES)}
+    if data_dir is not None:
+        tasks["msl25"] = class_names("msl25", data_dir)
+    elif preds.class_names is not None and len(preds.class_names) == NUM_MSL_CLASSES:
+        tasks["msl25"] = list(preds.class_names)
     for task, names in tasks.items():
         if preds.class_names is not None:
             fits = preds.class_names == names
@@ -254,6 +260,14 @@ def resolve_task(preds: Predictions, *, data_dir: Path) -> tuple[str, list[str]]
                 )
             return task, names
     found = preds.class_names if preds.class_names is not None else sorted(preds.labels)
+    if "msl25" not in tasks:
+        raise MarsvisionError(
+            f"{preds.path} has classes [{short_list(found, 5)}], which are not binary's "
+            f"[{', '.join(tasks['binary'])}]; "
+            + ("an msl25 --top-k file names only some classes: pass --data (the MSL data "
+               "folder) for all 25" if preds.class_names is None
+               else "nor 25 classes (msl25's)")
+        )  # fmt: skip
     raise MarsvisionError(
         f"{preds.path} has classes [{short_list(found, 5)}], which match neither binary "
         f"[{', '.join(tasks['binary'])}] nor msl25 [{short_list(tasks['msl25'], 5)}] of {data_dir}"

@@ -1,7 +1,8 @@
-"""Score a model from what users get: mars-infer's own result file against an official MSL split.
+"""Score a model from what users get: mars-infer's own result file against an official MSL split,
+or against a user's own labelled images (`benchmarks.labels`).
 
-The rows (CSV or JSONL, read by `benchmarks.predictions`) are matched to the split's images by
-file name; their labels (the model's decisions) give the metrics, bootstrap confidence intervals and
+The rows (CSV or JSONL, read by `benchmarks.predictions`) are matched to the images by file
+name; their labels (the model's decisions) give the metrics, bootstrap confidence intervals and
 optional pass/fail requirements. The task and class names come from the file itself.
 """
 
@@ -14,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from marsvision.benchmarks.labels import Truth, read_labels
 from marsvision.benchmarks.predictions import (
     PredictionRow,
     model_provenance,
@@ -43,17 +45,25 @@ class ScoreConfig:
     """What `run_score` does; the CLI builds it from its flags."""
 
     predictions: Path
-    data_dir: Path
+    # the MSL data; with `labels` only needed for an msl25 --top-k file (its class names)
+    data_dir: Path | None
     split: str = "test"
     # with split "val": only one half of val by sol ("trained" or "held", `data.VAL_HALVES`): a
     # `--train-on train+half-val` model's own val is the held half, the other is its training data
     val_half: str | None = None
+    # a user's labelled images (a CSV file or a class-per-subfolder folder, `labels.py`),
+    # scored instead of the split
+    labels: Path | None = None
     allow_missing: bool = False
     requirements: dict[str, float] = field(default_factory=dict)
     n_boot: int = N_BOOT
     seed: int = SEED
 
     def __post_init__(self) -> None:
+        if self.labels is not None and self.val_half is not None:
+            raise MarsvisionError("--val-half is a half of val: not with --labels")
+        if self.labels is None and self.data_dir is None:
+            raise MarsvisionError("scoring a split needs the MSL data folder (--data)")
         # which half: checked where the half is taken (`data.val_half`)
         if self.val_half is not None and self.split != "val":
             raise MarsvisionError(
@@ -62,16 +72,20 @@ class ScoreConfig:
 
     @property
     def part(self) -> str:
-        """What is scored: the split's name, or "val-held" / "val-trained" for a half of val."""
+        """What is scored: the split's name, "val-held" / "val-trained" for a half of val, or
+        "labels-<the labels' name>"."""
+        if self.labels is not None:
+            return f"labels-{self.labels.resolve().stem}"
         return f"{self.split}-{self.val_half}" if self.val_half else self.split
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready resolved config."""
         return {
             "predictions": str(self.predictions),
-            "data_dir": str(self.data_dir),
-            "split": self.split,
+            "data_dir": None if self.data_dir is None else str(self.data_dir),
+            "split": None if self.labels else self.split,
             "val_half": self.val_half,
+            "labels": None if self.labels is None else str(self.labels),
             "allow_missing": self.allow_missing,
             "requirements": dict(self.requirements),
             "n_boot": self.n_boot,
@@ -79,27 +93,38 @@ class ScoreConfig:
         }
 
 
+def split_truths(samples: Sequence[Sample]) -> list[Truth]:
+    """The truths of an MSL split's samples: grouped by sol, errors listed by camera and MSL
+    class."""
+    return [
+        Truth(s.path.name, s.label, sol_key(s.path), (camera(s.path), s.msl_class)) for s in samples
+    ]
+
+
 def score_predictions(
     rows: Sequence[PredictionRow],
-    samples: Sequence[Sample],
+    truths: Sequence[Truth],
     class_names: list[str],
     task: str,
     *,
     allow_missing: bool = False,
+    group_by: str = "sol",
+    what: str = "split",
     n_boot: int = N_BOOT,
     seed: int = SEED,
 ) -> dict[str, Any]:
-    """Metrics and bootstrap CIs of the rows' labels (the model's decisions) on the samples,
-    matched by file name.
+    """Metrics and bootstrap CIs of the rows' labels (the model's decisions) against the truths,
+    matched by file name; the second interval resamples whole groups (`group_by`: "sol", or a
+    labels file's "group"), reported as cis_by_<group_by>. `what` names the truths in messages.
 
-    Every sample needs exactly one row, with status ok; otherwise a user error, or with
-    `allow_missing` the sample is left out and counted. Rows for other images are ignored.
+    Every truth needs exactly one row, with status ok; otherwise a user error, or with
+    `allow_missing` the image is left out and counted. Rows for other images are ignored.
     """
     from marsvision.train.metrics import bootstrap_cis, classification_metrics, confidence_report
 
-    wanted = {s.path.name for s in samples}
-    if len(wanted) != len(samples):
-        raise MarsvisionError("the split lists the same file name twice: cannot match by name")
+    wanted = {t.name for t in truths}
+    if len(wanted) != len(truths):
+        raise MarsvisionError(f"the {what} lists the same file name twice: cannot match by name")
     found: dict[str, list[PredictionRow]] = {}
     outside = 0
     for r in rows:
@@ -109,39 +134,44 @@ def score_predictions(
             outside += 1
     index = {name: i for i, name in enumerate(class_names)}
     excluded: dict[str, list[str]] = {"missing": [], "failed": [], "duplicated": []}
-    y_true, y_pred, sols = [], [], []
+    y_true, y_pred, groups = [], [], []
     confidence: list[float | None] = []
-    groups: dict[tuple[str, int], list[int]] = {}  # (camera, MSL class) -> [images, errors]
-    for s in samples:
-        mine = found.get(s.path.name, [])
+    listed: dict[tuple[str, int], list[int]] = {}  # (camera, class) -> [images, errors]
+    for t in truths:
+        mine = found.get(t.name, [])
         if not mine:
-            excluded["missing"].append(s.path.name)
+            excluded["missing"].append(t.name)
         elif len(mine) > 1:
-            excluded["duplicated"].append(s.path.name)
+            excluded["duplicated"].append(t.name)
         elif mine[0].status != "ok" or mine[0].label is None:
-            excluded["failed"].append(s.path.name)
+            excluded["failed"].append(t.name)
         else:
-            y_true.append(s.label)
+            y_true.append(t.label)
             y_pred.append(index[mine[0].label])
             confidence.append(mine[0].confidence)
-            sols.append(sol_key(s.path))
-            g = groups.setdefault((camera(s.path), s.msl_class), [0, 0])
+            groups.append(t.group)
+            g = listed.setdefault(t.listed, [0, 0])
             g[0] += 1
-            g[1] += y_pred[-1] != s.label
+            g[1] += y_pred[-1] != t.label
     problems = [f"{len(v)} {k} ({short_list(v)})" for k, v in excluded.items() if v]
     if not found:  # a file of another split's images: not "1305 missing"
+        hint = (
+            "a file of another split, or of val's other half? score it with that --split "
+            "(--val-half)"
+            if what in ("split", "half")
+            else "rows are matched by file name"
+        )
         raise MarsvisionError(
-            f"none of its {outside} rows is of the {len(samples)} images scored: a file of "
-            "another split, or of val's other half? score it with that --split (--val-half)"
+            f"none of its {outside} rows is of the {len(truths)} images scored: {hint}"
         )
     if problems and not allow_missing:
         raise MarsvisionError(
-            f"the predictions do not cover the split's {len(samples)} images once each with "
+            f"the predictions do not cover the {what}'s {len(truths)} images once each with "
             f"status ok: {'; '.join(problems)}; rerun mars-infer on them, or pass "
             "--allow-missing to score the rest"
         )
     if not y_true:
-        raise MarsvisionError(f"none of the split's {len(samples)} images has an ok row")
+        raise MarsvisionError(f"none of the {what}'s {len(truths)} images has an ok row")
     metrics = classification_metrics(y_true, y_pred, len(class_names), task)
     return {
         "task": task,
@@ -150,13 +180,14 @@ def score_predictions(
         "metrics": metrics,
         "cis": bootstrap_cis(y_true, y_pred, len(class_names), task, n_boot=n_boot, seed=seed),
         # images of one sol are one observation and err together: the honest interval
-        "cis_by_sol": bootstrap_cis(
-            y_true, y_pred, len(class_names), task, n_boot=n_boot, seed=seed, groups=sols
+        "group_by": group_by,
+        f"cis_by_{group_by}": bootstrap_cis(
+            y_true, y_pred, len(class_names), task, n_boot=n_boot, seed=seed, groups=groups
         ),
         "counts": {
-            "split_images": len(samples),
+            "split_images": len(truths),
             "scored": len(y_true),
-            "sols": len(set(sols)),
+            f"{group_by}s": len(set(groups)),
             **{k: len(v) for k, v in excluded.items()},
             "rows": len(rows),
             "rows_outside_split": outside,
@@ -167,8 +198,8 @@ def score_predictions(
         if None in confidence
         else confidence_report(confidence, [t == p for t, p in zip(y_true, y_pred)]),
         "by_camera_and_class": [
-            {"camera": cam, "msl_class": k, "images": n, "errors": e}
-            for (cam, k), (n, e) in sorted(groups.items(), key=lambda kv: (-kv[1][1], kv[0]))
+            {"camera": cam, "class": k, "images": n, "errors": e}
+            for (cam, k), (n, e) in sorted(listed.items(), key=lambda kv: (-kv[1][1], kv[0]))
         ],
     }
 
@@ -220,28 +251,41 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         )
     task, names = resolve_task(preds, data_dir=cfg.data_dir)
     model = model_provenance(preds.rows, path=preds.path)
-    samples = read_split(cfg.data_dir, cfg.split, task)
-    if cfg.val_half:
-        samples = val_half(samples, cfg.val_half)
+    labels, fingerprint = None, None
+    if cfg.labels is not None:
+        labels = read_labels(cfg.labels, names)
+        truths, group_by, what = labels.truths, labels.group_by, "labelled set"
+        key, listed_names = "class", names  # errors listed by the task's class
+    else:
+        assert cfg.data_dir is not None  # ScoreConfig checks it
+        samples = read_split(cfg.data_dir, cfg.split, task)
+        if cfg.val_half:
+            samples = val_half(samples, cfg.val_half)
+        truths, group_by, what = split_truths(samples), "sol", "half" if cfg.val_half else "split"
+        key, listed_names = "msl_class", msl_class_names(cfg.data_dir)  # by MSL class
+        fingerprint = data_fingerprint(cfg.data_dir)
     scored = score_predictions(
         preds.rows,
-        samples,
+        truths,
         names,
         task,
         allow_missing=cfg.allow_missing,
+        group_by=group_by,
+        what=what,
         n_boot=cfg.n_boot,
         seed=cfg.seed,
     )
-    msl_names = msl_class_names(cfg.data_dir)
     for g in scored["by_camera_and_class"]:
-        g["msl_class_name"] = msl_names[g["msl_class"]]
+        g[key] = g.pop("class")
+        g[f"{key}_name"] = listed_names[g[key]]
     checks = check_requirements(scored["metrics"], cfg.requirements)
     return {
         "kind": "score",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "split": cfg.split,
+        "split": None if labels else cfg.split,
         "val_half": cfg.val_half,
         "part": cfg.part,
+        "labels": labels and labels.describe(),
         **scored,
         "model": model,
         "predictions": {
@@ -250,7 +294,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
             "format": preds.fmt,
             "top_k": preds.top_k,
         },
-        "data_fingerprint": data_fingerprint(cfg.data_dir),
+        "data_fingerprint": fingerprint,
         "requirements": checks,
         # a requirement speaks for the split: one met on part of it (--allow-missing) fails
         "passed": all(c["passed"] for c in checks) and (not checks or not _partial(scored)),
@@ -262,17 +306,23 @@ def render_text(report: dict[str, Any]) -> str:
     """The terminal summary: provenance, coverage, the metrics table and the requirements."""
     from marsvision.benchmarks.report import text_table
 
-    c, m, ci, by_sol = report["counts"], report["metrics"], report["cis"], report["cis_by_sol"]
-    p, model = report["predictions"], report["model"]
+    c, m, ci, group_by = report["counts"], report["metrics"], report["cis"], report["group_by"]
+    p, model, labels = report["predictions"], report["model"], report["labels"]
+    by_group = report[f"cis_by_{group_by}"]
+    if labels:
+        truth = f"labels {labels['path']} ({labels['format']}, {labels['images']} images)"
+    else:
+        truth = f"{report['split']} split" + (
+            _HALF_TEXT[half] if (half := report.get("val_half")) else ""
+        )
     lines = [
         f"score: {p['path']} ({p['format']}{', top-k' if p['top_k'] else ''}), "
-        f"{report['task']} task, {report['split']} split"
-        + (_HALF_TEXT[half] if (half := report.get("val_half")) else ""),
+        f"{report['task']} task, {truth}",
         f"model: sha256 {model['sha256'][:12]}, {model['precision']}, {model['backend']}"
         + (f", tta {model['tta']}" if model.get("tta", "none") != "none" else ""),
     ]
     share = 100.0 * c["scored"] / c["split_images"]
-    what = "half" if report.get("val_half") else "split"
+    what = "labelled set" if labels else "half" if report.get("val_half") else "split"
     if _partial(report):
         lines.append(
             f"COVERAGE: PARTIAL, {c['scored']} of {c['split_images']} images scored "
@@ -284,12 +334,12 @@ def render_text(report: dict[str, Any]) -> str:
     if c["rows_outside_split"]:
         lines.append(f"ignored: {c['rows_outside_split']} rows for images outside the {what}")
     which = f"({report['positive_class']})" if report["positive_class"] else "(macro)"
-    rows = [["n", str(m["n"]), "", f"{c['sols']} sols"]]
+    rows = [["n", str(m["n"]), "", f"{c[group_by + 's']} {group_by}s"]]
     for k in METRICS:
         label = f"{k} {which}" if k in ("precision", "recall", "f1") else k
         rows.append([label, f"{m[k]:.4f}", f"[{ci[k][0]:.4f}, {ci[k][1]:.4f}]",
-                     f"[{by_sol[k][0]:.4f}, {by_sol[k][1]:.4f}]"])  # fmt: skip
-    lines += ["", text_table(["metric", "value", "95% CI", "95% CI by sol"], rows)]
+                     f"[{by_group[k][0]:.4f}, {by_group[k][1]:.4f}]"])  # fmt: skip
+    lines += ["", text_table(["metric", "value", "95% CI", f"95% CI by {group_by}"], rows)]
     if conf := report.get("confidence"):
         lines += ["", *_confidence_text(conf)]
     elif "confidence" in report:  # None: not computable for these rows
@@ -297,9 +347,11 @@ def render_text(report: dict[str, Any]) -> str:
                   "decision threshold chose a class outside the top k)"]  # fmt: skip
     worst = [g for g in report.get("by_camera_and_class", []) if g["errors"]][:_WORST]
     if worst:
-        lines += ["", "most errors, by camera and MSL class:"]
-        lines += [f"  {CAMERAS.get(g['camera'], g['camera'])} {g['msl_class_name']}: "
-                  f"{g['errors']} of {g['images']} wrong" for g in worst]  # fmt: skip
+        key = "class_name" if labels else "msl_class_name"
+        cameras = "camera and " if any(g["camera"] != "?" for g in worst) else ""
+        lines += ["", f"most errors, by {cameras}{'class' if labels else 'MSL class'}:"]
+        lines += [f"  {_camera_text(g['camera'])}{g[key]}: {g['errors']} of {g['images']} wrong"
+                  for g in worst]  # fmt: skip
     if report["requirements"]:
         lines.append("")
         for r in report["requirements"]:
@@ -315,6 +367,11 @@ def render_text(report: dict[str, Any]) -> str:
                f"the whole {what})" if _partial(report) else ")")
         )  # fmt: skip
     return "\n".join(lines)
+
+
+def _camera_text(code: str) -> str:
+    """The camera's name and a space, or nothing for a name that does not say ("?")."""
+    return "" if code == "?" else f"{CAMERAS.get(code, code)} "
 
 
 def _confidence_text(conf: dict[str, Any]) -> list[str]:
@@ -335,7 +392,8 @@ def _confidence_text(conf: dict[str, Any]) -> list[str]:
 
 def _score_name(report: dict[str, Any]) -> str:
     """score-<split>-<model sha256[:12]>-<backend>[-tta-<mode>].json (score-val-held-...,
-    score-val-trained-... for a half of val): one file per model, backend and --tta, so that
+    score-val-trained-... for a half of val, score-labels-<name>-... for a labels file or folder):
+    one file per model, backend and --tta, so that
     scoring the same model's flip-TTA or GPU predictions does not overwrite the plain ones."""
     model = report["model"]
     tta = model.get("tta", "none")

@@ -689,3 +689,200 @@ def test_a_top_k_csv_gives_the_ranked_probability_whatever_the_class_names(
     assert [r.confidence for r in read_predictions(ranked).rows] == [0.7]
     full = _write(tmp_path / "all.csv", [pred], names=["1", "2", "3"])
     assert [r.confidence for r in read_predictions(full).rows] == [0.7]
+
+
+# ------------------------------------------------------------ a user's own labelled images
+
+# Perseverance-style names (no MSL sol at the start): a labelled set that is no MSL split
+PERSEVERANCE = [
+    f"ZL0_{100 + i // 4:04d}_067{i:04d}_FDR_N0000000ZCAM0{i:04d}.png" for i in range(40)
+]
+
+
+def _own_set() -> tuple[list[int], list[int], list[Prediction]]:
+    """Truth and decisions for PERSEVERANCE: every third image Rover, every fifth decision
+    wrong; the rows' paths in another folder (matched by name) and two rows for other images."""
+    y_true = [int(i % 3 == 0) for i in range(len(PERSEVERANCE))]
+    y_pred = [1 - t if i % 5 == 0 else t for i, t in enumerate(y_true)]
+    preds = [_pred(f"/mnt/sorted/{n}", p) for n, p in zip(PERSEVERANCE, y_pred)]
+    preds += [_pred("/mnt/sorted/unlabelled-1.png", 0), _pred("/mnt/sorted/unlabelled-2.png", 1)]
+    return y_true, y_pred, preds
+
+
+def test_own_labels_as_a_csv_or_a_class_folder_score_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MARS_DATA", raising=False)  # a labelled set needs no MSL data
+    y_true, y_pred, preds = _own_set()
+    f = _write(tmp_path / "preds.csv", preds)
+    # extra columns are ignored, a BOM is read past; in another order than the folder's
+    csv_labels = tmp_path / "perseverance.csv"
+    csv_labels.write_text(
+        "\ufeffnote,Label,PATH\n"
+        + "".join(reversed([f"x,{BINARY[t]},sol/{n}\n" for n, t in zip(PERSEVERANCE, y_true)]))
+    )
+    folder = tmp_path / "sorted"
+    for n, t in zip(PERSEVERANCE, y_true):
+        (folder / BINARY[t] / n[4:8]).mkdir(parents=True, exist_ok=True)  # images anywhere below
+        (folder / BINARY[t] / n[4:8] / n).write_bytes(b"")
+    (folder / "README.txt").write_text("sorted by hand\n")  # not an image: no class needed
+    (folder / ".cache").mkdir()  # hidden: skipped
+    want = classification_metrics(y_true, y_pred, 2, "binary")
+    # no sol in these names: each image is its own group
+    want_by_sol = bootstrap_cis(y_true, y_pred, 2, "binary", n_boot=1000, seed=0,
+                                groups=PERSEVERANCE)  # fmt: skip
+    reports = {}
+    for labels, fmt in ((csv_labels, "csv"), (folder, "folder")):
+        out = tmp_path / f"out-{fmt}"
+        r = _score([str(f), "--labels", str(labels), "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        rep = reports[fmt] = _report(out)
+        assert rep["metrics"] == want and rep["metrics"]["n"] == 40
+        assert rep["cis_by_sol"] == want_by_sol
+        assert rep["split"] is None and rep["data_fingerprint"] is None
+        assert rep["part"] == f"labels-{labels.stem}"
+        assert (out / f"score-labels-{labels.stem}-{SHA[:12]}-onnxruntime.json").is_file()
+        assert rep["labels"] == {
+            "path": str(labels),
+            "format": fmt,
+            "sha256": rep["labels"]["sha256"],
+            "images": 40,
+            "group_by": "sol",
+        }
+        assert rep["counts"]["rows_outside_split"] == 2 and rep["counts"]["sols"] == 40
+        assert f"binary task, labels {labels} ({fmt}, 40 images)" in r.stdout
+        assert "coverage: all 40 images of the labelled set scored" in r.stdout
+        assert "ignored: 2 rows for images outside the labelled set" in r.stdout
+        # no camera in these names: the errors are listed by class alone
+        rover = sum(1 for t, p in zip(y_true, y_pred) if t and not p)
+        assert f"most errors, by class:\n  Surface: 5 of 26 wrong\n  Rover: {rover} of 14" in (
+            r.stdout
+        )
+    for key in ("metrics", "cis", "cis_by_sol", "counts", "confidence", "by_camera_and_class"):
+        assert reports["csv"][key] == reports["folder"][key], key
+    assert {"camera": "?", "class": 1, "class_name": "Rover", "images": 14, "errors": rover} in (
+        reports["csv"]["by_camera_and_class"]
+    )
+    # the labels' sha256 follows their content: one label changed, another sha
+    csv_labels.write_text(csv_labels.read_text().replace(",Rover,", ",Surface,", 1))
+    r = _score([str(f), "--labels", str(csv_labels), "--out", str(tmp_path / "out-2")])
+    assert r.exit_code == 0, r.output
+    changed = _report(tmp_path / "out-2")
+    assert changed["labels"]["sha256"] != reports["csv"]["labels"]["sha256"]
+    assert changed["metrics"]["accuracy"] != want["accuracy"]
+
+
+def test_a_group_column_sets_the_grouped_interval(tmp_path: Path) -> None:
+    y_true, y_pred, preds = _own_set()
+    f = _write(tmp_path / "preds.csv", preds)
+    groups = [f"site-{i // 8}" for i in range(len(PERSEVERANCE))]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label,group\n" + "".join(
+        f"{n},{BINARY[t]},{g}\n" for n, t, g in zip(PERSEVERANCE, y_true, groups)
+    ))  # fmt: skip
+    r = _score([str(f), "--labels", str(labels), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    rep = _report(tmp_path / "out")
+    assert rep["group_by"] == "group" and rep["counts"]["groups"] == 5
+    assert "cis_by_sol" not in rep and "sols" not in rep["counts"]
+    want = bootstrap_cis(y_true, y_pred, 2, "binary", n_boot=1000, seed=0, groups=groups)
+    assert rep["cis_by_group"] == want != rep["cis"]
+    assert "95% CI by group" in r.stdout and "5 groups" in r.stdout
+
+
+def test_msl_names_in_a_labels_file_group_by_sol_and_list_cameras(
+    test_split: list[Any], msl_dir: Path, tmp_path: Path
+) -> None:
+    """MSL test images given as a labels file score as the test split does, with --require,
+    and their errors are listed by camera."""
+    f = _write(tmp_path / "full.csv", _full(test_split))
+    labels = tmp_path / "test-labels.csv"
+    labels.write_text("path,label\n" + "".join(
+        f"{s.path},{BINARY[s.label]}\n" for s in test_split
+    ))  # fmt: skip
+    args = ["--out", str(tmp_path / "out"), "--require", "accuracy=0.99"]
+    r = _score([str(f), "--labels", str(labels), *args])
+    assert r.exit_code == SCORE_FAIL_EXIT, r.output
+    split = _score([str(f), "--data", str(msl_dir), *args[:1], str(tmp_path / "split"), *args[2:]])
+    assert split.exit_code == SCORE_FAIL_EXIT, split.output
+    own, official = _report(tmp_path / "out"), _report(tmp_path / "split")
+    # the same but for the intervals over images: their resamples follow the images' order,
+    # here the file names', there the split file's
+    for key in ("metrics", "cis_by_sol", "counts", "confidence", "requirements"):
+        assert own[key] == official[key], key
+    assert own["cis"] != official["cis"]
+    assert "MAHLI" in r.stdout.split("most errors, by camera and class:")[1]
+
+
+def test_labels_errors_are_one_line(
+    tmp_path: Path, msl_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MARS_DATA", raising=False)
+    y_true, _, preds = _own_set()
+    f = _write(tmp_path / "preds.csv", preds)
+    rows = [f"{n},{BINARY[t]}" for n, t in zip(PERSEVERANCE, y_true)]
+
+    def labels_file(name: str, lines: list[str]) -> Path:
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+        return tmp_path / name
+
+    bad = tmp_path / "bad-folder"
+    (bad / "Rover").mkdir(parents=True)
+    (bad / "rover").mkdir()
+    loose = tmp_path / "loose"
+    (loose / "Surface").mkdir(parents=True)
+    (loose / "frame.JPG").write_bytes(b"")
+    twice = tmp_path / "twice"
+    for cls in BINARY:
+        (twice / cls).mkdir(parents=True)
+        (twice / cls / PERSEVERANCE[0]).write_bytes(b"")
+    (tmp_path / "empty-folder" / "Rover").mkdir(parents=True)
+    cases = {
+        "unknown label": (labels_file("a.csv", ["path,label", *rows[:3], "x.png,rover"]),
+                          "a.csv:5: label 'rover' is not one of the model's classes [Surface, "
+                          "Rover]"),
+        "no label column": (labels_file("b.csv", ["path,class", *rows]),
+                            "its first line names no label column"),
+        "no header": (labels_file("c.csv", rows), "names no path or label column"),
+        "no path": (labels_file("d.csv", ["path,label", ",Rover"]), "d.csv:2: no path"),
+        "header only": (labels_file("e.csv", ["path,label"]), "has a header but no rows"),
+        "empty": (labels_file("f.csv", [""]), "is empty"),
+        "twice": (labels_file("g.csv", ["path,label", *rows, f"other/{rows[2]}"]),
+                  f"labels the same file name more than once ({PERSEVERANCE[2]})"),
+        "blank group": (labels_file("h.csv", ["path,label,group", f"{rows[0]},a", f"{rows[1]},"]),
+                        "h.csv:3: no group"),
+        "no file": (tmp_path / "no-such.csv", "cannot read the labels file"),
+        "not a class": (bad, "'rover' is not one of them"),
+        "loose image": (loose, "lies in the labels folder itself"),
+        "same name in two classes": (twice, "labels the same file name more than once"),
+        "no images": (tmp_path / "empty-folder", "holds no images in subfolders named after"),
+        "none matched": (labels_file("i.csv", ["path,label", "elsewhere.png,Rover"]),
+                         "none of its 42 rows is of the 1 images scored: rows are matched by "
+                         "file name"),
+        "missing": (labels_file("j.csv", ["path,label", *rows, "not-run.png,Rover"]),
+                    "do not cover the labelled set's 41 images once each with status ok: 1 "
+                    "missing"),
+    }  # fmt: skip
+    for case, (labels, message) in cases.items():
+        r = _score([str(f), "--labels", str(labels), "--out", str(tmp_path / "out")])
+        assert r.exit_code == 1, (case, r.output)
+        assert message in _error_line(r), case
+    assert not (tmp_path / "out").exists()
+
+    # a split option beside --labels is a usage error (it would be ignored)
+    good = labels_file("good.csv", ["path,label", *rows])
+    for extra in (["--split", "test"], ["--split", "val", "--val-half", "held"]):
+        r = _score([str(f), "--labels", str(good), *extra, "--out", str(tmp_path / "out")])
+        assert r.exit_code == 2 and "not with --split or --val-half" in r.stderr, extra
+
+    # an msl25 --top-k file names only some classes: the data folder gives all 25
+    names = class_names("msl25", msl_dir)
+    top = _write(tmp_path / "top.csv", [_pred(PERSEVERANCE[0], 3, names)], names=names, top_k=2)
+    msl = labels_file("msl.csv", ["path,label", f"{PERSEVERANCE[0]},{names[3]}"])
+    r = _score([str(top), "--labels", str(msl), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 1 and "pass --data (the MSL data folder)" in _error_line(r)
+    r = _score(
+        [str(top), "--labels", str(msl), "--data", str(msl_dir), "--out", str(tmp_path / "m")]
+    )
+    assert r.exit_code == 0, r.output
+    assert _report(tmp_path / "m")["task"] == "msl25"
