@@ -361,6 +361,13 @@ def speed(
     help="FP16: largest |accuracy change|, points.",
 )
 @click.option(
+    "--fp16-min-agreement",
+    type=float,
+    default=_PARITY.thresholds.fp16_min_agreement,
+    show_default=True,
+    help="FP16: least top-1 agreement with PyTorch, percent.",
+)
+@click.option(
     "--int8-max-accuracy-change",
     type=float,
     default=_PARITY.thresholds.int8_max_accuracy_change,
@@ -386,6 +393,7 @@ def parity(
     threads: int | None,
     fp32_min_agreement: float,
     fp16_max_accuracy_change: float,
+    fp16_min_agreement: float,
     int8_max_accuracy_change: float,
     int8_min_agreement: float,
     out: Path,
@@ -413,6 +421,7 @@ def parity(
             thresholds=Thresholds(
                 fp32_min_agreement=fp32_min_agreement,
                 fp16_max_accuracy_change=fp16_max_accuracy_change,
+                fp16_min_agreement=fp16_min_agreement,
                 int8_max_accuracy_change=int8_max_accuracy_change,
                 int8_min_agreement=int8_min_agreement,
             ),

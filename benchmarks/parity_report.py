@@ -147,7 +147,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             (
                 f"Thresholds: FP32 top-1 agreement >= {t['fp32_min_agreement']:g}%; FP16 |accuracy "
-                f"change| <= {t['fp16_max_accuracy_change']:g} points; INT8 |accuracy change| <= "
+                f"change| <= {t['fp16_max_accuracy_change']:g} points and agreement >= "
+                f"{t['fp16_min_agreement']:g}%; INT8 |accuracy change| <= "
                 f"{t['int8_max_accuracy_change']:g} points and agreement >= "
                 f"{t['int8_min_agreement']:g}%. ms/img is model time (batch "
                 f"{report['config']['batch_size']}), preprocessing excluded."

@@ -122,7 +122,7 @@ def test_parity_table_and_verdicts(
         agree, change = f["top1_agreement"], abs(f["accuracy_change"])
         expected = {
             "fp32": agree >= t.fp32_min_agreement,
-            "fp16": change <= t.fp16_max_accuracy_change,
+            "fp16": change <= t.fp16_max_accuracy_change and agree >= t.fp16_min_agreement,
             "int8": change <= t.int8_max_accuracy_change and agree >= t.int8_min_agreement,
         }[rows[flavour]["precision"]]
         assert f["passed"] is expected, flavour
@@ -268,14 +268,17 @@ def test_engine_without_tensorrt_is_skipped_not_failed(
     [
         ("fp32", 100.0, 0.0, True),
         ("fp32", 99.9, 0.0, False),
-        ("fp16", 97.0, 0.1, True),
+        ("fp16", 99.5, 0.1, True),
         ("fp16", 100.0, -0.11, False),
+        # an accuracy that holds while decisions move both ways: not the same model
+        ("fp16", 99.4, 0.0, False),
         ("int8", 99.0, -0.5, True),
         ("int8", 98.9, 0.0, False),
         ("int8", 100.0, 0.6, False),
         # exactly at the limit, as floats compute it: one image of 200 or of 1,000
         ("int8", 99.0, 100.0 * (151 / 200 - 150 / 200), True),
         ("fp16", 100.0, 100.0 * (901 / 1000 - 900 / 1000), True),
+        ("fp16", 100.0 * (995 / 1000), 0.0, True),
     ],
 )
 def test_verdict_thresholds(precision: str, agree: float, change: float, ok: bool) -> None:
@@ -322,6 +325,7 @@ def test_outputs_that_are_not_finite_fail_the_artifact() -> None:
         passed, reasons = verdict(precision, f, Thresholds(int8_max_accuracy_change=100.0,
                                                            int8_min_agreement=0.0,
                                                            fp16_max_accuracy_change=100.0,
+                                                           fp16_min_agreement=0.0,
                                                            fp32_min_agreement=0.0))  # fmt: skip
         assert not passed and "2 of 4 outputs not finite" in reasons[0]
 
@@ -451,6 +455,7 @@ def test_artifacts_that_are_no_export_are_said_to_be(msl_dir: Path, tmp_path: Pa
         # a fraction (score --require's unit) was a bar of 0.99%, which every artifact passed
         ("--int8-min-agreement", "0.99", "0.99: a percentage, not a fraction: 99 for 99%"),
         ("--fp16-max-accuracy-change", "-0.1", "--fp16-max-accuracy-change -0.1: must be a num"),
+        ("--fp16-min-agreement", "0.995", "0.995: a percentage, not a fraction: 99.5 for 99.5%"),
         ("--fp16-max-accuracy-change", "inf", "--fp16-max-accuracy-change inf: must be a number"),
         # found at that split, after the PyTorch reference of the splits before it
         ("--splits", "val,tset", "--splits: unknown tset; choose from val, test, train"),
