@@ -432,6 +432,22 @@ def parity(
         sys.exit(PARITY_FAIL_EXIT)
 
 
+def _labels_data(data: str | None) -> Path | None:
+    """The MSL data folder beside --labels, needed only for an msl25 --top-k file's class
+    names: --data as given (checked), else $MARS_DATA where it is one (a stale setting is no
+    reason to refuse a binary model's score), else None."""
+    from marsvision.train.data import data_dir_setting, resolve_data_dir
+
+    if data is not None:
+        return resolve_data_dir(data)
+    if data_dir_setting(None) is None:
+        return None
+    try:
+        return resolve_data_dir(None)
+    except MarsvisionError:
+        return None
+
+
 _SCORE_HELP = """Metrics of a model on an MSL split, or on your own labelled images (--labels),
 recomputed from PREDICTIONS: the result file that mars-infer wrote (CSV or JSONL, sniffed from
 its first character; every probability or --top-k; - reads stdin: mars-infer ... --out - |
@@ -445,7 +461,7 @@ decision (the `label` column: the most probable class, or for a binary model wit
 threshold, Rover where P(Rover) reaches it) with 95% bootstrap intervals (1000 resamples, seed
 0); binary: precision, recall and F1 of Rover, msl25: macro averages. Writes
 score-<split>-<model sha256[:12]>-<backend>[-tta-flip].json to --out (score-val-held-... with
---val-half held, score-labels-<name>-... with --labels).
+--val-half held, score-labels-<name>-<its sha256[:8]>-... with --labels).
 
 --labels scores images that are not an MSL split (Perseverance's, your own sort): a CSV file
 whose header names a path and a label column (a mars-infer CSV with its labels corrected is
@@ -518,7 +534,7 @@ def score(
         run_score,
         write_score,
     )
-    from marsvision.train.data import data_dir_setting, resolve_data_dir
+    from marsvision.train.data import resolve_data_dir
 
     try:
         requirements = parse_requirements(require)
@@ -538,10 +554,7 @@ def score(
     check_writable_folder(out, "--out")  # before the run, not after it
     cfg = ScoreConfig(
         predictions=predictions,
-        # a labels file needs the data only for an msl25 --top-k file's class names
-        data_dir=None
-        if labels is not None and data_dir_setting(data) is None
-        else resolve_data_dir(data),
+        data_dir=resolve_data_dir(data) if labels is None else _labels_data(data),
         split=split,
         val_half=val_half,
         labels=labels,

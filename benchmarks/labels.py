@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from marsvision.benchmarks.predictions import short_list
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.inputs import IMAGE_SUFFIXES, folder_images
 from marsvision.runtime.results import csv_rows
-from marsvision.train.data import camera, sol_key
+from marsvision.train.data import camera, msl_name, sol_key
 
 GROUP_COLUMN = "group"
 
@@ -71,15 +72,48 @@ def read_labels(path: Path, class_names: list[str]) -> Labels:
 
 
 def _truth(name: str, label: int, group: str | None) -> Truth:
-    return Truth(name, label, group or sol_key(Path(name)), (camera(Path(name)), label))
+    """A labelled image; without a group, its sol where the name is an MSL product's, else the
+    image is its own group (a phone's `20240501_1230.jpg` was put in "sol 2024" with every
+    other image of that year, an interval of zero width)."""
+    msl = msl_name(Path(name))
+    sol = sol_key(Path(name)) if msl else name
+    return Truth(name, label, group or sol, (camera(Path(name)) if msl else "?", label))
+
+
+def _decode(path: Path, data: bytes) -> str:
+    """A CSV's text: UTF-8 (a byte-order mark skipped: Excel's "CSV UTF-8" writes one) or
+    UTF-16 with its mark (Excel's "Unicode text", PowerShell 5's `>`); old Mac line ends (CR
+    alone) read as lines."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            text = data.decode("utf-16")
+        except UnicodeDecodeError as e:
+            raise MarsvisionError(
+                f"the labels file {path} is not UTF-16 text ({e.reason})"
+            ) from None
+    else:
+        text = data.decode("utf-8-sig", errors="surrogateescape")
+    return text.replace("\r", "\n") if "\n" not in text else text
+
+
+def _file_name(path: str) -> str:
+    """The file name a labels CSV's path ends in, at `/` or, for a path written on Windows
+    (`C:\\imgs\\0195MH....JPG`), at a backslash: rows are matched by it."""
+    return re.split(r"[\\/]", path.rstrip("/\\"))[-1]
 
 
 def _read_csv(path: Path, data: bytes, class_names: list[str]) -> Labels:
-    text = data.decode("utf-8-sig", errors="surrogateescape")  # a BOM: saved by Excel
-    rows = [r for r in csv_rows(path, text) if any(cell.strip() for cell in r)]
-    if not rows:
+    numbered = [
+        (n, r) for n, r in enumerate(csv_rows(path, _decode(path, data)), 1)
+        if any(cell.strip() for cell in r)
+    ]  # fmt: skip
+    if not numbered:
         raise MarsvisionError(f"{path} is empty: expected a header naming path and label")
+    rows = [r for _, r in numbered]
     header = [h.strip().lower() for h in rows[0]]
+    twice = [c for c in ("path", "label", GROUP_COLUMN) if header.count(c) > 1]
+    if twice:
+        raise MarsvisionError(f"{path}: its first line names the {twice[0]} column twice")
     missing = [c for c in ("path", "label") if c not in header]
     if missing:
         raise MarsvisionError(
@@ -89,10 +123,11 @@ def _read_csv(path: Path, data: bytes, class_names: list[str]) -> Labels:
     at = {c: header.index(c) for c in ("path", "label", GROUP_COLUMN) if c in header}
     index = {n: i for i, n in enumerate(class_names)}
     truths = []
-    for n, row in enumerate(rows[1:], 2):
+    for n, row in numbered[1:]:
         cells = {c: row[i].strip() if i < len(row) else "" for c, i in at.items()}
-        if not cells["path"]:
-            raise MarsvisionError(f"{path}:{n}: no path")
+        for column in ("path", "label"):
+            if not cells[column]:
+                raise MarsvisionError(f"{path}:{n}: no {column}")
         if cells["label"] not in index:
             raise MarsvisionError(
                 f"{path}:{n}: label {cells['label']!r} is not one of the model's classes "
@@ -100,8 +135,9 @@ def _read_csv(path: Path, data: bytes, class_names: list[str]) -> Labels:
             )
         if GROUP_COLUMN in at and not cells[GROUP_COLUMN]:
             raise MarsvisionError(f"{path}:{n}: no group (the column is there: give every row one)")
-        name = os.path.basename(cells["path"].rstrip("/"))
-        truths.append(_truth(name, index[cells["label"]], cells.get(GROUP_COLUMN)))
+        truths.append(
+            _truth(_file_name(cells["path"]), index[cells["label"]], cells.get(GROUP_COLUMN))
+        )
     if not truths:
         raise MarsvisionError(f"{path} has a header but no rows: no labelled images")
     group_by = GROUP_COLUMN if GROUP_COLUMN in at else "sol"

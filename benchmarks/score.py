@@ -73,9 +73,10 @@ class ScoreConfig:
     @property
     def part(self) -> str:
         """What is scored: the split's name, "val-held" / "val-trained" for a half of val, or
-        "labels-<the labels' name>"."""
+        "labels-<the labels' name>" (as given: a link's own; `run_score` adds their sha256)."""
         if self.labels is not None:
-            return f"labels-{self.labels.resolve().stem}"
+            given = self.labels if self.labels.name not in ("", "..") else self.labels.resolve()
+            return f"labels-{given.stem}"
         return f"{self.split}-{self.val_half}" if self.val_half else self.split
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,7 +116,8 @@ def score_predictions(
 ) -> dict[str, Any]:
     """Metrics and bootstrap CIs of the rows' labels (the model's decisions) against the truths,
     matched by file name; the second interval resamples whole groups (`group_by`: "sol", or a
-    labels file's "group"), reported as cis_by_<group_by>. `what` names the truths in messages.
+    labels file's "group"), reported as cis_by_<group_by>: None for images of one group, whose
+    resamples are all the same. `what` names the truths in messages.
 
     Every truth needs exactly one row, with status ok; otherwise a user error, or with
     `allow_missing` the image is left out and counted. Rows for other images are ignored.
@@ -183,7 +185,9 @@ def score_predictions(
         "group_by": group_by,
         f"cis_by_{group_by}": bootstrap_cis(
             y_true, y_pred, len(class_names), task, n_boot=n_boot, seed=seed, groups=groups
-        ),
+        )
+        if len(set(groups)) > 1
+        else None,
         "counts": {
             "split_images": len(truths),
             "scored": len(y_true),
@@ -284,7 +288,8 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "split": None if labels else cfg.split,
         "val_half": cfg.val_half,
-        "part": cfg.part,
+        # two labelled sets of one name (teamA/labels.csv, teamB/labels.csv) are two files
+        "part": f"{cfg.part}-{labels.sha256[:8]}" if labels else cfg.part,
         "labels": labels and labels.describe(),
         **scored,
         "model": model,
@@ -308,7 +313,7 @@ def render_text(report: dict[str, Any]) -> str:
 
     c, m, ci, group_by = report["counts"], report["metrics"], report["cis"], report["group_by"]
     p, model, labels = report["predictions"], report["model"], report["labels"]
-    by_group = report[f"cis_by_{group_by}"]
+    by_group = report[f"cis_by_{group_by}"]  # None: one group
     if labels:
         truth = f"labels {labels['path']} ({labels['format']}, {labels['images']} images)"
     else:
@@ -337,9 +342,11 @@ def render_text(report: dict[str, Any]) -> str:
     rows = [["n", str(m["n"]), "", f"{c[group_by + 's']} {group_by}s"]]
     for k in METRICS:
         label = f"{k} {which}" if k in ("precision", "recall", "f1") else k
-        rows.append([label, f"{m[k]:.4f}", f"[{ci[k][0]:.4f}, {ci[k][1]:.4f}]",
-                     f"[{by_group[k][0]:.4f}, {by_group[k][1]:.4f}]"])  # fmt: skip
+        grouped = f"[{by_group[k][0]:.4f}, {by_group[k][1]:.4f}]" if by_group else "-"
+        rows.append([label, f"{m[k]:.4f}", f"[{ci[k][0]:.4f}, {ci[k][1]:.4f}]", grouped])
     lines += ["", text_table(["metric", "value", "95% CI", f"95% CI by {group_by}"], rows)]
+    if not by_group:
+        lines.append(f"no interval by {group_by}: the images scored are all of one {group_by}")
     if conf := report.get("confidence"):
         lines += ["", *_confidence_text(conf)]
     elif "confidence" in report:  # None: not computable for these rows
@@ -392,7 +399,8 @@ def _confidence_text(conf: dict[str, Any]) -> list[str]:
 
 def _score_name(report: dict[str, Any]) -> str:
     """score-<split>-<model sha256[:12]>-<backend>[-tta-<mode>].json (score-val-held-...,
-    score-val-trained-... for a half of val, score-labels-<name>-... for a labels file or folder):
+    score-val-trained-... for a half of val, score-labels-<name>-<labels sha256[:8]>-... for a
+    labels file or folder):
     one file per model, backend and --tta, so that
     scoring the same model's flip-TTA or GPU predictions does not overwrite the plain ones."""
     model = report["model"]

@@ -740,8 +740,9 @@ def test_own_labels_as_a_csv_or_a_class_folder_score_the_same(
         assert rep["metrics"] == want and rep["metrics"]["n"] == 40
         assert rep["cis_by_sol"] == want_by_sol
         assert rep["split"] is None and rep["data_fingerprint"] is None
-        assert rep["part"] == f"labels-{labels.stem}"
-        assert (out / f"score-labels-{labels.stem}-{SHA[:12]}-onnxruntime.json").is_file()
+        part = f"labels-{labels.stem}-{rep['labels']['sha256'][:8]}"
+        assert rep["part"] == part
+        assert (out / f"score-{part}-{SHA[:12]}-onnxruntime.json").is_file()
         assert rep["labels"] == {
             "path": str(labels),
             "format": fmt,
@@ -845,6 +846,11 @@ def test_labels_errors_are_one_line(
                             "its first line names no label column"),
         "no header": (labels_file("c.csv", rows), "names no path or label column"),
         "no path": (labels_file("d.csv", ["path,label", ",Rover"]), "d.csv:2: no path"),
+        # a mars-infer error row, or a row cut short: no label, rather than "label ''"
+        "no label": (labels_file("k.csv", ["path,label", "", rows[0], "x.png"]),
+                     "k.csv:4: no label"),
+        "two label columns": (labels_file("l.csv", ["path,label,label", *rows]),
+                              "its first line names the label column twice"),
         "header only": (labels_file("e.csv", ["path,label"]), "has a header but no rows"),
         "empty": (labels_file("f.csv", [""]), "is empty"),
         "twice": (labels_file("g.csv", ["path,label", *rows, f"other/{rows[2]}"]),
@@ -886,3 +892,66 @@ def test_labels_errors_are_one_line(
     )
     assert r.exit_code == 0, r.output
     assert _report(tmp_path / "m")["task"] == "msl25"
+
+
+def test_names_that_are_no_msl_products_have_no_sol_or_camera(tmp_path: Path) -> None:
+    """A phone's names begin with 4 digits and `sample_001` has two letters after them: they
+    made one "sol 2024" (an interval by sol of zero width) and camera "le"."""
+    names = [f"20240501_{i:04d}.jpg" for i in range(20)] + [
+        f"sample_{i:03d}.jpg" for i in range(20)
+    ]
+    y_true = [i % 2 for i in range(40)]
+    y_pred = [1 - t if i % 7 == 0 else t for i, t in enumerate(y_true)]
+    f = _write(tmp_path / "p.csv", [_pred(n, p) for n, p in zip(names, y_pred)])
+    labels = tmp_path / "phone.csv"
+    labels.write_text("path,label\n" + "".join(f"{n},{BINARY[t]}\n" for n, t in zip(names, y_true)))
+    r = _score([str(f), "--labels", str(labels), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    rep = _report(tmp_path / "out")
+    assert rep["counts"]["sols"] == 40
+    order = sorted(range(40), key=lambda i: names[i])
+    want = bootstrap_cis([y_true[i] for i in order], [y_pred[i] for i in order], 2, "binary",
+                         n_boot=1000, seed=0, groups=sorted(names))  # fmt: skip
+    assert rep["cis_by_sol"] == want
+    assert {g["camera"] for g in rep["by_camera_and_class"]} == {"?"}
+    assert "most errors, by class:" in r.stdout
+
+
+def test_images_of_one_group_get_no_grouped_interval(tmp_path: Path) -> None:
+    y_true, _, preds = _own_set()
+    f = _write(tmp_path / "p.csv", preds)
+    labels = tmp_path / "one.csv"
+    labels.write_text("path,label,group\n" + "".join(
+        f"{n},{BINARY[t]},site-1\n" for n, t in zip(PERSEVERANCE, y_true)
+    ))  # fmt: skip
+    r = _score([str(f), "--labels", str(labels), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    rep = _report(tmp_path / "out")
+    assert rep["cis_by_group"] is None and rep["counts"]["groups"] == 1
+    assert "no interval by group: the images scored are all of one group" in r.stdout
+    assert "accuracy           0.8000  [" in r.stdout and "]  -\n" in r.stdout
+
+
+def test_labels_files_as_windows_and_old_macs_write_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Excel's "Unicode text" (UTF-16 with its mark), Windows paths, CR line ends, and a
+    stale $MARS_DATA, which a binary model's labels do not need."""
+    monkeypatch.setenv("MARS_DATA", str(tmp_path / "moved-away"))
+    y_true, y_pred, preds = _own_set()
+    f = _write(tmp_path / "p.csv", preds)
+    rows = [f"C:\\imgs\\{n},{BINARY[t]}" for n, t in zip(PERSEVERANCE, y_true)]
+    (tmp_path / "utf16.csv").write_bytes("\r\n".join(["path,label", *rows]).encode("utf-16"))
+    (tmp_path / "mac.csv").write_bytes("\r".join(["path,label", *rows, ""]).encode())
+    want = classification_metrics(y_true, y_pred, 2, "binary")
+    for name in ("utf16.csv", "mac.csv"):
+        r = _score([str(f), "--labels", str(tmp_path / name), "--out", str(tmp_path / name[:3])])
+        assert r.exit_code == 0, (name, r.output)
+        assert _report(tmp_path / name[:3])["metrics"] == want, name
+    # two labelled sets of one name are two report files
+    (tmp_path / "team-b").mkdir()
+    (tmp_path / "team-b" / "mac.csv").write_text("path,label\n" + rows[0].replace("\\", "/") + "\n")
+    r = _score([str(f), "--labels", str(tmp_path / "team-b" / "mac.csv"), "--out",
+                str(tmp_path / "mac"), "--allow-missing"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "mac").glob("score-labels-mac-*.json"))) == 2

@@ -128,6 +128,13 @@ def camera(path: Path) -> str:
     return code if len(code) == 2 and code.isalpha() else "?"
 
 
+def msl_name(path: Path) -> bool:
+    """Whether a file name is an MSL product's (sol, instrument, sequence, product code), so
+    that `sol_key` and `camera` read what it says: `20240501_1230.jpg` begins with 4 digits
+    too, and `sample_001.jpg` has two letters after them."""
+    return _PRODUCT.match(path.name) is not None
+
+
 def sol_key(path: Path) -> str:
     """The sol (mission day) that begins an MSL file name, as the key that groups one day's
     observations; a name without one is its own group."""
