@@ -436,15 +436,13 @@ def _labels_data(data: str | None) -> Path | None:
     """The MSL data folder beside --labels, needed only for an msl25 --top-k file's class
     names: --data as given (checked), else $MARS_DATA where it is one (a stale setting is no
     reason to refuse a binary model's score), else None."""
-    from marsvision.train.data import data_dir_setting, resolve_data_dir
+    from marsvision.train.data import resolve_data_dir
 
     if data is not None:
         return resolve_data_dir(data)
-    if data_dir_setting(None) is None:
-        return None
     try:
         return resolve_data_dir(None)
-    except MarsvisionError:
+    except MarsvisionError:  # not set, or not a data folder
         return None
 
 
@@ -540,14 +538,12 @@ def score(
         requirements = parse_requirements(require)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--require") from None
-    if labels is not None:
-        given = click.get_current_context().get_parameter_source("split")
-        if given is not click.core.ParameterSource.DEFAULT or val_half:
-            raise click.BadParameter(
-                "your own labelled images are scored instead of a split: not with --split or "
-                "--val-half",
-                param_hint="--labels",
-            )
+    if labels is not None and flags_given("split", "val_half"):
+        raise click.BadParameter(
+            "your own labelled images are scored instead of a split: not with --split or "
+            "--val-half",
+            param_hint="--labels",
+        )
     if val_half and split != "val":
         raise click.BadParameter(f"a half of val: needs --split val, not {split}",
                                  param_hint="--val-half")  # fmt: skip

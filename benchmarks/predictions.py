@@ -10,7 +10,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -31,6 +30,13 @@ def short_list(items: Sequence[str], limit: int = _SHOW) -> str:
     return ", ".join(items[:limit]) + more
 
 
+def file_name(path: str) -> str:
+    """The file name a path ends in: the key rows are matched to images by. At `/`, and at a
+    backslash too, for paths written on Windows (`C:\\imgs\\0195MH....JPG`), in a result file or
+    a labels CSV."""
+    return re.split(r"[\\/]", path.rstrip("/\\"))[-1]
+
+
 @dataclass(frozen=True)
 class PredictionRow:
     """One result row of mars-infer, as far as scoring needs it."""
@@ -47,8 +53,8 @@ class PredictionRow:
 
     @property
     def name(self) -> str:
-        """The image's file name: the key that matches the row to the split."""
-        return os.path.basename(self.path.rstrip("/"))
+        """The image's file name: the key that matches the row to an image (`file_name`)."""
+        return file_name(self.path)
 
 
 @dataclass(frozen=True)
@@ -265,7 +271,7 @@ def resolve_task(preds: Predictions, *, data_dir: Path | None) -> tuple[str, lis
             f"{preds.path} has classes [{short_list(found, 5)}], which are not binary's "
             f"[{', '.join(tasks['binary'])}]; "
             + ("an msl25 --top-k file names only some classes: pass --data (the MSL data "
-               "folder) for all 25" if preds.class_names is None
+               "folder; $MARS_DATA where it is one) for all 25" if preds.class_names is None
                else "nor 25 classes (msl25's)")
         )  # fmt: skip
     raise MarsvisionError(

@@ -34,6 +34,7 @@ METRICS = ("accuracy", "balanced_accuracy", "precision", "recall", "f1")
 N_BOOT = 1000
 SEED = 0
 _WORST = 6  # (camera, class) groups listed in the terminal summary
+LABELLED = "labelled set"  # a user's own labelled images, in messages
 _HALF_TEXT = {
     "held": ", its second half by sol (held out by a train+half-val model: its val)",
     "trained": ", its first half by sol (a train+half-val model's training data)",
@@ -108,6 +109,7 @@ def score_predictions(
     class_names: list[str],
     task: str,
     *,
+    listed: tuple[str, Sequence[str]],
     allow_missing: bool = False,
     group_by: str = "sol",
     what: str = "split",
@@ -117,7 +119,9 @@ def score_predictions(
     """Metrics and bootstrap CIs of the rows' labels (the model's decisions) against the truths,
     matched by file name; the second interval resamples whole groups (`group_by`: "sol", or a
     labels file's "group"), reported as cis_by_<group_by>: None for images of one group, whose
-    resamples are all the same. `what` names the truths in messages.
+    resamples are all the same. Errors are counted by the truths' `listed` (camera, class id)
+    under the key `listed[0]` ("msl_class", "class"), and named by `listed[1]`, the names of
+    those ids. `what` names the truths in messages ("split", "half", "labelled set").
 
     Every truth needs exactly one row, with status ok; otherwise a user error, or with
     `allow_missing` the image is left out and counted. Rows for other images are ignored.
@@ -138,7 +142,7 @@ def score_predictions(
     excluded: dict[str, list[str]] = {"missing": [], "failed": [], "duplicated": []}
     y_true, y_pred, groups = [], [], []
     confidence: list[float | None] = []
-    listed: dict[tuple[str, int], list[int]] = {}  # (camera, class) -> [images, errors]
+    errors: dict[tuple[str, int], list[int]] = {}  # (camera, class) -> [images, errors]
     for t in truths:
         mine = found.get(t.name, [])
         if not mine:
@@ -152,16 +156,16 @@ def score_predictions(
             y_pred.append(index[mine[0].label])
             confidence.append(mine[0].confidence)
             groups.append(t.group)
-            g = listed.setdefault(t.listed, [0, 0])
+            g = errors.setdefault(t.listed, [0, 0])
             g[0] += 1
             g[1] += y_pred[-1] != t.label
     problems = [f"{len(v)} {k} ({short_list(v)})" for k, v in excluded.items() if v]
     if not found:  # a file of another split's images: not "1305 missing"
         hint = (
-            "a file of another split, or of val's other half? score it with that --split "
+            "rows are matched by file name"
+            if what == LABELLED
+            else "a file of another split, or of val's other half? score it with that --split "
             "(--val-half)"
-            if what in ("split", "half")
-            else "rows are matched by file name"
         )
         raise MarsvisionError(
             f"none of its {outside} rows is of the {len(truths)} images scored: {hint}"
@@ -175,14 +179,15 @@ def score_predictions(
     if not y_true:
         raise MarsvisionError(f"none of the {what}'s {len(truths)} images has an ok row")
     metrics = classification_metrics(y_true, y_pred, len(class_names), task)
+    key, names = listed
     return {
         "task": task,
         "class_names": list(class_names),
         "positive_class": class_names[1] if task == "binary" else None,
         "metrics": metrics,
         "cis": bootstrap_cis(y_true, y_pred, len(class_names), task, n_boot=n_boot, seed=seed),
-        # images of one sol are one observation and err together: the honest interval
         "group_by": group_by,
+        # images of one sol are one observation and err together: the honest interval
         f"cis_by_{group_by}": bootstrap_cis(
             y_true, y_pred, len(class_names), task, n_boot=n_boot, seed=seed, groups=groups
         )
@@ -202,8 +207,8 @@ def score_predictions(
         if None in confidence
         else confidence_report(confidence, [t == p for t, p in zip(y_true, y_pred)]),
         "by_camera_and_class": [
-            {"camera": cam, "class": k, "images": n, "errors": e}
-            for (cam, k), (n, e) in sorted(listed.items(), key=lambda kv: (-kv[1][1], kv[0]))
+            {"camera": cam, key: k, f"{key}_name": names[k], "images": n, "errors": e}
+            for (cam, k), (n, e) in sorted(errors.items(), key=lambda kv: (-kv[1][1], kv[0]))
         ],
     }
 
@@ -237,8 +242,13 @@ def check_requirements(
     ]
 
 
+def _what(labels: bool, val_half: str | None) -> str:
+    """What the images scored are called in messages."""
+    return LABELLED if labels else "half" if val_half else "split"
+
+
 def _partial(report: dict[str, Any]) -> bool:
-    """Whether some images of the split (or half) were not scored (`--allow-missing`)."""
+    """Whether some images to score were not scored (`--allow-missing`)."""
     return bool(report["counts"]["scored"] < report["counts"]["split_images"])
 
 
@@ -258,15 +268,15 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     labels, fingerprint = None, None
     if cfg.labels is not None:
         labels = read_labels(cfg.labels, names)
-        truths, group_by, what = labels.truths, labels.group_by, "labelled set"
-        key, listed_names = "class", names  # errors listed by the task's class
+        truths, group_by = labels.truths, labels.group_by
+        listed: tuple[str, Sequence[str]] = ("class", names)  # errors by the task's class
     else:
         assert cfg.data_dir is not None  # ScoreConfig checks it
         samples = read_split(cfg.data_dir, cfg.split, task)
         if cfg.val_half:
             samples = val_half(samples, cfg.val_half)
-        truths, group_by, what = split_truths(samples), "sol", "half" if cfg.val_half else "split"
-        key, listed_names = "msl_class", msl_class_names(cfg.data_dir)  # by MSL class
+        truths, group_by = split_truths(samples), "sol"
+        listed = ("msl_class", msl_class_names(cfg.data_dir))  # errors by MSL class
         fingerprint = data_fingerprint(cfg.data_dir)
     scored = score_predictions(
         preds.rows,
@@ -274,14 +284,12 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         names,
         task,
         allow_missing=cfg.allow_missing,
+        listed=listed,
         group_by=group_by,
-        what=what,
+        what=_what(labels is not None, cfg.val_half),
         n_boot=cfg.n_boot,
         seed=cfg.seed,
     )
-    for g in scored["by_camera_and_class"]:
-        g[key] = g.pop("class")
-        g[f"{key}_name"] = listed_names[g[key]]
     checks = check_requirements(scored["metrics"], cfg.requirements)
     return {
         "kind": "score",
@@ -327,7 +335,7 @@ def render_text(report: dict[str, Any]) -> str:
         + (f", tta {model['tta']}" if model.get("tta", "none") != "none" else ""),
     ]
     share = 100.0 * c["scored"] / c["split_images"]
-    what = "labelled set" if labels else "half" if report.get("val_half") else "split"
+    what = _what(bool(labels), report["val_half"])
     if _partial(report):
         lines.append(
             f"COVERAGE: PARTIAL, {c['scored']} of {c['split_images']} images scored "
@@ -354,10 +362,10 @@ def render_text(report: dict[str, Any]) -> str:
                   "decision threshold chose a class outside the top k)"]  # fmt: skip
     worst = [g for g in report.get("by_camera_and_class", []) if g["errors"]][:_WORST]
     if worst:
-        key = "class_name" if labels else "msl_class_name"
+        name = "class_name" if labels else "msl_class_name"
         cameras = "camera and " if any(g["camera"] != "?" for g in worst) else ""
         lines += ["", f"most errors, by {cameras}{'class' if labels else 'MSL class'}:"]
-        lines += [f"  {_camera_text(g['camera'])}{g[key]}: {g['errors']} of {g['images']} wrong"
+        lines += [f"  {_camera_text(g['camera'])}{g[name]}: {g['errors']} of {g['images']} wrong"
                   for g in worst]  # fmt: skip
     if report["requirements"]:
         lines.append("")
@@ -400,9 +408,8 @@ def _confidence_text(conf: dict[str, Any]) -> list[str]:
 def _score_name(report: dict[str, Any]) -> str:
     """score-<split>-<model sha256[:12]>-<backend>[-tta-<mode>].json (score-val-held-...,
     score-val-trained-... for a half of val, score-labels-<name>-<labels sha256[:8]>-... for a
-    labels file or folder):
-    one file per model, backend and --tta, so that
-    scoring the same model's flip-TTA or GPU predictions does not overwrite the plain ones."""
+    labels file or folder): one file per model, backend and --tta, so that scoring the same
+    model's flip-TTA or GPU predictions does not overwrite the plain ones."""
     model = report["model"]
     tta = model.get("tta", "none")
     name = (

@@ -205,6 +205,19 @@ def fs_path(text: str) -> str:
     return os.fsdecode(text.encode("utf-8", "surrogateescape"))
 
 
+def decode_text(data: bytes, what: str) -> str:
+    """A text file's bytes as text: UTF-8, a byte-order mark skipped (Windows Notepad and
+    Excel's "CSV UTF-8" write one), bytes that are not UTF-8 kept as surrogates; or UTF-16 with
+    its mark (Windows PowerShell 5's `>`, Excel's "Unicode text"). `what` names the file in the
+    error ("the list file x.txt")."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as e:
+            raise MarsvisionError(f"{what} is not UTF-16 text ({e.reason})") from None
+    return data.decode("utf-8-sig", errors="surrogateescape")
+
+
 def _list_file(arg: str) -> list[str]:
     """The paths of an @list: UTF-8 (a byte-order mark skipped: Windows Notepad writes one) or
     UTF-16 with its mark (Windows PowerShell 5's `>` writes that); any line ending."""
@@ -214,13 +227,7 @@ def _list_file(arg: str) -> list[str]:
             data = f.read()
     except OSError as e:
         raise MarsvisionError(f"cannot read the list file {path} ({e.strerror})") from None
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        try:
-            text = data.decode("utf-16")
-        except UnicodeDecodeError as e:
-            raise MarsvisionError(f"the list file {path} is not UTF-16 text ({e.reason})") from None
-    else:
-        text = data.decode("utf-8-sig", errors="surrogateescape")
+    text = decode_text(data, f"the list file {path}")
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     for n, line in enumerate(lines, start=1):
         if "\x00" in line:  # no path holds one: UTF-16 without its mark, or not a text file

@@ -827,6 +827,7 @@ def test_labels_errors_are_one_line(
         (tmp_path / name).write_text("\n".join(lines) + "\n")
         return tmp_path / name
 
+    (tmp_path / "m.csv").write_bytes("path,label\r\n".encode("utf-16-le"))
     bad = tmp_path / "bad-folder"
     (bad / "Rover").mkdir(parents=True)
     (bad / "rover").mkdir()
@@ -858,6 +859,7 @@ def test_labels_errors_are_one_line(
         "blank group": (labels_file("h.csv", ["path,label,group", f"{rows[0]},a", f"{rows[1]},"]),
                         "h.csv:3: no group"),
         "no file": (tmp_path / "no-such.csv", "cannot read the labels file"),
+        "utf-16 without its mark": (tmp_path / "m.csv", "is not a text file (it holds a NUL"),
         "not a class": (bad, "'rover' is not one of them"),
         "loose image": (loose, "lies in the labels folder itself"),
         "same name in two classes": (twice, "labels the same file name more than once"),
@@ -886,7 +888,7 @@ def test_labels_errors_are_one_line(
     top = _write(tmp_path / "top.csv", [_pred(PERSEVERANCE[0], 3, names)], names=names, top_k=2)
     msl = labels_file("msl.csv", ["path,label", f"{PERSEVERANCE[0]},{names[3]}"])
     r = _score([str(top), "--labels", str(msl), "--out", str(tmp_path / "m")])
-    assert r.exit_code == 1 and "pass --data (the MSL data folder)" in _error_line(r)
+    assert r.exit_code == 1 and "pass --data (the MSL data folder;" in _error_line(r)
     r = _score(
         [str(top), "--labels", str(msl), "--data", str(msl_dir), "--out", str(tmp_path / "m")]
     )
@@ -948,6 +950,12 @@ def test_labels_files_as_windows_and_old_macs_write_them(
         r = _score([str(f), "--labels", str(tmp_path / name), "--out", str(tmp_path / name[:3])])
         assert r.exit_code == 0, (name, r.output)
         assert _report(tmp_path / name[:3])["metrics"] == want, name
+    # a mars-infer CSV written on Windows, scored against a corrected copy of itself
+    win = _write(tmp_path / "win.csv", [dataclasses.replace(p, path=f"C:\\imgs\\{p.path[12:]}")
+                                        for p in preds])  # fmt: skip
+    r = _score([str(win), "--labels", str(tmp_path / "utf16.csv"), "--out", str(tmp_path / "w")])
+    assert r.exit_code == 0, r.output
+    assert _report(tmp_path / "w")["metrics"] == want
     # two labelled sets of one name are two report files
     (tmp_path / "team-b").mkdir()
     (tmp_path / "team-b" / "mac.csv").write_text("path,label\n" + rows[0].replace("\\", "/") + "\n")

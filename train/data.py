@@ -122,24 +122,17 @@ CAMERAS = {"ML": "Mastcam left", "MR": "Mastcam right", "MH": "MAHLI"}
 
 
 def camera(path: Path) -> str:
-    """The instrument code in an MSL file name after the 4-digit sol (a key of CAMERAS); "?" for
-    a name that does not follow the pattern."""
-    code = path.name[4:6]
-    return code if len(code) == 2 and code.isalpha() else "?"
-
-
-def msl_name(path: Path) -> bool:
-    """Whether a file name is an MSL product's (sol, instrument, sequence, product code), so
-    that `sol_key` and `camera` read what it says: `20240501_1230.jpg` begins with 4 digits
-    too, and `sample_001.jpg` has two letters after them."""
-    return _PRODUCT.match(path.name) is not None
+    """The instrument code in an MSL product's file name after the 4-digit sol (a key of
+    CAMERAS); "?" for a name that is no MSL product's (`sample_001.jpg` has two letters there
+    too: it read "le")."""
+    return path.name[4:6] if _PRODUCT.match(path.name) else "?"
 
 
 def sol_key(path: Path) -> str:
-    """The sol (mission day) that begins an MSL file name, as the key that groups one day's
-    observations; a name without one is its own group."""
-    head = path.name[:4]
-    return head if head.isdigit() and len(head) == 4 else path.name
+    """The sol (mission day) that begins an MSL product's file name, as the key that groups one
+    day's observations; any other name is its own group (a phone's `20240501_1230.jpg` begins
+    with 4 digits too: its whole year was one "sol")."""
+    return path.name[:4] if _PRODUCT.match(path.name) else path.name
 
 
 def frame_key(path: Path) -> str:
