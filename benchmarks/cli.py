@@ -464,8 +464,9 @@ score-<split>-<model sha256[:12]>-<backend>[-tta-flip].json to --out (score-val-
 --labels scores images that are not an MSL split (Perseverance's, your own sort): a CSV file
 whose header names a path and a label column (a mars-infer CSV with its labels corrected is
 one), and optionally a group column (images that err together: a sol, a sequence; the second
-interval resamples whole groups, else whole sols of MSL-style file names), or a folder with one
-subfolder per class (Surface/, Rover/), images anywhere below each. Labels are the model's
+interval resamples whole groups; without one, the sols of MSL product names, other images one
+by one), or a folder with one subfolder per class (Surface/, Rover/), images anywhere below
+each. Labels are the model's
 class names; --data is then needed only for an msl25 --top-k file.
 
 \b
