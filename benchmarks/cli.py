@@ -466,8 +466,8 @@ whose header names a path and a label column (a mars-infer CSV with its labels c
 one), and optionally a group column (images that err together: a sol, a sequence; the second
 interval resamples whole groups; without one, the sols of MSL product names, other images one
 by one), or a folder with one subfolder per class (Surface/, Rover/), images anywhere below
-each. Labels are the model's
-class names; --data is then needed only for an msl25 --top-k file.
+each. Labels are the model's class names; --data is then needed only for an msl25 --top-k
+file.
 
 \b
 Exit codes:

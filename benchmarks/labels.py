@@ -126,7 +126,7 @@ def _read_csv(path: Path, data: bytes, classes: _Classes) -> Labels:
     if not truths:
         raise MarsvisionError(f"{path} has a header but no rows: no labelled images")
     group_by = GROUP_COLUMN if GROUP_COLUMN in at else "sol"
-    return _sorted_unique(Labels(path, "csv", truths, group_by, hashlib.sha256(data).hexdigest()))
+    return _sorted(Labels(path, "csv", truths, group_by, hashlib.sha256(data).hexdigest()))
 
 
 def _read_folder(path: Path, classes: _Classes) -> Labels:
@@ -161,20 +161,11 @@ def _read_folder(path: Path, classes: _Classes) -> Labels:
             f"{path} holds no images in subfolders named after the model's classes [{classes.text}]"
         )
     sha = hashlib.sha256("".join(sorted(listing)).encode("utf-8", "surrogateescape")).hexdigest()
-    return _sorted_unique(Labels(path, "folder", truths, "sol", sha))
+    return _sorted(Labels(path, "folder", truths, "sol", sha))
 
 
-def _sorted_unique(labels: Labels) -> Labels:
+def _sorted(labels: Labels) -> Labels:
     """The labels with their images in file-name order (the image bootstrap's resamples follow
-    the order: a CSV sorted another way, or the folder, would give other intervals); a name
-    labelled twice is refused, as rows are matched by file name."""
-    seen: dict[str, int] = {}
-    for t in labels.truths:
-        seen[t.name] = seen.get(t.name, 0) + 1
-    twice = sorted(n for n, k in seen.items() if k > 1)
-    if twice:
-        raise MarsvisionError(
-            f"{labels.path} labels the same file name more than once ({short_list(twice)}): "
-            "rows are matched by file name"
-        )
+    the order: a CSV sorted another way, or the folder, would give other intervals). A name
+    labelled twice is refused where they are scored (`score.score_predictions`)."""
     return dataclasses.replace(labels, truths=sorted(labels.truths, key=lambda t: t.name))

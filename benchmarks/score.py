@@ -8,6 +8,7 @@ optional pass/fail requirements. The task and class names come from the file its
 
 from __future__ import annotations
 
+import collections
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -128,9 +129,14 @@ def score_predictions(
     """
     from marsvision.train.metrics import bootstrap_cis, classification_metrics, confidence_report
 
-    wanted = {t.name for t in truths}
-    if len(wanted) != len(truths):
-        raise MarsvisionError(f"the {what} lists the same file name twice: cannot match by name")
+    counted = collections.Counter(t.name for t in truths)
+    twice = sorted(name for name, k in counted.items() if k > 1)
+    if twice:
+        raise MarsvisionError(
+            f"the {what} labels the same file name more than once ({short_list(twice)}): rows "
+            "are matched by file name"
+        )
+    wanted = set(counted)
     found: dict[str, list[PredictionRow]] = {}
     outside = 0
     for r in rows:

@@ -215,17 +215,20 @@ class Classifier:
         if type(read_ahead) is not int or read_ahead not in (1, 2):  # not True, not 1.0
             raise ValueError(f"read_ahead is 1 or 2 (batches), not {read_ahead!r}")
         self._check_open()  # here, not at the first next()
+        chunks = self._chunks(iter(paths))
         if isinstance(paths, (list, tuple)) and len(paths) == 1:
-            return self._one(paths[0])
-        return self._pipeline(self._chunks(iter(paths)), read_ahead)
+            return self._one(chunks)
+        return self._pipeline(chunks, read_ahead)
 
-    def _one(self, path: str | os.PathLike[str]) -> Generator[list[Prediction], None, None]:
-        """One image, decoded in the caller's thread: an onboard loop's `predict([frame])`
-        started a decoding thread and a pool for each frame, and waited on their hand-offs
-        (8.5 ms a frame against 7.3, INT8 at batch 1 on 2 cores)."""
-        item = os.fspath(path)
-        buf = _batch_buffer(1, self.meta.preprocess.input_size)
-        yield self._infer([os.fsdecode(item)], buf, [self._fill(item, buf[0])])
+    def _one(
+        self, chunks: Iterator[tuple[list[str], list[str | bytes]]]
+    ) -> Generator[list[Prediction], None, None]:
+        """A batch of one image, decoded in the caller's thread: an onboard loop's
+        `predict([frame])` started a decoding thread and a pool for each frame, and waited on
+        their hand-offs (8.5 ms a frame against 7.3, INT8 at batch 1 on 2 cores)."""
+        for names, items in chunks:
+            buf = _batch_buffer(1, self.meta.preprocess.input_size)
+            yield self._infer(names, buf, [self._fill(items[0], buf[0])])
 
     def _chunks(
         self, paths: Iterator[str | os.PathLike[str]]
