@@ -14,6 +14,7 @@ import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -171,7 +172,7 @@ class _Interruptible(click.Group):
 @click.group(cls=_Interruptible, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Benchmark marsvision models: speed and accuracy parity against PyTorch, and scores of
-    mars-infer result files on the official MSL splits."""
+    mars-infer result files on the official MSL splits or on your own labelled images."""
     no_telemetry()
 
 
@@ -192,6 +193,17 @@ _out = click.option(
     help="Results folder.",
 )
 _data = click.option("--data", default=None, help="MSL data folder (default: $MARS_DATA).")
+
+
+def _bar(name: str, help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A parity threshold's option: `--<name>`, a float, defaulting to `Thresholds`' value."""
+    return click.option(
+        "--" + name.replace("_", "-"),
+        type=float,
+        default=getattr(_PARITY.thresholds, name),
+        show_default=True,
+        help=help,
+    )
 
 
 @main.command()
@@ -346,41 +358,11 @@ def speed(
 @click.option("--batch-size", type=int, default=_PARITY.batch_size, show_default=True)
 @_device
 @_threads
-@click.option(
-    "--fp32-min-agreement",
-    type=float,
-    default=_PARITY.thresholds.fp32_min_agreement,
-    show_default=True,
-    help="FP32: least top-1 agreement with PyTorch, percent.",
-)
-@click.option(
-    "--fp16-max-accuracy-change",
-    type=float,
-    default=_PARITY.thresholds.fp16_max_accuracy_change,
-    show_default=True,
-    help="FP16: largest |accuracy change|, points.",
-)
-@click.option(
-    "--fp16-min-agreement",
-    type=float,
-    default=_PARITY.thresholds.fp16_min_agreement,
-    show_default=True,
-    help="FP16: least top-1 agreement with PyTorch, percent.",
-)
-@click.option(
-    "--int8-max-accuracy-change",
-    type=float,
-    default=_PARITY.thresholds.int8_max_accuracy_change,
-    show_default=True,
-    help="INT8: largest |accuracy change|, points.",
-)
-@click.option(
-    "--int8-min-agreement",
-    type=float,
-    default=_PARITY.thresholds.int8_min_agreement,
-    show_default=True,
-    help="INT8: least top-1 agreement with PyTorch, percent.",
-)
+@_bar("fp32_min_agreement", "FP32: least top-1 agreement with PyTorch, percent.")
+@_bar("fp16_max_accuracy_change", "FP16: largest |accuracy change|, points.")
+@_bar("fp16_min_agreement", "FP16: least top-1 agreement with PyTorch, percent.")
+@_bar("int8_max_accuracy_change", "INT8: largest |accuracy change|, points.")
+@_bar("int8_min_agreement", "INT8: least top-1 agreement with PyTorch, percent.")
 @_out
 def parity(
     checkpoint: Path | None,
