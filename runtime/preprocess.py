@@ -168,9 +168,13 @@ def decode_image(
     max_pixels: int = MAX_PIXELS,
 ) -> np.ndarray:
     """Decode, resize and center-crop one file: uint8 (input_size, input_size, 3)."""
+    if "\0" in os.fsdecode(path):  # os.open's ValueError read as a corrupt image
+        raise ImageError("not a file name: it holds a NUL character")
+    size = ""
     try:
         with _open_file(path) as f, Image.open(f, formats=raster_formats()) as img:
             w, h = img.size
+            size = f", {w}x{h} pixels"
             if w * h > max_pixels:
                 raise ImageError(
                     f"image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels} "
@@ -200,6 +204,12 @@ def decode_image(
                 rgb = rgb.resize((tw, th), Image.Resampling[spec.interpolation.upper()])
     except ImageError:
         raise
+    except MemoryError:  # as ENOMEM: the images after it would fail too, rows --resume keeps
+        raise MarsvisionError(
+            f"out of memory decoding {os.fsdecode(path)}{size}: a limit of this process or "
+            "machine; free memory or decode fewer images at once (mars-infer --workers), and run "
+            "again (mars-infer: --resume continues)"
+        ) from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"decompression-bomb guard: {e}") from None
     except FileNotFoundError:

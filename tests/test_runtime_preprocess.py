@@ -228,6 +228,32 @@ def test_files_that_are_not_images_on_disk(tmp_path: Path, msl_dir: Path) -> Non
         decode_image(tmp_path, spec)
 
 
+def test_running_out_of_memory_stops_and_a_nul_is_no_file_name(
+    tmp_path: Path, msl_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of memory while decoding gave the image an error row "cannot read image
+    (MemoryError: )", and the images after it the same, rows --resume keeps: it stops the run
+    as ENOMEM does, naming the image and its size. A path holding a NUL character was a
+    "corrupt or truncated image"."""
+    from marsvision.runtime import preprocess
+    from marsvision.runtime.errors import MarsvisionError
+
+    spec = PreprocessSpec.for_input_size(64)
+    path = _msl_images(msl_dir, 1)[0]
+    w, h = Image.open(path).size
+
+    def no_memory(img: Image.Image) -> Image.Image:
+        raise MemoryError
+
+    monkeypatch.setattr(preprocess, "to_rgb", no_memory)
+    with pytest.raises(MarsvisionError, match=rf"^out of memory decoding .*{path.name}, {w}x{h} "):
+        decode_image(path, spec)
+    monkeypatch.undo()
+    for nul in (f"{path}\0.jpg", os.fsencode(path) + b"\0"):
+        with pytest.raises(ImageError, match=r"^not a file name: it holds a NUL character$"):
+            decode_image(nul, spec)
+
+
 def test_float_images_with_no_data_pixels(tmp_path: Path) -> None:
     """A float image in [0, 1] with NaN ("no data") pixels keeps its brightness: the NaN pixels
     are black, the rest scaled as without them."""
