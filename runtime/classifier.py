@@ -209,7 +209,7 @@ class Classifier:
         to its end first, and an endless one never gave a row). With 1, a batch's rows come
         before the next paths are read: for a live stream (batch_size 1 too, as a batch waits
         for its paths), where a frame's rows waited for the next frame. An exception from
-        `paths` is raised after the batches before it."""
+        `paths` is raised after the rows of the paths before it."""
         if isinstance(paths, (str, bytes, os.PathLike)):  # a str would be classified by letter
             raise TypeError(f"paths is one path ({paths!r}): pass a list of paths")
         if type(read_ahead) is not int or read_ahead not in (1, 2):  # not True, not 1.0
@@ -233,8 +233,20 @@ class Classifier:
     def _chunks(
         self, paths: Iterator[str | os.PathLike[str]]
     ) -> Iterator[tuple[list[str], list[str | bytes]]]:
-        while chunk := list(itertools.islice(paths, self.batch_size)):
-            items: list[str | bytes] = [os.fspath(p) for p in chunk]
+        """`paths` a batch at a time, as (names, paths as given). What `paths` raises (a
+        failing source, an element that is not a path) comes after the paths before it, the
+        batch's own too: they were read and given no row."""
+        while True:
+            items: list[str | bytes] = []
+            try:
+                for p in itertools.islice(paths, self.batch_size):
+                    items.append(os.fspath(p))
+            except Exception:
+                if items:
+                    yield [os.fsdecode(p) for p in items], items
+                raise
+            if not items:
+                return
             yield [os.fsdecode(p) for p in items], items
 
     def _check_open(self) -> None:
@@ -263,11 +275,25 @@ class Classifier:
         todo: queue.Queue[tuple[list[str], list[str | bytes]] | None] = queue.Queue()
         ready: queue.Queue[_Ready | BaseException | None] = queue.Queue()
         stop = threading.Event()
+        # the pipeline's own threads: the generator collected by gc in one of them ran halt()
+        # there, which waited for the producer, which waited for that thread (a hang, and at exit)
+        own: set[threading.Thread] = set()
+
+        def mine() -> None:
+            own.add(threading.current_thread())
+
+        def fill(item: str | bytes, buf: np.ndarray) -> str | None:
+            # a stopped pipeline's rows are never given: leaving the loop or close() waited
+            # for the whole batch to decode (seconds for large images)
+            return "not decoded: the generator ended" if stop.is_set() else self._fill(item, buf)
 
         def produce() -> None:  # waits on queues only: a close never waits for the caller's paths
+            mine()
             made = 0  # buffers, made as needed: a short input needs no more than its batches
             try:
-                with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
+                with ThreadPoolExecutor(
+                    self.workers, thread_name_prefix="decode", initializer=mine
+                ) as pool:
                     while (chunk := todo.get()) is not None:
                         names, items = chunk
                         if made < _BUFFERS and free.empty():
@@ -277,7 +303,7 @@ class Classifier:
                             buf = free.get()
                         if stop.is_set():
                             return
-                        errors = list(pool.map(self._fill, items, buf))
+                        errors = list(pool.map(fill, items, buf))
                         ready.put((names, buf, errors))
             except BaseException as e:  # handed to the consumer, which re-raises it
                 ready.put(e)
@@ -288,7 +314,8 @@ class Classifier:
             stop.set()
             todo.put(None)  # wake the producer if it waits for a batch,
             free.put(np.empty(0, dtype=np.float32))  # or for a buffer
-            producer.join()
+            if threading.current_thread() not in own:  # it ends once this thread's image is done
+                producer.join()
 
         producer = threading.Thread(target=produce, name="mars-decode", daemon=True)
         producer.start()

@@ -295,6 +295,81 @@ def test_close_ends_the_threads_of_an_open_generator(
         next(batches)
 
 
+def _decode_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate()
+            if t.name == "mars-decode" or t.name.startswith("decode_")]  # fmt: skip
+
+
+def test_a_generator_ended_in_its_own_decoding_thread_does_not_hang(
+    models: dict[str, Path], msl_dir: Path
+) -> None:
+    """gc may collect an abandoned predict_batches generator in any thread, one of its own
+    decoding threads too: its end there waited for the producer, which waited for that thread,
+    and the process then hung at exit. Ending it in its own thread returns, and its threads end."""
+    import threading
+    import time
+
+    from marsvision.runtime.classifier import Classifier
+    from marsvision.train.data import read_split
+
+    images = [s.path for s in read_split(msl_dir, "val", "binary", limit=8)]
+    yielded, ended, filled = threading.Event(), threading.Event(), []
+    with Classifier(models["int8"], device="cpu", batch_size=2, workers=1) as clf:
+        fill = clf._fill
+
+        def ending(path: str | bytes, buf: np.ndarray) -> str | None:
+            filled.append(path)
+            if len(filled) == 3:  # the next batch's first image, once the first is out
+                yielded.wait(20)
+                batches.close()  # as gc would, in this thread
+                ended.set()
+            return fill(path, buf)
+
+        clf._fill = ending  # type: ignore[method-assign]
+        batches = clf.predict_batches(images)
+        assert len(next(batches)) == 2
+        yielded.set()
+        assert ended.wait(20), "ending the generator in its own decoding thread hung"
+        for _ in range(200):
+            if not _decode_threads():
+                break
+            time.sleep(0.05)
+        assert _decode_threads() == []
+
+
+def test_leaving_a_generator_does_not_wait_for_its_next_batch(
+    models: dict[str, Path], msl_dir: Path
+) -> None:
+    """Leaving a predict_batches loop (or close(), or Ctrl-C) waited for the whole batch being
+    read ahead to decode: seconds for large images. The images not yet started are skipped."""
+    import threading
+    import time
+
+    from marsvision.runtime.classifier import Classifier
+    from marsvision.train.data import read_split
+
+    images = [s.path for s in read_split(msl_dir, "val", "binary", limit=8)]
+    started, filled = threading.Event(), []
+    with Classifier(models["int8"], device="cpu", batch_size=4, workers=1) as clf:
+        fill = clf._fill
+
+        def slow(path: str | bytes, buf: np.ndarray) -> str | None:
+            filled.append(path)
+            if len(filled) == 5:  # the next batch's first image: a large one
+                started.set()
+                time.sleep(0.5)
+            return fill(path, buf)
+
+        clf._fill = slow  # type: ignore[method-assign]
+        batches = clf.predict_batches(images)
+        assert len(next(batches)) == 4
+        assert started.wait(20)
+        batches.close()
+        assert len(filled) == 5  # not 8: the three after it were not decoded
+
+
 def test_one_image_is_classified_in_the_callers_thread(
     models: dict[str, Path], msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -448,7 +523,12 @@ def test_paths_are_read_a_batch_at_a_time(models: dict[str, Path], msl_dir: Path
     with Classifier(models["int8"], device="cpu", batch_size=8) as clf:
         with pytest.raises(OSError, match="the source went away"):
             got.extend(len(b) for b in clf.predict_batches(failing()))
-        assert got == [8, 8]  # the batches before it (they were lost)
+        assert got == [8, 8, 4]  # the paths before it, the last 4 too (they got no row)
+        got.clear()
+        odd: list[Any] = [image] * 10 + [None, image]
+        with pytest.raises(TypeError):  # an element that is not a path: the same
+            got.extend(len(b) for b in clf.predict_batches(odd))
+        assert got == [8, 2]
     with Classifier(models["int8"], device="cpu", batch_size=4) as clf:  # and a short one
         assert [len(b) for b in clf.predict_batches(iter([image] * 5))] == [4, 1]
         assert clf.predict([]) == []
