@@ -133,6 +133,11 @@ def plan(cfg: SpeedConfig) -> tuple[list[Job], list[dict[str, Any]]]:
         if precision not in planned:
             runs = "; ".join(f"{b} {', '.join(_runs(b, cfg.device))}" for b in backends)
             skip(",".join(backends), precision, f"no backend chosen runs {precision} ({runs})")
+    given = {b for b, _, _ in pairs} | {b for r in skipped for b in r["backend"].split(",")}
+    for backend in cfg.backends or ():  # asked for by name, and none of its precisions chosen
+        if backend not in given:  # it had no row: `--backends tensorrt` on the CPU exited 0
+            runs = ", ".join(_runs(backend, cfg.device))
+            skip(backend, ",".join(precisions), f"{backend} runs {runs}, none of them chosen")
     jobs = [
         Job(
             mode=mode,

@@ -204,7 +204,9 @@ def test_speed_says_what_it_does_not_measure(
     fp32_dir: Path, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     """A precision asked for by name that no chosen backend runs is a skipped row saying what
-    each runs (it vanished, exit 0); no mode at all is refused; artifacts exported from another
+    each runs (it vanished, exit 0), and so is a backend asked for by name that runs none of
+    the precisions chosen (`--backends tensorrt` on the CPU measured the baseline alone and
+    exited 0); no mode at all is refused; artifacts exported from another
     checkpoint are refused before anything is timed, as parity refuses them."""
     from marsvision.benchmarks.speed import SpeedConfig, plan, run_speed
 
@@ -217,6 +219,15 @@ def test_speed_says_what_it_does_not_measure(
         ("onnxruntime", "fp16", f"skipped: no fp16 artifact in {fp32_dir}"),
         ("onnxruntime,pytorch", "int8", f"skipped: no backend chosen runs int8 ({runs})"),
     ]
+    for precisions in (None, ("fp32",)):  # a backend named that none of them is run on: no row
+        cfg = SpeedConfig(checkpoint=tiny_checkpoint, artifacts=fp32_dir, precisions=precisions,
+                          backends=("tensorrt",), modes=("model",))  # fmt: skip
+        jobs, skipped = plan(cfg)
+        assert {(j.backend, j.precision) for j in jobs} == {("pytorch", "fp32")}
+        chosen = ",".join(precisions or ("fp32", "int8-cpu"))
+        assert [(r["backend"], r["precision"], r["status"]) for r in skipped] == [
+            ("tensorrt", chosen, "skipped: tensorrt runs fp16, int8, none of them chosen")
+        ]
     with pytest.raises(MarsvisionError, match="--modes: give model, e2e or both"):
         SpeedConfig(checkpoint=tiny_checkpoint, modes=())
     other = tmp_path / "other.pt"
