@@ -125,7 +125,8 @@ def passed_over_note(folder: str, counts: collections.Counter[str]) -> str:
     if counts:
         kinds = ", ".join(f"{k or 'no ending'} {n}" for k, n in counts.most_common(5))
         more = ", ..." if len(counts) > 5 else ""
-        parts.append(f"{sum(counts.values())} files not named as images ({kinds}{more}; "
+        n = sum(counts.values())
+        parts.append(f"{n} file{'s' * (n > 1)} not named as images ({kinds}{more}; "
                      "name one to classify it)")  # fmt: skip
     return f"passed over in {folder}: " + "; ".join(parts)
 
@@ -270,7 +271,7 @@ def expand_inputs(
             unreadable: list[str] = []
             passed: collections.Counter[str] = collections.Counter()
             found = folder_images(arg, recursive, unreadable, passed)
-            if passed and found and notes is not None:  # none found: its row says so
+            if passed and notes is not None:  # none found too: its row said only "none"
                 notes.append(passed_over_note(arg, passed))
             out.extend(found + unreadable or [arg])  # no images: the folder's error row
         elif not os.path.lexists(arg) and GLOB_CHARS & set(arg):

@@ -100,7 +100,8 @@ def test_folders_skip_hidden_files_and_subfolders(tmp_path: Path) -> None:
 def test_a_folder_says_what_it_passed_over(tmp_path: Path) -> None:
     """A folder PATH without --recursive classified its top level and said nothing of its
     subfolders; JPEG 2000 (planetary archives) and other files were passed over silently. JPEG
-    2000 is an image now, and one line per folder says what else was there."""
+    2000 is an image now, and one line per folder says what else was there, one without
+    images too (its row said only that it had none)."""
     from marsvision.runtime.inputs import expand_inputs
 
     top = tmp_path / "mine"
@@ -120,10 +121,13 @@ def test_a_folder_says_what_it_passed_over(tmp_path: Path) -> None:
     assert notes == [f"passed over in {top}: 4 files not named as images (.lbl 2, no ending 1, "
                      ".txt 1; name one to classify it)"]  # fmt: skip
     notes.clear()
-    empty = tmp_path / "only-labels"
-    empty.mkdir()
+    empty = tmp_path / "only-labels"  # no images in it: its error row, and what was there
+    (empty / "sub").mkdir(parents=True)
     (empty / "x.lbl").touch()
-    assert expand_inputs([str(empty)], notes=notes) == [str(empty)] and notes == []  # its row
+    (empty / "sub" / "f.jpg").touch()
+    assert expand_inputs([str(empty)], notes=notes) == [str(empty)]
+    assert notes == [f"passed over in {empty}: 1 subfolder (--recursive descends into them); 1 "
+                     "file not named as images (.lbl 1; name one to classify it)"]  # fmt: skip
 
 
 def test_list_file_with_a_byte_order_mark(tmp_path: Path) -> None:
