@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import io
 import os
 import subprocess
@@ -228,6 +229,43 @@ def test_files_that_are_not_images_on_disk(tmp_path: Path, msl_dir: Path) -> Non
         decode_image(tmp_path, spec)
 
 
+def test_grayscale_images_are_resized_before_they_become_rgb(
+    tmp_path: Path, msl_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grayscale image (Navcam, Hazcam, 16-bit products) was made RGB at full size, then
+    resized three channels at a time (10.3 ms for a 1024 px frame against 7.2): it is resized
+    as one channel, with the same pixels for every filter."""
+    from marsvision.runtime.preprocess import to_rgb
+    from marsvision.runtime.spec import INTERPOLATIONS
+
+    gray = [p for p in sorted((msl_dir / "calibrated").glob("*.JPG"))[:400]
+            if Image.open(p).mode == "L"][:3]  # fmt: skip
+    assert gray, "the MSL set has grayscale images"
+    deep = tmp_path / "deep.png"  # 12-bit data in a 16-bit file
+    Image.fromarray((np.arange(300 * 200).reshape(200, 300) % 4096).astype(np.uint16)).save(deep)
+    resized: list[str] = []
+    resize = Image.Image.resize
+
+    def recorded(img: Image.Image, *args: Any, **kwargs: Any) -> Image.Image:
+        resized.append(img.mode)
+        return resize(img, *args, **kwargs)
+
+    for interp in INTERPOLATIONS:
+        spec = dataclasses.replace(PreprocessSpec.for_input_size(64), interpolation=interp)
+        for path in [*gray, deep]:
+            with Image.open(path) as img:
+                want = to_rgb(img).resize(
+                    resized_size(*img.size, spec.resize_size),
+                    Image.Resampling[interp.upper()],
+                )
+            left, top = (round((n - 64) / 2.0) for n in want.size)  # as decode_image crops
+            monkeypatch.setattr(Image.Image, "resize", recorded)
+            got = decode_image(path, spec)
+            monkeypatch.undo()
+            assert (got == np.asarray(want)[top : top + 64, left : left + 64]).all(), (path, interp)
+    assert set(resized) == {"L"}
+
+
 def test_running_out_of_memory_stops_and_a_nul_is_no_file_name(
     tmp_path: Path, msl_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -245,7 +283,7 @@ def test_running_out_of_memory_stops_and_a_nul_is_no_file_name(
     def no_memory(img: Image.Image) -> Image.Image:
         raise MemoryError
 
-    monkeypatch.setattr(preprocess, "to_rgb", no_memory)
+    monkeypatch.setattr(preprocess, "to_rgb_or_l", no_memory)
     with pytest.raises(MarsvisionError, match=rf"^out of memory decoding .*{path.name}, {w}x{h} "):
         decode_image(path, spec)
     monkeypatch.undo()
