@@ -251,7 +251,11 @@ def _bar(name: str, help: str) -> Callable[[Callable[..., Any]], Callable[..., A
     show_default=True,
     help="At most this many end-to-end images (cycled through).",
 )
-@_data
+@click.option(
+    "--data",
+    default=None,
+    help="MSL data folder of an --images split name, e2e only (default: $MARS_DATA).",
+)
 @click.option("--warmup", type=int, default=_SPEED.warmup, show_default=True)
 @click.option(
     "--repeats",
