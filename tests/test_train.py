@@ -62,6 +62,29 @@ def run(msl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def test_own_images_in_the_msl_layout_get_no_interval_by_sol(msl_dir: Path, tmp_path: Path) -> None:
+    """Images of your own written in the MSL layout, under names that are no MSL product's, are
+    each a group of their own: the summary called the interval over images "resampling whole
+    sols"."""
+    import shutil
+
+    data = tmp_path / "own"
+    (data / "imgs").mkdir(parents=True)
+    shutil.copy(msl_dir / msl.SYNSET_FILE, data / msl.SYNSET_FILE)
+    for split, name in msl.SPLIT_FILES.items():
+        lines = []
+        for i, line in enumerate((msl_dir / name).read_text().splitlines()[:8]):
+            path, label = line.split()
+            shutil.copy(msl_dir / path, data / "imgs" / f"0830_{split}{i}.jpg")
+            lines.append(f"imgs/0830_{split}{i}.jpg {label}")
+        (data / name).write_text("\n".join(lines) + "\n")
+    r = _train(["--data", str(data), "--epochs", "1", "--out", str(tmp_path / "r"), *QUICK])
+    assert "(n=8); no CI by sol (no test file name is an MSL product's, whose sol it gives)\n" in (
+        r.output
+    ), r.output
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["test"]["sols"] == 0
+
+
 def test_an_msl25_summary_says_its_f1_is_macro(msl_dir: Path, tmp_path: Path) -> None:
     r = _train(["--data", str(msl_dir), "--task", "msl25", "--epochs", "1", "--limit", "8",
                 "--out", str(tmp_path / "m"), *QUICK])  # fmt: skip
@@ -112,8 +135,9 @@ def test_predictions_agree_with_metrics_and_checkpoint(run: Path, msl_dir: Path)
     assert y_true == [s.label for s in samples]
     assert y_pred == list(probs.argmax(1))
     assert classification_metrics(y_true, y_pred, 2, "binary") == {
-        k: v for k, v in m["test"].items() if k not in ("ci95", "ci95_by_sol")
+        k: v for k, v in m["test"].items() if k not in ("ci95", "ci95_by_sol", "sols")
     }
+    assert m["test"]["sols"] == len({msl.sol_key(s.path) for s in samples}) > 1
     # the checkpoint that ships is the one that made these predictions
     ckpt = load_checkpoint(run / "checkpoint.pt")
     assert ckpt["epoch"] == m["best_epoch"] and ckpt["task"] == "binary"

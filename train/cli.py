@@ -269,6 +269,9 @@ def main(
     test = result["test"]
     (lo, hi), (f1_lo, f1_hi) = test["ci95"]["accuracy"], test["ci95"]["f1"]
     sol_lo, sol_hi = test["ci95_by_sol"]["accuracy"]
+    by_sol = f"accuracy CI resampling whole sols {sol_lo:.4f}-{sol_hi:.4f}"
+    if not test["sols"]:  # each image was its own group: that interval is the one over images
+        by_sol = "no CI by sol (no test file name is an MSL product's, whose sol it gives)"
     seen = " (trained on: not a held-out score)" if cfg.refit else ""
     secs = [h["seconds"] for h in result["history"] if "seconds" in h]
     ran = len(secs)
@@ -282,8 +285,7 @@ def main(
                 f"test accuracy {test['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}) balanced "
                 f"{test['balanced_accuracy']:.4f} f1 ({of_f1}) "
                 f"{test['f1']:.4f} ({f1_lo:.4f}-{f1_hi:.4f}) "
-                f"(n={test['n']}); accuracy CI resampling whole sols "
-                f"{sol_lo:.4f}-{sol_hi:.4f}\n"
+                f"(n={test['n']}); {by_sol}\n"
                 f"wrote {cfg.out}/checkpoint.pt, metrics.json, predictions_test.csv, "
                 "curves.png, confusion_test.png, config.json, resume.pt")  # fmt: skip
 
