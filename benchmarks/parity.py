@@ -437,10 +437,13 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
     from marsvision.benchmarks.conditions import capture_conditions
     from marsvision.runtime.metadata import sha256_file
     from marsvision.train.checkpoint import load_checkpoint
+    from marsvision.train.data import check_same_data
     from marsvision.train.device import select_device
 
     say = log or (lambda msg: None)
     ckpt = load_checkpoint(cfg.checkpoint)
+    # another data set's split files: its "val" rows were other images (mars-export refuses it)
+    check_same_data(ckpt, cfg.data_dir, cfg.checkpoint)
     model = _Model(ckpt["task"], list(ckpt["class_names"]), ckpt.get("decision_threshold"))
     ckpt_sha = sha256_file(cfg.checkpoint)
     artifacts = find_artifacts(cfg.artifacts)

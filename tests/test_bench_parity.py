@@ -345,6 +345,27 @@ def test_a_reference_that_is_not_finite_is_refused(
         parity.run_parity(cfg)
 
 
+def test_a_data_set_the_checkpoint_was_not_trained_on_is_refused(
+    exported: tuple[Path, Path], msl_dir: Path, tmp_path: Path
+) -> None:
+    """A data folder whose val list was test's was scored and reported as val (mars-export
+    refuses such a folder)."""
+    from marsvision.benchmarks import parity
+    from marsvision.train import data as msl
+
+    ckpt, art = exported
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "calibrated").symlink_to(msl_dir / "calibrated")
+    for name in (msl.SYNSET_FILE, *msl.SPLIT_FILES.values()):
+        (other / name).write_bytes((msl_dir / name).read_bytes())
+    (other / msl.SPLIT_FILES["val"]).write_bytes((msl_dir / msl.SPLIT_FILES["test"]).read_bytes())
+    cfg = parity.ParityConfig(checkpoint=ckpt, artifacts=art, data_dir=other, splits=("val",),
+                              limit=4)  # fmt: skip
+    with pytest.raises(MarsvisionError, match=r"other is not the data set .* was trained on"):
+        parity.run_parity(cfg)
+
+
 @pytest.mark.parametrize(
     ("change", "refusal"),
     [
