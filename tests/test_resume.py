@@ -78,7 +78,8 @@ def test_resume_free_settings_and_other_data(tmp_path: Path) -> None:
 
 def test_resume_refuses_a_newer_versions_run_and_other_files(tmp_path: Path) -> None:
     """A resume.pt with a setting this version does not know (begun by a newer marsvision) was
-    resumed without it, and a torch file that is no resume.pt was a KeyError traceback."""
+    resumed without it, and a torch file that is no resume.pt (a checkpoint.pt too) was a
+    KeyError traceback."""
     cfg = TrainConfig(data=Path("d"), out=tmp_path)
     _save(tmp_path, {**cfg.to_dict(), "label_noise": 0.1})
     with pytest.raises(MarsvisionError, match=r"settings this marsvision does not know \(label_"):
@@ -93,6 +94,11 @@ def test_resume_refuses_a_newer_versions_run_and_other_files(tmp_path: Path) -> 
             load_resume(tmp_path, cfg, "f")
     torch.save({"config": cfg.to_dict()}, tmp_path / RESUME)
     with pytest.raises(MarsvisionError, match="data set differs"):
+        load_resume(tmp_path, cfg, "f")
+    # a checkpoint.pt copied to resume.pt: its config matched, then restore() raised KeyError
+    torch.save({"config": cfg.to_dict(), "data_fingerprint": "f", "state_dict": {}},
+               tmp_path / RESUME)  # fmt: skip
+    with pytest.raises(MarsvisionError, match=r"is a model checkpoint \(a checkpoint.pt\), not"):
         load_resume(tmp_path, cfg, "f")
 
 

@@ -81,6 +81,11 @@ def load_resume(out: Path, cfg: TrainConfig, fingerprint: str) -> dict[str, Any]
         raise MarsvisionError(
             f"--resume: {path} is not a run's resume file (start without --resume)"
         )
+    if "state_dict" in state and "model" not in state:  # it was a KeyError after the decoding
+        raise MarsvisionError(
+            f"--resume: {path} is a model checkpoint (a checkpoint.pt), not a run's resume file: "
+            "it holds no optimizer or schedule to continue (start without --resume)"
+        )
     saved, now = state["config"], cfg.to_dict()
     unknown = sorted(set(saved) - set(now))
     if isinstance(saved.get("augment"), dict):  # its settings too (--jitter, --grayscale, ...)
