@@ -259,9 +259,32 @@ def test_a_stopped_run_leaves_no_temporary_checkpoint(
     assert not (out / "resume.pt").exists()
     said = {signal.SIGINT: "interrupted", signal.SIGTERM: "stopped by SIGTERM"}[sig]
     assert (
-        f"mars-train: {said}; no resume.pt yet to continue from (the first is saved at the "
+        f"mars-train: {said}; no resume.pt of this run yet to continue from (the first is "
+        "saved at the "
         "end of the first epoch that ends 5 minutes or more into training" in err
     )
+
+
+def test_a_stopped_run_offers_resume_only_of_its_own_resume_file(tmp_path: Path) -> None:
+    """Stopped while decoding into the folder of an earlier run, mars-train said "the same
+    command with --resume continues" of that run's resume.pt, and --resume then refused it,
+    naming the earlier run's flags."""
+    import os
+    import time
+
+    from marsvision.train.cli import stop_hint
+
+    begun = time.time()
+    own = "; the same command with --resume continues from the last resume.pt (saved every 5 "
+    none = "; no resume.pt of this run yet to continue from (the first is saved at the end of "
+    for resuming in (False, True):
+        assert stop_hint(tmp_path, resuming=resuming, begun=begun, every_s=300).startswith(none)
+    (tmp_path / "resume.pt").write_bytes(b"")
+    os.utime(tmp_path / "resume.pt", (begun - 60, begun - 60))  # an earlier run's
+    assert stop_hint(tmp_path, resuming=False, begun=begun, every_s=300).startswith(none)
+    assert stop_hint(tmp_path, resuming=True, begun=begun, every_s=300).startswith(own)
+    os.utime(tmp_path / "resume.pt", (begun + 1, begun + 1))  # saved by this run
+    assert stop_hint(tmp_path, resuming=False, begun=begun, every_s=300).startswith(own)
 
 
 def test_recipes() -> None:

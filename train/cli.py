@@ -7,6 +7,7 @@ Progress and logs go to stderr; the final summary to stdout.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -252,17 +253,11 @@ def main(
                   f"epoch run: {cfg.warmup_epochs:g} (the lr then decays)")  # fmt: skip
     from marsvision.train.loop import RESUME_EVERY_S
     from marsvision.train.loop import main as train
-    from marsvision.train.resume import RESUME
 
-    every = f"{RESUME_EVERY_S / 60:g} minutes"
+    begun = time.time()
 
-    def hint() -> str:  # said once stopped: before the first save there is nothing to resume
-        if (cfg.out / RESUME).exists():
-            return (f"; the same command with --resume continues from the last {RESUME} (saved "
-                    f"every {every})")  # fmt: skip
-        return (f"; no {RESUME} yet to continue from (the first is saved at the end of the "
-                f"first epoch that ends {every} or more into training, after the images are "
-                "decoded)")  # fmt: skip
+    def hint() -> str:  # said once stopped
+        return stop_hint(cfg.out, resuming=cfg.resume, begun=begun, every_s=RESUME_EVERY_S)
 
     with interruptible("mars-train", hint=hint), out_of_room(cfg.out):
         result = train(cfg)
@@ -288,6 +283,26 @@ def main(
                 f"(n={test['n']}); {by_sol}\n"
                 f"wrote {cfg.out}/checkpoint.pt, metrics.json, predictions_test.csv, "
                 "curves.png, confusion_test.png, config.json, resume.pt")  # fmt: skip
+
+
+def stop_hint(out: Path, *, resuming: bool, begun: float, every_s: float) -> str:
+    """What a stopped mars-train adds: whether `--resume` can continue it. Before the first
+    save there is nothing to resume, and a resume.pt older than the run (`begun`, time.time())
+    is an earlier run's, kept until this one's images are decoded: "--resume continues" led to
+    a refusal naming that run's flags. A `resuming` run's is its own."""
+    from marsvision.train.resume import RESUME
+
+    every = f"{every_s / 60:g} minutes"
+    try:
+        ours = (out / RESUME).stat().st_mtime >= begun or resuming
+    except OSError:  # none
+        ours = False
+    if ours:
+        return (f"; the same command with --resume continues from the last {RESUME} (saved "
+                f"every {every})")  # fmt: skip
+    return (f"; no {RESUME} of this run yet to continue from (the first is saved at the end of "
+            f"the first epoch that ends {every} or more into training, after the images are "
+            "decoded)")  # fmt: skip
 
 
 if __name__ == "__main__":
