@@ -422,6 +422,25 @@ def test_download_into_a_file_is_refused_before_fetching(tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
+def test_download_into_a_folder_that_holds_the_data_set_checks_it(
+    msl_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing image's error says to re-download the data set; --download into that folder
+    printed the folder and exited 0, the image still missing. It checks every listed image and
+    says that nothing was downloaded."""
+    data = mini_data(msl_dir, tmp_path / "msl")
+    url = "http://127.0.0.1:9/x.zip"  # never fetched
+    assert download_msl(data, url=url) == data
+    assert capsys.readouterr().err == f"{data} holds the MSL data set already: nothing downloaded\n"
+    first = (data / msl.SPLIT_FILES["val"]).read_text().split()[0]
+    (data / first).unlink()
+    said = (
+        r"\(re-download the data set into an empty folder: mars-train --download --data NEW_DIR\)$"
+    )
+    with pytest.raises(MarsvisionError, match=rf"{first} is missing; .*{said}"):
+        download_msl(data, url=url)
+
+
 def test_download_of_a_wrong_archive_leaves_nothing(msl_dir: Path, tmp_path: Path) -> None:
     src = mini_data(msl_dir, tmp_path / "src", per_split=2)
     archive = _zip_dataset(src, tmp_path / "small.zip")

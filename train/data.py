@@ -27,6 +27,7 @@ SURFACE_CLASSES = frozenset({5, 8, 9})
 BINARY_CLASS_NAMES = ["Surface", "Rover"]
 TASKS = ("binary", "msl25")
 DATA_ENV = "MARS_DATA"
+REDOWNLOAD = "mars-train --download --data NEW_DIR"  # it does nothing into a folder holding one
 # sol, instrument, 16 digits of sequence and image, then the product code (C00, I01, E01 ...)
 _PRODUCT = re.compile(r"(\d{4}[A-Z]{2}\d{16})[A-Z]\d\d(?=[_.])")
 
@@ -190,7 +191,7 @@ def read_split(data_dir: Path, split: str, task: str, limit: int | None = None) 
         if not image.is_file():
             raise MarsvisionError(
                 f"{path}:{n}: listed image {image} is missing; the split files do not match "
-                "the images (re-download the data set)"
+                f"the images (re-download the data set into an empty folder: {REDOWNLOAD})"
             )
         samples.append(Sample(image, task_label(task, msl_class), msl_class))
         if limit is not None and len(samples) >= limit:

@@ -22,7 +22,7 @@ from PIL import Image
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.preprocess import raster_formats, to_rgb
 from marsvision.runtime.spec import PreprocessSpec
-from marsvision.train.data import Sample
+from marsvision.train.data import REDOWNLOAD, Sample
 from marsvision.train.transforms import eval_transform, interpolation_mode
 
 T = TypeVar("T")
@@ -70,7 +70,7 @@ def open_rgb(path: Path) -> Image.Image:
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise MarsvisionError(
             f"listed image {path} cannot be read ({str(e).splitlines()[0][:100]}); "
-            "re-download the data set"
+            f"re-download the data set into an empty folder: {REDOWNLOAD}"
         ) from None
 
 
