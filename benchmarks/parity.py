@@ -474,6 +474,7 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
         "config": cfg.to_dict(),
         "conditions": capture_conditions(threads=cfg.threads, device=torch_device),
         "checkpoint_sha256": ckpt_sha,
+        "decision_threshold": model.threshold,  # every label and figure follows it
         # which images of each split were scored: "all"; the first N (--limit, LIMITED in the
         # text); for val, the half a half-val model held out (or a refit's note that val is
         # training data)

@@ -151,7 +151,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{t['fp16_min_agreement']:g}%; INT8 |accuracy change| <= "
                 f"{t['int8_max_accuracy_change']:g} points and agreement >= "
                 f"{t['int8_min_agreement']:g}%. ms/img is model time (batch "
-                f"{report['config']['batch_size']}), preprocessing excluded."
+                f"{report['config']['batch_size']}), preprocessing excluded. {_label_rule(report)}"
             ),
             "",
             *[f"Images of {split}: {scope}.\n" for split, scope in _partial_scopes(report)],
@@ -160,6 +160,15 @@ def render_markdown(report: dict[str, Any]) -> str:
             _per_class_markdown(report),
         ]
     )
+
+
+def _label_rule(report: dict[str, Any]) -> str:
+    """How every row's labels were given (the agreement and the accuracy follow it)."""
+    t = report.get("decision_threshold")  # reports from before it was written: argmax
+    if t is None:
+        return "Labels: the most probable class."
+    names = report["class_names"]
+    return f"Labels: {names[1]} where P({names[1]}) >= {float(t)!r}, else {names[0]}."
 
 
 def write_parity(report: dict[str, Any], out: Path) -> tuple[Path, Path]:

@@ -73,5 +73,5 @@ def parity(
         "images": len(reference),
         "max_abs_logit_diff": float(np.abs(reference - candidate).max()),
         "top1_agreement": float(agree.mean()),
-        "label_rule": "argmax" if threshold is None else f"P(class 1) >= {threshold:g}",
+        "label_rule": "argmax" if threshold is None else f"P(class 1) >= {float(threshold)!r}",
     }

@@ -139,6 +139,11 @@ def test_parity_table_and_verdicts(
     assert report["passed"] is not any_fail
     md = (out / next(out.glob("parity-*.md")).name).read_text()
     assert "Per-class recall, test split" in md and "Surface" in md
+    # the label rule every figure follows (it was in no report)
+    assert report["decision_threshold"] is None
+    assert " preprocessing excluded. Labels: the most probable class.\n" in md
+    at = render_markdown({**report, "decision_threshold": 0.9999992})
+    assert " Labels: Rover where P(Rover) >= 0.9999992, else Surface.\n" in at
 
 
 def test_val_of_a_half_val_model_is_its_held_out_half(msl_dir: Path) -> None:

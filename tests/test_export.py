@@ -227,6 +227,8 @@ def test_export_parity_labels_by_the_models_rule() -> None:
     assert parity(ref, got, None, "m.onnx")["top1_agreement"] == 1.0
     fig = parity(ref, got, 0.4, "m.onnx")
     assert fig["top1_agreement"] == 0.5 and fig["label_rule"] == "P(class 1) >= 0.4"
+    # the threshold as it is: "0.999999" for 0.9999992 named another
+    assert parity(ref, got, 0.9999992, "m.onnx")["label_rule"] == "P(class 1) >= 0.9999992"
     # a NaN row was the first class by argmax and agreed, and its NaN difference passed the bound
     got[1] = np.nan
     with pytest.raises(MarsvisionError, match=r"^m.onnx gives outputs that are not finite "
