@@ -94,6 +94,7 @@ def _checkpoint(checkpoint: Path | None, artifacts: Path | None) -> Path:
             f"--artifacts {artifacts} is a file, not an export: pass the folder mars-export "
             "wrote (its --out)"
         )
+    named = "names none"  # the checkpoint the artifacts' manifest.json names
     if checkpoint is None and artifacts is not None:
         find_artifacts(artifacts)  # no folder, or none of an export's: not "needs --checkpoint"
         manifest = read_manifest(artifacts) or {}
@@ -105,12 +106,15 @@ def _checkpoint(checkpoint: Path | None, artifacts: Path | None) -> Path:
                 raise MarsvisionError(
                     f"{checkpoint}, the checkpoint the artifacts in {artifacts} were exported "
                     "from, has changed since (its sha256 differs from manifest.json's); export "
-                    "again, or pass the original with --checkpoint PATH"
+                    "it again into a new --out (mars-export refuses a folder of another model's "
+                    "artifacts), or pass the original with --checkpoint PATH"
                 )
+        if source:
+            named = f"names {source}, which is not there"
     if checkpoint is None:
         raise MarsvisionError(
             "the PyTorch reference needs --checkpoint PATH ("
-            + ("the artifacts' manifest.json names none that exists here)" if artifacts else
+            + (f"the artifacts' manifest.json {named})" if artifacts else
                "or --artifacts DIR, an export whose manifest.json names its checkpoint)")
         )  # fmt: skip
     if checkpoint.is_dir():

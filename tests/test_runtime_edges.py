@@ -758,9 +758,13 @@ def test_parity_reference_is_the_exported_checkpoint(
     moved = tmp_path / "ckpt.pt"
     moved.write_bytes(tiny_checkpoint.read_bytes() + b"changed")
     (arts / "manifest.json").write_text(json.dumps({**manifest, "source_checkpoint": str(moved)}))
-    with pytest.raises(MarsvisionError, match="has changed since"):
+    # its advice works: mars-export refuses the old --out for the changed checkpoint
+    with pytest.raises(MarsvisionError, match="has changed since .* export it again into a new "):
         _checkpoint(None, arts)
     assert _checkpoint(tiny_checkpoint, arts) == tiny_checkpoint  # --checkpoint wins
+    moved.unlink()  # moved away: named, not "names none"
+    with pytest.raises(MarsvisionError, match=f"manifest.json names {moved}, which is not there"):
+        _checkpoint(None, arts)
 
 
 def testwhole_csv_records() -> None:
