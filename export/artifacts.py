@@ -125,6 +125,10 @@ def check_manifest_owner(out: Path, source_sha256: str) -> None:
         raise MarsvisionError(
             f"{path} is not a marsvision manifest; pass another --out or delete it"
         ) from None
+    if other is None:  # another program's manifest.json (a web app's): "sha256 None..."
+        raise MarsvisionError(
+            f"{path} is not a marsvision manifest; pass another --out or delete it"
+        )
     if other != source_sha256:
         _refuse_other(out, other)
 

@@ -289,6 +289,7 @@ def test_out_dir_of_another_model_without_a_manifest(
     checkpoint passed the owner check and mixed with the old files, which mars-infer's default
     then picked: the artifacts' own metadata, or an engine's sidecar, now names their model."""
     from marsvision.export.artifacts import check_manifest_owner, onnx_meta
+    from marsvision.runtime.errors import MarsvisionError
     from marsvision.runtime.metadata import sha256_file, sidecar_path
     from marsvision.runtime.models import artifact_name
 
@@ -309,6 +310,10 @@ def test_out_dir_of_another_model_without_a_manifest(
         check_manifest_owner(out, sha256_file(tiny_checkpoint))  # the model that made them
     int8.write_bytes(b"not onnx")  # a file of that name, not an artifact: it names no model
     check_manifest_owner(onnx_out, sha256_file(other_checkpoint))
+    # another program's manifest.json: it held "artifacts of another model (sha256 None...)"
+    (onnx_out / "manifest.json").write_text('{"name": "my app", "icons": []}')
+    with pytest.raises(MarsvisionError, match=r"manifest.json is not a marsvision manifest; "):
+        check_manifest_owner(onnx_out, sha256_file(other_checkpoint))
 
 
 def test_tensorrt_on_without_tensorrt(tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path) -> None:
