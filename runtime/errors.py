@@ -29,6 +29,15 @@ EXIT_BROKEN_PIPE = 141  # SIGPIPE: the reader of stdout left (`| head`), as cat 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def clipped(text: str, limit: int) -> str:
+    """`text`'s first line, at most `limit` characters, cut at a word with " ..." (a library's
+    message quoted in one of ours was cut mid-word: "the shape in current model is torch.")."""
+    line = text.splitlines()[0].strip() if text.strip() else ""
+    if len(line) <= limit:
+        return line
+    return line[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 class MarsvisionError(click.ClickException):
     """A user error: shown by the CLIs as one line on stderr, no traceback, exit code 1.
 

@@ -767,6 +767,18 @@ def test_parity_reference_is_the_exported_checkpoint(
         _checkpoint(None, arts)
 
 
+def test_a_quoted_message_is_cut_at_a_word() -> None:
+    """A library's message quoted in ours was cut mid-word ("... the shape in current model is
+    torch.)"): at a word, with " ..."; its first line only."""
+    from marsvision.runtime.errors import clipped
+
+    said = "size mismatch for fc.weight: the shape in current model is torch.Size([2, 2048])."
+    assert clipped(said, 200) == said
+    assert clipped(said, 70) == "size mismatch for fc.weight: the shape in current model is ..."
+    assert clipped("first line\nsecond", 100) == "first line"
+    assert clipped("", 10) == ""
+
+
 def testwhole_csv_records() -> None:
     from marsvision.runtime.results import whole_csv_records
 

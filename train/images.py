@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.errors import MarsvisionError, clipped
 from marsvision.runtime.preprocess import raster_formats, to_rgb
 from marsvision.runtime.spec import PreprocessSpec
 from marsvision.train.data import REDOWNLOAD, Sample
@@ -69,7 +69,7 @@ def open_rgb(path: Path) -> Image.Image:
             return rgb
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise MarsvisionError(
-            f"listed image {path} cannot be read ({str(e).splitlines()[0][:100]}); "
+            f"listed image {path} cannot be read ({clipped(str(e), 100)}); "
             f"re-download the data set into an empty folder: {REDOWNLOAD}"
         ) from None
 

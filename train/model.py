@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet50
 
-from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.errors import MarsvisionError, clipped
 
 ARCH = "resnet50"
 
@@ -46,7 +46,7 @@ def create_model(num_classes: int, init: str = "random") -> nn.Module:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
         raise MarsvisionError(
-            f"--init {init}: not ResNet-50 weights ({str(e).splitlines()[-1].strip()[:150]})"
+            f"--init {init}: not ResNet-50 weights ({clipped(str(e).splitlines()[-1], 150)})"
         ) from None
     body_missing = [k for k in missing if not k.startswith("fc.")]
     if body_missing or unexpected:

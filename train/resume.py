@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.errors import MarsvisionError, clipped
 from marsvision.train.checkpoint import atomic_torch_save
 from marsvision.train.config import TrainConfig, command_line, saved_setting
 from marsvision.train.model import ModelEma
@@ -76,7 +76,7 @@ def load_resume(out: Path, cfg: TrainConfig, fingerprint: str) -> dict[str, Any]
     try:
         state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise MarsvisionError(f"--resume: {path} cannot be read ({str(e)[:100]})") from None
+        raise MarsvisionError(f"--resume: {path} cannot be read ({clipped(str(e), 100)})") from None
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         raise MarsvisionError(
             f"--resume: {path} is not a run's resume file (start without --resume)"
