@@ -180,11 +180,11 @@ def decode_image(
     """Decode, resize and center-crop one file: uint8 (input_size, input_size, 3)."""
     if "\0" in os.fsdecode(path):  # os.open's ValueError read as a corrupt image
         raise ImageError("not a file name: it holds a NUL character")
-    size = ""
+    size = ""  # in the out-of-memory row
     try:
         with _open_file(path) as f, Image.open(f, formats=raster_formats()) as img:
             w, h = img.size
-            size = f", {w}x{h} pixels"
+            size = f" ({w}x{h} pixels)"
             if w * h > max_pixels:
                 raise ImageError(
                     f"image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels} "
@@ -215,11 +215,11 @@ def decode_image(
             rgb = pic if pic.mode == "RGB" else pic.convert("RGB")
     except ImageError:
         raise
-    except MemoryError:  # as ENOMEM: the images after it would fail too, rows --resume keeps
-        raise MarsvisionError(
-            f"out of memory decoding {os.fsdecode(path)}{size}: a limit of this process or "
-            "machine; free memory or decode fewer images at once (mars-infer --workers), and run "
-            "again (mars-infer: --resume continues)"
+    except MemoryError:  # it was "cannot read image (MemoryError: )"; a row, not a stop: a
+        # 48-byte file can claim gigabytes, and a run stopped there would stop there again
+        raise ImageError(
+            f"not enough memory to decode it{size} (a limit of this process or machine, or a "
+            "damaged file that claims more data than it holds)"
         ) from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"decompression-bomb guard: {e}") from None
