@@ -439,6 +439,9 @@ def test_download_into_a_folder_that_holds_the_data_set_checks_it(
     )
     with pytest.raises(MarsvisionError, match=rf"{first} is missing; .*{said}"):
         download_msl(data, url=url)
+    (data / msl.SPLIT_FILES["val"]).unlink()  # the train list alone: a FileNotFoundError traceback
+    with pytest.raises(MarsvisionError, match=r"is not an MSL data directory: missing val-"):
+        download_msl(data, url=url)
 
 
 def test_download_of_a_wrong_archive_leaves_nothing(msl_dir: Path, tmp_path: Path) -> None:

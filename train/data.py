@@ -47,6 +47,14 @@ def data_dir_setting(data: str | os.PathLike[str] | None) -> Path | None:
     return Path(chosen).expanduser() if chosen else None
 
 
+def check_data_set(d: Path) -> None:
+    """`d` holds the data set whole: its split and class-name files, and every image the split
+    files list (a MarsvisionError names the first that is missing)."""
+    resolve_data_dir(d)
+    for split in SPLITS:
+        read_split(d, split, "msl25")
+
+
 def resolve_data_dir(data: str | os.PathLike[str] | None) -> Path:
     """The data directory: the argument, else $MARS_DATA, else a user error saying how to get it."""
     d = data_dir_setting(data)

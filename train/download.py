@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.files import check_writable_folder, default_folder_mode, temporary
-from marsvision.train.data import SPLIT_FILES, SPLITS, SYNSET_FILE, read_split
+from marsvision.train.data import SPLIT_FILES, SPLITS, SYNSET_FILE, check_data_set
 
 ZENODO_URL = "https://zenodo.org/records/1049137/files/msl-images.zip?download=1"
 URL_ENV = "MARS_MSL_URL"
@@ -153,8 +153,7 @@ def unpack_archive(path: Path, dest: Path, root: str) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with temporary(dest.parent, f".{dest.name}.", ".tmp", folder=True) as tmp:
         _extract(path, root, tmp)
-        for split in SPLITS:  # the unpacked layout must resolve as the trainer reads it
-            read_split(tmp, split, "msl25")
+        check_data_set(tmp)  # the unpacked layout must resolve as the trainer reads it
         os.chmod(tmp, default_folder_mode())  # 0o700 while made kept other users out of --data
         if dest.exists():
             dest.rmdir()
@@ -166,8 +165,7 @@ def download_msl(dest: Path, *, url: str | None = None, timeout: float = 60.0) -
     """Download, check and unpack the MSL data set into `dest`; returns `dest`."""
     url = url or os.environ.get(URL_ENV) or ZENODO_URL
     if (dest / SPLIT_FILES["train"]).is_file():  # there: checked, not fetched again
-        for split in SPLITS:  # an image missing is named (it printed the folder, exit 0)
-            read_split(dest, split, "msl25")
+        check_data_set(dest)  # an image missing is named (it printed the folder, exit 0)
         print(f"{dest} holds the MSL data set already: nothing downloaded", file=sys.stderr)
         return dest
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
