@@ -17,7 +17,7 @@ import torch
 
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.train.config import BEFORE_ITS_FLAG, AugmentSpec, TrainConfig, command_line
-from marsvision.train.resume import RESUME, RESUME_MUST_MATCH, load_resume
+from marsvision.train.resume import RESUME, RESUME_KEYS, RESUME_MUST_MATCH, load_resume
 
 # where a run's files go and how it reads its data: the same run either way
 FREE_ON_RESUME = {"data", "out", "device", "workers", "resume"}
@@ -36,7 +36,8 @@ ADDED_SINCE = ("select_from", "mixup", "cutmix", "amp", "train_on", "store_size"
 
 
 def _save(out: Path, config: dict[str, Any]) -> None:
-    torch.save({"config": config, "data_fingerprint": "f"}, out / RESUME)
+    torch.save({**dict.fromkeys(RESUME_KEYS), "config": config, "data_fingerprint": "f"},
+               out / RESUME)  # fmt: skip
 
 
 def _without(config: dict[str, Any], setting: str) -> dict[str, Any]:
@@ -92,8 +93,12 @@ def test_resume_refuses_a_newer_versions_run_and_other_files(tmp_path: Path) -> 
         torch.save(other, tmp_path / RESUME)
         with pytest.raises(MarsvisionError, match="is not a run's resume file"):
             load_resume(tmp_path, cfg, "f")
-    torch.save({"config": cfg.to_dict()}, tmp_path / RESUME)
+    torch.save({**dict.fromkeys(RESUME_KEYS), "config": cfg.to_dict()}, tmp_path / RESUME)
     with pytest.raises(MarsvisionError, match="data set differs"):
+        load_resume(tmp_path, cfg, "f")
+    # one that lacks what restore() reads: a KeyError after every image was decoded
+    torch.save({"config": cfg.to_dict(), "data_fingerprint": "f", "model": {}}, tmp_path / RESUME)
+    with pytest.raises(MarsvisionError, match=r"is not a whole resume file \(no optimizer, sch"):
         load_resume(tmp_path, cfg, "f")
     # a checkpoint.pt copied to resume.pt: its config matched, then restore() raised KeyError
     torch.save({"config": cfg.to_dict(), "data_fingerprint": "f", "state_dict": {}},

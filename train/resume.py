@@ -27,6 +27,11 @@ RESUME_MUST_MATCH = (
 )  # fmt: skip
 
 
+# what `restore` and the training loop read of it (ema and camera_head: None where unused)
+RESUME_KEYS = ("model", "optimizer", "scheduler", "ema", "camera_head", "epoch", "rng", "history",
+               "best", "best_epoch")  # fmt: skip
+
+
 @dataclass
 class TrainingState:
     """The objects whose state a resume.pt holds."""
@@ -85,6 +90,11 @@ def load_resume(out: Path, cfg: TrainConfig, fingerprint: str) -> dict[str, Any]
         raise MarsvisionError(
             f"--resume: {path} is a model checkpoint (a checkpoint.pt), not a run's resume file: "
             "it holds no optimizer or schedule to continue (start without --resume)"
+        )
+    if missing := [k for k in RESUME_KEYS if k not in state]:
+        raise MarsvisionError(
+            f"--resume: {path} is not a whole resume file (no {', '.join(missing)}): start "
+            "without --resume"
         )
     saved, now = state["config"], cfg.to_dict()
     unknown = sorted(set(saved) - set(now))
