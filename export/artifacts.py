@@ -119,18 +119,17 @@ def check_manifest_owner(out: Path, source_sha256: str) -> None:
                 if other and other != source_sha256:
                     _refuse_other(out, other, artifact.name)
         return
+    owner: object = None
     try:
-        other = json.loads(path.read_text(encoding="utf-8")).get("source_checkpoint_sha256")
+        owner = json.loads(path.read_text(encoding="utf-8")).get("source_checkpoint_sha256")
     except (OSError, ValueError, AttributeError):
-        raise MarsvisionError(
-            f"{path} is not a marsvision manifest; pass another --out or delete it"
-        ) from None
-    if other is None:  # another program's manifest.json (a web app's): "sha256 None..."
+        pass
+    if not isinstance(owner, str):  # another program's manifest.json said "sha256 None..."
         raise MarsvisionError(
             f"{path} is not a marsvision manifest; pass another --out or delete it"
         )
-    if other != source_sha256:
-        _refuse_other(out, other)
+    if owner != source_sha256:
+        _refuse_other(out, owner)
 
 
 def _calibration(entry: dict[str, Any]) -> object:
