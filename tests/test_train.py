@@ -269,22 +269,22 @@ def test_a_stopped_run_offers_resume_only_of_its_own_resume_file(tmp_path: Path)
     """Stopped while decoding into the folder of an earlier run, mars-train said "the same
     command with --resume continues" of that run's resume.pt, and --resume then refused it,
     naming the earlier run's flags."""
-    import os
-    import time
+    from marsvision.train.cli import file_identity, stop_hint
 
-    from marsvision.train.cli import stop_hint
-
-    begun = time.time()
+    path = tmp_path / "resume.pt"
     own = "; the same command with --resume continues from the last resume.pt (saved every 5 "
     none = "; no resume.pt of this run yet to continue from (the first is saved at the end of "
     for resuming in (False, True):
-        assert stop_hint(tmp_path, resuming=resuming, begun=begun, every_s=300).startswith(none)
-    (tmp_path / "resume.pt").write_bytes(b"")
-    os.utime(tmp_path / "resume.pt", (begun - 60, begun - 60))  # an earlier run's
-    assert stop_hint(tmp_path, resuming=False, begun=begun, every_s=300).startswith(none)
-    assert stop_hint(tmp_path, resuming=True, begun=begun, every_s=300).startswith(own)
-    os.utime(tmp_path / "resume.pt", (begun + 1, begun + 1))  # saved by this run
-    assert stop_hint(tmp_path, resuming=False, begun=begun, every_s=300).startswith(own)
+        assert stop_hint(tmp_path, resuming=resuming, before=None, every_s=300).startswith(none)
+    path.write_bytes(b"an earlier run's")
+    before = file_identity(path)
+    assert stop_hint(tmp_path, resuming=False, before=before, every_s=300).startswith(none)
+    assert stop_hint(tmp_path, resuming=True, before=before, every_s=300).startswith(own)
+    (tmp_path / "new").write_bytes(b"this run's")
+    (tmp_path / "new").replace(path)  # as a save puts it in place
+    assert stop_hint(tmp_path, resuming=False, before=before, every_s=300).startswith(own)
+    path.unlink()  # the earlier run's removed once the images are decoded, none saved yet
+    assert stop_hint(tmp_path, resuming=False, before=before, every_s=300).startswith(none)
 
 
 def test_recipes() -> None:

@@ -7,7 +7,6 @@ Progress and logs go to stderr; the final summary to stdout.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -253,11 +252,12 @@ def main(
                   f"epoch run: {cfg.warmup_epochs:g} (the lr then decays)")  # fmt: skip
     from marsvision.train.loop import RESUME_EVERY_S
     from marsvision.train.loop import main as train
+    from marsvision.train.resume import RESUME
 
-    begun = time.time()
+    before = file_identity(cfg.out / RESUME)  # an earlier run's, until this one saves its own
 
     def hint() -> str:  # said once stopped
-        return stop_hint(cfg.out, resuming=cfg.resume, begun=begun, every_s=RESUME_EVERY_S)
+        return stop_hint(cfg.out, resuming=cfg.resume, before=before, every_s=RESUME_EVERY_S)
 
     with interruptible("mars-train", hint=hint), out_of_room(cfg.out):
         result = train(cfg)
@@ -285,19 +285,27 @@ def main(
                 "curves.png, confusion_test.png, config.json, resume.pt")  # fmt: skip
 
 
-def stop_hint(out: Path, *, resuming: bool, begun: float, every_s: float) -> str:
+def file_identity(path: Path) -> tuple[int, int, int] | None:
+    """(device, inode, mtime in ns) of the file at `path`; None where there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
+def stop_hint(
+    out: Path, *, resuming: bool, before: tuple[int, int, int] | None, every_s: float
+) -> str:
     """What a stopped mars-train adds: whether `--resume` can continue it. Before the first
-    save there is nothing to resume, and a resume.pt older than the run (`begun`, time.time())
-    is an earlier run's, kept until this one's images are decoded: "--resume continues" led to
-    a refusal naming that run's flags. A `resuming` run's is its own."""
+    save there is nothing to resume, and a resume.pt as it was when the run began (`before`,
+    `file_identity`) is an earlier run's, kept until this one's images are decoded: "--resume
+    continues" led to a refusal naming that run's flags. A `resuming` run's is its own."""
     from marsvision.train.resume import RESUME
 
     every = f"{every_s / 60:g} minutes"
-    try:
-        ours = (out / RESUME).stat().st_mtime >= begun or resuming
-    except OSError:  # none
-        ours = False
-    if ours:
+    now = file_identity(out / RESUME)
+    if now is not None and (resuming or now != before):
         return (f"; the same command with --resume continues from the last {RESUME} (saved "
                 f"every {every})")  # fmt: skip
     return (f"; no {RESUME} of this run yet to continue from (the first is saved at the end of "
