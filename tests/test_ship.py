@@ -179,7 +179,7 @@ def test_card_and_sums(shipped: Path, msl_dir: Path) -> None:
     assert "--val-half" not in card  # a train-only model's val is all of val
     assert f"at most {SCORE_LIMIT} images per split" in card  # a limited score says so
     assert f"## Notes\n\n- {NOTES[0]}\n- {NOTES[1]}\n" in card
-    assert f"Rover when P(Rover) >= {ckpt['decision_threshold']:.4f}" in card
+    assert f"Rover when P(Rover) >= {float(ckpt['decision_threshold'])!r}" in card
     flip, val = ckpt["metrics"]["val_tta_flip"], ckpt["metrics"]["val"]
     assert f"val accuracy is {100 * flip['accuracy']:.2f}" in card
     helps = (flip["balanced_accuracy"], flip["accuracy"]) > (

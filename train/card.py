@@ -142,9 +142,9 @@ def _decision(shipped: dict[str, Any]) -> str:
     argmax = m.get("val_argmax") or {}
     instead = (f"; the most probable class instead: val accuracy {_pct(argmax['accuracy'])}, "
                f"balanced {_pct(argmax['balanced_accuracy'])}") if argmax else ""  # fmt: skip
-    return (f"{names[1]} when P({names[1]}) >= {t:.4f}, else {names[0]}: the threshold chosen on "
-            f"val for balanced accuracy (middle of the thresholds within 0.5 points of the "
-            f"best){instead}")  # fmt: skip
+    return (f"{names[1]} when P({names[1]}) >= {float(t)!r}, else {names[0]}: the threshold "
+            f"chosen on val for balanced accuracy (middle of the thresholds within 0.5 points of "
+            f"the best){instead}")  # fmt: skip
 
 
 def _notes(notes: list[str]) -> list[str]:

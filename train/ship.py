@@ -285,8 +285,8 @@ def main(
     t = result.scores["decision_threshold"]
     if t is not None:
         argmax = result.scores["val"]["argmax"]
-        click.echo(f"decision threshold, chosen on val: P(positive) >= {t:.4f} (argmax instead: "
-                   f"val accuracy {argmax['accuracy']:.4f} balanced "
+        click.echo(f"decision threshold, chosen on val: P(positive) >= {float(t)!r} (argmax "
+                   f"instead: val accuracy {argmax['accuracy']:.4f} balanced "
                    f"{argmax['balanced_accuracy']:.4f})")  # fmt: skip
     for split in SCORED_SPLITS:
         m, ci = result.scores[split]["metrics"], result.scores[split]["ci95"]
