@@ -130,18 +130,24 @@ def class_names(task: str, data_dir: Path) -> list[str]:
 CAMERAS = {"ML": "Mastcam left", "MR": "Mastcam right", "MH": "MAHLI"}
 
 
+def msl_product(path: Path) -> bool:
+    """Whether the file name is an MSL product's (sol, instrument, sequence, product code), the
+    names whose sol and camera are read."""
+    return _PRODUCT.match(path.name) is not None
+
+
 def camera(path: Path) -> str:
     """The instrument code in an MSL product's file name after the 4-digit sol (a key of
     CAMERAS); "?" for a name that is no MSL product's (`sample_001.jpg` has two letters there
     too: it read "le")."""
-    return path.name[4:6] if _PRODUCT.match(path.name) else "?"
+    return path.name[4:6] if msl_product(path) else "?"
 
 
 def sol_key(path: Path) -> str:
     """The sol (mission day) that begins an MSL product's file name, as the key that groups one
     day's observations; any other name is its own group (a phone's `20240501_1230.jpg` begins
     with 4 digits too: its whole year was one "sol")."""
-    return path.name[:4] if _PRODUCT.match(path.name) else path.name
+    return path.name[:4] if msl_product(path) else path.name
 
 
 def frame_key(path: Path) -> str:

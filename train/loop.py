@@ -464,7 +464,7 @@ def _train(cfg: TrainConfig, deadline: float | None, lock: FolderLock) -> dict[s
     # the sols of MSL product names; 0 where none is one (your own images in the MSL layout):
     # each image was then its own group, and the interval above is the one over images
     result["test"]["sols"] = len({msl.sol_key(s.path) for s in splits["test"]
-                                  if msl.camera(s.path) != "?"})  # fmt: skip
+                                  if msl.msl_product(s.path)})  # fmt: skip
     result.update(config=cfg.to_dict(), data_fingerprint=fingerprint, device=str(device),
                   history=history, seconds=time.perf_counter() - t0)  # fmt: skip
     ckpt["metrics"] = {"val": result["val"], "test": result["test"], "best_epoch": best_epoch,
