@@ -536,13 +536,14 @@ def test_download_needs_a_destination(msl_dir: Path) -> None:
         "Error: --download needs --data DIR or $MARS_DATA (where to put the data set)\n"
     )
     # $MARS_DATA is --data's default here too (it was refused): a complete data set is kept
+    kept = f"{msl_dir} holds the MSL data set already: nothing downloaded\n"
     r = CliRunner().invoke(main, ["--download"], env={"MARS_DATA": str(msl_dir)})
-    assert r.exit_code == 0 and r.output == f"{msl_dir}\n"
+    assert (r.exit_code, r.stdout, r.stderr) == (0, f"{msl_dir}\n", kept)
     # with `~` as training reads it (it unpacked into ./~/msl, where training did not look)
     home = msl_dir.parent
     r = CliRunner().invoke(main, ["--download"], env={"MARS_DATA": f"~/{msl_dir.name}",
                                                       "HOME": str(home)})  # fmt: skip
-    assert r.exit_code == 0 and r.output == f"{msl_dir}\n"
+    assert (r.exit_code, r.stdout, r.stderr) == (0, f"{msl_dir}\n", kept)
 
 
 def test_progress_line() -> None:
