@@ -109,9 +109,18 @@ def render_text(report: dict[str, Any]) -> str:
     """The terminal table plus a one-line summary of failures."""
     lines = [f"{split}: {scope}" for split, scope in _partial_scopes(report)]
     lines.append(text_table(HEADERS, table_rows(report)))
+    return "\n".join([*lines, *_verdicts(report)])
+
+
+def _verdicts(report: dict[str, Any]) -> list[str]:
+    """A line per reason an artifact failed, or was skipped where the table cuts it short, and
+    the summary line (the markdown report had none of them: its FAIL rows said not why)."""
+    lines = []
     for row in report["rows"]:
         for f in row.get("failures", []):
             lines.append(f"FAIL {row['artifact']}: {f}")
+        if row["status"].startswith("skipped") and len(row["status"]) > 60:
+            lines.append(f"{row['artifact']}: {row['status']}")
     if report["failed"]:
         summary = f"{len(report['failed'])} artifact(s) FAIL: {', '.join(report['failed'])}"
     elif report["passed"] and any(LIMITED in scope for _, scope in _partial_scopes(report)):
@@ -121,7 +130,7 @@ def render_text(report: dict[str, Any]) -> str:
     else:  # none failed, none compared: every artifact was skipped
         summary = "no artifact was compared (every one was skipped): nothing shown to pass"
     lines.append(f"parity: {summary}")
-    return "\n".join(lines)
+    return lines
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -156,6 +165,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             *[f"Images of {split}: {scope}.\n" for split, scope in _partial_scopes(report)],
             markdown_table(HEADERS, table_rows(report)),
+            "",
+            *[f"- {line}" for line in _verdicts(report)],
             "",
             _per_class_markdown(report),
         ]

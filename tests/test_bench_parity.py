@@ -139,6 +139,17 @@ def test_parity_table_and_verdicts(
     assert report["passed"] is not any_fail
     md = (out / next(out.glob("parity-*.md")).name).read_text()
     assert "Per-class recall, test split" in md and "Surface" in md
+    # why an artifact failed or was skipped, and the verdict: the markdown said neither, and a
+    # long skip reason was cut short in both tables
+    why = "skipped: resnet50-binary.int8-cpu.onnx: " + "not listed " * 6
+    last = report["rows"][-1]
+    odd = {**report, "failed": ["a.onnx"], "passed": False, "rows": [
+        *report["rows"], {**last, "artifact": "a.onnx", "failures": ["agreement 97.0 < 99.0"]},
+        {**last, "artifact": "b.onnx", "status": why, "failures": []}]}  # fmt: skip
+    odd_md = render_markdown(odd)
+    for line in ("FAIL a.onnx: agreement 97.0 < 99.0", f"b.onnx: {why}",
+                 "parity: 1 artifact(s) FAIL: a.onnx"):  # fmt: skip
+        assert f"\n- {line}\n" in odd_md and f"\n{line}" in render_text(odd), line
     # the label rule every figure follows (it was in no report)
     assert report["decision_threshold"] is None
     assert " preprocessing excluded. Labels: the most probable class.\n" in md
