@@ -110,7 +110,7 @@ def _checkpoint(checkpoint: Path | None, artifacts: Path | None) -> Path:
                     "artifacts), or pass the original with --checkpoint PATH"
                 )
         if source:
-            named = f"names {source}, which is not there"
+            named = f"names {source}, which is no file here"
     if checkpoint is None:
         raise MarsvisionError(
             "the PyTorch reference needs --checkpoint PATH ("

@@ -763,7 +763,7 @@ def test_parity_reference_is_the_exported_checkpoint(
         _checkpoint(None, arts)
     assert _checkpoint(tiny_checkpoint, arts) == tiny_checkpoint  # --checkpoint wins
     moved.unlink()  # moved away: named, not "names none"
-    with pytest.raises(MarsvisionError, match=f"manifest.json names {moved}, which is not there"):
+    with pytest.raises(MarsvisionError, match=f"json names {moved}, which is no file here"):
         _checkpoint(None, arts)
 
 
