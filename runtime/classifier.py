@@ -29,6 +29,7 @@ import numpy as np
 
 from marsvision.runtime.backends import open_runner
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.files import file_identity
 from marsvision.runtime.host import usable_cores
 from marsvision.runtime.metadata import sha256_file
 from marsvision.runtime.preprocess import (
@@ -89,15 +90,6 @@ def non_finite_rows(logits: np.ndarray) -> np.ndarray:
     return ~np.isfinite(logits).all(axis=1)
 
 
-def _identity(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
-    """What changes when a file is replaced or rewritten (None: not there; opening says so)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns  # ctime: `cp -p`
-
-
 def _batch_buffer(batch_size: int, size: int) -> np.ndarray:
     """A batch's decoded images, float32 NCHW; one that does not fit in memory is a one-line
     error (a MemoryError traceback under `ulimit -v` with `--batch-size 4096`)."""
@@ -133,7 +125,7 @@ class Classifier:
         if tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
         self.model_path = Path(model_path)
-        before = _identity(model_path)
+        before = file_identity(model_path)
         self.runner = open_runner(model_path, backend, device, threads=threads)
         try:
             # hashed at once, not when first asked: a file replaced later (a new export over
@@ -143,7 +135,7 @@ class Classifier:
                 self._sha256 = sha256_file(model_path)
             except OSError as e:
                 raise MarsvisionError(f"cannot read {model_path} ({e.strerror})") from None
-            if _identity(model_path) != before:
+            if file_identity(model_path) != before:
                 raise MarsvisionError(
                     f"{model_path} changed while it was being opened (a new export written over "
                     "it?): open it again"

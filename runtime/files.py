@@ -34,6 +34,15 @@ def _umask() -> int:
     return mask
 
 
+def file_identity(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
+    """What changes when a file is replaced or rewritten (None: not there)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns  # ctime: `cp -p`
+
+
 def default_file_mode() -> int:
     """0o666 less the process umask: what open() would give a new file."""
     return 0o666 & ~_umask()

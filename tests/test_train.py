@@ -269,7 +269,8 @@ def test_a_stopped_run_offers_resume_only_of_its_own_resume_file(tmp_path: Path)
     """Stopped while decoding into the folder of an earlier run, mars-train said "the same
     command with --resume continues" of that run's resume.pt, and --resume then refused it,
     naming the earlier run's flags."""
-    from marsvision.train.cli import file_identity, stop_hint
+    from marsvision.runtime.files import file_identity
+    from marsvision.train.cli import stop_hint
 
     path = tmp_path / "resume.pt"
     own = "; the same command with --resume continues from the last resume.pt (saved every 5 "

@@ -16,6 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click
 
+from marsvision.runtime.files import file_identity
 from marsvision.train.config import (
     AMPS,
     AUGMENT_POLICIES,
@@ -285,18 +286,7 @@ def main(
                 "curves.png, confusion_test.png, config.json, resume.pt")  # fmt: skip
 
 
-def file_identity(path: Path) -> tuple[int, int, int] | None:
-    """(device, inode, mtime in ns) of the file at `path`; None where there is none."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino, st.st_mtime_ns
-
-
-def stop_hint(
-    out: Path, *, resuming: bool, before: tuple[int, int, int] | None, every_s: float
-) -> str:
+def stop_hint(out: Path, *, resuming: bool, before: tuple[int, ...] | None, every_s: float) -> str:
     """What a stopped mars-train adds: whether `--resume` can continue it. Before the first
     save there is nothing to resume, and a resume.pt as it was when the run began (`before`,
     `file_identity`) is an earlier run's, kept until this one's images are decoded: "--resume
