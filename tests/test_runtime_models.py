@@ -743,14 +743,81 @@ def test_the_cuda_provider_runs_fp32_in_fp32(
     handed: list[Any] = []
     real = ort_backend.ort_module().InferenceSession
 
-    def spy(model: Any, sess_options: Any = None, providers: Any = None) -> Any:
-        handed.append(providers)
+    def spy(model: Any, sess_options: Any = None, providers: Any = None, **kw: Any) -> Any:
+        handed.append((providers, kw))
         return real(model, sess_options=sess_options, providers=["CPUExecutionProvider"])
 
     monkeypatch.setattr(ort_backend.ort_module(), "InferenceSession", spy)
     so = ort_backend.session_options(1)
     ort_backend._session(models["fp32"], ["CUDAExecutionProvider", "CPUExecutionProvider"], so)
-    assert handed == [[("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]]
+    assert handed == [
+        ([("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"],
+         {"enable_fallback": 0})
+    ]  # fmt: skip
+
+
+class _ProvidersSession:
+    """A CPU session that says it runs on the providers it was handed (as a GPU's would)."""
+
+    def __init__(self, real: Any, model: Any, sess_options: Any, providers: list[Any]) -> None:
+        self._sess = real(model, sess_options=sess_options, providers=["CPUExecutionProvider"])
+        self._providers = [p[0] if isinstance(p, tuple) else p for p in providers]
+
+    def get_providers(self) -> list[str]:
+        return self._providers
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sess, name)
+
+
+def test_no_silent_fallback_from_a_gpu_provider(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--backend tensorrt with an .onnx file where the TensorRT provider does not start:
+    onnxruntime's own fallback printed a banner to stdout (into mars-infer's rows), dropped the
+    providers' options and ran on CUDA, in rows named onnxruntime-tensorrt. Now onnxruntime is
+    asked for no fallback, a session without the TensorRT provider is refused, and a provider
+    that fails to load the model is named with what to try (re-exporting does not mend it).
+    Checked on a CPU build by faking what onnxruntime returns: unverified on a GPU."""
+    from marsvision.runtime.backends import onnxruntime as ort_backend
+    from marsvision.runtime.errors import MarsvisionError
+
+    trt, cuda, cpu = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+    real = ort_backend.ort_module().InferenceSession
+    started = [cuda, cpu]  # the TensorRT provider skipped, as without libnvinfer
+
+    def without_trt(model: Any, sess_options: Any = None, providers: Any = None, **kw: Any) -> Any:
+        assert kw == {"enable_fallback": 0}
+        return _ProvidersSession(real, model, sess_options, started)
+
+    monkeypatch.setattr(ort_backend.ort_module(), "InferenceSession", without_trt)
+    monkeypatch.setattr(ort_backend, "providers_for", lambda device, backend: [trt, cuda, cpu])
+    with pytest.raises(MarsvisionError, match=r"could not start TensorRT .*\['CUDAExecutionPr"):
+        ort_backend.OnnxRuntimeRunner(tiny_models["int8-trt"], backend="tensorrt")
+    started = [trt, cuda, cpu]
+    runner = ort_backend.OnnxRuntimeRunner(tiny_models["int8-trt"], backend="tensorrt")
+    assert runner.name == "onnxruntime-tensorrt"
+
+    def failing(model: Any, sess_options: Any = None, providers: Any = None, **kw: Any) -> Any:
+        if providers == [cpu]:  # the metadata's session
+            return real(model, sess_options=sess_options, providers=providers)
+        raise RuntimeError("TensorRT EP failed to create engine from network")
+
+    monkeypatch.setattr(ort_backend.ort_module(), "InferenceSession", failing)
+    with pytest.raises(
+        MarsvisionError,
+        match=r"with TensorrtExecutionProvider and CUDAExecution"
+        r"Provider \(TensorRT EP failed .*\); try --backend onnxruntime, and if",
+    ):
+        ort_backend.OnnxRuntimeRunner(tiny_models["int8-trt"], backend="tensorrt")
+    monkeypatch.setattr(ort_backend, "providers_for", lambda device, backend: [cuda, cpu])
+    with pytest.raises(MarsvisionError, match=r"with CUDAExecutionProvider \(.*\); try --device c"):
+        ort_backend.OnnxRuntimeRunner(tiny_models["fp32"], device="cuda")
+    monkeypatch.setattr(
+        ort_backend.ort_module(), "InferenceSession", lambda *a, **kw: failing(None, None, None)
+    )  # a file onnxruntime cannot load on the CPU: re-exporting is the advice
+    with pytest.raises(MarsvisionError, match=r"cannot load this model \(TensorRT .*\); re-export"):
+        ort_backend._session(tiny_models["fp32"], [cpu], ort_backend.session_options(1))
 
 
 def test_the_tensorrt_provider_gets_the_models_precision_profile_and_cache(
@@ -768,9 +835,9 @@ def test_the_tensorrt_provider_gets_the_models_precision_profile_and_cache(
     handed: list[Any] = []
     real = ort_backend.ort_module().InferenceSession
 
-    def spy(model: Any, sess_options: Any = None, providers: Any = None) -> Any:
+    def spy(model: Any, sess_options: Any = None, providers: Any = None, **kw: Any) -> Any:
         handed.append(providers)
-        return real(model, sess_options=sess_options, providers=[cpu])
+        return _ProvidersSession(real, model, sess_options, providers)
 
     monkeypatch.setattr(ort_backend.ort_module(), "InferenceSession", spy)
     monkeypatch.setattr(ort_backend, "providers_for", lambda device, backend: [trt, cuda, cpu])

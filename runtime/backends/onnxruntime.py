@@ -185,7 +185,7 @@ def _session(
     path: Path, providers: list[Any], so: Any, options: dict[str, dict[str, str]] | None = None
 ) -> Any:
     ort = ort_module()
-    options = PROVIDER_OPTIONS | (options or {})
+    options, names = PROVIDER_OPTIONS | (options or {}), list(providers)
     providers = [(p, options[p]) if p in options else p for p in providers]
     model: str | bytes = str(path)
     try:
@@ -196,13 +196,24 @@ def _session(
         except OSError as e:
             raise MarsvisionError(f"{path}: cannot read the model ({e.strerror})") from None
     try:
-        return ort.InferenceSession(model, sess_options=so, providers=providers)
+        # no fallback: where a GPU provider fails, onnxruntime's own fallback prints a banner
+        # to stdout (into mars-infer's rows there), drops the providers' options and goes on
+        # on CUDA or the CPU under the name of the backend that was asked for
+        return ort.InferenceSession(model, sess_options=so, providers=providers, enable_fallback=0)
     except Exception as e:  # onnxruntime raises its own exception types for bad files
         if _is_torch_file(path):  # "re-export it" sent a checkpoint's user the wrong way
             raise MarsvisionError(
                 f"{path} is a PyTorch checkpoint, not an exported model: export it first "
                 f"(mars-export --checkpoint {shlex.quote(str(path))} --data DIR --int8) and pass "
                 "the .onnx file"
+            ) from None
+        gpu = [p for p in (_EP["tensorrt"], _EP["cuda"]) if p in names]
+        if gpu:  # the provider may be what failed (no TensorRT libraries, an engine build)
+            instead = "--backend onnxruntime" if _EP["tensorrt"] in gpu else "--device cpu"
+            raise MarsvisionError(
+                f"{path}: onnxruntime cannot load this model with {' and '.join(gpu)} "
+                f"({_first_line(e)}); try {instead}, and if that fails too, re-export it with "
+                "mars-export"
             ) from None
         raise MarsvisionError(
             f"{path}: onnxruntime cannot load this model ({_first_line(e)}); re-export it with "
@@ -332,6 +343,12 @@ class OnnxRuntimeRunner:
         )
         self.meta = _meta_of(self._sess, self.path)
         used = self._sess.get_providers()
+        if backend == "tensorrt" and _EP["tensorrt"] not in used:  # e.g. no libnvinfer
+            raise MarsvisionError(
+                f"onnxruntime could not start TensorRT for {self.path} (providers in use: "
+                f"{used}); check that TensorRT 10's libraries are installed where onnxruntime "
+                "finds them, or use --backend onnxruntime"
+            )
         if device == "cuda" and _EP["cuda"] not in used:
             raise MarsvisionError(
                 f"onnxruntime could not start CUDA for {self.path} (providers in use: {used}); "
