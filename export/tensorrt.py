@@ -112,6 +112,9 @@ def engine_from_onnx(
         raise MarsvisionError(f"TensorRT cannot parse {onnx_path}: {errors}")
 
     config = builder.create_builder_config()
+    # the graph's FP32 parts (the INT8 file's unquantized layers) in FP32, as on the CUDA
+    # provider: TensorRT's TF32 default rounds their products' inputs to 10-bit mantissas
+    config.clear_flag(trt.BuilderFlag.TF32)
     config.progress_monitor = _progress_monitor()
     opt = max(1, max_batch // 2)
     profile = builder.create_optimization_profile()
