@@ -223,6 +223,8 @@ class TensorRTRunner:
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """float32 NCHW batch -> float32 logits; batches above the engine's maximum are split."""
         check_batch(batch, self.meta, self.path)
+        if len(batch) == 0:  # no rows, as on onnxruntime (TensorRT's profiles start at 1)
+            return np.empty((0, self.meta.num_classes), np.float32)
         parts = [
             self._infer_chunk(batch[i : i + self.max_batch])
             for i in range(0, len(batch), self.max_batch)
