@@ -110,6 +110,9 @@ def stop_inside(e: BaseException) -> BaseException | None:
 
 # the signals that came while `signals_held` held them (None: not holding)
 _held: list[int] | None = None
+# set by a stop (Ctrl-C, SIGTERM, SIGHUP) under `interruptible`, held or not: other threads'
+# waits on the world outside (a FIFO's writer) give up, so that the command's cleanups end
+stopping = threading.Event()
 # stdout and stderr where they were a terminal when `interruptible` began (once it hangs up,
 # isatty says no: it asks the terminal, which answers EIO)
 _terminal_fds: tuple[int, ...] = ()
@@ -138,6 +141,7 @@ def _to_devnull(*fds: int) -> None:
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
+    stopping.set()
     # a second Ctrl-C or SIGTERM (pressed again, a scheduler's repeat) would cut the cleanups
     for sig in _STOPS:
         signal.signal(sig, signal.SIG_IGN)
@@ -162,6 +166,7 @@ def interruptible(command: str, *, hint: str | Callable[[], str] = "") -> Iterat
     thread (where signal handlers are set)."""
     global _terminal_fds
     _terminal_fds = tuple(fd for fd in (1, 2) if _isatty(fd))
+    stopping.clear()  # a stop of an earlier command in this process (the tests') is over
     # a signal the process was started with ignored (`cmd &` in a script) stays ignored
     previous = {sig: signal.signal(sig, _stop) for sig in _STOPS
                 if signal.getsignal(sig) is not signal.SIG_IGN}  # fmt: skip

@@ -10,9 +10,12 @@ through a per-channel lookup table computed with the same float32 operations as
 from __future__ import annotations
 
 import errno
+import io
 import os
 import re
+import select
 import stat
+import time
 from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any, BinaryIO
@@ -20,7 +23,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.errors import MarsvisionError, stopping
 from marsvision.runtime.inputs import GLOB_CHARS
 from marsvision.runtime.spec import PreprocessSpec
 
@@ -121,11 +124,19 @@ def to_rgb_or_l(img: Image.Image) -> Image.Image:
 _LIMITS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
 
 
+# a FIFO's writer that sends nothing for this long gets an error row (a blocking read of it
+# held the run, and a stop waited for it: the decoding threads are joined); more than this
+# many bytes from one is no image (`cat /dev/zero > pipe.jpg`)
+FIFO_IDLE_S = 60.0
+FIFO_MAX_BYTES = 1 << 30
+
+
 def _open_file(path: str | bytes | os.PathLike[str]) -> BinaryIO:
     """The file at `path`, open for reading. A FIFO is opened without waiting for a writer (one
-    without a writer reads as empty; `<(cat image.jpg)` reads its image), and a device or socket
-    is refused (/dev/zero would be read forever). Windows has neither O_NONBLOCK nor FIFOs: a
-    plain binary open there."""
+    without a writer reads as empty; `<(cat image.jpg)` reads its image) and read whole here
+    (Pillow reads a stream it cannot seek whole too), and a device or socket is refused
+    (/dev/zero would be read forever). Windows has neither O_NONBLOCK nor FIFOs: a plain binary
+    open there."""
     nonblock = getattr(os, "O_NONBLOCK", 0)
     fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_BINARY", 0))
     try:
@@ -134,12 +145,45 @@ def _open_file(path: str | bytes | os.PathLike[str]) -> BinaryIO:
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fsdecode(path))
         if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
             raise ImageError("not a regular file (a device or socket)")
+        if stat.S_ISFIFO(mode) and nonblock:
+            data = _read_fifo(fd)
+            os.close(fd)
+            return io.BytesIO(data)
         if nonblock:
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+
+
+def _read_fifo(fd: int) -> bytes:
+    """All that a FIFO (opened non-blocking) sends until its writers close it; an ImageError
+    where the writer sends nothing for FIFO_IDLE_S, more than FIFO_MAX_BYTES, or the command is
+    stopped meanwhile."""
+    parts: list[bytes] = []
+    total, last = 0, time.monotonic()
+    poll = select.poll()  # not select(): it takes no descriptor above 1023
+    poll.register(fd, select.POLLIN)
+    while True:
+        if stopping.is_set():
+            raise ImageError("not read: the command was stopped while waiting for this FIFO")
+        try:
+            data = os.read(fd, 1 << 20)
+        except BlockingIOError:  # a writer there, nothing sent yet
+            if time.monotonic() - last > FIFO_IDLE_S:
+                raise ImageError(
+                    f"a FIFO whose writer sent nothing for {FIFO_IDLE_S:g} s (a named pipe: "
+                    "what its writer sends is read as the image)"
+                ) from None
+            poll.poll(100)
+            continue
+        if not data:  # no writer, or its writers are done
+            return b"".join(parts)
+        parts.append(data)
+        total, last = total + len(data), time.monotonic()
+        if total > FIFO_MAX_BYTES:
+            raise ImageError(f"a FIFO that sent more than {FIFO_MAX_BYTES >> 20} MiB: no image")
 
 
 # A marker that starts a segment (or ends the image): FF (fill FFs too) and a byte that is not a

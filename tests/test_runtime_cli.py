@@ -284,6 +284,39 @@ def test_kill_then_resume_loses_and_duplicates_nothing(
     assert out.read_text().count("\n") == len(paths)
 
 
+def test_a_stop_ends_a_run_that_waits_for_a_fifo(
+    models: dict[str, Path], msl_dir: Path, tmp_path: Path
+) -> None:
+    """A FIFO named like an image in a folder, its writer holding it open and sending nothing:
+    the run waited for it, and SIGTERM (a scheduler's stop of a nightly job) too, until the
+    writer closed it (for ever). Now the stop ends the run at once, without a row for the FIFO
+    (--resume reads it again)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(_images(msl_dir, 1)[0].read_bytes())
+    fifo = folder / "b.jpg"
+    os.mkfifo(fifo)
+    out = tmp_path / "r.csv"
+    cmd = [*MARS_INFER, str(folder), "--engine", str(models["int8"]), "--out", str(out), "-b", "1"]
+    writer = os.open(fifo, os.O_RDWR)  # held open, nothing sent (O_RDWR: no wait for a reader)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 2):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.05)
+        time.sleep(0.5)  # into the FIFO's read
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        os.close(writer)
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 143, err
+    assert err.decode().strip().splitlines()[-1].startswith("mars-infer: stopped by SIGTERM; ")
+    assert [row[0] for row in csv.reader(out.open())] == ["path", str(folder / "a.jpg")]
+
+
 def test_cli_errors_and_exit_codes(models: dict[str, Path], msl_dir: Path, tmp_path: Path) -> None:
     img = _images(msl_dir, 1)[0]
     cases: list[tuple[list[str | Path], int, bytes]] = [

@@ -8,6 +8,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -387,6 +388,64 @@ def _with_scans(data: bytes, extra: int) -> bytes:
             i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
     start, end = next((a, b) for a, b in scans if data[a + 5 + 2 * data[a + 4]] > 0)  # Ss > 0
     return data[:-2] + data[start:end] * extra + data[-2:]
+
+
+def test_a_fifo_that_sends_nothing_or_too_much_is_an_error_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A FIFO named like an image whose writer holds it open and sends nothing was read in a
+    blocking read: the run waited for it for ever, and a stop (Ctrl-C, SIGTERM) waited for its
+    decoding thread. Now it is an error row after FIFO_IDLE_S, or at once once the command is
+    stopped; one that sends more than FIFO_MAX_BYTES is no image."""
+    import threading
+
+    from marsvision.runtime import errors, preprocess
+
+    spec = PreprocessSpec.for_input_size(64)
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(preprocess, "FIFO_IDLE_S", 0.5)
+    monkeypatch.setattr(preprocess, "FIFO_MAX_BYTES", 1000)
+
+    def decode(writer_sends: bytes | None, stop: bool = False) -> BaseException | None:
+        got: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                decode_image(fifo, spec)
+            except BaseException as e:  # noqa: BLE001
+                got.append(e)
+
+        t = threading.Thread(target=run, daemon=True)
+        w = os.open(fifo, os.O_RDWR)  # a writer that holds it open (O_RDWR: no wait for a reader)
+        try:
+            t.start()
+            if writer_sends is not None:
+                os.write(w, writer_sends)
+            if stop:
+                errors.stopping.set()
+            t.join(10)
+        finally:
+            errors.stopping.clear()
+            os.close(w)
+        t.join(10)
+        assert not t.is_alive(), "decoding a FIFO that sends nothing waited for its writer"
+        return got[0] if got else None
+
+    start = time.monotonic()
+    e = decode(None)
+    assert isinstance(e, ImageError) and 0.5 <= time.monotonic() - start < 5
+    assert str(e) == (
+        "a FIFO whose writer sent nothing for 0.5 s (a named pipe: what its writer sends is read "
+        "as the image)"
+    )
+    monkeypatch.setattr(preprocess, "FIFO_IDLE_S", 60.0)
+    start = time.monotonic()
+    e = decode(b"", stop=True)
+    assert isinstance(e, ImageError) and time.monotonic() - start < 5
+    assert str(e) == "not read: the command was stopped while waiting for this FIFO"
+    e = decode(b"\0" * 4000)
+    assert isinstance(e, ImageError) and str(e) == "a FIFO that sent more than 0 MiB: no image"
 
 
 def test_progressive_jpegs_of_too_many_scans_are_refused(tmp_path: Path) -> None:
