@@ -236,7 +236,12 @@ def _list_file(arg: str) -> list[str]:
                 f"the list file {path} is not a text file of paths (line {n} holds a NUL "
                 "byte): save it as UTF-8 text, one path per line"
             )
-    return [fs_path(line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    paths = [fs_path(line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not paths:  # a nightly `find ... > list.txt` that failed: it passed as "0 ok", exit 0
+        raise MarsvisionError(
+            f"the list file {path} names no file (it is empty, or holds only blank and # lines)"
+        )
+    return paths
 
 
 def path_keys(paths: Iterable[str], *, base: str | None = None) -> list[str]:

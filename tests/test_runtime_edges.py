@@ -319,6 +319,11 @@ def test_list_files_in_utf16_and_not_text(tmp_path: Path) -> None:
     image.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01")
     with pytest.raises(MarsvisionError, match="is not a text file of paths .*line 1 holds a NUL"):
         expand_inputs([f"@{image}"])
+    # a list of no file (a nightly `find > list.txt` that failed) is an error, not "0 ok", exit 0
+    for text in ("", "\n \n# none tonight\n"):
+        lst.write_text(text)
+        with pytest.raises(MarsvisionError, match=r"^the list file .* names no file \(it is emp"):
+            expand_inputs([f"@{lst}"])
 
 
 def test_a_results_file_another_run_is_writing_is_refused(
