@@ -270,7 +270,8 @@ def run(cfg: InferConfig) -> int:
                 write_error = write_error or e
         if write_error is not None:
             where = cfg.out or "stdout"
-            hint = "; make room and rerun with --resume" if cfg.out else ""
+            # a device or pipe is never read back: --resume is refused there
+            hint = "; make room and rerun with --resume" if cfg.out and not passing else ""
             raise MarsvisionError(
                 f"cannot write the results to {where} ({write_error.strerror or write_error}){hint}"
             )

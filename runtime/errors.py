@@ -172,8 +172,10 @@ def interruptible(command: str, *, hint: str | Callable[[], str] = "") -> Iterat
                 if signal.getsignal(sig) is not signal.SIG_IGN}  # fmt: skip
 
     def said(what: str) -> None:
+        # on a terminal, after the progress line or the ^C it echoed; in a log, no blank line
+        start = "\n" if 2 in _terminal_fds else ""
         with contextlib.suppress(OSError):  # stderr closed or full: the exit code still says it
-            click.echo(f"\n{command}: {what}{hint() if callable(hint) else hint}", err=True)
+            click.echo(f"{start}{command}: {what}{hint() if callable(hint) else hint}", err=True)
 
     try:
         yield

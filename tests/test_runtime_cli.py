@@ -247,6 +247,7 @@ def test_kill_then_resume_loses_and_duplicates_nothing(
     proc = start_then(signal.SIGINT, 10)
     _, err = proc.communicate()
     assert proc.returncode == 130, err
+    assert not err.startswith(b"\n") and b"\n\n" not in err  # no blank line in a log
     assert err.decode().strip().splitlines()[-1] == (
         f"mars-infer: interrupted; the rows written so far are in {out}: --resume continues"
     )

@@ -899,6 +899,12 @@ def test_results_that_cannot_be_written_are_a_one_line_error(
     assert r.stderr.strip().splitlines() == [
         b"Error: cannot write the results to stdout (No space left on device)"
     ]
+    # nor "rerun with --resume" to a device, where --resume is refused
+    r = subprocess.run([*MARS_INFER, *images, "--engine", model, "--out", "/dev/full"],
+                       capture_output=True)  # fmt: skip
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        b"Error: cannot write the results to /dev/full (No space left on device)"
+    ]
 
     many = [tmp_path / f"{i}{p.name}" for i in range(4) for p in images]  # 8 rows: 1.4 kB
     for p in many:
@@ -1195,7 +1201,7 @@ def test_sigterm_and_sighup_stop_after_the_cleanups_and_say_so(
                 assert not asked  # the hint is said after the cleanups
                 cleaned.append(True)
     assert stopped.value.code == code and cleaned == [True] and asked == [True]
-    assert capsys.readouterr().err == f"\ncmd: stopped by {name}; --resume continues\n"
+    assert capsys.readouterr().err == f"cmd: stopped by {name}; --resume continues\n"
 
 
 @pytest.mark.parametrize("hangup", ["terminal closed", "kill -HUP"])
