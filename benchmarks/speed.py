@@ -16,6 +16,7 @@ from typing import Any
 from marsvision.benchmarks.artifacts import find_artifacts
 from marsvision.benchmarks.speed_jobs import TORCH_BACKENDS, Job, run_job, run_job_isolated
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.host import usable_cores
 from marsvision.runtime.models import UNLISTED
 
 # Exit code of `mars-bench speed` when a measurement failed or none was made: parity's and
@@ -148,7 +149,9 @@ def plan(cfg: SpeedConfig) -> tuple[list[Job], list[dict[str, Any]]]:
             device=cfg.device,
             warmup=cfg.warmup,
             repeats=cfg.repeats,
-            threads=cfg.threads,
+            # the count the conditions state, for every row: without it onnxruntime took the
+            # usable cores and PyTorch its own default (OMP_NUM_THREADS=1: 1 against 2)
+            threads=cfg.threads or usable_cores(),
             images=cfg.images if mode == "e2e" else (),
         )
         for mode in cfg.modes

@@ -91,7 +91,17 @@ def time_calls(
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, in MiB (kernel's ru_maxrss)."""
+    """Peak resident set size of this process so far, in MiB: Linux's VmHWM, else ru_maxrss.
+    Not ru_maxrss first: Linux carries it over fork and exec, so a job's process started by
+    mars-bench reported mars-bench's own peak where that was higher (178 MiB for every INT8
+    row, its own about 118, once mars-bench had opened the FP32 file to check it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024

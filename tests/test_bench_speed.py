@@ -182,6 +182,41 @@ def test_isolated_onnxruntime_row_never_imports_torch(fp32_dir: Path, msl_dir: P
     assert row["peak_rss_mib"] >= row["rss_before_mib"] > 0
 
 
+def test_every_row_runs_at_the_thread_count_the_conditions_state(
+    tiny_checkpoint: Path, fp32_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --threads, onnxruntime's rows took the usable cores and PyTorch's its own default
+    (OMP_NUM_THREADS=1 gave the baseline 1 thread and onnxruntime 2) while the conditions said
+    2: every ratio to the baseline was off by that. Each job now carries the stated count."""
+    from marsvision.benchmarks.conditions import capture_conditions
+    from marsvision.benchmarks.speed import SpeedConfig, plan
+    from marsvision.runtime.host import usable_cores
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    jobs, _ = plan(SpeedConfig(checkpoint=tiny_checkpoint, artifacts=fp32_dir, modes=("model",)))
+    assert {j.backend for j in jobs} >= {"pytorch", "onnxruntime"}
+    stated = capture_conditions(threads=None, device="cpu")["threads"]
+    assert stated == usable_cores() and {j.threads for j in jobs} == {stated}
+    jobs, _ = plan(SpeedConfig(checkpoint=tiny_checkpoint, artifacts=fp32_dir, threads=1))
+    assert {j.threads for j in jobs} == {1}
+
+
+def test_a_jobs_peak_rss_is_its_own_not_its_parents() -> None:
+    """Linux carries ru_maxrss over fork and exec: every job process that mars-bench started
+    after its own peak (it opens each file to check it) reported at least that peak (178 MiB
+    for INT8 rows whose own was 118). A process started from a parent of over 1 GiB now reports
+    its own."""
+    from marsvision.benchmarks.timing import peak_rss_mib
+
+    big = np.ones(1 << 28, dtype=np.float32)  # 1 GiB, touched
+    assert peak_rss_mib() > 1024
+    code = "from marsvision.benchmarks.timing import peak_rss_mib; print(peak_rss_mib())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 check=True).stdout)  # fmt: skip
+    del big
+    assert 0 < child < 300
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "pytorch"])
 def test_e2e_rows_do_not_time_unreadable_images(
     backend: str, fp32_dir: Path, tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path
