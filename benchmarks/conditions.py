@@ -130,6 +130,26 @@ def machine_name(cpu: dict[str, Any], gpu: dict[str, Any] | None) -> str:
     return slug or "unknown"
 
 
+def onnxruntime_session(threads: int | None) -> dict[str, Any] | None:
+    """The runtime's ONNX Runtime session options that decide its speed (None without
+    onnxruntime). Spinning alone doubles a latency: a review measured 6.7 ms at batch 1
+    without it, 13 ms with ONNX Runtime's default, on 2 busy vCPUs."""
+    from marsvision.runtime.backends.onnxruntime import session_options
+    from marsvision.runtime.errors import MarsvisionError
+
+    try:
+        so = session_options(threads)
+    except MarsvisionError:
+        return None
+    return {
+        "graph_optimization_level": str(so.graph_optimization_level).rsplit(".", 1)[-1],
+        "execution_mode": str(so.execution_mode).rsplit(".", 1)[-1],
+        "intra_op_num_threads": so.intra_op_num_threads,
+        "inter_op_num_threads": so.inter_op_num_threads,
+        "allow_spinning": so.get_session_config_entry("session.intra_op.allow_spinning") != "0",
+    }
+
+
 def capture_conditions(*, threads: int | None = None, device: str = "cuda") -> dict[str, Any]:
     """The full record of this machine and process, for the result file. A `device` "cpu" run
     is named by its CPU even on a machine with a GPU (its numbers are the CPU's)."""
@@ -148,6 +168,7 @@ def capture_conditions(*, threads: int | None = None, device: str = "cuda") -> d
         "threads": threads or cpu["usable_cores"],
         # whether ONNX Runtime sessions use exact (slower) INT8 sums: runtime.backends.onnxruntime
         "onnxruntime_exact_int8": exact_int8_default(),
+        "onnxruntime_session": onnxruntime_session(threads),
         "env": {
             k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ
         },

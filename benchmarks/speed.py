@@ -210,16 +210,24 @@ def run_speed(cfg: SpeedConfig, *, log: Any = None) -> dict[str, Any]:
     say = log or (lambda msg: None)
     if "e2e" in cfg.modes and not cfg.images:  # here: a config is made before its images
         raise MarsvisionError("end-to-end timing needs images: pass --images DIR or a split")
+    from marsvision.runtime.metadata import sha256_file
+
     jobs, skipped = plan(cfg)
     _check_sources(jobs, cfg.checkpoint)
+    # the machine's load before the first row (a busy machine's rows are slow and noisy)
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    # which file each row measured: its name alone does not say (a re-export keeps it)
+    sha = {m: sha256_file(m) for m in sorted({j.model for j in jobs})}
     rows: list[dict[str, Any]] = []
     for i, job in enumerate(jobs, 1):
         say(f"[{i}/{len(jobs)}] {job.mode} {job.backend} {job.precision} batch {job.batch}")
         row = run_job_isolated(job) if cfg.isolate else run_job(job)
+        row["model_sha256"] = sha[row["model"]]
         row["model"] = os.path.basename(row["model"])
         rows.append(row)
     _add_ratios(rows, own_rss=cfg.isolate)
     conditions = capture_conditions(threads=cfg.threads, device=cfg.device)
+    conditions["load_average_before"] = load
     return {
         "kind": "speed",
         "config": cfg.to_dict(),

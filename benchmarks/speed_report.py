@@ -33,6 +33,20 @@ HEADERS = [
 ]
 
 
+# a row whose calls' standard deviation is over this fraction of their mean is marked noisy:
+# calm runs here keep under 0.06; runs beside other work reached 0.2-0.5, their ratios 10x off
+NOISY_CV = 0.10
+
+
+def _noisy(r: dict[str, Any]) -> float | None:
+    """The coefficient of variation of an ok row's calls where it is over NOISY_CV."""
+    t = r.get("timing") or {}
+    if r["status"] != "ok" or not t.get("mean_ms"):
+        return None
+    cv = t["std_ms"] / t["mean_ms"]
+    return cv if cv > NOISY_CV else None
+
+
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
     """One line per measured row, then one per pair that could not run."""
     out = []
@@ -40,6 +54,9 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
         ok = r["status"] == "ok"
         t = r.get("timing", {}) if ok else {}
         speedup = r.get("speedup_vs_pytorch_fp32")
+        status = r["status"] if len(r["status"]) <= 70 else r["status"][:67] + "..."
+        if (cv := _noisy(r)) is not None:
+            status = f"ok, noisy (CV {cv:.0%})"
         out.append(
             [
                 r["mode"],
@@ -55,7 +72,7 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
                 "-" if speedup is None else f"{speedup:.2f}x",
                 fmt(r.get("peak_rss_mib"), 0),
                 fmt(r.get("gpu_mem_mib"), 0),
-                r["status"] if len(r["status"]) <= 70 else r["status"][:67] + "...",
+                status,
             ]
         )
     for s in report["skipped"]:
@@ -71,9 +88,12 @@ def _conditions_line(report: dict[str, Any]) -> str:
     isa = " ".join(c["cpu"].get("isa") or ()) or "no ISA of note"
     if c.get("onnxruntime_exact_int8"):
         isa += "; ONNX Runtime INT8 in exact u8u8 sums"
+    load = c.get("load_average_before")
     return (
         f"machine {c['machine']}: {c['cpu']['model']} ({isa}), "
-        f"{c['cpu']['usable_cores']} usable of {c['cpu']['logical_cores']} cores, {gpu}; "
+        f"{c['cpu']['usable_cores']} usable of {c['cpu']['logical_cores']} cores, {gpu}"
+        + (f", load {load[0]:.2f} before the first row" if load else "")
+        + "; "
         f"device {cfg['device']}, threads "
         f"{c['threads']}; input {'/'.join(map(str, sizes)) or '?'} px; warm-up {cfg['warmup']}, "
         f"repeats {cfg['repeats']}"
@@ -84,13 +104,38 @@ def _conditions_line(report: dict[str, Any]) -> str:
         )
         + "; "
         + ("" if cfg.get("isolate", True) else "in one process (peak RSS: the running peak); ")
+        + (
+            f"onnxruntime sessions: {so['intra_op_num_threads']} intra-op threads, "
+            f"{so['inter_op_num_threads']} inter-op, "
+            f"{'spinning' if so['allow_spinning'] else 'no spinning'}, "
+            f"{so['graph_optimization_level']}; "
+            if (so := c.get("onnxruntime_session"))
+            else ""
+        )
         + ", ".join(f"{k} {v}" for k, v in sorted(c["versions"].items()))
     )
 
 
+def _noise_note(report: dict[str, Any]) -> str:
+    """A line under the table where some row is noisy (empty otherwise)."""
+    if not any(_noisy(r) is not None for r in report["rows"]):
+        return ""
+    return (
+        f"noisy: its calls' standard deviation is over {NOISY_CV:.0%} of their mean (CV), as "
+        "when other work shares the CPU or GPU; its figures, and ratios made with it, are not "
+        "ones to quote: rerun on a quiet machine"
+    )
+
+
 def render_text(report: dict[str, Any]) -> str:
-    """Conditions line plus the table."""
-    return _conditions_line(report) + "\n" + text_table(HEADERS, table_rows(report))
+    """Conditions line plus the table (and the noisy rows' note)."""
+    note = _noise_note(report)
+    return (
+        _conditions_line(report)
+        + "\n"
+        + text_table(HEADERS, table_rows(report))
+        + (f"\n{note}" if note else "")
+    )
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -112,6 +157,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             ),
             "",
             markdown_table(HEADERS, table_rows(report)),
+            *(["", note] if (note := _noise_note(report)) else []),
         ]
     )
 

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -138,6 +139,46 @@ def test_speed_cli_writes_results_with_conditions(
     assert "in one process (peak RSS: the running peak); " in result.output
     assert f"machine {machine}: {c['cpu']['model']} ({isa})," in result.output
     assert "pytorch-cpu" in result.output and "skipped: no int8-cpu artifact" in result.output
+    from marsvision.runtime.metadata import sha256_file
+
+    # what decides the figures: each row's file by its sha256, the machine's load before the
+    # rows, and the onnxruntime sessions' options (none of them was in the files)
+    fp32 = fp32_dir / "resnet50-binary.fp32.onnx"
+    assert {r["model_sha256"] for r in doc["rows"]} == {sha256_file(fp32)}
+    assert {r["model_sha256"] for r in doc["baseline_rows"]} == {sha256_file(tiny_checkpoint)}
+    assert len(c["load_average_before"]) == 3
+    assert c["onnxruntime_session"] == {
+        "graph_optimization_level": "ORT_ENABLE_ALL", "execution_mode": "ORT_SEQUENTIAL",
+        "intra_op_num_threads": 1, "inter_op_num_threads": 1, "allow_spinning": False,
+    }  # fmt: skip
+    assert " before the first row; " in result.output
+    assert "onnxruntime sessions: 1 intra-op threads, 1 inter-op, no spinning, ORT_ENABLE_AL" in (
+        result.output
+    )
+
+
+def test_noisy_rows_are_marked() -> None:
+    """Rows measured beside other work (a CV of 0.53 gave a 59x speedup where 5x was right)
+    looked like any other: a row whose calls' standard deviation is over 10% of their mean is
+    marked noisy in the table, and a note under it says what that means."""
+    from marsvision.benchmarks.speed_report import render_markdown, render_text
+
+    def row(std: float) -> dict[str, Any]:
+        timing = {"repeats": 30, "mean_ms": 100.0, "std_ms": std, "min_ms": 90.0, "p50_ms": 99.0,
+                  "p90_ms": 110.0, "p99_ms": None, "max_ms": 120.0}  # fmt: skip
+        return {"mode": "model", "backend": "onnxruntime", "precision": "fp32", "batch": 8,
+                "status": "ok", "runner": "onnxruntime-cpu", "timing": timing,
+                "throughput_img_s": 80.0, "input_size": 64}  # fmt: skip
+
+    cpu = {"model": "a CPU", "isa": [], "usable_cores": 2, "logical_cores": 2}
+    report = {"rows": [row(3.0), row(25.0)], "skipped": [], "config": {"device": "cpu",
+              "warmup": 1, "repeats": 30}, "conditions": {"machine": "m", "cpu": cpu,
+              "threads": 2, "versions": {}}}  # fmt: skip
+    for text in (render_text(report), render_markdown(report)):
+        assert text.count("ok, noisy (CV 25%)") == 1 and text.count("noisy") == 2
+        assert "noisy: its calls' standard deviation is over 10% of their mean (CV)" in text
+    report["rows"] = [row(3.0)]
+    assert "noisy" not in render_text(report) + render_markdown(report)
 
 
 def test_torch_runner_puts_back_the_thread_count(
