@@ -149,8 +149,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             (
                 "model = `Runner.infer` on one preallocated batch (host to host); e2e = real image "
                 "files to probabilities (runtime Classifier, which decodes on its worker threads, "
-                "at most 4, whatever --threads says; PyTorch: Pillow + eval_transform, one image "
-                "after another, as a plain script does). "
+                "at most 4, whatever --threads says, and a batch of 1 in the calling thread; "
+                "PyTorch: Pillow + eval_transform, one image after another, as a plain script "
+                "does). "
                 "x pt-fp32 = throughput over PyTorch eager FP32 at the same mode and batch; "
                 "the ms columns are per batch; peak RSS is each row's own process's, unless "
                 "the conditions say the rows ran in one process."
