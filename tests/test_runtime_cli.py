@@ -206,6 +206,26 @@ def test_malformed_corpus_one_row_each(
     assert b"7 ok, 6 failed; 7 images in " in r.stderr  # the rate counts classified images
 
 
+def test_an_unreadable_file_leaves_its_batchs_good_images_as_they_were(
+    models: dict[str, Path], msl_dir: Path, tmp_path: Path
+) -> None:
+    """The good images of a batch that holds an unreadable file are run on their own rows: the
+    same probabilities as without it, wherever it stands (the status column alone, which the
+    corpus test checks, would not show a row shifted onto its neighbour's image)."""
+    good = [str(p) for p in _images(msl_dir, 3)]
+    bad = tmp_path / "empty.jpg"
+    bad.write_bytes(b"")
+    with Classifier(models["int8"], batch_size=4) as clf:
+        alone = {p.path: p.probs for p in clf.predict(good)}
+        assert len({tuple(np.round(v, 4)) for v in alone.values()}) == 3  # three distinct images
+        for at in range(4):
+            mixed = clf.predict([*good[:at], str(bad), *good[at:]])
+            assert [p.ok for p in mixed] == [i != at for i in range(4)]
+            for p in mixed:
+                if p.ok:
+                    np.testing.assert_array_equal(p.probs, alone[p.path])
+
+
 def test_kill_then_resume_loses_and_duplicates_nothing(
     models: dict[str, Path], msl_dir: Path, tmp_path: Path
 ) -> None:
@@ -463,6 +483,12 @@ def test_non_finite_model_output_is_an_error_row(
     assert [p.status for p in got] == ["ok", "error", "error", "error"]
     assert got[1].error == got[2].error == got[3].error == NOT_FINITE and got[1].label is None
     assert got[0].probs == good[0].probs
+    # large finite logits are no fault: the softmax is taken after the row's largest is
+    # subtracted (exp(1000) is inf; logits near 1e6 came from a training run here)
+    from marsvision.runtime.classifier import softmax
+
+    big = softmax(np.array([[1000.0, 0.0], [-1e6, 1e6], [1e6, 1e6]], np.float32))
+    np.testing.assert_array_equal(big, [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
 
 
 def test_default_model_passes_over_engines_that_cannot_run_here(

@@ -632,12 +632,13 @@ def test_decision_threshold_rule(models: dict[str, Path], msl_dir: Path) -> None
         plain = clf.predict(paths)
         p_rover = np.array([p.probs[1] for p in plain])  # type: ignore[index]
         assert [p.label for p in plain] == [("Surface", "Rover")[int(q >= 0.5)] for q in p_rover]
-        t = float(np.median(p_rover))  # half the images on each side of the threshold
+        t = float(np.sort(p_rover)[8])  # half the images on each side, one of them on it
         clf.meta = dataclasses.replace(clf.meta, decision_threshold=t)
         ruled = clf.predict(paths)
     assert [p.probs for p in ruled] == [p.probs for p in plain]
     assert [p.label for p in ruled] == [("Surface", "Rover")[int(q >= t)] for q in p_rover]
     assert {p.label for p in ruled} == {"Surface", "Rover"}
+    assert sum(p.label == "Rover" for p in ruled) == 8  # the image at t itself too
     meta = dataclasses.replace(clf.meta, decision_threshold=0.9)
     assert ModelMeta.from_json(meta.to_json()).decision_threshold == 0.9
     for bad in (0.0, 1.0):
