@@ -68,6 +68,30 @@ def test_writes_every_onnx_artifact_and_manifest(exported: Path, ckpt_path: Path
     assert not [p for p in exported.iterdir() if p.name.startswith(".")]
 
 
+def test_the_manifests_parity_figures_are_each_files_own(
+    exported: Path, ckpt_path: Path, msl_dir: Path
+) -> None:
+    """Each artifact's `parity_vs_fp32` (what the export summary prints) is its own file's
+    against PyTorch on the first val images: figures made of the reference against itself
+    (perfect, whatever the file) passed every test."""
+    from marsvision.export.images import parity
+    from marsvision.train.checkpoint import load_checkpoint, preprocess_from_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path)
+    n = ExportConfig.parity_images
+    batch = load_batch(split_paths(msl_dir, "val", "binary", n), preprocess_from_checkpoint(ckpt))
+    ref = torch_logits(ckpt, batch)
+    manifest = json.loads((exported / MANIFEST).read_text())
+    diffs = {}
+    for a in manifest["artifacts"]:
+        want = parity(ref, ort_logits(exported / a["file"], batch), None, a["file"])
+        got = a["parity_vs_fp32"]
+        assert got["images"] == n and got["top1_agreement"] == want["top1_agreement"], a["file"]
+        assert got["max_abs_logit_diff"] == pytest.approx(want["max_abs_logit_diff"], rel=1e-3)
+        diffs[a["flavour"]] = got["max_abs_logit_diff"]
+    assert diffs["fp32"] < diffs["fp16"] < min(diffs["int8-cpu"], diffs["int8-trt"])
+
+
 def test_artifacts_do_not_depend_on_where_marsvision_is_installed(exported: Path) -> None:
     """The exporter's node metadata held Python stack traces with the absolute paths of the
     installed packages: the same checkpoint exported from two folders gave files with two
@@ -153,10 +177,20 @@ def test_int8_carries_qdq_of_the_right_types(exported: Path, flavour: str, act_t
     for n in weight_dqs:
         assert numpy_helper.to_array(inits[n.input[1]]).size == inits[n.input[0]].dims[0]
         assert not numpy_helper.to_array(inits[n.input[2]]).any()
+    # biases: float for TensorRT (QuantizeBias off), INT32 through a DequantizeLinear for the
+    # CPU's (onnxruntime's default); each of the ~54 Conv/Gemm nodes has one
+    int32_dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
+                 and inits.get(n.input[0]) is not None
+                 and inits[n.input[0]].data_type == onnx.TensorProto.INT32]  # fmt: skip
+    biased = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 2]
+    assert len(biased) >= 50
     if flavour == "int8-trt":
         assert all(not numpy_helper.to_array(zp).any() for zp in q_zp.values())
+        assert not int32_dqs
+        assert all(inits[n.input[2]].data_type == onnx.TensorProto.FLOAT for n in biased)
     else:
         assert any(numpy_helper.to_array(zp).any() for zp in q_zp.values())
+        assert len(int32_dqs) == len(biased)
 
 
 @pytest.mark.parametrize("flavour", ["int8-cpu", "int8-trt"])
