@@ -157,6 +157,36 @@ def test_speed_cli_writes_results_with_conditions(
     )
 
 
+def test_ratios_to_the_baseline() -> None:
+    """Each ok row's throughput, latency and peak RSS as ratios to PyTorch FP32 at its mode and
+    batch (inverted latency and RSS ratios passed every test); no RSS ratio where the rows ran
+    in one process, none at all where the row or its baseline did not run."""
+    from marsvision.benchmarks.speed import _add_ratios
+
+    def row(backend: str, precision: str, mean: float, p50: float, rss: float) -> dict[str, Any]:
+        timing = {"mean_ms": mean, "p50_ms": p50, "p90_ms": None, "p99_ms": None,
+                  "max_ms": 2 * mean}  # fmt: skip
+        return {"mode": "model", "batch": 8, "backend": backend, "precision": precision,
+                "status": "ok", "timing": timing, "throughput_img_s": 8e3 / mean,
+                "peak_rss_mib": rss}  # fmt: skip
+
+    rows = [row("pytorch", "fp32", 100.0, 90.0, 400.0), row("onnxruntime", "int8-cpu", 20.0,
+            30.0, 100.0), {"mode": "e2e", "batch": 8, "backend": "onnxruntime",
+            "precision": "fp32", "status": "error: x"}]  # fmt: skip
+    _add_ratios(rows)
+    r = rows[1]
+    assert r["speedup_vs_pytorch_fp32"] == pytest.approx(5.0)
+    assert r["latency_ratio_vs_pytorch_fp32"] == {
+        "mean_ms": pytest.approx(0.2), "p50_ms": pytest.approx(1 / 3), "p90_ms": None,
+        "p99_ms": None, "max_ms": pytest.approx(0.2),
+    }  # fmt: skip
+    assert r["peak_rss_ratio_vs_pytorch_fp32"] == pytest.approx(0.25)
+    assert rows[0]["speedup_vs_pytorch_fp32"] == 1.0
+    assert rows[2]["speedup_vs_pytorch_fp32"] is rows[2]["latency_ratio_vs_pytorch_fp32"] is None
+    _add_ratios(rows, own_rss=False)
+    assert r["peak_rss_ratio_vs_pytorch_fp32"] is None and r["speedup_vs_pytorch_fp32"] == 5.0
+
+
 def test_noisy_rows_are_marked() -> None:
     """Rows measured beside other work (a CV of 0.53 gave a 59x speedup where 5x was right)
     looked like any other: a row whose calls' standard deviation is over 10% of their mean is
