@@ -393,6 +393,29 @@ def test_failed_parity_writes_nothing(ckpt_path: Path, msl_dir: Path, tmp_path: 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_label_that_changes_within_the_logit_bound_fails_parity(
+    ckpt_path: Path, msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The FP32 gate refuses an export whose label differs from PyTorch's on one image even
+    where every logit is within the bound (a near-tie turned over): only the bound was tested,
+    and the gate passed without its label half."""
+    from marsvision.export import images
+    from marsvision.export.onnx_fp32 import fp32_meta, onnx_from_checkpoint
+    from marsvision.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path)
+    meta = fp32_meta(ckpt, sha256_file(ckpt_path))
+    batch = load_batch(split_paths(msl_dir, "val", "binary", 2), meta.preprocess)
+    reference = np.array([[0.0, 1e-6], [1.0, -1.0]], np.float32)  # a near-tie: Rover
+    turned = np.array([[1e-6, 0.0], [1.0, -1.0]], np.float32)  # 1e-6 away: Surface
+    monkeypatch.setattr(images, "ort_logits", lambda path, x: turned)
+    kw: dict[str, Any] = {"meta": meta, "parity_batch": batch}
+    with pytest.raises(MarsvisionError, match=r"max \|logit diff\| 1.00e-06, .*agree on 50.00%"):
+        onnx_from_checkpoint(ckpt, tmp_path / "a.onnx", reference=reference, **kw)
+    figures = onnx_from_checkpoint(ckpt, tmp_path / "b.onnx", reference=turned, **kw)
+    assert figures["top1_agreement"] == 1.0  # the same logits pass
+
+
 def test_export_refuses_other_data_unreadable_images_and_misfit_weights(
     ckpt_path: Path, msl_dir: Path, tmp_path: Path
 ) -> None:
