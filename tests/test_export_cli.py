@@ -143,6 +143,7 @@ def test_bad_checkpoint(kind: str, tiny_checkpoint: Path, msl_dir: Path, tmp_pat
         # these failed after --out was made, leaving it empty
         ("three-names", "names 3 classes but its fc layer has 2 outputs"),
         ("missing-tensor", "fc.bias"),
+        ("other-arch", "architecture 'resnet18' is not 'resnet50'"),
     ],
 )
 def test_a_checkpoint_that_fails_its_checks_makes_no_out(
@@ -159,6 +160,8 @@ def test_a_checkpoint_that_fails_its_checks_makes_no_out(
         ckpt["class_names"] = ["Rover", "Rover"]
     elif edit == "three-names":
         ckpt["class_names"] = ["a", "b", "c"]
+    elif edit == "other-arch":  # one that says it is another net (its weights fit here)
+        ckpt["arch"] = "resnet18"
     else:
         del ckpt["state_dict"]["fc.bias"]
     bad = tmp_path / "bad.pt"
