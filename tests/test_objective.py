@@ -125,3 +125,51 @@ def test_warmup_longer_than_half_the_run_is_cut_to_half() -> None:
     assert config_from_flags("default", **flags).warmup_epochs == 2
     long_run = config_from_flags("default", data=Path("d"), out=Path("o"), epochs=30)
     assert long_run.warmup_epochs == 3  # as asked when it fits
+
+
+def test_sampler_balance_draws_the_epoch_by_sample_p(
+    msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--balance sampler: the training loop draws each epoch's images with replacement at the
+    objective's sample_p, so each class fills about half of a binary epoch (class 1 is a third
+    of the first 1000 train images). With sample_p ignored (a plain permutation) the suite
+    passed: no test trained with the sampler."""
+    from marsvision.train import loop
+
+    class Drawn(Exception):
+        """Raised by the first epoch: the order is all this test needs."""
+
+    orders: list[torch.Tensor] = []
+
+    def first_epoch(model: nn.Module, *, order: torch.Tensor, **kw: Any) -> dict[str, float]:
+        orders.append(order.clone())
+        raise Drawn
+
+    # no decoding and no training: the order depends on the labels only
+    def blank_store(samples: list[Any], **kw: Any) -> torch.Tensor:
+        return torch.zeros(len(samples), 3, 8, 8, dtype=torch.uint8)
+
+    def blank_eval(samples: list[Any], **kw: Any) -> torch.Tensor:
+        return torch.zeros(len(samples), 3, 8, 8)
+
+    monkeypatch.setattr(loop, "train_one_epoch", first_epoch)
+    monkeypatch.setattr(loop, "train_store", blank_store)
+    monkeypatch.setattr(loop, "eval_tensors", blank_eval)
+    n = 1000
+    labels = np.array([s.label for s in read_split(msl_dir, "train", "binary", n)])
+    assert 0.25 < labels.mean() < 0.35  # class 1's share of the images
+    shares = {}
+    for balance in ("sampler", "loss"):
+        cfg = config_from_flags("default", data=msl_dir, out=tmp_path / balance, epochs=1,
+                                limit=n, image_size=64, device="cpu", workers=1,
+                                balance=balance)  # fmt: skip
+        with pytest.raises(Drawn):
+            loop.main(cfg)
+        order = orders.pop().numpy()
+        assert len(order) == n and order.min() >= 0 and order.max() < n
+        shares[balance] = labels[order].mean()
+        unique = len(np.unique(order))
+        if balance == "sampler":  # with replacement: about 61% of the images drawn at all
+            assert 0.45 < shares[balance] < 0.55 and unique < 0.7 * n
+        else:  # loss weights: every image once
+            assert shares[balance] == labels.mean() and unique == n

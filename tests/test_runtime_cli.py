@@ -217,7 +217,7 @@ def test_an_unreadable_file_leaves_its_batchs_good_images_as_they_were(
     bad.write_bytes(b"")
     with Classifier(models["int8"], batch_size=4) as clf:
         alone = {p.path: p.probs for p in clf.predict(good)}
-        assert len({tuple(np.round(v, 4)) for v in alone.values()}) == 3  # three distinct images
+        assert len(set(alone.values())) == 3  # three distinct images
         for at in range(4):
             mixed = clf.predict([*good[:at], str(bad), *good[at:]])
             assert [p.ok for p in mixed] == [i != at for i in range(4)]
