@@ -8,6 +8,7 @@ import io
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -175,28 +176,32 @@ def test_an_os_without_nonblocking_opens_reads_images(
     assert (decode_image(path, spec) == want).all()
 
 
+def _decoding(path: Path, spec: PreprocessSpec) -> tuple[threading.Thread, list[BaseException]]:
+    """A thread (not started) that decodes `path`, and the list where what it raises lands."""
+    got: list[BaseException] = []
+
+    def decode() -> None:
+        try:
+            decode_image(path, spec)
+        except BaseException as e:  # noqa: BLE001
+            got.append(e)
+
+    return threading.Thread(target=decode, daemon=True), got
+
+
 def test_files_that_are_not_images_on_disk(tmp_path: Path, msl_dir: Path) -> None:
     """A FIFO named like an image without a writer is an error at once (opening it waited for a
     writer forever, and Ctrl-C could not stop the run), a pipe with a writer is read
     (`mars-infer <(cat image.jpg)`), a device is refused (/dev/zero would be read forever), and
     a file-system error (a symlink loop, a path through a file) is reported as one, not as a
     corrupt image."""
-    import threading
 
     spec = PreprocessSpec.for_input_size(64)
     good = tmp_path / "good.jpg"
     good.write_bytes(_msl_images(msl_dir, 1)[0].read_bytes())
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
-    got: list[BaseException] = []
-
-    def decode() -> None:
-        try:
-            decode_image(fifo, spec)
-        except BaseException as e:  # noqa: BLE001
-            got.append(e)
-
-    t = threading.Thread(target=decode, daemon=True)
+    t, got = _decoding(fifo, spec)
     t.start()
     t.join(10)
     if t.is_alive():  # blocked in open: a writer's open and close release it
@@ -408,7 +413,6 @@ def test_a_fifo_that_sends_nothing_or_too_much_is_an_error_row(
     blocking read: the run waited for it for ever, and a stop (Ctrl-C, SIGTERM) waited for its
     decoding thread. Now it is an error row after FIFO_IDLE_S, or at once once the command is
     stopped; one that sends more than FIFO_MAX_BYTES is no image."""
-    import threading
 
     from marsvision.runtime import errors, preprocess
 
@@ -419,15 +423,7 @@ def test_a_fifo_that_sends_nothing_or_too_much_is_an_error_row(
     monkeypatch.setattr(preprocess, "FIFO_MAX_BYTES", 1000)
 
     def decode(writer_sends: bytes | None, stop: bool = False) -> BaseException | None:
-        got: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                decode_image(fifo, spec)
-            except BaseException as e:  # noqa: BLE001
-                got.append(e)
-
-        t = threading.Thread(target=run, daemon=True)
+        t, got = _decoding(fifo, spec)
         w = os.open(fifo, os.O_RDWR)  # a writer that holds it open (O_RDWR: no wait for a reader)
         try:
             t.start()
