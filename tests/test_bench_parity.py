@@ -508,3 +508,68 @@ def test_parity_refuses_bad_option_values(
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and says in result.output, result.output  # a usage error
     assert not list((tmp_path / "o").glob("parity*"))
+
+
+def test_the_largest_probability_change_is_absolute() -> None:
+    """The max probability difference of a class whose probability fell (0.8 to 0.4 of three
+    classes) is 0.4, not its signed 0.2 from another class; binary outputs alone, where both
+    are the same, could not tell (a mutation audit)."""
+    from marsvision.benchmarks.parity import _per_class, compare
+
+    ref = np.log(np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1]]))
+    art = np.log(np.array([[0.4, 0.3, 0.3], [0.1, 0.8, 0.1]]))
+    figures = compare(ref, art, np.array([0, 1]), num_classes=3, task="msl25")
+    assert figures["max_prob_diff"] == pytest.approx(0.4, abs=1e-6)
+    # a class's recall change is the artifact's minus the reference's, in points
+    rows = _per_class(["a", "b"], [0.5, 1.0], [0.75, 1.0], np.array([0, 1]))
+    assert rows[0]["change"] == pytest.approx(25.0) and rows[1]["change"] == 0
+
+
+def test_an_artifact_that_fails_one_split_fails(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An artifact that fails val and passes test (the default --splits val,test) is FAIL: with
+    the verdict taken from the last split alone the suite passed, and such a file was reported
+    PASS, exit 0, beside its val failure (a mutation audit)."""
+    from types import SimpleNamespace
+
+    from marsvision.benchmarks import parity
+    from marsvision.benchmarks.artifacts import Artifact
+    from marsvision.runtime.spec import PreprocessSpec
+
+    f = tmp_path / "resnet50-binary.fp32.onnx"
+    f.write_bytes(b"x")
+
+    class Runner:
+        name = "fake"
+        meta = SimpleNamespace(preprocess=PreprocessSpec.for_input_size(64))
+
+        def __enter__(self) -> Runner:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    val = np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]])
+    test = np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0], [0.0, 2.0]])
+    splits: dict[str, dict[str, Any]] = {
+        "val": {"paths": ["a"] * 4, "y_true": np.array([0, 1, 0, 1]), "ref_logits": val,
+                "ref_seconds": 1.0},
+        "test": {"paths": ["b"] * 5, "y_true": np.array([0, 1, 0, 1, 1]), "ref_logits": test,
+                 "ref_seconds": 1.0},
+    }  # fmt: skip
+
+    def logits(runner: Any, images: Any, spec: Any, batch: Any) -> tuple[np.ndarray, float]:
+        return (val[:, ::-1].copy() if len(images) == 4 else test), 1.0  # val: every label turned
+
+    monkeypatch.setattr(parity, "skip_reason", lambda a, d: None)
+    monkeypatch.setattr(parity, "_open", lambda *a: Runner())
+    monkeypatch.setattr(parity, "_decode_split", lambda paths, spec: np.zeros((len(paths), 1)))
+    monkeypatch.setattr(parity, "_artifact_logits", logits)
+    model = parity._Model("binary", ["Surface", "Rover"], None)
+    ref_row = {"splits": {s: model.compare(d["ref_logits"], d["ref_logits"], d["y_true"], 1.0)
+                          for s, d in splits.items()}}  # fmt: skip
+    cfg = SimpleNamespace(threads=None, batch_size=4, thresholds=Thresholds())
+    row = parity._artifact_row(Artifact(f, "fp32"), cfg, splits, model, ref_row,  # type: ignore[arg-type]
+                               ort_device="cpu", decoded={}, say=lambda m: None)  # fmt: skip
+    assert row["failures"] and row["verdict"] == "FAIL"

@@ -963,3 +963,14 @@ def test_labels_files_as_windows_and_old_macs_write_them(
                 str(tmp_path / "mac"), "--allow-missing"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert len(list((tmp_path / "mac").glob("score-labels-mac-*.json"))) == 2
+
+
+def test_a_top_k_file_naming_a_label_outside_the_classes_is_refused() -> None:
+    """A --top-k file whose labels are not all of the binary task's classes is no binary file:
+    refused, not taken as binary because it shares two names (a mutation audit)."""
+    from marsvision.benchmarks.predictions import PredictionRow, Predictions, resolve_task
+
+    rows = [PredictionRow(2, "a.jpg", "ok", "Rover", "s", "fp32", "cpu")]
+    labels = frozenset({"Surface", "Rover", "bogus"})
+    with pytest.raises(MarsvisionError, match=r"bogus\], which are not binary's \[Surface, Rov"):
+        resolve_task(Predictions(Path("p.csv"), "csv", None, 2, labels, rows), data_dir=None)

@@ -478,3 +478,16 @@ def test_a_download_in_a_log_says_what_it_fetches_as_it_goes(
         "downloaded 2.1 of 4.2 MB",
         "downloaded 4.2 of 4.2 MB",
     ]
+
+
+def test_the_data_fingerprint_covers_the_class_names(msl_dir: Path, tmp_path: Path) -> None:
+    """A data folder whose class names differ (a class renamed) is other data: its fingerprint
+    differs, so mars-export and mars-bench refuse it for a checkpoint trained on the MSL names
+    (without the names file in the fingerprint the suite passed)."""
+    for name in (*msl.SPLIT_FILES.values(), msl.SYNSET_FILE):
+        shutil.copy(msl_dir / name, tmp_path / name)
+    assert msl.data_fingerprint(tmp_path) == msl.data_fingerprint(msl_dir)
+    text = (tmp_path / msl.SYNSET_FILE).read_text(encoding="utf-8-sig")
+    assert " apxs\n" in text
+    (tmp_path / msl.SYNSET_FILE).write_text(text.replace(" apxs\n", " apxs2\n", 1))
+    assert msl.data_fingerprint(tmp_path) != msl.data_fingerprint(msl_dir)

@@ -204,3 +204,61 @@ def test_distillation_calibrates_on_as_many_images_as_the_export() -> None:
     assert inspect.signature(distill).parameters["calib_images"].default == (
         ExportConfig.calib_images
     )
+
+
+def test_the_distilled_checkpoint_scores_its_own_weights(
+    tiny_checkpoint: Path, msl_dir: Path
+) -> None:
+    """The distilled checkpoint's metrics (which go on the card) are its own weights', and a
+    decision threshold chosen for the source weights is dropped; the source's metrics, or its
+    threshold riding on other weights, passed the suite (a mutation audit)."""
+    from marsvision.train.checkpoint import load_checkpoint
+    from marsvision.train.int8_distill import _distilled_checkpoint
+    from marsvision.train.ship import score_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    ckpt["metrics"] = {"val": None, "test": None}
+    ckpt["decision_threshold"] = 0.9
+    state = {k: v.clone() for k, v in ckpt["state_dict"].items()}
+    state["fc.weight"], state["fc.bias"] = state["fc.weight"].flip(0), state["fc.bias"].flip(0)
+    out = _distilled_checkpoint(ckpt, state, data_dir=msl_dir, settings={}, source_sha256="s",
+                                source_path=tiny_checkpoint, seconds=1.0, workers=1,
+                                limit=16)  # fmt: skip
+    assert "decision_threshold" not in out
+    own, source = (
+        score_checkpoint(
+            {**ckpt, "state_dict": s, "decision_threshold": None},
+            data_dir=msl_dir,
+            device="cpu",
+            workers=1,
+            limit=16,
+        )  # fmt: skip
+        for s in (state, ckpt["state_dict"])
+    )
+    assert own["val"]["metrics"] != source["val"]["metrics"]  # the two can be told apart
+    assert out["metrics"]["val"] == own["val"]["metrics"]
+    assert torch.equal(out["state_dict"]["fc.weight"], state["fc.weight"])
+
+
+def test_flavour_trt_distills_on_the_signed_grid(
+    tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--flavour trt trains on TensorRT's signed int8 grid, cpu on the x86 file's uint8 one (the
+    comparison turned over passed the suite, and the card said "TensorRT's int8 grid")."""
+    from marsvision.train import int8_distill, ship
+
+    seen: dict[str, object] = {}
+
+    class Stop(Exception):
+        """Raised in place of the distillation: its arguments are all this test needs."""
+
+    def distill(ckpt: object, **kw: object) -> None:
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(ship, "check_finished", lambda *a: None)
+    monkeypatch.setattr(int8_distill, "distill", distill)
+    for flavour, signed in (("trt", True), ("cpu", False)):
+        with pytest.raises(Stop):
+            distill_file(tiny_checkpoint, tmp_path / "d.pt", data_dir=msl_dir, flavour=flavour)
+        assert seen["signed"] is signed, flavour

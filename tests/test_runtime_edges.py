@@ -319,6 +319,8 @@ def test_list_files_in_utf16_and_not_text(tmp_path: Path) -> None:
     image.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01")
     with pytest.raises(MarsvisionError, match="is not a text file of paths .*line 1 holds a NUL"):
         expand_inputs([f"@{image}"])
+    lst.write_text("  # an indented note\nimg.jpg\n")  # a comment however indented
+    assert expand_inputs([f"@{lst}"]) == ["img.jpg"]
     # a list of no file (a nightly `find > list.txt` that failed) is an error, not "0 ok", exit 0
     for text in ("", "\n \n# none tonight\n"):
         lst.write_text(text)
@@ -1438,3 +1440,50 @@ def test_resume_refusals_no_run_reached(tmp_path: Path) -> None:
     (tmp_path / "r.csv.run.json").write_text("[1]")  # JSON, but no record: an AttributeError
     with pytest.raises(MarsvisionError, match=r"run\.json \(not a JSON object\); delete it"):
         _resume_base(str(out), run=run, inputs=[], rows={})
+
+
+def test_top_k_rows_keep_the_headers_columns(
+    model: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """--top-k above the class count is the class count: 3 of a binary model wrote a 14-column
+    header over 12-column rows, and an error row of --top-k 1 has every column too; both
+    passed the suite with the clamp dropped (mars-bench score would refuse the file)."""
+    from marsvision.benchmarks.predictions import read_predictions
+
+    for k, inputs in (("3", images), ("1", [images[0], tmp_path / "missing.jpg"])):
+        out = tmp_path / f"top{k}.csv"
+        r = _infer(*inputs, "--engine", model, "--out", out, "--top-k", k)
+        assert r.returncode in (0, 3), r.stderr
+        rows = list(csv.reader(out.open(newline="")))
+        assert len(rows) == 3 and len({len(row) for row in rows}) == 1, rows
+        read_predictions(out)
+
+
+def test_resuming_jsonl_with_another_top_k_is_refused(
+    model: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """A JSONL file of --top-k 1 continued with --top-k 2 would hold rows of two shapes: refused
+    (without the check the suite passed, and the file mixed them)."""
+    out = tmp_path / "r.jsonl"
+    r = _infer(images[0], "--engine", model, "--out", out, "--top-k", "1")
+    assert r.returncode == 0, r.stderr
+    r = _infer(*images, "--engine", model, "--out", out, "--resume", "--top-k", "2")
+    assert r.returncode == 1 and b"another --top-k" in r.stderr, r.stderr
+    assert len(out.read_text().splitlines()) == 1
+
+
+def test_jsonl_paths_are_utf8_under_an_ascii_locale(
+    model: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """Under LC_ALL=C a UTF-8 file name is decoded with surrogates: the JSONL row must still
+    hold the name as it is (`café.jpg`), not `caf\\udcc3\\udca9.jpg`."""
+    (tmp_path / "imgs").mkdir()
+    name = "caf\u00e9.jpg"
+    shutil.copy(images[0], tmp_path / "imgs" / name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LC_") and k != "LANG"}
+    r = subprocess.run([*MARS_INFER, "imgs", "--engine", str(model), "--out", "r.jsonl"],
+                       capture_output=True, cwd=tmp_path,
+                       env={**env, "LC_ALL": "C", "PYTHONUTF8": "0"})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    (line,) = (tmp_path / "r.jsonl").read_text(encoding="utf-8").splitlines()
+    assert json.loads(line)["path"] == f"imgs/{name}", line
