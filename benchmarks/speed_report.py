@@ -34,7 +34,8 @@ HEADERS = [
 
 
 # a row whose calls' standard deviation is over this fraction of their mean is marked noisy:
-# calm runs here keep under 0.06; runs beside other work reached 0.2-0.5, their ratios 10x off
+# most rows of calm runs here keep under 0.06; runs beside other work reached 0.2-0.5, their
+# ratios 10x off. End-to-end rows vary with the images' sizes too (a folder of unlike images)
 NOISY_CV = 0.10
 
 
@@ -122,8 +123,8 @@ def _noise_note(report: dict[str, Any]) -> str:
         return ""
     return (
         f"noisy: its calls' standard deviation is over {NOISY_CV:.0%} of their mean (CV), as "
-        "when other work shares the CPU or GPU; its figures, and ratios made with it, are not "
-        "ones to quote: rerun on a quiet machine"
+        "when other work shares the CPU or GPU (or, end to end, images of unlike sizes); its "
+        "figures, and ratios made with it, are not ones to quote: rerun on a quiet machine"
     )
 
 

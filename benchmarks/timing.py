@@ -96,9 +96,9 @@ def peak_rss_mib() -> float:
     mars-bench reported mars-bench's own peak where that was higher (178 MiB for every INT8
     row, its own about 118, once mars-bench had opened the FP32 file to check it)."""
     try:
-        with open("/proc/self/status", encoding="ascii") as f:
+        with open("/proc/self/status", "rb") as f:  # bytes: its Name line may be any
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(b"VmHWM:"):
                     return int(line.split()[1]) / 1024  # kB
     except (OSError, ValueError, IndexError):
         pass

@@ -154,7 +154,7 @@ def _record(cfg: InferConfig, clf: Classifier, inputs: int) -> dict[str, Any]:
 
 def run(cfg: InferConfig) -> int:
     """Classify every input of `cfg` and write its row; returns the exit code."""
-    from marsvision.runtime.inputs import expand_inputs, path_keys
+    from marsvision.runtime.inputs import expand_inputs, is_list_arg, path_keys
     from marsvision.runtime.results import Provenance, ResultWriter, csv_header
     from marsvision.runtime.resume import (
         lock_output,
@@ -212,8 +212,10 @@ def run(cfg: InferConfig) -> int:
                 )
 
                 def deeper() -> list[str]:  # the inputs --recursive would add to this run's
-                    these = set(inputs)
-                    return [p for p in expand_inputs(list(cfg.paths), recursive=True)
+                    # (not from @lists, which --recursive does not change: `@<(find ...)` read
+                    # again would be empty)
+                    these, args = set(inputs), [a for a in cfg.paths if not is_list_arg(a)]
+                    return [p for p in expand_inputs(args, recursive=True)
                             if p not in these]  # fmt: skip
 
                 done = read_resumed(cfg.out, fmt=cfg.fmt, header=header, provenance=provenance,

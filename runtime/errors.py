@@ -166,7 +166,7 @@ def interruptible(command: str, *, hint: str | Callable[[], str] = "") -> Iterat
     thread (where signal handlers are set)."""
     global _terminal_fds
     _terminal_fds = tuple(fd for fd in (1, 2) if _isatty(fd))
-    stopping.clear()  # a stop of an earlier command in this process (the tests') is over
+    stopping.clear()
     # a signal the process was started with ignored (`cmd &` in a script) stays ignored
     previous = {sig: signal.signal(sig, _stop) for sig in _STOPS
                 if signal.getsignal(sig) is not signal.SIG_IGN}  # fmt: skip
@@ -190,6 +190,7 @@ def interruptible(command: str, *, hint: str | Callable[[], str] = "") -> Iterat
     finally:
         for sig, handler in previous.items():  # None: a handler not set from Python
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        stopping.clear()  # the stop is over: a later FIFO read in this process (the API's) waits
 
 
 @contextlib.contextmanager

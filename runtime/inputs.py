@@ -219,6 +219,11 @@ def decode_text(data: bytes, what: str) -> str:
     return data.decode("utf-8-sig", errors="surrogateescape")
 
 
+def is_list_arg(arg: str) -> bool:
+    """Whether a PATH argument is an @list (`@` alone is a file's name)."""
+    return arg.startswith("@") and len(arg) > 1
+
+
 def _list_file(arg: str) -> list[str]:
     """The paths of an @list: UTF-8 (a byte-order mark skipped: Windows Notepad writes one) or
     UTF-16 with its mark (Windows PowerShell 5's `>` writes that); any line ending."""
@@ -236,12 +241,7 @@ def _list_file(arg: str) -> list[str]:
                 f"the list file {path} is not a text file of paths (line {n} holds a NUL "
                 "byte): save it as UTF-8 text, one path per line"
             )
-    paths = [fs_path(line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not paths:  # a nightly `find ... > list.txt` that failed: it passed as "0 ok", exit 0
-        raise MarsvisionError(
-            f"the list file {path} names no file (it is empty, or holds only blank and # lines)"
-        )
-    return paths
+    return [fs_path(line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
 def path_keys(paths: Iterable[str], *, base: str | None = None) -> list[str]:
@@ -269,9 +269,13 @@ def expand_inputs(
     """The input files named by PATH arguments, in order, each once; a line for `notes` for
     each folder PATH that holds what is not classified (`passed_over_note`)."""
     out: list[str] = []
+    empty: list[str] = []  # the @lists that name no file
     for arg in args:
-        if arg.startswith("@") and len(arg) > 1:
-            out.extend(_list_file(arg))
+        if is_list_arg(arg):
+            listed = _list_file(arg)
+            out.extend(listed)
+            if not listed:
+                empty.append(arg[1:])
         elif os.path.isdir(arg):
             unreadable: list[str] = []
             passed: collections.Counter[str] = collections.Counter()
@@ -292,6 +296,11 @@ def expand_inputs(
             out.extend(files + unreadable or [arg])  # no match: the pattern gets an error row
         else:
             out.append(arg)
+    if empty and not out:  # a nightly `find ... > list.txt` that failed passed as "0 ok", exit 0
+        raise MarsvisionError(
+            f"the list file {', '.join(empty)} names no file (it is empty, or holds only blank "
+            "and # lines), and nothing else was given"
+        )
     first: dict[str, str] = {}
     for key, path in zip(path_keys(out), out):
         first.setdefault(key, path)

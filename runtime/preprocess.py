@@ -145,24 +145,25 @@ def _open_file(path: str | bytes | os.PathLike[str]) -> BinaryIO:
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fsdecode(path))
         if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
             raise ImageError("not a regular file (a device or socket)")
-        if stat.S_ISFIFO(mode) and nonblock:
-            data = _read_fifo(fd)
-            os.close(fd)
-            return io.BytesIO(data)
-        if nonblock:
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
+        if not (stat.S_ISFIFO(mode) and nonblock):
+            if nonblock:
+                os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+    try:  # a FIFO: read whole here, the descriptor closed once (a stop may come at any point)
+        return _read_fifo(fd)
+    finally:
+        os.close(fd)
 
 
-def _read_fifo(fd: int) -> bytes:
-    """All that a FIFO (opened non-blocking) sends until its writers close it; an ImageError
-    where the writer sends nothing for FIFO_IDLE_S, more than FIFO_MAX_BYTES, or the command is
-    stopped meanwhile."""
-    parts: list[bytes] = []
-    total, last = 0, time.monotonic()
+def _read_fifo(fd: int) -> io.BytesIO:
+    """All that a FIFO (opened non-blocking) sends until its writers close it, in one buffer; an
+    ImageError where the writer sends nothing for FIFO_IDLE_S, more than FIFO_MAX_BYTES, or the
+    command is stopped meanwhile."""
+    buf = io.BytesIO()
+    last = time.monotonic()
     poll = select.poll()  # not select(): it takes no descriptor above 1023
     poll.register(fd, select.POLLIN)
     while True:
@@ -179,10 +180,11 @@ def _read_fifo(fd: int) -> bytes:
             poll.poll(100)
             continue
         if not data:  # no writer, or its writers are done
-            return b"".join(parts)
-        parts.append(data)
-        total, last = total + len(data), time.monotonic()
-        if total > FIFO_MAX_BYTES:
+            buf.seek(0)
+            return buf
+        buf.write(data)
+        last = time.monotonic()
+        if buf.tell() > FIFO_MAX_BYTES:
             raise ImageError(f"a FIFO that sent more than {FIFO_MAX_BYTES >> 20} MiB: no image")
 
 

@@ -321,11 +321,13 @@ def test_list_files_in_utf16_and_not_text(tmp_path: Path) -> None:
         expand_inputs([f"@{image}"])
     lst.write_text("  # an indented note\nimg.jpg\n")  # a comment however indented
     assert expand_inputs([f"@{lst}"]) == ["img.jpg"]
-    # a list of no file (a nightly `find > list.txt` that failed) is an error, not "0 ok", exit 0
+    # a list of no file (a nightly `find > list.txt` that failed) is an error, not "0 ok", exit 0,
+    # where nothing else is given (beside other inputs it adds none, as an empty folder would)
     for text in ("", "\n \n# none tonight\n"):
         lst.write_text(text)
         with pytest.raises(MarsvisionError, match=r"^the list file .* names no file \(it is emp"):
-            expand_inputs([f"@{lst}"])
+            expand_inputs([f"@{lst}", f"@{lst}"])
+        assert expand_inputs([f"@{lst}", str(image)]) == [str(image)]
 
 
 def test_a_results_file_another_run_is_writing_is_refused(
@@ -1204,6 +1206,9 @@ def test_sigterm_and_sighup_stop_after_the_cleanups_and_say_so(
                 cleaned.append(True)
     assert stopped.value.code == code and cleaned == [True] and asked == [True]
     assert capsys.readouterr().err == f"cmd: stopped by {name}; --resume continues\n"
+    from marsvision.runtime.errors import stopping
+
+    assert not stopping.is_set()  # set for the command's FIFO reads, over once it is stopped
 
 
 @pytest.mark.parametrize("hangup", ["terminal closed", "kill -HUP"])
