@@ -189,14 +189,13 @@ def _add_ratios(rows: list[dict[str, Any]], *, own_rss: bool = True) -> None:
         )
 
 
-def _check_sources(jobs: list[Job], checkpoint: Path) -> None:
-    """Refuse artifacts exported from another checkpoint than the baseline's (their speedups
-    would compare two models: another input size, say), as parity does."""
+def _check_sources(jobs: list[Job], checkpoint: Path, want: str) -> None:
+    """Refuse artifacts exported from another checkpoint than the baseline's (`want`: its
+    sha256; their speedups would compare two models: another input size, say), as parity
+    does."""
     from marsvision.benchmarks.artifacts import check_exported_from
     from marsvision.runtime.backends import load_model_meta
-    from marsvision.runtime.metadata import sha256_file
 
-    want = sha256_file(checkpoint)
     for model in sorted({j.model for j in jobs if j.backend not in TORCH_BACKENDS}):
         check_exported_from(
             load_model_meta(model).source_checkpoint_sha256, model, checkpoint, want
@@ -213,11 +212,12 @@ def run_speed(cfg: SpeedConfig, *, log: Any = None) -> dict[str, Any]:
     from marsvision.runtime.metadata import sha256_file
 
     jobs, skipped = plan(cfg)
-    _check_sources(jobs, cfg.checkpoint)
+    # which file each row measured: its name alone does not say (a re-export keeps it); the
+    # baseline's is the checkpoint, whose sha256 the artifacts must name
+    sha = {m: sha256_file(m) for m in sorted({j.model for j in jobs})}
+    _check_sources(jobs, cfg.checkpoint, sha[str(cfg.checkpoint)])
     # the machine's load before the first row (a busy machine's rows are slow and noisy)
     load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    # which file each row measured: its name alone does not say (a re-export keeps it)
-    sha = {m: sha256_file(m) for m in sorted({j.model for j in jobs})}
     rows: list[dict[str, Any]] = []
     for i, job in enumerate(jobs, 1):
         say(f"[{i}/{len(jobs)}] {job.mode} {job.backend} {job.precision} batch {job.batch}")
