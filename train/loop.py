@@ -458,12 +458,12 @@ def _train(cfg: TrainConfig, deadline: float | None, lock: FolderLock) -> dict[s
     y_test, pred_test = np.array([s.label for s in splits["test"]]), probs["test"].argmax(1)
     result["test"]["ci95"] = bootstrap_cis(y_test, pred_test, k, task, n_boot=1000,
                                            seed=cfg.seed)  # fmt: skip
+    sols = [msl.sol_key(s.path) for s in splits["test"]]
     result["test"]["ci95_by_sol"] = bootstrap_cis(
-        y_test, pred_test, k, task, n_boot=1000, seed=cfg.seed,
-        groups=[msl.sol_key(s.path) for s in splits["test"]])  # fmt: skip
+        y_test, pred_test, k, task, n_boot=1000, seed=cfg.seed, groups=sols)  # fmt: skip
     # the sols of MSL product names; 0 where none is one (your own images in the MSL layout):
     # each image was then its own group, and the interval above is the one over images
-    result["test"]["sols"] = len({msl.sol_key(s.path) for s in splits["test"]
+    result["test"]["sols"] = len({sol for sol, s in zip(sols, splits["test"])
                                   if msl.msl_product(s.path)})  # fmt: skip
     result.update(config=cfg.to_dict(), data_fingerprint=fingerprint, device=str(device),
                   history=history, seconds=time.perf_counter() - t0)  # fmt: skip
