@@ -485,6 +485,14 @@ Exit codes:
     "--train-on train+half-val was selected on: its val) or trained (the half it learned from).",
 )
 @click.option(
+    "--train-limit",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="With --val-half: the --limit of that model's mars-train run, which halved only its "
+    "first N val images (its model card's command gives it); the held half is the rest of val.",
+)
+@click.option(
     "--labels",
     type=click.Path(path_type=Path),  # unreadable: 1
     default=None,
@@ -510,6 +518,7 @@ def score(
     data: str | None,
     split: str,
     val_half: str | None,
+    train_limit: int | None,
     labels: Path | None,
     allow_missing: bool,
     require: str | None,
@@ -538,12 +547,16 @@ def score(
     if val_half and split != "val":
         raise click.BadParameter(f"a half of val: needs --split val, not {split}",
                                  param_hint="--val-half")  # fmt: skip
+    if train_limit is not None and not val_half:
+        raise click.BadParameter("how a model halved val: needs --val-half",
+                                 param_hint="--train-limit")  # fmt: skip
     check_writable_folder(out, "--out")  # before the run, not after it
     cfg = ScoreConfig(
         predictions=predictions,
         data_dir=resolve_data_dir(data) if labels is None else _labels_data(data),
         split=split,
         val_half=val_half,
+        train_limit=train_limit,
         labels=labels,
         allow_missing=allow_missing,
         requirements=requirements,

@@ -25,7 +25,7 @@ from marsvision.benchmarks.predictions import (
     short_list,
 )
 from marsvision.runtime.errors import MarsvisionError
-from marsvision.train.data import CAMERAS, Sample, camera, sol_key
+from marsvision.train.data import CAMERAS, VAL_HALVES, Sample, camera, sol_key
 from marsvision.train.metrics import at_least
 
 # Exit code of `mars-bench score` when a --require fails: the same as `mars-bench parity`'s
@@ -53,6 +53,9 @@ class ScoreConfig:
     # with split "val": only one half of val by sol ("trained" or "held", `data.VAL_HALVES`): a
     # `--train-on train+half-val` model's own val is the held half, the other is its training data
     val_half: str | None = None
+    # with val_half: the --limit of that model's training run, which halved its first N val
+    # images (`config.val_to_score`); None: it read all of val
+    train_limit: int | None = None
     # a user's labelled images (a CSV file or a class-per-subfolder folder, `labels.py`),
     # scored instead of the split
     labels: Path | None = None
@@ -66,11 +69,18 @@ class ScoreConfig:
             raise MarsvisionError("--val-half is a half of val: not with --labels")
         if self.labels is None and self.data_dir is None:
             raise MarsvisionError("scoring a split needs the MSL data folder (--data)")
-        # which half: checked where the half is taken (`data.val_half`)
+        if self.val_half is not None and self.val_half not in VAL_HALVES:
+            raise MarsvisionError(
+                f"unknown half of val {self.val_half!r}; choose from {', '.join(VAL_HALVES)}"
+            )
         if self.val_half is not None and self.split != "val":
             raise MarsvisionError(
                 f"--val-half is a half of val: it needs --split val, not {self.split}"
             )
+        if self.train_limit is not None and self.val_half is None:
+            raise MarsvisionError("--train-limit says how a model halved val: it needs --val-half")
+        if self.train_limit is not None and self.train_limit < 1:
+            raise MarsvisionError(f"--train-limit is a number of images, not {self.train_limit}")
 
     @property
     def part(self) -> str:
@@ -88,6 +98,7 @@ class ScoreConfig:
             "data_dir": None if self.data_dir is None else str(self.data_dir),
             "split": None if self.labels else self.split,
             "val_half": self.val_half,
+            "train_limit": self.train_limit,
             "labels": None if self.labels is None else str(self.labels),
             "allow_missing": self.allow_missing,
             "requirements": dict(self.requirements),
@@ -260,7 +271,8 @@ def _partial(report: dict[str, Any]) -> bool:
 
 def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     """Read, match, score and check one predictions file: the report (JSON-ready)."""
-    from marsvision.train.data import data_fingerprint, msl_class_names, read_split, val_half
+    from marsvision.train.config import HALF_VAL, val_to_score
+    from marsvision.train.data import data_fingerprint, msl_class_names, read_split
 
     preds = read_predictions(cfg.predictions)
     if not any(r.status == "ok" for r in preds.rows):
@@ -278,9 +290,12 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         listed: tuple[str, Sequence[str]] = ("class", names)  # errors by the task's class
     else:
         assert cfg.data_dir is not None  # ScoreConfig checks it
-        samples = read_split(cfg.data_dir, cfg.split, task)
-        if cfg.val_half:
-            samples = val_half(samples, cfg.val_half)
+        if cfg.val_half:  # halved as the model's training halved it
+            trained_on = {"train_on": HALF_VAL, "limit": cfg.train_limit}
+            halves = val_to_score(trained_on, cfg.data_dir, task, None)
+            samples = halves[VAL_HALVES.index(cfg.val_half)]
+        else:
+            samples = read_split(cfg.data_dir, cfg.split, task)
         truths, group_by = split_truths(samples), "sol"
         listed = ("msl_class", msl_class_names(cfg.data_dir))  # errors by MSL class
         fingerprint = data_fingerprint(cfg.data_dir)
@@ -302,6 +317,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "split": None if labels else cfg.split,
         "val_half": cfg.val_half,
+        "train_limit": cfg.train_limit,
         # two labelled sets of one name (teamA/labels.csv, teamB/labels.csv) are two files
         "part": f"{cfg.part}-{labels.sha256[:8]}" if labels else cfg.part,
         "labels": labels and labels.describe(),
@@ -334,6 +350,8 @@ def render_text(report: dict[str, Any]) -> str:
         truth = f"{report['split']} split" + (
             _HALF_TEXT[half] if (half := report.get("val_half")) else ""
         )
+        if report.get("train_limit"):
+            truth += f", halved as a run of --limit {report['train_limit']} halved its val"
     lines = [
         f"score: {p['path']} ({p['format']}{', top-k' if p['top_k'] else ''}), "
         f"{report['task']} task, {truth}",

@@ -163,7 +163,7 @@ def test_val_of_a_half_val_model_is_its_held_out_half(msl_dir: Path) -> None:
     A --limit other than the run's scores none of the images the run trained on (halving the
     first N images by sol made other halves, and put trained-on images in the scored one)."""
     from marsvision.benchmarks.parity import scored_part
-    from marsvision.train.data import read_split, val_half
+    from marsvision.train.data import halve_by_sol, read_split
 
     val = read_split(msl_dir, "val", "binary")
     test = read_split(msl_dir, "test", "binary", limit=LIMIT)
@@ -171,7 +171,7 @@ def test_val_of_a_half_val_model_is_its_held_out_half(msl_dir: Path) -> None:
     assert scored_part({"train_on": "train"}, "val", msl_dir, "binary", None) == (val, "all")
     assert scored_part({}, "val", msl_dir, "binary", None) == (val, "all")  # from before the flag
     got, scope = scored_part(half, "val", msl_dir, "binary", None)
-    assert got == val_half(val, "held") and len(got) == 836
+    assert got == halve_by_sol(val)[1] and len(got) == 836
     assert scope == "held out (804 images of val's other half by sol were trained on)"
     got, scope = scored_part({"train_on": "train+val"}, "val", msl_dir, "binary", None)
     assert got == val and scope == "all, training data (a train+val refit)"
@@ -183,12 +183,12 @@ def test_val_of_a_half_val_model_is_its_held_out_half(msl_dir: Path) -> None:
         read_split(msl_dir, "test", "binary"),
         "all",
     )
-    trained = set(val_half(val, "trained"))
+    trained = set(halve_by_sol(val)[0])
     for limit in (100, 400, 800):  # the run read all of val; parity reads the first `limit`
         got, _ = scored_part(half, "val", msl_dir, "binary", limit)
         assert got == [s for s in val[:limit] if s not in trained] and not trained & set(got)
     run16 = {**half, "limit": 16}  # a quick run halved its first 16; parity reads all of val
-    as_trained = set(val_half(val[:16], "trained"))
+    as_trained = set(halve_by_sol(val[:16])[0])
     got, scope = scored_part(run16, "val", msl_dir, "binary", None)
     assert len(got) == len(val) - len(as_trained) and not as_trained & set(got)
     assert (

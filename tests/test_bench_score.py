@@ -439,10 +439,10 @@ def test_a_requirement_met_exactly_passes() -> None:
 def test_a_half_of_val_is_scored_on_its_own(msl_dir: Path, tmp_path: Path) -> None:
     """`--val-half held`: only the half a train+half-val model was selected on; the rows for the
     other half (in the same file, as mars-infer writes them for all of val) are ignored."""
-    from marsvision.train.data import val_half
+    from marsvision.train.data import halve_by_sol
 
     val = read_split(msl_dir, "val", "binary")
-    held = val_half(val, "held")
+    held = halve_by_sol(val)[1]
     held_names = {s.path.name for s in held}
     # right on the held half, every image wrong on the other: only the held half counts
     preds = [_pred(str(s.path), s.label if s.path.name in held_names else 1 - s.label)
@@ -469,6 +469,35 @@ def test_a_half_of_val_is_scored_on_its_own(msl_dir: Path, tmp_path: Path) -> No
     # a half of test is not a thing: a usage error before anything is read
     r = _score([str(f), "--data", str(msl_dir), "--val-half", "held", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "--val-half" in r.stderr and "needs --split val" in r.stderr
+
+
+def test_a_half_of_val_as_a_limited_run_halved_it(msl_dir: Path, tmp_path: Path) -> None:
+    """A train+half-val run of `--limit 100` trained on the first half by sol of its first 100
+    val images: `--train-limit 100` scores the rest of val as its held-out half (halving all of
+    val put 10 of the 46 images it trained on in the held half), and those as its trained half."""
+    from marsvision.train.data import halve_by_sol
+
+    val = read_split(msl_dir, "val", "binary")
+    seen = {s.path for s in halve_by_sol(val[:100])[0]}
+    # right on the images the run did not train on, wrong on those it did
+    preds = [_pred(str(s.path), 1 - s.label if s.path in seen else s.label) for s in val]
+    f = _write(tmp_path / "val.csv", preds)
+    base = [str(f), "--data", str(msl_dir), "--split", "val"]
+    r = _score([*base, "--val-half", "held", "--train-limit", "100", "--out", str(tmp_path / "h")])
+    assert r.exit_code == 0, r.output
+    assert "halved as a run of --limit 100 halved its val" in r.stdout
+    rep = _report(tmp_path / "h")
+    assert rep["metrics"]["n"] == len(val) - len(seen) and rep["metrics"]["accuracy"] == 1.0
+    assert rep["train_limit"] == 100 and rep["config"]["train_limit"] == 100
+    r = _score(
+        [*base, "--val-half", "trained", "--train-limit", "100", "--out", str(tmp_path / "t")]
+    )
+    rep = _report(tmp_path / "t")
+    assert rep["metrics"]["n"] == len(seen) and rep["metrics"]["accuracy"] == 0.0
+    r = _score([*base, "--val-half", "held", "--out", str(tmp_path / "all")])  # all of val halved
+    assert 0 < _report(tmp_path / "all")["metrics"]["accuracy"] < 1.0  # trained-on images in it
+    r = _score([*base, "--train-limit", "100", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "--train-limit" in r.stderr and "needs --val-half" in r.stderr
 
 
 def test_msl25_file_is_scored_as_msl25(

@@ -79,10 +79,6 @@ def test_val_halves_by_sol(msl_dir: Path) -> None:
         assert (mahli[8], mahli[5]) == (ground, drill)
     with pytest.raises(MarsvisionError, match="all 2 images come from one sol"):
         msl.halve_by_sol([s for s in val if msl.sol_key(s.path) == "0270"][:2])
-    # named by what a half-val model does with them
-    assert msl.val_half(val, "trained") == first and msl.val_half(val, "held") == second
-    with pytest.raises(MarsvisionError, match="unknown half of val 'second'"):
-        msl.val_half(val, "second")
 
 
 def test_frames_group_the_products_of_one_camera_frame(msl_dir: Path) -> None:

@@ -867,7 +867,12 @@ def test_train_on_train_and_half_of_val(
     assert "the first half of val by sol" in card and "selected on the held-out half of val" in card
     assert f"| val: second half (held out, selects) | {836:,} |" in card  # counted on all of val
     assert f"| val, held-out half | {len(second)} |" in card  # the scores: on the run's images
-    assert "mars-bench score preds.csv --data ../shared/msl --split val --val-half held" in card
+    # the run halved its first 8 val images: the command says so (else its held half would hold
+    # images it trained on)
+    assert (
+        "mars-bench score preds.csv --data ../shared/msl --split val --val-half held "
+        "--train-limit 8   # val" in card
+    )
 
 
 @pytest.mark.parametrize(

@@ -259,9 +259,11 @@ def render_card(
         chosen = "kept as the last one run, before the epochs --select-from selects from"
     # an export folder holds one model: the binary one's (mars-infer's default) is `exports`
     exports = "exports" if task == "binary" else f"exports-{task}"
+    run_limit = saved_setting(cfg, "limit")  # its halves are those of its first N val images
     score_held = (
         "    mars-bench score preds.csv --data ../shared/msl --split val --val-half held"
-        "   # val: the held-out half"
+        + (f" --train-limit {run_limit}" if run_limit else "")
+        + "   # val: the held-out half"
     )
     lines = [
         f"# {file_name}: ResNet-50, MSL `{task}` task",

@@ -254,15 +254,9 @@ def halve_by_sol(samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
 
 
 # val's halves by sol (`halve_by_sol`), named by what a `--train-on train+half-val` model does
-# with them: it trains on the first and is selected (and scored as val) on the second
+# with them: it trains on the first and is selected (and scored as val) on the second (in the
+# order of `config.val_to_score`'s halves)
 VAL_HALVES = ("trained", "held")
-
-
-def val_half(samples: list[Sample], which: str) -> list[Sample]:
-    """One half of val by sol: "trained" (the first) or "held" (the second, held out)."""
-    if which not in VAL_HALVES:
-        raise MarsvisionError(f"unknown half of val {which!r}; choose from {', '.join(VAL_HALVES)}")
-    return halve_by_sol(samples)[VAL_HALVES.index(which)]
 
 
 def data_fingerprint(data_dir: Path) -> str:
