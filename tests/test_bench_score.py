@@ -22,7 +22,7 @@ from conftest import files_up_to
 
 from marsvision.benchmarks.cli import main as bench_main
 from marsvision.benchmarks.parity import PARITY_FAIL_EXIT
-from marsvision.benchmarks.score import SCORE_FAIL_EXIT, check_requirements
+from marsvision.benchmarks.score import SCORE_FAIL_EXIT, ScoreConfig, check_requirements
 from marsvision.runtime.classifier import Prediction
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.results import Provenance, ResultWriter
@@ -498,6 +498,11 @@ def test_a_half_of_val_as_a_limited_run_halved_it(msl_dir: Path, tmp_path: Path)
     assert 0 < _report(tmp_path / "all")["metrics"]["accuracy"] < 1.0  # trained-on images in it
     r = _score([*base, "--train-limit", "100", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "--train-limit" in r.stderr and "needs --val-half" in r.stderr
+    for bad, error in (({"val_half": "second"}, "unknown half of val 'second'"),
+                       ({"train_limit": 100}, "needs --val-half"),
+                       ({"val_half": "held", "train_limit": 0}, "not 0")):  # fmt: skip
+        with pytest.raises(MarsvisionError, match=error):  # the API's checks
+            ScoreConfig(predictions=f, data_dir=msl_dir, split="val", **bad)
 
 
 def test_msl25_file_is_scored_as_msl25(
