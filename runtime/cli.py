@@ -1,9 +1,16 @@
 """mars-infer: classify image files with an exported model, one result row per input."""
 
+# ruff: noqa: E402 (the environment is set before numpy is imported)
 from __future__ import annotations
 
-import contextlib
 import os
+
+# numpy starts OpenBLAS's thread pool when it is imported, a thread per core it sees beside
+# --threads and --workers (and on a box with a CPU quota, per core of the whole machine); the
+# command does no BLAS, so one thread, unless the user chose (an embedding program decides)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import contextlib
 import platform
 import stat
 import sys

@@ -587,3 +587,20 @@ def test_a_failing_stderr_silences_the_progress(monkeypatch: pytest.MonkeyPatch)
     progress.update(2)
     progress.update(3)
     progress.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_no_blas_thread_pool_beside_threads_and_workers() -> None:
+    """numpy's OpenBLAS started a thread pool when mars-infer imported it (a thread per core it
+    sees: one here, beside --threads and --workers); the command does no BLAS. A user's own
+    OPENBLAS_NUM_THREADS is kept."""
+    code = (
+        "import os, marsvision.runtime.cli; "
+        "print(len(os.listdir('/proc/self/task')), os.environ['OPENBLAS_NUM_THREADS'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.stdout.split() == ["1", "1"], r.stderr  # the main thread alone
+    r = subprocess.run([sys.executable, "-c", code], env={**env, "OPENBLAS_NUM_THREADS": "2"},
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.stdout.split()[1] == "2", r.stderr
