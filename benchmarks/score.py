@@ -134,11 +134,19 @@ def score_predictions(
     resamples are all the same. Errors are counted by the truths' `listed` (camera, class id)
     under the key `listed[0]` ("msl_class", "class"), and named by `listed[1]`, the names of
     those ids. `what` names the truths in messages ("split", "half", "labelled set").
+    A metric undefined on these images (`metrics.undefined_metrics`: binary recall with no
+    positive truth, say) is None, its intervals too; `left_out` counts the resamples each
+    interval leaves out, where the metric is undefined.
 
     Every truth needs exactly one row, with status ok; otherwise a user error, or with
     `allow_missing` the image is left out and counted. Rows for other images are ignored.
     """
-    from marsvision.train.metrics import bootstrap_cis, classification_metrics, confidence_report
+    from marsvision.train.metrics import (
+        bootstrap,
+        classification_metrics,
+        confidence_report,
+        undefined_metrics,
+    )
 
     counted = collections.Counter(t.name for t in truths)
     twice = sorted(name for name, k in counted.items() if k > 1)
@@ -195,21 +203,34 @@ def score_predictions(
         )
     if not y_true:
         raise MarsvisionError(f"none of the {what}'s {len(truths)} images has an ok row")
-    metrics = classification_metrics(y_true, y_pred, len(class_names), task)
+    k = len(class_names)
+    undefined = undefined_metrics(y_true, y_pred, k, task)
+    cis, left_out = bootstrap(y_true, y_pred, k, task, n_boot=n_boot, seed=seed)
+    # images of one sol are one observation and err together: the honest interval
+    by_group, left_out_by_group = (
+        bootstrap(y_true, y_pred, k, task, n_boot, seed, groups=groups)
+        if len(set(groups)) > 1
+        else (None, {})
+    )
+    metrics = classification_metrics(y_true, y_pred, k, task)
     key, names = listed
     return {
         "task": task,
         "class_names": list(class_names),
         "positive_class": class_names[1] if task == "binary" else None,
-        "metrics": metrics,
-        "cis": bootstrap_cis(y_true, y_pred, len(class_names), task, n_boot=n_boot, seed=seed),
+        # a metric undefined on these images (0/0) is None, not the 0 it counts as in training
+        "metrics": {**metrics, **dict.fromkeys(undefined)},
+        "undefined": undefined,
+        "cis": {**cis, **dict.fromkeys(undefined)},
         "group_by": group_by,
-        # images of one sol are one observation and err together: the honest interval
-        f"cis_by_{group_by}": bootstrap_cis(
-            y_true, y_pred, len(class_names), task, n_boot=n_boot, seed=seed, groups=groups
-        )
-        if len(set(groups)) > 1
-        else None,
+        f"cis_by_{group_by}": by_group and {**by_group, **dict.fromkeys(undefined)},
+        # resamples each interval leaves out, [by image, by group]: the metric is undefined there
+        "left_out": {
+            name: [n, left_out_by_group.get(name)]
+            for name, n in left_out.items()
+            if name not in undefined and (n or left_out_by_group.get(name))
+        },
+        "n_boot": n_boot,
         "counts": {
             "split_images": len(truths),
             "scored": len(y_true),
@@ -252,9 +273,14 @@ def parse_requirements(text: str | None) -> dict[str, float]:
 def check_requirements(
     metrics: dict[str, Any], requirements: dict[str, float]
 ) -> list[dict[str, Any]]:
-    """One {metric, least, value, passed} per requirement."""
+    """One {metric, least, value, passed} per requirement; an undefined metric (None) meets none."""
     return [
-        {"metric": k, "least": v, "value": metrics[k], "passed": at_least(metrics[k], v)}
+        {
+            "metric": k,
+            "least": v,
+            "value": metrics[k],
+            "passed": metrics[k] is not None and at_least(metrics[k], v),
+        }
         for k, v in requirements.items()
     ]
 
@@ -374,11 +400,12 @@ def render_text(report: dict[str, Any]) -> str:
     rows = [["n", str(m["n"]), "", f"{c[group_by + 's']} {group_by}s"]]
     for k in METRICS:
         label = f"{k} {which}" if k in ("precision", "recall", "f1") else k
-        grouped = f"[{by_group[k][0]:.4f}, {by_group[k][1]:.4f}]" if by_group else "-"
-        rows.append([label, f"{m[k]:.4f}", f"[{ci[k][0]:.4f}, {ci[k][1]:.4f}]", grouped])
+        value = "n/a" if m[k] is None else f"{m[k]:.4f}"
+        rows.append([label, value, _interval(ci[k]), _interval(by_group and by_group[k])])
     lines += ["", text_table(["metric", "value", "95% CI", f"95% CI by {group_by}"], rows)]
     if not by_group:
         lines.append(f"no interval by {group_by}: the images scored are all of one {group_by}")
+    lines += _interval_notes(report)
     if conf := report.get("confidence"):
         lines += ["", *_confidence_text(conf)]
     elif "confidence" in report:  # None: not computable for these rows
@@ -396,7 +423,11 @@ def render_text(report: dict[str, Any]) -> str:
         for r in report["requirements"]:
             verdict = "PASS" if r["passed"] else "FAIL"
             sign = ">=" if r["passed"] else "<"
-            lines.append(f"{verdict} {r['metric']} {r['value']:.4f} {sign} {r['least']:g}")
+            if r["value"] is None:
+                lines.append(f"FAIL {r['metric']} n/a (undefined on these images), not >= "
+                             f"{r['least']:g}")  # fmt: skip
+            else:
+                lines.append(f"{verdict} {r['metric']} {r['value']:.4f} {sign} {r['least']:g}")
         failed = sum(not r["passed"] for r in report["requirements"])
         total = len(report["requirements"])
         lines.append(
@@ -406,6 +437,36 @@ def render_text(report: dict[str, Any]) -> str:
                f"the whole {what})" if _partial(report) else ")")
         )  # fmt: skip
     return "\n".join(lines)
+
+
+def _interval(ci: list[float] | None) -> str:
+    """An interval's table cell: "-" for none (one group; an undefined metric)."""
+    return f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-"
+
+
+def _interval_notes(report: dict[str, Any]) -> list[str]:
+    """Why a metric is n/a, how many resamples the intervals leave out where it is, and what an
+    accuracy interval of no width (all right or all wrong: every resample alike) leaves unsaid."""
+    positive, lines = report["positive_class"], []
+    n, accuracy = report["metrics"]["n"], report["metrics"]["accuracy"]
+    if accuracy in (0.0, 1.0):  # the exact interval of a count of 0 or n (Clopper-Pearson)
+        bound = 0.025 ** (1 / n)
+        exact = f"[{bound:.4f}, 1]" if accuracy else f"[0, {1 - bound:.4f}]"
+        lines.append(f"accuracy: all {n} {'right' if accuracy else 'wrong'}, so every "
+                     f"resample is too and its interval has no width; the exact 95% interval is "
+                     f"{exact}")  # fmt: skip
+    if undefined := report.get("undefined"):
+        why = {"precision": f"no image decided {positive}",
+               "recall": f"no {positive} among them", "f1": "neither"}  # fmt: skip
+        lines.append("n/a, undefined on these images (0/0, not 0): "
+                     + ", ".join(f"{k} ({why[k]})" for k in undefined))  # fmt: skip
+    if left_out := report.get("left_out"):
+        by = report["group_by"]
+        parts = [f"{k} {a}" + ("" if b is None else f" ({b} by {by})")
+                 for k, (a, b) in left_out.items()]  # fmt: skip
+        lines.append(f"left out of the intervals (undefined there), of {report['n_boot']} "
+                     f"resamples: {'; '.join(parts)}")  # fmt: skip
+    return lines
 
 
 def _camera_text(code: str) -> str:

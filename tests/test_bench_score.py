@@ -743,6 +743,46 @@ def _own_set() -> tuple[list[int], list[int], list[Prediction]]:
     return y_true, y_pred, preds
 
 
+def test_a_metric_undefined_on_the_images_is_na_not_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A team's 20 Surface images, all called Surface: precision, recall and F1 of Rover are
+    0/0. They were shown as 0.0000 [0.0000, 0.0000] and `--require f1=0.9` failed on a score of
+    0; now n/a, and a requirement on one fails as undefined. An accuracy of all right has an
+    interval of no width: the exact one is given beside it."""
+    monkeypatch.delenv("MARS_DATA", raising=False)
+    names = PERSEVERANCE[:20]
+    f = _write(tmp_path / "preds.csv", [_pred(n, 0) for n in names])
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\n" + "".join(f"{n},Surface\n" for n in names))
+    r = _score([str(f), "--labels", str(labels), "--require", "accuracy=0.95,f1=0.9",
+                "--out", str(tmp_path / "out")])  # fmt: skip
+    assert r.exit_code == SCORE_FAIL_EXIT, r.output
+    rep = _report(tmp_path / "out")
+    assert rep["metrics"]["accuracy"] == 1.0 and rep["undefined"] == ["precision", "recall", "f1"]
+    for m in ("precision", "recall", "f1"):
+        assert rep["metrics"][m] is None and rep["cis"][m] is None and rep["cis_by_sol"][m] is None
+    assert "recall (Rover)     n/a     -                 -" in r.stdout
+    assert "precision (no image decided Rover), recall (no Rover among them), f1 (neither)" in (
+        r.stdout)  # fmt: skip
+    assert "PASS accuracy 1.0000 >= 0.95" in r.stdout
+    assert "FAIL f1 n/a (undefined on these images), not >= 0.9" in r.stdout
+    assert "all 20 right, so every resample is too" in r.stdout
+    assert "the exact 95% interval is [0.8316, 1]" in r.stdout  # Clopper-Pearson, 0.025 ** (1/20)
+    # two Rover among them, both found: about one resample in ten has none, where recall is 0/0;
+    # counted as 0 those made its interval [0, 1]
+    f = _write(tmp_path / "preds2.csv", [_pred(n, int(i < 2)) for i, n in enumerate(names)])
+    labels.write_text("path,label\n" + "".join(f"{n},{BINARY[int(i < 2)]}\n"
+                                                for i, n in enumerate(names)))  # fmt: skip
+    r = _score([str(f), "--labels", str(labels), "--out", str(tmp_path / "out2")])
+    rep = _report(tmp_path / "out2")
+    assert r.exit_code == 0 and rep["undefined"] == []
+    assert rep["cis"]["recall"] == [1.0, 1.0] and rep["cis"]["f1"] == [1.0, 1.0]
+    left = rep["left_out"]["recall"][0]
+    assert 50 < left < 150 and rep["left_out"]["recall"] == rep["left_out"]["f1"]
+    assert "left out of the intervals (undefined there), of 1000 resamples: precision" in r.stdout
+
+
 def test_own_labels_as_a_csv_or_a_class_folder_score_the_same(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

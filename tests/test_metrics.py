@@ -8,10 +8,12 @@ from sklearn import metrics as skm
 
 from marsvision.train.metrics import (
     balanced_threshold,
+    bootstrap,
     bootstrap_cis,
     classification_metrics,
     confidence_report,
     confusion_matrix,
+    undefined_metrics,
 )
 
 
@@ -142,6 +144,40 @@ def test_bootstrap_by_group_resamples_whole_groups() -> None:
     assert by_sol4[1] - by_sol4[0] == pytest.approx(by_sol[1] - by_sol[0], rel=0.2)
     with pytest.raises(ValueError, match="3 group keys for 400"):
         bootstrap_cis(y, pred, 2, "binary", groups=[1, 2, 3])
+
+
+def test_bootstrap_leaves_out_resamples_where_a_metric_is_undefined() -> None:
+    """A perfect model on 20 images, 2 of them Rover: about one resample in ten has no Rover,
+    where precision, recall and F1 are 0/0. Counted as 0 they made the intervals [0, 1]; left
+    out, the intervals are those of the resamples where the metric means something: [1, 1]."""
+    y = np.array([1, 1] + [0] * 18)
+    cis, left_out = bootstrap(y, y, 2, "binary", n_boot=1000, seed=0)
+    assert all(cis[m] == [1.0, 1.0] for m in ("accuracy", "precision", "recall", "f1"))
+    idx = np.random.default_rng(0).integers(0, 20, size=(1000, 20))
+    no_rover = int((y[idx].sum(axis=1) == 0).sum())  # the same resamples, by hand
+    assert 50 < no_rover < 150
+    assert left_out == {"accuracy": 0, "balanced_accuracy": 0, "precision": no_rover,
+                        "recall": no_rover, "f1": no_rover}  # fmt: skip
+    assert bootstrap_cis(y, y, 2, "binary") == cis  # the intervals alone
+    # a false alarm: precision is defined wherever an image was decided Rover, recall wherever
+    # a Rover was among the truths
+    pred = y.copy()
+    pred[5] = 1
+    cis, left_out = bootstrap(y, pred, 2, "binary", n_boot=1000, seed=0)
+    assert left_out["recall"] == no_rover and cis["recall"] == [1.0, 1.0]
+    assert 0 < left_out["precision"] < no_rover  # the false alarm is a decision too
+    # undefined in every resample: the 0 of the whole set
+    none = np.zeros(20, dtype=int)
+    cis, left_out = bootstrap(none, none, 2, "binary", n_boot=100)
+    assert cis["f1"] == [0.0, 0.0] and left_out["f1"] == 100 and left_out["accuracy"] == 0
+
+
+def test_undefined_metrics_are_the_ratios_of_zero_over_zero() -> None:
+    assert undefined_metrics([0, 0], [0, 0], 2, "binary") == ["precision", "recall", "f1"]
+    assert undefined_metrics([0, 0], [0, 1], 2, "binary") == ["recall"]  # f1 = 0: a false alarm
+    assert undefined_metrics([1, 0], [0, 0], 2, "binary") == ["precision"]  # f1 = 0: a miss
+    assert undefined_metrics([1, 0], [1, 0], 2, "binary") == []
+    assert undefined_metrics([3, 3], [3, 3], 25, "msl25") == []  # macro averages: any image
 
 
 def test_bootstrap_cis_degenerate_and_invalid() -> None:

@@ -2,7 +2,10 @@
 
 Binary task: precision, recall and F1 of the positive class (label 1, "Rover").
 msl25: macro averages over the labels present in y_true or y_pred (scikit-learn's default).
-Undefined ratios (0/0) count as 0, as scikit-learn's `zero_division` default does.
+Undefined ratios (0/0) count as 0, as scikit-learn's `zero_division` default does; bootstrap
+intervals leave out the resamples where a metric is undefined (a resample without a Rover, for
+recall), and `undefined_metrics` names those undefined on the whole set (mars-bench score shows
+them as n/a, not 0).
 """
 
 from __future__ import annotations
@@ -72,6 +75,29 @@ def _scores(cm: np.ndarray, task: str) -> dict[str, np.ndarray]:
     return out
 
 
+def _defined(cm: np.ndarray, task: str) -> dict[str, np.ndarray]:
+    """Where each of `_scores`'s values is defined rather than a 0/0 counted as 0, for confusion
+    matrices (..., k, k): binary precision needs an image decided positive, recall a positive
+    truth, F1 either; accuracy, balanced accuracy and msl25's macro averages any image."""
+    cm = np.asarray(cm)
+    any_image = cm.sum(axis=(-2, -1)) > 0
+    out = {name: any_image for name in ("accuracy", "balanced_accuracy")}
+    if task == "binary":
+        truth, decided = cm[..., 1, :].sum(axis=-1) > 0, cm[..., :, 1].sum(axis=-1) > 0
+        out.update(precision=decided, recall=truth, f1=truth | decided)
+    else:
+        out.update(precision=any_image, recall=any_image, f1=any_image)
+    return out
+
+
+def undefined_metrics(y_true: Any, y_pred: Any, num_classes: int, task: str) -> list[str]:
+    """The metrics of `classification_metrics` that are 0/0 on these labels (reported there as 0):
+    for a binary task with no positive truth, recall; with no positive decision, precision; with
+    neither, F1 too."""
+    defined = _defined(confusion_matrix(y_true, y_pred, num_classes), task)
+    return [name for name, ok in defined.items() if not ok]
+
+
 def classification_metrics(y_true: Any, y_pred: Any, num_classes: int, task: str) -> dict[str, Any]:
     """n, accuracy, balanced_accuracy, precision, recall, f1, confusion_matrix, per_class_recall."""
     cm = confusion_matrix(y_true, y_pred, num_classes)
@@ -98,8 +124,25 @@ def bootstrap_cis(
     level: float = 0.95,
     groups: Any = None,
 ) -> dict[str, list[float]]:
+    """`bootstrap`'s intervals alone."""
+    return bootstrap(y_true, y_pred, num_classes, task, n_boot, seed, level, groups)[0]
+
+
+def bootstrap(
+    y_true: Any,
+    y_pred: Any,
+    num_classes: int,
+    task: str,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    groups: Any = None,
+) -> tuple[dict[str, list[float]], dict[str, int]]:
     """Percentile bootstrap intervals [lo, hi] of accuracy, balanced accuracy, precision,
-    recall and F1 (the same resamples for every metric).
+    recall and F1 (the same resamples for every metric), and for each metric how many resamples
+    its interval leaves out: those where it is undefined (`_defined`; counted as 0 they pulled
+    the interval down to 0: [0, 1] for a perfect model on 20 images of which 2 Rover). A metric
+    undefined in every resample keeps the 0 it has on the whole set.
 
     Resamples images; with `groups` (one key per image, e.g. its sol), resamples whole groups
     instead (a cluster bootstrap): images of one observation err together, so the interval
@@ -126,10 +169,13 @@ def bootstrap_cis(
         draws = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot)
         cms = (draws @ per_group.reshape(n_groups, k * k)).reshape(n_boot, k, k)
     alpha = (1.0 - level) / 2.0
-    return {
-        name: [float(q) for q in np.quantile(values, [alpha, 1.0 - alpha])]
-        for name, values in _scores(cms, task).items()
-    }
+    defined = _defined(cms, task)
+    cis, left_out = {}, {}
+    for name, values in _scores(cms, task).items():
+        kept = values[defined[name]] if defined[name].any() else values
+        cis[name] = [float(q) for q in np.quantile(kept, [alpha, 1.0 - alpha])]
+        left_out[name] = n_boot - int(defined[name].sum())
+    return cis, left_out
 
 
 def balanced_threshold(y_true: Any, p_positive: Any, tolerance: float = 0.005) -> float:
