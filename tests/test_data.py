@@ -92,7 +92,9 @@ def test_frames_group_the_products_of_one_camera_frame(msl_dir: Path) -> None:
     frames = {split: {msl.frame_key(s.path) for s in msl.read_split(msl_dir, split, "binary")}
               for split in msl.SPLITS}  # fmt: skip
     assert {k: len(v) for k, v in frames.items()} == {"train": 2389, "val": 949, "test": 820}
+    # no frame in two splits (the note of 2026-12-06 says so of all three pairs)
     assert not (frames["train"] & frames["val"] or frames["val"] & frames["test"])
+    assert not frames["train"] & frames["test"]
 
 
 def test_missing_and_unreadable_images_are_errors_naming_the_file(
