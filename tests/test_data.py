@@ -172,6 +172,13 @@ def test_a_data_folder_next_to_the_right_one_names_it(
     (tmp_path / "r1.csv").write_text("x\n")
     with pytest.raises(MarsvisionError, match=rf"^MARS_DATA={tmp_path / 'r1.csv'} is a file"):
         msl.resolve_data_dir(None)
+    # a relative path that is not there is said in full (`make demo MARS_DATA=shared/msl` reads
+    # it from the repository, not from where the user stood)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MarsvisionError, match=rf"^--data shared/msl: MSL data directory "
+                       rf"{tmp_path / 'shared/msl'} does not exist; run `mars-train --download "
+                       rf"--data {tmp_path / 'shared/msl'}`$"):  # fmt: skip
+        msl.resolve_data_dir("shared/msl")
 
 
 def test_eval_tensors_are_exactly_the_eval_transform(msl_dir: Path) -> None:

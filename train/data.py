@@ -69,10 +69,10 @@ def resolve_data_dir(data: str | os.PathLike[str] | None) -> Path:
             f"{given} is a file; give the folder the data set is unpacked in (for "
             f"msl-images.zip: `mars-train --download --data DIR` unpacks it)"
         )
-    if not d.is_dir():
+    if not d.is_dir():  # a relative path said in full: from where it was read
         raise MarsvisionError(
-            f"{given}: MSL data directory {d} does not exist; run `mars-train --download --data "
-            f"{d}`"
+            f"{given}: MSL data directory {d.absolute()} does not exist; run `mars-train "
+            f"--download --data {d.absolute()}`"
         )
     missing = [f for f in (*SPLIT_FILES.values(), SYNSET_FILE) if not (d / f).is_file()]
     if missing:
