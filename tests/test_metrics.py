@@ -239,3 +239,25 @@ def test_confidence_report_by_hand() -> None:
         confidence_report([0.5], [True, False])
     with pytest.raises(ValueError):
         confidence_report([], [])
+
+
+def test_every_metric_is_undefined_without_an_image() -> None:
+    """No image: every ratio is 0/0, accuracy too (`_defined`'s any_image; counting `>= 0`
+    images left accuracy and msl25's macro averages defined)."""
+    every = ["accuracy", "balanced_accuracy", "precision", "recall", "f1"]
+    assert undefined_metrics([], [], 2, "binary") == every
+    assert undefined_metrics([], [], 25, "msl25") == every
+
+
+def test_balanced_threshold_of_one_probability_is_one_half() -> None:
+    """Every val image given the same probability: no cut between two of them, so the rule is
+    the plain 0.5 (not that probability, which calls every image Rover)."""
+    assert balanced_threshold([0, 1, 0], [0.3, 0.3, 0.3]) == 0.5
+
+
+def test_balanced_threshold_of_an_even_plateau_is_its_upper_middle() -> None:
+    """Cuts .35, .5, .65, .75 lie within .21 of the best (balanced accuracy .8, .9, 1.0,
+    .83): of four, the third (index len // 2), the best one here, not .5."""
+    y8 = [0, 0, 0, 0, 0, 1, 1, 1]
+    p8 = [0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9]
+    assert balanced_threshold(y8, p8, tolerance=0.21) == pytest.approx(0.65)

@@ -1,0 +1,58 @@
+"""`mars-bench score --labels`'s reader (benchmarks/labels.py): spaces, the folder's hash, an
+unlistable subfolder."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from marsvision.benchmarks.labels import read_labels
+from marsvision.runtime.errors import MarsvisionError
+
+BINARY = ["Surface", "Rover"]
+
+
+def test_labels_csv_cells_are_read_past_spaces(tmp_path: Path) -> None:
+    """`path, label` as a spreadsheet exports it: ' Rover' is Rover, ' imgs/a.jpg' is a.jpg."""
+    f = tmp_path / "spaced.csv"
+    f.write_text("path, label, group\n imgs/a.jpg , Rover , site-1 \nb.jpg,Surface,site-2\n")
+    truths = read_labels(f, BINARY).truths
+    assert [(t.name, t.label, t.group) for t in truths] == [("a.jpg", 1, "site-1"),
+                                                            ("b.jpg", 0, "site-2")]  # fmt: skip
+
+
+def _folder(tmp_path: Path) -> Path:
+    top = tmp_path / "sorted"
+    for rel in ("Rover/z.jpg", "Rover/sub/a.jpg", "Surface/b.jpg"):
+        (top / rel).parent.mkdir(parents=True, exist_ok=True)
+        (top / rel).write_bytes(b"")
+    return top
+
+
+def test_a_class_folders_sha256_is_of_its_sorted_lines(tmp_path: Path) -> None:
+    """Labels.sha256 of a folder: of its sorted "<relative path>\\t<label>" lines, whatever
+    order the walk found them in (it lists a folder's files before its subfolders')."""
+    lines = sorted(["Rover/z.jpg\tRover\n", "Rover/sub/a.jpg\tRover\n", "Surface/b.jpg\tSurface\n"])
+    want = hashlib.sha256("".join(lines).encode()).hexdigest()
+    assert read_labels(_folder(tmp_path), BINARY).sha256 == want
+
+
+def test_a_class_subfolder_that_cannot_be_listed_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its images would be left out of the labelled set without a word (chmod does not stop
+    root, so the listing fails by hand)."""
+    top = _folder(tmp_path)
+    real = os.scandir
+
+    def scandir(path: str = ".") -> object:
+        if Path(path) == top / "Rover" / "sub":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(MarsvisionError, match="cannot list .*sub in the labels folder"):
+        read_labels(top, BINARY)
