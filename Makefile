@@ -18,9 +18,12 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # (its python links there, and `venv` over it keeps the link) is made anew.
 NEW_ENOUGH := -c 'import sys; sys.exit(sys.version_info < (3, 11))'
 $(STAMP): pyproject.toml constraints.txt Makefile
+	@command -v $(PY) >/dev/null || { echo "no $(PY) here: make ... PY=python3.11" >&2; exit 1; }
 	@$(PY) $(NEW_ENOUGH) || { echo "$(PY) is $$($(PY) -V 2>&1); the versions pinned in" \
 		"constraints.txt need Python 3.11 or later: make ... PY=python3.11" >&2; exit 1; }
-	@test ! -e $(BIN)/python || $(BIN)/python $(NEW_ENOUGH) || rm -rf $(VENV)
+	@# (a link to a Python since removed fails to run too)
+	@{ test ! -e $(BIN)/python && test ! -L $(BIN)/python; } || $(BIN)/python $(NEW_ENOUGH) \
+		|| rm -rf $(VENV)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt -e ".[cpu,export,dev]"
 	@# tensorrt-stubs declares a dependency on tensorrt, which cannot be installed here

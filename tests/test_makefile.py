@@ -36,6 +36,9 @@ def test_no_data_is_said_before_the_venv_is_built(tmp_path: Path) -> None:
     space.mkdir(parents=True)
     (space / "train-calibrated-shuffled.txt").write_text("")
     assert _make(tree, "data", f"MARS_DATA={space}").returncode == 0
+    demo = _make(tree, "-n", "demo", f"MARS_DATA={space}").stdout
+    assert demo.count(f'--data "{space}"') == 3 and f'mars-infer "{space}/calibrated"' in demo
+    assert f'tar -C "{space}"' in _make(tree, "-n", "device-data", f"MARS_DATA={space}").stdout
 
 
 def test_a_python_too_old_for_the_pins_is_refused_and_its_venv_made_anew(tmp_path: Path) -> None:
@@ -64,8 +67,15 @@ def test_a_python_too_old_for_the_pins_is_refused_and_its_venv_made_anew(tmp_pat
     new.chmod(0o755)
     made = _make(tree, "setup", f"PY={new}")
     assert made.returncode != 0 and not (tree / ".venv").exists(), made.stderr
+    # so is one whose python links to a Python since removed
+    (tree / ".venv" / "bin").mkdir(parents=True)
+    (tree / ".venv" / "bin" / "python").symlink_to(tmp_path / "removed" / "python3.10")
+    made = _make(tree, "setup", f"PY={new}")
+    assert made.returncode != 0 and not (tree / ".venv").exists(), made.stderr
     # a venv of a new enough python is kept (pip brings it up to date)
     (tree / ".venv" / "bin").mkdir(parents=True)
     (tree / ".venv" / "bin" / "python").symlink_to(new)
     (tree / ".venv" / "left").write_text("")
     assert _make(tree, "setup", f"PY={new}").returncode != 0 and (tree / ".venv" / "left").exists()
+    made = _make(tree, "setup", "PY=nopython3")  # not there: said so, not as a version
+    assert made.stderr.startswith("no nopython3 here: make ... PY=python3.11"), made.stderr
