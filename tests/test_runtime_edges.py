@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import itertools
 import json
 import os
 import shutil
@@ -691,18 +692,33 @@ def test_a_stop_inside_the_onnxruntime_import_stays_a_stop(
 ) -> None:
     """onnxruntime's C module wraps a Ctrl-C or SIGTERM in its setup in ImportError
     ("initialization failed"): mars-infer said to reinstall onnxruntime (a review's probe: 1 of
-    25 SIGTERMs early in a run)."""
+    25 SIGTERMs early in a run); the stop may be its cause (`raise ... from`) or, as C code that
+    meets a pending one raises its own error while it is handled, its context."""
     import builtins
 
     from marsvision.runtime.backends.onnxruntime import ort_module
-    from marsvision.runtime.errors import Stopped
+    from marsvision.runtime.errors import Stopped, stop_inside
 
+    def wrapped(stop: BaseException, cause: bool) -> ImportError:
+        try:
+            try:
+                raise stop
+            except BaseException:
+                if cause:
+                    raise ImportError("initialization failed") from stop
+                raise ImportError("initialization failed")  # noqa: B904 - as C code does
+        except ImportError as e:
+            return e
+
+    assert stop_inside(ImportError("no module")) is None
     real = builtins.__import__
-    for stop in (KeyboardInterrupt(), Stopped(15)):
+    for stop, cause in itertools.product((KeyboardInterrupt(), Stopped(15)), (True, False)):
+        assert stop_inside(wrapped(stop, cause)) is stop
 
-        def failing(name: str, *args: Any, s: BaseException = stop, **kw: Any) -> Any:
+        def failing(name: str, *args: Any, s: BaseException = stop, c: bool = cause,
+                    **kw: Any) -> Any:  # fmt: skip
             if name == "onnxruntime":
-                raise ImportError("initialization failed") from s
+                raise wrapped(s, c)
             return real(name, *args, **kw)
 
         monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
