@@ -152,3 +152,22 @@ def test_speed_rows_name_their_file_by_name_and_sha256(
     assert [(r["model"], r["model_sha256"]) for r in report["rows"]] == [
         ("m.pt", sha256_file(ckpt))
     ]
+
+
+def test_a_failed_row_beside_its_baseline_gets_no_ratios() -> None:
+    """A row that failed where PyTorch FP32 ran at its mode and batch has no figures to divide:
+    no ratios (it was a KeyError that lost the run's results)."""
+    from marsvision.benchmarks.speed import _add_ratios
+
+    timing = {k: 10.0 for k in ("mean_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms")}
+    base = {"mode": "model", "batch": 8, "backend": "pytorch", "precision": "fp32",
+            "status": "ok", "timing": timing, "throughput_img_s": 800.0,
+            "peak_rss_mib": 400.0}  # fmt: skip
+    failed = {"mode": "model", "batch": 8, "backend": "onnxruntime", "precision": "int8-cpu",
+              "status": "error: out of memory"}  # fmt: skip
+    rows = [base, failed]
+    _add_ratios(rows)
+    assert failed["speedup_vs_pytorch_fp32"] is None
+    assert failed["latency_ratio_vs_pytorch_fp32"] is None
+    assert failed["peak_rss_ratio_vs_pytorch_fp32"] is None
+    assert base["speedup_vs_pytorch_fp32"] == 1.0
