@@ -30,9 +30,10 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def clipped(text: str, limit: int) -> str:
-    """`text`'s first line, at most `limit` characters, cut at a word with " ..." (a library's
-    message quoted in one of ours was cut mid-word: "the shape in current model is torch.")."""
-    line = text.splitlines()[0].strip() if text.strip() else ""
+    """`text`'s first non-blank line, at most `limit` characters, cut at a word with " ..." (a
+    library's message quoted in one of ours was cut mid-word: "the shape in current model is
+    torch."; one that starts with a line break was quoted as nothing)."""
+    line = next((s.strip() for s in text.splitlines() if s.strip()), "")
     if len(line) <= limit:
         return line
     return line[:limit].rsplit(" ", 1)[0] + " ..."
