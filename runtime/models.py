@@ -144,9 +144,29 @@ def default_model(
                 continue
         return DefaultModel(path, device, "; ".join(notes) or None)
     passed = f"; {'; '.join(notes)}" if notes else ""
+    looked = f"looked for {', '.join(artifact_name(task, f) for f in flavours)}{passed}"
+    other = _other_task_model(folder, task, flavours)
+    if other is not None:  # mars-export refuses an --out holding another model's export
+        raise MarsvisionError(
+            f"no --engine given and no exported {task} model in {folder}/ ({looked}); it holds "
+            f"another model's export: pass `--engine {shlex.quote(str(other))}` to run that one, "
+            f"or export the shipped model to another folder (`mars-export --int8 --data DIR "
+            f"--out {shlex.quote(str(folder) + '-' + task)}`) and pass --engine from there"
+        )
     raise MarsvisionError(
-        f"no --engine given and no exported {task} model in {folder}/ "
-        f"(looked for {', '.join(artifact_name(task, f) for f in flavours)}{passed}): run "
+        f"no --engine given and no exported {task} model in {folder}/ ({looked}): run "
         f"`mars-export --int8 --data DIR --out {shlex.quote(str(folder))}` first (it exports "
         "the shipped model; DIR: the MSL data set, for calibration), or pass --engine MODEL"
     )
+
+
+def _other_task_model(folder: Path, task: str, flavours: list[str]) -> Path | None:
+    """The best export of another task in `folder` by name (an msl25 model exported to the
+    default folder), in the order of `flavours`; None without one."""
+    for flavour in flavours:
+        suffix = SUFFIXES[flavour]
+        for path in sorted(folder.glob(f"resnet50-*{suffix}")):
+            name = path.name.removeprefix("resnet50-").removesuffix(suffix)
+            if name != task and "." not in name and path.is_file():
+                return path
+    return None

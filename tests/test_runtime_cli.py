@@ -460,6 +460,28 @@ def test_default_model_passes_over_fp16_where_cuda_does_not_run(
         m.default_model(tmp_path, device="cpu")  # the notes say why none was taken
 
 
+def test_no_default_model_beside_another_tasks_export_names_that_one(tmp_path: Path) -> None:
+    """An msl25 model exported to the default folder: no binary model there, and the message
+    names the msl25 export to pass as --engine and another folder to export the shipped model
+    to (it said to export into this folder, which mars-export refuses: another model's)."""
+    from marsvision.runtime import models as m
+    from marsvision.runtime.errors import MarsvisionError
+
+    for flavour in ("fp32", "int8-cpu"):
+        (tmp_path / m.artifact_name("msl25", flavour)).write_bytes(b"onnx")
+    best = tmp_path / m.artifact_name("msl25", "int8-cpu")
+    with pytest.raises(MarsvisionError) as e:
+        m.default_model(tmp_path, device="cpu")
+    said = e.value.message
+    assert said.startswith(f"no --engine given and no exported binary model in {tmp_path}/")
+    assert f"pass `--engine {best}` to run that one" in said
+    assert f"--out {tmp_path}-binary`" in said and f"--out {tmp_path}`" not in said
+    (tmp_path / m.artifact_name("msl25", "int8-cpu")).unlink()
+    (tmp_path / m.artifact_name("msl25", "fp32")).unlink()
+    with pytest.raises(MarsvisionError, match=f"--out {tmp_path}` first"):
+        m.default_model(tmp_path, device="cpu")  # an empty folder: export into it
+
+
 def test_non_finite_model_output_is_an_error_row(
     models: dict[str, Path], msl_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
