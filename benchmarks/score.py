@@ -145,6 +145,7 @@ def score_predictions(
         bootstrap,
         classification_metrics,
         confidence_report,
+        per_class_metrics,
         undefined_metrics,
     )
 
@@ -244,6 +245,12 @@ def score_predictions(
         "confidence": None
         if None in confidence
         else confidence_report(confidence, [t == p for t, p in zip(y_true, y_pred)]),
+        "per_class": [
+            {"class": c, "class_name": name, **row}
+            for c, (name, row) in enumerate(
+                zip(class_names, per_class_metrics(y_true, y_pred, k), strict=True)
+            )
+        ],
         "by_camera_and_class": [
             {"camera": cam, key: k, f"{key}_name": names[k], "images": n, "errors": e}
             for (cam, k), (n, e) in sorted(errors.items(), key=lambda kv: (-kv[1][1], kv[0]))
@@ -406,6 +413,8 @@ def render_text(report: dict[str, Any]) -> str:
     if not by_group:
         lines.append(f"no interval by {group_by}: the images scored are all of one {group_by}")
     lines += _interval_notes(report)
+    if report["task"] != "binary" and "per_class" in report:
+        lines += ["", *_per_class_text(report["per_class"])]
     if conf := report.get("confidence"):
         lines += ["", *_confidence_text(conf)]
     elif "confidence" in report:  # None: not computable for these rows
@@ -437,6 +446,29 @@ def render_text(report: dict[str, Any]) -> str:
                f"the whole {what})" if _partial(report) else ")")
         )  # fmt: skip
     return "\n".join(lines)
+
+
+def _per_class_text(per_class: list[dict[str, Any]]) -> list[str]:
+    """msl25's classes one by one: which fail, behind the macro averages."""
+    from marsvision.benchmarks.report import text_table
+
+    present = sum(1 for r in per_class if r["images"] or r["decided"])
+    absent = len(per_class) - present
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    rows = [
+        [r["class_name"], str(r["images"]), str(r["decided"]), cell(r["precision"]),
+         cell(r["recall"]), cell(r["f1"])]
+        for r in per_class
+    ]  # fmt: skip
+    neither = f" ({absent} {'has' if absent == 1 else 'have'} neither)" if absent else ""
+    return [
+        f"per class: the macro averages are over the {present} classes with an image or a "
+        f"decision here{neither}; -: undefined (0/0)",
+        text_table(["class", "images", "decided", "precision", "recall", "f1"], rows),
+    ]
 
 
 def _interval(ci: list[float] | None) -> str:

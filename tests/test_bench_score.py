@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,12 @@ from marsvision.runtime.classifier import Prediction
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.results import Provenance, ResultWriter
 from marsvision.train.data import class_names, read_split, sol_key
-from marsvision.train.metrics import bootstrap_cis, classification_metrics, confidence_report
+from marsvision.train.metrics import (
+    bootstrap_cis,
+    classification_metrics,
+    confidence_report,
+    per_class_metrics,
+)
 
 N_REAL = 40  # real test images through mars-infer: 5 batches of 8
 SHA = "ab" * 32
@@ -213,6 +219,7 @@ def test_full_split_exact_metrics_cis_and_json(
     assert r.exit_code == 0, r.output
     assert "coverage: all 1305 images of the split scored" in r.stdout
     assert "f1 (Rover)" in r.stdout and "COVERAGE" not in r.stdout
+    assert "per class" not in r.stdout  # two classes: the table says it all
     rep = _report(tmp_path / "out")
     assert (tmp_path / "out" / f"score-test-{SHA[:12]}-onnxruntime.json").is_file()
     tp, fn, tn = 979 - WRONG, WRONG, 326
@@ -522,6 +529,20 @@ def test_msl25_file_is_scored_as_msl25(
     y_pred = [(y_true[0] + 1) % 25, *y_true[1:]]
     assert rep["metrics"] == classification_metrics(y_true, y_pred, 25, "msl25")
     assert rep["metrics"]["accuracy"] == pytest.approx(1304 / 1305)
+    # which classes fail, behind the macro averages: each class, in the JSON and the summary
+    rows = per_class_metrics(y_true, y_pred, 25)
+    assert rep["per_class"] == [{"class": c, "class_name": names[c], **row}
+                                for c, row in enumerate(rows)]  # fmt: skip
+    absent = [names[c] for c, row in enumerate(rows) if not row["images"] + row["decided"]]
+    assert absent, "the test split lacks some classes"
+    assert (f"per class: the macro averages are over the {25 - len(absent)} classes with an "
+            f"image or a decision here ({len(absent)} have neither); -: undefined (0/0)"
+            ) in r.stdout  # fmt: skip
+    assert re.search(rf"\n{re.escape(absent[0])} +0 +0 +- +- +-\n", r.stdout), r.stdout
+    w = rows[y_pred[0]]  # the class of the one wrong decision: decided once more than it has
+    assert w["decided"] == w["images"] + 1
+    line = rf"\n{re.escape(names[y_pred[0]])} +{w['images']} +{w['decided']} "
+    assert re.search(line, r.stdout), r.stdout
 
 
 def _cases(samples: list[Any], tmp: Path) -> dict[str, tuple[Path, str]]:

@@ -13,6 +13,7 @@ from marsvision.train.metrics import (
     classification_metrics,
     confidence_report,
     confusion_matrix,
+    per_class_metrics,
     undefined_metrics,
 )
 
@@ -261,3 +262,25 @@ def test_balanced_threshold_of_an_even_plateau_is_its_upper_middle() -> None:
     y8 = [0, 0, 0, 0, 0, 1, 1, 1]
     p8 = [0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9]
     assert balanced_threshold(y8, p8, tolerance=0.21) == pytest.approx(0.65)
+
+
+def test_per_class_metrics_match_sklearn_and_leave_0_over_0_undefined() -> None:
+    """Each class's images, decisions, precision, recall and F1 as scikit-learn computes them;
+    a class never decided has no precision, one without images no recall, one with neither no
+    F1 (not the 0 the macro averages count); the macro F1 is the mean over the defined ones."""
+    y_true = np.array([0, 0, 1, 2, 2, 2])
+    y_pred = np.array([0, 1, 1, 1, 4, 2])
+    rows = per_class_metrics(y_true, y_pred, 5)
+    p, r, f, support = skm.precision_recall_fscore_support(
+        y_true, y_pred, labels=range(5), zero_division=0
+    )
+    assert [row["images"] for row in rows] == support.tolist() == [2, 1, 3, 0, 0]
+    assert [row["decided"] for row in rows] == [1, 3, 1, 0, 1]
+    for c in (0, 1, 2):
+        assert (rows[c]["precision"], rows[c]["recall"], rows[c]["f1"]) == pytest.approx(
+            (p[c], r[c], f[c])
+        )
+    assert rows[3] == {"images": 0, "decided": 0, "precision": None, "recall": None, "f1": None}
+    assert rows[4] == {"images": 0, "decided": 1, "precision": 0.0, "recall": None, "f1": 0.0}
+    macro = classification_metrics(y_true, y_pred, 5, "msl25")["f1"]
+    assert macro == pytest.approx(np.mean([row["f1"] for row in rows if row["f1"] is not None]))

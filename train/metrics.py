@@ -114,6 +114,26 @@ def classification_metrics(y_true: Any, y_pred: Any, num_classes: int, task: str
     }
 
 
+def per_class_metrics(y_true: Any, y_pred: Any, num_classes: int) -> list[dict[str, Any]]:
+    """Per class: images (its true count), decided (how many were given it), precision, recall
+    and F1, each None where undefined (0/0: precision of a class never decided, recall of one
+    with no image, F1 of one with neither), not the 0 the macro averages count."""
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    tp, support, decided = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
+    precision, recall = _ratio(tp, decided), _ratio(tp, support)
+    f1 = _ratio(2 * precision * recall, precision + recall)
+    return [
+        {
+            "images": int(support[c]),
+            "decided": int(decided[c]),
+            "precision": float(precision[c]) if decided[c] else None,
+            "recall": float(recall[c]) if support[c] else None,
+            "f1": float(f1[c]) if support[c] or decided[c] else None,
+        }
+        for c in range(num_classes)
+    ]
+
+
 def bootstrap_cis(
     y_true: Any,
     y_pred: Any,
