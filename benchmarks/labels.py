@@ -117,7 +117,7 @@ def _read_csv(path: Path, data: bytes, classes: _Classes) -> Labels:
         if cells["label"] not in classes.index:
             raise MarsvisionError(
                 f"{path}:{n}: label {cells['label']!r} is not one of the model's classes "
-                f"[{classes.text}]"
+                f"[{classes.text}]{_number_hint(cells['label'], classes)}"
             )
         if GROUP_COLUMN in at and not cells[GROUP_COLUMN]:
             raise MarsvisionError(f"{path}:{n}: no group (the column is there: give every row one)")
@@ -127,6 +127,14 @@ def _read_csv(path: Path, data: bytes, classes: _Classes) -> Labels:
         raise MarsvisionError(f"{path} has a header but no rows: no labelled images")
     group_by = GROUP_COLUMN if GROUP_COLUMN in at else "sol"
     return _sorted(Labels(path, "csv", truths, group_by, hashlib.sha256(data).hexdigest()))
+
+
+def _number_hint(label: str, classes: _Classes) -> str:
+    """For a class number given as a label (the MSL split files number them): the name."""
+    names = list(classes.index)
+    if not label.isdigit() or int(label) >= len(names):
+        return ""
+    return f": labels are class names, not numbers (class {int(label)} is {names[int(label)]!r})"
 
 
 def _read_folder(path: Path, classes: _Classes) -> Labels:

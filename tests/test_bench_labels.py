@@ -56,3 +56,20 @@ def test_a_class_subfolder_that_cannot_be_listed_is_an_error(
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(MarsvisionError, match="cannot list .*sub in the labels folder"):
         read_labels(top, BINARY)
+
+
+def test_a_class_number_as_label_is_refused_with_its_name(tmp_path: Path) -> None:
+    """Labels are class names; a number (as the MSL split files give them) is refused, and the
+    message names the class it stands for, where there is one."""
+    msl = ["apxs", "apxs cal target", "chemcam cal target"]
+    f = tmp_path / "ids.csv"
+    f.write_text("path,label\na.jpg,2\n")
+    with pytest.raises(MarsvisionError) as e:
+        read_labels(f, msl)
+    assert e.value.message.endswith(
+        "label '2' is not one of the model's classes [apxs, apxs cal target, chemcam cal "
+        "target]: labels are class names, not numbers (class 2 is 'chemcam cal target')"
+    )
+    f.write_text("path,label\na.jpg,3\n")  # no class 3: no name to give
+    with pytest.raises(MarsvisionError, match=r"target\]$"):
+        read_labels(f, msl)
