@@ -52,6 +52,10 @@ def test_card_tables_and_rules_say_which_figure_is_which(msl_dir: Path) -> None:
     lines = _card(_shipped(), msl_dir)
     # test confusion: rows are the truth, columns the decision (swapped, it read as [[2, 7] ...])
     at = lines.index("| true \\ predicted | Surface | Rover |")
+    # the shipped weights' confusion, in its own paragraph: after the run's own figures it read
+    # as theirs
+    assert lines[at - 2] == "Test confusion of the shipped weights:"
+    assert lines[at - 4].startswith("The run's own fp32 weights scored 80.00 on val")
     assert lines[at + 2 : at + 4] == ["| Surface | 7 | 2 |", "| Rover | 1 | 30 |"]
     # the label rule names what the most probable class would have scored on val
     (rule,) = [line for line in lines if line.startswith("| label rule |")]
@@ -78,4 +82,6 @@ def test_msl25_card_lists_five_classes_then_more_and_no_recall_for_a_class_witho
     lines = _card(shipped, msl_dir)
     assert "25 classes (class0, class1, class2, class3, class4, ...)" in lines[2]
     assert "| class0 | 0 | - |" in lines  # no test image: no recall (not 0.00)
+    at = lines.index("| class | test images | recall |")
+    assert lines[at - 2] == "Test recall by class of the shipped weights:"
     assert "| class3 | 4 | 50.00 |" in lines and "| class1 | 2 | 100.00 |" in lines

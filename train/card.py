@@ -320,7 +320,11 @@ def render_card(
         *_metric_rows(shipped),
         "",
         *([] if refit else _tta(m)),  # a refit's val is training data: it decides nothing
-        _fp32_scores(shipped) + " Test confusion:",
+        _fp32_scores(shipped),
+        "",
+        # the shipped weights', as the metrics above (the sentence before is the run's)
+        f"{'Test confusion' if task == 'binary' else 'Test recall by class'} of the shipped "
+        f"weights{limited}:",
         "",
         *_confusion(shipped),
         "",
