@@ -28,6 +28,11 @@ HEADERS = [
 ]
 
 
+def headers(report: dict[str, Any]) -> list[str]:
+    """The main table's column names: F1 is the Rover class's, or msl25's macro average."""
+    return [h if h != "F1 %" or report["task"] == "binary" else "macro F1 %" for h in HEADERS]
+
+
 def _signed(v: float | None) -> str:
     return "-" if v is None else f"{v:+.2f}"
 
@@ -108,7 +113,7 @@ def _partial_scopes(report: dict[str, Any]) -> list[tuple[str, str]]:
 def render_text(report: dict[str, Any]) -> str:
     """The terminal table plus a one-line summary of failures."""
     lines = [f"{split}: {scope}" for split, scope in _partial_scopes(report)]
-    lines.append(text_table(HEADERS, table_rows(report)))
+    lines.append(text_table(headers(report), table_rows(report)))
     return "\n".join([*lines, *_verdicts(report)])
 
 
@@ -164,7 +169,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             ),
             "",
             *[f"Images of {split}: {scope}.\n" for split, scope in _partial_scopes(report)],
-            markdown_table(HEADERS, table_rows(report)),
+            markdown_table(headers(report), table_rows(report)),
             "",
             *[f"- {line}" for line in _verdicts(report)],
             "",

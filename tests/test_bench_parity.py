@@ -106,6 +106,10 @@ def test_parity_table_and_verdicts(
     partial = {**report, "scopes": {"test": "held-out half by sol"}}  # how a half is shown
     assert render_text(partial).startswith("test: held-out half by sol\n")
     assert "\nImages of test: held-out half by sol.\n" in render_markdown(partial)
+    # F1 is Rover's for a binary model, msl25's macro average for one of 25 classes
+    assert " F1 % " in render_text(report) and "macro F1" not in render_markdown(report)
+    assert " macro F1 % " in render_text({**report, "task": "msl25"})
+    assert "| macro F1 % |" in render_markdown({**report, "task": "msl25"})
     # The reference figures are the checkpoint's own, as an independent run computes them.
     ref = rows["pytorch"]["splits"]["test"]
     assert ref["n"] == LIMIT
