@@ -673,6 +673,13 @@ def test_allow_missing_reports_and_excludes(
         "score: FAIL (1 of 1 requirements met on 1302 of the 1305 images: a requirement holds "
         "for the whole split)") in r.stdout  # fmt: skip
     assert _report(tmp_path / "out")["passed"] is False
+    # a partial score is a file of its own: scoring the whole split beside it replaces neither
+    (partial,) = (tmp_path / "out").glob("score-*.json")
+    assert partial.name == "score-test-abababababab-onnxruntime-partial.json"
+    whole = _write(tmp_path / "whole.csv", full)
+    assert _score([str(whole), *base[1:]]).exit_code == 0
+    assert partial.is_file() and len(list((tmp_path / "out").glob("score-*.json"))) == 2
+    assert (tmp_path / "out" / partial.name.replace("-partial", "")).is_file()
 
 
 def test_tta_provenance_and_files_from_before_the_flag(
