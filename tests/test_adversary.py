@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from marsvision.runtime.errors import MarsvisionError
@@ -21,6 +22,7 @@ from marsvision.train import data as msl
 from marsvision.train.adversary import (
     CameraAdversary,
     camera_domains,
+    camera_task,
     grad_reverse,
     pooled_features,
     reversal_coef,
@@ -182,3 +184,57 @@ def test_camera_adversary_flag_round_trip() -> None:
     assert plain["camera_adversary"] == 0.0 and "--camera-adversary" not in command_line(plain)
     with pytest.raises(MarsvisionError, match="--camera-adversary -1.0: must be a number >= 0"):
         config_from_flags("default", data=Path("d"), out=Path("o"), camera_adversary=-1.0)
+
+
+def _backbone_grad(head_input: str, coef: float) -> torch.Tensor:
+    """conv1's gradient from the camera loss alone, the head fed the hooked pooled features
+    through the reversal (`reversed`) or directly (`plain`)."""
+    torch.manual_seed(0)
+    model, head = create_model(2).train(), CameraAdversary(2048, hidden=8)
+    x, cams = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 1, 0])
+    with pooled_features(model) as seen:
+        model(x)
+        feats = seen[-1]
+        cam = head(feats, coef) if head_input == "reversed" else head.net(feats)
+    F.cross_entropy(cam, cams).backward()
+    conv1 = model.get_submodule("conv1")
+    assert isinstance(conv1, nn.Conv2d)
+    grad = conv1.weight.grad
+    assert grad is not None, "no gradient reached the backbone"
+    return grad
+
+
+def test_the_backbone_gets_the_camera_gradient_reversed_and_scaled() -> None:
+    """The features the hook hands the head are the graph's own (not a detached copy): the
+    backbone receives the camera loss's gradient times -coef, so it learns to hide the camera."""
+    plain = _backbone_grad("plain", 1.0)
+    assert plain.abs().sum() > 0
+    torch.testing.assert_close(_backbone_grad("reversed", 0.5), -0.5 * plain)
+
+
+def test_the_task_trains_its_head_and_ramps_its_coefficient() -> None:
+    """camera_task's head takes fc's input and learns (its weights take gradients, for the
+    optimizer the loop gives them); its coefficient is 0 at the start of the run and rises to
+    the weight, as reversal_coef's ramp, not the weight from the first step."""
+    task = camera_task(create_model(2), [], weight=2.0, weighted=False,
+                       device=torch.device("cpu"))  # fmt: skip
+    params = list(task.head.parameters())
+    assert params[0].shape == (256, 2048) and all(p.requires_grad for p in params)
+    assert task.coef(0.0) == 0.0 and task.coef(1.0) == pytest.approx(2.0, abs=1e-3)
+    assert task.coef(0.3) == reversal_coef(0.3, 2.0) < 2.0
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_the_camera_loss_is_per_image_when_images_carry_weights(
+    weighted: bool, msl_dir: Path
+) -> None:
+    """With --balance group (weighted) the camera loss is one value per image, for the loop to
+    weigh as it weighs the class loss; otherwise the batch mean. Camera labels are the files'."""
+    samples = msl.read_split(msl_dir, "train", "binary", limit=64)
+    task = camera_task(create_model(2), samples, weight=1.0, weighted=weighted,
+                       device=torch.device("cpu"))  # fmt: skip
+    assert task.domains.tolist() == camera_domains(samples).tolist()
+    logits = torch.randn(len(samples), 2)
+    loss = task.loss_fn(logits, task.domains)
+    want = F.cross_entropy(logits, task.domains, reduction="none")
+    torch.testing.assert_close(loss, want if weighted else want.mean())

@@ -12,11 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import signal_once_written
 
 from marsvision.export import cli
 from marsvision.export.artifacts import MANIFEST
+from marsvision.runtime.errors import MarsvisionError
+from marsvision.train.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint
+from marsvision.train.model import ARCH
 
 
 def _run(args: list[str], msl_dir: Path) -> tuple[int, str, str]:
@@ -497,3 +501,61 @@ def test_dash_h_is_help_in_every_command() -> None:
 
     for command in (ship, distill):  # they read TEXT, the values in prose
         assert "--device [auto|cpu|cuda]" in CliRunner().invoke(command, ["--help"]).output
+
+
+class _Joined:
+    """An object whose unpickling calls a function: a file holding one is code to run."""
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return os.path.join, ("a", "b")
+
+
+def _ckpt(**edits: Any) -> dict[str, Any]:
+    """A checkpoint that passes every check (tiny weights: load_checkpoint builds no model)."""
+    ckpt = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": ARCH, "task": "binary",
+            "class_names": ["Surface", "Rover"], "preprocess": {}, "data_fingerprint": "f",
+            "state_dict": {"fc.weight": torch.zeros(2, 4), "fc.bias": torch.zeros(2)}}  # fmt: skip
+    return {**ckpt, **edits}
+
+
+def test_a_valid_checkpoint_loads(tmp_path: Path) -> None:
+    torch.save(_ckpt(), tmp_path / "c.pt")
+    assert load_checkpoint(tmp_path / "c.pt")["class_names"] == ["Surface", "Rover"]
+
+
+@pytest.mark.parametrize(
+    ("edits", "refusal"),
+    [
+        ({"class_names": ["Rover", "Rover"]}, "they must be a list of distinct"),
+        ({"class_names": ["Surface", ""]}, "they must be a list of distinct"),
+        ({"state_dict": {"fc.weight": torch.zeros(2, 4), "note": "x"}},
+         "its state_dict is not a mapping of names to tensors"),
+    ],
+)  # fmt: skip
+def test_a_checkpoint_that_fails_its_checks_is_refused_on_loading(
+    edits: dict[str, Any], refusal: str, tmp_path: Path
+) -> None:
+    """Duplicate or empty class names and a state_dict holding other than tensors are refused
+    by load_checkpoint itself, whichever stage reads the file."""
+    torch.save(_ckpt(**edits), tmp_path / "c.pt")
+    with pytest.raises(MarsvisionError, match=refusal):
+        load_checkpoint(tmp_path / "c.pt")
+
+
+def test_a_checkpoint_that_would_run_code_is_not_loaded(tmp_path: Path) -> None:
+    """A .pt file is a pickle: one that calls a function when it is read (an object of any
+    class, not only tensors and plain containers) is refused unread, as torch's weights_only
+    loading refuses it, rather than run."""
+    torch.save(_ckpt(note=_Joined()), tmp_path / "c.pt")
+    with pytest.raises(MarsvisionError, match="torch cannot read it"):
+        load_checkpoint(tmp_path / "c.pt")
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".plan", ".engine", ".trt"])
+def test_an_exported_model_given_as_checkpoint_is_named(tmp_path: Path, suffix: str) -> None:
+    """A TensorRT engine, like an ONNX file, is named as an exported model, with the file to
+    pass instead."""
+    model = tmp_path / f"m{suffix}"
+    model.write_bytes(b"\x08\x07\x12\x07pytorch")
+    with pytest.raises(MarsvisionError, match="is an exported model, not a checkpoint: pass"):
+        load_checkpoint(model)

@@ -123,3 +123,16 @@ def test_flags_round_trip_and_checks() -> None:
         config_from_flags("default", data=Path("d"), out=Path("o"), cutmix=-1.0)
     with pytest.raises(MarsvisionError, match="--mixup inf"):  # Beta(inf, inf) is nan
         config_from_flags("default", data=Path("d"), out=Path("o"), mixup=float("inf"))
+
+
+def test_cutmix_boxes_reach_every_pixel() -> None:
+    """Over many batches every pixel, the last row and column too, is pasted in some box (a box
+    clipped short of an edge left the border always the image's own)."""
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    covered = torch.zeros(12, 12, dtype=torch.bool)
+    for _ in range(300):
+        m = mix_batch(x, mixup=0.0, cutmix=1.0, generator=g)
+        assert m is not None
+        covered |= (m.x[0] != x[0]).any(0)
+    assert covered.all(), covered

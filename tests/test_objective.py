@@ -7,6 +7,7 @@ from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see train/cli.py
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +174,59 @@ def test_sampler_balance_draws_the_epoch_by_sample_p(
             assert 0.45 < shares[balance] < 0.55 and unique < 0.7 * n
         else:  # loss weights: every image once
             assert shares[balance] == labels.mean() and unique == n
+
+
+def test_group_weights_are_the_inverse_square_root_of_the_group_sizes(msl_dir: Path) -> None:
+    """--balance group weighs an image by count**-0.5 of its (camera, MSL class) group: a group
+    4 times as large weighs half as much per image (count**-1 would make it a quarter)."""
+    train = read_split(msl_dir, "train", "msl25", limit=400)
+    groups = [(camera(s.path), s.msl_class) for s in train]
+    counts = Counter(groups)
+    w = group_weights(train)
+    assert w.mean() == pytest.approx(1.0)
+    per_group = dict(zip(groups, w.tolist(), strict=True))
+    (big, n_big), (small, n_small) = counts.most_common()[0], counts.most_common()[-1]
+    assert n_big > 4 * n_small  # groups of very different sizes among these images
+    assert per_group[small] / per_group[big] == pytest.approx((n_big / n_small) ** 0.5)
+
+
+@pytest.mark.parametrize("recipe", ["default", "blog"])
+def test_every_parameter_is_optimized_once(recipe: str) -> None:
+    """Each weight, the classifier's 2-D one and the convolutions' 4-D ones alike, is in exactly
+    one of the two groups: decayed (more than one dimension) or not (biases, BatchNorm)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(36, 2))
+    cfg = config_from_flags(recipe, data=Path("d"), out=Path("o"))
+    decay, no_decay = optimizer_from_config(model, cfg).param_groups
+    grouped = [id(p) for p in [*decay["params"], *no_decay["params"]]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[3].weight)}
+
+
+def test_sgd_uses_momentum_and_nesterov_but_for_the_blog_recipe() -> None:
+    """SGD takes momentum 0.9 in both recipes that use it; Nesterov's form except for `blog`."""
+    model = nn.Linear(3, 2)
+    blog = optimizer_from_config(model, config_from_flags("blog", data=Path("d"), out=Path("o")))
+    sgd = optimizer_from_config(
+        model, config_from_flags("default", data=Path("d"), out=Path("o"), optimizer="sgd")
+    )
+    assert isinstance(blog, torch.optim.SGD) and isinstance(sgd, torch.optim.SGD)
+    for opt, nesterov in ((blog, False), (sgd, True)):
+        assert all(g["momentum"] == 0.9 and g["nesterov"] == nesterov for g in opt.param_groups)
+
+
+def test_the_cosine_schedule_spans_the_whole_run() -> None:
+    """The lr decays over every step of every epoch: the last epoch still trains (its lr is
+    above 0 until the last step), reaching 0 only after the run's last step."""
+    model = nn.Linear(2, 2)
+    cfg = config_from_flags("default", data=Path("d"), out=Path("o"), epochs=4, warmup_epochs=1)
+    opt = optimizer_from_config(model, cfg)
+    sched = scheduler_from_config(opt, cfg, steps_per_epoch=10)
+    lrs = []
+    for _ in range(cfg.epochs * 10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[9] == pytest.approx(cfg.lr)  # the warm-up's last step: the peak
+    assert all(a > b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # then strictly down
+    assert lrs[-1] > 0 and lrs[25] == pytest.approx(cfg.lr / 2)  # the cosine's middle
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # after the last step

@@ -14,10 +14,20 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.train.config import BEFORE_ITS_FLAG, AugmentSpec, TrainConfig, command_line
-from marsvision.train.resume import RESUME, RESUME_KEYS, RESUME_MUST_MATCH, load_resume
+from marsvision.train.model import ModelEma
+from marsvision.train.resume import (
+    RESUME,
+    RESUME_KEYS,
+    RESUME_MUST_MATCH,
+    TrainingState,
+    load_resume,
+    restore,
+    save_resume,
+)
 
 # where a run's files go and how it reads its data: the same run either way
 FREE_ON_RESUME = {"data", "out", "device", "workers", "resume"}
@@ -190,3 +200,62 @@ def test_a_mismatch_gives_the_runs_own_command(tmp_path: Path) -> None:
     assert (
         said.endswith(f"; to resume it: {want}") and "--epochs 6 " in want and "--limit 64" in want
     )
+
+
+def _parts(seed: int) -> TrainingState:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    head = nn.Linear(4, 2)
+    opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    gen = torch.Generator().manual_seed(seed)
+    return TrainingState(model=model, optimizer=opt, scheduler=sched, ema=ModelEma(model, 0.9),
+                         camera_head=head, generator=gen)  # fmt: skip
+
+
+def _train(parts: TrainingState, steps: int) -> None:
+    for _ in range(steps):
+        x = torch.randn(8, 3, generator=parts.generator)
+        assert parts.camera_head is not None
+        loss = parts.model(x).square().mean() + parts.camera_head(x.repeat(1, 2)[:, :4]).mean()
+        parts.optimizer.zero_grad()
+        loss.backward()
+        parts.optimizer.step()
+        parts.scheduler.step()
+        assert parts.ema is not None
+        parts.ema.update(parts.model)
+
+
+def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_puts_back_every_part_of_the_run(tmp_path: Path) -> None:
+    cfg = TrainConfig(data=Path("d"), out=tmp_path)
+    run = _parts(0)
+    _train(run, 5)
+    history = [{"epoch": 1, "val_loss": 0.4}, {"epoch": 2, "val_loss": 0.5}]
+    save_resume(tmp_path, run, epoch=2, history=history, best=(0.75, -0.4), best_epoch=1,
+                cfg=cfg, fingerprint="f")  # fmt: skip
+    next_torch, next_gen = torch.rand(4), torch.rand(4, generator=run.generator)
+
+    resumed = _parts(1)  # a new process: other initial weights and random states
+    state = load_resume(tmp_path, cfg, "f")
+    restore(state, resumed)
+    # the selection so far: a later epoch is kept only if it beats epoch 1's score
+    assert state["epoch"] == 2 and state["history"] == history
+    assert tuple(state["best"]) == (0.75, -0.4) and state["best_epoch"] == 1
+    assert _same_state(resumed.model.state_dict(), run.model.state_dict())
+    assert resumed.camera_head is not None and run.camera_head is not None
+    assert _same_state(resumed.camera_head.state_dict(), run.camera_head.state_dict())
+    assert resumed.ema is not None and run.ema is not None
+    assert resumed.ema.step == run.ema.step == 5
+    assert _same_state(resumed.ema.module.state_dict(), run.ema.module.state_dict())
+    # AdamW's moments and step counts, and the schedule's position (its lr)
+    got, want = resumed.optimizer.state_dict()["state"], run.optimizer.state_dict()["state"]
+    assert got.keys() == want.keys() and all(_same_state(got[i], want[i]) for i in want)
+    assert resumed.scheduler.last_epoch == run.scheduler.last_epoch == 5
+    assert resumed.optimizer.param_groups[0]["lr"] == run.optimizer.param_groups[0]["lr"]
+    # both random streams continue where they were
+    assert torch.equal(torch.rand(4), next_torch)
+    assert torch.equal(torch.rand(4, generator=resumed.generator), next_gen)

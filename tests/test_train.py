@@ -27,7 +27,13 @@ from torchvision.models import resnet50
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.spec import PreprocessSpec
 from marsvision.train import data as msl
-from marsvision.train.checkpoint import load_checkpoint, model_from_checkpoint
+from marsvision.train.checkpoint import (
+    atomic_torch_save,
+    load_checkpoint,
+    make_checkpoint,
+    model_from_checkpoint,
+    preprocess_from_checkpoint,
+)
 from marsvision.train.cli import main
 from marsvision.train.config import config_from_flags
 from marsvision.train.images import eval_tensors
@@ -938,3 +944,25 @@ def test_predictions_csv_paths_that_start_as_a_formula(tmp_path: Path) -> None:
                       class_names=["Surface", "Rover"])  # fmt: skip
     with open(out, newline="") as f:
         assert [row[0] for row in csv_module.reader(f)] == ["path", "./=cmd.JPG", "cal/a.JPG"]
+
+
+def test_the_checkpoint_keeps_what_the_run_had(msl_dir: Path, tmp_path: Path) -> None:
+    """The class names stay in label order (index i names output i: sorted, binary's would be
+    swapped), with the task, epoch, preprocessing, config and the weights as fp32 copies."""
+    names = msl.class_names("binary", msl_dir)
+    assert names == ["Surface", "Rover"]  # label order, not alphabetical
+    torch.manual_seed(0)
+    model = create_model(2)
+    spec = PreprocessSpec.for_input_size(64)
+    ckpt = make_checkpoint(model, task="binary", class_names=names, preprocess=spec,
+                           config={"epochs": 3}, metrics={"val": {"accuracy": 0.5}},
+                           data_fingerprint="f", epoch=2)  # fmt: skip
+    atomic_torch_save(ckpt, tmp_path / "checkpoint.pt")
+    back = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert back["class_names"] == ["Surface", "Rover"]
+    assert (back["task"], back["epoch"], back["config"]) == ("binary", 2, {"epochs": 3})
+    assert back["weights_dtype"] == "float32" and preprocess_from_checkpoint(back) == spec
+    loaded = model_from_checkpoint(back)
+    assert not loaded.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
