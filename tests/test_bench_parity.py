@@ -17,10 +17,18 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+from marsvision.benchmarks.artifacts import (
+    Artifact,
+    check_exported_from,
+    find_artifacts,
+    skip_reason,
+)
 from marsvision.benchmarks.cli import main
 from marsvision.benchmarks.parity import PARITY_FAIL_EXIT, Thresholds, verdict
+from marsvision.benchmarks.parity_report import HEADERS, render_markdown, render_text, table_rows
 from marsvision.export.tensorrt import tensorrt_unavailable_reason
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.models import UNLISTED, artifact_name
 
 LIMIT = 48  # real test images per run: a few seconds per artifact on 2 cores
 
@@ -577,3 +585,156 @@ def test_an_artifact_that_fails_one_split_fails(
     row = parity._artifact_row(Artifact(f, "fp32"), cfg, splits, model, ref_row,  # type: ignore[arg-type]
                                ort_device="cpu", decoded={}, say=lambda m: None)  # fmt: skip
     assert row["failures"] and row["verdict"] == "FAIL"
+
+
+def _split(agree: float, change: float, passed: bool | None, losses: list[float]) -> dict[str, Any]:
+    """One artifact's figures on one split (`passed` None: the reference's own)."""
+    figures: dict[str, Any] = {
+        "n": 40, "accuracy": 90.0 + change, "accuracy_change": change, "balanced_accuracy": 88.0,
+        "f1": 80.0, "top1_agreement": agree, "max_prob_diff": 0.001, "ms_per_image": 2.0,
+        "images_per_s": 500.0, "per_class_recall": [0.95, 0.8],
+    }  # fmt: skip
+    if passed is not None:
+        figures["passed"] = passed
+        figures["per_class"] = [
+            {"class": name, "n_true": 20, "change": loss}
+            for name, loss in zip(("Surface", "Rover"), losses, strict=True)
+        ]
+    return figures
+
+
+def _report() -> dict[str, Any]:
+    """A reference, an FP32 file that passes both splits, an INT8 file that fails val only."""
+    ref = {"artifact": "best.pt", "flavour": "pytorch", "backend": "pytorch-cpu", "status": "ok",
+           "verdict": "reference", "size_mib": 90.0, "failures": [],
+           "splits": {s: _split(100.0, 0.0, None, []) for s in ("val", "test")}}  # fmt: skip
+    fp32 = {"artifact": "m.fp32.onnx", "flavour": "fp32", "backend": "onnxruntime-cpu",
+            "status": "ok", "verdict": "PASS", "size_mib": 90.0, "failures": [],
+            "splits": {"val": _split(100.0, 0.0, True, [0.0, 0.0]),
+                       "test": _split(100.0, 0.0, True, [0.0, 2.5])}}  # fmt: skip
+    int8 = {"artifact": "m.int8-cpu.onnx", "flavour": "int8-cpu", "backend": "onnxruntime-cpu",
+            "status": "ok", "verdict": "FAIL", "size_mib": 23.0,
+            "failures": ["val: agreement 97.00 < 98.0"],
+            "splits": {"val": _split(97.0, -1.5, False, [0.0, -5.0]),
+                       "test": _split(99.0, 0.0, True, [-2.5, 0.0])}}  # fmt: skip
+    return {
+        "task": "binary", "class_names": ["Surface", "Rover"], "rows": [ref, fp32, int8],
+        "failed": ["m.int8-cpu.onnx"], "passed": False, "scopes": {"val": "all", "test": "all"},
+        "checkpoint_sha256": "ab" * 32, "decision_threshold": None, "config": {"batch_size": 8},
+        "conditions": {"machine": "test-9000-avx2-2c", "cpu": {"model": "Test 9000",
+                       "usable_cores": 2}, "gpu": None, "date": "2026-12-07T06:00:00+00:00",
+                       "versions": {"numpy": "2.0"}},
+        "thresholds": {"fp32_min_agreement": 99.9, "fp16_max_accuracy_change": 0.5,
+                       "fp16_min_agreement": 99.0, "int8_max_accuracy_change": 1.0,
+                       "int8_min_agreement": 98.0},
+    }  # fmt: skip
+
+
+def test_each_split_row_says_whether_that_split_passed() -> None:
+    """A split that failed its thresholds is FAIL in its table row, one that passed is pass,
+    the reference's rows are the reference (no change against itself)."""
+    cells = {(r[0], r[4]): dict(zip(HEADERS, r, strict=True)) for r in table_rows(_report())}
+    assert cells[("m.int8-cpu.onnx", "val")]["verdict"] == "FAIL"
+    assert cells[("m.int8-cpu.onnx", "test")]["verdict"] == "pass"
+    assert cells[("m.fp32.onnx", "val")]["verdict"] == "pass"
+    assert cells[("best.pt", "val")]["verdict"] == "reference"
+    assert cells[("best.pt", "val")]["d acc"] == "-" and cells[("best.pt", "val")]["max|dp|"] == "-"
+    assert cells[("m.int8-cpu.onnx", "val")]["d acc"] == "-1.50"
+    assert cells[("m.int8-cpu.onnx", "val")]["agree %"] == "97.00"
+
+
+def test_a_long_skip_reason_is_cut_in_the_table_and_given_whole_below() -> None:
+    """A skipped row's reason longer than 60 characters is cut to 57 and "..." in the table (its
+    other cells "-"), and given whole in the lines under it."""
+    report = _report()
+    why = "skipped: resnet50-binary.fp16.plan: TensorRT is not installed here"  # 66 characters
+    assert len(why) == 66
+    report["rows"].append({"artifact": "m.fp16.plan", "flavour": "fp16-engine", "backend": None,
+                           "status": why, "verdict": "skipped", "size_mib": 40.0, "splits": {},
+                           "failures": []})  # fmt: skip
+    row = table_rows(report)[-1]
+    assert row[2] == why[:57] + "..." and len(row) == len(HEADERS)
+    assert row[4:-1] == ["-"] * (len(HEADERS) - 5) and row[-1] == "skipped"
+    assert f"\nm.fp16.plan: {why}\n" in render_text(report)
+
+
+def test_a_report_where_every_artifact_was_skipped_does_not_say_pass() -> None:
+    """No artifact compared (every one skipped, e.g. engines without TensorRT) is no pass; one
+    that failed is named in the summary, ahead of any pass."""
+    report = _report()
+    nothing = {**report, "failed": [], "passed": False, "rows": report["rows"][:1]}
+    assert render_text(nothing).endswith(
+        "parity: no artifact was compared (every one was skipped): nothing shown to pass"
+    )
+    assert render_text(report).endswith("parity: 1 artifact(s) FAIL: m.int8-cpu.onnx")
+    assert "\nFAIL m.int8-cpu.onnx: val: agreement 97.00 < 98.0\n" in render_text(report)
+
+
+def test_the_per_class_view_names_only_the_classes_that_lose_recall() -> None:
+    """Per split, an artifact "loses recall on" the classes whose recall fell against PyTorch,
+    not those unchanged or better; with none fallen it says so."""
+    md = render_markdown(_report())
+    val, test = md.split("### Per-class recall, test split")
+    assert "- m.int8-cpu.onnx: loses recall on Rover (-5.00)" in val
+    assert "- m.fp32.onnx: no class loses recall" in val
+    assert "- m.int8-cpu.onnx: loses recall on Surface (-2.50)" in test
+    assert "- m.fp32.onnx: no class loses recall" in test
+    assert "| Rover | 20 | 80.00 | +0.00 | -5.00 |" in val
+
+
+def _folder(folder: Path, *flavours: str) -> Path:
+    """An export folder with files named as mars-export names them (never opened here)."""
+    folder.mkdir()
+    for f in flavours:
+        (folder / artifact_name("binary", f)).write_bytes(b"model")
+    return folder
+
+
+def test_the_source_checkpoint_check_refuses_another_and_lets_an_unrecorded_one_pass() -> None:
+    """An artifact that names another source checkpoint is refused; one that names none (made
+    before the source was recorded) and one that names this checkpoint are measured."""
+    sha = "ab" * 32
+    check_exported_from(sha, "m.onnx", Path("best.pt"), sha)
+    check_exported_from("", "old.onnx", Path("best.pt"), sha)
+    with pytest.raises(MarsvisionError, match=r"^m.onnx was exported from another checkpoint"):
+        check_exported_from("cd" * 32, "m.onnx", Path("best.pt"), sha)
+
+
+def test_artifacts_come_in_flavour_order_whatever_their_names(tmp_path: Path) -> None:
+    """The FP32 file first (the reference precision), then by falling precision, engines last:
+    not the files' alphabetical order (fp16 before fp32, int8 engine before int8-cpu)."""
+    flavours = ["fp32", "fp16", "int8-cpu", "int8-trt", "fp16-engine", "int8-engine"]
+    folder = _folder(tmp_path / "export", *reversed(flavours))
+    found = find_artifacts(folder)
+    assert [a.flavour for a in found] == flavours
+    assert [a.precision for a in found] == ["fp32", "fp16", "int8", "int8", "fp16", "int8"]
+    assert [a.is_engine for a in found] == [False] * 4 + [True] * 2
+    assert not any(a.unlisted for a in found)  # no manifest: the names alone
+
+
+def test_engines_of_either_precision_need_a_gpu() -> None:
+    """An INT8 engine, like an FP16 one, is run by TensorRT: on the CPU it is skipped, saying
+    why, not handed to onnxruntime (which cannot read it) and failed."""
+    for flavour in ("fp16-engine", "int8-engine"):
+        art = Artifact(Path(artifact_name("binary", flavour)), flavour)
+        assert art.is_engine
+        assert skip_reason(art, "cpu") == (
+            "TensorRT engines need a GPU; this run is on the CPU (--device cpu, or no GPU)"
+        )
+    assert skip_reason(Artifact(Path("m.int8-cpu.onnx"), "int8-cpu"), "cpu") is None
+
+
+def test_a_manifest_that_lists_a_file_not_there_is_refused(tmp_path: Path) -> None:
+    """manifest.json naming a file that is not in the folder (deleted, or copied without it) is
+    refused, naming the file; the files it lists are measured, the others are not."""
+    folder = _folder(tmp_path / "export", "fp32", "int8-cpu")
+    listed = [{"file": artifact_name("binary", "fp32")}]
+    (folder / "manifest.json").write_text(json.dumps({"artifacts": listed}))
+    found = {a.flavour: a for a in find_artifacts(folder)}
+    assert skip_reason(found["fp32"], "cpu") is None
+    assert skip_reason(found["int8-cpu"], "cpu") == UNLISTED
+    gone = artifact_name("binary", "fp16")
+    listed.append({"file": gone})
+    (folder / "manifest.json").write_text(json.dumps({"artifacts": listed}))
+    with pytest.raises(MarsvisionError, match=rf"lists {gone}, which are not there"):
+        find_artifacts(folder)

@@ -7,6 +7,7 @@ internal consistency of the figures, and the table.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from marsvision.benchmarks import conditions
 from marsvision.benchmarks.cli import main
 from marsvision.benchmarks.conditions import cpu_info, machine_name
 from marsvision.benchmarks.speed import SPEED_FAIL_EXIT
@@ -615,3 +617,113 @@ def test_bad_values_are_usage_errors(args: list[str], says: str, tmp_path: Path)
     result = CliRunner().invoke(main, ["speed", "--checkpoint", str(tmp_path / "c.pt"),
                                        "--data", str(tmp_path / "none"), *args])  # fmt: skip
     assert result.exit_code == 2 and says in result.output, result.output
+
+
+def test_the_gpu_is_read_from_nvidia_smi(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first GPU's name, driver, memory (MiB, a number) and compute capability, each in its
+    field; no nvidia-smi, or a row too short to hold them, is no GPU."""
+    rows = [["NVIDIA H100 80GB HBM3", "550.54.15", "81559", "9.0"],
+            ["NVIDIA A10", "550.54.15", "23028", "8.6"]]  # fmt: skip
+    asked = []
+
+    def smi(query: str) -> list[list[str]] | None:
+        asked.append(query)
+        return rows
+
+    monkeypatch.setattr(conditions, "nvidia_smi", smi)
+    assert conditions.gpu_info() == {"name": "NVIDIA H100 80GB HBM3", "driver": "550.54.15",
+                                     "memory_mib": 81559, "compute_capability": "9.0"}  # fmt: skip
+    assert asked == ["gpu=name,driver_version,memory.total,compute_cap"]
+    rows[0] = ["NVIDIA H100 80GB HBM3", "550.54.15", "[N/A]"]
+    assert conditions.gpu_info() == {"name": "NVIDIA H100 80GB HBM3", "driver": "550.54.15",
+                                     "memory_mib": "[N/A]", "compute_capability": None}  # fmt: skip
+    rows[0] = ["NVIDIA H100 80GB HBM3", "550.54.15"]
+    assert conditions.gpu_info() is None
+    monkeypatch.setattr(conditions, "nvidia_smi", lambda query: None)
+    assert conditions.gpu_info() is None
+
+
+def test_nvidia_smi_rows_are_split_into_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    """nvidia-smi's CSV (no header, no units) is a list of fields per GPU, stripped; a missing
+    or failing nvidia-smi is None, not an exception."""
+    import subprocess
+
+    class Done:
+        stdout = "NVIDIA H100 80GB HBM3, 550.54.15, 81559, 9.0\nNVIDIA A10, 550.54.15, 23028, 8.6\n"
+
+    calls = []
+
+    def run(args: list[str], **kwargs: object) -> Done:
+        calls.append(args)
+        return Done()
+
+    monkeypatch.setattr(subprocess, "run", run)
+    assert conditions.nvidia_smi("gpu=name") == [
+        ["NVIDIA H100 80GB HBM3", "550.54.15", "81559", "9.0"],
+        ["NVIDIA A10", "550.54.15", "23028", "8.6"],
+    ]
+    assert calls == [["nvidia-smi", "--query-gpu=name", "--format=csv,noheader,nounits"]]
+
+    def missing(args: list[str], **kwargs: object) -> Done:
+        raise FileNotFoundError("nvidia-smi")
+
+    monkeypatch.setattr(subprocess, "run", missing)
+    assert conditions.nvidia_smi("gpu=name") is None
+
+
+def test_physical_cores_of_two_sockets_are_counted_apart(tmp_path: Path) -> None:
+    """Each socket numbers its cores from 0: a machine of two 2-core sockets with two threads
+    per core has 4 physical cores, not 2; a cpuinfo without core ids says none."""
+    text = "".join(
+        f"processor\t: {i}\nmodel name\t: Test CPU 9000\nphysical id\t: {i // 4}\n"
+        f"core id\t: {i % 2}\nflags\t\t: fpu avx2\n\n"
+        for i in range(8)
+    )
+    (tmp_path / "cpuinfo").write_text(text)
+    assert conditions.cpu_info(tmp_path / "cpuinfo")["physical_cores"] == 4
+    (tmp_path / "bare").write_text("processor\t: 0\nmodel name\t: Test CPU 9000\n")
+    assert conditions.cpu_info(tmp_path / "bare")["physical_cores"] is None
+
+
+def test_the_conditions_state_the_threads_the_run_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--threads N is the count recorded, for the run and for its onnxruntime sessions; without
+    it, the usable cores; OMP_NUM_THREADS, which sets PyTorch's, is recorded too."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0}, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    given = conditions.capture_conditions(threads=3, device="cpu")
+    assert given["threads"] == 3
+    assert given["onnxruntime_session"]["intra_op_num_threads"] == 3
+    assert given["env"] == {"OMP_NUM_THREADS": "2"}
+    usable = given["cpu"]["usable_cores"]
+    assert usable == 1  # the affinity's one core, not the machine's
+    default = conditions.capture_conditions(threads=None, device="cpu")
+    assert default["threads"] == usable
+    assert default["onnxruntime_session"]["intra_op_num_threads"] == usable
+
+
+def test_the_spread_of_the_calls_is_their_standard_deviation() -> None:
+    """std_ms is the calls' standard deviation (numpy's, over the calls measured), in ms, min
+    the fastest whatever its place, p50 the median: 3, 1, 4, 2 ms have a mean and a median of
+    2.5 and a std of 1.118."""
+    t = summarize([0.003, 0.001, 0.004, 0.002])
+    assert t.std_ms == pytest.approx(np.std([1.0, 2.0, 3.0, 4.0]))
+    assert t.min_ms == pytest.approx(1.0) and t.max_ms == pytest.approx(4.0)
+    assert t.mean_ms == pytest.approx(2.5) and t.p50_ms == pytest.approx(2.5)
+    assert t.to_dict()["std_ms"] == t.std_ms
+    with pytest.raises(ValueError, match="no timings"):
+        summarize([])
+
+
+def test_the_peak_rss_is_the_peak_and_the_current_rss_the_resident_set() -> None:
+    """peak_rss_mib is the process's highest resident set so far, which freeing memory does not
+    lower; current_rss_mib is what is resident now (not the address space, which is larger)."""
+    from marsvision.benchmarks.timing import current_rss_mib, peak_rss_mib
+
+    big = np.ones(1 << 26, dtype=np.float32)  # 256 MiB, touched
+    during = current_rss_mib()
+    assert during > 256 and peak_rss_mib() >= during - 1
+    del big
+    after = current_rss_mib()
+    assert after < during - 200  # freed: numpy gives a buffer this large back to the system
+    assert peak_rss_mib() > after + 200

@@ -626,3 +626,85 @@ def test_no_blas_thread_pool_beside_threads_and_workers() -> None:
     r = subprocess.run([sys.executable, "-c", code], env={**env, "OPENBLAS_NUM_THREADS": "2"},
                        capture_output=True, text=True)  # fmt: skip
     assert r.stdout.split()[1] == "2", r.stderr
+
+
+def _exports(folder: Path, *flavours: str) -> dict[str, Path]:
+    """Files named as mars-export names them (their contents are never read here)."""
+    from marsvision.runtime import models as m
+
+    paths = {f: folder / m.artifact_name("binary", f) for f in flavours}
+    for p in paths.values():
+        p.write_bytes(b"model")
+    return paths
+
+
+def test_device_cpu_never_takes_a_tensorrt_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--device cpu takes the INT8 ONNX even beside an engine that would run on this machine's
+    GPU: an engine needs the GPU the user ruled out (and TensorRTRunner refuses device cpu)."""
+    import marsvision.runtime.backends.tensorrt as trt_backend
+    from marsvision.runtime import models as m
+
+    paths = _exports(tmp_path, "int8-engine", "fp16-engine", "int8-cpu", "fp32")
+    monkeypatch.setattr(m, "_has_tensorrt", lambda: True)
+    monkeypatch.setattr(trt_backend, "_open_checks", lambda path: None)  # where it runs
+    assert m.default_model(tmp_path) == (paths["int8-engine"], "auto", None)
+    assert m.default_model(tmp_path, device="cpu") == (paths["int8-cpu"], "cpu", None)
+
+
+def test_device_cuda_takes_the_fp16_export_without_a_cpu_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --device cuda the FP16 export is taken where onnxruntime lists CUDA, and runs on
+    CUDA or fails saying why: only --device auto falls back to the INT8 export on the CPU (a
+    user who asked for the GPU got CPU figures with exit 0)."""
+    from marsvision.runtime import models as m
+
+    paths = _exports(tmp_path, "fp16", "int8-cpu", "fp32")
+    monkeypatch.setattr(m, "_has_cuda_onnxruntime", lambda: True)
+    monkeypatch.setattr(m, "_cuda_refusal", lambda path: "CUDA cannot start here")
+    assert m.default_model(tmp_path, device="cuda") == (paths["fp16"], "cuda", None)
+    auto = m.default_model(tmp_path)
+    assert (auto.path, auto.device) == (paths["int8-cpu"], "cpu")
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [{"files": ["resnet50-binary.fp32.onnx"]}, [], {"artifacts": [{"name": "x"}]}, "text"],
+)
+def test_a_manifest_that_is_not_mars_exports_is_not_a_list_of_files(
+    tmp_path: Path, manifest: object
+) -> None:
+    """A manifest.json of another shape (another tool's, a newer format's) names no files: the
+    exports then go by their names, as without one (a KeyError or TypeError was a traceback)."""
+    from marsvision.runtime import models as m
+
+    paths = _exports(tmp_path, "int8-cpu", "fp32")
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert m.default_model(tmp_path, device="cpu") == (paths["int8-cpu"], "cpu", None)
+
+
+def test_an_empty_mars_exports_is_the_default_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MARS_EXPORTS set but empty (`MARS_EXPORTS= mars-infer ...`) is ./exports, where
+    mars-export writes, not the working folder itself."""
+    from marsvision.runtime import models as m
+
+    monkeypatch.setenv(m.EXPORTS_ENV, "")
+    assert m.default_exports_dir() == Path("exports")
+    monkeypatch.setenv(m.EXPORTS_ENV, "/srv/models")
+    assert m.default_exports_dir() == Path("/srv/models")
+
+
+def test_a_folder_of_only_unlisted_binary_exports_is_not_another_models(tmp_path: Path) -> None:
+    """Exports of the task asked for that were passed over (manifest.json lists none of them)
+    are not "another model's export" to pass as --engine: the message says to export anew."""
+    from marsvision.runtime import models as m
+    from marsvision.runtime.errors import MarsvisionError
+
+    _exports(tmp_path, "int8-cpu", "fp32")
+    (tmp_path / "manifest.json").write_text(json.dumps({"artifacts": []}))
+    with pytest.raises(MarsvisionError) as e:
+        m.default_model(tmp_path, device="cpu")
+    assert "another model's export" not in e.value.message
+    assert f"--out {tmp_path}` first" in e.value.message

@@ -10,6 +10,7 @@ import io
 import itertools
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -1508,3 +1509,34 @@ def test_jsonl_paths_are_utf8_under_an_ascii_locale(
     assert r.returncode == 0, r.stderr
     (line,) = (tmp_path / "r.jsonl").read_text(encoding="utf-8").splitlines()
     assert json.loads(line)["path"] == f"imgs/{name}", line
+
+
+def test_the_tightest_of_nested_cpu_quotas_sets_the_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container of 4 CPUs inside a parent cgroup (a Kubernetes pod, a systemd slice) of 1.5
+    is held to 1.5 CPUs: the threads follow the tightest quota of the chain, rounded up, in
+    either order (the loosest gave 4 threads throttled to 1.5 CPUs)."""
+    from marsvision.runtime.host import usable_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
+    for outer, inner, want in (("150000", "400000", 2), ("800000", "300000", 3)):
+        root = tmp_path / f"cg-{outer}-{inner}"
+        (root / "pod" / "box").mkdir(parents=True)
+        (root / "cpu.max").write_text("max 100000\n")
+        (root / "pod" / "cpu.max").write_text(f"{outer} 100000\n")
+        (root / "pod" / "box" / "cpu.max").write_text(f"{inner} 100000\n")
+        assert usable_cores(root, own="0::/pod/box\n") == want
+
+
+def test_a_cpu_model_line_without_a_name_is_not_the_model(tmp_path: Path) -> None:
+    """Some virtual machines list `model name :` empty: the model is then the next CPU's name,
+    else what `platform` says, never an empty string in the benchmark conditions."""
+    from marsvision.runtime.host import cpu_model
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: \n\nprocessor\t: 1\nmodel name\t: Test 9000\n")
+    assert cpu_model(info) == "Test 9000"
+    info.write_text("processor\t: 0\nmodel name\t:\n")
+    assert cpu_model(info) == (platform.processor() or platform.machine())
+    assert cpu_model(info) != ""

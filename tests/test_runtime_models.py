@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from marsvision.runtime.backends import is_engine, load_model_meta, open_runner
+from marsvision.runtime.errors import MarsvisionError
 from marsvision.train.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).parents[1]  # the repository: pyproject.toml and the stage folders
@@ -924,3 +926,80 @@ def test_warmup_loads_the_decoders_and_runs_the_model(
     out = subprocess.run([sys.executable, "-c", code, str(models["int8"]), image],
                          capture_output=True, text=True, check=True)  # fmt: skip
     assert out.stdout.split() == ["0", "2", "True"]
+
+
+def test_engine_suffixes_are_read_in_any_case() -> None:
+    """.plan, .engine and .trt files are TensorRT engines whatever the case of their suffix (a
+    Windows share's M.PLAN); .onnx files, and names that only contain a suffix, are not."""
+    for name in ("m.plan", "M.PLAN", "m.Engine", "m.trt", "dir.plan/m.TRT"):
+        assert is_engine(name), name
+    for name in ("m.onnx", "m.ONNX", "m.plan.onnx", "plan"):
+        assert not is_engine(name), name
+
+
+class _Recorder:
+    """Stands in for a runner class: records how it was opened."""
+
+    opened: list[tuple[Path, dict[str, Any]]] = []
+
+    def __init__(self, path: Path, **kwargs: Any) -> None:
+        _Recorder.opened.append((path, kwargs))
+
+
+def test_open_runner_passes_the_backend_device_and_threads_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An .onnx file opens on ONNX Runtime with the device and thread count asked for, and
+    --backend tensorrt asks ONNX Runtime for its TensorRT provider; an engine opens on TensorRT
+    with the device asked for."""
+    from marsvision.runtime.backends import onnxruntime, tensorrt
+
+    monkeypatch.setattr(onnxruntime, "OnnxRuntimeRunner", _Recorder)
+    monkeypatch.setattr(tensorrt, "TensorRTRunner", _Recorder)
+    monkeypatch.setattr(_Recorder, "opened", [])
+    onnx, plan = tmp_path / "m.onnx", tmp_path / "m.plan"
+    onnx.write_bytes(b"model")
+    plan.write_bytes(b"engine")
+    open_runner(onnx, "auto", "cpu", threads=3)
+    open_runner(onnx, "tensorrt", "cuda")
+    open_runner(onnx, "onnxruntime", "auto", threads=1)
+    open_runner(plan, "auto", "cuda")
+    assert _Recorder.opened == [
+        (onnx, {"device": "cpu", "backend": "onnxruntime", "threads": 3}),
+        (onnx, {"device": "cuda", "backend": "tensorrt", "threads": None}),
+        (onnx, {"device": "auto", "backend": "onnxruntime", "threads": 1}),
+        (plan, {"device": "cuda"}),
+    ]
+
+
+def test_options_that_cannot_run_an_onnx_file_are_refused_before_it_loads(tmp_path: Path) -> None:
+    """--backend tensorrt with --device cpu, an unknown backend or device, and an empty file are
+    one-line errors, before onnxruntime reads the file."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"model")
+    with pytest.raises(MarsvisionError, match="^TensorRT needs a GPU: use --device cuda"):
+        open_runner(model, "tensorrt", "cpu")
+    with pytest.raises(MarsvisionError, match="^unknown backend 'trt'; choose one of auto, onnx"):
+        open_runner(model, "trt")
+    with pytest.raises(MarsvisionError, match="^unknown device 'gpu'; choose one of auto, cpu"):
+        open_runner(model, device="gpu")
+    model.write_bytes(b"")
+    for call in (open_runner, load_model_meta):
+        with pytest.raises(MarsvisionError, match=r"is empty \(0 bytes\): re-export it"):
+            call(model)
+
+
+def test_a_folder_given_as_the_model_names_at_most_four_of_its_models(tmp_path: Path) -> None:
+    """A folder as the model says so and names the models in it (the first four, then "..."),
+    engines of any suffix case included, other files left out."""
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    for name in ("a.onnx", "b.PLAN", "c.trt", "notes.txt"):
+        (folder / name).write_bytes(b"x")
+    with pytest.raises(MarsvisionError, match=r"\(in it: a\.onnx, b\.PLAN, c\.trt\)$"):
+        open_runner(folder)
+    for name in ("d.engine", "e.onnx"):
+        (folder / name).write_bytes(b"x")
+    four = r"\(in it: a\.onnx, b\.PLAN, c\.trt, d\.engine, \.\.\.\)$"
+    with pytest.raises(MarsvisionError, match=four):
+        load_model_meta(folder)

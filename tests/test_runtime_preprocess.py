@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.preprocess import ImageError, decode_image, load_image, resized_size
-from marsvision.runtime.spec import PreprocessSpec
+from marsvision.runtime.spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 
 
 def _msl_images(msl_dir: Path, n: int) -> list[Path]:
@@ -564,3 +565,67 @@ def test_thin_strip_guard(tmp_path: Path) -> None:
         decode_image(p, spec, max_pixels=100_000)
     q = _save(tmp_path, "wide.png", Image.new("L", (600, 100)))  # 600 pixels wide -> 438 x 73
     assert decode_image(q, spec, max_pixels=100_000).shape == (64, 64, 3)
+
+
+def test_the_smallest_input_and_a_resize_equal_to_the_crop_are_allowed() -> None:
+    """32 px is the least ResNet-50 runs on (its last stage keeps one pixel), and a resize equal
+    to the crop (resize 224, crop 224: no border cut off) is a valid spec; one pixel less of
+    either is refused."""
+    assert PreprocessSpec(input_size=32, resize_size=32).resize_size == 32
+    assert PreprocessSpec(input_size=224, resize_size=224).input_size == 224
+    with pytest.raises(MarsvisionError, match="input size 31 is too small"):
+        PreprocessSpec(input_size=31, resize_size=36)
+    with pytest.raises(MarsvisionError, match="resize size 223 is smaller than the crop 224"):
+        PreprocessSpec(input_size=224, resize_size=223)
+
+
+def test_the_default_resize_is_the_crop_over_0_875_rounded() -> None:
+    """The default spec resizes the shorter side to input/0.875, rounded to the nearest pixel:
+    224 -> 256 (torchvision's ImageNet evaluation), 96 -> 110 (109.7, not cut to 109)."""
+    assert PreprocessSpec.for_input_size(224).resize_size == 256
+    assert PreprocessSpec.for_input_size(96).resize_size == 110
+    assert PreprocessSpec.for_input_size(64).resize_size == 73
+    assert PreprocessSpec.for_input_size(64, crop_pct=0.5).resize_size == 128
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"std": (0.2, 0.0, 0.2)},  # a zero std divides by zero: every pixel inf or NaN
+        {"std": (0.2, -0.1, 0.2)},
+        {"mean": (0.5, 0.5)},  # two channels: numpy broadcasting fails at the first image
+        {"std": (0.2, 0.2, 0.2, 0.2)},
+    ],
+)
+def test_a_spec_whose_normalisation_cannot_work_is_refused(values: dict[str, Any]) -> None:
+    """Mean and std are three finite numbers each and every std is positive; anything else is
+    refused when the spec is made, not met at the first image."""
+    with pytest.raises(MarsvisionError, match="three finite numbers each, std positive"):
+        PreprocessSpec(input_size=64, resize_size=73, **values)
+
+
+def test_a_spec_dict_without_the_optional_keys_reads_the_documented_defaults() -> None:
+    """A spec written without interpolation, mean or std (the keys that have defaults) is read
+    as bilinear with the ImageNet mean and std, each in its place; the sizes are required."""
+    spec = PreprocessSpec.from_dict({"input_size": 64, "resize_size": 73})
+    assert spec == PreprocessSpec(input_size=64, resize_size=73)
+    assert spec.interpolation == "bilinear"
+    assert spec.mean == IMAGENET_MEAN and spec.std == IMAGENET_STD
+    with pytest.raises(MarsvisionError, match="has no 'resize_size'"):
+        PreprocessSpec.from_dict({"input_size": 64})
+    full = PreprocessSpec(input_size=96, resize_size=110, interpolation="bicubic",
+                          mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))  # fmt: skip
+    assert PreprocessSpec.from_dict(full.to_dict()) == full
+
+
+def test_a_spec_dict_with_an_unknown_key_or_a_boolean_is_refused() -> None:
+    """A key this version does not know (a newer spec's crop setting, a misspelt name) would be
+    dropped silently and the images prepared otherwise than the model was trained on; True in
+    a mean is not a number written by to_dict."""
+    d = PreprocessSpec.for_input_size(64).to_dict()
+    with pytest.raises(MarsvisionError, match=r"unknown keys: \['crop_pct'\]"):
+        PreprocessSpec.from_dict({**d, "crop_pct": 0.9})
+    with pytest.raises(MarsvisionError, match="mean and std must be numbers"):
+        PreprocessSpec.from_dict({**d, "mean": [True, 0.456, 0.406]})
+    with pytest.raises(MarsvisionError, match="sizes must be whole numbers"):
+        PreprocessSpec.from_dict({**d, "input_size": True})
