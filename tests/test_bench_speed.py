@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from marsvision.benchmarks import conditions
+from marsvision.benchmarks import conditions, speed_jobs, speed_report
 from marsvision.benchmarks.cli import main
 from marsvision.benchmarks.conditions import cpu_info, machine_name
 from marsvision.benchmarks.speed import SPEED_FAIL_EXIT
-from marsvision.benchmarks.speed_jobs import Job, run_job_isolated
+from marsvision.benchmarks.speed_jobs import Job, run_job, run_job_isolated
+from marsvision.benchmarks.speed_report import HEADERS, render_text, table_rows, write_speed
 from marsvision.benchmarks.timing import summarize, time_calls
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.host import usable_cores
 
 
 @pytest.fixture(scope="module")
@@ -727,3 +730,259 @@ def test_the_peak_rss_is_the_peak_and_the_current_rss_the_resident_set() -> None
     after = current_rss_mib()
     assert after < during - 200  # freed: numpy gives a buffer this large back to the system
     assert peak_rss_mib() > after + 200
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(
+    tiny_checkpoint: Path, msl_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The FP32 ONNX of the tiny checkpoint."""
+    from marsvision.export.images import load_batch, split_paths
+    from marsvision.export.onnx_fp32 import fp32_meta, onnx_from_checkpoint, torch_logits
+    from marsvision.runtime.metadata import sha256_file
+    from marsvision.train.checkpoint import load_checkpoint
+
+    out = tmp_path_factory.mktemp("speed-jobs-art") / "resnet50-binary.fp32.onnx"
+    ckpt = load_checkpoint(tiny_checkpoint)
+    meta = fp32_meta(ckpt, sha256_file(tiny_checkpoint))
+    batch = load_batch(split_paths(msl_dir, "val", "binary", 2), meta.preprocess)
+    onnx_from_checkpoint(ckpt, out, meta=meta, parity_batch=batch,
+                         reference=torch_logits(ckpt, batch))  # fmt: skip
+    return out
+
+
+@pytest.fixture
+def timed(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Each timing of a job: what its call returns, torch's thread count while it is timed,
+    and how many times the call ran (one here, then the warm-up and the timed calls)."""
+    import torch
+
+    seen: list[dict[str, Any]] = []
+    real = speed_jobs.time_calls
+
+    def spy(call: Any, **kw: Any) -> Any:
+        calls = [0]
+
+        def counted() -> Any:
+            calls[0] += 1
+            return call()
+
+        seen.append({"out": counted(), "torch_threads": torch.get_num_threads(), "calls": calls})
+        return real(counted, **kw)
+
+    monkeypatch.setattr(speed_jobs, "time_calls", spy)
+    return seen
+
+
+def _images(msl_dir: Path, n: int) -> tuple[str, ...]:
+    return tuple(str(p) for p in sorted((msl_dir / "calibrated").glob("*.JPG"))[:n])
+
+
+@pytest.mark.parametrize(("backend", "layout"), [("pytorch", ""), ("pytorch-cl", "-channels_last")])
+@pytest.mark.parametrize("mode", ["model", "e2e"])
+def test_a_pytorch_job_runs_its_layout_threads_and_batch(
+    backend: str,
+    layout: str,
+    mode: str,
+    tiny_checkpoint: Path,
+    msl_dir: Path,
+    three_torch_threads: None,
+    timed: list[dict[str, Any]],
+) -> None:
+    """pytorch-cl rows run channels_last and pytorch rows do not; the job's thread count holds
+    while it is timed; each call classifies the job's batch, after the job's warm-up calls; the
+    per-image figures divide by the batch."""
+    job = Job(mode=mode, backend=backend, precision="fp32", batch=3, model=str(tiny_checkpoint),
+              device="cpu", warmup=2, repeats=2, threads=1,
+              images=_images(msl_dir, 2) if mode == "e2e" else ())  # fmt: skip
+    row = run_job(job)
+    assert row["status"] == "ok", row
+    assert row["runner"] == f"pytorch-cpu{layout}"
+    assert [s["torch_threads"] for s in timed] == [1]
+    assert np.asarray(timed[0]["out"]).shape == (3, 2)
+    assert timed[0]["calls"] == [1 + 2 + 2] and row["timing"]["repeats"] == 2
+    mean = row["timing"]["mean_ms"]
+    assert row["latency_ms_per_img"] == pytest.approx(mean / 3)
+    assert row["throughput_img_s"] == pytest.approx(3e3 / mean)
+
+
+@pytest.mark.parametrize("mode", ["model", "e2e"])
+def test_an_onnxruntime_job_runs_its_threads_and_batch(
+    mode: str, fp32_onnx: Path, msl_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's thread count reaches the onnxruntime session (not the usable cores), and every
+    inference, end to end too, runs the job's whole batch (more than the Classifier's default
+    of 8), not some other."""
+    from marsvision.runtime.backends import onnxruntime as ort_backend
+
+    threads = usable_cores() + 1  # unlike the default, on any machine
+    intra: list[int] = []
+    batches: list[int] = []
+    real_options = ort_backend.session_options
+    real_infer = ort_backend.OnnxRuntimeRunner.infer
+
+    def options(*a: Any, **kw: Any) -> Any:
+        so = real_options(*a, **kw)
+        intra.append(so.intra_op_num_threads)
+        return so
+
+    def infer(self: Any, x: np.ndarray) -> Any:
+        batches.append(len(x))
+        return real_infer(self, x)
+
+    monkeypatch.setattr(ort_backend, "session_options", options)
+    monkeypatch.setattr(ort_backend.OnnxRuntimeRunner, "infer", infer)
+    job = Job(mode=mode, backend="onnxruntime", precision="fp32", batch=9, model=str(fp32_onnx),
+              device="cpu", warmup=1, repeats=2, threads=threads,
+              images=_images(msl_dir, 5) if mode == "e2e" else ())  # fmt: skip
+    row = run_job(job)
+    assert row["status"] == "ok", row
+    assert intra == [threads]
+    assert batches and set(batches) == {9}
+
+
+def test_end_to_end_batches_cycle_through_the_images() -> None:
+    """Each batch takes the next images of the list, from its start again after its end (the
+    same first images every call would time a few files, cached, as the whole list)."""
+    got = list(islice(speed_jobs._batches(("a", "b", "c"), 2), 4))
+    assert got == [["a", "b"], ["c", "a"], ["b", "c"], ["a", "b"]]
+    assert next(speed_jobs._batches(("a",), 3)) == ["a", "a", "a"]
+
+
+def test_a_job_that_cannot_open_its_model_is_skipped_not_failed(tmp_path: Path) -> None:
+    """A model the job cannot open (here: no such file) is a skipped row, which mars-bench does
+    not count as a failed measurement."""
+    job = Job("model", "onnxruntime", "fp32", 1, str(tmp_path / "none.onnx"), "cpu", 0, 1, 1)
+    row = run_job(job)
+    assert row["status"].startswith("skipped: "), row
+    assert "timing" not in row
+
+
+def test_a_job_whose_process_dies_is_an_error_row_naming_why(fp32_onnx: Path) -> None:
+    """A job process that ends in a traceback is an error row with the exception's line (the
+    last of the traceback), not "Traceback (most recent call last):"."""
+    job = Job("e2e", "onnxruntime", "fp32", 1, str(fp32_onnx), "cpu", 0, 1, 1, images=())
+    row = run_job_isolated(job, timeout=120)
+    assert row["status"].startswith("error: ZeroDivisionError"), row
+
+
+def test_an_isolated_jobs_peak_rss_counts_its_model(fp32_onnx: Path) -> None:
+    """The row's peak RSS is the process's peak with the model open and run, above what the
+    process held before opening it."""
+    job = Job("model", "onnxruntime", "fp32", 2, str(fp32_onnx), "cpu", 0, 2, 1)
+    row = run_job_isolated(job, timeout=120)
+    assert row["status"] == "ok", row
+    assert row["peak_rss_mib"] > row["rss_before_mib"] + 10
+
+
+def _row(mode: str, backend: str, precision: str, batch: int, img_s: float) -> dict[str, Any]:
+    timing = {"repeats": 30, "mean_ms": batch * 1e3 / img_s, "std_ms": 0.0, "min_ms": 1.0,
+              "p50_ms": 1.0, "p90_ms": 1.0, "p99_ms": None, "max_ms": 1.0}  # fmt: skip
+    return {"mode": mode, "backend": backend, "precision": precision, "batch": batch,
+            "status": "ok", "runner": f"{backend}-cpu", "timing": timing,
+            "throughput_img_s": img_s, "input_size": 64, "peak_rss_mib": 100.0}  # fmt: skip
+
+
+def _report(rows: list[dict[str, Any]], repeats: int = 30, **config: Any) -> dict[str, Any]:
+    cpu = {"model": "a CPU", "isa": [], "usable_cores": 2, "logical_cores": 2}
+    return {"rows": rows, "skipped": [], "created": "2026-12-07T06:58:26+00:00",
+            "config": {"device": "cpu", "warmup": 1, "repeats": repeats, **config},
+            "conditions": {"machine": "m", "cpu": cpu, "threads": 2,
+                           "versions": {}}}  # fmt: skip
+
+
+@pytest.fixture
+def charted(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """What write_speed hands the chart (its labels and series), in place of drawing it."""
+    seen: dict[str, Any] = {}
+
+    def chart(path: Path, **kw: Any) -> Path:
+        seen.update(kw)
+        path.write_bytes(b"png")
+        return path
+
+    monkeypatch.setattr(speed_report, "bar_chart", chart)
+    return seen
+
+
+def test_each_pairs_file_holds_its_rows_and_the_baselines(
+    tmp_path: Path, charted: dict[str, Any]
+) -> None:
+    """One JSON per backend x precision, named by machine and the time to the second (two runs
+    of a day do not overwrite each other), holding that pair's rows and PyTorch FP32's as its
+    baseline (none in the baseline's own file)."""
+    rows = [_row("model", "pytorch", "fp32", 1, 10.0), _row("model", "onnxruntime", "fp32", 1,
+            30.0), _row("model", "onnxruntime", "int8-cpu", 1, 60.0)]  # fmt: skip
+    written = write_speed(_report(rows), tmp_path)
+    stem = "m-2026-12-07T065826"
+    assert sorted(p.name for p in written) == sorted(
+        [
+            f"speed-{pair}-{stem}.json"
+            for pair in ("onnxruntime-fp32", "onnxruntime-int8-cpu", "pytorch-fp32")
+        ]
+        + [f"speed-{stem}.md", f"speed-{stem}.png"]  # fmt: skip
+    )
+    doc = json.loads((tmp_path / f"speed-onnxruntime-int8-cpu-{stem}.json").read_text())
+    assert doc["rows"] == [rows[2]] and doc["baseline_rows"] == [rows[0]]
+    base = json.loads((tmp_path / f"speed-pytorch-fp32-{stem}.json").read_text())
+    assert base["rows"] == [rows[0]] and base["baseline_rows"] == []
+
+
+def test_the_chart_groups_model_rows_first_and_the_baseline_first_in_each(
+    tmp_path: Path, charted: dict[str, Any]
+) -> None:
+    """Groups: model rows before end-to-end ones, each by batch size; bars: PyTorch FP32
+    first, then the others by name, each its own throughput (none where it did not run);
+    rows that failed are not drawn."""
+    failed = {**_row("model", "onnxruntime", "int8-cpu", 1, 1.0), "status": "error: x"}
+    rows = [_row("e2e", "pytorch", "fp32", 8, 5.0), _row("model", "onnxruntime", "fp32", 8, 40.0),
+            _row("model", "pytorch", "fp32", 8, 20.0), _row("model", "pytorch", "fp32", 1, 10.0),
+            _row("e2e", "onnxruntime", "fp32", 8, 7.0), failed]  # fmt: skip
+    write_speed(_report(rows), tmp_path)
+    assert charted["labels"] == ["model b1", "model b8", "e2e b8"]
+    assert list(charted["series"]) == ["pytorch fp32", "onnxruntime fp32"]
+    assert charted["series"] == {"pytorch fp32": [10.0, 20.0, 5.0],
+                                 "onnxruntime fp32": [None, 40.0, 7.0]}  # fmt: skip
+
+
+def test_a_skipped_pair_is_one_table_row_of_every_column(tmp_path: Path) -> None:
+    """A pair that could not run fills the table's columns, its reason under "status"."""
+    report = _report([_row("model", "pytorch", "fp32", 1, 10.0)])
+    report["skipped"] = [{"backend": "tensorrt", "precision": "fp16", "status": "skipped: why"}]
+    skipped = table_rows(report)[-1]
+    assert len(skipped) == len(HEADERS) and skipped[HEADERS.index("status")] == "skipped: why"
+
+
+def test_a_short_run_says_which_tails_it_cannot_report() -> None:
+    """Under 100 calls a row has no p99 (under 10, no p90): the conditions line says so, and
+    says nothing of it for a run long enough."""
+    rows = [_row("model", "pytorch", "fp32", 1, 10.0)]
+    assert " (p90 from 10 calls, p99 from 100)" in render_text(_report(rows, repeats=30))
+    assert "p99 from" not in render_text(_report(rows, repeats=100))
+
+
+def test_only_a_run_in_one_process_says_its_peak_rss_is_the_running_peak() -> None:
+    """The conditions line says the peak RSS is the running peak only where the rows ran in one
+    process (--in-process), not where each ran in its own, as by default."""
+    rows = [_row("model", "pytorch", "fp32", 1, 10.0)]
+    said = "in one process (peak RSS: the running peak)"
+    assert said in render_text(_report(rows, isolate=False))
+    assert said not in render_text(_report(rows, isolate=True))
+    assert said not in render_text(_report(rows))
+
+
+def test_each_table_column_holds_its_figure() -> None:
+    """The table's cells, by header: the runner's name, the throughput, each timing, the
+    speedup over PyTorch FP32 (throughput over its, not its inverse), peak RSS and GPU
+    memory each in its own column."""
+    row = _row("model", "onnxruntime", "int8-cpu", 4, 400.0)
+    row["timing"] = {"repeats": 30, "mean_ms": 10.0, "std_ms": 0.1, "min_ms": 8.0,
+                     "p50_ms": 9.0, "p90_ms": 11.0, "p99_ms": None, "max_ms": 12.0}  # fmt: skip
+    row.update(speedup_vs_pytorch_fp32=4.0, peak_rss_mib=300.0, gpu_mem_mib=None)
+    cells = dict(zip(HEADERS, table_rows(_report([row]))[0], strict=True))
+    assert cells == {
+        "mode": "model", "backend": "onnxruntime-cpu", "precision": "int8-cpu", "batch": "4",
+        "img/s": "400.0", "mean ms": "10.00", "p50 ms": "9.00", "p90 ms": "11.00",
+        "p99 ms": "-", "max ms": "12.00", "x pt-fp32": "4.00x", "peak RSS MiB": "300",
+        "GPU MiB": "-", "status": "ok",
+    }  # fmt: skip

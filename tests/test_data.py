@@ -8,9 +8,11 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see train/cli.py
 
 import shutil
+import socket
 import stat
 import subprocess
 import sys
+import threading
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -23,9 +25,10 @@ from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.files import default_folder_mode
 from marsvision.runtime.spec import PreprocessSpec
 from marsvision.train import data as msl
+from marsvision.train import download
 from marsvision.train.augment import AugmentSpec, augment_batch
 from marsvision.train.download import check_archive, download_msl, unpack_archive
-from marsvision.train.images import eval_tensors, train_store
+from marsvision.train.images import decoded_once, eval_tensors, train_store
 from marsvision.train.transforms import eval_transform
 
 REPO = Path(__file__).resolve().parents[1]
@@ -496,3 +499,163 @@ def test_the_data_fingerprint_covers_the_class_names(msl_dir: Path, tmp_path: Pa
     assert " apxs\n" in text
     (tmp_path / msl.SYNSET_FILE).write_text(text.replace(" apxs\n", " apxs2\n", 1))
     assert msl.data_fingerprint(tmp_path) != msl.data_fingerprint(msl_dir)
+
+
+@pytest.fixture
+def archive(msl_dir: Path, tmp_path: Path) -> Path:
+    """A small msl-images.zip of real images, its data set under `msl-images/`."""
+    return _zip_dataset(
+        mini_data(msl_dir, tmp_path / "src", per_split=3), tmp_path / "msl-images.zip"
+    )
+
+
+def test_the_size_check_allows_two_percent_either_way(archive: Path) -> None:
+    """A download 3% short (cut off) or 3% long (another file) is refused; within 2% of the
+    expected size either way it is taken."""
+    size = archive.stat().st_size
+    for expected in (size / 0.97, size / 1.03):
+        with pytest.raises(MarsvisionError, match="incomplete or not msl-images.zip"):
+            check_archive(archive, expected_bytes=round(expected))
+    for expected in (size / 0.99, size / 1.01):
+        assert check_archive(archive, expected_bytes=round(expected)) == "msl-images/"
+
+
+def test_an_archive_member_that_climbs_out_of_the_folder_is_refused(
+    archive: Path, tmp_path: Path
+) -> None:
+    """A member named "msl-images/../x" would unpack beside the data folder, not in it: the
+    check refuses it, and so does the unpacking of an unchecked archive; nothing is written."""
+    with zipfile.ZipFile(archive, "a") as zf:
+        zf.writestr("msl-images/../escaped.txt", "escaped")
+    with pytest.raises(MarsvisionError, match="points outside the archive"):
+        check_archive(archive, expected_bytes=None)
+    with pytest.raises(MarsvisionError, match="points outside"):
+        unpack_archive(archive, tmp_path / "out" / "data", "msl-images/")
+    assert not list(tmp_path.rglob("escaped.txt"))
+    assert not (tmp_path / "out" / "data").exists()
+
+
+@pytest.mark.parametrize("lacking", [msl.SYNSET_FILE, msl.SPLIT_FILES["test"]])
+def test_an_archive_without_a_list_file_is_refused(
+    lacking: str, msl_dir: Path, tmp_path: Path
+) -> None:
+    """The class names and every split file must be in the archive: one missing is named
+    before anything is unpacked."""
+    src = mini_data(msl_dir, tmp_path / "src", per_split=3)
+    (src / lacking).unlink()
+    path = _zip_dataset(src, tmp_path / "msl-images.zip")
+    with pytest.raises(MarsvisionError, match=f"the archive lacks msl-images/{lacking}$"):
+        check_archive(path, expected_bytes=None)
+
+
+def test_only_the_data_set_folder_is_unpacked(archive: Path, tmp_path: Path) -> None:
+    """Members beside the data set's folder in the zip (macOS's __MACOSX copies, a readme) are
+    not unpacked into --data."""
+    with zipfile.ZipFile(archive, "a") as zf:
+        zf.writestr("__MACOSX/msl-images/._x.JPG", "resource fork")
+        zf.writestr("README.txt", "about")
+    root = check_archive(archive, expected_bytes=None)
+    dest = unpack_archive(archive, tmp_path / "data", root)
+    src = tmp_path / "src"  # what the archive fixture zipped under msl-images/
+    assert {p.relative_to(dest) for p in dest.rglob("*") if p.is_file()} == {
+        p.relative_to(src) for p in src.rglob("*") if p.is_file()
+    }
+
+
+def test_an_unpacked_data_set_that_does_not_read_is_refused(msl_dir: Path, tmp_path: Path) -> None:
+    """Every listed image is in the zip, but a split file's label is not a class: the unpacked
+    folder is checked as the trainer reads it, and refused, leaving nothing behind."""
+    src = mini_data(msl_dir, tmp_path / "src", per_split=3)
+    test_list = src / msl.SPLIT_FILES["test"]
+    first = test_list.read_text().splitlines()[0].split()[0]
+    test_list.write_text(f"{first} 99\n")
+    path = _zip_dataset(src, tmp_path / "msl-images.zip")
+    root = check_archive(path, expected_bytes=None)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(MarsvisionError, match="class id 99 is outside 0-24"):
+        unpack_archive(path, tmp_path / "out" / "data", root)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_download_into_a_folder_with_other_files_is_refused_before_fetching(
+    tmp_path: Path,
+) -> None:
+    """A --data folder holding other files is refused before the 60 MB are fetched (the URL
+    here would fail: the folder's error comes first), and its files are left as they were."""
+    dest = tmp_path / "msl"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("mine")
+    with pytest.raises(MarsvisionError, match="exists and is not empty"):
+        download_msl(dest, url="http://127.0.0.1:9/x.zip")
+    assert [p.name for p in dest.iterdir()] == ["notes.txt"]
+
+
+def test_a_download_that_stalls_midway_is_a_one_line_error(tmp_path: Path) -> None:
+    """A server that sends part of the file and then nothing (a stalled mirror) ends the
+    download at the timeout as a user error naming the URL, not a TimeoutError traceback."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    done = threading.Event()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3000000\r\n\r\n" + bytes(1000))
+        done.wait(10)
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/msl-images.zip"
+    try:
+        with pytest.raises(MarsvisionError, match=f"cannot download {url} "):
+            download._fetch(url, tmp_path / "got.zip", timeout=0.5)
+    finally:
+        done.set()
+        thread.join(10)
+        server.close()
+
+
+def test_decoded_once_keeps_one_tensor_per_file_list_and_preprocessing(msl_dir: Path) -> None:
+    """Inside decoded_once a second call with the same files and preprocessing gets the same
+    tensor, and another store size, interpolation or eval spec gets its own, never one decoded
+    for other settings (a sweep's runs at 64 px and 96 px would train on one size)."""
+    samples = msl.read_split(msl_dir, "val", "binary", limit=2)
+    other = msl.read_split(msl_dir, "test", "binary", limit=2)
+    small, large = PreprocessSpec.for_input_size(64), PreprocessSpec.for_input_size(96)
+
+    def store(
+        size: int, interpolation: str = "bilinear", s: list[msl.Sample] = samples
+    ) -> torch.Tensor:
+        return train_store(s, store_size=size, interpolation=interpolation, workers=1)
+
+    with decoded_once():
+        a = store(40)
+        assert store(40) is a and a.shape == (2, 3, 40, 40)
+        assert store(48).shape == (2, 3, 48, 48)
+        bicubic = store(40, "bicubic")
+        assert bicubic is not a and torch.equal(
+            bicubic, train_store(samples, store_size=40, interpolation="bicubic", workers=2)
+        )
+        assert not torch.equal(store(40, s=other), a)
+        e = eval_tensors(samples, spec=small, workers=1)
+        assert eval_tensors(samples, spec=small, workers=1) is e
+        assert eval_tensors(samples, spec=large, workers=1).shape == (2, 3, 96, 96)
+
+
+def test_decoded_once_blocks_nest_and_free_at_the_outermost_end(msl_dir: Path) -> None:
+    """A nested block shares its outer block's tensors and leaves them there when it ends;
+    outside every block nothing is kept (each call decodes anew)."""
+    samples = msl.read_split(msl_dir, "val", "binary", limit=2)
+
+    def store() -> torch.Tensor:
+        return train_store(samples, store_size=40, interpolation="bilinear", workers=1)
+
+    assert store() is not store()
+    with decoded_once():
+        outer = store()
+        with decoded_once():
+            assert store() is outer
+        assert store() is outer
+    assert store() is not outer

@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see train/cli.py
 
 import csv
+import io
 import json
 import re
 import signal
@@ -39,6 +40,7 @@ from marsvision.train.config import config_from_flags
 from marsvision.train.images import eval_tensors
 from marsvision.train.metrics import classification_metrics
 from marsvision.train.model import create_model
+from marsvision.train.progress import Progress
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = 16
@@ -966,3 +968,32 @@ def test_the_checkpoint_keeps_what_the_run_had(msl_dir: Path, tmp_path: Path) ->
     assert not loaded.training
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_stays_within_its_width() -> None:
+    """An epoch of no batches draws an empty bar (no ZeroDivisionError), and a count past the
+    total fills the bar, never longer than its width."""
+    stream = io.StringIO()
+    empty = Progress(0, "epoch 1/1", stream=stream, width=10)
+    assert empty.line().startswith("epoch 1/1 [..........] 0/1")
+    over = Progress(4, "epoch 1/1", stream=stream, width=10)
+    over.update(6)
+    assert over.line().startswith("epoch 1/1 [##########] 6/4")
+
+
+def test_progress_redraws_a_terminal_at_most_every_tenth_of_a_second() -> None:
+    """On a terminal the line is redrawn in place, but not on every batch: a burst of updates
+    is one redraw, then the closing line."""
+    stream = _Terminal()
+    bar = Progress(1000, "epoch 1/1", stream=stream)
+    for _ in range(1000):
+        bar.update(1, loss=0.5)
+    bar.close()
+    text = stream.getvalue()
+    assert text.count("\r") <= 3 and text.endswith("img/s\n")
+    assert "1000/1000" in text.rsplit("\r", 1)[1]
