@@ -50,6 +50,14 @@ def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int) -> np.ndarray:
     return cm
 
 
+def _class_scores(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each class's precision, recall and F1 of confusion matrices (..., k, k), 0 where 0/0."""
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    precision_c = _ratio(tp, cm.sum(axis=-2))
+    recall_c = _ratio(tp, cm.sum(axis=-1))
+    return precision_c, recall_c, _ratio(2 * precision_c * recall_c, precision_c + recall_c)
+
+
 def _scores(cm: np.ndarray, task: str) -> dict[str, np.ndarray]:
     """accuracy, balanced_accuracy, precision, recall, f1 of confusion matrices (..., k, k)."""
     cm = np.asarray(cm, dtype=np.float64)
@@ -57,9 +65,7 @@ def _scores(cm: np.ndarray, task: str) -> dict[str, np.ndarray]:
     tp = np.diagonal(cm, axis1=-2, axis2=-1)
     support = cm.sum(axis=-1)  # true count per class
     predicted = cm.sum(axis=-2)
-    recall_c = _ratio(tp, support)
-    precision_c = _ratio(tp, predicted)
-    f1_c = _ratio(2 * precision_c * recall_c, precision_c + recall_c)
+    precision_c, recall_c, f1_c = _class_scores(cm)
     has_true = support > 0
     out = {
         "accuracy": _ratio(tp.sum(axis=-1), n),
@@ -119,9 +125,8 @@ def per_class_metrics(y_true: Any, y_pred: Any, num_classes: int) -> list[dict[s
     and F1, each None where undefined (0/0: precision of a class never decided, recall of one
     with no image, F1 of one with neither), not the 0 the macro averages count."""
     cm = confusion_matrix(y_true, y_pred, num_classes)
-    tp, support, decided = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
-    precision, recall = _ratio(tp, decided), _ratio(tp, support)
-    f1 = _ratio(2 * precision * recall, precision + recall)
+    support, decided = cm.sum(axis=1), cm.sum(axis=0)
+    precision, recall, f1 = _class_scores(cm)
     return [
         {
             "images": int(support[c]),
