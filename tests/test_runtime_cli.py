@@ -12,11 +12,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from conftest import confident_agreement
 
+from marsvision.runtime import cli as infer_cli
 from marsvision.runtime.classifier import Classifier
 from marsvision.train.checkpoint import load_checkpoint
 
@@ -708,3 +711,130 @@ def test_a_folder_of_only_unlisted_binary_exports_is_not_another_models(tmp_path
         m.default_model(tmp_path, device="cpu")
     assert "another model's export" not in e.value.message
     assert f"--out {tmp_path}` first" in e.value.message
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models: dict[str, Path]) -> Path:
+    return tiny_models["fp32"]
+
+
+def _image_args(msl_dir: Path, n: int) -> list[str]:
+    from marsvision.train.data import read_split
+
+    return [str(s.path) for s in read_split(msl_dir, "test", "binary", limit=n)]
+
+
+def _infer_keeping_the_classifier(
+    monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> tuple[Any, dict[str, Any]]:
+    """Run mars-infer's click entry; its result and the settings of the Classifier it ran with
+    (onnxruntime's intra-op threads read while its session is open)."""
+    made: list[dict[str, Any]] = []
+
+    def keep(*a: Any, **kw: Any) -> Classifier:
+        clf = Classifier(*a, **kw)
+        options = clf.runner._sess.get_session_options()  # type: ignore[attr-defined]
+        made.append({"workers": clf.workers, "batch_size": clf.batch_size,
+                     "fast_decode": clf.fast_decode, "tta": clf.tta,
+                     "threads": options.intra_op_num_threads})  # fmt: skip
+        return clf
+
+    monkeypatch.setattr(infer_cli, "Classifier", keep)
+    result = CliRunner().invoke(infer_cli.main, args)
+    assert len(made) == 1, result.output
+    return result, made[0]
+
+
+def test_options_reach_the_classifier(
+    model: Path, msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """-j, --threads, -b, --fast-decode and --tta are the classifier's settings (decode threads,
+    onnxruntime's intra-op threads, batch, decode, augmentation), not only the run record's."""
+    from marsvision.runtime.host import usable_cores
+
+    threads = 1 if usable_cores() > 1 else 2  # not the default, the usable cores
+    out = tmp_path / "r.csv"
+    args = [*_image_args(msl_dir, 3), "-m", str(model), "-o", str(out), "-j", "3", "--threads",
+            str(threads), "-b", "5", "--fast-decode", "--tta", "flip"]  # fmt: skip
+    result, made = _infer_keeping_the_classifier(monkeypatch, args)
+    assert result.exit_code == 0, result.output
+    assert made == {"workers": 3, "batch_size": 5, "fast_decode": True, "tta": "flip",
+                    "threads": threads}  # fmt: skip
+    record = json.loads((tmp_path / "r.csv.run.json").read_text())
+    assert (record["workers"], record["threads"], record["batch_size"]) == (3, threads, 5)
+
+
+def test_a_json_out_is_written_as_jsonl(
+    model: Path, msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --format, an --out named .json (as .jsonl) gets one JSON object a line; any
+    other name gets CSV."""
+    images = _image_args(msl_dir, 2)
+    monkeypatch.chdir(tmp_path)
+    for name in ("r.JSON", "r.jsonl"):
+        result = CliRunner().invoke(infer_cli.main, [*images, "-m", str(model), "-o", name])
+        assert result.exit_code == 0, result.output
+        rows = [json.loads(line) for line in Path(name).read_text().splitlines()]
+        assert [row["path"] for row in rows] == images
+
+
+def test_a_run_stopped_before_its_first_row_leaves_no_out(
+    model: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    """A run refused after it made --out (its run record cannot be written) removes the empty
+    file it made: left there, the rerun was refused for an existing --out."""
+    out = tmp_path / "r.csv"
+    (tmp_path / "r.csv.run.json").mkdir()  # the record cannot be written
+    result = CliRunner().invoke(infer_cli.main, [*_image_args(msl_dir, 1), "-m", str(model),
+                                                 "-o", str(out)])  # fmt: skip
+    assert result.exit_code == 1 and "choose another --out" in result.output, result.output
+    assert not out.exists()
+
+
+def test_resume_with_a_top_k_above_the_class_count(
+    model: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    """--top-k 3 of a binary model is --top-k 2, and its file continues with the same flags."""
+    images, out = _image_args(msl_dir, 2), str(tmp_path / "r.csv")
+    first = CliRunner().invoke(infer_cli.main, [images[0], "-m", str(model), "-o", out,
+                                                "--top-k", "3"])  # fmt: skip
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(infer_cli.main, [*images, "-m", str(model), "-o", out,
+                                                "--top-k", "3", "--resume"])  # fmt: skip
+    assert again.exit_code == 0 and "1 already in" in again.output, again.output
+    assert len(Path(out).read_text().splitlines()) == 3
+
+
+def test_the_results_file_never_takes_a_standard_streams_number(
+    model: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    """Started with stderr closed (`2>&-`), the results file was opened as fd 2, where native
+    code (onnxruntime's log) writes: stderr is reopened on /dev/null first."""
+    code = (
+        "import sys; from marsvision.runtime import cli, resume; real = resume.open_output\n"
+        "def spy(*a, **kw):\n"
+        "    stream = real(*a, **kw); print(stream.fileno(), file=sys.__stdout__); return stream\n"
+        "resume.open_output = spy; cli.main()"
+    )
+    args = [*_image_args(msl_dir, 1), "-m", str(model), "-o", str(tmp_path / "r.csv")]
+    r = subprocess.run([sys.executable, "-c", code, *args], preexec_fn=lambda: os.close(2),
+                       stdout=subprocess.PIPE, stderr=None)  # fmt: skip
+    assert r.returncode == 0
+    assert int(r.stdout.split()[0]) > 2, r.stdout
+
+
+def test_the_default_model_runs_on_the_device_it_was_chosen_for(
+    tiny_exports: Path, msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --engine, where the FP16 export was passed over because CUDA cannot run here
+    (onnxruntime-gpu without a GPU lists CUDA all the same), the INT8 export chosen in its
+    place runs on the CPU it was chosen for, not on --device auto's pick."""
+    from marsvision.runtime import models
+
+    monkeypatch.setattr(models, "_has_cuda_onnxruntime", lambda: True)
+    monkeypatch.setenv("MARS_EXPORTS", str(tiny_exports))
+    out = tmp_path / "r.csv"
+    result = CliRunner().invoke(infer_cli.main, [*_image_args(msl_dir, 1), "-o", str(out)])
+    assert result.exit_code == 0 and "passed over" in result.output, result.output
+    record = json.loads((tmp_path / "r.csv.run.json").read_text())
+    assert record["engine"].endswith(".int8-cpu.onnx") and record["device"] == "cpu", record

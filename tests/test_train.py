@@ -36,7 +36,7 @@ from marsvision.train.checkpoint import (
     preprocess_from_checkpoint,
 )
 from marsvision.train.cli import main
-from marsvision.train.config import config_from_flags
+from marsvision.train.config import TrainConfig, config_from_flags
 from marsvision.train.images import eval_tensors
 from marsvision.train.metrics import classification_metrics
 from marsvision.train.model import create_model
@@ -997,3 +997,149 @@ def test_progress_redraws_a_terminal_at_most_every_tenth_of_a_second() -> None:
     text = stream.getvalue()
     assert text.count("\r") <= 3 and text.endswith("img/s\n")
     assert "1000/1000" in text.rsplit("\r", 1)[1]
+
+
+def _weights(num_classes: int, seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return create_model(num_classes).state_dict()
+
+
+def test_init_keeps_a_head_of_the_tasks_size(tmp_path: Path) -> None:
+    """A weights file whose classifier head has `num_classes` outputs (a run's own weights) is
+    loaded whole, head included; only a head of another size is left at its initialization."""
+    source = _weights(2, seed=1)
+    torch.save(source, tmp_path / "w.pth")
+    torch.manual_seed(2)
+    model = create_model(2, init=str(tmp_path / "w.pth"))
+    for key in ("fc.weight", "fc.bias", "conv1.weight"):
+        assert torch.equal(model.state_dict()[key], source[key]), key
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["state_dict", "model", "module."],
+)
+def test_init_reads_wrapped_and_data_parallel_weights(tmp_path: Path, layout: str) -> None:
+    """A state dict held under "state_dict" or "model" (a training checkpoint), or with the
+    "module." prefix nn.DataParallel gives its keys, loads as the plain one does."""
+    source = _weights(2, seed=3)
+    saved: dict[str, Any]
+    if layout == "module.":
+        saved = {f"module.{k}": v for k, v in source.items()}
+    else:
+        saved = {layout: source, "epoch": 4}
+    torch.save(saved, tmp_path / "w.pth")
+    model = create_model(2, init=str(tmp_path / "w.pth"))
+    for key in ("conv1.weight", "layer4.2.bn3.running_var", "fc.weight"):
+        assert torch.equal(model.state_dict()[key], source[key]), key
+
+
+def test_init_refuses_weights_that_leave_the_body_random_or_have_keys_to_spare(
+    tmp_path: Path,
+) -> None:
+    """A file that names only part of ResNet-50's body (the rest would stay random), or holds
+    keys ResNet-50 has not (another network's, another layout's), is refused: loading what
+    matched and training on would be a silently random start."""
+    source = _weights(2, seed=4)
+    head_only = {k: v for k, v in source.items() if k.startswith("fc.")}
+    torch.save(head_only, tmp_path / "head.pth")
+    with pytest.raises(MarsvisionError, match="not ResNet-50 weights .* missing"):
+        create_model(2, init=str(tmp_path / "head.pth"))
+    torch.save({**source, "adapter.weight": torch.zeros(3)}, tmp_path / "extra.pth")
+    with pytest.raises(MarsvisionError, match="1 unexpected keys"):
+        create_model(2, init=str(tmp_path / "extra.pth"))
+
+
+class _Opens:
+    """Unpickles as a call of open(): the kind of code a pickle can run when loaded in full."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (os.fspath(self.path), "w"))
+
+
+def test_init_never_runs_code_a_weights_file_holds(tmp_path: Path) -> None:
+    """The weights file is read as weights only: a pickle that would call a function (here one
+    that makes a file) is refused as no weights file, and the call is not made."""
+    marker = tmp_path / "ran"
+    torch.save({**_weights(2, seed=5), "hook": _Opens(marker)}, tmp_path / "w.pth")
+    with pytest.raises(MarsvisionError, match="not a torch weights file"):
+        create_model(2, init=str(tmp_path / "w.pth"))
+    assert not marker.exists()
+
+
+class _Started(Exception):
+    """Raised by the stand-in training loop, with the config it was given."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__("started")
+        self.cfg = cfg
+
+
+def _config(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> TrainConfig:
+    """The TrainConfig that `mars-train *args` starts its training loop with."""
+    from marsvision.train import loop
+
+    def started(cfg: TrainConfig) -> Any:
+        raise _Started(cfg)
+
+    monkeypatch.setattr(loop, "main", started)
+    result = CliRunner().invoke(main, args)
+    assert isinstance(result.exception, _Started), result.output
+    return result.exception.cfg
+
+
+def test_every_flag_reaches_the_run_config(
+    monkeypatch: pytest.MonkeyPatch, msl_dir: Path, tmp_path: Path
+) -> None:
+    """Each training flag, given a value its recipe does not have, is the run's value: none is
+    dropped on the way (its default would train silently in its place)."""
+    args = ["--data", str(msl_dir), "--out", str(tmp_path / "run"), "--task", "msl25",
+            "--recipe", "blog", "--epochs", "7", "--batch-size", "6", "--lr", "0.02",
+            "--weight-decay", "0.01", "--warmup-epochs", "1", "--label-smoothing", "0.05",
+            "--balance", "group", "--ema-decay", "0.9", "--crop-scale-min", "0.5",
+            "--jitter", "0.3", "--grayscale", "0.25", "--augment-policy", "trivial",
+            "--mixup", "0.4", "--cutmix", "0.3", "--camera-adversary", "0.6",
+            "--select-from", "0.25", "--image-size", "64", "--store-size", "80",
+            "--device", "cpu", "--amp", "off", "--train-on", "train+half-val", "--seed", "5",
+            "--limit", "9", "--workers", "3"]  # fmt: skip
+    cfg = _config(monkeypatch, args)
+    got = {k: getattr(cfg, k) for k in (
+        "task", "recipe", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
+        "label_smoothing", "balance", "ema_decay", "mixup", "cutmix", "camera_adversary",
+        "select_from", "image_size", "store_size", "device", "amp", "train_on", "seed", "limit",
+        "workers")}  # fmt: skip
+    assert got == {
+        "task": "msl25", "recipe": "blog", "epochs": 7, "batch_size": 6, "lr": 0.02,
+        "weight_decay": 0.01, "warmup_epochs": 1.0, "label_smoothing": 0.05, "balance": "group",
+        "ema_decay": 0.9, "mixup": 0.4, "cutmix": 0.3, "camera_adversary": 0.6,
+        "select_from": 0.25, "image_size": 64, "store_size": 80, "device": "cpu", "amp": "off",
+        "train_on": "train+half-val", "seed": 5, "limit": 9, "workers": 3,
+    }  # fmt: skip
+    aug = cfg.augment
+    assert (aug.scale[0], aug.jitter, aug.grayscale, aug.policy) == (0.5, 0.3, 0.25, "trivial")
+    assert cfg.out == tmp_path / "run" and cfg.data == msl_dir
+
+
+def test_the_run_folder_defaults_to_runs_of_the_task(
+    monkeypatch: pytest.MonkeyPatch, msl_dir: Path, tmp_path: Path
+) -> None:
+    """Without --out, a run goes to runs/<task>, relative to the working folder."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--data", str(msl_dir), "--task", "msl25", "--device", "cpu"]
+    assert _config(monkeypatch, args).out == Path("runs") / "msl25"
+
+
+def test_openmp_threads_wait_passively() -> None:
+    """mars-train sets OMP_WAIT_POLICY=PASSIVE before torch loads (torch's OpenMP threads spun
+    while waiting, and made training steps 10-20x slower on a shared 2-vCPU machine); a user's
+    own setting is kept."""
+    code = "import os, marsvision.train.cli; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.stdout.strip() == "PASSIVE", r.stderr
+    r = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.stdout.strip() == "ACTIVE", r.stderr
