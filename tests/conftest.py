@@ -78,6 +78,30 @@ def files_up_to(size: int) -> Callable[[], None]:
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
+class _Started(Exception):
+    """Raised by a stand-in run function, with the config it was given."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__("started")
+        self.cfg = cfg
+
+
+def config_started_with(
+    monkeypatch: pytest.MonkeyPatch, command: Any, target: object, name: str, args: list[str]
+) -> Any:
+    """The config that the click `command` with `args` starts `target.name` (its run function)
+    with, the run itself not made: each flag's way from the command line to the run."""
+    from click.testing import CliRunner
+
+    def started(cfg: Any, **_: Any) -> Any:
+        raise _Started(cfg)
+
+    monkeypatch.setattr(target, name, started)
+    result = CliRunner().invoke(command, args)
+    assert isinstance(result.exception, _Started), result.output
+    return result.exception.cfg
+
+
 def confident_agreement(got: Any, ref: Any) -> float:
     """Top-1 agreement of `got` with `ref` (rows of logits or probabilities) on the surer half
     of the images of each class `ref` predicts (top-two margin at least the class's median),

@@ -9,29 +9,16 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from conftest import config_started_with
 
 from marsvision.benchmarks.cli import main
-
-
-class _Started(Exception):
-    """Raised by a stand-in run function, with the config it was given."""
-
-    def __init__(self, cfg: Any) -> None:
-        super().__init__("started")
-        self.cfg = cfg
 
 
 def _config(monkeypatch: pytest.MonkeyPatch, module: str, run: str, args: list[str]) -> Any:
     """The config that `mars-bench *args` starts `module.run` with."""
     import importlib
 
-    def started(cfg: Any, **_: Any) -> Any:
-        raise _Started(cfg)
-
-    monkeypatch.setattr(importlib.import_module(module), run, started)
-    result = CliRunner().invoke(main, args)
-    assert isinstance(result.exception, _Started), result.output
-    return result.exception.cfg
+    return config_started_with(monkeypatch, main, importlib.import_module(module), run, args)
 
 
 def test_parity_flags_reach_its_config(

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import files_up_to, signal_once_written
+from conftest import config_started_with, files_up_to, signal_once_written
 from torchvision.models import resnet50
 
 from marsvision.runtime.errors import MarsvisionError
@@ -1070,25 +1070,12 @@ def test_init_never_runs_code_a_weights_file_holds(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-class _Started(Exception):
-    """Raised by the stand-in training loop, with the config it was given."""
-
-    def __init__(self, cfg: TrainConfig) -> None:
-        super().__init__("started")
-        self.cfg = cfg
-
-
 def _config(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> TrainConfig:
     """The TrainConfig that `mars-train *args` starts its training loop with."""
     from marsvision.train import loop
 
-    def started(cfg: TrainConfig) -> Any:
-        raise _Started(cfg)
-
-    monkeypatch.setattr(loop, "main", started)
-    result = CliRunner().invoke(main, args)
-    assert isinstance(result.exception, _Started), result.output
-    return result.exception.cfg
+    cfg: TrainConfig = config_started_with(monkeypatch, main, loop, "main", args)
+    return cfg
 
 
 def test_every_flag_reaches_the_run_config(
