@@ -716,15 +716,8 @@ def test_a_folder_of_only_unlisted_binary_exports_is_not_another_models(tmp_path
     assert f"--out {tmp_path}` first" in e.value.message
 
 
-@pytest.fixture(scope="module")
-def model(tiny_models: dict[str, Path]) -> Path:
-    return tiny_models["fp32"]
-
-
 def _image_args(msl_dir: Path, n: int) -> list[str]:
-    from marsvision.train.data import read_split
-
-    return [str(s.path) for s in read_split(msl_dir, "test", "binary", limit=n)]
+    return [str(p) for p in _images(msl_dir, n)]
 
 
 def _infer_keeping_the_classifier(
@@ -749,7 +742,7 @@ def _infer_keeping_the_classifier(
 
 
 def test_options_reach_the_classifier(
-    model: Path, msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    models: dict[str, Path], msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """-j, --threads, -b, --fast-decode and --tta are the classifier's settings (decode threads,
     onnxruntime's intra-op threads, batch, decode, augmentation), not only the run record's."""
@@ -757,8 +750,8 @@ def test_options_reach_the_classifier(
 
     threads = 1 if usable_cores() > 1 else 2  # not the default, the usable cores
     out = tmp_path / "r.csv"
-    args = [*_image_args(msl_dir, 3), "-m", str(model), "-o", str(out), "-j", "3", "--threads",
-            str(threads), "-b", "5", "--fast-decode", "--tta", "flip"]  # fmt: skip
+    args = [*_image_args(msl_dir, 3), "-m", str(models["fp32"]), "-o", str(out), "-j", "3",
+            "--threads", str(threads), "-b", "5", "--fast-decode", "--tta", "flip"]  # fmt: skip
     result, made = _infer_keeping_the_classifier(monkeypatch, args)
     assert result.exit_code == 0, result.output
     assert made == {"workers": 3, "batch_size": 5, "fast_decode": True, "tta": "flip",
@@ -768,48 +761,50 @@ def test_options_reach_the_classifier(
 
 
 def test_a_json_out_is_written_as_jsonl(
-    model: Path, msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    models: dict[str, Path], msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without --format, an --out named .json (as .jsonl) gets one JSON object a line; any
     other name gets CSV."""
     images = _image_args(msl_dir, 2)
     monkeypatch.chdir(tmp_path)
     for name in ("r.JSON", "r.jsonl"):
-        result = CliRunner().invoke(infer_cli.main, [*images, "-m", str(model), "-o", name])
+        result = CliRunner().invoke(
+            infer_cli.main, [*images, "-m", str(models["fp32"]), "-o", name]
+        )
         assert result.exit_code == 0, result.output
         rows = [json.loads(line) for line in Path(name).read_text().splitlines()]
         assert [row["path"] for row in rows] == images
 
 
 def test_a_run_stopped_before_its_first_row_leaves_no_out(
-    model: Path, msl_dir: Path, tmp_path: Path
+    models: dict[str, Path], msl_dir: Path, tmp_path: Path
 ) -> None:
     """A run refused after it made --out (its run record cannot be written) removes the empty
     file it made: left there, the rerun was refused for an existing --out."""
     out = tmp_path / "r.csv"
     (tmp_path / "r.csv.run.json").mkdir()  # the record cannot be written
-    result = CliRunner().invoke(infer_cli.main, [*_image_args(msl_dir, 1), "-m", str(model),
-                                                 "-o", str(out)])  # fmt: skip
+    args = [*_image_args(msl_dir, 1), "-m", str(models["fp32"]), "-o", str(out)]
+    result = CliRunner().invoke(infer_cli.main, args)
     assert result.exit_code == 1 and "choose another --out" in result.output, result.output
     assert not out.exists()
 
 
 def test_resume_with_a_top_k_above_the_class_count(
-    model: Path, msl_dir: Path, tmp_path: Path
+    models: dict[str, Path], msl_dir: Path, tmp_path: Path
 ) -> None:
     """--top-k 3 of a binary model is --top-k 2, and its file continues with the same flags."""
     images, out = _image_args(msl_dir, 2), str(tmp_path / "r.csv")
-    first = CliRunner().invoke(infer_cli.main, [images[0], "-m", str(model), "-o", out,
+    first = CliRunner().invoke(infer_cli.main, [images[0], "-m", str(models["fp32"]), "-o", out,
                                                 "--top-k", "3"])  # fmt: skip
     assert first.exit_code == 0, first.output
-    again = CliRunner().invoke(infer_cli.main, [*images, "-m", str(model), "-o", out,
+    again = CliRunner().invoke(infer_cli.main, [*images, "-m", str(models["fp32"]), "-o", out,
                                                 "--top-k", "3", "--resume"])  # fmt: skip
     assert again.exit_code == 0 and "1 already in" in again.output, again.output
     assert len(Path(out).read_text().splitlines()) == 3
 
 
 def test_the_results_file_never_takes_a_standard_streams_number(
-    model: Path, msl_dir: Path, tmp_path: Path
+    models: dict[str, Path], msl_dir: Path, tmp_path: Path
 ) -> None:
     """Started with stderr closed (`2>&-`), the results file was opened as fd 2, where native
     code (onnxruntime's log) writes: stderr is reopened on /dev/null first."""
@@ -819,7 +814,7 @@ def test_the_results_file_never_takes_a_standard_streams_number(
         "    stream = real(*a, **kw); print(stream.fileno(), file=sys.__stdout__); return stream\n"
         "resume.open_output = spy; cli.main()"
     )
-    args = [*_image_args(msl_dir, 1), "-m", str(model), "-o", str(tmp_path / "r.csv")]
+    args = [*_image_args(msl_dir, 1), "-m", str(models["fp32"]), "-o", str(tmp_path / "r.csv")]
     r = subprocess.run([sys.executable, "-c", code, *args], preexec_fn=lambda: os.close(2),
                        stdout=subprocess.PIPE, stderr=None)  # fmt: skip
     assert r.returncode == 0
