@@ -413,7 +413,7 @@ def render_text(report: dict[str, Any]) -> str:
     if not by_group:
         lines.append(f"no interval by {group_by}: the images scored are all of one {group_by}")
     lines += _interval_notes(report)
-    if report["task"] != "binary" and "per_class" in report:
+    if report["task"] != "binary":
         lines += ["", *_per_class_text(report["per_class"])]
     if conf := report.get("confidence"):
         lines += ["", *_confidence_text(conf)]

@@ -107,16 +107,12 @@ def undefined_metrics(y_true: Any, y_pred: Any, num_classes: int, task: str) -> 
 def classification_metrics(y_true: Any, y_pred: Any, num_classes: int, task: str) -> dict[str, Any]:
     """n, accuracy, balanced_accuracy, precision, recall, f1, confusion_matrix, per_class_recall."""
     cm = confusion_matrix(y_true, y_pred, num_classes)
-    support = cm.sum(axis=1)
-    recall_c = _ratio(np.diag(cm), support)
     scores = {k: float(v) for k, v in _scores(cm, task).items()}
     return {
         "n": int(cm.sum()),
         **scores,
         "confusion_matrix": cm.tolist(),
-        "per_class_recall": [
-            float(r) if s > 0 else None for r, s in zip(recall_c, support, strict=True)
-        ],
+        "per_class_recall": [c["recall"] for c in _per_class(cm)],
     }
 
 
@@ -124,7 +120,11 @@ def per_class_metrics(y_true: Any, y_pred: Any, num_classes: int) -> list[dict[s
     """Per class: images (its true count), decided (how many were given it), precision, recall
     and F1, each None where undefined (0/0: precision of a class never decided, recall of one
     with no image, F1 of one with neither), not the 0 the macro averages count."""
-    cm = confusion_matrix(y_true, y_pred, num_classes)
+    return _per_class(confusion_matrix(y_true, y_pred, num_classes))
+
+
+def _per_class(cm: np.ndarray) -> list[dict[str, Any]]:
+    """`per_class_metrics` of a confusion matrix."""
     support, decided = cm.sum(axis=1), cm.sum(axis=0)
     precision, recall, f1 = _class_scores(cm)
     return [
@@ -135,7 +135,7 @@ def per_class_metrics(y_true: Any, y_pred: Any, num_classes: int) -> list[dict[s
             "recall": float(recall[c]) if support[c] else None,
             "f1": float(f1[c]) if support[c] or decided[c] else None,
         }
-        for c in range(num_classes)
+        for c in range(len(cm))
     ]
 
 
