@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -45,22 +46,40 @@ FLAVOURS: dict[str, dict[str, Any]] = {
 
 
 def calibration_key(
-    *, source_sha256: str, image_names: list[str], method: str, versions: dict[str, str]
+    *, model_sha256: str, inputs_sha256: str, method: str, versions: dict[str, str]
 ) -> str:
-    """Cache key: model, calibration image list, method, count and the tools' versions."""
+    """Cache key: what is calibrated, by content (the preprocessed graph's sha256: its tensor
+    names are the exporter's, and the ranges are stored by name; the calibration batches'
+    sha256: a change to decoding or resizing that no version names is other pixels), and how
+    (method, batch size, the calibrator's onnxruntime and numpy)."""
     payload = json.dumps(
         {
-            "model": source_sha256,
-            "images": image_names,
-            "n": len(image_names),
+            "model": model_sha256,
+            "inputs": inputs_sha256,
             "method": method,
-            "versions": {
-                k: versions.get(k, "") for k in ("torch", "onnx", "onnxruntime", "pillow")
-            },
+            "batch": CALIB_BATCH,
+            "versions": {k: versions.get(k, "") for k in ("onnxruntime", "numpy")},
         },
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def calibration_batches(paths: list[Path], spec: PreprocessSpec) -> Iterator[np.ndarray]:
+    """The calibration images as the calibrator sees them, CALIB_BATCH at a time."""
+    from marsvision.export.images import load_batch
+
+    for i in range(0, len(paths), CALIB_BATCH):
+        yield load_batch(paths[i : i + CALIB_BATCH], spec)
+
+
+def calibration_inputs_sha256(paths: list[Path], spec: PreprocessSpec) -> str:
+    """sha256 of the calibration batches (shape, dtype and values)."""
+    digest = hashlib.sha256()
+    for batch in calibration_batches(paths, spec):
+        digest.update(f"{batch.shape} {batch.dtype.str}".encode())
+        digest.update(np.ascontiguousarray(batch).tobytes())
+    return digest.hexdigest()
 
 
 def _method(name: str) -> Any:
@@ -115,8 +134,6 @@ def calibrate(
         log(f"calibration: cannot use cached ranges {cache_path} ({why}); recomputing")
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
-    from marsvision.export.images import load_batch
-
     calibrator = create_calibrator(
         pre_path,
         _op_types(),
@@ -124,16 +141,17 @@ def calibrate(
         calibrate_method=_method(method),
     )
     log(f"calibration ({method}) on {len(paths)} images")
-    starts = range(0, len(paths), CALIB_BATCH)
-    every = math.ceil(len(starts) / 10)  # at most ten lines, whatever the number of images
+    batches = math.ceil(len(paths) / CALIB_BATCH)
+    every = math.ceil(batches / 10)  # at most ten lines, whatever the number of images
+    done = 0
     # ONNX Runtime's calibrators print on stdout ("Collecting tensor data and making histogram
     # ...", once a batch, "Number of tensors : 123"): not ours to show, and not stdout's.
     with contextlib.redirect_stdout(io.StringIO()):
-        for n, i in enumerate(starts, 1):
-            chunk = paths[i : i + CALIB_BATCH]
-            calibrator.collect_data(_OneBatch(load_batch(chunk, spec)))
-            if n % every == 0 or n == len(starts):
-                log(f"calibration ({method}): {i + len(chunk)}/{len(paths)} images")
+        for n, batch in enumerate(calibration_batches(paths, spec), 1):
+            calibrator.collect_data(_OneBatch(batch))
+            done += len(batch)
+            if n % every == 0 or n == batches:
+                log(f"calibration ({method}): {done}/{len(paths)} images")
         ranges = calibrator.compute_data()
     computed = workdir / "calibration-ranges.json"
     save_tensors_data(ranges, computed)

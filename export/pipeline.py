@@ -139,6 +139,7 @@ def _export_all(config: ExportConfig, lock: FolderLock) -> dict[str, Any]:
         if config.int8:
             from marsvision.export.int8 import (
                 calibrate,
+                calibration_inputs_sha256,
                 calibration_key,
                 int8_meta,
                 int8_onnx_from_onnx,
@@ -148,10 +149,9 @@ def _export_all(config: ExportConfig, lock: FolderLock) -> dict[str, Any]:
             t0 = time.perf_counter()
             pre = tmp / "pre-quant.onnx"
             preprocess_for_quantization(fp32_path, pre)
-            names = [str(p.relative_to(data_dir)) for p in calib_paths]
             key = calibration_key(
-                source_sha256=source_sha,
-                image_names=names,
+                model_sha256=sha256_file(pre),
+                inputs_sha256=calibration_inputs_sha256(calib_paths, spec),
                 method=config.calib_method,
                 versions=meta.versions,
             )

@@ -308,9 +308,10 @@ def test_calibration_cache_is_reused(
     assert [a["quantization"]["images"] for a in int8] == [CALIB_IMAGES] * 2
 
 
-def test_another_pillow_is_another_calibration(exported: Path) -> None:
-    """Pillow decodes and resizes the calibration images: its version is in the export's
-    metadata and in the calibration cache's key, as torch's and ONNX Runtime's are."""
+def test_the_calibration_key_is_what_is_calibrated_and_how(exported: Path) -> None:
+    """The key names the preprocessed graph's bytes and the calibration pixels (so a change that
+    no version names is another calibration), the method, and the calibrator's libraries.
+    Pillow's version stays in the export's metadata."""
     import PIL
 
     from marsvision.export.int8 import calibration_key
@@ -319,16 +320,79 @@ def test_another_pillow_is_another_calibration(exported: Path) -> None:
     (fp32,) = exported.glob("*.fp32.onnx")
     versions = load_model_meta(fp32).versions
     assert versions["pillow"] == PIL.__version__
-    keys = {
-        calibration_key(
-            source_sha256="s",
-            image_names=["a.jpg"],
-            method="percentile",
-            versions={**versions, "pillow": v},
-        )  # fmt: skip
-        for v in ("11.0.0", "12.0.0")
-    }
-    assert len(keys) == 2
+
+    def key(**changes: Any) -> str:
+        given = {"model_sha256": "m", "inputs_sha256": "i", "method": "percentile",
+                 "versions": versions, **changes}  # fmt: skip
+        return calibration_key(**given)
+
+    others = [key(model_sha256="m2"), key(inputs_sha256="i2"), key(method="entropy"),
+              key(versions={**versions, "onnxruntime": "0.0.1"}),
+              key(versions={**versions, "numpy": "0.0.1"})]  # fmt: skip
+    assert len({key(), *others}) == 1 + len(others)
+    # what the graph's bytes and the pixels already say is not asked twice
+    assert key(versions={**versions, "pillow": "0", "torch": "0", "onnxscript": "0"}) == key()
+
+
+def _reexport_recalibrates(
+    config: ExportConfig, out: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    (before,) = (out / CALIB_CACHE_DIR).glob("*.json")
+    manifest = export_all(config)
+    assert "reusing cached ranges" not in capfd.readouterr().err
+    int8 = [a for a in manifest["artifacts"] if a["flavour"].startswith("int8")]
+    assert [a["calibration_reused"] for a in int8] == [False, False]
+    made = {p.name for p in (out / CALIB_CACHE_DIR).glob("*.json")} - {before.name}
+    assert [a["quantization"]["calibration_cache"] for a in int8] == [
+        f"{CALIB_CACHE_DIR}/{n}" for n in sorted(made) * 2
+    ]
+
+
+def test_other_calibration_pixels_are_another_calibration(
+    exported: Path,
+    ckpt_path: Path,
+    msl_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """The key named the image files and the libraries' versions, not the pixels: a change to
+    how they are decoded or resized that no version names (marsvision's own image code, an
+    image file replaced) reused the other pixels' ranges."""
+    import marsvision.export.images as images
+
+    out = tmp_path / "export"
+    shutil.copytree(exported, out)
+    decode = images.load_batch
+    monkeypatch.setattr(images, "load_batch", lambda *a, **k: decode(*a, **k) * 0.5)
+    _reexport_recalibrates(_int8_again(ckpt_path, out, msl_dir), out, capfd)
+
+
+def test_another_graph_is_another_calibration(
+    exported: Path,
+    ckpt_path: Path,
+    msl_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """The ranges are stored by tensor name, and the names are the exporter's (onnxscript's,
+    whose version the key did not name): another graph from the same checkpoint reused ranges
+    made for other tensors."""
+    import marsvision.export.int8 as int8
+
+    out = tmp_path / "export"
+    shutil.copytree(exported, out)
+    pre_pass = int8.preprocess_for_quantization
+
+    def other_graph(fp32_path: Path, pre_path: Path) -> None:
+        pre_pass(fp32_path, pre_path)
+        model = onnx.load(str(pre_path))
+        model.doc_string = "another exporter"
+        onnx.save_model(model, str(pre_path))
+
+    monkeypatch.setattr(int8, "preprocess_for_quantization", other_graph)
+    _reexport_recalibrates(_int8_again(ckpt_path, out, msl_dir), out, capfd)
 
 
 def test_calibration_cache_has_the_usual_file_mode(exported: Path) -> None:
