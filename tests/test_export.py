@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -334,55 +335,54 @@ def test_the_calibration_key_is_what_is_calibrated_and_how(exported: Path) -> No
     assert key(versions={**versions, "pillow": "0", "torch": "0", "onnxscript": "0"}) == key()
 
 
-def _reexport_recalibrates(
-    config: ExportConfig, out: Path, capfd: pytest.CaptureFixture[str]
-) -> None:
-    (before,) = (out / CALIB_CACHE_DIR).glob("*.json")
-    manifest = export_all(config)
-    assert "reusing cached ranges" not in capfd.readouterr().err
-    int8 = [a for a in manifest["artifacts"] if a["flavour"].startswith("int8")]
-    assert [a["calibration_reused"] for a in int8] == [False, False]
-    made = {p.name for p in (out / CALIB_CACHE_DIR).glob("*.json")} - {before.name}
-    assert [a["quantization"]["calibration_cache"] for a in int8] == [
-        f"{CALIB_CACHE_DIR}/{n}" for n in sorted(made) * 2
-    ]
-
-
-def test_other_calibration_pixels_are_another_calibration(
+@pytest.fixture
+def reexport_recalibrates(
     exported: Path,
     ckpt_path: Path,
     msl_dir: Path,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
+) -> Callable[[], None]:
+    """Checks that an INT8 re-export into a copy of the shared export calibrates anew, into a
+    cache file of its own, named in both INT8 files' metadata."""
+
+    def check() -> None:
+        out = tmp_path / "export"
+        shutil.copytree(exported, out)
+        (before,) = (out / CALIB_CACHE_DIR).glob("*.json")
+        manifest = export_all(_int8_again(ckpt_path, out, msl_dir))
+        assert "reusing cached ranges" not in capfd.readouterr().err
+        int8 = [a for a in manifest["artifacts"] if a["flavour"].startswith("int8")]
+        assert [a["calibration_reused"] for a in int8] == [False, False]
+        (made,) = {p.name for p in (out / CALIB_CACHE_DIR).glob("*.json")} - {before.name}
+        assert [a["quantization"]["calibration_cache"] for a in int8] == [
+            f"{CALIB_CACHE_DIR}/{made}"
+        ] * 2
+
+    return check
+
+
+def test_other_calibration_pixels_are_another_calibration(
+    monkeypatch: pytest.MonkeyPatch, reexport_recalibrates: Callable[[], None]
 ) -> None:
     """The key named the image files and the libraries' versions, not the pixels: a change to
     how they are decoded or resized that no version names (marsvision's own image code, an
     image file replaced) reused the other pixels' ranges."""
     import marsvision.export.images as images
 
-    out = tmp_path / "export"
-    shutil.copytree(exported, out)
     decode = images.load_batch
     monkeypatch.setattr(images, "load_batch", lambda *a, **k: decode(*a, **k) * 0.5)
-    _reexport_recalibrates(_int8_again(ckpt_path, out, msl_dir), out, capfd)
+    reexport_recalibrates()
 
 
 def test_another_graph_is_another_calibration(
-    exported: Path,
-    ckpt_path: Path,
-    msl_dir: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, reexport_recalibrates: Callable[[], None]
 ) -> None:
     """The ranges are stored by tensor name, and the names are the exporter's (onnxscript's,
     whose version the key did not name): another graph from the same checkpoint reused ranges
     made for other tensors."""
     import marsvision.export.int8 as int8
 
-    out = tmp_path / "export"
-    shutil.copytree(exported, out)
     pre_pass = int8.preprocess_for_quantization
 
     def other_graph(fp32_path: Path, pre_path: Path) -> None:
@@ -392,7 +392,7 @@ def test_another_graph_is_another_calibration(
         onnx.save_model(model, str(pre_path))
 
     monkeypatch.setattr(int8, "preprocess_for_quantization", other_graph)
-    _reexport_recalibrates(_int8_again(ckpt_path, out, msl_dir), out, capfd)
+    reexport_recalibrates()
 
 
 def test_calibration_cache_has_the_usual_file_mode(exported: Path) -> None:
