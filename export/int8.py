@@ -5,6 +5,7 @@ Two flavours from one calibration (tensor ranges, cached in `<out>/calib-cache/<
   path of ONNX Runtime on x86 CPUs (VNNI u8s8 kernels).
 - `int8-trt`: int8 activations and weights, symmetric (zero point 0), per-channel weights,
   float biases: what TensorRT 10+ needs for explicit quantization.
+Both leave the logits in float.
 """
 
 from __future__ import annotations
@@ -29,18 +30,27 @@ from marsvision.runtime.metadata import ModelMeta
 from marsvision.runtime.spec import PreprocessSpec
 
 CALIB_BATCH = 8  # images per calibration forward pass (memory: all activations are kept)
+# The classifier's output (the logits) stays in float: rounded to the activations' grid, near
+# ties between classes flipped (RECIPES.md, "The logits left in float"). int8-cpu still fuses
+# the Gemm into a QGemm.
+FLOAT_LOGITS = {"OpTypesToExcludeOutputQuantization": ["Gemm"]}
 FLAVOURS: dict[str, dict[str, Any]] = {
     "int8-cpu": {
         "activations": "uint8",
         "symmetric": False,
         "target": "onnxruntime x86 CPU",
-        "extra": {"ActivationSymmetric": False, "WeightSymmetric": True},
+        "extra": {"ActivationSymmetric": False, "WeightSymmetric": True, **FLOAT_LOGITS},
     },
     "int8-trt": {
         "activations": "int8",
         "symmetric": True,
         "target": "TensorRT",
-        "extra": {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+        "extra": {
+            "ActivationSymmetric": True,
+            "WeightSymmetric": True,
+            "QuantizeBias": False,
+            **FLOAT_LOGITS,
+        },
     },
 }
 
@@ -190,6 +200,7 @@ def int8_meta(fp32: ModelMeta, flavour: str, *, method: str, images: int) -> Mod
             "format": "QDQ",
             "flavour": flavour,
             "activations": f["activations"],
+            "logits": "float",
             "weights": "int8",
             "per_channel": True,
             "symmetric": f["symmetric"],

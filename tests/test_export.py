@@ -185,6 +185,9 @@ def test_int8_carries_qdq_of_the_right_types(exported: Path, flavour: str, act_t
                  and inits[n.input[0]].data_type == onnx.TensorProto.INT32]  # fmt: skip
     biased = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 2]
     assert len(biased) >= 50
+    # the logits stay in float: the graph's output is the Gemm's, not a Q/DQ pair's after it
+    (gemm,) = [n for n in model.graph.node if n.op_type == "Gemm"]
+    assert [o.name for o in model.graph.output] == list(gemm.output)
     if flavour == "int8-trt":
         assert all(not numpy_helper.to_array(zp).any() for zp in q_zp.values())
         assert not int32_dqs
@@ -232,6 +235,7 @@ def test_metadata_round_trips(exported: Path, ckpt_path: Path) -> None:
             expected = (ExportConfig.calib_method, CALIB_IMAGES, "train split")
             assert (q["method"], q["images"], q["source"]) == expected
             assert q["activations"] == ("uint8" if flavour == "int8-cpu" else "int8")
+            assert q["logits"] == "float"
         else:
             assert meta.quantization is None
         assert meta.decision_threshold is None  # the tiny checkpoint has none: argmax
