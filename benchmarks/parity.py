@@ -25,7 +25,7 @@ from marsvision.benchmarks.artifacts import (
 )
 from marsvision.runtime.backends.base import Runner
 from marsvision.runtime.classifier import non_finite_rows, softmax
-from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.errors import MarsvisionError, check_percentage
 from marsvision.runtime.spec import PreprocessSpec
 from marsvision.train.metrics import at_least
 
@@ -48,17 +48,8 @@ class Thresholds:
     int8_min_agreement: float = 99.0
 
     def __post_init__(self) -> None:
-        # nan would pass every artifact (no comparison with it is true), > 100% fail every one
         for name in ("fp32_min_agreement", "fp16_min_agreement", "int8_min_agreement"):
-            v = getattr(self, name)
-            flag = "--" + name.replace("_", "-")
-            if not 0.0 <= v <= 100.0:
-                raise MarsvisionError(f"{flag} {v:g}: must be a percentage in [0, 100]")
-            if 0.0 < v <= 1.0:  # 0.99 meant 99% (mars-bench score --require takes fractions)
-                raise MarsvisionError(
-                    f"{flag} {v:g}: a percentage, not a fraction: {100 * v:g} for {100 * v:g}% "
-                    "(0 for no bar)"
-                )
+            check_percentage("--" + name.replace("_", "-"), getattr(self, name))
         for name in ("fp16_max_accuracy_change", "int8_max_accuracy_change"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0.0):

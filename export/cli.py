@@ -116,6 +116,15 @@ def _table(manifest: dict[str, Any]) -> str:
     help="How activation ranges are chosen from the calibration data.",
 )
 @click.option(
+    "--int8-min-agreement",
+    type=float,
+    default=_DEFAULTS.int8_min_agreement,
+    show_default=True,
+    help=f"Refuse an INT8 file whose labels agree with PyTorch's on fewer than this percent "
+    f"of {_DEFAULTS.parity_images} val images (a broken calibration; mars-bench parity judges "
+    "the rest); 0: never.",
+)
+@click.option(
     "--tensorrt",
     type=click.Choice(TENSORRT_MODES),
     default=_DEFAULTS.tensorrt,
@@ -138,13 +147,14 @@ def main(
     int8: bool,
     calib_images: int,
     calib_method: str,
+    int8_min_agreement: float,
     tensorrt: str,
     max_batch: int,
 ) -> None:
     no_telemetry()
-    for flag in flags_given("calib_images", "calib_method"):  # did nothing, went to the manifest
-        if not int8:
-            raise click.UsageError(f"{flag} sets INT8 calibration: add --int8")
+    for flag in flags_given("calib_images", "calib_method", "int8_min_agreement"):
+        if not int8:  # did nothing, went to the manifest
+            raise click.UsageError(f"{flag} is for the INT8 export: add --int8")
     if flags_given("max_batch"):  # ignored, then recorded
         if tensorrt == "off" or not (fp16 or int8):
             raise click.UsageError(
@@ -162,7 +172,8 @@ def main(
     with option_values():  # before the checkpoint and the data are read
         config = ExportConfig(checkpoint=checkpoint, out=out, fp16=fp16, int8=int8,
                               calib_images=calib_images, calib_method=calib_method,
-                              tensorrt=tensorrt, max_batch=max_batch, data_dir=data)  # fmt: skip
+                              int8_min_agreement=int8_min_agreement, tensorrt=tensorrt,
+                              max_batch=max_batch, data_dir=data)  # fmt: skip
     with interruptible("mars-export"), out_of_room(out):  # the staging folder is removed
         manifest = export_all(config)
     kept = len(manifest["kept"])

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from marsvision.export.artifacts import log, quiet_logger, set_onnx_meta
+from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.files import atomic_path
 from marsvision.runtime.metadata import ModelMeta
 from marsvision.runtime.spec import PreprocessSpec
@@ -245,6 +246,25 @@ def int8_onnx_from_onnx(
     set_onnx_meta(model, meta)
     onnx.save_model(model, str(int8_path))
     onnx.checker.check_model(str(int8_path), full_check=True)
+
+
+def refuse_disagreement(fig: dict[str, Any], name: str, floor: float) -> None:
+    """Refuse the INT8 file `name` whose labels agree with PyTorch's on fewer than `floor`
+    percent of the parity images (`fig`: its `parity()` figures): written, it would be
+    mars-infer's default on a CPU."""
+    from marsvision.train.metrics import at_least
+
+    if at_least(100 * fig["top1_agreement"], floor):
+        return
+    n = fig["images"]
+    agree = round(fig["top1_agreement"] * n)
+    raise MarsvisionError(
+        f"{name} gives PyTorch's labels on {agree} of {n} val images ({100 * agree / n:.1f}%), "
+        f"under --int8-min-agreement {floor:g}: a broken INT8, nothing written. Calibrate "
+        "otherwise (--calib-method, --calib-images), distill the model for INT8 (python -m "
+        "marsvision.train.int8_distill), or pass --int8-min-agreement 0 to write it and judge "
+        "it with mars-bench parity"
+    )
 
 
 def preprocess_for_quantization(fp32_path: Path, pre_path: Path) -> None:

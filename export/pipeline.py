@@ -144,6 +144,7 @@ def _export_all(config: ExportConfig, lock: FolderLock) -> dict[str, Any]:
                 int8_meta,
                 int8_onnx_from_onnx,
                 preprocess_for_quantization,
+                refuse_disagreement,
             )
 
             t0 = time.perf_counter()
@@ -174,6 +175,7 @@ def _export_all(config: ExportConfig, lock: FolderLock) -> dict[str, Any]:
                 int8_onnx_from_onnx(pre, path, flavour=flavour, cache_path=ranges, meta=m8)
                 fig = parity(ref, ort_logits(path, val_batch), meta.decision_threshold,
                              final.name)  # fmt: skip
+                refuse_disagreement(fig, final.name, config.int8_min_agreement)
                 secs = time.perf_counter() - t1 + calib_secs / 2
                 entry = _entry(path, flavour, m8, fig, secs)
                 entry["calibration_reused"] = reused

@@ -66,6 +66,18 @@ def option_values() -> Iterator[None]:
         raise OptionValueError(e.message) from None
 
 
+def check_percentage(flag: str, value: float) -> None:
+    """A bar in percent: nan would pass everything (no comparison with it is true), > 100 fail
+    everything, and 0.99 meant 99% (mars-bench score --require takes fractions)."""
+    if not 0.0 <= value <= 100.0:
+        raise MarsvisionError(f"{flag} {value:g}: must be a percentage in [0, 100]")
+    if 0.0 < value <= 1.0:
+        raise MarsvisionError(
+            f"{flag} {value:g}: a percentage, not a fraction: {100 * value:g} for "
+            f"{100 * value:g}% (0 for no bar)"
+        )
+
+
 def flags_given(*names: str) -> list[str]:
     """The options of `names` (parameter names) given on the command line, not left at their
     default or taken from the environment, as flags (`--num-images`): for refusing flags that

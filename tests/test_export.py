@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import TINY_CALIB_IMAGES as CALIB_IMAGES
-from conftest import confident_agreement
+from conftest import TINY_INT8_FLOOR, confident_agreement
 
 from marsvision.export.artifacts import MANIFEST, onnx_meta
 from marsvision.export.config import ExportConfig
@@ -278,7 +278,8 @@ def test_export_parity_labels_by_the_models_rule() -> None:
 def _int8_again(ckpt_path: Path, out: Path, msl_dir: Path) -> ExportConfig:
     """An INT8-only export of the test checkpoint into `out` (a copy of the shared export)."""
     return ExportConfig(checkpoint=ckpt_path, out=out, int8=True, calib_images=CALIB_IMAGES,
-                        tensorrt="off", data_dir=msl_dir)  # fmt: skip
+                        int8_min_agreement=TINY_INT8_FLOOR, tensorrt="off",
+                        data_dir=msl_dir)  # fmt: skip
 
 
 def test_calibration_cache_is_reused(

@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import signal_once_written
+from conftest import TINY_INT8_FLOOR, signal_once_written
 
 from marsvision.export import cli
 from marsvision.export.artifacts import MANIFEST
@@ -247,6 +248,64 @@ def test_an_out_file_and_a_checkpoint_folder_are_one_line_errors(
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(("moved", "code"), [(6, 0), (7, 1)])
+def test_an_int8_file_that_moves_labels_is_refused(
+    moved: int,
+    code: int,
+    tiny_checkpoint: Path,
+    msl_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only outputs that are not finite were refused: an INT8 file that moved any number of
+    labels (a calibration gone wrong) was written, and became mars-infer's default on a CPU.
+    Here both INT8 files give the FP32 file's logits with the first `moved` images' labels
+    turned over: at the default floor, 90% of 64 val images, 6 pass and 7 are refused."""
+    from marsvision.export import images
+    from marsvision.runtime.models import artifact_name
+
+    real = images.ort_logits
+
+    def turned(path: Path, x: np.ndarray) -> np.ndarray:
+        if "int8" not in path.name:
+            return real(path, x)
+        out = real(path.with_name(artifact_name("binary", "fp32")), x)
+        out[:moved] = out[:moved, ::-1]
+        return out
+
+    monkeypatch.setattr(images, "ort_logits", turned)
+    out = tmp_path / "o"
+    args = ["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--int8", "--tensorrt", "off"]
+    got, stdout, stderr = _run([*args, "--calib-images", "8"], msl_dir)
+    if code:
+        assert got == code and "Traceback" not in stderr, stderr
+        assert stderr.strip().splitlines()[-1] == (
+            f"Error: resnet50-binary.int8-cpu.onnx gives PyTorch's labels on {64 - moved} of 64 "
+            "val images (89.1%), under --int8-min-agreement 90: a broken INT8, nothing written. "
+            "Calibrate otherwise (--calib-method, --calib-images), distill the model for INT8 "
+            "(python -m marsvision.train.int8_distill), or pass --int8-min-agreement 0 to write "
+            "it and judge it with mars-bench parity"
+        )
+        assert not [p for p in out.iterdir() if p.suffix == ".onnx"]
+        assert not (out / MANIFEST).exists()
+        return
+    assert got == 0, stderr
+    manifest = json.loads((out / MANIFEST).read_text())
+    agree = {a["flavour"]: a["parity_vs_fp32"]["top1_agreement"] for a in manifest["artifacts"]}
+    assert agree == {"fp32": 1.0, "int8-cpu": 58 / 64, "int8-trt": 58 / 64}
+    assert manifest["config"]["int8_min_agreement"] == 90.0
+
+
+def test_the_int8_floor_is_a_percentage(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """As mars-bench parity's --int8-min-agreement: 0.9 would have been a floor of 0.9%."""
+    for value, why in (("0.9", "a percentage, not a fraction: 90 for 90%"),
+                       ("101", "must be a percentage in [0, 100]")):  # fmt: skip
+        args = ["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "o"), "--int8"]
+        result = CliRunner().invoke(cli.main, [*args, "--int8-min-agreement", value])
+        assert result.exit_code == 2 and f"--int8-min-agreement {value}: {why}" in result.output
+        assert not (tmp_path / "o").exists()
+
+
 def test_fewer_calibration_images_than_asked(
     tiny_checkpoint: Path, msl_dir: Path, tmp_path: Path
 ) -> None:
@@ -356,8 +415,9 @@ def test_a_stopped_export_leaves_no_staging_folder(
     folder (tens to hundreds of MB) stayed behind. Ctrl-C exited 1 with click's "Aborted!"."""
     args = ["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path), "--data", str(msl_dir)]
     returncode, err = signal_once_written(
-        ["marsvision.export.cli", *args, "--int8", "--tensorrt", "off"], tmp_path, ".staging*", sig
-    )
+        ["marsvision.export.cli", *args, "--int8", "--int8-min-agreement", str(TINY_INT8_FLOOR),
+         "--tensorrt", "off"], tmp_path, ".staging*", sig,
+    )  # fmt: skip
     assert returncode == code, err
     assert "Traceback" not in err and "Aborted!" not in err, err
     assert not list(tmp_path.glob(".staging*"))
@@ -440,12 +500,14 @@ def test_max_batch_needs_an_engine_to_size(args: str, tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("flag", ["--calib-images 64", "--calib-method entropy"])
-def test_calibration_flags_need_int8(flag: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "flag", ["--calib-images 64", "--calib-method entropy", "--int8-min-agreement 0"]
+)
+def test_int8_flags_need_int8(flag: str, tmp_path: Path) -> None:
     """Without --int8 they did nothing (and went into the manifest's config as if used)."""
     args = ["--out", str(tmp_path / "o"), *flag.split()]
     result = CliRunner().invoke(cli.main, args)
-    assert result.exit_code == 2 and f"{flag.split()[0]} sets INT8 calibration: add --int8" in (
+    assert result.exit_code == 2 and f"{flag.split()[0]} is for the INT8 export: add --int8" in (
         result.output
     ), result.output
     assert not (tmp_path / "o").exists()

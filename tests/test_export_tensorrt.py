@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY_INT8_FLOOR
 
 from marsvision.export.tensorrt import tensorrt_unavailable_reason
 
@@ -33,6 +34,7 @@ def test_engines_from_fp16_and_int8_onnx(
         fp16=True,
         int8=True,
         calib_images=16,
+        int8_min_agreement=TINY_INT8_FLOOR,
         tensorrt="on",
         max_batch=4,
         data_dir=msl_dir,
