@@ -109,9 +109,20 @@ def _op_types() -> list[str]:
     return sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
 
 
-def _cache_refusal(cache_path: Path, method: str) -> str | None:
-    """None where `cache_path` holds tensor ranges of `method`; '' where there is no such file;
-    else why it cannot be used (unreadable, damaged, another method's)."""
+def _tensors_to_calibrate(pre_path: Path) -> set[str]:
+    """The tensors of the graph that ONNX Runtime's calibrators range (ranges for each one are
+    what quantize_static needs)."""
+    from onnxruntime.quantization.calibrate import CalibraterBase
+
+    calibrator = CalibraterBase(pre_path, _op_types())
+    return set(calibrator.select_tensors_to_calibrate(calibrator.model)[0])
+
+
+def _cache_refusal(cache_path: Path, method: str, pre_path: Path) -> str | None:
+    """None where `cache_path` holds tensor ranges of `method` for every tensor of `pre_path`
+    to calibrate; '' where there is no such file; else why it cannot be used (unreadable,
+    damaged, another method's, short of tensors: a file named by what it calibrated lacks
+    some only by an edit, and quantize_static then failed in a traceback)."""
     from onnxruntime.quantization.calibrate import load_tensors_data
 
     try:
@@ -122,6 +133,9 @@ def _cache_refusal(cache_path: Path, method: str) -> str | None:
         return getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
     if ranges.calibration_method != _method(method) or not ranges.data:
         return f"not {method} ranges"
+    missing = sorted(_tensors_to_calibrate(pre_path) - set(ranges.data))
+    if missing:
+        return f"no ranges for {len(missing)} of the graph's tensors, {missing[0]} the first"
     return None
 
 
@@ -137,7 +151,7 @@ def calibrate(
     """Tensor ranges: read from `cache_path` where it holds them, else computed into `workdir`
     and saved to `cache_path` where it can be written. Returns the ranges file and whether the
     cache was reused."""
-    why = _cache_refusal(cache_path, method)
+    why = _cache_refusal(cache_path, method, pre_path)
     if why is None:
         log(f"calibration: reusing cached ranges {cache_path}")
         return cache_path, True

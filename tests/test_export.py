@@ -408,6 +408,33 @@ def test_calibration_cache_has_the_usual_file_mode(exported: Path) -> None:
     assert cache.stat().st_mode & 0o777 == default_file_mode()
 
 
+def test_a_calibration_cache_that_lacks_tensors_is_recomputed(
+    exported: Path,
+    ckpt_path: Path,
+    msl_dir: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Its file name is the key of what it calibrated, so only an edit makes a cache lack a
+    tensor; then the export ended in a traceback from inside ONNX Runtime (a ValueError or a
+    KeyError, by which tensor was missing)."""
+    out = tmp_path / "export"
+    shutil.copytree(exported, out)
+    (cache,) = (out / CALIB_CACHE_DIR).glob("*.json")
+    ranges = json.loads(cache.read_text())
+    gone = sorted(ranges["data"])[:2]
+    for tensor in gone:
+        del ranges["data"][tensor]
+    cache.write_text(json.dumps(ranges))
+    manifest = export_all(_int8_again(ckpt_path, out, msl_dir))
+    err = capfd.readouterr().err
+    assert (f"cannot use cached ranges {cache} (no ranges for 2 of the graph's tensors, "
+            f"{gone[0]} the first); recomputing") in err  # fmt: skip
+    int8 = [a for a in manifest["artifacts"] if a["flavour"].startswith("int8")]
+    assert [a["calibration_reused"] for a in int8] == [False, False]
+    assert set(gone) <= set(json.loads(cache.read_text())["data"])
+
+
 def test_a_calibration_cache_that_cannot_be_used_is_recomputed(
     exported: Path,
     ckpt_path: Path,
