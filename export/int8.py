@@ -56,18 +56,29 @@ FLAVOURS: dict[str, dict[str, Any]] = {
 }
 
 
+# The calibrators' settings, given to onnxruntime's create_calibrator (its own defaults in
+# onnxruntime 1.32, pinned here so that another version cannot change them unseen) and kept in
+# the INT8 files' metadata. "symmetric": ranges from a histogram of |x|.
+CALIB_OPTIONS: dict[str, dict[str, Any]] = {
+    "percentile": {"num_bins": 2048, "percentile": 99.999, "symmetric": True},
+    "entropy": {"num_bins": 128, "num_quantized_bins": 128, "symmetric": False},
+    "minmax": {"symmetric": False},
+}
+
+
 def calibration_key(
     *, model_sha256: str, inputs_sha256: str, method: str, versions: dict[str, str]
 ) -> str:
     """Cache key: what is calibrated, by content (the preprocessed graph's sha256: its tensor
     names are the exporter's, and the ranges are stored by name; the calibration batches'
     sha256: a change to decoding or resizing that no version names is other pixels), and how
-    (method, batch size, the calibrator's onnxruntime and numpy)."""
+    (method and its options, batch size, the calibrator's onnxruntime and numpy)."""
     payload = json.dumps(
         {
             "model": model_sha256,
             "inputs": inputs_sha256,
             "method": method,
+            "options": CALIB_OPTIONS[method],
             "batch": CALIB_BATCH,
             "versions": {k: versions.get(k, "") for k in ("onnxruntime", "numpy")},
         },
@@ -164,6 +175,7 @@ def calibrate(
         _op_types(),
         augmented_model_path=str(workdir / "augmented.onnx"),
         calibrate_method=_method(method),
+        extra_options=dict(CALIB_OPTIONS[method]),
     )
     log(f"calibration ({method}) on {len(paths)} images")
     batches = math.ceil(len(paths) / CALIB_BATCH)
@@ -220,6 +232,7 @@ def int8_meta(fp32: ModelMeta, flavour: str, *, method: str, images: int) -> Mod
             "per_channel": True,
             "symmetric": f["symmetric"],
             "method": method,
+            "calibrator_options": dict(CALIB_OPTIONS[method]),
             "images": images,
             "source": "train split",
             "target": f["target"],

@@ -39,7 +39,8 @@ class ModelMeta:
     # Input tensor element type the artifact expects: "float32" or "float16".
     input_dtype: str = "float32"
     # INT8 only: {"activations": "uint8"|"int8", "weights": "int8", "per_channel": bool,
-    #  "symmetric": bool, "method": ..., "images": N, "source": "train split", "target": ...}
+    #  "symmetric": bool, "method": ..., "calibrator_options": {...}, "images": N,
+    #  "source": "train split", "target": ...}
     quantization: dict[str, Any] | None = None
     source_checkpoint_sha256: str = ""
     versions: dict[str, str] = field(default_factory=dict)

@@ -19,6 +19,7 @@ from conftest import TINY_INT8_FLOOR, confident_agreement
 from marsvision.export.artifacts import MANIFEST, onnx_meta
 from marsvision.export.config import ExportConfig
 from marsvision.export.images import load_batch, ort_logits, split_paths
+from marsvision.export.int8 import CALIB_OPTIONS
 from marsvision.export.onnx_fp32 import torch_logits
 from marsvision.export.pipeline import CALIB_CACHE_DIR, export_all
 from marsvision.runtime.errors import MarsvisionError
@@ -236,6 +237,7 @@ def test_metadata_round_trips(exported: Path, ckpt_path: Path) -> None:
             assert (q["method"], q["images"], q["source"]) == expected
             assert q["activations"] == ("uint8" if flavour == "int8-cpu" else "int8")
             assert q["logits"] == "float"
+            assert q["calibrator_options"] == CALIB_OPTIONS[ExportConfig.calib_method]
         else:
             assert meta.quantization is None
         assert meta.decision_threshold is None  # the tiny checkpoint has none: argmax
@@ -333,11 +335,41 @@ def test_the_calibration_key_is_what_is_calibrated_and_how(exported: Path) -> No
         return calibration_key(**given)
 
     others = [key(model_sha256="m2"), key(inputs_sha256="i2"), key(method="entropy"),
+              key(method="minmax"),
               key(versions={**versions, "onnxruntime": "0.0.1"}),
               key(versions={**versions, "numpy": "0.0.1"})]  # fmt: skip
     assert len({key(), *others}) == 1 + len(others)
     # what the graph's bytes and the pixels already say is not asked twice
     assert key(versions={**versions, "pillow": "0", "torch": "0", "onnxscript": "0"}) == key()
+
+
+def test_the_calibrator_options_are_given_and_key_the_cache(
+    exported: Path,
+    ckpt_path: Path,
+    msl_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """onnxruntime's defaults were the settings (a percentile of 99.999 on 2048 bins), so that
+    another onnxruntime could change them unseen; the metadata did not say them."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    from marsvision.export import int8
+
+    out = tmp_path / "export"
+    shutil.copytree(exported, out)
+    (cache,) = (out / CALIB_CACHE_DIR).glob("*.json")
+    lower = {**int8.CALIB_OPTIONS["percentile"], "percentile": 90.0}
+    monkeypatch.setitem(int8.CALIB_OPTIONS, "percentile", lower)
+    manifest = export_all(_int8_again(ckpt_path, out, msl_dir))
+    (other,) = set((out / CALIB_CACHE_DIR).glob("*.json")) - {cache}  # another key
+    int8_files = [a for a in manifest["artifacts"] if a["flavour"].startswith("int8")]
+    assert [a["calibration_reused"] for a in int8_files] == [False, False]
+    q = onnx_meta(_path(out, "int8-cpu")).quantization
+    assert q is not None and q["calibrator_options"] == lower
+    before, after = load_tensors_data(cache).data, load_tensors_data(other).data
+    tensor = next(t for t in sorted(before) if float(before[t].range_value[1]) > 0)
+    assert float(after[tensor].range_value[1]) < float(before[tensor].range_value[1])
 
 
 @pytest.fixture
