@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from marsvision.runtime.errors import MarsvisionError, signals_held
 from marsvision.runtime.files import atomic_write_text, make_folder, temporary
 from marsvision.runtime.metadata import METADATA_KEY, ModelMeta, sha256_file, sidecar_path
-from marsvision.runtime.models import SUFFIXES
+from marsvision.runtime.models import PREFIX, SUFFIXES
 
 if TYPE_CHECKING:
     import onnx
@@ -114,7 +114,7 @@ def check_manifest_owner(out: Path, source_sha256: str) -> None:
     path = out / MANIFEST
     if not path.exists():
         for suffix in SUFFIXES.values():
-            for artifact in sorted(out.glob(f"resnet50-*{suffix}")):
+            for artifact in sorted(out.glob(f"{PREFIX}*{suffix}")):
                 other = _embedded_owner(artifact)
                 if other and other != source_sha256:
                     _refuse_other(out, other, artifact.name)

@@ -19,7 +19,7 @@ from marsvision.runtime.errors import (
     out_of_room,
     require_extra,
 )
-from marsvision.runtime.models import default_exports_dir
+from marsvision.runtime.models import default_exports_dir, shipped_name
 
 _REPO = Path(__file__).resolve().parents[1]
 MODELS_ENV = "MARS_MODELS"  # folder of shipped checkpoints, instead of <repo>/models
@@ -33,7 +33,7 @@ def models_dir() -> Path:
 
 def shipped_checkpoint(task: str = "binary") -> Path:
     """The shipped checkpoint `resnet50-<task>.pt` in `models_dir()`."""
-    path = models_dir() / f"resnet50-{task}.pt"
+    path = models_dir() / shipped_name(task)
     if not path.is_file():
         raise MarsvisionError(
             f"no shipped {task} model at {path}; pass --checkpoint PATH (a mars-train checkpoint)"

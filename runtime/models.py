@@ -29,9 +29,18 @@ def default_exports_dir() -> Path:
     return Path(os.environ.get(EXPORTS_ENV) or "exports")
 
 
+# Every file of a model, shipped checkpoint and artifacts, is named PREFIX + task + suffix.
+PREFIX = "resnet50-"
+
+
 def artifact_name(task: str, flavour: str) -> str:
     """File name of one artifact, e.g. `resnet50-binary.int8-cpu.onnx`."""
-    return f"resnet50-{task}{SUFFIXES[flavour]}"
+    return f"{PREFIX}{task}{SUFFIXES[flavour]}"
+
+
+def shipped_name(task: str) -> str:
+    """File name of the shipped checkpoint of a task, e.g. `resnet50-binary.pt`."""
+    return f"{PREFIX}{task}.pt"
 
 
 def _has_tensorrt() -> bool:
@@ -165,8 +174,8 @@ def _other_task_model(folder: Path, task: str, flavours: list[str]) -> Path | No
     default folder), in the order of `flavours`; None without one."""
     for flavour in flavours:
         suffix = SUFFIXES[flavour]
-        for path in sorted(folder.glob(f"resnet50-*{suffix}")):
-            name = path.name.removeprefix("resnet50-").removesuffix(suffix)
+        for path in sorted(folder.glob(f"{PREFIX}*{suffix}")):
+            name = path.name.removeprefix(PREFIX).removesuffix(suffix)
             if name != task and "." not in name and path.is_file():
                 return path
     return None

@@ -24,15 +24,11 @@ import numpy as np
 from marsvision.runtime.errors import MarsvisionError, interruptible, signals_held
 from marsvision.runtime.files import atomic_write_text, check_writable_folder, make_folder
 from marsvision.runtime.metadata import sha256_file
+from marsvision.runtime.models import shipped_name
 from marsvision.train.config import DEVICES
 
 SCORED_SPLITS = ("val", "test")
 SUMS_FILE = "SHA256SUMS"
-
-
-def shipped_name(task: str) -> str:
-    """File name of the shipped checkpoint of a task."""
-    return f"resnet50-{task}.pt"
 
 
 @dataclass(frozen=True)

@@ -236,10 +236,11 @@ def run_sweep(
             "--set train_on=train+val: a refit's val is training data and cannot rank runs; "
             "refit one candidate with one seed (--candidates NAME --seeds N)"
         )
+    from marsvision.runtime.models import shipped_name
     from marsvision.train.images import decoded_once
     from marsvision.train.int8_distill import distill_file
     from marsvision.train.loop import main as train
-    from marsvision.train.ship import ship_run, shipped_name
+    from marsvision.train.ship import ship_run
 
     plan = []  # every run's config, checked before the first trains: not after a lease is spent
     for name, seed in [(n, s) for n in names for s in seeds]:
