@@ -17,7 +17,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import IO, Any
 
 import click
 
@@ -148,6 +148,16 @@ def _is_stream(path: str) -> bool:
     return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
 
 
+def _still_named(stream: IO[Any], path: str) -> bool:
+    """`path` still names the open file `stream` writes (not deleted, moved or replaced, e.g.
+    by a log rotation or a cleanup while the run went on)."""
+    try:
+        here, named = os.fstat(stream.fileno()), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (named.st_dev, named.st_ino)
+
+
 def _record(cfg: InferConfig, clf: Classifier, inputs: int) -> dict[str, Any]:
     """The resolved options a results file's run record keeps (`write_record`), and the
     versions that made its rows (for provenance; --resume checks only `library`'s)."""
@@ -246,6 +256,7 @@ def run(cfg: InferConfig) -> int:
         ok = failed = 0
         progress = _Progress(len(todo), rows_on_terminal=stream.isatty())
         write_error: OSError | None = None
+        gone = False  # --out no longer names the file written
         try:
             writer = ResultWriter(
                 stream,
@@ -267,6 +278,7 @@ def run(cfg: InferConfig) -> int:
             write_error = e
         finally:
             progress.close()
+            gone = cfg.out is not None and not passing and not _still_named(stream, cfg.out)
             try:
                 if cfg.out is not None:
                     stream.close()  # flushes: fails again after a failed write
@@ -283,6 +295,11 @@ def run(cfg: InferConfig) -> int:
             hint = "; make room and rerun with --resume" if cfg.out and not passing else ""
             raise MarsvisionError(
                 f"cannot write the results to {where} ({write_error.strerror or write_error}){hint}"
+            )
+        if gone:  # the rows went into a file no name leads to: exit 0 said all was written
+            raise MarsvisionError(
+                f"{cfg.out} was deleted, moved or replaced while mars-infer wrote it: this run's "
+                f"{ok + failed} rows are not in it; run again"
             )
         secs = time.perf_counter() - t_run
     skipped = len(inputs) - len(todo)

@@ -789,6 +789,44 @@ def test_a_run_stopped_before_its_first_row_leaves_no_out(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_results_file_gone_while_written_is_an_error(
+    how: str,
+    models: dict[str, Path],
+    msl_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--out deleted or replaced during the run (a cleanup, a log rotation): the rows went into
+    a file no name leads to, and mars-infer said "2 ok" and exited 0."""
+    out = tmp_path / "r.csv"
+
+    class Meddled(Classifier):
+        def predict_batches(self, paths: Any) -> Any:
+            for n, batch in enumerate(super().predict_batches(paths)):
+                if n == 1:  # after the first batch's rows
+                    if how == "deleted":
+                        out.unlink()
+                    else:
+                        (tmp_path / "new.csv").write_text("path\n")
+                        os.replace(tmp_path / "new.csv", out)
+                yield batch
+
+    monkeypatch.setattr(infer_cli, "Classifier", Meddled)
+    args = [*_image_args(msl_dir, 2), "-m", str(models["fp32"]), "-o", str(out), "-b", "1"]
+    result = CliRunner().invoke(infer_cli.main, args)
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: {out} was deleted, moved or replaced while mars-infer wrote it: this run's 2 "
+        "rows are not in it; run again"
+    )
+    monkeypatch.setattr(infer_cli, "Classifier", Classifier)
+    if out.exists():
+        out.unlink()
+    result = CliRunner().invoke(infer_cli.main, args)  # left alone: written, exit 0
+    assert result.exit_code == 0 and len(_csv_rows(out)) == 2, result.output
+
+
 def test_resume_with_a_top_k_above_the_class_count(
     models: dict[str, Path], msl_dir: Path, tmp_path: Path
 ) -> None:
