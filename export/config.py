@@ -31,10 +31,11 @@ class ExportConfig:
     tensorrt: str = "auto"
     max_batch: int = 32
     # An INT8 file whose labels agree with PyTorch's on fewer percent of the parity images is
-    # refused (nothing written): at 64 images, 7 or more labels moved. It catches a broken INT8 (a
-    # calibration gone wrong), not a marginal one, which `mars-bench parity` judges (at 99%):
-    # the shipped model's INT8 files agree on 99.45-99.77% of val and test, those that failed
-    # parity (GPU models, msl25 stand-ins: RECIPES.md) on 93.2-99.2%. 0 turns it off.
+    # refused (no model file written): at 64 images, 7 or more labels moved. It catches a
+    # broken INT8 (a calibration gone wrong), not a marginal one, which `mars-bench parity`
+    # judges (at 99%): the shipped model's INT8 files agree on 99.45-99.77% of val and test,
+    # those that failed parity (GPU models, msl25 stand-ins: RECIPES.md) on 93.2-99.2%. 0 turns
+    # it off.
     int8_min_agreement: float = 90.0
     data_dir: Path | None = None  # None: $MARS_DATA, else the default location
     # Real val images (the split's first) for the FP32 parity gate, the INT8 floor above and

@@ -56,13 +56,19 @@ FLAVOURS: dict[str, dict[str, Any]] = {
 }
 
 
-# The calibrators' settings, given to onnxruntime's create_calibrator (its own defaults in
-# onnxruntime 1.32, pinned here so that another version cannot change them unseen) and kept in
-# the INT8 files' metadata. "symmetric": ranges from a histogram of |x|.
+# The calibrators' settings: every option onnxruntime's create_calibrator reads for the method,
+# at its own defaults in onnxruntime 1.32, pinned here so that another version cannot change
+# them unseen, and kept in the INT8 files' metadata. "symmetric": ranges as [-t, t].
 CALIB_OPTIONS: dict[str, dict[str, Any]] = {
     "percentile": {"num_bins": 2048, "percentile": 99.999, "symmetric": True},
     "entropy": {"num_bins": 128, "num_quantized_bins": 128, "symmetric": False},
-    "minmax": {"symmetric": False},
+    "minmax": {
+        "symmetric": False,
+        "moving_average": False,
+        "averaging_constant": 0.01,
+        "max_intermediate_outputs": None,
+        "per_channel": False,
+    },
 }
 
 
@@ -121,8 +127,8 @@ def _op_types() -> list[str]:
 
 
 def _tensors_to_calibrate(pre_path: Path) -> set[str]:
-    """The tensors of the graph that ONNX Runtime's calibrators range (ranges for each one are
-    what quantize_static needs)."""
+    """The tensors of the graph that ONNX Runtime's calibrators range: a superset of those
+    quantize_static needs ranges for (the logits, left in float, need none)."""
     from onnxruntime.quantization.calibrate import CalibraterBase
 
     calibrator = CalibraterBase(pre_path, _op_types())
@@ -286,11 +292,11 @@ def refuse_disagreement(fig: dict[str, Any], name: str, floor: float) -> None:
     n = fig["images"]
     agree = round(fig["top1_agreement"] * n)
     raise MarsvisionError(
-        f"{name} gives PyTorch's labels on {agree} of {n} val images ({100 * agree / n:.1f}%), "
-        f"under --int8-min-agreement {floor:g}: a broken INT8, nothing written. Calibrate "
-        "otherwise (--calib-method, --calib-images), distill the model for INT8 (python -m "
-        "marsvision.train.int8_distill), or pass --int8-min-agreement 0 to write it and judge "
-        "it with mars-bench parity"
+        f"{name} gives PyTorch's labels on {agree} of {n} val images ({100 * agree / n:.2f}%), "
+        f"under --int8-min-agreement {floor:g}: a broken INT8, no model file written (the "
+        "calibration cache is kept). Calibrate otherwise (--calib-method, --calib-images), "
+        "distill the model for INT8 (python -m marsvision.train.int8_distill), or pass "
+        "--int8-min-agreement 0 to write it and judge it with mars-bench parity"
     )
 
 

@@ -179,6 +179,8 @@ def _export_all(config: ExportConfig, lock: FolderLock) -> dict[str, Any]:
                 secs = time.perf_counter() - t1 + calib_secs / 2
                 entry = _entry(path, flavour, m8, fig, secs)
                 entry["calibration_reused"] = reused
+                # the floor it passed, its own: a later export may keep the file (_kept_entries)
+                entry["int8_min_agreement"] = config.int8_min_agreement
                 entries.append(entry)
                 if flavour == "int8-trt":
                     onnx_for_engine["int8-engine"] = (path, m8)
