@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from marsvision.runtime.models import artifact_name
 from marsvision.train import data as msl
 from marsvision.train.config import (
     HALF_VAL,
@@ -332,8 +333,8 @@ def render_card(
         "",
         f"    mars-export --checkpoint models/{file_name} --data ../shared/msl --int8 "
         f"--out {exports}",
-        f"    mars-infer ../shared/msl/calibrated --engine {exports}/resnet50-"
-        f"{task}.int8-cpu.onnx --out preds.csv",
+        f"    mars-infer ../shared/msl/calibrated --engine "
+        f"{exports}/{artifact_name(task, 'int8-cpu')} --out preds.csv",
         "    mars-bench score preds.csv --data ../shared/msl --split test      # the test metrics,"
         " from the runtime",
         *([score_held] if half else []),
