@@ -802,8 +802,8 @@ def test_a_results_file_gone_while_written_is_an_error(
     out = tmp_path / "r.csv"
 
     class Meddled(Classifier):
-        def predict_batches(self, paths: Any) -> Any:
-            for n, batch in enumerate(super().predict_batches(paths)):
+        def predict_batches(self, paths: Any, **kw: Any) -> Any:
+            for n, batch in enumerate(super().predict_batches(paths, **kw)):
                 if n == 1:  # after the first batch's rows
                     if how == "deleted":
                         out.unlink()
