@@ -10,7 +10,7 @@ from typing import Any
 
 from marsvision.export.artifacts import MANIFEST
 from marsvision.runtime.errors import MarsvisionError
-from marsvision.runtime.models import SUFFIXES, UNLISTED
+from marsvision.runtime.models import CHANGED, SUFFIXES, UNLISTED, changed_since_export
 
 # Report order: the reference precision first, then by falling precision.
 FLAVOUR_ORDER = tuple(SUFFIXES)
@@ -37,6 +37,8 @@ class Artifact:
     flavour: str  # a key of runtime.models.SUFFIXES, e.g. "int8-cpu", "fp16-engine"
     # a manifest is there and does not list it: not this export's file, never measured
     unlisted: bool = False
+    # the manifest lists it with another sha256: changed since the export, never measured
+    changed: bool = False
 
     @property
     def precision(self) -> str:
@@ -89,7 +91,10 @@ def find_artifacts(out_dir: str | Path) -> list[Artifact]:
         if flavour is None or not path.is_file():
             continue
         unlisted = manifest is not None and path.name not in entries
-        found.append(Artifact(path, flavour, unlisted))
+        changed = not unlisted and changed_since_export(
+            path, str(entries.get(path.name, {}).get("sha256") or "")
+        )
+        found.append(Artifact(path, flavour, unlisted, changed))
     missing = [name for name in entries if not (d / name).is_file()]
     if missing:
         raise MarsvisionError(
@@ -106,6 +111,8 @@ def skip_reason(artifact: Artifact, device: str) -> str | None:
     """Why this artifact cannot run here, or is not measured (None when it runs)."""
     if artifact.unlisted:
         return UNLISTED
+    if artifact.changed:
+        return CHANGED
     if artifact.is_engine:
         if device == "cpu":
             return "TensorRT engines need a GPU; this run is on the CPU (--device cpu, or no GPU)"

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.metadata import sha256_file
 
 DEFAULT_TASK = "binary"
 EXPORTS_ENV = "MARS_EXPORTS"  # where to look instead of ./exports
@@ -95,16 +96,27 @@ UNLISTED = (
     "manifest.json does not list it (mars-export left it out: replaced by hand, or made before "
     "the last export)"
 )
+# ... and one it lists with other bytes: a bit flipped in a weight loads and runs, wrongly
+CHANGED = (
+    "its sha256 is not the one manifest.json gives (changed since mars-export wrote it: "
+    "damaged in a copy or where it is stored, or replaced by hand)"
+)
 
 
-def _manifest_files(folder: Path) -> set[str] | None:
-    """The file names the export folder's manifest.json lists; None without a readable one
-    (then the files go by their names alone)."""
+def manifest_files(folder: Path) -> dict[str, str] | None:
+    """The file names the export folder's manifest.json lists, each with the sha256 it gives
+    for it ('' where none); None without a readable one (then the files go by their names
+    alone)."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-        return {str(entry["file"]) for entry in manifest["artifacts"]}
-    except (OSError, ValueError, KeyError, TypeError):
+        return {str(e["file"]): str(e.get("sha256") or "") for e in manifest["artifacts"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def changed_since_export(path: Path, sha256: str) -> bool:
+    """`path`'s bytes are not those the manifest gave `sha256` for (False where it gave none)."""
+    return bool(sha256) and sha256_file(path) != sha256
 
 
 class DefaultModel(NamedTuple):
@@ -131,7 +143,7 @@ def default_model(
 
     folder = Path(exports) if exports is not None else default_exports_dir()
     flavours = _preferred_flavours(device)
-    listed = _manifest_files(folder)
+    listed = manifest_files(folder)
     notes = []
     for flavour in flavours:
         path = folder / artifact_name(task, flavour)
@@ -139,6 +151,9 @@ def default_model(
             continue
         if listed is not None and path.name not in listed:
             notes.append(f"passed over {path.name}: {UNLISTED}")
+            continue
+        if listed is not None and changed_since_export(path, listed[path.name]):
+            notes.append(f"passed over {path.name}: {CHANGED}")
             continue
         if flavour.endswith("-engine"):  # TensorRT installed says nothing of a GPU or its build
             refusal = engine_refusal(path)

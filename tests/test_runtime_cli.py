@@ -464,6 +464,21 @@ def test_default_model_passes_over_fp16_where_cuda_does_not_run(
     none = f"no exported binary model .*passed over {names['fp32']}: manifest.json does not"
     with pytest.raises(MarsvisionError, match=none):
         m.default_model(tmp_path, device="cpu")  # the notes say why none was taken
+    # one it lists with other bytes (a flipped bit loads and runs) is passed over too; the
+    # sha256 the manifest gives is checked, where it gives one
+    listed = [{"file": names["int8-cpu"], "sha256": "0" * 64},
+              {"file": names["fp32"], "sha256": m.sha256_file(tiny_models["fp32"])}]  # fmt: skip
+    (tmp_path / "manifest.json").write_text(json.dumps({"artifacts": listed}))
+    chosen = m.default_model(tmp_path, device="cpu")
+    assert (chosen.path, chosen.device) == (tmp_path / names["fp32"], "cpu")
+    assert chosen.note == (
+        f"passed over {names['int8-cpu']}: its sha256 is not the one manifest.json gives "
+        "(changed since mars-export wrote it: damaged in a copy or where it is stored, or "
+        "replaced by hand)"
+    )
+    listed[0]["sha256"] = m.sha256_file(tiny_models["int8-cpu"])
+    (tmp_path / "manifest.json").write_text(json.dumps({"artifacts": listed}))
+    assert m.default_model(tmp_path, device="cpu") == (tmp_path / names["int8-cpu"], "cpu", None)
 
 
 def test_no_default_model_beside_another_tasks_export_names_that_one(tmp_path: Path) -> None:
