@@ -19,7 +19,8 @@ from marsvision.runtime.errors import (
     out_of_room,
     require_extra,
 )
-from marsvision.runtime.models import default_exports_dir, shipped_name
+from marsvision.runtime.metadata import sha256_file
+from marsvision.runtime.models import SUMS_FILE, default_exports_dir, listed_sha256, shipped_name
 
 _REPO = Path(__file__).resolve().parents[1]
 MODELS_ENV = "MARS_MODELS"  # folder of shipped checkpoints, instead of <repo>/models
@@ -32,11 +33,20 @@ def models_dir() -> Path:
 
 
 def shipped_checkpoint(task: str = "binary") -> Path:
-    """The shipped checkpoint `resnet50-<task>.pt` in `models_dir()`."""
+    """The shipped checkpoint `resnet50-<task>.pt` in `models_dir()`, refused where its bytes
+    are not those SHA256SUMS beside it gives (a bit flipped in a weight loads and exports)."""
     path = models_dir() / shipped_name(task)
     if not path.is_file():
         raise MarsvisionError(
             f"no shipped {task} model at {path}; pass --checkpoint PATH (a mars-train checkpoint)"
+        )
+    want = listed_sha256(path.parent / SUMS_FILE, path.name)
+    got = sha256_file(path) if want else ""
+    if got != want:
+        raise MarsvisionError(
+            f"{path} is not the shipped file: sha256 {got[:12]}..., {SUMS_FILE} beside it gives "
+            f"{want[:12]}... (damaged, or changed since it shipped); restore it (in a clone: "
+            f"git checkout -- {path}) or pass --checkpoint PATH"
         )
     return path
 

@@ -44,6 +44,23 @@ def shipped_name(task: str) -> str:
     return f"{PREFIX}{task}.pt"
 
 
+SUMS_FILE = "SHA256SUMS"  # beside the shipped checkpoints: `sha256sum -c SHA256SUMS`
+
+
+def listed_sha256(sums: Path, name: str) -> str:
+    """The sha256 that the `sha256sum` file `sums` gives for the file `name`; '' where it gives
+    none (or there is no such file)."""
+    try:
+        lines = sums.read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError):
+        return ""
+    for line in lines:
+        digest, _, listed = line.partition(" ")
+        if listed[:1] in (" ", "*") and listed[1:] == name:  # "  name", or " *name" (binary)
+            return digest.lower()
+    return ""
+
+
 def _has_tensorrt() -> bool:
     """The TensorRT backend's own test of an install (type stubs alone do not count)."""
     from marsvision.runtime.backends.tensorrt import _require_trt

@@ -86,6 +86,35 @@ def test_shipped_checkpoint_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert cli.shipped_checkpoint() == tmp_path / "models" / "resnet50-binary.pt"
 
 
+def test_a_shipped_checkpoint_that_is_not_its_sha256sums_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shipped checkpoint changed since it shipped (a bit flipped in a weight loads and
+    exports) was exported as it was; SHA256SUMS beside it said otherwise."""
+    import hashlib
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "resnet50-binary.pt").write_bytes(b"x")
+    monkeypatch.setattr(cli, "_REPO", tmp_path)
+    monkeypatch.delenv("MARS_MODELS", raising=False)
+    good = hashlib.sha256(b"x").hexdigest()
+    for sums in (f"{good}  resnet50-binary.pt\n", f"{good.upper()} *resnet50-binary.pt\n",
+                 f"{'0' * 64}  resnet50-msl25.pt\n"):  # fmt: skip
+        (models / "SHA256SUMS").write_text(sums)
+        assert cli.shipped_checkpoint() == models / "resnet50-binary.pt"
+    (models / "SHA256SUMS").write_text(f"{'0' * 64}  resnet50-msl25.pt\n{'ab' * 32}  "
+                                       "resnet50-binary.pt\n")  # fmt: skip
+    with pytest.raises(MarsvisionError) as e:
+        cli.shipped_checkpoint()
+    assert e.value.message == (
+        f"{models / 'resnet50-binary.pt'} is not the shipped file: sha256 {good[:12]}..., "
+        "SHA256SUMS beside it gives abababababab... (damaged, or changed since it shipped); "
+        f"restore it (in a clone: git checkout -- {models / 'resnet50-binary.pt'}) or pass "
+        "--checkpoint PATH"
+    )
+
+
 def test_missing_checkpoint(msl_dir: Path, tmp_path: Path) -> None:
     line = _one_line_error(
         *_run(["--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")], msl_dir)

@@ -24,11 +24,10 @@ import numpy as np
 from marsvision.runtime.errors import MarsvisionError, interruptible, signals_held
 from marsvision.runtime.files import atomic_write_text, check_writable_folder, make_folder
 from marsvision.runtime.metadata import sha256_file
-from marsvision.runtime.models import shipped_name
+from marsvision.runtime.models import SUMS_FILE, shipped_name
 from marsvision.train.config import DEVICES
 
 SCORED_SPLITS = ("val", "test")
-SUMS_FILE = "SHA256SUMS"
 
 
 @dataclass(frozen=True)

@@ -236,7 +236,7 @@ def run_sweep(
             "--set train_on=train+val: a refit's val is training data and cannot rank runs; "
             "refit one candidate with one seed (--candidates NAME --seeds N)"
         )
-    from marsvision.runtime.models import shipped_name
+    from marsvision.runtime.models import SUMS_FILE, shipped_name
     from marsvision.train.images import decoded_once
     from marsvision.train.int8_distill import distill_file
     from marsvision.train.loop import main as train
@@ -324,7 +324,7 @@ def run_sweep(
                            limit=settings.get("limit"))  # fmt: skip
     parts = split_file(shipped.checkpoint, out_dir)
     shutil.copy(shipped.card, out_dir / shipped.card.name)
-    atomic_write_text(out_dir / "SHA256SUMS", f"{shipped.sha256}  {shipped_name(task)}\n")
+    atomic_write_text(out_dir / SUMS_FILE, f"{shipped.sha256}  {shipped_name(task)}\n")
     summary = {
         "task": task,
         "chosen": ranked[0]["name"],
