@@ -173,7 +173,12 @@ class _Interruptible(click.Group):
             return super().invoke(ctx)
 
 
-@click.group(cls=_Interruptible, context_settings={"help_option_names": ["-h", "--help"]})
+# On each command too: a subcommand's context made on its own (as a test reading a card's
+# commands makes one) took click's default, --help alone, and cached it on the command object.
+_HELP = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(cls=_Interruptible, context_settings=_HELP)
 def main() -> None:
     """Benchmark marsvision models: speed and accuracy parity against PyTorch, and scores of
     mars-infer result files on the official MSL splits or on your own labelled images."""
@@ -210,7 +215,7 @@ def _bar(name: str, help: str) -> Callable[[Callable[..., Any]], Callable[..., A
     )
 
 
-@main.command()
+@main.command(context_settings=_HELP)
 @click.option(
     "--checkpoint",
     type=click.Path(path_type=Path),
@@ -344,7 +349,7 @@ def speed(
         sys.exit(SPEED_FAIL_EXIT)
 
 
-@main.command()
+@main.command(context_settings=_HELP)
 @click.option(
     "--checkpoint",
     type=click.Path(path_type=Path),
@@ -469,7 +474,7 @@ Exit codes:
 """
 
 
-@main.command(help=_SCORE_HELP)
+@main.command(help=_SCORE_HELP, context_settings=_HELP)
 @click.argument("predictions", type=click.Path(path_type=Path, allow_dash=True))  # unreadable: 1
 @_data
 @click.option(
