@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from marsvision.export.artifacts import MANIFEST
 from marsvision.runtime.errors import MarsvisionError
-from marsvision.runtime.models import CHANGED, SUFFIXES, UNLISTED, changed_since_export
+from marsvision.runtime.models import SUFFIXES, UNLISTED, changed_since_export
 
 # Report order: the reference precision first, then by falling precision.
 FLAVOUR_ORDER = tuple(SUFFIXES)
@@ -37,8 +38,14 @@ class Artifact:
     flavour: str  # a key of runtime.models.SUFFIXES, e.g. "int8-cpu", "fp16-engine"
     # a manifest is there and does not list it: not this export's file, never measured
     unlisted: bool = False
-    # the manifest lists it with another sha256: changed since the export, never measured
-    changed: bool = False
+    # the sha256 the manifest gives for it ('' where none)
+    listed_sha256: str = ""
+
+    @cached_property
+    def changed(self) -> bool:
+        """Its bytes are not those the manifest vouches for: changed since the export (damaged,
+        or replaced by hand). Hashed when first asked, for an artifact about to be used."""
+        return changed_since_export(self.path, self.listed_sha256)
 
     @property
     def precision(self) -> str:
@@ -91,10 +98,8 @@ def find_artifacts(out_dir: str | Path) -> list[Artifact]:
         if flavour is None or not path.is_file():
             continue
         unlisted = manifest is not None and path.name not in entries
-        changed = not unlisted and changed_since_export(
-            path, str(entries.get(path.name, {}).get("sha256") or "")
-        )
-        found.append(Artifact(path, flavour, unlisted, changed))
+        listed = str(entries.get(path.name, {}).get("sha256") or "")
+        found.append(Artifact(path, flavour, unlisted, listed))
     missing = [name for name in entries if not (d / name).is_file()]
     if missing:
         raise MarsvisionError(
@@ -111,8 +116,6 @@ def skip_reason(artifact: Artifact, device: str) -> str | None:
     """Why this artifact cannot run here, or is not measured (None when it runs)."""
     if artifact.unlisted:
         return UNLISTED
-    if artifact.changed:
-        return CHANGED
     if artifact.is_engine:
         if device == "cpu":
             return "TensorRT engines need a GPU; this run is on the CPU (--device cpu, or no GPU)"

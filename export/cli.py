@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +42,16 @@ def shipped_checkpoint(task: str = "binary") -> Path:
             f"no shipped {task} model at {path}; pass --checkpoint PATH (a mars-train checkpoint)"
         )
     want = listed_sha256(path.parent / SUMS_FILE, path.name)
-    got = sha256_file(path) if want else ""
+    try:
+        got = sha256_file(path) if want else ""
+    except OSError as e:
+        raise MarsvisionError(f"cannot read {path} ({e.strerror or e})") from None
     if got != want:
         raise MarsvisionError(
             f"{path} is not the shipped file: sha256 {got[:12]}..., {SUMS_FILE} beside it gives "
             f"{want[:12]}... (damaged, or changed since it shipped); restore it (in a clone: "
-            f"git checkout -- {path}) or pass --checkpoint PATH"
+            f"git -C {shlex.quote(str(path.parent))} checkout -- {shlex.quote(path.name)}) or "
+            "pass --checkpoint PATH"
         )
     return path
 

@@ -51,7 +51,7 @@ def listed_sha256(sums: Path, name: str) -> str:
     """The sha256 that the `sha256sum` file `sums` gives for the file `name`; '' where it gives
     none (or there is no such file)."""
     try:
-        lines = sums.read_text(encoding="utf-8").splitlines()
+        lines = sums.read_text(encoding="utf-8-sig").splitlines()  # a BOM an editor added
     except (OSError, ValueError):
         return ""
     for line in lines:
@@ -132,8 +132,14 @@ def manifest_files(folder: Path) -> dict[str, str] | None:
 
 
 def changed_since_export(path: Path, sha256: str) -> bool:
-    """`path`'s bytes are not those the manifest gave `sha256` for (False where it gave none)."""
-    return bool(sha256) and sha256_file(path) != sha256
+    """`path`'s bytes are not those the manifest gave `sha256` for (False where it gave none);
+    a file that cannot be read is a one-line error."""
+    if not sha256:
+        return False
+    try:
+        return sha256_file(path) != sha256
+    except OSError as e:
+        raise MarsvisionError(f"cannot read {path} ({e.strerror or e})") from None
 
 
 class DefaultModel(NamedTuple):
@@ -162,15 +168,17 @@ def default_model(
     flavours = _preferred_flavours(device)
     listed = manifest_files(folder)
     notes = []
+    if listed is None and (folder / "manifest.json").exists():  # the check would be off unseen
+        notes.append(
+            "manifest.json there is not mars-export's (unreadable, or of another shape): the "
+            "files go by their names alone, unchecked"
+        )
     for flavour in flavours:
         path = folder / artifact_name(task, flavour)
         if not path.is_file():
             continue
         if listed is not None and path.name not in listed:
             notes.append(f"passed over {path.name}: {UNLISTED}")
-            continue
-        if listed is not None and changed_since_export(path, listed[path.name]):
-            notes.append(f"passed over {path.name}: {CHANGED}")
             continue
         if flavour.endswith("-engine"):  # TensorRT installed says nothing of a GPU or its build
             refusal = engine_refusal(path)
@@ -182,6 +190,15 @@ def default_model(
             if refusal is not None:
                 notes.append(f"passed over {path.name}, made for a GPU: {refusal}")
                 device = "cpu"
+                continue
+        if listed is not None:  # last: hashed only for the file about to be taken
+            try:
+                changed = changed_since_export(path, listed[path.name])
+            except MarsvisionError as e:
+                notes.append(f"passed over {path.name}: {e.message}")
+                continue
+            if changed:
+                notes.append(f"passed over {path.name}: {CHANGED}")
                 continue
         return DefaultModel(path, device, "; ".join(notes) or None)
     passed = f"; {'; '.join(notes)}" if notes else ""

@@ -100,8 +100,9 @@ def test_a_shipped_checkpoint_that_is_not_its_sha256sums_is_refused(
     monkeypatch.delenv("MARS_MODELS", raising=False)
     good = hashlib.sha256(b"x").hexdigest()
     for sums in (f"{good}  resnet50-binary.pt\n", f"{good.upper()} *resnet50-binary.pt\n",
+                 f"\ufeff{good}  resnet50-binary.pt\r\n",  # an editor's BOM, Windows' CRLF
                  f"{'0' * 64}  resnet50-msl25.pt\n"):  # fmt: skip
-        (models / "SHA256SUMS").write_text(sums)
+        (models / "SHA256SUMS").write_text(sums, encoding="utf-8", newline="")
         assert cli.shipped_checkpoint() == models / "resnet50-binary.pt"
     (models / "SHA256SUMS").write_text(f"{'0' * 64}  resnet50-msl25.pt\n{'ab' * 32}  "
                                        "resnet50-binary.pt\n")  # fmt: skip
@@ -110,7 +111,7 @@ def test_a_shipped_checkpoint_that_is_not_its_sha256sums_is_refused(
     assert e.value.message == (
         f"{models / 'resnet50-binary.pt'} is not the shipped file: sha256 {good[:12]}..., "
         "SHA256SUMS beside it gives abababababab... (damaged, or changed since it shipped); "
-        f"restore it (in a clone: git checkout -- {models / 'resnet50-binary.pt'}) or pass "
+        f"restore it (in a clone: git -C {models} checkout -- resnet50-binary.pt) or pass "
         "--checkpoint PATH"
     )
 

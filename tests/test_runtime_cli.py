@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import io
 import json
 import os
@@ -479,6 +480,20 @@ def test_default_model_passes_over_fp16_where_cuda_does_not_run(
     listed[0]["sha256"] = m.sha256_file(tiny_models["int8-cpu"])
     (tmp_path / "manifest.json").write_text(json.dumps({"artifacts": listed}))
     assert m.default_model(tmp_path, device="cpu") == (tmp_path / names["int8-cpu"], "cpu", None)
+    hashed = m.sha256_file
+
+    def unreadable(path: Any) -> str:  # a read error of a damaged medium: not a traceback
+        if Path(path).name == names["int8-cpu"]:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return hashed(path)
+
+    monkeypatch.setattr(m, "sha256_file", unreadable)
+    chosen = m.default_model(tmp_path, device="cpu")
+    assert (chosen.path, chosen.note) == (
+        tmp_path / names["fp32"],
+        f"passed over {names['int8-cpu']}: cannot read {tmp_path / names['int8-cpu']} "
+        "(Input/output error)",
+    )
 
 
 def test_no_default_model_beside_another_tasks_export_names_that_one(tmp_path: Path) -> None:
@@ -698,12 +713,17 @@ def test_a_manifest_that_is_not_mars_exports_is_not_a_list_of_files(
     tmp_path: Path, manifest: object
 ) -> None:
     """A manifest.json of another shape (another tool's, a newer format's) names no files: the
-    exports then go by their names, as without one (a KeyError or TypeError was a traceback)."""
+    exports then go by their names, as without one (a KeyError or TypeError was a traceback),
+    with a note."""
     from marsvision.runtime import models as m
 
     paths = _exports(tmp_path, "int8-cpu", "fp32")
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    assert m.default_model(tmp_path, device="cpu") == (paths["int8-cpu"], "cpu", None)
+    note = (  # and says so: the files' sha256 are not checked then either
+        "manifest.json there is not mars-export's (unreadable, or of another shape): the files "
+        "go by their names alone, unchecked"
+    )
+    assert m.default_model(tmp_path, device="cpu") == (paths["int8-cpu"], "cpu", note)
 
 
 def test_an_empty_mars_exports_is_the_default_folder(monkeypatch: pytest.MonkeyPatch) -> None:
