@@ -21,7 +21,13 @@ from marsvision.runtime.errors import (
     require_extra,
 )
 from marsvision.runtime.metadata import sha256_file
-from marsvision.runtime.models import SUMS_FILE, default_exports_dir, listed_sha256, shipped_name
+from marsvision.runtime.models import (
+    SUMS_FILE,
+    changed_since_export,
+    default_exports_dir,
+    listed_sha256,
+    shipped_name,
+)
 
 _REPO = Path(__file__).resolve().parents[1]
 MODELS_ENV = "MARS_MODELS"  # folder of shipped checkpoints, instead of <repo>/models
@@ -42,16 +48,12 @@ def shipped_checkpoint(task: str = "binary") -> Path:
             f"no shipped {task} model at {path}; pass --checkpoint PATH (a mars-train checkpoint)"
         )
     want = listed_sha256(path.parent / SUMS_FILE, path.name)
-    try:
-        got = sha256_file(path) if want else ""
-    except OSError as e:
-        raise MarsvisionError(f"cannot read {path} ({e.strerror or e})") from None
-    if got != want:
+    if changed_since_export(path, want):  # hashed again for the message only when refused
         raise MarsvisionError(
-            f"{path} is not the shipped file: sha256 {got[:12]}..., {SUMS_FILE} beside it gives "
-            f"{want[:12]}... (damaged, or changed since it shipped); restore it (in a clone: "
-            f"git -C {shlex.quote(str(path.parent))} checkout -- {shlex.quote(path.name)}) or "
-            "pass --checkpoint PATH"
+            f"{path} is not the shipped file: sha256 {sha256_file(path)[:12]}..., {SUMS_FILE} "
+            f"beside it gives {want[:12]}... (damaged, or changed since it shipped); restore it "
+            f"(in a clone: git -C {shlex.quote(str(path.parent))} checkout -- "
+            f"{shlex.quote(path.name)}) or pass --checkpoint PATH"
         )
     return path
 

@@ -132,8 +132,8 @@ def manifest_files(folder: Path) -> dict[str, str] | None:
 
 
 def changed_since_export(path: Path, sha256: str) -> bool:
-    """`path`'s bytes are not those the manifest gave `sha256` for (False where it gave none);
-    a file that cannot be read is a one-line error."""
+    """`path`'s bytes are not those a manifest.json or SHA256SUMS gave `sha256` for (False
+    where it gave none); a file that cannot be read is a one-line error."""
     if not sha256:
         return False
     try:
