@@ -55,9 +55,15 @@ def listed_sha256(sums: Path, name: str) -> str:
     except (OSError, ValueError):
         return ""
     for line in lines:
-        digest, _, listed = line.partition(" ")
-        if listed[:1] in (" ", "*") and listed[1:] == name:  # "  name", or " *name" (binary)
-            return digest.lower()
+        if line.startswith("SHA256 (") and ") = " in line:  # BSD form, `sha256sum --tag`
+            listed, _, digest = line[len("SHA256 (") :].rpartition(") = ")
+        else:  # GNU form: "digest  name", or "digest *name" (binary mode)
+            digest, _, listed = line.partition(" ")
+            if listed[:1] not in (" ", "*"):
+                continue
+            listed = listed[1:]
+        if listed.removeprefix("./") == name:
+            return digest.strip().lower()
     return ""
 
 

@@ -99,11 +99,22 @@ def test_a_shipped_checkpoint_that_is_not_its_sha256sums_is_refused(
     monkeypatch.setattr(cli, "_REPO", tmp_path)
     monkeypatch.delenv("MARS_MODELS", raising=False)
     good = hashlib.sha256(b"x").hexdigest()
-    for sums in (f"{good}  resnet50-binary.pt\n", f"{good.upper()} *resnet50-binary.pt\n",
-                 f"\ufeff{good}  resnet50-binary.pt\r\n",  # an editor's BOM, Windows' CRLF
-                 f"{'0' * 64}  resnet50-msl25.pt\n"):  # fmt: skip
-        (models / "SHA256SUMS").write_text(sums, encoding="utf-8", newline="")
-        assert cli.shipped_checkpoint() == models / "resnet50-binary.pt"
+    for form in (
+        "{}  resnet50-binary.pt\n",
+        "{} *resnet50-binary.pt\n",  # binary mode
+        "\ufeff{}  resnet50-binary.pt\r\n",  # an editor's BOM, Windows' CRLF
+        "{}  ./resnet50-binary.pt\n",  # `sha256sum ./*.pt`
+        "SHA256 (resnet50-binary.pt) = {}\n",  # BSD form, `sha256sum --tag`
+    ):
+        for digest, listed in ((good, True), (good.upper(), True), ("ab" * 32, False)):
+            (models / "SHA256SUMS").write_text(form.format(digest), encoding="utf-8", newline="")
+            if listed:
+                assert cli.shipped_checkpoint() == models / "resnet50-binary.pt"
+            else:
+                with pytest.raises(MarsvisionError, match="is not the shipped file"):
+                    cli.shipped_checkpoint()
+    (models / "SHA256SUMS").write_text(f"{'0' * 64}  resnet50-msl25.pt\n")  # another file's
+    assert cli.shipped_checkpoint() == models / "resnet50-binary.pt"
     (models / "SHA256SUMS").write_text(f"{'0' * 64}  resnet50-msl25.pt\n{'ab' * 32}  "
                                        "resnet50-binary.pt\n")  # fmt: skip
     with pytest.raises(MarsvisionError) as e:
