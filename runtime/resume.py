@@ -24,12 +24,15 @@ from marsvision.runtime.results import (
 
 
 def _check_same_run(path: str, n: int, row: dict[str, Any], prov: Provenance) -> None:
-    """A row written by another model file or another --tta must not be continued."""
-    for key, want in (("model_sha256", prov.model_sha256), ("tta", prov.tta)):
+    """A row written by another model file, backend (onnxruntime on CUDA, a GPU run resumed
+    with --device cpu) or --tta must not be continued."""
+    for key, want in (("model_sha256", prov.model_sha256), ("backend", prov.backend),
+                      ("tta", prov.tta)):  # fmt: skip
         if row.get(key) != want:
             raise MarsvisionError(
                 f"{path}: row {n} has {key} {str(row.get(key))[:16]!r}, this run "
-                f"{want[:16]!r}; resume with the same model and --tta, or write to a new --out"
+                f"{want[:16]!r}; resume with the same model, backend (--backend, --device) and "
+                "--tta, or write to a new --out"
             )
 
 

@@ -308,7 +308,7 @@ def test_kill_then_resume_loses_and_duplicates_nothing(
     for other in (["--tta", "flip"], ["--engine", str(models["fp32"])]):
         r = subprocess.run([*cmd, "--resume", *other], capture_output=True)
         assert r.returncode == 1, (other, r.stderr)
-        assert b"resume with the same model and --tta" in r.stderr, other
+        assert b"resume with the same model, backend (--backend, --device) and --tta" in r.stderr
     assert out.read_text().count("\n") == len(paths)
 
 

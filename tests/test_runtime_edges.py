@@ -859,6 +859,33 @@ def test_resume_leaves_a_refused_file_as_it_was(
     assert out.read_bytes() == content
 
 
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+@pytest.mark.parametrize("field", ["model_sha256", "backend", "tta"])
+def test_resume_refuses_rows_of_another_model_backend_or_tta(
+    tmp_path: Path, fmt: str, field: str
+) -> None:
+    """Rows of another model file, --tta or backend (a run begun on onnxruntime-cuda resumed
+    with --device cpu after a GPU fault: it was continued, two backends' outputs in one file)
+    are not continued."""
+    import dataclasses
+
+    from marsvision.runtime.classifier import Prediction
+    from marsvision.runtime.results import Provenance, ResultWriter, csv_header
+    from marsvision.runtime.resume import read_done
+
+    prov = Provenance(*_PROV)
+    other = dataclasses.replace(prov, **{field: "flip" if field == "tta" else "x" * 16})
+    out = tmp_path / f"r.{fmt}"
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        writer = ResultWriter(f, fmt=fmt, class_names=["a", "b"], top_k=None,
+                              provenance=other, write_header=True)  # fmt: skip
+        writer.write([Prediction("a.jpg", "ok", "a", (0.75, 0.25))])
+    header = csv_header(["a", "b"], None)
+    with pytest.raises(MarsvisionError, match=f"has {field} .*resume with the same model, "):
+        read_done(str(out), fmt=fmt, header=header, provenance=prov)
+    assert read_done(str(out), fmt=fmt, header=header, provenance=other) == {"a.jpg": "ok"}
+
+
 def test_csv_rows_round_trip_carriage_returns_and_long_fields(tmp_path: Path) -> None:
     """A file name with a carriage return or a newline stays one field of one row (every CSV
     reader would end the row there if it were not quoted), and a path longer than the csv
