@@ -140,6 +140,9 @@ def _standard_fds() -> None:
             os.open(os.devnull, os.O_RDWR)  # the lowest number free: `fd`
 
 
+_STDOUT_NAMES = ("-", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1")
+
+
 def _is_stream(path: str) -> bool:
     try:
         mode = os.stat(path).st_mode
@@ -447,7 +450,9 @@ def main(
         raise MarsvisionError(
             "the working folder was deleted under this shell: cd to a folder that exists"
         ) from None
-    if out == "-":  # the usual spelling of stdout
+    # stdout under any of its names: `--out /dev/stdout` with stdout redirected to a file (`>
+    # f.csv`) was refused as an existing file, and with --resume wrote /dev/stdout.run.json
+    if out in _STDOUT_NAMES:
         out = None
     # Pillow warns on stderr of an image between 1x and 2x its pixel limit, which the runtime's
     # own limit (the same) refuses with an error row anyway (over 2x, Pillow raises)
@@ -455,7 +460,7 @@ def main(
 
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     if resume and out is None:
-        raise click.UsageError("--resume needs --out (the file to continue)")
+        raise click.UsageError("--resume needs --out (the file to continue, not stdout)")
     if engine is None:
         from marsvision.runtime.models import default_model
 

@@ -1024,6 +1024,28 @@ def test_a_device_or_pipe_out_is_written_as_it_is(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.csv"]  # no run record
 
 
+def test_out_dev_stdout_is_stdout_even_redirected_to_a_file(
+    model: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """`-o /dev/stdout > f.csv`: /dev/stdout then names a regular file that exists, so the run
+    was refused ("exists: pass --resume"), and with --resume wrote /dev/stdout.run.json. It is
+    stdout, whatever stdout is."""
+    redirected = tmp_path / "f.csv"
+    with open(redirected, "wb") as f:
+        r = subprocess.run([*MARS_INFER, *map(str, images), "--engine", str(model), "-o",
+                            "/dev/stdout"], stdout=f, stderr=subprocess.PIPE)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = redirected.read_text().splitlines()
+    assert rows[0].startswith("path,status,") and [x.split(",")[0] for x in rows[1:]] == list(
+        map(str, images)
+    )
+    r = _infer(*images, "--engine", model, "-o", "/dev/stdout", "--resume")
+    assert r.returncode == 2 and b"--resume needs --out (the file to continue, not stdout)" in (
+        r.stderr
+    )
+    assert not os.path.exists("/dev/stdout.run.json")
+
+
 def test_inputs_through_symlinked_folders(tmp_path: Path) -> None:
     """`link/../a.jpg` is the a.jpg beside the link's target, another file than the a.jpg beside
     the link: both are inputs (the text-only key merged them, and one got no row); a symlinked
