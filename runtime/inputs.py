@@ -289,11 +289,15 @@ def expand_inputs(
                 matches = sorted(_recursive_glob(arg, unreadable))
             else:
                 matches = sorted(glob.glob(arg))
-            files = [m for m in matches if not os.path.isdir(m)]
-            for m in matches:
-                if os.path.isdir(m):
-                    files.extend(folder_images(m, recursive, unreadable))
-            out.extend(files + unreadable or [arg])  # no match: the pattern gets an error row
+            folders = [m for m in matches if os.path.isdir(m)]
+            files = [m for m in matches if m not in folders]
+            passed = collections.Counter()
+            for m in folders:
+                files.extend(folder_images(m, recursive, unreadable, passed))
+            if passed and notes is not None:
+                notes.append(passed_over_note(arg, passed))
+            # no image: each folder matched gets a folder PATH's error row, no match the pattern
+            out.extend(files + unreadable or folders or [arg])
         else:
             out.append(arg)
     if empty and not out:  # a nightly `find ... > list.txt` that failed passed as "0 ok", exit 0

@@ -130,6 +130,14 @@ def test_a_folder_says_what_it_passed_over(tmp_path: Path) -> None:
     assert expand_inputs([str(empty)], notes=notes) == [str(empty)]
     assert notes == [f"passed over in {empty}: 1 subfolder (--recursive descends into them); 1 "
                      "file not named as images (.lbl 1; name one to classify it)"]  # fmt: skip
+    notes.clear()
+    # a pattern matching only folders without images directly in them (`'sols/*'`): their
+    # folder rows and what was there, not "no file matches this pattern"
+    pattern = f"{tmp_path}/only-*"
+    assert expand_inputs([pattern], notes=notes) == [str(empty)]
+    assert notes == [f"passed over in {pattern}: 1 subfolder (--recursive descends into them); "
+                     "1 file not named as images (.lbl 1; name one to classify it)"]  # fmt: skip
+    assert expand_inputs([pattern], recursive=True) == [str(empty / "sub" / "f.jpg")]
 
 
 def test_list_file_with_a_byte_order_mark(tmp_path: Path) -> None:
