@@ -575,10 +575,16 @@ def test_classifier_arguments_that_would_misbehave(models: dict[str, Path], msl_
         for one in (str(image), Path(image)):  # a str was classified letter by letter
             with pytest.raises(TypeError, match="pass a list of paths"):
                 clf.predict(one)  # type: ignore[arg-type]
-    # workers=-1 failed only at predict, in ThreadPoolExecutor; 0 meant the default
-    for workers in (0, -1):
-        with pytest.raises(ValueError, match=f"workers must be at least 1 .*got {workers}"):
-            Classifier(models["fp32"], device="cpu", workers=workers)
+    # workers=-1 failed only at predict, in ThreadPoolExecutor; 0 meant the default; a
+    # batch_size of 2.5 failed in predict with islice's words; threads=-1 ran as the default
+    for name, bad in (("workers", 0), ("workers", -1), ("batch_size", 2.5), ("batch_size", 0),
+                      ("threads", -1), ("threads", 1.5), ("workers", True)):  # fmt: skip
+        with pytest.raises(ValueError, match=f"{name} must be a whole number of at least 1.*, "
+                           f"got {bad!r}$"):  # fmt: skip
+            Classifier(models["fp32"], device="cpu", **{name: bad})  # type: ignore[arg-type]
+    two = np.int64(2)  # numpy's whole numbers are counts too
+    with Classifier(models["fp32"], device="cpu", batch_size=two, threads=1) as clf:  # type: ignore[arg-type]
+        assert clf.predict([image])[0].ok
 
 
 def test_a_model_path_that_is_not_utf8(models: dict[str, Path], tmp_path: Path) -> None:
