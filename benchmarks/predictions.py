@@ -76,6 +76,8 @@ def _row(path: Path, line: int, d: dict[str, Any], *, ranked: bool = False) -> P
     if status not in ("ok", "error"):
         raise MarsvisionError(f"{path}: line {line} has status {status!r}, not ok or error")
     label = d.get("label") or None
+    if label is not None and not isinstance(label, str):  # a hand-edited JSONL row: a traceback
+        raise MarsvisionError(f"{path}: line {line} has label {label!r}, not a class name")
     if status == "ok" and label is None:
         raise MarsvisionError(f"{path}: line {line} has status ok but no label")
     sha, precision, backend = (str(d[k]) for k in _PROVENANCE)

@@ -581,6 +581,11 @@ def _cases(samples: list[Any], tmp: Path) -> dict[str, tuple[Path, str]]:
     bad["top_k"] = [["Rover"]]  # hand-edited: not a [label, probability] pair
     (tmp / "not-a-pair.jsonl").write_text(f"{whole[0]}\n{json.dumps(bad)}\n")
     out["top-k entry"] = (tmp / "not-a-pair.jsonl", "line 2 is not a mars-infer result row")
+    bad = json.loads(whole[1])
+    bad["label"] = ["Rover"]  # hand-edited JSON: a list where a class name goes (a traceback
+    del bad["probs"]  # where no probs came first to fail on it)
+    (tmp / "list-label.jsonl").write_text(f"{whole[0]}\n{json.dumps(bad)}\n")
+    out["label a list"] = (tmp / "list-label.jsonl", "line 2 has label ['Rover'], not a class name")
     lines = text.splitlines()
     lines[3] = lines[3].replace(",0.900000,", ",0.9x,", 1)  # a hand-edited probability
     (tmp / "prob.csv").write_text("\n".join(lines) + "\n")
