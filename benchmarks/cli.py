@@ -496,7 +496,8 @@ Exit codes:
     default=None,
     metavar="N",
     help="With --val-half: the --limit of that model's mars-train run, which halved only its "
-    "first N val images (its model card's command gives it); the held half is the rest of val.",
+    "first N val images (its model card's command gives it); the held half is the rest of val "
+    "from sols it did not train on.",
 )
 @click.option(
     "--labels",

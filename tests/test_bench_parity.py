@@ -175,7 +175,7 @@ def test_val_of_a_half_val_model_is_its_held_out_half(msl_dir: Path) -> None:
     A --limit other than the run's scores none of the images the run trained on (halving the
     first N images by sol made other halves, and put trained-on images in the scored one)."""
     from marsvision.benchmarks.parity import scored_part
-    from marsvision.train.data import halve_by_sol, read_split
+    from marsvision.train.data import halve_by_sol, read_split, sol_key
 
     val = read_split(msl_dir, "val", "binary")
     test = read_split(msl_dir, "test", "binary", limit=LIMIT)
@@ -202,7 +202,10 @@ def test_val_of_a_half_val_model_is_its_held_out_half(msl_dir: Path) -> None:
     run16 = {**half, "limit": 16}  # a quick run halved its first 16; parity reads all of val
     as_trained = set(halve_by_sol(val[:16])[0])
     got, scope = scored_part(run16, "val", msl_dir, "binary", None)
-    assert len(got) == len(val) - len(as_trained) and not as_trained & set(got)
+    # none of its trained sols: the rest of val held 378 more images of them (and frames)
+    sols = {sol_key(s.path) for s in as_trained}
+    assert got == [s for s in val if sol_key(s.path) not in sols]
+    assert len(got) == len(val) - len(as_trained) - 378
     assert (
         scope == f"held out ({len(as_trained)} images of val's other half by sol were trained on)"
     )

@@ -480,12 +480,17 @@ def test_a_half_of_val_is_scored_on_its_own(msl_dir: Path, tmp_path: Path) -> No
 
 def test_a_half_of_val_as_a_limited_run_halved_it(msl_dir: Path, tmp_path: Path) -> None:
     """A train+half-val run of `--limit 100` trained on the first half by sol of its first 100
-    val images: `--train-limit 100` scores the rest of val as its held-out half (halving all of
-    val put 10 of the 46 images it trained on in the held half), and those as its trained half."""
-    from marsvision.train.data import halve_by_sol
+    val images: `--train-limit 100` scores the rest of val from sols it did not train on as its
+    held-out half (halving all of val put 10 of the 46 images it trained on in the held half;
+    the rest of val put 522 images of its trained sols there), and those 46 as its trained
+    half."""
+    from marsvision.train.data import halve_by_sol, sol_key
 
     val = read_split(msl_dir, "val", "binary")
     seen = {s.path for s in halve_by_sol(val[:100])[0]}
+    sols = {sol_key(p) for p in seen}
+    held = [s for s in val if sol_key(s.path) not in sols]
+    assert len(held) == len(val) - len(seen) - 522
     # right on the images the run did not train on, wrong on those it did
     preds = [_pred(str(s.path), 1 - s.label if s.path in seen else s.label) for s in val]
     f = _write(tmp_path / "val.csv", preds)
@@ -494,7 +499,7 @@ def test_a_half_of_val_as_a_limited_run_halved_it(msl_dir: Path, tmp_path: Path)
     assert r.exit_code == 0, r.output
     assert "halved as a run of --limit 100 halved its val" in r.stdout
     rep = _report(tmp_path / "h")
-    assert rep["metrics"]["n"] == len(val) - len(seen) and rep["metrics"]["accuracy"] == 1.0
+    assert rep["metrics"]["n"] == len(held) and rep["metrics"]["accuracy"] == 1.0
     assert rep["train_limit"] == 100 and rep["config"]["train_limit"] == 100
     r = _score(
         [*base, "--val-half", "trained", "--train-limit", "100", "--out", str(tmp_path / "t")]

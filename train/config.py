@@ -19,7 +19,7 @@ from typing import Any
 
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.spec import MIN_INPUT_SIZE
-from marsvision.train.data import Sample, halve_by_sol, read_split
+from marsvision.train.data import Sample, halve_by_sol, read_split, sol_key
 
 
 @dataclass(frozen=True)
@@ -104,16 +104,19 @@ def val_to_score(
     """`val_roles` of the first `limit` val images (ship's, parity's --limit) for a checkpoint of
     `config`: (those the run trained on, those to score). Halving by sol depends on which images
     are halved, so a train+half-val model's trained-on half is taken as its training took it
-    (val read with the run's own --limit), and every other image read is scored: halving
-    another number of images put trained-on images in the scored half."""
+    (val read with the run's own --limit), and every image read from a sol it did not train on
+    is scored: halving another number of images put trained-on images in the scored half, and
+    a run's --limit N left the rest of its trained sols' images (and other products of its
+    trained frames) to the scored part."""
     val = read_split(data_dir, "val", task, limit)
     if not holds_half_val(config):
         return val_roles(config, val)
     run_limit = saved_setting(config, "limit")
     as_trained = val if run_limit == limit else read_split(data_dir, "val", task, run_limit)
-    seen = {s.path for s in val_roles(config, as_trained)[0]}
+    learned = val_roles(config, as_trained)[0]
+    seen, sols = {s.path for s in learned}, {sol_key(s.path) for s in learned}
     trained = [s for s in val if s.path in seen]
-    scored = [s for s in val if s.path not in seen]
+    scored = [s for s in val if sol_key(s.path) not in sols]
     if not scored:
         raise MarsvisionError(
             f"--limit {limit}: the run trained on all of the first {limit} val images (its half "
