@@ -89,6 +89,7 @@ def test_the_manifests_parity_figures_are_each_files_own(
         want = parity(ref, ort_logits(exported / a["file"], batch), None, a["file"])
         got = a["parity_vs_fp32"]
         assert got["images"] == n and got["top1_agreement"] == want["top1_agreement"], a["file"]
+        assert got["reference"] == "pytorch", a["file"]  # the FP32 ONNX's alone said so
         assert got["max_abs_logit_diff"] == pytest.approx(want["max_abs_logit_diff"], rel=1e-3)
         diffs[a["flavour"]] = got["max_abs_logit_diff"]
     assert diffs["fp32"] < diffs["fp16"] < min(diffs["int8-cpu"], diffs["int8-trt"])
