@@ -344,8 +344,8 @@ def run(cfg: InferConfig) -> int:
     metavar="MODEL",
     help="ONNX file (.onnx) or TensorRT engine (.plan, with its .plan.json sidecar) "
     "[default: the export of the shipped binary model in ./exports (or $MARS_EXPORTS) that "
-    "suits this machine: TensorRT engine, else FP16 ONNX on a GPU, else INT8 ONNX, else FP32 "
-    "ONNX].",
+    "suits this machine, --device and --backend: TensorRT engine, else FP16 ONNX on a GPU, else "
+    "INT8 ONNX, else FP32 ONNX].",
 )
 @click.option(
     "--out",
@@ -464,7 +464,8 @@ def main(
     if engine is None:
         from marsvision.runtime.models import default_model
 
-        chosen = default_model(device=device)  # a MarsvisionError: one line, exit 1 (EXIT_MODEL)
+        # a MarsvisionError: one line, exit 1 (EXIT_MODEL)
+        chosen = default_model(device=device, backend=backend)
         if chosen.note:
             echo_note(f"mars-infer: {chosen.note}")
         engine, device = str(chosen.path), chosen.device

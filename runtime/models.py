@@ -102,12 +102,13 @@ def _cuda_refusal(path: Path) -> str | None:
         return e.message
 
 
-def _preferred_flavours(device: str = "auto") -> list[str]:
-    """Artifact flavours, best first, for this machine and a --device: TensorRT engines where
-    TensorRT is installed, FP16 ONNX where onnxruntime lists CUDA (neither for --device cpu),
-    then the x86 INT8 and FP32 ONNX."""
+def _preferred_flavours(device: str = "auto", backend: str = "auto") -> list[str]:
+    """Artifact flavours, best first, for this machine, a --device and a --backend: TensorRT
+    engines where TensorRT is installed (not for --backend onnxruntime, which cannot run one),
+    FP16 ONNX where onnxruntime lists CUDA (neither for --device cpu), then the x86 INT8 and
+    FP32 ONNX."""
     order = []
-    if device != "cpu" and _has_tensorrt():
+    if device != "cpu" and backend != "onnxruntime" and _has_tensorrt():
         order += ["int8-engine", "fp16-engine"]
     if device != "cpu" and _has_cuda_onnxruntime():
         order += ["fp16"]
@@ -161,17 +162,19 @@ def default_model(
     exports: str | os.PathLike[str] | None = None,
     task: str = DEFAULT_TASK,
     device: str = "auto",
+    backend: str = "auto",
 ) -> DefaultModel:
     """The best existing export of `task` in `exports` (default: $MARS_EXPORTS, else ./exports)
-    for `device`. A TensorRT engine is taken only where it runs here (a GPU, cuda-python, and an
-    engine built with this TensorRT for this GPU). With device auto, the FP16 ONNX is taken only
+    for `device` and `backend`. A TensorRT engine is taken only where it runs here (a GPU,
+    cuda-python, and an engine built with this TensorRT for this GPU; not for backend
+    onnxruntime). With device auto, the FP16 ONNX is taken only
     where onnxruntime really runs it on CUDA (FP16 on a CPU is several times slower than the
     INT8 export: 61 against 210 images/s on the Xeon with AMX), else the next export runs on the
     CPU. The note says what was passed over, and why."""
     from marsvision.runtime.backends.tensorrt import engine_refusal
 
     folder = Path(exports) if exports is not None else default_exports_dir()
-    flavours = _preferred_flavours(device)
+    flavours = _preferred_flavours(device, backend)
     listed = manifest_files(folder)
     notes = []
     if listed is None and (folder / "manifest.json").exists():  # the check would be off unseen

@@ -674,7 +674,7 @@ def _exports(folder: Path, *flavours: str) -> dict[str, Path]:
     return paths
 
 
-def test_device_cpu_never_takes_a_tensorrt_engine(
+def test_device_cpu_or_backend_onnxruntime_never_takes_a_tensorrt_engine(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--device cpu takes the INT8 ONNX even beside an engine that would run on this machine's
@@ -687,6 +687,8 @@ def test_device_cpu_never_takes_a_tensorrt_engine(
     monkeypatch.setattr(trt_backend, "_open_checks", lambda path: None)  # where it runs
     assert m.default_model(tmp_path) == (paths["int8-engine"], "auto", None)
     assert m.default_model(tmp_path, device="cpu") == (paths["int8-cpu"], "cpu", None)
+    # --backend onnxruntime cannot run an engine: it was taken, then refused
+    assert m.default_model(tmp_path, backend="onnxruntime") == (paths["int8-cpu"], "auto", None)
 
 
 def test_device_cuda_takes_the_fp16_export_without_a_cpu_fallback(
