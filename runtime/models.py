@@ -167,10 +167,10 @@ def default_model(
     """The best existing export of `task` in `exports` (default: $MARS_EXPORTS, else ./exports)
     for `device` and `backend`. A TensorRT engine is taken only where it runs here (a GPU,
     cuda-python, and an engine built with this TensorRT for this GPU; not for backend
-    onnxruntime). With device auto, the FP16 ONNX is taken only
-    where onnxruntime really runs it on CUDA (FP16 on a CPU is several times slower than the
-    INT8 export: 61 against 210 images/s on the Xeon with AMX), else the next export runs on the
-    CPU. The note says what was passed over, and why."""
+    onnxruntime). With device auto, the FP16 ONNX is taken only where onnxruntime really runs
+    it on CUDA (FP16 on a CPU is several times slower than the INT8 export: 61 against 210
+    images/s on the Xeon with AMX), else the next export runs on the CPU. The note says what
+    was passed over, and why."""
     from marsvision.runtime.backends.tensorrt import engine_refusal
 
     folder = Path(exports) if exports is not None else default_exports_dir()
