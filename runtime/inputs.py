@@ -289,6 +289,9 @@ def expand_inputs(
                 matches = sorted(_recursive_glob(arg, unreadable))
             else:
                 matches = sorted(glob.glob(arg))
+                if "**" in arg and notes is not None:  # it missed deeper images without a word
+                    notes.append(f"{arg}: without --recursive (-r), ** is one folder level, as * "
+                                 "is; add -r for any depth")  # fmt: skip
             folders = [m for m in matches if os.path.isdir(m)]
             files = [m for m in matches if m not in folders]
             passed = collections.Counter()

@@ -97,6 +97,10 @@ def test_folders_skip_hidden_files_and_subfolders(tmp_path: Path) -> None:
     assert expand_inputs([str(top)]) == shown[:1]
     assert expand_inputs([f"{top}/**/*.*"], recursive=True) == shown  # as glob sees the card
     assert expand_inputs([str(top / "._a.JPG")]) == [str(top / "._a.JPG")]
+    notes: list[str] = []  # without -r, ** is *: it missed the deeper images without a word
+    assert expand_inputs([f"{top}/**/*.*"], notes=notes) == shown[1:]
+    assert notes == [f"{top}/**/*.*: without --recursive (-r), ** is one folder level, as * is; "
+                     "add -r for any depth"]  # fmt: skip
 
 
 def test_a_folder_says_what_it_passed_over(tmp_path: Path) -> None:
