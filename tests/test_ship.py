@@ -178,6 +178,8 @@ def test_card_and_sums(shipped: Path, msl_dir: Path) -> None:
     assert "| test | 1,305 | 820 | 326 | 979 |" in card  # the split's real class counts
     assert "--val-half" not in card  # a train-only model's val is all of val
     assert f"at most {SCORE_LIMIT} images per split" in card  # a limited score says so
+    # so does a limited run: it said "on the official MSL train split" of 16 images
+    assert "trained and selected on at most the first 16 images of each split (`--limit 16`" in card
     assert f"## Notes\n\n- {NOTES[0]}\n- {NOTES[1]}\n" in card
     assert f"Rover when P(Rover) >= {float(ckpt['decision_threshold'])!r}" in card
     flip, val = ckpt["metrics"]["val_tta_flip"], ckpt["metrics"]["val"]
@@ -428,3 +430,54 @@ def test_the_threshold_is_chosen_on_the_shipped_weights(
     fp16 = val_threshold(ckpt)
     assert fp16 != pytest.approx(val_threshold(load_checkpoint(run / "checkpoint.pt")), rel=1e-6)
     assert ckpt["decision_threshold"] == pytest.approx(fp16, rel=1e-6)
+
+
+def test_a_shipped_model_is_replaced_only_by_one_as_good_on_the_same_val(
+    shipped: Path, run: Path, msl_dir: Path, tmp_path: Path
+) -> None:
+    """`make ship RUN=runs/smoke` (the README's 64-image run) replaced the production model, its
+    card and SHA256SUMS without a word, and the SHA256SUMS check then passed the toy model. A
+    model scored worse on the same val images, or on other images, is refused (the folder as it
+    was) unless --replace."""
+    import shutil
+
+    from marsvision.train import ship
+
+    models = tmp_path / "models"
+    shutil.copytree(shipped, models)
+    out = models / "resnet50-binary.pt"
+    before = {p.name: p.read_bytes() for p in models.iterdir()}
+    old = load_checkpoint(out)
+    val = old["metrics"]["val"]["balanced_accuracy"]
+
+    def like_old(**change: Any) -> dict[str, Any]:
+        new = {**old, "config": {**old["config"]}, "metrics": {**old["metrics"]}}
+        new["metrics"]["val"] = {**old["metrics"]["val"], **change.pop("val", {})}
+        new["config"].update(change)
+        return new
+
+    ship.refuse_replacing_better(out, like_old())  # as good: shipped again
+    ship.refuse_replacing_better(out, like_old(val={"balanced_accuracy": val + 0.01}))
+    ship.refuse_replacing_better(tmp_path / "none.pt", like_old(val={"balanced_accuracy": 0.0}))
+    with pytest.raises(MarsvisionError, match=f"is not replaced: it scores val balanced accuracy "
+                       f"{val:.4f}, this model {val - 0.01:.4f}; pass --replace"):  # fmt: skip
+        ship.refuse_replacing_better(out, like_old(val={"balanced_accuracy": val - 0.01}))
+    better = {"balanced_accuracy": 1.0}
+    for other in (like_old(limit=64, val=better), like_old(train_on="train+val", val=better),
+                  like_old(val={**better, "n": 8})):  # fmt: skip
+        with pytest.raises(MarsvisionError, match="their val figures are of other images"):
+            ship.refuse_replacing_better(out, other)
+    (tmp_path / "toy.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(MarsvisionError, match="is no shipped checkpoint this can compare with"):
+        ship.refuse_replacing_better(tmp_path / "toy.pt", like_old())
+    # the command: this run scored on fewer images than the shipped one, refused, then --replace
+    args = [str(run), "--models", str(models), "--data", str(msl_dir), "--device", "cpu",
+            "--workers", "2", "--limit", "16"]  # fmt: skip
+    r = CliRunner().invoke(ship_main, args)
+    assert r.exit_code == 1 and "is not replaced: their val figures are of other images" in (
+        r.output
+    )
+    assert {p.name: p.read_bytes() for p in models.iterdir()} == before
+    r = CliRunner().invoke(ship_main, [*args, "--replace"])
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(out)["shipped"]["scored_limit"] == 16

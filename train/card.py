@@ -261,6 +261,11 @@ def render_card(
     # an export folder holds one model: the binary one's (mars-infer's default) is `exports`
     exports = "exports" if task == "binary" else f"exports-{task}"
     run_limit = saved_setting(cfg, "limit")  # its halves are those of its first N val images
+    if run_limit:  # the card said "on the official MSL train split" of a 64-image smoke run
+        how = how[: -len(".")] + (
+            f"; trained and selected on at most the first {run_limit} images of each split "
+            f"(`--limit {run_limit}`: a quick check, not a model to use)."
+        )
     score_held = (
         "    mars-bench score preds.csv --data ../shared/msl --split val --val-half held"
         + (f" --train-limit {run_limit}" if run_limit else "")

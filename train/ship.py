@@ -147,6 +147,45 @@ def check_finished(ckpt: dict[str, Any], source: Path) -> None:
         )
 
 
+def _val_record(ckpt: dict[str, Any]) -> tuple[tuple[Any, ...], float]:
+    """(which val images a shipped checkpoint's val figures are of, its val balanced accuracy)."""
+    from marsvision.train.config import saved_setting
+
+    cfg = ckpt["config"]
+    val = ckpt["metrics"]["val"]
+    scored_limit = ckpt["shipped"].get("scored_limit")
+    images = (cfg.get("train_on") or "train", saved_setting(cfg, "limit"), scored_limit,
+              val["n"], ckpt.get("data_fingerprint"))  # fmt: skip
+    return images, float(val["balanced_accuracy"])
+
+
+def refuse_replacing_better(out: Path, new: dict[str, Any]) -> None:
+    """Refuse to ship `new` over the shipped checkpoint `out` unless it scores at least as well
+    on the same val images (`make ship` of the README's smoke run replaced the production
+    model, its card and SHA256SUMS without a word); --replace ships over it anyway."""
+    from marsvision.train.checkpoint import load_checkpoint
+    from marsvision.train.config import REFIT
+
+    if not out.is_file():
+        return
+    hint = "; pass --replace to ship over it (make ship ... REPLACE=1), or ship to other --models"
+    try:
+        old_images, old_val = _val_record(load_checkpoint(out))
+    except (MarsvisionError, KeyError, TypeError, ValueError):
+        raise MarsvisionError(
+            f"{out} is there and is no shipped checkpoint this can compare with{hint}"
+        ) from None
+    new_images, new_val = _val_record(new)
+    if REFIT in (old_images[0], new_images[0]) or old_images != new_images:
+        why = ("their val figures are of other images (another --train-on, --limit, scoring "
+               "--limit or data), or of training data (a train+val refit)")  # fmt: skip
+    elif new_val < old_val:
+        why = f"it scores val balanced accuracy {old_val:.4f}, this model {new_val:.4f}"
+    else:
+        return
+    raise MarsvisionError(f"{out} is not replaced: {why}{hint}")
+
+
 def ship_run(
     run: Path,
     *,
@@ -157,10 +196,13 @@ def ship_run(
     limit: int | None = None,
     notes: Sequence[str] = (),
     threshold_on_val: bool = False,
+    replace: bool = False,
 ) -> ShipResult:
     """Write the run's selected checkpoint with fp16 weights, its scores and its model card
     (`notes`: lines for the card's Notes section, e.g. why this model ships and what it misses;
-    a shipped model shipped again keeps its notes when none are given)."""
+    a shipped model shipped again keeps its notes when none are given). A shipped model already
+    in `models_dir` is replaced only by one at least as good on the same val images, or with
+    `replace`."""
     from marsvision.train import data as msl
     from marsvision.train.card import render_card
     from marsvision.train.checkpoint import atomic_torch_save, half_state, load_checkpoint
@@ -225,6 +267,8 @@ def ship_run(
         sha, size = sha256_file(staged), staged.stat().st_size
         atomic_write_text(staged_card, render_card(shipped, file_name=out.name, sha256=sha,
                                                    size_bytes=size, data_dir=data_dir))  # fmt: skip
+        if not replace:  # scored and staged: the comparison needs this model's val figures
+            refuse_replacing_better(out, shipped)
         with signals_held():  # the model, its card and SHA256SUMS change together
             os.replace(staged, out)
             os.replace(staged_card, card)
@@ -255,6 +299,9 @@ def ship_run(
 @click.option("--note", "notes", multiple=True,
               help="A line for the model card's Notes section (repeatable; a shipped model "
               "shipped again keeps its notes unless --note is given).")  # fmt: skip
+@click.option("--replace", is_flag=True,
+              help="Ship over the model already in --models even where it scored better on "
+              "val (or on other val images, which cannot tell).")  # fmt: skip
 @click.option("--threshold-on-val/--argmax", "threshold_on_val", default=False, show_default=True,
               help="Binary models: label by a threshold on P(positive) chosen on val for "
               "balanced accuracy, or by the most probable class (on the MSL splits the "
@@ -267,6 +314,7 @@ def main(
     workers: int,
     limit: int | None,
     notes: tuple[str, ...],
+    replace: bool,
     threshold_on_val: bool,
 ) -> None:
     """Ship RUN (a mars-train run folder or its checkpoint.pt): fp16 weights, val and test
@@ -276,7 +324,7 @@ def main(
     with interruptible("ship"):  # the staged files are removed
         result = ship_run(run, models_dir=models_dir, data_dir=resolve_data_dir(data),
                           device=device, workers=workers, limit=limit, notes=notes,
-                          threshold_on_val=threshold_on_val)  # fmt: skip
+                          threshold_on_val=threshold_on_val, replace=replace)  # fmt: skip
     t = result.scores["decision_threshold"]
     if t is not None:
         argmax = result.scores["val"]["argmax"]

@@ -321,7 +321,7 @@ def run_sweep(
         chosen = runs_dir / best_run / (DISTILLED if distill else "checkpoint.pt")
         shipped = ship_run(chosen, models_dir=runs_dir / "models", data_dir=data_dir,
                            device=settings.get("device", "auto"), workers=workers,
-                           limit=settings.get("limit"))  # fmt: skip
+                           limit=settings.get("limit"), replace=True)  # fmt: skip
     parts = split_file(shipped.checkpoint, out_dir)
     shutil.copy(shipped.card, out_dir / shipped.card.name)
     atomic_write_text(out_dir / SUMS_FILE, f"{shipped.sha256}  {shipped_name(task)}\n")
