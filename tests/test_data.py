@@ -15,6 +15,7 @@ import sys
 import threading
 import zipfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,19 @@ def test_split_files_edited_by_hand(msl_dir: Path, tmp_path: Path) -> None:
         (d / name).write_bytes(b"\xef\xbb\xbf" + (d / name).read_bytes())
     assert msl.read_split(d, "train", "binary") == plain
     assert msl.class_names("msl25", d) == msl.class_names("msl25", msl_dir)
+    # Notepad's "Unicode" (UTF-16 with its mark) reads too; other bytes were a traceback
+    readers: dict[str, Callable[[], object]] = {
+        msl.SPLIT_FILES["train"]: lambda: msl.read_split(d, "train", "binary"),
+        msl.SYNSET_FILE: lambda: msl.class_names("msl25", d),
+    }
+    for name, read in readers.items():
+        want, text = read(), (d / name).read_text(encoding="utf-8-sig")
+        (d / name).write_text(text, encoding="utf-16")
+        assert read() == want
+        (d / name).write_bytes(text.encode() + b"\xff\n")
+        with pytest.raises(MarsvisionError, match=f"{name} is not UTF-8 text .*: save it as UTF-8"):
+            read()
+        (d / name).write_text(text)
     synset = (d / msl.SYNSET_FILE).read_text(encoding="utf-8-sig")
     (d / msl.SYNSET_FILE).write_text(synset.replace(" apxs\n", " =apxs\n", 1))
     with pytest.raises(MarsvisionError, match=r"synset.*: class name '=apxs' starts with '='"):

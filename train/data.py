@@ -101,12 +101,26 @@ def check_task(task: str) -> str:
     return task
 
 
+def _text_file(path: Path) -> str:
+    """A split or class-names file's text: UTF-8 (a byte-order mark skipped: Windows Notepad
+    writes one) or UTF-16 with its mark (Notepad's "Unicode"); other bytes are a one-line error
+    (a UnicodeDecodeError traceback)."""
+    data = path.read_bytes()
+    try:
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return data.decode("utf-16")
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise MarsvisionError(
+            f"{path} is not UTF-8 text (byte {e.start}: {e.reason}): save it as UTF-8"
+        ) from None
+
+
 def msl_class_names(data_dir: Path) -> list[str]:
     """The 25 MSL class names, in class-id order, from the synset file."""
     names: dict[int, str] = {}
     path = data_dir / SYNSET_FILE
-    # utf-8-sig: a byte-order mark (a file saved by Windows Notepad) is not part of the first id
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for n, line in enumerate(_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -179,7 +193,7 @@ def read_split(data_dir: Path, split: str, task: str, limit: int | None = None) 
     path = data_dir / SPLIT_FILES[split]
     samples: list[Sample] = []
     seen: dict[str, int] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for n, line in enumerate(_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split()
