@@ -236,7 +236,7 @@ def test_resume_puts_back_every_part_of_the_run(tmp_path: Path) -> None:
     _train(run, 5)
     history = [{"epoch": 1, "val_loss": 0.4}, {"epoch": 2, "val_loss": 0.5}]
     save_resume(tmp_path, run, epoch=2, history=history, best=(0.75, -0.4), best_epoch=1,
-                cfg=cfg, fingerprint="f")  # fmt: skip
+                cfg=cfg, fingerprint="f", seconds=12.5, device="cpu")  # fmt: skip
     next_torch, next_gen = torch.rand(4), torch.rand(4, generator=run.generator)
 
     resumed = _parts(1)  # a new process: other initial weights and random states
@@ -244,6 +244,7 @@ def test_resume_puts_back_every_part_of_the_run(tmp_path: Path) -> None:
     restore(state, resumed)
     # the selection so far: a later epoch is kept only if it beats epoch 1's score
     assert state["epoch"] == 2 and state["history"] == history
+    assert state["seconds"] == 12.5 and state["device"] == "cpu"
     assert tuple(state["best"]) == (0.75, -0.4) and state["best_epoch"] == 1
     assert _same_state(resumed.model.state_dict(), run.model.state_dict())
     assert resumed.camera_head is not None and run.camera_head is not None

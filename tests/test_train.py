@@ -169,10 +169,17 @@ def test_resume_continues_the_same_run(
     cfg = config_from_flags("default", data=msl_dir, out=tmp_path / "r", epochs=2, limit=LIMIT,
                             image_size=64, device="cpu", batch_size=8, workers=2)  # fmt: skip
     assert loop.main(cfg, deadline=time.monotonic())["stopped_early_after_epoch"] == 1
+    # the run's time and devices are all its parts': metrics.json and the card gave the last's
+    state = torch.load(tmp_path / "r" / "resume.pt", weights_only=True)
+    first = state["seconds"]
+    assert first > 0 and state["device"] == "cpu"
+    torch.save({**state, "device": "cuda:0"}, tmp_path / "r" / "resume.pt")  # begun on a GPU
     _train([*args, "--epochs", "2", "--resume"])
     a = json.loads((run / "metrics.json").read_text())["history"]
-    b = json.loads((tmp_path / "r" / "metrics.json").read_text())["history"]
+    resumed = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    b = resumed["history"]
     assert [h["epoch"] for h in b] == [1, 2]
+    assert resumed["seconds"] > first + b[1]["seconds"] and resumed["device"] == "cuda:0, then cpu"
     for ha, hb in zip(a, b, strict=True):
         for key in ("train_loss", "val_loss", "lr"):
             assert hb[key] == pytest.approx(ha[key], rel=1e-3, abs=1e-4), key

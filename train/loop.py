@@ -314,6 +314,8 @@ def _train(cfg: TrainConfig, deadline: float | None, lock: FolderLock) -> dict[s
     history: list[dict[str, Any]] = []
     best: tuple[float, float] = (-1.0, 0.0)
     best_epoch, start_epoch = 0, 1
+    # the seconds of the run's parts before a --resume, and the devices its parts ran on
+    earlier_seconds, where = 0.0, str(device)
     parts = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, ema=ema,
                           camera_head=camera.head if camera else None, generator=gen)  # fmt: skip
     if resume is not None:
@@ -321,6 +323,10 @@ def _train(cfg: TrainConfig, deadline: float | None, lock: FolderLock) -> dict[s
         history, best_epoch = resume["history"], resume["best_epoch"]
         best = tuple(resume["best"])
         start_epoch = resume["epoch"] + 1
+        # a resume.pt from before they were kept: its epochs' own seconds, the device unknown
+        earlier_seconds = resume.get("seconds", sum(h.get("seconds", 0.0) for h in history))
+        was = resume.get("device", "?")
+        where = was if was == where else f"{was}, then {where}"
         print(f"resuming {cfg.out} after epoch {resume['epoch']}", file=log)
     make_folder(cfg.out, "--out")  # checked before decoding; refused since: one line too
     lock.acquire(cfg.out, "mars-train")  # a new folder's (before any file in it is replaced)
@@ -417,7 +423,8 @@ def _train(cfg: TrainConfig, deadline: float | None, lock: FolderLock) -> dict[s
             continue
         last_resume_save = time.monotonic()
         save_resume(cfg.out, parts, epoch=epoch, history=history, best=best,
-                    best_epoch=best_epoch, cfg=cfg, fingerprint=fingerprint)  # fmt: skip
+                    best_epoch=best_epoch, cfg=cfg, fingerprint=fingerprint,
+                    seconds=earlier_seconds + time.perf_counter() - t0, device=where)  # fmt: skip
 
     # --- the selected checkpoint, evaluated once on test
     ckpt = load_checkpoint(cfg.out / CHECKPOINT)
@@ -465,8 +472,8 @@ def _train(cfg: TrainConfig, deadline: float | None, lock: FolderLock) -> dict[s
     # each image was then its own group, and the interval above is the one over images
     result["test"]["sols"] = len({sol for sol, s in zip(sols, splits["test"])
                                   if msl.msl_product(s.path)})  # fmt: skip
-    result.update(config=cfg.to_dict(), data_fingerprint=fingerprint, device=str(device),
-                  history=history, seconds=time.perf_counter() - t0)  # fmt: skip
+    result.update(config=cfg.to_dict(), data_fingerprint=fingerprint, device=where,
+                  history=history, seconds=earlier_seconds + time.perf_counter() - t0)  # fmt: skip
     ckpt["metrics"] = {"val": result["val"], "test": result["test"], "best_epoch": best_epoch,
                        "stopped_early_after_epoch": stopped_after}  # fmt: skip
     atomic_torch_save(ckpt, cfg.out / CHECKPOINT)

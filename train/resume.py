@@ -47,8 +47,10 @@ class TrainingState:
 def save_resume(
     out: Path, parts: TrainingState, *, epoch: int, history: list[dict[str, Any]],
     best: tuple[float, float], best_epoch: int, cfg: TrainConfig, fingerprint: str,
+    seconds: float, device: str,
 ) -> None:  # fmt: skip
-    """Write `out`/resume.pt (atomically) after `epoch`."""
+    """Write `out`/resume.pt (atomically) after `epoch`; `seconds` and `device`: the run's so
+    far, all its parts (a resumed run's metrics.json and card gave the last part's alone)."""
     atomic_torch_save({
         "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict(),
@@ -58,6 +60,7 @@ def save_resume(
         "rng": {"generator": parts.generator.get_state(), "torch": torch.get_rng_state()},
         "history": history, "best": list(best), "best_epoch": best_epoch,
         "config": cfg.to_dict(), "data_fingerprint": fingerprint,
+        "seconds": seconds, "device": device,
     }, out / RESUME)  # fmt: skip
 
 
