@@ -323,9 +323,9 @@ def _train(cfg: TrainConfig, deadline: float | None, lock: FolderLock) -> dict[s
         history, best_epoch = resume["history"], resume["best_epoch"]
         best = tuple(resume["best"])
         start_epoch = resume["epoch"] + 1
-        # a resume.pt from before they were kept: its epochs' own seconds, the device unknown
+        # a resume.pt from before they were kept: its epochs' own seconds, and this device
         earlier_seconds = resume.get("seconds", sum(h.get("seconds", 0.0) for h in history))
-        was = resume.get("device", "?")
+        was = resume.get("device", where)
         where = was if was == where else f"{was}, then {where}"
         print(f"resuming {cfg.out} after epoch {resume['epoch']}", file=log)
     make_folder(cfg.out, "--out")  # checked before decoding; refused since: one line too
