@@ -285,19 +285,22 @@ def expand_inputs(
             out.extend(found + unreadable or [arg])  # no images: the folder's error row
         elif not os.path.lexists(arg) and GLOB_CHARS & set(arg):
             unreadable = []
-            if recursive and "**" in arg:
+            deep = recursive and "**" in arg
+            if deep:
                 matches = sorted(_recursive_glob(arg, unreadable))
             else:
                 matches = sorted(glob.glob(arg))
-                if "**" in arg and notes is not None:  # it missed deeper images without a word
+                # a ** folder part missed deeper images without a word
+                if "**" in arg.replace(os.sep, "/").split("/") and notes is not None:
                     notes.append(f"{arg}: without --recursive (-r), ** is one folder level, as * "
                                  "is; add -r for any depth")  # fmt: skip
             folders = [m for m in matches if os.path.isdir(m)]
-            files = [m for m in matches if m not in folders]
+            files = [m for m in matches if not os.path.isdir(m)]
             passed = collections.Counter()
             for m in folders:
                 files.extend(folder_images(m, recursive, unreadable, passed))
-            if passed and notes is not None:
+            # (a recursive ** matches folders inside folders it matched: each file counted again)
+            if passed and notes is not None and not deep:
                 notes.append(passed_over_note(arg, passed))
             # no image: each folder matched gets a folder PATH's error row, no match the pattern
             out.extend(files + unreadable or folders or [arg])

@@ -101,6 +101,8 @@ def test_folders_skip_hidden_files_and_subfolders(tmp_path: Path) -> None:
     assert expand_inputs([f"{top}/**/*.*"], notes=notes) == shown[1:]
     assert notes == [f"{top}/**/*.*: without --recursive (-r), ** is one folder level, as * is; "
                      "add -r for any depth"]  # fmt: skip
+    notes.clear()  # ** inside a name is * with -r too: nothing to add
+    assert expand_inputs([f"{top}/a**.JPG"], notes=notes) == shown[:1] and notes == []
 
 
 def test_a_folder_says_what_it_passed_over(tmp_path: Path) -> None:
@@ -142,6 +144,11 @@ def test_a_folder_says_what_it_passed_over(tmp_path: Path) -> None:
     assert notes == [f"passed over in {pattern}: 1 subfolder (--recursive descends into them); "
                      "1 file not named as images (.lbl 1; name one to classify it)"]  # fmt: skip
     assert expand_inputs([pattern], recursive=True) == [str(empty / "sub" / "f.jpg")]
+    notes.clear()  # a recursive ** matches folders within folders it matched: each file of
+    # them was counted again, once per folder above it
+    assert str(empty / "sub" / "f.jpg") in expand_inputs([f"{tmp_path}/**"], recursive=True,
+                                                         notes=notes)  # fmt: skip
+    assert notes == []
 
 
 def test_list_file_with_a_byte_order_mark(tmp_path: Path) -> None:
