@@ -230,6 +230,17 @@ def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_run_devices_add_a_part_only_on_a_change() -> None:
+    """Resumed twice on the CPU after a GPU start, it read "cuda:0, then cpu, then cpu"."""
+    from marsvision.train.resume import run_devices
+
+    assert run_devices(None, "cpu") == "cpu"  # a resume.pt from before devices were kept
+    assert run_devices("cpu", "cpu") == "cpu"
+    assert run_devices("cuda:0", "cpu") == "cuda:0, then cpu"
+    assert run_devices("cuda:0, then cpu", "cpu") == "cuda:0, then cpu"
+    assert run_devices("cuda:0, then cpu", "cuda:0") == "cuda:0, then cpu, then cuda:0"
+
+
 def test_resume_puts_back_every_part_of_the_run(tmp_path: Path) -> None:
     cfg = TrainConfig(data=Path("d"), out=tmp_path)
     run = _parts(0)

@@ -173,7 +173,8 @@ def test_resume_continues_the_same_run(
     state = torch.load(tmp_path / "r" / "resume.pt", weights_only=True)
     first = state["seconds"]
     assert first > 0 and state["device"] == "cpu"
-    torch.save({**state, "device": "cuda:0"}, tmp_path / "r" / "resume.pt")  # begun on a GPU
+    # begun on a GPU, resumed on this CPU, resumed there again: one "then cpu"
+    torch.save({**state, "device": "cuda:0, then cpu"}, tmp_path / "r" / "resume.pt")
     _train([*args, "--epochs", "2", "--resume"])
     a = json.loads((run / "metrics.json").read_text())["history"]
     resumed = json.loads((tmp_path / "r" / "metrics.json").read_text())

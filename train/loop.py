@@ -49,7 +49,14 @@ from marsvision.train.objective import (
 )
 from marsvision.train.progress import Progress
 from marsvision.train.report import write_json, write_results
-from marsvision.train.resume import RESUME, TrainingState, load_resume, restore, save_resume
+from marsvision.train.resume import (
+    RESUME,
+    TrainingState,
+    load_resume,
+    restore,
+    run_devices,
+    save_resume,
+)
 
 CHECKPOINT = "checkpoint.pt"
 # resume.pt (377 MB for ResNet-50 + AdamW + EMA) is saved after the last epoch and after any
@@ -323,10 +330,9 @@ def _train(cfg: TrainConfig, deadline: float | None, lock: FolderLock) -> dict[s
         history, best_epoch = resume["history"], resume["best_epoch"]
         best = tuple(resume["best"])
         start_epoch = resume["epoch"] + 1
-        # a resume.pt from before they were kept: its epochs' own seconds, and this device
+        # a resume.pt from before they were kept: its epochs' own seconds (and this device)
         earlier_seconds = resume.get("seconds", sum(h.get("seconds", 0.0) for h in history))
-        was = resume.get("device", where)
-        where = was if was == where else f"{was}, then {where}"
+        where = run_devices(resume.get("device"), where)
         print(f"resuming {cfg.out} after epoch {resume['epoch']}", file=log)
     make_folder(cfg.out, "--out")  # checked before decoding; refused since: one line too
     lock.acquire(cfg.out, "mars-train")  # a new folder's (before any file in it is replaced)

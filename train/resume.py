@@ -44,6 +44,14 @@ class TrainingState:
     generator: torch.Generator  # the augmentation's and the epoch order's draws
 
 
+def run_devices(earlier: str | None, now: str) -> str:
+    """The devices a run's parts ran on, as metrics.json gives them: `now` added to the earlier
+    parts' (None: not kept, taken as `now`) where it is not the last one ("cuda:0, then cpu")."""
+    if earlier is None or earlier.rsplit(", then ", 1)[-1] == now:
+        return earlier or now
+    return f"{earlier}, then {now}"
+
+
 def save_resume(
     out: Path, parts: TrainingState, *, epoch: int, history: list[dict[str, Any]],
     best: tuple[float, float], best_epoch: int, cfg: TrainConfig, fingerprint: str,
