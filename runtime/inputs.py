@@ -206,17 +206,22 @@ def fs_path(text: str) -> str:
     return os.fsdecode(text.encode("utf-8", "surrogateescape"))
 
 
-def decode_text(data: bytes, what: str) -> str:
+def decode_text(data: bytes, what: str, *, strict: bool = False) -> str:
     """A text file's bytes as text: UTF-8, a byte-order mark skipped (Windows Notepad and
-    Excel's "CSV UTF-8" write one), bytes that are not UTF-8 kept as surrogates; or UTF-16 with
-    its mark (Windows PowerShell 5's `>`, Excel's "Unicode text"). `what` names the file in the
-    error ("the list file x.txt")."""
+    Excel's "CSV UTF-8" write one), bytes that are not UTF-8 kept as surrogates (with `strict`:
+    an error); or UTF-16 with its mark (Windows PowerShell 5's `>`, Excel's "Unicode text",
+    Notepad's "Unicode"). `what` names the file in the error ("the list file x.txt")."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         try:
             return data.decode("utf-16")
         except UnicodeDecodeError as e:
             raise MarsvisionError(f"{what} is not UTF-16 text ({e.reason})") from None
-    return data.decode("utf-8-sig", errors="surrogateescape")
+    try:
+        return data.decode("utf-8-sig", errors="strict" if strict else "surrogateescape")
+    except UnicodeDecodeError as e:
+        raise MarsvisionError(
+            f"{what} is not UTF-8 text (byte {e.start}: {e.reason}): save it as UTF-8"
+        ) from None
 
 
 def is_list_arg(arg: str) -> bool:

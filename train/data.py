@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.inputs import decode_text
 from marsvision.runtime.metadata import check_class_names
 
 SPLITS = ("train", "val", "test")
@@ -102,18 +103,9 @@ def check_task(task: str) -> str:
 
 
 def _text_file(path: Path) -> str:
-    """A split or class-names file's text: UTF-8 (a byte-order mark skipped: Windows Notepad
-    writes one) or UTF-16 with its mark (Notepad's "Unicode"); other bytes are a one-line error
-    (a UnicodeDecodeError traceback)."""
-    data = path.read_bytes()
-    try:
-        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-            return data.decode("utf-16")
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise MarsvisionError(
-            f"{path} is not UTF-8 text (byte {e.start}: {e.reason}): save it as UTF-8"
-        ) from None
+    """A split or class-names file's text (UTF-8, or UTF-16 with its mark); bytes of neither are
+    a one-line error (a UnicodeDecodeError traceback)."""
+    return decode_text(path.read_bytes(), str(path), strict=True)
 
 
 def msl_class_names(data_dir: Path) -> list[str]:
