@@ -16,7 +16,6 @@ be used (a machine's limit met while opening it, out of file descriptors say, ra
 from __future__ import annotations
 
 import itertools
-import numbers
 import os
 import queue
 import threading
@@ -29,7 +28,7 @@ from types import TracebackType
 import numpy as np
 
 from marsvision.runtime.backends import open_runner
-from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.errors import MarsvisionError, check_count
 from marsvision.runtime.files import file_identity
 from marsvision.runtime.host import usable_cores
 from marsvision.runtime.metadata import sha256_file
@@ -104,17 +103,6 @@ def _batch_buffer(batch_size: int, size: int) -> np.ndarray:
         ) from None
 
 
-def _check_count(name: str, value: object, *, default: bool = False) -> None:
-    """A count argument is a whole number of at least 1 (or None where `default`): 2.5 failed
-    later, in predict, with islice's words; threads=-1 ran as the default."""
-    if value is None and default:
-        return
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 1:
-        return
-    or_default = " (or None: the default)" if default else ""
-    raise ValueError(f"{name} must be a whole number of at least 1{or_default}, got {value!r}")
-
-
 class Classifier:
     """An exported model (ONNX file or TensorRT engine) and its preprocessing, ready to classify."""
 
@@ -130,9 +118,8 @@ class Classifier:
         fast_decode: bool = False,
         tta: str = "none",
     ) -> None:
-        _check_count("batch_size", batch_size)
-        _check_count("workers", workers, default=True)
-        _check_count("threads", threads, default=True)
+        check_count("batch_size", batch_size)
+        check_count("workers", workers, default=True)  # threads: open_runner's
         if tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
         self.model_path = Path(model_path)

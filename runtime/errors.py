@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import numbers
 import os
 import signal
 import sys
@@ -76,6 +77,18 @@ def check_percentage(flag: str, value: float) -> None:
             f"{flag} {value:g}: a percentage, not a fraction: {100 * value:g} for "
             f"{100 * value:g}% (0 for no bar)"
         )
+
+
+def check_count(name: str, value: object, *, default: bool = False) -> None:
+    """A count argument of the Python API is a whole number of at least 1 (or None where
+    `default`): `batch_size=2.5` failed later with islice's words, `threads=-1` ran as the
+    default and `threads=1.5` was a pybind TypeError."""
+    if value is None and default:
+        return
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 1:
+        return
+    or_default = " (or None: the default)" if default else ""
+    raise ValueError(f"{name} must be a whole number of at least 1{or_default}, got {value!r}")
 
 
 def flags_given(*names: str) -> list[str]:

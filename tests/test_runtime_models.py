@@ -582,6 +582,8 @@ def test_classifier_arguments_that_would_misbehave(models: dict[str, Path], msl_
         with pytest.raises(ValueError, match=f"{name} must be a whole number of at least 1.*, "
                            f"got {bad!r}$"):  # fmt: skip
             Classifier(models["fp32"], device="cpu", **{name: bad})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="threads must be a whole number of at least 1"):
+        open_runner(models["fp32"], device="cpu", threads=0)  # the benchmarks open runners too
     two = np.int64(2)  # numpy's whole numbers are counts too
     with Classifier(models["fp32"], device="cpu", batch_size=two, threads=1) as clf:  # type: ignore[arg-type]
         assert clf.predict([image])[0].ok

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from marsvision.runtime.backends.base import Runner
-from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.errors import MarsvisionError, check_count
 from marsvision.runtime.metadata import ModelMeta
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -68,6 +68,7 @@ def open_runner(
     threads: int | None = None,
 ) -> Runner:
     """Load a model on the chosen backend and device; a mismatch is a one-line user error."""
+    check_count("threads", threads, default=True)
     if backend not in BACKENDS:
         raise MarsvisionError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if device not in DEVICES:
