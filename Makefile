@@ -63,7 +63,7 @@ endif
 
 # Ship a finished run: make ship RUN=runs/binary  (fp16 weights, scores, card, SHA256SUMS)
 ship: data $(STAMP)
-	$(BIN)/python -m marsvision.train.ship $(RUN) --data "$(MARS_DATA)" --models models $(if $(REPLACE),--replace)
+	$(BIN)/python -m marsvision.train.ship $(RUN) --data "$(MARS_DATA)" --models models $(if $(filter 1,$(REPLACE)),--replace)
 
 # The data set inside the repo (ignored), to carry to the GPU machine (DEVELOPERS.md): one gzip
 # tar: the device tool refused the folder (58.5 MiB of bytes, 73 MB on disk) and took the tar;

@@ -433,12 +433,12 @@ def test_the_threshold_is_chosen_on_the_shipped_weights(
 
 
 def test_a_shipped_model_is_replaced_only_by_one_as_good_on_the_same_val(
-    shipped: Path, run: Path, msl_dir: Path, tmp_path: Path
+    shipped: Path, run: Path, msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`make ship RUN=runs/smoke` (the README's 64-image run) replaced the production model, its
     card and SHA256SUMS without a word, and the SHA256SUMS check then passed the toy model. A
-    model scored worse on the same val images, or on other images, is refused (the folder as it
-    was) unless --replace."""
+    model scored on other val images is refused before its scoring, one scored worse on the same
+    images after it (the folder as it was both times), unless --replace."""
     import shutil
 
     from marsvision.train import ship
@@ -448,33 +448,36 @@ def test_a_shipped_model_is_replaced_only_by_one_as_good_on_the_same_val(
     out = models / "resnet50-binary.pt"
     before = {p.name: p.read_bytes() for p in models.iterdir()}
     old = load_checkpoint(out)
-    val = old["metrics"]["val"]["balanced_accuracy"]
-
-    def like_old(**change: Any) -> dict[str, Any]:
-        new = {**old, "config": {**old["config"]}, "metrics": {**old["metrics"]}}
-        new["metrics"]["val"] = {**old["metrics"]["val"], **change.pop("val", {})}
-        new["config"].update(change)
-        return new
-
-    ship.refuse_replacing_better(out, like_old())  # as good: shipped again
-    ship.refuse_replacing_better(out, like_old(val={"balanced_accuracy": val + 0.01}))
-    ship.refuse_replacing_better(tmp_path / "none.pt", like_old(val={"balanced_accuracy": 0.0}))
-    with pytest.raises(MarsvisionError, match=f"is not replaced: it scores val balanced accuracy "
-                       f"{val:.4f}, this model {val - 0.01:.4f}; pass --replace"):  # fmt: skip
-        ship.refuse_replacing_better(out, like_old(val={"balanced_accuracy": val - 0.01}))
-    better = {"balanced_accuracy": 1.0}
-    for other in (like_old(limit=64, val=better), like_old(train_on="train+val", val=better),
-                  like_old(val={**better, "n": 8})):  # fmt: skip
-        with pytest.raises(MarsvisionError, match="their val figures are of other images"):
-            ship.refuse_replacing_better(out, other)
+    val = old["metrics"]["val"]
+    same = ship.val_images(old, scored_limit=SCORE_LIMIT, n=val["n"])
+    assert ship.val_to_beat(out, same) == val["balanced_accuracy"]
+    assert ship.val_to_beat(tmp_path / "none.pt", same) is None
+    refit = {**old, "config": {**old["config"], "train_on": "train+val"}}
+    for other in (ship.val_images(old, scored_limit=16, n=val["n"]),
+                  ship.val_images(old, scored_limit=SCORE_LIMIT, n=8),
+                  ship.val_images({**old, "config": {**old["config"], "limit": 64}},
+                                  scored_limit=SCORE_LIMIT, n=val["n"]),
+                  ship.val_images(refit, scored_limit=SCORE_LIMIT, n=val["n"])):  # fmt: skip
+        with pytest.raises(MarsvisionError, match="is not replaced: their val figures are of "
+                           "other images .*; pass --replace"):  # fmt: skip
+            ship.val_to_beat(out, other)
     (tmp_path / "toy.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(MarsvisionError, match="is no shipped checkpoint this can compare with"):
-        ship.refuse_replacing_better(tmp_path / "toy.pt", like_old())
-    # the command: this run scored on fewer images than the shipped one, refused, then --replace
+        ship.val_to_beat(tmp_path / "toy.pt", same)
+    # the command: this run scored on other images than the shipped one: refused, not scored
     args = [str(run), "--models", str(models), "--data", str(msl_dir), "--device", "cpu",
             "--workers", "2", "--limit", "16"]  # fmt: skip
-    r = CliRunner().invoke(ship_main, args)
+    with monkeypatch.context() as m:
+        m.setattr(ship, "score_checkpoint", lambda *a, **k: pytest.fail("scored"))
+        r = CliRunner().invoke(ship_main, args)
     assert r.exit_code == 1 and "is not replaced: their val figures are of other images" in (
+        r.output
+    )
+    assert {p.name: p.read_bytes() for p in models.iterdir()} == before
+    # on the same images, scored worse (the shipped one's val made higher than it can be)
+    monkeypatch.setattr(ship, "val_to_beat", lambda out, images: 1.01)
+    r = CliRunner().invoke(ship_main, [*args[:-1], str(SCORE_LIMIT)])
+    assert r.exit_code == 1 and "is not replaced: it scores val balanced accuracy 1.0100, " in (
         r.output
     )
     assert {p.name: p.read_bytes() for p in models.iterdir()} == before

@@ -147,43 +147,48 @@ def check_finished(ckpt: dict[str, Any], source: Path) -> None:
         )
 
 
-def _val_record(ckpt: dict[str, Any]) -> tuple[tuple[Any, ...], float]:
-    """(which val images a shipped checkpoint's val figures are of, its val balanced accuracy)."""
+_REPLACE_HINT = (
+    "; pass --replace to ship over it (make ship ... REPLACE=1), or ship to other --models"
+)
+
+
+def val_images(ckpt: dict[str, Any], *, scored_limit: int | None, n: int) -> tuple[Any, ...]:
+    """Which val images a checkpoint's shipped val figures are of (`n` of them, scored with
+    `scored_limit`): two models compare on val only where these are the same."""
     from marsvision.train.config import saved_setting
 
     cfg = ckpt["config"]
-    val = ckpt["metrics"]["val"]
-    scored_limit = ckpt["shipped"].get("scored_limit")
-    images = (cfg.get("train_on") or "train", saved_setting(cfg, "limit"), scored_limit,
-              val["n"], ckpt.get("data_fingerprint"))  # fmt: skip
-    return images, float(val["balanced_accuracy"])
+    return (cfg.get("train_on") or "train", saved_setting(cfg, "limit"), scored_limit, n,
+            ckpt.get("data_fingerprint"))  # fmt: skip
 
 
-def refuse_replacing_better(out: Path, new: dict[str, Any]) -> None:
-    """Refuse to ship `new` over the shipped checkpoint `out` unless it scores at least as well
-    on the same val images (`make ship` of the README's smoke run replaced the production
-    model, its card and SHA256SUMS without a word); --replace ships over it anyway."""
+def val_to_beat(out: Path, images: tuple[Any, ...]) -> float | None:
+    """The val balanced accuracy that a model scored on `images` must reach to replace the
+    shipped checkpoint `out` (None: there is none). One scored on other images, or a train+val
+    refit's (its val is training data), cannot tell: refused before minutes of scoring.
+    (`make ship` of the README's smoke run replaced the production model, its card and
+    SHA256SUMS without a word.)"""
     from marsvision.train.checkpoint import load_checkpoint
     from marsvision.train.config import REFIT
 
     if not out.is_file():
-        return
-    hint = "; pass --replace to ship over it (make ship ... REPLACE=1), or ship to other --models"
+        return None
     try:
-        old_images, old_val = _val_record(load_checkpoint(out))
+        old = load_checkpoint(out)
+        val = old["metrics"]["val"]
+        old_images = val_images(old, scored_limit=old["shipped"].get("scored_limit"), n=val["n"])
+        old_val = float(val["balanced_accuracy"])
     except (MarsvisionError, KeyError, TypeError, ValueError):
         raise MarsvisionError(
-            f"{out} is there and is no shipped checkpoint this can compare with{hint}"
+            f"{out} is there and is no shipped checkpoint this can compare with{_REPLACE_HINT}"
         ) from None
-    new_images, new_val = _val_record(new)
-    if REFIT in (old_images[0], new_images[0]) or old_images != new_images:
-        why = ("their val figures are of other images (another --train-on, --limit, scoring "
-               "--limit or data), or of training data (a train+val refit)")  # fmt: skip
-    elif new_val < old_val:
-        why = f"it scores val balanced accuracy {old_val:.4f}, this model {new_val:.4f}"
-    else:
-        return
-    raise MarsvisionError(f"{out} is not replaced: {why}{hint}")
+    if REFIT in (old_images[0], images[0]) or old_images != images:
+        raise MarsvisionError(
+            f"{out} is not replaced: their val figures are of other images (another --train-on, "
+            "--limit, scoring --limit or data), or of training data (a train+val refit)"
+            + _REPLACE_HINT
+        )
+    return old_val
 
 
 def ship_run(
@@ -206,7 +211,7 @@ def ship_run(
     from marsvision.train import data as msl
     from marsvision.train.card import render_card
     from marsvision.train.checkpoint import atomic_torch_save, half_state, load_checkpoint
-    from marsvision.train.config import command_line, is_refit
+    from marsvision.train.config import command_line, is_refit, val_to_score
 
     check_writable_folder(models_dir, "--models")  # before minutes of scoring, not after
     source = run / "checkpoint.pt" if run.is_dir() else run
@@ -224,6 +229,11 @@ def ship_run(
             f"--threshold-on-val: {source} was trained on val too (--train-on train+val), so "
             "val cannot choose its threshold"
         )
+    out = models_dir / shipped_name(ckpt["task"])
+    to_beat = None
+    if not replace:  # the images compared before the scoring, the score after
+        n_val = len(val_to_score(ckpt["config"], data_dir, ckpt["task"], limit)[1])
+        to_beat = val_to_beat(out, val_images(ckpt, scored_limit=limit, n=n_val))
     command = command_line(ckpt["config"], data="../shared/msl", out=f"runs/{ckpt['task']}")
     shipped = dict(ckpt)
     shipped["state_dict"] = half_state(ckpt["state_dict"])
@@ -257,7 +267,6 @@ def ship_run(
         "notes": list(notes or earlier.get("notes") or ()),
     }
     make_folder(models_dir, "--models")
-    out = models_dir / shipped_name(ckpt["task"])
     card = out.with_suffix(".md")
     # the checkpoint and its card are written aside and go in together: a failure before
     # (rendering the card, a Ctrl-C) leaves the folder's model, card and SHA256SUMS as they were
@@ -267,8 +276,12 @@ def ship_run(
         sha, size = sha256_file(staged), staged.stat().st_size
         atomic_write_text(staged_card, render_card(shipped, file_name=out.name, sha256=sha,
                                                    size_bytes=size, data_dir=data_dir))  # fmt: skip
-        if not replace:  # scored and staged: the comparison needs this model's val figures
-            refuse_replacing_better(out, shipped)
+        new_val = scores["val"]["metrics"]["balanced_accuracy"]
+        if to_beat is not None and new_val < to_beat:
+            raise MarsvisionError(
+                f"{out} is not replaced: it scores val balanced accuracy {to_beat:.4f}, this "
+                f"model {new_val:.4f}{_REPLACE_HINT}"
+            )
         with signals_held():  # the model, its card and SHA256SUMS change together
             os.replace(staged, out)
             os.replace(staged_card, card)
