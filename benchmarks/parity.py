@@ -197,7 +197,12 @@ def _scored_part(
         return scored, "all"
     if is_refit(config):
         return scored, "all, training data (a train+val refit)"
-    return scored, f"held out ({len(trained)} images of val's other half by sol were trained on)"
+    # a --limit run's trained sols hold more val images than it read: left out too
+    left = len(read_split(data_dir, "val", task, limit=limit)) - len(trained) - len(scored)
+    more = f"; {left} more images of their sols left out" if left else ""
+    return scored, (
+        f"held out ({len(trained)} images of val's other half by sol were trained on{more})"
+    )
 
 
 def _decode_split(paths: list[Path], spec: PreprocessSpec) -> np.ndarray:

@@ -92,7 +92,7 @@ def read_done(
     """{path: status} of the rows already in a results file (after repairing a cut last line).
 
     A file written for another model's classes or another --top-k is refused, and so is one
-    written by another model file or with another --tta (its rows would mix two models), one in
+    written by another model file, backend or --tta (its rows would mix two models), one in
     the other format, and one that `check` (given the rows) refuses. A refused file is left as
     it was: the cut last line of a kill is dropped only from a file whose whole rows were all
     checked to be this run's.

@@ -206,9 +206,8 @@ def test_val_of_a_half_val_model_is_its_held_out_half(msl_dir: Path) -> None:
     sols = {sol_key(s.path) for s in as_trained}
     assert got == [s for s in val if sol_key(s.path) not in sols]
     assert len(got) == len(val) - len(as_trained) - 378
-    assert (
-        scope == f"held out ({len(as_trained)} images of val's other half by sol were trained on)"
-    )
+    assert scope == (f"held out ({len(as_trained)} images of val's other half by sol were "
+                     "trained on; 378 more images of their sols left out)")  # fmt: skip
     got, scope = scored_part(half, "val", msl_dir, "binary", 4)  # counts what it read
     n = len([s for s in val[:4] if s in trained])
     assert len(got) == 4 - n
