@@ -299,8 +299,10 @@ def expand_inputs(
                 if "**" in arg.replace(os.sep, "/").split("/") and notes is not None:
                     notes.append(f"{arg}: without --recursive (-r), ** is one folder level, as * "
                                  "is; add -r for any depth")  # fmt: skip
-            folders = [m for m in matches if os.path.isdir(m)]
-            files = [m for m in matches if not os.path.isdir(m)]
+            folders: list[str] = []
+            files: list[str] = []
+            for m in matches:  # one stat each: a pattern may match 100,000 images
+                (folders if os.path.isdir(m) else files).append(m)
             passed = collections.Counter()
             for m in folders:
                 files.extend(folder_images(m, recursive, unreadable, passed))
