@@ -12,7 +12,7 @@ export MARS_DATA
 # torch's OpenMP threads spin while idle by default: 10-20x slower steps on a shared 2-vCPU box.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo ship device-data test typecheck lint clean data
+.PHONY: setup demo ship device-data test typecheck lint clean data model
 
 # The pinned versions need Python 3.11 or later; a venv left by a first try with an older one
 # (its python links there, and `venv` over it keeps the link) is made anew.
@@ -42,10 +42,17 @@ data:
 # classify all 6,691 MSL images with the INT8 model, score the test split from that output.
 # Without one: the same on a toy model trained here (1 epoch, 64 images, 64 px) so that the
 # pipeline still runs end to end (its metrics then mean nothing; its INT8 is not held to
-# mars-export's floor on label agreement: a toy's labels are near-ties).
+# mars-export's floor on label agreement: a toy's labels are near-ties). A model named with
+# MODEL=... must exist (a typo trained the toy), checked before the venv is built.
 DEMO ?= runs/demo
 MODEL ?= models/resnet50-binary.pt
-demo: data $(STAMP)
+model:
+ifneq ($(origin MODEL),file)
+	@test -f "$(MODEL)" || { echo "no model at MODEL=$(MODEL) (from $(CURDIR)); the toy model" \
+		"is trained only when no MODEL is named" >&2; exit 1; }
+endif
+
+demo: data model $(STAMP)
 	rm -rf $(DEMO)
 ifeq ($(wildcard $(MODEL)),)
 	@echo "no shipped model at $(MODEL) yet: training a toy one to show the pipeline"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -39,6 +40,28 @@ def test_no_data_is_said_before_the_venv_is_built(tmp_path: Path) -> None:
     demo = _make(tree, "-n", "demo", f"MARS_DATA={space}").stdout
     assert demo.count(f'--data "{space}"') == 3 and f'mars-infer "{space}/calibrated"' in demo
     assert f'tar -C "{space}"' in _make(tree, "-n", "device-data", f"MARS_DATA={space}").stdout
+
+
+def test_a_model_named_that_is_not_there_is_refused_not_replaced_by_the_toy(tmp_path: Path) -> None:
+    """`make demo MODEL=typo.pt` trained the toy model in place of the one named (its metrics
+    mean nothing); the toy stays for a plain `make demo` with no model shipped."""
+    tree = _tree(tmp_path / "tree")
+    data = tmp_path / "msl"
+    data.mkdir()
+    (data / "train-calibrated-shuffled.txt").write_text("")
+    for how in ("MODEL=typo.pt", "env"):
+        env = {**os.environ, "MODEL": "typo.pt"} if how == "env" else None
+        args = ("demo", f"MARS_DATA={data}") + (() if env else (how,))
+        made = subprocess.run(["make", "-s", *args], cwd=tree, capture_output=True, text=True,
+                              timeout=60, env=env)  # fmt: skip
+        assert made.returncode != 0, how
+        assert made.stderr.startswith(f"no model at MODEL=typo.pt (from {tree}); "), made.stderr
+        assert not (tree / ".venv").exists(), how
+    (tree / "typo.pt").write_text("")
+    named = _make(tree, "-n", "demo", "MODEL=typo.pt", f"MARS_DATA={data}").stdout
+    assert "mars-export --checkpoint typo.pt" in named and "mars-train" not in named
+    toy = _make(tree, "-n", "demo", f"MARS_DATA={data}").stdout
+    assert "training a toy one" in toy and "mars-train" in toy
 
 
 def test_a_python_too_old_for_the_pins_is_refused_and_its_venv_made_anew(tmp_path: Path) -> None:
