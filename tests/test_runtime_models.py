@@ -853,10 +853,15 @@ def test_the_tensorrt_provider_gets_the_models_precision_profile_and_cache(
     monkeypatch.setattr(ort_backend.ort_module(), "InferenceSession", spy)
     monkeypatch.setattr(ort_backend, "providers_for", lambda device, backend: [trt, cuda, cpu])
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    loads: list[int] = []  # TensorRT's pip libraries, loaded for the provider only
+    monkeypatch.setattr(ort_backend, "_load_tensorrt_libraries", lambda: loads.append(1))
     model = tiny_models["int8-trt"]
     runner = ort_backend.OnnxRuntimeRunner(model, backend="tensorrt")
+    assert len(loads) == 1
     size = runner.meta.preprocess.input_size
-    cache = tmp_path / "cache" / "marsvision" / "ort-tensorrt" / sha256_file(model)[:16]
+    # an engine of another onnxruntime or TensorRT is not loaded: it fails rather than rebuilds
+    versions = f"ort-{ort_backend.ort_module().__version__}-trt-system"  # no TensorRT here
+    cache = tmp_path / "cache" / "marsvision" / "ort-tensorrt" / sha256_file(model)[:16] / versions
     assert cache.is_dir()
     assert handed[-1] == [
         (trt, {"trt_profile_min_shapes": f"input:1x3x{size}x{size}",
@@ -880,6 +885,7 @@ def test_the_tensorrt_provider_gets_the_models_precision_profile_and_cache(
     x = np.random.default_rng(0).normal(size=(70, 3, size, size)).astype(np.float32)
     got = runner.infer(x)
     assert sizes == [32, 32, 6]
+    assert runner.infer(x[:0]).shape == (0, runner.meta.num_classes) and len(sizes) == 3
     with ort_backend.OnnxRuntimeRunner(model, device="cpu") as plain:
         np.testing.assert_allclose(got, plain.infer(x), rtol=1e-5, atol=1e-5)
     fp16 = ort_backend.OnnxRuntimeRunner(tiny_models["fp16"], backend="tensorrt")
@@ -893,6 +899,48 @@ def test_the_tensorrt_provider_gets_the_models_precision_profile_and_cache(
         monkeypatch.setenv("XDG_CACHE_HOME", unusable)
         ort_backend.OnnxRuntimeRunner(model, backend="tensorrt")
         assert not any("cache" in key for key in handed[-1][0][1])
+    loaded = len(loads)
+    ort_backend.meta_from_onnx(model)  # a CPU session
+    assert len(loads) == loaded
+
+
+def test_tensorrt_libraries_are_loaded_for_the_provider_where_pip_installed_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """onnxruntime's TensorRT provider dlopens libnvinfer by name, which TensorRT's pip wheels
+    keep off the loader's path; importing tensorrt loads it. A tensorrt that fails to import
+    (no GPU driver, a library missing) is left for the provider to report; its version names
+    the engine cache (see the test above)."""
+    import sys
+    from importlib import metadata
+
+    from marsvision.runtime.backends import onnxruntime as ort_backend
+
+    fake = tmp_path / "site" / "tensorrt"
+    fake.mkdir(parents=True)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    bodies = [
+        ("raise OSError('libcudart.so.13: cannot open')", False),
+        ("import pathlib; pathlib.Path(__file__).with_name('loaded').touch()", True),
+        ("raise ImportError('no module named tensorrt_bindings')", False),
+    ]
+    for body, loaded in bodies:
+        (fake / "__init__.py").write_text(body + "\n")
+        (fake / "loaded").unlink(missing_ok=True)
+        monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+        ort_backend._load_tensorrt_libraries()
+        assert (fake / "loaded").exists() == loaded, body
+    versions = {"tensorrt-cu13-libs": "10.13.3.9", "tensorrt": "10.13.3.9"}
+
+    def version(dist: str) -> str:
+        if dist not in versions:
+            raise metadata.PackageNotFoundError(dist)
+        return versions[dist]
+
+    monkeypatch.setattr(metadata, "version", version)
+    assert ort_backend._tensorrt_version() == "10.13.3.9"
+    versions = {}
+    assert ort_backend._tensorrt_version() == "system"
 
 
 def test_every_package_goes_into_the_wheel() -> None:

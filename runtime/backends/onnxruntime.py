@@ -166,19 +166,52 @@ def _tensorrt_ep_options(meta: ModelMeta, path: Path) -> dict[str, str]:
 
 
 def _tensorrt_ep_cache(path: Path) -> Path | None:
-    """A folder for the TensorRT provider's engines of the model `path`, named by its sha256:
-    the provider names cached engines by the graph, not its weights, so a re-exported model of
-    the same name would run on the old engine. None where no such folder can be made (nor
-    where $XDG_CACHE_HOME is relative, or no home is known: `~` stays as it is)."""
+    """A folder for the TensorRT provider's engines of the model `path`, named by its sha256
+    and the onnxruntime and TensorRT versions: the provider names cached engines by the graph,
+    not its weights, so a re-exported model of the same name would run on the old engine; and
+    it fails on an engine of another TensorRT ("could not deserialize engine from cache") rather
+    than build a new one, so an upgrade would stop every run. None where no such folder can be
+    made (nor where $XDG_CACHE_HOME is relative, or no home is known: `~` stays as it is)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     if not os.path.isabs(base):
         return None
-    folder = Path(base) / "marsvision" / "ort-tensorrt" / sha256_file(path)[:16]
+    versions = f"ort-{ort_module().__version__}-trt-{_tensorrt_version()}"
+    folder = Path(base) / "marsvision" / "ort-tensorrt" / sha256_file(path)[:16] / versions
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         return None
     return folder
+
+
+# TensorRT's pip wheels (tensorrt-cu13-libs, ...) hold libnvinfer in their own folder, off the
+# loader's path, so the provider's dlopen("libnvinfer.so.10") fails there (onnxruntime issues
+# 13501 and 18597); `import tensorrt` loads it from that folder, after which the provider's
+# dlopen finds it by its soname. The distributions, newest naming first.
+_TENSORRT_DISTS = ("tensorrt-cu13-libs", "tensorrt-cu12-libs", "tensorrt-libs", "tensorrt")
+
+
+def _tensorrt_version() -> str:
+    """The pip-installed TensorRT's version; "system" where none is (a system library, whose
+    version the provider alone knows)."""
+    from importlib import metadata
+
+    for dist in _TENSORRT_DISTS:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "system"
+
+
+def _load_tensorrt_libraries() -> None:
+    """Load a pip-installed TensorRT's libraries for onnxruntime's TensorRT provider (see
+    _TENSORRT_DISTS); nothing where none is installed or it fails to import (the provider then
+    says what it cannot find). Unverified here: no TensorRT on these machines."""
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:  # ImportError, or OSError from a library that does not load
+        pass
 
 
 def _session(
@@ -195,6 +228,8 @@ def _session(
             model = path.read_bytes()
         except OSError as e:
             raise MarsvisionError(f"{path}: cannot read the model ({e.strerror})") from None
+    if _EP["tensorrt"] in names:
+        _load_tensorrt_libraries()
     try:
         # no fallback: where a GPU provider fails, onnxruntime's own fallback prints a banner
         # to stdout (into mars-infer's rows there), drops the providers' options and goes on
@@ -382,6 +417,8 @@ class OnnxRuntimeRunner:
         """float32 NCHW batch -> float32 logits (batch, num_classes)."""
         check_batch(batch, self.meta, self.path)
         x = batch if batch.dtype == self._dtype else batch.astype(self._dtype)
+        if len(x) == 0:  # outside the TensorRT provider's profile of 1 to TRT_EP_MAX_BATCH
+            return np.zeros((0, self.meta.num_classes), np.float32)
         n = self._max_batch or len(x)
         if len(x) > n:
             return np.concatenate([self.infer(x[i : i + n]) for i in range(0, len(x), n)])
