@@ -161,13 +161,21 @@ class _FakeCudart:
         return (0,)
 
 
-def _fake_trt(meta: ModelMeta, *, refuse_address: str | None = None) -> object:
+def _fake_trt(
+    meta: ModelMeta,
+    *,
+    refuse_address: str | None = None,
+    size: int | None = None,
+    classes: int | None = None,
+) -> object:
     """A tensorrt module whose engine has the metadata's two tensors and a max batch of 8 (and
-    whose context refuses a device address for the tensor `refuse_address`)."""
+    whose context refuses a device address for the tensor `refuse_address`; an engine of
+    another input `size` or number of `classes` than the metadata's where given)."""
     from types import SimpleNamespace
 
     data_type = SimpleNamespace(FLOAT="float", HALF="half")
-    size = meta.preprocess.input_size
+    modes = SimpleNamespace(INPUT="input", OUTPUT="output")
+    size = size or meta.preprocess.input_size
     names = [meta.input_name, meta.output_name]
     profile = [(1, 3, size, size), (8, 3, size, size), (8, 3, size, size)]  # min, opt, max
     context = SimpleNamespace(set_tensor_address=lambda name, ptr: name != refuse_address)
@@ -175,6 +183,8 @@ def _fake_trt(meta: ModelMeta, *, refuse_address: str | None = None) -> object:
         num_io_tensors=2,
         get_tensor_name=names.__getitem__,
         get_tensor_dtype=lambda name: data_type.HALF,
+        get_tensor_mode=lambda name: modes.INPUT if name == meta.input_name else modes.OUTPUT,
+        get_tensor_shape=lambda name: (-1, classes or meta.num_classes),  # the output's
         get_tensor_profile_shape=lambda name, i: profile,
         create_execution_context=lambda: context,
     )
@@ -187,7 +197,11 @@ def _fake_trt(meta: ModelMeta, *, refuse_address: str | None = None) -> object:
             self.level = level
 
     return SimpleNamespace(
-        __version__="10.13.0.35", DataType=data_type, Logger=Logger, Runtime=lambda log: runtime
+        __version__="10.13.0.35",
+        DataType=data_type,
+        TensorIOMode=modes,
+        Logger=Logger,
+        Runtime=lambda log: runtime,
     )
 
 
@@ -245,6 +259,29 @@ def test_runner_refused_a_buffer_address_is_a_one_line_error(
     ):
         trt_backend.TensorRTRunner(plan)
     assert not cudart.live  # the stream and both buffers freed
+
+
+def test_an_engine_of_other_shapes_than_its_sidecar_is_refused_before_buffers_are_sized(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The device buffers are sized by the sidecar's input size and classes: an engine beside
+    another export's sidecar would have TensorRT read and write past them."""
+    import marsvision.runtime.backends.tensorrt as trt_backend
+
+    meta = _meta()
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"serialized engine")
+    sidecar_path(plan).write_text(meta.to_json())
+    cudart = _FakeCudart(None)
+    monkeypatch.setattr(trt_backend, "_import_cudart", lambda: cudart)
+    monkeypatch.setattr(trt_backend, "running_gpu", lambda: ("H100", "9.0"))
+    for fake, says in ((_fake_trt(meta, size=128), "takes (n, 3, 128, 128)"),
+                       (_fake_trt(meta, classes=25), "(n, 25)")):  # fmt: skip
+        monkeypatch.setitem(sys.modules, "tensorrt", fake)
+        with pytest.raises(MarsvisionError, match=r"the engine .*; its sidecar says") as e:
+            trt_backend.TensorRTRunner(plan)
+        assert says in str(e.value) and "(n, 3, 64, 64) and (n, 2)" in str(e.value)
+        assert cudart.mallocs == 0 and not cudart.live
 
 
 def test_runner_runs_one_call_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

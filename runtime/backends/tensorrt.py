@@ -181,6 +181,23 @@ class TensorRTRunner:
         profile = engine.get_tensor_profile_shape(self._in, 0)  # [min, opt, max]
         self.max_batch = int(profile[2][0])
         size = self.meta.preprocess.input_size
+        # the device buffers are sized by the sidecar: an engine that takes or gives other
+        # shapes (a sidecar of another export beside it) would read and write past them
+        takes: tuple[int, ...] = tuple(profile[2][1:])
+        gives: tuple[int, ...] = tuple(engine.get_tensor_shape(self._out)[1:])
+        modes = (engine.get_tensor_mode(self._in), engine.get_tensor_mode(self._out))
+        if modes != (trt.TensorIOMode.INPUT, trt.TensorIOMode.OUTPUT):
+            raise MarsvisionError(
+                f"{self.path}: the engine's input and output are not its sidecar's {self._in!r} "
+                f"and {self._out!r}: they are not of one export; re-export it"
+            )
+        if (takes, gives) != ((3, size, size), (self.meta.num_classes,)):
+            raise MarsvisionError(
+                f"{self.path}: the engine takes (n, {', '.join(map(str, takes))}) as "
+                f"{self._in!r} and gives (n, {', '.join(map(str, gives))}); its sidecar says "
+                f"(n, 3, {size}, {size}) and (n, {self.meta.num_classes}) as {self._out!r}: "
+                "they are not of one export; re-export it"
+            )
         in_bytes = self.max_batch * 3 * size * size * np.dtype(self._in_dtype).itemsize
         out_bytes = self.max_batch * self.meta.num_classes * np.dtype(self._out_dtype).itemsize
         cu = self._cudart
