@@ -40,9 +40,6 @@ def _walk(
     *,
     hidden: bool = False,
     state: Callable[[list[str]], Hashable] | None = None,
-    _parts: tuple[str, ...] = (),
-    _above: frozenset[tuple[int, int]] = frozenset(),
-    _walked: set[tuple[tuple[int, int], Hashable]] | None = None,
 ) -> Iterator[tuple[str, list[str], list[str]]]:
     """(folder, its file names, its subfolder names), sorted, for `top` and its subfolders,
     top-down, through links to folders, as os.walk (a caller may prune the subfolder list).
@@ -53,38 +50,41 @@ def _walk(
     the next, took 2**depth walks. With `state`, a caller's function of the names from `top`
     to a folder, it is walked again where that differs (a pattern that may match under one
     name and not the other). Hidden subfolders are skipped unless `hidden`; a folder that
-    cannot be listed goes to `unreadable` (os.walk passed over it without a word)."""
-    walked = set() if _walked is None else _walked
-    try:
-        st = os.stat(top)
-        here = (st.st_dev, st.st_ino)
-        key = (here, None if state is None else state(list(_parts)))
-        if here in _above or key in walked:
-            return
-        walked.add(key)
-        files, dirs = [], []
-        # one entry at a time: a list of them kept each link's stat too (200 MB for 200,000)
-        with os.scandir(top) as it:
-            for e in it:
-                try:
-                    is_dir = e.is_dir()  # through a link
-                except OSError:
-                    is_dir = False
-                if not is_dir:
-                    files.append(e.name)
-                elif hidden or not e.name.startswith("."):
-                    dirs.append(e.name)
-    except OSError:
-        unreadable.append(top)
-        return
-    # with `state` (a pattern, whose matches are sorted), in the order of the paths sorted:
-    # `a-b/` before `a/`, so the spelling a folder reached twice keeps is the one sorted first
-    dirs.sort(key=None if state is None else lambda d: d + os.sep)
-    yield top, sorted(files), dirs
-    for name in dirs:
-        path, parts = os.path.join(top, name), (*_parts, name)
-        yield from _walk(path, unreadable, hidden=hidden, state=state, _parts=parts,
-                         _above=_above | {here}, _walked=walked)  # fmt: skip
+    cannot be listed goes to `unreadable` (os.walk passed over it without a word). A stack,
+    not recursion: a tree some 1,000 folders deep ended the run in a RecursionError."""
+    walked: set[tuple[tuple[int, int], Hashable]] = set()
+    # (folder, the names from `top` to it, the folders it is inside), the next one last
+    stack: list[tuple[str, tuple[str, ...], frozenset[tuple[int, int]]]] = [(top, (), frozenset())]
+    while stack:
+        folder, parts, above = stack.pop()
+        try:
+            st = os.stat(folder)
+            here = (st.st_dev, st.st_ino)
+            key = (here, None if state is None else state(list(parts)))
+            if here in above or key in walked:
+                continue
+            walked.add(key)
+            files, dirs = [], []
+            # one entry at a time: a list of them kept each link's stat too (200 MB for 200,000)
+            with os.scandir(folder) as it:
+                for e in it:
+                    try:
+                        is_dir = e.is_dir()  # through a link
+                    except OSError:
+                        is_dir = False
+                    if not is_dir:
+                        files.append(e.name)
+                    elif hidden or not e.name.startswith("."):
+                        dirs.append(e.name)
+        except OSError:
+            unreadable.append(folder)
+            continue
+        # with `state` (a pattern, whose matches are sorted), in the order of the paths sorted:
+        # `a-b/` before `a/`, so the spelling a folder reached twice keeps is the one sorted first
+        dirs.sort(key=None if state is None else lambda d: d + os.sep)
+        yield folder, sorted(files), dirs
+        inside = above | {here}  # after the yield: the caller's pruning of `dirs` holds
+        stack.extend((os.path.join(folder, d), (*parts, d), inside) for d in reversed(dirs))
 
 
 def folder_images(
@@ -138,28 +138,39 @@ def _component_match(
     recursive matching does (`**` is any number of folders; a name starting with `.` matches
     only a pattern component starting with one; with `file`, the last part is a file, which
     only the last component or a `**` matches), or with `start`, whether a longer path that
-    begins with `parts` may."""
-    if not pats:
-        return not parts and not start
-    if pats[0] == "**":
-        if not parts and start:
-            return True
-        if _component_match(parts, pats[1:], start=start, file=file):
-            return True
-        return (
-            bool(parts)
-            and not parts[0].startswith(".")
-            and _component_match(parts[1:], pats, start=start, file=file)
-        )
-    if not parts:
-        return start
-    if parts[0].startswith(".") and not pats[0].startswith("."):
-        return False
-    if file and len(parts) == 1 and len(pats) > 1:  # only a folder goes on to the next
-        return False
-    return fnmatch.fnmatchcase(parts[0], pats[0]) and _component_match(
-        parts[1:], pats[1:], start=start, file=file
-    )
+    begins with `parts` may. The pattern positions reachable part by part (not recursion, one
+    level per folder: a tree some 1,000 folders deep ended the run in a RecursionError)."""
+
+    def with_skips(states: set[int]) -> set[int]:  # a `**` may match no folder at all
+        out = set(states)
+        for i in sorted(states):
+            while i < len(pats) and pats[i] == "**":
+                i += 1
+                out.add(i)
+        return out
+
+    states = with_skips({0})
+    for k, part in enumerate(parts):
+        last, hidden = k == len(parts) - 1, part.startswith(".")
+        following: set[int] = set()
+        for i in states:
+            if i == len(pats):
+                continue
+            if pats[i] == "**":
+                if not hidden:
+                    following.add(i)
+            elif hidden and not pats[i].startswith("."):
+                continue
+            elif file and last and i < len(pats) - 1:  # only a folder goes on to the next
+                continue
+            elif fnmatch.fnmatchcase(part, pats[i]):
+                following.add(i + 1)
+        states = with_skips(following)
+        if not states:
+            return False
+    if start:
+        return any(i < len(pats) for i in states)
+    return len(pats) in states
 
 
 def _recursive_glob(pattern: str, unreadable: list[str]) -> list[str]:

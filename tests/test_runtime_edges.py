@@ -185,6 +185,34 @@ def test_links_to_folders_are_followed_once_and_loops_end(tmp_path: Path) -> Non
     assert pattern == folder
 
 
+def test_a_tree_deeper_than_pythons_recursion_limit_is_walked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk and the `**` matcher recursed once per folder level: a tree some 1,000 folders
+    deep (a runaway script's output) ended the run in a RecursionError traceback, no rows."""
+    from marsvision.runtime import inputs
+
+    depth = sys.getrecursionlimit() + 100
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("deep")
+    os.chdir("deep")
+    for _ in range(depth):  # one level at a time: os.makedirs recurses too
+        os.mkdir("a")
+        os.chdir("a")
+    Path("x.jpg").touch()
+    os.chdir(tmp_path)
+    want = ["deep/" + "a/" * depth + "x.jpg"]
+    try:
+        assert inputs.expand_inputs(["deep"], recursive=True) == want
+        assert inputs.expand_inputs(["deep/**/*.jpg"], recursive=True) == want
+    finally:  # removed here, level by level: shutil.rmtree recurses on Python 3.11
+        os.chdir(os.path.dirname(want[0]))
+        os.remove("x.jpg")
+        for _ in range(depth):
+            os.chdir("..")
+            os.rmdir("a")
+
+
 def test_a_folder_that_links_reach_many_ways_is_walked_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
