@@ -216,6 +216,19 @@ def _jpeg_scans(fp: Any) -> int:
     return n
 
 
+def _grey_fill_rows(img: Image.Image) -> int:
+    """How many rows at the bottom of a decoded JPEG are 128 in every band: where its data
+    ends before the image does, libjpeg warns (Pillow keeps no warning) and fills the rest with
+    mid-grey, so a file cut short, or with lost packets, that still ends in an end marker
+    decoded `ok`; one without the marker is "truncated". No image of the MSL set has even its
+    last row so (0 of 6,691). 0 for an image that is grey all over: that may be its picture."""
+    w, h = img.size
+    if not (np.asarray(img.crop((0, h - 1, w, h))) == 128).all():
+        return 0
+    pictured = np.flatnonzero(~(np.asarray(img).reshape(h, -1) == 128).all(axis=1))
+    return h - int(pictured[-1]) - 1 if len(pictured) else 0
+
+
 def decode_image(
     path: str | bytes | os.PathLike[str],
     spec: PreprocessSpec,
@@ -255,6 +268,14 @@ def decode_image(
             if fast_decode and img.format in ("JPEG", "MPO"):  # MPO: many cameras' JPEGs
                 img.draft("RGB", (tw, th))
             img.load()
+            if img.format in ("JPEG", "MPO"):
+                grey = _grey_fill_rows(img)
+                if grey:
+                    raise ImageError(
+                        f"corrupt or truncated image: the JPEG's data ends early, its last "
+                        f"{grey} of {img.size[1]} rows are the decoder's grey fill (a file cut "
+                        "short, lost packets, with an end marker after them)"
+                    )
             pic = to_rgb_or_l(img)
             if pic.size != (tw, th):
                 pic = pic.resize((tw, th), Image.Resampling[spec.interpolation.upper()])

@@ -164,6 +164,34 @@ def test_bad_files_raise_image_error(tmp_path: Path, msl_dir: Path) -> None:
             decode_image(tmp_path / name, spec)
 
 
+def test_a_jpeg_cut_short_with_its_end_marker_is_refused(tmp_path: Path, msl_dir: Path) -> None:
+    """A JPEG whose data stops part-way but still ends in an end marker (a downlink's lost
+    packets, a file cut and mended) decoded `ok`, its missing rows mid-grey: classified with
+    confidence. It is refused as a truncated file is; the whole image still decodes."""
+    import io
+
+    from PIL import Image
+
+    spec = PreprocessSpec.for_input_size(64)
+    src = Image.open(_msl_images(msl_dir, 1)[0]).convert("RGB").resize((256, 256))
+    for mode in ("RGB", "L"):
+        buf = io.BytesIO()
+        src.convert(mode).save(buf, "JPEG", quality=90)
+        whole = buf.getvalue()
+        (tmp_path / "whole.jpg").write_bytes(whole)
+        decode_image(tmp_path / "whole.jpg", spec)
+        start = whole.index(b"\xff\xda")  # the scan's data follows its header
+        cut = whole[: start + (len(whole) - start) // 2] + b"\xff\xd9"
+        (tmp_path / "cut.jpg").write_bytes(cut)
+        with pytest.raises(ImageError, match=r"data ends early, its last \d+ of 256 rows"):
+            decode_image(tmp_path / "cut.jpg", spec)
+        with pytest.raises(ImageError, match="data ends early"):  # a draft decode too
+            decode_image(tmp_path / "cut.jpg", spec, fast_decode=True)
+    for name in ("flat.png", "flat.jpg"):  # a PNG's grey, or a JPEG's grey all over, is its own
+        Image.new("RGB", (64, 64), (128, 128, 128)).save(tmp_path / name)
+        assert (decode_image(tmp_path / name, spec) == 128).all()
+
+
 def test_an_os_without_nonblocking_opens_reads_images(
     msl_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
