@@ -97,14 +97,18 @@ def folder_images(
     followed), sorted, hidden names skipped: what mars-infer classifies for a folder PATH. A
     subfolder that cannot be listed goes to `unreadable` where given (mars-infer gives it an
     error row); what else is there goes to `passed_over` where given, counted: subfolders not
-    descended into ("/") and other files by their ending ("" for none)."""
+    descended into ("/"), hidden files named as images (".") and other files by their ending
+    ("" for none)."""
     found: list[str] = []
     sink: list[str] = [] if unreadable is None else unreadable
     for root, files, dirs in _walk(d, sink):
         for name in files:
-            if name.startswith("."):
+            suffix = Path(name).suffix.lower()
+            if name.startswith("."):  # a Mac's `._IMG.JPG` copies; `.DS_Store` not counted
+                if passed_over is not None and suffix in IMAGE_SUFFIXES:
+                    passed_over["."] += 1
                 continue
-            if (suffix := Path(name).suffix.lower()) in IMAGE_SUFFIXES:
+            if suffix in IMAGE_SUFFIXES:
                 found.append(os.path.join(root, name))
             elif passed_over is not None:
                 passed_over[suffix] += 1
@@ -122,6 +126,9 @@ def passed_over_note(folder: str, counts: collections.Counter[str]) -> str:
     parts = []
     if n := counts.pop("/", 0):
         parts.append(f"{n} subfolder{'s' * (n > 1)} (--recursive descends into them)")
+    if n := counts.pop(".", 0):  # a folder of only those had the row "no image files"
+        parts.append(f"{n} hidden image file{'s' * (n > 1)} (a name that starts with '.'; "
+                     "name one to classify it)")  # fmt: skip
     if counts:
         kinds = ", ".join(f"{k or 'no ending'} {n}" for k, n in counts.most_common(5))
         more = ", ..." if len(counts) > 5 else ""

@@ -114,20 +114,28 @@ def test_a_folder_says_what_it_passed_over(tmp_path: Path) -> None:
 
     top = tmp_path / "mine"
     for rel in ("a.JPG", "b.jp2", "c.J2K", "a.LBL", "b.lbl", "notes", ".hidden", "sub/d.png",
-                ".Trashes/x.jpg", "other/e.txt"):  # fmt: skip
+                ".Trashes/x.jpg", "other/e.txt", "._a.JPG", "sub/.d.png"):  # fmt: skip
         (top / rel).parent.mkdir(parents=True, exist_ok=True)
         (top / rel).touch()
     notes: list[str] = []
     got = expand_inputs([str(top)], notes=notes)
     assert got == [str(top / n) for n in ("a.JPG", "b.jp2", "c.J2K")]
     assert notes == [
-        f"passed over in {top}: 2 subfolders (--recursive descends into them); 3 files not named "
-        "as images (.lbl 2, no ending 1; name one to classify it)"
+        f"passed over in {top}: 2 subfolders (--recursive descends into them); 1 hidden image "
+        "file (a name that starts with '.'; name one to classify it); 3 files not named as images "
+        "(.lbl 2, no ending 1; name one to classify it)"
     ]
     notes.clear()
     assert len(expand_inputs([str(top)], recursive=True, notes=notes)) == 4
-    assert notes == [f"passed over in {top}: 4 files not named as images (.lbl 2, no ending 1, "
-                     ".txt 1; name one to classify it)"]  # fmt: skip
+    assert notes == [f"passed over in {top}: 2 hidden image files (a name that starts with '.'; "
+                     "name one to classify it); 4 files not named as images (.lbl 2, no ending "
+                     "1, .txt 1; name one to classify it)"]  # fmt: skip
+    notes.clear()  # a folder of hidden images alone: its row says "none", the note why
+    (tmp_path / "mac").mkdir()
+    (tmp_path / "mac" / "._IMG.JPG").touch()
+    assert expand_inputs([str(tmp_path / "mac")], notes=notes) == [str(tmp_path / "mac")]
+    assert notes == [f"passed over in {tmp_path / 'mac'}: 1 hidden image file (a name that "
+                     "starts with '.'; name one to classify it)"]  # fmt: skip
     notes.clear()
     empty = tmp_path / "only-labels"  # no images in it: its error row, and what was there
     (empty / "sub").mkdir(parents=True)
