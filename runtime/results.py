@@ -41,6 +41,18 @@ class Provenance:
     tta: str = "none"
 
 
+def csv_lines(rows: list[list[Any]]) -> str:
+    """The rows as the results file's CSV lines."""
+    buf = io.StringIO()
+    plain = csv.writer(buf, lineterminator="\n")
+    # the writer quotes a field only for the characters of its line terminator: a carriage
+    # return in a file name would end the row for every reader, so such rows are quoted whole
+    quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    for row in rows:
+        (quoted if any("\r" in str(v) for v in row) else plain).writerow(row)
+    return buf.getvalue()
+
+
 def csv_header(class_names: list[str], top_k: int | None) -> list[str]:
     """CSV columns for a model's classes (all probabilities, or the top k)."""
     if top_k:
@@ -89,17 +101,7 @@ class ResultWriter:
         self.prov = provenance
         self.header = csv_header(class_names, self.top_k)
         if fmt == "csv" and write_header:
-            self._write_text(self._csv_lines([self.header]))
-
-    def _csv_lines(self, rows: list[list[Any]]) -> str:
-        buf = io.StringIO()
-        plain = csv.writer(buf, lineterminator="\n")
-        # the writer quotes a field only for the characters of its line terminator: a carriage
-        # return in a file name would end the row for every reader, so such rows are quoted whole
-        quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
-        for row in rows:
-            (quoted if any("\r" in str(v) for v in row) else plain).writerow(row)
-        return buf.getvalue()
+            self._write_text(csv_lines([self.header]))
 
     def _write_text(self, text: str) -> None:
         self.stream.write(text)
@@ -155,7 +157,7 @@ class ResultWriter:
     def write(self, predictions: list[Prediction]) -> None:
         """Write one finished batch and flush it."""
         if self.fmt == "csv":
-            text = self._csv_lines([self._csv_row(p) for p in predictions])
+            text = csv_lines([self._csv_row(p) for p in predictions])
         else:
             text = "".join(self._json_row(p) for p in predictions)
         self._write_text(text)

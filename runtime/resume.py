@@ -17,6 +17,7 @@ from marsvision.runtime.inputs import fs_path, path_keys
 from marsvision.runtime.results import (
     ENCODING,
     Provenance,
+    csv_lines,
     iter_csv_rows,
     text_lines,
     whole_csv_records,
@@ -49,6 +50,11 @@ def _json_layout_matches(row: dict[str, Any], header: list[str]) -> bool:
 def _csv_done(path: str, text: str, header: list[str], prov: Provenance) -> dict[str, str]:
     rows = iter_csv_rows(path, text, then="; cannot resume from it")
     first = next(rows)
+    if first[:2] != header[:2]:  # not a results file at all (an image, the wrong --out)
+        raise MarsvisionError(
+            f"{path} is not a mars-infer results file (its first line is not a header that "
+            "starts path,status); cannot resume from it: write to a new --out file"
+        )
     if first != header:
         raise MarsvisionError(
             f"{path} has columns {first[:4]}... that do not match this model and --top-k; "
@@ -81,6 +87,15 @@ def _jsonl_done(path: str, text: str, header: list[str], prov: Provenance) -> di
     return done
 
 
+def _a_cut_first_line(data: bytes, fmt: str, header: list[str]) -> bool:
+    """Whether `data`, a file with no whole line, is the start of this run's first line, as a
+    kill while it was written leaves it (the CSV header, a JSONL row): only such a file is
+    emptied to begin again (a one-line file of something else named as --out was)."""
+    first = csv_lines([header]) if fmt == "csv" else '{"path": '
+    line = first.encode("utf-8", "surrogateescape")
+    return line.startswith(data) or (fmt == "jsonl" and data.startswith(line))
+
+
 def read_done(
     path: str,
     *,
@@ -109,6 +124,11 @@ def read_done(
         )
     # the whole rows; what follows them is a last row left unfinished by a kill
     keep = whole_csv_records(data) if fmt == "csv" else data.rfind(b"\n") + 1
+    if keep == 0 and data and not _a_cut_first_line(data, fmt, header):  # it would be emptied
+        raise MarsvisionError(
+            f"{path} is not a mars-infer results file (no whole line, nor the start of one); "
+            "cannot resume from it: write to a new --out file"
+        )
     size, text = len(data), str(memoryview(data)[:keep], **ENCODING)  # no copy of the bytes
     del data
     done: dict[str, str] = {}

@@ -891,9 +891,38 @@ _PROV = ("sha", "fp32", "onnxruntime-cpu")
 
 
 @pytest.mark.parametrize(
+    ("fmt", "content"),
+    [
+        ("csv", b"path,stat"),
+        ("csv", b"pa"),
+        ("jsonl", b'{"pa'),
+        ("jsonl", b'{"path": "x.jpg", "st'),
+    ],
+)
+def test_resume_empties_a_first_line_cut_by_a_kill(
+    tmp_path: Path, fmt: str, content: bytes
+) -> None:
+    """A kill while the header (or the first JSONL row) was written leaves no whole line: that
+    file begins again; a file of no whole line that is not such a start is refused (above)."""
+    from marsvision.runtime.results import Provenance, csv_header
+    from marsvision.runtime.resume import read_done
+
+    out = tmp_path / f"r.{fmt}"
+    out.write_bytes(content)
+    assert read_done(str(out), fmt=fmt, header=csv_header(["a", "b"], None),
+                     provenance=Provenance(*_PROV)) == {}  # fmt: skip
+    assert out.read_bytes() == b""
+
+
+@pytest.mark.parametrize(
     ("fmt", "content", "refusal"),
     [
-        ("csv", b'name,size\nscreen 5" wide,12\nfoo,1\nbar,2', "do not match this model"),
+        ("csv", b'name,size\nscreen 5" wide,12\nfoo,1\nbar,2', "is not a mars-infer results"),
+        ("csv", b"path,status,label,prob_c,prob_d\nx,ok,c,1,0\n", "do not match this model"),
+        ("csv", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", "is not a mars-infer results file"),
+        ("csv", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\nmore", "is not a mars-infer results"),
+        ("csv", b"keep these notes, no newline", "is not a mars-infer results file"),
+        ("jsonl", b'{"notes": "mine"}', "is not a mars-infer results file"),
         ("jsonl", b'{"a": 1}\n{"b": 2}', "line 1 is not a result row"),
         ("jsonl", b'{"path": "x", "status": "ok", "probs": 0.5}\n{"pa', "line 1 is not a result"),
     ],
