@@ -316,7 +316,7 @@ def run(cfg: InferConfig) -> int:
         f"mars-infer: {ok} ok, {failed} failed"
         + kept
         + (
-            f"; {ok} images in {secs:.2f} s = {ok / max(secs, 1e-9):.1f} images/s"
+            f"; {ok} image{'s' * (ok != 1)} in {secs:.2f} s = {ok / max(secs, 1e-9):.1f} images/s"
             if ok
             else f"; no image classified in {secs:.2f} s"
         )

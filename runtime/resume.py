@@ -311,9 +311,9 @@ def read_resumed(
         if missed:
             raise MarsvisionError(
                 f"{out} was begun with --recursive (its run record, {_record_path(out)}): "
-                f"without it this run passes over {missed} images in subfolders that it has no "
-                "row for, and the file would look finished; resume it with --recursive, or "
-                "write to a new --out"
+                f"without it this run passes over {missed} image{'s' * (missed != 1)} in "
+                "subfolders that it has no row for, and the file would look finished; resume it "
+                "with --recursive, or write to a new --out"
             )
 
     rows = read_done(out, fmt=fmt, header=header, provenance=provenance, check=same_run)

@@ -726,10 +726,11 @@ def test_resume_of_a_recursive_run_needs_recursive(
     before = cut_deep_row(out)
     r = _infer(imgs, "--out", out, "--resume", "--engine", model)
     assert r.returncode == 1, r.stderr
-    assert b"passes over 1 images in subfolders" in r.stderr, r.stderr
+    assert b"passes over 1 image in subfolders" in r.stderr, r.stderr
     assert b"resume it with --recursive" in r.stderr and out.read_bytes() == before
     r = _infer(tmp_path / "new.JPG", "--out", out, "--resume", "--engine", model)  # files alone
-    assert r.returncode == 0 and b"1 ok" in r.stderr, r.stderr
+    assert r.returncode == 0 and b"1 ok, 0 failed" in r.stderr, r.stderr
+    assert b"; 1 image in " in r.stderr, r.stderr  # not "1 images"
     r = _infer(imgs, "-r", "--out", out, "--resume", "--engine", model)
     assert r.returncode == 0 and b"1 ok" in r.stderr and b"1 already in" in r.stderr, r.stderr
     # begun without it, widened by a resume with it: a later resume without it is refused too
@@ -740,7 +741,7 @@ def test_resume_of_a_recursive_run_needs_recursive(
     assert json.loads((tmp_path / "top.csv.run.json").read_text())["recursive"] is True
     cut_deep_row(out)
     r = _infer(imgs, "--out", out, "--resume", "--engine", model)
-    assert r.returncode == 1 and b"passes over 1 images" in r.stderr, r.stderr
+    assert r.returncode == 1 and b"passes over 1 image in" in r.stderr, r.stderr
 
 
 def test_a_stop_inside_the_onnxruntime_import_stays_a_stop(
