@@ -16,6 +16,7 @@ absolute path are one input (`path_keys`).
 
 from __future__ import annotations
 
+import bisect
 import collections
 import fnmatch
 import glob
@@ -117,6 +118,23 @@ def folder_images(
                 passed_over["/"] += len(dirs)
             break
     return found
+
+
+def _in_walk_order(top: str, files: list[str], folders: list[str]) -> list[str]:
+    """The image files of folder `top` and the subfolders that could not be listed, in the
+    order of the walk (a folder's files, then its subfolders by name), each folder's row where
+    its images would be: they came after all the files."""
+    if not folders:
+        return files
+
+    def key(path: str, folder: bool) -> list[tuple[int, str]]:
+        parts = os.path.relpath(path, top).split(os.sep)
+        return [(1, p) for p in parts[: None if folder else -1]] + (
+            [] if folder else [(0, parts[-1])]
+        )
+
+    ranked = [(key(p, False), p) for p in files] + [(key(p, True), p) for p in folders]
+    return [p for _, p in sorted(ranked)]
 
 
 def passed_over_note(folder: str, counts: collections.Counter[str]) -> str:
@@ -305,7 +323,8 @@ def expand_inputs(
             found = folder_images(arg, recursive, unreadable, passed)
             if passed and notes is not None:  # none found too: its row said only "none"
                 notes.append(passed_over_note(arg, passed))
-            out.extend(found + unreadable or [arg])  # no images: the folder's error row
+            # no images: the folder's error row
+            out.extend(_in_walk_order(arg, found, unreadable) or [arg])
         elif not os.path.lexists(arg) and GLOB_CHARS & set(arg):
             unreadable = []
             deep = recursive and "**" in arg
@@ -328,7 +347,9 @@ def expand_inputs(
             if passed and notes is not None and not deep:
                 notes.append(passed_over_note(arg, passed))
             # no image: each folder matched gets a folder PATH's error row, no match the pattern
-            out.extend(files + unreadable or folders or [arg])
+            for folder in unreadable:  # its row in path order, where its matches would be
+                bisect.insort(files, folder)
+            out.extend(files or folders or [arg])
         else:
             out.append(arg)
     if empty and not out:  # a nightly `find ... > list.txt` that failed passed as "0 ok", exit 0

@@ -346,6 +346,9 @@ def test_a_subfolder_that_cannot_be_listed_gets_a_row(
     (tmp_path / "top" / "locked").mkdir(parents=True)
     (tmp_path / "top" / "a.jpg").touch()
     (tmp_path / "top" / "locked" / "b.jpg").touch()
+    (tmp_path / "top" / "m" / "sub").mkdir(parents=True)
+    (tmp_path / "top" / "m" / "c.jpg").touch()
+    (tmp_path / "top" / "m" / "sub" / "d.jpg").touch()
     scandir = os.scandir
 
     def refuse(path: Any = ".") -> Any:
@@ -355,7 +358,8 @@ def test_a_subfolder_that_cannot_be_listed_gets_a_row(
 
     monkeypatch.setattr(os, "scandir", refuse)
     top = str(tmp_path / "top")
-    shown = [f"{top}/a.jpg", f"{top}/locked"]
+    # the locked folder's row where its images would be: before m's (it came last)
+    shown = [f"{top}/a.jpg", f"{top}/locked", f"{top}/m/c.jpg", f"{top}/m/sub/d.jpg"]
     assert expand_inputs([top], recursive=True) == shown
     assert expand_inputs([f"{top}/**/*.jpg"], recursive=True) == shown
     assert expand_inputs([f"{top}/locked"], recursive=True) == [f"{top}/locked"]
