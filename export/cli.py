@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +59,39 @@ def shipped_checkpoint(task: str = "binary") -> Path:
             f"{shlex.quote(path.name)}) or pass --checkpoint PATH"
         )
     return path
+
+
+def listed_checkpoint(path: Path) -> Path:
+    """A --checkpoint PATH, refused where a SHA256SUMS beside it lists it with other bytes: the
+    shipped file named by its path (the README's way after `pip install .`) was exported with
+    a bit flipped, which `shipped_checkpoint` refuses."""
+    want = listed_sha256(path.parent / SUMS_FILE, path.name)
+    if path.is_file() and changed_since_export(path, want):
+        raise MarsvisionError(
+            f"{path} is not the file {SUMS_FILE} beside it lists: sha256 "
+            f"{sha256_file(path)[:12]}..., listed {want[:12]}... (damaged, or changed since it "
+            f"was listed); restore it, or mend its line in {SUMS_FILE} if the change is yours"
+        )
+    return path
+
+
+@contextlib.contextmanager
+def _read_back(out: Path) -> Iterator[None]:
+    """A model file the export wrote and could not read back is a one-line error: onnxruntime's
+    quantizer writes a copy of the model under --out and reads it again, and a disk that fills
+    up there truncated it without an OSError, so the read failed in protobuf ("Wire format was
+    corrupt", a traceback) where an OSError would have said "no space"."""
+    try:
+        yield
+    except Exception as e:
+        if type(e).__name__ != "DecodeError" or not type(e).__module__.startswith("google."):
+            raise
+        free = shutil.disk_usage(out).free / 2**20 if out.is_dir() else float("nan")
+        raise MarsvisionError(
+            f"a model file written under {out} could not be read back ({str(e).strip()[:80]}): "
+            f"a disk that fills up truncates it without an error ({free:.0f} MiB free there "
+            "now); make room, or pass another --out"
+        ) from None
 
 
 def _table(manifest: dict[str, Any]) -> str:
@@ -185,13 +221,16 @@ def main(
     from marsvision.runtime.files import check_writable_folder
 
     check_writable_folder(out, "--out")  # before the checkpoint, the data and PyTorch's run
-    checkpoint = checkpoint if checkpoint is not None else shipped_checkpoint("binary")
+    checkpoint = (
+        listed_checkpoint(checkpoint) if checkpoint is not None else shipped_checkpoint("binary")
+    )
     with option_values():  # before the checkpoint and the data are read
         config = ExportConfig(checkpoint=checkpoint, out=out, fp16=fp16, int8=int8,
                               calib_images=calib_images, calib_method=calib_method,
                               int8_min_agreement=int8_min_agreement, tensorrt=tensorrt,
                               max_batch=max_batch, data_dir=data)  # fmt: skip
-    with interruptible("mars-export"), out_of_room(out):  # the staging folder is removed
+    # the staging folder is removed on any of these
+    with interruptible("mars-export"), out_of_room(out), _read_back(out):
         manifest = export_all(config)
     kept = len(manifest["kept"])
     wrote = len(manifest["artifacts"]) - kept
