@@ -281,10 +281,13 @@ def int8_onnx_from_onnx(
     onnx.checker.check_model(str(int8_path), full_check=True)
 
 
-def refuse_disagreement(fig: dict[str, Any], name: str, floor: float) -> None:
+def refuse_disagreement(
+    fig: dict[str, Any], name: str, floor: float, reused: Path | None = None
+) -> None:
     """Refuse the INT8 file `name` whose labels agree with PyTorch's on fewer than `floor`
     percent of the parity images (`fig`: its `parity()` figures): written, it would be
-    mars-infer's default on a CPU."""
+    mars-infer's default on a CPU. `reused`: the calibration cache its ranges were read from,
+    named, since the cache is trusted by its name (a damaged one is refused here each time)."""
     from marsvision.train.metrics import at_least
 
     if at_least(100 * fig["top1_agreement"], floor):
@@ -293,8 +296,14 @@ def refuse_disagreement(fig: dict[str, Any], name: str, floor: float) -> None:
     agree = round(fig["top1_agreement"] * n)
     raise MarsvisionError(
         f"{name} gives PyTorch's labels on {agree} of {n} val images ({100 * agree / n:.2f}%), "
-        f"under --int8-min-agreement {floor:g}: a broken INT8, no model file written (the "
-        "calibration cache is kept). Calibrate otherwise (--calib-method, --calib-images), "
+        f"under --int8-min-agreement {floor:g}: a broken INT8, no model file written ("
+        + (
+            "the calibration cache is kept"
+            if reused is None
+            else f"its ranges were read from the calibration cache {reused}, kept from an "
+            "earlier export: delete that file to calibrate anew"
+        )
+        + "). Calibrate otherwise (--calib-method, --calib-images), "
         "distill the model for INT8 (python -m marsvision.train.int8_distill), or pass "
         "--int8-min-agreement 0 to write it and judge it with mars-bench parity"
     )

@@ -176,7 +176,8 @@ def _export_all(config: ExportConfig, lock: FolderLock) -> dict[str, Any]:
                 int8_onnx_from_onnx(pre, path, flavour=flavour, cache_path=ranges, meta=m8)
                 fig = parity(ref, ort_logits(path, val_batch), meta.decision_threshold,
                              final.name)  # fmt: skip
-                refuse_disagreement(fig, final.name, config.int8_min_agreement)
+                refuse_disagreement(fig, final.name, config.int8_min_agreement,
+                                    ranges if reused else None)  # fmt: skip
                 secs = time.perf_counter() - t1 + calib_secs / 2
                 entry = _entry(path, flavour, m8, fig, secs)
                 entry["calibration_reused"] = reused

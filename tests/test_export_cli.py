@@ -386,6 +386,17 @@ def test_an_int8_file_that_moves_labels_is_refused(
         )
         assert not [p for p in out.iterdir() if p.suffix == ".onnx"]
         assert not (out / MANIFEST).exists()
+        # again: the ranges come from the cache, trusted by its name; the refusal names it
+        (cache,) = (out / "calib-cache").iterdir()
+        got, stdout, stderr = _run([*args, "--calib-images", "8"], msl_dir)
+        assert (
+            got == code
+            and (
+                f"no model file written (its ranges were read from the calibration cache {cache}, "
+                "kept from an earlier export: delete that file to calibrate anew). Calibrate"
+            )
+            in stderr.strip().splitlines()[-1]
+        ), stderr
         return
     assert got == 0, stderr
     manifest = json.loads((out / MANIFEST).read_text())
