@@ -42,6 +42,14 @@ def models_dir() -> Path:
     return Path(os.environ.get(MODELS_ENV) or _REPO / "models")
 
 
+def _listed_otherwise(path: Path) -> str:
+    """The sha256 that SHA256SUMS beside `path` lists for it, where `path`'s bytes are not
+    those; '' where they are, or it lists none (the caller hashes again for its message only
+    when it refuses)."""
+    want = listed_sha256(path.parent / SUMS_FILE, path.name)
+    return want if changed_since_export(path, want) else ""
+
+
 def shipped_checkpoint(task: str = "binary") -> Path:
     """The shipped checkpoint `resnet50-<task>.pt` in `models_dir()`, refused where its bytes
     are not those SHA256SUMS beside it gives (a bit flipped in a weight loads and exports)."""
@@ -50,8 +58,7 @@ def shipped_checkpoint(task: str = "binary") -> Path:
         raise MarsvisionError(
             f"no shipped {task} model at {path}; pass --checkpoint PATH (a mars-train checkpoint)"
         )
-    want = listed_sha256(path.parent / SUMS_FILE, path.name)
-    if changed_since_export(path, want):  # hashed again for the message only when refused
+    if want := _listed_otherwise(path):
         raise MarsvisionError(
             f"{path} is not the shipped file: sha256 {sha256_file(path)[:12]}..., {SUMS_FILE} "
             f"beside it gives {want[:12]}... (damaged, or changed since it shipped); restore it "
@@ -65,8 +72,7 @@ def listed_checkpoint(path: Path) -> Path:
     """A --checkpoint PATH, refused where a SHA256SUMS beside it lists it with other bytes: the
     shipped file named by its path (the README's way after `pip install .`) was exported with
     a bit flipped, which `shipped_checkpoint` refuses."""
-    want = listed_sha256(path.parent / SUMS_FILE, path.name)
-    if path.is_file() and changed_since_export(path, want):
+    if path.is_file() and (want := _listed_otherwise(path)):
         raise MarsvisionError(
             f"{path} is not the file {SUMS_FILE} beside it lists: sha256 "
             f"{sha256_file(path)[:12]}..., listed {want[:12]}... (damaged, or changed since it "
