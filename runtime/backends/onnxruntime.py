@@ -184,10 +184,7 @@ def _tensorrt_ep_cache(path: Path) -> Path | None:
     return folder
 
 
-# TensorRT's pip wheels (tensorrt-cu13-libs, ...) hold libnvinfer in their own folder, off the
-# loader's path, so the provider's dlopen("libnvinfer.so.10") fails there (onnxruntime issues
-# 13501 and 18597); `import tensorrt` loads it from that folder, after which the provider's
-# dlopen finds it by its soname. The distributions, newest naming first.
+# TensorRT's pip distributions that give its version, newest naming first
 _TENSORRT_DISTS = ("tensorrt-cu13-libs", "tensorrt-cu12-libs", "tensorrt-libs", "tensorrt")
 
 
@@ -205,9 +202,12 @@ def _tensorrt_version() -> str:
 
 
 def _load_tensorrt_libraries() -> None:
-    """Load a pip-installed TensorRT's libraries for onnxruntime's TensorRT provider (see
-    _TENSORRT_DISTS); nothing where none is installed or it fails to import (the provider then
-    says what it cannot find). Unverified here: no TensorRT on these machines."""
+    """Load a pip-installed TensorRT's libraries for onnxruntime's TensorRT provider: its
+    wheels hold libnvinfer in their own folder, off the loader's path, so the provider's
+    dlopen("libnvinfer.so.10") fails there (onnxruntime issues 13501 and 18597); `import
+    tensorrt` loads it from that folder, after which the provider's dlopen finds it by its
+    soname. Nothing where none is installed or it fails to import (the provider then says what
+    it cannot find). Unverified here: no TensorRT on these machines."""
     try:
         import tensorrt  # noqa: F401
     except Exception:  # ImportError, or OSError from a library that does not load
