@@ -865,6 +865,34 @@ def test_a_quoted_message_is_cut_at_a_word() -> None:
     assert clipped("", 10) == ""
 
 
+def test_probabilities_are_written_with_six_decimals() -> None:
+    """README: "Probabilities are written with 6 decimals", in both formats, all classes or the
+    top k; an error row's cells are empty (CSV) or null (JSONL)."""
+    from marsvision.runtime.classifier import Prediction
+    from marsvision.runtime.results import Provenance, ResultWriter
+
+    rows = [
+        Prediction("a.jpg", "ok", "rover", (0.12345678912, 0.87654321088)),
+        Prediction("b.jpg", "error", error="cannot decode"),
+    ]
+    written = {}
+    for fmt, top_k in itertools.product(("csv", "jsonl"), (None, 1)):
+        buf = io.StringIO()
+        ResultWriter(buf, fmt=fmt, class_names=["surface", "rover"], top_k=top_k,
+                     provenance=Provenance("sha", "int8", "onnxruntime-cpu"),
+                     write_header=True).write(rows)  # fmt: skip
+        written[fmt, top_k] = buf.getvalue().splitlines()
+    assert written["csv", None][1].split(",")[3:5] == ["0.123457", "0.876543"]
+    assert written["csv", None][2].split(",")[3:5] == ["", ""]
+    assert written["csv", 1][1].split(",")[3:5] == ["rover", "0.876543"]
+    assert json.loads(written["jsonl", None][0])["probs"] == {
+        "surface": 0.123457,
+        "rover": 0.876543,
+    }
+    assert json.loads(written["jsonl", None][1])["probs"] is None
+    assert json.loads(written["jsonl", 1][0])["top_k"] == [["rover", 0.876543]]
+
+
 def testwhole_csv_records() -> None:
     from marsvision.runtime.results import whole_csv_records
 

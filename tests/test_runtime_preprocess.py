@@ -67,6 +67,18 @@ def test_resized_size_rounds_like_torchvision() -> None:
     assert resized_size(256, 192, 73) == (97, 73)
     assert resized_size(192, 256, 73) == (73, 97)
     assert resized_size(100, 100, 73) == (73, 73)
+    # 146.67 and 147.33: torchvision truncates, on the long side of both orientations
+    assert resized_size(192, 256, 110) == (110, 146)
+    assert resized_size(256, 192, 110) == (146, 110)
+
+
+def test_resized_size_is_torchvision_resize() -> None:
+    """The size torchvision's Resize gives, for landscape, portrait and square images."""
+    from torchvision.transforms import functional as F
+
+    for w, h in [(192, 256), (256, 192), (1344, 1200), (1200, 1344), (77, 300), (300, 77)]:
+        for s in (73, 110, 146, 256):
+            assert F.resize(Image.new("L", (w, h)), [s]).size == resized_size(w, h, s), (w, h, s)
 
 
 def _save(tmp_path: Path, name: str, img: Image.Image, **kw: Any) -> Path:
