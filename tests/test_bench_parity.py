@@ -337,6 +337,30 @@ def test_compare_labels_by_the_models_decision_threshold() -> None:
     assert ruled["accuracy_change"] == 0.0
 
 
+def test_time_per_image_and_rate() -> None:
+    from marsvision.benchmarks.parity import _Model
+
+    y = np.array([0, 1, 1, 0])
+    logits = np.array([[2.0, 0.0], [0.0, 2.0], [0.0, 2.0], [2.0, 0.0]])
+    model = _Model("binary", ["Surface", "Rover"], None)
+    f = model.compare(logits, logits, y, 0.5)
+    assert f["ms_per_image"] == 125.0 and f["images_per_s"] == 8.0
+    assert model.compare(logits, logits, y, 0.0)["images_per_s"] is None  # too fast to time
+
+
+def test_a_limit_below_the_splits_size_is_said(msl_dir: Path) -> None:
+    from marsvision.benchmarks.parity import LIMITED, scored_part
+    from marsvision.train.data import read_split
+
+    total = len(read_split(msl_dir, "test", "binary"))
+    part, scope = scored_part({}, "test", msl_dir, "binary", total - 1)
+    assert len(part) == total - 1
+    assert scope == f"the first {total - 1} of its {total} images {LIMITED}"
+    for limit in (total, total + 1, None):
+        part, scope = scored_part({}, "test", msl_dir, "binary", limit)
+        assert (len(part), scope) == (total, "all")
+
+
 def test_outputs_that_are_not_finite_fail_the_artifact() -> None:
     """A NaN row's argmax is class 0: it was counted as a prediction like any other, and an
     artifact whose NaN rows happened to match passed with 100% agreement."""
@@ -351,6 +375,12 @@ def test_outputs_that_are_not_finite_fail_the_artifact() -> None:
     assert f["non_finite"] == 2 and f["disagreements"] == 2 and f["top1_agreement"] == 50.0
     assert f["accuracy"] == 50.0 and f["accuracy_change"] == -50.0
     assert f["max_prob_diff"] == 1.0  # the most rows can differ by: no NaN in the report
+    # the reference wrong on the NaN row: the artifact's stand-in label matches it, and is still
+    # a disagreement
+    wrong_ref = ref.copy()
+    wrong_ref[0] = [0.0, 2.0]
+    g = compare(wrong_ref, art, y, num_classes=2, task="binary")
+    assert g["disagreements"] == 2 and g["top1_agreement"] == 50.0
     for precision in ("fp32", "fp16", "int8"):
         passed, reasons = verdict(precision, f, Thresholds(int8_max_accuracy_change=100.0,
                                                            int8_min_agreement=0.0,

@@ -254,6 +254,9 @@ def test_full_split_exact_metrics_cis_and_json(
     groups = rep["by_camera_and_class"]
     assert {(g["camera"], g["msl_class"]): g["errors"] for g in groups if g["errors"]} == wrong
     assert sum(g["images"] for g in groups) == 1305
+    # most errors first; ties by camera, then class
+    order = [(-g["errors"], g["camera"], g["msl_class"]) for g in groups]
+    assert order == sorted(order) and len(set(order)) == len(order)
     worst = groups[0]
     assert f"{worst['errors']} of {worst['images']} wrong" in r.stdout
 
