@@ -146,6 +146,14 @@ def test_predictions_agree_with_metrics_and_checkpoint(run: Path, msl_dir: Path)
         k: v for k, v in m["test"].items() if k not in ("ci95", "ci95_by_sol", "sols")
     }
     assert m["test"]["sols"] == len({msl.sol_key(s.path) for s in samples}) > 1
+    # the intervals: over images, and over sols (whole sols resampled)
+    from marsvision.train.metrics import bootstrap_cis
+
+    seed = m["config"]["seed"]
+    assert m["test"]["ci95"] == bootstrap_cis(y_true, y_pred, 2, "binary", seed=seed)
+    sols = [msl.sol_key(s.path) for s in samples]
+    by_sol = bootstrap_cis(y_true, y_pred, 2, "binary", seed=seed, groups=sols)
+    assert m["test"]["ci95_by_sol"] == by_sol != m["test"]["ci95"]
     # the checkpoint that ships is the one that made these predictions
     ckpt = load_checkpoint(run / "checkpoint.pt")
     assert ckpt["epoch"] == m["best_epoch"] and ckpt["task"] == "binary"
@@ -771,6 +779,43 @@ def test_store_size(msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert plain["store_size"] is None and "--store-size" not in command_line(plain)
     with pytest.raises(MarsvisionError, match="--store-size 100: must be at least --image-size"):
         config_from_flags("default", data=Path("d"), out=Path("o"), image_size=128, store_size=100)
+
+
+def test_the_epoch_is_chosen_on_val_balanced_accuracy(
+    msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not on plain accuracy (val is 61% Rover): the epochs' val metrics are set so that the
+    two choose differently."""
+    from marsvision.train import loop
+
+    real, calls = loop._split_metrics, []
+    said = [(0.95, 0.60), (0.50, 0.90), (0.60, 0.70)]  # (accuracy, balanced) of epochs 1-3
+
+    def split_metrics(*args: Any) -> dict[str, Any]:
+        m = real(*args)
+        if len(calls) < len(said):
+            m["accuracy"], m["balanced_accuracy"] = said[len(calls)]
+        calls.append(m)
+        return m
+
+    monkeypatch.setattr(loop, "_split_metrics", split_metrics)
+    cfg = config_from_flags("default", data=msl_dir, out=tmp_path / "run", epochs=3, limit=16,
+                            image_size=64, device="cpu", batch_size=8, workers=2,
+                            select_from=0.0)  # fmt: skip
+    result = loop.main(cfg)
+    assert result["best_epoch"] == 2
+    assert [e["val_balanced_accuracy"] for e in result["history"]] == [0.60, 0.90, 0.70]
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 2
+
+
+def test_a_last_batch_of_one_image_is_dropped() -> None:
+    """BatchNorm in training mode cannot take a batch of one (`--limit 17 -b 8` crashed)."""
+    from marsvision.train.loop import _batches
+
+    assert _batches(17, 8) == [(0, 8), (8, 16)]
+    assert _batches(18, 8) == [(0, 8), (8, 16), (16, 18)]
+    assert _batches(16, 8) == [(0, 8), (8, 16)]
+    assert _batches(1, 8) == [(0, 1)]  # a lone image is all there is: left to BatchNorm to say
 
 
 def test_selection_window(msl_dir: Path, tmp_path: Path) -> None:
