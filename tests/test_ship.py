@@ -124,6 +124,38 @@ def test_scores_are_those_of_the_shipped_weights(shipped: Path, msl_dir: Path) -
         assert ckpt["metrics"]["val_tta_flip"]["confusion_matrix"] == flip["confusion_matrix"]
 
 
+def test_flip_tta_is_scored_on_the_mean_of_image_and_mirror(
+    run: Path, msl_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mars-infer --tta flip`'s val score: the mean of the image's and its left-right mirror's
+    probabilities, labelled by the threshold chosen on the image alone."""
+    from marsvision.runtime.metadata import decide
+    from marsvision.train import loop
+    from marsvision.train.metrics import balanced_threshold
+    from marsvision.train.ship import score_checkpoint
+
+    rng = np.random.default_rng(0)
+    calls = []
+
+    def evaluate(_model: Any, *, inputs: Any, labels: Any, **_: Any) -> tuple[float, Any]:
+        p = rng.uniform(size=len(labels))  # probabilities the labels depend on
+        probs = np.stack([1 - p, p], 1)
+        calls.append((inputs, labels.numpy(), probs))
+        return 0.0, probs
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    scores = score_checkpoint(load_checkpoint(run / "checkpoint.pt"), data_dir=msl_dir,
+                              device="cpu", workers=2, limit=SCORE_LIMIT,
+                              threshold_on_val=True)  # fmt: skip
+    (x, y, image), (x_mirror, _, mirror) = calls[:2]  # val, then its mirror
+    assert torch.equal(x_mirror, x.flip(-1))
+    t = balanced_threshold(y, image[:, 1])
+    assert scores["decision_threshold"] == t
+    want = classification_metrics(y, decide((image + mirror) / 2, t), 2, "binary")
+    assert scores["val"]["tta_flip"] == want
+    assert scores["val"]["metrics"] == classification_metrics(y, decide(image, t), 2, "binary")
+
+
 def test_default_rule_is_argmax(run: Path, msl_dir: Path, tmp_path: Path) -> None:
     """Without --threshold-on-val the shipped model labels by the most probable class."""
     result = ship_run(run, models_dir=tmp_path, data_dir=msl_dir, device="cpu", workers=2,
