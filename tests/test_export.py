@@ -441,6 +441,20 @@ def test_calibration_cache_has_the_usual_file_mode(exported: Path) -> None:
     assert cache.stat().st_mode & 0o777 == default_file_mode()
 
 
+def test_a_calibration_cache_of_another_method_is_not_used(exported: Path, tmp_path: Path) -> None:
+    """Its file name is the key of its method too, so only an edit or a move makes one file hold
+    another method's ranges: they would quantize the graph as if they were this method's."""
+    import marsvision.export.int8 as int8
+
+    (cache,) = (exported / CALIB_CACHE_DIR).glob("*.json")
+    pre = tmp_path / "pre-quant.onnx"
+    int8.preprocess_for_quantization(_path(exported, "fp32"), pre)
+    assert int8._cache_refusal(cache, "percentile", pre) is None  # the export's own method
+    for other in ("entropy", "minmax"):
+        assert int8._cache_refusal(cache, other, pre) == f"not {other} ranges"
+    assert int8._cache_refusal(tmp_path / "none.json", "percentile", pre) == ""  # no cache
+
+
 def test_a_calibration_cache_that_lacks_tensors_is_recomputed(
     exported: Path,
     ckpt_path: Path,
