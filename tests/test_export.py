@@ -441,6 +441,31 @@ def test_calibration_cache_has_the_usual_file_mode(exported: Path) -> None:
     assert cache.stat().st_mode & 0o777 == default_file_mode()
 
 
+def test_calibration_reads_the_train_split(
+    ckpt_path: Path, msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The INT8 ranges come from train images (the metadata says "train split"); val is the
+    parity check's, and calibrating on it would grade the ranges on the images they came from."""
+    import marsvision.export.images as images
+
+    asked, real = [], images.split_paths
+
+    class Enough(Exception):
+        pass
+
+    def split_paths(data_dir: Path, split: str, task: str, n: int) -> list[Path]:
+        asked.append((split, n))
+        if len(asked) == 2:
+            raise Enough
+        return real(data_dir, split, task, n)
+
+    monkeypatch.setattr(images, "split_paths", split_paths)
+    with pytest.raises(Enough):
+        export_all(ExportConfig(checkpoint=ckpt_path, out=tmp_path / "x", int8=True,
+                                calib_images=7, tensorrt="off", data_dir=msl_dir))  # fmt: skip
+    assert asked == [("train", 7), ("val", ExportConfig.parity_images)]
+
+
 def test_a_calibration_cache_of_another_method_is_not_used(exported: Path, tmp_path: Path) -> None:
     """Its file name is the key of its method too, so only an edit or a move makes one file hold
     another method's ranges: they would quantize the graph as if they were this method's."""
