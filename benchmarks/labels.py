@@ -3,8 +3,8 @@ result file is scored against when the images are not an MSL split (Perseverance
 team's own sort).
 
 Two forms: a CSV file whose header names a `path` and a `label` column (other columns are
-ignored, so a mars-infer CSV with its label column corrected is one), with an optional `group`
-column; or a folder with one subfolder per class (`Surface/`, `Rover/`), the ImageFolder layout,
+ignored, so a mars-infer CSV with its label column corrected is one: its error rows, which have
+no label, are passed over unless given one), with an optional `group` column; or a folder with one subfolder per class (`Surface/`, `Rover/`), the ImageFolder layout,
 images anywhere below each. Labels are the model's class names, exactly. Images are matched to
 rows by file name, as for a split.
 """
@@ -107,10 +107,12 @@ def _read_csv(path: Path, data: bytes, classes: _Classes) -> Labels:
             f"{path}: its first line names no {' or '.join(missing)} column (found "
             f"{short_list(numbered[0][1], 5)}); expected a header such as path,label"
         )
-    at = {c: header.index(c) for c in ("path", "label", GROUP_COLUMN) if c in header}
+    at = {c: header.index(c) for c in ("path", "label", GROUP_COLUMN, "status") if c in header}
     truths = []
     for n, row in numbered[1:]:
         cells = {c: row[i].strip() if i < len(row) else "" for c, i in at.items()}
+        if not cells["label"] and cells.get("status") == "error":
+            continue  # a mars-infer error row: an image it could not classify, left unlabelled
         for column in ("path", "label"):
             if not cells[column]:
                 raise MarsvisionError(f"{path}:{n}: no {column}")

@@ -24,6 +24,33 @@ def test_labels_csv_cells_are_read_past_spaces(tmp_path: Path) -> None:
                                                             ("b.jpg", 0, "site-2")]  # fmt: skip
 
 
+def test_a_mars_infer_csv_with_its_labels_corrected_is_a_labels_file(tmp_path: Path) -> None:
+    """README: "a mars-infer CSV with its wrong labels corrected is one". Its error rows have no
+    label: they were refused ("no label"), so the file was not one until they were deleted."""
+    import io
+
+    from marsvision.runtime.classifier import Prediction
+    from marsvision.runtime.results import Provenance, ResultWriter
+
+    buf = io.StringIO()
+    ResultWriter(buf, fmt="csv", class_names=BINARY, top_k=None, write_header=True,
+                 provenance=Provenance("sha", "int8", "onnxruntime-cpu")).write([
+        Prediction("imgs/a.jpg", "ok", "Rover", (0.2, 0.8)),
+        Prediction("imgs/b.jpg", "error", error="cannot decode"),
+        Prediction("imgs/c.jpg", "ok", "Surface", (0.9, 0.1)),
+    ])  # fmt: skip
+    f = tmp_path / "sort.csv"
+    f.write_text(buf.getvalue().replace("imgs/c.jpg,ok,Surface", "imgs/c.jpg,ok,Rover"))
+    assert [(t.name, t.label) for t in read_labels(f, BINARY).truths] == [("a.jpg", 1),
+                                                                         ("c.jpg", 1)]  # fmt: skip
+    # an error row given a label is labelled; a row that is not an error still needs one
+    f.write_text(buf.getvalue().replace("imgs/b.jpg,error,", "imgs/b.jpg,error,Surface"))
+    assert [t.name for t in read_labels(f, BINARY).truths] == ["a.jpg", "b.jpg", "c.jpg"]
+    f.write_text(buf.getvalue().replace("imgs/a.jpg,ok,Rover", "imgs/a.jpg,ok,"))
+    with pytest.raises(MarsvisionError, match=r"sort.csv:2: no label$"):
+        read_labels(f, BINARY)
+
+
 def _folder(tmp_path: Path) -> Path:
     top = tmp_path / "sorted"
     for rel in ("Rover/z.jpg", "Rover/sub/a.jpg", "Surface/b.jpg"):
