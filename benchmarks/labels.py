@@ -4,9 +4,10 @@ team's own sort).
 
 Two forms: a CSV file whose header names a `path` and a `label` column (other columns are
 ignored, so a mars-infer CSV with its label column corrected is one: its error rows, which have
-no label, are passed over unless given one), with an optional `group` column; or a folder with one subfolder per class (`Surface/`, `Rover/`), the ImageFolder layout,
-images anywhere below each. Labels are the model's class names, exactly. Images are matched to
-rows by file name, as for a split.
+no label, are passed over unless given one), with an optional `group` column; or a folder with
+one subfolder per class (`Surface/`, `Rover/`), the ImageFolder layout, images anywhere below
+each. Labels are the model's class names, exactly. Images are matched to rows by file name, as
+for a split.
 """
 
 from __future__ import annotations

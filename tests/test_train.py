@@ -788,7 +788,8 @@ def test_the_epoch_is_chosen_on_val_balanced_accuracy(
     two choose differently."""
     from marsvision.train import loop
 
-    real, calls = loop._split_metrics, []
+    real = loop._split_metrics
+    calls: list[dict[str, Any]] = []
     said = [(0.95, 0.60), (0.50, 0.90), (0.60, 0.70)]  # (accuracy, balanced) of epochs 1-3
 
     def split_metrics(*args: Any) -> dict[str, Any]:
