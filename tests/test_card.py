@@ -65,6 +65,16 @@ def test_card_tables_and_rules_say_which_figure_is_which(msl_dir: Path) -> None:
     assert "val accuracy is 60.00 and balanced accuracy 55.00, against 80.00 and 75.00 without" in (
         tta)  # fmt: skip
     assert "leave it off" in tta
+    # each class's recall: the table's figures are Rover's, and Surface's were nowhere
+    assert ("Recall of each class (the share of its images given its label): val Surface 75.00 "
+            "and Rover 83.33; test Surface 77.78 and Rover 96.77.") in lines  # fmt: skip
+    # the limits: the training cameras, and those of each split's Surface images (MSL's own)
+    assert any(line.startswith("- Trained on Curiosity images of the cameras MH, ML, MR only (")
+               for line in lines)  # fmt: skip
+    (cameras,) = [line for line in lines if line.startswith("- Surface images by camera: ")]
+    assert "train MR 1,547, ML 1,004, MH 52; val MH 632; test MH 321, MR 5. " in cameras
+    assert "(val's drill holes 470, ground 87, horizon 75; test's ground 254, horizon 67)" in (
+        cameras)  # fmt: skip
 
 
 def test_msl25_card_lists_five_classes_then_more_and_no_recall_for_a_class_without_images(
@@ -85,3 +95,5 @@ def test_msl25_card_lists_five_classes_then_more_and_no_recall_for_a_class_witho
     at = lines.index("| class | test images | recall |")
     assert lines[at - 2] == "Test recall by class of the shipped weights:"
     assert "| class3 | 4 | 50.00 |" in lines and "| class1 | 2 | 100.00 |" in lines
+    # binary's lines of Surface and Rover: none
+    assert not [line for line in lines if line.startswith(("Recall of each", "- Surface images"))]

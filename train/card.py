@@ -42,6 +42,23 @@ def _metric_rows(shipped: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _class_recalls(shipped: dict[str, Any]) -> list[str]:
+    """A binary model's recall of each class: the table's precision, recall and F1 are Rover's,
+    so how many Surface images keep their label was in no line of the card."""
+    names, m = shipped["class_names"], shipped["metrics"]
+    if len(names) != 2 or any("per_class_recall" not in m[split] for split in ("val", "test")):
+        return []
+    held = holds_half_val(shipped["config"])
+    parts = [
+        ("val, held-out half" if split == "val" and held else split) + " "
+        + " and ".join(f"{n} {'-' if r is None else _pct(r)}"
+                       for n, r in zip(names, m[split]["per_class_recall"], strict=True))
+        for split in ("val", "test")
+    ]  # fmt: skip
+    return [f"Recall of each class (the share of its images given its label): {'; '.join(parts)}.",
+            ""]  # fmt: skip
+
+
 def _confusion(shipped: dict[str, Any]) -> list[str]:
     names = shipped["class_names"]
     test = shipped["metrics"]["test"]
@@ -87,9 +104,33 @@ def _split_counts(sets: dict[str, list[msl.Sample]], task: str, names: list[str]
     return rows
 
 
-def _data_limits(sets: dict[str, list[msl.Sample]], task: str) -> list[str]:
-    """Limits of the data itself: frames kept in several products and, for msl25, the classes a
-    split lacks and the frames whose products carry two classes."""
+def _surface_cameras(official: dict[str, list[msl.Sample]], msl_names: list[str]) -> str:
+    """Binary: which camera took each split's Surface images, and of what. Val's and test's are
+    MAHLI close-ups, train's Mastcam views: the held-out Surface figures are of other pictures
+    than most of train's, which no line of the card said."""
+
+    def counted(keys: list[str]) -> str:
+        return ", ".join(f"{key} {n:,}" for key, n in Counter(keys).most_common())
+
+    surface = {split: [s for s in got if s.label == 0] for split, got in official.items()}
+    mahli = {
+        split: [s for s in got if msl.camera(s.path) == "MH"] for split, got in surface.items()
+    }
+    return (
+        "- Surface images by camera: "
+        + "; ".join(f"{split} {counted([msl.camera(s.path) for s in got])}"
+                    for split, got in surface.items())
+        + ". So the Surface figures of val and test are mostly MAHLI close-ups' (val's "
+        + counted([msl_names[s.msl_class] for s in mahli["val"]]) + "; test's "
+        + counted([msl_names[s.msl_class] for s in mahli["test"]])
+        + "), and say little of the Mastcam ground and horizon views that make most of train's."
+    )  # fmt: skip
+
+
+def _data_limits(sets: dict[str, list[msl.Sample]], task: str, msl_names: list[str]) -> list[str]:
+    """Limits of the data itself: frames kept in several products; for binary, the cameras of
+    the Surface images; for msl25, the classes a split lacks and the frames whose products carry
+    two classes."""
     official = {split: sets[split] for split in msl.SPLITS}
     test = official["test"]
     lines = [
@@ -99,6 +140,8 @@ def _data_limits(sets: dict[str, list[msl.Sample]], task: str) -> list[str]:
         "the metrics count each image, and the intervals over images take such copies for "
         "independent draws, one more reason to quote those by sol."
     ]
+    if task == "binary":
+        lines.append(_surface_cameras(official, msl_names))
     if task == "msl25":
         missing = [(split, sorted(set(range(msl.NUM_MSL_CLASSES)) - {s.msl_class for s in got}))
                    for split, got in official.items()]  # fmt: skip
@@ -325,6 +368,7 @@ def render_card(
         "",
         *_metric_rows(shipped),
         "",
+        *_class_recalls(shipped),
         *([] if refit else _tta(m)),  # a refit's val is training data: it decides nothing
         _fp32_scores(shipped),
         "",
@@ -348,9 +392,13 @@ def render_card(
         "",
         "## Limits",
         "",
-        "- Trained on Curiosity images only; other cameras or missions are out of distribution.",
+        "- Trained on Curiosity images of the cameras "
+        + ", ".join(sorted({msl.camera(s.path) for s in sets["train"]}))
+        + " only (MH: MAHLI, the arm's close-up imager; ML, MR: Mastcam, the mast's); other "
+        "cameras (Navcam, Hazcam) or missions are out of distribution, and are labelled as "
+        "confidently as any (so are blank frames: README, 'What its probabilities mean').",
         "- The splits are by sol: val and test come from later in the mission, with different "
         "content and class balance than train.",
-        *_data_limits(sets, task),
+        *_data_limits(sets, task, msl.msl_class_names(data_dir)),
     ]
     return "\n".join(lines) + "\n"
