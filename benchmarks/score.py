@@ -169,6 +169,8 @@ def score_predictions(
     y_true, y_pred, groups = [], [], []
     confidence: list[float | None] = []
     errors: dict[tuple[str, int], list[int]] = {}  # (camera, class) -> [images, errors]
+    key, names = listed
+    wrong: list[dict[str, Any]] = []  # each image labelled wrong
     for t in truths:
         mine = found.get(t.name, [])
         if not mine:
@@ -185,6 +187,11 @@ def score_predictions(
             g = errors.setdefault(t.listed, [0, 0])
             g[0] += 1
             g[1] += y_pred[-1] != t.label
+            if y_pred[-1] != t.label:
+                wrong.append({"path": mine[0].path, "label": class_names[t.label],
+                              "decision": mine[0].label, "confidence": mine[0].confidence,
+                              "camera": t.listed[0],
+                              f"{key}_name": names[t.listed[1]]})  # fmt: skip
     problems = [f"{len(v)} {k} ({short_list(v)})" for k, v in excluded.items() if v]
     if not found:  # a file of another split's images: not "1305 missing"
         hint = (
@@ -214,7 +221,6 @@ def score_predictions(
         else (None, {})
     )
     metrics = classification_metrics(y_true, y_pred, k, task)
-    key, names = listed
     return {
         "task": task,
         "class_names": list(class_names),
@@ -255,6 +261,10 @@ def score_predictions(
             {"camera": cam, key: k, f"{key}_name": names[k], "images": n, "errors": e}
             for (cam, k), (n, e) in sorted(errors.items(), key=lambda kv: (-kv[1][1], kv[0]))
         ],
+        # the images to look at: the most confident errors first (no confidence: last)
+        "wrong": sorted(
+            wrong, key=lambda w: (w["confidence"] is None, -(w["confidence"] or 0.0), w["path"])
+        ),
     }
 
 
@@ -427,6 +437,10 @@ def render_text(report: dict[str, Any]) -> str:
         lines += ["", f"most errors, by {cameras}{'class' if labels else 'MSL class'}:"]
         lines += [f"  {_camera_text(g['camera'])}{g[name]}: {g['errors']} of {g['images']} wrong"
                   for g in worst]  # fmt: skip
+    if report.get("wrong"):
+        n = len(report["wrong"])
+        lines.append(f"the {n} wrong image{'s' * (n > 1)}, the most confident first: \"wrong\" in "
+                     "the JSON")  # fmt: skip
     if report["requirements"]:
         lines.append("")
         for r in report["requirements"]:

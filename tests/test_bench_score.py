@@ -212,7 +212,7 @@ def _full(samples: list[Any]) -> list[Prediction]:
 def test_full_split_exact_metrics_cis_and_json(
     test_split: list[Any], msl_dir: Path, tmp_path: Path
 ) -> None:
-    from marsvision.train.data import data_fingerprint
+    from marsvision.train.data import camera, data_fingerprint, msl_class_names
 
     f = _write(tmp_path / "full.csv", _full(test_split))
     r = _score([str(f), "--data", str(msl_dir), "--out", str(tmp_path / "out")])
@@ -246,8 +246,6 @@ def test_full_split_exact_metrics_cis_and_json(
     # the errors by camera and MSL class: exactly the first WRONG Rover images of the split
     from collections import Counter
 
-    from marsvision.train.data import camera
-
     wrong = Counter(
         (camera(s.path), s.msl_class) for s in [x for x in test_split if x.label][:WRONG]
     )
@@ -259,6 +257,15 @@ def test_full_split_exact_metrics_cis_and_json(
     assert order == sorted(order) and len(set(order)) == len(order)
     worst = groups[0]
     assert f"{worst['errors']} of {worst['images']} wrong" in r.stdout
+    # and the wrong images themselves, to look at
+    rover = [x for x in test_split if x.label][:WRONG]
+    assert sorted(Path(w["path"]).name for w in rep["wrong"]) == sorted(s.path.name for s in rover)
+    names = msl_class_names(msl_dir)
+    for w, s in zip(sorted(rep["wrong"], key=lambda w: Path(w["path"]).name),
+                    sorted(rover, key=lambda s: s.path.name)):  # fmt: skip
+        assert w == {"path": w["path"], "label": "Rover", "decision": "Surface", "confidence": 0.9,
+                     "camera": camera(s.path), "msl_class_name": names[s.msl_class]}  # fmt: skip
+    assert f"the {WRONG} wrong images, the most confident first" in r.stdout
 
     # The same rows as JSONL, in a file whose name says nothing: sniffed, same numbers.
     j = _write(tmp_path / "full.txt", _full(test_split), fmt="jsonl")
@@ -782,6 +789,26 @@ def _own_set() -> tuple[list[int], list[int], list[Prediction]]:
     preds = [_pred(f"/mnt/sorted/{n}", p) for n, p in zip(PERSEVERANCE, y_pred)]
     preds += [_pred("/mnt/sorted/unlabelled-1.png", 0), _pred("/mnt/sorted/unlabelled-2.png", 1)]
     return y_true, y_pred, preds
+
+
+def test_the_wrong_images_are_listed_most_confident_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The images to look at first: the confident errors (a scientist's check of a sort)."""
+    monkeypatch.delenv("MARS_DATA", raising=False)
+    names = PERSEVERANCE[:4]
+    preds = [Prediction(n, "ok", "Rover", (1 - c, c)) for n, c in zip(names, (0.6, 0.95, 0.8))]
+    f = _write(tmp_path / "preds.csv", [*preds, _pred(names[3], 0)])  # the last one right
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\n" + "".join(f"{n},Surface\n" for n in names))
+    r = _score([str(f), "--labels", str(labels), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    wrong = _report(tmp_path / "out")["wrong"]
+    assert [(w["path"], w["confidence"]) for w in wrong] == [
+        (names[1], 0.95), (names[2], 0.8), (names[0], 0.6)]  # fmt: skip
+    assert {(w["label"], w["decision"], w["class_name"]) for w in wrong} == {
+        ("Surface", "Rover", "Surface")}  # fmt: skip
+    assert "the 3 wrong images, the most confident first" in r.stdout
 
 
 def test_a_metric_undefined_on_the_images_is_na_not_zero(
