@@ -108,28 +108,40 @@ def _refuse_other(out: Path, other: object, file: str = "") -> NoReturn:
     )
 
 
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object `path` holds; {} where it is unreadable or holds something else."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def check_manifest_owner(out: Path, source_sha256: str) -> None:
     """Refuse an out dir that holds artifacts of another checkpoint: as its manifest.json says,
-    or, with none, as the artifacts' own metadata says."""
+    or as the own metadata of an artifact it does not list (all of them, with no manifest: one
+    copied in beside a manifest of this model's was left there for `--engine` to run)."""
     path = out / MANIFEST
-    if not path.exists():
-        for suffix in SUFFIXES.values():
-            for artifact in sorted(out.glob(f"{PREFIX}*{suffix}")):
-                other = _embedded_owner(artifact)
-                if other and other != source_sha256:
-                    _refuse_other(out, other, artifact.name)
-        return
-    owner: object = None
-    try:
-        owner = json.loads(path.read_text(encoding="utf-8")).get("source_checkpoint_sha256")
-    except (OSError, ValueError, AttributeError):
-        pass
-    if not isinstance(owner, str):  # another program's manifest.json said "sha256 None..."
-        raise MarsvisionError(
-            f"{path} is not a marsvision manifest; pass another --out or delete it"
-        )
-    if owner != source_sha256:
-        _refuse_other(out, owner)
+    listed: set[object] = set()
+    if path.exists():
+        manifest = _json_object(path)
+        owner = manifest.get("source_checkpoint_sha256")
+        if not isinstance(owner, str):  # another program's manifest.json said "sha256 None..."
+            raise MarsvisionError(
+                f"{path} is not a marsvision manifest; pass another --out or delete it"
+            )
+        if owner != source_sha256:
+            _refuse_other(out, owner)
+        entries = manifest.get("artifacts")
+        if isinstance(entries, list):
+            listed = {a.get("file") for a in entries if isinstance(a, dict)}
+    for suffix in SUFFIXES.values():
+        for artifact in sorted(out.glob(f"{PREFIX}*{suffix}")):
+            if artifact.name in listed:  # the manifest's own, so its owner's
+                continue
+            other = _embedded_owner(artifact)
+            if other and other != source_sha256:
+                _refuse_other(out, other, artifact.name)
 
 
 def _calibration(entry: dict[str, Any]) -> object:
@@ -147,7 +159,10 @@ def _kept_entries(
     names = {a["file"] for a in fresh}
     calibration = {a["flavour"]: _calibration(a) for a in fresh}.get("int8-trt")
     kept = []
-    for a in old.get("artifacts", []):
+    entries = old.get("artifacts")  # a hand-edited manifest may hold anything
+    for a in entries if isinstance(entries, list) else []:
+        if not isinstance(a, dict) or not isinstance(a.get("file"), str):
+            continue
         path = out / a["file"]
         if a["file"] in names or not path.exists():
             continue

@@ -664,6 +664,19 @@ def test_a_kept_file_replaced_by_hand_leaves_the_manifest(
     assert f"{files['int8-cpu'].name} is not the file an earlier export wrote" in err, err
 
 
+def test_a_hand_edited_manifest_keeps_nothing_it_does_not_list(tmp_path: Path) -> None:
+    """`"artifacts": null`, or entries that are not files, in the earlier manifest: nothing of it
+    is kept (a TypeError ended the export)."""
+    from marsvision.export.artifacts import write_manifest
+
+    fp32 = _path(tmp_path, "fp32")
+    fp32.write_bytes(b"fp32")
+    for artifacts in (None, [None, "x", {"file": 7}], {"file": fp32.name}):
+        (tmp_path / MANIFEST).write_text(json.dumps({"artifacts": artifacts}))
+        manifest = write_manifest(tmp_path, _manifest("now", {"fp32": fp32}))
+        assert manifest["kept"] == [] and [a["file"] for a in manifest["artifacts"]] == [fp32.name]
+
+
 def test_files_and_their_manifest_change_together_under_a_signal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -484,6 +484,18 @@ def test_out_dir_of_another_model_without_a_manifest(
         assert "another model" in line and name in line and "--out" in line, line
         assert sorted(out.iterdir()) == before
         check_manifest_owner(out, sha256_file(tiny_checkpoint))  # the model that made them
+    # beside a manifest of the other model that does not list it: refused as well (it was let be,
+    # and `--engine` ran it); a file the manifest lists is the manifest's
+    other = sha256_file(other_checkpoint)
+    for artifacts, refused in (([], True), (None, True), ([{"file": int8.name}], False)):
+        manifest = {"source_checkpoint_sha256": other, "artifacts": artifacts}
+        (onnx_out / "manifest.json").write_text(json.dumps(manifest))
+        if refused:
+            with pytest.raises(MarsvisionError, match=f"another model \\({int8.name}: "):
+                check_manifest_owner(onnx_out, other)
+        else:
+            check_manifest_owner(onnx_out, other)
+    (onnx_out / "manifest.json").unlink()
     int8.write_bytes(b"not onnx")  # a file of that name, not an artifact: it names no model
     check_manifest_owner(onnx_out, sha256_file(other_checkpoint))
     # another program's manifest.json: it held "artifacts of another model (sha256 None...)"
