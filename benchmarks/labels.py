@@ -22,7 +22,7 @@ from marsvision.benchmarks.predictions import file_name, short_list
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.inputs import IMAGE_SUFFIXES, decode_text, folder_images
 from marsvision.runtime.results import csv_rows
-from marsvision.train.data import camera, sol_key
+from marsvision.train.data import camera, msl_product, sol_key
 
 GROUP_COLUMN = "group"
 
@@ -46,7 +46,9 @@ class Labels:
     path: Path
     fmt: str  # csv | folder
     truths: list[Truth]
-    group_by: str  # "group" (the CSV's column) or "sol" (from MSL-style file names)
+    # "group" (the CSV's column), "sol" (from MSL products' file names), or "image" (no name is
+    # an MSL product's: each image is its own group)
+    group_by: str
     sha256: str  # of the CSV's bytes, or of the folder's sorted "<relative path>\t<label>" lines
 
     def describe(self) -> dict[str, object]:
@@ -128,7 +130,7 @@ def _read_csv(path: Path, data: bytes, classes: _Classes) -> Labels:
         truths.append(_truth(file_name(cells["path"]), label, cells.get(GROUP_COLUMN)))
     if not truths:
         raise MarsvisionError(f"{path} has a header but no rows: no labelled images")
-    group_by = GROUP_COLUMN if GROUP_COLUMN in at else "sol"
+    group_by = GROUP_COLUMN if GROUP_COLUMN in at else _sols_or_images(truths)
     return _sorted(Labels(path, "csv", truths, group_by, hashlib.sha256(data).hexdigest()))
 
 
@@ -172,7 +174,13 @@ def _read_folder(path: Path, classes: _Classes) -> Labels:
             f"{path} holds no images in subfolders named after the model's classes [{classes.text}]"
         )
     sha = hashlib.sha256("".join(sorted(listing)).encode("utf-8", "surrogateescape")).hexdigest()
-    return _sorted(Labels(path, "folder", truths, "sol", sha))
+    return _sorted(Labels(path, "folder", truths, _sols_or_images(truths), sha))
+
+
+def _sols_or_images(truths: list[Truth]) -> str:
+    """What the second interval resamples without a group column: sols where a file name is an
+    MSL product's, else images (the report said "by sol ... 60 sols" of 60 phone photos)."""
+    return "sol" if any(msl_product(Path(t.name)) for t in truths) else "image"
 
 
 def _sorted(labels: Labels) -> Labels:

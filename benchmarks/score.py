@@ -422,6 +422,10 @@ def render_text(report: dict[str, Any]) -> str:
     lines += ["", text_table(["metric", "value", "95% CI", f"95% CI by {group_by}"], rows)]
     if not by_group:
         lines.append(f"no interval by {group_by}: the images scored are all of one {group_by}")
+    if group_by == "image":
+        lines.append("no sol in these file names (none is an MSL product's): the second "
+                     "interval resamples images, as the first; give the labels CSV a group "
+                     "column")  # fmt: skip
     lines += _interval_notes(report)
     if report["task"] != "binary":
         lines += ["", *_per_class_text(report["per_class"])]

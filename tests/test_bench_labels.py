@@ -51,6 +51,19 @@ def test_a_mars_infer_csv_with_its_labels_corrected_is_a_labels_file(tmp_path: P
         read_labels(f, BINARY)
 
 
+def test_the_second_interval_resamples_sols_where_names_have_them(tmp_path: Path) -> None:
+    """By sol where a file name is an MSL product's; with none, by image (it said "by sol" of a
+    phone's photos); a group column's groups first."""
+    msl_name = "0270MH0002580000101234E01_DRCL.JPG"
+    f = tmp_path / "l.csv"
+    for rows, want in (([msl_name, "IMG_1.jpg"], "sol"), (["IMG_1.jpg", "IMG_2.jpg"], "image")):
+        f.write_text("path,label\n" + "".join(f"{n},Rover\n" for n in rows))
+        assert read_labels(f, BINARY).group_by == want
+    f.write_text(f"path,label,group\n{msl_name},Rover,site-1\n")
+    assert read_labels(f, BINARY).group_by == "group"
+    assert read_labels(_folder(tmp_path), BINARY).group_by == "image"
+
+
 def _folder(tmp_path: Path) -> Path:
     top = tmp_path / "sorted"
     for rel in ("Rover/z.jpg", "Rover/sub/a.jpg", "Surface/b.jpg"):

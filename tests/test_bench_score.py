@@ -829,7 +829,8 @@ def test_a_metric_undefined_on_the_images_is_na_not_zero(
     rep = _report(tmp_path / "out")
     assert rep["metrics"]["accuracy"] == 1.0 and rep["undefined"] == ["precision", "recall", "f1"]
     for m in ("precision", "recall", "f1"):
-        assert rep["metrics"][m] is None and rep["cis"][m] is None and rep["cis_by_sol"][m] is None
+        assert rep["metrics"][m] is None and rep["cis"][m] is None
+        assert rep["cis_by_image"][m] is None
     assert "recall (Rover)     n/a     -                 -" in r.stdout
     assert "precision (no image decided Rover), recall (no Rover among them), f1 (neither)" in (
         r.stdout)  # fmt: skip
@@ -880,7 +881,7 @@ def test_own_labels_as_a_csv_or_a_class_folder_score_the_same(
         assert r.exit_code == 0, r.output
         rep = reports[fmt] = _report(out)
         assert rep["metrics"] == want and rep["metrics"]["n"] == 40
-        assert rep["cis_by_sol"] == want_by_sol
+        assert rep["cis_by_image"] == want_by_sol and "cis_by_sol" not in rep
         assert rep["split"] is None and rep["data_fingerprint"] is None
         part = f"labels-{labels.stem}-{rep['labels']['sha256'][:8]}"
         assert rep["part"] == part
@@ -890,9 +891,9 @@ def test_own_labels_as_a_csv_or_a_class_folder_score_the_same(
             "format": fmt,
             "sha256": rep["labels"]["sha256"],
             "images": 40,
-            "group_by": "sol",
+            "group_by": "image",
         }
-        assert rep["counts"]["rows_outside_split"] == 2 and rep["counts"]["sols"] == 40
+        assert rep["counts"]["rows_outside_split"] == 2 and rep["counts"]["images"] == 40
         assert f"binary task, labels {labels} ({fmt}, 40 images)" in r.stdout
         assert "coverage: all 40 images of the labelled set scored" in r.stdout
         assert "ignored: 2 rows for images outside the labelled set" in r.stdout
@@ -901,7 +902,7 @@ def test_own_labels_as_a_csv_or_a_class_folder_score_the_same(
         assert f"most errors, by class:\n  Surface: 5 of 26 wrong\n  Rover: {rover} of 14" in (
             r.stdout
         )
-    for key in ("metrics", "cis", "cis_by_sol", "counts", "confidence", "by_camera_and_class"):
+    for key in ("metrics", "cis", "cis_by_image", "counts", "confidence", "by_camera_and_class"):
         assert reports["csv"][key] == reports["folder"][key], key
     assert {"camera": "?", "class": 1, "class_name": "Rover", "images": 14, "errors": rover} in (
         reports["csv"]["by_camera_and_class"]
@@ -1052,11 +1053,15 @@ def test_names_that_are_no_msl_products_have_no_sol_or_camera(tmp_path: Path) ->
     r = _score([str(f), "--labels", str(labels), "--out", str(tmp_path / "out")])
     assert r.exit_code == 0, r.output
     rep = _report(tmp_path / "out")
-    assert rep["counts"]["sols"] == 40
+    assert rep["counts"]["images"] == 40 and rep["group_by"] == "image"
     order = sorted(range(40), key=lambda i: names[i])
     want = bootstrap_cis([y_true[i] for i in order], [y_pred[i] for i in order], 2, "binary",
                          n_boot=1000, seed=0, groups=sorted(names))  # fmt: skip
-    assert rep["cis_by_sol"] == want
+    assert rep["cis_by_image"] == want
+    # it said "95% CI by sol" and "40 sols"
+    assert "95% CI by image" in r.stdout and "40 images" in r.stdout and " sol" not in (
+        r.stdout.replace("no sol in these file names", ""))  # fmt: skip
+    assert "no sol in these file names (none is an MSL product's)" in r.stdout
     assert {g["camera"] for g in rep["by_camera_and_class"]} == {"?"}
     assert "most errors, by class:" in r.stdout
 
