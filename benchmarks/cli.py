@@ -463,7 +463,8 @@ one), and optionally a group column (images that err together: a sol, a sequence
 interval resamples whole groups; without one, the sols of MSL product names, other images one
 by one), or a folder with one subfolder per class (Surface/, Rover/), images anywhere below
 each. Labels are the model's class names; --data is then needed only for an msl25 --top-k
-file.
+file whose run record (FILE.run.json, mars-infer's) no longer leads to the model that wrote it
+(the class names are the model's).
 
 \b
 Exit codes:

@@ -243,10 +243,32 @@ def read_predictions(path: Path) -> Predictions:
     return dataclasses.replace(preds, sha256=hashlib.sha256(data).hexdigest())
 
 
-def resolve_task(preds: Predictions, *, data_dir: Path | None) -> tuple[str, list[str]]:
+def recorded_model_classes(path: Path, model_sha256: str) -> list[str] | None:
+    """The class names of the model that wrote the results file `path`, read from the model its
+    run record (`<path>.run.json`, mars-infer's) names, where that file is still there with the
+    rows' sha256; else None. A --top-k file's rows name the classes they ranked, not all of
+    them in order: without this an msl25 one needed the whole MSL data set for the names."""
+    from marsvision.runtime.backends import load_model_meta
+    from marsvision.runtime.metadata import sha256_file
+    from marsvision.runtime.resume import RECORD_SUFFIX
+
+    try:
+        record = json.loads(Path(str(path) + RECORD_SUFFIX).read_text(encoding="utf-8"))
+        model = Path(record["engine"])  # absolute
+        if record.get("model_sha256") != model_sha256 or sha256_file(model) != model_sha256:
+            return None
+        return list(load_model_meta(model).class_names)
+    except (OSError, ValueError, KeyError, TypeError, MarsvisionError):
+        return None
+
+
+def resolve_task(
+    preds: Predictions, *, data_dir: Path | None, model_classes: list[str] | None = None
+) -> tuple[str, list[str]]:
     """(task, class names) of the file: its classes must be binary's or msl25's, in order.
     Without `data_dir` (scoring a user's own labels), msl25's are the file's own 25 names; a
-    --top-k file names only some, and then needs the data folder's."""
+    --top-k file names only some, and then needs the data folder's, or `model_classes` (those
+    of the model that wrote it, `recorded_model_classes`)."""
     from marsvision.train.data import BINARY_CLASS_NAMES, NUM_MSL_CLASSES, class_names
 
     tasks: dict[str, list[str]] = {"binary": list(BINARY_CLASS_NAMES)}
@@ -254,6 +276,8 @@ def resolve_task(preds: Predictions, *, data_dir: Path | None) -> tuple[str, lis
         tasks["msl25"] = class_names("msl25", data_dir)
     elif preds.class_names is not None and len(preds.class_names) == NUM_MSL_CLASSES:
         tasks["msl25"] = list(preds.class_names)
+    elif model_classes is not None and len(model_classes) == NUM_MSL_CLASSES:
+        tasks["msl25"] = list(model_classes)
     for task, names in tasks.items():
         if preds.class_names is not None:
             fits = preds.class_names == names
@@ -272,9 +296,10 @@ def resolve_task(preds: Predictions, *, data_dir: Path | None) -> tuple[str, lis
         raise MarsvisionError(
             f"{preds.path} has classes [{short_list(found, 5)}], which are not binary's "
             f"[{', '.join(tasks['binary'])}]; "
-            + ("an msl25 --top-k file names only some classes: pass --data (the MSL data "
-               "folder; $MARS_DATA where it is one) for all 25" if preds.class_names is None
-               else "nor 25 classes (msl25's)")
+            + ("an msl25 --top-k file's rows name the classes they ranked, not all 25 in "
+               "order: pass --data (the MSL data folder; $MARS_DATA where it is one), or keep "
+               f"its run record ({preds.path.name}.run.json) and the model it names"
+               if preds.class_names is None else "nor 25 classes (msl25's)")
         )  # fmt: skip
     raise MarsvisionError(
         f"{preds.path} has classes [{short_list(found, 5)}], which match neither binary "

@@ -21,6 +21,7 @@ from marsvision.benchmarks.predictions import (
     PredictionRow,
     model_provenance,
     read_predictions,
+    recorded_model_classes,
     resolve_task,
     short_list,
 )
@@ -324,8 +325,11 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
             f"{preds.path}: none of its {len(preds.rows)} rows has status ok "
             f"(e.g. {first.path}); nothing to score"
         )
-    task, names = resolve_task(preds, data_dir=cfg.data_dir)
     model = model_provenance(preds.rows, path=preds.path)
+    model_classes = None
+    if cfg.data_dir is None and preds.class_names is None:  # a --top-k file, no data folder
+        model_classes = recorded_model_classes(preds.path, model["sha256"])
+    task, names = resolve_task(preds, data_dir=cfg.data_dir, model_classes=model_classes)
     labels, fingerprint = None, None
     if cfg.labels is not None:
         labels = read_labels(cfg.labels, names)

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -1037,6 +1038,48 @@ def test_labels_errors_are_one_line(
     )
     assert r.exit_code == 0, r.output
     assert _report(tmp_path / "m")["task"] == "msl25"
+
+
+def test_an_msl25_top_k_file_takes_its_classes_from_the_model_its_run_record_names(
+    tiny_exports: Path, msl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scoring one against your own labels needed the whole MSL data set, for the class names
+    file alone: the model that wrote it has them (its run record names it), where it is still
+    the rows' model."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from marsvision.export.artifacts import onnx_meta, set_onnx_meta
+    from marsvision.runtime.metadata import sha256_file
+    from marsvision.runtime.models import artifact_name
+
+    monkeypatch.delenv("MARS_DATA", raising=False)
+    names = class_names("msl25", msl_dir)
+    x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "y"))
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])],
+                                                "g", [x], [y]))  # fmt: skip
+    meta = onnx_meta(tiny_exports / artifact_name("binary", "fp32"))
+    set_onnx_meta(model, dataclasses.replace(meta, task="msl25", class_names=names))
+    path = tmp_path / "msl25.onnx"
+    onnx.save_model(model, str(path))
+    sha = sha256_file(path)
+    top = _write(tmp_path / "top.csv", [_pred(PERSEVERANCE[0], 3, names)], names=names, top_k=2,
+                 sha=sha)  # fmt: skip
+    labels = tmp_path / "msl.csv"
+    labels.write_text(f"path,label\n{PERSEVERANCE[0]},{names[3]}\n")
+    args = [str(top), "--labels", str(labels), "--out", str(tmp_path / "m")]
+    (tmp_path / "top.csv.run.json").write_text(
+        json.dumps({"engine": str(path), "model_sha256": sha})
+    )
+    r = _score(args)
+    assert r.exit_code == 0, r.output
+    rep = _report(tmp_path / "m")
+    assert rep["task"] == "msl25" and rep["class_names"] == names
+    path.write_bytes(path.read_bytes() + b" ")  # the model changed since: not the rows' model
+    shutil.rmtree(tmp_path / "m")
+    r = _score(args)
+    assert r.exit_code == 1 and "or keep its run record (top.csv.run.json) and the model" in (
+        _error_line(r))  # fmt: skip
 
 
 def test_names_that_are_no_msl_products_have_no_sol_or_camera(tmp_path: Path) -> None:
