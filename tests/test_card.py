@@ -65,6 +65,11 @@ def test_card_tables_and_rules_say_which_figure_is_which(msl_dir: Path) -> None:
     assert "val accuracy is 60.00 and balanced accuracy 55.00, against 80.00 and 75.00 without" in (
         tta)  # fmt: skip
     assert "leave it off" in tta
+    # the exports are checked against PyTorch before one runs (every msl25 INT8 file measured
+    # failed parity, and the card ran it first)
+    at = lines.index("## Use and check it")
+    assert [line.split()[1] for line in lines[at + 2 : at + 6]] == [
+        "--checkpoint", "parity", "../shared/msl/calibrated", "score"]  # fmt: skip
     # each class's recall: the table's figures are Rover's, and Surface's were nowhere
     assert ("Recall of each class (the share of its images given its label): val Surface 75.00 "
             "and Rover 83.33; test Surface 77.78 and Rover 96.77.") in lines  # fmt: skip

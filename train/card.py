@@ -382,13 +382,13 @@ def render_card(
         "",
         f"    mars-export --checkpoint models/{file_name} --data ../shared/msl --int8 "
         f"--out {exports}",
+        f"    mars-bench parity --artifacts {exports} --data ../shared/msl   # INT8 against "
+        "PyTorch: use an INT8 file where it passes",
         f"    mars-infer ../shared/msl/calibrated --engine "
         f"{exports}/{artifact_name(task, 'int8-cpu')} --out preds.csv",
         "    mars-bench score preds.csv --data ../shared/msl --split test      # the test metrics,"
         " from the runtime",
         *([score_held] if half else []),
-        f"    mars-bench parity --artifacts {exports} --data ../shared/msl   # FP16/INT8 against"
-        " PyTorch",
         "",
         "## Limits",
         "",
