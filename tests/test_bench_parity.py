@@ -553,6 +553,7 @@ def test_artifacts_that_are_no_export_are_said_to_be(msl_dir: Path, tmp_path: Pa
         ("--int8-min-agreement", "101", "--int8-min-agreement 101: must be a percentage"),
         # a fraction (score --require's unit) was a bar of 0.99%, which every artifact passed
         ("--int8-min-agreement", "0.99", "0.99: a percentage, not a fraction: 99 for 99%"),
+        ("--int8-min-agreement", "1", "1: a percentage, not a fraction: 100 for 100%"),
         ("--fp16-max-accuracy-change", "-0.1", "--fp16-max-accuracy-change -0.1: must be a num"),
         ("--fp16-min-agreement", "0.995", "0.995: a percentage, not a fraction: 99.5 for 99.5%"),
         ("--fp16-max-accuracy-change", "inf", "--fp16-max-accuracy-change inf: must be a number"),

@@ -34,6 +34,10 @@ def test_the_last_value_inside_each_range_is_taken() -> None:
     cfg = _config(crop_scale_min=1.0, batch_size=2, seed=2**63 - 1, workers=0)
     assert cfg.augment.scale == (1.0, 1.0) and cfg.batch_size == 2
     assert cfg.seed == 2**63 - 1 and cfg.workers == 0
+    # "--store-size 64: must be at least --image-size 64" refused what it asked for
+    assert _config(image_size=64, store_size=64).store_size == 64
+    assert _config(select_from=0.0).select_from == 0.0
+    assert _config(select_from=1.0).select_from == 1.0
     assert seed_in_range(0) and not seed_in_range(-1) and not seed_in_range(2**63)
 
 
