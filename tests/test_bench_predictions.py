@@ -70,6 +70,18 @@ def test_a_top_k_file_of_error_rows_alone_has_no_task(tmp_path: Path) -> None:
         resolve_task(read_predictions(f), data_dir=None)
 
 
+def test_a_top_k_files_classes_are_all_it_ranks(tmp_path: Path) -> None:
+    """A class that appears only as a second choice is one of the file's classes: a model of
+    Surface, Rover and Other is no binary model, whichever class its rows decide."""
+    names = ["Surface", "Rover", "Other"]
+    for fmt in ("csv", "jsonl"):
+        f = _write(tmp_path / f"k.{fmt}", [Prediction("/x/a.jpg", "ok", "Rover", (0.1, 0.6, 0.3))],
+                   names, fmt=fmt, top_k=2)  # fmt: skip
+        assert read_predictions(f).labels == {"Rover", "Other"}
+        with pytest.raises(MarsvisionError, match=r"\[Other, Rover\], which are not binary's"):
+            resolve_task(read_predictions(f), data_dir=None)
+
+
 def test_classes_neither_binarys_nor_25_are_refused_without_data(tmp_path: Path) -> None:
     """Without --data, a file of its own 25 classes is msl25; one of 3 is nothing."""
     f = _write(tmp_path / "three.csv", [Prediction("/x/a.jpg", "ok", "a", (0.8, 0.1, 0.1))],
