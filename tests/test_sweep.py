@@ -200,6 +200,13 @@ def test_ranking_is_by_mean_val_over_finished_seeds() -> None:
     assert ranked[0]["best_run"] == "b-seed0" and ranked[0]["seeds"] == [0, 1]
     assert ranked[0]["val_mean"]["balanced_accuracy"] == pytest.approx(0.79)
     assert ranked[1]["val_balanced_accuracy"] == [0.90, 0.60]
+    # the best seed is shipped, not the first; ties of balanced accuracy go by val accuracy
+    rows = [row("a", 0, 0.80, acc=0.70), row("a", 1, 0.80, acc=0.90),
+            row("b", 0, 0.80, acc=0.75), row("b", 1, 0.80, acc=0.85)]  # fmt: skip
+    ranked = rank_candidates(rows)
+    assert ranked[0]["best_run"] == "a-seed1" and ranked[1]["best_run"] == "b-seed1"
+    rows = [row("a", 0, 0.80, acc=0.70), row("b", 0, 0.80, acc=0.90)]
+    assert [c["name"] for c in rank_candidates(rows)] == ["b", "a"]
 
 
 def test_a_candidates_time_is_predicted_from_epochs_measured_at_its_size_and_batch() -> None:
