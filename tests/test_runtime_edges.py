@@ -674,6 +674,19 @@ def test_resume_reads_relative_rows_from_the_folder_the_file_was_begun_in(
     shutil.copy(a / "r.csv", a / "copy.csv")  # from the folder it was begun in: resumed
     r = infer(*(f"imgs/{n}" for n in names), "--out", "copy.csv", "--resume", cwd=a)
     assert r.returncode == 0 and f"{len(names)} already in".encode() in r.stderr, r.stderr
+    # so it is with some of its images gone since (not all), and with rows for images never
+    # read alone (error rows: no file there to find)
+    assert infer(*(f"imgs/{n}" for n in names), "--out", "part.csv", cwd=a).returncode == 0
+    (a / "part.csv.run.json").unlink()
+    moved = (a / "imgs" / names[-1]).rename(tmp_path / names[-1])
+    r = infer(f"imgs/{names[0]}", "--out", "part.csv", "--resume", cwd=a)
+    assert r.returncode == 0 and b"1 already in" in r.stderr, r.stderr
+    moved.rename(a / "imgs" / names[-1])
+    assert infer("imgs/not-there.jpg", "--out", "err.csv", cwd=a).returncode == 3
+    (a / "err.csv.run.json").unlink()
+    r = infer("imgs/not-there.jpg", f"imgs/{names[0]}", "--out", "err.csv", "--resume", cwd=a)
+    assert r.returncode == 3 and b"1 already in" in r.stderr, r.stderr
+    assert len((a / "err.csv").read_text().splitlines()) == 3
     # a file with no row yet (a CSV run killed in its first batch: the header alone) holds
     # nothing to mix with, and gets this run's record
     from marsvision.runtime.results import csv_header
