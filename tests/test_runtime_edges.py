@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -632,6 +633,28 @@ def test_resume_refuses_another_version_of_the_library(
     record_file.write_text(json.dumps(record))
     r = _infer(*images, "--engine", model, "--out", out, "--resume")
     assert r.returncode == 0 and b"1 already in" in r.stderr, r.stderr
+
+
+def test_at_alone_is_a_file_and_a_piped_at_list_resumes_a_recursive_run(
+    model: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """`@` alone names a file (a list's name needs a character after it); a file begun with -r
+    and resumed with an @list read from a pipe reads the pipe once (read again for -r's check,
+    it was empty: "names no file")."""
+    shutil.copy(images[0], tmp_path / "@")
+    r = _infer("@", "--engine", model, "--out", "at.csv", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    with (tmp_path / "at.csv").open() as f:
+        # (written ./@: a spreadsheet takes a cell that starts with @ for a formula)
+        assert [(row["path"], row["status"]) for row in csv.DictReader(f)] == [("./@", "ok")]
+    (tmp_path / "d").mkdir()
+    for p in images:
+        shutil.copy(p, tmp_path / "d")
+    assert _infer("d", "-r", "--engine", model, "--out", "r.csv", cwd=tmp_path).returncode == 0
+    infer = " ".join(shlex.quote(os.fspath(c)) for c in [*MARS_INFER, "--engine", model])
+    r = subprocess.run(["bash", "-c", f"{infer} @<(ls d/*) --out r.csv --resume"],
+                       capture_output=True, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0 and f"{len(images)} already in".encode() in r.stderr, r.stderr
 
 
 def test_resume_reads_relative_rows_from_the_folder_the_file_was_begun_in(
