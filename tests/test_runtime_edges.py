@@ -651,7 +651,7 @@ def test_at_alone_is_a_file_and_a_piped_at_list_resumes_a_recursive_run(
     for p in images:
         shutil.copy(p, tmp_path / "d")
     assert _infer("d", "-r", "--engine", model, "--out", "r.csv", cwd=tmp_path).returncode == 0
-    infer = " ".join(shlex.quote(os.fspath(c)) for c in [*MARS_INFER, "--engine", model])
+    infer = " ".join(shlex.quote(c) for c in [*MARS_INFER, "--engine", str(model)])
     r = subprocess.run(["bash", "-c", f"{infer} @<(ls d/*) --out r.csv --resume"],
                        capture_output=True, cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0 and f"{len(images)} already in".encode() in r.stderr, r.stderr
