@@ -250,10 +250,12 @@ def recorded_model_classes(path: Path, model_sha256: str) -> list[str] | None:
     them in order: without this an msl25 one needed the whole MSL data set for the names."""
     from marsvision.runtime.backends import load_model_meta
     from marsvision.runtime.metadata import sha256_file
-    from marsvision.runtime.resume import RECORD_SUFFIX
+    from marsvision.runtime.resume import read_record
 
     try:
-        record = json.loads(Path(str(path) + RECORD_SUFFIX).read_text(encoding="utf-8"))
+        record = read_record(str(path))
+        if record is None:
+            return None
         model = Path(record["engine"])  # absolute
         if record.get("model_sha256") != model_sha256 or sha256_file(model) != model_sha256:
             return None

@@ -170,8 +170,9 @@ def write_record(out: str, options: dict[str, Any]) -> None:
     _save_record(out, record)
 
 
-def _read_record(out: str) -> dict[str, Any] | None:
-    """The run record beside `out` (None: it has none); one that cannot be read is an error."""
+def read_record(out: str) -> dict[str, Any] | None:
+    """The run record beside `out` (None: it has none); one that cannot be read is an error
+    (also how `mars-bench score` finds the model that wrote a results file)."""
     try:
         with open(_record_path(out), "rb") as f:
             record = json.loads(f.read())
@@ -231,7 +232,7 @@ def _resume_base(
     since), none of its rows would be skipped, and every image was written again."""
     fast_decode, int8_sums, library = run["fast_decode"], run["int8_sums"], run["library"]
     relative = [p for p in rows if not os.path.isabs(p)]
-    record = _read_record(out)
+    record = read_record(out)
     if record is None:
         read = [p for p in relative if rows[p] == "ok"]
         if read and not any(os.path.exists(p) for p in read):
