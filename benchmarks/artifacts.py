@@ -4,14 +4,15 @@ which backend runs each one, or why it cannot run here."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from marsvision.export.artifacts import MANIFEST
 from marsvision.runtime.errors import MarsvisionError
-from marsvision.runtime.models import SUFFIXES, UNLISTED, changed_since_export
+from marsvision.runtime.models import SUFFIXES, UNLISTED, export_change, listed_files
 
 # Report order: the reference precision first, then by falling precision.
 FLAVOUR_ORDER = tuple(SUFFIXES)
@@ -38,14 +39,16 @@ class Artifact:
     flavour: str  # a key of runtime.models.SUFFIXES, e.g. "int8-cpu", "fp16-engine"
     # a manifest is there and does not list it: not this export's file, never measured
     unlisted: bool = False
-    # the sha256 the manifest gives for it ('' where none)
-    listed_sha256: str = ""
+    # the files the manifest lists, each with the sha256 it gives (`listed_files`; none without
+    # a manifest)
+    listed: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @cached_property
-    def changed(self) -> bool:
-        """Its bytes are not those the manifest vouches for: changed since the export (damaged,
-        or replaced by hand). Hashed when first asked, for an artifact about to be used."""
-        return changed_since_export(self.path, self.listed_sha256)
+    def change(self) -> str | None:
+        """Why its bytes (or an engine's sidecar's) are not those the manifest vouches for:
+        changed since the export (damaged, or replaced by hand); None where they are. Hashed
+        when first asked, for an artifact about to be used."""
+        return export_change(self.path, self.listed)
 
     @property
     def precision(self) -> str:
@@ -91,14 +94,21 @@ def find_artifacts(out_dir: str | Path) -> list[Artifact]:
     if not d.is_dir():
         raise MarsvisionError(f"--artifacts {d}: no such directory (an out dir of mars-export)")
     manifest = read_manifest(d)
-    entries = {str(e.get("file")): e for e in (manifest or {}).get("artifacts", [])}
+    artifacts = (manifest or {}).get("artifacts", [])
+    try:
+        listed = listed_files({"artifacts": artifacts})
+    except (KeyError, TypeError, AttributeError):  # hand-edited: an entry names no file
+        raise MarsvisionError(
+            f"{d / MANIFEST} is not a marsvision manifest (an entry names no file); re-run "
+            "mars-export"
+        ) from None
+    entries = {str(e["file"]): e for e in artifacts}
     found = []
     for path in sorted(d.iterdir()):
         flavour = _flavour_of(path.name)
         if flavour is None or not path.is_file():
             continue
         unlisted = manifest is not None and path.name not in entries
-        listed = str(entries.get(path.name, {}).get("sha256") or "")
         found.append(Artifact(path, flavour, unlisted, listed))
     missing = [name for name in entries if not (d / name).is_file()]
     if missing:

@@ -26,7 +26,6 @@ from marsvision.benchmarks.artifacts import (
 from marsvision.runtime.backends.base import Runner
 from marsvision.runtime.classifier import non_finite_rows, softmax
 from marsvision.runtime.errors import MarsvisionError, check_percentage
-from marsvision.runtime.models import CHANGED
 from marsvision.runtime.spec import PreprocessSpec
 from marsvision.train.metrics import at_least
 
@@ -384,8 +383,8 @@ def _artifact_row(
         row.update(status=f"skipped: {reason}", verdict="skipped")
         say(f"{art.path.name}: skipped ({reason})")
         return row
-    if art.changed:  # the export vouches for other bytes: a fail, not a skip (exit 0 passed it)
-        row.update(status=f"error: {CHANGED}", verdict="FAIL", failures=[CHANGED])
+    if art.change:  # the export vouches for other bytes: a fail, not a skip (exit 0 passed it)
+        row.update(status=f"error: {art.change}", verdict="FAIL", failures=[art.change])
         say(f"{art.path.name}: {row['status']}")
         return row
     try:
@@ -453,7 +452,7 @@ def run_parity(cfg: ParityConfig, *, log: Any = None) -> dict[str, Any]:
     ort_device = "auto" if torch_device == "cuda" else "cpu"
 
     for art in artifacts:  # before the reference runs: a stranger fails in seconds, not minutes
-        if skip_reason(art, ort_device) is None and not art.changed:
+        if skip_reason(art, ort_device) is None and not art.change:
             _check_belongs(art.path, model.names, model.threshold, cfg.checkpoint, ckpt_sha)
 
     splits = _reference_splits(cfg, ckpt, torch_device, say)

@@ -17,7 +17,7 @@ from marsvision.benchmarks.artifacts import find_artifacts
 from marsvision.benchmarks.speed_jobs import TORCH_BACKENDS, Job, run_job, run_job_isolated
 from marsvision.runtime.errors import MarsvisionError
 from marsvision.runtime.host import usable_cores
-from marsvision.runtime.models import CHANGED, UNLISTED
+from marsvision.runtime.models import UNLISTED
 
 # Exit code of `mars-bench speed` when a measurement failed or none was made: parity's and
 # score's failure code (1 is a user error, 2 a usage error, as click defines them)
@@ -125,8 +125,8 @@ def plan(cfg: SpeedConfig) -> tuple[list[Job], list[dict[str, Any]]]:
             if found[flavour].unlisted:
                 skip(backend, precision, f"{found[flavour].path.name}: {UNLISTED}")
                 continue
-            if found[flavour].changed:  # the speed of a damaged file says nothing of the model
-                skip(backend, precision, f"{found[flavour].path.name}: {CHANGED}")
+            if change := found[flavour].change:  # a damaged file's speed says nothing of the model
+                skip(backend, precision, f"{found[flavour].path.name}: {change}")
                 continue
             if backend == "tensorrt" and cfg.device == "cpu":
                 skip(backend, precision, "TensorRT needs --device cuda")

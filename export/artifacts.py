@@ -149,6 +149,20 @@ def _calibration(entry: dict[str, Any]) -> object:
     return (entry.get("quantization") or {}).get("calibration_cache")
 
 
+def _as_written(path: Path, entry: dict[str, Any]) -> bool:
+    """`path` holds the bytes its manifest `entry` gives, and so does an engine's sidecar where
+    the entry lists one (a sidecar that cannot be read is not as written)."""
+    if sha256_file(path) != entry.get("sha256"):
+        return False
+    side = entry.get("sidecar")
+    if not isinstance(side, dict):
+        return True
+    try:
+        return sha256_file(sidecar_path(path)) == side.get("sha256")
+    except OSError:
+        return False
+
+
 def _kept_entries(
     out: Path, old: dict[str, Any], fresh: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -166,9 +180,10 @@ def _kept_entries(
         path = out / a["file"]
         if a["file"] in names or not path.exists():
             continue
-        if sha256_file(path) != a.get("sha256"):
-            log(f"{path.name} is not the file an earlier export wrote (its sha256 differs): "
-                 f"left in {out}, out of {MANIFEST}; export it again or delete it")  # fmt: skip
+        if not _as_written(path, a):
+            log(f"{path.name} is not the file an earlier export wrote (its sha256 differs, or "
+                 f"its sidecar's): left in {out}, out of {MANIFEST}; export it again or delete "
+                 "it")  # fmt: skip
             continue
         if a["flavour"] == "int8-engine" and calibration not in (None, _calibration(a)):
             log(f"{path.name} was built from an INT8 ONNX of another calibration: left in "

@@ -208,7 +208,10 @@ def _export_all(config: ExportConfig, lock: FolderLock) -> dict[str, Any]:
                 side.write_text(emeta.to_json() + "\n", encoding="utf-8")
                 staged.append((side, sidecar_path(final)))
                 fig = {"note": "not measured at export (needs a TensorRT runner)"}
-                entries.append(_entry(path, flavour, emeta, fig, time.perf_counter() - t0))
+                entry = _entry(path, flavour, emeta, fig, time.perf_counter() - t0)
+                # its class names, threshold and shapes, which the runtime takes as they are
+                entry["sidecar"] = {"file": side.name, "sha256": sha256_file(side)}
+                entries.append(entry)
 
         manifest = {
             "source_checkpoint": str(config.checkpoint.resolve()),  # usable from any folder

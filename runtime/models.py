@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from marsvision.runtime.errors import MarsvisionError
-from marsvision.runtime.metadata import sha256_file
+from marsvision.runtime.metadata import sha256_file, sidecar_path
 
 DEFAULT_TASK = "binary"
 EXPORTS_ENV = "MARS_EXPORTS"  # where to look instead of ./exports
@@ -127,13 +128,24 @@ CHANGED = (
 )
 
 
+def listed_files(manifest: Mapping[str, Any]) -> dict[str, str]:
+    """The file names an export's manifest lists, each with the sha256 it gives for it ('' where
+    none): its artifacts, and a TensorRT engine's metadata sidecar (its class names, threshold
+    and shapes, which the runtime takes as they are), listed with its engine."""
+    files = {}
+    for entry in manifest["artifacts"]:
+        files[str(entry["file"])] = str(entry.get("sha256") or "")
+        side = entry.get("sidecar")
+        if isinstance(side, dict):
+            files[str(side["file"])] = str(side.get("sha256") or "")
+    return files
+
+
 def manifest_files(folder: Path) -> dict[str, str] | None:
-    """The file names the export folder's manifest.json lists, each with the sha256 it gives
-    for it ('' where none); None without a readable one (then the files go by their names
-    alone)."""
+    """`listed_files` of the export folder's manifest.json; None without a readable one (then
+    the files go by their names alone)."""
     try:
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-        return {str(e["file"]): str(e.get("sha256") or "") for e in manifest["artifacts"]}
+        return listed_files(json.loads((folder / "manifest.json").read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
@@ -147,6 +159,19 @@ def changed_since_export(path: Path, sha256: str) -> bool:
         return sha256_file(path) != sha256
     except OSError as e:
         raise MarsvisionError(f"cannot read {path} ({e.strerror or e})") from None
+
+
+def export_change(path: Path, listed: Mapping[str, str]) -> str | None:
+    """Why `path`, a file of an export folder whose manifest lists `listed` (`listed_files`),
+    is not what the export wrote: CHANGED, or for an engine, its sidecar's change; None where
+    neither changed (or the manifest gives no sha256). A file that cannot be read is a one-line
+    error."""
+    if changed_since_export(path, listed.get(path.name, "")):
+        return CHANGED
+    side = sidecar_path(path)  # listed only for an engine
+    if changed_since_export(side, listed.get(side.name, "")):
+        return f"its metadata sidecar {side.name}: {CHANGED}"
+    return None
 
 
 class DefaultModel(NamedTuple):
@@ -202,12 +227,12 @@ def default_model(
                 continue
         if listed is not None:  # last: hashed only for the file about to be taken
             try:
-                changed = changed_since_export(path, listed[path.name])
+                change = export_change(path, listed)
             except MarsvisionError as e:
                 notes.append(f"passed over {path.name}: {e.message}")
                 continue
-            if changed:
-                notes.append(f"passed over {path.name}: {CHANGED}")
+            if change is not None:
+                notes.append(f"passed over {path.name}: {change}")
                 continue
         return DefaultModel(path, device, "; ".join(notes) or None)
     passed = f"; {'; '.join(notes)}" if notes else ""

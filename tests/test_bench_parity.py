@@ -495,7 +495,7 @@ def test_a_file_the_manifest_does_not_list_is_not_measured(
         {**a, "sha256": "0" * 64} if a["flavour"] == "int8-trt" else a
         for a in manifest["artifacts"]]}))  # fmt: skip
     arts = {a.flavour: a for a in find_artifacts(folder)}
-    assert [f for f, a in arts.items() if a.changed] == ["int8-trt"]
+    assert [f for f, a in arts.items() if a.change] == ["int8-trt"]
     jobs, skipped = plan(cfg)
     assert {j.precision for j in jobs} == {"fp32"}
     assert [r["status"] for r in skipped] == [
@@ -506,6 +506,30 @@ def test_a_file_the_manifest_does_not_list_is_not_measured(
     row = parity._artifact_row(arts["int8-trt"], *args, ort_device="cpu", decoded={},
                                say=lambda m: None)  # fmt: skip
     assert (row["verdict"], row["status"]) == ("FAIL", f"error: {CHANGED}")
+
+
+def test_an_engine_whose_sidecar_changed_is_not_measured(tmp_path: Path) -> None:
+    """The manifest lists an engine's sidecar (class names, threshold, shapes) with its sha256:
+    one changed since the export is the engine's change, which parity fails and speed passes
+    over; a hand-edited manifest whose entry names no file is one line, not a KeyError."""
+    from marsvision.benchmarks.artifacts import find_artifacts
+    from marsvision.export.artifacts import MANIFEST
+    from marsvision.runtime.metadata import sha256_file, sidecar_path
+    from marsvision.runtime.models import CHANGED
+
+    plan = tmp_path / artifact_name("binary", "int8-engine")
+    plan.write_bytes(b"engine")
+    sidecar_path(plan).write_text("{}")
+    side = {"file": sidecar_path(plan).name, "sha256": sha256_file(sidecar_path(plan))}
+    entry = {"file": plan.name, "flavour": "int8-engine", "sha256": sha256_file(plan)}
+    (tmp_path / MANIFEST).write_text(json.dumps({"artifacts": [{**entry, "sidecar": side}]}))
+    assert [a.change for a in find_artifacts(tmp_path)] == [None]
+    sidecar_path(plan).write_text('{"classes": ["other"]}')
+    (art,) = find_artifacts(tmp_path)
+    assert art.change == f"its metadata sidecar {side['file']}: {CHANGED}"
+    (tmp_path / MANIFEST).write_text(json.dumps({"artifacts": [entry, {"flavour": "fp32"}]}))
+    with pytest.raises(MarsvisionError, match="is not a marsvision manifest .an entry names no"):
+        find_artifacts(tmp_path)
 
 
 def test_artifacts_that_are_no_export_are_said_to_be(msl_dir: Path, tmp_path: Path) -> None:

@@ -99,3 +99,56 @@ def test_a_timing_cache_from_another_gpu_is_replaced(
         path.write_bytes(blob)
         assert _attach_timing_cache(Config(), path) == ("cache", b"")  # type: ignore[arg-type]
         assert "is from another GPU or TensorRT version" in capsys.readouterr().err
+
+
+def test_an_engines_sidecar_is_listed_and_hashed_with_it(
+    tiny_checkpoint: Path,
+    msl_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The sidecar holds what the runtime takes as it is (class names, threshold, shapes): the
+    manifest lists it with its engine's entry, with its sha256, so mars-infer's default model
+    passes over an engine whose sidecar changed, as it does an engine that changed, and a later
+    export leaves such an engine out of the manifest. TensorRT's own build is stood in for by
+    one that writes bytes (the export around it is the real one); on a GPU with TensorRT the
+    test above builds real engines."""
+    from marsvision.export import pipeline
+    from marsvision.export import tensorrt as export_trt
+    from marsvision.export.config import ExportConfig
+    from marsvision.runtime import models as m
+    from marsvision.runtime.backends import tensorrt as trt_backend
+    from marsvision.runtime.metadata import sha256_file, sidecar_path
+
+    def build(src: Path, path: Path, **kw: object) -> dict[str, object]:
+        path.write_bytes(b"engine of " + src.name.encode())
+        return {"version": "10.13.0.35", "compute_capability": "9.0", "max_batch": kw["max_batch"]}
+
+    monkeypatch.setattr(export_trt, "engine_from_onnx", build)
+    monkeypatch.setattr(pipeline, "_tensorrt_plan", lambda config: (True, None))
+    config = ExportConfig(checkpoint=tiny_checkpoint, out=tmp_path, fp16=True, max_batch=4,
+                          data_dir=msl_dir)  # fmt: skip
+    entries = {a["flavour"]: a for a in pipeline.export_all(config)["artifacts"]}
+    plan = tmp_path / m.artifact_name("binary", "fp16-engine")
+    side = sidecar_path(plan)
+    assert entries["fp16-engine"]["sidecar"] == {"file": side.name, "sha256": sha256_file(side)}
+    assert "sidecar" not in entries["fp16"]
+    monkeypatch.setattr(m, "_has_tensorrt", lambda: True)
+    monkeypatch.setattr(trt_backend, "_open_checks", lambda path: None)  # where it runs
+    assert m.default_model(tmp_path) == (plan, "auto", None)
+    # another model's class names in it: the engine runs them, so it is passed over
+    side.write_text(side.read_text().replace('"Surface"', '"Ground"'))
+    chosen = m.default_model(tmp_path)
+    assert chosen.path == tmp_path / m.artifact_name("binary", "fp32")
+    assert chosen.note == f"passed over {plan.name}: its metadata sidecar {side.name}: {m.CHANGED}"
+    side.unlink()  # gone: a one-line note too
+    assert f"passed over {plan.name}: cannot read {side}" in str(m.default_model(tmp_path).note)
+    side.write_text("{}")
+    capsys.readouterr()
+    # a later export (the FP32 file alone) keeps the entries whose files are as written
+    kept = pipeline.export_all(ExportConfig(checkpoint=tiny_checkpoint, out=tmp_path,
+                                            data_dir=msl_dir, tensorrt="off"))["kept"]  # fmt: skip
+    assert kept == [m.artifact_name("binary", "fp16")]
+    assert f"{plan.name} is not the file an earlier export wrote (its sha256 differs, or its " \
+        "sidecar's)" in capsys.readouterr().err  # fmt: skip
