@@ -117,7 +117,11 @@ class Classifier:
         threads: int | None = None,
         fast_decode: bool = False,
         tta: str = "none",
+        sha256: str | None = None,
     ) -> None:
+        """`sha256`: the digest the model file must have (the one its export's manifest.json
+        or a SHA256SUMS gives): any other bytes are refused. A file with bits flipped in its
+        weights (a copy, its storage) loads and runs, with other probabilities."""
         check_count("batch_size", batch_size)
         check_count("workers", workers, default=True)  # threads: open_runner's
         if tta not in TTA_MODES:
@@ -137,6 +141,12 @@ class Classifier:
                 raise MarsvisionError(
                     f"{model_path} changed while it was being opened (a new export written over "
                     "it?): open it again"
+                )
+            if sha256 is not None and self._sha256 != sha256.strip().lower():
+                raise MarsvisionError(
+                    f"{model_path} is not the file expected: sha256 {self._sha256[:12]}..., "
+                    f"expected {sha256.strip()[:12]}... (damaged in a copy or where it is "
+                    "stored, or another file)"
                 )
         except BaseException:
             self.runner.__exit__(None, None, None)

@@ -479,6 +479,54 @@ def test_a_batch_in_another_layout_is_the_callers_mistake(models: dict[str, Path
         assert clf.probabilities(np.zeros((2, 3, size, size), np.float32)).shape == (2, 2)
 
 
+def test_a_batch_of_raw_or_nan_pixels_is_the_callers_mistake(models: dict[str, Path]) -> None:
+    """uint8 pixels not preprocessed, NaN or infinite ones, and a list are refused by every
+    runner: they ran, and the INT8 model, which quantizes NaN to a number, called a batch of
+    NaN a confident Rover (the non-finite guard on its outputs never saw it). float16 and
+    float64 batches are cast and run."""
+    from marsvision.runtime.backends import open_runner
+
+    for flavour in ("fp32", "int8"):
+        with open_runner(models[flavour], device="cpu") as runner:
+            size = runner.meta.preprocess.input_size
+            shape = (2, 3, size, size)
+            with pytest.raises(ValueError, match="a batch of uint8; the model takes float32"):
+                runner.infer(np.zeros(shape, np.uint8))
+            for bad in (np.nan, np.inf):
+                batch = np.zeros(shape, np.float32)
+                batch[1, 2, 3, 4] = bad
+                with pytest.raises(ValueError, match="a batch with NaN or infinite pixels"):
+                    runner.infer(batch)
+            with pytest.raises(TypeError, match="a batch is a numpy array, not list"):
+                runner.infer(np.zeros(shape, np.float32).tolist())
+            for dtype in (np.float16, np.float64):
+                assert runner.infer(np.zeros(shape, dtype)).shape == (2, 2)
+
+
+def test_a_model_file_of_other_bytes_than_the_sha256_given_is_refused(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A bit flipped in a weight (a copy, its storage) loads and runs, with other probabilities:
+    `Classifier(path, sha256=...)` refuses any bytes but those of the digest given (from the
+    export's manifest.json), as mars-infer's default model does; without it, it runs."""
+    from marsvision.runtime.classifier import Classifier
+    from marsvision.runtime.metadata import sha256_file
+
+    want = sha256_file(models["fp32"])
+    with Classifier(models["fp32"], device="cpu", sha256=f" {want.upper()}\n") as clf:
+        assert clf.model_sha256 == want
+    data = bytearray(models["fp32"].read_bytes())
+    data[len(data) // 2] ^= 0x01  # a weight, past the graph and metadata
+    flipped = tmp_path / models["fp32"].name
+    flipped.write_bytes(bytes(data))
+    with Classifier(flipped, device="cpu") as clf:  # it loads and runs
+        size = clf.meta.preprocess.input_size
+        assert clf.probabilities(np.zeros((1, 3, size, size), np.float32)).shape == (1, 2)
+    says = rf"^{flipped} is not the file expected: sha256 {sha256_file(flipped)[:12]}\.\.\., "
+    with pytest.raises(MarsvisionError, match=says + rf"expected {want[:12]}\.\.\. \(damaged"):
+        Classifier(flipped, device="cpu", sha256=want)
+
+
 def test_paths_are_read_a_batch_at_a_time(models: dict[str, Path], msl_dir: Path) -> None:
     """predict_batches read all of `paths` before its first batch: a generator of paths that
     arrive over time gave nothing until its end, an endless one nothing at all. Now a batch's

@@ -36,11 +36,22 @@ class Runner(Protocol):
 
 
 def check_batch(batch: np.ndarray, meta: ModelMeta, path: object) -> None:
-    """Refuse a batch that is not (n, 3, size, size) at the model's input size: a caller's
-    mistake (a bug, raised as ValueError), not a fault of the model."""
+    """Refuse a batch that is not a numpy array (TypeError), not (n, 3, size, size) at the
+    model's input size, not floating point or not finite (ValueError): a caller's mistake, not
+    a fault of the model. Pixels not preprocessed (uint8) and NaN ran: the INT8 model quantizes
+    NaN to a number, and called a batch of NaN Rover at 0.95."""
+    if not isinstance(batch, np.ndarray):
+        raise TypeError(f"{path}: a batch is a numpy array, not {type(batch).__name__}")
     size = meta.preprocess.input_size
     if batch.ndim != 4 or batch.shape[1:] != (3, size, size):
         raise ValueError(
             f"{path}: a batch of shape {batch.shape}; the model takes (n, 3, {size}, {size}) "
             "(NCHW, preprocessed by its spec)"
         )
+    if not np.issubdtype(batch.dtype, np.floating):
+        raise ValueError(
+            f"{path}: a batch of {batch.dtype}; the model takes float32 pixels preprocessed by "
+            "its spec (scaled and normalized)"
+        )
+    if not np.isfinite(batch).all():
+        raise ValueError(f"{path}: a batch with NaN or infinite pixels")
