@@ -11,6 +11,7 @@ import platform
 import re
 import socket
 import subprocess
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,89 @@ def library_versions() -> dict[str, str]:
     return found
 
 
+def machine_cpu_seconds(stat: str | os.PathLike[str] = "/proc/stat") -> tuple[float, float] | None:
+    """CPU seconds since boot of all the machine's CPUs: (busy, stolen by the hypervisor);
+    None where /proc/stat cannot be read (not Linux)."""
+    try:
+        with open(stat, encoding="ascii") as f:
+            first = f.readline().split()
+        # cpu user nice system idle iowait irq softirq steal (guest time is inside user)
+        ticks = [int(v) for v in first[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(ticks) < 8:
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _, _, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq) / hz, steal / hz
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and its waited-for children (a job run in its own process)."""
+    import resource
+
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class OtherWork:
+    """What the machine's CPUs did beside this benchmark over a span (`with OtherWork() as w:`):
+    `w.share`, the busy CPU time of other processes (and CPU time stolen by the hypervisor)
+    over all CPUs' time, 0 to 1; None where the machine's counters cannot be read. A noisy row
+    with a high share was slowed by other work, not by the model."""
+
+    def __enter__(self) -> OtherWork:
+        self.share: float | None = None
+        self._machine = machine_cpu_seconds()
+        self._own = own_cpu_seconds()
+        self._t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.monotonic() - self._t0
+        after = machine_cpu_seconds()
+        if self._machine is None or after is None or wall <= 0:
+            return
+        own = own_cpu_seconds() - self._own
+        busy = after[0] - self._machine[0] - own
+        stolen = after[1] - self._machine[1]
+        cpus = os.cpu_count() or 1
+        self.share = round(min(1.0, max(0.0, (busy + stolen) / (wall * cpus))), 3)
+
+
+def source_revision(root: Path = Path(__file__).resolve().parents[1]) -> dict[str, Any] | None:
+    """The git commit of the marsvision checkout that runs (`root`: the folder of its stage
+    folders), and whether tracked files differ from it; None outside a git checkout (an
+    installed wheel) or without git. The version number stays 0.1.0 from commit to commit."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              timeout=20, check=True).stdout.strip()  # fmt: skip
+
+    if not (root / ".git").exists():  # a venv inside a checkout is not that checkout
+        return None
+    try:
+        return {
+            "commit": git("rev-parse", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        }
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def source_words(conditions: dict[str, Any]) -> str:
+    """The words after a report's versions, `(commit abc..., with changes)`, where the code ran
+    from a git checkout (`source_revision`); "" otherwise, and for records made before it was
+    kept."""
+    source = conditions.get("source")
+    if not source:
+        return ""
+    return f" (commit {source['commit'][:12]}{', with changes' if source['dirty'] else ''})"
+
+
 # The instruction set that sets the CPU's INT8/BF16 kernels, best first (ONNX Runtime's and
 # oneDNN's fast paths); the first one the CPU has names it in `machine_name`.
 ISA_TIERS = (
@@ -173,4 +257,5 @@ def capture_conditions(*, threads: int | None = None, device: str = "cuda") -> d
             k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ
         },
         "versions": library_versions(),
+        "source": source_revision(),
     }

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from marsvision.benchmarks.conditions import source_words
 from marsvision.benchmarks.parity import LIMITED
 from marsvision.benchmarks.report import fmt, markdown_table, text_table, write_json, write_text
 
@@ -157,7 +158,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                 else ""
             )
             + "Versions: "
-            + ", ".join(f"{k} {v}" for k, v in sorted(c["versions"].items())),
+            + ", ".join(f"{k} {v}" for k, v in sorted(c["versions"].items()))
+            + source_words(c),
             "",
             (
                 f"Thresholds: FP32 top-1 agreement >= {t['fp32_min_agreement']:g}%; FP16 |accuracy "

@@ -8,6 +8,7 @@ one runs, and the PyTorch baseline that every figure is divided by. Measuring is
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -86,6 +87,10 @@ class SpeedConfig:
         d["checkpoint"] = str(self.checkpoint)
         d["artifacts"] = str(self.artifacts) if self.artifacts else None
         d["images"] = len(self.images)
+        # which images: their folder, and the list's digest (the same list, the same digest)
+        d["images_folder"] = os.path.commonpath(self.images) if self.images else None
+        listed = "\n".join(self.images).encode()
+        d["images_list_sha256"] = hashlib.sha256(listed).hexdigest() if self.images else None
         return d
 
 
@@ -207,7 +212,7 @@ def _check_sources(jobs: list[Job], checkpoint: Path, want: str) -> None:
 
 def run_speed(cfg: SpeedConfig, *, log: Any = None) -> dict[str, Any]:
     """Measure every planned job; return the report (conditions, config, rows)."""
-    from marsvision.benchmarks.conditions import capture_conditions
+    from marsvision.benchmarks.conditions import OtherWork, capture_conditions
 
     say = log or (lambda msg: None)
     if "e2e" in cfg.modes and not cfg.images:  # here: a config is made before its images
@@ -224,7 +229,9 @@ def run_speed(cfg: SpeedConfig, *, log: Any = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for i, job in enumerate(jobs, 1):
         say(f"[{i}/{len(jobs)}] {job.mode} {job.backend} {job.precision} batch {job.batch}")
-        row = run_job_isolated(job) if cfg.isolate else run_job(job)
+        with OtherWork() as other:  # the CPUs' other work while it ran
+            row = run_job_isolated(job) if cfg.isolate else run_job(job)
+        row["other_work_cpu_share"] = other.share
         row["model_sha256"] = sha[row["model"]]
         row["model"] = os.path.basename(row["model"])
         rows.append(row)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from marsvision.benchmarks.conditions import source_words
 from marsvision.benchmarks.report import (
     bar_chart,
     fmt,
@@ -13,6 +14,7 @@ from marsvision.benchmarks.report import (
     write_json,
     write_text,
 )
+from marsvision.benchmarks.speed import BASELINE
 from marsvision.benchmarks.timing import LEAST_CALLS
 
 HEADERS = [
@@ -48,16 +50,31 @@ def _noisy(r: dict[str, Any]) -> float | None:
     return cv if cv > NOISY_CV else None
 
 
+def _noisy_baselines(rows: list[dict[str, Any]]) -> dict[tuple[Any, Any], float]:
+    """(mode, batch) -> the CV of the PyTorch FP32 row there, where that row is noisy: every
+    ratio at that mode and batch is divided by it."""
+    return {
+        (r["mode"], r["batch"]): cv
+        for r in rows
+        if (r.get("backend"), r.get("precision")) == BASELINE and (cv := _noisy(r)) is not None
+    }
+
+
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
     """One line per measured row, then one per pair that could not run."""
     out = []
+    noisy_base = _noisy_baselines(report["rows"])
     for r in report["rows"]:
         ok = r["status"] == "ok"
         t = r.get("timing", {}) if ok else {}
         speedup = r.get("speedup_vs_pytorch_fp32")
         status = r["status"] if len(r["status"]) <= 70 else r["status"][:67] + "..."
         if (cv := _noisy(r)) is not None:
-            status = f"ok, noisy (CV {cv:.0%})"
+            other = r.get("other_work_cpu_share")
+            why = f"; other work {other:.0%} of the CPUs" if other else ""
+            status = f"ok, noisy (CV {cv:.0%}{why})"
+        elif speedup is not None and (cv := noisy_base.get((r["mode"], r["batch"]))) is not None:
+            status = f"ok, its ratio noisy (the baseline's CV {cv:.0%})"
         out.append(
             [
                 r["mode"],
@@ -114,6 +131,7 @@ def _conditions_line(report: dict[str, Any]) -> str:
             else ""
         )
         + ", ".join(f"{k} {v}" for k, v in sorted(c["versions"].items()))
+        + source_words(c)
     )
 
 
@@ -124,7 +142,8 @@ def _noise_note(report: dict[str, Any]) -> str:
     return (
         f"noisy: its calls' standard deviation is over {NOISY_CV:.0%} of their mean (CV), as "
         "when other work shares the CPU or GPU (or, end to end, images of unlike sizes); its "
-        "figures, and ratios made with it, are not ones to quote: rerun on a quiet machine"
+        "figures, and ratios made with it (a row whose ratio is to a noisy PyTorch FP32 row "
+        "says so), are not ones to quote: rerun on a quiet machine"
     )
 
 

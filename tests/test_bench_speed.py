@@ -160,6 +160,91 @@ def test_speed_cli_writes_results_with_conditions(
     assert "onnxruntime sessions: 1 intra-op threads, 1 inter-op, no spinning, ORT_ENABLE_AL" in (
         result.output
     )
+    # and the code and images that made them: the commit (the version stays 0.1.0), which
+    # images, and what else the CPUs did while each row ran
+    assert c["source"] == conditions.source_revision()
+    if c["source"] is not None:  # a git checkout, as CI's clone
+        assert f"(commit {c['source']['commit'][:12]}" in result.output
+    assert Path(doc["config"]["images_folder"]).is_relative_to(msl_dir)
+    assert len(doc["config"]["images_list_sha256"]) == 64
+    assert all(0 <= r["other_work_cpu_share"] <= 1 for r in doc["rows"] + doc["baseline_rows"])
+
+
+def test_which_images_a_speed_run_timed_is_recorded() -> None:
+    """The e2e images by their folder and the digest of their list: the count alone (what the
+    records held) did not say whether two runs timed the same images."""
+    import hashlib
+
+    from marsvision.benchmarks.speed import SpeedConfig
+
+    cfg = SpeedConfig(checkpoint=Path("c.pt"), images=("/d/a/x.jpg", "/d/b/y.jpg"))
+    d = cfg.to_dict()
+    assert (d["images"], d["images_folder"]) == (2, "/d")
+    assert d["images_list_sha256"] == hashlib.sha256(b"/d/a/x.jpg\n/d/b/y.jpg").hexdigest()
+    d = SpeedConfig(checkpoint=Path("c.pt"), modes=("model",)).to_dict()
+    assert (d["images"], d["images_folder"], d["images_list_sha256"]) == (0, None, None)
+
+
+def test_the_commit_the_code_ran_at_is_recorded(tmp_path: Path) -> None:
+    """A git checkout's commit, and whether tracked files differ from it; None outside one (an
+    installed wheel, or a folder inside another checkout: a venv's site-packages)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c",
+                               "user.email=t@t", *args], check=True, capture_output=True,
+                              text=True).stdout.strip()  # fmt: skip
+
+    assert conditions.source_revision(tmp_path) is None
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-q", "-m", "one")
+    head = git("rev-parse", "HEAD")
+    assert conditions.source_revision(tmp_path) == {"commit": head, "dirty": False}
+    (tmp_path / "new.py").write_text("")  # untracked: not a change to the code that ran
+    assert conditions.source_revision(tmp_path) == {"commit": head, "dirty": False}
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert conditions.source_revision(tmp_path) == {"commit": head, "dirty": True}
+    (tmp_path / "sub").mkdir()
+    assert conditions.source_revision(tmp_path / "sub") is None
+    c = {"source": {"commit": head, "dirty": True}}
+    assert conditions.source_words(c) == f" (commit {head[:12]}, with changes)"
+    assert conditions.source_words({}) == conditions.source_words({"source": None}) == ""
+
+
+def test_other_work_on_the_cpus_is_measured_apart_from_the_runs_own(tmp_path: Path) -> None:
+    """Each row records the share of the CPUs' time that other processes took while it ran (a
+    noisy row says it): a busy process beside the span counts, the span's own work and that of
+    a child it waits for do not. /proc/stat's first line gives the machine's CPU seconds."""
+    stat = tmp_path / "stat"
+    hz = os.sysconf("SC_CLK_TCK")
+    stat.write_text(f"cpu  {3 * hz} {hz} {2 * hz} 99999 5 {hz} 0 {4 * hz} 0 0\ncpu0 1 2 3\n")
+    assert conditions.machine_cpu_seconds(stat) == (7.0, 4.0)
+    stat.write_text("cpu  1 2\n")
+    assert conditions.machine_cpu_seconds(stat) is None
+    assert conditions.machine_cpu_seconds(tmp_path / "none") is None
+
+    def spin(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            pass
+
+    cpus = os.cpu_count() or 1
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.monotonic() + 3\n"
+                             "while time.monotonic() < end: pass"])  # fmt: skip
+    try:
+        time.sleep(0.3)  # started
+        with conditions.OtherWork() as beside:
+            time.sleep(1.5)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert beside.share is not None and beside.share >= 0.6 / cpus, beside.share
+    with conditions.OtherWork() as own:
+        spin(1.0)
+        subprocess.run([sys.executable, "-c", "import time\nend = time.monotonic() + 1\n"
+                        "while time.monotonic() < end: pass"], check=True)  # fmt: skip
+    assert own.share is not None and own.share < 0.4 / cpus, own.share
 
 
 def test_ratios_to_the_baseline() -> None:
@@ -210,10 +295,19 @@ def test_noisy_rows_are_marked() -> None:
               "warmup": 1, "repeats": 30}, "conditions": {"machine": "m", "cpu": cpu,
               "threads": 2, "versions": {}}}  # fmt: skip
     for text in (render_text(report), render_markdown(report)):
-        assert text.count("ok, noisy (CV 25%)") == 1 and text.count("noisy") == 2
+        assert text.count("ok, noisy (CV 25%)") == 1 and text.count("noisy") == 3
         assert "noisy: its calls' standard deviation is over 10% of their mean (CV)" in text
     report["rows"] = [row(3.0)]
     assert "noisy" not in render_text(report) + render_markdown(report)
+    # a ratio to a noisy PyTorch FP32 row (the same mode and batch) is marked too: it was "ok"
+    # beside an 18x ratio whose baseline had a CV of 60%
+    base = {**row(60.0), "backend": "pytorch", "runner": "pytorch-eager",
+            "other_work_cpu_share": 0.45}  # what made it noisy, where measured  # fmt: skip
+    report["rows"] = [base, {**row(3.0), "speedup_vs_pytorch_fp32": 18.2},
+                      {**row(3.0), "batch": 1, "speedup_vs_pytorch_fp32": 2.0}]  # fmt: skip
+    for text in (render_text(report), render_markdown(report)):
+        assert text.count("ok, noisy (CV 60%; other work 45% of the CPUs)") == 1, text
+        assert text.count("ok, its ratio noisy (the baseline's CV 60%)") == 1, text
 
 
 def test_torch_runner_puts_back_the_thread_count(
