@@ -174,7 +174,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                 "does). "
                 "x pt-fp32 = throughput over PyTorch eager FP32 at the same mode and batch; "
                 "the ms columns are per batch; peak RSS is each row's own process's, unless "
-                "the conditions say the rows ran in one process."
+                "the conditions say the rows ran in one process; GPU MiB is what nvidia-smi "
+                "says the row's process holds after its calls (CUDA context, caches, model; "
+                "blank where it lists no process of that id, as in some containers)."
             ),
             "",
             markdown_table(HEADERS, table_rows(report)),
