@@ -15,6 +15,7 @@ be used (a machine's limit met while opening it, out of file descriptors say, ra
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import queue
@@ -199,6 +200,29 @@ class Classifier:
         """One Prediction per path, in input order."""
         return [p for batch in self.predict_batches(paths) for p in batch]
 
+    def predict_encoded(self, frames: Iterable[tuple[str, bytes]]) -> list[Prediction]:
+        """One Prediction per (name, encoded image) held in memory, as a file of those bytes
+        would get (a JPEG or PNG from a downlink or a socket, never written to disk; the same
+        checks, an error row for bytes that are not an image), in input order; `name` is the
+        row's `path`. Decoded in the calling thread, a batch at a time."""
+        if isinstance(frames, tuple) and len(frames) == 2 and isinstance(frames[1], bytes):
+            raise TypeError("frames is one (name, bytes) pair: pass a list of them")
+        self._check_open()
+        size = self.meta.preprocess.input_size
+        rows: list[Prediction] = []
+        it = iter(frames)
+        while batch := list(itertools.islice(it, self.batch_size)):
+            for name, data in batch:
+                if not isinstance(name, str) or not isinstance(data, (bytes, bytearray)):
+                    raise TypeError(
+                        f"a frame is a (name: str, data: bytes) pair, not ({type(name).__name__}"
+                        f", {type(data).__name__})"
+                    )
+            buf = _batch_buffer(len(batch), size)
+            errors = [self._fill(io.BytesIO(data), buf[i]) for i, (_, data) in enumerate(batch)]
+            rows += self._infer([name for name, _ in batch], buf, errors)
+        return rows
+
     def predict_batches(
         self, paths: Iterable[str | os.PathLike[str]], *, read_ahead: int = READ_AHEAD
     ) -> Generator[list[Prediction], None, None]:
@@ -254,8 +278,9 @@ class Classifier:
         if self._closed:
             raise ValueError(f"the classifier of {self.model_path} is closed")
 
-    def _fill(self, path: str | bytes, buf: np.ndarray) -> str | None:
-        """Decode one file into `buf` (3, H, W); the error message, or None when it worked."""
+    def _fill(self, path: str | bytes | io.BytesIO, buf: np.ndarray) -> str | None:
+        """Decode one file (or encoded bytes) into `buf` (3, H, W); the error message, or None
+        when it worked."""
         spec = self.meta.preprocess
         try:
             normalize_into(decode_image(path, spec, fast_decode=self.fast_decode), spec, buf)

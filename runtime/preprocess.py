@@ -230,18 +230,23 @@ def _grey_fill_rows(img: Image.Image) -> int:
 
 
 def decode_image(
-    path: str | bytes | os.PathLike[str],
+    path: str | bytes | os.PathLike[str] | io.BytesIO,
     spec: PreprocessSpec,
     *,
     fast_decode: bool = False,
     max_pixels: int = MAX_PIXELS,
 ) -> np.ndarray:
-    """Decode, resize and center-crop one file: uint8 (input_size, input_size, 3)."""
-    if "\0" in os.fsdecode(path):  # os.open's ValueError read as a corrupt image
+    """Decode, resize and center-crop one file (or an encoded image held in memory, a BytesIO:
+    the same checks): uint8 (input_size, input_size, 3)."""
+    file = None if isinstance(path, io.BytesIO) else path
+    if file is not None and "\0" in os.fsdecode(file):  # os.open's ValueError: a corrupt image
         raise ImageError("not a file name: it holds a NUL character")
     size = ""  # in the out-of-memory row
     try:
-        with _open_file(path) as f, Image.open(f, formats=raster_formats()) as img:
+        with (
+            path if isinstance(path, io.BytesIO) else _open_file(path) as f,
+            Image.open(f, formats=raster_formats()) as img,
+        ):
             w, h = img.size
             size = f" ({w}x{h} pixels)"
             if w * h > max_pixels:
@@ -291,7 +296,7 @@ def decode_image(
     except Image.DecompressionBombError as e:
         raise ImageError(f"decompression-bomb guard: {e}") from None
     except FileNotFoundError:
-        if GLOB_CHARS & set(os.fsdecode(path)):  # a PATH pattern that matched nothing (inputs)
+        if GLOB_CHARS & set(os.fsdecode(file or "")):  # a PATH pattern that matched nothing
             raise ImageError(  # or a pattern in an @list: each line there is one file's name
                 "no file matches this pattern (or, in an @list, where patterns are not "
                 "expanded, no file has this name)"
@@ -308,9 +313,9 @@ def decode_image(
     except UnidentifiedImageError:
         raise ImageError("not an image Pillow can read (unknown format or empty file)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
-        if isinstance(e, OSError) and e.errno in _LIMITS:  # the run's, not the image's: no row
+        if isinstance(e, OSError) and e.errno in _LIMITS and file is not None:  # the run's
             raise MarsvisionError(
-                f"cannot open {os.fsdecode(path)} ({e.strerror}): a limit of this process or "
+                f"cannot open {os.fsdecode(file)} ({e.strerror}): a limit of this process or "
                 "machine, not a fault of the image; raise it (ulimit -n) or open fewer files at "
                 "once, and run again (mars-infer: --resume continues)"
             ) from None

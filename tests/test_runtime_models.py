@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import signal
 import subprocess
 import sys
@@ -321,7 +322,7 @@ def test_a_generator_ended_in_its_own_decoding_thread_does_not_hang(
     with Classifier(models["int8"], device="cpu", batch_size=2, workers=1) as clf:
         fill = clf._fill
 
-        def ending(path: str | bytes, buf: np.ndarray) -> str | None:
+        def ending(path: str | bytes | io.BytesIO, buf: np.ndarray) -> str | None:
             filled.append(path)
             if len(filled) == 3:  # the next batch's first image, once the first is out
                 yielded.wait(20)
@@ -357,7 +358,7 @@ def test_leaving_a_generator_does_not_wait_for_its_next_batch(
     with Classifier(models["int8"], device="cpu", batch_size=4, workers=1) as clf:
         fill = clf._fill
 
-        def slow(path: str | bytes, buf: np.ndarray) -> str | None:
+        def slow(path: str | bytes | io.BytesIO, buf: np.ndarray) -> str | None:
             filled.append(path)
             if len(filled) == 5:  # the next batch's first image: a large one
                 started.set()
@@ -525,6 +526,34 @@ def test_a_model_file_of_other_bytes_than_the_sha256_given_is_refused(
     says = rf"^{flipped} is not the file expected: sha256 {sha256_file(flipped)[:12]}\.\.\., "
     with pytest.raises(MarsvisionError, match=says + rf"expected {want[:12]}\.\.\. \(damaged"):
         Classifier(flipped, device="cpu", sha256=want)
+
+
+def test_images_held_in_memory_are_classified_as_their_files_are(
+    models: dict[str, Path], msl_dir: Path
+) -> None:
+    """`predict_encoded` takes (name, encoded bytes) pairs, a downlink's frames never written to
+    disk: the same rows as the files of those bytes (every batch size), an error row for bytes
+    that are not an image or are cut short, and a TypeError for what is not such a pair."""
+    from marsvision.runtime.classifier import Classifier
+
+    files = sorted((msl_dir / "calibrated").glob("*.JPG"))[:5]
+    jpeg = files[0].read_bytes()
+    frames = [(f.name, f.read_bytes()) for f in files]
+    frames += [("text", b"not an image"), ("cut", jpeg[: len(jpeg) // 2])]
+    with Classifier(models["int8"], device="cpu", batch_size=3) as clf:
+        rows = clf.predict_encoded(frames)
+        want = clf.predict(files)
+        assert [(r.path, r.status) for r in rows[:5]] == [(f.name, "ok") for f in files]
+        assert [(r.label, r.probs) for r in rows[:5]] == [(w.label, w.probs) for w in want]
+        assert rows[5].error == "not an image Pillow can read (unknown format or empty file)"
+        assert rows[6].status == "error" and "truncated" in str(rows[6].error)
+        assert clf.predict_encoded(iter(frames[:1])) == rows[:1] and clf.predict_encoded([]) == []
+        with pytest.raises(TypeError, match="frames is one .name, bytes. pair"):
+            clf.predict_encoded(frames[0])  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"a frame is a \(name: str, data: bytes\) pair"):
+            clf.predict_encoded([(str(files[0]), files[0])])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="is closed"):
+        clf.predict_encoded(frames)
 
 
 def test_paths_are_read_a_batch_at_a_time(models: dict[str, Path], msl_dir: Path) -> None:
