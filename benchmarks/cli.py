@@ -453,9 +453,10 @@ coverage is shown, and a --require fails: it holds for the whole split). Metrics
 decision (the `label` column: the most probable class, or for a binary model with a decision
 threshold, Rover where P(Rover) reaches it) with 95% bootstrap intervals (1000 resamples, seed
 0); binary: precision, recall and F1 of Rover, msl25: macro averages and each class's. Writes
-score-<split>-<model sha256[:12]>-<backend>[-tta-flip][-partial].json to --out
-(score-val-held-... with --val-half held, score-labels-<name>-<its sha256[:8]>-... with
---labels; -partial where --allow-missing left images out).
+score-<split>-<model sha256[:12]>-<backend>[-tta-flip][-top-k][-partial-<file sha256[:8]>].json
+to --out (score-val-held-... with --val-half held, score-labels-<name>-<its sha256[:8]>-... with
+--labels; -top-k for a --top-k file; -partial-... where --allow-missing left images out, with
+the predictions file's sha256).
 
 --labels scores images that are not an MSL split (Perseverance's, your own sort): a CSV file
 whose header names a path and a label column (a mars-infer CSV with its labels corrected is

@@ -545,17 +545,20 @@ def _confidence_text(conf: dict[str, Any]) -> list[str]:
 
 
 def _score_name(report: dict[str, Any]) -> str:
-    """score-<split>-<model sha256[:12]>-<backend>[-tta-<mode>].json (score-val-held-...,
+    """score-<split>-<model sha256[:12]>-<backend>[-tta-<mode>][-top-k].json (score-val-held-...,
     score-val-trained-... for a half of val, score-labels-<name>-<labels sha256[:8]>-... for a
-    labels file or folder; -partial added where `--allow-missing` left images out): one file
-    per model, backend and --tta, so that scoring the same model's flip-TTA or GPU predictions
-    does not overwrite the plain ones, nor a score of part of the images the whole one."""
-    model = report["model"]
+    labels file or folder; -partial-<predictions file sha256[:8]> added where `--allow-missing`
+    left images out): one file per model, backend, --tta and kind of predictions file, so that
+    scoring the same model's flip-TTA, GPU or --top-k predictions does not overwrite the plain
+    ones (a top-k score has no confidence section), nor a score of part of the images the whole
+    one, nor one part another."""
+    model, preds = report["model"], report["predictions"]
     tta = model.get("tta", "none")
     name = (
         f"score-{report.get('part', report['split'])}-{model['sha256'][:12]}-{model['backend']}"
         + (f"-tta-{tta}" if tta != "none" else "")
-        + ("-partial" if _partial(report) else "")
+        + ("-top-k" if preds.get("top_k") else "")
+        + (f"-partial-{preds['sha256'][:8]}" if _partial(report) else "")
     )
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name) + ".json"  # the file's own values: no "/"
 

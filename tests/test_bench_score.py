@@ -27,6 +27,7 @@ from marsvision.benchmarks.parity import PARITY_FAIL_EXIT
 from marsvision.benchmarks.score import SCORE_FAIL_EXIT, ScoreConfig, check_requirements
 from marsvision.runtime.classifier import Prediction
 from marsvision.runtime.errors import MarsvisionError
+from marsvision.runtime.metadata import sha256_file
 from marsvision.runtime.results import Provenance, ResultWriter
 from marsvision.train.data import class_names, read_split, sol_key
 from marsvision.train.metrics import (
@@ -696,11 +697,12 @@ def test_allow_missing_reports_and_excludes(
     assert _report(tmp_path / "out")["passed"] is False
     # a partial score is a file of its own: scoring the whole split beside it replaces neither
     (partial,) = (tmp_path / "out").glob("score-*.json")
-    assert partial.name == "score-test-abababababab-onnxruntime-partial.json"
+    digest = sha256_file(Path(base[0]))[:8]  # another part of it, from another file, is apart
+    assert partial.name == f"score-test-abababababab-onnxruntime-partial-{digest}.json"
     whole = _write(tmp_path / "whole.csv", full)
     assert _score([str(whole), *base[1:]]).exit_code == 0
     assert partial.is_file() and len(list((tmp_path / "out").glob("score-*.json"))) == 2
-    assert (tmp_path / "out" / partial.name.replace("-partial", "")).is_file()
+    assert (tmp_path / "out" / partial.name.replace(f"-partial-{digest}", "")).is_file()
 
 
 def test_tta_provenance_and_files_from_before_the_flag(
@@ -757,6 +759,15 @@ def test_confidence_where_the_top_k_lacks_the_decision(
     path = _write(tmp_path / "all.csv", [flipped, *full[1:]])  # every probability: 0.3 of Rover
     r = _score([str(path), "--data", str(msl_dir), "--out", str(tmp_path / "out2")])
     assert _report(tmp_path / "out2")["confidence"]["keep"][0]["images"] == len(full) - 1
+    # scored into one folder, the top-k file's score (no confidence) does not replace the full
+    # file's, nor the other way round
+    assert (
+        _score([str(path), "--data", str(msl_dir), "--out", str(tmp_path / "out")]).exit_code == 0
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        f"score-test-{SHA[:12]}-onnxruntime-top-k.json",
+        f"score-test-{SHA[:12]}-onnxruntime.json",
+    ]
 
 
 def test_a_top_k_csv_gives_the_ranked_probability_whatever_the_class_names(
