@@ -146,7 +146,7 @@ class ResultWriter:
                 else {n: round(v, 6) for n, v in zip(self.class_names, p.probs)}
             )
         d.update(
-            error=p.error,
+            error=p.error or None,  # null, as an error row's label and probabilities are
             model_sha256=self.prov.model_sha256,
             precision=self.prov.precision,
             backend=self.prov.backend,

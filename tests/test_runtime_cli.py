@@ -146,6 +146,12 @@ def test_cli_real_images_csv_and_jsonl(
     lines = [json.loads(x) for x in r.stdout.decode().splitlines()]
     assert [d["path"] for d in lines] == [str(p) for p in paths[:3]]
     assert all(len(d["top_k"]) == 1 and d["top_k"][0][0] == d["label"] for d in lines)
+    # what a row lacks is null in JSON, either way: an ok row's error (it was "", where an
+    # error row's label and probabilities were null: `isna` told them apart by format)
+    r = _infer(paths[0], tmp_path / "none.JPG", "--engine", models["int8"], "--format", "jsonl")
+    ok, bad = (json.loads(x) for x in r.stdout.decode().splitlines())
+    assert (ok["status"], ok["error"]) == ("ok", None) and ok["label"] and ok["probs"]
+    assert (bad["status"], bad["label"], bad["probs"]) == ("error", None, None) and bad["error"]
 
 
 def test_malformed_corpus_one_row_each(
