@@ -190,13 +190,33 @@ def test_int8_carries_qdq_of_the_right_types(exported: Path, flavour: str, act_t
     # the logits stay in float: the graph's output is the Gemm's, not a Q/DQ pair's after it
     (gemm,) = [n for n in model.graph.node if n.op_type == "Gemm"]
     assert [o.name for o in model.graph.output] == list(gemm.output)
+    # where the Q/DQ pairs sit: the TensorRT file quantizes what a Conv or a residual Add takes
+    # in, never an Add's output and a Conv's only where an Add takes it in (NVIDIA's advice);
+    # the CPU file every Conv's output (ONNX Runtime's default, which its kernels fuse)
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    taken_by: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            taken_by.setdefault(i, []).append(n.op_type)
+    quantized = [made_by[n.input[0]] for n in model.graph.node
+                 if n.op_type == "QuantizeLinear" and n.input[0] in made_by]  # fmt: skip
+    convs = [m for m in quantized if m.op_type == "Conv"]
+    adds = sum(n.op_type == "Add" for n in model.graph.node)
     if flavour == "int8-trt":
         assert all(not numpy_helper.to_array(zp).any() for zp in q_zp.values())
         assert not int32_dqs
         assert all(inits[n.input[2]].data_type == onnx.TensorProto.FLOAT for n in biased)
+        assert adds and not [m for m in quantized if m.op_type == "Add"]
+        dq_takers = {n.output[0]: taken_by[n.output[0]] for n in model.graph.node
+                     if n.op_type == "DequantizeLinear"}  # fmt: skip
+        q_of = {n.input[0]: n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+        dq_of = {n.input[0]: n.output[0] for n in model.graph.node
+                 if n.op_type == "DequantizeLinear"}  # fmt: skip
+        assert all(dq_takers[dq_of[q_of[c.output[0]]]] == ["Add"] for c in convs)
     else:
         assert any(numpy_helper.to_array(zp).any() for zp in q_zp.values())
         assert len(int32_dqs) == len(biased)
+        assert len(convs) >= 50
 
 
 @pytest.mark.parametrize("flavour", ["int8-cpu", "int8-trt"])
@@ -238,6 +258,8 @@ def test_metadata_round_trips(exported: Path, ckpt_path: Path) -> None:
             assert (q["method"], q["images"], q["source"]) == expected
             assert q["activations"] == ("uint8" if flavour == "int8-cpu" else "int8")
             assert q["logits"] == "float"
+            assert q.get("float_outputs") == (["Conv", "Add", "Gemm"] if flavour == "int8-trt"
+                                              else None)  # fmt: skip
             assert q["calibrator_options"] == CALIB_OPTIONS[ExportConfig.calib_method]
         else:
             assert meta.quantization is None
