@@ -50,6 +50,19 @@ READ_AHEAD = 2  # batches of the caller's paths read before the next batch is yi
 NOT_FINITE = "the model's output for this image is not finite (NaN or inf); check the model"
 
 
+def _thread_limit(e: BaseException) -> MarsvisionError | None:
+    """The one-line error for Python's "can't start new thread" (a RuntimeError: a traceback
+    from the decoding threads, and an --out of its header alone), None for other errors."""
+    if not (isinstance(e, RuntimeError) and str(e).startswith("can't start new thread")):
+        return None
+    return MarsvisionError(
+        "cannot start a decoding thread (can't start new thread): a limit of this process or "
+        "machine (its memory, ulimit -v: each thread reserves its stack; its processes, ulimit "
+        "-u or a container's pids limit), not a fault of the images; use fewer threads "
+        "(mars-infer -j 1 --threads 1; the API: workers=1, threads=1) or raise the limit"
+    )
+
+
 def default_workers() -> int:
     """Decode threads: one per core, at most 4 (measured on 2 cores: 2 threads are as fast
     as 1 or slightly faster end to end; MSL JPEGs decode and resize in about 1 ms)."""
@@ -331,7 +344,7 @@ class Classifier:
                         errors = list(pool.map(fill, items, buf))
                         ready.put((names, buf, errors))
             except BaseException as e:  # handed to the consumer, which re-raises it
-                ready.put(e)
+                ready.put(_thread_limit(e) or e)
             finally:
                 ready.put(None)
 
@@ -343,7 +356,10 @@ class Classifier:
                 producer.join()
 
         producer = threading.Thread(target=produce, name="mars-decode", daemon=True)
-        producer.start()
+        try:
+            producer.start()
+        except RuntimeError as e:
+            raise _thread_limit(e) or e from None
         self._halts.add(halt)
         parent = os.getpid()
         queued, more = 0, True  # batches handed to the producer and not yet yielded

@@ -504,6 +504,71 @@ def test_a_batch_of_raw_or_nan_pixels_is_the_callers_mistake(models: dict[str, P
                 assert runner.infer(np.zeros(shape, dtype)).shape == (2, 2)
 
 
+def test_running_out_of_memory_is_said_so_not_blamed_on_the_model(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a memory limit (`ulimit -v`) onnxruntime fails to load a model with std::bad_alloc
+    (it said "re-export it with mars-export": the file was fine) or to run a batch with its
+    arena's "Failed to allocate memory" (400 characters, no remedy): both now say what to do.
+    onnxruntime's own messages, as it gave them under `ulimit -v 400000` and `-b 256`."""
+    from marsvision.runtime.backends import onnxruntime as ort_backend
+
+    def no_memory(*args: Any, **kw: Any) -> Any:
+        raise RuntimeError(
+            "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Exception during initialization: "
+            "std::bad_alloc"
+        )
+
+    with ort_backend.OnnxRuntimeRunner(models["fp32"], device="cpu") as runner:
+        size = runner.meta.preprocess.input_size
+
+        class Session:
+            def run(self, *args: Any) -> Any:
+                raise RuntimeError(
+                    "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned "
+                    "while running Conv node. ... BFCArena::AllocateRawInternal Failed to "
+                    "allocate memory for requested buffer of size 822083584"
+                )
+
+        runner._sess = Session()
+        with pytest.raises(MarsvisionError, match=r"not enough memory to run a batch of 2 "
+                           r"images: .*use a smaller batch size \(mars-infer -b\)"):  # fmt: skip
+            runner.infer(np.zeros((2, 3, size, size), np.float32))
+    monkeypatch.setattr(ort_backend.ort_module(), "InferenceSession", no_memory)
+    with pytest.raises(MarsvisionError, match=r"not enough memory to load this model \(.*"
+                       r"std::bad_alloc\): .*run the INT8 file") as e:  # fmt: skip
+        ort_backend.OnnxRuntimeRunner(models["fp32"], device="cpu")
+    assert "re-export" not in e.value.message
+
+
+def test_no_thread_to_decode_with_is_one_line_not_a_traceback(
+    models: dict[str, Path], msl_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under `ulimit -v` (each thread reserves its stack) or a pids limit, Python cannot start
+    the decoding threads: a RuntimeError's traceback from the pool. Now a MarsvisionError that
+    names the limit and the flags that use fewer threads, whichever thread failed to start."""
+    import threading
+
+    from marsvision.runtime.classifier import Classifier
+
+    images = sorted((msl_dir / "calibrated").glob("*.JPG"))[:3]
+    start = threading.Thread.start
+    with Classifier(models["int8"], device="cpu", batch_size=2) as clf:
+        for name in ("mars-decode", "decode_0"):  # the producer, a worker of its pool
+
+            def refused(thread: threading.Thread, name: str = name) -> None:
+                if thread.name == name:
+                    raise RuntimeError("can't start new thread")
+                start(thread)
+
+            monkeypatch.setattr(threading.Thread, "start", refused)
+            with pytest.raises(MarsvisionError, match=r"^cannot start a decoding thread .*"
+                               r"ulimit -v.*mars-infer -j 1 --threads 1"):  # fmt: skip
+                clf.predict(images)
+        monkeypatch.setattr(threading.Thread, "start", start)
+        assert [p.status for p in clf.predict(images)] == ["ok"] * 3  # once it can
+
+
 def test_a_model_file_of_other_bytes_than_the_sha256_given_is_refused(
     models: dict[str, Path], tmp_path: Path
 ) -> None:

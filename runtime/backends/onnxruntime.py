@@ -119,7 +119,9 @@ def session_options(
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if exact_int8_default() if exact_int8 is None else exact_int8:
         so.add_session_config_entry(EXACT_INT8_KEY, "1")
-    so.log_severity_level = 3
+    # fatal only: its error lines ("[E:onnxruntime:...] ... std::bad_alloc", in colour even into
+    # a file) said again what the exception says, which the runtime words in one line
+    so.log_severity_level = 4
     return so
 
 
@@ -250,10 +252,23 @@ def _session(
                 f"({_first_line(e)}); try {instead}, and if that fails too, re-export it with "
                 "mars-export"
             ) from None
+        if _out_of_memory(e):  # not the file's fault: "re-export it" sent the user astray
+            raise MarsvisionError(
+                f"{path}: not enough memory to load this model ({_first_line(e)}): a limit of "
+                "this process or machine (ulimit -v, a container's memory limit); free memory, "
+                "raise the limit, or run the INT8 file (a quarter of the FP32 file's weights)"
+            ) from None
         raise MarsvisionError(
             f"{path}: onnxruntime cannot load this model ({_first_line(e)}); re-export it with "
             "mars-export"
         ) from None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether onnxruntime's exception says it ran out of memory (a failed allocation in C++, or
+    its arena's), rather than that the model is at fault."""
+    text = str(e)
+    return "bad_alloc" in text or "Failed to allocate memory" in text
 
 
 def _is_torch_file(path: Path) -> bool:
@@ -428,6 +443,12 @@ class OnnxRuntimeRunner:
         try:
             (out,) = sess.run([self._output], {self.meta.input_name: x})
         except Exception as e:  # onnxruntime's own types: a graph its metadata does not fit
+            if _out_of_memory(e):  # its arena's message: one line of 400 characters, no remedy
+                raise MarsvisionError(
+                    f"{self.path}: not enough memory to run a batch of {len(x)} images: a "
+                    "limit of this process or machine; use a smaller batch size (mars-infer -b) "
+                    "or raise the limit"
+                ) from None
             raise MarsvisionError(
                 f"{self.path}: onnxruntime cannot run this model on a batch of {x.shape} "
                 f"({_first_line(e)})"
