@@ -281,6 +281,13 @@ def _bar(name: str, help: str) -> Callable[[Callable[..., Any]], Callable[..., A
     show_default=True,
     help="Run each row in its own process (its own peak RSS).",
 )
+@click.option(
+    "--baseline/--no-baseline",
+    default=_SPEED.baseline,
+    show_default=True,
+    help="Time PyTorch eager FP32 too, the rows' ratios (torch and the checkpoint); "
+    "--no-baseline: the exported files alone, on a runtime-only install.",
+)
 @_out
 def speed(
     checkpoint: Path | None,
@@ -297,18 +304,22 @@ def speed(
     device: str,
     threads: int | None,
     isolate: bool,
+    baseline: bool,
     out: Path,
 ) -> None:
-    """Throughput and latency of each backend x precision x batch, vs PyTorch eager FP32; exit 3
-    when a measurement failed (an error row) or all asked for beside the baseline was skipped."""
+    """Throughput and latency of each backend x precision x batch, vs PyTorch eager FP32 (not
+    with --no-baseline); exit 3 when a measurement failed (an error row) or all asked for beside
+    the baseline was skipped."""
     from marsvision.benchmarks.speed import BASELINE, SPEED_FAIL_EXIT, SpeedConfig, run_speed
     from marsvision.benchmarks.speed_report import render_text, write_speed
 
-    require_extra("mars-bench speed", "train", "torch", "torchvision")  # its PyTorch baseline
+    if baseline:
+        require_extra("mars-bench speed", "train", "torch", "torchvision")  # its baseline
     check_writable_folder(out, "--out")  # before the run, not after it
     if checkpoint is None and artifacts is None and default_exports_dir().is_dir():
         artifacts = default_exports_dir()  # where mars-export writes and mars-infer looks
-    checkpoint = _checkpoint(checkpoint, artifacts)
+    if baseline:
+        checkpoint = _checkpoint(checkpoint, artifacts)
     with option_values():  # every value first: exit 2 with or without the data or a GPU
         cfg = SpeedConfig(
             checkpoint=checkpoint,
@@ -321,6 +332,7 @@ def speed(
             repeats=repeats,
             threads=threads,
             isolate=isolate,
+            baseline=baseline,
         )
         unused = flags_given("images", "num_images", "data")
         if unused and "e2e" not in cfg.modes:  # they did nothing, unchecked
@@ -345,7 +357,8 @@ def speed(
         _log(f"speed: {failed} of {len(rows)} measurements failed (their error rows above)")
         sys.exit(SPEED_FAIL_EXIT)
     if skipped and not any(r["status"] == "ok" for r in asked):
-        _log("speed: nothing was measured but the PyTorch baseline (every other row skipped)")
+        _log("speed: nothing was measured but the PyTorch baseline (every other row skipped)"
+             if rows else "speed: nothing was measured (every row skipped)")  # fmt: skip
         sys.exit(SPEED_FAIL_EXIT)
 
 

@@ -48,7 +48,7 @@ BASELINE = ("pytorch", "fp32")
 class SpeedConfig:
     """What `run_speed` measures; the CLI builds it from its flags (None: device default)."""
 
-    checkpoint: Path
+    checkpoint: Path | None  # None only without the baseline
     artifacts: Path | None = None
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     precisions: tuple[str, ...] | None = None
@@ -60,6 +60,9 @@ class SpeedConfig:
     device: str = "cpu"  # resolved: cpu or cuda
     threads: int | None = None
     isolate: bool = True
+    # PyTorch eager FP32, the rows' ratios; off (--no-baseline): the exported files alone, on a
+    # runtime-only install (no torch, no checkpoint), the onboard box whose speed matters most
+    baseline: bool = True
 
     def __post_init__(self) -> None:
         for name, values, valid in (
@@ -80,11 +83,21 @@ class SpeedConfig:
             raise MarsvisionError("--warmup must be >= 0 and --repeats >= 1")
         if self.device not in ("cpu", "cuda"):
             raise MarsvisionError(f"device {self.device!r}: choose cpu or cuda")
+        if self.baseline and self.checkpoint is None:
+            raise MarsvisionError("the PyTorch baseline needs --checkpoint (or --no-baseline)")
+        if not self.baseline:
+            torch = [b for b in self.backends or () if b in TORCH_BACKENDS]
+            if torch:
+                raise MarsvisionError(
+                    f"--no-baseline leaves PyTorch out: drop {','.join(torch)} from --backends"
+                )
+            if self.artifacts is None:
+                raise MarsvisionError("--no-baseline times exported files: pass --artifacts DIR")
 
     def to_dict(self) -> dict[str, Any]:
         """The config as JSON-ready values (paths as strings), for the result file."""
         d = asdict(self)
-        d["checkpoint"] = str(self.checkpoint)
+        d["checkpoint"] = str(self.checkpoint) if self.checkpoint else None
         d["artifacts"] = str(self.artifacts) if self.artifacts else None
         d["images"] = len(self.images)
         # which images: their folder, and the list's digest (the same list, the same digest)
@@ -103,10 +116,12 @@ def _runs(backend: str, device: str) -> list[str]:
 
 def plan(cfg: SpeedConfig) -> tuple[list[Job], list[dict[str, Any]]]:
     """The jobs to run (baseline first) and rows for pairs that cannot run (with the reason)."""
-    backends = cfg.backends or DEFAULTS[cfg.device]["backends"]
+    backends = cfg.backends or tuple(
+        b for b in DEFAULTS[cfg.device]["backends"] if cfg.baseline or b not in TORCH_BACKENDS
+    )
     precisions = cfg.precisions or DEFAULTS[cfg.device]["precisions"]
     found = {a.flavour: a for a in find_artifacts(cfg.artifacts)} if cfg.artifacts else {}
-    pairs: list[tuple[str, str, str]] = [(*BASELINE, str(cfg.checkpoint))]
+    pairs: list[tuple[str, str, str]] = [(*BASELINE, str(cfg.checkpoint))] if cfg.baseline else []
     skipped: list[dict[str, Any]] = []
 
     def skip(backend: str, precision: str, why: str) -> None:
@@ -117,7 +132,7 @@ def plan(cfg: SpeedConfig) -> tuple[list[Job], list[dict[str, Any]]]:
             if (backend, precision) == BASELINE:
                 continue
             if backend in TORCH_BACKENDS:
-                if precision in TORCH_PRECISIONS[cfg.device]:
+                if cfg.baseline and precision in TORCH_PRECISIONS[cfg.device]:
                     pairs.append((backend, precision, str(cfg.checkpoint)))
                 continue
             flavour = ARTIFACT_FLAVOUR.get((backend, precision))
@@ -223,7 +238,9 @@ def run_speed(cfg: SpeedConfig, *, log: Any = None) -> dict[str, Any]:
     # which file each row measured: its name alone does not say (a re-export keeps it); the
     # baseline's is the checkpoint, whose sha256 the artifacts must name
     sha = {m: sha256_file(m) for m in sorted({j.model for j in jobs})}
-    _check_sources(jobs, cfg.checkpoint, sha[str(cfg.checkpoint)])
+    if cfg.checkpoint is not None:
+        want = sha.get(str(cfg.checkpoint)) or sha256_file(cfg.checkpoint)  # not a row's
+        _check_sources(jobs, cfg.checkpoint, want)
     # the machine's load before the first row (a busy machine's rows are slow and noisy)
     load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     rows: list[dict[str, Any]] = []

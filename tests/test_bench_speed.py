@@ -528,6 +528,40 @@ def test_isolated_job_past_its_timeout_is_an_error_row(tmp_path: Path) -> None:
     assert row["backend"] == "onnxruntime" and row["batch"] == 1 and row["images"] == 0
 
 
+def test_speed_without_the_baseline_runs_where_torch_is_not_installed(
+    fp32_dir: Path, tmp_path: Path
+) -> None:
+    """An onboard box with the runtime alone (no torch, no checkpoint) is where speed matters
+    most: `--no-baseline` times the exported files without PyTorch (rows without ratios); the
+    baseline there is refused in one line that names the extra. PyTorch asked for with
+    --no-baseline, or no --artifacts, is a usage error."""
+    block = "import sys; sys.modules['torch'] = sys.modules['torchvision'] = None; "
+    code = block + "from marsvision.benchmarks.cli import main; main()"
+    out = tmp_path / "res"
+    args = ["speed", "--artifacts", str(fp32_dir), "--backends", "onnxruntime", "--modes",
+            "model", "--batch-sizes", "2", "--warmup", "0", "--repeats", "2", "--in-process",
+            "--out", str(out)]  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert r.returncode == 1 and "needs torch, torchvision, which this install lacks" in r.stderr
+    r = subprocess.run([sys.executable, "-c", code, *args, "--no-baseline"], capture_output=True,
+                       text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(next(out.glob("speed-onnxruntime-fp32-*.json")).read_text())
+    assert [(row["backend"], row["batch"], row["status"]) for row in doc["rows"]] == [
+        ("onnxruntime", 2, "ok")
+    ]
+    assert doc["rows"][0]["speedup_vs_pytorch_fp32"] is None and doc["baseline_rows"] == []
+    assert doc["config"]["baseline"] is False and doc["config"]["checkpoint"] is None
+    assert not list(out.glob("speed-pytorch-*"))
+    for extra, says in [
+        (["--backends", "pytorch,onnxruntime"], "--no-baseline leaves PyTorch out: drop pytorch"),
+        (["--artifacts", str(tmp_path / "none")], "no such directory"),
+    ]:
+        r = subprocess.run([sys.executable, "-c", code, *args, "--no-baseline", *extra],
+                           capture_output=True, text=True)  # fmt: skip
+        assert r.returncode in (1, 2) and says in r.stderr, r.stderr
+
+
 def test_bench_cli_does_not_import_torch() -> None:
     code = "import sys, marsvision.benchmarks.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
