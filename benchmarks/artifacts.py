@@ -47,8 +47,12 @@ class Artifact:
     def change(self) -> str | None:
         """Why its bytes (or an engine's sidecar's) are not those the manifest vouches for:
         changed since the export (damaged, or replaced by hand); None where they are. Hashed
-        when first asked, for an artifact about to be used."""
-        return export_change(self.path, self.listed)
+        when first asked, for an artifact about to be used. One that cannot be read (an engine's
+        listed sidecar deleted) is such a change: its row, not the whole run, says so."""
+        try:
+            return export_change(self.path, self.listed)
+        except MarsvisionError as e:
+            return e.message
 
     @property
     def precision(self) -> str:

@@ -99,21 +99,24 @@ def library_versions() -> dict[str, str]:
     return found
 
 
-def machine_cpu_seconds(stat: str | os.PathLike[str] = "/proc/stat") -> tuple[float, float] | None:
-    """CPU seconds since boot of all the machine's CPUs: (busy, stolen by the hypervisor);
-    None where /proc/stat cannot be read (not Linux)."""
+def machine_cpu_seconds(
+    stat: str | os.PathLike[str] = "/proc/stat", cpus: set[int] | None = None
+) -> tuple[float, float] | None:
+    """CPU seconds since boot of the CPUs `cpus` (None: all of them): (busy, stolen by the
+    hypervisor); None where /proc/stat cannot be read (not Linux) or lists none of them."""
     try:
         with open(stat, encoding="ascii") as f:
-            first = f.readline().split()
-        # cpu user nice system idle iowait irq softirq steal (guest time is inside user)
-        ticks = [int(v) for v in first[1:9]]
+            lines = [line.split() for line in f if line.startswith("cpu")]
+        # cpu<N> user nice system idle iowait irq softirq steal (guest time is inside user)
+        names = {"cpu"} if cpus is None else {f"cpu{n}" for n in cpus}
+        rows = [[int(v) for v in fields[1:9]] for fields in lines if fields[0] in names]
     except (OSError, ValueError):
         return None
-    if len(ticks) < 8:
+    if not rows or any(len(r) < 8 for r in rows):
         return None
     hz = os.sysconf("SC_CLK_TCK")
-    user, nice, system, _, _, irq, softirq, steal = ticks
-    return (user + nice + system + irq + softirq) / hz, steal / hz
+    busy = sum(r[0] + r[1] + r[2] + r[5] + r[6] for r in rows)  # user nice system irq softirq
+    return busy / hz, sum(r[7] for r in rows) / hz
 
 
 def own_cpu_seconds() -> float:
@@ -128,27 +131,35 @@ def own_cpu_seconds() -> float:
 
 
 class OtherWork:
-    """What the machine's CPUs did beside this benchmark over a span (`with OtherWork() as w:`):
-    `w.share`, the busy CPU time of other processes (and CPU time stolen by the hypervisor)
-    over all CPUs' time, 0 to 1; None where the machine's counters cannot be read. A noisy row
-    with a high share was slowed by other work, not by the model."""
+    """What the CPUs this process may run on did beside it over a span (`with OtherWork() as
+    w:`): `w.share`, the busy CPU time of other processes there (and CPU time stolen by the
+    hypervisor) over those CPUs' time, 0 to 1; None where the counters cannot be read. A noisy
+    row with a high share was slowed by other work, not by the model."""
+
+    def __init__(self, stat: str | os.PathLike[str] = "/proc/stat") -> None:
+        self._stat = stat
+        affinity = getattr(os, "sched_getaffinity", None)  # taskset, a container's cpuset
+        self._cpus: set[int] | None = affinity(0) if affinity else None
+
+    def _read(self) -> tuple[float, float] | None:
+        return machine_cpu_seconds(self._stat, self._cpus)
 
     def __enter__(self) -> OtherWork:
         self.share: float | None = None
-        self._machine = machine_cpu_seconds()
+        self._machine = self._read()
         self._own = own_cpu_seconds()
         self._t0 = time.monotonic()
         return self
 
     def __exit__(self, *exc: object) -> None:
         wall = time.monotonic() - self._t0
-        after = machine_cpu_seconds()
+        after = self._read()
         if self._machine is None or after is None or wall <= 0:
             return
         own = own_cpu_seconds() - self._own
         busy = after[0] - self._machine[0] - own
         stolen = after[1] - self._machine[1]
-        cpus = os.cpu_count() or 1
+        cpus = len(self._cpus) if self._cpus else os.cpu_count() or 1
         self.share = round(min(1.0, max(0.0, (busy + stolen) / (wall * cpus))), 3)
 
 

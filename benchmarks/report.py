@@ -71,8 +71,14 @@ def bar_chart(
     labels: Sequence[str],
     series: Mapping[str, Sequence[float | None]],
     ylabel: str,
-) -> Path:
-    """A grouped bar chart (one group per label, one bar per series) as PNG, matplotlib Agg."""
+) -> Path | None:
+    """A grouped bar chart (one group per label, one bar per series) as PNG, matplotlib Agg;
+    None without matplotlib (a runtime-only install: `mars-bench speed --no-baseline`), whose
+    results are whole without it."""
+    from importlib.util import find_spec
+
+    if find_spec("matplotlib") is None:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")

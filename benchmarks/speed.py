@@ -100,10 +100,12 @@ class SpeedConfig:
         d["checkpoint"] = str(self.checkpoint) if self.checkpoint else None
         d["artifacts"] = str(self.artifacts) if self.artifacts else None
         d["images"] = len(self.images)
-        # which images: their folder, and the list's digest (the same list, the same digest)
-        d["images_folder"] = os.path.commonpath(self.images) if self.images else None
-        listed = "\n".join(self.images).encode()
-        d["images_list_sha256"] = hashlib.sha256(listed).hexdigest() if self.images else None
+        # which images: the folder that holds them all, and the digest of their file names in
+        # order (the same images from another folder or working directory, the same digest)
+        folders = [os.path.dirname(os.path.abspath(p)) for p in self.images]
+        d["images_folder"] = os.path.commonpath(folders) if folders else None
+        names = "\n".join(os.path.basename(p) for p in self.images).encode()
+        d["images_list_sha256"] = hashlib.sha256(names).hexdigest() if self.images else None
         return d
 
 
@@ -239,7 +241,10 @@ def run_speed(cfg: SpeedConfig, *, log: Any = None) -> dict[str, Any]:
     # baseline's is the checkpoint, whose sha256 the artifacts must name
     sha = {m: sha256_file(m) for m in sorted({j.model for j in jobs})}
     if cfg.checkpoint is not None:
-        want = sha.get(str(cfg.checkpoint)) or sha256_file(cfg.checkpoint)  # not a row's
+        try:  # with --no-baseline, a checkpoint that is no row's, read here first
+            want = sha.get(str(cfg.checkpoint)) or sha256_file(cfg.checkpoint)
+        except OSError as e:
+            raise MarsvisionError(f"--checkpoint {cfg.checkpoint}: cannot read it ({e.strerror})")
         _check_sources(jobs, cfg.checkpoint, want)
     # the machine's load before the first row (a busy machine's rows are slow and noisy)
     load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None

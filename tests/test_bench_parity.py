@@ -510,8 +510,9 @@ def test_a_file_the_manifest_does_not_list_is_not_measured(
 
 def test_an_engine_whose_sidecar_changed_is_not_measured(tmp_path: Path) -> None:
     """The manifest lists an engine's sidecar (class names, threshold, shapes) with its sha256:
-    one changed since the export is the engine's change, which parity fails and speed passes
-    over; a hand-edited manifest whose entry names no file is one line, not a KeyError."""
+    one changed or deleted since the export is the engine's change, which parity fails and speed
+    passes over where TensorRT runs (`plan`, `_artifact_row`: the same `change` as any file's);
+    a hand-edited manifest whose entry names no file is one line, not a KeyError."""
     from marsvision.benchmarks.artifacts import find_artifacts
     from marsvision.export.artifacts import MANIFEST
     from marsvision.runtime.metadata import sha256_file, sidecar_path
@@ -527,6 +528,9 @@ def test_an_engine_whose_sidecar_changed_is_not_measured(tmp_path: Path) -> None
     sidecar_path(plan).write_text('{"classes": ["other"]}')
     (art,) = find_artifacts(tmp_path)
     assert art.change == f"its metadata sidecar {side['file']}: {CHANGED}"
+    sidecar_path(plan).unlink()  # deleted: that engine's row says so, the run goes on
+    (art,) = find_artifacts(tmp_path)
+    assert art.change == f"cannot read {sidecar_path(plan)} (No such file or directory)"
     (tmp_path / MANIFEST).write_text(json.dumps({"artifacts": [entry, {"flavour": "fp32"}]}))
     with pytest.raises(MarsvisionError, match="is not a marsvision manifest .an entry names no"):
         find_artifacts(tmp_path)
