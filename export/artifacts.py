@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from marsvision.runtime.errors import MarsvisionError, signals_held
 from marsvision.runtime.files import atomic_write_text, make_folder, temporary
-from marsvision.runtime.metadata import METADATA_KEY, ModelMeta, sha256_file, sidecar_path
-from marsvision.runtime.models import PREFIX, SUFFIXES
+from marsvision.runtime.metadata import METADATA_KEY, ModelMeta, sidecar_path
+from marsvision.runtime.models import PREFIX, SUFFIXES, export_change, listed_files
 
 if TYPE_CHECKING:
     import onnx
@@ -145,21 +145,23 @@ def check_manifest_owner(out: Path, source_sha256: str) -> None:
 
 
 def _calibration(entry: dict[str, Any]) -> object:
-    """The calibration cache an INT8 entry's ranges came from (None for other precisions)."""
-    return (entry.get("quantization") or {}).get("calibration_cache")
+    """How an INT8 entry was quantized: the calibration cache its ranges came from and the op
+    types whose outputs it leaves float (its Q/DQ placement); None for other precisions."""
+    q = entry.get("quantization") or {}
+    if q.get("calibration_cache") is None:
+        return None
+    return (q["calibration_cache"], q.get("float_outputs"))
 
 
 def _as_written(path: Path, entry: dict[str, Any]) -> bool:
     """`path` holds the bytes its manifest `entry` gives, and so does an engine's sidecar where
-    the entry lists one (a sidecar that cannot be read is not as written)."""
-    if sha256_file(path) != entry.get("sha256"):
+    the entry lists one (`runtime.models.export_change`); an entry without a sha256 vouches for
+    nothing, and a file that cannot be read is not as written."""
+    if not entry.get("sha256"):
         return False
-    side = entry.get("sidecar")
-    if not isinstance(side, dict):
-        return True
     try:
-        return sha256_file(sidecar_path(path)) == side.get("sha256")
-    except OSError:
+        return export_change(path, listed_files({"artifacts": [entry]})) is None
+    except (MarsvisionError, KeyError, TypeError, AttributeError):  # unreadable; hand-edited
         return False
 
 
@@ -186,9 +188,9 @@ def _kept_entries(
                  "it")  # fmt: skip
             continue
         if a["flavour"] == "int8-engine" and calibration not in (None, _calibration(a)):
-            log(f"{path.name} was built from an INT8 ONNX of another calibration: left in "
-                 f"{out}, out of {MANIFEST}; rebuild it with mars-export --int8 where TensorRT "
-                 "can build engines")  # fmt: skip
+            log(f"{path.name} was built from an INT8 ONNX of another calibration or Q/DQ "
+                 f"placement: left in {out}, out of {MANIFEST}; rebuild it with mars-export "
+                 "--int8 where TensorRT can build engines")  # fmt: skip
             continue
         kept.append({**a, "exported": a.get("exported", old.get("created"))})
     return kept

@@ -781,6 +781,13 @@ def test_an_int8_engine_of_another_calibration_leaves_the_manifest(
     err = capsys.readouterr().err
     assert f"{files['int8-engine'].name} was built from an INT8 ONNX of another calibration" in err
     assert "rebuild it with mars-export --int8 where TensorRT can build engines" in err, err
+    # the same calibration, another Q/DQ placement (an export before the TensorRT file's outputs
+    # of Conv and Add were left float): the engine is of the old graph, so it leaves too
+    write_manifest(tmp_path, calibrated("then", files, "minmax"))
+    placed = calibrated("placed", trt_onnx, "minmax")
+    placed["artifacts"][0]["quantization"]["float_outputs"] = ["Conv", "Add", "Gemm"]
+    assert write_manifest(tmp_path, placed)["kept"] == [files["fp16-engine"].name]
+    assert "another calibration or Q/DQ placement" in capsys.readouterr().err
 
 
 def test_the_checkpoint_of_an_unfinished_run_is_named_so(
