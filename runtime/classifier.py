@@ -117,6 +117,26 @@ def _batch_buffer(batch_size: int, size: int) -> np.ndarray:
         ) from None
 
 
+def _digest(sha256: object) -> str | None:
+    """`Classifier`'s `sha256`, checked: 64 hex digits (any case, spaces around), or None."""
+    if sha256 is None:
+        return None
+    if not isinstance(sha256, str):
+        raise TypeError(f"sha256 is a str of 64 hex digits, not {type(sha256).__name__}")
+    digest = sha256.strip().lower()
+    if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+        raise ValueError(f"sha256 is 64 hex digits, not {sha256!r:.80}")
+    return digest
+
+
+def _hashed(path: str | os.PathLike[str]) -> str:
+    """The model file's sha256, a file that cannot be read a one-line error."""
+    try:
+        return sha256_file(path)
+    except OSError as e:
+        raise MarsvisionError(f"cannot read {path} ({e.strerror})") from None
+
+
 class Classifier:
     """An exported model (ONNX file or TensorRT engine) and its preprocessing, ready to classify."""
 
@@ -134,33 +154,32 @@ class Classifier:
         sha256: str | None = None,
     ) -> None:
         """`sha256`: the digest the model file must have (the one its export's manifest.json
-        or a SHA256SUMS gives): any other bytes are refused. A file with bits flipped in its
-        weights (a copy, its storage) loads and runs, with other probabilities."""
+        or a SHA256SUMS gives): any other bytes are refused before the file is loaded. A file
+        with bits flipped in its weights (a copy, its storage) loads and runs, with other
+        probabilities. It covers the model file alone (not a TensorRT engine's sidecar)."""
         check_count("batch_size", batch_size)
         check_count("workers", workers, default=True)  # threads: open_runner's
         if tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+        want = _digest(sha256)
         self.model_path = Path(model_path)
         before = file_identity(model_path)
+        got = _hashed(model_path) if want is not None else ""
+        if want is not None and got != want:  # refused before a byte of it is loaded
+            raise MarsvisionError(
+                f"{model_path} is not the file expected: sha256 {got[:12]}..., expected "
+                f"{want[:12]}... (damaged in a copy or where it is stored, or another file)"
+            )
         self.runner = open_runner(model_path, backend, device, threads=threads)
         try:
             # hashed at once, not when first asked: a file replaced later (a new export over
             # the old, a chdir before a relative path was read) gave its sha256 to rows made
             # by the weights loaded here
-            try:
-                self._sha256 = sha256_file(model_path)
-            except OSError as e:
-                raise MarsvisionError(f"cannot read {model_path} ({e.strerror})") from None
+            self._sha256 = got or _hashed(model_path)
             if file_identity(model_path) != before:
                 raise MarsvisionError(
                     f"{model_path} changed while it was being opened (a new export written over "
                     "it?): open it again"
-                )
-            if sha256 is not None and self._sha256 != sha256.strip().lower():
-                raise MarsvisionError(
-                    f"{model_path} is not the file expected: sha256 {self._sha256[:12]}..., "
-                    f"expected {sha256.strip()[:12]}... (damaged in a copy or where it is "
-                    "stored, or another file)"
                 )
         except BaseException:
             self.runner.__exit__(None, None, None)
@@ -218,18 +237,22 @@ class Classifier:
         would get (a JPEG or PNG from a downlink or a socket, never written to disk; the same
         checks, an error row for bytes that are not an image), in input order; `name` is the
         row's `path`. Decoded in the calling thread, a batch at a time."""
-        if isinstance(frames, tuple) and len(frames) == 2 and isinstance(frames[1], bytes):
+        if isinstance(frames, tuple) and len(frames) == 2 and isinstance(frames[0], str):
             raise TypeError("frames is one (name, bytes) pair: pass a list of them")
         self._check_open()
         size = self.meta.preprocess.input_size
         rows: list[Prediction] = []
         it = iter(frames)
         while batch := list(itertools.islice(it, self.batch_size)):
-            for name, data in batch:
-                if not isinstance(name, str) or not isinstance(data, (bytes, bytearray)):
+            for frame in batch:
+                if not (
+                    isinstance(frame, tuple)
+                    and len(frame) == 2
+                    and isinstance(frame[0], str)
+                    and isinstance(frame[1], (bytes, bytearray))
+                ):
                     raise TypeError(
-                        f"a frame is a (name: str, data: bytes) pair, not ({type(name).__name__}"
-                        f", {type(data).__name__})"
+                        f"a frame is a (name: str, data: bytes) pair, not {frame!r:.60}"
                     )
             buf = _batch_buffer(len(batch), size)
             errors = [self._fill(io.BytesIO(data), buf[i]) for i, (_, data) in enumerate(batch)]

@@ -502,6 +502,10 @@ def test_a_batch_of_raw_or_nan_pixels_is_the_callers_mistake(models: dict[str, P
                 runner.infer(np.zeros(shape, np.float32).tolist())
             for dtype in (np.float16, np.float64):
                 assert runner.infer(np.zeros(shape, dtype)).shape == (2, 2)
+            huge = np.zeros(shape, np.float64)
+            huge[0, 0, 0, 0] = 1e300  # inf once cast to the model's float32
+            with pytest.raises(ValueError, match="pixels beyond the range of float32"):
+                runner.infer(huge)
 
 
 def test_running_out_of_memory_is_said_so_not_blamed_on_the_model(
@@ -591,6 +595,21 @@ def test_a_model_file_of_other_bytes_than_the_sha256_given_is_refused(
     says = rf"^{flipped} is not the file expected: sha256 {sha256_file(flipped)[:12]}\.\.\., "
     with pytest.raises(MarsvisionError, match=says + rf"expected {want[:12]}\.\.\. \(damaged"):
         Classifier(flipped, device="cpu", sha256=want)
+    # refused before the file is loaded (an engine would be deserialized from the bytes vetted)
+    import marsvision.runtime.classifier as classifier
+
+    def never(*args: Any, **kw: Any) -> Any:
+        raise AssertionError("loaded")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(classifier, "open_runner", never)
+        with pytest.raises(MarsvisionError, match="is not the file expected"):
+            Classifier(flipped, device="cpu", sha256=want)
+    # a digest that is none: "" (which a manifest uses for "unchecked") refused every file
+    for bad, error in (("", ValueError), ("abc", ValueError), ("g" * 64, ValueError),
+                       (want.encode(), TypeError)):  # fmt: skip
+        with pytest.raises(error, match="sha256 is a str of 64 hex|sha256 is 64 hex digits"):
+            Classifier(models["fp32"], device="cpu", sha256=bad)  # type: ignore[arg-type]
 
 
 def test_images_held_in_memory_are_classified_as_their_files_are(
@@ -615,8 +634,11 @@ def test_images_held_in_memory_are_classified_as_their_files_are(
         assert clf.predict_encoded(iter(frames[:1])) == rows[:1] and clf.predict_encoded([]) == []
         with pytest.raises(TypeError, match="frames is one .name, bytes. pair"):
             clf.predict_encoded(frames[0])  # type: ignore[arg-type]
-        with pytest.raises(TypeError, match=r"a frame is a \(name: str, data: bytes\) pair"):
-            clf.predict_encoded([(str(files[0]), files[0])])  # type: ignore[list-item]
+        with pytest.raises(TypeError, match="frames is one .name, bytes. pair"):
+            clf.predict_encoded(("a", bytearray(jpeg)))  # type: ignore[arg-type]
+        for wrong in ([(str(files[0]), files[0])], [jpeg], [("a", jpeg, "b")], {"a": jpeg}):
+            with pytest.raises(TypeError, match=r"a frame is a \(name: str, data: bytes\) pair"):
+                clf.predict_encoded(wrong)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="is closed"):
         clf.predict_encoded(frames)
 

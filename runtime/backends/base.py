@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -35,11 +35,14 @@ class Runner(Protocol):
         ...
 
 
-def check_batch(batch: np.ndarray, meta: ModelMeta, path: object) -> None:
+def check_batch(
+    batch: np.ndarray, meta: ModelMeta, path: object, feeds: type[np.floating[Any]] = np.float32
+) -> None:
     """Refuse a batch that is not a numpy array (TypeError), not (n, 3, size, size) at the
     model's input size, not floating point or not finite (ValueError): a caller's mistake, not
     a fault of the model. Pixels not preprocessed (uint8) and NaN ran: the INT8 model quantizes
-    NaN to a number, and called a batch of NaN Rover at 0.95."""
+    NaN to a number, and called a batch of NaN Rover at 0.95. `feeds`: the type the runner casts
+    the batch to, whose range a wider one's values must fit (1e300 in float64 became inf)."""
     if not isinstance(batch, np.ndarray):
         raise TypeError(f"{path}: a batch is a numpy array, not {type(batch).__name__}")
     size = meta.preprocess.input_size
@@ -55,3 +58,6 @@ def check_batch(batch: np.ndarray, meta: ModelMeta, path: object) -> None:
         )
     if not np.isfinite(batch).all():
         raise ValueError(f"{path}: a batch with NaN or infinite pixels")
+    wider = batch.dtype.itemsize > np.dtype(feeds).itemsize
+    if wider and batch.size and float(np.abs(batch).max()) > float(np.finfo(feeds).max):
+        raise ValueError(f"{path}: a batch with pixels beyond the range of {np.dtype(feeds)}")

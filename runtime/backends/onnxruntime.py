@@ -430,7 +430,7 @@ class OnnxRuntimeRunner:
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """float32 NCHW batch -> float32 logits (batch, num_classes)."""
-        check_batch(batch, self.meta, self.path)
+        check_batch(batch, self.meta, self.path, self._dtype)
         x = batch if batch.dtype == self._dtype else batch.astype(self._dtype)
         if len(x) == 0:  # outside the TensorRT provider's profile of 1 to TRT_EP_MAX_BATCH
             return np.zeros((0, self.meta.num_classes), np.float32)

@@ -239,7 +239,7 @@ class TensorRTRunner:
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """float32 NCHW batch -> float32 logits; batches above the engine's maximum are split."""
-        check_batch(batch, self.meta, self.path)
+        check_batch(batch, self.meta, self.path, self._in_dtype)
         if len(batch) == 0:  # no rows, as on onnxruntime (TensorRT's profiles start at 1)
             return np.empty((0, self.meta.num_classes), np.float32)
         parts = [
