@@ -15,6 +15,7 @@ from marsvision.runtime.backends.base import check_batch
 from marsvision.runtime.errors import MarsvisionError, stop_inside
 from marsvision.runtime.host import int8_sums_saturate, usable_cores
 from marsvision.runtime.metadata import METADATA_KEY, ModelMeta, sha256_file
+from marsvision.runtime.onnx_proto import NotProtobuf, has_external_data
 
 _EP = {
     "cpu": "CPUExecutionProvider",
@@ -216,6 +217,23 @@ def _load_tensorrt_libraries() -> None:
         pass
 
 
+def _refuse_external_data(path: Path, model: str | bytes) -> None:
+    """A model whose weights are kept in another file is refused: its sha256 (the rows'
+    provenance, the manifest's check, `Classifier(sha256=)`) would not cover them, and older
+    onnxruntime releases read such a file from anywhere. mars-export never writes one. A file
+    that is not a protobuf message, or cannot be read, is left to onnxruntime to name."""
+    try:
+        external = has_external_data(model if isinstance(model, bytes) else path)
+    except (NotProtobuf, OSError):
+        return
+    if external:
+        raise MarsvisionError(
+            f"{path}: the model keeps weights in another file (ONNX external data), which "
+            "marsvision does not load: its sha256 would not cover them; re-export it with "
+            "mars-export (one self-contained file)"
+        )
+
+
 def _session(
     path: Path, providers: list[Any], so: Any, options: dict[str, dict[str, str]] | None = None
 ) -> Any:
@@ -230,6 +248,7 @@ def _session(
             model = path.read_bytes()
         except OSError as e:
             raise MarsvisionError(f"{path}: cannot read the model ({e.strerror})") from None
+    _refuse_external_data(path, model)
     if _EP["tensorrt"] in names:
         _load_tensorrt_libraries()
     try:
