@@ -96,6 +96,14 @@ def _a_cut_first_line(data: bytes, fmt: str, header: list[str]) -> bool:
     return line.startswith(data) or (fmt == "jsonl" and data.startswith(line))
 
 
+def _whole_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:  # UnicodeDecodeError too
+        return False
+    return True
+
+
 def read_done(
     path: str,
     *,
@@ -129,6 +137,10 @@ def read_done(
             f"{path} is not a mars-infer results file (no whole line, nor the start of one); "
             "cannot resume from it: write to a new --out file"
         )
+    if keep == 0 and fmt == "jsonl" and _whole_json(data):
+        # not cut: another program's one-line JSON (a config.json named as --out was emptied),
+        # or this run's first row but for its line break, which alone passes (and is redone)
+        _jsonl_done(path, str(data, **ENCODING), header, provenance)
     size, text = len(data), str(memoryview(data)[:keep], **ENCODING)  # no copy of the bytes
     del data
     done: dict[str, str] = {}

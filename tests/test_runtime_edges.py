@@ -992,6 +992,7 @@ def test_resume_empties_a_first_line_cut_by_a_kill(
         ("csv", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\nmore", "is not a mars-infer results"),
         ("csv", b"keep these notes, no newline", "is not a mars-infer results file"),
         ("jsonl", b'{"notes": "mine"}', "is not a mars-infer results file"),
+        ("jsonl", b'{"path": "/data/sol0100", "batch": 8}', "line 1 is not a result row"),
         ("jsonl", b'{"a": 1}\n{"b": 2}', "line 1 is not a result row"),
         ("jsonl", b'{"path": "x", "status": "ok", "probs": 0.5}\n{"pa', "line 1 is not a result"),
     ],
@@ -1010,6 +1011,26 @@ def test_resume_leaves_a_refused_file_as_it_was(
         read_done(str(out), fmt=fmt, header=csv_header(["a", "b"], None),
                   provenance=Provenance(*_PROV))  # fmt: skip
     assert out.read_bytes() == content
+
+
+def test_resume_empties_a_first_row_of_this_run_cut_just_before_its_line_break(
+    tmp_path: Path,
+) -> None:
+    """A JSONL file of one whole JSON object and no line break is a cut first row only when it
+    is this run's row (another program's one-line config.json was emptied): it begins again."""
+    from marsvision.runtime.classifier import Prediction
+    from marsvision.runtime.results import Provenance, ResultWriter, csv_header
+    from marsvision.runtime.resume import read_done
+
+    out = tmp_path / "r.jsonl"
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        writer = ResultWriter(f, fmt="jsonl", class_names=["a", "b"], top_k=None,
+                              provenance=Provenance(*_PROV), write_header=True)  # fmt: skip
+        writer.write([Prediction("a.jpg", "ok", "a", (0.75, 0.25))])
+    out.write_bytes(out.read_bytes().rstrip(b"\n"))
+    header = csv_header(["a", "b"], None)
+    assert read_done(str(out), fmt="jsonl", header=header, provenance=Provenance(*_PROV)) == {}
+    assert out.read_bytes() == b""
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
