@@ -48,24 +48,30 @@ def shipped_name(task: str) -> str:
 SUMS_FILE = "SHA256SUMS"  # beside the shipped checkpoints: `sha256sum -c SHA256SUMS`
 
 
-def listed_sha256(sums: Path, name: str) -> str:
-    """The sha256 that the `sha256sum` file `sums` gives for the file `name`; '' where it gives
-    none (or there is no such file)."""
+def listed_sums(sums: Path) -> dict[str, str]:
+    """{file name: sha256} of the `sha256sum` file `sums` (GNU lines, text or binary mode, and
+    `--tag` lines; a leading `./` dropped); {} where there is no such file."""
     try:
         lines = sums.read_text(encoding="utf-8-sig").splitlines()  # a BOM an editor added
     except (OSError, ValueError):
-        return ""
+        return {}
+    listed: dict[str, str] = {}
     for line in lines:
         if line.startswith("SHA256 (") and ") = " in line:  # BSD form, `sha256sum --tag`
-            listed, _, digest = line[len("SHA256 (") :].rpartition(") = ")
+            name, _, digest = line[len("SHA256 (") :].rpartition(") = ")
         else:  # GNU form: "digest  name", or "digest *name" (binary mode)
-            digest, _, listed = line.partition(" ")
-            if listed[:1] not in (" ", "*"):
+            digest, _, name = line.partition(" ")
+            if name[:1] not in (" ", "*"):
                 continue
-            listed = listed[1:]
-        if listed.removeprefix("./") == name:
-            return digest.strip().lower()
-    return ""
+            name = name[1:]
+        listed.setdefault(name.removeprefix("./"), digest.strip().lower())
+    return listed
+
+
+def listed_sha256(sums: Path, name: str) -> str:
+    """The sha256 that the `sha256sum` file `sums` gives for the file `name`; '' where it gives
+    none (or there is no such file)."""
+    return listed_sums(sums).get(name, "")
 
 
 def _has_tensorrt() -> bool:

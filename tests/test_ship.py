@@ -237,6 +237,34 @@ def test_card_and_sums(shipped: Path, msl_dir: Path) -> None:
             "(stopped after epoch 1: time budget) |") in card  # fmt: skip
 
 
+def test_shipping_one_model_keeps_the_other_models_lines_of_the_sums(tmp_path: Path) -> None:
+    """A ship rewrote SHA256SUMS from every *.pt's bytes as they were then: a checkpoint changed
+    since it shipped (`sha256sum -c`: FAILED) was listed again with its new bytes and passed. Only
+    the shipped file's line is new; a file never listed is not added, a file gone is dropped."""
+    import subprocess
+
+    from marsvision.train.ship import _write_sums
+
+    for name in ("resnet50-binary.pt", "resnet50-msl25.pt", "copied-in.pt"):
+        (tmp_path / name).write_bytes(name.encode())
+    sums = tmp_path / "SHA256SUMS"
+    names = ("resnet50-binary.pt", "resnet50-msl25.pt")
+    digest = {n: hashlib.sha256(n.encode()).hexdigest() for n in names}
+    sums.write_text(f"SHA256 (resnet50-msl25.pt) = {digest['resnet50-msl25.pt']}\n"
+                    f"{digest['resnet50-binary.pt']} *./resnet50-binary.pt\n"
+                    f"{'0' * 64}  removed.pt\n")  # fmt: skip
+    (tmp_path / "resnet50-msl25.pt").write_bytes(b"changed since it shipped")
+    (tmp_path / "resnet50-binary.pt").write_bytes(b"shipped now")
+    new = hashlib.sha256(b"shipped now").hexdigest()
+    _write_sums(tmp_path, "resnet50-binary.pt", new)
+    assert sums.read_text() == (f"{new}  resnet50-binary.pt\n"
+                                f"{digest['resnet50-msl25.pt']}  resnet50-msl25.pt\n")  # fmt: skip
+    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=tmp_path,
+                           capture_output=True, text=True)  # fmt: skip
+    assert check.returncode == 1
+    assert check.stdout.splitlines() == ["resnet50-binary.pt: OK", "resnet50-msl25.pt: FAILED"]
+
+
 def test_card_counts_camera_frames_and_the_classes_splits_lack(msl_dir: Path) -> None:
     """The card's split table counts camera frames beside images (test's 1,305 images are 820
     frames), and its Limits say so; an msl25 card names the classes each split lacks (val lacks

@@ -24,7 +24,7 @@ import numpy as np
 from marsvision.runtime.errors import MarsvisionError, interruptible, signals_held
 from marsvision.runtime.files import atomic_write_text, check_writable_folder, make_folder
 from marsvision.runtime.metadata import sha256_file
-from marsvision.runtime.models import SUMS_FILE, shipped_name
+from marsvision.runtime.models import SUMS_FILE, listed_sums, shipped_name
 from marsvision.train.config import DEVICES
 
 SCORED_SPLITS = ("val", "test")
@@ -114,9 +114,12 @@ def score_checkpoint(
     return scores
 
 
-def _write_sums(models_dir: Path) -> None:
-    """SHA256SUMS over every shipped checkpoint (`sha256sum -c SHA256SUMS` checks them)."""
-    lines = [f"{sha256_file(p)}  {p.name}" for p in sorted(models_dir.glob("*.pt"))]
+def _write_sums(models_dir: Path, name: str, sha256: str) -> None:
+    """SHA256SUMS with the shipped file `name`'s line new and the other files' lines as they
+    were (`sha256sum -c SHA256SUMS` checks them): their bytes as they are now were listed, which
+    vouched for a checkpoint changed since it shipped. Lines of files no longer there go."""
+    listed = listed_sums(models_dir / SUMS_FILE) | {name: sha256}
+    lines = [f"{d}  {n}" for n, d in sorted(listed.items()) if (models_dir / n).is_file()]
     atomic_write_text(models_dir / SUMS_FILE, "\n".join(lines) + "\n")
 
 
@@ -285,7 +288,7 @@ def ship_run(
         with signals_held():  # the model, its card and SHA256SUMS change together
             os.replace(staged, out)
             os.replace(staged_card, card)
-            _write_sums(models_dir)
+            _write_sums(models_dir, out.name, sha)
     finally:
         staged.unlink(missing_ok=True)
         staged_card.unlink(missing_ok=True)
