@@ -257,7 +257,9 @@ def recorded_model_classes(path: Path, model_sha256: str) -> list[str] | None:
         if record is None:
             return None
         model = Path(record["engine"])  # absolute
-        if record.get("model_sha256") != model_sha256 or sha256_file(model) != model_sha256:
+        if record.get("model_sha256") != model_sha256 or not model.is_file():
+            return None  # a device or FIFO the record names (an edited one) was read forever
+        if sha256_file(model) != model_sha256:
             return None
         return list(load_model_meta(model).class_names)
     except (OSError, ValueError, KeyError, TypeError, MarsvisionError):

@@ -1175,3 +1175,28 @@ def test_a_top_k_file_naming_a_label_outside_the_classes_is_refused() -> None:
     labels = frozenset({"Surface", "Rover", "bogus"})
     with pytest.raises(MarsvisionError, match=r"bogus\], which are not binary's \[Surface, Rov"):
         resolve_task(Predictions(Path("p.csv"), "csv", None, 2, labels, rows), data_dir=None)
+
+
+def test_a_run_record_naming_a_device_or_a_fifo_is_not_read(tmp_path: Path) -> None:
+    """The model a results file's run record names is hashed only where it is a regular file:
+    an edited record naming /dev/zero (or a FIFO no one writes) kept `mars-bench score` reading
+    it, one CPU at 100%, until killed."""
+    import os
+    import threading
+
+    from marsvision.benchmarks.predictions import recorded_model_classes
+    from marsvision.runtime.resume import write_record
+
+    out = tmp_path / "r.csv"
+    out.write_text("path,status\n")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for engine in ("/dev/zero", str(fifo)):
+        write_record(str(out), {"engine": engine, "model_sha256": SHA})
+        got: list[object] = []
+        reader = threading.Thread(target=lambda: got.append(recorded_model_classes(out, SHA)),
+                                  daemon=True)  # fmt: skip
+        reader.start()
+        reader.join(timeout=20)
+        assert not reader.is_alive(), f"still reading {engine}"
+        assert got == [None]
