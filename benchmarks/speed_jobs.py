@@ -188,13 +188,24 @@ def run_job(job: Job) -> dict[str, Any]:
         }
 
 
+# The job's process: `python -m` put the working folder first on the import path, so a
+# `numpy.py` (or any module's name) in the folder mars-bench ran in was imported and run in the
+# child; `-c` puts it there too (as ''), which is dropped (unless -P or PYTHONSAFEPATH did).
+_CHILD = (
+    "import runpy, sys\n"
+    "if not getattr(sys.flags, 'safe_path', False) and sys.path[:1] == ['']:\n"
+    "    del sys.path[0]\n"
+    "runpy.run_module('marsvision.benchmarks.speed_jobs', run_name='__main__', alter_sys=True)\n"
+)
+
+
 def run_job_isolated(job: Job, *, timeout: float = 3600) -> dict[str, Any]:
     """Run one job in a fresh Python process, so that its peak RSS is its own. A job that fails
     or outlives `timeout` seconds (a hung GPU driver, an engine build that never ends) becomes an
     error row, and the other rows are still measured."""
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "marsvision.benchmarks.speed_jobs"],
+            [sys.executable, "-c", _CHILD],
             input=json.dumps(job.to_dict()),
             capture_output=True,
             text=True,

@@ -550,6 +550,20 @@ def test_isolated_job_past_its_timeout_is_an_error_row(tmp_path: Path) -> None:
     assert row["backend"] == "onnxruntime" and row["batch"] == 1 and row["images"] == 0
 
 
+def test_an_isolated_job_imports_nothing_from_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m` put the folder mars-bench ran in first on the job's import path: a numpy.py
+    there was run in every job's process. The job's own row (no model file) comes back."""
+    marker = tmp_path / "planted-ran"
+    (tmp_path / "numpy.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    job = Job("model", "onnxruntime", "fp32", 1, str(tmp_path / "m.onnx"), "cpu", 1, 1)
+    row = run_job_isolated(job, timeout=120)
+    assert not marker.exists()
+    assert row["status"].startswith("skipped: model ") and "m.onnx not found" in row["status"], row
+
+
 def test_speed_without_the_baseline_runs_where_torch_is_not_installed(
     fp32_dir: Path, tmp_path: Path
 ) -> None:
