@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from marsvision.runtime.errors import MarsvisionError, signals_held
-from marsvision.runtime.files import atomic_write_text, make_folder, temporary
+from marsvision.runtime.files import atomic_write_text, make_folder, replace_durably, temporary
 from marsvision.runtime.metadata import METADATA_KEY, ModelMeta, sidecar_path
 from marsvision.runtime.models import PREFIX, SUFFIXES, export_change, listed_files
 
@@ -65,7 +64,7 @@ def remove_dead_staging(out: Path) -> None:
 
 def _publish(staged: Path, final: Path) -> None:
     """Move a complete file from the staging dir to its final name (atomic rename)."""
-    os.replace(staged, final)
+    replace_durably(staged, final)
 
 
 def set_onnx_meta(model: onnx.ModelProto, meta: ModelMeta) -> None:

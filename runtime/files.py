@@ -2,11 +2,13 @@
 an output folder can be written before any work starts, and the lock one run holds on it.
 
 A crash or kill mid-write leaves the old file (or none), never a half-written one that looks
-valid. New files get the usual permissions (0666 less the umask), not mkstemp's 0600.
+valid; the data is on the disk before the rename (a power cut too). New files get the usual
+permissions (0666 less the umask), not mkstemp's 0600.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -80,6 +82,33 @@ def temporary(
             tmp.unlink(missing_ok=True)
 
 
+def _fsync(path: str | os.PathLike[str]) -> None:
+    """Flush a file's data, or a folder's entries, to the disk. Where the OS cannot (a folder
+    on Windows, a file system without fsync on folders) nothing happens; a failed write-back
+    (EIO, a full disk) is the OSError it is."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+            raise
+    finally:
+        os.close(fd)
+
+
+def replace_durably(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """`os.replace(src, dst)` with `src`'s data on the disk before the rename and the rename on
+    the disk after it: without the first, a power cut or kernel crash soon after could leave an
+    empty or cut file under the final name (the rename may reach the disk before the data), which
+    the next run read as a damaged checkpoint, manifest or record."""
+    _fsync(src)
+    os.replace(src, dst)
+    _fsync(Path(dst).parent)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed to `path`, else removed."""
@@ -88,7 +117,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     with temporary(final.parent, f".{final.name}.", ".tmp") as tmp:
         yield tmp
         os.chmod(tmp, default_file_mode())
-        os.replace(tmp, final)
+        replace_durably(tmp, final)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -71,3 +71,31 @@ def test_a_released_folder_lock_is_let_go_once(tmp_path: Path) -> None:
         lock.acquire(tmp_path, "mars-train")  # taken again, not a no-op
         assert lock.held
     assert not lock.held
+
+
+def test_an_atomic_write_is_on_the_disk_before_its_rename_and_the_rename_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rename alone may reach the disk before the data it names: a power cut soon after left
+    an empty manifest or checkpoint under the final name. The order: the temporary file's data,
+    the rename, the folder's entry."""
+    from marsvision.runtime.files import atomic_write_text
+
+    events: list[str] = []
+    fsync, replace = os.fsync, os.replace
+
+    def synced(fd: int) -> None:
+        events.append("fsync " + os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    def replaced(src: str, dst: str) -> None:
+        events.append(f"replace {Path(dst).name}")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", synced)
+    monkeypatch.setattr(os, "replace", replaced)
+    atomic_write_text(tmp_path / "manifest.json", "{}\n")
+    assert len(events) == 3, events
+    assert events[0].startswith(f"fsync {tmp_path}/.manifest.json.")
+    assert events[1:] == ["replace manifest.json", f"fsync {tmp_path}"]
+    assert (tmp_path / "manifest.json").read_text() == "{}\n"

@@ -22,7 +22,12 @@ import click
 import numpy as np
 
 from marsvision.runtime.errors import MarsvisionError, interruptible, signals_held
-from marsvision.runtime.files import atomic_write_text, check_writable_folder, make_folder
+from marsvision.runtime.files import (
+    atomic_write_text,
+    check_writable_folder,
+    make_folder,
+    replace_durably,
+)
 from marsvision.runtime.metadata import sha256_file
 from marsvision.runtime.models import SUMS_FILE, listed_sums, shipped_name
 from marsvision.train.config import DEVICES
@@ -286,8 +291,8 @@ def ship_run(
                 f"model {new_val:.4f}{_REPLACE_HINT}"
             )
         with signals_held():  # the model, its card and SHA256SUMS change together
-            os.replace(staged, out)
-            os.replace(staged_card, card)
+            replace_durably(staged, out)
+            replace_durably(staged_card, card)
             _write_sums(models_dir, out.name, sha)
     finally:
         staged.unlink(missing_ok=True)
