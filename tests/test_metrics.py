@@ -147,6 +147,26 @@ def test_bootstrap_by_group_resamples_whole_groups() -> None:
         bootstrap_cis(y, pred, 2, "binary", groups=[1, 2, 3])
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_bootstrap_drawn_a_few_resamples_at_a_time_gives_the_same_intervals(
+    grouped: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The resamples are drawn in chunks (all 1000 of 500,000 images at once took ~12 GB): the
+    same random numbers, so the same intervals, whatever the chunk (one resample, some, all)."""
+    import marsvision.train.metrics as m
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 2001)
+    pred = np.where(rng.random(2001) < 0.8, y, rng.integers(0, 3, 2001))
+    groups = [f"sol{i // 7}" for i in range(2001)] if grouped else None
+    size = 286 if grouped else 2001  # what one resample draws: groups, or images
+    got = []
+    for cells in (1 << 30, size * 37, 1):  # all 500 at once, 37 (and a last 19), one by one
+        monkeypatch.setattr(m, "_BOOTSTRAP_CELLS", cells)
+        got.append(bootstrap(y, pred, 3, "msl25", n_boot=500, seed=5, groups=groups))
+    assert got[0] == got[1] == got[2]
+
+
 def test_bootstrap_leaves_out_resamples_where_a_metric_is_undefined() -> None:
     """A perfect model on 20 images, 2 of them Rover: about one resample in ten has no Rover,
     where precision, recall and F1 are 0/0. Counted as 0 they made the intervals [0, 1]; left

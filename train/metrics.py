@@ -153,6 +153,11 @@ def bootstrap_cis(
     return bootstrap(y_true, y_pred, num_classes, task, n_boot, seed, level, groups)[0]
 
 
+# How many resampled draws `bootstrap` holds at a time (int64: 128 MiB, and as much again for
+# the cells they pick).
+_BOOTSTRAP_CELLS = 1 << 24
+
+
 def bootstrap(
     y_true: Any,
     y_pred: Any,
@@ -179,20 +184,31 @@ def bootstrap(
     k = num_classes
     rng = np.random.default_rng(seed)
     if groups is None:
-        idx = rng.integers(0, t.size, size=(n_boot, t.size))
-        flat = (np.arange(n_boot)[:, None] * k * k + t[idx] * k + p[idx]).ravel()
-        cms = np.bincount(flat, minlength=n_boot * k * k).reshape(n_boot, k, k)
+        cell, size = t * k + p, t.size  # each image's confusion cell
     else:
         keys = np.asarray(groups).reshape(-1)
         if keys.size != t.size:
             raise ValueError(f"{keys.size} group keys for {t.size} predictions")
         gid = np.unique(keys, return_inverse=True)[1].reshape(-1)
-        n_groups = int(gid.max()) + 1
+        size = int(gid.max()) + 1
         # each group's confusion counts; a resample's matrix is their sum, weighted by how many
         # times the resample drew each group
-        per_group = np.bincount(gid * k * k + t * k + p, minlength=n_groups * k * k)
-        draws = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot)
-        cms = (draws @ per_group.reshape(n_groups, k * k)).reshape(n_boot, k, k)
+        per_group = np.bincount(gid * k * k + t * k + p, minlength=size * k * k)
+        per_group = per_group.reshape(size, k * k)
+    # the resamples drawn a few at a time, the same numbers as drawn at once: all 1000 of
+    # 500,000 images at once took about 12 GB (a score of a sort's own labels ran out of memory)
+    step = max(1, _BOOTSTRAP_CELLS // size)
+    parts = []
+    for start in range(0, n_boot, step):
+        m = min(step, n_boot - start)
+        if groups is None:
+            idx = rng.integers(0, size, size=(m, size))
+            flat = (np.arange(m)[:, None] * k * k + cell[idx]).ravel()
+            parts.append(np.bincount(flat, minlength=m * k * k).reshape(m, k, k))
+        else:
+            draws = rng.multinomial(size, np.full(size, 1.0 / size), size=m)
+            parts.append((draws @ per_group).reshape(m, k, k))
+    cms = np.concatenate(parts)
     alpha = (1.0 - level) / 2.0
     defined = _defined(cms, task)
     cis, left_out = {}, {}
