@@ -256,6 +256,7 @@ def run(cfg: InferConfig) -> int:
             status = [done.get(key) for key in path_keys(inputs)]
             todo = [p for p, s in zip(inputs, status) if s is None]
             prev_failed = status.count("error")
+            del done, status  # ~100 MB at 500,000 rows, held for the hours of the run
         ok = failed = 0
         progress = _Progress(len(todo), rows_on_terminal=stream.isatty())
         write_error: OSError | None = None
