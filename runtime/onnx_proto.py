@@ -85,16 +85,24 @@ def _has_external(buf: memoryview, start: int, end: int, kind: int) -> bool:
 def has_external_data(model: Path | bytes) -> bool:
     """Whether any tensor of the ONNX model (a file, or its bytes) keeps its data in another
     file: an initializer, a Constant's or an attribute's tensor, in the main graph, a subgraph,
-    a function or training info. NotProtobuf where the bytes are not a protobuf message (the
-    caller lets onnxruntime say what the file is); OSError where the file cannot be read."""
+    a function or training info (and True for graphs nested too deep to walk). NotProtobuf
+    where the bytes are not a protobuf message (the caller lets onnxruntime say what the file
+    is); OSError where the file cannot be read."""
     if isinstance(model, bytes):
-        return _has_external(memoryview(model), 0, len(model), _MODEL)
+        return _walked(memoryview(model))
     with open(model, "rb") as f:
         if f.seek(0, 2) == 0:
             return False  # an empty file: mmap cannot map it, and onnxruntime refuses it
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             view = memoryview(m)
             try:
-                return _has_external(view, 0, len(m), _MODEL)
+                return _walked(view)
             finally:
                 view.release()
+
+
+def _walked(view: memoryview) -> bool:
+    try:
+        return _has_external(view, 0, len(view), _MODEL)
+    except RecursionError:  # subgraphs nested hundreds deep (protobuf's own limit is 100)
+        return True  # not known to be self-contained: refused, not let through

@@ -115,3 +115,23 @@ def test_a_model_with_external_weights_is_refused_not_run_under_its_files_sha256
     with OnnxRuntimeRunner(tiny_models["fp32"], device="cpu") as r:  # the self-contained file
         size = r.meta.preprocess.input_size
         assert np.isfinite(r.infer(np.zeros((1, 3, size, size), np.float32))).all()
+
+
+def test_graphs_nested_too_deep_to_walk_are_not_taken_for_self_contained() -> None:
+    """Subgraphs nested past Python's recursion limit (written by hand: protobuf itself stops
+    at 100 levels): the walk cannot say, so the model is taken to have external data (refused),
+    not let through; 50 levels are walked."""
+
+    def field(number: int, payload: bytes) -> bytes:  # a length-delimited field (< 2**14 bytes)
+        size = len(payload)
+        head = bytes([size]) if size < 0x80 else bytes([size & 0x7F | 0x80, size >> 7])
+        return bytes([number << 3 | 2]) + head + payload
+
+    def nested(levels: int) -> bytes:
+        graph = b""
+        for _ in range(levels):  # graph.node -> node.attribute -> attribute.g -> graph
+            graph = field(1, field(5, field(6, graph)))
+        return field(7, graph)  # model.graph
+
+    assert has_external_data(nested(50)) is False
+    assert has_external_data(nested(600)) is True
