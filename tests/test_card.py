@@ -73,6 +73,15 @@ def test_card_tables_and_rules_say_which_figure_is_which(msl_dir: Path) -> None:
     # each class's recall: the table's figures are Rover's, and Surface's were nowhere
     assert ("Recall of each class (the share of its images given its label): val Surface 75.00 "
             "and Rover 83.33; test Surface 77.78 and Rover 96.77.") in lines  # fmt: skip
+    # and each class's F1 (the table's is Rover's): test Surface 2*7 / (9 + 8), Rover 60 / 63
+    assert ("F1 of each class: val Surface 75.00 and Rover 83.33; test Surface 82.35 and Rover "
+            "95.24.") in lines  # fmt: skip
+    # what val and test were used for: val chose the weights; test no choice of the code's
+    # ("test read once" was taken for "seen once")
+    assert lines[2].endswith(", the epoch chosen on val alone, test used for no choice the code "
+                             "makes.")  # fmt: skip
+    (metrics,) = [line for line in lines if line.startswith("PyTorch evaluation of exactly")]
+    assert "Val chose these weights (the epoch, and the run by the ship rule), so its " in metrics
     # the limits: the training cameras, and those of each split's Surface images (MSL's own)
     assert any(line.startswith("- Trained on Curiosity images of the cameras MH, ML, MR only (")
                for line in lines)  # fmt: skip

@@ -24,6 +24,18 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+# What the card says test was used for: every run scores it, the code chooses nothing by it
+# ("test read once" was read as "seen once", and people choosing among runs had seen more).
+_TEST_USE = " test used for no choice the code makes."
+# Val's figures are those of the weights val chose (a reader took its intervals for test's kind).
+_VAL_CHOSE = (
+    " Val chose these weights (the epoch, and the run by the ship rule), so its figures are "
+    "optimistic and its intervals do not say how the model generalises: quote test's. Every run "
+    "prints its test figures, so a choice among runs made by hand may have seen them: RECIPES.md "
+    "says where one did."
+)
+
+
 def _metric_rows(shipped: dict[str, Any]) -> list[str]:
     m, ci = shipped["metrics"], shipped["metrics"]["ci95"]
     by_sol = m.get("ci95_by_sol")  # cards shipped before 2026-11-25: none
@@ -42,21 +54,40 @@ def _metric_rows(shipped: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _class_recalls(shipped: dict[str, Any]) -> list[str]:
-    """A binary model's recall of each class: the table's precision, recall and F1 are Rover's,
-    so how many Surface images keep their label was in no line of the card."""
+def _class_figures(shipped: dict[str, Any]) -> list[str]:
+    """A binary model's recall and F1 of each class: the table's precision, recall and F1 are
+    Rover's (the larger class of val and test), so how Surface fared was in no line of the card."""
     names, m = shipped["class_names"], shipped["metrics"]
     if len(names) != 2 or any("per_class_recall" not in m[split] for split in ("val", "test")):
         return []
     held = holds_half_val(shipped["config"])
-    parts = [
-        ("val, held-out half" if split == "val" and held else split) + " "
-        + " and ".join(f"{n} {'-' if r is None else _pct(r)}"
-                       for n, r in zip(names, m[split]["per_class_recall"], strict=True))
-        for split in ("val", "test")
-    ]  # fmt: skip
-    return [f"Recall of each class (the share of its images given its label): {'; '.join(parts)}.",
-            ""]  # fmt: skip
+
+    def by_split(values: dict[str, list[float | None]]) -> str:
+        return "; ".join(
+            ("val, held-out half" if split == "val" and held else split) + " "
+            + " and ".join(f"{n} {'-' if v is None else _pct(v)}"
+                           for n, v in zip(names, values[split], strict=True))
+            for split in ("val", "test")
+        )  # fmt: skip
+
+    recalls = {split: m[split]["per_class_recall"] for split in ("val", "test")}
+    lines = [
+        f"Recall of each class (the share of its images given its label): {by_split(recalls)}."
+    ]
+    if all("confusion_matrix" in m[split] for split in ("val", "test")):
+        f1s = {split: _class_f1(m[split]["confusion_matrix"]) for split in ("val", "test")}
+        lines.append(f"F1 of each class: {by_split(f1s)}.")
+    return [*lines, ""]
+
+
+def _class_f1(cm: list[list[int]]) -> list[float | None]:
+    """Each class's F1 from a confusion matrix (rows true, columns predicted): twice its hits
+    over its images and its predictions together; None where it has neither."""
+    out: list[float | None] = []
+    for c in range(len(cm)):
+        images, predicted = sum(cm[c]), sum(row[c] for row in cm)
+        out.append(2 * cm[c][c] / (images + predicted) if images + predicted else None)
+    return out
 
 
 def _confusion(shipped: dict[str, Any]) -> list[str]:
@@ -280,18 +311,19 @@ def render_card(
     how = {
         REFIT: " on the official MSL train and val splits together (a refit: the recipe and its "
         "epoch count were chosen on val by an earlier run; this run keeps its last epoch, so its "
-        "val numbers below are training-set numbers), test read once.",
+        "val numbers below are training-set numbers),"
+        + _TEST_USE,
         HALF_VAL: " on the official MSL train split and the first half of val by sol (val's sols "
         "in order, every other one), the epoch chosen on the other half alone (the val numbers "
-        "below are that held-out half's), test read once.",
-    }.get(cfg.get("train_on"), " on the official MSL train split, the epoch chosen on val alone, "
-          "test read once.")  # fmt: skip
+        "below are that held-out half's),"
+        + _TEST_USE,
+    }.get(cfg.get("train_on"), " on the official MSL train split, the epoch chosen on val alone,"
+          + _TEST_USE)  # fmt: skip
     source_row, source_kind = "source run checkpoint", "fp32"
     if shipped.get("distill"):
         source_row, source_kind = "source checkpoint", "fp32, distilled"
-        how = how[: -len(" test read once.")] + (
-            " then distilled for INT8 on train images (below); test read once before the "
-            "distillation and once after.")  # fmt: skip
+        how = how[: -len(_TEST_USE)] + (
+            f" then distilled for INT8 on train images (below);{_TEST_USE}")  # fmt: skip
     chosen = (
         "the last (val is training data)"
         if refit
@@ -364,11 +396,12 @@ def render_card(
         f"percent, with bootstrap 95% intervals from 1,000 resamples of the images; {positive}; "
         'labels by the label rule above. The rows "by sol" resample whole sols instead: '
         "images of one sol often show one scene and are right or wrong together, so these are "
-        "the intervals to quote (those over images are too narrow).",
+        "the intervals to quote (those over images are too narrow)."
+        + ("" if refit else _VAL_CHOSE),
         "",
         *_metric_rows(shipped),
         "",
-        *_class_recalls(shipped),
+        *_class_figures(shipped),
         *([] if refit else _tta(m)),  # a refit's val is training data: it decides nothing
         _fp32_scores(shipped),
         "",
