@@ -677,7 +677,7 @@ def test_dash_h_is_help_in_every_command() -> None:
     # TEXT, the values in prose or not at all)
     help_text = " ".join(CliRunner().invoke(train, ["--help"]).output.split())
     shown = ["--task [binary|msl25]", "--recipe [default|blog]", "--device [auto|cpu|cuda]",
-             "--balance [loss|group|sampler|none]", "--amp [auto|bf16|off]",
+             "--balance [loss|group|group-label|sampler|none]", "--amp [auto|bf16|off]",
              "--train-on [train|train+val|train+half-val]"]  # fmt: skip
     assert [s for s in shown if s not in help_text] == []
     from marsvision.train.int8_distill import main as distill

@@ -19,6 +19,7 @@ from marsvision.train.config import config_from_flags
 from marsvision.train.data import camera, read_split
 from marsvision.train.objective import (
     class_weights,
+    group_label_weights,
     group_weights,
     lr_lambda,
     objective_from_config,
@@ -50,7 +51,7 @@ def test_camera_codes_and_group_balance(msl_dir: Path) -> None:
     assert weight[("MH", 5)] > 5 * weight[("MR", 8)]
 
 
-@pytest.mark.parametrize("balance", ["loss", "group", "sampler", "none"])
+@pytest.mark.parametrize("balance", ["loss", "group", "group-label", "sampler", "none"])
 def test_objective_per_balance(balance: str, msl_dir: Path) -> None:
     train = read_split(msl_dir, "train", "binary", limit=200)
     labels = np.array([x.label for x in train])
@@ -64,9 +65,10 @@ def test_objective_per_balance(balance: str, msl_dir: Path) -> None:
         np.testing.assert_allclose(loss_weight.numpy(), class_weights(labels, 2, 0.5), rtol=1e-6)
     else:
         assert loss_weight is None
-    if balance == "group":
+    if balance in ("group", "group-label"):
         assert obj.loss_fn.reduction == "none" and obj.sample_weights is not None
-        np.testing.assert_allclose(obj.sample_weights.numpy(), group_weights(train), rtol=1e-6)
+        want = group_weights(train) if balance == "group" else group_label_weights(train, 2)
+        np.testing.assert_allclose(obj.sample_weights.numpy(), want, rtol=1e-6)
     else:
         assert obj.loss_fn.reduction == "mean" and obj.sample_weights is None
     if balance == "sampler":
@@ -188,6 +190,26 @@ def test_group_weights_are_the_inverse_square_root_of_the_group_sizes(msl_dir: P
     (big, n_big), (small, n_small) = counts.most_common()[0], counts.most_common()[-1]
     assert n_big > 4 * n_small  # groups of very different sizes among these images
     assert per_group[small] / per_group[big] == pytest.approx((n_big / n_small) ** 0.5)
+
+
+def test_group_label_weights_keep_the_groups_inside_a_label_and_the_labels_shares(
+    msl_dir: Path,
+) -> None:
+    """--balance group gives the label of more (camera, class) groups more of the loss (binary
+    train: Rover, 31% of the images, 63% of the weight); group-label keeps group's ratios inside
+    each label and gives each label the share the class balance (`loss`) gives it (40%)."""
+    train = read_split(msl_dir, "train", "binary")
+    labels = np.array([x.label for x in train])
+    group, both = group_weights(train), group_label_weights(train, 2)
+    assert labels.mean() == pytest.approx(0.305, abs=0.001)
+    assert group[labels == 1].sum() / len(train) == pytest.approx(0.631, abs=0.001)
+    loss_share = (class_weights(labels, 2, 0.5) * np.bincount(labels))[1] / len(train)
+    assert both[labels == 1].sum() / len(train) == pytest.approx(loss_share)
+    assert loss_share == pytest.approx(0.399, abs=0.001)
+    assert both.mean() == pytest.approx(1.0)
+    for c in (0, 1):  # inside a label, the same ratios as group's
+        ratio = both[labels == c] / group[labels == c]
+        np.testing.assert_allclose(ratio, ratio[0], rtol=1e-12)
 
 
 @pytest.mark.parametrize("recipe", ["default", "blog"])

@@ -74,8 +74,9 @@ def _choices(values: Iterable[str]) -> str:
     default=None,
     metavar=_choices(BALANCES),
     help="Class imbalance: loss (weights by label), group (weights by camera and MSL class, so "
-    "rare kinds inside a label count: MAHLI ground, drill holes), sampler or none "
-    "[loss; blog none].",
+    "rare kinds inside a label count: MAHLI ground, drill holes; it also gives the label with "
+    "more groups more weight), group-label (group weights with each label's total as loss "
+    "gives it), sampler or none [loss; blog none].",
 )
 @click.option(
     "--ema-decay",

@@ -68,7 +68,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
-BALANCES = ("loss", "group", "sampler", "none")
+BALANCES = ("loss", "group", "group-label", "sampler", "none")
 DEVICES = ("auto", "cpu", "cuda")
 AMPS = ("auto", "bf16", "off")
 # what the weights learn from: the official train split; train and val together (a refit:
