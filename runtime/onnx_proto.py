@@ -14,7 +14,7 @@ import mmap
 from pathlib import Path
 
 # Wire types of the protobuf encoding.
-_VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
+_VARINT, _FIXED64, _BYTES, _START_GROUP, _END_GROUP, _FIXED32 = 0, 1, 2, 3, 4, 5
 
 # Where a TensorProto can sit, by message type: field number -> the type of its message. Only
 # messages that can hold a tensor somewhere below them are followed.
@@ -75,11 +75,36 @@ def _has_external(buf: memoryview, start: int, end: int, kind: int) -> bool:
             pos += 8
         elif wire == _FIXED32:
             pos += 4
-        else:  # groups (3, 4) are not in ONNX's schema; 6 and 7 are not wire types
+        elif wire == _START_GROUP:  # no ONNX field is one: an unknown field, which protobuf
+            pos = _past_group(buf, pos, end, field)  # skips (a NotProtobuf here let one through)
+        else:  # an end of group with none begun; 6 and 7 are not wire types
             raise NotProtobuf(f"wire type {wire}")
     if pos != end:
         raise NotProtobuf("a fixed-size field runs past its message")
     return False
+
+
+def _past_group(buf: memoryview, pos: int, end: int, number: int) -> int:
+    """Where the group field `number` that starts at `pos` ends (after its end-group key)."""
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        field, wire = key >> 3, key & 7
+        if wire == _VARINT:
+            pos = _varint(buf, pos, end)[1]
+        elif wire == _BYTES:
+            size, pos = _varint(buf, pos, end)
+            pos += size
+        elif wire == _FIXED64:
+            pos += 8
+        elif wire == _FIXED32:
+            pos += 4
+        elif wire == _START_GROUP:
+            pos = _past_group(buf, pos, end, field)
+        elif wire == _END_GROUP and field == number:
+            return pos
+        else:
+            raise NotProtobuf(f"wire type {wire} in a group")
+    raise NotProtobuf("a group runs past its message")
 
 
 def has_external_data(model: Path | bytes) -> bool:

@@ -135,3 +135,24 @@ def test_graphs_nested_too_deep_to_walk_are_not_taken_for_self_contained() -> No
 
     assert has_external_data(nested(50)) is False
     assert has_external_data(nested(600)) is True
+
+
+def test_an_unknown_group_field_does_not_hide_external_data(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A field in the old group encoding (wire type 3), which no ONNX field uses: protobuf (and
+    so onnxruntime) skips it as an unknown field and loads the model; the walk took it for "not
+    protobuf" and let onnxruntime load the model's external weights unchecked."""
+    from marsvision.runtime.backends.onnxruntime import OnnxRuntimeRunner
+
+    ext = _externalised(tiny_models["fp32"], tmp_path / "m.onnx")
+    # field 99 as a group (key 99 << 3 | 3, a two-byte varint) holding field 1 = 5, then its end
+    group = bytes.fromhex("9b06" + "0805" + "9c06")
+    hidden = tmp_path / "hidden.onnx"
+    hidden.write_bytes(group + ext.read_bytes())
+    assert has_external_data(hidden) is True
+    with pytest.raises(MarsvisionError, match="keeps weights in another file"):
+        OnnxRuntimeRunner(hidden, device="cpu")
+    # a group that does not end is not protobuf: onnxruntime says what the file is
+    with pytest.raises(NotProtobuf):
+        has_external_data(group[:4])
