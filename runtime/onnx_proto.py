@@ -57,54 +57,49 @@ def _has_external(buf: memoryview, start: int, end: int, kind: int) -> bool:
     while pos < end:
         key, pos = _varint(buf, pos, end)
         field, wire = key >> 3, key & 7
-        if wire == _VARINT:
+        if kind == _TENSOR and wire == _VARINT and field == _TENSOR_DATA_LOCATION:
             value, pos = _varint(buf, pos, end)
-            if kind == _TENSOR and field == _TENSOR_DATA_LOCATION and value == _EXTERNAL:
+            if value == _EXTERNAL:
                 return True
-        elif wire == _BYTES:
-            size, pos = _varint(buf, pos, end)
-            if pos + size > end:
-                raise NotProtobuf("a field runs past its message")
-            if kind == _TENSOR and field == _TENSOR_EXTERNAL_DATA:
+        elif kind == _TENSOR and wire == _BYTES and field == _TENSOR_EXTERNAL_DATA:
+            _past(buf, pos, end, field, wire)  # a whole field (a cut one: not protobuf)
+            return True
+        elif wire == _BYTES and field in children:
+            size, at = _varint(buf, pos, end)
+            pos = _past(buf, pos, end, field, wire)
+            if _has_external(buf, at, at + size, children[field]):
                 return True
-            child = children.get(field)
-            if child is not None and _has_external(buf, pos, pos + size, child):
-                return True
-            pos += size
-        elif wire == _FIXED64:
-            pos += 8
-        elif wire == _FIXED32:
-            pos += 4
-        elif wire == _START_GROUP:  # no ONNX field is one: an unknown field, which protobuf
-            pos = _past_group(buf, pos, end, field)  # skips (a NotProtobuf here let one through)
-        else:  # an end of group with none begun; 6 and 7 are not wire types
-            raise NotProtobuf(f"wire type {wire}")
+        else:
+            pos = _past(buf, pos, end, field, wire)
     if pos != end:
         raise NotProtobuf("a fixed-size field runs past its message")
     return False
 
 
-def _past_group(buf: memoryview, pos: int, end: int, number: int) -> int:
-    """Where the group field `number` that starts at `pos` ends (after its end-group key)."""
-    while pos < end:
-        key, pos = _varint(buf, pos, end)
-        field, wire = key >> 3, key & 7
-        if wire == _VARINT:
-            pos = _varint(buf, pos, end)[1]
-        elif wire == _BYTES:
-            size, pos = _varint(buf, pos, end)
-            pos += size
-        elif wire == _FIXED64:
-            pos += 8
-        elif wire == _FIXED32:
-            pos += 4
-        elif wire == _START_GROUP:
-            pos = _past_group(buf, pos, end, field)
-        elif wire == _END_GROUP and field == number:
-            return pos
-        else:
-            raise NotProtobuf(f"wire type {wire} in a group")
-    raise NotProtobuf("a group runs past its message")
+def _past(buf: memoryview, pos: int, end: int, field: int, wire: int) -> int:
+    """Where the value of the field `field` (of wire type `wire`) that starts at `pos` ends, not
+    looked into. A group (wire type 3) is no ONNX field's: an unknown field, which protobuf skips,
+    and so does this (a NotProtobuf for it let onnxruntime load a model unchecked)."""
+    if wire == _VARINT:
+        return _varint(buf, pos, end)[1]
+    if wire == _BYTES:
+        size, pos = _varint(buf, pos, end)
+        if pos + size > end:
+            raise NotProtobuf("a field runs past its message")
+        return pos + size
+    if wire == _FIXED64:
+        return pos + 8
+    if wire == _FIXED32:
+        return pos + 4
+    if wire == _START_GROUP:
+        while pos < end:
+            key, pos = _varint(buf, pos, end)
+            if key & 7 == _END_GROUP and key >> 3 == field:
+                return pos
+            pos = _past(buf, pos, end, key >> 3, key & 7)
+        raise NotProtobuf("a group runs past its message")
+    # an end of group with none begun (or another group's); 6 and 7 are not wire types
+    raise NotProtobuf(f"wire type {wire}")
 
 
 def has_external_data(model: Path | bytes) -> bool:
